@@ -1,0 +1,186 @@
+"""ElasticPolicy: demand -> resident pages, hysteresis, budget, pressure. Pure Python, fake clock."""
+from __future__ import annotations
+
+import pytest
+
+from torch_elastic_kv.policy import ElasticPolicy
+
+PAGE = 1000  # bytes per page in these tests
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(clock=None, **kw) -> ElasticPolicy:
+    p = ElasticPolicy(clock=clock or FakeClock(), **kw)
+    p.bind(PAGE, 16)
+    return p
+
+
+def test_target_is_demand_plus_headroom_within_min_and_budget():
+    p = make(min_bytes=5 * PAGE, max_bytes=100 * PAGE, headroom=0.25)
+    assert p.target_pages(40, 1000) == 50
+    assert p.target_pages(0, 1000) == 5          # floor
+    assert p.target_pages(99, 1000) == 100       # budget
+    assert p.target_pages(99, 60) == 60          # the pool's own size
+
+
+def test_grow_at_once_shrink_only_after_idle_seconds():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=5.0)
+    d = p.decide(demand_pages=30, resident_pages=10, pool_max_pages=100)
+    assert (d.action, d.target_pages) == ("grow", 30)
+    # demand drops: nothing happens until idle_seconds have passed
+    d = p.decide(10, 30, 100)
+    assert d.action == "none"
+    clock.t += 4.9
+    assert p.decide(10, 30, 100).action == "none"
+    clock.t += 0.2
+    d = p.decide(10, 30, 100)
+    assert (d.action, d.target_pages, d.forced) == ("shrink", 10, False)
+
+
+def test_shrink_keeps_the_peak_seen_during_the_idle_interval():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
+    p.decide(5, 40, 100)
+    clock.t += 1
+    p.decide(25, 40, 100)
+    clock.t += 1.5
+    d = p.decide(5, 40, 100)
+    assert (d.action, d.target_pages) == ("shrink", 25)
+
+
+def test_demand_back_near_resident_resets_the_idle_timer():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
+    p.decide(10, 40, 100)
+    clock.t += 1.5
+    assert p.decide(40, 40, 100).action == "none"   # busy again
+    clock.t += 1.0
+    assert p.decide(10, 40, 100).action == "none"   # timer restarted
+    clock.t += 1.9
+    assert p.decide(10, 40, 100).action == "none"
+    clock.t += 0.2
+    assert p.decide(10, 40, 100).action == "shrink"
+
+
+def test_less_than_a_granule_below_is_not_idle():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=1.0)
+    p.decide(35, 40, 100, granule_pages=8)
+    clock.t += 10
+    assert p.decide(35, 40, 100, granule_pages=8).action == "none"
+    clock.t += 10
+    assert p.decide(32, 40, 100, granule_pages=8).action == "none"  # timer starts now
+    clock.t += 1
+    assert p.decide(32, 40, 100, granule_pages=8).action == "shrink"
+
+
+def test_steady_fluctuating_load_never_oscillates():
+    clock = FakeClock()
+    p = make(clock, max_bytes=1000 * PAGE, headroom=0.1, idle_seconds=5.0)
+    resident = 0
+    actions = []
+    for i in range(2000):
+        demand = 100 + (i * 37) % 21 - 10   # 90..110, fluctuating every step
+        d = p.decide(demand, resident, 1000, granule_pages=4)
+        if d.action != "none":
+            actions.append((i, d.action))
+            resident = d.target_pages
+        clock.t += 0.05
+    # every demand level shows up within the first 21 steps; after that nothing moves
+    assert all(a == "grow" and i < 21 for i, a in actions)
+    assert resident == 121  # ceil(110 * 1.1)
+
+
+def test_static_pool_maps_everything_and_never_shrinks():
+    clock = FakeClock()
+    p = make(clock, min_bytes=50 * PAGE, max_bytes=50 * PAGE, idle_seconds=0.0)
+    assert p.is_static
+    d = p.decide(0, 0, 100)
+    assert (d.action, d.target_pages) == ("grow", 50)
+    clock.t += 1000
+    assert p.decide(0, 50, 100).action == "none"
+
+
+def test_budget_cut_forces_an_immediate_shrink_and_none_restores_max():
+    p = make(max_bytes=100 * PAGE, idle_seconds=100.0, headroom=0.0)
+    p.set_budget(20 * PAGE)
+    assert p.budget_bytes == 20 * PAGE
+    d = p.decide(50, 60, 1000)
+    assert (d.action, d.target_pages, d.forced) == ("shrink", 20, True)
+    p.set_budget(None)
+    assert p.budget_bytes == 100 * PAGE
+    with pytest.raises(ValueError, match="exceeds the policy's max_bytes"):
+        p.set_budget(101 * PAGE)
+    with pytest.raises(ValueError, match="non-negative int"):
+        p.set_budget(-1)
+    assert p.budget_bytes == 100 * PAGE
+
+
+def test_pressure_hook_lowers_then_restores_budget_polled_at_interval():
+    clock = FakeClock()
+    cap = {"v": None}
+    calls = []
+
+    def hook():
+        calls.append(clock.t)
+        return cap["v"]
+
+    p = make(clock, min_bytes=5 * PAGE, max_bytes=100 * PAGE, pressure=hook, pressure_interval=1.0)
+    assert p.poll_pressure() is False and p.budget_bytes == 100 * PAGE
+    cap["v"] = 30 * PAGE
+    assert p.poll_pressure() is False           # not due yet
+    clock.t += 1.0
+    assert p.poll_pressure() is True and p.budget_bytes == 30 * PAGE
+    cap["v"] = 1 * PAGE                         # never below the floor
+    clock.t += 1.0
+    p.poll_pressure()
+    assert p.budget_bytes == 5 * PAGE
+    cap["v"] = None
+    clock.t += 1.0
+    assert p.poll_pressure() is True and p.budget_bytes == 100 * PAGE
+    assert len(calls) == 4
+    cap["v"] = "lots"
+    clock.t += 1.0
+    with pytest.raises(ValueError, match="pressure hook must return"):
+        p.poll_pressure()
+
+
+def test_learned_output_length_drives_growth():
+    p = make(horizon_steps=16)
+    # nothing learned: fall back to max_new_tokens, capped by the horizon
+    assert p.growth_tokens(generated=0, max_new_tokens=64) == 16
+    assert p.growth_tokens(generated=60, max_new_tokens=64) == 4
+    for n in (4, 6, 8):
+        p.record_finished(n)
+    assert p.expected_output_tokens(64) == 6.0
+    assert p.growth_tokens(generated=2, max_new_tokens=64) == 4
+    # past the mean: still expected to run one more step
+    assert p.growth_tokens(generated=10, max_new_tokens=64) == 1
+    assert p.growth_tokens(generated=64, max_new_tokens=64) == 0
+    # pages: 15 stored tokens + 4 more crosses one page boundary (page_tokens=16)
+    assert p.growth_pages(stored_tokens=15, generated=2, max_new_tokens=64) == 1
+    assert p.growth_pages(stored_tokens=16, generated=2, max_new_tokens=64) == 1
+    assert p.growth_pages(stored_tokens=17, generated=2, max_new_tokens=64) == 0
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match=r"min_bytes \(10\) is larger than max_bytes \(5\)"):
+        ElasticPolicy(min_bytes=10, max_bytes=5)
+    with pytest.raises(ValueError, match="headroom"):
+        ElasticPolicy(headroom=-0.1)
+    with pytest.raises(ValueError, match="idle_seconds"):
+        ElasticPolicy(idle_seconds=-1)
+    with pytest.raises(ValueError, match="swap_bytes"):
+        ElasticPolicy(swap_bytes=-1)
+    with pytest.raises(RuntimeError, match="bind"):
+        ElasticPolicy().target_pages(1, 10)
+    with pytest.raises(ValueError, match="demand_pages"):
+        make().decide(-1, 0, 10)

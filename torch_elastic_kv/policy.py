@@ -1,0 +1,287 @@
+"""The elastic policy: how current demand becomes a number of resident KV pages.
+
+Plain Python, no torch: the Engine feeds it page counts and reads back decisions, so every
+rule here is testable with a fake clock and no model.
+
+Rules (ARCHITECTURE.md, "The elastic policy, in words"):
+
+* demand = pages held by running sequences + pages they are expected to need over the next
+  ``horizon_steps`` decode steps + pages of the prefills waiting to start;
+* target resident = demand * (1 + headroom), clamped to [min, budget];
+* grow at once when resident falls under the target;
+* shrink only after the target has stayed at least one granule below resident for
+  ``idle_seconds`` (hysteresis), and then only down to the highest target seen during that
+  interval, so a steady load never sees a grow/shrink cycle;
+* the budget is ``max_bytes`` unless ``set_budget`` changed it, lowered further while an
+  optional pressure hook reports that other work needs memory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+__all__ = ["Decision", "ElasticPolicy"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy wants done to the pool now.
+
+    ``action`` is ``"grow"`` (map until ``target_pages`` pages are resident), ``"shrink"``
+    (give back empty granules, compact, give back again, keeping ``target_pages``) or
+    ``"none"``. ``forced`` is true for a shrink caused by a budget cut rather than idleness.
+    """
+
+    action: str
+    target_pages: int
+    forced: bool = False
+
+
+def _check_nonneg_int(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"ElasticPolicy: {name} must be a non-negative int, got {value!r}")
+
+
+class ElasticPolicy:
+    """Turns demand (in KV pages) into a resident-page target with hysteresis and a budget.
+
+    Args:
+        min_bytes: resident floor; the pool never shrinks below it (the pool rounds it up to
+            whole granules per arena).
+        max_bytes: the most KV memory the pool may hold; ``None`` means the pool's own limit.
+        headroom: fraction of demand kept resident on top of it, so short bursts need no map.
+        idle_seconds: how long demand must stay below resident before memory is given back.
+        horizon_steps: how many decode steps ahead growth of running requests is counted.
+        swap_bytes: host memory preempted requests may park their KV in (0: always recompute).
+        clock: seconds, monotonic; injectable for tests.
+        pressure: optional callable polled at most every ``pressure_interval`` seconds; it
+            returns a byte cap while other work needs memory, or ``None`` when there is no
+            pressure. The effective budget is the smaller of the set budget and that cap.
+        pressure_interval: seconds between pressure polls.
+
+    ``min_bytes == max_bytes`` makes a static pool: mapped at start and never shrunk.
+    """
+
+    def __init__(
+        self,
+        min_bytes: int = 0,
+        max_bytes: Optional[int] = None,
+        headroom: float = 0.1,
+        idle_seconds: float = 5.0,
+        horizon_steps: int = 16,
+        swap_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        pressure: Optional[Callable[[], Optional[int]]] = None,
+        pressure_interval: float = 0.5,
+    ) -> None:
+        _check_nonneg_int("min_bytes", min_bytes)
+        _check_nonneg_int("max_bytes", max_bytes, allow_none=True)
+        _check_nonneg_int("horizon_steps", horizon_steps)
+        _check_nonneg_int("swap_bytes", swap_bytes)
+        if max_bytes is not None and min_bytes > max_bytes:
+            raise ValueError(
+                f"ElasticPolicy: min_bytes ({min_bytes}) is larger than max_bytes ({max_bytes})")
+        if not isinstance(headroom, (int, float)) or not 0.0 <= headroom <= 10.0:
+            raise ValueError(f"ElasticPolicy: headroom must be in [0, 10], got {headroom!r}")
+        if not isinstance(idle_seconds, (int, float)) or idle_seconds < 0:
+            raise ValueError(f"ElasticPolicy: idle_seconds must be >= 0, got {idle_seconds!r}")
+        if not isinstance(pressure_interval, (int, float)) or pressure_interval < 0:
+            raise ValueError(
+                f"ElasticPolicy: pressure_interval must be >= 0, got {pressure_interval!r}")
+        if pressure is not None and not callable(pressure):
+            raise ValueError(f"ElasticPolicy: pressure must be callable, got {pressure!r}")
+        self.min_bytes = int(min_bytes)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self.headroom = float(headroom)
+        self.idle_seconds = float(idle_seconds)
+        self.horizon_steps = int(horizon_steps)
+        self.swap_bytes = int(swap_bytes)
+        self.clock = clock
+        self.pressure = pressure
+        self.pressure_interval = float(pressure_interval)
+
+        self._budget_bytes: Optional[int] = self.max_bytes  # set_budget's value
+        self._pressure_cap: Optional[int] = None
+        self._last_poll: Optional[float] = None
+        self._page_bytes: Optional[int] = None
+        self._page_tokens: Optional[int] = None
+        # hysteresis state: when the target first fell below resident, and its peak since
+        self._below_since: Optional[float] = None
+        self._below_peak = 0
+        # learned output length (running mean over finished requests)
+        self._finished = 0
+        self._finished_tokens = 0
+
+    # ---- binding to a pool ------------------------------------------------------------
+    def bind(self, page_bytes: int, page_tokens: int) -> None:
+        """Tell the policy the pool's page geometry (the Engine calls this once)."""
+        if not isinstance(page_bytes, int) or page_bytes <= 0:
+            raise ValueError(f"ElasticPolicy.bind: page_bytes must be > 0, got {page_bytes!r}")
+        if not isinstance(page_tokens, int) or page_tokens <= 0:
+            raise ValueError(f"ElasticPolicy.bind: page_tokens must be > 0, got {page_tokens!r}")
+        self._page_bytes = page_bytes
+        self._page_tokens = page_tokens
+
+    @property
+    def page_bytes(self) -> int:
+        if self._page_bytes is None:
+            raise RuntimeError("ElasticPolicy: bind(page_bytes, page_tokens) was not called")
+        return self._page_bytes
+
+    @property
+    def page_tokens(self) -> int:
+        if self._page_tokens is None:
+            raise RuntimeError("ElasticPolicy: bind(page_bytes, page_tokens) was not called")
+        return self._page_tokens
+
+    @property
+    def is_static(self) -> bool:
+        """True when min_bytes == max_bytes: a pool mapped at start and never shrunk."""
+        return self.max_bytes is not None and self.min_bytes == self.max_bytes
+
+    # ---- budget -----------------------------------------------------------------------
+    def set_budget(self, nbytes: Optional[int]) -> None:
+        """Set the byte budget; ``None`` restores ``max_bytes``."""
+        if nbytes is None:
+            self._budget_bytes = self.max_bytes
+            return
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"set_budget: nbytes must be a non-negative int or None, got {nbytes!r}")
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise ValueError(
+                f"set_budget: {nbytes} bytes exceeds the policy's max_bytes ({self.max_bytes})")
+        self._budget_bytes = int(nbytes)
+
+    @property
+    def set_budget_bytes(self) -> Optional[int]:
+        """The budget from ``max_bytes``/``set_budget``, ignoring pressure (None: unlimited)."""
+        return self._budget_bytes
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        """The effective budget: the set budget, lowered by the pressure cap if any."""
+        b = self._budget_bytes
+        cap = self._pressure_cap
+        if cap is None:
+            return b
+        return cap if b is None else min(b, cap)
+
+    def budget_pages(self, pool_max_pages: int) -> int:
+        """Pages the effective budget allows, never more than the pool can address."""
+        b = self.budget_bytes
+        if b is None:
+            return pool_max_pages
+        return min(pool_max_pages, b // self.page_bytes)
+
+    def min_pages(self) -> int:
+        return -(-self.min_bytes // self.page_bytes)
+
+    def poll_pressure(self) -> bool:
+        """Poll the pressure hook if due; returns True when the effective budget changed."""
+        if self.pressure is None:
+            return False
+        now = self.clock()
+        if self._last_poll is not None and now - self._last_poll < self.pressure_interval:
+            return False
+        self._last_poll = now
+        before = self.budget_bytes
+        cap = self.pressure()
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+                raise ValueError(
+                    f"ElasticPolicy: pressure hook must return a non-negative int or None, got {cap!r}")
+            # never below the floor: the floor is memory the user promised the cache
+            cap = max(int(cap), self.min_bytes)
+        self._pressure_cap = cap
+        return self.budget_bytes != before
+
+    # ---- learning the output length ---------------------------------------------------
+    def record_finished(self, output_tokens: int) -> None:
+        """Learn from a finished request how many tokens requests produce."""
+        self._finished += 1
+        self._finished_tokens += int(output_tokens)
+
+    def expected_output_tokens(self, max_new_tokens: int) -> float:
+        """Expected output length of a request: the learned mean, capped by its limit."""
+        if self._finished == 0:
+            return float(max_new_tokens)
+        return min(float(max_new_tokens), self._finished_tokens / self._finished)
+
+    def growth_tokens(self, generated: int, max_new_tokens: int) -> int:
+        """Tokens a running request is expected to add over the next ``horizon_steps`` steps."""
+        expected = self.expected_output_tokens(max_new_tokens)
+        # a request already past the mean is expected to run at least one more step
+        remaining = max(math.ceil(expected) - generated, 1 if generated < max_new_tokens else 0)
+        return min(self.horizon_steps, remaining, max_new_tokens - generated)
+
+    def growth_pages(self, stored_tokens: int, generated: int, max_new_tokens: int) -> int:
+        """Pages a running request holding ``stored_tokens`` is expected to add soon."""
+        pt = self.page_tokens
+        grow = self.growth_tokens(generated, max_new_tokens)
+        return -(-(stored_tokens + grow) // pt) - (-(-stored_tokens // pt))
+
+    # ---- the decision -----------------------------------------------------------------
+    def target_pages(self, demand_pages: int, pool_max_pages: int) -> int:
+        """Resident pages wanted for this demand: demand * (1 + headroom) within [min, budget]."""
+        want = math.ceil(demand_pages * (1.0 + self.headroom) - 1e-9)  # 110*1.1 is 121.00000000000001
+        budget = self.budget_pages(pool_max_pages)
+        return max(min(want, budget), min(self.min_pages(), budget))
+
+    def decide(self, demand_pages: int, resident_pages: int, pool_max_pages: int,
+               granule_pages: int = 1) -> Decision:
+        """One policy tick: compare the target with what is resident and say what to do.
+
+        ``granule_pages`` is how many pages one granule holds: a shrink that cannot give
+        back at least one granule is not worth starting.
+        """
+        if demand_pages < 0 or resident_pages < 0:
+            raise ValueError(
+                f"decide: demand_pages ({demand_pages}) and resident_pages ({resident_pages}) "
+                "must be >= 0")
+        now = self.clock()
+        budget = self.budget_pages(pool_max_pages)
+        if self.is_static and self.budget_bytes == self.max_bytes:
+            self._below_since = None
+            want = budget
+            return Decision("grow", want) if resident_pages < want else Decision("none", want)
+        target = self.target_pages(demand_pages, pool_max_pages)
+        if resident_pages > budget:
+            # a budget cut is not idleness: give back at once
+            self._below_since = None
+            return Decision("shrink", min(target, budget), forced=True)
+        if target > resident_pages:
+            self._below_since = None
+            return Decision("grow", target)
+        if target + max(1, granule_pages) <= resident_pages:
+            if self._below_since is None:
+                self._below_since = now
+                self._below_peak = target
+            else:
+                self._below_peak = max(self._below_peak, target)
+            if now - self._below_since >= self.idle_seconds:
+                keep = self._below_peak
+                self._below_since = None
+                return Decision("shrink", keep)
+            return Decision("none", target)
+        # demand is close to resident: not idle
+        self._below_since = None
+        return Decision("none", target)
+
+    def describe(self) -> dict:
+        """The policy's settings and state as a plain dict."""
+        return {
+            "min_bytes": self.min_bytes,
+            "max_bytes": self.max_bytes,
+            "budget_bytes": self.budget_bytes,
+            "pressure_cap_bytes": self._pressure_cap,
+            "headroom": self.headroom,
+            "idle_seconds": self.idle_seconds,
+            "horizon_steps": self.horizon_steps,
+            "swap_bytes": self.swap_bytes,
+            "expected_output_tokens": (self._finished_tokens / self._finished
+                                       if self._finished else None),
+        }

@@ -1,0 +1,283 @@
+"""Continuous-batching scheduler: which tokens of which requests go into the next forward.
+
+Plain Python, no torch. Pages are reached through a small ``PageBackend`` (the Engine's one
+wraps the KV page pool, the cache's page tables and the host swap space; the tests' one only
+counts), so admission, chunking and preemption are testable without a model.
+
+Each step, under ``max_batch_tokens``:
+
+1. running requests that decode (one token each), oldest first;
+2. running requests still in prefill, a chunk each, oldest first;
+3. waiting requests (new, or preempted earlier), oldest first, while their pages plus a
+   headroom reserve can be had within the budget; a new request's prompt pages are taken at
+   admission, so its later prefill chunks never run out of pages.
+
+When a running request needs a page and none is free, the latest-arrived running request is
+preempted: its KV is swapped to host memory when the swap space has room, else its pages are
+dropped and its prompt plus the tokens it produced are recomputed when it is readmitted.
+A request preempted ``starvation_limit`` times is protected: others are preempted before it,
+so no request is pushed back forever. Preempted requests rejoin the waiting queue in arrival
+order, ahead of everything that arrived after them.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from .sequence import SeqStatus, Sequence
+
+__all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
+
+
+class PageBackend(Protocol):
+    """What the scheduler needs from page storage. Counts are in pages.
+
+    ``ensure`` and ``swap_in`` raise ``MemoryError`` and change nothing when pages are short;
+    the scheduler checks ``free_pages`` first so that this is not its control flow.
+    """
+
+    page_tokens: int
+
+    def free_pages(self) -> int: ...
+    def live_pages(self) -> int: ...
+    def held_pages(self, seq: Sequence) -> int: ...
+    def ensure(self, seq: Sequence, total_tokens: int) -> None: ...
+    def release(self, seq: Sequence) -> None: ...
+    def can_swap_out(self, seq: Sequence) -> bool: ...
+    def swap_out(self, seq: Sequence) -> None: ...
+    def swap_in(self, seq: Sequence) -> None: ...
+    def drop_swap(self, seq: Sequence) -> None: ...
+
+
+@dataclass
+class Chunk:
+    """``num_tokens`` tokens of ``seq`` starting at position ``start``, packed in this order."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk ends at the sequence's last token, so a token is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    """One step's work: the chunks to run and the preemptions made to fit them."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[tuple[Sequence, str]] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+
+class Scheduler:
+    """Admission by pages, chunked prefill packed with decode, preemption latest-first."""
+
+    def __init__(self, backend: PageBackend, max_batch_tokens: int = 2048,
+                 max_running: Optional[int] = None, headroom: float = 0.0,
+                 starvation_limit: int = 3) -> None:
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) \
+                or max_batch_tokens < 1:
+            raise ValueError(f"Scheduler: max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+        if max_running is not None and (isinstance(max_running, bool)
+                                        or not isinstance(max_running, int) or max_running < 1):
+            raise ValueError(f"Scheduler: max_running must be None or an int >= 1, got {max_running!r}")
+        if starvation_limit < 1:
+            raise ValueError(f"Scheduler: starvation_limit must be >= 1, got {starvation_limit!r}")
+        self.backend = backend
+        self.page_tokens = backend.page_tokens
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.headroom = float(headroom)
+        self.starvation_limit = starvation_limit
+        self.running: list[Sequence] = []   # sorted by arrival_index
+        self.waiting: list[Sequence] = []   # sorted by arrival_index (WAITING and SWAPPED)
+        self.preemptions = 0
+        self.swap_preemptions = 0
+        self.recompute_preemptions = 0
+
+    # ---- queues -------------------------------------------------------------------------
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_tokens)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request (status WAITING)."""
+        seq.status = SeqStatus.WAITING
+        self._insert_waiting(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        keys = [s.arrival_index for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        keys = [s.arrival_index for s in self.running]
+        self.running.insert(bisect.bisect(keys, seq.arrival_index), seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def num_swapped(self) -> int:
+        return sum(1 for s in self.waiting if s.status is SeqStatus.SWAPPED)
+
+    # ---- preemption ---------------------------------------------------------------------
+    def _pick_victim(self) -> Sequence:
+        """Latest-arrived running request, sparing protected ones while others remain."""
+        unprotected = [s for s in self.running if s.preemptions < self.starvation_limit]
+        pool = unprotected or self.running
+        return pool[-1]
+
+    def preempt(self, seq: Sequence) -> str:
+        """Take ``seq`` off the running list: swap its KV out if there is room, else drop it."""
+        self.running.remove(seq)
+        if seq.num_computed > 0 and self.backend.can_swap_out(seq):
+            self.backend.swap_out(seq)
+            seq.status = SeqStatus.SWAPPED
+            seq.swap_preemptions += 1
+            self.swap_preemptions += 1
+            mode = "swap"
+        else:
+            self.backend.release(seq)
+            seq.num_computed = 0
+            seq.status = SeqStatus.WAITING
+            seq.recompute_preemptions += 1
+            self.recompute_preemptions += 1
+            mode = "recompute"
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._insert_waiting(seq)
+        return mode
+
+    def preempt_until(self, max_live_pages: int) -> list[tuple[Sequence, str]]:
+        """Preempt latest-arrived first until at most ``max_live_pages`` pages are live."""
+        out: list[tuple[Sequence, str]] = []
+        while self.running and self.backend.live_pages() > max_live_pages:
+            victim = self._pick_victim()
+            out.append((victim, self.preempt(victim)))
+        return out
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        """Choose this step's chunks; allocates their pages and preempts to make room."""
+        batch = Batch()
+        budget = self.max_batch_tokens
+        scheduled: dict[int, Chunk] = {}
+
+        def make_room(seq: Sequence, need: int) -> bool:
+            """Preempt until ``need`` pages are free for ``seq``; False if ``seq`` itself went."""
+            nonlocal budget
+            while self.backend.free_pages() < need:
+                victim = self._pick_victim()
+                chunk = scheduled.pop(victim.seq_id, None)
+                if chunk is not None:
+                    batch.chunks.remove(chunk)
+                    budget += chunk.num_tokens
+                batch.preempted.append((victim, self.preempt(victim)))
+                if victim is seq:
+                    return False
+            return True
+
+        # running: decoders first (one token each keeps time per output token low), then
+        # prefill chunks; both oldest first
+        order = [s for s in self.running if s.num_uncomputed == 1] + \
+                [s for s in self.running if s.num_uncomputed > 1]
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted above to make room for an older request
+            n = min(seq.num_uncomputed, budget)
+            need = self.pages_for(seq.num_computed + n) - self.backend.held_pages(seq)
+            if need > 0:
+                if not make_room(seq, need):
+                    continue
+                self.backend.ensure(seq, seq.num_computed + n)
+            chunk = Chunk(seq, seq.num_computed, n)
+            batch.chunks.append(chunk)
+            scheduled[seq.seq_id] = chunk
+            budget -= n
+
+        # admission, oldest first; stop at the first that does not fit so that a large
+        # request is not overtaken forever by small ones
+        while self.waiting and budget > 0:
+            if self.max_running is not None and len(self.running) >= self.max_running:
+                break
+            seq = self.waiting[0]
+            need = self.pages_for(seq.num_tokens)
+            reserve = 0
+            if self.running:
+                held = sum(self.backend.held_pages(s) for s in self.running)
+                reserve = math.ceil(self.headroom * held)
+            if self.backend.free_pages() < need + reserve:
+                break
+            self.waiting.pop(0)
+            if seq.status is SeqStatus.SWAPPED:
+                self.backend.swap_in(seq)
+            self.backend.ensure(seq, seq.num_tokens)
+            seq.status = SeqStatus.RUNNING
+            self._insert_running(seq)
+            batch.admitted.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            chunk = Chunk(seq, seq.num_computed, n)
+            batch.chunks.append(chunk)
+            scheduled[seq.seq_id] = chunk
+            budget -= n
+        return batch
+
+    def postprocess(self, batch: Batch, sampled: dict[int, int], now: float
+                    ) -> tuple[list[tuple[int, int]], list[Sequence]]:
+        """Advance the chunks that ran; append sampled tokens; finish and free done requests.
+
+        ``sampled`` maps seq_id -> token for every chunk whose ``samples`` is true.
+        Returns the (seq_id, token) pairs produced and the requests that finished.
+        """
+        produced: list[tuple[int, int]] = []
+        finished: list[Sequence] = []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # cancelled while the forward ran
+            seq.num_computed = chunk.start + chunk.num_tokens
+            if not chunk.samples:
+                continue
+            tok = sampled[seq.seq_id]
+            produced.append((seq.seq_id, tok))
+            if seq.append_token(tok, now):
+                self.running.remove(seq)
+                self.backend.release(seq)
+                finished.append(seq)
+        return produced, finished
+
+    def cancel(self, seq: Sequence, now: float) -> None:
+        """Remove a request wherever it is and free what it holds."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.backend.release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            if seq.status is SeqStatus.SWAPPED:
+                self.backend.drop_swap(seq)
+        seq.finish(now, "cancelled")
+
+    # ---- demand for the policy --------------------------------------------------------------
+    def demand_pages(self, growth_pages) -> tuple[int, int, int]:
+        """(held, expected growth, waiting) pages; ``growth_pages(seq)`` is the policy's estimate."""
+        held = 0
+        growth = 0
+        for s in self.running:
+            held += self.backend.held_pages(s)
+            growth += growth_pages(s)
+        waiting = 0
+        for s in self.waiting:
+            waiting += self.pages_for(s.num_tokens)
+        return held, growth, waiting

@@ -1,0 +1,163 @@
+"""One request's state as the scheduler sees it: tokens, how many are in the KV cache, status.
+
+Plain Python, no torch. A sequence's tokens are its prompt followed by what it generated;
+``num_computed`` counts the leading tokens whose K/V are stored. Every step feeds the next
+uncomputed tokens; a step whose chunk reaches the last token samples one new token. Decode is
+a chunk of one, a prefill a longer one, and a request resumed after recompute-preemption is
+simply a sequence whose ``num_computed`` went back to 0 — the same rule covers all three.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["SamplingParams", "Sequence", "SeqStatus"]
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # not started, or preempted by recompute (no KV held)
+    RUNNING = "running"      # holds KV pages in the pool
+    SWAPPED = "swapped"      # preempted; its KV is parked in host swap space
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. ``temperature == 0`` is greedy (the default).
+
+    ``seed`` makes sampling reproducible per request, independent of batching.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"SamplingParams: temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams: top_k must be an int >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def coerce(cls, value: Any) -> "SamplingParams":
+        """Accept None (greedy), a SamplingParams, or a dict of its fields."""
+        if value is None:
+            return GREEDY
+        if isinstance(value, SamplingParams):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"temperature", "top_k", "top_p", "seed"}
+            if unknown:
+                raise ValueError(f"sampling: unknown keys {sorted(unknown)}")
+            return cls(**value)
+        raise ValueError(f"sampling must be None, a dict or SamplingParams, got {type(value).__name__}")
+
+
+GREEDY = SamplingParams()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request in flight. Identity is ``seq_id``; order of arrival is ``arrival_index``."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    arrival_index: int
+    arrival_time: float
+    eos_token_ids: frozenset[int] = frozenset()
+    sampling: SamplingParams = GREEDY
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    preemptions: int = 0
+    swap_preemptions: int = 0
+    recompute_preemptions: int = 0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None   # "length", "eos", "cancelled"
+    swap_handle: Any = None               # set by the swap space while SWAPPED
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    # ---- derived counts ----------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to feed before the next token can be sampled (1 while decoding)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_uncomputed == 1 and self.num_generated > 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SeqStatus.FINISHED, SeqStatus.CANCELLED)
+
+    @property
+    def max_stored_tokens(self) -> int:
+        """Most tokens whose K/V this request can ever store (its last token is never fed)."""
+        return len(self.prompt_ids) + self.max_new_tokens - 1
+
+    # ---- state changes -----------------------------------------------------------------
+    def append_token(self, token_id: int, now: float) -> bool:
+        """Record a sampled token; returns True when the request is finished by it."""
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        if token_id in self.eos_token_ids:
+            self.finish(now, "eos")
+            return True
+        if self.num_generated >= self.max_new_tokens:
+            self.finish(now, "length")
+            return True
+        return False
+
+    def finish(self, now: float, reason: str) -> None:
+        self.status = SeqStatus.CANCELLED if reason == "cancelled" else SeqStatus.FINISHED
+        self.finish_time = now
+        self.finish_reason = reason
+
+    def info(self) -> dict:
+        """Per-request timing and counts, as plain values (for stats and the bench CLI)."""
+        return {
+            "request_id": self.seq_id,
+            "status": self.status.value,
+            "prompt_tokens": self.prompt_len,
+            "output_tokens": self.num_generated,
+            "max_new_tokens": self.max_new_tokens,
+            "arrival_time": self.arrival_time,
+            "first_token_time": self.first_token_time,
+            "finish_time": self.finish_time,
+            "finish_reason": self.finish_reason,
+            "preemptions": self.preemptions,
+            "swap_preemptions": self.swap_preemptions,
+            "recompute_preemptions": self.recompute_preemptions,
+        }
