@@ -10,8 +10,8 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
 * target resident = demand * (1 + headroom), clamped to [min, budget];
 * grow at once when resident falls under the target;
 * shrink only after the target has stayed at least one granule below resident for
-  ``idle_seconds`` (hysteresis), and then only down to the highest target seen during that
-  interval, so a steady load never sees a grow/shrink cycle;
+  ``idle_seconds`` (hysteresis), and then only down to the highest target of the last
+  ``idle_seconds``, so a steady load never sees a grow/shrink cycle;
 * the budget is ``max_bytes`` unless ``set_budget`` changed it, lowered further while an
   optional pressure hook reports that other work needs memory.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -109,9 +110,10 @@ class ElasticPolicy:
         self._last_poll: Optional[float] = None
         self._page_bytes: Optional[int] = None
         self._page_tokens: Optional[int] = None
-        # hysteresis state: when the target first fell below resident, and its peak since
+        # hysteresis state: when the target first fell below resident, and the targets of
+        # the last idle_seconds as a monotone deque of (time, target) for a sliding maximum
         self._below_since: Optional[float] = None
-        self._below_peak = 0
+        self._recent: deque[tuple[float, int]] = deque()
         # learned output length (running mean over finished requests)
         self._finished = 0
         self._finished_tokens = 0
@@ -249,6 +251,7 @@ class ElasticPolicy:
             want = budget
             return Decision("grow", want) if resident_pages < want else Decision("none", want)
         target = self.target_pages(demand_pages, pool_max_pages)
+        peak = self._note_target(now, target)
         if resident_pages > budget:
             # a budget cut is not idleness: give back at once
             self._below_since = None
@@ -259,17 +262,24 @@ class ElasticPolicy:
         if target + max(1, granule_pages) <= resident_pages:
             if self._below_since is None:
                 self._below_since = now
-                self._below_peak = target
-            else:
-                self._below_peak = max(self._below_peak, target)
-            if now - self._below_since >= self.idle_seconds:
-                keep = self._below_peak
+            if now - self._below_since >= self.idle_seconds and \
+                    peak + max(1, granule_pages) <= resident_pages:
                 self._below_since = None
-                return Decision("shrink", keep)
+                return Decision("shrink", peak)
             return Decision("none", target)
         # demand is close to resident: not idle
         self._below_since = None
         return Decision("none", target)
+
+    def _note_target(self, now: float, target: int) -> int:
+        """Record this tick's target; return the highest target of the last idle_seconds."""
+        q = self._recent
+        while q and q[-1][1] <= target:
+            q.pop()
+        q.append((now, target))
+        while q[0][0] < now - self.idle_seconds:
+            q.popleft()
+        return q[0][1]
 
     def describe(self) -> dict:
         """The policy's settings and state as a plain dict."""

@@ -1,0 +1,402 @@
+"""Engine logic against a stand-in pool and packed cache written from docs/INTERFACES.md.
+
+These tests pin the Engine's own behaviour (packing, preemption by swap and recompute,
+budget changes, cancellation, bad input, threads) independent of the real KV page pool:
+the stand-ins hold K/V in ordinary tensors and attend through a 4-D mask. test_engine.py
+runs the same Engine on the real ``KVPagePool`` and ``ElasticPagedCache``.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from torch_elastic_kv.engine import Engine
+from torch_elastic_kv.policy import ElasticPolicy
+
+PT = 8          # tokens per page
+GP = 4          # pages per granule
+
+
+class StandInPool:
+    """Counts pages and granules like KVPagePool; K/V in plain tensors."""
+
+    def __init__(self, layers, kv_heads, head_dim, max_pages, dtype=torch.float32):
+        self.page_tokens = PT
+        self.max_pages = max_pages
+        self.page_bytes = 2 * layers * PT * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.k = [torch.zeros(max_pages, PT, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(max_pages, PT, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.budget_pages = max_pages
+        self.live: set[int] = set()
+        self.mapped: set[int] = set()     # granule indices
+        self.counts = {"grows": 0, "shrinks": 0, "compactions": 0}
+        self.listeners = []
+
+    # budget / counts
+    def set_max_bytes(self, nbytes):
+        self.budget_pages = min(self.max_pages, nbytes // self.page_bytes) // GP * GP
+
+    @property
+    def free_pages(self):
+        return self.budget_pages - len(self.live)
+
+    def can_alloc(self, n):
+        return n <= self.free_pages
+
+    def _map(self, g):
+        if g not in self.mapped:
+            if len(self.mapped) * GP >= self.budget_pages:
+                raise MemoryError("granule budget")
+            self.mapped.add(g)
+            self.counts["grows"] += 1
+
+    def alloc(self, n):
+        if n > self.free_pages:
+            raise MemoryError(f"alloc {n} pages, {self.free_pages} free")
+        out = []
+        for p in range(self.max_pages):
+            if len(out) == n:
+                break
+            if p not in self.live and (p // GP in self.mapped or len(self.mapped) * GP < self.budget_pages):
+                self._map(p // GP)
+                out.append(p)
+        assert len(out) == n, "fragmented beyond the budget"
+        self.live.update(out)
+        return out
+
+    def free(self, ids):
+        for p in ids:
+            if p not in self.live:
+                raise ValueError(f"double free of page {p}")
+        self.live.difference_update(ids)
+
+    def reserve_pages(self, n):
+        g = 0
+        while sum(GP for _ in self.mapped) - len(self.live) < n and len(self.mapped) * GP < self.budget_pages:
+            while g in self.mapped:
+                g += 1
+            self._map(g)
+
+    def shrink(self, keep_pages):
+        given = 0
+        for g in sorted(self.mapped, reverse=True):
+            if len(self.mapped) * GP <= keep_pages:
+                break
+            if not any(p // GP == g for p in self.live):
+                self.mapped.discard(g)
+                given += GP * self.page_bytes
+        if given:
+            self.counts["shrinks"] += 1
+        return given
+
+    def compact(self, on_move=None):
+        order = sorted(self.live)
+        moves = {}
+        for new, old in enumerate(order):
+            if new != old:
+                moves[old] = new
+        if moves:
+            for L in range(len(self.k)):
+                src = torch.tensor(list(moves)), torch.tensor(list(moves.values()))
+                self.k[L][src[1]] = self.k[L][src[0]].clone()
+                self.v[L][src[1]] = self.v[L][src[0]].clone()
+            for fn in self.listeners + ([on_move] if on_move else []):
+                fn(moves)
+            self.live = set(range(len(order)))
+            self.counts["compactions"] += 1
+        return 0
+
+    def add_move_listener(self, fn):
+        self.listeners.append(fn)
+
+    def read_pages(self, ids):
+        idx = torch.tensor(ids)
+        return torch.stack([torch.stack([k[idx] for k in self.k]), torch.stack([v[idx] for v in self.v])])
+
+    def write_pages(self, ids, data):
+        idx = torch.tensor(ids)
+        for L in range(len(self.k)):
+            self.k[L][idx] = data[0, L]
+            self.v[L][idx] = data[1, L]
+
+    def stats(self):
+        return {"resident_bytes": len(self.mapped) * GP * self.page_bytes,
+                "live_bytes": len(self.live) * self.page_bytes,
+                "reserved_bytes": self.max_pages * self.page_bytes,
+                "granule_bytes": GP * self.page_bytes, **self.counts}
+
+
+class StandInCache:
+    """The packed mode of ElasticPagedCache: page tables per request, 4-D mask attention."""
+
+    def __init__(self, pool: StandInPool):
+        self.pool = pool
+        self.pages: dict[int, list[int]] = {}
+        self.ntok: dict[int, int] = {}
+        self.entries = None
+        pool.add_move_listener(self._moved)
+
+    def _moved(self, moves):
+        for sid, pages in self.pages.items():
+            self.pages[sid] = [moves.get(p, p) for p in pages]
+
+    def ensure_capacity(self, sid, total):
+        have = self.pages.get(sid, [])
+        need = -(-total // PT) - len(have)
+        if need > 0:
+            self.pages[sid] = have + self.pool.alloc(need)
+            self.ntok.setdefault(sid, 0)
+
+    def free_seq(self, sid):
+        self.pool.free(self.pages.pop(sid, []))
+        self.ntok.pop(sid, None)
+
+    def seq_pages(self, sid):
+        return list(self.pages.get(sid, []))
+
+    def seq_tokens(self, sid):
+        return self.ntok.get(sid, 0)
+
+    def detach_seq(self, sid):
+        return self.pages.pop(sid), self.ntok.pop(sid)
+
+    def attach_seq(self, sid, pages, ntokens):
+        self.pages[sid] = list(pages)
+        self.ntok[sid] = ntokens
+
+    def set_packed_batch(self, entries):
+        self.entries = entries
+        pos = torch.cat([torch.arange(s, s + n) for _, s, n in entries])[None]
+        ctx = [s + n for _, s, n in entries]
+        T, S = sum(n for *_, n in entries), sum(ctx)
+        mask = torch.zeros(1, 1, T, S, dtype=torch.bool)
+        t = c = 0
+        for (_, s, n), L in zip(entries, ctx):
+            for i in range(n):
+                mask[0, 0, t + i, c:c + s + i + 1] = True
+            t += n
+            c += L
+        return {"position_ids": pos, "attention_mask": mask}
+
+    def clear_packed_batch(self):
+        self.entries = None
+
+    def update(self, key, value, layer_idx, kwargs=None):
+        ks, vs, t = [], [], 0
+        for sid, s, n in self.entries:
+            pages = self.pages[sid]
+            for i in range(n):
+                p, off = pages[(s + i) // PT], (s + i) % PT
+                self.pool.k[layer_idx][p, off] = key[0, :, t + i]
+                self.pool.v[layer_idx][p, off] = value[0, :, t + i]
+            L = s + n
+            idx = torch.tensor(pages[: -(-L // PT)])
+            ks.append(self.pool.k[layer_idx][idx].flatten(0, 1)[:L])
+            vs.append(self.pool.v[layer_idx][idx].flatten(0, 1)[:L])
+            if layer_idx == len(self.pool.k) - 1:
+                self.ntok[sid] = L
+            t += n
+        K = torch.cat(ks).permute(1, 0, 2)[None]
+        V = torch.cat(vs).permute(1, 0, 2)[None]
+        return K, V
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    m = LlamaForCausalLM(cfg).eval()
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def reference(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def make_engine(model, max_pages=256, clock=None, background=False, **policy_kw):
+    pool = StandInPool(2, 2, 16, max_pages)
+    policy_kw.setdefault("max_bytes", max_pages * pool.page_bytes)
+    policy = ElasticPolicy(clock=clock or FakeClock(), **policy_kw)
+    return Engine(model, pool=pool, policy=policy, cache=StandInCache(pool), max_batch_tokens=64,
+                  background=background)
+
+
+def prompts(n, seed, lo=3, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 96, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_packed_batches_match_generate_token_for_token(model):
+    eng = make_engine(model)
+    ps = prompts(6, 1)
+    outs = eng.generate(ps, [5, 1, 9, 3, 12, 7])
+    for p, o, n in zip(ps, outs, [5, 1, 9, 3, 12, 7]):
+        assert o == reference(model, p, n)
+    st = eng.stats()
+    assert st["running"] == 0 and st["waiting"] == 0 and st["live_bytes"] == 0
+    assert st["tokens_generated"] == 37
+
+
+def test_budget_cut_mid_run_preempts_by_swap_and_recompute_without_loss(model):
+    clock = FakeClock()
+    pool_pages = 128
+    eng = make_engine(model, max_pages=pool_pages, clock=clock, swap_bytes=0)
+    page = eng.pool.page_bytes
+    eng.swap.capacity_bytes = 6 * page        # room for one or two requests' pages
+    ps = prompts(8, 2, 10, 30)
+    rids = [eng.add_request(p, 12) for p in ps]
+    for _ in range(3):
+        eng.step()
+        clock.t += 0.1
+    live = eng.stats()["live_bytes"]
+    assert live > 0
+    eng.set_budget(int(live * 0.3))
+    st = eng.stats()
+    assert st["live_bytes"] <= int(live * 0.3)
+    assert st["swap_preemptions"] >= 1 and st["recompute_preemptions"] >= 1
+    eng.set_budget(None)
+    while eng.has_unfinished():
+        eng.step()
+    for r, p in zip(rids, ps):
+        assert eng.output_ids(r) == reference(model, p, 12)
+    assert eng.stats()["preemptions"] == st["preemptions"] + 0 or eng.stats()["preemptions"] >= st["preemptions"]
+    assert eng.swap.used_bytes == 0
+
+
+def test_run_under_a_tight_budget_preempts_in_steps_and_finishes_all(model):
+    eng = make_engine(model, max_pages=64, swap_bytes=0)
+    eng.swap.capacity_bytes = 3 * eng.pool.page_bytes
+    eng.set_budget(12 * eng.pool.page_bytes)
+    ps = prompts(6, 3, 20, 40)
+    outs = eng.generate(ps, 24)
+    for p, o in zip(ps, outs):
+        assert o == reference(model, p, 24)
+    st = eng.stats()
+    assert st["preemptions"] >= 1 and st["resident_bytes"] <= 12 * eng.pool.page_bytes
+
+
+def test_idle_shrink_after_idle_seconds_with_fake_clock(model):
+    clock = FakeClock()
+    eng = make_engine(model, clock=clock, idle_seconds=5.0, min_bytes=0)
+    eng.generate(prompts(4, 4), 8)
+    high = eng.stats()["resident_bytes"]
+    assert high > 0
+    eng.step()
+    clock.t += 4.0
+    eng.step()
+    assert eng.stats()["resident_bytes"] == high
+    clock.t += 1.5
+    eng.step()
+    assert eng.stats()["resident_bytes"] == 0
+    assert eng.stats()["shrink_events"] == 1
+
+
+def test_bad_input_raises_and_engine_keeps_serving(model):
+    eng = make_engine(model, max_pages=16)
+    good = eng.add_request([5, 6, 7], 4)
+    cases = [
+        (([], 4), "prompt is empty"),
+        (([1, 2.5], 4), "position 1 is 2.5"),
+        (([1, True], 4), "not an int"),
+        (([1, 96], 4), r"outside the vocabulary \[0, 96\)"),
+        (([1, -1], 4), "outside the vocabulary"),
+        (([1, 2], 0), "max_new_tokens must be an int >= 1"),
+        (([1, 2], 2.0), "max_new_tokens"),
+        (("hello", 4), "prompt_ids must be"),
+        (([1] * 100, 60), r"needs 20 KV pages .* budget allows 16 pages"),
+        (([1] * 400, 200), "max_position_embeddings"),
+        (([1], 3, "eos"), "eos_token_id"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request(*args)
+    with pytest.raises(ValueError, match="unknown request id 12345"):
+        eng.cancel(12345)
+    assert eng.stats()["waiting"] == 1
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.output_ids(good) == reference(model, [5, 6, 7], 4)
+    assert eng.cancel(good) is False
+
+
+def test_cancel_running_and_waiting_requests(model):
+    eng = make_engine(model)
+    a = eng.add_request(prompts(1, 5)[0], 30)
+    b = eng.add_request(prompts(1, 6)[0], 30)
+    eng.step()
+    assert eng.cancel(a) is True
+    c = eng.add_request([3, 4], 2)
+    assert eng.cancel(c) is True
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.request_info(a)["status"] == "cancelled"
+    assert eng.request_info(c)["finish_reason"] == "cancelled"
+    assert eng.output_ids(b) == reference(model, prompts(1, 6)[0], 30)
+    assert eng.stats()["live_bytes"] == 0 and eng.stats()["cancelled"] == 2
+
+
+def test_add_request_from_another_thread_while_streaming(model):
+    eng = make_engine(model, background=True)
+    ps = prompts(5, 7)
+    first = eng.add_request(ps[0], 20)
+    ids = []
+
+    def producer():
+        for p in ps[1:]:
+            ids.append(eng.add_request(p, 6))
+
+    got: dict[int, list[int]] = {}
+    th = threading.Thread(target=producer)
+    n = 0
+    for rid, tok in eng.stream():
+        got.setdefault(rid, []).append(tok)
+        n += 1
+        if n == 3:
+            th.start()
+            th.join()
+    eng.close()
+    assert got[first] == reference(model, ps[0], 20)
+    for r, p in zip(ids, ps[1:]):
+        assert got[r] == reference(model, p, 6)
+
+
+def test_request_info_and_timeline_fields(model):
+    clock = FakeClock()
+    eng = make_engine(model, clock=clock)
+    r = eng.add_request([1, 2, 3], 3)
+    while eng.has_unfinished():
+        clock.t += 1.0
+        eng.step()
+    info = eng.request_info(r)
+    assert info["arrival_time"] == 0.0 and info["first_token_time"] == 1.0
+    assert info["finish_time"] == 3.0 and info["output_tokens"] == 3
+    assert info["finish_reason"] == "length"
+    keys = {"t", "step", "num_tokens", "running", "waiting", "live_bytes", "resident_bytes",
+            "budget_bytes", "preempted", "step_seconds"}
+    assert keys <= set(eng.timeline[0])
+    assert [e["num_tokens"] for e in eng.timeline] == [3, 1, 1]
+    for k in ("running", "waiting", "live_bytes", "resident_bytes", "reserved_bytes", "grows",
+              "shrinks", "compactions", "preemptions"):
+        assert k in eng.stats()

@@ -1,0 +1,706 @@
+"""Continuous batching on elastic KV: the Engine.
+
+``step()`` reads as three words: schedule, run, postprocess — then one policy tick.
+
+* schedule: the ``Scheduler`` picks prefill chunks and decode tokens under
+  ``max_batch_tokens``, takes pages through the cache (``ElasticPagedCache`` packed mode) and
+  preempts latest-arrived first when pages run out or the budget was cut;
+* run: one forward over all of the step's tokens packed in a single row, no padding; the cache
+  writes each token's K/V into its request's pages and attends it over them;
+* postprocess: sampled tokens are appended, finished requests free their pages;
+* policy tick: demand (pages held + expected growth + waiting prefills) goes to the
+  ``ElasticPolicy``; a grow is handed to a background thread that maps granules ahead of need
+  (while the next forward runs), a shrink gives back empty granules, compacts, gives back again.
+
+Threads: ``add_request`` and ``cancel`` may be called from any thread. ``step`` holds the step
+lock for its whole duration; pool bookkeeping is additionally guarded by the pool lock, which
+the step does not hold during the forward so the grower thread can map meanwhile.
+
+Timing fields (``stats()``, ``timeline``, ``request_info``) are in seconds of the policy's
+clock, so tests with an injected clock see deterministic values.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence as Seq
+
+import torch
+
+from .policy import Decision, ElasticPolicy
+from .scheduler import Batch, Scheduler
+from .sequence import SamplingParams, SeqStatus, Sequence
+from .swap import SwapSpace
+
+__all__ = ["Engine"]
+
+
+def _model_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder-only transformers config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+class _CacheBackend:
+    """The scheduler's ``PageBackend`` over the cache's page tables, the pool and swap space.
+
+    Pages held per request are counted here as well, so the scheduler's many per-step
+    questions cost a dict lookup rather than a call into the pool.
+    """
+
+    def __init__(self, pool: Any, cache: Any, swap: SwapSpace) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.swap = swap
+        self.page_tokens = pool.page_tokens
+        self.page_bytes = pool.page_bytes
+        self._held: dict[int, int] = {}
+        self._live = 0
+
+    def free_pages(self) -> int:
+        return self.pool.free_pages
+
+    def live_pages(self) -> int:
+        return self._live
+
+    def held_pages(self, seq: Sequence) -> int:
+        return self._held.get(seq.seq_id, 0)
+
+    def _recount(self, seq_id: int) -> None:
+        n = len(self.cache.seq_pages(seq_id))
+        self._live += n - self._held.get(seq_id, 0)
+        if n:
+            self._held[seq_id] = n
+        else:
+            self._held.pop(seq_id, None)
+
+    def ensure(self, seq: Sequence, total_tokens: int) -> None:
+        need = -(-total_tokens // self.page_tokens)
+        if need <= self._held.get(seq.seq_id, 0):
+            return
+        self.cache.ensure_capacity(seq.seq_id, total_tokens)
+        self._recount(seq.seq_id)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.seq_id in self._held or self._cache_knows(seq.seq_id):
+            self.cache.free_seq(seq.seq_id)
+        self._live -= self._held.pop(seq.seq_id, 0)
+
+    def _cache_knows(self, seq_id: int) -> bool:
+        try:
+            return bool(self.cache.seq_pages(seq_id))
+        except (KeyError, ValueError):
+            return False
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
+
+    def swap_out(self, seq: Sequence) -> None:
+        pages, ntokens = self.cache.detach_seq(seq.seq_id)
+        data = self.pool.read_pages(pages)
+        self.swap.put(seq.seq_id, data, ntokens, len(pages))
+        self.pool.free(pages)
+        self._live -= self._held.pop(seq.seq_id, 0)
+
+    def swap_in(self, seq: Sequence) -> None:
+        data, ntokens, npages = self.swap.peek(seq.seq_id)
+        pages = self.pool.alloc(npages)          # MemoryError: nothing changed
+        try:
+            self.pool.write_pages(pages, data)
+            self.cache.attach_seq(seq.seq_id, pages, ntokens)
+        except BaseException:
+            self.pool.free(pages)
+            raise
+        self.swap.drop(seq.seq_id, swapped_in=True)
+        self._held[seq.seq_id] = npages
+        self._live += npages
+
+    def drop_swap(self, seq: Sequence) -> None:
+        self.swap.drop(seq.seq_id)
+
+
+class Engine:
+    """Continuous batching over an elastic KV page pool.
+
+    Args:
+        model: a decoder-only transformers model (``...ForCausalLM``) the cache supports.
+        pool: a ``KVPagePool``; built from the model's config and the policy's byte limits
+            when omitted.
+        cache: an ``ElasticPagedCache`` over ``pool`` (built when omitted); the Engine uses its
+            packed mode.
+        policy: an ``ElasticPolicy``; ``ElasticPolicy()`` when omitted.
+        max_batch_tokens: most tokens (prefill chunks + decode tokens) in one forward.
+        max_running: most requests holding KV pages at once (``None``: pages decide).
+        page_tokens: tokens per page when the Engine builds the pool.
+        background: run the grower thread (maps granules ahead of need; gives memory back
+            when the engine sits idle and nobody calls ``step``).
+        timeline: record one entry per step in ``self.timeline`` (see ``step``).
+        starvation_limit: preemptions after which a request is preempted only last.
+    """
+
+    def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
+                 max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
+                 cache: Any = None, page_tokens: int = 16, background: bool = True,
+                 timeline: bool = True, starvation_limit: int = 3) -> None:
+
+        self.model = model
+        self.config = model.config
+        self.policy = policy if policy is not None else ElasticPolicy()
+        self.clock: Callable[[], float] = self.policy.clock
+        try:
+            param = next(model.parameters())
+            self.device, dtype = param.device, param.dtype
+        except StopIteration:
+            self.device, dtype = torch.device("cpu"), torch.float32
+        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        self.vocab_size: int = text_cfg.vocab_size
+        self.max_positions: Optional[int] = getattr(text_cfg, "max_position_embeddings", None)
+
+        if pool is None:
+            from .pool import KVPagePool
+            layers, kv_heads, head_dim = _model_geometry(self.config)
+            pool = KVPagePool(layers, kv_heads, head_dim, dtype, device=self.device,
+                              page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
+                              min_bytes=self.policy.min_bytes)
+        self.pool = pool
+        self.policy.bind(pool.page_bytes, pool.page_tokens)
+        pstats = pool.stats()
+        self._granule_pages = max(1, pstats.get("granule_bytes", pool.page_bytes) // pool.page_bytes)
+        if cache is None:
+            from .cache import ElasticPagedCache  # the one cache class users pass to generate
+            cache = ElasticPagedCache(self.config, pool=pool)
+        self.cache = cache
+        self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
+        self._backend = _CacheBackend(pool, self.cache, self.swap)
+        self.scheduler = Scheduler(self._backend, max_batch_tokens=max_batch_tokens,
+                                   max_running=max_running, headroom=self.policy.headroom,
+                                   starvation_limit=starvation_limit)
+        self._apply_pool_budget()
+
+        self._step_lock = threading.RLock()    # one step (or budget change) at a time
+        self._pool_lock = threading.RLock()    # pool bookkeeping: step vs grower thread
+        self._inbox_lock = threading.Lock()    # add_request / cancel from any thread
+        self._inbox: list[Sequence] = []
+        self._requests: dict[int, Sequence] = {}
+        self._next_id = 0
+        self._arrivals = 0
+
+        self.timeline: Optional[list[dict]] = [] if timeline else None
+        self._steps = 0
+        self._tokens_out = 0
+        self._tokens_in = 0
+        self._shrink_events = 0
+        self._grow_events = 0
+        self._compact_events = 0
+        self._bytes_given_back = 0
+        self._stalled = False
+        self._last_activity = self.clock()
+
+        # the static pool is mapped at start
+        if self.policy.is_static:
+            self._grow_to(self.policy.target_pages(0, pool.max_pages))
+
+        self._grower: Optional[threading.Thread] = None
+        self._grow_cv = threading.Condition()
+        self._grow_target = 0
+        self._pending_pages = 0   # prompt pages of requests added since the last tick
+        self._closed = False
+        if background:
+            self._grower = threading.Thread(target=self._grower_loop, name="ekv-grower", daemon=True)
+            self._grower.start()
+
+    # ------------------------------------------------------------------ requests ----------
+    def _validate(self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any,
+                  sampling: Any) -> tuple[list[int], int, frozenset, SamplingParams]:
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+                prompt_ids = prompt_ids[0]
+            if prompt_ids.dim() != 1:
+                raise ValueError(f"add_request: prompt tensor must be 1-D, got shape {tuple(prompt_ids.shape)}")
+            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
+                raise ValueError(f"add_request: prompt ids must be integers, got dtype {prompt_ids.dtype}")
+            ids = [int(x) for x in prompt_ids.tolist()]
+        elif isinstance(prompt_ids, (list, tuple)):
+            ids = []
+            for i, x in enumerate(prompt_ids):
+                if isinstance(x, bool) or not isinstance(x, int):
+                    raise ValueError(
+                        f"add_request: prompt id at position {i} is {x!r} ({type(x).__name__}), not an int")
+                ids.append(int(x))
+        else:
+            raise ValueError(
+                f"add_request: prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}")
+        if not ids:
+            raise ValueError("add_request: the prompt is empty (0 tokens); at least one token is needed")
+        bad = [(i, x) for i, x in enumerate(ids) if not 0 <= x < self.vocab_size]
+        if bad:
+            i, x = bad[0]
+            raise ValueError(
+                f"add_request: prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"add_request: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's max_position_embeddings ({self.max_positions})")
+        if eos_token_id is None:
+            eos: frozenset = frozenset()
+        elif isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
+            eos = frozenset([eos_token_id])
+        elif isinstance(eos_token_id, (list, tuple, set, frozenset)) and all(
+                isinstance(e, int) and not isinstance(e, bool) for e in eos_token_id):
+            eos = frozenset(eos_token_id)
+        else:
+            raise ValueError(f"add_request: eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+        params = SamplingParams.coerce(sampling)
+        # never fits: its own KV at full length exceeds what the budget can ever give
+        need = -(-(len(ids) + max_new_tokens - 1) // self.pool.page_tokens)
+        cap_bytes = self.policy.set_budget_bytes
+        cap = self.pool.max_pages if cap_bytes is None else min(self.pool.max_pages,
+                                                                 cap_bytes // self.pool.page_bytes)
+        if need > cap:
+            raise ValueError(
+                f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) needs {need} "
+                f"KV pages ({need * self.pool.page_bytes} bytes) but the budget allows {cap} pages "
+                f"({cap * self.pool.page_bytes} bytes)")
+        return ids, max_new_tokens, eos, params
+
+    def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None,
+                    sampling: Any = None) -> int:
+        """Queue a request; returns its id. Thread-safe; may be called between or during steps.
+
+        ``sampling``: ``None`` (greedy), a ``SamplingParams`` or a dict of its fields.
+        Raises ``ValueError`` for bad input, leaving the engine unchanged.
+        """
+        ids, mnt, eos, params = self._validate(prompt_ids, max_new_tokens, eos_token_id, sampling)
+        now = self.clock()
+        with self._inbox_lock:
+            rid = self._next_id
+            self._next_id += 1
+            seq = Sequence(seq_id=rid, prompt_ids=ids, max_new_tokens=mnt, arrival_index=self._arrivals,
+                           arrival_time=now, eos_token_ids=eos, sampling=params)
+            self._arrivals += 1
+            self._requests[rid] = seq
+            self._inbox.append(seq)
+        self._wake_grower(-(-len(ids) // self.pool.page_tokens))
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel a request; returns False if it had already finished. Unknown id: ValueError."""
+        with self._inbox_lock:
+            seq = self._requests.get(request_id) if isinstance(request_id, int) else None
+            if seq is None:
+                raise ValueError(f"cancel: unknown request id {request_id!r}")
+            if seq.is_finished:
+                return False
+            if seq in self._inbox:
+                self._inbox.remove(seq)
+                seq.finish(self.clock(), "cancelled")
+                return True
+        with self._step_lock, self._pool_lock:
+            if seq.is_finished:
+                return False
+            self.scheduler.cancel(seq, self.clock())
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while any request is queued, running or swapped out."""
+        with self._inbox_lock:
+            if self._inbox:
+                return True
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step ----------
+    def step(self) -> list[tuple[int, int]]:
+        """One scheduling iteration; returns the ``(request_id, token_id)`` pairs produced.
+
+        Appends to ``self.timeline`` (when enabled) one dict per step: ``t`` (clock),
+        ``step``, ``num_tokens`` (tokens in the forward), ``num_seqs``, ``running``,
+        ``waiting``, ``live_bytes``, ``resident_bytes``, ``budget_bytes``, ``preempted``,
+        ``step_seconds`` (wall time of the step).
+        """
+        with self._step_lock:
+            t0 = time.perf_counter()
+            self._drain_inbox()
+            preempted = self._enforce_budget()
+            with self._pool_lock:
+                batch = self.scheduler.schedule()
+            produced: list[tuple[int, int]] = []
+            if batch:
+                sampled = self._run(batch)
+                now = self.clock()
+                with self._pool_lock:
+                    produced, finished = self.scheduler.postprocess(batch, sampled, now)
+                for seq in finished:
+                    self.policy.record_finished(seq.num_generated)
+                self._steps += 1
+                self._tokens_in += batch.num_tokens
+                self._tokens_out += len(produced)
+                self._last_activity = now
+            self._stalled = not batch and bool(self.scheduler.waiting) and not self.scheduler.running
+            self._tick()
+            if self.timeline is not None:
+                self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
+            return produced
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            new, self._inbox = self._inbox, []
+        for seq in new:
+            self.scheduler.add(seq)
+
+    @torch.inference_mode()
+    def _run(self, batch: Batch) -> dict[int, int]:
+        """One forward over the packed tokens; returns the sampled token per sampling request."""
+        ids: list[int] = []
+        entries: list[tuple[int, int, int]] = []
+        last: list[int] = []
+        samplers: list[Sequence] = []
+        for c in batch.chunks:
+            seq = c.seq
+            ids.extend(seq.token_ids[c.start:c.start + c.num_tokens])
+            entries.append((seq.seq_id, c.start, c.num_tokens))
+            if c.samples:
+                last.append(len(ids) - 1)
+                samplers.append(seq)
+        extra = self.cache.set_packed_batch(entries)
+        kwargs = {k: v for k, v in extra.items() if k in ("position_ids", "attention_mask",
+                                                           "cache_position")}
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        if last:
+            keep = torch.tensor(last, dtype=torch.long, device=self.device)
+        else:
+            keep = 1  # nothing to sample: compute a single row of logits
+        try:
+            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True,
+                             logits_to_keep=keep, **kwargs)
+        finally:
+            clear = getattr(self.cache, "clear_packed_batch", None)
+            if clear is not None:
+                clear()
+        if not last:
+            return {}
+        logits = out.logits[0]
+        if all(s.sampling.greedy for s in samplers):
+            toks = logits.argmax(dim=-1).tolist()
+        else:
+            toks = [self._sample(logits[i], s) for i, s in enumerate(samplers)]
+        return {s.seq_id: t for s, t in zip(samplers, toks)}
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+        p = seq.sampling
+        if p.greedy:
+            return int(logits.argmax())
+        x = logits.float() / p.temperature
+        if p.top_k:
+            kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            srt, idx = torch.sort(x, descending=True)
+            cum = torch.softmax(srt, -1).cumsum(-1)
+            drop = cum - torch.softmax(srt, -1) > p.top_p   # keep the token that crosses top_p
+            x = x.scatter(0, idx[drop], float("-inf"))
+        gen = None
+        if p.seed is not None:
+            # seeded by (seed, position): the same request samples the same tokens however
+            # it is batched or preempted
+            gen = torch.Generator(device=x.device).manual_seed(p.seed * 1_000_003 + seq.num_tokens)
+        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
+
+    # ------------------------------------------------------------------ memory ------------
+    def _apply_pool_budget(self) -> None:
+        b = self.policy.budget_bytes
+        setter = getattr(self.pool, "set_max_bytes", None)
+        if setter is not None and b is not None:
+            setter(b)
+
+    def _enforce_budget(self) -> int:
+        """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
+        changed = self.policy.poll_pressure()
+        budget = self.policy.budget_pages(self.pool.max_pages)
+        n = 0
+        if self._backend.live_pages() > budget:
+            with self._pool_lock:
+                n = len(self.scheduler.preempt_until(budget))
+            changed = True
+        if changed:
+            with self._pool_lock:
+                self._shrink_to(min(budget, self._resident_pages()), forced=True)
+                self._apply_pool_budget()
+        return n
+
+    def _resident_pages(self) -> int:
+        return self.pool.stats()["resident_bytes"] // self.pool.page_bytes
+
+    def _demand(self) -> int:
+        pol = self.policy
+        held, growth, waiting = self.scheduler.demand_pages(
+            lambda s: pol.growth_pages(s.num_computed, s.num_generated, s.max_new_tokens))
+        return held + growth + waiting
+
+    def _tick(self) -> Decision:
+        """One policy decision; grows go to the grower thread, shrinks happen here."""
+        with self._pool_lock:
+            d = self.policy.decide(self._demand(), self._resident_pages(), self.pool.max_pages,
+                                   self._granule_pages)
+            if d.action == "shrink":
+                self._shrink_to(d.target_pages, forced=d.forced)
+        if d.action == "grow":
+            if self._grower is not None:
+                with self._grow_cv:
+                    self._grow_target = max(self._grow_target, d.target_pages)
+                    self._grow_cv.notify()
+            else:
+                with self._pool_lock:
+                    self._grow_to(d.target_pages)
+        return d
+
+    def maintain(self) -> Decision:
+        """Run one policy tick without a step (what the grower thread does when idle)."""
+        with self._step_lock:
+            self._enforce_budget()
+            return self._tick()
+
+    def _grow_to(self, target_pages: int) -> None:
+        """Map granules until ``target_pages`` pages are resident (within the budget)."""
+        with self._pool_lock:
+            resident = self._resident_pages()
+            live = self._backend.live_pages()
+            budget = self.policy.budget_pages(self.pool.max_pages)
+            target = min(target_pages, budget)
+            if target <= resident:
+                return
+            try:
+                # reserve_pages(n): n free pages resident beyond the live ones
+                self.pool.reserve_pages(max(0, target - live))
+            except MemoryError:
+                return  # the device is short: allocation in the step will say so if it matters
+            if self._resident_pages() > resident:
+                self._grow_events += 1
+
+    def _shrink_to(self, keep_pages: int, forced: bool = False) -> None:
+        """Give back empty granules, compact, give back again; keep ``keep_pages`` resident."""
+        before = self.pool.stats()["resident_bytes"]
+        keep = max(keep_pages, self._backend.live_pages())
+        given = self.pool.shrink(keep)
+        if self._resident_pages() > keep:
+            moved = self.pool.compact()
+            if moved:
+                self._compact_events += 1
+            given += self.pool.shrink(keep)
+        after = self.pool.stats()["resident_bytes"]
+        if after < before:
+            self._shrink_events += 1
+            self._bytes_given_back += before - after
+
+    # ------------------------------------------------------------------ grower thread ------
+    def _wake_grower(self, extra_pages: int) -> None:
+        """A request arrived: map its prompt's pages ahead of the step that admits it."""
+        if self._grower is None:
+            return
+        with self._grow_cv:
+            self._pending_pages += extra_pages
+            self._grow_cv.notify()
+
+    def _grower_loop(self) -> None:
+        idle_poll = max(0.05, min(1.0, self.policy.idle_seconds / 4))
+        while True:
+            with self._grow_cv:
+                if not self._closed and self._grow_target == 0 and not self._pending_pages:
+                    self._grow_cv.wait(timeout=idle_poll)
+                if self._closed:
+                    return
+                target, self._grow_target = self._grow_target, 0
+                pending, self._pending_pages = self._pending_pages, 0
+            try:
+                if pending and not target:
+                    with self._pool_lock:
+                        demand = self._demand() + pending
+                    target = self.policy.target_pages(demand, self.pool.max_pages)
+                if target:
+                    self._grow_to(target)
+                elif self._step_lock.acquire(blocking=False):
+                    # nobody is stepping: keep the policy ticking so idle memory goes back
+                    try:
+                        if not self.scheduler.running:
+                            self._enforce_budget()
+                            self._tick()
+                    finally:
+                        self._step_lock.release()
+            except Exception:  # the thread must not die; the step path reports real errors
+                pass
+
+    # ------------------------------------------------------------------ budget -------------
+    def set_budget(self, nbytes: Optional[int]) -> None:
+        """Change the KV byte budget now; ``None`` restores the policy's ``max_bytes``.
+
+        Below what is live, requests are preempted (latest-arrived first): swapped to host
+        memory while ``swap_bytes`` allows, else dropped and recomputed later.
+        """
+        with self._step_lock:
+            self.policy.set_budget(nbytes)
+            preempted = self._enforce_budget_now()
+            if self.timeline is not None:
+                self._record(Batch(), preempted, 0.0)
+
+    def _enforce_budget_now(self) -> int:
+        budget = self.policy.budget_pages(self.pool.max_pages)
+        with self._pool_lock:
+            n = len(self.scheduler.preempt_until(budget))
+            self._shrink_to(min(budget, self._resident_pages()), forced=True)
+            self._apply_pool_budget()
+        return n
+
+    # ------------------------------------------------------------------ driving ------------
+    def stream(self) -> Iterator[tuple[int, int]]:
+        """Step until nothing is left, yielding ``(request_id, token_id)`` as tokens come."""
+        while self.has_unfinished():
+            out = self.step()
+            self._raise_if_stalled()
+            yield from out
+
+    def generate(self, prompts: Seq[Any], max_new_tokens: Any, eos_token_id: Any = None,
+                 sampling: Any = None) -> list[list[int]]:
+        """Run ``prompts`` to completion; returns each one's generated ids, in order.
+
+        ``max_new_tokens`` is an int or one per prompt. All prompts are validated before any
+        is queued. Other requests in the engine keep running alongside.
+        """
+        if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
+            mnts = [max_new_tokens] * len(prompts)
+        else:
+            mnts = list(max_new_tokens)
+            if len(mnts) != len(prompts):
+                raise ValueError(f"generate: {len(mnts)} max_new_tokens for {len(prompts)} prompts")
+        for p, m in zip(prompts, mnts):
+            self._validate(p, m, eos_token_id, sampling)
+        rids = [self.add_request(p, m, eos_token_id, sampling) for p, m in zip(prompts, mnts)]
+        seqs = [self._requests[r] for r in rids]
+        while not all(s.is_finished for s in seqs):
+            self.step()
+            self._raise_if_stalled()
+        return [s.output_ids for s in seqs]
+
+    def _raise_if_stalled(self) -> None:
+        if not self._stalled:
+            return
+        if self.policy.pressure is not None:
+            time.sleep(min(0.05, self.policy.pressure_interval))  # the hook may lift the cap
+            return
+        seq = self.scheduler.waiting[0]
+        need = -(-seq.num_tokens // self.pool.page_tokens)
+        raise RuntimeError(
+            f"Engine stalled: request {seq.seq_id} needs {need} KV pages but only "
+            f"{self._backend.free_pages()} can be had under the budget "
+            f"({self.policy.budget_bytes} bytes); raise it with set_budget")
+
+    # ------------------------------------------------------------------ observability ------
+    def stats(self) -> dict:
+        """Counters and byte figures as a plain dict.
+
+        running / waiting / swapped: requests in each state (waiting includes swapped);
+        live_bytes: pages held by requests; resident_bytes: mapped (physical) KV memory;
+        reserved_bytes: reserved address space; budget_bytes: effective budget (None:
+        unlimited); grows / shrinks / compactions: the pool's counters; shrink_events /
+        grow_events / compact_events: policy actions that changed residency;
+        preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
+        (tokens_forwarded) and output tokens (tokens_generated); swap_* from the swap space.
+        """
+        with self._pool_lock:
+            ps = self.pool.stats()
+        with self._inbox_lock:
+            inbox = len(self._inbox)
+            finished = sum(1 for s in self._requests.values() if s.status is SeqStatus.FINISHED)
+            cancelled = sum(1 for s in self._requests.values() if s.status is SeqStatus.CANCELLED)
+        sch = self.scheduler
+        out = {
+            "running": len(sch.running),
+            "waiting": len(sch.waiting) + inbox,
+            "swapped": sch.num_swapped(),
+            "finished": finished,
+            "cancelled": cancelled,
+            "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
+            "resident_bytes": ps["resident_bytes"],
+            "reserved_bytes": ps["reserved_bytes"],
+            "budget_bytes": self.policy.budget_bytes,
+            "max_bytes": self.policy.max_bytes,
+            "min_bytes": self.policy.min_bytes,
+            "page_bytes": self.pool.page_bytes,
+            "grows": ps.get("grows", self._grow_events),
+            "shrinks": ps.get("shrinks", self._shrink_events),
+            "compactions": ps.get("compactions", self._compact_events),
+            "grow_events": self._grow_events,
+            "shrink_events": self._shrink_events,
+            "compact_events": self._compact_events,
+            "bytes_given_back": self._bytes_given_back,
+            "preemptions": sch.preemptions,
+            "swap_preemptions": sch.swap_preemptions,
+            "recompute_preemptions": sch.recompute_preemptions,
+            "steps": self._steps,
+            "tokens_forwarded": self._tokens_in,
+            "tokens_generated": self._tokens_out,
+        }
+        out.update(self.swap.stats())
+        return out
+
+    def request_info(self, request_id: int) -> dict:
+        """Timing and counts of one request: arrival_time, first_token_time, finish_time, ..."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            raise ValueError(f"request_info: unknown request id {request_id!r}")
+        return seq.info()
+
+    def requests_info(self) -> list[dict]:
+        """``request_info`` of every request the engine has seen, in arrival order."""
+        with self._inbox_lock:
+            seqs = list(self._requests.values())
+        return [s.info() for s in seqs]
+
+    def output_ids(self, request_id: int) -> list[int]:
+        seq = self._requests.get(request_id)
+        if seq is None:
+            raise ValueError(f"output_ids: unknown request id {request_id!r}")
+        return seq.output_ids
+
+    def _record(self, batch: Batch, preempted: int, seconds: float) -> None:
+        self.timeline.append({
+            "t": self.clock(),
+            "step": self._steps,
+            "num_tokens": batch.num_tokens,
+            "num_seqs": len(batch.chunks),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
+            "resident_bytes": self.pool.stats()["resident_bytes"],
+            "budget_bytes": self.policy.budget_bytes,
+            "preempted": preempted,
+            "step_seconds": seconds,
+        })
+
+    # ------------------------------------------------------------------ lifetime -----------
+    def close(self) -> None:
+        """Stop the grower thread. The pool stays usable (and owned by whoever made it)."""
+        with self._grow_cv:
+            self._closed = True
+            self._grow_cv.notify()
+        if self._grower is not None:
+            self._grower.join(timeout=5)
+            self._grower = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
