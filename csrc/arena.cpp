@@ -1,0 +1,425 @@
+// arena.cpp — granule bookkeeping over a backend: map/unmap/reuse/deferred release.
+#include "arena.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <utility>
+
+namespace ekv {
+namespace {
+
+std::string call_text(const char* call, std::size_t offset, std::size_t nbytes) {
+  return std::string("Arena.") + call + "(offset=" + std::to_string(offset) + ", nbytes=" + std::to_string(nbytes) +
+         ")";
+}
+
+std::string device_name(DeviceKind kind, int index) {
+  return kind == DeviceKind::kHost ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
+
+}  // namespace
+
+Status Arena::create(const ArenaConfig& config, std::unique_ptr<Arena>* out) {
+  if (config.capacity_bytes == 0) return InvalidArgument("Arena(capacity_bytes=0): capacity must be positive");
+  if (config.device_index < 0) {
+    return InvalidArgument("Arena: device index " + std::to_string(config.device_index) + " is negative");
+  }
+  // Keep offsets representable as signed 64-bit numbers for the Python side.
+  constexpr std::size_t kMaxCapacity = std::size_t(1) << 52;
+  if (config.capacity_bytes > kMaxCapacity) {
+    return InvalidArgument("Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + "): more than the " +
+                           std::to_string(kMaxCapacity) + " bytes one arena can reserve");
+  }
+  std::unique_ptr<Backend> backend;
+  if (config.kind == DeviceKind::kHost) {
+    EKV_RETURN_IF_ERROR(make_host_backend(config.capacity_bytes, &backend));
+  } else {
+    EKV_RETURN_IF_ERROR(make_cuda_backend(config.device_index, &backend));
+  }
+  const std::size_t g = backend->caps().granularity;
+  const std::size_t capacity = (config.capacity_bytes + g - 1) / g * g;
+  std::size_t reuse = config.reuse_bytes < 0 ? kDefaultReuseBytes : static_cast<std::size_t>(config.reuse_bytes);
+  reuse = std::min(reuse, capacity);
+  std::uintptr_t base = 0;
+  Status st = backend->reserve(capacity, &base);
+  if (!st.ok()) {
+    return Status(st.code(), "Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + ", device='" +
+                                 device_name(config.kind, config.device_index) + "'): " + st.message());
+  }
+  auto budget = Budget::for_device(config.kind, config.device_index);
+  out->reset(new Arena(config, std::move(backend), std::move(budget), base, capacity, reuse));
+  (*out)->budget_->register_arena(out->get(), capacity);
+  return Status::Ok();
+}
+
+Arena::Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::shared_ptr<Budget> budget,
+             std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes)
+    : kind_(config.kind),
+      device_index_(config.device_index),
+      backend_(std::move(backend)),
+      budget_(std::move(budget)),
+      base_(base),
+      capacity_(capacity),
+      granularity_(backend_->caps().granularity),
+      reuse_bytes_(reuse_bytes),
+      granules_(capacity / granularity_) {
+  s_.granularity = granularity_;
+  s_.reserved_bytes = capacity_;
+  s_.reuse_bytes = reuse_bytes_;
+}
+
+Arena::~Arena() { close(); }
+
+bool Arena::closed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_;
+}
+
+Status Arena::check_open(const char* call) const {
+  if (closed_) return InvalidArgument(std::string("Arena.") + call + ": the arena is closed");
+  return Status::Ok();
+}
+
+Status Arena::check_range(const char* call, std::size_t offset, std::size_t nbytes) const {
+  EKV_RETURN_IF_ERROR(check_open(call));
+  const std::string what = call_text(call, offset, nbytes);
+  if (nbytes == 0) return InvalidArgument(what + ": nbytes must be positive");
+  if (offset % granularity_ != 0 || nbytes % granularity_ != 0) {
+    return InvalidArgument(what + ": offset and nbytes must be multiples of the granularity (" +
+                           std::to_string(granularity_) + " bytes)");
+  }
+  if (offset > capacity_ || nbytes > capacity_ - offset) {
+    return InvalidArgument(what + ": range ends past the arena's capacity (" + std::to_string(capacity_) + " bytes)");
+  }
+  return Status::Ok();
+}
+
+Status Arena::map(std::size_t offset, std::size_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_range("map", offset, nbytes));
+  reap_locked(false);  // a failure here only leaves granules pending; it is not this call's error
+  const std::size_t first = offset / granularity_;
+  const std::size_t count = nbytes / granularity_;
+  std::size_t need = 0;
+  std::size_t revive = 0;
+  for (std::size_t i = first; i < first + count; ++i) {
+    if (granules_[i].state == State::kMapped) {
+      return InvalidArgument(call_text("map", offset, nbytes) + ": the granule at offset " +
+                             std::to_string(i * granularity_) + " is already mapped");
+    }
+    if (granules_[i].state == State::kPending) ++revive; else ++need;
+  }
+  const std::size_t from_cache = std::min(need, cache_.size());
+  const std::size_t new_bytes = (need - from_cache) * granularity_;
+  if (new_bytes > 0) EKV_RETURN_IF_ERROR(budget_->try_charge(new_bytes, call_text("map", offset, nbytes)));
+
+  // Back the unmapped granules one by one; remember each step so a failure can undo them.
+  struct Step {
+    std::size_t granule;
+    PhysHandle handle;
+    bool created;
+  };
+  std::vector<Step> done;
+  done.reserve(need);
+  std::size_t cache_taken = 0;
+  std::size_t created = 0;  // created and mapped
+  std::size_t attempted = 0;  // created, mapped or not
+  Status failure;
+  for (std::size_t i = first; i < first + count && failure.ok(); ++i) {
+    if (granules_[i].state != State::kUnmapped) continue;
+    Step step{i, 0, false};
+    if (cache_taken < from_cache) {
+      step.handle = cache_[cache_.size() - 1 - cache_taken];
+    } else {
+      Status st = backend_->create(granularity_, &step.handle);
+      if (!st.ok()) {
+        failure = st;
+        break;
+      }
+      step.created = true;
+      ++attempted;
+    }
+    Status st = backend_->map(addr_of(i), granularity_, step.handle);
+    if (!st.ok()) {
+      if (step.created) backend_->release(step.handle, granularity_);
+      failure = st;
+      break;
+    }
+    if (step.created) ++created; else ++cache_taken;
+    done.push_back(step);
+  }
+
+  if (!failure.ok()) {
+    // Undo in reverse; cached handles stay where they were (only taken by index above).
+    for (auto it = done.rbegin(); it != done.rend(); ++it) {
+      backend_->unmap(addr_of(it->granule), granularity_);
+      if (it->created) backend_->release(it->handle, granularity_);
+    }
+    if (new_bytes > 0) budget_->uncharge(new_bytes);
+    s_.creates += attempted;  // they happened, and were released again
+    s_.releases += attempted;
+    return Status(failure.code(), call_text("map", offset, nbytes) + ": " + failure.message() +
+                                      " (nothing was mapped)");
+  }
+
+  // Commit.
+  cache_.resize(cache_.size() - cache_taken);
+  for (const Step& step : done) {
+    granules_[step.granule].state = State::kMapped;
+    granules_[step.granule].handle = step.handle;
+  }
+  for (std::size_t i = first; i < first + count; ++i) {
+    if (granules_[i].state == State::kPending) granules_[i].state = State::kMapped;
+  }
+  const std::size_t g = granularity_;
+  s_.mapped_bytes += count * g;
+  s_.pending_bytes -= revive * g;
+  s_.cached_bytes -= cache_taken * g;
+  s_.held_bytes += created * g;
+  s_.maps += count;
+  s_.creates += created;
+  s_.reuses += cache_taken;
+  s_.revives += revive;
+  BudgetDelta d;
+  d.mapped = static_cast<std::int64_t>(count * g);
+  d.pending = -static_cast<std::int64_t>(revive * g);
+  d.cached = -static_cast<std::int64_t>(cache_taken * g);
+  budget_->apply(d);
+  return Status::Ok();
+}
+
+Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_range("unmap", offset, nbytes));
+  reap_locked(false);
+  const std::size_t first = offset / granularity_;
+  const std::size_t count = nbytes / granularity_;
+  for (std::size_t i = first; i < first + count; ++i) {
+    if (granules_[i].state != State::kMapped) {
+      return InvalidArgument(call_text("unmap", offset, nbytes) + ": the granule at offset " +
+                             std::to_string(i * granularity_) + " is not mapped");
+    }
+  }
+  const std::size_t g = granularity_;
+  if (backend_->caps().deferred_unmap) {
+    Fence fence = nullptr;
+    Status st = backend_->record_fence(stream, &fence);
+    if (!st.ok()) return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
+    PendingBatch batch{next_batch_++, fence, {}};
+    batch.granules.reserve(count);
+    for (std::size_t i = first; i < first + count; ++i) {
+      granules_[i].state = State::kPending;
+      granules_[i].batch = batch.serial;
+      batch.granules.push_back(i);
+    }
+    pending_.push_back(std::move(batch));
+    s_.pending_bytes += count * g;
+  } else {
+    for (std::size_t i = first; i < first + count; ++i) {
+      Status st = backend_->unmap(addr_of(i), g);
+      if (!st.ok()) {
+        // Put back what this call already unmapped so the range is as it was.
+        for (std::size_t j = first; j < i; ++j) backend_->map(addr_of(j), g, granules_[j].handle);
+        return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
+      }
+    }
+    for (std::size_t i = first; i < first + count; ++i) {
+      granules_[i].state = State::kUnmapped;
+      recycle_locked(granules_[i].handle);
+    }
+  }
+  s_.mapped_bytes -= count * g;
+  s_.unmaps += count;
+  BudgetDelta d;
+  d.mapped = -static_cast<std::int64_t>(count * g);
+  d.pending = backend_->caps().deferred_unmap ? static_cast<std::int64_t>(count * g) : 0;
+  budget_->apply(d);
+  return Status::Ok();
+}
+
+void Arena::recycle_locked(PhysHandle handle) {
+  const std::size_t g = granularity_;
+  if (s_.cached_bytes + g <= reuse_bytes_ || !backend_->release(handle, g).ok()) {
+    // Within the allowance, or the release failed: either way the handle is still ours.
+    cache_.push_back(handle);
+    s_.cached_bytes += g;
+    BudgetDelta d;
+    d.cached = static_cast<std::int64_t>(g);
+    budget_->apply(d);
+    return;
+  }
+  s_.releases += 1;
+  s_.held_bytes -= g;
+  budget_->uncharge(g);
+}
+
+Status Arena::reap_locked(bool wait) {
+  Status first_error;
+  const std::size_t g = granularity_;
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    bool done = false;
+    Status st = wait ? backend_->fence_wait(it->fence) : backend_->fence_done(it->fence, &done);
+    if (wait && st.ok()) done = true;
+    if (!st.ok() || !done) {
+      if (!st.ok() && first_error.ok()) first_error = st;
+      ++it;
+      continue;
+    }
+    std::vector<std::size_t> left;  // granules whose unmap failed stay pending on this batch
+    for (std::size_t i : it->granules) {
+      Granule& gr = granules_[i];
+      if (gr.state != State::kPending || gr.batch != it->serial) continue;  // revived since
+      Status ust = backend_->unmap(addr_of(i), g);
+      if (!ust.ok()) {
+        if (first_error.ok()) first_error = ust;
+        left.push_back(i);
+        continue;
+      }
+      gr.state = State::kUnmapped;
+      s_.pending_bytes -= g;
+      BudgetDelta d;
+      d.pending = -static_cast<std::int64_t>(g);
+      budget_->apply(d);
+      recycle_locked(gr.handle);
+    }
+    if (!left.empty()) {
+      it->granules = std::move(left);
+      ++it;
+      continue;
+    }
+    backend_->destroy_fence(it->fence);
+    it = pending_.erase(it);
+  }
+  return first_error;
+}
+
+Status Arena::release_cache_locked(std::size_t keep_bytes, std::size_t* released) {
+  const std::size_t g = granularity_;
+  Status first_error;
+  std::vector<PhysHandle> kept;
+  while (!cache_.empty() && s_.cached_bytes > keep_bytes) {
+    PhysHandle h = cache_.back();
+    cache_.pop_back();
+    Status st = backend_->release(h, g);
+    if (!st.ok()) {
+      if (first_error.ok()) first_error = st;
+      kept.push_back(h);
+      continue;
+    }
+    s_.cached_bytes -= g;
+    s_.held_bytes -= g;
+    s_.releases += 1;
+    *released += g;
+    BudgetDelta d;
+    d.cached = -static_cast<std::int64_t>(g);
+    budget_->apply(d);
+    budget_->uncharge(g);
+  }
+  cache_.insert(cache_.end(), kept.begin(), kept.end());
+  return first_error;
+}
+
+Status Arena::trim(std::size_t* released, bool wait) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *released = 0;
+  if (closed_) return Status::Ok();  // nothing is held any more
+  const std::uint64_t releases_before = s_.releases;
+  Status st = reap_locked(wait);
+  // Handles released while finishing pending unmaps (beyond the allowance) count too.
+  *released = (s_.releases - releases_before) * granularity_;
+  Status st2 = release_cache_locked(0, released);
+  if (!st.ok()) return Status(st.code(), "Arena.trim: " + st.message());
+  if (!st2.ok()) return Status(st2.code(), "Arena.trim: " + st2.message());
+  return Status::Ok();
+}
+
+Status Arena::set_reuse_bytes(std::size_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_open("set_reuse_bytes"));
+  reuse_bytes_ = std::min(nbytes, capacity_);
+  s_.reuse_bytes = reuse_bytes_;
+  std::size_t released = 0;
+  return release_cache_locked(reuse_bytes_, &released);
+}
+
+Status Arena::is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_range("is_mapped", offset, nbytes));
+  const std::size_t first = offset / granularity_;
+  const std::size_t count = nbytes / granularity_;
+  *out = true;
+  for (std::size_t i = first; i < first + count; ++i) {
+    if (granules_[i].state != State::kMapped) {
+      *out = false;
+      break;
+    }
+  }
+  return Status::Ok();
+}
+
+ArenaStats Arena::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return s_;
+}
+
+Status Arena::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return Status::Ok();
+  }
+  // Registry before arena lock (see budget.h); after this no set_budget reaches us.
+  budget_->unregister_arena(this, capacity_);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return Status::Ok();
+  closed_ = true;
+  Status first_error;
+  auto note = [&first_error](const Status& st) {
+    if (!st.ok() && first_error.ok()) first_error = st;
+  };
+  const std::size_t g = granularity_;
+  // Granules still mapped may be in use by queued device work: fence them like an unmap.
+  std::vector<std::size_t> mapped;
+  for (std::size_t i = 0; i < granules_.size(); ++i) {
+    if (granules_[i].state == State::kMapped) mapped.push_back(i);
+  }
+  if (!mapped.empty() && backend_->caps().deferred_unmap) {
+    Fence fence = nullptr;
+    Status st = backend_->record_fence(nullptr, &fence);
+    note(st);
+    if (st.ok()) {
+      note(backend_->fence_wait(fence));
+      backend_->destroy_fence(fence);
+    }
+  }
+  note(reap_locked(true));
+  for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
+  pending_.clear();
+  std::size_t dropped_mapped = 0, dropped_pending = 0;
+  for (std::size_t i = 0; i < granules_.size(); ++i) {
+    Granule& gr = granules_[i];
+    if (gr.state == State::kUnmapped) continue;
+    (gr.state == State::kMapped ? dropped_mapped : dropped_pending) += g;
+    note(backend_->unmap(addr_of(i), g));
+    note(backend_->release(gr.handle, g));
+    gr.state = State::kUnmapped;
+    s_.releases += 1;
+  }
+  for (PhysHandle h : cache_) {
+    note(backend_->release(h, g));
+    s_.releases += 1;
+  }
+  BudgetDelta d;
+  d.mapped = -static_cast<std::int64_t>(dropped_mapped);
+  d.pending = -static_cast<std::int64_t>(dropped_pending);
+  d.cached = -static_cast<std::int64_t>(s_.cached_bytes);
+  budget_->apply(d);
+  budget_->uncharge(s_.held_bytes);
+  cache_.clear();
+  note(backend_->free_range(base_, capacity_));
+  s_.mapped_bytes = s_.pending_bytes = s_.cached_bytes = s_.held_bytes = 0;
+  if (!first_error.ok()) return Status(first_error.code(), "Arena.close: " + first_error.message());
+  return Status::Ok();
+}
+
+}  // namespace ekv

@@ -1,0 +1,128 @@
+// arena.h — one reserved virtual address range whose granules are backed by physical memory
+// on demand.
+//
+//   map(offset, nbytes)           back every granule of the range (all or nothing)
+//   unmap(offset, nbytes, stream) stop backing it; on devices the unmap waits (off the caller's
+//                                 path) for an event recorded on `stream` now
+//   trim()                        give cached physical handles back to the backend
+//
+// Physical handles outlive their mapping: an unmapped granule's handle goes to a reuse cache
+// (up to `reuse_bytes`), because creating one is the expensive call on GPUs (~200 us per
+// 2 MiB) while mapping one is cheap (~1.5 us). A granule unmapped on a device is "pending"
+// until its event completes; mapping it again before then simply revives it.
+//
+// Every byte is accounted in ArenaStats and in the device's Budget. All methods are
+// thread-safe (one lock per arena) and return a Status; a failed call changes nothing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend.h"
+#include "budget.h"
+#include "status.h"
+
+namespace ekv {
+
+struct ArenaConfig {
+  DeviceKind kind = DeviceKind::kHost;
+  int device_index = 0;
+  std::size_t capacity_bytes = 0;    // rounded up to the granularity
+  std::int64_t reuse_bytes = -1;     // cached-handle allowance; -1 = kDefaultReuseBytes
+};
+
+// Default cached-handle allowance (capped at the arena's capacity).
+constexpr std::size_t kDefaultReuseBytes = std::size_t(64) << 20;
+
+struct ArenaStats {
+  std::size_t granularity = 0;
+  std::size_t reserved_bytes = 0;  // address space (capacity)
+  std::size_t mapped_bytes = 0;    // granules the caller has mapped
+  std::size_t pending_bytes = 0;   // unmapped by the caller, waiting for the device
+  std::size_t cached_bytes = 0;    // handles kept for reuse, not mapped
+  std::size_t held_bytes = 0;      // mapped + pending + cached: physical memory held
+  std::size_t reuse_bytes = 0;     // cache allowance
+  std::uint64_t maps = 0;          // granules mapped (including revived and reused)
+  std::uint64_t unmaps = 0;        // granules unmapped by the caller
+  std::uint64_t creates = 0;       // physical handles created
+  std::uint64_t releases = 0;      // physical handles released
+  std::uint64_t reuses = 0;        // maps served from the cache
+  std::uint64_t revives = 0;       // maps of a still-pending granule (no driver call)
+};
+
+class Arena {
+ public:
+  static Status create(const ArenaConfig& config, std::unique_ptr<Arena>* out);
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  Status map(std::size_t offset, std::size_t nbytes);
+  // `stream` is an opaque device stream handle (CUstream); nullptr = the default stream.
+  Status unmap(std::size_t offset, std::size_t nbytes, void* stream = nullptr);
+  Status is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const;
+  // Releases every cached handle (and finishes pending unmaps whose device work is done; with
+  // wait, waits for the rest first). *released = bytes given back to the backend.
+  Status trim(std::size_t* released, bool wait = false);
+  Status set_reuse_bytes(std::size_t nbytes);
+  ArenaStats stats() const;
+  // Waits for the device, unmaps and releases everything, frees the range. Idempotent.
+  Status close();
+
+  bool closed() const;
+  std::uintptr_t base() const { return base_; }
+  std::size_t capacity() const { return capacity_; }
+  std::size_t granularity() const { return granularity_; }
+  DeviceKind kind() const { return kind_; }
+  int device_index() const { return device_index_; }
+  const BackendCaps& caps() const { return backend_->caps(); }
+  Budget& budget() const { return *budget_; }
+
+ private:
+  enum class State : std::uint8_t { kUnmapped, kMapped, kPending };
+  struct Granule {
+    State state = State::kUnmapped;
+    PhysHandle handle = 0;
+    std::uint64_t batch = 0;  // serial of the pending batch that holds it (kPending only)
+  };
+  struct PendingBatch {
+    std::uint64_t serial;
+    Fence fence;
+    std::vector<std::size_t> granules;
+  };
+
+  Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::shared_ptr<Budget> budget,
+        std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes);
+
+  Status check_range(const char* call, std::size_t offset, std::size_t nbytes) const;
+  Status check_open(const char* call) const;
+  std::uintptr_t addr_of(std::size_t granule) const { return base_ + granule * granularity_; }
+  // Finishes pending unmaps whose fences completed (all of them, waiting, if `wait`).
+  Status reap_locked(bool wait);
+  // An unmapped handle goes to the cache within the allowance, else back to the backend.
+  void recycle_locked(PhysHandle handle);
+  Status release_cache_locked(std::size_t keep_bytes, std::size_t* released);
+
+  const DeviceKind kind_;
+  const int device_index_;
+  std::unique_ptr<Backend> backend_;
+  std::shared_ptr<Budget> budget_;
+  const std::uintptr_t base_;
+  const std::size_t capacity_;
+  const std::size_t granularity_;
+
+  mutable std::mutex mu_;
+  bool closed_ = false;
+  std::size_t reuse_bytes_;
+  std::vector<Granule> granules_;
+  std::vector<PhysHandle> cache_;
+  std::deque<PendingBatch> pending_;
+  std::uint64_t next_batch_ = 1;
+  ArenaStats s_;
+};
+
+}  // namespace ekv

@@ -1,0 +1,81 @@
+// backend.h — the whole contract between the core and a memory primitive.
+//
+// Vocabulary (fixed once, see docs/INTERFACES.md):
+//   address range — one reserved virtual range (an Arena owns one);
+//   granule       — the unit a backend maps: `granularity` bytes of virtual space;
+//   handle        — one physical allocation of one granule, created once and mapped at any
+//                   granule-aligned address of a range, possibly many times over its life.
+//
+// The calls mirror the CUDA driver VMM API so that everything above a backend is the same
+// code on CPU and GPU. A backend holds no accounting and no policy: the Arena does that.
+// Every call returns a Status; a failed call leaves the backend as it was.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "status.h"
+
+namespace ekv {
+
+using PhysHandle = std::uint64_t;
+// Opaque marker of "the device has finished everything queued so far on a stream".
+using Fence = void*;
+
+enum class DeviceKind { kHost = 0, kCuda = 1 };
+
+struct BackendCaps {
+  std::size_t granularity = 0;  // bytes per granule; addresses and sizes are multiples of it
+  bool deferred_unmap = false;  // unmap must wait for a fence (device may still use the memory)
+  bool host_accessible = false; // mapped addresses can be dereferenced by the CPU
+  std::string name;             // "host", "cuda", "cuda(fake)"
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const BackendCaps& caps() const = 0;
+
+  // Reserve `nbytes` (multiple of granularity) of address space, aligned to granularity.
+  virtual Status reserve(std::size_t nbytes, std::uintptr_t* addr) = 0;
+  virtual Status free_range(std::uintptr_t addr, std::size_t nbytes) = 0;
+
+  // Physical memory for one granule; kOutOfMemory when the device has none left.
+  virtual Status create(std::size_t nbytes, PhysHandle* out) = 0;
+  // Map (and make read-write) a handle at addr; on failure nothing stays mapped.
+  virtual Status map(std::uintptr_t addr, std::size_t nbytes, PhysHandle handle) = 0;
+  virtual Status unmap(std::uintptr_t addr, std::size_t nbytes) = 0;
+  virtual Status release(PhysHandle handle, std::size_t nbytes) = 0;
+
+  // Fences: recorded on `stream` (opaque; nullptr = the device's default stream) when a
+  // granule is unmapped, so that the unmap waits for queued device work and nothing else.
+  // Backends whose memory is only touched synchronously (host) return a null fence.
+  virtual Status record_fence(void* stream, Fence* out) {
+    (void)stream;
+    *out = nullptr;
+    return Status::Ok();
+  }
+  virtual Status fence_done(Fence fence, bool* done) {
+    (void)fence;
+    *done = true;
+    return Status::Ok();
+  }
+  virtual Status fence_wait(Fence fence) {
+    (void)fence;
+    return Status::Ok();
+  }
+  virtual void destroy_fence(Fence fence) { (void)fence; }
+
+  // Free and total physical memory of the device as the backend's primitive sees it.
+  virtual Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) = 0;
+};
+
+// Factories. `device_index` is ignored by the host backend. The host backend's physical
+// memory lives in one memfd sized `max_bytes` (the most one arena can ever hold).
+Status make_host_backend(std::size_t max_bytes, std::unique_ptr<Backend>* out);
+Status make_cuda_backend(int device_index, std::unique_ptr<Backend>* out);
+
+}  // namespace ekv

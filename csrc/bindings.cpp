@@ -1,0 +1,205 @@
+// bindings.cpp — the pybind11 module torch_elastic_kv._C.
+//
+// One bind_* function per concept; each translates Status into the Python exception the
+// contract names (docs/INTERFACES.md): kInvalidArgument -> ValueError, kOutOfMemory ->
+// MemoryError (the Python layer turns it into torch.OutOfMemoryError on CUDA), anything else
+// -> RuntimeError. Numbers come in as Python ints and are checked for sign here, so a
+// negative size is a ValueError naming the call rather than a pybind11 TypeError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "arena.h"
+#include "budget.h"
+#include "status.h"
+
+namespace py = pybind11;
+
+namespace ekv {
+namespace {
+
+void throw_if_error(const Status& st) {
+  if (st.ok()) return;
+  switch (st.code()) {
+    case StatusCode::kInvalidArgument:
+      throw py::value_error(st.message());
+    case StatusCode::kOutOfMemory:
+      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
+      throw py::error_already_set();
+    default:
+      throw std::runtime_error(st.message());
+  }
+}
+
+std::size_t non_negative(const char* call, const char* name, std::int64_t value) {
+  if (value < 0) {
+    throw py::value_error(std::string(call) + ": " + name + "=" + std::to_string(value) + " must be >= 0");
+  }
+  return static_cast<std::size_t>(value);
+}
+
+DeviceKind parse_kind(const std::string& kind) {
+  if (kind == "cpu" || kind == "host") return DeviceKind::kHost;
+  if (kind == "cuda") return DeviceKind::kCuda;
+  throw py::value_error("device kind '" + kind + "' is not supported (use 'cpu' or 'cuda')");
+}
+
+py::dict arena_stats_dict(const ArenaStats& s) {
+  py::dict d;
+  d["granularity"] = s.granularity;
+  d["reserved_bytes"] = s.reserved_bytes;
+  d["mapped_bytes"] = s.mapped_bytes;
+  d["pending_bytes"] = s.pending_bytes;
+  d["cached_bytes"] = s.cached_bytes;
+  d["held_bytes"] = s.held_bytes;
+  d["reuse_bytes"] = s.reuse_bytes;
+  d["maps"] = s.maps;
+  d["unmaps"] = s.unmaps;
+  d["creates"] = s.creates;
+  d["releases"] = s.releases;
+  d["reuses"] = s.reuses;
+  d["revives"] = s.revives;
+  return d;
+}
+
+void bind_arena(py::module_& m) {
+  py::class_<Arena>(m, "Arena", "One reserved address range with granules mapped on demand (see arena.h).")
+      .def(py::init([](std::int64_t capacity_bytes, const std::string& device_kind, int device_index,
+                       std::int64_t reuse_bytes) {
+             ArenaConfig cfg;
+             cfg.capacity_bytes = non_negative("Arena", "capacity_bytes", capacity_bytes);
+             cfg.kind = parse_kind(device_kind);
+             cfg.device_index = device_index;
+             cfg.reuse_bytes = reuse_bytes < 0 ? -1 : reuse_bytes;
+             std::unique_ptr<Arena> arena;
+             Status st;
+             {
+               py::gil_scoped_release nogil;
+               st = Arena::create(cfg, &arena);
+             }
+             throw_if_error(st);
+             return arena;
+           }),
+           py::arg("capacity_bytes"), py::arg("device_kind") = "cpu", py::arg("device_index") = 0,
+           py::arg("reuse_bytes") = -1)
+      .def(
+          "map",
+          [](Arena& a, std::int64_t offset, std::int64_t nbytes) {
+            std::size_t o = non_negative("Arena.map", "offset", offset);
+            std::size_t n = non_negative("Arena.map", "nbytes", nbytes);
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = a.map(o, n);
+            }
+            throw_if_error(st);
+          },
+          py::arg("offset"), py::arg("nbytes"))
+      .def(
+          "unmap",
+          [](Arena& a, std::int64_t offset, std::int64_t nbytes, std::uintptr_t stream) {
+            std::size_t o = non_negative("Arena.unmap", "offset", offset);
+            std::size_t n = non_negative("Arena.unmap", "nbytes", nbytes);
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = a.unmap(o, n, reinterpret_cast<void*>(stream));
+            }
+            throw_if_error(st);
+          },
+          py::arg("offset"), py::arg("nbytes"), py::arg("stream") = 0,
+          "stream: CUstream as an int (0 = default stream) on which the release event is recorded")
+      .def(
+          "is_mapped",
+          [](const Arena& a, std::int64_t offset, std::int64_t nbytes) {
+            bool out = false;
+            throw_if_error(a.is_mapped(non_negative("Arena.is_mapped", "offset", offset),
+                                       non_negative("Arena.is_mapped", "nbytes", nbytes), &out));
+            return out;
+          },
+          py::arg("offset"), py::arg("nbytes"))
+      .def(
+          "trim",
+          [](Arena& a, bool wait) {
+            std::size_t released = 0;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = a.trim(&released, wait);
+            }
+            throw_if_error(st);
+            return released;
+          },
+          py::arg("wait") = false)
+      .def(
+          "set_reuse_bytes",
+          [](Arena& a, std::int64_t nbytes) {
+            throw_if_error(a.set_reuse_bytes(non_negative("Arena.set_reuse_bytes", "nbytes", nbytes)));
+          },
+          py::arg("nbytes"))
+      .def("stats", [](const Arena& a) { return arena_stats_dict(a.stats()); })
+      .def("close",
+           [](Arena& a) {
+             Status st;
+             {
+               py::gil_scoped_release nogil;
+               st = a.close();
+             }
+             throw_if_error(st);
+           })
+      .def_property_readonly("closed", &Arena::closed)
+      .def_property_readonly("base_address", &Arena::base)
+      .def_property_readonly("capacity", &Arena::capacity)
+      .def_property_readonly("granularity", &Arena::granularity)
+      .def_property_readonly("device_index", &Arena::device_index)
+      .def_property_readonly("device_kind",
+                             [](const Arena& a) { return a.kind() == DeviceKind::kHost ? "cpu" : "cuda"; })
+      .def_property_readonly("backend_name", [](const Arena& a) { return a.caps().name; })
+      .def_property_readonly("host_accessible", [](const Arena& a) { return a.caps().host_accessible; });
+}
+
+void bind_budget(py::module_& m) {
+  m.def(
+      "set_budget",
+      [](std::optional<std::int64_t> nbytes, const std::string& device_kind, int device_index) {
+        std::optional<std::size_t> limit;
+        if (nbytes) limit = non_negative("set_budget", "nbytes", *nbytes);
+        Status st;
+        auto budget = Budget::for_device(parse_kind(device_kind), device_index);
+        {
+          py::gil_scoped_release nogil;
+          st = budget->set_limit(limit);
+        }
+        throw_if_error(st);
+      },
+      py::arg("nbytes"), py::arg("device_kind") = "cpu", py::arg("device_index") = 0,
+      "Set the byte budget every arena on the device draws from (None = unlimited).");
+  m.def(
+      "memory_stats",
+      [](const std::string& device_kind, int device_index) {
+        BudgetStats s = Budget::for_device(parse_kind(device_kind), device_index)->stats();
+        py::dict d;
+        d["budget_bytes"] = s.limit_bytes ? py::cast(*s.limit_bytes) : py::none();
+        d["held_bytes"] = s.held_bytes;
+        d["mapped_bytes"] = s.mapped_bytes;
+        d["pending_bytes"] = s.pending_bytes;
+        d["cached_bytes"] = s.cached_bytes;
+        d["reserved_bytes"] = s.reserved_bytes;
+        d["arenas"] = s.arenas;
+        return d;
+      },
+      py::arg("device_kind") = "cpu", py::arg("device_index") = 0);
+}
+
+}  // namespace
+}  // namespace ekv
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_elastic_kv C++ core: arenas, backends, per-device budgets";
+  ekv::bind_arena(m);
+  ekv::bind_budget(m);
+}

@@ -1,0 +1,226 @@
+// cuda_backend.cpp — granules of device memory through the driver VMM API.
+//
+// Works in the device's primary context (the one torch's runtime uses), made current for the
+// duration of each call and restored after, so the caller's context is never disturbed.
+// Unmapping is deferred by the Arena until an event recorded at unmap time has completed:
+// the device may still be reading the granule, and waiting on that event (not on the whole
+// device) is the cheapest correct wait.
+#include <string>
+
+#include "backend.h"
+#include "cuda_driver.h"
+
+namespace ekv {
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const CudaDriver* drv, CUdevice dev, CUcontext ctx, int index, std::size_t granularity)
+      : drv_(drv), dev_(dev), ctx_(ctx), index_(index) {
+    caps_.granularity = granularity;
+    caps_.deferred_unmap = true;
+    caps_.host_accessible = drv->is_fake;
+    caps_.name = drv->is_fake ? "cuda(fake)" : "cuda";
+  }
+  ~CudaBackend() override { drv_->DevicePrimaryCtxRelease(dev_); }
+
+  const BackendCaps& caps() const override { return caps_; }
+
+  Status reserve(std::size_t nbytes, std::uintptr_t* addr) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUdeviceptr p = 0;
+    CUresult rc = drv_->MemAddressReserve(&p, nbytes, caps_.granularity, 0, 0);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemAddressReserve(size=" + std::to_string(nbytes) + ")", rc);
+    *addr = static_cast<std::uintptr_t>(p);
+    return Status::Ok();
+  }
+
+  Status free_range(std::uintptr_t addr, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemAddressFree(static_cast<CUdeviceptr>(addr), nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemAddressFree", rc);
+    return Status::Ok();
+  }
+
+  Status create(std::size_t nbytes, PhysHandle* out) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUmemAllocationProp prop = alloc_prop(index_);
+    CUmemGenericAllocationHandle h = 0;
+    CUresult rc = drv_->MemCreate(&h, nbytes, &prop, 0);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemCreate(size=" + std::to_string(nbytes) + ")", rc);
+    *out = static_cast<PhysHandle>(h);
+    return Status::Ok();
+  }
+
+  Status map(std::uintptr_t addr, std::size_t nbytes, PhysHandle handle) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUdeviceptr p = static_cast<CUdeviceptr>(addr);
+    CUresult rc = drv_->MemMap(p, nbytes, 0, static_cast<CUmemGenericAllocationHandle>(handle), 0);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemMap", rc);
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = index_;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    rc = drv_->MemSetAccess(p, nbytes, &access, 1);
+    if (rc != CUDA_SUCCESS) {
+      drv_->MemUnmap(p, nbytes);  // all or nothing: no mapping without access survives
+      return from_cu("cuMemSetAccess", rc);
+    }
+    return Status::Ok();
+  }
+
+  Status unmap(std::uintptr_t addr, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemUnmap(static_cast<CUdeviceptr>(addr), nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemUnmap", rc);
+    return Status::Ok();
+  }
+
+  Status release(PhysHandle handle, std::size_t nbytes) override {
+    (void)nbytes;
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemRelease(static_cast<CUmemGenericAllocationHandle>(handle));
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemRelease", rc);
+    return Status::Ok();
+  }
+
+  Status record_fence(void* stream, Fence* out) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUevent ev = nullptr;
+    CUresult rc = drv_->EventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+    if (rc != CUDA_SUCCESS) return from_cu("cuEventCreate", rc);
+    rc = drv_->EventRecord(ev, static_cast<CUstream>(stream));
+    if (rc != CUDA_SUCCESS) {
+      drv_->EventDestroy(ev);
+      return from_cu("cuEventRecord", rc);
+    }
+    *out = static_cast<Fence>(ev);
+    return Status::Ok();
+  }
+
+  Status fence_done(Fence fence, bool* done) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->EventQuery(static_cast<CUevent>(fence));
+    if (rc == CUDA_SUCCESS) {
+      *done = true;
+    } else if (rc == CUDA_ERROR_NOT_READY) {
+      *done = false;
+    } else {
+      return from_cu("cuEventQuery", rc);
+    }
+    return Status::Ok();
+  }
+
+  Status fence_wait(Fence fence) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->EventSynchronize(static_cast<CUevent>(fence));
+    if (rc != CUDA_SUCCESS) return from_cu("cuEventSynchronize", rc);
+    return Status::Ok();
+  }
+
+  void destroy_fence(Fence fence) override {
+    CtxScope scope(this);
+    if (scope.status.ok()) drv_->EventDestroy(static_cast<CUevent>(fence));
+  }
+
+  Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemGetInfo(free_bytes, total_bytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemGetInfo", rc);
+    return Status::Ok();
+  }
+
+ private:
+  // Makes the primary context current for one call and puts the caller's back after.
+  struct CtxScope {
+    explicit CtxScope(CudaBackend* b) : drv(b->drv_) {
+      CUresult rc = drv->CtxGetCurrent(&prev);
+      if (rc != CUDA_SUCCESS) {
+        status = b->from_cu("cuCtxGetCurrent", rc);
+        return;
+      }
+      if (prev != b->ctx_) {
+        rc = drv->CtxSetCurrent(b->ctx_);
+        if (rc != CUDA_SUCCESS) {
+          status = b->from_cu("cuCtxSetCurrent", rc);
+          return;
+        }
+        switched = true;
+      }
+    }
+    ~CtxScope() {
+      if (switched) drv->CtxSetCurrent(prev);
+    }
+    const CudaDriver* drv;
+    CUcontext prev = nullptr;
+    bool switched = false;
+    Status status;
+  };
+
+  static CUmemAllocationProp alloc_prop(int index) {
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = index;
+    return prop;
+  }
+
+  Status from_cu(const std::string& call, CUresult rc) const {
+    std::string msg = drv_->error_text(call.c_str(), rc) + " on cuda:" + std::to_string(index_);
+    if (rc == CUDA_ERROR_OUT_OF_MEMORY) return OutOfMemory(msg);
+    if (rc == CUDA_ERROR_INVALID_VALUE) return InvalidArgument(msg);
+    return DriverError(msg);
+  }
+
+  friend struct CtxScope;
+  const CudaDriver* drv_;
+  CUdevice dev_;
+  CUcontext ctx_;
+  int index_;
+  BackendCaps caps_;
+};
+
+}  // namespace
+
+Status make_cuda_backend(int device_index, std::unique_ptr<Backend>* out) {
+  const CudaDriver* drv = nullptr;
+  EKV_RETURN_IF_ERROR(load_cuda_driver(&drv));
+  int count = 0;
+  CUresult rc = drv->DeviceGetCount(&count);
+  if (rc != CUDA_SUCCESS) return Unavailable(drv->error_text("cuDeviceGetCount", rc));
+  if (device_index < 0 || device_index >= count) {
+    return InvalidArgument("cuda:" + std::to_string(device_index) + " does not exist: the driver reports " +
+                           std::to_string(count) + " device(s)");
+  }
+  CUdevice dev = 0;
+  rc = drv->DeviceGet(&dev, device_index);
+  if (rc != CUDA_SUCCESS) return Unavailable(drv->error_text("cuDeviceGet", rc));
+  CUcontext ctx = nullptr;
+  rc = drv->DevicePrimaryCtxRetain(&ctx, dev);
+  if (rc != CUDA_SUCCESS) return Unavailable(drv->error_text("cuDevicePrimaryCtxRetain", rc));
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device_index;
+  std::size_t gran = 0;
+  rc = drv->MemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  if (rc != CUDA_SUCCESS || gran == 0) {
+    drv->DevicePrimaryCtxRelease(dev);
+    return Unavailable(drv->error_text("cuMemGetAllocationGranularity", rc));
+  }
+  *out = std::make_unique<CudaBackend>(drv, dev, ctx, device_index, gran);
+  return Status::Ok();
+}
+
+}  // namespace ekv

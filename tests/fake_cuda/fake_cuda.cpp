@@ -1,0 +1,492 @@
+// fake_cuda.cpp — a CUDA driver stand-in over host memory, for tests on machines without a GPU.
+//
+// Exports the driver symbols the cuda backend loads (see csrc/cuda_driver.h), so with
+// EKV_LIBCUDA pointing here the real backend code runs unchanged:
+//   cuMemAddressReserve  -> mmap(PROT_NONE) reservation
+//   cuMemCreate          -> one memfd per handle, committed with fallocate
+//   cuMemMap             -> mmap(MAP_SHARED|MAP_FIXED) of the memfd, still PROT_NONE
+//   cuMemSetAccess       -> mprotect(READ|WRITE)
+//   cuMemUnmap           -> back to a PROT_NONE reservation
+// It checks what the real driver checks (alignment, reservation bounds, overlapping maps),
+// counts live objects, and can be told to fail the Nth call of any function. Events complete
+// at record time unless ekvfake_set_events_complete(0), which models queued device work:
+// cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize or
+// ekvfake_complete_events().
+//
+// Control functions (ekvfake_*) are plain C for ctypes; torch_elastic_kv.testing wraps them.
+// The library is one simulated machine, so its state is process-global by design.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "cuda_driver.h"
+
+#define EKVFAKE_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr std::size_t kGranularity = std::size_t(2) << 20;
+
+struct FakeContext {
+  int device;
+  int refcount;
+};
+
+struct FakeEvent {
+  bool complete = true;
+};
+
+struct Mapping {
+  std::size_t size;
+  CUmemGenericAllocationHandle handle;
+  bool accessible;
+};
+
+struct Handle {
+  int fd;
+  std::size_t size;
+};
+
+struct State {
+  std::mutex mu;
+  bool initialized = false;
+  int device_count = 1;
+  std::size_t total_memory = std::size_t(8) << 30;
+  std::size_t used_memory = 0;
+  FakeContext contexts[16] = {};
+  std::map<CUdeviceptr, std::size_t> reservations;
+  std::map<CUmemGenericAllocationHandle, Handle> handles;
+  std::map<CUdeviceptr, Mapping> mappings;  // by start address
+  std::set<FakeEvent*> events;
+  CUmemGenericAllocationHandle next_handle = 1;
+  bool events_complete = true;
+  long long creates = 0;
+  long long releases = 0;
+  std::map<std::string, long long> calls;        // per function, since reset
+  std::map<std::string, long long> fail_at;      // function -> call number that fails
+  std::map<std::string, int> fail_code;
+};
+
+State& state() {
+  static State s;  // one simulated machine per process
+  return s;
+}
+
+thread_local CUcontext current_ctx = nullptr;
+
+// Counts the call and answers the injected error if this is the armed call. Caller holds mu.
+CUresult injected(State& s, const char* fn) {
+  long long n = ++s.calls[fn];
+  auto it = s.fail_at.find(fn);
+  if (it != s.fail_at.end() && it->second == n) {
+    s.fail_at.erase(it);
+    return s.fail_code[fn];
+  }
+  return CUDA_SUCCESS;
+}
+
+#define FAKE_ENTER(fn)                                   \
+  State& s = state();                                    \
+  std::lock_guard<std::mutex> lock(s.mu);                \
+  if (CUresult _rc = injected(s, fn)) return _rc;
+
+#define FAKE_NEED_INIT() \
+  if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+
+bool inside_reservation(const State& s, CUdeviceptr p, std::size_t size) {
+  auto it = s.reservations.upper_bound(p);
+  if (it == s.reservations.begin()) return false;
+  --it;
+  return p >= it->first && p + size <= it->first + it->second;
+}
+
+bool overlaps_mapping(const State& s, CUdeviceptr p, std::size_t size) {
+  auto it = s.mappings.lower_bound(p);
+  if (it != s.mappings.end() && it->first < p + size) return true;
+  if (it != s.mappings.begin()) {
+    --it;
+    if (it->first + it->second.size > p) return true;
+  }
+  return false;
+}
+
+void* as_ptr(CUdeviceptr p) { return reinterpret_cast<void*>(static_cast<std::uintptr_t>(p)); }
+
+}  // namespace
+
+// ---- driver entry points ---------------------------------------------------------------------
+
+EKVFAKE_API CUresult cuInit(unsigned int flags) {
+  FAKE_ENTER("cuInit");
+  if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  s.initialized = true;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuDriverGetVersion(int* version) {
+  FAKE_ENTER("cuDriverGetVersion");
+  if (version == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *version = 12040;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuDeviceGetCount(int* count) {
+  FAKE_ENTER("cuDeviceGetCount");
+  FAKE_NEED_INIT();
+  if (count == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *count = s.device_count;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuDeviceGet(CUdevice* dev, int ordinal) {
+  FAKE_ENTER("cuDeviceGet");
+  FAKE_NEED_INIT();
+  if (dev == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  if (ordinal < 0 || ordinal >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+  *dev = ordinal;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice dev) {
+  FAKE_ENTER("cuDevicePrimaryCtxRetain");
+  FAKE_NEED_INIT();
+  if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  if (dev < 0 || dev >= s.device_count) return CUDA_ERROR_INVALID_DEVICE;
+  s.contexts[dev].device = dev;
+  s.contexts[dev].refcount += 1;
+  *ctx = reinterpret_cast<CUcontext>(&s.contexts[dev]);
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+  FAKE_ENTER("cuDevicePrimaryCtxRelease");
+  if (dev < 0 || dev >= s.device_count || s.contexts[dev].refcount == 0) return CUDA_ERROR_INVALID_DEVICE;
+  s.contexts[dev].refcount -= 1;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuCtxGetCurrent(CUcontext* ctx) {
+  FAKE_ENTER("cuCtxGetCurrent");
+  if (ctx == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *ctx = current_ctx;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
+  FAKE_ENTER("cuCtxSetCurrent");
+  current_ctx = ctx;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuGetErrorName(CUresult rc, const char** name) {
+  if (name == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  switch (rc) {
+    case CUDA_SUCCESS: *name = "CUDA_SUCCESS"; break;
+    case CUDA_ERROR_INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case CUDA_ERROR_NOT_INITIALIZED: *name = "CUDA_ERROR_NOT_INITIALIZED"; break;
+    case CUDA_ERROR_NO_DEVICE: *name = "CUDA_ERROR_NO_DEVICE"; break;
+    case CUDA_ERROR_INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case CUDA_ERROR_NOT_READY: *name = "CUDA_ERROR_NOT_READY"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
+  }
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total_bytes) {
+  FAKE_ENTER("cuMemGetInfo");
+  FAKE_NEED_INIT();
+  if (free_bytes == nullptr || total_bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  *total_bytes = s.total_memory;
+  *free_bytes = s.total_memory - s.used_memory;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemGetAllocationGranularity(std::size_t* gran, const CUmemAllocationProp* prop, int option) {
+  FAKE_ENTER("cuMemGetAllocationGranularity");
+  FAKE_NEED_INIT();
+  if (gran == nullptr || prop == nullptr || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+      prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE || option < 0 || option > 1) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  *gran = kGranularity;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment,
+                                         CUdeviceptr addr, unsigned long long flags) {
+  FAKE_ENTER("cuMemAddressReserve");
+  FAKE_NEED_INIT();
+  (void)addr;  // hints are optional for the real driver too
+  if (ptr == nullptr || size == 0 || size % kGranularity != 0 || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  std::size_t align = alignment == 0 ? kGranularity : alignment;
+  if (align % kGranularity != 0) return CUDA_ERROR_INVALID_VALUE;
+  void* p = ::mmap(nullptr, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(p);
+  std::uintptr_t base = (raw + align - 1) / align * align;
+  if (base > raw) ::munmap(p, base - raw);
+  std::uintptr_t end = raw + size + align;
+  if (end > base + size) ::munmap(reinterpret_cast<void*>(base + size), end - (base + size));
+  s.reservations[base] = size;
+  *ptr = base;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemAddressFree(CUdeviceptr ptr, std::size_t size) {
+  FAKE_ENTER("cuMemAddressFree");
+  auto it = s.reservations.find(ptr);
+  if (it == s.reservations.end() || it->second != size) return CUDA_ERROR_INVALID_VALUE;
+  if (overlaps_mapping(s, ptr, size)) return CUDA_ERROR_INVALID_VALUE;  // still mapped inside
+  ::munmap(as_ptr(ptr), size);
+  s.reservations.erase(it);
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, std::size_t size,
+                                 const CUmemAllocationProp* prop, unsigned long long flags) {
+  FAKE_ENTER("cuMemCreate");
+  FAKE_NEED_INIT();
+  if (handle == nullptr || prop == nullptr || flags != 0 || size == 0 || size % kGranularity != 0) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+      prop->location.id < 0 || prop->location.id >= s.device_count) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (s.used_memory + size > s.total_memory) return CUDA_ERROR_OUT_OF_MEMORY;
+  int fd = ::memfd_create("ekv_fake_cuda", MFD_CLOEXEC);
+  if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0) {
+    ::close(fd);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+  CUmemGenericAllocationHandle h = s.next_handle++;
+  s.handles[h] = Handle{fd, size};
+  s.used_memory += size;
+  s.creates += 1;
+  *handle = h;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+  FAKE_ENTER("cuMemRelease");
+  auto it = s.handles.find(handle);
+  if (it == s.handles.end()) return CUDA_ERROR_INVALID_VALUE;
+  // As with the real driver, memory still mapped stays valid until unmapped (mmap holds it).
+  ::close(it->second.fd);
+  s.used_memory -= it->second.size;
+  s.handles.erase(it);
+  s.releases += 1;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemMap(CUdeviceptr ptr, std::size_t size, std::size_t offset,
+                              CUmemGenericAllocationHandle handle, unsigned long long flags) {
+  FAKE_ENTER("cuMemMap");
+  auto it = s.handles.find(handle);
+  if (it == s.handles.end() || flags != 0 || offset != 0 || size != it->second.size) return CUDA_ERROR_INVALID_VALUE;
+  if (ptr % kGranularity != 0 || !inside_reservation(s, ptr, size) || overlaps_mapping(s, ptr, size)) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  void* p = ::mmap(as_ptr(ptr), size, PROT_NONE, MAP_SHARED | MAP_FIXED, it->second.fd, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  s.mappings[ptr] = Mapping{size, handle, false};
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc,
+                                    std::size_t count) {
+  FAKE_ENTER("cuMemSetAccess");
+  if (desc == nullptr || count == 0) return CUDA_ERROR_INVALID_VALUE;
+  for (std::size_t i = 0; i < count; ++i) {
+    if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || desc[i].location.id < 0 ||
+        desc[i].location.id >= s.device_count || desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_READWRITE) {
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+  }
+  // The range must be exactly covered by mappings.
+  CUdeviceptr p = ptr;
+  while (p < ptr + size) {
+    auto it = s.mappings.find(p);
+    if (it == s.mappings.end()) return CUDA_ERROR_INVALID_VALUE;
+    p += it->second.size;
+  }
+  if (p != ptr + size) return CUDA_ERROR_INVALID_VALUE;
+  if (::mprotect(as_ptr(ptr), size, PROT_READ | PROT_WRITE) != 0) return CUDA_ERROR_INVALID_VALUE;
+  for (p = ptr; p < ptr + size; p += s.mappings[p].size) s.mappings[p].accessible = true;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemUnmap(CUdeviceptr ptr, std::size_t size) {
+  FAKE_ENTER("cuMemUnmap");
+  CUdeviceptr p = ptr;
+  while (p < ptr + size) {
+    auto it = s.mappings.find(p);
+    if (it == s.mappings.end()) return CUDA_ERROR_INVALID_VALUE;
+    p += it->second.size;
+  }
+  if (p != ptr + size) return CUDA_ERROR_INVALID_VALUE;
+  void* r = ::mmap(as_ptr(ptr), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return CUDA_ERROR_INVALID_VALUE;
+  for (p = ptr; p < ptr + size;) {
+    auto it = s.mappings.find(p);
+    p += it->second.size;
+    s.mappings.erase(it);
+  }
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuEventCreate(CUevent* event, unsigned int flags) {
+  FAKE_ENTER("cuEventCreate");
+  (void)flags;
+  if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
+  FakeEvent* e = new FakeEvent();
+  s.events.insert(e);
+  *event = reinterpret_cast<CUevent>(e);
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
+  FAKE_ENTER("cuEventRecord");
+  (void)stream;
+  FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
+  if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
+  e->complete = s.events_complete;
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuEventQuery(CUevent event) {
+  FAKE_ENTER("cuEventQuery");
+  FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
+  if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
+  return e->complete ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
+
+EKVFAKE_API CUresult cuEventSynchronize(CUevent event) {
+  FAKE_ENTER("cuEventSynchronize");
+  FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
+  if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
+  e->complete = true;  // "waiting" finishes the simulated device work
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuEventDestroy_v2(CUevent event) {
+  FAKE_ENTER("cuEventDestroy");
+  FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
+  if (s.events.erase(e) == 0) return CUDA_ERROR_INVALID_VALUE;
+  delete e;
+  return CUDA_SUCCESS;
+}
+
+// ---- control functions -----------------------------------------------------------------------
+
+// Forgets injected failures and call counts, sets events to complete at record time, restores
+// the default device count and memory size. Live objects are kept (they belong to arenas).
+EKVFAKE_API void ekvfake_reset() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.calls.clear();
+  s.fail_at.clear();
+  s.fail_code.clear();
+  s.events_complete = true;
+  s.device_count = 1;
+  s.total_memory = std::size_t(8) << 30;
+  s.creates = 0;
+  s.releases = 0;
+}
+
+// Makes the nth call (1-based, counted from now) of `fn` (e.g. "cuMemCreate") return `code`
+// (0 = CUDA_ERROR_OUT_OF_MEMORY). Returns 0, or -1 for bad arguments.
+EKVFAKE_API int ekvfake_fail_nth(const char* fn, long long nth, int code) {
+  if (fn == nullptr || nth < 1) return -1;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.fail_at[fn] = s.calls[fn] + nth;
+  s.fail_code[fn] = code == 0 ? CUDA_ERROR_OUT_OF_MEMORY : code;
+  return 0;
+}
+
+EKVFAKE_API long long ekvfake_calls(const char* fn) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.calls.find(fn);
+  return it == s.calls.end() ? 0 : it->second;
+}
+
+EKVFAKE_API long long ekvfake_live_handles() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return static_cast<long long>(s.handles.size());
+}
+
+EKVFAKE_API long long ekvfake_live_mappings() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return static_cast<long long>(s.mappings.size());
+}
+
+EKVFAKE_API long long ekvfake_live_reservations() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return static_cast<long long>(s.reservations.size());
+}
+
+EKVFAKE_API long long ekvfake_live_events() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return static_cast<long long>(s.events.size());
+}
+
+EKVFAKE_API long long ekvfake_create_count() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.creates;
+}
+
+EKVFAKE_API long long ekvfake_release_count() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.releases;
+}
+
+EKVFAKE_API long long ekvfake_used_bytes() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return static_cast<long long>(s.used_memory);
+}
+
+EKVFAKE_API void ekvfake_set_total_memory(long long nbytes) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.total_memory = static_cast<std::size_t>(nbytes);
+}
+
+EKVFAKE_API void ekvfake_set_device_count(int count) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.device_count = count < 0 ? 0 : (count > 16 ? 16 : count);
+}
+
+// 0: events recorded from now stay not-ready (queued device work); 1: complete at record.
+EKVFAKE_API void ekvfake_set_events_complete(int complete) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.events_complete = complete != 0;
+}
+
+// Finishes all simulated device work: every recorded event becomes complete.
+EKVFAKE_API void ekvfake_complete_events() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  for (FakeEvent* e : s.events) e->complete = true;
+}

@@ -1,0 +1,310 @@
+"""Arena: one reserved virtual address range, backed by physical memory granule by granule.
+
+The Python face of the C++ core (``torch_elastic_kv._C``). An arena reserves address space
+for the most it could ever hold and maps physical granules only where the caller asks, so
+tensor views over it stay at fixed addresses while the memory behind them comes and goes::
+
+    with Arena(1 << 30, device="cpu") as arena:
+        arena.map(0, 4 * arena.granularity)            # back the first 4 granules
+        t = arena.view(torch.float16, (1024, 1024))     # zero-copy tensor at offset 0
+        t.fill_(1)
+        arena.unmap(0, 4 * arena.granularity)           # handles go to the reuse cache
+        arena.trim()                                    # ... and back to the OS / driver
+
+``device="cpu"`` uses the host backend (memfd + mmap); ``"cuda"`` / ``"cuda:N"`` uses the CUDA
+driver's virtual memory API, loaded at run time from ``libcuda.so.1`` or ``$EKV_LIBCUDA``.
+
+Errors: ``ValueError`` for bad offsets/sizes/states, ``MemoryError`` when the budget or the
+host runs out, ``torch.OutOfMemoryError`` when a CUDA device does, ``RuntimeError`` for other
+driver failures. A call that raises leaves the arena exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from . import _C
+
+__all__ = ["Arena", "set_budget", "memory_stats"]
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or a torch.device -> a torch.device with an explicit index for cuda."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a valid device: {e}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def _check_int(call: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{call}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _translate_errors(device: torch.device) -> Iterator[None]:
+    """On CUDA, an out-of-memory is torch.OutOfMemoryError, as torch's own allocator raises."""
+    try:
+        yield
+    except MemoryError as e:
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError(str(e)) from None
+        raise
+
+
+class _CudaMemory:
+    """Exposes raw device memory through __cuda_array_interface__ so torch can wrap it."""
+
+    def __init__(self, ptr: int, nbytes: int, owner: "Arena") -> None:
+        self._owner = owner  # keeps the arena object alive as long as a view is
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+        }
+
+
+class Arena:
+    """One reserved address range whose granules are mapped on demand.
+
+    Args:
+        capacity_bytes: address space to reserve; rounded up to a multiple of the granularity.
+            Reserving costs no physical memory.
+        device: "cpu" (host backend), "cuda" or "cuda:N" (CUDA driver backend).
+        reuse_bytes: physical memory kept in a cache of unmapped handles for the next map,
+            instead of being released and re-created (creation is the slow call on GPUs).
+            None = the core's default (64 MiB, at most the capacity); 0 = never cache.
+    """
+
+    def __init__(self, capacity_bytes: int, device: str | torch.device = "cpu",
+                 reuse_bytes: int | None = None) -> None:
+        _check_int("Arena", "capacity_bytes", capacity_bytes)
+        if capacity_bytes <= 0:
+            raise ValueError(f"Arena(capacity_bytes={capacity_bytes}): capacity must be positive")
+        if reuse_bytes is not None:
+            _check_int("Arena", "reuse_bytes", reuse_bytes)
+            if reuse_bytes < 0:
+                raise ValueError(f"Arena(reuse_bytes={reuse_bytes}): must be >= 0 or None")
+        self._device = _parse_device(device)
+        kind = self._device.type
+        index = 0 if kind == "cpu" else self._device.index
+        with _translate_errors(self._device):
+            self._impl = _C.Arena(capacity_bytes, kind, index, -1 if reuse_bytes is None else reuse_bytes)
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def granularity(self) -> int:
+        """Bytes per granule: offsets and sizes passed to map/unmap are multiples of it."""
+        return self._impl.granularity
+
+    @property
+    def capacity(self) -> int:
+        """Reserved bytes (a multiple of the granularity)."""
+        return self._impl.capacity
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def base_address(self) -> int:
+        """Virtual address of offset 0 (host or device address, per backend)."""
+        return self._impl.base_address
+
+    @property
+    def backend(self) -> str:
+        """'host', 'cuda', or 'cuda(fake)' when $EKV_LIBCUDA is the test driver."""
+        return self._impl.backend_name
+
+    @property
+    def closed(self) -> bool:
+        return self._impl.closed
+
+    # -- mapping ---------------------------------------------------------------------------
+    def map(self, offset: int, nbytes: int) -> None:
+        """Back [offset, offset + nbytes) with physical memory; all or nothing.
+
+        Raises ValueError if the range is unaligned, out of range or partly mapped already.
+        """
+        _check_int("Arena.map", "offset", offset)
+        _check_int("Arena.map", "nbytes", nbytes)
+        with _translate_errors(self._device):
+            self._impl.map(offset, nbytes)
+
+    def unmap(self, offset: int, nbytes: int, stream: "int | torch.cuda.Stream | None" = None) -> None:
+        """Stop backing [offset, offset + nbytes); every granule of it must be mapped.
+
+        On CUDA the granules are unmapped once the work queued so far on ``stream`` has
+        finished (an event is recorded now; no device-wide synchronize). ``stream`` defaults to
+        torch's current stream for the arena's device. The physical handles go to the reuse
+        cache (within ``reuse_bytes``) or back to the driver.
+        """
+        _check_int("Arena.unmap", "offset", offset)
+        _check_int("Arena.unmap", "nbytes", nbytes)
+        with _translate_errors(self._device):
+            self._impl.unmap(offset, nbytes, self._stream_handle(stream))
+
+    def is_mapped(self, offset: int, nbytes: int) -> bool:
+        """True if every granule of [offset, offset + nbytes) is mapped."""
+        _check_int("Arena.is_mapped", "offset", offset)
+        _check_int("Arena.is_mapped", "nbytes", nbytes)
+        return self._impl.is_mapped(offset, nbytes)
+
+    def trim(self, wait: bool = False) -> int:
+        """Release cached physical handles; returns the bytes given back.
+
+        Also finishes unmaps whose device work is done; with ``wait=True`` waits for the
+        rest first (on their events only), so everything unmapped is given back.
+        """
+        with _translate_errors(self._device):
+            return self._impl.trim(bool(wait))
+
+    def set_reuse_bytes(self, nbytes: int) -> None:
+        """Change the cached-handle allowance; a cache above it is trimmed now."""
+        _check_int("Arena.set_reuse_bytes", "nbytes", nbytes)
+        self._impl.set_reuse_bytes(nbytes)
+
+    def stats(self) -> dict[str, int]:
+        """Byte and event counts of this arena.
+
+        reserved_bytes, mapped_bytes, pending_bytes (unmapped, device not done yet),
+        cached_bytes, held_bytes (= mapped + pending + cached), reuse_bytes, granularity,
+        and counts of granules: maps, unmaps, creates, releases, reuses, revives.
+        """
+        return self._impl.stats()
+
+    # -- tensors ---------------------------------------------------------------------------
+    def view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
+        """A zero-copy tensor over the arena at ``offset`` (it may cover unmapped granules).
+
+        Touching an unmapped part faults: map before touching. The view must not be used
+        after ``close()``.
+        """
+        ptr, nbytes, shape_t = self._view_span("view", dtype, shape, offset)
+        if self._device.type == "cpu":
+            return self._host_tensor(ptr, nbytes, dtype, shape_t)
+        if self._impl.host_accessible:
+            raise RuntimeError(
+                "Arena.view: this 'cuda' arena runs on the fake test driver, whose memory is host "
+                "memory; torch cannot wrap it as a CUDA tensor. Use Arena.host_view in tests.")
+        if nbytes == 0:
+            return torch.empty(shape_t, dtype=dtype, device=self._device)
+        raw = torch.as_tensor(_CudaMemory(ptr, nbytes, self), device=self._device)
+        return raw.view(dtype).view(shape_t)
+
+    def host_view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
+        """A CPU tensor over the arena's memory, for backends whose memory the CPU can touch.
+
+        That is the host backend (same as ``view``) and, for tests only, the fake CUDA driver
+        (``torch_elastic_kv.testing``), whose "device" memory is host memory. Raises on a real GPU.
+        """
+        if not self._impl.host_accessible:
+            raise RuntimeError(f"Arena.host_view: memory of backend '{self.backend}' is not host-accessible")
+        ptr, nbytes, shape_t = self._view_span("host_view", dtype, shape, offset)
+        return self._host_tensor(ptr, nbytes, dtype, shape_t)
+
+    def _view_span(self, call: str, dtype: torch.dtype, shape: Sequence[int] | int,
+                   offset: int) -> tuple[int, int, tuple[int, ...]]:
+        if self.closed:
+            raise ValueError(f"Arena.{call}: the arena is closed")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"Arena.{call}: dtype must be a torch.dtype, got {dtype!r}")
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        for d in shape_t:
+            _check_int(f"Arena.{call}", "shape entry", d)
+            if d < 0:
+                raise ValueError(f"Arena.{call}: shape {shape_t} has a negative dimension")
+        _check_int(f"Arena.{call}", "offset", offset)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape_t) * itemsize
+        if offset < 0 or offset % itemsize != 0:
+            raise ValueError(f"Arena.{call}(offset={offset}): offset must be >= 0 and a multiple of "
+                             f"{itemsize} (the size of {dtype})")
+        if offset + nbytes > self.capacity:
+            raise ValueError(f"Arena.{call}(shape={shape_t}, dtype={dtype}, offset={offset}): "
+                             f"{nbytes} bytes from offset {offset} end past the capacity ({self.capacity} bytes)")
+        return self.base_address + offset, nbytes, shape_t
+
+    def _host_tensor(self, ptr: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = (ctypes.c_ubyte * nbytes).from_address(ptr)
+        buf._ekv_owner = self  # the tensor keeps the buffer, the buffer keeps the arena object
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+    def _stream_handle(self, stream: Any) -> int:
+        if stream is None:
+            if self._device.type == "cuda" and not self._impl.host_accessible and torch.cuda.is_available():
+                return torch.cuda.current_stream(self._device).cuda_stream
+            return 0
+        if isinstance(stream, int) and not isinstance(stream, bool):
+            return stream
+        handle = getattr(stream, "cuda_stream", None)
+        if isinstance(handle, int):
+            return handle
+        raise TypeError(f"Arena.unmap: stream must be None, an int CUstream or a torch.cuda.Stream, got {stream!r}")
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for the device, unmap and release everything, free the range. Idempotent."""
+        self._impl.close()
+
+    def __enter__(self) -> "Arena":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"Arena(device={self._device}, backend={self.backend}, capacity={self.capacity}, "
+                f"mapped={s['mapped_bytes']}, cached={s['cached_bytes']}, closed={self.closed})")
+
+
+def _device_key(device: str | torch.device) -> tuple[str, int]:
+    dev = _parse_device(device)
+    return dev.type, 0 if dev.type == "cpu" else dev.index
+
+
+def set_budget(nbytes: int | None, device: str | torch.device = "cpu") -> None:
+    """Limit the physical bytes all arenas on ``device`` may hold (None = unlimited).
+
+    Takes effect at once, for arenas that exist and arenas to come. Held bytes include the
+    reuse caches, which are trimmed if the new budget is below them; a budget below the bytes
+    in use (mapped, or unmapped and not yet released by the device) raises ValueError and
+    changes nothing. A map that would pass the budget raises MemoryError
+    (torch.OutOfMemoryError on CUDA).
+    """
+    if nbytes is not None:
+        _check_int("set_budget", "nbytes", nbytes)
+        if nbytes < 0:
+            raise ValueError(f"set_budget(nbytes={nbytes}): must be >= 0 or None")
+    kind, index = _device_key(device)
+    _C.set_budget(nbytes, kind, index)
+
+
+def memory_stats(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Bytes held by all arenas of ``device``, from the device's budget.
+
+    budget_bytes (None = unlimited), held_bytes, mapped_bytes, pending_bytes, cached_bytes,
+    reserved_bytes and arenas (how many are open).
+    """
+    kind, index = _device_key(device)
+    return _C.memory_stats(kind, index)
