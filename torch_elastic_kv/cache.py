@@ -1,0 +1,535 @@
+"""ElasticPagedCache: a transformers ``Cache`` whose K/V live in a KVPagePool.
+
+Two ways to drive it:
+
+* **generate mode** — ``model.generate(**inputs, cache=ElasticPagedCache(model.config))``:
+  one sequence per batch row (left padding included, as in ``DynamicCache``), pages allocated
+  as rows grow, a second ``generate`` continues the same rows, ``release()`` gives every
+  page back and the cache can be used again.
+* **packed mode** — the Engine's continuous batching: ``ensure_capacity`` / ``set_packed_batch``
+  then ``model(input_ids=[1, T], cache=cache, **extra)`` with the tokens of many sequences
+  packed without padding (prefill chunks and decode tokens mixed); see docs/INTERFACES.md.
+
+Attention reads the pages one of two ways, chosen by ``attention=``:
+
+* ``"gather"``: ``update`` returns each row's K/V gathered into ``[batch, kv_heads, tokens,
+  head_dim]``, so any attention implementation works and results match ``DynamicCache``
+  bit for bit.
+* ``"paged"``: the model must use ``attention.PAGED_ATTENTION``; ``update`` only writes and
+  the attention reads pages through the page table (see ``attention.py``).
+* ``"auto"`` (default): ``"paged"`` when the config's attention implementation is
+  ``PAGED_ATTENTION``, else ``"gather"``.
+
+Unsupported use fails loudly at the first call: sliding-window, chunked or linear-attention
+layers (constructor), a pool whose shape differs from the config (constructor), K/V whose
+shape or dtype differ from the pool (first forward), beam search (first reorder), and a model
+whose attention ignored the paged plan (next layer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from torch_elastic_kv.attention import PAGED_ATTENTION, PLAN_KWARG, PageGroup, PagePlan
+from torch_elastic_kv.pool import KVPagePool
+
+ATTENTION_MODES = ("auto", "gather", "paged")
+
+
+@dataclass
+class _Seq:
+    """One sequence's pages (in token order) and how many tokens of K/V they hold."""
+
+    pages: list[int] = field(default_factory=list)
+    tokens: int = 0
+
+
+@dataclass
+class _Step:
+    """Everything one forward needs, computed once at its first layer."""
+
+    write_pages: torch.Tensor          # [tokens] page of each new token (packed or row-major order)
+    write_offsets: torch.Tensor        # [tokens] slot within that page
+    groups: list[PageGroup]
+    packed_tokens: int                 # 0 in generate mode
+    batch: int = 0                     # generate mode: rows
+    new_len: int = 0                   # generate mode: tokens per row after this step
+    read_slots: torch.Tensor | None = None   # gather path: [rows, new_len] flat slots
+    commit: list[tuple[_Seq, int]] = field(default_factory=list)  # packed: (seq, tokens after)
+    fallback_mask: torch.Tensor | None = None
+
+
+class _PagedLayer(CacheLayerMixin):
+    """Per-layer face of the cache for transformers' bookkeeping; storage is the shared pool."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, cache: "ElasticPagedCache", layer_idx: int):
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._cache.update(key_states, value_states, self.layer_idx, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        pass  # the cache crops all layers at once
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._cache.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass
+
+
+class ElasticPagedCache(Cache):
+    """A ``transformers.Cache`` storing K/V in pages of an elastic :class:`KVPagePool`.
+
+    Args:
+        config: the model config (its text config is used).
+        pool: a pool to draw pages from; by default one is created at the first forward with the
+            K/V dtype and device (sized by ``max_bytes``) and owned by this cache.
+        max_bytes: budget of the pool this cache creates (ignored with ``pool``).
+        page_tokens: tokens per page of the pool this cache creates (a given pool's wins).
+        attention: ``"auto"``, ``"gather"`` or ``"paged"`` (module docstring).
+        layout: layout of the pool this cache creates.
+    """
+
+    def __init__(self, config: PreTrainedConfig, pool: KVPagePool | None = None,
+                 max_bytes: int | None = None, page_tokens: int = 16, attention: str = "auto",
+                 layout: str = "page-major"):
+        text = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        bad = [(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs)) if t != "full_attention"]
+        if bad:
+            i, t, kw = bad[0]
+            raise ValueError(
+                f"ElasticPagedCache supports full-attention layers only; layer {i} is {t!r}"
+                f"{' ' + str(kw) if kw else ''} ({len(bad)} such layers). Disable the sliding window "
+                f"(sliding_window=None / use_sliding_window=False) or use DynamicCache.")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"ElasticPagedCache: attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.config = config
+        self.num_layers = len(layer_types)
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if pool is not None:
+            expect = (self.num_layers, self.num_kv_heads, self.head_dim)
+            have = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
+            if expect != have:
+                raise ValueError(
+                    f"ElasticPagedCache: pool shape (layers, kv_heads, head_dim)={have} does not match the "
+                    f"config's {expect}")
+            page_tokens = pool.page_tokens
+        if not isinstance(page_tokens, int) or page_tokens <= 0:
+            raise ValueError(f"ElasticPagedCache: page_tokens must be a positive int, got {page_tokens!r}")
+        self.pool = pool
+        self._owns_pool = pool is None
+        self._max_bytes, self._layout = max_bytes, layout
+        self.page_tokens = page_tokens
+        self.attention = attention
+        self._rows: list[_Seq] = []             # generate mode
+        self._seqs: dict[int, _Seq] = {}        # packed mode
+        self._step: _Step | None = None
+        self._packed: _Step | None = None       # set by set_packed_batch, consumed by a forward
+        self._last_plan: PagePlan | None = None
+        self._mode_checked = False
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
+
+    # -- pool --------------------------------------------------------------------------------
+    def _ensure_pool(self, dtype: torch.dtype, device: torch.device) -> KVPagePool:
+        if self.pool is None:
+            self.pool = KVPagePool(self.num_layers, self.num_kv_heads, self.head_dim, dtype, device,
+                                   page_tokens=self.page_tokens, max_bytes=self._max_bytes,
+                                   layout=self._layout)
+            self.pool.add_move_listener(self._on_move)
+            self._listening = True
+        elif not getattr(self, "_listening", False):
+            self.pool.add_move_listener(self._on_move)
+            self._listening = True
+        return self.pool
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> KVPagePool:
+        pool = self._ensure_pool(key_states.dtype, key_states.device)
+        shape = (key_states.shape[1], key_states.shape[3])
+        if shape != (pool.num_kv_heads, pool.head_dim) or value_states.shape != key_states.shape:
+            raise ValueError(
+                f"ElasticPagedCache: K/V of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
+                f"match the pool's (kv_heads, head_dim)=({pool.num_kv_heads}, {pool.head_dim})")
+        if key_states.dtype != pool.dtype or key_states.device != pool.device:
+            raise ValueError(
+                f"ElasticPagedCache: K/V are {key_states.dtype} on {key_states.device}, the pool holds "
+                f"{pool.dtype} on {pool.device}")
+        return pool
+
+    def _on_move(self, moves: dict[int, int]) -> None:
+        for seq in [*self._rows, *self._seqs.values()]:
+            seq.pages = [moves.get(p, p) for p in seq.pages]
+
+    @property
+    def uses_paged_attention(self) -> bool:
+        if self.attention == "auto":
+            return getattr(self.config, "_attn_implementation", None) == PAGED_ATTENTION
+        return self.attention == "paged"
+
+    def _check_attention_mode(self) -> None:
+        if self.attention == "paged" and getattr(self.config, "_attn_implementation", None) != PAGED_ATTENTION:
+            raise ValueError(
+                f"ElasticPagedCache(attention='paged') needs the model to use the paged attention: call "
+                f"torch_elastic_kv.attention.enable_paged_attention(model) (config attention is "
+                f"{getattr(self.config, '_attn_implementation', None)!r}), or use attention='gather'")
+
+    # -- transformers Cache API --------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               kwargs: dict[str, Any] | None = None, *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new K/V of ``layer_idx``; return what the model's attention reads."""
+        if self._last_plan is not None and not self._last_plan.used:
+            raise RuntimeError(
+                "ElasticPagedCache: the model's attention did not read the paged K/V (its attention "
+                f"implementation is not {PAGED_ATTENTION!r}); call enable_paged_attention(model) or use "
+                "ElasticPagedCache(..., attention='gather')")
+        self._last_plan = None
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"ElasticPagedCache: layer {layer_idx} out of range [0, {self.num_layers})")
+        if layer_idx == 0 or self._step is None:
+            pool = self._check_states(key_states, value_states)
+            if not self._mode_checked:
+                self._check_attention_mode()
+                self._mode_checked = True
+            self._step = self._start_packed_step() if self._packed is not None else \
+                self._start_generate_step(pool, key_states.shape[0], key_states.shape[2])
+        step = self._step
+        pool = self.pool
+        k_cache, v_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
+        # [batch, kv_heads, q, d] -> [tokens, kv_heads, d] in the step's token order
+        k_new = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1::2])
+        v_new = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1::2])
+        k_cache.index_put_((step.write_pages, step.write_offsets), k_new)
+        v_cache.index_put_((step.write_pages, step.write_offsets), v_new)
+        if layer_idx == self.num_layers - 1:
+            self._finish_step(step)
+        if self.uses_paged_attention:
+            plan = PagePlan(layer_idx, k_cache, v_cache, step.groups, step.packed_tokens)
+            if kwargs is None:
+                raise RuntimeError("ElasticPagedCache: paged attention needs the model to pass its attention "
+                                   "kwargs to cache.update(..., kwargs=kwargs)")
+            kwargs[PLAN_KWARG] = plan
+            self._last_plan = plan
+            return k_cache, v_cache
+        return self._gather(k_cache, step), self._gather(v_cache, step)
+
+    def _gather(self, cache: torch.Tensor, step: _Step) -> torch.Tensor:
+        """K or V of every row as ``[rows, kv_heads, tokens, head_dim]`` (contiguous)."""
+        t = self.page_tokens
+        flat_pages = torch.div(step.read_slots, t, rounding_mode="floor")
+        out = cache[flat_pages, step.read_slots - flat_pages * t]     # [rows, tokens, kv_heads, d]
+        return out.transpose(1, 2).contiguous()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens stored per row (generate mode); 0 in packed mode (positions come from the batch)."""
+        if self._packed is not None or self._seqs:
+            return 0
+        return self._rows[0].tokens if self._rows else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.release()
+        raise ValueError("ElasticPagedCache does not support beam search (num_beams > 1); its pages were "
+                         "released. Use num_beams=1 or DynamicCache.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._rows and repeats != 1:
+            raise ValueError("ElasticPagedCache cannot repeat rows of a filled cache (num_return_sequences > 1 "
+                             "on a continuation); release() it first")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("ElasticPagedCache does not support selecting batch rows (contrastive search)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens of every row (generate mode)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"ElasticPagedCache.crop: pass a negative count, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self._rows:
+            return
+        new_len = max(self._rows[0].tokens + tokens_to_remove, 0)
+        keep = -(-new_len // self.page_tokens)
+        for row in self._rows:
+            self.pool.free(row.pages[keep:])
+            row.pages, row.tokens = row.pages[:keep], new_len
+
+    def reset(self) -> None:
+        """Same as ``release()``."""
+        self.release()
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # -- generate mode -----------------------------------------------------------------------
+    def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> _Step:
+        if self._seqs:
+            raise RuntimeError(f"ElasticPagedCache: {len(self._seqs)} packed sequences are live; call "
+                               "set_packed_batch before each forward (or release() the cache)")
+        rows = self._rows
+        if rows and len(rows) != batch:
+            raise ValueError(f"ElasticPagedCache: batch of {batch} rows but the cache holds {len(rows)}; "
+                             "release() it before a new batch")
+        old_len = rows[0].tokens if rows else 0
+        new_len = old_len + q_len
+        t = self.page_tokens
+        have = len(rows[0].pages) if rows else 0
+        need = -(-new_len // t) - have
+        fresh = pool.alloc(need * batch) if need > 0 else []   # all or nothing: OOM changes nothing
+        if not rows:
+            rows = self._rows = [_Seq() for _ in range(batch)]
+        for r, row in enumerate(rows):
+            row.pages.extend(fresh[r * need:(r + 1) * need])
+        dev = pool.device
+        table = torch.tensor([row.pages for row in rows], dtype=torch.long, device=dev)   # [rows, P]
+        pos = torch.arange(old_len, new_len, device=dev)
+        write_pages = table[:, torch.div(pos, t, rounding_mode="floor")].reshape(-1)
+        write_offsets = (pos % t).repeat(batch)
+        step = _Step(write_pages, write_offsets, [], 0, batch=batch, new_len=new_len)
+        if self.uses_paged_attention:
+            step.groups = [PageGroup(table, torch.full((batch,), new_len, device=dev),
+                                     pos.unsqueeze(0).expand(batch, -1))]
+        else:
+            all_pos = torch.arange(new_len, device=dev)
+            step.read_slots = table[:, torch.div(all_pos, t, rounding_mode="floor")] * t + all_pos % t
+        return step
+
+    def _finish_step(self, step: _Step) -> None:
+        if step.packed_tokens:
+            for seq, tokens in step.commit:
+                seq.tokens = tokens
+            self._packed = None
+        else:
+            for row in self._rows:
+                row.tokens = step.new_len
+        self._step = None if self._packed is None else self._step
+
+    # -- packed mode (continuous batching) ----------------------------------------------------
+    def ensure_capacity(self, seq_id: int, total_tokens: int) -> None:
+        """Give ``seq_id`` (created if new) pages for ``total_tokens`` tokens.
+
+        Raises MemoryError / torch.OutOfMemoryError naming needed and free bytes; nothing changes.
+        """
+        if self._rows:
+            raise RuntimeError("ElasticPagedCache: generate-mode rows are live; release() before packed use")
+        if not isinstance(total_tokens, int) or total_tokens < 0:
+            raise ValueError(f"ensure_capacity: total_tokens must be an int >= 0, got {total_tokens!r}")
+        pool = self._require_pool()
+        seq = self._seqs.get(seq_id)
+        have = len(seq.pages) if seq else 0
+        need = -(-total_tokens // self.page_tokens) - have
+        fresh = pool.alloc(need) if need > 0 else []
+        if seq is None:
+            seq = self._seqs[seq_id] = _Seq()
+        seq.pages.extend(fresh)
+
+    def free_seq(self, seq_id: int) -> None:
+        """Return every page of ``seq_id`` to the pool."""
+        seq = self._pop_seq(seq_id, "free_seq")
+        self.pool.free(seq.pages)
+
+    def seq_tokens(self, seq_id: int) -> int:
+        """Tokens of ``seq_id`` whose K/V are stored."""
+        return self._get_seq(seq_id, "seq_tokens").tokens
+
+    def seq_pages(self, seq_id: int) -> list[int]:
+        """Page ids of ``seq_id`` in token order (a copy)."""
+        return list(self._get_seq(seq_id, "seq_pages").pages)
+
+    def seq_ids(self) -> list[int]:
+        return list(self._seqs)
+
+    def detach_seq(self, seq_id: int) -> tuple[list[int], int]:
+        """Forget ``seq_id`` but keep its pages live; returns ``(pages, tokens)`` (caller owns them)."""
+        seq = self._pop_seq(seq_id, "detach_seq")
+        return seq.pages, seq.tokens
+
+    def attach_seq(self, seq_id: int, pages: list[int], ntokens: int) -> None:
+        """Adopt live ``pages`` holding ``ntokens`` tokens as sequence ``seq_id``."""
+        pool = self._require_pool()
+        if seq_id in self._seqs:
+            raise ValueError(f"attach_seq: sequence {seq_id} already exists")
+        pages = [int(p) for p in pages]
+        if len(pages) * self.page_tokens < ntokens or ntokens < 0:
+            raise ValueError(f"attach_seq: {len(pages)} pages of {self.page_tokens} tokens cannot hold {ntokens} tokens")
+        owned = {p for s in self._seqs.values() for p in s.pages}
+        bad = [p for p in pages if not pool.is_live(p) or p in owned]
+        if bad or len(set(pages)) != len(pages):
+            raise ValueError(f"attach_seq: pages {bad[:8] or pages} are not live, duplicated or owned by another sequence")
+        self._seqs[seq_id] = _Seq(pages, ntokens)
+
+    def set_packed_batch(self, entries: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Describe the next forward: ``(seq_id, start_pos, num_tokens)`` in packed token order.
+
+        Returns the extra model kwargs: ``position_ids`` ``[1, T]``, ``attention_mask`` (None with
+        the paged attention; a ``[1, 1, T, kv]`` mask for other attention implementations) and
+        ``logits_to_keep`` (index of each entry's last token, so logits come out ``[1, len(entries), V]``
+        in entry order). The forward writes K/V of those tokens and attends each token causally
+        over its own sequence. ``seq_tokens`` advances when the forward completes.
+        """
+        pool = self._require_pool()
+        if not entries:
+            raise ValueError("set_packed_batch: no entries")
+        seen: set[int] = set()
+        for seq_id, start, n in entries:
+            seq = self._seqs.get(seq_id)
+            if seq is None:
+                raise KeyError(f"set_packed_batch: unknown sequence {seq_id}; call ensure_capacity first")
+            if seq_id in seen:
+                raise ValueError(f"set_packed_batch: sequence {seq_id} appears twice")
+            seen.add(seq_id)
+            if n < 1 or not 0 <= start <= seq.tokens:
+                raise ValueError(f"set_packed_batch: sequence {seq_id} has {seq.tokens} stored tokens; entry "
+                                 f"start_pos={start}, num_tokens={n} needs 0 <= start_pos <= stored and num_tokens >= 1")
+            if (start + n) > len(seq.pages) * self.page_tokens:
+                raise ValueError(f"set_packed_batch: sequence {seq_id} needs {start + n} tokens of pages, has "
+                                 f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first")
+        self._packed = self._build_packed_step(pool, entries)
+        self._step = None
+        t_total = self._packed.packed_tokens
+        positions = torch.cat([torch.arange(s, s + n) for _, s, n in entries]).view(1, t_total)
+        ends = torch.tensor([n for _, _, n in entries]).cumsum(0) - 1
+        extra = {"position_ids": positions.to(pool.device), "attention_mask": None,
+                 "logits_to_keep": ends.to(pool.device)}
+        if not self.uses_paged_attention:
+            extra["attention_mask"] = self._packed.fallback_mask
+        return extra
+
+    def _build_packed_step(self, pool: KVPagePool, entries: list[tuple[int, int, int]]) -> _Step:
+        t = self.page_tokens
+        dev = pool.device
+        w_pages, w_offs = [], []
+        token0 = 0
+        decode, prefill = [], []
+        for seq_id, start, n in entries:
+            seq = self._seqs[seq_id]
+            for pos in range(start, start + n):
+                w_pages.append(seq.pages[pos // t])
+                w_offs.append(pos % t)
+            (decode if n == 1 else prefill).append((seq, start, n, token0))
+            token0 += n
+        step = _Step(torch.tensor(w_pages, dtype=torch.long, device=dev),
+                     torch.tensor(w_offs, dtype=torch.long, device=dev), [], token0)
+        step.commit = [(self._seqs[s], st + n) for s, st, n in entries]
+        if self.uses_paged_attention:
+            for members in (decode, prefill):
+                if members:
+                    step.groups.append(self._page_group(members, dev))
+        else:
+            step.read_slots, step.fallback_mask = self._fallback_reads(entries, dev)
+        return step
+
+    def _page_group(self, members: list[tuple[_Seq, int, int, int]], dev: torch.device) -> PageGroup:
+        t = self.page_tokens
+        p_max = max(-(-(start + n) // t) for _, start, n, _ in members)
+        q_max = max(n for _, _, n, _ in members)
+        table, lengths, q_pos, q_idx, q_ok = [], [], [], [], []
+        for seq, start, n, token0 in members:
+            used = seq.pages[:-(-(start + n) // t)]
+            table.append(used + [used[0]] * (p_max - len(used)))   # pad with a mapped page
+            lengths.append(start + n)
+            q_pos.append([start + min(j, n - 1) for j in range(q_max)])
+            q_idx.append([token0 + min(j, n - 1) for j in range(q_max)])
+            q_ok.append([j < n for j in range(q_max)])
+        as_long = dict(dtype=torch.long, device=dev)
+        return PageGroup(torch.tensor(table, **as_long), torch.tensor(lengths, **as_long),
+                         torch.tensor(q_pos, **as_long), torch.tensor(q_idx, **as_long),
+                         None if q_max == 1 else torch.tensor(q_ok, dtype=torch.bool, device=dev))
+
+    def _fallback_reads(self, entries, dev):
+        """For non-paged attention: all sequences' K/V side by side and a block-causal mask."""
+        t = self.page_tokens
+        slots, owner_kv, pos_kv = [], [], []
+        for i, (seq_id, start, n) in enumerate(entries):
+            seq = self._seqs[seq_id]
+            for pos in range(start + n):
+                slots.append(seq.pages[pos // t] * t + pos % t)
+                owner_kv.append(i)
+                pos_kv.append(pos)
+        owner_q = torch.cat([torch.full((n,), i) for i, (_, _, n) in enumerate(entries)])
+        pos_q = torch.cat([torch.arange(s, s + n) for _, s, n in entries])
+        owner_kv, pos_kv = torch.tensor(owner_kv), torch.tensor(pos_kv)
+        mask = (owner_q[:, None] == owner_kv[None, :]) & (pos_kv[None, :] <= pos_q[:, None])
+        return torch.tensor([slots], dtype=torch.long, device=dev), mask.view(1, 1, *mask.shape).to(dev)
+
+    def _start_packed_step(self) -> _Step:
+        return self._packed
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Give every page back to the pool; the cache can be used again afterwards."""
+        pages = [p for s in [*self._rows, *self._seqs.values()] for p in s.pages]
+        if pages:
+            self.pool.free(pages)
+        self._rows, self._seqs = [], {}
+        self._step = self._packed = self._last_plan = None
+
+    def close(self) -> None:
+        """Release the pages and, if this cache created its pool, close the pool."""
+        self.release()
+        if self.pool is not None:
+            if getattr(self, "_listening", False):
+                self.pool.remove_move_listener(self._on_move)
+                self._listening = False
+            if self._owns_pool:
+                self.pool.close()
+                self.pool = None
+
+    def stats(self) -> dict:
+        """Pool stats plus this cache's sequences and tokens."""
+        seqs = [*self._rows, *self._seqs.values()]
+        out = dict(self.pool.stats()) if self.pool is not None else {}
+        out.update(sequences=len(seqs), tokens=sum(s.tokens for s in seqs),
+                   pages=sum(len(s.pages) for s in seqs))
+        return out
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _require_pool(self) -> KVPagePool:
+        if self.pool is None:
+            raise RuntimeError("ElasticPagedCache: packed mode needs a pool; pass pool=KVPagePool(...)")
+        return self.pool
+
+    def _get_seq(self, seq_id: int, what: str) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"{what}: unknown sequence {seq_id}")
+        return seq
+
+    def _pop_seq(self, seq_id: int, what: str) -> _Seq:
+        seq = self._get_seq(seq_id, what)
+        del self._seqs[seq_id]
+        return seq

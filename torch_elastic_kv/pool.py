@@ -1,0 +1,465 @@
+"""KVPagePool: fixed-size KV pages in elastic memory (torch views over arenas).
+
+A page holds ``page_tokens`` tokens of K and V for every layer. Address space for the most
+the pool may ever hold is reserved up front; physical memory backs only the chunks (runs of
+granules, see ``_page_placement``) that hold pages, and is given back when they empty.
+
+Layouts (measured in benchmarks/RESULTS.md, "KV page pool and cache"):
+
+* ``"page-major"`` (default): one arena; a page is ``[layers, 2, page_tokens, kv_heads,
+  head_dim]``. One growth step is one chunk (usually one granule), whatever the depth of the
+  model, and a page move is one contiguous copy. Per-layer views are strided by the whole page.
+* ``"layer-major"``: one arena per layer and K/V (``2 * layers`` arenas), each page
+  ``[page_tokens, kv_heads, head_dim]`` contiguous. Per-layer reads are contiguous, but every
+  growth step maps one chunk in each of the ``2 * layers`` arenas.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torch_elastic_kv import arena as _arena
+from torch_elastic_kv._page_placement import ChunkGeometry, PagePlacement, plan_geometry
+
+LAYOUTS = ("page-major", "layer-major")
+MoveListener = Callable[[dict[int, int]], None]
+
+
+def default_max_bytes(device: torch.device) -> int:
+    """A sensible share of the device's memory: 90 % of what is free on CUDA, 25 % of RAM on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25)
+
+
+def out_of_memory(device: torch.device, message: str) -> BaseException:
+    """The OOM exception torch users expect on this device."""
+    return torch.OutOfMemoryError(message) if device.type == "cuda" else MemoryError(message)
+
+
+@dataclass
+class _Plane:
+    """One arena and the page-strided view over it."""
+
+    arena: _arena.Arena
+    pages: torch.Tensor      # [max_pages, *page_shape], stride page_stride per page
+    raw: torch.Tensor        # [max_pages, page_stride // element_size]: whole page slots, padding included
+
+
+class KVPagePool:
+    """Pages of K/V for ``num_layers`` layers, backed by physical memory only where needed.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: shape of the model's KV.
+        dtype: element type of K and V.
+        device: ``"cpu"`` or a CUDA device.
+        page_tokens: tokens per page.
+        max_bytes: most resident (physically backed) bytes; default ``default_max_bytes``.
+        min_bytes: resident floor; mapped at construction and never given back.
+        layout: ``"page-major"`` or ``"layer-major"`` (see module docstring).
+        reserve_bytes: address space to reserve (the ceiling for ``set_max_bytes``);
+            default ``max_bytes``.
+        reuse_bytes: passed to each arena (physical handles kept for fast regrowth).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu", page_tokens: int = 16,
+                 max_bytes: int | None = None, min_bytes: int = 0,
+                 layout: str = "page-major", reserve_bytes: int | None = None,
+                 reuse_bytes: int | None = None):
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("page_tokens", page_tokens)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVPagePool: {name} must be a positive int, got {value!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"KVPagePool: layout must be one of {LAYOUTS}, got {layout!r}")
+        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
+            raise ValueError(f"KVPagePool: dtype must be a torch floating dtype, got {dtype!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if max_bytes is None:
+            max_bytes = default_max_bytes(self.device)
+        if max_bytes <= 0 or min_bytes < 0 or min_bytes > max_bytes:
+            raise ValueError(f"KVPagePool: need 0 <= min_bytes <= max_bytes and max_bytes > 0, "
+                             f"got min_bytes={min_bytes}, max_bytes={max_bytes}")
+        reserve_bytes = max_bytes if reserve_bytes is None else reserve_bytes
+        if reserve_bytes < max_bytes:
+            raise ValueError(f"KVPagePool: reserve_bytes={reserve_bytes} is below max_bytes={max_bytes}")
+
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.page_tokens, self.layout = dtype, page_tokens, layout
+        self.element_size = torch.empty((), dtype=dtype).element_size()
+        token_elems = num_kv_heads * head_dim
+        if layout == "page-major":
+            self._page_shape: tuple[int, ...] = (num_layers, 2, page_tokens, num_kv_heads, head_dim)
+            num_planes = 1
+        else:
+            self._page_shape = (page_tokens, num_kv_heads, head_dim)
+            num_planes = 2 * num_layers
+        plane_page_bytes = math.prod(self._page_shape) * self.element_size
+        self.page_bytes = plane_page_bytes * num_planes
+        self._max_bytes, self._min_bytes = int(max_bytes), int(min_bytes)
+
+        # Each plane reserves an equal share; geometry needs the arena's granularity, so the
+        # first arena is created before the chunk size is known.
+        per_plane = -(-reserve_bytes // num_planes)
+        arenas: list[_arena.Arena] = []
+        try:
+            arenas.append(_arena.Arena(per_plane + plane_page_bytes, self.device, reuse_bytes))
+            self.geometry: ChunkGeometry = plan_geometry(plane_page_bytes, arenas[0].granularity,
+                                                         element_bytes=self.element_size)
+            per_plane = max(-(-per_plane // self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
+            if arenas[0].capacity < per_plane:
+                arenas[0].close()
+                arenas[0] = _arena.Arena(per_plane, self.device, reuse_bytes)
+            while len(arenas) < num_planes:
+                arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
+        except BaseException:
+            for a in arenas:
+                a.close()
+            raise
+        num_chunks = min(a.capacity for a in arenas) // self.geometry.chunk_bytes
+        self._placement = PagePlacement(num_chunks, self.geometry.pages_per_chunk)
+        self.max_pages = self._placement.max_pages
+        self._planes = [self._make_plane(a) for a in arenas]
+        self._listeners: list[MoveListener] = []
+        self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
+        self._closed = False
+        if self._min_bytes:
+            self._map_chunks(self._placement.chunks_to_map_for(self._chunks_for_bytes(self._min_bytes)
+                                                               * self.geometry.pages_per_chunk))
+
+    # -- views -----------------------------------------------------------------------------
+    def _make_plane(self, a: _arena.Arena) -> _Plane:
+        g = self.geometry
+        stride = g.page_stride // self.element_size
+        flat = a.view(self.dtype, (self.max_pages * stride,))
+        page_strides = []
+        acc = 1
+        for size in reversed(self._page_shape):
+            page_strides.append(acc)
+            acc *= size
+        pages = flat.as_strided((self.max_pages, *self._page_shape), (stride, *reversed(page_strides)))
+        raw = flat.view(self.max_pages, stride)
+        return _Plane(a, pages, raw)
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """K of ``layer`` for every page: ``[max_pages, page_tokens, kv_heads, head_dim]`` (a view)."""
+        return self._layer_view(layer, 0)
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        """V of ``layer`` for every page: ``[max_pages, page_tokens, kv_heads, head_dim]`` (a view)."""
+        return self._layer_view(layer, 1)
+
+    def _layer_view(self, layer: int, kv: int) -> torch.Tensor:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"KVPagePool: layer {layer} out of range [0, {self.num_layers})")
+        if self.layout == "page-major":
+            return self._planes[0].pages[:, layer, kv]
+        return self._planes[2 * layer + kv].pages
+
+    # -- sizes -----------------------------------------------------------------------------
+    @property
+    def chunk_bytes(self) -> int:
+        """Physical bytes one growth step maps (one chunk in every arena)."""
+        return self.geometry.chunk_bytes * len(self._planes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def min_bytes(self) -> int:
+        return self._min_bytes
+
+    def _chunks_for_bytes(self, nbytes: int) -> int:
+        return -(-nbytes // self.chunk_bytes)
+
+    def _budget_chunks(self) -> int:
+        return min(self._max_bytes // self.chunk_bytes, self._placement.num_chunks)
+
+    def _floor_chunks(self) -> int:
+        return min(self._chunks_for_bytes(self._min_bytes), self._budget_chunks())
+
+    @property
+    def free_pages(self) -> int:
+        """Pages that can still be allocated within the budget, mapped or not."""
+        p = self._placement
+        unmapped = max(self._budget_chunks() - p.mapped_chunks, 0)
+        return p.mapped_free_slots() + unmapped * p.pages_per_chunk
+
+    @property
+    def live_pages(self) -> int:
+        return self._placement.live_pages
+
+    def can_alloc(self, n: int) -> bool:
+        """Whether ``alloc(n)`` fits in the budget (the device may still refuse memory)."""
+        return 0 <= n <= self.free_pages
+
+    def is_live(self, page: int) -> bool:
+        return self._placement.is_live(page)
+
+    # -- allocation ------------------------------------------------------------------------
+    def alloc(self, n: int) -> list[int]:
+        """Allocate ``n`` pages; raises MemoryError / torch.OutOfMemoryError with nothing changed."""
+        self._check_open()
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"KVPagePool.alloc: n must be an int >= 0, got {n!r}")
+        if n == 0:
+            return []
+        self._ensure_mapped_slots(n, "alloc")
+        return self._placement.take(n)
+
+    def free(self, ids: Sequence[int]) -> None:
+        """Return pages to the pool (memory stays mapped until shrink/compact/trim)."""
+        self._check_open()
+        self._placement.give([int(i) for i in ids])
+
+    def reserve_pages(self, n: int) -> None:
+        """Map chunks now so that ``n`` more pages can be allocated without mapping."""
+        self._check_open()
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"KVPagePool.reserve_pages: n must be an int >= 0, got {n!r}")
+        self._ensure_mapped_slots(n, "reserve_pages")
+
+    def _ensure_mapped_slots(self, n: int, what: str) -> None:
+        p = self._placement
+        chunks = p.chunks_to_map_for(n)
+        need_chunks = -(-max(n - p.mapped_free_slots(), 0) // p.pages_per_chunk)
+        if p.mapped_chunks + need_chunks > self._budget_chunks() or len(chunks) < need_chunks:
+            free = self.free_pages
+            raise out_of_memory(self.device, (
+                f"KVPagePool.{what}: {n} pages ({n * self.page_bytes} bytes) needed, {free} pages "
+                f"({free * self.page_bytes} bytes) free within max_bytes={self._max_bytes} "
+                f"(resident {self.resident_bytes}, live {p.live_pages * self.page_bytes} bytes)"))
+        self._map_chunks(chunks)
+
+    def _map_chunks(self, chunks: list[int]) -> None:
+        """Map ``chunks`` in every plane, all or nothing."""
+        g = self.geometry
+        done: list[tuple[_Plane, int]] = []
+        try:
+            for c in chunks:
+                for plane in self._planes:
+                    plane.arena.map(c * g.chunk_bytes, g.chunk_bytes)
+                    done.append((plane, c))
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            for plane, c in reversed(done):
+                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
+            raise out_of_memory(self.device, (
+                f"KVPagePool: mapping {len(chunks)} chunk(s) of {self.chunk_bytes} bytes failed "
+                f"(resident {self.resident_bytes} bytes, max_bytes={self._max_bytes}): {e}")) from e
+        except BaseException:
+            for plane, c in reversed(done):
+                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
+            raise
+        for c in chunks:
+            self._placement.mark_mapped(c)
+        if chunks:
+            self._counters["grows"] += 1
+
+    def _unmap_chunks(self, chunks: list[int]) -> int:
+        g = self.geometry
+        for c in chunks:
+            self._placement.mark_unmapped(c)
+            for plane in self._planes:
+                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
+        if chunks:
+            self._counters["shrinks"] += 1
+        return len(chunks) * self.chunk_bytes
+
+    # -- giving memory back ----------------------------------------------------------------
+    def shrink(self, keep_pages: int = 0) -> int:
+        """Unmap empty chunks while more than ``keep_pages`` pages (and min_bytes) stay resident.
+
+        Emptiest-last order: the highest-index empty chunks go first. Returns unmapped bytes.
+        """
+        self._check_open()
+        if not isinstance(keep_pages, int) or keep_pages < 0:
+            raise ValueError(f"KVPagePool.shrink: keep_pages must be an int >= 0, got {keep_pages!r}")
+        p = self._placement
+        keep_chunks = max(-(-keep_pages // p.pages_per_chunk), self._floor_chunks())
+        spare = p.mapped_chunks - keep_chunks
+        if spare <= 0:
+            return 0
+        empty = p.empty_mapped_chunks()
+        return self._unmap_chunks(sorted(empty, reverse=True)[:spare])
+
+    def compact(self, on_move: MoveListener | None = None) -> int:
+        """Move live pages out of sparse chunks into holes of dense ones, then unmap emptied chunks.
+
+        ``on_move({old: new})`` and every listener from ``add_move_listener`` are called after
+        the data is copied and before memory is given back. Returns unmapped bytes.
+        """
+        self._check_open()
+        p = self._placement
+        mapped = p.mapped_chunk_ids()
+        keep_n = max(-(-p.live_pages // p.pages_per_chunk), self._floor_chunks())
+        order = sorted(mapped, key=lambda c: (-p.live_in_chunk(c), c))
+        keep, drain = order[:keep_n], [c for c in order[keep_n:] if p.live_in_chunk(c)]
+        moves: dict[int, int] = {}
+        if drain:
+            sources = [page for c in drain for page in p.live_pages_in(c)]
+            dests: list[int] = []
+            for c in keep:   # fullest first, so the densest chunks fill up
+                while len(dests) < len(sources) and p.live_in_chunk(c) < p.pages_per_chunk:
+                    dests.append(p.take_in(c))
+            p.give(sources)
+            moves = dict(zip(sources, dests))
+            self._copy_pages(sources, dests)
+            self._counters["compactions"] += 1
+            self._counters["pages_moved"] += len(moves)
+            for fn in ([on_move] if on_move is not None else []) + self._listeners:
+                fn(moves)
+        return self.shrink(0)
+
+    def _copy_pages(self, src: list[int], dst: list[int]) -> None:
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for plane in self._planes:
+            plane.raw.index_copy_(0, d, plane.raw.index_select(0, s))
+
+    def add_move_listener(self, fn: MoveListener) -> None:
+        """Register ``fn({old: new})``, called on every compaction that moves pages."""
+        self._listeners.append(fn)
+
+    def remove_move_listener(self, fn: MoveListener) -> None:
+        self._listeners.remove(fn)
+
+    def trim(self) -> int:
+        """Unmap every empty chunk above min_bytes and release the arenas' cached handles.
+
+        Returns the physical bytes the arenas gave back (mapped + cached, before minus after).
+        """
+        self._check_open()
+        before = self._physical_bytes()
+        self.shrink(0)
+        for plane in self._planes:
+            plane.arena.trim(wait=True)
+        return before - self._physical_bytes()
+
+    def _physical_bytes(self) -> int:
+        total = 0
+        for plane in self._planes:
+            s = plane.arena.stats()
+            total += s.get("held_bytes", s["mapped_bytes"] + s.get("cached_bytes", 0))
+        return total
+
+    def set_max_bytes(self, nbytes: int) -> None:
+        """Change the pool's budget live. Below the resident size, empty chunks are unmapped and
+        live pages compacted; below what live pages need, ValueError and nothing changes."""
+        self._check_open()
+        reserved = self._placement.num_chunks * self.chunk_bytes
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise ValueError(f"KVPagePool.set_max_bytes: nbytes must be a positive int, got {nbytes!r}")
+        if nbytes > reserved:
+            raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes exceeds the reserved {reserved} bytes")
+        if nbytes < self._min_bytes:
+            raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below min_bytes={self._min_bytes}")
+        p = self._placement
+        need = -(-p.live_pages // p.pages_per_chunk) * self.chunk_bytes
+        if nbytes < need:
+            raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below the {need} bytes that "
+                             f"{p.live_pages} live pages need")
+        self._max_bytes = int(nbytes)
+        if self.resident_bytes > nbytes:
+            self.shrink(0)
+        if self.resident_bytes > nbytes:
+            self.compact()
+
+    # -- data ------------------------------------------------------------------------------
+    def read_pages(self, ids: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
+        """Copy of the K/V of live pages ``ids``: ``[n, layers, 2, page_tokens, kv_heads, head_dim]``."""
+        idx = self._live_index(ids, "read_pages")
+        if self.layout == "page-major":
+            out = self._planes[0].pages.index_select(0, idx)
+        else:
+            out = torch.stack([pl.pages.index_select(0, idx) for pl in self._planes], dim=1)
+            out = out.view(len(idx), self.num_layers, 2, *self._page_shape)
+        return out if device is None else out.to(device)
+
+    def write_pages(self, ids: Sequence[int], data: torch.Tensor) -> None:
+        """Inverse of ``read_pages``: store ``data`` into live pages ``ids``."""
+        idx = self._live_index(ids, "write_pages")
+        shape = (len(idx), self.num_layers, 2, self.page_tokens, self.num_kv_heads, self.head_dim)
+        if tuple(data.shape) != shape:
+            raise ValueError(f"KVPagePool.write_pages: data shape {tuple(data.shape)} != expected {shape}")
+        data = data.to(device=self.device, dtype=self.dtype)
+        if self.layout == "page-major":
+            self._planes[0].pages.index_copy_(0, idx, data)
+        else:
+            for layer in range(self.num_layers):
+                for kv in range(2):
+                    self._planes[2 * layer + kv].pages.index_copy_(0, idx, data[:, layer, kv])
+
+    def _live_index(self, ids: Sequence[int], what: str) -> torch.Tensor:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not self._placement.is_live(i)]
+        if bad:
+            raise ValueError(f"KVPagePool.{what}: pages {bad[:8]} are not allocated")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    # -- accounting ------------------------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        return self._placement.mapped_chunks * self.chunk_bytes
+
+    @property
+    def num_arenas(self) -> int:
+        return len(self._planes)
+
+    @property
+    def granularity(self) -> int:
+        return self.geometry.granularity
+
+    def stats(self) -> dict:
+        """Every byte of the pool, as a plain dict."""
+        p = self._placement
+        return {
+            "resident_bytes": self.resident_bytes,
+            "live_bytes": p.live_pages * self.page_bytes,
+            "reserved_bytes": sum(pl.arena.capacity for pl in self._planes),
+            "live_pages": p.live_pages,
+            "resident_pages": p.mapped_chunks * p.pages_per_chunk,
+            "free_pages": self.free_pages,
+            "max_pages": self.max_pages,
+            "page_bytes": self.page_bytes,
+            "granule_bytes": self.geometry.granularity,
+            "chunk_bytes": self.chunk_bytes,
+            "pages_per_chunk": p.pages_per_chunk,
+            "arenas": len(self._planes),
+            "max_bytes": self._max_bytes,
+            "min_bytes": self._min_bytes,
+            "layout": self.layout,
+            **self._counters,
+        }
+
+    # -- lifetime --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("KVPagePool: the pool is closed")
+
+    def close(self) -> None:
+        """Release every arena (views over them must not be used afterwards)."""
+        if not self._closed:
+            self._closed = True
+            for plane in self._planes:
+                plane.arena.close()
+            self._planes = []
+
+    def __enter__(self) -> "KVPagePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"KVPagePool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype}, device={self.device}, page_tokens={self.page_tokens}, layout={self.layout!r}, "
+                f"live_pages={self.live_pages}, resident_bytes={self.resident_bytes})")
