@@ -334,6 +334,17 @@ Status Arena::trim(std::size_t* released, bool wait) {
   return Status::Ok();
 }
 
+Status Arena::poll(std::size_t* finished) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *finished = 0;
+  if (closed_) return Status::Ok();
+  const std::size_t pending_before = s_.pending_bytes;
+  Status st = reap_locked(false);
+  *finished = pending_before - s_.pending_bytes;
+  if (!st.ok()) return Status(st.code(), "Arena.poll: " + st.message());
+  return Status::Ok();
+}
+
 Status Arena::set_reuse_bytes(std::size_t nbytes) {
   std::lock_guard<std::mutex> lock(mu_);
   EKV_RETURN_IF_ERROR(check_open("set_reuse_bytes"));

@@ -68,6 +68,9 @@ class Arena {
   // Releases every cached handle (and finishes pending unmaps whose device work is done; with
   // wait, waits for the rest first). *released = bytes given back to the backend.
   Status trim(std::size_t* released, bool wait = false);
+  // Finishes pending unmaps whose fences completed (handles go to the cache or are released),
+  // without touching the cache otherwise. *finished = bytes that left the pending state.
+  Status poll(std::size_t* finished);
   Status set_reuse_bytes(std::size_t nbytes);
   ArenaStats stats() const;
   // Waits for the device, unmaps and releases everything, frees the range. Idempotent.

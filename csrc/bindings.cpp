@@ -135,6 +135,17 @@ void bind_arena(py::module_& m) {
             return released;
           },
           py::arg("wait") = false)
+      .def("poll",
+           [](Arena& a) {
+             std::size_t finished = 0;
+             Status st;
+             {
+               py::gil_scoped_release nogil;
+               st = a.poll(&finished);
+             }
+             throw_if_error(st);
+             return finished;
+           })
       .def(
           "set_reuse_bytes",
           [](Arena& a, std::int64_t nbytes) {

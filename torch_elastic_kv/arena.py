@@ -176,6 +176,12 @@ class Arena:
         with _translate_errors(self._device):
             return self._impl.trim(bool(wait))
 
+    def poll(self) -> int:
+        """Finish unmaps whose device work is done, without waiting and without trimming the
+        cache; returns the bytes that stopped being pending (always 0 on the host backend)."""
+        with _translate_errors(self._device):
+            return self._impl.poll()
+
     def set_reuse_bytes(self, nbytes: int) -> None:
         """Change the cached-handle allowance; a cache above it is trimmed now."""
         _check_int("Arena.set_reuse_bytes", "nbytes", nbytes)

@@ -1,0 +1,155 @@
+"""The real cuda backend against the fake driver (tests/fake_cuda/): driver object counts,
+failure injection, handle reuse, and release deferred on events."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torch_elastic_kv as ekv
+from torch_elastic_kv import Arena
+from torch_elastic_kv.testing import FakeCuda
+
+MiB = 1 << 20
+
+
+def test_512mib_scenario_returns_every_driver_object(fake_cuda: FakeCuda) -> None:
+    size = 512 * MiB
+    a = Arena(size, device="cuda")
+    assert a.backend == "cuda(fake)" and a.device == torch.device("cuda", 0)
+    g = a.granularity
+    a.map(0, size)
+    a.host_view(torch.uint8, (size,)).fill_(1)
+    assert fake_cuda.live_handles() == fake_cuda.live_mappings() == size // g
+    assert fake_cuda.used_bytes() == size
+    a.unmap(0, size)
+    a.trim(wait=True)
+    assert fake_cuda.live_handles() == 0 and fake_cuda.live_mappings() == 0
+    assert a.stats()["held_bytes"] == 0
+    a.map(0, 4 * g)
+    a.close()
+    assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+
+
+@pytest.mark.parametrize("function", ["cuMemCreate", "cuMemMap", "cuMemSetAccess"])
+@pytest.mark.parametrize("k", [1, 3, "last"])
+def test_failure_on_kth_call_changes_nothing(fake_cuda: FakeCuda, function: str, k: int | str) -> None:
+    if k == "last":  # the map below creates 4 handles and maps 6 granules
+        k = 4 if function == "cuMemCreate" else 6
+    with Arena(64 * MiB, device="cuda", reuse_bytes=4 * MiB) as a:
+        g = a.granularity
+        # Some cached handles and some mapped granules, so a map draws from both.
+        a.map(0, 4 * g)
+        a.unmap(0, 2 * g)
+        assert a.poll() == 2 * g  # the unmap's event is done: 2 handles now cached
+        assert a.stats()["cached_bytes"] == 2 * g
+        before = (a.stats(), ekv.memory_stats("cuda"), fake_cuda.counts())
+        fake_cuda.fail_nth(function, k, code=0 if function == "cuMemCreate" else 999)
+        expected = torch.OutOfMemoryError if function == "cuMemCreate" else RuntimeError
+        with pytest.raises(expected, match=f"Arena.map\\(offset={8 * g}, nbytes={6 * g}\\).*{function}"):
+            a.map(8 * g, 6 * g)  # 2 from the cache, 4 created
+        after = (a.stats(), ekv.memory_stats("cuda"), fake_cuda.counts())
+        # Handles created during the failed call were released again; nothing else moved.
+        for key in ("creates", "releases"):
+            after[0][key] -= after[0][key] - before[0][key]
+        assert after == before
+        assert not a.is_mapped(8 * g, g)
+        a.map(8 * g, 6 * g)  # the range is usable afterwards
+        assert fake_cuda.live_mappings() == 2 + 6
+    assert fake_cuda.live_handles() == 0 and fake_cuda.live_mappings() == 0
+
+
+def test_driver_out_of_memory_is_torch_oom(fake_cuda: FakeCuda) -> None:
+    fake_cuda.set_total_memory(6 * MiB)
+    with Arena(64 * MiB, device="cuda") as a:
+        g = a.granularity
+        with pytest.raises(torch.OutOfMemoryError, match="cuMemCreate.*CUDA_ERROR_OUT_OF_MEMORY.*nothing was mapped"):
+            a.map(0, 4 * g)
+        assert a.stats()["mapped_bytes"] == 0 and fake_cuda.live_handles() == 0
+        a.map(0, 3 * g)
+
+
+def test_reuse_creates_no_handle(fake_cuda: FakeCuda) -> None:
+    with Arena(64 * MiB, device="cuda", reuse_bytes=8 * MiB) as a:
+        g = a.granularity
+        a.map(0, 4 * g)
+        creates = fake_cuda.create_count()
+        assert creates == 4
+        a.unmap(0, 4 * g)
+        a.map(8 * g, 4 * g)  # different offsets: served by the cache once the unmap is reaped
+        a.unmap(8 * g, 4 * g)
+        a.map(0, 4 * g)
+        assert fake_cuda.create_count() == creates
+        assert fake_cuda.release_count() == 0
+
+
+def test_release_waits_for_the_event_not_the_device(fake_cuda: FakeCuda) -> None:
+    with Arena(64 * MiB, device="cuda", reuse_bytes=0) as a:
+        g = a.granularity
+        a.map(0, 4 * g)
+        fake_cuda.set_events_complete(False)  # the device is still using the memory
+        a.unmap(0, 4 * g, stream=1234)
+        s = a.stats()
+        assert s["mapped_bytes"] == 0 and s["pending_bytes"] == 4 * g
+        assert fake_cuda.live_mappings() == 4 and fake_cuda.live_events() == 1
+        assert a.trim() == 0  # not done yet: nothing may be given back
+        assert fake_cuda.live_mappings() == 4
+        # Mapping a pending granule again revives it: no driver call at all.
+        maps_before = fake_cuda.calls("cuMemMap")
+        a.map(0, g)
+        assert fake_cuda.calls("cuMemMap") == maps_before and a.stats()["revives"] == 1
+        fake_cuda.complete_events()
+        assert a.trim() == 3 * g
+        assert fake_cuda.live_mappings() == 1 and fake_cuda.live_handles() == 1
+        assert fake_cuda.live_events() == 0
+        assert fake_cuda.calls("cuEventSynchronize") == 0  # polled, never waited on
+
+
+def test_close_waits_for_pending_events(fake_cuda: FakeCuda) -> None:
+    a = Arena(64 * MiB, device="cuda")
+    g = a.granularity
+    a.map(0, 8 * g)
+    fake_cuda.set_events_complete(False)
+    a.unmap(0, 4 * g)
+    a.close()
+    assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+
+
+@pytest.mark.parametrize("function", ["cuEventCreate", "cuEventRecord"])
+def test_unmap_event_failure_changes_nothing(fake_cuda: FakeCuda, function: str) -> None:
+    with Arena(64 * MiB, device="cuda") as a:
+        g = a.granularity
+        a.map(0, 2 * g)
+        before = (a.stats(), fake_cuda.counts())
+        fake_cuda.fail_nth(function, 1, code=999)
+        with pytest.raises(RuntimeError, match=f"Arena.unmap.*{function}"):
+            a.unmap(0, 2 * g)
+        assert (a.stats(), fake_cuda.counts()) == before
+        assert a.is_mapped(0, 2 * g)
+
+
+def test_view_on_fake_driver_points_to_host_view(fake_cuda: FakeCuda) -> None:
+    with Arena(8 * MiB, device="cuda") as a:
+        with pytest.raises(RuntimeError, match="host_view"):
+            a.view(torch.float16, (4,))
+
+
+def test_missing_device_and_missing_library(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="cuda:3 does not exist.*1 device"):
+        Arena(8 * MiB, device="cuda:3")
+    monkeypatch.setenv("EKV_LIBCUDA", "/nonexistent/libcuda.so.1")
+    with pytest.raises(RuntimeError, match="cannot load the CUDA driver library '/nonexistent/libcuda.so.1'"):
+        Arena(8 * MiB, device="cuda")
+    assert ekv.memory_stats("cuda")["arenas"] == 0
+
+
+def test_fake_driver_rejects_what_the_real_one_does(fake_cuda: FakeCuda) -> None:
+    # Guards the fake itself: a sloppy fake would let backend bugs through.
+    assert os.environ["EKV_LIBCUDA"] == fake_cuda.path
+    with Arena(8 * MiB, device="cuda") as a:
+        g = a.granularity
+        a.map(0, g)
+        with pytest.raises(ValueError, match="already mapped"):
+            a.map(0, g)
+    assert fake_cuda.calls("cuMemAddressFree") == 1
