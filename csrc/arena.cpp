@@ -377,12 +377,12 @@ ArenaStats Arena::stats() const {
 Status Arena::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (closed_) return Status::Ok();
+    if (closed_ || closing_) return Status::Ok();  // a second close is a no-op
+    closing_ = true;
   }
   // Registry before arena lock (see budget.h); after this no set_budget reaches us.
   budget_->unregister_arena(this, capacity_);
   std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) return Status::Ok();
   closed_ = true;
   Status first_error;
   auto note = [&first_error](const Status& st) {

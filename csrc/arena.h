@@ -120,6 +120,7 @@ class Arena {
 
   mutable std::mutex mu_;
   bool closed_ = false;
+  bool closing_ = false;  // close() has begun (unregistering from the budget)
   std::size_t reuse_bytes_;
   std::vector<Granule> granules_;
   std::vector<PhysHandle> cache_;
