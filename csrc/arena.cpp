@@ -98,7 +98,6 @@ Status Arena::check_range(const char* call, std::size_t offset, std::size_t nbyt
 Status Arena::map(std::size_t offset, std::size_t nbytes) {
   std::lock_guard<std::mutex> lock(mu_);
   EKV_RETURN_IF_ERROR(check_range("map", offset, nbytes));
-  reap_locked(false);  // a failure here only leaves granules pending; it is not this call's error
   const std::size_t first = offset / granularity_;
   const std::size_t count = nbytes / granularity_;
   std::size_t need = 0;
@@ -109,6 +108,16 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
                              std::to_string(i * granularity_) + " is already mapped");
     }
     if (granules_[i].state == State::kPending) ++revive; else ++need;
+  }
+  if (need > cache_.size() && !pending_.empty()) {
+    // Finished unmaps can serve this map from the cache instead of creating (and their bytes
+    // leave the budget). A reap failure only leaves granules pending: not this call's error.
+    reap_locked(false);
+    revive = 0;
+    need = 0;
+    for (std::size_t i = first; i < first + count; ++i) {
+      if (granules_[i].state == State::kPending) ++revive; else ++need;
+    }
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
@@ -192,7 +201,9 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
 Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
   std::lock_guard<std::mutex> lock(mu_);
   EKV_RETURN_IF_ERROR(check_range("unmap", offset, nbytes));
-  reap_locked(false);
+  // Finishing earlier unmaps (driver unmap, release) is kept off this call's path; only a
+  // long backlog of events is worked down here, so it cannot grow without bound.
+  if (pending_.size() >= kMaxPendingBatches) reap_locked(false);
   const std::size_t first = offset / granularity_;
   const std::size_t count = nbytes / granularity_;
   for (std::size_t i = first; i < first + count; ++i) {

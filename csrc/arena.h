@@ -37,6 +37,9 @@ struct ArenaConfig {
 
 // Default cached-handle allowance (capped at the arena's capacity).
 constexpr std::size_t kDefaultReuseBytes = std::size_t(64) << 20;
+// Pending unmaps are finished by poll()/trim(), by a map that needs their handles, or by
+// set_budget; an unmap works the backlog down itself only past this many batches.
+constexpr std::size_t kMaxPendingBatches = 64;
 
 struct ArenaStats {
   std::size_t granularity = 0;
