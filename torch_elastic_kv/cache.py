@@ -429,6 +429,16 @@ class ElasticPagedCache(Cache):
             extra["attention_mask"] = self._packed.fallback_mask
         return extra
 
+    def clear_packed_batch(self) -> None:
+        """Drop a packed batch whose forward did not complete (no-op after a completed forward).
+
+        Tokens of an incomplete forward are not counted as stored; their slots are rewritten
+        by the next forward that covers them.
+        """
+        self._packed = None
+        self._step = None
+        self._last_plan = None
+
     def _build_packed_step(self, pool: KVPagePool, entries: list[tuple[int, int, int]]) -> _Step:
         t = self.page_tokens
         dev = pool.device

@@ -1,0 +1,150 @@
+"""KVPagePool: geometry, placement, OOM, compaction, shrink/trim, budgets, page I/O."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_elastic_kv as ekv
+from torch_elastic_kv._page_placement import PagePlacement, plan_geometry
+from torch_elastic_kv.pool import KVPagePool
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("page_bytes, granule, stride, per_chunk, granules", [
+    (16 * 8 * 128 * 2, 2 * MiB, 32768, 64, 1),                  # page << granule
+    (28 * 2 * 16 * 4 * 128 * 2, 2 * MiB, 917504, 16, 7),        # page spans granules, not a divisor
+    (8 * MiB, 2 * MiB, 8 * MiB, 1, 4),                          # page = 4 granules
+    (3000, 4096, 3072, 4, 3),                                   # odd size: 2.4 % padding
+])
+def test_plan_geometry(page_bytes, granule, stride, per_chunk, granules):
+    g = plan_geometry(page_bytes, granule, element_bytes=2)
+    assert (g.page_stride, g.pages_per_chunk, g.granules_per_chunk) == (stride, per_chunk, granules)
+    assert g.chunk_bytes == g.page_stride * g.pages_per_chunk == granules * granule
+    assert (g.page_stride - page_bytes) / page_bytes <= 1 / 32
+
+
+def test_placement_prefers_fullest_chunk_and_rejects_bad_frees():
+    p = PagePlacement(num_chunks=3, pages_per_chunk=4)
+    for c in (0, 1):
+        p.mark_mapped(c)
+    a = p.take(6)                      # chunk 0 full, chunk 1 holds 2
+    assert a == [0, 1, 2, 3, 4, 5]
+    p.give([0, 1, 2])                  # chunk 0 holds 1, chunk 1 holds 2
+    assert p.take(1) == [6]            # goes to the fuller chunk 1
+    with pytest.raises(ValueError, match="page 0 is not allocated"):
+        p.give([3, 0])
+    assert p.is_live(3) and p.live_pages == 4   # nothing freed by the failed call
+    with pytest.raises(ValueError, match="page 99 is out of range"):
+        p.give([99])
+
+
+def _pool(**kw):
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32, max_bytes=8 * MiB)
+    args.update(kw)
+    return KVPagePool(**args)
+
+
+@pytest.mark.parametrize("layout", ["page-major", "layer-major"])
+def test_views_and_page_io_roundtrip(layout):
+    pool = _pool(layout=layout, page_tokens=4)
+    assert pool.page_bytes == 2 * 2 * 4 * 2 * 16 * 4
+    ids = pool.alloc(5)
+    for layer in range(2):
+        k, v = pool.key_cache(layer), pool.value_cache(layer)
+        assert k.shape == (pool.max_pages, 4, 2, 16)
+        for i in ids:
+            k[i] = i + 100 * layer
+            v[i] = -(i + 100 * layer)
+    data = pool.read_pages(ids[1:3])
+    assert data.shape == (2, 2, 2, 4, 2, 16)
+    assert torch.equal(data[1, 1, 0], torch.full((4, 2, 16), ids[2] + 100.0))
+    assert torch.equal(data[0, 0, 1], torch.full((4, 2, 16), -float(ids[1])))
+    pool.write_pages(ids[3:5], data)
+    assert torch.equal(pool.key_cache(1)[ids[4]], torch.full((4, 2, 16), ids[2] + 100.0))
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.read_pages([pool.max_pages - 1])
+    with pytest.raises(ValueError, match="data shape"):
+        pool.write_pages(ids[:1], data)
+
+
+def test_alloc_oom_names_numbers_and_changes_nothing():
+    pool = _pool(max_bytes=2 * MiB)
+    ids = pool.alloc(10)
+    before = pool.stats()
+    with pytest.raises(MemoryError, match=rf"{pool.free_pages + 1} pages \(\d+ bytes\) needed, "
+                                          rf"{pool.free_pages} pages \(\d+ bytes\) free"):
+        pool.alloc(pool.free_pages + 1)
+    assert pool.stats() == before
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([ids[0], ids[0]])
+    assert pool.stats() == before
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        pool.alloc(-1)
+
+
+def test_device_budget_oom_rolls_back():
+    pool = _pool(max_bytes=16 * MiB, layout="layer-major")   # 4 arenas: one growth step maps 4 granules
+    pool.alloc(1)
+    resident = pool.resident_bytes
+    used = ekv.memory_stats("cpu")["mapped_bytes"]
+    try:
+        ekv.set_budget(used + 2 * pool.granularity, "cpu")   # room for 2 of the 4 granules
+        with pytest.raises(MemoryError, match="mapping 1 chunk"):
+            pool.alloc(pool.free_pages - 1)
+        assert pool.resident_bytes == resident and pool.live_pages == 1
+        assert ekv.memory_stats("cpu")["mapped_bytes"] == used   # the 2 granules that fitted were rolled back
+    finally:
+        ekv.set_budget(None, "cpu")
+
+
+def test_compact_moves_pages_keeps_data_and_gives_back():
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB)         # 32 KiB pages, 64 per 2 MiB chunk
+    per_chunk = pool.stats()["pages_per_chunk"]
+    ids = pool.alloc(3 * per_chunk)
+    for i in ids:
+        pool.key_cache(0)[i] = float(i)
+    owner = {i: i for i in ids}                               # a page table: tag -> page
+    seen = []
+    pool.add_move_listener(seen.append)
+    pool.free([i for i in ids if i % 3 != 0])                 # one page in three survives
+    live = [i for i in ids if i % 3 == 0]
+    assert pool.resident_bytes == 3 * pool.chunk_bytes
+    given = pool.compact(on_move=lambda m: owner.update({t: m.get(p, p) for t, p in owner.items()}))
+    assert given == 2 * pool.chunk_bytes and pool.resident_bytes == pool.chunk_bytes
+    assert seen and len(seen[0]) == pool.stats()["pages_moved"] > 0
+    for tag in live:      # every survivor's data followed it to its new page
+        assert torch.equal(pool.key_cache(0)[owner[tag]], torch.full((64, 2, 16), float(tag)))
+    assert pool.compact() == 0                                # nothing left to do
+
+
+def test_shrink_reserve_min_bytes_and_trim():
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB, min_bytes=2 * MiB)
+    assert pool.resident_bytes == pool.chunk_bytes            # the floor is mapped up front
+    per_chunk = pool.stats()["pages_per_chunk"]
+    pool.reserve_pages(3 * per_chunk)
+    assert pool.resident_bytes == 3 * pool.chunk_bytes and pool.live_pages == 0
+    assert pool.shrink(keep_pages=2 * per_chunk) == pool.chunk_bytes
+    assert pool.shrink(0) == pool.chunk_bytes                 # down to min_bytes, not below
+    assert pool.resident_bytes == pool.chunk_bytes
+    pool.trim()
+    assert pool.resident_bytes == pool.chunk_bytes
+    assert pool.stats()["grows"] >= 2 and pool.stats()["shrinks"] == 2
+
+
+def test_set_max_bytes():
+    pool = _pool(page_tokens=64, max_bytes=8 * MiB)
+    per_chunk = pool.stats()["pages_per_chunk"]
+    ids = pool.alloc(3 * per_chunk)
+    pool.free(ids[per_chunk:])
+    with pytest.raises(ValueError, match="exceeds the reserved"):
+        pool.set_max_bytes(64 * MiB)
+    with pytest.raises(ValueError, match=r"below the 2097152 bytes that 64 live pages need"):
+        pool.set_max_bytes(MiB)
+    pool.set_max_bytes(2 * MiB)                               # shrinks to fit
+    assert pool.resident_bytes == pool.chunk_bytes and pool.max_bytes == 2 * MiB
+    assert pool.free_pages == 0 and not pool.can_alloc(1)
+    with pytest.raises(MemoryError):
+        pool.alloc(1)
+    pool.set_max_bytes(8 * MiB)
+    assert pool.can_alloc(per_chunk)
