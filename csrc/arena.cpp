@@ -97,31 +97,52 @@ Status Arena::check_range(const char* call, std::size_t offset, std::size_t nbyt
 
 Status Arena::map(std::size_t offset, std::size_t nbytes) {
   std::lock_guard<std::mutex> lock(mu_);
-  EKV_RETURN_IF_ERROR(check_range("map", offset, nbytes));
+  std::size_t newly = 0;
+  return map_locked("map", offset, nbytes, false, &newly);
+}
+
+Status Arena::ensure_mapped(std::size_t offset, std::size_t nbytes, std::size_t* newly_mapped) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *newly_mapped = 0;
+  return map_locked("ensure_mapped", offset, nbytes, true, newly_mapped);
+}
+
+Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbytes, bool allow_mapped,
+                         std::size_t* newly_mapped) {
+  EKV_RETURN_IF_ERROR(check_range(call, offset, nbytes));
   const std::size_t first = offset / granularity_;
-  const std::size_t count = nbytes / granularity_;
+  const std::size_t span = nbytes / granularity_;
   std::size_t need = 0;
   std::size_t revive = 0;
-  for (std::size_t i = first; i < first + count; ++i) {
+  std::size_t already = 0;
+  for (std::size_t i = first; i < first + span; ++i) {
     if (granules_[i].state == State::kMapped) {
-      return InvalidArgument(call_text("map", offset, nbytes) + ": the granule at offset " +
-                             std::to_string(i * granularity_) + " is already mapped");
+      if (!allow_mapped) {
+        return InvalidArgument(call_text(call, offset, nbytes) + ": the granule at offset " +
+                               std::to_string(i * granularity_) + " is already mapped");
+      }
+      ++already;
+    } else if (granules_[i].state == State::kPending) {
+      ++revive;
+    } else {
+      ++need;
     }
-    if (granules_[i].state == State::kPending) ++revive; else ++need;
   }
+  const std::size_t count = span - already;  // granules this call maps
+  if (count == 0) return Status::Ok();
   if (need > cache_.size() && !pending_.empty()) {
     // Finished unmaps can serve this map from the cache instead of creating (and their bytes
     // leave the budget). A reap failure only leaves granules pending: not this call's error.
     reap_locked(false);
     revive = 0;
     need = 0;
-    for (std::size_t i = first; i < first + count; ++i) {
-      if (granules_[i].state == State::kPending) ++revive; else ++need;
+    for (std::size_t i = first; i < first + span; ++i) {
+      if (granules_[i].state == State::kPending) ++revive; else if (granules_[i].state == State::kUnmapped) ++need;
     }
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
-  if (new_bytes > 0) EKV_RETURN_IF_ERROR(budget_->try_charge(new_bytes, call_text("map", offset, nbytes)));
+  if (new_bytes > 0) EKV_RETURN_IF_ERROR(budget_->try_charge(new_bytes, call_text(call, offset, nbytes)));
 
   // Back the unmapped granules one by one; remember each step so a failure can undo them.
   struct Step {
@@ -135,7 +156,7 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
   std::size_t created = 0;  // created and mapped
   std::size_t attempted = 0;  // created, mapped or not
   Status failure;
-  for (std::size_t i = first; i < first + count && failure.ok(); ++i) {
+  for (std::size_t i = first; i < first + span && failure.ok(); ++i) {
     if (granules_[i].state != State::kUnmapped) continue;
     Step step{i, 0, false};
     if (cache_taken < from_cache) {
@@ -168,7 +189,7 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
     if (new_bytes > 0) budget_->uncharge(new_bytes);
     s_.creates += attempted;  // they happened, and were released again
     s_.releases += attempted;
-    return Status(failure.code(), call_text("map", offset, nbytes) + ": " + failure.message() +
+    return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() +
                                       " (nothing was mapped)");
   }
 
@@ -178,7 +199,7 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
     granules_[step.granule].state = State::kMapped;
     granules_[step.granule].handle = step.handle;
   }
-  for (std::size_t i = first; i < first + count; ++i) {
+  for (std::size_t i = first; i < first + span; ++i) {
     if (granules_[i].state == State::kPending) granules_[i].state = State::kMapped;
   }
   const std::size_t g = granularity_;
@@ -195,6 +216,7 @@ Status Arena::map(std::size_t offset, std::size_t nbytes) {
   d.pending = -static_cast<std::int64_t>(revive * g);
   d.cached = -static_cast<std::int64_t>(cache_taken * g);
   budget_->apply(d);
+  *newly_mapped = count * g;
   return Status::Ok();
 }
 

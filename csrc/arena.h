@@ -65,6 +65,9 @@ class Arena {
   Arena& operator=(const Arena&) = delete;
 
   Status map(std::size_t offset, std::size_t nbytes);
+  // Like map, but granules of the range already mapped are left as they are (not an error).
+  // *newly_mapped = bytes this call mapped. For callers that share granules between objects.
+  Status ensure_mapped(std::size_t offset, std::size_t nbytes, std::size_t* newly_mapped);
   // `stream` is an opaque device stream handle (CUstream); nullptr = the default stream.
   Status unmap(std::size_t offset, std::size_t nbytes, void* stream = nullptr);
   Status is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const;
@@ -104,6 +107,8 @@ class Arena {
   Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::shared_ptr<Budget> budget,
         std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes);
 
+  Status map_locked(const char* call, std::size_t offset, std::size_t nbytes, bool allow_mapped,
+                    std::size_t* newly_mapped);
   Status check_range(const char* call, std::size_t offset, std::size_t nbytes) const;
   Status check_open(const char* call) const;
   std::uintptr_t addr_of(std::size_t granule) const { return base_ + granule * granularity_; }

@@ -100,6 +100,21 @@ void bind_arena(py::module_& m) {
           },
           py::arg("offset"), py::arg("nbytes"))
       .def(
+          "ensure_mapped",
+          [](Arena& a, std::int64_t offset, std::int64_t nbytes) {
+            std::size_t o = non_negative("Arena.ensure_mapped", "offset", offset);
+            std::size_t n = non_negative("Arena.ensure_mapped", "nbytes", nbytes);
+            std::size_t newly = 0;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = a.ensure_mapped(o, n, &newly);
+            }
+            throw_if_error(st);
+            return newly;
+          },
+          py::arg("offset"), py::arg("nbytes"))
+      .def(
           "unmap",
           [](Arena& a, std::int64_t offset, std::int64_t nbytes, std::uintptr_t stream) {
             std::size_t o = non_negative("Arena.unmap", "offset", offset);

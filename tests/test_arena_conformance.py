@@ -137,3 +137,18 @@ def test_close_is_idempotent_and_final(arena_device: str) -> None:
         a.view(torch.uint8, (1,))
     assert a.trim() == 0
     assert ekv.memory_stats(arena_device)["held_bytes"] == 0
+
+
+def test_ensure_mapped_fills_only_the_gaps(arena_device: str) -> None:
+    with Arena(16 * MiB, device=arena_device) as a:
+        g = a.granularity
+        a.map(g, g)
+        a.map(3 * g, g)
+        assert a.ensure_mapped(0, 5 * g) == 3 * g
+        assert a.is_mapped(0, 5 * g)
+        assert a.ensure_mapped(0, 5 * g) == 0
+        s = a.stats()
+        assert s["mapped_bytes"] == 5 * g and s["maps"] == 5
+        with pytest.raises(ValueError, match=r"Arena.ensure_mapped\(offset=1, nbytes=.*multiples"):
+            a.ensure_mapped(1, g)
+        assert a.stats() == s

@@ -148,6 +148,16 @@ class Arena:
         with _translate_errors(self._device):
             self._impl.map(offset, nbytes)
 
+    def ensure_mapped(self, offset: int, nbytes: int) -> int:
+        """Like ``map``, but granules of the range that are already mapped are left alone.
+
+        Returns the bytes this call mapped. All or nothing, like ``map``.
+        """
+        _check_int("Arena.ensure_mapped", "offset", offset)
+        _check_int("Arena.ensure_mapped", "nbytes", nbytes)
+        with _translate_errors(self._device):
+            return self._impl.ensure_mapped(offset, nbytes)
+
     def unmap(self, offset: int, nbytes: int, stream: "int | torch.cuda.Stream | None" = None) -> None:
         """Stop backing [offset, offset + nbytes); every granule of it must be mapped.
 
