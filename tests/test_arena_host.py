@@ -65,3 +65,26 @@ def test_view_is_zero_copy_and_survives_remap() -> None:
         arena.map(g, g)
         assert b.data_ptr() == arena.base_address + g
         assert int(b.count_nonzero()) == 0
+
+
+def test_touching_an_unmapped_granule_faults() -> None:
+    # The address range stays reserved but has no memory behind it: a read must fault,
+    # not return stale data. Run in a child so the fault does not take pytest down.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch_elastic_kv import Arena\n"
+        "a = Arena(8 << 20)\n"
+        "g = a.granularity\n"
+        "a.map(0, g)\n"
+        "t = a.view(torch.uint8, (2 * g,))\n"
+        "t[:g].fill_(7)\n"
+        "a.unmap(0, g)\n"
+        "print('before', flush=True)\n"
+        "print(int(t[0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "before", proc.stdout + proc.stderr
+    assert proc.returncode == -11, (proc.returncode, proc.stderr)  # SIGSEGV
