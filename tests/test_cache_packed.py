@@ -62,6 +62,7 @@ def _run_packed(model, cache, prompts, chunk, new_tokens=NEW_TOKENS, ids=None):
     return first, gen
 
 
+@pytest.mark.filterwarnings("ignore:ElasticPagedCache packed mode with a stock attention")
 @pytest.mark.parametrize("paged", [True, False], ids=["paged-attention", "stock-sdpa"])
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
 def test_packed_matches_each_sequence_alone(factory, paged):

@@ -27,6 +27,7 @@ whose attention ignored the paged plan (next layer).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,8 @@ class _Step:
     packed_tokens: int                 # 0 in generate mode
     batch: int = 0                     # generate mode: rows
     new_len: int = 0                   # generate mode: tokens per row after this step
-    read_slots: torch.Tensor | None = None   # gather path: [rows, new_len] flat slots
+    read_table: torch.Tensor | None = None   # gather path, generate mode: [rows, pages]
+    read_slots: torch.Tensor | None = None   # gather path, packed mode: [1, kv] flat slots
     commit: list[tuple[_Seq, int]] = field(default_factory=list)  # packed: (seq, tokens after)
     fallback_mask: torch.Tensor | None = None
 
@@ -159,6 +161,7 @@ class ElasticPagedCache(Cache):
         self._packed: _Step | None = None       # set by set_packed_batch, consumed by a forward
         self._last_plan: PagePlan | None = None
         self._mode_checked = False
+        self._warned_fallback = False
         super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
 
     # -- pool --------------------------------------------------------------------------------
@@ -246,6 +249,11 @@ class ElasticPagedCache(Cache):
     def _gather(self, cache: torch.Tensor, step: _Step) -> torch.Tensor:
         """K or V of every row as ``[rows, kv_heads, tokens, head_dim]`` (contiguous)."""
         t = self.page_tokens
+        if step.read_table is not None:   # whole pages, then trim the last page's tail
+            rows, pages = step.read_table.shape
+            out = cache.index_select(0, step.read_table.reshape(-1))
+            out = out.view(rows, pages * t, *cache.shape[2:])[:, :step.new_len]
+            return out.transpose(1, 2).contiguous()
         flat_pages = torch.div(step.read_slots, t, rounding_mode="floor")
         out = cache[flat_pages, step.read_slots - flat_pages * t]     # [rows, tokens, kv_heads, d]
         return out.transpose(1, 2).contiguous()
@@ -324,8 +332,7 @@ class ElasticPagedCache(Cache):
             step.groups = [PageGroup(table, torch.full((batch,), new_len, device=dev),
                                      pos.unsqueeze(0).expand(batch, -1))]
         else:
-            all_pos = torch.arange(new_len, device=dev)
-            step.read_slots = table[:, torch.div(all_pos, t, rounding_mode="floor")] * t + all_pos % t
+            step.read_table = table
         return step
 
     def _finish_step(self, step: _Step) -> None:
@@ -427,6 +434,12 @@ class ElasticPagedCache(Cache):
                  "logits_to_keep": ends.to(pool.device)}
         if not self.uses_paged_attention:
             extra["attention_mask"] = self._packed.fallback_mask
+            if not self._warned_fallback:
+                warnings.warn("ElasticPagedCache packed mode with a stock attention implementation attends "
+                              "every token over all sequences' K/V under a block mask (quadratic in the batch); "
+                              "call torch_elastic_kv.attention.enable_paged_attention(model) for the paged "
+                              "attention", stacklevel=2)
+                self._warned_fallback = True
         return extra
 
     def clear_packed_batch(self) -> None:
