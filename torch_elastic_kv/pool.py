@@ -111,11 +111,12 @@ class KVPagePool:
         per_plane = -(-reserve_bytes // num_planes)
         arenas: list[_arena.Arena] = []
         try:
-            arenas.append(_arena.Arena(per_plane + plane_page_bytes, self.device, reuse_bytes))
+            arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
             self.geometry: ChunkGeometry = plan_geometry(plane_page_bytes, arenas[0].granularity,
                                                          element_bytes=self.element_size)
+            # Whole chunks only, so reserved_bytes is exactly what set_max_bytes may reach.
             per_plane = max(-(-per_plane // self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
-            if arenas[0].capacity < per_plane:
+            if arenas[0].capacity != per_plane:
                 arenas[0].close()
                 arenas[0] = _arena.Arena(per_plane, self.device, reuse_bytes)
             while len(arenas) < num_planes:
