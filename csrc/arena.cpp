@@ -142,7 +142,7 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
-  if (new_bytes > 0) EKV_RETURN_IF_ERROR(budget_->try_charge(new_bytes, call_text(call, offset, nbytes)));
+  if (new_bytes > 0) EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
 
   // Back the unmapped granules one by one; remember each step so a failure can undo them.
   struct Step {
@@ -218,6 +218,27 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   budget_->apply(d);
   *newly_mapped = count * g;
   return Status::Ok();
+}
+
+Status Arena::charge_locked(std::size_t nbytes, const std::string& what) {
+  Status st = budget_->try_charge(nbytes, what);
+  if (st.ok() || st.code() != StatusCode::kOutOfMemory) return st;
+  // Other arenas' reuse caches count against the budget: release some of them and retry.
+  // Only when the device's caches could cover the whole shortfall, so a map that fails anyway
+  // does not cost other arenas their caches.
+  const std::size_t missing = budget_->shortfall(nbytes);
+  if (missing == 0 || missing > budget_->stats().cached_bytes) return st;
+  if (budget_->reclaim_cached(this, missing) == 0) return st;
+  return budget_->try_charge(nbytes, what);
+}
+
+std::size_t Arena::try_release_cached(std::size_t nbytes) {
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock() || closed_ || nbytes == 0) return 0;
+  const std::size_t keep = s_.cached_bytes > nbytes ? s_.cached_bytes - nbytes : 0;
+  std::size_t released = 0;
+  release_cache_locked(keep, &released);  // a failed release keeps its handle cached
+  return released;
 }
 
 Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {

@@ -78,6 +78,9 @@ class Arena {
   // without touching the cache otherwise. *finished = bytes that left the pending state.
   Status poll(std::size_t* finished);
   Status set_reuse_bytes(std::size_t nbytes);
+  // Releases up to `nbytes` of cached handles if the arena is not busy (never blocks);
+  // returns the bytes released. The budget calls it to make room for another arena's map.
+  std::size_t try_release_cached(std::size_t nbytes);
   ArenaStats stats() const;
   // Waits for the device, unmaps and releases everything, frees the range. Idempotent.
   Status close();
@@ -117,6 +120,7 @@ class Arena {
   // An unmapped handle goes to the cache within the allowance, else back to the backend.
   void recycle_locked(PhysHandle handle);
   Status release_cache_locked(std::size_t keep_bytes, std::size_t* released);
+  Status charge_locked(std::size_t nbytes, const std::string& what);
 
   const DeviceKind kind_;
   const int device_index_;

@@ -40,6 +40,12 @@ Status Budget::try_charge(std::size_t nbytes, const std::string& what) {
   return Status::Ok();
 }
 
+std::size_t Budget::shortfall(std::size_t nbytes) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!s_.limit_bytes || s_.held_bytes + nbytes <= *s_.limit_bytes) return 0;
+  return s_.held_bytes + nbytes - *s_.limit_bytes;
+}
+
 void Budget::uncharge(std::size_t nbytes) {
   std::lock_guard<std::mutex> lock(mu_);
   s_.held_bytes -= std::min(nbytes, s_.held_bytes);
@@ -76,6 +82,17 @@ Status Budget::set_limit(std::optional<std::size_t> limit) {
   std::lock_guard<std::mutex> lock(mu_);
   s_.limit_bytes = limit;
   return Status::Ok();
+}
+
+std::size_t Budget::reclaim_cached(const Arena* requester, std::size_t nbytes) {
+  std::unique_lock<std::mutex> reg(registry_mu_, std::try_to_lock);
+  if (!reg.owns_lock()) return 0;
+  std::size_t released = 0;
+  for (Arena* a : arenas_) {
+    if (a == requester || released >= nbytes) continue;
+    released += a->try_release_cached(nbytes - released);
+  }
+  return released;
 }
 
 BudgetStats Budget::stats() const {

@@ -9,8 +9,8 @@
 // device; `Budget::for_device` is the only way to reach one.
 //
 // Lock order: registry -> arena -> budget. An arena calls into its budget while holding its
-// own lock; the budget never calls into an arena; only set_limit (holding the registry lock)
-// calls into arenas.
+// own lock; only set_limit (holding the registry lock) locks arenas, and reclaim_cached, which
+// an arena may call while holding its own lock, only ever try-locks (registry and arenas).
 #pragma once
 
 #include <cstddef>
@@ -56,7 +56,14 @@ class Budget {
   // pass the limit. `what` names the caller's request for the message.
   Status try_charge(std::size_t nbytes, const std::string& what);
   void uncharge(std::size_t nbytes);
+  // How many bytes charging `nbytes` now would pass the limit by (0 if it fits).
+  std::size_t shortfall(std::size_t nbytes) const;
   void apply(const BudgetDelta& delta);
+
+  // Asks the device's other arenas to release up to `nbytes` of cached handles, skipping any
+  // that is busy (try-lock only, so it is safe to call while holding an arena's lock).
+  // Returns the bytes released.
+  std::size_t reclaim_cached(const Arena* requester, std::size_t nbytes);
 
   // Change the limit (nullopt = unlimited). Refused, with nothing changed, below in-use bytes.
   Status set_limit(std::optional<std::size_t> limit);

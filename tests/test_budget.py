@@ -86,3 +86,23 @@ def test_bad_device_names() -> None:
         ekv.memory_stats("meta")
     with pytest.raises(ValueError, match="not a valid device"):
         ekv.set_budget(1, "gpu7")
+
+
+def test_map_reclaims_other_arenas_caches_before_failing(arena_device: str) -> None:
+    with Arena(32 * MiB, device=arena_device, reuse_bytes=8 * MiB) as a, \
+            Arena(32 * MiB, device=arena_device, reuse_bytes=0) as b:
+        g = a.granularity
+        a.map(0, 4 * g)
+        a.unmap(0, 4 * g)
+        a.poll()
+        assert a.stats()["cached_bytes"] == 4 * g
+        ekv.set_budget(5 * g, arena_device)
+        b.map(0, 3 * g)  # 4 cached + 3 new > 5: two of a's cached handles make room
+        assert a.stats()["cached_bytes"] == 2 * g
+        d = ekv.memory_stats(arena_device)
+        assert d["held_bytes"] == 5 * g and d["mapped_bytes"] == 3 * g
+        with pytest.raises(MemoryError if arena_device == "cpu" else torch.OutOfMemoryError):
+            b.map(4 * g, 3 * g)  # only 2 more can be reclaimed
+        # Reclaiming could not have made room: nothing anywhere changed.
+        assert a.stats()["cached_bytes"] == 2 * g
+        assert b.stats()["mapped_bytes"] == 3 * g and ekv.memory_stats(arena_device)["held_bytes"] == 5 * g
