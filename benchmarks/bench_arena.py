@@ -120,7 +120,10 @@ def run(granules: int, rounds: int) -> str:
 
 
 def write_results(path: Path, table: str, command: str) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch {torch.__version__}; "
+               f"1-minute load average {load:.1f} when written (other work on the machine inflates p90 and "
+               "the no-reuse rows)")
     section = "\n".join([
         BEGIN,
         "## Arena: map / unmap latency per granule, give-back rate",
