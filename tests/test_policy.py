@@ -184,3 +184,22 @@ def test_bad_settings_are_rejected():
         ElasticPolicy().target_pages(1, 10)
     with pytest.raises(ValueError, match="demand_pages"):
         make().decide(-1, 0, 10)
+
+
+def test_budget_buys_whole_granules_and_pool_limit_is_adopted():
+    p = ElasticPolicy(clock=FakeClock())
+    p.bind(PAGE, 16, pages_per_granule=4, granule_bytes=4 * PAGE + 100, pool_max_bytes=50 * PAGE)
+    assert p.max_bytes == 50 * PAGE and p.budget_bytes == 50 * PAGE
+    # 50000 bytes buy 12 granules of 4100 bytes -> 48 pages
+    assert p.budget_pages(1000) == 48
+    p.set_budget(8200)
+    assert p.budget_pages(1000) == 8
+
+
+def test_target_follows_the_trailing_window_not_an_old_peak():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
+    p.decide(30, 40, 100)      # below resident from t=100; target 30
+    clock.t += 3               # 30 is now older than idle_seconds
+    d = p.decide(5, 40, 100)
+    assert (d.action, d.target_pages) == ("shrink", 5)

@@ -87,15 +87,11 @@ class _CacheBackend:
         self._recount(seq.seq_id)
 
     def release(self, seq: Sequence) -> None:
-        if seq.seq_id in self._held or self._cache_knows(seq.seq_id):
-            self.cache.free_seq(seq.seq_id)
-        self._live -= self._held.pop(seq.seq_id, 0)
-
-    def _cache_knows(self, seq_id: int) -> bool:
         try:
-            return bool(self.cache.seq_pages(seq_id))
-        except (KeyError, ValueError):
-            return False
+            self.cache.free_seq(seq.seq_id)
+        except KeyError:
+            pass  # never given pages
+        self._live -= self._held.pop(seq.seq_id, 0)
 
     def can_swap_out(self, seq: Sequence) -> bool:
         return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
@@ -137,6 +133,9 @@ class Engine:
         max_batch_tokens: most tokens (prefill chunks + decode tokens) in one forward.
         max_running: most requests holding KV pages at once (``None``: pages decide).
         page_tokens: tokens per page when the Engine builds the pool.
+        paged_attention: switch the model to ``attention.PAGED_ATTENTION`` (attention reads
+            the pages directly; with any other cache it is plain SDPA), else the cache
+            gathers K/V for the model's own attention.
         background: run the grower thread (maps granules ahead of need; gives memory back
             when the engine sits idle and nobody calls ``step``).
         timeline: record one entry per step in ``self.timeline`` (see ``step``).
@@ -145,8 +144,9 @@ class Engine:
 
     def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
                  max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
-                 cache: Any = None, page_tokens: int = 16, background: bool = True,
-                 timeline: bool = True, starvation_limit: int = 3) -> None:
+                 cache: Any = None, page_tokens: int = 16, paged_attention: bool = True,
+                 background: bool = True, timeline: bool = True,
+                 starvation_limit: int = 3) -> None:
 
         self.model = model
         self.config = model.config
@@ -168,9 +168,15 @@ class Engine:
                               page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
                               min_bytes=self.policy.min_bytes)
         self.pool = pool
-        self.policy.bind(pool.page_bytes, pool.page_tokens)
         pstats = pool.stats()
-        self._granule_pages = max(1, pstats.get("granule_bytes", pool.page_bytes) // pool.page_bytes)
+        self._granule_pages = int(pstats.get("pages_per_chunk", 1))
+        self._granule_bytes = int(getattr(pool, "chunk_bytes", self._granule_pages * pool.page_bytes))
+        self._reserved_bytes = int(pstats["reserved_bytes"])
+        self.policy.bind(pool.page_bytes, pool.page_tokens, self._granule_pages,
+                         self._granule_bytes, int(pstats.get("max_bytes") or self._reserved_bytes))
+        if paged_attention and cache is None:
+            from .attention import enable_paged_attention
+            enable_paged_attention(model)
         if cache is None:
             from .cache import ElasticPagedCache  # the one cache class users pass to generate
             cache = ElasticPagedCache(self.config, pool=pool)
@@ -262,7 +268,7 @@ class Engine:
         need = -(-(len(ids) + max_new_tokens - 1) // self.pool.page_tokens)
         cap_bytes = self.policy.set_budget_bytes
         cap = self.pool.max_pages if cap_bytes is None else min(self.pool.max_pages,
-                                                                 cap_bytes // self.pool.page_bytes)
+                                                                 self.policy.bytes_to_pages(cap_bytes))
         if need > cap:
             raise ValueError(
                 f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) needs {need} "
@@ -415,10 +421,13 @@ class Engine:
 
     # ------------------------------------------------------------------ memory ------------
     def _apply_pool_budget(self) -> None:
+        """Hand the effective budget to the pool, within what the pool accepts."""
         b = self.policy.budget_bytes
-        setter = getattr(self.pool, "set_max_bytes", None)
-        if setter is not None and b is not None:
-            setter(b)
+        if b is None:
+            b = self._reserved_bytes
+        live_units = -(-self._backend.live_pages() // self._granule_pages)
+        floor = max(live_units * self._granule_bytes, self.policy.min_bytes, 1)
+        self.pool.set_max_bytes(min(max(b, floor), self._reserved_bytes))
 
     def _enforce_budget(self) -> int:
         """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
@@ -435,8 +444,12 @@ class Engine:
                 self._apply_pool_budget()
         return n
 
+    def _resident_bytes(self) -> int:
+        rb = getattr(type(self.pool), "resident_bytes", None)
+        return self.pool.resident_bytes if rb is not None else self.pool.stats()["resident_bytes"]
+
     def _resident_pages(self) -> int:
-        return self.pool.stats()["resident_bytes"] // self.pool.page_bytes
+        return self._resident_bytes() // self._granule_bytes * self._granule_pages
 
     def _demand(self) -> int:
         pol = self.policy
@@ -486,15 +499,30 @@ class Engine:
 
     def _shrink_to(self, keep_pages: int, forced: bool = False) -> None:
         """Give back empty granules, compact, give back again; keep ``keep_pages`` resident."""
-        before = self.pool.stats()["resident_bytes"]
-        keep = max(keep_pages, self._backend.live_pages())
-        given = self.pool.shrink(keep)
-        if self._resident_pages() > keep:
-            moved = self.pool.compact()
-            if moved:
+        before = self._resident_bytes()
+        live = self._backend.live_pages()
+        keep = max(keep_pages, live)
+        if self._resident_pages() - keep < self._granule_pages:
+            return  # not a whole granule to give back
+        self.pool.shrink(keep)
+        if self._resident_pages() - keep >= self._granule_pages:
+            # live pages are spread over more granules than they need: pack them
+            compactions = self.pool.stats().get("compactions", 0)
+            self.pool.compact()
+            if self.pool.stats().get("compactions", 0) > compactions:
                 self._compact_events += 1
-            given += self.pool.shrink(keep)
-        after = self.pool.stats()["resident_bytes"]
+        # give the unmapped memory back to the driver/OS rather than to the arenas' reuse
+        # cache: shrinks are rare (hysteresis) and happen because someone else may need it
+        trim = getattr(self.pool, "trim", None)
+        if trim is not None:
+            trim()
+        # compact() and trim() give back every empty granule; keep what the policy asked for
+        if self._resident_pages() < keep:
+            try:
+                self.pool.reserve_pages(keep - live)
+            except MemoryError:
+                pass
+        after = self._resident_bytes()
         if after < before:
             self._shrink_events += 1
             self._bytes_given_back += before - after
@@ -677,7 +705,7 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
-            "resident_bytes": self.pool.stats()["resident_bytes"],
+            "resident_bytes": self._resident_bytes(),
             "budget_bytes": self.policy.budget_bytes,
             "preempted": preempted,
             "step_seconds": seconds,

@@ -110,6 +110,8 @@ class ElasticPolicy:
         self._last_poll: Optional[float] = None
         self._page_bytes: Optional[int] = None
         self._page_tokens: Optional[int] = None
+        self._pages_per_granule = 1
+        self._granule_bytes: Optional[int] = None
         # hysteresis state: when the target first fell below resident, and the targets of
         # the last idle_seconds as a monotone deque of (time, target) for a sliding maximum
         self._below_since: Optional[float] = None
@@ -119,14 +121,30 @@ class ElasticPolicy:
         self._finished_tokens = 0
 
     # ---- binding to a pool ------------------------------------------------------------
-    def bind(self, page_bytes: int, page_tokens: int) -> None:
-        """Tell the policy the pool's page geometry (the Engine calls this once)."""
+    def bind(self, page_bytes: int, page_tokens: int, pages_per_granule: int = 1,
+             granule_bytes: Optional[int] = None, pool_max_bytes: Optional[int] = None) -> None:
+        """Tell the policy the pool's geometry (the Engine calls this once).
+
+        ``pages_per_granule`` pages live in one mapping unit of ``granule_bytes`` physical
+        bytes (default: exactly those pages); a budget only buys whole units.
+        ``pool_max_bytes``: the pool's own limit, adopted as ``max_bytes`` when the policy
+        was given none.
+        """
         if not isinstance(page_bytes, int) or page_bytes <= 0:
             raise ValueError(f"ElasticPolicy.bind: page_bytes must be > 0, got {page_bytes!r}")
         if not isinstance(page_tokens, int) or page_tokens <= 0:
             raise ValueError(f"ElasticPolicy.bind: page_tokens must be > 0, got {page_tokens!r}")
+        if not isinstance(pages_per_granule, int) or pages_per_granule <= 0:
+            raise ValueError(
+                f"ElasticPolicy.bind: pages_per_granule must be > 0, got {pages_per_granule!r}")
         self._page_bytes = page_bytes
         self._page_tokens = page_tokens
+        self._pages_per_granule = pages_per_granule
+        self._granule_bytes = granule_bytes or page_bytes * pages_per_granule
+        if self.max_bytes is None and pool_max_bytes is not None:
+            self.max_bytes = int(pool_max_bytes)
+            if self._budget_bytes is None:
+                self._budget_bytes = self.max_bytes
 
     @property
     def page_bytes(self) -> int:
@@ -173,11 +191,16 @@ class ElasticPolicy:
         return cap if b is None else min(b, cap)
 
     def budget_pages(self, pool_max_pages: int) -> int:
-        """Pages the effective budget allows, never more than the pool can address."""
+        """Pages the effective budget allows (whole granules), never more than the pool has."""
         b = self.budget_bytes
         if b is None:
             return pool_max_pages
-        return min(pool_max_pages, b // self.page_bytes)
+        return min(pool_max_pages, self.bytes_to_pages(b))
+
+    def bytes_to_pages(self, nbytes: int) -> int:
+        """Pages that ``nbytes`` of budget buys: whole granules only."""
+        gb = self._granule_bytes or self.page_bytes
+        return nbytes // gb * self._pages_per_granule
 
     def min_pages(self) -> int:
         return -(-self.min_bytes // self.page_bytes)
