@@ -63,6 +63,7 @@ class _Step:
     read_slots: torch.Tensor | None = None   # gather path, packed mode: [1, kv] flat slots
     commit: list[tuple[_Seq, int]] = field(default_factory=list)  # packed: (seq, tokens after)
     fallback_mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None    # packed: [1, tokens] position of each token
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -427,10 +428,8 @@ class ElasticPagedCache(Cache):
                                  f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first")
         self._packed = self._build_packed_step(pool, entries)
         self._step = None
-        t_total = self._packed.packed_tokens
-        positions = torch.cat([torch.arange(s, s + n) for _, s, n in entries]).view(1, t_total)
         ends = torch.tensor([n for _, _, n in entries]).cumsum(0) - 1
-        extra = {"position_ids": positions.to(pool.device), "attention_mask": None,
+        extra = {"position_ids": self._packed.positions, "attention_mask": None,
                  "logits_to_keep": ends.to(pool.device)}
         if not self.uses_paged_attention:
             extra["attention_mask"] = self._packed.fallback_mask
@@ -453,45 +452,44 @@ class ElasticPagedCache(Cache):
         self._last_plan = None
 
     def _build_packed_step(self, pool: KVPagePool, entries: list[tuple[int, int, int]]) -> _Step:
+        """Index tensors of one packed forward, built with a handful of tensor ops (no per-token loop)."""
         t = self.page_tokens
         dev = pool.device
-        w_pages, w_offs = [], []
-        token0 = 0
-        decode, prefill = [], []
-        for seq_id, start, n in entries:
-            seq = self._seqs[seq_id]
-            for pos in range(start, start + n):
-                w_pages.append(seq.pages[pos // t])
-                w_offs.append(pos % t)
-            (decode if n == 1 else prefill).append((seq, start, n, token0))
-            token0 += n
-        step = _Step(torch.tensor(w_pages, dtype=torch.long, device=dev),
-                     torch.tensor(w_offs, dtype=torch.long, device=dev), [], token0)
-        step.commit = [(self._seqs[s], st + n) for s, st, n in entries]
+        seqs = [self._seqs[s] for s, _, _ in entries]
+        starts = torch.tensor([st for _, st, _ in entries], dtype=torch.long)
+        counts = torch.tensor([n for _, _, n in entries], dtype=torch.long)
+        ends = starts + counts
+        used = (-(-ends // t)).tolist()                 # pages each sequence reads after the write
+        p_max = max(used)
+        # Page table padded with each row's own first page: always mapped, and masked out.
+        table = torch.tensor([q.pages[:k] + [q.pages[0]] * (p_max - k) for q, k in zip(seqs, used)],
+                             dtype=torch.long)
+        # entry of each token (a list comprehension: torch's repeat_interleave goes parallel and
+        # stalls for milliseconds when the cores are busy)
+        row = torch.tensor([i for i, (_, _, n) in enumerate(entries) for _ in range(n)], dtype=torch.long)
+        first = counts.cumsum(0) - counts                                   # first token of each entry
+        pos = torch.arange(int(counts.sum())) - first[row] + starts[row]
+        step = _Step((table[row, pos // t]).to(dev), (pos % t).to(dev), [], int(counts.sum()))
+        step.positions = pos.view(1, -1).to(dev)
+        step.commit = [(q, e) for q, e in zip(seqs, ends.tolist())]
         if self.uses_paged_attention:
-            for members in (decode, prefill):
-                if members:
-                    step.groups.append(self._page_group(members, dev))
+            for members in (counts == 1, counts > 1):   # decode tokens, then prefill chunks
+                idx = members.nonzero().view(-1)
+                if len(idx):
+                    step.groups.append(self._page_group(table[idx], starts[idx], counts[idx], first[idx],
+                                                        used, idx, dev))
         else:
             step.read_slots, step.fallback_mask = self._fallback_reads(entries, dev)
         return step
 
-    def _page_group(self, members: list[tuple[_Seq, int, int, int]], dev: torch.device) -> PageGroup:
-        t = self.page_tokens
-        p_max = max(-(-(start + n) // t) for _, start, n, _ in members)
-        q_max = max(n for _, _, n, _ in members)
-        table, lengths, q_pos, q_idx, q_ok = [], [], [], [], []
-        for seq, start, n, token0 in members:
-            used = seq.pages[:-(-(start + n) // t)]
-            table.append(used + [used[0]] * (p_max - len(used)))   # pad with a mapped page
-            lengths.append(start + n)
-            q_pos.append([start + min(j, n - 1) for j in range(q_max)])
-            q_idx.append([token0 + min(j, n - 1) for j in range(q_max)])
-            q_ok.append([j < n for j in range(q_max)])
-        as_long = dict(dtype=torch.long, device=dev)
-        return PageGroup(torch.tensor(table, **as_long), torch.tensor(lengths, **as_long),
-                         torch.tensor(q_pos, **as_long), torch.tensor(q_idx, **as_long),
-                         None if q_max == 1 else torch.tensor(q_ok, dtype=torch.bool, device=dev))
+    def _page_group(self, table, starts, counts, first, used, idx, dev) -> PageGroup:
+        p_max = max(used[i] for i in idx.tolist())
+        q_max = int(counts.max())
+        j = torch.arange(q_max).view(1, -1)
+        last = torch.minimum(j, (counts - 1).view(-1, 1))       # padded queries repeat the last one
+        return PageGroup(table[:, :p_max].contiguous().to(dev), (starts + counts).to(dev),
+                         (starts.view(-1, 1) + last).to(dev), (first.view(-1, 1) + last).to(dev),
+                         None if q_max == 1 else (j < counts.view(-1, 1)).to(dev))
 
     def _fallback_reads(self, entries, dev):
         """For non-paged attention: all sequences' K/V side by side and a block-causal mask."""
