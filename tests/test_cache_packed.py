@@ -143,3 +143,25 @@ def test_packed_errors_leave_state_intact():
     forced.ensure_capacity(1, 3)
     with pytest.raises(ValueError, match="needs the model to use the paged attention"):
         plain(input_ids=torch.tensor([[5, 6, 7]]), cache=forced, **forced.set_packed_batch([(1, 0, 3)]))
+
+
+def test_compaction_between_set_packed_batch_and_forward():
+    """Pages moved after set_packed_batch are re-indexed before the forward uses them."""
+    model = enable_paged_attention(tiny_llama())
+    prompts = _prompts([20, 25, 30])
+    _, ref_tokens = _reference(model, prompts, new_tokens=3)
+    # 1 MiB pages: two per 2 MiB chunk, so sequence 2's page sits alone in the second chunk
+    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=2048, max_bytes=8 << 20)
+    cache = ElasticPagedCache(model.config, pool=pool)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            cache.ensure_capacity(i, len(p) + 3)
+        out = model(input_ids=torch.tensor([sum(prompts, [])]), cache=cache,
+                    **cache.set_packed_batch([(i, 0, len(p)) for i, p in enumerate(prompts)]))
+        nxt = int(out.logits[0, 2].argmax())
+        cache.free_seq(0)
+        before = cache.seq_pages(2)
+        extra = cache.set_packed_batch([(2, len(prompts[2]), 1)])
+        assert pool.compact() > 0 and cache.seq_pages(2) != before
+        out = model(input_ids=torch.tensor([[nxt]]), cache=cache, **extra)
+    assert [nxt, int(out.logits[0, 0].argmax())] == ref_tokens[2][:2]

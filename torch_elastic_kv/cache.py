@@ -194,6 +194,11 @@ class ElasticPagedCache(Cache):
     def _on_move(self, moves: dict[int, int]) -> None:
         for seq in [*self._rows, *self._seqs.values()]:
             seq.pages = [moves.get(p, p) for p in seq.pages]
+        if self._step is not None and self._step is not self._packed:
+            self._step = None                 # generate mode: replanned at the next layer 0
+        if self._packed is not None:          # a batch set but not yet run: re-index its pages
+            self._packed = self._build_packed_step(self.pool, self._packed_entries)
+            self._step = None
 
     @property
     def uses_paged_attention(self) -> bool:
@@ -427,6 +432,7 @@ class ElasticPagedCache(Cache):
                 raise ValueError(f"set_packed_batch: sequence {seq_id} needs {start + n} tokens of pages, has "
                                  f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first")
         self._packed = self._build_packed_step(pool, entries)
+        self._packed_entries = list(entries)
         self._step = None
         ends = torch.tensor([n for _, _, n in entries]).cumsum(0) - 1
         extra = {"position_ids": self._packed.positions, "attention_mask": None,
