@@ -1,0 +1,216 @@
+"""The benchmark's command line, traces, scaling and figures, without running a model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from torch_elastic_kv.bench import cli
+from torch_elastic_kv.bench.metrics import _union_length, output_checksum, time_weighted
+from torch_elastic_kv.bench.traces import (
+    TraceError,
+    TraceRequest,
+    bundled_trace_path,
+    parse_window,
+    prompt_token_ids,
+    read_trace_csv,
+    scale_trace,
+    synthetic_requests,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _assert_one_line_error(status: int, err: str, *needles: str) -> None:
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ekv-bench: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--trace", "spiky"], ["unknown trace 'spiky'", "bursty", "azure-code"]),
+        (["--systems", "elastic,vllm"], ["unknown system(s) 'vllm'", "hf-generate-batch"]),
+        (["--systems", "elastic,elastic"], ["twice"]),
+        (["--time-scale", "-1"], ["--time-scale must be > 0, got -1"]),
+        (["--time-scale", "0"], ["--time-scale must be > 0, got 0"]),
+        (["--token-scale", "-0.5"], ["--token-scale must be > 0, got -0.5"]),
+        (["--token-scale", "abc"], ["--token-scale expects a number, got 'abc'"]),
+        (["--thin", "0"], ["--thin must be > 0"]),
+        (["--window", "50:10"], ["--window '50:10'", "START < END"]),
+        (["--max-bytes", "12 parsecs"], ["--max-bytes"]),
+        (["--min-bytes", "8MiB", "--max-bytes", "4MiB"], ["--min-bytes 8388608 is above --max-bytes 4194304"]),
+        (["--idle-seconds", "-2"], ["--idle-seconds must be >= 0, got -2"]),
+        (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],
+         ["--device"]),
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+        (["--model", "/nonexistent/model/dir"], ["--model /nonexistent/model/dir: not a directory"]),
+    ],
+)
+def test_bad_arguments_fail_with_one_line_and_write_nothing(tmp_path, capsys, extra, needles):
+    out = tmp_path / "out"
+    status, stdout, err = _run_main(["bench", "--quick", "--out", str(out), *extra], capsys)
+    _assert_one_line_error(status, err, *needles)
+    assert not out.exists()
+    assert stdout == ""
+
+
+def test_unreadable_csv(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.csv"
+    status, _, err = _run_main(["bench", "--trace", str(missing), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, f"cannot read trace {missing}", "No such file")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    status, _, err = _run_main(["bench", "--trace", str(binary), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, f"cannot read trace {binary}")
+    assert not out.exists()
+
+
+def test_csv_with_wrong_columns(tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,prompt,output\n0.5,10,3\n")
+    status, _, err = _run_main(["bench", "--trace", str(bad), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, "missing column(s) TIMESTAMP, ContextTokens, GeneratedTokens",
+                           "found time, prompt, output")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,3\n0.7,ten,3\n")
+    status, _, err = _run_main(["bench", "--trace", str(rows), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, "line 3")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    status, _, err = _run_main(["bench", "--trace", str(empty), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, "no requests")
+    assert not out.exists()
+
+
+def test_window_that_selects_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    status, _, err = _run_main(["bench", "--trace", "azure-code", "--window", "90000:90001", "--out", str(out)],
+                               capsys)
+    assert status == 2, err
+    assert "selects no requests" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_out_path_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    status, _, err = _run_main(["bench", "--quick", "--out", str(target)], capsys)
+    _assert_one_line_error(status, err, "exists and is not a directory")
+    assert target.read_text() == "keep me"
+
+
+def test_module_entry_point_exit_status_and_single_line(tmp_path):
+    """``python -m torch_elastic_kv bench`` is wired to the same checks."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "bench", "--trace", "nope", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ekv-bench: error: unknown trace 'nope'; expected one of steady, bursty, ramp, azure-code or a path to "
+        "a .csv file"]
+    assert not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "serve"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown command 'serve'" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- traces
+
+
+def test_synthetic_traces_are_deterministic_by_seed():
+    for kind in ("steady", "bursty", "ramp"):
+        a, b = synthetic_requests(kind, 7), synthetic_requests(kind, 7)
+        assert a == b and len(a) > 10
+        assert a != synthetic_requests(kind, 8)
+        assert all(x.arrival_s <= y.arrival_s for x, y in zip(a, a[1:]))
+        assert all(r.prompt_tokens >= 1 and r.output_tokens >= 1 for r in a)
+
+
+def test_bursty_trace_has_idle_gaps():
+    requests = synthetic_requests("bursty", 0)
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(requests, requests[1:])]
+    assert sum(gap > 3.0 for gap in gaps) == 2  # three bursts, two gaps of no arrivals
+    quick = synthetic_requests("bursty", 0, quick=True)
+    assert sum(b.arrival_s - a.arrival_s > 1.0 for a, b in zip(quick, quick[1:])) == 1
+
+
+def test_azure_trace_is_packaged_with_attribution():
+    path = bundled_trace_path("azure-code")
+    requests = read_trace_csv(path)
+    assert len(requests) == 8819
+    assert requests[0].arrival_s == 0.0
+    assert 3400 < requests[-1].arrival_s < 3500  # about an hour
+    assert (requests[0].prompt_tokens, requests[0].output_tokens) == (4808, 10)
+    readme = open(os.path.join(os.path.dirname(path), "TRACE_README.md")).read()
+    assert "CC-BY 4.0" in readme and "Splitwise" in readme
+
+
+def test_scaling_and_its_record():
+    raw = [TraceRequest(float(t), 100 + t, 10 + t) for t in range(0, 100, 5)]  # 20 requests, 0..95 s
+    trace = scale_trace("x", "mem", raw, time_scale=0.1, token_scale=0.5, window=parse_window("10:60"), thin=2,
+                        max_total_tokens=70)
+    arrivals = [r.arrival_s for r in trace.requests]
+    assert arrivals == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])  # 10,20,..,50 s -> shifted, x0.1
+    first = trace.requests[0]
+    assert (first.prompt_tokens, first.output_tokens) == (55, 10)  # 110 * 0.5, 20 * 0.5: fits in 70
+    # the others exceed 70 tokens: output cut to at most a quarter of the context, prompt to the rest
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests[1:]] == [(55, 15)] + [(53, 17)] * 3
+    s = trace.scaling
+    assert s["clipped_requests"] == 4 and s["thin"] == 2 and s["window_s"] == [10.0, 60.0]
+    assert s["description"] == ("window 10-60 s of the trace; 1 in 2 requests kept; time x0.1; "
+                                "token counts x0.5; 4 requests cut to the model's 70-token context")
+    assert scale_trace("x", "mem", raw).scaling["description"] == "unscaled"
+    with pytest.raises(TraceError, match="--time-scale must be a positive number, got -1"):
+        scale_trace("x", "mem", raw, time_scale=-1)
+
+
+def test_prompt_ids_are_deterministic_and_in_vocab():
+    trace = scale_trace("q", "mem", synthetic_requests("steady", 3, quick=True))
+    a = prompt_token_ids(trace, 100, seed=3)
+    assert a == prompt_token_ids(trace, 100, seed=3)
+    assert a != prompt_token_ids(trace, 100, seed=4)
+    assert [len(p) for p in a] == [r.prompt_tokens for r in trace.requests]
+    assert all(3 <= t < 100 for p in a for t in p)
+
+
+def test_parse_size_and_fraction():
+    assert cli.parse_size("4096") == 4096
+    assert cli.parse_size("64MiB") == 64 << 20
+    assert cli.parse_size("1.5G") == 3 << 29
+    assert cli._number("1/120") == pytest.approx(1 / 120)
+    with pytest.raises(ValueError, match="expected a byte count"):
+        cli.parse_size("-3M")
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def test_time_weighted_mean_and_busy_time():
+    samples = [(0.0, 100, 0), (1.0, 300, 0), (3.0, 0, 0)]
+    assert time_weighted(samples, 1, 4.0) == pytest.approx((100 * 1 + 300 * 2 + 0 * 1) / 4)
+    assert _union_length([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4.0)
+
+
+def test_checksum_depends_on_order_and_tokens():
+    assert output_checksum([[1, 2], [3]]) == output_checksum([[1, 2], [3]])
+    assert output_checksum([[1, 2], [3]]) != output_checksum([[3], [1, 2]])
+    assert output_checksum([[1, 2], [3]]) != output_checksum([[1], [2, 3]])
+    assert len(output_checksum([])) == 64

@@ -1,0 +1,278 @@
+"""Command line of the benchmark: ``python -m torch_elastic_kv bench ...`` and ``ekv-bench ...``.
+
+Every argument is checked before anything runs; a bad one ends the command with exit status 2
+and one line on stderr (``ekv-bench: error: ...``), and nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from .settings import SYSTEM_NAMES, BenchSettings
+from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
+
+PROG = "ekv-bench"
+
+# Defaults that depend on the trace: real traces are compressed and thinned to fit a small machine.
+# (time_scale, token_scale, window, thin) for a full run and for --quick.
+_REPLAY_DEFAULTS = {
+    "azure-code": {False: (1 / 120, 1 / 8, "", 20), True: (1 / 100, 1 / 16, "0:300", 20)},
+    "csv": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
+    "synthetic": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
+}
+
+
+class UsageError(Exception):
+    """A bad command-line argument; the message is the one line printed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so errors stay one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _number(text: str) -> float:
+    """A float, or a fraction written ``a/b`` (``--time-scale 1/120``)."""
+    if re.fullmatch(r"\s*[-+0-9.eE]+\s*/\s*[-+0-9.eE]+\s*", text):
+        numerator, denominator = text.split("/")
+        value = float(numerator) / float(denominator)
+    else:
+        value = float(text)
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4096``, ``64M``, ``64MiB``, ``1.5GB``; raises ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a byte count such as 4096, 64MiB or 1GiB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The ``bench`` arguments (every default left as None is resolved in :func:`resolve`)."""
+    p = _Parser(prog=prog, description=(
+        "Replay a request trace through the elastic KV Engine and the systems people use today; report "
+        "KV memory over time (memory.png), latency (latency.png), a table and results.json."))
+    p.add_argument("--trace", default="bursty",
+                   help=f"{', '.join(TRACE_NAMES)}, or a CSV path with columns TIMESTAMP,ContextTokens,"
+                        "GeneratedTokens (default: bursty)")
+    p.add_argument("--systems", default=",".join(SYSTEM_NAMES),
+                   help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (never the hub)")
+    model.add_argument("--config", choices=("tiny", "small", "1b"),
+                       help="Llama built from a config with random weights (default: small; tiny with --quick)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="model and KV dtype (default: float32 on CPU, bfloat16/float16 on GPU)")
+    p.add_argument("--time-scale", type=str, metavar="X",
+                   help="multiply arrival times by X (0.01 or 1/100 compresses 100x; default 1, azure-code 1/120)")
+    p.add_argument("--token-scale", type=str, metavar="X",
+                   help="multiply prompt and output lengths by X (default 1, azure-code 1/8)")
+    p.add_argument("--window", metavar="[START:]END",
+                   help="replay only requests arriving in this span of trace seconds (default: all)")
+    p.add_argument("--thin", type=str, metavar="K",
+                   help="keep every K-th request of a CSV trace (default 1, azure-code 20)")
+    p.add_argument("--seed", type=str, default="0", help="seed for synthetic traces, prompts and weights (default 0)")
+    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model, short trace)")
+    p.add_argument("--max-bytes", metavar="SIZE",
+                   help="static pool size and elastic maximum (default: the smallest pool that holds the "
+                        "trace's max-running largest requests at once)")
+    p.add_argument("--min-bytes", metavar="SIZE", default="0", help="elastic minimum resident bytes (default 0)")
+    p.add_argument("--headroom", type=str, default="0.1", help="elastic headroom fraction (default 0.1)")
+    p.add_argument("--idle-seconds", type=str, metavar="S",
+                   help="elastic: shrink after demand stayed below resident this long (default 1.0; 0.3 quick)")
+    p.add_argument("--tail-seconds", type=str, metavar="S",
+                   help="idle time measured after the last request (default: idle-seconds + 1.0)")
+    p.add_argument("--max-running", type=str, metavar="N", help="most requests running at once (default 16; 8 quick)")
+    p.add_argument("--max-batch-tokens", type=str, metavar="N", default="1024",
+                   help="most tokens in one forward (default 1024)")
+    p.add_argument("--page-tokens", type=str, metavar="N", default="16", help="tokens per KV page (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass(frozen=True)
+class ResolvedArgs:
+    """Settings plus the raw trace, read once while validating."""
+
+    settings: BenchSettings
+    raw_requests: list
+    trace_name: str
+    trace_source: str
+    attribution: str | None
+
+
+def _positive(name: str, text: str, integer: bool = False, allow_zero: bool = False) -> float:
+    try:
+        value = int(text) if integer else _number(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{name} expects a {'whole ' if integer else ''}number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UsageError(f"{name} must be {bound}, got {text}")
+    return value
+
+
+def _check_out_dir(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create files under {probe} (permission denied)")
+
+
+def resolve(argv: list[str]) -> ResolvedArgs:
+    """Parse and check ``bench`` arguments; raise :class:`UsageError` (one line) on the first problem."""
+    import torch
+
+    from .models import default_device, default_dtype
+    from .traces import AZURE_ATTRIBUTION, bundled_trace_path, read_trace_csv
+
+    args = bench_parser().parse_args(argv)
+    quick = args.quick
+
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = [s for s in systems if s not in SYSTEM_NAMES]
+    if unknown or not systems:
+        raise UsageError(f"unknown system(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"expected a comma-separated subset of {', '.join(SYSTEM_NAMES)}")
+    if len(set(systems)) != len(systems):
+        raise UsageError(f"--systems lists a system twice: {args.systems}")
+
+    # the trace: a name, or a CSV path that must be readable and have the right columns
+    trace = args.trace
+    attribution = None
+    try:
+        if trace in SYNTHETIC_TRACES:
+            kind, raw, source = "synthetic", None, f"synthetic ({'quick' if quick else 'full'} shape)"
+        elif trace in BUNDLED_TRACES:
+            source = bundled_trace_path(trace)
+            kind, raw, attribution = trace, read_trace_csv(source), AZURE_ATTRIBUTION
+            source = f"torch_elastic_kv/data/{BUNDLED_TRACES[trace]}"
+        elif trace.lower().endswith(".csv") or os.path.sep in trace or os.path.exists(trace):
+            kind, raw, source = "csv", read_trace_csv(trace), trace
+        else:
+            raise UsageError(f"unknown trace {trace!r}; expected one of {', '.join(TRACE_NAMES)} "
+                             "or a path to a .csv file")
+    except TraceError as exc:
+        raise UsageError(str(exc)) from None
+
+    d_time, d_token, d_window, d_thin = _REPLAY_DEFAULTS["azure-code" if kind == "azure-code" else kind][quick]
+    time_scale = _positive("--time-scale", args.time_scale) if args.time_scale is not None else d_time
+    token_scale = _positive("--token-scale", args.token_scale) if args.token_scale is not None else d_token
+    thin = int(_positive("--thin", args.thin, integer=True)) if args.thin is not None else d_thin
+    window_text = args.window if args.window is not None else d_window
+    try:
+        window = parse_window(window_text) if window_text else (0.0, None)
+    except TraceError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        seed = int(args.seed)
+    except ValueError:
+        raise UsageError(f"--seed expects a whole number, got {args.seed!r}") from None
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
+
+    try:
+        max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
+        min_bytes = parse_size(args.min_bytes)
+    except ValueError as exc:
+        raise UsageError(f"--max-bytes/--min-bytes: {exc}") from None
+    if max_bytes is not None and max_bytes <= 0:
+        raise UsageError(f"--max-bytes must be > 0, got {args.max_bytes}")
+    if max_bytes is not None and min_bytes > max_bytes:
+        raise UsageError(f"--min-bytes {min_bytes} is above --max-bytes {max_bytes}")
+
+    headroom = _positive("--headroom", args.headroom, allow_zero=True)
+    idle_seconds = (_positive("--idle-seconds", args.idle_seconds, allow_zero=True)
+                    if args.idle_seconds is not None else (0.3 if quick else 1.0))
+    tail_seconds = (_positive("--tail-seconds", args.tail_seconds, allow_zero=True)
+                    if args.tail_seconds is not None else idle_seconds + (0.7 if quick else 1.0))
+    max_running = (int(_positive("--max-running", args.max_running, integer=True))
+                   if args.max_running is not None else (8 if quick else 16))
+    max_batch_tokens = int(_positive("--max-batch-tokens", args.max_batch_tokens, integer=True))
+    page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
+
+    device = args.device or default_device()
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device (expected cpu, cuda or cuda:N)") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available")
+    if torch_device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+
+    if args.model is not None and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: not a directory (a local Hugging Face checkpoint is needed)")
+    config = args.config or ("tiny" if quick else "small")
+    _check_out_dir(args.out)
+
+    settings = BenchSettings(
+        trace=trace, systems=systems, model_path=args.model, config=None if args.model else config,
+        device=str(torch_device), dtype=dtype, seed=seed, out=args.out, quick=quick,
+        time_scale=time_scale, token_scale=token_scale, window=window, thin=thin,
+        max_bytes=max_bytes, min_bytes=min_bytes, headroom=headroom, idle_seconds=idle_seconds,
+        tail_seconds=tail_seconds, max_running=max_running, max_batch_tokens=max_batch_tokens,
+        page_tokens=page_tokens, sample_interval_s=0.01 if quick else 0.02, progress=not args.no_progress,
+    )
+    return ResolvedArgs(settings, raw, trace if kind != "csv" else os.path.basename(trace), source, attribution)
+
+
+def _fail(message: str, status: int) -> int:
+    first_line = " ".join(str(message).split())  # exactly one line, whatever the message held
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+    return status
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ekv-bench``: run the benchmark, return the exit status."""
+    from .run import run_bench
+    from .traces import TraceError as _TraceError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        bench_parser().print_help()
+        return 0
+    try:
+        resolved = resolve(argv)
+    except UsageError as exc:
+        return _fail(str(exc), 2)
+    try:
+        run_bench(resolved, command=[PROG, *argv])
+    except (UsageError, _TraceError) as exc:
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130)
+    except Exception as exc:  # a failure while running: one line, no partial outputs (see report.write_outputs)
+        if os.environ.get("EKV_BENCH_TRACEBACK"):
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (set EKV_BENCH_TRACEBACK=1 for the traceback); nothing written", 1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m torch_elastic_kv``: subcommands (only ``bench`` today)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m torch_elastic_kv bench [options]   (bench --help for the options)")
+        return 0 if argv else 2
+    if argv[0] != "bench":
+        return _fail(f"unknown command {argv[0]!r}; expected 'bench'", 2)
+    return bench_main(argv[1:])

@@ -1,0 +1,100 @@
+"""Figures computed from one system's run: speed, latency, memory over time, output checksum.
+
+:data:`DEFINITIONS` says what each figure means; it is copied into ``results.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from .systems import SystemRun
+
+DEFINITIONS = {
+    "tokens_per_s": "output tokens / seconds from the replay's start to the last request's last token",
+    "busy_tokens_per_s": "output tokens / seconds during which at least one request was waiting or running",
+    "ttft": "time to first token: first output token time - the request's scheduled arrival time",
+    "tpot": "time per output token after the first: (last token - first token) / (output tokens - 1), per request",
+    "mean_resident_bytes": "time-weighted mean of resident KV bytes over the run including the idle tail",
+    "peak_resident_bytes": "largest sampled resident KV bytes",
+    "idle_resident_bytes": "resident KV bytes at the end of the idle tail (tail_seconds after the last request)",
+    "memory_byte_seconds_saved_vs_static": "integral over the run of (static pool bytes - resident bytes)",
+    "output_checksum": "sha256 of the JSON list of every request's output token ids, in trace order",
+}
+
+
+def output_checksum(token_lists: list[list[int]]) -> str:
+    """sha256 over the outputs in request order; equal checksums mean identical tokens."""
+    return hashlib.sha256(json.dumps(token_lists, separators=(",", ":")).encode()).hexdigest()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def time_weighted(samples: list[tuple[float, int, int]], column: int, end_s: float) -> float:
+    """Mean of a sampled step function (each sample holds until the next) over [first sample, end_s]."""
+    if not samples:
+        return 0.0
+    times = np.array([s[0] for s in samples] + [max(end_s, samples[-1][0])])
+    values = np.array([s[column] for s in samples], dtype=np.float64)
+    widths = np.diff(times)
+    span = times[-1] - times[0]
+    return float(values.mean()) if span <= 0 else float((values * widths).sum() / span)
+
+
+def summarize(run: SystemRun, static_bytes: int) -> dict:
+    """The ``systems.<name>`` entry of results.json for one run."""
+    unfinished = [i for i, r in enumerate(run.records) if r.finish_s is None]
+    if unfinished:
+        raise RuntimeError(f"{run.name}: {len(unfinished)} of {len(run.records)} requests did not finish "
+                           f"(first: request {unfinished[0]})")
+    outputs = [r.tokens for r in run.records]
+    total_out = sum(len(t) for t in outputs)
+    ttft = [r.first_token_s - r.arrival_s for r in run.records]
+    tpot = [(r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in run.records if len(r.tokens) > 1]
+    e2e = [r.finish_s - r.arrival_s for r in run.records]
+    busy = _union_length([(r.arrival_s, r.finish_s) for r in run.records])
+    mean_resident = time_weighted(run.samples, 1, run.end_s)
+    span = max(run.end_s - (run.samples[0][0] if run.samples else 0.0), 0.0)
+    resident = [s[1] for s in run.samples] or [0]
+    live = [s[2] for s in run.samples] or [0]
+    return {
+        "requests": len(run.records),
+        "output_tokens": total_out,
+        "duration_s": run.end_s,
+        "load_duration_s": run.load_end_s,
+        "tokens_per_s": total_out / run.load_end_s if run.load_end_s > 0 else 0.0,
+        "busy_tokens_per_s": total_out / busy if busy > 0 else 0.0,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "tpot_p50_s": _percentile(tpot, 50),
+        "tpot_p99_s": _percentile(tpot, 99),
+        "e2e_p50_s": _percentile(e2e, 50),
+        "e2e_p99_s": _percentile(e2e, 99),
+        "mean_resident_bytes": mean_resident,
+        "peak_resident_bytes": int(max(resident)),
+        "idle_resident_bytes": int(resident[-1]),
+        "mean_live_bytes": time_weighted(run.samples, 2, run.end_s),
+        "peak_live_bytes": int(max(live)),
+        "memory_byte_seconds_saved_vs_static": (static_bytes - mean_resident) * span,
+        "memory_saved_vs_static_fraction": 1.0 - mean_resident / static_bytes if static_bytes else 0.0,
+        "preemptions": run.counters.get("preemptions"),
+        "grows": run.counters.get("grows"),
+        "shrinks": run.counters.get("shrinks"),
+        "compactions": run.counters.get("compactions"),
+        "memory_samples": len(run.samples),
+        "pool": run.info,
+        "output_checksum": output_checksum(outputs),
+    }

@@ -1,0 +1,257 @@
+"""What a benchmark run leaves behind: the table, ``results.json``, ``memory.png``, ``latency.png``.
+
+Outputs are written into a fresh temporary directory and moved into ``--out`` only once all of
+them exist, so a run that fails leaves nothing partial behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from .systems import SystemRun
+
+MIB = 1024 * 1024
+COLORS = {"elastic": "tab:green", "static": "tab:red", "hf-generate": "tab:blue", "hf-generate-batch": "tab:purple"}
+OUTPUT_FILES = ("results.json", "summary.md", "memory.png", "latency.png")
+
+
+# --------------------------------------------------------------------------------------------
+# table
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.1f}"
+
+
+def _fmt_mib(nbytes: float) -> str:
+    return f"{nbytes / MIB:.2f}"
+
+
+def table(results: dict) -> str:
+    """A markdown table of every system's figures (one row per system)."""
+    header = ("system", "tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV mean/peak/idle MiB",
+              "saved vs static MiB*s (%)", "preempt", "output sha256")
+    rows = []
+    for name, s in results["systems"].items():
+        rows.append((
+            name,
+            f"{s['tokens_per_s']:.0f}",
+            f"{_fmt_ms(s['ttft_p50_s'])} / {_fmt_ms(s['ttft_p99_s'])}",
+            f"{_fmt_ms(s['tpot_p50_s'])} / {_fmt_ms(s['tpot_p99_s'])}",
+            f"{_fmt_mib(s['mean_resident_bytes'])} / {_fmt_mib(s['peak_resident_bytes'])} / "
+            f"{_fmt_mib(s['idle_resident_bytes'])}",
+            f"{s['memory_byte_seconds_saved_vs_static'] / MIB:.0f} ({100 * s['memory_saved_vs_static_fraction']:.0f}%)",
+            "-" if s["preemptions"] is None else str(s["preemptions"]),
+            s["output_checksum"][:12],
+        ))
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in (header, *rows)]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def summary_markdown(results: dict) -> str:
+    """The table plus the lines that say what ran on what (model, trace, scaling, pool, checksums)."""
+    trace, model, pool = results["trace"], results["model"], results["static_pool_bytes"]
+    lines = [
+        f"Trace: {trace['name']} ({trace['source']}): {trace['requests']} requests over {trace['duration_s']:.1f} s, "
+        f"{trace['prompt_tokens']} prompt / {trace['output_tokens']} output tokens; scaling: "
+        f"{trace['scaling']['description']}.",
+    ]
+    if trace.get("attribution"):
+        lines.append(f"Data: {trace['attribution']}.")
+    lines += [
+        f"Model: {model['name']}, {model['parameters'] / 1e6:.1f} M parameters, {model['dtype']} on {model['device']}; "
+        f"{model['kv_bytes_per_token']} KV bytes per token.",
+        f"Static pool (and elastic max): {_fmt_mib(pool)} MiB; elastic min {_fmt_mib(results['settings']['min_bytes'])} "
+        f"MiB, idle_seconds {results['settings']['idle_seconds']:g}, idle tail {results['settings']['tail_seconds']:g} s.",
+        "",
+        table(results),
+        "",
+        results["checksum_note"],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# results.json
+
+
+def _downsample(samples: list[tuple[float, int, int]], limit: int = 2000) -> dict[str, list]:
+    if len(samples) > limit:
+        keep = np.unique(np.linspace(0, len(samples) - 1, limit).astype(int))
+        samples = [samples[i] for i in keep]
+    return {"t_s": [round(s[0], 4) for s in samples], "resident_bytes": [s[1] for s in samples],
+            "live_bytes": [s[2] for s in samples]}
+
+
+def checksum_note(systems: dict[str, dict]) -> str:
+    """One line saying which systems produced identical tokens."""
+    groups: dict[str, list[str]] = {}
+    for name, s in systems.items():
+        groups.setdefault(s["output_checksum"], []).append(name)
+    if len(groups) == 1:
+        return f"Output tokens identical across {', '.join(systems)} (sha256 {next(iter(groups))[:12]})."
+    parts = [f"{' = '.join(names)} ({digest[:12]})" for digest, names in groups.items()]
+    return "Output checksums: " + "; ".join(parts) + "."
+
+
+def results_document(*, command: list[str], settings: dict, model: dict, trace: dict, static_pool_bytes: int,
+                     systems: dict[str, dict], runs: list[SystemRun], definitions: dict) -> dict:
+    """Everything in results.json: settings, trace and its scaling, each system's figures and timeline."""
+    from .. import __version__
+
+    return {
+        "tool": "python -m torch_elastic_kv bench",
+        "version": __version__,
+        "command": command,
+        "settings": settings,
+        "model": model,
+        "trace": trace,
+        "static_pool_bytes": static_pool_bytes,
+        "systems": systems,
+        "checksum_note": checksum_note(systems),
+        "definitions": definitions,
+        "timelines": {run.name: _downsample(run.samples) for run in runs},
+        "arrivals_s": [r.arrival_s for r in runs[0].records] if runs else [],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+
+
+def _step_xy(samples: list[tuple[float, int, int]], column: int, end_s: float) -> tuple[list[float], list[float]]:
+    xs = [s[0] for s in samples] + [end_s]
+    ys = [s[column] / MIB for s in samples]
+    return xs, ys + ys[-1:]
+
+
+def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
+    """Resident KV bytes over time per system; underneath, live KV bytes and the arrival rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=[3, 2])
+    end = max((run.end_s for run in runs), default=1.0)
+    for run in runs:
+        xs, ys = _step_xy(run.samples, 1, run.end_s)
+        top.step(xs, ys, where="post", color=COLORS.get(run.name), label=run.name, linewidth=1.6)
+        xs, ys = _step_xy(run.samples, 2, run.end_s)
+        bottom.step(xs, ys, where="post", color=COLORS.get(run.name), label=f"live ({run.name})", linewidth=1.0)
+    top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1,
+                label="static pool size")
+    top.set_ylabel("resident KV MiB")
+    top.set_ylim(bottom=0)
+    top.legend(loc="upper right", fontsize=8)
+    trace = results["trace"]
+    top.set_title(f"KV cache memory over time: {trace['name']} trace, {results['model']['name']}", fontsize=10)
+    bottom.set_ylabel("live KV MiB")
+    bottom.set_ylim(bottom=0)
+    bottom.set_xlabel("seconds since replay start")
+    arrivals = results["arrivals_s"]
+    rate_axis = bottom.twinx()
+    if arrivals:
+        bin_s = max(end / 60.0, 0.05)
+        edges = np.arange(0.0, end + bin_s, bin_s)
+        counts, _ = np.histogram(arrivals, bins=edges)
+        rate_axis.bar(edges[:-1], counts / bin_s, width=bin_s, align="edge", color="orange", alpha=0.25,
+                      label="arrivals / s")
+    rate_axis.set_ylabel("arrivals / s")
+    lines, labels = bottom.get_legend_handles_labels()
+    rate_lines, rate_labels = rate_axis.get_legend_handles_labels()
+    bottom.legend(lines + rate_lines, labels + rate_labels, loc="upper right", fontsize=7)
+    note = f"scaling: {trace['scaling']['description']}"
+    if trace.get("attribution"):
+        note += f"\ndata: {trace['attribution']}"
+    fig.text(0.01, 0.005, note, fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
+    """TTFT and TPOT distributions (CDFs) per system, and output tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, (ttft_ax, tpot_ax, speed_ax) = plt.subplots(1, 3, figsize=(12, 3.8))
+    for run in runs:
+        ttft = sorted(r.first_token_s - r.arrival_s for r in run.records)
+        tpot = sorted((r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in run.records if len(r.tokens) > 1)
+        color = COLORS.get(run.name)
+        if ttft:
+            ttft_ax.step(np.array(ttft) * 1e3, np.linspace(0, 1, len(ttft), endpoint=False) + 1 / len(ttft),
+                         where="post", color=color, label=run.name)
+        if tpot:
+            tpot_ax.step(np.array(tpot) * 1e3, np.linspace(0, 1, len(tpot), endpoint=False) + 1 / len(tpot),
+                         where="post", color=color, label=run.name)
+    for ax, label in ((ttft_ax, "time to first token (ms)"), (tpot_ax, "time per output token (ms)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    names = list(results["systems"])
+    speeds = [results["systems"][n]["tokens_per_s"] for n in names]
+    busy = [results["systems"][n]["busy_tokens_per_s"] for n in names]
+    x = np.arange(len(names))
+    speed_ax.bar(x - 0.2, speeds, 0.4, color=[COLORS.get(n, "grey") for n in names], label="over the replay")
+    speed_ax.bar(x + 0.2, busy, 0.4, color=[COLORS.get(n, "grey") for n in names], alpha=0.45,
+                 label="while busy")
+    speed_ax.set_xticks(x, names, rotation=15, fontsize=8)
+    speed_ax.set_ylabel("output tokens / s")
+    speed_ax.legend(fontsize=7)
+    fig.suptitle(f"Latency and throughput: {results['trace']['name']} trace, {results['model']['name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def write_outputs(out_dir: str, results: dict, runs: list[SystemRun]) -> list[str]:
+    """Write every output into a temporary directory, then move them into ``out_dir`` together."""
+    staging = tempfile.mkdtemp(prefix="ekv-bench-")
+    try:
+        with open(os.path.join(staging, "results.json"), "w") as handle:
+            json.dump(_jsonable(results), handle, indent=1, allow_nan=False)
+            handle.write("\n")
+        with open(os.path.join(staging, "summary.md"), "w") as handle:
+            handle.write(summary_markdown(results))
+        plot_memory(os.path.join(staging, "memory.png"), results, runs)
+        plot_latency(os.path.join(staging, "latency.png"), results, runs)
+        os.makedirs(out_dir, exist_ok=True)
+        written = []
+        for name in OUTPUT_FILES:
+            target = os.path.join(out_dir, name)
+            shutil.move(os.path.join(staging, name), target)
+            written.append(target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only (numpy scalars become Python numbers; infinities are not allowed)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

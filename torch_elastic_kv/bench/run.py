@@ -1,0 +1,69 @@
+"""One benchmark run from resolved settings: model, trace, each system in turn, report."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from .cli import ResolvedArgs
+from .metrics import DEFINITIONS, summarize
+from .models import load_model
+from .progress import Progress
+from .report import summary_markdown, write_outputs, results_document
+from .systems import SystemRun, auto_max_bytes, run_system
+from .traces import prompt_token_ids, scale_trace, synthetic_requests
+
+
+def _warm_up(model: torch.nn.Module) -> None:
+    """One small forward so one-time kernel setup does not land in the first system's latencies."""
+    with torch.inference_mode():
+        ids = torch.arange(3, 11, device=model.device).unsqueeze(0)
+        model(input_ids=ids)
+
+
+def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
+    """Run every system of ``resolved.settings`` on its trace; write the outputs; return results.json's content."""
+    settings = resolved.settings
+    model, info = load_model(settings.config, settings.model_path, settings.device, settings.dtype, settings.seed)
+    raw = resolved.raw_requests
+    if raw is None:
+        raw = synthetic_requests(settings.trace, settings.seed, settings.quick)
+    trace = scale_trace(resolved.trace_name, resolved.trace_source, raw, time_scale=settings.time_scale,
+                        token_scale=settings.token_scale, window=settings.window, thin=settings.thin,
+                        max_total_tokens=info.max_positions, attribution=resolved.attribution)
+    prompts = prompt_token_ids(trace, info.vocab_size, settings.seed)
+    max_bytes = settings.max_bytes if settings.max_bytes is not None else auto_max_bytes(trace, info, settings)
+    if settings.min_bytes > max_bytes:
+        raise ValueError(f"--min-bytes {settings.min_bytes} is above the pool size {max_bytes}")
+    print(f"ekv-bench: {trace.describe()}; model {info.name} ({info.parameters / 1e6:.1f} M params, {info.dtype}, "
+          f"{info.device}); pool {max_bytes / 2**20:.2f} MiB", file=sys.stderr)
+    _warm_up(model)
+
+    progress = Progress(trace.output_tokens * len(settings.systems), enabled=settings.progress)
+    runs: list[SystemRun] = []
+    try:
+        for name in settings.systems:
+            runs.append(run_system(name, model, info, trace, prompts, settings, max_bytes, progress))
+    finally:
+        progress.close()
+
+    systems = {run.name: summarize(run, max_bytes) for run in runs}
+    model_json = dataclasses.asdict(info) | {"kv_bytes_per_token": info.kv_bytes_per_token}
+    trace_json = {
+        "name": trace.name,
+        "source": trace.source,
+        "attribution": trace.attribution,
+        "requests": len(trace.requests),
+        "duration_s": trace.duration_s,
+        "prompt_tokens": trace.prompt_tokens,
+        "output_tokens": trace.output_tokens,
+        "scaling": trace.scaling,
+    }
+    settings_json = settings.to_json() | {"max_bytes_resolved": max_bytes}
+    results = results_document(command=command, settings=settings_json, model=model_json, trace=trace_json,
+                               static_pool_bytes=max_bytes, systems=systems, runs=runs, definitions=DEFINITIONS)
+    written = write_outputs(settings.out, results, runs)
+    print(summary_markdown(results))
+    print("wrote " + ", ".join(written))
+    return results

@@ -1,0 +1,41 @@
+"""The resolved settings of one benchmark run (what the command line asked for, defaults filled in)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SYSTEM_NAMES = ("elastic", "static", "hf-generate", "hf-generate-batch")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a run depends on; written verbatim into ``results.json``."""
+
+    trace: str                      # a name from traces.TRACE_NAMES or a CSV path
+    systems: tuple[str, ...]
+    model_path: str | None
+    config: str
+    device: str
+    dtype: str
+    seed: int
+    out: str
+    quick: bool
+    time_scale: float
+    token_scale: float
+    window: tuple[float, float | None]
+    thin: int
+    max_bytes: int | None           # None: sized from the trace (see systems.auto_max_bytes)
+    min_bytes: int
+    headroom: float
+    idle_seconds: float
+    tail_seconds: float             # idle time measured after the last request finishes
+    max_running: int
+    max_batch_tokens: int
+    page_tokens: int
+    sample_interval_s: float
+    progress: bool
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["systems"] = list(self.systems)
+        data["window"] = list(self.window)
+        return data

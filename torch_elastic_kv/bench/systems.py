@@ -1,0 +1,428 @@
+"""Running each benchmarked system on a trace, on the wall clock.
+
+Every system sees the same requests at the same (scaled) arrival times: a request is handed
+to the system once its arrival time has passed, idle gaps in the trace really pass, and after
+the last request finishes the run stays idle for ``tail_seconds`` so the idle footprint shows.
+While it runs, the resident and live KV bytes are sampled into a timeline.
+
+- ``elastic``: :class:`torch_elastic_kv.Engine` with an :class:`ElasticPolicy`.
+- ``static``: the same Engine with ``min_bytes == max_bytes`` (mapped at start, never shrunk),
+  which is how serving stacks size their KV cache today.
+- ``hf-generate``: transformers ``generate`` with a ``DynamicCache`` on left-padded batches of
+  the requests that have arrived (a new batch starts when the previous one ends).
+- ``hf-generate-batch``: transformers continuous batching (the manager behind
+  ``model.generate_batch``, fed request by request as they arrive) with a paged cache
+  pre-allocated to the same ``max_bytes``.
+
+All use greedy decoding and ignore EOS, so each request produces exactly its trace's output
+length and the token outputs of different systems can be compared.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .models import ModelInfo
+from .progress import Progress
+from .settings import BenchSettings
+from .traces import Trace
+
+clock = time.perf_counter
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one request, in seconds since the system's replay started."""
+
+    arrival_s: float
+    output_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    token_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self.token_times_s[0] if self.token_times_s else None
+
+    @property
+    def finish_s(self) -> float | None:
+        return self.token_times_s[-1] if len(self.tokens) >= self.output_tokens else None
+
+
+@dataclass
+class SystemRun:
+    """Raw outcome of replaying a trace through one system."""
+
+    name: str
+    records: list[RequestRecord]
+    samples: list[tuple[float, int, int]]  # (seconds, resident KV bytes, live KV bytes)
+    load_end_s: float                      # when the last request finished
+    end_s: float                           # end of the idle tail
+    counters: dict[str, int | None]        # preemptions, grows, shrinks, compactions (None: not exposed)
+    info: dict[str, Any]                   # pool facts: max/min bytes, granule bytes, arenas, ...
+
+
+class Recorder:
+    """Collects token times and memory samples against one start time."""
+
+    def __init__(self, trace: Trace, progress: Progress) -> None:
+        self.records = [RequestRecord(r.arrival_s, r.output_tokens) for r in trace.requests]
+        self.samples: list[tuple[float, int, int]] = []
+        self.progress = progress
+        self.t0 = clock()
+
+    def now(self) -> float:
+        return clock() - self.t0
+
+    def token(self, index: int, token: int, at: float) -> None:
+        record = self.records[index]
+        if len(record.tokens) < record.output_tokens:
+            record.tokens.append(int(token))
+            record.token_times_s.append(at)
+            self.progress.tokens(1)
+
+    def sample(self, resident: int, live: int, at: float | None = None) -> None:
+        self.samples.append((self.now() if at is None else at, int(resident), int(live)))
+
+    def sleep_until(self, deadline: float, interval: float, sample: Callable[[], None]) -> None:
+        """Sleep until ``deadline`` (seconds since t0), calling ``sample`` every ``interval``."""
+        while True:
+            remaining = deadline - self.now()
+            if remaining <= 0:
+                return
+            time.sleep(min(interval, remaining))
+            sample()
+
+
+# --------------------------------------------------------------------------------------------
+# the Engine (elastic and static)
+
+
+class EngineLike(Protocol):
+    def add_request(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> int: ...
+    def step(self) -> list[tuple[int, int]]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> dict: ...
+
+
+def replay_engine(engine: EngineLike, trace: Trace, prompts: list[list[int]], settings: BenchSettings,
+                  progress: Progress, name: str) -> SystemRun:
+    """Drive ``engine`` on the trace's wall-clock arrivals; one thread, so runs are reproducible.
+
+    When the engine has work it steps; when it has none it sleeps until the next arrival,
+    giving the policy an idle tick (``engine.maintain()``, or an empty ``step()`` for engines
+    without it) and sampling memory every ``sample_interval_s``. Memory after a step comes
+    from the engine's per-step timeline when it keeps one (cheap, taken inside the step),
+    else from ``stats()``.
+    """
+    rec = Recorder(trace, progress)
+    requests = trace.requests
+    index_of: dict[int, int] = {}
+    next_arrival = 0
+    timeline = getattr(engine, "timeline", None)
+    idle_policy_tick = getattr(engine, "maintain", None) or engine.step
+
+    def sample() -> None:
+        stats = engine.stats()
+        rec.sample(stats["resident_bytes"], stats["live_bytes"])
+
+    def sample_after_step() -> None:
+        if timeline:
+            entry = timeline[-1]
+            rec.sample(entry["resident_bytes"], entry["live_bytes"])
+            timeline.clear()  # only the latest entry is read; keep the list from growing
+        else:
+            sample()
+
+    def idle_tick() -> None:
+        idle_policy_tick()
+        sample()
+
+    sample()
+    while True:
+        now = rec.now()
+        while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
+            request_id = engine.add_request(
+                prompts[next_arrival], max_new_tokens=requests[next_arrival].output_tokens, eos_token_id=None
+            )
+            index_of[request_id] = next_arrival
+            next_arrival += 1
+        if engine.has_unfinished():
+            produced = engine.step()
+            at = rec.now()
+            for request_id, token in produced:
+                rec.token(index_of[request_id], token, at)
+            sample_after_step()
+        elif next_arrival < len(requests):
+            rec.sleep_until(requests[next_arrival].arrival_s, settings.sample_interval_s, idle_tick)
+        else:
+            break
+    load_end = rec.now()
+    rec.sleep_until(load_end + settings.tail_seconds, settings.sample_interval_s, idle_tick)
+    stats = engine.stats()
+    counters = {k: stats.get(k) for k in ("preemptions", "grows", "shrinks", "compactions")}
+    return SystemRun(name, rec.records, rec.samples, load_end, rec.now(), counters, {})
+
+
+def engine_pool_info(engine: Any) -> dict[str, Any]:
+    """Pool facts the report needs (granule and chunk size, number of arenas, bounds)."""
+    pool = getattr(engine, "pool", None)
+    if pool is None or not hasattr(pool, "stats"):
+        return {}
+    keys = ("granule_bytes", "chunk_bytes", "arenas", "page_bytes", "max_bytes", "min_bytes", "reserved_bytes",
+            "max_pages")
+    pool_stats = pool.stats()
+    return {k: pool_stats[k] for k in keys if k in pool_stats}
+
+
+def run_engine_system(name: str, model: torch.nn.Module, trace: Trace, prompts: list[list[int]],
+                      settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+    """``elastic`` or ``static``: build the Engine and its policy, replay, close."""
+    from .. import ElasticPolicy, Engine
+
+    # the policy's clock is the harness's clock, so the engine's timeline lines up with ours
+    if name == "static":
+        policy = ElasticPolicy(min_bytes=max_bytes, max_bytes=max_bytes, clock=clock)
+    else:
+        policy = ElasticPolicy(min_bytes=settings.min_bytes, max_bytes=max_bytes, headroom=settings.headroom,
+                               idle_seconds=settings.idle_seconds, clock=clock)
+    engine = Engine(model, policy=policy, max_batch_tokens=settings.max_batch_tokens,
+                    max_running=settings.max_running, page_tokens=settings.page_tokens)
+    try:
+        run = replay_engine(engine, trace, prompts, settings, progress, name)
+        run.info.update(engine_pool_info(engine))
+        return run
+    finally:
+        engine.close()
+        pool_close = getattr(engine.pool, "close", None)
+        if callable(pool_close):
+            pool_close()  # give its memory back before the next system runs
+
+
+# --------------------------------------------------------------------------------------------
+# transformers generate on padded batches
+
+
+@contextlib.contextmanager
+def _no_eos(model: torch.nn.Module):
+    """Generate exactly max_new_tokens: the model's default EOS would stop rows early."""
+    config = model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        yield
+    finally:
+        config.eos_token_id = saved
+
+
+class _StepStreamer:
+    """A ``generate`` streamer: one ``put`` per decoding step is where tokens get their times."""
+
+    def __init__(self, on_step: Callable[[torch.Tensor], None]) -> None:
+        self._on_step = on_step
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self._on_step(value)
+
+    def end(self) -> None:
+        pass
+
+
+def _dynamic_cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
+                    settings: BenchSettings, progress: Progress) -> SystemRun:
+    """Padded batches through ``model.generate``: each batch takes every request that has arrived
+    (up to ``max_running``) and runs until its longest output is done."""
+    from transformers import DynamicCache, GenerationConfig
+
+    rec = Recorder(trace, progress)
+    requests = trace.requests
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    queue: deque[int] = deque()
+    next_arrival = 0
+    finished = 0
+    rec.sample(0, 0)
+    with _no_eos(model), torch.inference_mode():
+        while finished < len(requests):
+            now = rec.now()
+            while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
+                queue.append(next_arrival)
+                next_arrival += 1
+            if not queue:
+                rec.sleep_until(requests[next_arrival].arrival_s, settings.sample_interval_s, lambda: rec.sample(0, 0))
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), settings.max_running))]
+            width = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                attention[row, width - len(prompts[i]):] = 1
+            cache = DynamicCache(config=model.config)
+            steps = [0]
+
+            def on_step(tokens: torch.Tensor, batch=batch, cache=cache, steps=steps) -> None:
+                at = rec.now()
+                steps[0] += 1
+                live_tokens = 0
+                for row, i in enumerate(batch):
+                    rec.token(i, int(tokens[row]), at)
+                    if steps[0] < requests[i].output_tokens:
+                        live_tokens += len(prompts[i]) + steps[0]
+                rec.sample(_dynamic_cache_bytes(cache), live_tokens * info.kv_bytes_per_token, at)
+
+            config = GenerationConfig(do_sample=False, max_new_tokens=max(requests[i].output_tokens for i in batch),
+                                      pad_token_id=pad_id, eos_token_id=None)
+            model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                           cache=cache, generation_config=config, streamer=_StepStreamer(on_step))
+            del cache
+            finished += len(batch)
+            rec.sample(0, 0)
+    load_end = rec.now()
+    rec.sleep_until(load_end + settings.tail_seconds, settings.sample_interval_s, lambda: rec.sample(0, 0))
+    counters = {"preemptions": 0, "grows": None, "shrinks": None, "compactions": None}
+    return SystemRun("hf-generate", rec.records, rec.samples, load_end, rec.now(), counters, {})
+
+
+# --------------------------------------------------------------------------------------------
+# transformers continuous batching
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Continuous batching logs CPU-only complaints (no psutil, no flash attention) at ERROR."""
+    loggers = [logging.getLogger(n) for n in ("ContinuousBatchingLogger", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
+                          settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+    """transformers continuous batching, requests added as they arrive, cache sized to ``max_bytes``."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    rec = Recorder(trace, progress)
+    requests = trace.requests
+    block_bytes = settings.page_tokens * info.kv_bytes_per_token
+    cb_config = ContinuousBatchingConfig(
+        page_size=settings.page_tokens,
+        num_blocks=max(1, max_bytes // block_bytes),
+        max_batch_tokens=settings.max_batch_tokens,
+        max_requests_per_batch=settings.max_running,
+        allow_block_sharing=False,  # prefix caching would keep finished requests' blocks: not comparable
+        auto_switch_to_flash=False,
+    )
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_tokens for r in requests),
+                                  eos_token_id=-1, pad_token_id=model.config.pad_token_id)
+    pending: dict[str, int] = {}
+    next_arrival = 0
+    resident = [0]
+
+    with _quiet_transformers(), model.continuous_batching_context_manager(
+        generation_config=gen_config, continuous_batching_config=cb_config,
+        warmup=torch.device(settings.device).type == "cuda",
+    ) as manager:
+
+        def sample() -> None:
+            processor = manager.batch_processor
+            cache = getattr(processor, "cache", None)
+            if cache is None:
+                rec.sample(resident[0], 0)
+                return
+            resident[0] = cache.cache_tensor.numel() * cache.cache_tensor.element_size()
+            capacity = cache.num_sectors * cache.bytes_per_sector
+            rec.sample(resident[0], max(0, capacity - int(cache.compute_free_capacity(relative=False))))
+
+        def collect(timeout: float) -> None:
+            result = manager.get_result(timeout=timeout)
+            while result is not None:
+                if result.is_finished():
+                    if result.error is not None:
+                        raise RuntimeError(f"hf-generate-batch: request {result.request_id} failed: {result.error}")
+                    index = pending.pop(result.request_id)
+                    for token, stamp in zip(result.generated_tokens, result.timestamps or []):
+                        rec.token(index, token, stamp - rec.t0)
+                result = manager.get_result(timeout=0)
+
+        sample()
+        while pending or next_arrival < len(requests):
+            now = rec.now()
+            while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
+                request_id = f"r{next_arrival}"
+                manager.add_request(prompts[next_arrival], request_id=request_id, eos_token_id=-1,
+                                    max_new_tokens=requests[next_arrival].output_tokens, record_timestamps=True)
+                pending[request_id] = next_arrival
+                next_arrival += 1
+            wait = settings.sample_interval_s
+            if next_arrival < len(requests):
+                wait = max(0.0, min(wait, requests[next_arrival].arrival_s - rec.now()))
+            collect(wait)
+            sample()
+            if not manager.is_running() and pending:
+                raise RuntimeError("hf-generate-batch: the continuous batching thread stopped with requests pending")
+        load_end = max((r.finish_s or 0.0) for r in rec.records)
+        rec.sleep_until(rec.now() + settings.tail_seconds, settings.sample_interval_s, sample)
+        end = rec.now()
+    counters = {"preemptions": None, "grows": None, "shrinks": None, "compactions": None}
+    return SystemRun("hf-generate-batch", rec.records, rec.samples, load_end, end, counters,
+                     {"max_bytes": resident[0]})
+
+
+def run_system(name: str, model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
+               settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+    """Replay ``trace`` through the system called ``name``.
+
+    Systems switch the model's attention implementation (the Engine to its paged attention,
+    continuous batching to its own); each starts from, and leaves, the model as it was loaded.
+    """
+    progress.system(name)
+    attention = model.config._attn_implementation
+    try:
+        if name in ("elastic", "static"):
+            return run_engine_system(name, model, trace, prompts, settings, max_bytes, progress)
+        if name == "hf-generate":
+            return run_hf_generate(model, info, trace, prompts, settings, progress)
+        if name == "hf-generate-batch":
+            return run_hf_generate_batch(model, info, trace, prompts, settings, max_bytes, progress)
+        raise ValueError(f"unknown system {name!r}")
+    finally:
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
+
+
+AUTO_POOL_ALIGN = 2 * 1024 * 1024  # the mapping granularity of the host backend and of CUDA VMM
+
+
+def auto_max_bytes(trace: Trace, info: ModelInfo, settings: BenchSettings) -> int:
+    """Default pool size: the smallest static pool in which the ``max_running`` largest requests of
+    the trace fit at once (whole pages), so memory never makes a request wait on either pool;
+    rounded up to whole 2 MiB granules."""
+    page = settings.page_tokens
+    pages = sorted((-(-(r.prompt_tokens + r.output_tokens) // page) for r in trace.requests), reverse=True)
+    nbytes = sum(pages[: settings.max_running]) * page * info.kv_bytes_per_token
+    return -(-nbytes // AUTO_POOL_ALIGN) * AUTO_POOL_ALIGN

@@ -1,0 +1,305 @@
+"""Request traces for the benchmark: synthetic generators, CSV replay, scaling to the machine.
+
+A trace is a list of requests, each an arrival time (seconds from the start of the replay), a
+prompt length and an output length, in tokens. Synthetic traces are deterministic for a seed.
+CSV traces use the columns of the Azure LLM inference trace 2023 (``TIMESTAMP``,
+``ContextTokens``, ``GeneratedTokens``). Real traces are too big for a laptop, so the replay is
+scaled (a time window, compressed time, scaled token counts, every k-th request) and the
+:class:`Trace` records exactly what was changed so every report can say it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+SYNTHETIC_TRACES = ("steady", "bursty", "ramp")
+BUNDLED_TRACES = {"azure-code": "azure_llm_2023_code.csv"}
+TRACE_NAMES = SYNTHETIC_TRACES + tuple(BUNDLED_TRACES)
+CSV_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+AZURE_ATTRIBUTION = (
+    "Azure LLM inference trace 2023, code sample (Azure Public Dataset, CC-BY 4.0; "
+    "Patel et al., 'Splitwise: Efficient generative LLM inference using phase splitting', ISCA 2024)"
+)
+
+
+class TraceError(ValueError):
+    """A trace cannot be read or its scaling selects nothing; the message says why."""
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """One request: when it arrives and how many tokens go in and come out."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A replayable trace plus the record of how it was derived from its source."""
+
+    name: str
+    source: str
+    requests: tuple[TraceRequest, ...]
+    attribution: str | None = None
+    scaling: dict = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        """Arrival time of the last request (the first arrives at or after 0)."""
+        return self.requests[-1].arrival_s if self.requests else 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.requests)
+
+    def describe(self) -> str:
+        """One line naming the trace and what was scaled."""
+        return f"{self.name}: {len(self.requests)} requests over {self.duration_s:.1f} s; {self.scaling['description']}"
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic traces
+
+
+@dataclass(frozen=True)
+class SyntheticShape:
+    """Sizes of a synthetic trace; ``quick`` uses a much smaller one."""
+
+    duration_s: float
+    rate_per_s: float  # steady rate, burst rate, or peak of the ramp
+    prompt_median: int
+    prompt_max: int
+    output_median: int
+    output_max: int
+    burst_on_s: float = 0.0
+    burst_off_s: float = 0.0
+    bursts: int = 0
+
+
+def synthetic_shape(kind: str, quick: bool) -> SyntheticShape:
+    """The default size of each synthetic trace (chosen so the default bench fits 3 minutes on 2 CPU cores)."""
+    if kind not in SYNTHETIC_TRACES:
+        raise TraceError(f"unknown synthetic trace {kind!r}; expected one of {', '.join(SYNTHETIC_TRACES)}")
+    if quick:
+        base = dict(prompt_median=64, prompt_max=256, output_median=8, output_max=16)
+        if kind == "bursty":
+            return SyntheticShape(duration_s=0, rate_per_s=10.0, burst_on_s=0.6, burst_off_s=1.2, bursts=2, **base)
+        return SyntheticShape(duration_s=1.5, rate_per_s=8.0, **base)
+    base = dict(prompt_median=96, prompt_max=512, output_median=32, output_max=128)
+    if kind == "bursty":
+        return SyntheticShape(duration_s=0, rate_per_s=8.0, burst_on_s=3.0, burst_off_s=4.0, bursts=3, **base)
+    if kind == "steady":
+        return SyntheticShape(duration_s=18.0, rate_per_s=4.0, **base)
+    return SyntheticShape(duration_s=18.0, rate_per_s=8.0, **base)
+
+
+def _lengths(rng: np.random.Generator, n: int, median: int, maximum: int) -> np.ndarray:
+    # log-normal: most requests short, a long tail, as in real traffic
+    values = rng.lognormal(mean=math.log(median), sigma=0.6, size=n)
+    return np.clip(np.rint(values), 1, maximum).astype(np.int64)
+
+
+def _poisson_arrivals(rng: np.random.Generator, start: float, end: float, rate: float) -> list[float]:
+    times, t = [], start
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t >= end:
+            return times
+        times.append(t)
+
+
+def synthetic_requests(kind: str, seed: int, quick: bool = False) -> list[TraceRequest]:
+    """Requests of a synthetic trace, identical for the same ``kind``, ``seed`` and ``quick``.
+
+    ``steady``: Poisson arrivals at a constant rate. ``bursty``: bursts of ``rate x burst_on_s``
+    requests at uniformly random times, separated by idle gaps with no arrivals (long enough for an elastic pool to give memory back). ``ramp``: the
+    rate rises linearly from zero to its peak (a thinned Poisson process).
+    """
+    shape = synthetic_shape(kind, quick)
+    rng = np.random.default_rng(seed)
+    if kind == "steady":
+        arrivals = _poisson_arrivals(rng, 0.0, shape.duration_s, shape.rate_per_s)
+    elif kind == "bursty":
+        arrivals = []
+        period = shape.burst_on_s + shape.burst_off_s
+        per_burst = max(1, round(shape.rate_per_s * shape.burst_on_s))
+        for burst in range(shape.bursts):
+            # a fixed count per burst (uniform times within it): every burst is a real burst
+            start = burst * period
+            arrivals += sorted((start + rng.uniform(0.0, shape.burst_on_s, per_burst)).tolist())
+    else:
+        candidates = _poisson_arrivals(rng, 0.0, shape.duration_s, shape.rate_per_s)
+        keep = rng.random(len(candidates)) < np.asarray(candidates) / shape.duration_s
+        arrivals = [t for t, k in zip(candidates, keep) if k]
+    n = len(arrivals)
+    prompts = _lengths(rng, n, shape.prompt_median, shape.prompt_max)
+    outputs = _lengths(rng, n, shape.output_median, shape.output_max)
+    return [TraceRequest(float(t), int(p), int(o)) for t, p, o in zip(arrivals, prompts, outputs)]
+
+
+# --------------------------------------------------------------------------------------------
+# CSV traces
+
+
+def bundled_trace_path(name: str) -> str:
+    """Path of a trace shipped in ``torch_elastic_kv/data``."""
+    return str(resources.files("torch_elastic_kv").joinpath("data", BUNDLED_TRACES[name]))
+
+
+def _parse_timestamp(text: str) -> float:
+    text = text.strip()
+    try:
+        return float(text)  # plain seconds
+    except ValueError:
+        pass
+    # Python's ISO parser accepts at most 6 fractional digits; the Azure trace has 7
+    head, dot, frac = text.partition(".")
+    if dot:
+        text = f"{head}.{(frac + '000000')[:6]}"
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def read_trace_csv(path: str) -> list[TraceRequest]:
+    """Read a CSV with columns TIMESTAMP, ContextTokens, GeneratedTokens (others ignored).
+
+    Arrival times become seconds after the earliest request; rows are sorted by arrival.
+    Raises :class:`TraceError` naming the file, row and problem.
+    """
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [c for c in CSV_COLUMNS if c not in columns]
+            if missing:
+                raise TraceError(
+                    f"trace {path}: missing column(s) {', '.join(missing)}; "
+                    f"expected {', '.join(CSV_COLUMNS)}, found {', '.join(columns) or 'no header'}"
+                )
+            raw = []
+            for line, row in enumerate(reader, start=2):
+                try:
+                    stamp = _parse_timestamp(row["TIMESTAMP"] or "")
+                    context, generated = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                except (TypeError, ValueError) as exc:
+                    raise TraceError(f"trace {path}: line {line}: cannot parse {dict(row)} ({exc})") from None
+                if context < 1 or generated < 1:
+                    raise TraceError(
+                        f"trace {path}: line {line}: token counts must be >= 1, got "
+                        f"ContextTokens={context} GeneratedTokens={generated}"
+                    )
+                raw.append((stamp, context, generated))
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise TraceError(f"cannot read trace {path}: not a text CSV file") from None
+    if not raw:
+        raise TraceError(f"trace {path}: no requests (only a header)")
+    raw.sort(key=lambda r: r[0])
+    start = raw[0][0]
+    return [TraceRequest(stamp - start, c, g) for stamp, c, g in raw]
+
+
+# --------------------------------------------------------------------------------------------
+# scaling
+
+
+def parse_window(text: str) -> tuple[float, float | None]:
+    """``"END"`` or ``"START:END"`` (seconds of trace time) -> (start, end); end None = open."""
+    start_text, sep, end_text = text.partition(":")
+    if not sep:
+        start_text, end_text = "0", start_text
+    try:
+        start = float(start_text) if start_text.strip() else 0.0
+        end = float(end_text) if end_text.strip() else None
+    except ValueError:
+        raise TraceError(f"--window {text!r}: expected END or START:END in seconds") from None
+    if start < 0 or (end is not None and end <= start) or not math.isfinite(start):
+        raise TraceError(f"--window {text!r}: need 0 <= START < END, got start={start} end={end}")
+    return start, end
+
+
+def scale_trace(
+    name: str,
+    source: str,
+    raw: list[TraceRequest],
+    *,
+    time_scale: float = 1.0,
+    token_scale: float = 1.0,
+    window: tuple[float, float | None] = (0.0, None),
+    thin: int = 1,
+    max_total_tokens: int | None = None,
+    attribution: str | None = None,
+) -> Trace:
+    """Select, compress and scale ``raw`` into a replayable :class:`Trace`.
+
+    Order of operations: keep requests whose arrival is in ``window`` (trace seconds), keep
+    every ``thin``-th of them, shift so the window starts at 0, multiply arrival times by
+    ``time_scale`` and token counts by ``token_scale`` (rounded, at least 1), then cap each
+    request at ``max_total_tokens`` (the model's context) by shortening its prompt, then its
+    output. The result's ``scaling`` dict records each of these and how many requests they touched.
+    """
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise TraceError(f"--time-scale must be a positive number, got {time_scale}")
+    if not (token_scale > 0 and math.isfinite(token_scale)):
+        raise TraceError(f"--token-scale must be a positive number, got {token_scale}")
+    if thin < 1:
+        raise TraceError(f"--thin must be >= 1, got {thin}")
+    start, end = window
+    selected = [r for r in raw if r.arrival_s >= start and (end is None or r.arrival_s < end)]
+    selected = selected[::thin]
+    if not selected:
+        span = f"{raw[0].arrival_s:.1f}..{raw[-1].arrival_s:.1f} s" if raw else "nothing"
+        raise TraceError(f"--window {start:g}:{'' if end is None else f'{end:g}'} selects no requests (trace spans {span})")
+    clipped = 0
+    requests = []
+    for r in selected:
+        prompt = max(1, round(r.prompt_tokens * token_scale))
+        output = max(1, round(r.output_tokens * token_scale))
+        if max_total_tokens is not None and prompt + output > max_total_tokens:
+            clipped += 1
+            output = min(output, max(1, max_total_tokens // 4))
+            prompt = max(1, min(prompt, max_total_tokens - output))
+        requests.append(TraceRequest((r.arrival_s - start) * time_scale, prompt, output))
+    parts = []
+    if start > 0 or end is not None:
+        parts.append(f"window {start:g}-{'end' if end is None else f'{end:g}'} s of the trace")
+    if thin > 1:
+        parts.append(f"1 in {thin} requests kept")
+    if time_scale != 1.0:
+        parts.append(f"time x{time_scale:g}")
+    if token_scale != 1.0:
+        parts.append(f"token counts x{token_scale:g}")
+    if clipped:
+        parts.append(f"{clipped} requests cut to the model's {max_total_tokens}-token context")
+    scaling = {
+        "time_scale": time_scale,
+        "token_scale": token_scale,
+        "window_s": [start, end],
+        "thin": thin,
+        "clipped_requests": clipped,
+        "max_total_tokens": max_total_tokens,
+        "source_requests": len(raw),
+        "description": "; ".join(parts) if parts else "unscaled",
+    }
+    return Trace(name=name, source=source, requests=tuple(requests), attribution=attribution, scaling=scaling)
+
+
+def prompt_token_ids(trace: Trace, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random prompt token ids for each request, identical for the same trace, vocab and seed."""
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
+    rng = np.random.default_rng([seed, 1])  # a stream separate from the one that drew the lengths
+    # skip the lowest ids: special tokens (pad/bos/eos) in most vocabularies
+    return [rng.integers(3, vocab_size, size=r.prompt_tokens).tolist() for r in trace.requests]
