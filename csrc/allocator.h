@@ -110,6 +110,9 @@ class DeviceAllocator {
   AllocatorStats stats() const;
   std::vector<BlockInfo> snapshot() const;
   int device() const { return device_; }
+  // Marks the allocator closed if nothing is allocated or paused (later calls fail with
+  // kUnavailable, so the caller can drop it); else kInvalidArgument and nothing changes.
+  Status close_if_idle();
 
  private:
   struct FenceRef;
@@ -171,6 +174,7 @@ class DeviceAllocator {
   Block* pending_tail_ = nullptr;
   std::unordered_map<TagId, TagState> tags_;
   std::optional<std::size_t> limit_;
+  bool closed_ = false;
   std::size_t mapped_ = 0, allocated_ = 0, requested_ = 0, paused_ = 0, paused_live_ = 0;
   std::size_t pending_free_ = 0, peak_allocated_ = 0, peak_mapped_ = 0;
   std::uint64_t mallocs_ = 0, frees_ = 0, failed_mallocs_ = 0, failed_frees_ = 0, maps_ = 0, unmaps_ = 0;
@@ -187,9 +191,12 @@ class Allocator {
   void* malloc(std::size_t size, int device, void* stream) noexcept;
   void free(void* ptr, std::size_t size, int device, void* stream) noexcept;
 
-  // The device's allocator, created on first use.
-  Status device(int device, DeviceAllocator** out);
-  std::vector<DeviceAllocator*> devices();
+  // The device's allocator, created on first use. Shared: close() may drop it meanwhile.
+  Status device(int device, std::shared_ptr<DeviceAllocator>* out);
+  std::vector<std::shared_ptr<DeviceAllocator>> devices();
+  // Drops the device's allocator (its arena and address reservation) if nothing is allocated
+  // or paused there; the next malloc on the device starts a fresh one.
+  Status close(int device);
   // Address space each device reserves when first used (0 = default). Only before first use.
   void set_reserve_bytes(std::size_t nbytes);
 
@@ -206,7 +213,7 @@ class Allocator {
  private:
   Allocator();
   std::mutex mu_;
-  std::map<int, std::unique_ptr<DeviceAllocator>> devices_;
+  std::map<int, std::shared_ptr<DeviceAllocator>> devices_;
   std::size_t reserve_bytes_ = 0;
   std::mutex tags_mu_;
   std::vector<std::string> tag_names_;

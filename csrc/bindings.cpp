@@ -222,10 +222,13 @@ void bind_budget(py::module_& m) {
 }
 
 }  // namespace
+
+void bind_allocator(py::module_& m);  // allocator_bindings.cpp
 }  // namespace ekv
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_elastic_kv C++ core: arenas, backends, per-device budgets";
   ekv::bind_arena(m);
   ekv::bind_budget(m);
+  ekv::bind_allocator(m);
 }
