@@ -1,7 +1,7 @@
 """The allocator through its C ABI (ekv_malloc/ekv_free via ctypes) on the host backend (device -1).
 
-Every test frees what it allocates and leaves the host allocator trimmed, so RssShmem and the
-stats of one test do not leak into the next.
+Every test frees what it allocates and closes the host allocator after it, so RssShmem, the
+stats and the cpu budget's arena count of one test do not leak into the next.
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ from torch_elastic_kv import allocator as ekv_alloc
 HOST = -1
 
 
+@pytest.fixture(autouse=True)
+def _closed_after():
+    yield
+    ekv_alloc.close(HOST)  # raises if a test leaked allocations
+
+
 @pytest.fixture
 def abi():
-    ekv_alloc.trim(HOST)
     ekv_alloc.last_error(clear=True)
     yield Abi(HOST)
-    ekv_alloc.set_limit(None, HOST)
-    assert ekv_alloc.stats(HOST)["live_blocks"] == 0, "a test leaked allocations"
-    ekv_alloc.trim(HOST)
+    assert ekv_alloc.snapshot(HOST) == [], "a test leaked allocations"
 
 
 def test_mixed_sizes_aligned_disjoint_writable_and_kept(abi):

@@ -1,0 +1,163 @@
+"""The allocator's cuda path (device 0) through its C ABI, on the fake CUDA driver.
+
+The fake driver's "device" memory is host memory, so contents are checked directly; its
+counters (live handles, mappings, reservations, events, calls per function) show what reached
+the driver. Each test ends with everything freed and the device's allocator closed, so the
+driver is back to zero objects for the next test.
+"""
+from __future__ import annotations
+
+import pytest
+
+from allocator_helpers import (MiB, Abi, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
+                               tagged)
+from torch_elastic_kv import allocator as ekv_alloc
+
+DEV = 0
+S1, S2, S3 = 0x1000, 0x2000, 0x3000  # opaque stream handles (the fake driver only records them)
+ZERO = {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+
+
+@pytest.fixture
+def dev(fake_cuda):
+    ekv_alloc.last_error(clear=True)
+    yield Abi(DEV), fake_cuda
+    fake_cuda.set_events_complete(True)
+    fake_cuda.complete_events()
+    assert ekv_alloc.snapshot(DEV) == [], "a test leaked allocations"
+    ekv_alloc.close(DEV)
+    assert fake_cuda.counts() == ZERO
+
+
+def test_mixed_sizes_then_trim_gives_every_handle_back(dev):
+    abi, fake = dev
+    sizes = mixed_sizes(50, seed=3)
+    blocks = [(abi.malloc(n), n) for n in sizes]
+    assert all(p for p, _ in blocks), ekv_alloc.last_error()
+    assert_disjoint_and_aligned(blocks)
+    for i, (p, n) in enumerate(blocks):
+        fill(p, n, seed=i)
+    for i, (p, n) in enumerate(blocks):
+        assert check(p, n, seed=i)
+    s = ekv_alloc.stats(DEV)
+    assert fake.live_handles() * s["granularity"] == s["mapped_bytes"] >= sum(sizes)
+    for p, n in blocks:
+        abi.free(p, n)
+    assert fake.live_handles() > 0  # freed blocks stay mapped, for reuse
+    assert ekv_alloc.trim(DEV) >= sum(sizes)
+    s = ekv_alloc.stats(DEV)
+    assert s["mapped_bytes"] == 0 and s["segments"] == 0
+    assert fake.live_handles() == 0 and fake.live_mappings() == 0 and fake.live_events() == 0
+    assert fake.counts()["reservations"] == 1  # the address range stays reserved until close
+
+
+def test_stream_ordered_reuse_records_events_and_never_synchronizes_on_free(dev):
+    abi, fake = dev
+    fake.set_events_complete(False)  # queued device work: events stay not-ready
+    sync0, rec0 = fake.calls("cuEventSynchronize"), fake.calls("cuEventRecord")
+    small, big = abi.malloc(4096, S1), abi.malloc(6 * MiB, S1)
+    abi.free(small, 4096, S1)
+    abi.free(big, 6 * MiB, S1)
+    assert fake.calls("cuEventRecord") == rec0 + 2  # one event per free
+    assert ekv_alloc.stats(DEV)["pending_free_bytes"] >= 6 * MiB + 4096
+    # Another stream must not get memory the device may still be using ...
+    other_small, other_big = abi.malloc(4096, S2), abi.malloc(6 * MiB, S2)
+    assert other_small != small and other_big != big
+    # ... the freeing stream gets it back at once.
+    again_small, again_big = abi.malloc(4096, S1), abi.malloc(6 * MiB, S1)
+    assert again_small == small and again_big == big
+    for p, n, s in [(other_small, 4096, S2), (other_big, 6 * MiB, S2), (again_small, 4096, S1),
+                    (again_big, 6 * MiB, S1)]:
+        abi.free(p, n, s)
+    assert fake.calls("cuEventSynchronize") == sync0  # nothing waited on the free path
+    # Once the events complete, any stream may reuse the blocks: no new mapping.
+    fake.complete_events()
+    maps = ekv_alloc.stats(DEV)["maps"]
+    x = abi.malloc(6 * MiB, S3)
+    assert x in (big, other_big) and ekv_alloc.stats(DEV)["maps"] == maps
+    abi.free(x, 6 * MiB, S3)
+    # trim waits for outstanding events (event waits only) and then unmaps everything.
+    fake.set_events_complete(False)
+    y = abi.malloc(3 * MiB, S2)
+    abi.free(y, 3 * MiB, S2)
+    ekv_alloc.trim(DEV)
+    assert fake.calls("cuEventSynchronize") > sync0
+    assert ekv_alloc.stats(DEV)["mapped_bytes"] == 0 and fake.live_handles() == 0
+
+
+def test_limit_fails_mallocs_without_touching_the_driver_or_live_blocks(dev):
+    abi, fake = dev
+    live = [(abi.malloc(n), n) for n in (4 * MiB, 20_000)]
+    for i, (p, n) in enumerate(live):
+        fill(p, n, seed=40 + i)
+    ekv_alloc.set_limit(2 * MiB, DEV)
+    s0, handles, creates = ekv_alloc.stats(DEV), fake.live_handles(), fake.create_count()
+    assert abi.malloc(8 * MiB) == 0
+    assert "limit of 2097152 bytes" in ekv_alloc.last_error(clear=True)
+    assert fake.live_handles() == handles and fake.create_count() == creates
+    assert stable_counts(ekv_alloc.stats(DEV)) == stable_counts(s0)
+    for i, (p, n) in enumerate(live):
+        assert check(p, n, seed=40 + i)
+    ekv_alloc.set_limit(None, DEV)
+    p = abi.malloc(8 * MiB)
+    assert p and fake.live_handles() == handles + 4
+    abi.free(p, 8 * MiB)
+    for p, n in live:
+        abi.free(p, n)
+    ekv_alloc.trim(DEV)
+
+
+def test_pause_with_backup_drops_handles_and_restores_bytes(dev):
+    abi, fake = dev
+    with tagged("fake-kv"):
+        mine = [(abi.malloc(n, S1), n) for n in (5000, 700_000, 7 * MiB + 1)]
+    with tagged("fake-weights"):
+        other = [(abi.malloc(n, S2), n) for n in (3 * MiB, 128)]
+    for i, (p, n) in enumerate(mine + other):
+        fill(p, n, seed=60 + i)
+    handles = fake.live_handles()
+    ekv_alloc.pause("fake-kv", backup=True, device=DEV)
+    paused = ekv_alloc.stats(DEV)["tags"]["fake-kv"]["paused_bytes"]
+    assert paused >= sum(n for _, n in mine)
+    assert fake.live_handles() == handles - paused // (2 * MiB)
+    for i, (p, n) in enumerate(other):
+        assert check(p, n, seed=60 + len(mine) + i)
+    ekv_alloc.resume("fake-kv")  # device=None: wherever the tag is paused
+    assert fake.live_handles() == handles
+    for i, (p, n) in enumerate(mine + other):
+        assert check(p, n, seed=60 + i)
+    for p, n in mine:
+        abi.free(p, n, S1)
+    for p, n in other:
+        abi.free(p, n, S2)
+    ekv_alloc.trim(DEV)
+
+
+def test_driver_failures_return_null_or_keep_the_block(dev):
+    abi, fake = dev
+    s0 = ekv_alloc.stats(DEV)
+    fake.fail_nth("cuMemCreate", 1)
+    assert abi.malloc(8 * MiB) == 0
+    err = ekv_alloc.last_error(clear=True)
+    assert "cuMemCreate" in err and "CUDA_ERROR_OUT_OF_MEMORY" in err and "size=8388608" in err
+    assert stable_counts(ekv_alloc.stats(DEV)) == stable_counts(s0)
+    assert fake.live_handles() == 0 and fake.live_mappings() == 0
+    p = abi.malloc(8 * MiB)
+    assert p
+    fake.fail_nth("cuEventRecord", 1)
+    abi.free(p, 8 * MiB, S1)
+    assert "free-time event" in ekv_alloc.last_error(clear=True)
+    assert [b["address"] for b in ekv_alloc.snapshot(DEV)] == [p]  # still allocated, still usable
+    fill(p, 8 * MiB, seed=9)
+    abi.free(p, 8 * MiB, S1)
+    assert ekv_alloc.last_error() is None and ekv_alloc.snapshot(DEV) == []
+    ekv_alloc.trim(DEV)
+
+
+def test_close_refused_while_allocated(dev):
+    abi, fake = dev
+    p = abi.malloc(1 << 12)
+    with pytest.raises(ValueError, match="1 allocations are live"):
+        ekv_alloc.close(DEV)
+    assert fake.live_handles() == 1
+    abi.free(p, 1 << 12)
