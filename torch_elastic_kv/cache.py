@@ -57,7 +57,6 @@ class _Step:
     write_offsets: torch.Tensor        # [tokens] slot within that page
     groups: list[PageGroup]
     packed_tokens: int                 # 0 in generate mode
-    batch: int = 0                     # generate mode: rows
     new_len: int = 0                   # generate mode: tokens per row after this step
     read_table: torch.Tensor | None = None   # gather path, generate mode: [rows, pages]
     read_slots: torch.Tensor | None = None   # gather path, packed mode: [1, kv] flat slots
@@ -230,7 +229,7 @@ class ElasticPagedCache(Cache):
             if not self._mode_checked:
                 self._check_attention_mode()
                 self._mode_checked = True
-            self._step = self._start_packed_step() if self._packed is not None else \
+            self._step = self._packed if self._packed is not None else \
                 self._start_generate_step(pool, key_states.shape[0], key_states.shape[2])
         step = self._step
         pool = self.pool
@@ -333,7 +332,7 @@ class ElasticPagedCache(Cache):
         pos = torch.arange(old_len, new_len, device=dev)
         write_pages = table[:, torch.div(pos, t, rounding_mode="floor")].reshape(-1)
         write_offsets = (pos % t).repeat(batch)
-        step = _Step(write_pages, write_offsets, [], 0, batch=batch, new_len=new_len)
+        step = _Step(write_pages, write_offsets, [], 0, new_len=new_len)
         if self.uses_paged_attention:
             step.groups = [PageGroup(table, torch.full((batch,), new_len, device=dev),
                                      pos.unsqueeze(0).expand(batch, -1))]
@@ -349,7 +348,7 @@ class ElasticPagedCache(Cache):
         else:
             for row in self._rows:
                 row.tokens = step.new_len
-        self._step = None if self._packed is None else self._step
+        self._step = None
 
     # -- packed mode (continuous batching) ----------------------------------------------------
     def ensure_capacity(self, seq_id: int, total_tokens: int) -> None:
@@ -512,9 +511,6 @@ class ElasticPagedCache(Cache):
         owner_kv, pos_kv = torch.tensor(owner_kv), torch.tensor(pos_kv)
         mask = (owner_q[:, None] == owner_kv[None, :]) & (pos_kv[None, :] <= pos_q[:, None])
         return torch.tensor([slots], dtype=torch.long, device=dev), mask.view(1, 1, *mask.shape).to(dev)
-
-    def _start_packed_step(self) -> _Step:
-        return self._packed
 
     # -- lifetime ------------------------------------------------------------------------------
     def release(self) -> None:
