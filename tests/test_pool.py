@@ -148,3 +148,18 @@ def test_set_max_bytes():
         pool.alloc(1)
     pool.set_max_bytes(8 * MiB)
     assert pool.can_alloc(per_chunk)
+
+
+def test_pages_spanning_several_granules():
+    # 2 layers x 2 x 12288 tokens x 2 x 16 x 4 B = 6 MiB pages: three 2 MiB granules each
+    pool = _pool(page_tokens=12288, max_bytes=64 * MiB)
+    g = pool.stats()
+    assert g["pages_per_chunk"] == 1 and pool.chunk_bytes == pool.page_bytes == 3 * g["granule_bytes"]
+    ids = pool.alloc(4)
+    for i in ids:
+        pool.value_cache(1)[i, -1] = float(i)                 # the last granule of each page
+    assert pool.resident_bytes == 4 * pool.page_bytes
+    pool.free(ids[:2])
+    assert pool.trim() == 2 * pool.page_bytes and pool.resident_bytes == 2 * pool.page_bytes
+    for i in ids[2:]:
+        assert torch.equal(pool.value_cache(1)[i, -1], torch.full((2, 16), float(i)))
