@@ -49,9 +49,9 @@ def test_shrink_keeps_the_peak_seen_during_the_idle_interval():
     clock = FakeClock()
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(5, 40, 100)
-    clock.t += 1
-    p.decide(25, 40, 100)
-    clock.t += 1.5
+    clock.t += 1.8
+    p.decide(25, 40, 100)      # the load came back to 25 recently
+    clock.t += 0.7
     d = p.decide(5, 40, 100)
     assert (d.action, d.target_pages) == ("shrink", 25)
 
@@ -203,3 +203,36 @@ def test_target_follows_the_trailing_window_not_an_old_peak():
     clock.t += 3               # 30 is now older than idle_seconds
     d = p.decide(5, 40, 100)
     assert (d.action, d.target_pages) == ("shrink", 5)
+
+
+def test_draining_load_gives_memory_back_once_idle_at_the_floor():
+    clock = FakeClock()
+    p = make(clock, min_bytes=4 * PAGE, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
+    resident, shrinks = 40, []
+    for demand in (36, 30, 24, 18, 12, 6, 0):   # a drain: one step every 0.4 s
+        d = p.decide(demand, resident, 100)
+        if d.action == "shrink":
+            shrinks.append(d.target_pages)
+            resident = d.target_pages
+        clock.t += 0.4
+    while clock.t < 100 + 2.8 + 2.0:            # demand 0 from t=102.4
+        d = p.decide(0, resident, 100)
+        if d.action == "shrink":
+            shrinks.append(d.target_pages)
+            resident = d.target_pages
+        clock.t += 0.1
+    assert shrinks == [4]                        # once, straight to the floor
+
+
+def test_settled_lower_load_gets_its_memory_back():
+    clock = FakeClock()
+    p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
+    # after a burst to 80, a fluctuating load of 20..30 settles in
+    shrinks = []
+    for i in range(60):
+        d = p.decide(20 + (i * 7) % 11, 80, 100)
+        if d.action == "shrink":
+            shrinks.append((round(clock.t - 100, 1), d.target_pages))
+            break
+        clock.t += 0.1
+    assert shrinks and shrinks[0][1] == 30 and shrinks[0][0] >= 2.0

@@ -161,6 +161,7 @@ class Engine:
         self.vocab_size: int = text_cfg.vocab_size
         self.max_positions: Optional[int] = getattr(text_cfg, "max_position_embeddings", None)
 
+        self._owns_pool = pool is None
         if pool is None:
             from .pool import KVPagePool
             layers, kv_heads, head_dim = _model_geometry(self.config)
@@ -174,9 +175,13 @@ class Engine:
         self._reserved_bytes = int(pstats["reserved_bytes"])
         self.policy.bind(pool.page_bytes, pool.page_tokens, self._granule_pages,
                          self._granule_bytes, int(pstats.get("max_bytes") or self._reserved_bytes))
+        self._restore_attn: Optional[str] = None
         if paged_attention and cache is None:
-            from .attention import enable_paged_attention
-            enable_paged_attention(model)
+            from .attention import PAGED_ATTENTION, enable_paged_attention
+            before = getattr(self.config, "_attn_implementation", None)
+            if before != PAGED_ATTENTION:
+                enable_paged_attention(model)
+                self._restore_attn = before   # close() puts the model back as it was
         if cache is None:
             from .cache import ElasticPagedCache  # the one cache class users pass to generate
             cache = ElasticPagedCache(self.config, pool=pool)
@@ -211,6 +216,7 @@ class Engine:
         if self.policy.is_static:
             self._grow_to(self.policy.target_pages(0, pool.max_pages))
 
+        self._pool_closed = False
         self._grower: Optional[threading.Thread] = None
         self._grow_cv = threading.Condition()
         self._grow_target = 0
@@ -713,13 +719,26 @@ class Engine:
 
     # ------------------------------------------------------------------ lifetime -----------
     def close(self) -> None:
-        """Stop the grower thread. The pool stays usable (and owned by whoever made it)."""
+        """Stop the grower thread, give the model back its attention implementation and, if
+        the Engine built the pool, close it (a pool passed in stays open: its owner closes it).
+        The Engine cannot step after this."""
         with self._grow_cv:
             self._closed = True
             self._grow_cv.notify()
         if self._grower is not None:
             self._grower.join(timeout=5)
             self._grower = None
+        if self._restore_attn is not None:
+            self.model.set_attn_implementation(self._restore_attn)
+            self._restore_attn = None
+        if self._owns_pool and not self._pool_closed:
+            # the Engine made the pool, so its memory goes back with the Engine
+            self._pool_closed = True
+            with self._step_lock, self._pool_lock:
+                close_cache = getattr(self.cache, "close", None)
+                if close_cache is not None:
+                    close_cache()
+                self.pool.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -11,7 +11,10 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
 * grow at once when resident falls under the target;
 * shrink only after the target has stayed at least one granule below resident for
   ``idle_seconds`` (hysteresis), and then only down to the highest target of the last
-  ``idle_seconds``, so a steady load never sees a grow/shrink cycle;
+  ``idle_seconds``, and only if the load reached that peak within the last half of it (a
+  load still draining waits for the floor), so a steady load never sees a grow/shrink cycle
+  and a draining one gives memory back in one step;
+* with nothing running or waiting for ``idle_seconds``, go back to the floor at once;
 * the budget is ``max_bytes`` unless ``set_budget`` changed it, lowered further while an
   optional pressure hook reports that other work needs memory.
 """
@@ -116,6 +119,7 @@ class ElasticPolicy:
         # the last idle_seconds as a monotone deque of (time, target) for a sliding maximum
         self._below_since: Optional[float] = None
         self._recent: deque[tuple[float, int]] = deque()
+        self._zero_since: Optional[float] = None      # demand has been 0 since
         # learned output length (running mean over finished requests)
         self._finished = 0
         self._finished_tokens = 0
@@ -274,7 +278,13 @@ class ElasticPolicy:
             want = budget
             return Decision("grow", want) if resident_pages < want else Decision("none", want)
         target = self.target_pages(demand_pages, pool_max_pages)
-        peak = self._note_target(now, target)
+        peak_time, peak = self._note_target(now, target)
+        g = max(1, granule_pages)
+        if demand_pages == 0:
+            if self._zero_since is None:
+                self._zero_since = now
+        else:
+            self._zero_since = None
         if resident_pages > budget:
             # a budget cut is not idleness: give back at once
             self._below_since = None
@@ -282,27 +292,33 @@ class ElasticPolicy:
         if target > resident_pages:
             self._below_since = None
             return Decision("grow", target)
-        if target + max(1, granule_pages) <= resident_pages:
-            if self._below_since is None:
-                self._below_since = now
-            if now - self._below_since >= self.idle_seconds and \
-                    peak + max(1, granule_pages) <= resident_pages:
-                self._below_since = None
-                return Decision("shrink", peak)
+        if target + g > resident_pages:
+            # demand is close to resident: not idle
+            self._below_since = None
             return Decision("none", target)
-        # demand is close to resident: not idle
-        self._below_since = None
+        if self._below_since is None:
+            self._below_since = now
+        if self._zero_since is not None and now - self._zero_since >= self.idle_seconds:
+            # nothing running or waiting for idle_seconds: back to the floor
+            return Decision("shrink", target)
+        # shrink to the trailing peak only if the load came back to that peak recently: a
+        # load that is still draining has its peak at the window's old edge, and waiting for
+        # the floor gives memory back once instead of in a staircase
+        if now - self._below_since >= self.idle_seconds and peak + g <= resident_pages and \
+                now - peak_time <= self.idle_seconds / 2:
+            return Decision("shrink", peak)
         return Decision("none", target)
 
-    def _note_target(self, now: float, target: int) -> int:
-        """Record this tick's target; return the highest target of the last idle_seconds."""
+    def _note_target(self, now: float, target: int) -> tuple[float, int]:
+        """Record this tick's target; return (when, value) of the highest of the last
+        idle_seconds (the latest time it was reached)."""
         q = self._recent
         while q and q[-1][1] <= target:
             q.pop()
         q.append((now, target))
         while q[0][0] < now - self.idle_seconds:
             q.popleft()
-        return q[0][1]
+        return q[0]
 
     def describe(self) -> dict:
         """The policy's settings and state as a plain dict."""

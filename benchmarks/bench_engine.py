@@ -1,0 +1,316 @@
+"""Engine benchmark: elastic vs static KV pool vs transformers generate / generate_batch.
+
+One run, one model, one workload, four systems:
+
+* ``engine-elastic``  Engine + ElasticPolicy(min_bytes=0, max_bytes=M): memory follows demand;
+* ``engine-static``   Engine + ElasticPolicy(min_bytes=M, max_bytes=M): mapped at start;
+* ``hf-generate``     ``model.generate`` on left-padded batches of ``--batch`` requests in
+                      arrival order (each batch runs to its longest request; DynamicCache);
+* ``hf-generate_batch`` transformers' continuous batching (``init_continuous_batching``
+                      manager, the engine behind ``generate_batch``, with each request's own
+                      ``max_new_tokens``).
+
+Workload: the first ``--requests`` rows of the Azure LLM inference trace 2023, "code" sample
+(Azure Public Dataset, CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM
+inference using phase splitting", ISCA 2024), scaled down for a CPU: prompt length =
+ContextTokens / ``--prompt-scale`` (at least 4, at most ``--max-prompt``), output length =
+min(GeneratedTokens, ``--max-output``); token ids are random (seeded). All requests are
+submitted at t=0 (offline), so every system sees the same queue. No EOS: every request
+produces exactly its output length.
+
+Metrics: output tokens/s over the whole run; TTFT (first token - submission) and TPOT
+((finish - first token) / (tokens - 1)) per request, p50/p99; KV bytes resident: mean
+(time-weighted over the run) / peak / idle (after the run plus the policy's idle_seconds).
+For hf-generate the KV bytes are the DynamicCache tensor sizes computed from the batch
+shapes; for hf-generate_batch the size of its preallocated cache tensor.
+
+Run: python benchmarks/bench_engine.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
+
+TRACE_CANDIDATES = [ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
+                    ROOT / "torch_elastic_kv" / "data" / "azure_llm_2023_code.csv"]
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- setup --------
+def build_model(seed: int = 0) -> LlamaForCausalLM:
+    """A 26M-parameter Llama (6 layers, hidden 512, 8 heads over 4 KV heads, vocab 8192)."""
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376,
+                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                      max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_output: int,
+                  vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rows.append((int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+            if len(rows) == n:
+                break
+    g = torch.Generator().manual_seed(seed)
+    prompts, outs = [], []
+    for ctx, gen in rows:
+        plen = min(max(ctx // prompt_scale, 4), max_prompt)
+        prompts.append(torch.randint(3, vocab, (plen,), generator=g).tolist())
+        outs.append(max(1, min(gen, max_output)))
+    return prompts, outs
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def summarize(name: str, wall: float, ntok: int, ttft: list[float], tpot: list[float],
+              kv_mean: float, kv_peak: float, kv_idle: float, extra: dict | None = None) -> dict:
+    return {"system": name, "wall_s": wall, "output_tokens": ntok, "tokens_per_s": ntok / wall,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "tpot_p50_ms": 1000 * pct(tpot, 50), "tpot_p99_ms": 1000 * pct(tpot, 99),
+            "kv_mean_mib": kv_mean / MiB, "kv_peak_mib": kv_peak / MiB,
+            "kv_idle_mib": kv_idle / MiB, **(extra or {})}
+
+
+# ----------------------------------------------------------------------------- systems ------
+def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int,
+               idle_seconds: float) -> dict:
+    policy = ElasticPolicy(min_bytes=max_bytes if static else 0, max_bytes=max_bytes,
+                           idle_seconds=idle_seconds, clock=time.perf_counter)
+    eng = Engine(model, policy=policy, max_batch_tokens=max_batch_tokens, background=True)
+    t0 = time.perf_counter()
+    rids = [eng.add_request(p, n) for p, n in zip(prompts, outs)]
+    while eng.has_unfinished():
+        eng.step()
+    t1 = time.perf_counter()
+    infos = [eng.request_info(r) for r in rids]
+    ntok = sum(i["output_tokens"] for i in infos)
+    ttft = [i["first_token_time"] - i["arrival_time"] for i in infos]
+    tpot = [(i["finish_time"] - i["first_token_time"]) / (i["output_tokens"] - 1)
+            for i in infos if i["output_tokens"] > 1]
+    tl = eng.timeline
+    # time-weighted mean of resident bytes over the run (each entry holds until the next)
+    area = 0.0
+    for a, b in zip(tl, tl[1:] + [{"t": t1}]):
+        area += a["resident_bytes"] * max(0.0, b["t"] - a["t"])
+    span = max(t1 - tl[0]["t"], 1e-9) if tl else 1.0
+    # resident at submission (static: all of it) counts from t0 to the first step
+    area += eng.stats()["max_bytes"] * 0 if not tl else tl[0]["resident_bytes"] * max(0.0, tl[0]["t"] - t0)
+    mean = area / max(span + (tl[0]["t"] - t0 if tl else 0.0), 1e-9)
+    peak = max([e["resident_bytes"] for e in tl] + [0])
+    # idle: wait out the hysteresis; the grower thread gives memory back without a step
+    time.sleep(idle_seconds + 0.6)
+    st = eng.stats()
+    idle = st["resident_bytes"]
+    steps = st["steps"]
+    step_s = [e["step_seconds"] for e in tl if e["num_tokens"]]
+    eng.close()
+    return summarize("engine-static" if static else "engine-elastic", t1 - t0, ntok, ttft, tpot,
+                     mean, peak, idle,
+                     {"steps": steps, "grows": st["grows"], "shrinks": st["shrinks"],
+                      "shrink_events": st["shrink_events"], "compactions": st["compactions"],
+                      "preemptions": st["preemptions"],
+                      "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0})
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+class _StepTimes:
+    """A generate() streamer that timestamps each decoding step (first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:
+            self.first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf_generate(model, prompts, outs, batch: int) -> dict:
+    bpt = kv_bytes_per_token(model)
+    t0 = time.perf_counter()
+    ttft, tpot, ntok = [], [], 0
+    area, peak, last = 0.0, 0, t0
+    for b0 in range(0, len(prompts), batch):
+        ps, ns = prompts[b0:b0 + batch], outs[b0:b0 + batch]
+        width, new = max(map(len, ps)), max(ns)
+        ids = torch.zeros(len(ps), width, dtype=torch.long)
+        mask = torch.zeros(len(ps), width, dtype=torch.long)
+        for r, p in enumerate(ps):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        st = _StepTimes()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                           streamer=st)
+        end = time.perf_counter()
+        for n in ns:
+            ntok += n
+            ttft.append(st.times[0] - t0)
+            if n > 1:
+                tpot.append((st.times[n - 1] - st.times[0]) / (n - 1))
+        # DynamicCache grows from width to width + new tokens per row over the batch
+        kv_start, kv_end = len(ps) * width * bpt, len(ps) * (width + new) * bpt
+        area += (kv_start + kv_end) / 2 * (end - start)
+        peak = max(peak, kv_end)
+        last = end
+    return summarize("hf-generate", last - t0, ntok, ttft, tpot, area / (last - t0), peak, 0,
+                     {"batch": batch})
+
+
+def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, num_blocks: int) -> dict:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gc_ = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    cb = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=num_blocks,
+                                  page_size=16)
+    mgr = model.init_continuous_batching(generation_config=gc_, continuous_batching_config=cb)
+    mgr.start()
+    t0 = time.perf_counter()
+    ids = [mgr.add_request(p, max_new_tokens=n, record_timestamps=True) for p, n in zip(prompts, outs)]
+    results = {}
+    while len(results) < len(ids):
+        r = mgr.get_result(timeout=120)
+        if r is None:
+            break
+        if r.is_finished():
+            results[r.request_id] = r
+    t1 = time.perf_counter()
+    kv = 0
+    try:
+        kv = mgr.batch_processor.cache.cache_tensor.numel()
+    except AttributeError:
+        pass
+    mgr.stop(block=True)
+    ttft, tpot, ntok = [], [], 0
+    for rid in ids:
+        r = results[rid]
+        n = len(r.generated_tokens)
+        ntok += n
+        ts = r.timestamps or []
+        if ts:
+            ttft.append(ts[0] - t0)
+            if n > 1:
+                tpot.append((ts[-1] - ts[0]) / (n - 1))
+    return summarize("hf-generate_batch", t1 - t0, ntok, ttft, tpot, kv, kv, 0,
+                     {"finished": len(results)})
+
+
+# ----------------------------------------------------------------------------- main ---------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--prompt-scale", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--max-output", type=int, default=96)
+    ap.add_argument("--max-batch-tokens", type=int, default=512)
+    ap.add_argument("--max-kv-mib", type=int, default=96, help="M: the pools' max_bytes in MiB")
+    ap.add_argument("--batch", type=int, default=8, help="hf-generate batch size")
+    ap.add_argument("--repeats", type=int, default=3, help="engine runs per config (median kept)")
+    ap.add_argument("--idle-seconds", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-hf", action="store_true", help="engines only")
+    ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
+    ap.add_argument("--json", type=str, default=None, help="write results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.repeats = 16, 1
+    torch.set_num_threads(args.threads)
+    trace = next((p for p in TRACE_CANDIDATES if p.exists()), None)
+    if trace is None:
+        sys.exit("azure_llm_2023_code.csv not found in " + ", ".join(map(str, TRACE_CANDIDATES)))
+    model = build_model()
+    nparams = sum(p.numel() for p in model.parameters())
+    prompts, outs = load_workload(trace, args.requests, args.prompt_scale, args.max_prompt,
+                                  args.max_output, model.config.vocab_size, seed=0)
+    print(f"model: Llama {nparams / 1e6:.1f}M params, {args.threads} threads; workload: "
+          f"{len(prompts)} requests from {trace.name} (prompt = ContextTokens/{args.prompt_scale}, "
+          f"output = min(GeneratedTokens, {args.max_output})): {sum(map(len, prompts))} prompt "
+          f"tokens, {sum(outs)} output tokens; load average {os.getloadavg()[0]:.2f}", flush=True)
+    max_bytes = args.max_kv_mib * MiB
+
+    # warm-up (first-call costs of kernels and allocators are not what is compared)
+    run_engine(model, prompts[:4], [2] * 4, max_bytes, False, args.max_batch_tokens, 0.0)
+
+    runs: dict[str, list[dict]] = {"engine-elastic": [], "engine-static": []}
+    for _ in range(args.repeats):   # interleaved so that machine noise hits both alike
+        for static in (False, True):
+            r = run_engine(model, prompts, outs, max_bytes, static, args.max_batch_tokens,
+                           args.idle_seconds)
+            runs[r["system"]].append(r)
+            print(f"  {r['system']}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+            gc.collect()
+    results = []
+    for name, rs in runs.items():
+        best = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+        best = dict(best, all_tokens_per_s=[round(r["tokens_per_s"], 1) for r in rs])
+        results.append(best)
+    if not args.skip_hf:
+        model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
+        results.append(run_hf_generate(model, prompts, outs, args.batch))
+        print(f"  hf-generate: {results[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+        bytes_per_block = kv_bytes_per_token(model) * 16
+        results.append(run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens,
+                                             max_bytes // bytes_per_block))
+        print(f"  hf-generate_batch: {results[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+
+    hdr = ("system", "tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
+           "KV mean MiB", "KV peak MiB", "KV idle MiB")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in results:
+        print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+              f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['kv_mean_mib']:.1f} | "
+              f"{r['kv_peak_mib']:.1f} | {r['kv_idle_mib']:.1f} |")
+    by = {r["system"]: r for r in results}
+    ratio = by["engine-elastic"]["tokens_per_s"] / by["engine-static"]["tokens_per_s"]
+    print(f"elastic / static tokens/s: {ratio:.3f} (floor 0.97)")
+    if "hf-generate_batch" in by:
+        x = by["engine-elastic"]["tokens_per_s"] / by["hf-generate_batch"]["tokens_per_s"]
+        print(f"elastic / generate_batch tokens/s: {x:.2f} (floor 2.0)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

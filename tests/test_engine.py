@@ -1,0 +1,240 @@
+"""Engine on the real KVPagePool and ElasticPagedCache: outputs, memory, budget, steady load.
+
+One workload (32 requests, prompts of 5-200 tokens, max_new_tokens 1-64) is checked token by
+token against ``model.generate`` with DynamicCache for each prompt alone; the references are
+computed once per module. The clock is injected, so idleness is a number, not a sleep.
+
+The model is tiny in compute but has wide K/V (2 layers x 4 KV heads x head_dim 128, fp32),
+so one 16-token page is 128 KiB and a 2 MiB host granule holds 16 pages: the workload spans
+many granules and growing, shrinking and compaction are visible in /proc.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from models import tiny_llama
+from torch_elastic_kv import ElasticPolicy, Engine
+
+MiB = 1 << 20
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def rss_shmem() -> int:
+    """Shared-memory resident bytes of this process (memfd-backed KV pages count here)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssShmem in /proc/self/status")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spinning on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(hidden_size=512, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    g = torch.Generator().manual_seed(1234)
+    lens = torch.randint(5, 201, (32,), generator=g).tolist()
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
+    max_new = torch.randint(1, 65, (32,), generator=g).tolist()
+    return prompts, max_new
+
+
+@pytest.fixture(scope="module")
+def references(model, workload):
+    prompts, max_new = workload
+    out = []
+    with torch.no_grad():
+        for p, n in zip(prompts, max_new):
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def run_staggered(eng: Engine, clock: FakeClock, prompts, max_new, per_step=2, dt=0.01,
+                  on_step=None) -> list[int]:
+    """Add ``per_step`` requests before each step until all are in; step until done."""
+    rids: list[int] = []
+    i = 0
+    while i < len(prompts) or eng.has_unfinished():
+        for _ in range(per_step):
+            if i < len(prompts):
+                rids.append(eng.add_request(prompts[i], max_new[i]))
+                i += 1
+        eng.step()
+        clock.t += dt
+        if on_step is not None:
+            on_step(eng)
+    return rids
+
+
+def test_32_staggered_requests_match_generate_and_memory_follows_demand(model, workload, references):
+    prompts, max_new = workload
+    clock = FakeClock()
+    policy = ElasticPolicy(min_bytes=3 * MiB, max_bytes=24 * MiB, headroom=0.1, idle_seconds=5.0,
+                           clock=clock)
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
+    granule = eng.stats()["resident_bytes"]            # min_bytes -> 2 granules of 2 MiB
+    assert granule == 4 * MiB
+    peak = {"resident": 0, "live": 0}
+
+    def watch(e: Engine) -> None:
+        st = e.stats()
+        assert st["resident_bytes"] <= 24 * MiB, st
+        assert st["live_bytes"] <= st["resident_bytes"]
+        peak["resident"] = max(peak["resident"], st["resident_bytes"])
+        peak["live"] = max(peak["live"], st["live_bytes"])
+
+    rids = run_staggered(eng, clock, prompts, max_new, on_step=watch)
+    for rid, ref in zip(rids, references):
+        assert eng.output_ids(rid) == ref, rid
+    assert peak["resident"] > 8 * MiB and peak["live"] > 8 * MiB  # it did grow
+    assert all(e["resident_bytes"] <= 24 * MiB for e in eng.timeline)
+
+    # idle: nothing changes before idle_seconds, then resident falls to min_bytes rounded up
+    # to whole granules (one arena here) and the process's shared memory drops with it
+    before = eng.stats()
+    rss_before = rss_shmem()
+    assert before["live_bytes"] == 0 and before["resident_bytes"] > 4 * MiB
+    clock.t += 4.0
+    eng.step()
+    assert eng.stats()["resident_bytes"] == before["resident_bytes"]
+    clock.t += 1.1
+    eng.step()
+    after = eng.stats()
+    assert after["resident_bytes"] == 4 * MiB
+    dropped = rss_before - rss_shmem()
+    given = before["resident_bytes"] - after["resident_bytes"]
+    # every granule given back had been written (pages of live requests), so it was resident
+    assert dropped >= given // 2, (dropped, given)
+    assert after["shrink_events"] >= 1
+    eng.close()
+
+
+def test_budget_cut_to_30_percent_mid_run_preempts_by_swap_and_recompute(model, workload, references):
+    prompts, max_new = workload
+    clock = FakeClock()
+    policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=5.0, swap_bytes=4 * MiB, clock=clock)
+    eng = Engine(model, policy=policy, max_batch_tokens=512, background=False)
+    state = {"cut": None, "steps": 0}
+
+    def cut(e: Engine) -> None:
+        state["steps"] += 1
+        st = e.stats()
+        if state["cut"] is None and st["waiting"] == 0 and st["running"] >= 16:
+            e.set_budget(int(st["live_bytes"] * 0.3))
+            state["cut"] = st["live_bytes"]
+            after = e.stats()
+            assert after["live_bytes"] <= 0.3 * st["live_bytes"]
+            assert after["resident_bytes"] <= 0.3 * st["live_bytes"]
+            assert after["preemptions"] > 0
+            state["after_cut"] = state["steps"]
+        elif state["cut"] is not None and state["steps"] <= state["after_cut"] + 40:
+            assert e.stats()["resident_bytes"] <= 0.3 * state["cut"]
+            if state["steps"] == state["after_cut"] + 40:
+                e.set_budget(None)   # restored: the rest runs under max_bytes again
+
+    rids = run_staggered(eng, clock, prompts, max_new, per_step=8, on_step=cut)
+    assert state["cut"] is not None, "live never reached the cut point"
+    for rid, ref in zip(rids, references):
+        assert eng.output_ids(rid) == ref, rid
+    st = eng.stats()
+    assert st["finished"] == 32 and st["live_bytes"] == 0
+    assert st["swap_preemptions"] >= 1 and st["recompute_preemptions"] >= 1
+    assert st["preemptions"] == st["swap_preemptions"] + st["recompute_preemptions"]
+    assert st["swap_ins"] == st["swap_outs"] and st["swap_used_bytes"] == 0
+    assert max(i["preemptions"] for i in eng.requests_info()) >= 1
+    eng.close()
+
+
+def test_steady_load_shrinks_at_most_once(model):
+    clock = FakeClock()
+    policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=2.0, headroom=0.1, clock=clock)
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
+    g = torch.Generator().manual_seed(7)
+    for step in range(240):
+        if step % 2 == 0 and step < 200:   # one request every 2 steps (0.2 s), then drain
+            n = int(torch.randint(20, 60, (1,), generator=g))
+            eng.add_request(torch.randint(3, 256, (n,), generator=g).tolist(), 16)
+        eng.step()
+        clock.t += 0.1
+    st = eng.stats()
+    assert st["finished"] == 100
+    # the steady part (after warm-up, before draining) must not give memory back
+    steady = [e for e in eng.timeline if 1000.0 + 4.0 <= e["t"] <= 1000.0 + 20.0]
+    assert steady and min(e["live_bytes"] for e in steady) > 0
+    assert st["shrink_events"] <= 1, st
+    # and the one shrink is the return to the floor once the arrivals stopped
+    assert st["resident_bytes"] == 0 and all(e["resident_bytes"] > 0 for e in steady)
+    eng.close()
+
+
+def test_grower_thread_maps_ahead_of_the_step(model):
+    policy = ElasticPolicy(max_bytes=32 * MiB, idle_seconds=60.0)
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=True)
+    try:
+        assert eng.stats()["resident_bytes"] == 0
+        eng.add_request(list(range(3, 203)), 4)   # 200 tokens: 13 pages, one granule
+        deadline = time.monotonic() + 1.0
+        while eng.stats()["resident_bytes"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # mapped by the grower before any step ran
+        assert eng.stats()["resident_bytes"] >= 13 * eng.pool.page_bytes
+        assert eng.stats()["steps"] == 0 and eng.stats()["grow_events"] >= 1
+        # adding from another thread while this one steps
+        done = threading.Event()
+
+        def add_more():
+            for k in range(4):
+                eng.add_request(list(range(3, 20 + k)), 3)
+            done.set()
+
+        threading.Thread(target=add_more).start()
+        while not done.is_set() or eng.has_unfinished():
+            eng.step()
+        assert eng.stats()["finished"] == 5
+    finally:
+        eng.close()
+
+
+def test_bad_input_on_the_real_engine_and_it_keeps_serving(model):
+    policy = ElasticPolicy(max_bytes=4 * MiB)   # 2 granules = 32 pages = 512 tokens
+    eng = Engine(model, policy=policy, background=False)
+    ok = eng.add_request([5, 6, 7], 2)
+    with pytest.raises(ValueError, match=r"needs 38 KV pages .* allows 32 pages"):
+        eng.add_request([3] * 500, 100)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.add_request([3, 256], 2)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request([], 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        eng.add_request([3], 0)
+    with pytest.raises(ValueError, match="unknown request id 99"):
+        eng.cancel(99)
+    assert eng.generate([[9, 8, 7]], 3)[0] == model.generate(
+        torch.tensor([[9, 8, 7]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
+    assert eng.request_info(ok)["status"] == "finished"
+    eng.close()
