@@ -15,6 +15,7 @@
 
 #include "arena.h"
 #include "budget.h"
+#include "driver_probe.h"
 #include "status.h"
 
 namespace py = pybind11;
@@ -221,6 +222,46 @@ void bind_budget(py::module_& m) {
       py::arg("device_kind") = "cpu", py::arg("device_index") = 0);
 }
 
+void bind_driver_probe(py::module_& m) {
+  m.def(
+      "probe_driver",
+      [](int device_index, std::int64_t granules, std::int64_t handle_granules, std::int64_t reserve_repeats) {
+        DriverProbeConfig cfg;
+        cfg.device_index = device_index;
+        cfg.granules = non_negative("probe_driver", "granules", granules);
+        cfg.handle_granules = non_negative("probe_driver", "handle_granules", handle_granules);
+        cfg.reserve_repeats = non_negative("probe_driver", "reserve_repeats", reserve_repeats);
+        DriverProbeResult r;
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = probe_driver(cfg, &r);
+        }
+        throw_if_error(st);
+        py::dict d;
+        d["library"] = r.library;
+        d["is_fake"] = r.is_fake;
+        d["driver_version"] = r.driver_version;
+        d["granularity"] = r.granularity;
+        d["recommended_granularity"] = r.recommended_granularity;
+        d["handle_bytes"] = r.handle_bytes;
+        d["range_bytes"] = r.range_bytes;
+        d["reserve_us"] = r.reserve_us;
+        d["address_free_us"] = r.address_free_us;
+        d["create_us"] = r.create_us;
+        d["map_us"] = r.map_us;
+        d["set_access_us"] = r.set_access_us;
+        d["set_access_range_us"] = r.set_access_range_us;
+        d["unmap_us"] = r.unmap_us;
+        d["release_us"] = r.release_us;
+        return d;
+      },
+      py::arg("device_index") = 0, py::arg("granules") = 64, py::arg("handle_granules") = 1,
+      py::arg("reserve_repeats") = 8,
+      "Time each driver VMM call per handle through the cuda backend's function table "
+      "(see driver_probe.h); per-call microseconds as lists.");
+}
+
 }  // namespace
 
 void bind_allocator(py::module_& m);  // allocator_bindings.cpp
@@ -230,5 +271,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_elastic_kv C++ core: arenas, backends, per-device budgets";
   ekv::bind_arena(m);
   ekv::bind_budget(m);
+  ekv::bind_driver_probe(m);
   ekv::bind_allocator(m);
 }

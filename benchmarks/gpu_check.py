@@ -1,0 +1,939 @@
+#!/usr/bin/env python
+"""One prepared GPU check of torch_elastic_kv: the CUDA path proven on a real device in one run.
+
+    python benchmarks/gpu_check.py --out gpu_out            # full run, < 8 min on one H200
+    python benchmarks/gpu_check.py --out gpu_out --quick    # < 3 min
+    python benchmarks/gpu_check.py --out gpu_out --dry-run --quick --no-build   # CPU + fake driver
+
+Steps, each guarded (a failing step records its error in the json and the rest still run):
+
+1. ``build``: ``pip install -e . --no-build-isolation --no-deps`` (no network needed), then
+   ``gpu_tests``: ``pytest tests/gpu`` with pass/fail/skip counts;
+2. ``driver``: per-handle cost of each driver VMM call (reserve, create, map, set-access,
+   unmap, release) through the cuda backend's own function table (``_C.probe_driver``);
+   ``arena``: grow/shrink latency of an Arena with and without handle reuse, plus a
+   write/read-back through a torch view of the mapped memory;
+3. ``allocator``: malloc+free pairs/s through the C ABI and through torch (``mem_pool``)
+   against torch's caching allocator; ``trim()`` of 8 GiB freed memory;
+4. ``engine``: a 1B-class Llama (random weights, bfloat16) on the Engine with an elastic and
+   a static pool, same bursty workload: tokens/s, TTFT/TPOT p50/p99, resident bytes over time,
+   idle footprint vs its floor, device free memory (``torch.cuda.mem_get_info``) before,
+   during and after, to show the memory went back to the driver;
+   ``stream_order``: an unmap while a kernel still writes the memory waits for it (run last:
+   if it were wrong, the device context would not survive it);
+5. a short table (printed last) and ``gpu_results.json`` in ``--out``.
+
+``--dry-run`` runs every step it can on CPU: the driver, arena and allocator steps go through
+the fake CUDA driver (``$EKV_LIBCUDA``, set here when unset), the engine runs a tiny model on
+CPU. It is what tests/test_gpu_check.py runs, so the script cannot rot without CI noticing.
+Exit status: 0 when no step failed (a component that is not there is "unavailable", not a
+failure), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Public measurements on A100s (per 2 MiB granule), the floors the issue reports against.
+A100_US = {"create": 193.0, "map": 1.5, "set_access": 36.0, "unmap": 26.0}
+TOKENS_PER_S_TOLERANCE = 0.02  # elastic decode tokens/s within 2 % of static
+
+
+class Unavailable(Exception):
+    """A component the step needs is not in this build (not landed yet, or not on this machine)."""
+
+
+# ---------------------------------------------------------------------------------- settings --
+@dataclass(frozen=True)
+class Workload:
+    """The engine workload: identical for the elastic and the static pool."""
+
+    requests: int
+    prompt_tokens: tuple[int, int]     # uniform range, inclusive
+    new_tokens: tuple[int, int]
+    bursts: int                        # requests arrive in this many bursts with idle gaps
+    pool_bytes: int                    # max_bytes of both pools (static: all mapped at start)
+    min_bytes: int                     # the elastic pool's floor
+    idle_seconds: float                # the elastic policy's hysteresis
+    max_batch_tokens: int
+    run_limit_s: float                 # per engine run; past it, what is left is cancelled
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str                          # "full", "quick", "dry-run", "dry-run-quick"
+    dry_run: bool
+    device: str                        # "cuda:N" (real or fake driver)
+    engine_device: str                 # "cuda:N", or "cpu" in a dry run
+    probe_granules: int
+    probe_large_handles: int           # second probe: handles of 16 granules
+    arena_bytes: int
+    arena_rounds: int
+    alloc_pairs: int
+    trim_bytes: int
+    tests_timeout_s: float
+    budget_s: float                    # whole script; steps past it are skipped (and fail)
+    workload: Workload
+
+
+def make_settings(dry_run: bool, quick: bool, device_index: int) -> Settings:
+    dev = f"cuda:{device_index}"
+    if dry_run:
+        wl = Workload(requests=6, prompt_tokens=(8, 40), new_tokens=(4, 12), bursts=2,
+                      pool_bytes=32 * MiB, min_bytes=2 * MiB, idle_seconds=0.2,
+                      max_batch_tokens=128, run_limit_s=20.0)
+        return Settings("dry-run-quick" if quick else "dry-run", True, dev, "cpu",
+                        probe_granules=8, probe_large_handles=2, arena_bytes=16 * MiB, arena_rounds=2,
+                        alloc_pairs=1000, trim_bytes=64 * MiB, tests_timeout_s=120.0,
+                        budget_s=170.0 if quick else 450.0, workload=wl)
+    if quick:
+        wl = Workload(requests=24, prompt_tokens=(32, 256), new_tokens=(16, 96), bursts=2,
+                      pool_bytes=2 * GiB, min_bytes=64 * MiB, idle_seconds=0.5,
+                      max_batch_tokens=2048, run_limit_s=40.0)
+        return Settings("quick", False, dev, dev, probe_granules=128, probe_large_handles=16,
+                        arena_bytes=256 * MiB, arena_rounds=3, alloc_pairs=5000, trim_bytes=2 * GiB,
+                        tests_timeout_s=100.0, budget_s=170.0, workload=wl)
+    wl = Workload(requests=64, prompt_tokens=(64, 512), new_tokens=(32, 256), bursts=2,
+                  pool_bytes=4 * GiB, min_bytes=128 * MiB, idle_seconds=1.0,
+                  max_batch_tokens=2048, run_limit_s=90.0)
+    return Settings("full", False, dev, dev, probe_granules=256, probe_large_handles=32,
+                    arena_bytes=1 * GiB, arena_rounds=5, alloc_pairs=20000, trim_bytes=8 * GiB,
+                    tests_timeout_s=240.0, budget_s=450.0, workload=wl)
+
+
+# ---------------------------------------------------------------------------------- helpers --
+def summary(values: list[float]) -> dict[str, float]:
+    """median / p90 / p99 / mean / min / n of a list of numbers (empty list: n = 0 only)."""
+    if not values:
+        return {"n": 0}
+    xs = sorted(values)
+
+    def pct(p: float) -> float:
+        return xs[min(len(xs) - 1, max(0, math.ceil(p / 100 * len(xs)) - 1))]
+
+    return {"median": statistics.median(xs), "p90": pct(90), "p99": pct(99),
+            "mean": statistics.fmean(xs), "min": xs[0], "n": len(xs)}
+
+
+def cuda_real() -> bool:
+    """A real CUDA device is in use (a dry run hides every device from torch first)."""
+    return torch.cuda.is_available()
+
+
+def mem_free(device: str) -> Optional[int]:
+    """Device free bytes from torch.cuda.mem_get_info, or None off a real GPU."""
+    if not device.startswith("cuda") or not cuda_real():
+        return None
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda") and cuda_real():
+        torch.cuda.synchronize(torch.device(device))
+
+
+def downsample(points: list[Any], n: int = 200) -> list[Any]:
+    if len(points) <= n:
+        return points
+    step = len(points) / n
+    return [points[int(i * step)] for i in range(n)] + [points[-1]]
+
+
+# ---------------------------------------------------------------------------------- step 1 ---
+def step_build(s: Settings, args: argparse.Namespace) -> dict:
+    if args.no_build:
+        return {"skipped": "--no-build"}
+    out: dict[str, Any] = {}
+    cmds = [[sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation", "--no-deps", "-q"],
+            [sys.executable, "setup.py", "build_ext", "--inplace"]]
+    for cmd in cmds:
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+        out.setdefault("attempts", []).append({
+            "command": " ".join(cmd[1:]), "returncode": p.returncode,
+            "seconds": round(time.perf_counter() - t0, 1), "log_tail": (p.stdout + p.stderr)[-1500:]})
+        if p.returncode == 0:
+            out["built_with"] = " ".join(cmd[1:])
+            return out
+    raise RuntimeError(f"build failed: {out['attempts'][-1]['log_tail'][-600:]}")
+
+
+def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
+    gpu_dir = ROOT / "tests" / "gpu"
+    files = sorted(p.name for p in gpu_dir.glob("test_*.py")) if gpu_dir.is_dir() else []
+    if not files:
+        raise Unavailable("tests/gpu holds no test files yet")
+    xml = Path(args.out).resolve() / "gpu_tests.xml"
+    env = dict(os.environ)
+    if not s.dry_run:
+        env.pop("EKV_LIBCUDA", None)  # the real driver
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={xml}"]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=s.tests_timeout_s, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s") from e
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    if xml.exists():
+        root = ET.parse(xml).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        for suite in suites:
+            for k in counts:
+                counts[k] += int(suite.get(k, 0))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    out = {"files": files, **counts, "returncode": p.returncode,
+           "seconds": round(time.perf_counter() - t0, 1), "log_tail": (p.stdout + p.stderr)[-2000:]}
+    if p.returncode not in (0, 5) or counts["failures"] or counts["errors"]:
+        raise StepFailed(f"pytest tests/gpu: {counts['failures']} failed, {counts['errors']} errors "
+                         f"(returncode {p.returncode})", out)
+    return out
+
+
+class StepFailed(Exception):
+    """A step that ran and measured, but whose result is a failure; ``data`` is kept."""
+
+    def __init__(self, message: str, data: dict) -> None:
+        super().__init__(message)
+        self.data = data
+
+
+# ---------------------------------------------------------------------------------- step 2 ---
+def step_driver(s: Settings, args: argparse.Namespace) -> dict:
+    from torch_elastic_kv import _C
+
+    if not hasattr(_C, "probe_driver"):
+        raise Unavailable("this build of torch_elastic_kv._C has no probe_driver (csrc/driver_probe.cpp)")
+    index = torch.device(s.device).index
+    if cuda_real():
+        torch.cuda.init()  # the primary context exists, as it will when torch runs kernels
+    out: dict[str, Any] = {}
+    for name, granules, per_handle in (("granule", s.probe_granules, 1),
+                                       ("large", s.probe_large_handles, 16)):
+        r = _C.probe_driver(index, granules, per_handle, 8)
+        res = {k: r[k] for k in ("library", "is_fake", "driver_version", "granularity",
+                                 "recommended_granularity", "handle_bytes", "range_bytes")}
+        for call in ("reserve", "address_free", "create", "map", "set_access", "unmap", "release"):
+            res[f"{call}_us"] = summary(r[f"{call}_us"])
+        res["set_access_range_us"] = r["set_access_range_us"]
+        # per 2 MiB, the unit of the A100 floors
+        per_2mib = (2 * MiB) / r["handle_bytes"]
+        res["per_2mib_us"] = {c: res[f"{c}_us"]["median"] * per_2mib
+                              for c in ("create", "map", "set_access", "unmap", "release")}
+        out[name] = res
+    return out
+
+
+def step_arena(s: Settings, args: argparse.Namespace) -> dict:
+    from torch_elastic_kv import Arena
+
+    out: dict[str, Any] = {}
+    for reuse in (True, False):
+        arena = Arena(s.arena_bytes, s.device, reuse_bytes=s.arena_bytes if reuse else 0)
+        try:
+            cap, gran = arena.capacity, arena.granularity
+            granules = cap // gran
+            grow, unmap_call, finish = [], [], []
+            for _ in range(s.arena_rounds + 1):  # the first round creates every handle
+                t0 = time.perf_counter()
+                arena.map(0, cap)
+                grow.append(time.perf_counter() - t0)
+                synchronize(s.device)
+                t0 = time.perf_counter()
+                arena.unmap(0, cap)
+                unmap_call.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                if reuse:
+                    # the driver unmap done, handles in the cache (a map now would only revive)
+                    deadline = time.monotonic() + 10
+                    while arena.stats()["pending_bytes"] and time.monotonic() < deadline:
+                        arena.poll()
+                else:
+                    arena.trim(wait=True)
+                finish.append(time.perf_counter() - t0)
+            st = arena.stats()
+            key = "reuse" if reuse else "no_reuse"
+            steady = slice(1, None)
+            out[key] = {
+                "granularity": gran, "granules": granules, "rounds": s.arena_rounds,
+                "grow_us_per_granule": summary([t / granules * 1e6 for t in grow[steady]]),
+                "first_grow_us_per_granule": grow[0] / granules * 1e6,
+                "unmap_call_us_per_granule": summary([t / granules * 1e6 for t in unmap_call[steady]]),
+                "shrink_finish_us_per_granule": summary([t / granules * 1e6 for t in finish[steady]]),
+                "grow_gib_per_s": cap / statistics.median(grow[steady]) / GiB,
+                "creates": st["creates"], "reuses": st["reuses"], "releases": st["releases"],
+                "held_bytes_after": st["held_bytes"],
+            }
+            if reuse:
+                out["reuse"]["verified_bytes"] = _check_view(arena, s.device)
+        finally:
+            arena.close()
+    r, n = out["reuse"], out["no_reuse"]
+    out["reuse_over_create"] = r["grow_us_per_granule"]["median"] / n["grow_us_per_granule"]["median"]
+    if r["creates"] != r["granules"]:
+        raise StepFailed(f"handle reuse: {r['creates']} creates for {r['granules']} granules over "
+                         f"{s.arena_rounds + 1} grows (expected one per granule)", out)
+    return out
+
+
+def _check_view(arena: Any, device: str) -> int:
+    """Map, write through a tensor view, read back; returns the bytes verified."""
+    nbytes = min(arena.capacity, 64 * MiB)
+    arena.map(0, nbytes)
+    try:
+        n = nbytes // 4
+        if arena.backend == "cuda(fake)":
+            view = arena.host_view(torch.float32, (n,))
+        else:
+            view = arena.view(torch.float32, (n,))
+        view.copy_(torch.arange(n, dtype=torch.float32, device=view.device))
+        synchronize(device)
+        ok = bool(torch.equal(view.cpu(), torch.arange(n, dtype=torch.float32)))
+        if not ok:
+            raise RuntimeError("data written through the arena view did not read back")
+        del view
+    finally:
+        synchronize(device)
+        arena.unmap(0, nbytes)
+        arena.trim(wait=True)
+    return nbytes
+
+
+# ---------------------------------------------------------------------------------- step 3 ---
+def _size_mix(n: int, seed: int = 0) -> list[int]:
+    """Log-uniform sizes from 512 B to 32 MiB, 512-aligned: activations and workspaces."""
+    rng = random.Random(seed)
+    return [max(512, int(2 ** rng.uniform(9, 25)) // 512 * 512) for _ in range(n)]
+
+
+def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
+    import ctypes
+
+    try:
+        from torch_elastic_kv import allocator
+    except ImportError as e:
+        raise Unavailable(f"torch_elastic_kv.allocator is not in this tree yet ({e})") from None
+    missing = [f for f in ("library_path", "trim", "stats") if not hasattr(allocator, f)]
+    if missing:
+        raise Unavailable(f"torch_elastic_kv.allocator lacks {missing}")
+    index = torch.device(s.device).index
+    lib = ctypes.CDLL(allocator.library_path())
+    lib.ekv_malloc.restype = ctypes.c_void_p
+    lib.ekv_malloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    lib.ekv_free.restype = None
+    lib.ekv_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    sizes = _size_mix(s.alloc_pairs)
+    out: dict[str, Any] = {"pairs": len(sizes), "size_mix": "log-uniform 512 B .. 32 MiB"}
+
+    def c_abi_pairs(device: int) -> float:
+        for sz in sizes[:200]:  # warm: segments mapped once
+            lib.ekv_free(lib.ekv_malloc(sz, device, None), sz, device, None)
+        t0 = time.perf_counter()
+        for sz in sizes:
+            p = lib.ekv_malloc(sz, device, None)
+            if not p:
+                raise MemoryError(f"ekv_malloc({sz}, device={device}) failed: {allocator.last_error()}"
+                                  if hasattr(allocator, "last_error") else f"ekv_malloc({sz}) failed")
+            lib.ekv_free(p, sz, device, None)
+        return len(sizes) / (time.perf_counter() - t0)
+
+    out["c_abi_pairs_per_s"] = c_abi_pairs(index)
+    out["c_abi_host_pairs_per_s"] = c_abi_pairs(-1)
+
+    def torch_pairs(device: torch.device) -> float:
+        for sz in sizes[:200]:
+            del_t = torch.empty(sz, dtype=torch.uint8, device=device)
+            del del_t
+        t0 = time.perf_counter()
+        for sz in sizes:
+            t = torch.empty(sz, dtype=torch.uint8, device=device)
+            del t
+        return len(sizes) / (time.perf_counter() - t0)
+
+    if cuda_real():
+        dev = torch.device(s.device)
+        out["torch_caching_pairs_per_s"] = torch_pairs(dev)
+        if hasattr(allocator, "mem_pool"):
+            with allocator.mem_pool():
+                out["torch_mem_pool_pairs_per_s"] = torch_pairs(dev)
+        out["baseline"] = "torch CUDA caching allocator"
+    else:
+        out["torch_caching_pairs_per_s"] = torch_pairs(torch.device("cpu"))
+        out["baseline"] = "torch CPU allocator (no CUDA here)"
+
+    # trim: map trim_bytes through the C ABI, free it all, time trim()
+    block = 64 * MiB
+    free0 = mem_free(s.device)
+    ptrs = []
+    try:
+        for _ in range(s.trim_bytes // block):
+            p = lib.ekv_malloc(block, index, None)
+            if not p:
+                raise MemoryError(f"ekv_malloc({block}) failed after {len(ptrs)} blocks")
+            ptrs.append(p)
+        free_alloc = mem_free(s.device)
+    finally:
+        for p in ptrs:
+            lib.ekv_free(p, block, index, None)
+    synchronize(s.device)
+    t0 = time.perf_counter()
+    released = allocator.trim(index)
+    dt = time.perf_counter() - t0
+    free1 = mem_free(s.device)
+    out["trim"] = {"bytes": len(ptrs) * block, "released_bytes": int(released or 0), "seconds": dt,
+                   "gib_per_s": (int(released or 0) / GiB) / dt if dt > 0 else None,
+                   "free_before": free0, "free_allocated": free_alloc, "free_after_trim": free1}
+    if int(released or 0) < len(ptrs) * block:
+        raise StepFailed(f"trim released {released} bytes of {len(ptrs) * block} freed", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- step 4 ---
+def build_model(s: Settings) -> tuple[Any, dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if s.dry_run:
+        cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        dtype = torch.float32
+    else:
+        cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+        dtype = torch.bfloat16
+    config = LlamaConfig(**cfg)
+    with torch.device(s.engine_device):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, {**cfg, "dtype": str(dtype), "params": n_params}
+
+
+def make_requests(wl: Workload, vocab: int, seed: int = 1) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(wl.requests):
+        n = rng.randint(*wl.prompt_tokens)
+        reqs.append(([rng.randrange(3, vocab) for _ in range(n)], rng.randint(*wl.new_tokens)))
+    return reqs
+
+
+class _Sampler:
+    """Samples resident KV bytes (and device free memory) every ``period`` seconds."""
+
+    def __init__(self, pool: Any, device: str, period: float) -> None:
+        self.pool, self.device, self.period = pool, device, period
+        self.points: list[tuple[float, int, Optional[int]]] = []
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="gpu-check-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.period)
+
+    def sample(self) -> None:
+        self.points.append((round(time.monotonic() - self._t0, 3), int(self.pool.resident_bytes),
+                            mem_free(self.device)))
+
+    def __enter__(self) -> "_Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class _Held:
+    """Physical bytes (mapped + pending + cached) held on a device since this was made: the
+    device budget counts every arena, so the difference is what the engine's pool holds."""
+
+    def __init__(self, device: str) -> None:
+        from torch_elastic_kv import memory_stats
+
+        self._stats = memory_stats
+        self.device = device
+        self.base = memory_stats(device)["held_bytes"]
+
+    def __call__(self) -> int:
+        return int(self._stats(self.device)["held_bytes"] - self.base)
+
+
+def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int], int]]) -> dict:
+    """One engine over ``requests`` in bursts with idle gaps; returns its figures."""
+    from torch_elastic_kv import ElasticPolicy, Engine
+
+    wl = s.workload
+    dev = s.engine_device
+    if kind == "static":
+        policy = ElasticPolicy(min_bytes=wl.pool_bytes, max_bytes=wl.pool_bytes)
+    else:
+        policy = ElasticPolicy(min_bytes=wl.min_bytes, max_bytes=wl.pool_bytes, idle_seconds=wl.idle_seconds)
+    synchronize(dev)
+    if cuda_real():
+        torch.cuda.empty_cache()
+    free_before = mem_free(dev)
+    held = _Held(dev)
+    engine = Engine(model, policy=policy, max_batch_tokens=wl.max_batch_tokens, page_tokens=16)
+    pool = engine.pool
+    floor = -(-wl.min_bytes // pool.chunk_bytes) * pool.chunk_bytes
+    out: dict[str, Any] = {"kind": kind, "chunk_bytes": pool.chunk_bytes, "page_bytes": pool.page_bytes,
+                           "floor_bytes": floor, "free_before": free_before,
+                           "resident_at_start": pool.resident_bytes}
+    truncated = False
+    idle_phases = []
+    t_start = time.perf_counter()
+    deadline = time.monotonic() + wl.run_limit_s
+    try:
+        with _Sampler(pool, dev, 0.05) as sampler:
+            per_burst = -(-len(requests) // wl.bursts)
+            for b in range(wl.bursts):
+                for prompt, mnt in requests[b * per_burst:(b + 1) * per_burst]:
+                    engine.add_request(prompt, mnt)
+                while engine.has_unfinished():
+                    engine.step()
+                    if time.monotonic() > deadline:
+                        truncated = True
+                        for info in engine.requests_info():
+                            if info["status"] not in ("finished", "cancelled"):
+                                try:
+                                    engine.cancel(info["request_id"])
+                                except ValueError:
+                                    pass
+                        break
+                idle_phases.append(_idle_phase(engine, pool, held, s, floor))
+                if truncated:
+                    break
+        out["truncated"] = truncated
+        out["wall_seconds"] = time.perf_counter() - t_start
+        out.update(_engine_figures(engine))
+        out["idle_phases"] = idle_phases
+        last = idle_phases[-1]
+        out["idle_resident_bytes"] = last["resident_after"]
+        out["idle_held_bytes"] = last["held_after"]
+        out["peak_resident_bytes"] = max(p[1] for p in sampler.points)
+        out["resident_over_time"] = downsample([[t, r] for t, r, _ in sampler.points])
+        frees = [f for _, _, f in sampler.points if f is not None]
+        out["free_during_min"] = min(frees) if frees else None
+        out["free_after_idle"] = last["free_after"]
+    finally:
+        engine.close()
+        pool.close()
+    synchronize(dev)
+    if cuda_real():
+        torch.cuda.empty_cache()
+    out["free_after_close"] = mem_free(dev)
+    return out
+
+
+def _idle_phase(engine: Any, pool: Any, held: _Held, s: Settings, floor: int) -> dict:
+    """Load stopped: wait (the engine's background thread gives memory back) until the pool is
+    at its floor or the wait runs out; the device's free memory before and after, with torch's
+    own cache emptied both times so only the KV pool's memory moves."""
+    dev = s.engine_device
+    synchronize(dev)
+    if cuda_real():
+        torch.cuda.empty_cache()
+    before = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev)}
+    t0 = time.monotonic()
+    wait = s.workload.idle_seconds * 3 + 1.0
+    while time.monotonic() - t0 < wait:
+        if engine.policy.is_static:
+            time.sleep(s.workload.idle_seconds)  # nothing to give back: the same idle time, once
+            break
+        if pool.resident_bytes <= floor and held() <= floor:
+            break
+        time.sleep(0.02)
+    reached = time.monotonic() - t0
+    synchronize(dev)
+    if cuda_real():
+        torch.cuda.empty_cache()
+    after = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev)}
+    phase = {"resident_before": before["resident"], "held_before": before["held"],
+             "resident_after": after["resident"], "held_after": after["held"],
+             "free_before": before["free"], "free_after": after["free"], "seconds_to_settle": reached}
+    if before["free"] is not None and after["free"] is not None:
+        phase["driver_got_back"] = after["free"] - before["free"]
+    phase["pool_gave_back"] = before["held"] - after["held"]
+    return phase
+
+
+def _engine_figures(engine: Any) -> dict:
+    st = engine.stats()
+    tl = engine.timeline or []
+    busy = [e for e in tl if e["num_tokens"] > 0]
+    decode = [e for e in busy if e["num_tokens"] == e["num_seqs"]]
+    busy_s = sum(e["step_seconds"] for e in busy)
+    decode_s = sum(e["step_seconds"] for e in decode)
+    ttft, tpot = [], []
+    for info in engine.requests_info():
+        if info["first_token_time"] is None:
+            continue
+        ttft.append(info["first_token_time"] - info["arrival_time"])
+        if info["finish_time"] is not None and info["output_tokens"] > 1:
+            tpot.append((info["finish_time"] - info["first_token_time"]) / (info["output_tokens"] - 1))
+    return {
+        "tokens_generated": st["tokens_generated"], "tokens_forwarded": st["tokens_forwarded"],
+        "steps": st["steps"], "busy_seconds": busy_s,
+        "tokens_per_s": st["tokens_generated"] / busy_s if busy_s else None,
+        "decode_steps": len(decode),
+        "decode_tokens_per_s": sum(e["num_tokens"] for e in decode) / decode_s if decode_s else None,
+        "ttft_ms": {k: v * 1e3 for k, v in summary(ttft).items() if k != "n"} | {"n": len(ttft)},
+        "tpot_ms": {k: v * 1e3 for k, v in summary(tpot).items() if k != "n"} | {"n": len(tpot)},
+        "grow_events": st["grow_events"], "shrink_events": st["shrink_events"],
+        "compact_events": st["compact_events"], "bytes_given_back": st["bytes_given_back"],
+        "preemptions": st["preemptions"],
+    }
+
+
+def step_engine(s: Settings, args: argparse.Namespace) -> dict:
+    try:
+        from torch_elastic_kv import Engine, ElasticPolicy  # noqa: F401
+    except ImportError as e:
+        raise Unavailable(f"the Engine is not in this tree yet ({e})") from None
+    t0 = time.perf_counter()
+    model, model_info = build_model(s)
+    out: dict[str, Any] = {"model": model_info, "workload": asdict(s.workload),
+                           "model_build_seconds": time.perf_counter() - t0}
+    requests = make_requests(s.workload, model.config.vocab_size)
+    # warm-up: kernels, cuBLAS handles and allocator pools exist before anything is measured
+    warm = Workload(**{**asdict(s.workload), "requests": 4, "bursts": 1, "idle_seconds": 0.05,
+                       "new_tokens": (4, 4)})
+    run_engine(model, Settings(**{**asdict(s), "workload": warm}), "elastic", requests[:4])
+    out["static"] = run_engine(model, s, "static", requests)
+    out["elastic"] = run_engine(model, s, "elastic", requests)
+    e, st = out["elastic"], out["static"]
+    out["decode_ratio"] = (e["decode_tokens_per_s"] / st["decode_tokens_per_s"]
+                           if e["decode_tokens_per_s"] and st["decode_tokens_per_s"] else None)
+    out["tokens_ratio"] = (e["tokens_per_s"] / st["tokens_per_s"]
+                           if e["tokens_per_s"] and st["tokens_per_s"] else None)
+    out["idle_at_floor"] = e["idle_held_bytes"] == e["floor_bytes"]
+    shrink = e["idle_phases"][-1]
+    if shrink.get("driver_got_back") is not None:
+        # what the pool gave back must show up as free device memory (5 % slack: other allocations)
+        out["memory_went_back"] = shrink["driver_got_back"] >= 0.95 * shrink["pool_gave_back"]
+    del model
+    if cuda_real():
+        torch.cuda.empty_cache()
+    if e["truncated"] or st["truncated"]:
+        raise StepFailed("an engine run hit its time limit; the rest of its requests were cancelled", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- step 4b --
+def step_stream_order(s: Settings, args: argparse.Namespace) -> dict:
+    """Unmap memory a kernel is still writing: the unmap must wait for the stream, not fault."""
+    from torch_elastic_kv import Arena
+
+    arena = Arena(64 * MiB, s.device, reuse_bytes=0)
+    try:
+        cap = arena.capacity
+        arena.map(0, cap)
+        if arena.backend == "cuda(fake)":
+            from torch_elastic_kv.testing import FakeCuda
+
+            fake = FakeCuda()
+            fake.set_events_complete(False)  # the fake's model of queued device work
+            try:
+                arena.unmap(0, cap)
+                pending = arena.stats()["pending_bytes"]
+                arena.poll()
+                still = arena.stats()["pending_bytes"]
+                fake.complete_events()
+            finally:
+                fake.set_events_complete(True)
+            arena.poll()
+            done = arena.stats()["pending_bytes"]
+            kernel_ms = None
+        else:
+            view = arena.view(torch.float32, (cap // 4,))
+            stream = torch.cuda.Stream(torch.device(s.device))
+            with torch.cuda.stream(stream):
+                t0 = time.perf_counter()
+                torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work ahead of the write
+                view.fill_(3.0)
+            del view
+            arena.unmap(0, cap, stream=stream)
+            pending = arena.stats()["pending_bytes"]
+            arena.poll()
+            still = arena.stats()["pending_bytes"]
+            stream.synchronize()
+            kernel_ms = (time.perf_counter() - t0) * 1e3
+            torch.cuda.synchronize()  # raises if the write hit an unmapped page
+            arena.poll()
+            done = arena.stats()["pending_bytes"]
+        out = {"bytes": cap, "pending_after_unmap": pending, "pending_after_poll_while_busy": still,
+               "pending_after_completion": done, "queued_work_ms": kernel_ms}
+        if not (pending == cap and still == cap and done == 0):
+            raise StepFailed("the unmap did not wait for the queued work on its stream", out)
+        return out
+    finally:
+        arena.close()
+
+
+# ---------------------------------------------------------------------------------- runner ---
+STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
+    ("build", step_build),
+    ("gpu_tests", step_gpu_tests),
+    ("driver", step_driver),
+    ("arena", step_arena),
+    ("allocator", step_allocator),
+    ("engine", step_engine),
+    ("stream_order", step_stream_order),
+]
+
+
+def run_step(name: str, fn: Callable, s: Settings, args: argparse.Namespace, started: float) -> dict:
+    if time.perf_counter() - started > s.budget_s:
+        return {"status": "skipped", "error": f"the run passed its {s.budget_s:.0f} s budget before this step"}
+    print(f"[gpu_check] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        data = fn(s, args)
+        rec = {"status": "ok", **data}
+    except Unavailable as e:
+        rec = {"status": "unavailable", "error": str(e)}
+    except StepFailed as e:
+        rec = {"status": "failed", "error": str(e), **e.data}
+    except BaseException as e:  # noqa: BLE001 - a step must never end the run
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        rec = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()[-3000:]}
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    print(f"[gpu_check] {name}: {rec['status']} ({rec['seconds']} s)"
+          + (f" - {rec['error']}" if rec.get("error") else ""), flush=True)
+    return rec
+
+
+def environment(s: Settings) -> dict:
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "machine": platform.machine(), "cpus": os.cpu_count(),
+                           "EKV_LIBCUDA": os.environ.get("EKV_LIBCUDA")}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    if cuda_real():
+        idx = torch.device(s.device).index
+        p = torch.cuda.get_device_properties(idx)
+        env.update(device_name=p.name, device_total_bytes=p.total_memory, cuda_runtime=torch.version.cuda,
+                   capability=f"{p.major}.{p.minor}")
+    else:
+        env["device_name"] = "none (fake CUDA driver over host memory; engine on CPU)"
+    return env
+
+
+# ---------------------------------------------------------------------------------- table ----
+def _fmt(x: Any, unit: str = "", nd: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}{unit}"
+    return f"{x}{unit}"
+
+
+def _mib(x: Optional[int]) -> str:
+    return "-" if x is None else f"{x / MiB:,.1f} MiB"
+
+
+def build_table(res: dict) -> list[list[str]]:
+    """Rows of (what, measured, reference, verdict)."""
+    st = res["steps"]
+    rows: list[list[str]] = []
+
+    def status_row(name: str, what: str) -> bool:
+        r = st.get(name, {})
+        if r.get("status") != "ok":
+            rows.append([what, r.get("status", "not run"), "-", (r.get("error") or "")[:60]])
+            return False
+        return True
+
+    b = st.get("build", {})
+    rows.append(["build", b.get("status", "not run") if "skipped" not in b else "skipped (--no-build)", "-",
+                 (b.get("error") or "")[:60]])
+    t = st.get("gpu_tests", {})
+    if t.get("status") in ("ok", "failed") and "tests" in t:
+        rows.append(["tests/gpu", f"{t['passed']} passed, {t['failures'] + t['errors']} failed, "
+                                  f"{t['skipped']} skipped", "all pass", "ok" if t["status"] == "ok" else "FAIL"])
+    else:
+        status_row("gpu_tests", "tests/gpu")
+    if status_row("driver", "driver calls"):
+        d = st["driver"]["granule"]
+        g = d["granularity"]
+        for call, label in (("create", "cuMemCreate"), ("map", "cuMemMap"), ("set_access", "cuMemSetAccess"),
+                            ("unmap", "cuMemUnmap"), ("release", "cuMemRelease")):
+            ref = A100_US.get(call)
+            v = d["per_2mib_us"][call]
+            rows.append([f"{label} per 2 MiB (median)", _fmt(v, " us", 2),
+                         _fmt(ref, " us (A100)") if ref else "-",
+                         f"{v / ref:.2f}x A100" if ref else "-"])
+        rows.append(["granularity min / recommended", f"{g // 1024} KiB / {d['recommended_granularity'] // 1024} KiB",
+                     "2 MiB", "ok" if g == 2 * MiB else "differs"])
+        rows.append(["cuMemSetAccess whole range", _fmt(d["set_access_range_us"], " us", 1),
+                     f"{d['range_bytes'] // MiB} MiB, 1 call", "-"])
+        lg = st["driver"]["large"]
+        rows.append([f"cuMemCreate per 2 MiB, {lg['handle_bytes'] // MiB} MiB handles",
+                     _fmt(lg["per_2mib_us"]["create"], " us", 2), "-", "-"])
+    if status_row("arena", "arena grow/shrink"):
+        a = st["arena"]
+        r, n = a["reuse"], a["no_reuse"]
+        rows.append(["arena grow per granule: reuse / create",
+                     f"{_fmt(r['grow_us_per_granule']['median'], ' us')} / {_fmt(n['grow_us_per_granule']['median'], ' us')}",
+                     "reuse well under create", "ok" if a["reuse_over_create"] < 0.5 else "MISS"])
+        rows.append(["arena shrink per granule: reuse / release",
+                     f"{_fmt(r['shrink_finish_us_per_granule']['median'] + r['unmap_call_us_per_granule']['median'], ' us')}"
+                     f" / {_fmt(n['shrink_finish_us_per_granule']['median'] + n['unmap_call_us_per_granule']['median'], ' us')}",
+                     "-", "-"])
+    if status_row("allocator", "allocator"):
+        al = st["allocator"]
+        rows.append(["malloc+free pairs/s: ekv C ABI / torch", f"{_fmt(al['c_abi_pairs_per_s'], '', 0)} / "
+                     f"{_fmt(al['torch_caching_pairs_per_s'], '', 0)}", al["baseline"], "-"])
+        if al.get("torch_mem_pool_pairs_per_s"):
+            rows.append(["pairs/s through torch in ekv mem_pool", _fmt(al["torch_mem_pool_pairs_per_s"], "", 0),
+                         "torch caching", "-"])
+        tr = al["trim"]
+        rows.append([f"trim() of {tr['bytes'] / GiB:.2f} GiB", f"{tr['seconds'] * 1e3:,.1f} ms",
+                     f"{_fmt(tr['gib_per_s'], ' GiB/s')}", "ok" if tr["released_bytes"] >= tr["bytes"] else "FAIL"])
+    if status_row("engine", "engine"):
+        en = st["engine"]
+        e, s_ = en["elastic"], en["static"]
+        ratio = en.get("decode_ratio")
+        rows.append(["decode tokens/s elastic / static", f"{_fmt(e['decode_tokens_per_s'])} / "
+                     f"{_fmt(s_['decode_tokens_per_s'])}", "within 2 %",
+                     "-" if ratio is None else (f"{(ratio - 1) * 100:+.1f} % "
+                                                + ("ok" if ratio >= 1 - TOKENS_PER_S_TOLERANCE else "MISS"))])
+        rows.append(["tokens/s (all steps) elastic / static",
+                     f"{_fmt(e['tokens_per_s'])} / {_fmt(s_['tokens_per_s'])}", "-", "-"])
+        for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+            rows.append([f"{label} p50 / p99 elastic", f"{_fmt(e[key].get('median'), ' ms')} / {_fmt(e[key].get('p99'), ' ms')}",
+                         f"static {_fmt(s_[key].get('median'), ' ms')} / {_fmt(s_[key].get('p99'), ' ms')}", "-"])
+        rows.append(["KV resident peak elastic / static", f"{_mib(e['peak_resident_bytes'])} / {_mib(s_['peak_resident_bytes'])}",
+                     "-", "-"])
+        rows.append(["idle footprint (held) vs floor", _mib(e["idle_held_bytes"]), _mib(e["floor_bytes"]),
+                     "ok" if en["idle_at_floor"] else "MISS"])
+        ph = e["idle_phases"][-1]
+        if ph.get("driver_got_back") is not None:
+            rows.append(["device free memory back at idle", _mib(ph["driver_got_back"]),
+                         f"pool gave {_mib(ph['pool_gave_back'])}", "ok" if en.get("memory_went_back") else "MISS"])
+            rows.append(["device free: before / min during / after",
+                         f"{_mib(e['free_before'])} / {_mib(e['free_during_min'])} / {_mib(e['free_after_idle'])}",
+                         "-", "-"])
+    if status_row("stream_order", "deferred unmap (stream order)"):
+        so = st["stream_order"]
+        rows.append(["unmap waits for queued work", f"pending {_mib(so['pending_after_unmap'])} until done",
+                     "no fault", "ok"])
+    return rows
+
+
+def print_table(res: dict, rows: list[list[str]]) -> None:
+    head = ["check", "measured", "reference", "verdict"]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    line = "  ".join("-" * w for w in widths)
+    print()
+    print(f"torch_elastic_kv GPU check - mode {res['mode']} - {res['environment'].get('device_name')} - {res['date']}")
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(line)
+    failed = res["failed_steps"]
+    print(f"steps failed: {', '.join(failed) if failed else 'none'}; total {res['total_seconds']:.1f} s; "
+          f"results in {res['results_path']}")
+
+
+# ---------------------------------------------------------------------------------- main -----
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for gpu_results.json (created)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on one H200")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no GPU: fake CUDA driver for driver/arena/allocator, tiny model on CPU")
+    p.add_argument("--no-build", action="store_true", help="skip the in-place build (already built)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    p.add_argument("--steps", default=None,
+                   help=f"comma-separated subset of: {','.join(n for n, _ in STEPS)} (default: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.out = str(out_dir)
+    if args.dry_run:
+        # a dry run never touches a real GPU, even on a machine with one: torch must not see it
+        # (the arenas' "cuda" memory is the fake driver's host memory)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if not os.environ.get("EKV_LIBCUDA"):
+            sys.path.insert(0, str(ROOT))
+            from torch_elastic_kv.testing import fake_cuda_path  # no _C import: safe before a build
+
+            os.environ["EKV_LIBCUDA"] = fake_cuda_path()
+    elif not cuda_real():
+        print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one",
+              file=sys.stderr)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    s = make_settings(args.dry_run, args.quick, args.device)
+    if s.dry_run:
+        # CPU figures are for the script's sake only; one intra-op thread keeps them from
+        # swinging tenfold on a shared machine (OpenMP barriers wait on descheduled threads)
+        torch.set_num_threads(1)
+    wanted = None if args.steps is None else {x.strip() for x in args.steps.split(",") if x.strip()}
+    unknown = (wanted or set()) - {n for n, _ in STEPS}
+    if unknown:
+        print(f"[gpu_check] unknown steps {sorted(unknown)}", file=sys.stderr)
+        return 2
+    res: dict[str, Any] = {"schema": 1, "mode": s.mode, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           "settings": asdict(s), "floors": {"a100_us_per_2mib": A100_US,
+                                                             "decode_tokens_per_s_tolerance": TOKENS_PER_S_TOLERANCE,
+                                                             "idle_footprint": "== floor (min_bytes rounded up to chunks)"},
+                           "steps": {}}
+    res["environment"] = environment(s)
+    for name, fn in STEPS:
+        if wanted is not None and name not in wanted:
+            continue
+        res["steps"][name] = run_step(name, fn, s, args, started)
+    res["failed_steps"] = [n for n, r in res["steps"].items() if r["status"] in ("failed", "skipped")]
+    res["total_seconds"] = time.perf_counter() - started
+    path = out_dir / "gpu_results.json"
+    res["results_path"] = str(path)
+    try:
+        rows = build_table(res)
+    except Exception as e:  # noqa: BLE001 - the json must still be written
+        rows = [["table", "failed", "-", f"{type(e).__name__}: {e}"[:80]]]
+        res["failed_steps"].append("table")
+    res["table"] = rows
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print_table(res, rows)
+    return 1 if res["failed_steps"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
