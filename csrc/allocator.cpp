@@ -75,10 +75,16 @@ struct DeviceAllocator::Block {
   Block* pprev = nullptr;            // pending list (free blocks with a fence), oldest first
   Block* pnext = nullptr;
   bool listed = false;
+  bool indexed = false;              // in the free index, at `where`
+  std::set<FreeKey>::iterator where;
 };
 
 bool DeviceAllocator::FreeKey::operator<(const FreeKey& o) const {
-  return std::tie(small, tag, stream, size, addr) < std::tie(o.small, o.tag, o.stream, o.size, o.addr);
+  if (tag != o.tag) return tag < o.tag;
+  if (small != o.small) return small < o.small;
+  if (stream != o.stream) return stream < o.stream;
+  if (size != o.size) return size < o.size;
+  return addr < o.addr;
 }
 
 // Copies between host memory and the device's memory, for pause(backup=true). Host-accessible
@@ -226,8 +232,16 @@ DeviceAllocator::FreeKey DeviceAllocator::key_of(const Block* b) const {
   return FreeKey{b->seg->small, b->seg->tag, s, b->size, b->addr, const_cast<Block*>(b)};
 }
 
-void DeviceAllocator::index_insert(Block* b) { free_.insert(key_of(b)); }
-void DeviceAllocator::index_erase(Block* b) { free_.erase(key_of(b)); }
+void DeviceAllocator::index_insert(Block* b) {
+  b->where = free_.insert(key_of(b)).first;
+  b->indexed = true;
+}
+
+void DeviceAllocator::index_erase(Block* b) {
+  if (!b->indexed) return;
+  free_.erase(b->where);
+  b->indexed = false;
+}
 
 void DeviceAllocator::pending_push(Block* b) {
   b->pprev = pending_tail_;
@@ -540,17 +554,19 @@ Status DeviceAllocator::wait_streams(const std::vector<void*>& streams) {
 Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void** out) {
   std::lock_guard<std::mutex> lock(mu_);
   *out = nullptr;
-  const std::string call =
-      "ekv_malloc(size=" + std::to_string(size) + ", device=" + where() + ", stream=" +
-      hex(reinterpret_cast<std::uintptr_t>(stream)) + ")";
-  if (closed_) return Unavailable(call + ": this device's allocator was closed");
+  // Built only on failure: the success path stays free of string work.
+  auto call = [&] {
+    return "ekv_malloc(size=" + std::to_string(size) + ", device=" + where() + ", stream=" +
+           hex(reinterpret_cast<std::uintptr_t>(stream)) + ")";
+  };
+  if (closed_) return Unavailable(call() + ": this device's allocator was closed");
   if (size == 0) {
     failed_mallocs_ += 1;
-    return InvalidArgument(call + ": size 0 allocates nothing; the result is NULL");
+    return InvalidArgument(call() + ": size 0 allocates nothing; the result is NULL");
   }
   if (size > arena_->capacity()) {
     failed_mallocs_ += 1;
-    return OutOfMemory(call + ": more than the " + std::to_string(arena_->capacity()) +
+    return OutOfMemory(call() + ": more than the " + std::to_string(arena_->capacity()) +
                        " bytes of address space this device's allocator reserves");
   }
   const bool small = size <= small_limit_;
@@ -569,7 +585,7 @@ Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void**
     }
     if (!st.ok()) {
       failed_mallocs_ += 1;
-      return Status(st.code(), call + ": " + st.message() + " (NULL returned; live blocks untouched)");
+      return Status(st.code(), call() + ": " + st.message() + " (NULL returned; live blocks untouched)");
     }
   }
   b = take(b, bsize, size, stream);
@@ -582,21 +598,23 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
   if (ptr == nullptr) return Status::Ok();  // like free(NULL)
   std::lock_guard<std::mutex> lock(mu_);
   const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(ptr);
-  const std::string call = "ekv_free(ptr=" + hex(addr) + ", size=" + std::to_string(size) + ", device=" + where() + ")";
+  auto call = [&] {
+    return "ekv_free(ptr=" + hex(addr) + ", size=" + std::to_string(size) + ", device=" + where() + ")";
+  };
   auto it = live_.find(addr);
   if (it == live_.end()) {
     failed_frees_ += 1;
     if (addr >= arena_->base() && addr < arena_->base() + arena_->capacity()) {
-      return InvalidArgument(call + ": no live allocation starts at this address (a double free, or a pointer "
+      return InvalidArgument(call() + ": no live allocation starts at this address (a double free, or a pointer "
                              "into a block); nothing was freed");
     }
-    return InvalidArgument(call + ": the pointer was not allocated by this allocator on " + where() +
+    return InvalidArgument(call() + ": the pointer was not allocated by this allocator on " + where() +
                            "; nothing was freed");
   }
   Block* b = it->second;
   if (size != b->requested) {
     failed_frees_ += 1;
-    return InvalidArgument(call + ": the block at this address was allocated with size " +
+    return InvalidArgument(call() + ": the block at this address was allocated with size " +
                            std::to_string(b->requested) + "; nothing was freed");
   }
   Segment* s = b->seg;
@@ -606,7 +624,7 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
     Status st = fences_->record_fence(stream, &f);
     if (!st.ok()) {
       failed_frees_ += 1;
-      return Status(st.code(), call + ": recording the free-time event failed: " + st.message() +
+      return Status(st.code(), call() + ": recording the free-time event failed: " + st.message() +
                                    " (the block stays allocated)");
     }
     fence = std::make_shared<FenceRef>(fences_.get(), f);

@@ -42,13 +42,12 @@ def test_install_routes_every_tensor_and_trim_gives_memory_back():
             "x_in_snapshot": len(snap) >= 2, "x_tracked": any(b["size"] == 4 << 20 for b in snap.values()),
             "allocated1": s1["allocated_bytes"], "allocated2": s2["allocated_bytes"],
             "mapped2": s2["mapped_bytes"], "mapped3": s3["mapped_bytes"], "released": released,
-            "cached3": s3["cached_bytes"], "failed": s1["failed_mallocs"],
+            "cached3": s3["cached_bytes"],
         }))
     """)
     assert out["installed"] and out["finite"] and out["x_in_snapshot"] and out["x_tracked"]
     assert out["allocated1"] - out["allocated2"] >= 4 << 20
     assert out["released"] >= 4 << 20 and out["mapped3"] <= out["mapped2"] - (4 << 20)
-    assert out["failed"] == 0
 
 
 def test_install_after_cuda_init_raises_a_clear_error():
