@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -106,6 +107,41 @@ def packed_decode_rate(model, layout, paged, seqs, context, steps):
     return seqs * steps / dt, stats
 
 
+def decode_step_ms(model, batch, steps: int) -> dict[str, tuple[float, float]]:
+    """Median and best milliseconds of one batched decode forward, per cache/attention path.
+
+    The three paths decode in lockstep (one step each, in turn), so load from other processes
+    falls on all of them alike; per-step timing makes the comparison robust on a busy machine.
+    """
+    paths = {
+        "DynamicCache + SDPA": ("sdpa", DynamicCache(config=model.config)),
+        "ElasticPagedCache, gather + SDPA": ("sdpa", ElasticPagedCache(model.config, max_bytes=256 << 20,
+                                                                        attention="gather")),
+        "ElasticPagedCache, paged attention": (PAGED_ATTENTION, ElasticPagedCache(model.config,
+                                                                                  max_bytes=256 << 20)),
+    }
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = ids.shape[0]
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.no_grad():
+        for name, (attn, cache) in paths.items():
+            model.set_attn_implementation(attn)
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                  cache=cache, use_cache=True)
+        for _ in range(steps):
+            token = torch.randint(3, 512, (rows, 1), generator=g)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            pos = mask.sum(-1, keepdim=True) - 1
+            for name, (attn, cache) in paths.items():
+                model.set_attn_implementation(attn)
+                t0 = time.perf_counter()
+                model(input_ids=token, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    model.set_attn_implementation("sdpa")
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
 def page_read_us(layout: str, layers: int, seqs: int, context: int, repeats: int) -> tuple[float, float]:
     """Microseconds to fetch every sequence's K and V pages of one layer (the paged attention's
     read), and to map one growth step, for a pool of ``layout``."""
@@ -176,6 +212,16 @@ def run(args) -> str:
         print(f"{name}: {rate:.0f} tok/s", file=sys.stderr)
     model.set_attn_implementation("sdpa")
     out("")
+    steps = decode_step_ms(model, batch, args.decode_steps)
+    out(f"One decode step of the same batch, timed per step with the three paths in lockstep "
+        f"({args.decode_steps} steps from the prompt):")
+    out("")
+    out("| path | median step (ms) | best step (ms) |")
+    out("|---|---|---|")
+    for name, (med, best) in steps.items():
+        out(f"| {name} | {med:.2f} | {best:.2f} |")
+        print(f"step {name}: {med:.2f} ms", file=sys.stderr)
+    out("")
     out(f"Packed decode steps (the Engine's mode): {args.seqs} sequences of {args.context} tokens, "
         f"one new token each per step, {args.steps} steps; output tokens/s.")
     out("")
@@ -205,15 +251,18 @@ def run(args) -> str:
         read, grow = page_read_us(layout, args.layers, args.seqs, args.context, max(args.repeats, 5))
         reads[layout] = read
         out(f"| {layout} | {read:.0f} | {grow:.0f} |")
-    gather, paged = results[rows[2][0]][0], results[rows[3][0]][0]
+    gather = steps["ElasticPagedCache, gather + SDPA"][0]
+    paged = steps["ElasticPagedCache, paged attention"][0]
+    dynamic = steps["DynamicCache + SDPA"][0]
     pm, lm = packed[("page-major", True)], packed[("layer-major", True)]
     out("")
     out("Findings (this run):")
-    out(f"- Gather vs paged attention on CPU, generate mode: {gather:.0f} vs {paged:.0f} tokens/s "
-        f"({(paged / gather - 1) * 100:+.0f} %). Reading pages in place skips the contiguous "
-        "`[batch, heads, tokens, dim]` copy but pays a page-padded mask; the two are within noise of "
-        "each other and of DynamicCache here, where the model's matmuls dominate. `attention=\"auto\"` "
-        "keeps the gather path unless the model uses the paged attention.")
+    faster = "paged attention" if paged < gather else "gather path"
+    out(f"- Gather vs paged attention on CPU, generate mode (median decode step): gather {gather:.2f} ms, "
+        f"paged {paged:.2f} ms, DynamicCache {dynamic:.2f} ms: the {faster} is faster by "
+        f"{abs(gather - paged) / max(gather, paged) * 100:.0f} %. The paged read skips the contiguous "
+        "`[batch, heads, tokens, dim]` copy and `repeat_kv` but attends a page-padded span under a mask. "
+        "`attention=\"auto\"` follows the model: paged when it uses `PAGED_ATTENTION`, else gather.")
     out(f"- Packed mode (continuous batching): the paged attention is "
         f"{pm[0] / packed[('page-major', False)][0]:.1f}x the stock SDPA path, which must attend every "
         "token over all sequences' K/V under a block mask. The Engine uses the paged attention.")
@@ -253,6 +302,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--decode-steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write", metavar="RESULTS_MD")
