@@ -239,15 +239,16 @@ def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, num_block
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--prompt-scale", type=int, default=16)
+    ap.add_argument("--prompt-scale", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=96)
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--max-kv-mib", type=int, default=96, help="M: the pools' max_bytes in MiB")
     ap.add_argument("--batch", type=int, default=8, help="hf-generate batch size")
-    ap.add_argument("--repeats", type=int, default=3, help="engine runs per config (median kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per system, interleaved (median kept)")
     ap.add_argument("--idle-seconds", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true", help="engines only")
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
@@ -261,7 +262,7 @@ def main() -> None:
     model = build_model()
     nparams = sum(p.numel() for p in model.parameters())
     prompts, outs = load_workload(trace, args.requests, args.prompt_scale, args.max_prompt,
-                                  args.max_output, model.config.vocab_size, seed=0)
+                                  args.max_output, model.config.vocab_size, seed=args.seed)
     print(f"model: Llama {nparams / 1e6:.1f}M params, {args.threads} threads; workload: "
           f"{len(prompts)} requests from {trace.name} (prompt = ContextTokens/{args.prompt_scale}, "
           f"output = min(GeneratedTokens, {args.max_output})): {sum(map(len, prompts))} prompt "
@@ -271,27 +272,34 @@ def main() -> None:
     # warm-up (first-call costs of kernels and allocators are not what is compared)
     run_engine(model, prompts[:4], [2] * 4, max_bytes, False, args.max_batch_tokens, 0.0)
 
-    runs: dict[str, list[dict]] = {"engine-elastic": [], "engine-static": []}
-    for _ in range(args.repeats):   # interleaved so that machine noise hits both alike
-        for static in (False, True):
-            r = run_engine(model, prompts, outs, max_bytes, static, args.max_batch_tokens,
-                           args.idle_seconds)
-            runs[r["system"]].append(r)
-            print(f"  {r['system']}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+    bytes_per_block = kv_bytes_per_token(model) * 16
+    systems = ["engine-elastic", "engine-static"] + ([] if args.skip_hf else ["hf-generate", "hf-generate_batch"])
+
+    def run_one(name: str) -> dict:
+        if name.startswith("engine"):
+            return run_engine(model, prompts, outs, max_bytes, name == "engine-static",
+                              args.max_batch_tokens, args.idle_seconds)
+        model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
+        if name == "hf-generate":
+            return run_hf_generate(model, prompts, outs, args.batch)
+        return run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens,
+                                     max_bytes // bytes_per_block)
+
+    # repeats interleave the systems (rotating the order) so that noise from other work on
+    # the machine hits all of them alike; the median run of each system is reported
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    for rep in range(args.repeats):
+        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+        for name in order:
+            r = run_one(name)
+            runs[name].append(r)
+            print(f"  [{rep + 1}/{args.repeats}] {name}: {r['tokens_per_s']:.1f} tok/s "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
             gc.collect()
     results = []
     for name, rs in runs.items():
-        best = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
-        best = dict(best, all_tokens_per_s=[round(r["tokens_per_s"], 1) for r in rs])
-        results.append(best)
-    if not args.skip_hf:
-        model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
-        results.append(run_hf_generate(model, prompts, outs, args.batch))
-        print(f"  hf-generate: {results[-1]['tokens_per_s']:.1f} tok/s", flush=True)
-        bytes_per_block = kv_bytes_per_token(model) * 16
-        results.append(run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens,
-                                             max_bytes // bytes_per_block))
-        print(f"  hf-generate_batch: {results[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+        med = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+        results.append(dict(med, all_tokens_per_s=[round(r["tokens_per_s"], 1) for r in rs]))
 
     hdr = ("system", "tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
            "KV mean MiB", "KV peak MiB", "KV idle MiB")

@@ -409,3 +409,51 @@ def test_request_info_and_timeline_fields(model):
     for k in ("running", "waiting", "live_bytes", "resident_bytes", "reserved_bytes", "grows",
               "shrinks", "compactions", "preemptions"):
         assert k in eng.stats()
+
+
+def test_pressure_hook_lowers_the_budget_and_restores_it(model):
+    clock = FakeClock()
+    cap = {"bytes": None}
+    eng = make_engine(model, max_pages=128, clock=clock, pressure=lambda: cap["bytes"],
+                      pressure_interval=0.0)
+    ps = prompts(6, 9, 15, 30)
+    rids = [eng.add_request(p, 10) for p in ps]
+    eng.step()
+    eng.step()
+    live = eng.stats()["live_bytes"]
+    cap["bytes"] = live // 2                      # other work needs memory now
+    eng.step()
+    st = eng.stats()
+    assert st["budget_bytes"] == live // 2 and st["preemptions"] >= 1
+    assert st["resident_bytes"] <= live // 2
+    cap["bytes"] = None                           # and gives it back
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats()["budget_bytes"] == eng.policy.max_bytes
+    for r, p in zip(rids, ps):
+        assert eng.output_ids(r) == reference(model, p, 10)
+
+
+def test_seeded_sampling_does_not_depend_on_batching(model):
+    sampling = {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 5}
+    p = prompts(1, 11)[0]
+    alone = make_engine(model).generate([p], 12, sampling=sampling)[0]
+    eng = make_engine(model)
+    others = prompts(4, 12)
+    outs = eng.generate(others[:2] + [p] + others[2:], 12, sampling=sampling)
+    assert outs[2] == alone
+    assert alone != reference(model, p, 12)     # it did sample
+
+
+def test_numpy_and_tensor_prompts_are_accepted(model):
+    import numpy as np
+
+    eng = make_engine(model)
+    a = eng.add_request(np.array([5, 6, 7]).tolist(), 3)
+    b = eng.add_request(list(np.array([5, 6, 7])), 3)     # numpy integer scalars
+    c = eng.add_request(torch.tensor([5, 6, 7]), 3)
+    with pytest.raises(ValueError, match="dtype"):
+        eng.add_request(torch.tensor([5.0, 6.0]), 3)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.output_ids(a) == eng.output_ids(b) == eng.output_ids(c) == reference(model, [5, 6, 7], 3)

@@ -21,7 +21,7 @@ clock, so tests with an injected clock see deterministic values.
 """
 from __future__ import annotations
 
-import math
+import numbers
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence as Seq
@@ -240,7 +240,7 @@ class Engine:
         elif isinstance(prompt_ids, (list, tuple)):
             ids = []
             for i, x in enumerate(prompt_ids):
-                if isinstance(x, bool) or not isinstance(x, int):
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral):
                     raise ValueError(
                         f"add_request: prompt id at position {i} is {x!r} ({type(x).__name__}), not an int")
                 ids.append(int(x))
