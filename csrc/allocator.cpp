@@ -362,6 +362,25 @@ void DeviceAllocator::promote_done(bool wait) {
   }
 }
 
+// Promotes the oldest pending blocks whose events have completed: up to four, stopping at the
+// first not done (one query each, no wait), so the list drains faster than frees fill it.
+void DeviceAllocator::promote_oldest() {
+  for (int i = 0; i < 4 && pending_head_ != nullptr; ++i) {
+    Block* b = pending_head_;
+    FenceRef* f = b->fence.get();
+    if (!f->done) {
+      bool d = false;
+      f->done = fences_->fence_done(f->fence, &d).ok() && d;
+      if (!f->done) return;
+    }
+    index_erase(b);
+    pending_unlink(b);
+    b->fence.reset();
+    b->stream = nullptr;
+    index_insert(coalesce(b));
+  }
+}
+
 // ---- address space --------------------------------------------------------------------------
 
 std::size_t DeviceAllocator::va_alloc(std::size_t count) {
@@ -571,6 +590,9 @@ Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void**
   }
   const bool small = size <= small_limit_;
   const std::size_t bsize = round_up(size, small ? kBlockAlign : gran_);
+  // A few event queries per malloc keep the pending list (and live events) short even when a
+  // single stream reuses most blocks itself and lookups never fail.
+  if (pending_head_ != nullptr) promote_oldest();
   Block* b = find_free(small, tag, stream, bsize);
   if (b == nullptr && pending_head_ != nullptr) {
     promote_done(false);

@@ -147,6 +147,7 @@ class DeviceAllocator {
   void pending_push(Block* b);
   void pending_unlink(Block* b);
   void promote_done(bool wait);
+  void promote_oldest();
   Status grow(bool small, TagId tag, std::size_t bsize, Block** out);
   std::size_t release_free_segments(bool carve);
   bool segment_free(const Segment* s) const;

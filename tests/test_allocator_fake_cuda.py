@@ -161,3 +161,31 @@ def test_close_refused_while_allocated(dev):
         ekv_alloc.close(DEV)
     assert fake.live_handles() == 1
     abi.free(p, 1 << 12)
+
+
+def test_pending_frees_drain_as_events_complete(dev):
+    abi, fake = dev
+    pairs = [(abi.malloc(3000, S1), abi.malloc(3000, S1)) for _ in range(64)]
+    for p, _ in pairs:  # every other block: freed blocks have live neighbours, so none merge
+        abi.free(p, 3000, S1)
+    assert fake.live_events() == 64  # one event per free, recorded (the device is done at once here)
+    for _ in range(64 // 4 + 1):  # a few queries per malloc drain the oldest ones
+        p = abi.malloc(100, S2)
+        abi.free(p, 100, S2)
+    assert fake.live_events() <= 4 and ekv_alloc.stats(DEV)["pending_free_bytes"] <= 4 * 3072
+    for _, q in pairs:
+        abi.free(q, 3000, S1)
+    ekv_alloc.trim(DEV)
+    assert fake.live_events() == 0 and fake.live_handles() == 0
+
+
+def test_adjacent_frees_on_one_stream_merge_under_the_newest_event(dev):
+    abi, fake = dev
+    fake.set_events_complete(False)
+    blocks = [abi.malloc(3000, S1) for _ in range(16)]
+    for p in blocks:
+        abi.free(p, 3000, S1)
+    assert fake.live_events() == 1  # one merged free block, waiting on the last free's event
+    assert abi.malloc(16 * 3072, S1) == blocks[0]  # the same stream reuses the merged range at once
+    abi.free(blocks[0], 16 * 3072, S1)
+    ekv_alloc.trim(DEV)
