@@ -115,6 +115,9 @@ def test_pause_with_backup_drops_handles_and_restores_bytes(dev):
         other = [(abi.malloc(n, S2), n) for n in (3 * MiB, 128)]
     for i, (p, n) in enumerate(mine + other):
         fill(p, n, seed=60 + i)
+    snap = {b["address"]: b for b in ekv_alloc.snapshot(DEV)}
+    assert [(snap[p]["tag"], snap[p]["stream"], snap[p]["size"]) for p, _ in mine + other] == \
+        [("fake-kv", S1, n) for _, n in mine] + [("fake-weights", S2, n) for _, n in other]
     handles = fake.live_handles()
     ekv_alloc.pause("fake-kv", backup=True, device=DEV)
     paused = ekv_alloc.stats(DEV)["tags"]["fake-kv"]["paused_bytes"]

@@ -159,6 +159,11 @@ def test_pause_without_backup_keeps_addresses_and_frees_while_paused(abi):
         ekv_alloc.pause("host-scratch", device=HOST)
     abi.free(*blocks[1])  # freeing a paused allocation is allowed
     assert ekv_alloc.last_error() is None
+    ekv_alloc.set_limit(0, HOST)
+    with pytest.raises(MemoryError, match="stays paused"):  # resuming would pass the limit
+        ekv_alloc.resume("host-scratch", device=HOST)
+    assert ekv_alloc.stats(HOST)["tags"]["host-scratch"]["paused"]
+    ekv_alloc.set_limit(None, HOST)
     ekv_alloc.resume("host-scratch", device=HOST)
     with pytest.raises(ValueError, match="not paused"):
         ekv_alloc.resume("host-scratch", device=HOST)
