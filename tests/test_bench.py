@@ -120,3 +120,19 @@ def test_failure_while_running_writes_nothing(tmp_path, capsys):
     assert len([line for line in err if line.startswith("ekv-bench: error:")]) == 1
     assert "needs" in err[-1] and "nothing written" in err[-1]
     assert not out.exists()
+
+
+def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out),
+                     "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    trace = results["trace"]
+    assert trace["name"] == "azure-code" and trace["requests"] == 40
+    assert "CC-BY 4.0" in trace["attribution"] and "Splitwise" in trace["attribution"]
+    assert trace["scaling"]["description"] == ("window 0-300 s of the trace; 1 in 20 requests kept; time x1/100; "
+                                               "token counts x1/16")
+    assert trace["duration_s"] <= 3.0
+    summary = (out / "summary.md").read_text()
+    assert "CC-BY 4.0" in summary and "time x1/100" in summary
+    assert results["systems"]["elastic"]["output_tokens"] == trace["output_tokens"]

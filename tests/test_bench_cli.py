@@ -175,8 +175,8 @@ def test_scaling_and_its_record():
     assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests[1:]] == [(55, 15)] + [(53, 17)] * 3
     s = trace.scaling
     assert s["clipped_requests"] == 4 and s["thin"] == 2 and s["window_s"] == [10.0, 60.0]
-    assert s["description"] == ("window 10-60 s of the trace; 1 in 2 requests kept; time x0.1; "
-                                "token counts x0.5; 4 requests cut to the model's 70-token context")
+    assert s["description"] == ("window 10-60 s of the trace; 1 in 2 requests kept; time x1/10; "
+                                "token counts x1/2; 4 requests cut to the model's 70-token context")
     assert scale_trace("x", "mem", raw).scaling["description"] == "unscaled"
     with pytest.raises(TraceError, match="--time-scale must be a positive number, got -1"):
         scale_trace("x", "mem", raw, time_scale=-1)

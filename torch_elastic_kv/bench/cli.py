@@ -20,7 +20,7 @@ PROG = "ekv-bench"
 # Defaults that depend on the trace: real traces are compressed and thinned to fit a small machine.
 # (time_scale, token_scale, window, thin) for a full run and for --quick.
 _REPLAY_DEFAULTS = {
-    "azure-code": {False: (1 / 120, 1 / 8, "", 20), True: (1 / 100, 1 / 16, "0:300", 20)},
+    "azure-code": {False: (1 / 120, 1 / 16, "", 40), True: (1 / 100, 1 / 16, "0:300", 20)},
     "csv": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
     "synthetic": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
 }
@@ -79,11 +79,11 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=str, metavar="X",
                    help="multiply arrival times by X (0.01 or 1/100 compresses 100x; default 1, azure-code 1/120)")
     p.add_argument("--token-scale", type=str, metavar="X",
-                   help="multiply prompt and output lengths by X (default 1, azure-code 1/8)")
+                   help="multiply prompt and output lengths by X (default 1, azure-code 1/16)")
     p.add_argument("--window", metavar="[START:]END",
                    help="replay only requests arriving in this span of trace seconds (default: all)")
     p.add_argument("--thin", type=str, metavar="K",
-                   help="keep every K-th request of a CSV trace (default 1, azure-code 20)")
+                   help="keep 1 in K requests (default 1, azure-code 40)")
     p.add_argument("--seed", type=str, default="0", help="seed for synthetic traces, prompts and weights (default 0)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     p.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model, short trace)")
@@ -100,6 +100,9 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=str, metavar="N", default="1024",
                    help="most tokens in one forward (default 1024)")
     p.add_argument("--page-tokens", type=str, metavar="N", default="16", help="tokens per KV page (default 16)")
+    p.add_argument("--threads", type=str, metavar="N",
+                   help="torch CPU threads (default on CPU: cores - 1, at least 1, leaving a core for the "
+                        "engine's grower thread and the replay loop; else torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -218,6 +221,13 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     if torch_device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {device}: only cpu and cuda are supported")
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    if args.threads is not None:
+        threads = int(_positive("--threads", args.threads, integer=True))
+    elif torch_device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores - 1)
+    else:
+        threads = torch.get_num_threads()
 
     if args.model is not None and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a directory (a local Hugging Face checkpoint is needed)")
@@ -230,7 +240,8 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         time_scale=time_scale, token_scale=token_scale, window=window, thin=thin,
         max_bytes=max_bytes, min_bytes=min_bytes, headroom=headroom, idle_seconds=idle_seconds,
         tail_seconds=tail_seconds, max_running=max_running, max_batch_tokens=max_batch_tokens,
-        page_tokens=page_tokens, sample_interval_s=0.01 if quick else 0.02, progress=not args.no_progress,
+        page_tokens=page_tokens, sample_interval_s=0.01 if quick else 0.02, threads=threads,
+        progress=not args.no_progress,
     )
     return ResolvedArgs(settings, raw, trace if kind != "csv" else os.path.basename(trace), source, attribution)
 

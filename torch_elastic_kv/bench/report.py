@@ -17,6 +17,9 @@ from .systems import SystemRun
 
 MIB = 1024 * 1024
 COLORS = {"elastic": "tab:green", "static": "tab:red", "hf-generate": "tab:blue", "hf-generate-batch": "tab:purple"}
+# elastic drawn on top; static and continuous batching sit at nearly the same level, so dash one
+STYLES = {"elastic": {"linewidth": 2.0, "zorder": 5}, "static": {"linewidth": 2.2, "zorder": 4},
+          "hf-generate": {"linewidth": 1.2, "zorder": 2}, "hf-generate-batch": {"linewidth": 1.6, "linestyle": "--", "zorder": 3}}
 OUTPUT_FILES = ("results.json", "summary.md", "memory.png", "latency.png")
 
 
@@ -143,7 +146,8 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
     end = max((run.end_s for run in runs), default=1.0)
     for run in runs:
         xs, ys = _step_xy(run.samples, 1, run.end_s)
-        top.step(xs, ys, where="post", color=COLORS.get(run.name), label=run.name, linewidth=1.6)
+        style = STYLES.get(run.name, {})
+        top.step(xs, ys, where="post", color=COLORS.get(run.name), label=run.name, **style)
         xs, ys = _step_xy(run.samples, 2, run.end_s)
         bottom.step(xs, ys, where="post", color=COLORS.get(run.name), label=f"live ({run.name})", linewidth=1.0)
     top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1,

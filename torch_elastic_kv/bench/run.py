@@ -15,15 +15,38 @@ from .systems import SystemRun, auto_max_bytes, run_system
 from .traces import prompt_token_ids, scale_trace, synthetic_requests
 
 
-def _warm_up(model: torch.nn.Module) -> None:
-    """One small forward so one-time kernel setup does not land in the first system's latencies."""
+def _warm_up(model: torch.nn.Module, systems: tuple[str, ...], page_tokens: int) -> None:
+    """Run each code path once on a short prompt, untimed, so one-time setup (kernel selection,
+    the paged-attention registration, lazy imports) does not land in the first system's latencies."""
+    prompt = list(range(3, 3 + 2 * page_tokens))
     with torch.inference_mode():
-        ids = torch.arange(3, 11, device=model.device).unsqueeze(0)
-        model(input_ids=ids)
+        model(input_ids=torch.tensor([prompt], device=model.device))
+    if "elastic" in systems or "static" in systems:
+        from .. import ElasticPolicy, Engine
+
+        attention = model.config._attn_implementation
+        engine = Engine(model, policy=ElasticPolicy(max_bytes=4 << 20), max_batch_tokens=4 * page_tokens,
+                        page_tokens=page_tokens)
+        try:
+            engine.generate([prompt, prompt[:5]], max_new_tokens=4)
+        finally:
+            engine.close()
+            engine.pool.close()
+            if model.config._attn_implementation != attention:
+                model.set_attn_implementation(attention)
 
 
 def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
     """Run every system of ``resolved.settings`` on its trace; write the outputs; return results.json's content."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(resolved.settings.threads)
+    try:
+        return _run(resolved, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
     settings = resolved.settings
     model, info = load_model(settings.config, settings.model_path, settings.device, settings.dtype, settings.seed)
     raw = resolved.raw_requests
@@ -38,7 +61,7 @@ def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
         raise ValueError(f"--min-bytes {settings.min_bytes} is above the pool size {max_bytes}")
     print(f"ekv-bench: {trace.describe()}; model {info.name} ({info.parameters / 1e6:.1f} M params, {info.dtype}, "
           f"{info.device}); pool {max_bytes / 2**20:.2f} MiB", file=sys.stderr)
-    _warm_up(model)
+    _warm_up(model, settings.systems, settings.page_tokens)
 
     progress = Progress(trace.output_tokens * len(settings.systems), enabled=settings.progress)
     runs: list[SystemRun] = []

@@ -32,6 +32,7 @@ class BenchSettings:
     max_batch_tokens: int
     page_tokens: int
     sample_interval_s: float
+    threads: int                    # torch CPU threads while the benchmark runs
     progress: bool
 
     def to_json(self) -> dict:

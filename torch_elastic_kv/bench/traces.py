@@ -230,6 +230,13 @@ def parse_window(text: str) -> tuple[float, float | None]:
     return start, end
 
 
+def _fmt_scale(x: float) -> str:
+    """``1/120`` rather than ``0.00833333`` when the scale is the inverse of a whole number."""
+    if x < 1 and abs(1 / x - round(1 / x)) < 1e-6:
+        return f"1/{round(1 / x)}"
+    return f"{x:g}"
+
+
 def scale_trace(
     name: str,
     source: str,
@@ -278,9 +285,9 @@ def scale_trace(
     if thin > 1:
         parts.append(f"1 in {thin} requests kept")
     if time_scale != 1.0:
-        parts.append(f"time x{time_scale:g}")
+        parts.append(f"time x{_fmt_scale(time_scale)}")
     if token_scale != 1.0:
-        parts.append(f"token counts x{token_scale:g}")
+        parts.append(f"token counts x{_fmt_scale(token_scale)}")
     if clipped:
         parts.append(f"{clipped} requests cut to the model's {max_total_tokens}-token context")
     scaling = {
