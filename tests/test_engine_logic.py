@@ -457,3 +457,19 @@ def test_numpy_and_tensor_prompts_are_accepted(model):
     while eng.has_unfinished():
         eng.step()
     assert eng.output_ids(a) == eng.output_ids(b) == eng.output_ids(c) == reference(model, [5, 6, 7], 3)
+
+
+def test_only_the_last_keep_finished_requests_are_remembered(model):
+    pool = StandInPool(2, 2, 16, 64)
+    eng = Engine(model, pool=pool, cache=StandInCache(pool), background=False, keep_finished=2,
+                 policy=ElasticPolicy(clock=FakeClock(), max_bytes=64 * pool.page_bytes))
+    rids = [eng.add_request([3 + i, 4], 2) for i in range(4)]
+    eng.cancel(rids[3])
+    while eng.has_unfinished():
+        eng.step()
+    # retired in the order 3 (cancelled), 0, 1, 2: the last two are remembered
+    for r in (rids[3], rids[0]):
+        with pytest.raises(ValueError, match="forgotten"):
+            eng.request_info(r)
+    assert [eng.request_info(r)["status"] for r in rids[1:3]] == ["finished", "finished"]
+    assert eng.stats()["finished"] == 3 and eng.stats()["cancelled"] == 1

@@ -21,6 +21,7 @@ clock, so tests with an injected clock see deterministic values.
 """
 from __future__ import annotations
 
+import collections
 import numbers
 import threading
 import time
@@ -140,13 +141,15 @@ class Engine:
             when the engine sits idle and nobody calls ``step``).
         timeline: record one entry per step in ``self.timeline`` (see ``step``).
         starvation_limit: preemptions after which a request is preempted only last.
+        keep_finished: finished requests whose outputs and timings stay queryable
+            (``output_ids``, ``request_info``); older ones are forgotten, oldest first.
     """
 
     def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
                  max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
                  cache: Any = None, page_tokens: int = 16, paged_attention: bool = True,
                  background: bool = True, timeline: bool = True,
-                 starvation_limit: int = 3) -> None:
+                 starvation_limit: int = 3, keep_finished: int = 100_000) -> None:
 
         self.model = model
         self.config = model.config
@@ -198,6 +201,12 @@ class Engine:
         self._inbox_lock = threading.Lock()    # add_request / cancel from any thread
         self._inbox: list[Sequence] = []
         self._requests: dict[int, Sequence] = {}
+        if isinstance(keep_finished, bool) or not isinstance(keep_finished, int) or keep_finished < 0:
+            raise ValueError(f"Engine: keep_finished must be an int >= 0, got {keep_finished!r}")
+        self._done: collections.deque[int] = collections.deque()   # finished ids, oldest first
+        self._keep_finished = keep_finished
+        self._n_finished = 0
+        self._n_cancelled = 0
         self._next_id = 0
         self._arrivals = 0
 
@@ -310,15 +319,30 @@ class Engine:
                 raise ValueError(f"cancel: unknown request id {request_id!r}")
             if seq.is_finished:
                 return False
-            if seq in self._inbox:
+            in_inbox = seq in self._inbox
+            if in_inbox:
                 self._inbox.remove(seq)
                 seq.finish(self.clock(), "cancelled")
-                return True
-        with self._step_lock, self._pool_lock:
-            if seq.is_finished:
-                return False
-            self.scheduler.cancel(seq, self.clock())
+        if not in_inbox:
+            with self._step_lock, self._pool_lock:
+                if seq.is_finished:
+                    return False
+                self.scheduler.cancel(seq, self.clock())
+        self._retire([seq], cancelled=True)
         return True
+
+    def _retire(self, seqs: list[Sequence], cancelled: bool) -> None:
+        """Count finished requests; forget the oldest beyond ``keep_finished``."""
+        if not seqs:
+            return
+        with self._inbox_lock:
+            if cancelled:
+                self._n_cancelled += len(seqs)
+            else:
+                self._n_finished += len(seqs)
+            self._done.extend(s.seq_id for s in seqs)
+            while len(self._done) > self._keep_finished:
+                self._requests.pop(self._done.popleft(), None)
 
     def has_unfinished(self) -> bool:
         """True while any request is queued, running or swapped out."""
@@ -350,6 +374,7 @@ class Engine:
                     produced, finished = self.scheduler.postprocess(batch, sampled, now)
                 for seq in finished:
                     self.policy.record_finished(seq.num_generated)
+                self._retire(finished, cancelled=False)
                 self._steps += 1
                 self._tokens_in += batch.num_tokens
                 self._tokens_out += len(produced)
@@ -498,7 +523,7 @@ class Engine:
             try:
                 # reserve_pages(n): n free pages resident beyond the live ones
                 self.pool.reserve_pages(max(0, target - live))
-            except MemoryError:
+            except (MemoryError, torch.OutOfMemoryError):
                 return  # the device is short: allocation in the step will say so if it matters
             if self._resident_pages() > resident:
                 self._grow_events += 1
@@ -526,7 +551,7 @@ class Engine:
         if self._resident_pages() < keep:
             try:
                 self.pool.reserve_pages(keep - live)
-            except MemoryError:
+            except (MemoryError, torch.OutOfMemoryError):
                 pass
         after = self._resident_bytes()
         if after < before:
@@ -650,8 +675,8 @@ class Engine:
             ps = self.pool.stats()
         with self._inbox_lock:
             inbox = len(self._inbox)
-            finished = sum(1 for s in self._requests.values() if s.status is SeqStatus.FINISHED)
-            cancelled = sum(1 for s in self._requests.values() if s.status is SeqStatus.CANCELLED)
+            finished = self._n_finished
+            cancelled = self._n_cancelled
         sch = self.scheduler
         out = {
             "running": len(sch.running),
@@ -687,7 +712,8 @@ class Engine:
         """Timing and counts of one request: arrival_time, first_token_time, finish_time, ..."""
         seq = self._requests.get(request_id)
         if seq is None:
-            raise ValueError(f"request_info: unknown request id {request_id!r}")
+            raise ValueError(f"request_info: unknown request id {request_id!r} (or finished "
+                             f"before the last {self._keep_finished} and forgotten)")
         return seq.info()
 
     def requests_info(self) -> list[dict]:

@@ -209,21 +209,22 @@ class Scheduler:
 
         # admission, oldest first; stop at the first that does not fit so that a large
         # request is not overtaken forever by small ones
+        held = sum(self.backend.held_pages(s) for s in self.running) if self.waiting else 0
         while self.waiting and budget > 0:
             if self.max_running is not None and len(self.running) >= self.max_running:
                 break
             seq = self.waiting[0]
             need = self.pages_for(seq.num_tokens)
-            reserve = 0
-            if self.running:
-                held = sum(self.backend.held_pages(s) for s in self.running)
-                reserve = math.ceil(self.headroom * held)
+            # keep a headroom for the running requests' next pages, so that admitting one
+            # does not preempt another a few steps later
+            reserve = math.ceil(self.headroom * held) if self.running else 0
             if self.backend.free_pages() < need + reserve:
                 break
             self.waiting.pop(0)
             if seq.status is SeqStatus.SWAPPED:
                 self.backend.swap_in(seq)
             self.backend.ensure(seq, seq.num_tokens)
+            held += self.backend.held_pages(seq)
             seq.status = SeqStatus.RUNNING
             self._insert_running(seq)
             batch.admitted.append(seq)
