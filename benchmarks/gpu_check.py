@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,14 @@ TOKENS_PER_S_TOLERANCE = 0.02  # elastic decode tokens/s within 2 % of static
 
 class Unavailable(Exception):
     """A component the step needs is not in this build (not landed yet, or not on this machine)."""
+
+
+class StepFailed(Exception):
+    """A step that ran and measured, but whose result is a failure; ``data`` is kept."""
+
+    def __init__(self, message: str, data: dict) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 # ---------------------------------------------------------------------------------- settings --
@@ -92,18 +101,21 @@ class Settings:
     alloc_pairs: int
     trim_bytes: int
     tests_timeout_s: float
-    budget_s: float                    # whole script; steps past it are skipped (and fail)
+    budget_s: float                    # no step starts past it (skipped = failed): the run
+                                       # stays inside a 10-minute device command
     workload: Workload
 
 
 def make_settings(dry_run: bool, quick: bool, device_index: int) -> Settings:
     dev = f"cuda:{device_index}"
     if dry_run:
-        wl = Workload(requests=6, prompt_tokens=(8, 40), new_tokens=(4, 12), bursts=2,
-                      pool_bytes=32 * MiB, min_bytes=2 * MiB, idle_seconds=0.2,
+        # KV of 8 KiB per token (see build_model): the elastic pool grows a few 2 MiB chunks
+        # past its 1 MiB floor (one chunk once rounded) and must come back to it
+        wl = Workload(requests=6, prompt_tokens=(48, 128), new_tokens=(4, 12), bursts=2,
+                      pool_bytes=32 * MiB, min_bytes=1 * MiB, idle_seconds=0.2,
                       max_batch_tokens=128, run_limit_s=20.0)
         return Settings("dry-run-quick" if quick else "dry-run", True, dev, "cpu",
-                        probe_granules=8, probe_large_handles=2, arena_bytes=16 * MiB, arena_rounds=2,
+                        probe_granules=8, probe_large_handles=2, arena_bytes=16 * MiB, arena_rounds=5,
                         alloc_pairs=1000, trim_bytes=64 * MiB, tests_timeout_s=120.0,
                         budget_s=170.0 if quick else 450.0, workload=wl)
     if quick:
@@ -112,13 +124,13 @@ def make_settings(dry_run: bool, quick: bool, device_index: int) -> Settings:
                       max_batch_tokens=2048, run_limit_s=40.0)
         return Settings("quick", False, dev, dev, probe_granules=128, probe_large_handles=16,
                         arena_bytes=256 * MiB, arena_rounds=3, alloc_pairs=5000, trim_bytes=2 * GiB,
-                        tests_timeout_s=100.0, budget_s=170.0, workload=wl)
+                        tests_timeout_s=90.0, budget_s=240.0, workload=wl)
     wl = Workload(requests=64, prompt_tokens=(64, 512), new_tokens=(32, 256), bursts=2,
                   pool_bytes=4 * GiB, min_bytes=128 * MiB, idle_seconds=1.0,
                   max_batch_tokens=2048, run_limit_s=90.0)
     return Settings("full", False, dev, dev, probe_granules=256, probe_large_handles=32,
                     arena_bytes=1 * GiB, arena_rounds=5, alloc_pairs=20000, trim_bytes=8 * GiB,
-                    tests_timeout_s=240.0, budget_s=450.0, workload=wl)
+                    tests_timeout_s=180.0, budget_s=480.0, workload=wl)
 
 
 # ---------------------------------------------------------------------------------- helpers --
@@ -138,6 +150,18 @@ def summary(values: list[float]) -> dict[str, float]:
 def cuda_real() -> bool:
     """A real CUDA device is in use (a dry run hides every device from torch first)."""
     return torch.cuda.is_available()
+
+
+def rss_shmem() -> Optional[int]:
+    """This process's resident shared memory (where the host backend's memfd pages count)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def mem_free(device: str) -> Optional[int]:
@@ -183,16 +207,26 @@ def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
     files = sorted(p.name for p in gpu_dir.glob("test_*.py")) if gpu_dir.is_dir() else []
     if not files:
         raise Unavailable("tests/gpu holds no test files yet")
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        raise Unavailable("pytest is not installed here (pip install pytest)")
     xml = Path(args.out).resolve() / "gpu_tests.xml"
     env = dict(os.environ)
     if not s.dry_run:
         env.pop("EKV_LIBCUDA", None)  # the real driver
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={xml}"]
     t0 = time.perf_counter()
+    # own session: on a timeout the whole group goes (the tests start subprocesses of their own)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=s.tests_timeout_s, env=env)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s") from e
+        log, _ = p.communicate(timeout=s.tests_timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        log, _ = p.communicate()
+        raise StepFailed(f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s and was stopped",
+                         {"log_tail": (log or "")[-2000:]}) from None
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.exists():
         root = ET.parse(xml).getroot()
@@ -202,19 +236,11 @@ def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
                 counts[k] += int(suite.get(k, 0))
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     out = {"files": files, **counts, "returncode": p.returncode,
-           "seconds": round(time.perf_counter() - t0, 1), "log_tail": (p.stdout + p.stderr)[-2000:]}
+           "seconds": round(time.perf_counter() - t0, 1), "log_tail": log[-2000:]}
     if p.returncode not in (0, 5) or counts["failures"] or counts["errors"]:
         raise StepFailed(f"pytest tests/gpu: {counts['failures']} failed, {counts['errors']} errors "
                          f"(returncode {p.returncode})", out)
     return out
-
-
-class StepFailed(Exception):
-    """A step that ran and measured, but whose result is a failure; ``data`` is kept."""
-
-    def __init__(self, message: str, data: dict) -> None:
-        super().__init__(message)
-        self.data = data
 
 
 # ---------------------------------------------------------------------------------- step 2 ---
@@ -402,6 +428,9 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
     out["trim"] = {"bytes": len(ptrs) * block, "released_bytes": int(released or 0), "seconds": dt,
                    "gib_per_s": (int(released or 0) / GiB) / dt if dt > 0 else None,
                    "free_before": free0, "free_allocated": free_alloc, "free_after_trim": free1}
+    if cuda_real():
+        torch.cuda.empty_cache()  # blocks torch kept in the MemPool go back to us, then to the driver
+    allocator.trim(index)
     if int(released or 0) < len(ptrs) * block:
         raise StepFailed(f"trim released {released} bytes of {len(ptrs) * block} freed", out)
     return out
@@ -413,8 +442,8 @@ def build_model(s: Settings) -> tuple[Any, dict]:
 
     torch.manual_seed(0)
     if s.dry_run:
-        cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=8, head_dim=32, max_position_embeddings=1024)
         dtype = torch.float32
     else:
         cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -495,12 +524,13 @@ def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int
     if cuda_real():
         torch.cuda.empty_cache()
     free_before = mem_free(dev)
+    shmem_start = rss_shmem()
     held = _Held(dev)
     engine = Engine(model, policy=policy, max_batch_tokens=wl.max_batch_tokens, page_tokens=16)
     pool = engine.pool
     floor = -(-wl.min_bytes // pool.chunk_bytes) * pool.chunk_bytes
     out: dict[str, Any] = {"kind": kind, "chunk_bytes": pool.chunk_bytes, "page_bytes": pool.page_bytes,
-                           "floor_bytes": floor, "free_before": free_before,
+                           "floor_bytes": floor, "free_before": free_before, "shmem_start": shmem_start,
                            "resident_at_start": pool.resident_bytes}
     truncated = False
     idle_phases = []
@@ -534,7 +564,8 @@ def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int
         out["idle_resident_bytes"] = last["resident_after"]
         out["idle_held_bytes"] = last["held_after"]
         out["peak_resident_bytes"] = max(p[1] for p in sampler.points)
-        out["resident_over_time"] = downsample([[t, r] for t, r, _ in sampler.points])
+        # [seconds, resident KV bytes, device free bytes (None off a GPU)]
+        out["resident_over_time"] = downsample([list(p) for p in sampler.points])
         frees = [f for _, _, f in sampler.points if f is not None]
         out["free_during_min"] = min(frees) if frees else None
         out["free_after_idle"] = last["free_after"]
@@ -556,7 +587,7 @@ def _idle_phase(engine: Any, pool: Any, held: _Held, s: Settings, floor: int) ->
     synchronize(dev)
     if cuda_real():
         torch.cuda.empty_cache()
-    before = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev)}
+    before = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev), "shmem": rss_shmem()}
     t0 = time.monotonic()
     wait = s.workload.idle_seconds * 3 + 1.0
     while time.monotonic() - t0 < wait:
@@ -570,12 +601,19 @@ def _idle_phase(engine: Any, pool: Any, held: _Held, s: Settings, floor: int) ->
     synchronize(dev)
     if cuda_real():
         torch.cuda.empty_cache()
-    after = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev)}
+    after = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev), "shmem": rss_shmem()}
     phase = {"resident_before": before["resident"], "held_before": before["held"],
+             "shmem_before": before["shmem"], "shmem_after": after["shmem"],
              "resident_after": after["resident"], "held_after": after["held"],
              "free_before": before["free"], "free_after": after["free"], "seconds_to_settle": reached}
+    # who got the memory back: the driver (device free memory), or on CPU the OS (the host
+    # backend's memfd pages leave RssShmem when punched out)
     if before["free"] is not None and after["free"] is not None:
-        phase["driver_got_back"] = after["free"] - before["free"]
+        phase["returned_to"] = "driver: torch.cuda.mem_get_info free"
+        phase["got_back"] = after["free"] - before["free"]
+    elif dev == "cpu" and before["shmem"] is not None and after["shmem"] is not None:
+        phase["returned_to"] = "OS: RssShmem"
+        phase["got_back"] = before["shmem"] - after["shmem"]
     phase["pool_gave_back"] = before["held"] - after["held"]
     return phase
 
@@ -631,9 +669,16 @@ def step_engine(s: Settings, args: argparse.Namespace) -> dict:
                            if e["tokens_per_s"] and st["tokens_per_s"] else None)
     out["idle_at_floor"] = e["idle_held_bytes"] == e["floor_bytes"]
     shrink = e["idle_phases"][-1]
-    if shrink.get("driver_got_back") is not None:
-        # what the pool gave back must show up as free device memory (5 % slack: other allocations)
-        out["memory_went_back"] = shrink["driver_got_back"] >= 0.95 * shrink["pool_gave_back"]
+    if shrink.get("returned_to", "").startswith("driver"):
+        # what the pool gave back shows up as free device memory (5 % slack: other allocations)
+        out["memory_went_back"] = shrink["pool_gave_back"] > 0 and \
+            shrink["got_back"] >= 0.95 * shrink["pool_gave_back"]
+        out["device_bytes_held_after_idle"] = e["free_before"] - e["free_after_idle"]
+    elif shrink.get("returned_to"):
+        # the OS counts only pages that were touched, so compare with the start instead: at idle
+        # the process holds no more shared memory than the floor above what it held before
+        out["shmem_above_start_at_idle"] = shrink["shmem_after"] - e["shmem_start"]
+        out["memory_went_back"] = out["shmem_above_start_at_idle"] <= e["floor_bytes"]
     del model
     if cuda_real():
         torch.cuda.empty_cache()
@@ -774,7 +819,7 @@ def build_table(res: dict) -> list[list[str]]:
 
     b = st.get("build", {})
     rows.append(["build", b.get("status", "not run") if "skipped" not in b else "skipped (--no-build)", "-",
-                 (b.get("error") or "")[:60]])
+                 (b.get("error") or "-")[:60]])
     t = st.get("gpu_tests", {})
     if t.get("status") in ("ok", "failed") and "tests" in t:
         rows.append(["tests/gpu", f"{t['passed']} passed, {t['failures'] + t['errors']} failed, "
@@ -836,9 +881,14 @@ def build_table(res: dict) -> list[list[str]]:
         rows.append(["idle footprint (held) vs floor", _mib(e["idle_held_bytes"]), _mib(e["floor_bytes"]),
                      "ok" if en["idle_at_floor"] else "MISS"])
         ph = e["idle_phases"][-1]
-        if ph.get("driver_got_back") is not None:
-            rows.append(["device free memory back at idle", _mib(ph["driver_got_back"]),
-                         f"pool gave {_mib(ph['pool_gave_back'])}", "ok" if en.get("memory_went_back") else "MISS"])
+        verdict = "ok" if en.get("memory_went_back") else "MISS"
+        if "device_bytes_held_after_idle" in en:
+            rows.append(["device free memory back at idle", _mib(ph["got_back"]),
+                         f"pool gave {_mib(ph['pool_gave_back'])}", verdict])
+        elif "shmem_above_start_at_idle" in en:
+            rows.append(["RssShmem above start at idle", _mib(en["shmem_above_start_at_idle"]),
+                         f"<= floor {_mib(e['floor_bytes'])}", verdict])
+        if e["free_before"] is not None:
             rows.append(["device free: before / min during / after",
                          f"{_mib(e['free_before'])} / {_mib(e['free_during_min'])} / {_mib(e['free_after_idle'])}",
                          "-", "-"])
@@ -847,6 +897,19 @@ def build_table(res: dict) -> list[list[str]]:
         rows.append(["unmap waits for queued work", f"pending {_mib(so['pending_after_unmap'])} until done",
                      "no fault", "ok"])
     return rows
+
+
+def markdown_table(res: dict, rows: list[list[str]]) -> str:
+    """The table as a benchmarks/RESULTS.md section: command, date, device, rows."""
+    env = res["environment"]
+    flags = {"full": "", "quick": " --quick", "dry-run": " --dry-run", "dry-run-quick": " --dry-run --quick"}
+    lines = [f"Command: `python benchmarks/gpu_check.py --out DIR{flags[res['mode']]}`  ",
+             f"Date: {res['date']}; device: {env.get('device_name')}; torch {env['torch']}, "
+             f"CUDA runtime {env.get('cuda_runtime', '-')}; total {res['total_seconds']:.0f} s; "
+             f"steps failed: {', '.join(res['failed_steps']) or 'none'}.", "",
+             "| check | measured | reference | verdict |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def print_table(res: dict, rows: list[list[str]]) -> None:
@@ -931,6 +994,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["failed_steps"].append("table")
     res["table"] = rows
     path.write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "gpu_results.md").write_text(markdown_table(res, rows))
     print_table(res, rows)
     return 1 if res["failed_steps"] else 0
 

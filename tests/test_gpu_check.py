@@ -102,7 +102,9 @@ def test_arena_reuse_skips_create(dry_run):
     assert r["held_bytes_after"] == r["granules"] * r["granularity"]  # the reuse cache holds them
     assert n["held_bytes_after"] == 0
     # creating a handle (memfd + fallocate on the fake) costs far more than mapping a cached one
-    assert _num(a["reuse_over_create"], 0, 0.5)
+    # (best rounds compared: a descheduled round on a shared machine says nothing about either)
+    assert _num(a["reuse_over_create"], 0, 100)
+    assert r["grow_us_per_granule"]["min"] < 0.5 * n["grow_us_per_granule"]["min"]
     assert r["verified_bytes"] > 0
 
 
@@ -137,7 +139,12 @@ def test_engine_elastic_vs_static(dry_run):
     assert s["peak_resident_bytes"] >= wl["pool_bytes"] - s["chunk_bytes"]
     assert e["floor_bytes"] == -(-wl["min_bytes"] // e["chunk_bytes"]) * e["chunk_bytes"]
     assert e["idle_held_bytes"] == e["floor_bytes"] and en["idle_at_floor"] is True
-    assert e["peak_resident_bytes"] < s["peak_resident_bytes"]
+    # the elastic pool grew past its floor under load and gave it back when idle ...
+    assert e["floor_bytes"] < e["peak_resident_bytes"] < s["peak_resident_bytes"]
+    assert e["grow_events"] >= 1 and e["shrink_events"] >= 1
+    assert e["idle_phases"][0]["pool_gave_back"] > 0
+    # ... to the OS: the process holds no more shared memory than the floor above its start
+    assert en["memory_went_back"] is True and en["shmem_above_start_at_idle"] <= e["floor_bytes"]
 
 
 def test_stream_order_check(dry_run):
