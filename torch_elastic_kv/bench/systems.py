@@ -34,6 +34,7 @@ from .settings import BenchSettings
 from .traces import Trace
 
 clock = time.perf_counter
+STALL_SECONDS = 120.0  # no token for this long while requests wait: the system is stuck
 
 
 @dataclass
@@ -70,11 +71,24 @@ class SystemRun:
 class Recorder:
     """Collects token times and memory samples against one start time."""
 
-    def __init__(self, trace: Trace, progress: Progress) -> None:
+    def __init__(self, trace: Trace, progress: Progress, name: str) -> None:
         self.records = [RequestRecord(r.arrival_s, r.output_tokens) for r in trace.requests]
         self.samples: list[tuple[float, int, int]] = []
         self.progress = progress
+        self.name = name
         self.t0 = clock()
+        self.last_progress = 0.0
+
+    def check_progress(self) -> None:
+        """Raise if requests are pending but no token came for ``STALL_SECONDS`` (a stuck system
+        must end the run with an error, not hang it)."""
+        now = self.now()
+        if now - self.last_progress > STALL_SECONDS:
+            pending = sum(1 for r in self.records if r.arrival_s <= now and r.finish_s is None)
+            if pending:
+                raise RuntimeError(f"{self.name}: no output token for {STALL_SECONDS:g} s with {pending} "
+                                   "arrived requests unfinished")
+            self.last_progress = now
 
     def now(self) -> float:
         return clock() - self.t0
@@ -85,6 +99,7 @@ class Recorder:
             record.tokens.append(int(token))
             record.token_times_s.append(at)
             self.progress.tokens(1)
+            self.last_progress = max(self.last_progress, at)
 
     def sample(self, resident: int, live: int, at: float | None = None) -> None:
         self.samples.append((self.now() if at is None else at, int(resident), int(live)))
@@ -120,7 +135,7 @@ def replay_engine(engine: EngineLike, trace: Trace, prompts: list[list[int]], se
     from the engine's per-step timeline when it keeps one (cheap, taken inside the step),
     else from ``stats()``.
     """
-    rec = Recorder(trace, progress)
+    rec = Recorder(trace, progress, name)
     requests = trace.requests
     index_of: dict[int, int] = {}
     next_arrival = 0
@@ -135,7 +150,6 @@ def replay_engine(engine: EngineLike, trace: Trace, prompts: list[list[int]], se
         if timeline:
             entry = timeline[-1]
             rec.sample(entry["resident_bytes"], entry["live_bytes"])
-            timeline.clear()  # only the latest entry is read; keep the list from growing
         else:
             sample()
 
@@ -158,6 +172,8 @@ def replay_engine(engine: EngineLike, trace: Trace, prompts: list[list[int]], se
             for request_id, token in produced:
                 rec.token(index_of[request_id], token, at)
             sample_after_step()
+            if not produced:
+                rec.check_progress()
         elif next_arrival < len(requests):
             rec.sleep_until(requests[next_arrival].arrival_s, settings.sample_interval_s, idle_tick)
         else:
@@ -253,7 +269,7 @@ def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, promp
     (up to ``max_running``) and runs until its longest output is done."""
     from transformers import DynamicCache, GenerationConfig
 
-    rec = Recorder(trace, progress)
+    rec = Recorder(trace, progress, "hf-generate")
     requests = trace.requests
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     queue: deque[int] = deque()
@@ -326,7 +342,7 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    rec = Recorder(trace, progress)
+    rec = Recorder(trace, progress, "hf-generate-batch")
     requests = trace.requests
     block_bytes = settings.page_tokens * info.kv_bytes_per_token
     cb_config = ContinuousBatchingConfig(
@@ -356,7 +372,10 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
                 return
             resident[0] = cache.cache_tensor.numel() * cache.cache_tensor.element_size()
             capacity = cache.num_sectors * cache.bytes_per_sector
-            rec.sample(resident[0], max(0, capacity - int(cache.compute_free_capacity(relative=False))))
+            live = max(0, capacity - int(cache.compute_free_capacity(relative=False)))
+            if rec.samples and live != rec.samples[-1][2]:
+                rec.last_progress = rec.now()  # tokens come back only when a request ends: KV growth is progress
+            rec.sample(resident[0], live)
 
         def collect(timeout: float) -> None:
             result = manager.get_result(timeout=timeout)
@@ -383,6 +402,7 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
                 wait = max(0.0, min(wait, requests[next_arrival].arrival_s - rec.now()))
             collect(wait)
             sample()
+            rec.check_progress()
             if not manager.is_running() and pending:
                 raise RuntimeError("hf-generate-batch: the continuous batching thread stopped with requests pending")
         load_end = max((r.finish_s or 0.0) for r in rec.records)

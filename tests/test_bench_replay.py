@@ -1,0 +1,86 @@
+"""The benchmark's wall-clock replay loop, against a stand-in engine that records what it is asked."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from torch_elastic_kv.bench import systems
+from torch_elastic_kv.bench.progress import Progress
+from torch_elastic_kv.bench.settings import BenchSettings
+from torch_elastic_kv.bench.traces import Trace, TraceRequest
+
+
+class RecordingEngine:
+    """One token per step for every request added; remembers when requests came and idle ticks."""
+
+    def __init__(self, produce: bool = True) -> None:
+        self.produce = produce
+        self.added: list[tuple[float, list[int], int]] = []
+        self.remaining: dict[int, int] = {}
+        self.maintain_calls: list[float] = []
+
+    def add_request(self, prompt_ids, max_new_tokens, eos_token_id=None):
+        assert eos_token_id is None
+        request_id = 100 + len(self.added)  # ids unlike trace indices: the harness must map them
+        self.added.append((time.perf_counter(), list(prompt_ids), max_new_tokens))
+        self.remaining[request_id] = max_new_tokens
+        return request_id
+
+    def has_unfinished(self):
+        return any(self.remaining.values())
+
+    def step(self):
+        if not self.produce:
+            return []
+        out = []
+        for request_id, left in self.remaining.items():
+            if left:
+                self.remaining[request_id] = left - 1
+                out.append((request_id, request_id * 10 + left))
+        return out
+
+    def maintain(self):
+        self.maintain_calls.append(time.perf_counter())
+
+    def stats(self):
+        running = sum(1 for left in self.remaining.values() if left)
+        return {"resident_bytes": 4096 * max(running, 1), "live_bytes": 4096 * running, "preemptions": 0,
+                "grows": 1, "shrinks": 0, "compactions": 0}
+
+
+def _settings(**overrides) -> BenchSettings:
+    values = dict(trace="t", systems=("elastic",), model_path=None, config="tiny", device="cpu", dtype="float32",
+                  seed=0, out="x", quick=True, time_scale=1.0, token_scale=1.0, window=(0.0, None), thin=1,
+                  max_bytes=None, min_bytes=0, headroom=0.1, idle_seconds=0.1, tail_seconds=0.3, max_running=4,
+                  max_batch_tokens=64, page_tokens=16, sample_interval_s=0.01, threads=1, progress=False)
+    values.update(overrides)
+    return BenchSettings(**values)
+
+
+def test_requests_arrive_on_the_wall_clock_and_idle_time_passes():
+    trace = Trace("t", "mem", (TraceRequest(0.0, 3, 2), TraceRequest(0.25, 2, 3), TraceRequest(0.6, 1, 1)))
+    prompts = [[5, 6, 7], [8, 9], [4]]
+    engine = RecordingEngine()
+    start = time.perf_counter()
+    run = systems.replay_engine(engine, trace, prompts, _settings(), Progress(6, enabled=False), "elastic")
+    added_at = [t - start for t, _, _ in engine.added]
+    for got, want in zip(added_at, (0.0, 0.25, 0.6)):
+        assert want <= got < want + 0.1  # never early, and not held back
+    assert [(p, n) for _, p, n in engine.added] == [([5, 6, 7], 2), ([8, 9], 3), ([4], 1)]
+    # tokens land on the right requests, in order, with their times
+    assert [r.tokens for r in run.records] == [[1002, 1001], [1013, 1012, 1011], [1021]]
+    assert all(r.first_token_s >= r.arrival_s for r in run.records)
+    # the gaps before 0.25 s and 0.6 s and the tail were idle: the policy got ticks there
+    assert sum(1 for t in engine.maintain_calls if 0.05 < t - start < 0.2) >= 3
+    assert run.end_s - run.load_end_s == pytest.approx(0.3, abs=0.05)
+    assert run.samples[-1][1:] == (4096, 0)
+    assert run.counters == {"preemptions": 0, "grows": 1, "shrinks": 0, "compactions": 0}
+
+
+def test_a_stuck_engine_ends_the_run_with_an_error(monkeypatch):
+    monkeypatch.setattr(systems, "STALL_SECONDS", 0.2)
+    trace = Trace("t", "mem", (TraceRequest(0.0, 3, 2),))
+    with pytest.raises(RuntimeError, match=r"elastic: no output token for 0.2 s with 1 arrived requests unfinished"):
+        systems.replay_engine(RecordingEngine(produce=False), trace, [[1, 2, 3]], _settings(),
+                              Progress(2, enabled=False), "elastic")
