@@ -16,12 +16,13 @@ Steps, each guarded (a failing step records its error in the json and the rest s
 3. ``allocator``: malloc+free pairs/s through the C ABI and through torch (``mem_pool``)
    against torch's caching allocator; ``trim()`` of 8 GiB freed memory;
 4. ``engine``: a 1B-class Llama (random weights, bfloat16) on the Engine with an elastic and
-   a static pool, same bursty workload: tokens/s, TTFT/TPOT p50/p99, resident bytes over time,
+   a static pool (static, elastic, elastic, static), same bursty workload: tokens/s, TTFT/TPOT p50/p99, resident bytes over time,
    idle footprint vs its floor, device free memory (``torch.cuda.mem_get_info``) before,
    during and after, to show the memory went back to the driver;
    ``stream_order``: an unmap while a kernel still writes the memory waits for it (run last:
    if it were wrong, the device context would not survive it);
-5. a short table (printed last) and ``gpu_results.json`` in ``--out``.
+5. a short table (printed last); ``gpu_results.json`` (everything) and ``gpu_results.md`` (the
+   table for benchmarks/RESULTS.md, with date and device) in ``--out``.
 
 ``--dry-run`` runs every step it can on CPU: the driver, arena and allocator steps go through
 the fake CUDA driver (``$EKV_LIBCUDA``, set here when unset), the engine runs a tiny model on
@@ -799,8 +800,10 @@ def environment(s: Settings) -> dict:
         p = torch.cuda.get_device_properties(idx)
         env.update(device_name=p.name, device_total_bytes=p.total_memory, cuda_runtime=torch.version.cuda,
                    capability=f"{p.major}.{p.minor}")
+    elif s.dry_run:
+        env["device_name"] = "none (dry run: fake CUDA driver over host memory; engine on CPU)"
     else:
-        env["device_name"] = "none (fake CUDA driver over host memory; engine on CPU)"
+        env["device_name"] = "none: torch sees no CUDA device"
     return env
 
 
@@ -825,7 +828,7 @@ def build_table(res: dict) -> list[list[str]]:
     def status_row(name: str, what: str) -> bool:
         r = st.get(name, {})
         if r.get("status") != "ok":
-            rows.append([what, r.get("status", "not run"), "-", (r.get("error") or "")[:60]])
+            rows.append([what, r.get("status", "not run"), "-", (r.get("error") or "-")[:60]])
             return False
         return True
 
@@ -971,9 +974,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             from torch_elastic_kv.testing import fake_cuda_path  # no _C import: safe before a build
 
             os.environ["EKV_LIBCUDA"] = fake_cuda_path()
-    elif not cuda_real():
-        print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one",
-              file=sys.stderr)
+    else:
+        if "libekv_fake_cuda" in os.environ.get("EKV_LIBCUDA", ""):
+            print("[gpu_check] EKV_LIBCUDA points at the fake test driver; a real run unsets it", file=sys.stderr)
+            del os.environ["EKV_LIBCUDA"]
+        if not cuda_real():
+            print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one",
+                  file=sys.stderr)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     s = make_settings(args.dry_run, args.quick, args.device)
