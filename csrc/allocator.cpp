@@ -827,6 +827,11 @@ Status DeviceAllocator::resume(TagId tag) {
     }
   }
   if (limit_ && mapped_ + need > *limit_) {
+    // Like a malloc: first give back what is cached, then check again.
+    if (pending_head_ != nullptr) promote_done(false);
+    release_free_segments(true);
+  }
+  if (limit_ && mapped_ + need > *limit_) {
     return OutOfMemory(call + ": mapping the tag's " + std::to_string(need) + " bytes would pass the allocator limit of " +
                        std::to_string(*limit_) + " bytes (" + std::to_string(mapped_) + " mapped); the tag stays paused");
   }
