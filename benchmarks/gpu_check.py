@@ -401,7 +401,7 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
         dev = torch.device(s.device)
         out["torch_caching_pairs_per_s"] = torch_pairs(dev)
         if hasattr(allocator, "mem_pool"):
-            with allocator.mem_pool():
+            with allocator.mem_pool(device=index):
                 out["torch_mem_pool_pairs_per_s"] = torch_pairs(dev)
         out["baseline"] = "torch CUDA caching allocator"
     else:

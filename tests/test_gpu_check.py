@@ -127,6 +127,7 @@ def test_engine_elastic_vs_static(dry_run):
         assert not run["truncated"]
         assert run["tokens_generated"] > 0 and run["preemptions"] == 0
         assert _num(run["tokens_per_s"], 1e-3, 1e9) and _num(run["decode_tokens_per_s"], 1e-3, 1e9)
+        assert run["ttft_ms"]["n"] == wl["requests"]  # every request timed
         for key in ("ttft_ms", "tpot_ms"):
             assert run[key]["n"] > 0 and 0 <= run[key]["median"] <= run[key]["p99"] < 60_000
         assert len(run["resident_over_time"]) >= 2
