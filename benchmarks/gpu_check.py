@@ -230,14 +230,18 @@ def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
         raise StepFailed(f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s and was stopped",
                          {"log_tail": (log or "")[-2000:]}) from None
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed: list[str] = []
     if xml.exists():
         root = ET.parse(xml).getroot()
         suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
         for suite in suites:
             for k in counts:
                 counts[k] += int(suite.get(k, 0))
+            for case in suite.iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed.append(f"{case.get('classname')}::{case.get('name')}")
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    out = {"files": files, **counts, "returncode": p.returncode,
+    out = {"files": files, **counts, "failed_tests": failed, "returncode": p.returncode,
            "seconds": round(time.perf_counter() - t0, 1), "log_tail": log[-2000:]}
     if p.returncode not in (0, 5) or counts["failures"] or counts["errors"]:
         raise StepFailed(f"pytest tests/gpu: {counts['failures']} failed, {counts['errors']} errors "
