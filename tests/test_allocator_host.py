@@ -282,3 +282,24 @@ def test_four_threads_stress_ends_consistent_with_nothing_leaked(abi):
     assert s["cached_bytes"] == s["mapped_bytes"]
     ekv_alloc.trim(HOST)
     assert ekv_alloc.stats(HOST)["mapped_bytes"] == 0
+
+
+def test_the_device_budget_caps_the_allocator_too(abi):
+    import torch_elastic_kv as ekv
+
+    p = abi.malloc(4 * MiB)
+    held = ekv.memory_stats("cpu")["held_bytes"]
+    ekv.set_budget(held + 2 * MiB, "cpu")  # every arena on the device draws from it, ours included
+    try:
+        assert abi.malloc(16 * MiB) == 0
+        err = ekv_alloc.last_error(clear=True)
+        assert "budget" in err and "ekv_malloc(size=16777216" in err
+        q = abi.malloc(2 * MiB)  # what fits in the budget still works
+        assert q
+        abi.free(q, 2 * MiB)
+    finally:
+        ekv.set_budget(None, "cpu")
+    q = abi.malloc(16 * MiB)
+    assert q
+    abi.free(q, 16 * MiB)
+    abi.free(p, 4 * MiB)
