@@ -27,7 +27,12 @@ handle), so this module keeps the torch-side objects — the pluggable allocator
 
 Errors: the C ABI cannot raise; a failed ``ekv_malloc`` returns NULL (torch then raises
 ``torch.OutOfMemoryError`` for allocations routed through a ``MemPool``) and a failed
-``ekv_free`` changes nothing; ``last_error()`` returns the message. The Python functions raise
+``ekv_free`` changes nothing; ``last_error()`` returns the message.
+
+Limits: CUDA graph capture is not supported (the free path records an event on the stream).
+Inside a ``MemPool`` torch's caching allocator keeps freed tensors' segments cached in the
+pool, so ``trim()`` gives back what torch has released to us (``pause(tag)`` unmaps the
+pool's segments whole, cached parts included). The Python functions raise
 ``ValueError`` for bad input, ``MemoryError`` (``torch.OutOfMemoryError`` on CUDA) when memory
 runs out, ``RuntimeError`` for driver failures; each leaves the allocator as it was.
 """
@@ -166,7 +171,10 @@ def install() -> None:
     torch allows the swap only before its CUDA allocator is initialised (the first CUDA tensor,
     ``torch.cuda.current_device()``, ...); called after that, raises RuntimeError saying so.
     Idempotent. Note: torch's ``memory_stats()``/``memory_snapshot()`` do not work with a
-    pluggable allocator; use this module's ``stats()``/``snapshot()``.
+    pluggable allocator; use this module's ``stats()``/``snapshot()``. torch's direct
+    pluggable path (torch 2.13) does not check the pointer an allocator returns, so a limit
+    that must surface as ``torch.OutOfMemoryError`` needs ``mem_pool()``, where torch's caching
+    allocator sees the NULL and raises.
     """
     _require_cuda("install()")
     if _BRIDGE.installed:
