@@ -358,21 +358,15 @@ def _size_mix(n: int, seed: int = 0) -> list[int]:
 
 
 def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
-    import ctypes
-
     try:
         from torch_elastic_kv import allocator
     except ImportError as e:
         raise Unavailable(f"torch_elastic_kv.allocator is not in this tree yet ({e})") from None
-    missing = [f for f in ("library_path", "trim", "stats") if not hasattr(allocator, f)]
+    missing = [f for f in ("c_abi", "trim", "mem_pool", "last_error") if not hasattr(allocator, f)]
     if missing:
         raise Unavailable(f"torch_elastic_kv.allocator lacks {missing}")
     index = torch.device(s.device).index
-    lib = ctypes.CDLL(allocator.library_path())
-    lib.ekv_malloc.restype = ctypes.c_void_p
-    lib.ekv_malloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    lib.ekv_free.restype = None
-    lib.ekv_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    lib = allocator.c_abi()  # ekv_malloc / ekv_free through ctypes, from the very _C torch loads
     sizes = _size_mix(s.alloc_pairs)
     out: dict[str, Any] = {"pairs": len(sizes), "size_mix": "log-uniform 512 B .. 32 MiB"}
 
@@ -383,8 +377,7 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
         for sz in sizes:
             p = lib.ekv_malloc(sz, device, None)
             if not p:
-                raise MemoryError(f"ekv_malloc({sz}, device={device}) failed: {allocator.last_error()}"
-                                  if hasattr(allocator, "last_error") else f"ekv_malloc({sz}) failed")
+                raise MemoryError(f"ekv_malloc({sz}, device={device}) failed: {allocator.last_error()}")
             lib.ekv_free(p, sz, device, None)
         return len(sizes) / (time.perf_counter() - t0)
 
@@ -392,9 +385,8 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
     out["c_abi_host_pairs_per_s"] = c_abi_pairs(-1)
 
     def torch_pairs(device: torch.device) -> float:
-        for sz in sizes[:200]:
-            del_t = torch.empty(sz, dtype=torch.uint8, device=device)
-            del del_t
+        for sz in sizes[:200]:  # warm: the caching allocator holds its segments
+            torch.empty(sz, dtype=torch.uint8, device=device)
         t0 = time.perf_counter()
         for sz in sizes:
             t = torch.empty(sz, dtype=torch.uint8, device=device)
@@ -404,9 +396,8 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
     if cuda_real():
         dev = torch.device(s.device)
         out["torch_caching_pairs_per_s"] = torch_pairs(dev)
-        if hasattr(allocator, "mem_pool"):
-            with allocator.mem_pool(device=index):
-                out["torch_mem_pool_pairs_per_s"] = torch_pairs(dev)
+        with allocator.mem_pool(device=index):
+            out["torch_mem_pool_pairs_per_s"] = torch_pairs(dev)
         out["baseline"] = "torch CUDA caching allocator"
     else:
         out["torch_caching_pairs_per_s"] = torch_pairs(torch.device("cpu"))
@@ -420,7 +411,7 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
         for _ in range(s.trim_bytes // block):
             p = lib.ekv_malloc(block, index, None)
             if not p:
-                raise MemoryError(f"ekv_malloc({block}) failed after {len(ptrs)} blocks")
+                raise MemoryError(f"ekv_malloc({block}) failed after {len(ptrs)} blocks: {allocator.last_error()}")
             ptrs.append(p)
         free_alloc = mem_free(s.device)
     finally:
