@@ -153,8 +153,9 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
     top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1,
                 label="static pool size")
     top.set_ylabel("resident KV MiB")
-    top.set_ylim(bottom=0)
-    top.legend(loc="upper right", fontsize=8)
+    highest = max([results["static_pool_bytes"]] + [s[1] for run in runs for s in run.samples]) / MIB
+    top.set_ylim(0, highest * 1.3)  # room above the static line for the legend
+    top.legend(loc="upper right", fontsize=8, ncol=3)
     trace = results["trace"]
     top.set_title(f"KV cache memory over time: {trace['name']} trace, {results['model']['name']}", fontsize=10)
     bottom.set_ylabel("live KV MiB")

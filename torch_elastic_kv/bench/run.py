@@ -10,30 +10,38 @@ from .cli import ResolvedArgs
 from .metrics import DEFINITIONS, summarize
 from .models import load_model
 from .progress import Progress
-from .report import summary_markdown, write_outputs, results_document
+from .report import results_document, summary_markdown, write_outputs
+from .settings import BenchSettings
 from .systems import SystemRun, auto_max_bytes, run_system
-from .traces import prompt_token_ids, scale_trace, synthetic_requests
+from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
 
 
-def _warm_up(model: torch.nn.Module, systems: tuple[str, ...], page_tokens: int) -> None:
-    """Run each code path once on a short prompt, untimed, so one-time setup (kernel selection,
-    the paged-attention registration, lazy imports) does not land in the first system's latencies."""
-    prompt = list(range(3, 3 + 2 * page_tokens))
+WARM_UP_REQUESTS = 32
+
+
+def _warm_up(model: torch.nn.Module, settings: BenchSettings, prompts: list[list[int]], trace: Trace,
+             max_bytes: int) -> None:
+    """Untimed, before any system: the model once, and (for the Engine systems) the first
+    ``WARM_UP_REQUESTS`` requests of the trace through an Engine all at once, so that one-time
+    setup (kernel selection for the many packed batch shapes, paged-attention setup, lazy
+    imports) is not charged to whichever system happens to run first."""
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prompt], device=model.device))
-    if "elastic" in systems or "static" in systems:
-        from .. import ElasticPolicy, Engine
+        model(input_ids=torch.tensor([prompts[0]], device=model.device))
+    if "elastic" not in settings.systems and "static" not in settings.systems:
+        return
+    from .. import ElasticPolicy, Engine
 
-        attention = model.config._attn_implementation
-        engine = Engine(model, policy=ElasticPolicy(max_bytes=4 << 20), max_batch_tokens=4 * page_tokens,
-                        page_tokens=page_tokens)
-        try:
-            engine.generate([prompt, prompt[:5]], max_new_tokens=4)
-        finally:
-            engine.close()
-            engine.pool.close()
-            if model.config._attn_implementation != attention:
-                model.set_attn_implementation(attention)
+    attention = model.config._attn_implementation
+    engine = Engine(model, policy=ElasticPolicy(max_bytes=max_bytes), max_batch_tokens=settings.max_batch_tokens,
+                    max_running=settings.max_running, page_tokens=settings.page_tokens)
+    try:
+        count = min(WARM_UP_REQUESTS, len(prompts))
+        engine.generate(prompts[:count], max_new_tokens=[min(r.output_tokens, 8) for r in trace.requests[:count]])
+    finally:
+        engine.close()
+        engine.pool.close()
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
 
 
 def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
@@ -61,7 +69,7 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         raise ValueError(f"--min-bytes {settings.min_bytes} is above the pool size {max_bytes}")
     print(f"ekv-bench: {trace.describe()}; model {info.name} ({info.parameters / 1e6:.1f} M params, {info.dtype}, "
           f"{info.device}); pool {max_bytes / 2**20:.2f} MiB", file=sys.stderr)
-    _warm_up(model, settings.systems, settings.page_tokens)
+    _warm_up(model, settings, prompts, trace, max_bytes)
 
     progress = Progress(trace.output_tokens * len(settings.systems), enabled=settings.progress)
     runs: list[SystemRun] = []
