@@ -194,7 +194,8 @@ def test_steady_load_shrinks_at_most_once(model):
 
 def test_grower_thread_maps_ahead_of_the_step(model):
     policy = ElasticPolicy(max_bytes=32 * MiB, idle_seconds=60.0)
-    eng = Engine(model, policy=policy, max_batch_tokens=256, background=True)
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=True,
+                 grow_in_background=True)   # on CPU the default grows inline
     try:
         assert eng.stats()["resident_bytes"] == 0
         eng.add_request(list(range(3, 203)), 4)   # 200 tokens: 13 pages, one granule

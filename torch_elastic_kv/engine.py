@@ -9,8 +9,10 @@
   writes each token's K/V into its request's pages and attends it over them;
 * postprocess: sampled tokens are appended, finished requests free their pages;
 * policy tick: demand (pages held + expected growth + waiting prefills) goes to the
-  ``ElasticPolicy``; a grow is handed to a background thread that maps granules ahead of need
-  (while the next forward runs), a shrink gives back empty granules, compacts, gives back again.
+  ``ElasticPolicy``; a grow maps granules ahead of need — on CUDA from a background thread
+  while the next forward runs on the device; on CPU, where the forward itself occupies the
+  cores and a second busy thread would slow it, at the end of the step, before the step that
+  needs them — and a shrink gives back empty granules, compacts, gives back again.
 
 Threads: ``add_request`` and ``cancel`` may be called from any thread. ``step`` holds the step
 lock for its whole duration; pool bookkeeping is additionally guarded by the pool lock, which
@@ -137,8 +139,11 @@ class Engine:
         paged_attention: switch the model to ``attention.PAGED_ATTENTION`` (attention reads
             the pages directly; with any other cache it is plain SDPA), else the cache
             gathers K/V for the model's own attention.
-        background: run the grower thread (maps granules ahead of need; gives memory back
-            when the engine sits idle and nobody calls ``step``).
+        background: run the background thread: it gives memory back when the engine sits
+            idle and nobody calls ``step``, and maps granules ahead of need when
+            ``grow_in_background``.
+        grow_in_background: map ahead from the background thread (``None``: on CUDA only;
+            on CPU the grow happens at the end of the step before the one that needs it).
         timeline: record one entry per step in ``self.timeline`` (see ``step``).
         starvation_limit: preemptions after which a request is preempted only last.
         keep_finished: finished requests whose outputs and timings stay queryable
@@ -148,7 +153,8 @@ class Engine:
     def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
                  max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
                  cache: Any = None, page_tokens: int = 16, paged_attention: bool = True,
-                 background: bool = True, timeline: bool = True,
+                 background: bool = True, grow_in_background: Optional[bool] = None,
+                 timeline: bool = True,
                  starvation_limit: int = 3, keep_finished: int = 100_000) -> None:
 
         self.model = model
@@ -231,6 +237,9 @@ class Engine:
         self._grow_target = 0
         self._pending_pages = 0   # prompt pages of requests added since the last tick
         self._closed = False
+        if grow_in_background is None:
+            grow_in_background = self.device.type == "cuda"
+        self._async_grow = bool(background and grow_in_background)
         if background:
             self._grower = threading.Thread(target=self._grower_loop, name="ekv-grower", daemon=True)
             self._grower.start()
@@ -388,8 +397,10 @@ class Engine:
     def _drain_inbox(self) -> None:
         with self._inbox_lock:
             new, self._inbox = self._inbox, []
-        for seq in new:
-            self.scheduler.add(seq)
+        if new:
+            with self._pool_lock:   # the grower thread reads the scheduler's queues
+                for seq in new:
+                    self.scheduler.add(seq)
 
     @torch.inference_mode()
     def _run(self, batch: Batch) -> dict[int, int]:
@@ -496,7 +507,7 @@ class Engine:
             if d.action == "shrink":
                 self._shrink_to(d.target_pages, forced=d.forced)
         if d.action == "grow":
-            if self._grower is not None:
+            if self._async_grow:
                 with self._grow_cv:
                     self._grow_target = max(self._grow_target, d.target_pages)
                     self._grow_cv.notify()
@@ -561,7 +572,7 @@ class Engine:
     # ------------------------------------------------------------------ grower thread ------
     def _wake_grower(self, extra_pages: int) -> None:
         """A request arrived: map its prompt's pages ahead of the step that admits it."""
-        if self._grower is None:
+        if not self._async_grow:
             return
         with self._grow_cv:
             self._pending_pages += extra_pages
