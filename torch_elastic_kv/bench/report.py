@@ -37,13 +37,13 @@ def _fmt_mib(nbytes: float) -> str:
 
 def table(results: dict) -> str:
     """A markdown table of every system's figures (one row per system)."""
-    header = ("system", "tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV mean/peak/idle MiB",
+    header = ("system", "tok/s (busy)", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV mean/peak/idle MiB",
               "saved vs static MiB*s (%)", "preempt", "output sha256")
     rows = []
     for name, s in results["systems"].items():
         rows.append((
             name,
-            f"{s['tokens_per_s']:.0f}",
+            f"{s['tokens_per_s']:.0f} ({s['busy_tokens_per_s']:.0f})",
             f"{_fmt_ms(s['ttft_p50_s'])} / {_fmt_ms(s['ttft_p99_s'])}",
             f"{_fmt_ms(s['tpot_p50_s'])} / {_fmt_ms(s['tpot_p99_s'])}",
             f"{_fmt_mib(s['mean_resident_bytes'])} / {_fmt_mib(s['peak_resident_bytes'])} / "
