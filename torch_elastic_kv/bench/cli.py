@@ -95,7 +95,7 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--idle-seconds", type=str, metavar="S",
                    help="elastic: shrink after demand stayed below resident this long (default 1.0; 0.3 quick)")
     p.add_argument("--tail-seconds", type=str, metavar="S",
-                   help="idle time measured after the last request (default: idle-seconds + 1.0)")
+                   help="idle time measured after the last request (default: idle-seconds + 1.0; + 0.7 quick)")
     p.add_argument("--max-running", type=str, metavar="N", help="most requests running at once (default 16; 8 quick)")
     p.add_argument("--max-batch-tokens", type=str, metavar="N", default="1024",
                    help="most tokens in one forward (default 1024)")
