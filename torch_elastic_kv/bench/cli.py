@@ -89,7 +89,7 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model, short trace)")
     p.add_argument("--max-bytes", metavar="SIZE",
                    help="static pool size and elastic maximum (default: the smallest pool that holds the "
-                        "trace's max-running largest requests at once)")
+                        "trace's max-running largest requests at once, rounded up to 2 MiB)")
     p.add_argument("--min-bytes", metavar="SIZE", default="0", help="elastic minimum resident bytes (default 0)")
     p.add_argument("--headroom", type=str, default="0.1", help="elastic headroom fraction (default 0.1)")
     p.add_argument("--idle-seconds", type=str, metavar="S",
