@@ -27,13 +27,13 @@ import collections
 import numbers
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence as Seq
+from typing import Any, Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
 from .policy import Decision, ElasticPolicy
 from .scheduler import Batch, Scheduler
-from .sequence import SamplingParams, SeqStatus, Sequence
+from .sequence import SamplingParams, Sequence
 from .swap import SwapSpace
 
 __all__ = ["Engine"]
@@ -225,7 +225,6 @@ class Engine:
         self._compact_events = 0
         self._bytes_given_back = 0
         self._stalled = False
-        self._last_activity = self.clock()
 
         # the static pool is mapped at start
         if self.policy.is_static:
@@ -387,7 +386,6 @@ class Engine:
                 self._steps += 1
                 self._tokens_in += batch.num_tokens
                 self._tokens_out += len(produced)
-                self._last_activity = now
             self._stalled = not batch and bool(self.scheduler.waiting) and not self.scheduler.running
             self._tick()
             if self.timeline is not None:
@@ -482,7 +480,7 @@ class Engine:
             changed = True
         if changed:
             with self._pool_lock:
-                self._shrink_to(min(budget, self._resident_pages()), forced=True)
+                self._shrink_to(min(budget, self._resident_pages()))
                 self._apply_pool_budget()
         return n
 
@@ -505,7 +503,7 @@ class Engine:
             d = self.policy.decide(self._demand(), self._resident_pages(), self.pool.max_pages,
                                    self._granule_pages)
             if d.action == "shrink":
-                self._shrink_to(d.target_pages, forced=d.forced)
+                self._shrink_to(d.target_pages)
         if d.action == "grow":
             if self._async_grow:
                 with self._grow_cv:
@@ -539,7 +537,7 @@ class Engine:
             if self._resident_pages() > resident:
                 self._grow_events += 1
 
-    def _shrink_to(self, keep_pages: int, forced: bool = False) -> None:
+    def _shrink_to(self, keep_pages: int) -> None:
         """Give back empty granules, compact, give back again; keep ``keep_pages`` resident."""
         before = self._resident_bytes()
         live = self._backend.live_pages()
@@ -623,7 +621,7 @@ class Engine:
         budget = self.policy.budget_pages(self.pool.max_pages)
         with self._pool_lock:
             n = len(self.scheduler.preempt_until(budget))
-            self._shrink_to(min(budget, self._resident_pages()), forced=True)
+            self._shrink_to(min(budget, self._resident_pages()))
             self._apply_pool_budget()
         return n
 
