@@ -302,7 +302,7 @@ def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, promp
                 for row, i in enumerate(batch):
                     rec.token(i, int(tokens[row]), at)
                     if steps[0] < requests[i].output_tokens:
-                        live_tokens += len(prompts[i]) + steps[0]
+                        live_tokens += len(prompts[i]) + steps[0] - 1  # K/V stored so far
                 rec.sample(_dynamic_cache_bytes(cache), live_tokens * info.kv_bytes_per_token, at)
 
             config = GenerationConfig(do_sample=False, max_new_tokens=max(requests[i].output_tokens for i in batch),
