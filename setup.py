@@ -62,14 +62,23 @@ class CMakeBuild(build_ext):
         subprocess.run([_tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
 
     def copy_extensions_to_source(self) -> None:
-        # --inplace and editable installs build in build_lib and copy _C back; the fake
-        # driver is not an Extension setuptools knows about, so copy it alongside.
-        super().copy_extensions_to_source()
-        built = Path(self.build_lib).resolve() / "torch_elastic_kv" / "_testing"
-        target = ROOT / "torch_elastic_kv" / "_testing"
-        target.mkdir(exist_ok=True)
-        for lib in built.glob("*.so"):
-            shutil.copyfile(lib, target / lib.name)
+        # --inplace and editable installs build in build_lib and copy the libraries back into
+        # the source tree. Copy to a temporary name and rename over the old file: overwriting a
+        # shared library in place corrupts it under every process that has it loaded.
+        # The fake driver is not an Extension setuptools knows about, so it is copied too.
+        built_pkg = Path(self.build_lib).resolve() / "torch_elastic_kv"
+        pairs = []
+        for ext in self.extensions:
+            name = Path(self.get_ext_filename(ext.name)).name
+            pairs.append((built_pkg / name, ROOT / "torch_elastic_kv" / name))
+        for lib in (built_pkg / "_testing").glob("*.so"):
+            pairs.append((lib, ROOT / "torch_elastic_kv" / "_testing" / lib.name))
+        for src, dst in pairs:
+            dst.parent.mkdir(exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            shutil.copymode(src, tmp)
+            os.replace(tmp, dst)
 
 
 setup(

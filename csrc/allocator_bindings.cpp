@@ -13,24 +13,12 @@
 #include <string>
 
 #include "allocator.h"
+#include "py_status.h"
 
 namespace py = pybind11;
 
 namespace ekv {
 namespace {
-
-void raise_status(const Status& st) {
-  if (st.ok()) return;
-  switch (st.code()) {
-    case StatusCode::kInvalidArgument:
-      throw py::value_error(st.message());
-    case StatusCode::kOutOfMemory:
-      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
-      throw py::error_already_set();
-    default:
-      throw std::runtime_error(st.message());
-  }
-}
 
 std::shared_ptr<DeviceAllocator> device_or_raise(int device) {
   std::shared_ptr<DeviceAllocator> d;
@@ -39,7 +27,7 @@ std::shared_ptr<DeviceAllocator> device_or_raise(int device) {
     py::gil_scoped_release nogil;
     st = Allocator::instance().device(device, &d);
   }
-  raise_status(st);
+  throw_if_error(st);
   return d;
 }
 
@@ -136,7 +124,7 @@ void bind_allocator(py::module_& m) {
           py::gil_scoped_release nogil;
           st = d->trim(&released);
         }
-        raise_status(st);
+        throw_if_error(st);
         return released;
       },
       py::arg("device"), "Give every cached granule back; returns the bytes released.");
@@ -154,7 +142,7 @@ void bind_allocator(py::module_& m) {
           py::gil_scoped_release nogil;
           st = d->set_limit(limit);
         }
-        raise_status(st);
+        throw_if_error(st);
       },
       py::arg("nbytes"), py::arg("device"));
   m.def(
@@ -168,7 +156,7 @@ void bind_allocator(py::module_& m) {
           py::gil_scoped_release nogil;
           st = d->pause(id, backup, &released);
         }
-        raise_status(st);
+        throw_if_error(st);
         return released;
       },
       py::arg("tag"), py::arg("backup"), py::arg("device"),
@@ -183,7 +171,7 @@ void bind_allocator(py::module_& m) {
           py::gil_scoped_release nogil;
           st = d->resume(id);
         }
-        raise_status(st);
+        throw_if_error(st);
       },
       py::arg("tag"), py::arg("device"));
   m.def(
@@ -194,7 +182,7 @@ void bind_allocator(py::module_& m) {
           py::gil_scoped_release nogil;
           st = Allocator::instance().close(device);
         }
-        raise_status(st);
+        throw_if_error(st);
       },
       py::arg("device"), "Drop the device's allocator and its address reservation; refused while in use.");
   m.def(

@@ -16,25 +16,13 @@
 #include "arena.h"
 #include "budget.h"
 #include "driver_probe.h"
+#include "py_status.h"
 #include "status.h"
 
 namespace py = pybind11;
 
 namespace ekv {
 namespace {
-
-void throw_if_error(const Status& st) {
-  if (st.ok()) return;
-  switch (st.code()) {
-    case StatusCode::kInvalidArgument:
-      throw py::value_error(st.message());
-    case StatusCode::kOutOfMemory:
-      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
-      throw py::error_already_set();
-    default:
-      throw std::runtime_error(st.message());
-  }
-}
 
 std::size_t non_negative(const char* call, const char* name, std::int64_t value) {
   if (value < 0) {

@@ -10,6 +10,7 @@ import numpy as np
 
 from torch_elastic_kv import _C
 from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.testing import rss_shmem  # noqa: F401  (re-exported for the allocator tests)
 
 MiB = 1 << 20
 
@@ -48,14 +49,6 @@ def check(ptr: int, size: int, seed: int) -> bool:
     expect = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     return bool(np.array_equal(view(ptr, size), expect))
 
-
-def rss_shmem() -> int:
-    """RssShmem of this process in bytes (resident shared memory: the host backend's memfd)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssShmem in /proc/self/status")
 
 
 @contextmanager

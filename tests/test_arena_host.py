@@ -1,28 +1,13 @@
 """Host backend: memory given back is measurably gone from the process and the machine."""
 from __future__ import annotations
 
-import re
-
 import torch
 
 from torch_elastic_kv import Arena
+from torch_elastic_kv.testing import machine_shmem, rss_shmem
 
 MiB = 1 << 20
 
-
-def _proc_kib(path: str, field: str) -> int:
-    with open(path) as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    assert m is not None, f"{field} missing from {path}"
-    return int(m.group(1))
-
-
-def rss_shmem() -> int:
-    return _proc_kib("/proc/self/status", "RssShmem") * 1024
-
-
-def machine_shmem() -> int:
-    return _proc_kib("/proc/meminfo", "Shmem") * 1024
 
 
 def test_map_touch_unmap_trim_moves_rssshmem_and_shmem() -> None:

@@ -9,6 +9,7 @@ from models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
 from torch_elastic_kv.attention import enable_paged_attention
 from torch_elastic_kv.cache import ElasticPagedCache
 from torch_elastic_kv.pool import KVPagePool
+from torch_elastic_kv.testing import rss_shmem
 
 LENGTHS = [5, 9, 3, 12, 17]   # >= 4 prompts of different lengths, left-padded
 NEW = 12
@@ -124,33 +125,26 @@ def test_release_then_reuse_with_another_batch():
     assert torch.equal(_generate(model, cache, batch), ref)
 
 
-def _rss_shmem() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssShmem in /proc/self/status")
-
 
 @pytest.mark.parametrize("layout", ["page-major", "layer-major"])
 def test_release_and_trim_return_physical_memory(layout):
     # 4 layers x 4 KV heads x 32 dims: 64 KiB pages (page-major), so the batch spans several granules
     model = tiny_llama(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4)
-    before = _rss_shmem()
+    before = rss_shmem()
     pool = KVPagePool(4, 4, 32, torch.float32, max_bytes=64 << 20, layout=layout)
     cache = ElasticPagedCache(model.config, pool=pool)
     _generate(model, cache, left_padded_batch([200, 180, 150, 220, 90, 60, 240, 10]), max_new_tokens=4)
     stats = pool.stats()
     slack = stats["granule_bytes"] * stats["arenas"]
     assert stats["resident_bytes"] >= 4 * stats["granule_bytes"]
-    assert _rss_shmem() - before >= stats["live_bytes"] - slack   # the pages really are resident
+    assert rss_shmem() - before >= stats["live_bytes"] - slack   # the pages really are resident
     cache.release()
     pool.compact()
     given = pool.trim()
     stats = pool.stats()
     assert stats["live_pages"] == 0 and given > 0
     assert stats["resident_bytes"] <= slack
-    assert _rss_shmem() - before <= slack
+    assert rss_shmem() - before <= slack
 
 
 def test_fragmentation_compaction_keeps_survivors_exact():

@@ -18,25 +18,9 @@ import torch
 
 from models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
+from torch_elastic_kv.testing import ManualClock, rss_shmem
 
 MiB = 1 << 20
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def rss_shmem() -> int:
-    """Shared-memory resident bytes of this process (memfd-backed KV pages count here)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssShmem in /proc/self/status")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,7 +58,7 @@ def references(model, workload):
     return out
 
 
-def run_staggered(eng: Engine, clock: FakeClock, prompts, max_new, per_step=2, dt=0.01,
+def run_staggered(eng: Engine, clock: ManualClock, prompts, max_new, per_step=2, dt=0.01,
                   on_step=None) -> list[int]:
     """Add ``per_step`` requests before each step until all are in; step until done."""
     rids: list[int] = []
@@ -93,7 +77,7 @@ def run_staggered(eng: Engine, clock: FakeClock, prompts, max_new, per_step=2, d
 
 def test_32_staggered_requests_match_generate_and_memory_follows_demand(model, workload, references):
     prompts, max_new = workload
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     policy = ElasticPolicy(min_bytes=3 * MiB, max_bytes=24 * MiB, headroom=0.1, idle_seconds=5.0,
                            clock=clock)
     eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
@@ -136,7 +120,7 @@ def test_32_staggered_requests_match_generate_and_memory_follows_demand(model, w
 
 def test_budget_cut_to_30_percent_mid_run_preempts_by_swap_and_recompute(model, workload, references):
     prompts, max_new = workload
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=5.0, swap_bytes=4 * MiB, clock=clock)
     eng = Engine(model, policy=policy, max_batch_tokens=512, background=False)
     state = {"cut": None, "steps": 0}
@@ -171,7 +155,7 @@ def test_budget_cut_to_30_percent_mid_run_preempts_by_swap_and_recompute(model, 
 
 
 def test_steady_load_shrinks_at_most_once(model):
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=2.0, headroom=0.1, clock=clock)
     eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
     g = torch.Generator().manual_seed(7)

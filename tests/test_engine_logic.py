@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.engine import Engine
 from torch_elastic_kv.policy import ElasticPolicy
 
@@ -204,13 +205,6 @@ class StandInCache:
         return K, V
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
@@ -246,7 +240,7 @@ def reference(model, prompt, n):
 def make_engine(model, max_pages=256, clock=None, background=False, **policy_kw):
     pool = StandInPool(2, 2, 16, max_pages)
     policy_kw.setdefault("max_bytes", max_pages * pool.page_bytes)
-    policy = ElasticPolicy(clock=clock or FakeClock(), **policy_kw)
+    policy = ElasticPolicy(clock=clock or ManualClock(0.0), **policy_kw)
     return Engine(model, pool=pool, policy=policy, cache=StandInCache(pool), max_batch_tokens=64,
                   background=background)
 
@@ -269,7 +263,7 @@ def test_packed_batches_match_generate_token_for_token(model):
 
 
 def test_budget_cut_mid_run_preempts_by_swap_and_recompute_without_loss(model):
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     pool_pages = 128
     eng = make_engine(model, max_pages=pool_pages, clock=clock, swap_bytes=0)
     page = eng.pool.page_bytes
@@ -307,7 +301,7 @@ def test_run_under_a_tight_budget_preempts_in_steps_and_finishes_all(model):
 
 
 def test_idle_shrink_after_idle_seconds_with_fake_clock(model):
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     eng = make_engine(model, clock=clock, idle_seconds=5.0, min_bytes=0)
     eng.generate(prompts(4, 4), 8)
     high = eng.stats()["resident_bytes"]
@@ -392,7 +386,7 @@ def test_add_request_from_another_thread_while_streaming(model):
 
 
 def test_request_info_and_timeline_fields(model):
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     eng = make_engine(model, clock=clock)
     r = eng.add_request([1, 2, 3], 3)
     while eng.has_unfinished():
@@ -412,7 +406,7 @@ def test_request_info_and_timeline_fields(model):
 
 
 def test_pressure_hook_lowers_the_budget_and_restores_it(model):
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     cap = {"bytes": None}
     eng = make_engine(model, max_pages=128, clock=clock, pressure=lambda: cap["bytes"],
                       pressure_interval=0.0)
@@ -462,7 +456,7 @@ def test_numpy_and_tensor_prompts_are_accepted(model):
 def test_only_the_last_keep_finished_requests_are_remembered(model):
     pool = StandInPool(2, 2, 16, 64)
     eng = Engine(model, pool=pool, cache=StandInCache(pool), background=False, keep_finished=2,
-                 policy=ElasticPolicy(clock=FakeClock(), max_bytes=64 * pool.page_bytes))
+                 policy=ElasticPolicy(clock=ManualClock(0.0), max_bytes=64 * pool.page_bytes))
     rids = [eng.add_request([3 + i, 4], 2) for i in range(4)]
     eng.cancel(rids[3])
     while eng.has_unfinished():

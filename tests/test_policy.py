@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.policy import ElasticPolicy
 
 PAGE = 1000  # bytes per page in these tests
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
 
 def make(clock=None, **kw) -> ElasticPolicy:
-    p = ElasticPolicy(clock=clock or FakeClock(), **kw)
+    p = ElasticPolicy(clock=clock or ManualClock(100.0), **kw)
     p.bind(PAGE, 16)
     return p
 
@@ -31,7 +25,7 @@ def test_target_is_demand_plus_headroom_within_min_and_budget():
 
 
 def test_grow_at_once_shrink_only_after_idle_seconds():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=5.0)
     d = p.decide(demand_pages=30, resident_pages=10, pool_max_pages=100)
     assert (d.action, d.target_pages) == ("grow", 30)
@@ -46,7 +40,7 @@ def test_grow_at_once_shrink_only_after_idle_seconds():
 
 
 def test_shrink_keeps_the_peak_seen_during_the_idle_interval():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(5, 40, 100)
     clock.t += 1.8
@@ -57,7 +51,7 @@ def test_shrink_keeps_the_peak_seen_during_the_idle_interval():
 
 
 def test_demand_back_near_resident_resets_the_idle_timer():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(10, 40, 100)
     clock.t += 1.5
@@ -71,7 +65,7 @@ def test_demand_back_near_resident_resets_the_idle_timer():
 
 
 def test_less_than_a_granule_below_is_not_idle():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=1.0)
     p.decide(35, 40, 100, granule_pages=8)
     clock.t += 10
@@ -83,7 +77,7 @@ def test_less_than_a_granule_below_is_not_idle():
 
 
 def test_steady_fluctuating_load_never_oscillates():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=1000 * PAGE, headroom=0.1, idle_seconds=5.0)
     resident = 0
     actions = []
@@ -100,7 +94,7 @@ def test_steady_fluctuating_load_never_oscillates():
 
 
 def test_static_pool_maps_everything_and_never_shrinks():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, min_bytes=50 * PAGE, max_bytes=50 * PAGE, idle_seconds=0.0)
     assert p.is_static
     d = p.decide(0, 0, 100)
@@ -125,7 +119,7 @@ def test_budget_cut_forces_an_immediate_shrink_and_none_restores_max():
 
 
 def test_pressure_hook_lowers_then_restores_budget_polled_at_interval():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     cap = {"v": None}
     calls = []
 
@@ -187,7 +181,7 @@ def test_bad_settings_are_rejected():
 
 
 def test_budget_buys_whole_granules_and_pool_limit_is_adopted():
-    p = ElasticPolicy(clock=FakeClock())
+    p = ElasticPolicy(clock=ManualClock(100.0))
     p.bind(PAGE, 16, pages_per_granule=4, granule_bytes=4 * PAGE + 100, pool_max_bytes=50 * PAGE)
     assert p.max_bytes == 50 * PAGE and p.budget_bytes == 50 * PAGE
     # 50000 bytes buy 12 granules of 4100 bytes -> 48 pages
@@ -197,7 +191,7 @@ def test_budget_buys_whole_granules_and_pool_limit_is_adopted():
 
 
 def test_target_follows_the_trailing_window_not_an_old_peak():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(30, 40, 100)      # below resident from t=100; target 30
     clock.t += 3               # 30 is now older than idle_seconds
@@ -206,7 +200,7 @@ def test_target_follows_the_trailing_window_not_an_old_peak():
 
 
 def test_draining_load_gives_memory_back_once_idle_at_the_floor():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, min_bytes=4 * PAGE, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     resident, shrinks = 40, []
     for demand in (36, 30, 24, 18, 12, 6, 0):   # a drain: one step every 0.4 s
@@ -225,7 +219,7 @@ def test_draining_load_gives_memory_back_once_idle_at_the_floor():
 
 
 def test_settled_lower_load_gets_its_memory_back():
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     # after a burst to 80, a fluctuating load of 20..30 settles in
     shrinks = []
