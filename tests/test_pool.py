@@ -163,3 +163,129 @@ def test_pages_spanning_several_granules():
     assert pool.trim() == 2 * pool.page_bytes and pool.resident_bytes == 2 * pool.page_bytes
     for i in ids[2:]:
         assert torch.equal(pool.value_cache(1)[i, -1], torch.full((2, 16), float(i)))
+
+
+# -- error paths leave the pool as it was; placement and compaction order -----------------------
+
+def _state(pool):
+    """Everything observable about the pool's pages: stats, which pages are live, their K data."""
+    live = [i for i in range(pool.max_pages) if pool.is_live(i)]
+    return pool.stats(), live, pool.read_pages(live).clone() if live else None
+
+
+def _assert_same(pool, state):
+    stats, live, data = state
+    assert pool.stats() == stats
+    assert [i for i in range(pool.max_pages) if pool.is_live(i)] == live
+    if live:
+        assert torch.equal(pool.read_pages(live), data)
+
+
+def _fragmented(pool):
+    """Three chunks filled, then two of every three pages freed; each survivor's K holds its id."""
+    per_chunk = pool.stats()["pages_per_chunk"]
+    ids = pool.alloc(3 * per_chunk)
+    for i in ids:
+        pool.key_cache(0)[i] = float(i)
+    pool.free([i for i in ids if i % 3 != 0])
+    return [i for i in ids if i % 3 == 0]
+
+
+def test_free_of_unknown_or_double_id_changes_nothing():
+    pool = _pool(page_tokens=64, max_bytes=8 * MiB)
+    ids = pool.alloc(5)
+    pool.free(ids[:1])
+    state = _state(pool)
+    for bad, reason in (([ids[1], ids[0]], "not allocated"),            # freed already
+                        ([ids[2], pool.max_pages + 3], "out of range"),   # never a page
+                        ([ids[3], -1], "out of range"),
+                        ([ids[4], pool.max_pages - 1], "not allocated")):  # a page never handed out
+        with pytest.raises(ValueError, match=reason):
+            pool.free(bad)
+        _assert_same(pool, state)                                        # the valid id was not freed either
+
+
+def test_new_pages_go_to_the_fullest_chunk():
+    pool = _pool(page_tokens=64, max_bytes=8 * MiB)
+    per_chunk = pool.stats()["pages_per_chunk"]
+    ids = pool.alloc(3 * per_chunk)                                      # chunks 0, 1, 2 full
+    chunk_of = {i: i // per_chunk for i in ids}
+    by_chunk = {c: [i for i in ids if chunk_of[i] == c] for c in range(3)}
+    pool.free(by_chunk[0][:10])                                          # chunk 0: 10 holes
+    pool.free(by_chunk[1][:30])                                          # chunk 1: 30 holes (sparsest)
+    pool.free(by_chunk[2][:4])                                           # chunk 2: 4 holes (fullest)
+    resident = pool.resident_bytes
+    got = pool.alloc(14)
+    # 4 fill chunk 2, then 10 fill chunk 0; the sparse chunk 1 is left to empty out
+    assert sorted(i // per_chunk for i in got) == [0] * 10 + [2] * 4
+    assert pool.resident_bytes == resident                               # holes used before mapping more
+    pool.free(by_chunk[1][30:])
+    assert pool.shrink(0) == pool.chunk_bytes                            # chunk 1 emptied whole
+
+
+def test_compaction_reports_moves_before_memory_goes_back():
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB)
+    live = _fragmented(pool)
+    seen = []
+
+    def owner(moves):
+        # both ends are live and mapped, the data is already at the new page, nothing released yet
+        assert pool.resident_bytes == 3 * pool.chunk_bytes
+        for old, new in moves.items():
+            assert pool.is_live(old) and pool.is_live(new)
+            assert torch.equal(pool.key_cache(0)[new], pool.key_cache(0)[old])
+        seen.append(dict(moves))
+
+    pool.add_move_listener(owner)
+    assert pool.compact() == 2 * pool.chunk_bytes
+    moves = seen[0]
+    assert set(moves) <= set(live) and len(moves) == pool.stats()["pages_moved"] > 0
+    assert all(not pool.is_live(old) for old in moves)
+    now = [moves.get(i, i) for i in live]
+    assert all(pool.is_live(i) for i in now) and pool.live_pages == len(live)
+    for tag, page in zip(live, now):
+        assert torch.equal(pool.key_cache(0)[page], torch.full((64, 2, 16), float(tag)))
+
+
+def test_compaction_whose_owner_fails_changes_nothing():
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB)
+    live = _fragmented(pool)
+    table = {i: i for i in live}                                         # an owner that did update
+    pool.add_move_listener(lambda m: table.update({t: m.get(p, p) for t, p in table.items()}))
+
+    def broken(moves):
+        raise RuntimeError("owner refused")
+
+    state = _state(pool)
+    with pytest.raises(RuntimeError, match="owner refused"):
+        pool.compact(on_move=broken)                                     # fails before the listener
+    _assert_same(pool, state)
+    assert table == {i: i for i in live}
+    pool.add_move_listener(broken)                                       # fails after the listener ran
+    with pytest.raises(RuntimeError, match="owner refused"):
+        pool.compact()
+    _assert_same(pool, state)
+    assert table == {i: i for i in live}                                 # it was told to move back
+    with pytest.raises(RuntimeError, match="owner refused"):
+        pool.set_max_bytes(pool.chunk_bytes)                             # needs a compaction
+    _assert_same(pool, state)
+    pool.remove_move_listener(broken)
+    assert pool.compact() == 2 * pool.chunk_bytes                        # and it still works
+    assert all(pool.is_live(p) for p in table.values()) and len(set(table.values())) == len(live)
+
+
+def test_compaction_whose_copy_fails_changes_nothing(monkeypatch):
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB)
+    _fragmented(pool)
+    calls = []
+    pool.add_move_listener(calls.append)
+    state = _state(pool)
+
+    def failing_copy(src, dst):
+        raise RuntimeError("device error during copy")
+
+    monkeypatch.setattr(pool, "_copy_pages", failing_copy)
+    with pytest.raises(RuntimeError, match="device error"):
+        pool.compact()
+    _assert_same(pool, state)
+    assert calls == []                                                   # no owner was told of a move

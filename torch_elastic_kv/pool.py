@@ -296,7 +296,10 @@ class KVPagePool:
         """Move live pages out of sparse chunks into holes of dense ones, then unmap emptied chunks.
 
         ``on_move({old: new})`` and every listener from ``add_move_listener`` are called after
-        the data is copied and before memory is given back. Returns unmapped bytes.
+        the data is copied and before memory is given back (old and new pages are both live
+        while they run). Returns unmapped bytes. If the copy or a callback raises, the move is
+        undone (callbacks that already ran get the inverse map) and the error propagates with
+        the pool as it was.
         """
         self._check_open()
         p = self._placement
@@ -304,21 +307,41 @@ class KVPagePool:
         keep_n = max(-(-p.live_pages // p.pages_per_chunk), self._floor_chunks())
         order = sorted(mapped, key=lambda c: (-p.live_in_chunk(c), c))
         keep, drain = order[:keep_n], [c for c in order[keep_n:] if p.live_in_chunk(c)]
-        moves: dict[int, int] = {}
         if drain:
             sources = [page for c in drain for page in p.live_pages_in(c)]
             dests: list[int] = []
             for c in keep:   # fullest first, so the densest chunks fill up
                 while len(dests) < len(sources) and p.live_in_chunk(c) < p.pages_per_chunk:
                     dests.append(p.take_in(c))
-            p.give(sources)
             moves = dict(zip(sources, dests))
-            self._copy_pages(sources, dests)
+            # Sources stay live until every owner has switched: a failure can still go back.
+            try:
+                self._copy_pages(sources, dests)
+            except BaseException:
+                p.give(dests)
+                raise
+            self._notify_moves(moves, on_move)
+            p.give(sources)
             self._counters["compactions"] += 1
             self._counters["pages_moved"] += len(moves)
-            for fn in ([on_move] if on_move is not None else []) + self._listeners:
-                fn(moves)
         return self.shrink(0)
+
+    def _notify_moves(self, moves: dict[int, int], on_move: MoveListener | None = None) -> None:
+        """Tell every owner of ``moves``; if one raises, undo it for those already told."""
+        told: list[MoveListener] = []
+        try:
+            for fn in ([on_move] if on_move is not None else []) + list(self._listeners):
+                fn(moves)
+                told.append(fn)
+        except BaseException:
+            inverse = {new: old for old, new in moves.items()}
+            for fn in reversed(told):
+                try:
+                    fn(inverse)
+                except Exception:   # the original error is the one to report
+                    pass
+            self._placement.give(list(moves.values()))
+            raise
 
     def _copy_pages(self, src: list[int], dst: list[int]) -> None:
         s = torch.tensor(src, dtype=torch.long, device=self.device)
@@ -368,11 +391,15 @@ class KVPagePool:
         if nbytes < need:
             raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below the {need} bytes that "
                              f"{p.live_pages} live pages need")
-        self._max_bytes = int(nbytes)
-        if self.resident_bytes > nbytes:
-            self.shrink(0)
-        if self.resident_bytes > nbytes:
-            self.compact()
+        previous, self._max_bytes = self._max_bytes, int(nbytes)
+        try:
+            if self.resident_bytes > nbytes:
+                self.shrink(0)
+            if self.resident_bytes > nbytes:
+                self.compact()
+        except BaseException:
+            self._max_bytes = previous   # a failed compaction moved nothing; the budget stays too
+            raise
 
     # -- data ------------------------------------------------------------------------------
     def read_pages(self, ids: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
