@@ -50,6 +50,11 @@ def _assert_one_line_error(status: int, err: str, *needles: str) -> None:
         (["--time-scale", "-1"], ["--time-scale must be > 0, got -1"]),
         (["--time-scale", "0"], ["--time-scale must be > 0, got 0"]),
         (["--token-scale", "-0.5"], ["--token-scale must be > 0, got -0.5"]),
+        (["--time-scale", "-1/2"], ["--time-scale must be > 0, got -1/2"]),   # not taken for an option
+        (["--token-scale", "1/0"], ["--token-scale expects a number, got '1/0'"]),
+        (["--time-scale", "nan"], ["--time-scale must be > 0, got nan"]),
+        (["--window", "-5:10"], ["--window '-5:10'", "need 0 <= START < END"]),
+        (["--thin", "-3"], ["--thin must be > 0, got -3"]),
         (["--token-scale", "abc"], ["--token-scale expects a number, got 'abc'"]),
         (["--thin", "0"], ["--thin must be > 0"]),
         (["--window", "50:10"], ["--window '50:10'", "START < END"]),
@@ -93,11 +98,25 @@ def test_csv_with_wrong_columns(tmp_path, capsys):
     rows.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,3\n0.7,ten,3\n")
     status, _, err = _run_main(["bench", "--trace", str(rows), "--out", str(out)], capsys)
     _assert_one_line_error(status, err, "line 3")
+    not_a_time = tmp_path / "nan.csv"
+    not_a_time.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,3\nnan,10,3\n")
+    status, _, err = _run_main(["bench", "--trace", str(not_a_time), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, "line 3", "TIMESTAMP must be a finite time")
+    negative = tmp_path / "negative.csv"
+    negative.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,-3\n")
+    status, _, err = _run_main(["bench", "--trace", str(negative), "--out", str(out)], capsys)
+    _assert_one_line_error(status, err, "line 2", "GeneratedTokens=-3")
     empty = tmp_path / "empty.csv"
     empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
     status, _, err = _run_main(["bench", "--trace", str(empty), "--out", str(out)], capsys)
     _assert_one_line_error(status, err, "no requests")
     assert not out.exists()
+
+
+def test_csv_saved_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\n2.5,10,3\n1.0,7,2\n".encode())
+    assert read_trace_csv(str(path)) == [TraceRequest(0.0, 7, 2), TraceRequest(1.5, 10, 3)]
 
 
 def test_window_that_selects_nothing(tmp_path, capsys):

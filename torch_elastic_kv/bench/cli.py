@@ -59,6 +59,26 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+# A value that starts with "-" but is not a plain negative number ("-1/2", "-5:10") would be taken
+# for an option by argparse ("expected one argument"); written as --opt=VALUE it reaches the range
+# checks, which name the option and the value.
+_DASH_VALUE = re.compile(r"-[0-9.][-+0-9.eE/:]*")
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and _DASH_VALUE.fullmatch(argv[i + 1]):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The ``bench`` arguments (every default left as None is resolved in :func:`resolve`)."""
     p = _Parser(prog=prog, description=(
@@ -146,7 +166,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     from .models import default_device, default_dtype
     from .traces import AZURE_ATTRIBUTION, bundled_trace_path, read_trace_csv
 
-    args = bench_parser().parse_args(argv)
+    args = bench_parser().parse_args(_attach_dash_values(argv))
     quick = args.quick
 
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())

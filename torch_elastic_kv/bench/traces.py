@@ -178,7 +178,8 @@ def read_trace_csv(path: str) -> list[TraceRequest]:
     Raises :class:`TraceError` naming the file, row and problem.
     """
     try:
-        with open(path, newline="") as handle:
+        # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark before TIMESTAMP
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             missing = [c for c in CSV_COLUMNS if c not in columns]
@@ -194,6 +195,8 @@ def read_trace_csv(path: str) -> list[TraceRequest]:
                     context, generated = int(row["ContextTokens"]), int(row["GeneratedTokens"])
                 except (TypeError, ValueError) as exc:
                     raise TraceError(f"trace {path}: line {line}: cannot parse {dict(row)} ({exc})") from None
+                if not math.isfinite(stamp):
+                    raise TraceError(f"trace {path}: line {line}: TIMESTAMP must be a finite time, got {row['TIMESTAMP']!r}")
                 if context < 1 or generated < 1:
                     raise TraceError(
                         f"trace {path}: line {line}: token counts must be >= 1, got "
