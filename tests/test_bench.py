@@ -14,6 +14,9 @@ from torch_elastic_kv.bench.systems import _no_eos
 from torch_elastic_kv.bench.traces import prompt_token_ids, scale_trace, synthetic_requests
 
 SYSTEMS = ("elastic", "static", "hf-generate", "hf-generate-batch")
+# the per-system fields issue 6 asks of results.json
+ISSUE_FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "mean_resident_bytes",
+                "peak_resident_bytes", "idle_resident_bytes", "preemptions", "output_checksum")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,19 @@ def test_results_fields_are_numbers_in_range(quick_run):
     assert trace["scaling"]["description"] == "unscaled"
     pool = results["static_pool_bytes"]
     assert pool > 0 and pool % (2 << 20) == 0
+    settings = results["settings"]   # the run's settings, as resolved from the command line
+    assert settings["trace"] == "bursty" and settings["systems"] == list(SYSTEMS) and settings["quick"] is True
+    assert settings["seed"] == 0 and settings["device"] == "cpu" and settings["dtype"] == "float32"
+    assert settings["config"] == "tiny" and settings["max_bytes_resolved"] == pool
+    assert (settings["time_scale"], settings["token_scale"], settings["thin"]) == (1.0, 1.0, 1)
+    for key in ("window", "min_bytes", "headroom", "idle_seconds", "tail_seconds", "max_running",
+                "max_batch_tokens", "page_tokens", "threads"):
+        assert key in settings, key
+    assert results["command"][:2] == ["ekv-bench", "--quick"]
     for name, s in results["systems"].items():
+        assert set(ISSUE_FIELDS) <= set(s), (name, set(ISSUE_FIELDS) - set(s))
+        # preemptions: a count where the system exposes one (continuous batching does not: null)
+        assert s["preemptions"] is None if name == "hf-generate-batch" else isinstance(s["preemptions"], int)
         assert s["requests"] == trace["requests"] and s["output_tokens"] == trace["output_tokens"], name
         assert s["tokens_per_s"] > 0 and s["busy_tokens_per_s"] >= s["tokens_per_s"], name
         assert 0 <= s["ttft_p50_s"] <= s["ttft_p99_s"] < s["duration_s"], name
