@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -233,3 +234,27 @@ def test_checksum_depends_on_order_and_tokens():
     assert output_checksum([[1, 2], [3]]) != output_checksum([[3], [1, 2]])
     assert output_checksum([[1, 2], [3]]) != output_checksum([[1], [2, 3]])
     assert len(output_checksum([])) == 64
+
+
+def test_non_editable_install_ships_the_bench_and_its_data():
+    """``pip install .`` installs what pyproject lists: every subpackage, the trace and its README,
+    and an ``ekv-bench`` script that resolves to the entry point (checked statically; building a
+    wheel compiles the C++ core, too slow for the suite)."""
+    import fnmatch
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())
+    tool = project["tool"]["setuptools"]
+    package_root = Path(ROOT) / "torch_elastic_kv"
+    packages = {"torch_elastic_kv" + "".join("." + part for part in p.parent.relative_to(package_root).parts)
+                for p in package_root.rglob("__init__.py")}
+    assert "torch_elastic_kv.bench" in packages
+    assert packages <= set(tool["packages"]), packages - set(tool["packages"])
+    globs = tool["package-data"]["torch_elastic_kv"]
+    shipped = [str(p.relative_to(package_root)) for p in (package_root / "data").iterdir()]
+    assert {"data/azure_llm_2023_code.csv", "data/TRACE_README.md"} <= set(shipped)
+    for name in shipped:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} is not in package-data {globs}"
+    module, _, attr = project["project"]["scripts"]["ekv-bench"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is cli.bench_main
