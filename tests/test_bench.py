@@ -151,3 +151,37 @@ def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "CC-BY 4.0" in summary and "time x1/100" in summary
     assert results["systems"]["elastic"]["output_tokens"] == trace["output_tokens"]
+
+
+def test_model_path_loads_a_local_checkpoint(tmp_path):
+    """``--model PATH``: a checkpoint saved on disk (no hub) is what runs, and its tokens are its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    saved = LlamaForCausalLM(config).eval()
+    checkpoint = tmp_path / "my-llama"
+    saved.save_pretrained(checkpoint)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--quick", "--model", str(checkpoint), "--systems", "elastic", "--out", str(out),
+                     "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    model = results["model"]
+    assert model["name"] == "my-llama" and results["settings"]["model_path"] == str(checkpoint)
+    assert results["settings"]["config"] is None
+    assert model["parameters"] == sum(p.numel() for p in saved.parameters())
+    assert (model["num_layers"], model["num_kv_heads"], model["head_dim"], model["vocab_size"]) == (2, 1, 32, 300)
+    assert model["kv_bytes_per_token"] == 2 * 2 * 1 * 32 * 4
+    # the saved weights produced the tokens: every request alone through generate gives the same
+    trace = scale_trace("bursty", "synthetic", synthetic_requests("bursty", 0, quick=True), max_total_tokens=512)
+    assert results["systems"]["elastic"]["output_tokens"] == trace.output_tokens
+    outputs = []
+    with _no_eos(saved), torch.inference_mode():
+        for prompt, request in zip(prompt_token_ids(trace, 300, 0), trace.requests):
+            ids = torch.tensor([prompt])
+            generated = saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=request.output_tokens, pad_token_id=0)
+            outputs.append(generated[0, len(prompt):].tolist())
+    assert output_checksum(outputs) == results["systems"]["elastic"]["output_checksum"]
