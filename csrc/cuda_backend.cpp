@@ -26,6 +26,22 @@ class CudaBackend final : public Backend {
 
   const BackendCaps& caps() const override { return caps_; }
 
+  // Sets caps().granularity from the driver's minimum granularity for pinned device memory
+  // (the alignment every reserve/map must honour); called once, right after construction.
+  Status query_granularity(std::size_t* out) {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUmemAllocationProp prop = alloc_prop(index_);
+    std::size_t gran = 0;
+    CUresult rc = drv_->MemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+    if (rc != CUDA_SUCCESS || gran == 0) {
+      return Unavailable(drv_->error_text("cuMemGetAllocationGranularity", rc) + " on cuda:" + std::to_string(index_));
+    }
+    caps_.granularity = gran;
+    *out = gran;
+    return Status::Ok();
+  }
+
   Status reserve(std::size_t nbytes, std::uintptr_t* addr) override {
     CtxScope scope(this);
     EKV_RETURN_IF_ERROR(scope.status);
@@ -209,17 +225,18 @@ Status make_cuda_backend(int device_index, std::unique_ptr<Backend>* out) {
   CUcontext ctx = nullptr;
   rc = drv->DevicePrimaryCtxRetain(&ctx, dev);
   if (rc != CUDA_SUCCESS) return Unavailable(drv->error_text("cuDevicePrimaryCtxRetain", rc));
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = device_index;
-  std::size_t gran = 0;
-  rc = drv->MemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
-  if (rc != CUDA_SUCCESS || gran == 0) {
+  // From here the retained context is owned by the backend, whose destructor releases it; the
+  // granularity is queried through it, so in the primary context like every later call.
+  std::unique_ptr<CudaBackend> backend;
+  try {
+    backend = std::make_unique<CudaBackend>(drv, dev, ctx, device_index, 0);
+  } catch (...) {
     drv->DevicePrimaryCtxRelease(dev);
-    return Unavailable(drv->error_text("cuMemGetAllocationGranularity", rc));
+    return OutOfMemory("cuda backend for cuda:" + std::to_string(device_index) + ": out of host memory");
   }
-  *out = std::make_unique<CudaBackend>(drv, dev, ctx, device_index, gran);
+  std::size_t gran = 0;
+  EKV_RETURN_IF_ERROR(backend->query_granularity(&gran));
+  *out = std::move(backend);
   return Status::Ok();
 }
 

@@ -7,6 +7,9 @@ driver is back to zero objects for the next test.
 """
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
 
 from allocator_helpers import (MiB, Abi, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
@@ -192,3 +195,37 @@ def test_adjacent_frees_on_one_stream_merge_under_the_newest_event(dev):
     assert abi.malloc(16 * 3072, S1) == blocks[0]  # the same stream reuses the merged range at once
     abi.free(blocks[0], 16 * 3072, S1)
     ekv_alloc.trim(DEV)
+
+
+def test_malloc_free_from_a_thread_without_a_context_restore_its_context(dev):
+    # torch calls ekv_malloc/ekv_free from whatever thread allocates: with no current context,
+    # or another one. The driver calls run in the primary context; the thread's comes back.
+    abi, fake = dev
+    seen = {}
+
+    def work(foreign):
+        fake.set_current_context(foreign)
+        p = abi.malloc(5 * MiB, S1)
+        fill(p, 5 * MiB, seed=4)
+        ok = check(p, 5 * MiB, seed=4)
+        abi.free(p, 5 * MiB, S1)
+        seen[foreign] = (bool(p), ok, fake.current_context())
+
+    for foreign in (0, 0xBEEF000):
+        t = threading.Thread(target=work, args=(foreign,))
+        t.start()
+        t.join()
+    assert seen == {0: (True, True, 0), 0xBEEF000: (True, True, 0xBEEF000)}, ekv_alloc.last_error()
+    ekv_alloc.trim(DEV)
+
+
+def test_close_gives_the_primary_context_references_back(dev):
+    abi, fake = dev
+    ekv_alloc.close(DEV)
+    gc.collect()
+    base = fake.primary_ctx_refcount(0)
+    p = abi.malloc(4096)
+    assert p and fake.primary_ctx_refcount(0) > base
+    abi.free(p, 4096)
+    ekv_alloc.close(DEV)
+    assert fake.primary_ctx_refcount(0) == base

@@ -2,7 +2,10 @@
 failure injection, handle reuse, and release deferred on events."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -153,3 +156,66 @@ def test_fake_driver_rejects_what_the_real_one_does(fake_cuda: FakeCuda) -> None
         with pytest.raises(ValueError, match="already mapped"):
             a.map(0, g)
     assert fake_cuda.calls("cuMemAddressFree") == 1
+
+
+def test_driver_calls_run_in_the_primary_context_and_restore_the_callers(fake_cuda: FakeCuda) -> None:
+    # torch may reach the backend from threads with no current context, or with another one:
+    # every driver call must run in the device's primary context and leave the caller's alone.
+    lib = ctypes.CDLL(fake_cuda.path)
+    free_b, total_b = ctypes.c_size_t(), ctypes.c_size_t()
+    assert fake_cuda.current_context() == 0
+    assert lib.cuMemGetInfo_v2(ctypes.byref(free_b), ctypes.byref(total_b)) == 201  # the fake insists too
+    seen: dict[int, tuple[int, int]] = {}
+
+    def work(foreign: int) -> None:
+        fake_cuda.set_current_context(foreign)
+        with Arena(16 * MiB, device="cuda", reuse_bytes=0) as a:
+            g = a.granularity
+            a.map(0, 2 * g)
+            after_map = fake_cuda.current_context()
+            a.host_view(torch.uint8, (2 * g,)).fill_(7)
+            a.unmap(0, 2 * g)
+            a.trim(wait=True)
+        seen[foreign] = (after_map, fake_cuda.current_context())
+
+    for foreign in (0, 0xDEAD000):
+        t = threading.Thread(target=work, args=(foreign,))
+        t.start()
+        t.join()
+    assert seen == {0: (0, 0), 0xDEAD000: (0xDEAD000, 0xDEAD000)}
+    assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+
+
+def test_primary_context_references_are_given_back(fake_cuda: FakeCuda) -> None:
+    gc.collect()
+    base = fake_cuda.primary_ctx_refcount(0)
+    a = Arena(16 * MiB, device="cuda")
+    assert fake_cuda.primary_ctx_refcount(0) == base + 1
+    a.close()
+    del a
+    gc.collect()
+    assert fake_cuda.primary_ctx_refcount(0) == base
+    # Failed creations give back what they retained.
+    fake_cuda.fail_nth("cuMemAddressReserve", 1)
+    with pytest.raises(torch.OutOfMemoryError, match="cuMemAddressReserve"):
+        Arena(16 * MiB, device="cuda")
+    fake_cuda.fail_nth("cuMemGetAllocationGranularity", 1, code=999)
+    with pytest.raises(RuntimeError, match="cuMemGetAllocationGranularity"):
+        Arena(16 * MiB, device="cuda")
+    assert fake_cuda.primary_ctx_refcount(0) == base
+    assert fake_cuda.counts()["reservations"] == 0
+
+
+def test_second_device_uses_its_own_location_and_access(fake_cuda: FakeCuda) -> None:
+    # The fake refuses a cuMemCreate/cuMemSetAccess whose location is not the arena's device.
+    fake_cuda.set_device_count(2)
+    with Arena(16 * MiB, device="cuda:1") as a:
+        g = a.granularity
+        a.map(0, 2 * g)
+        v = a.host_view(torch.int32, (2 * g // 4,))
+        v.fill_(5)
+        assert int(v.sum()) == 5 * v.numel()
+        assert ekv.memory_stats("cuda:1")["mapped_bytes"] == 2 * g
+        assert ekv.memory_stats("cuda:0")["mapped_bytes"] == 0
+    assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+

@@ -57,6 +57,12 @@ class FakeCuda:
         lib.ekvfake_set_total_memory.argtypes = [ll]
         lib.ekvfake_set_device_count.argtypes = [ctypes.c_int]
         lib.ekvfake_set_events_complete.argtypes = [ctypes.c_int]
+        lib.ekvfake_primary_ctx_refcount.argtypes = [ctypes.c_int]
+        lib.ekvfake_primary_ctx_refcount.restype = ctypes.c_int
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        lib.cuCtxGetCurrent.restype = ctypes.c_int
+        lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+        lib.cuCtxSetCurrent.restype = ctypes.c_int
         self._lib = lib
 
     def reset(self) -> None:
@@ -112,6 +118,21 @@ class FakeCuda:
     def complete_events(self) -> None:
         """Finish all simulated device work."""
         self._lib.ekvfake_complete_events()
+
+    def primary_ctx_refcount(self, device: int = 0) -> int:
+        """References held on the device's primary context (retains minus releases)."""
+        return self._lib.ekvfake_primary_ctx_refcount(device)
+
+    def current_context(self) -> int:
+        """The calling thread's current context as the fake driver sees it (0 = none)."""
+        ctx = ctypes.c_void_p()
+        self._lib.cuCtxGetCurrent(ctypes.byref(ctx))
+        return ctx.value or 0
+
+    def set_current_context(self, ctx: int) -> None:
+        """Make ``ctx`` (any value; 0 = none) the calling thread's current context, as another
+        library sharing the driver would; the backend must restore it after each call."""
+        self._lib.cuCtxSetCurrent(ctx or None)
 
     def counts(self) -> dict[str, int]:
         """Live object counts, for before/after comparisons."""

@@ -7,8 +7,10 @@
 //   cuMemMap             -> mmap(MAP_SHARED|MAP_FIXED) of the memfd, still PROT_NONE
 //   cuMemSetAccess       -> mprotect(READ|WRITE)
 //   cuMemUnmap           -> back to a PROT_NONE reservation
-// It checks what the real driver checks (alignment, reservation bounds, overlapping maps),
-// counts live objects, and can be told to fail the Nth call of any function. Events complete
+// It checks what the real driver checks (alignment, reservation bounds, overlapping maps, a
+// current context: torch may call the allocator from threads where none is current, so every
+// memory and event call answers CUDA_ERROR_INVALID_CONTEXT unless a retained primary context is
+// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events complete
 // at record time unless ekvfake_set_events_complete(0), which models queued device work:
 // cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize or
 // ekvfake_complete_events().
@@ -53,6 +55,7 @@ struct Mapping {
 struct Handle {
   int fd;
   std::size_t size;
+  int device;  // prop.location.id at create: the device whose memory this is
 };
 
 struct State {
@@ -100,6 +103,20 @@ CUresult injected(State& s, const char* fn) {
 
 #define FAKE_NEED_INIT() \
   if (!s.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+
+// The calling thread's current context must be a primary context that is still retained (the
+// real driver fails such calls without a current context; a released one is gone).
+#define FAKE_NEED_CTX()                                        \
+  FAKE_NEED_INIT();                                            \
+  if (current_device(s) < 0) return CUDA_ERROR_INVALID_CONTEXT;
+
+// Device of the current context if it is a retained primary context, else -1.
+int current_device(State& s) {
+  for (int d = 0; d < 16; ++d) {
+    if (current_ctx == reinterpret_cast<CUcontext>(&s.contexts[d])) return s.contexts[d].refcount > 0 ? d : -1;
+  }
+  return -1;
+}
 
 bool inside_reservation(const State& s, CUdeviceptr p, std::size_t size) {
   auto it = s.reservations.upper_bound(p);
@@ -195,6 +212,7 @@ EKVFAKE_API CUresult cuGetErrorName(CUresult rc, const char** name) {
     case CUDA_ERROR_NOT_INITIALIZED: *name = "CUDA_ERROR_NOT_INITIALIZED"; break;
     case CUDA_ERROR_NO_DEVICE: *name = "CUDA_ERROR_NO_DEVICE"; break;
     case CUDA_ERROR_INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case CUDA_ERROR_INVALID_CONTEXT: *name = "CUDA_ERROR_INVALID_CONTEXT"; break;
     case CUDA_ERROR_NOT_READY: *name = "CUDA_ERROR_NOT_READY"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
     default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
@@ -204,7 +222,7 @@ EKVFAKE_API CUresult cuGetErrorName(CUresult rc, const char** name) {
 
 EKVFAKE_API CUresult cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total_bytes) {
   FAKE_ENTER("cuMemGetInfo");
-  FAKE_NEED_INIT();
+  FAKE_NEED_CTX();
   if (free_bytes == nullptr || total_bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
   *total_bytes = s.total_memory;
   *free_bytes = s.total_memory - s.used_memory;
@@ -213,7 +231,7 @@ EKVFAKE_API CUresult cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total
 
 EKVFAKE_API CUresult cuMemGetAllocationGranularity(std::size_t* gran, const CUmemAllocationProp* prop, int option) {
   FAKE_ENTER("cuMemGetAllocationGranularity");
-  FAKE_NEED_INIT();
+  FAKE_NEED_CTX();
   if (gran == nullptr || prop == nullptr || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
       prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE || option < 0 || option > 1) {
     return CUDA_ERROR_INVALID_VALUE;
@@ -225,7 +243,7 @@ EKVFAKE_API CUresult cuMemGetAllocationGranularity(std::size_t* gran, const CUme
 EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment,
                                          CUdeviceptr addr, unsigned long long flags) {
   FAKE_ENTER("cuMemAddressReserve");
-  FAKE_NEED_INIT();
+  FAKE_NEED_CTX();
   (void)addr;  // hints are optional for the real driver too
   if (ptr == nullptr || size == 0 || size % kGranularity != 0 || flags != 0) return CUDA_ERROR_INVALID_VALUE;
   std::size_t align = alignment == 0 ? kGranularity : alignment;
@@ -244,6 +262,7 @@ EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std
 
 EKVFAKE_API CUresult cuMemAddressFree(CUdeviceptr ptr, std::size_t size) {
   FAKE_ENTER("cuMemAddressFree");
+  FAKE_NEED_CTX();
   auto it = s.reservations.find(ptr);
   if (it == s.reservations.end() || it->second != size) return CUDA_ERROR_INVALID_VALUE;
   if (overlaps_mapping(s, ptr, size)) return CUDA_ERROR_INVALID_VALUE;  // still mapped inside
@@ -255,12 +274,13 @@ EKVFAKE_API CUresult cuMemAddressFree(CUdeviceptr ptr, std::size_t size) {
 EKVFAKE_API CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, std::size_t size,
                                  const CUmemAllocationProp* prop, unsigned long long flags) {
   FAKE_ENTER("cuMemCreate");
-  FAKE_NEED_INIT();
+  FAKE_NEED_CTX();
   if (handle == nullptr || prop == nullptr || flags != 0 || size == 0 || size % kGranularity != 0) {
     return CUDA_ERROR_INVALID_VALUE;
   }
   if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
-      prop->location.id < 0 || prop->location.id >= s.device_count) {
+      prop->location.id < 0 || prop->location.id >= s.device_count ||
+      prop->requestedHandleTypes != CU_MEM_HANDLE_TYPE_NONE || prop->win32HandleMetaData != nullptr) {
     return CUDA_ERROR_INVALID_VALUE;
   }
   if (s.used_memory + size > s.total_memory) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -271,7 +291,7 @@ EKVFAKE_API CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, std::size
     return CUDA_ERROR_OUT_OF_MEMORY;
   }
   CUmemGenericAllocationHandle h = s.next_handle++;
-  s.handles[h] = Handle{fd, size};
+  s.handles[h] = Handle{fd, size, prop->location.id};
   s.used_memory += size;
   s.creates += 1;
   *handle = h;
@@ -280,6 +300,7 @@ EKVFAKE_API CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, std::size
 
 EKVFAKE_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
   FAKE_ENTER("cuMemRelease");
+  FAKE_NEED_CTX();
   auto it = s.handles.find(handle);
   if (it == s.handles.end()) return CUDA_ERROR_INVALID_VALUE;
   // As with the real driver, memory still mapped stays valid until unmapped (mmap holds it).
@@ -293,6 +314,7 @@ EKVFAKE_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
 EKVFAKE_API CUresult cuMemMap(CUdeviceptr ptr, std::size_t size, std::size_t offset,
                               CUmemGenericAllocationHandle handle, unsigned long long flags) {
   FAKE_ENTER("cuMemMap");
+  FAKE_NEED_CTX();
   auto it = s.handles.find(handle);
   if (it == s.handles.end() || flags != 0 || offset != 0 || size != it->second.size) return CUDA_ERROR_INVALID_VALUE;
   if (ptr % kGranularity != 0 || !inside_reservation(s, ptr, size) || overlaps_mapping(s, ptr, size)) {
@@ -307,6 +329,7 @@ EKVFAKE_API CUresult cuMemMap(CUdeviceptr ptr, std::size_t size, std::size_t off
 EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc,
                                     std::size_t count) {
   FAKE_ENTER("cuMemSetAccess");
+  FAKE_NEED_CTX();
   if (desc == nullptr || count == 0) return CUDA_ERROR_INVALID_VALUE;
   for (std::size_t i = 0; i < count; ++i) {
     if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || desc[i].location.id < 0 ||
@@ -314,11 +337,16 @@ EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUm
       return CUDA_ERROR_INVALID_VALUE;
     }
   }
-  // The range must be exactly covered by mappings.
+  // The range must be exactly covered by mappings, and the memory's own device must be given
+  // access (the fake models one device per handle, without peer access).
   CUdeviceptr p = ptr;
   while (p < ptr + size) {
     auto it = s.mappings.find(p);
     if (it == s.mappings.end()) return CUDA_ERROR_INVALID_VALUE;
+    const int owner = s.handles.count(it->second.handle) ? s.handles[it->second.handle].device : -1;
+    bool granted = false;
+    for (std::size_t i = 0; i < count; ++i) granted = granted || desc[i].location.id == owner;
+    if (!granted) return CUDA_ERROR_INVALID_VALUE;
     p += it->second.size;
   }
   if (p != ptr + size) return CUDA_ERROR_INVALID_VALUE;
@@ -329,6 +357,7 @@ EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUm
 
 EKVFAKE_API CUresult cuMemUnmap(CUdeviceptr ptr, std::size_t size) {
   FAKE_ENTER("cuMemUnmap");
+  FAKE_NEED_CTX();
   CUdeviceptr p = ptr;
   while (p < ptr + size) {
     auto it = s.mappings.find(p);
@@ -348,6 +377,7 @@ EKVFAKE_API CUresult cuMemUnmap(CUdeviceptr ptr, std::size_t size) {
 
 EKVFAKE_API CUresult cuEventCreate(CUevent* event, unsigned int flags) {
   FAKE_ENTER("cuEventCreate");
+  FAKE_NEED_CTX();
   (void)flags;
   if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
   FakeEvent* e = new FakeEvent();
@@ -358,6 +388,7 @@ EKVFAKE_API CUresult cuEventCreate(CUevent* event, unsigned int flags) {
 
 EKVFAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
   FAKE_ENTER("cuEventRecord");
+  FAKE_NEED_CTX();
   (void)stream;
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -367,6 +398,7 @@ EKVFAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
 
 EKVFAKE_API CUresult cuEventQuery(CUevent event) {
   FAKE_ENTER("cuEventQuery");
+  FAKE_NEED_CTX();
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
   return e->complete ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
@@ -374,6 +406,7 @@ EKVFAKE_API CUresult cuEventQuery(CUevent event) {
 
 EKVFAKE_API CUresult cuEventSynchronize(CUevent event) {
   FAKE_ENTER("cuEventSynchronize");
+  FAKE_NEED_CTX();
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
   e->complete = true;  // "waiting" finishes the simulated device work
@@ -382,6 +415,7 @@ EKVFAKE_API CUresult cuEventSynchronize(CUevent event) {
 
 EKVFAKE_API CUresult cuEventDestroy_v2(CUevent event) {
   FAKE_ENTER("cuEventDestroy");
+  FAKE_NEED_CTX();
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.erase(e) == 0) return CUDA_ERROR_INVALID_VALUE;
   delete e;
@@ -482,6 +516,13 @@ EKVFAKE_API void ekvfake_set_events_complete(int complete) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   s.events_complete = complete != 0;
+}
+
+// References held on device `dev`'s primary context (cuDevicePrimaryCtxRetain minus releases).
+EKVFAKE_API int ekvfake_primary_ctx_refcount(int dev) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return dev < 0 || dev >= 16 ? -1 : s.contexts[dev].refcount;
 }
 
 // Finishes all simulated device work: every recorded event becomes complete.
