@@ -244,9 +244,6 @@ std::size_t Arena::try_release_cached(std::size_t nbytes) {
 Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
   std::lock_guard<std::mutex> lock(mu_);
   EKV_RETURN_IF_ERROR(check_range("unmap", offset, nbytes));
-  // Finishing earlier unmaps (driver unmap, release) is kept off this call's path; only a
-  // long backlog of events is worked down here, so it cannot grow without bound.
-  if (pending_.size() >= kMaxPendingBatches) reap_locked(false);
   const std::size_t first = offset / granularity_;
   const std::size_t count = nbytes / granularity_;
   for (std::size_t i = first; i < first + count; ++i) {
@@ -255,6 +252,10 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
                              std::to_string(i * granularity_) + " is not mapped");
     }
   }
+  // Finishing earlier unmaps (driver unmap, release) is kept off this call's path; only a
+  // long backlog of events is worked down here, so it cannot grow without bound. After the
+  // checks above: a refused call must not move anything.
+  if (pending_.size() >= kMaxPendingBatches) reap_locked(false);
   const std::size_t g = granularity_;
   if (backend_->caps().deferred_unmap) {
     Fence fence = nullptr;

@@ -219,3 +219,23 @@ def test_second_device_uses_its_own_location_and_access(fake_cuda: FakeCuda) -> 
         assert ekv.memory_stats("cuda:0")["mapped_bytes"] == 0
     assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
 
+
+def test_refused_unmap_does_not_work_down_the_event_backlog(fake_cuda: FakeCuda) -> None:
+    n = 64  # kMaxPendingBatches: an unmap with this many batches queued finishes the done ones
+    with Arena((n + 2) * 2 * MiB, device="cuda", reuse_bytes=0) as a:
+        g = a.granularity
+        a.map(0, n * g)
+        fake_cuda.set_events_complete(False)
+        for i in range(n):
+            a.unmap(i * g, g)
+        fake_cuda.complete_events()  # all done, none reaped yet
+        before = (a.stats(), fake_cuda.counts())
+        assert before[0]["pending_bytes"] == n * g
+        with pytest.raises(ValueError, match="is not mapped"):
+            a.unmap(0, g)
+        assert (a.stats(), fake_cuda.counts()) == before
+        a.map(n * g, g)
+        a.unmap(n * g, g)  # an accepted unmap works the backlog down
+        s = a.stats()
+        assert s["pending_bytes"] == g and s["held_bytes"] == g
+        assert fake_cuda.live_handles() == 1 and fake_cuda.live_events() == 1
