@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -47,14 +48,26 @@ Status Arena::create(const ArenaConfig& config, std::unique_ptr<Arena>* out) {
     return Status(st.code(), "Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + ", device='" +
                                  device_name(config.kind, config.device_index) + "'): " + st.message());
   }
+  // The granule table costs host memory in proportion to the capacity (24 bytes per granule):
+  // for an absurd capacity it must come back as an error with the range given back, not as an
+  // exception that leaks the reservation.
+  std::vector<Granule> table;
+  try {
+    table.resize(capacity / g);
+  } catch (const std::bad_alloc&) {
+    backend->free_range(base, capacity);
+    return OutOfMemory("Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + ", device='" +
+                       device_name(config.kind, config.device_index) + "'): no host memory for the table of " +
+                       std::to_string(capacity / g) + " granules");
+  }
   auto budget = Budget::for_device(config.kind, config.device_index);
-  out->reset(new Arena(config, std::move(backend), std::move(budget), base, capacity, reuse));
+  out->reset(new Arena(config, std::move(backend), std::move(budget), base, capacity, reuse, std::move(table)));
   (*out)->budget_->register_arena(out->get(), capacity);
   return Status::Ok();
 }
 
 Arena::Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::shared_ptr<Budget> budget,
-             std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes)
+             std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes, std::vector<Granule> granules)
     : kind_(config.kind),
       device_index_(config.device_index),
       backend_(std::move(backend)),
@@ -63,7 +76,7 @@ Arena::Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::s
       capacity_(capacity),
       granularity_(backend_->caps().granularity),
       reuse_bytes_(reuse_bytes),
-      granules_(capacity / granularity_) {
+      granules_(std::move(granules)) {
   s_.granularity = granularity_;
   s_.reserved_bytes = capacity_;
   s_.reuse_bytes = reuse_bytes_;

@@ -108,7 +108,7 @@ class Arena {
   };
 
   Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::shared_ptr<Budget> budget,
-        std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes);
+        std::uintptr_t base, std::size_t capacity, std::size_t reuse_bytes, std::vector<Granule> granules);
 
   Status map_locked(const char* call, std::size_t offset, std::size_t nbytes, bool allow_mapped,
                     std::size_t* newly_mapped);
