@@ -6,13 +6,19 @@ and, with the standard SDPA mask builder, in ``AttentionMaskInterface``; select 
 
 How it reads the pages: ``ElasticPagedCache.update`` writes the new K/V into their slots and
 hands the attention a :class:`PagePlan` through the attention kwargs (the dict the model
-passes to both ``cache.update`` and the attention function). The attention then fetches each
-sequence's pages with one ``index_select`` per layer straight from the pool's page-shaped
-view ``[pages, page_tokens, kv_heads, head_dim]`` and runs one SDPA call over them with a
-mask built from positions and lengths. There is no per-sequence Python loop, no
-contiguous ``[batch, heads, tokens, head_dim]`` copy and no ``repeat_kv``: grouped-query
-heads are folded into the query length for single-token decoding, and SDPA's ``enable_gqa``
-handles longer queries. Without a plan (any other cache) it is plain SDPA.
+passes to both ``cache.update`` and the attention function). The plan's groups say how:
+
+* decode tokens (packed mode) are bucketed by page count so that padding to a bucket's longest
+  page table stays small; each bucket fetches its pages with one ``index_select`` per layer
+  from the pool's page-shaped view ``[pages, page_tokens, kv_heads, head_dim]`` and runs one
+  SDPA call with a mask from lengths; grouped-query heads are folded into the query length
+  (no K/V repeat);
+* a prefill chunk is one SDPA call over a contiguous query slice (no gather): a chunk that
+  starts at position 0 attends causally over its own new K/V (no page read, no mask), a
+  later chunk over its sequence's pages; SDPA's ``enable_gqa`` handles the heads;
+* generate mode: one group over all rows.
+
+Without a plan (any other cache) it is plain SDPA.
 """
 from __future__ import annotations
 
@@ -40,6 +46,10 @@ class PageGroup:
             tensor is already ``[S, heads, Q, head_dim]``, generate mode).
         q_valid: ``[S, Q]`` which query entries are real (``None``: all are).
         extra_mask: optional ``[S, 1, Q, kv]`` boolean mask (padding), ``kv <= P * page_tokens``.
+        q_slice: packed mode, one sequence's chunk: its queries are the packed tokens ``[a, b)``
+            (a view, no gather); ``S == 1``.
+        fresh: with ``q_slice``, the chunk is the sequence's whole K/V (it starts at position
+            0): attend causally over the step's new K/V, no page read and no mask.
     """
 
     page_table: torch.Tensor
@@ -48,6 +58,8 @@ class PageGroup:
     q_index: torch.Tensor | None = None
     q_valid: torch.Tensor | None = None
     extra_mask: torch.Tensor | None = None
+    q_slice: tuple[int, int] | None = None
+    fresh: bool = False
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     def mask(self, page_tokens: int) -> torch.Tensor:
@@ -77,6 +89,8 @@ class PagePlan:
     groups: list[PageGroup]
     num_tokens: int              # packed tokens (packed mode) or 0 (generate mode)
     used: bool = False
+    new_key: torch.Tensor | None = None    # packed: this step's K/V [tokens, kv_heads, head_dim]
+    new_value: torch.Tensor | None = None
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -92,6 +106,15 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         out = query.new_empty(plan.num_tokens, query.shape[1], query.shape[3])
         q_flat = query[0]
         for group in plan.groups:
+            if group.q_slice is not None:   # one sequence's chunk: contiguous queries
+                a, b = group.q_slice
+                q = q_flat[:, a:b].unsqueeze(0)                  # [1, heads, n, head_dim]
+                if group.fresh:
+                    o = _attend_fresh(q, plan.new_key[a:b], plan.new_value[a:b], scaling)
+                else:
+                    o = _attend(q, plan, group, scaling)
+                out[a:b] = o[0].transpose(0, 1)
+                continue
             q = q_flat[:, group.q_index]                     # [heads, S, Q, head_dim]
             o = _attend(q.transpose(0, 1), plan, group, scaling)  # [S, heads, Q, head_dim]
             o = o.transpose(1, 2)                            # [S, Q, heads, head_dim]
@@ -124,6 +147,14 @@ def _attend(q: torch.Tensor, plan: PagePlan, group: PageGroup, scaling: float | 
                                            attn_mask=mask, scale=scaling)
         return o.reshape(s, heads, 1, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
+
+
+def _attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Causal SDPA of ``q [1, heads, n, d]`` over a chunk's own new K/V ``[n, kv_heads, d]``."""
+    k = k.transpose(0, 1).unsqueeze(0)
+    v = v.transpose(0, 1).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def register() -> None:

@@ -243,6 +243,8 @@ class ElasticPagedCache(Cache):
             self._finish_step(step)
         if self.uses_paged_attention:
             plan = PagePlan(layer_idx, k_cache, v_cache, step.groups, step.packed_tokens)
+            if step.packed_tokens:
+                plan.new_key, plan.new_value = k_new, v_new
             if kwargs is None:
                 raise RuntimeError("ElasticPagedCache: paged attention needs the model to pass its attention "
                                    "kwargs to cache.update(..., kwargs=kwargs)")
@@ -478,23 +480,58 @@ class ElasticPagedCache(Cache):
         step.positions = pos.view(1, -1).to(dev)
         step.commit = [(q, e) for q, e in zip(seqs, ends.tolist())]
         if self.uses_paged_attention:
-            for members in (counts == 1, counts > 1):   # decode tokens, then prefill chunks
-                idx = members.nonzero().view(-1)
-                if len(idx):
-                    step.groups.append(self._page_group(table[idx], starts[idx], counts[idx], first[idx],
-                                                        used, idx, dev))
+            step.groups = self._packed_groups(table, entries, used, first.tolist(), dev)
         else:
             step.read_slots, step.fallback_mask = self._fallback_reads(entries, dev)
         return step
 
-    def _page_group(self, table, starts, counts, first, used, idx, dev) -> PageGroup:
-        p_max = max(used[i] for i in idx.tolist())
-        q_max = int(counts.max())
-        j = torch.arange(q_max).view(1, -1)
-        last = torch.minimum(j, (counts - 1).view(-1, 1))       # padded queries repeat the last one
-        return PageGroup(table[:, :p_max].contiguous().to(dev), (starts + counts).to(dev),
-                         (starts.view(-1, 1) + last).to(dev), (first.view(-1, 1) + last).to(dev),
-                         None if q_max == 1 else (j < counts.view(-1, 1)).to(dev))
+    # Decode rows padded to a group's longest page table cost a page gather and the attention
+    # over it; a separate group costs a few calls per layer. A row joins the group while the
+    # group's padding stays under this many pages plus this share of its useful pages.
+    _PAD_PAGES, _PAD_SHARE = 16, 0.25
+
+    def _packed_groups(self, table: torch.Tensor, entries: list[tuple[int, int, int]], used: list[int],
+                       first: list[int], dev: torch.device) -> list[PageGroup]:
+        """Attention groups of a packed step, each with little padding.
+
+        Decode tokens: rows bucketed by page count (longest first), one batched call per bucket.
+        Prefill chunks: one call each over a contiguous query slice; a chunk starting at position
+        0 attends over its own new K/V (causal), a later chunk over its sequence's pages.
+        """
+        groups: list[PageGroup] = []
+        decode = sorted((i for i, e in enumerate(entries) if e[2] == 1), key=lambda i: -used[i])
+        bucket: list[int] = []
+        p_max = total = 0
+        for i in decode:
+            p = used[i]
+            if bucket and p_max * (len(bucket) + 1) - (total + p) > self._PAD_PAGES + self._PAD_SHARE * (total + p):
+                groups.append(self._decode_group(table, entries, bucket, p_max, first, dev))
+                bucket, total = [], 0
+            if not bucket:
+                p_max = p
+            bucket.append(i)
+            total += p
+        if bucket:
+            groups.append(self._decode_group(table, entries, bucket, p_max, first, dev))
+        for i, (_, start, n) in enumerate(entries):
+            if n == 1:
+                continue
+            a = first[i]
+            if start == 0:
+                groups.append(PageGroup(table[:0], table[:0, 0], table[:0], q_slice=(a, a + n), fresh=True))
+                continue
+            groups.append(PageGroup(table[i:i + 1, :used[i]].to(dev), torch.tensor([start + n], device=dev),
+                                    torch.arange(start, start + n, device=dev).view(1, -1), q_slice=(a, a + n)))
+        return groups
+
+    @staticmethod
+    def _decode_group(table: torch.Tensor, entries, rows: list[int], p_max: int, first: list[int],
+                      dev: torch.device) -> PageGroup:
+        idx = torch.tensor(rows, dtype=torch.long)
+        starts = torch.tensor([entries[i][1] for i in rows], dtype=torch.long)
+        q_index = torch.tensor([first[i] for i in rows], dtype=torch.long)
+        return PageGroup(table[idx, :p_max].to(dev), (starts + 1).to(dev), starts.view(-1, 1).to(dev),
+                         q_index.view(-1, 1).to(dev))
 
     def _fallback_reads(self, entries, dev):
         """For non-paged attention: all sequences' K/V side by side and a block-causal mask."""
