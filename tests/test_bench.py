@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -137,7 +138,22 @@ def test_failure_while_running_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path):
+def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    captions: dict[str, list[str]] = {}
+    save, text = Figure.savefig, Figure.text
+
+    def record_text(fig, x, y, s, *args, **kwargs):
+        fig._ekv_texts = [*getattr(fig, "_ekv_texts", []), str(s)]
+        return text(fig, x, y, s, *args, **kwargs)
+
+    def record_save(fig, path, *args, **kwargs):
+        captions[os.path.basename(str(path))] = getattr(fig, "_ekv_texts", [])
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "text", record_text)
+    monkeypatch.setattr(Figure, "savefig", record_save)
     out = tmp_path / "out"
     assert cli.main(["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out),
                      "--no-progress"]) == 0
@@ -150,6 +166,9 @@ def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path):
     assert trace["duration_s"] <= 3.0
     summary = (out / "summary.md").read_text()
     assert "CC-BY 4.0" in summary and "time x1/100" in summary
+    for picture in ("memory.png", "latency.png"):   # each picture carries the credit and the scaling
+        caption = "\n".join(captions[picture])
+        assert "CC-BY 4.0" in caption and "Splitwise" in caption and "time x1/100" in caption, picture
     assert results["systems"]["elastic"]["output_tokens"] == trace["output_tokens"]
 
 

@@ -135,6 +135,14 @@ def _step_xy(samples: list[tuple[float, int, int]], column: int, end_s: float) -
     return xs, ys + ys[-1:]
 
 
+def trace_note(trace: dict) -> str:
+    """What each picture says under it: how the trace was scaled and, for real data, whose it is."""
+    note = f"scaling: {trace['scaling']['description']}"
+    if trace.get("attribution"):
+        note += f"\ndata: {trace['attribution']}"
+    return note
+
+
 def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
     """Resident KV bytes over time per system; underneath, live KV bytes and the arrival rate."""
     import matplotlib
@@ -173,10 +181,7 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
     lines, labels = bottom.get_legend_handles_labels()
     rate_lines, rate_labels = rate_axis.get_legend_handles_labels()
     bottom.legend(lines + rate_lines, labels + rate_labels, loc="upper right", fontsize=7)
-    note = f"scaling: {trace['scaling']['description']}"
-    if trace.get("attribution"):
-        note += f"\ndata: {trace['attribution']}"
-    fig.text(0.01, 0.005, note, fontsize=6.5, va="bottom")
+    fig.text(0.01, 0.005, trace_note(trace), fontsize=6.5, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -204,9 +209,11 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
     for ax, label in ((ttft_ax, "time to first token (ms)"), (tpot_ax, "time per output token (ms)")):
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of requests")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        low, high = (max(v, 1e-9) for v in ax.dataLim.intervalx) if ax.lines else (1.0, 1.0)
+        if high / low >= 20:  # a log axis only where it has labelled decades; else it shows no numbers
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     names = list(results["systems"])
@@ -218,9 +225,11 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
                  label="while busy")
     speed_ax.set_xticks(x, names, rotation=15, fontsize=8)
     speed_ax.set_ylabel("output tokens / s")
+    speed_ax.set_ylim(0, max(speeds + busy + [1.0]) * 1.25)  # room above the bars for the legend
     speed_ax.legend(fontsize=7)
     fig.suptitle(f"Latency and throughput: {results['trace']['name']} trace, {results['model']['name']}", fontsize=10)
-    fig.tight_layout()
+    fig.text(0.01, 0.005, trace_note(results["trace"]), fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
