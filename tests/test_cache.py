@@ -170,11 +170,17 @@ def test_fragmentation_compaction_keeps_survivors_exact():
     for i in range(0, 32, 2):
         cache.free_seq(i)
     fragmented = pool.stats()
+    kept = {i: (cache.seq_pages(i), pool.read_pages(cache.seq_pages(i))) for i in range(1, 32, 2)}
     moves = []
     given = pool.compact(on_move=moves.append)
     stats = pool.stats()
     granule = stats["granule_bytes"]
     assert moves and given > 0 and stats["pages_moved"] == len(moves[0])
+    # every survivor's page table followed its pages, and the K/V behind it is bit for bit the same
+    assert any(cache.seq_pages(i) != pages for i, (pages, _) in kept.items())
+    for i, (pages, data) in kept.items():
+        assert cache.seq_pages(i) == [moves[0].get(p, p) for p in pages], f"sequence {i}"
+        assert torch.equal(pool.read_pages(cache.seq_pages(i)), data), f"sequence {i}"
     assert stats["resident_bytes"] < fragmented["resident_bytes"]
     assert stats["resident_bytes"] - stats["live_bytes"] <= granule * stats["arenas"]
     # survivors continue; compare with each alone through DynamicCache
