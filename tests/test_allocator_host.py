@@ -216,6 +216,10 @@ def test_python_entry_points_reject_bad_input():
         ekv_alloc.set_limit(-1, HOST)
     with pytest.raises(TypeError):
         ekv_alloc.set_limit(1.5, HOST)
+    with pytest.raises(ValueError, match="below 2\\*\\*63"):
+        ekv_alloc.set_limit(1 << 64, HOST)
+    with pytest.raises(ValueError, match="not -1"):
+        ekv_alloc.stats(1 << 40)
     with pytest.raises(ValueError, match="no allocation was ever made"):
         ekv_alloc.pause("no-such-tag-anywhere", device=HOST)
     with pytest.raises(ValueError, match="not supported"):

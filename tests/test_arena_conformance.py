@@ -95,6 +95,12 @@ def test_bad_input_raises_and_changes_nothing(arena_device: str) -> None:
         for bad in (1.0, "0", None, True):
             with pytest.raises(TypeError):
                 a.map(bad, g)  # type: ignore[arg-type]
+        # Past the core's signed 64-bit numbers: a ValueError naming the number, not pybind11's TypeError.
+        for call, args, huge in [("map", (0, 1 << 64), 1 << 64), ("map", (1 << 63, g), 1 << 63),
+                                 ("unmap", (0, 1 << 63), 1 << 63), ("ensure_mapped", (1 << 64, g), 1 << 64),
+                                 ("is_mapped", (0, 1 << 70), 1 << 70), ("set_reuse_bytes", (1 << 64,), 1 << 64)]:
+            with pytest.raises(ValueError, match=f"Arena.{call}: .*={huge} is larger"):
+                getattr(a, call)(*args)
         assert (a.stats(), ekv.memory_stats(arena_device)) == before
         assert a.is_mapped(0, g)
 
@@ -108,6 +114,10 @@ def test_bad_constructor_arguments(arena_device: str) -> None:
         Arena(MiB, device=arena_device, reuse_bytes=-1)
     with pytest.raises(ValueError, match="not supported"):
         Arena(MiB, device="meta")
+    with pytest.raises(ValueError, match=f"capacity_bytes={1 << 64} is larger"):
+        Arena(1 << 64, device=arena_device)
+    with pytest.raises(ValueError, match=f"reuse_bytes={1 << 63} is larger"):
+        Arena(MiB, device=arena_device, reuse_bytes=1 << 63)
     assert ekv.memory_stats(arena_device)["arenas"] == 0
 
 

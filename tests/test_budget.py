@@ -72,6 +72,7 @@ def test_cached_handles_serve_maps_without_new_budget(arena_device: str) -> None
 
 @pytest.mark.parametrize("bad, exc, text", [
     (-1, ValueError, "set_budget\\(nbytes=-1\\)"),
+    (1 << 64, ValueError, f"nbytes={1 << 64} is larger"),
     (1.5, TypeError, "nbytes must be an int"),
     ("1", TypeError, "nbytes must be an int"),
 ])

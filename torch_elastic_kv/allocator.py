@@ -84,7 +84,7 @@ def _device_index(device: Any) -> int:
     if isinstance(device, bool):
         raise TypeError(f"device must be None, an int, a str or a torch.device, got {device!r}")
     if isinstance(device, int):
-        if device < HOST:
+        if device < HOST or device >= 1 << 31:
             raise ValueError(f"device {device} is not -1 (host) or a cuda index")
         return device
     if not isinstance(device, (str, torch.device)):
@@ -244,8 +244,8 @@ def set_limit(nbytes: int | None, device: Any = None) -> None:
     """
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int)):
         raise TypeError(f"set_limit: nbytes must be an int or None, got {type(nbytes).__name__} {nbytes!r}")
-    if nbytes is not None and nbytes < 0:
-        raise ValueError(f"set_limit(nbytes={nbytes}): must be >= 0 or None")
+    if nbytes is not None and not 0 <= nbytes < 1 << 63:
+        raise ValueError(f"set_limit(nbytes={nbytes}): must be >= 0 and below 2**63, or None")
     index = _device_index(device)
     with _errors(index):
         _C.allocator_set_limit(nbytes, index)

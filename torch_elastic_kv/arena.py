@@ -50,9 +50,16 @@ def _parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+# The core takes sizes and offsets as signed 64-bit numbers; anything larger is refused here
+# with a ValueError naming it (pybind11 would raise an opaque TypeError).
+_INT64_MAX = (1 << 63) - 1
+
+
 def _check_int(call: str, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{call}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value > _INT64_MAX:
+        raise ValueError(f"{call}: {name}={value} is larger than any size or offset an arena takes (2**63 - 1)")
     return value
 
 
