@@ -60,17 +60,20 @@ void Budget::apply(const BudgetDelta& d) {
 
 Status Budget::set_limit(std::optional<std::size_t> limit) {
   std::lock_guard<std::mutex> reg(registry_mu_);
+  // Caller holds mu_. Refuses a limit below the bytes in use (mapped + pending).
+  auto below_in_use = [&]() -> Status {
+    std::size_t in_use = s_.mapped_bytes + s_.pending_bytes;
+    if (!limit || *limit >= in_use) return Status::Ok();
+    return InvalidArgument("set_budget(" + std::to_string(*limit) + ", device='" + name_ + "'): below the " +
+                           std::to_string(in_use) + " bytes in use (" + std::to_string(s_.mapped_bytes) +
+                           " mapped, " + std::to_string(s_.pending_bytes) +
+                           " pending release); unmap first, the budget is unchanged (" +
+                           limit_text(s_.limit_bytes) + ")");
+  };
   bool need_trim = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    std::size_t in_use = s_.mapped_bytes + s_.pending_bytes;
-    if (limit && *limit < in_use) {
-      return InvalidArgument("set_budget(" + std::to_string(*limit) + ", device='" + name_ + "'): below the " +
-                             std::to_string(in_use) + " bytes in use (" + std::to_string(s_.mapped_bytes) +
-                             " mapped, " + std::to_string(s_.pending_bytes) +
-                             " pending release); unmap first, the budget is unchanged (" +
-                             limit_text(s_.limit_bytes) + ")");
-    }
+    EKV_RETURN_IF_ERROR(below_in_use());
     need_trim = limit && *limit < s_.held_bytes;
   }
   if (need_trim) {
@@ -80,6 +83,9 @@ Status Budget::set_limit(std::optional<std::size_t> limit) {
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
+  // Arenas map concurrently (their locks were free while trimming): check again where the
+  // limit is set, so it never lands below what is in use.
+  EKV_RETURN_IF_ERROR(below_in_use());
   s_.limit_bytes = limit;
   return Status::Ok();
 }
