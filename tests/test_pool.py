@@ -289,3 +289,31 @@ def test_compaction_whose_copy_fails_changes_nothing(monkeypatch):
         pool.compact()
     _assert_same(pool, state)
     assert calls == []                                                   # no owner was told of a move
+
+
+def test_move_listeners_of_dropped_owners_are_let_go():
+    import gc
+    import weakref
+
+    class Owner:
+        def __init__(self):
+            self.calls = 0
+
+        def on_move(self, moves):
+            self.calls += 1
+
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB)
+    kept, dropped, seen = Owner(), Owner(), []
+    gone = weakref.ref(dropped)
+    for fn in (kept.on_move, dropped.on_move, seen.append):
+        pool.add_move_listener(fn)
+    del dropped
+    gc.collect()
+    assert gone() is None                                  # the pool did not keep it alive
+    _fragmented(pool)
+    pool.compact()
+    assert kept.calls == 1 and len(seen) == 1              # the others are still called
+    pool.remove_move_listener(kept.on_move)                # a fresh bound method finds its entry
+    with pytest.raises(ValueError, match="is not registered"):
+        pool.remove_move_listener(kept.on_move)
+    pool.remove_move_listener(seen.append)

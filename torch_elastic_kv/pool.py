@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,7 +131,7 @@ class KVPagePool:
         self._placement = PagePlacement(num_chunks, self.geometry.pages_per_chunk)
         self.max_pages = self._placement.max_pages
         self._planes = [self._make_plane(a) for a in arenas]
-        self._listeners: list[MoveListener] = []
+        self._listeners: list[MoveListener | weakref.WeakMethod] = []   # see add_move_listener
         self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
         self._closed = False
         if self._min_bytes:
@@ -330,7 +332,7 @@ class KVPagePool:
         """Tell every owner of ``moves``; if one raises, undo it for those already told."""
         told: list[MoveListener] = []
         try:
-            for fn in ([on_move] if on_move is not None else []) + list(self._listeners):
+            for fn in ([on_move] if on_move is not None else []) + self._live_listeners():
                 fn(moves)
                 told.append(fn)
         except BaseException:
@@ -350,11 +352,34 @@ class KVPagePool:
             plane.raw.index_copy_(0, d, plane.raw.index_select(0, s))
 
     def add_move_listener(self, fn: MoveListener) -> None:
-        """Register ``fn({old: new})``, called on every compaction that moves pages."""
-        self._listeners.append(fn)
+        """Register ``fn({old: new})``, called on every compaction that moves pages.
+
+        A bound Python method is held weakly: an owner (a cache) that is dropped without
+        unregistering neither stays alive through the pool nor keeps being called. Anything
+        else (a function, a lambda, ``list.append``) is held as given.
+        """
+        self._live_listeners()   # drop dead entries, so registering many short-lived owners stays O(live)
+        self._listeners.append(weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else fn)
 
     def remove_move_listener(self, fn: MoveListener) -> None:
-        self._listeners.remove(fn)
+        """Unregister ``fn``; ValueError if it is not registered."""
+        for k, entry in enumerate(self._listeners):
+            if (entry() if isinstance(entry, weakref.WeakMethod) else entry) == fn:
+                del self._listeners[k]
+                return
+        raise ValueError(f"KVPagePool.remove_move_listener: {fn!r} is not registered")
+
+    def _live_listeners(self) -> list[MoveListener]:
+        """Registered listeners whose owners still exist (dead weak entries are dropped)."""
+        live: list[MoveListener] = []
+        kept: list[MoveListener | weakref.WeakMethod] = []
+        for entry in self._listeners:
+            fn = entry() if isinstance(entry, weakref.WeakMethod) else entry
+            if fn is not None:
+                live.append(fn)
+                kept.append(entry)
+        self._listeners = kept
+        return live
 
     def trim(self) -> int:
         """Unmap every empty chunk above min_bytes and release the arenas' cached handles.
