@@ -317,3 +317,16 @@ def test_move_listeners_of_dropped_owners_are_let_go():
     with pytest.raises(ValueError, match="is not registered"):
         pool.remove_move_listener(kept.on_move)
     pool.remove_move_listener(seen.append)
+
+
+def test_closed_pool_refuses_every_use():
+    pool = _pool()
+    ids = pool.alloc(2)
+    data = pool.read_pages(ids)
+    pool.close()
+    for call in (lambda: pool.alloc(1), lambda: pool.free(ids), lambda: pool.read_pages(ids),
+                 lambda: pool.write_pages(ids, data), lambda: pool.key_cache(0), lambda: pool.value_cache(1),
+                 lambda: pool.compact(), lambda: pool.trim(), lambda: pool.reserve_pages(1)):
+        with pytest.raises(RuntimeError, match="the pool is closed"):
+            call()
+    pool.close()   # twice is fine

@@ -161,6 +161,7 @@ class KVPagePool:
         return self._layer_view(layer, 1)
 
     def _layer_view(self, layer: int, kv: int) -> torch.Tensor:
+        self._check_open()
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"KVPagePool: layer {layer} out of range [0, {self.num_layers})")
         if self.layout == "page-major":
@@ -452,6 +453,7 @@ class KVPagePool:
                     self._planes[2 * layer + kv].pages.index_copy_(0, idx, data[:, layer, kv])
 
     def _live_index(self, ids: Sequence[int], what: str) -> torch.Tensor:
+        self._check_open()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not self._placement.is_live(i)]
         if bad:
