@@ -457,20 +457,12 @@ Status Arena::close() {
     if (!st.ok() && first_error.ok()) first_error = st;
   };
   const std::size_t g = granularity_;
-  // Granules still mapped may be in use by queued device work: fence them like an unmap.
-  std::vector<std::size_t> mapped;
-  for (std::size_t i = 0; i < granules_.size(); ++i) {
-    if (granules_[i].state == State::kMapped) mapped.push_back(i);
-  }
-  if (!mapped.empty() && backend_->caps().deferred_unmap) {
-    Fence fence = nullptr;
-    Status st = backend_->record_fence(nullptr, &fence);
-    note(st);
-    if (st.ok()) {
-      note(backend_->fence_wait(fence));
-      backend_->destroy_fence(fence);
-    }
-  }
+  // Granules still mapped may be in use by device work queued on any stream (torch's side
+  // streams do not order with the default stream, so a fence there would not cover them):
+  // closing waits for the whole device, once.
+  bool any_mapped = false;
+  for (const Granule& gr : granules_) any_mapped = any_mapped || gr.state == State::kMapped;
+  if (any_mapped && backend_->caps().deferred_unmap) note(backend_->synchronize());
   note(reap_locked(true));
   for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
   pending_.clear();

@@ -68,6 +68,10 @@ class Backend {
     return Status::Ok();
   }
   virtual void destroy_fence(Fence fence) { (void)fence; }
+  // Waits for all work queued on the device by anyone, on every stream. Only for teardown
+  // (closing an arena whose granules are still mapped: no fence says who last used them);
+  // release paths wait on fences instead.
+  virtual Status synchronize() { return Status::Ok(); }
 
   // Free and total physical memory of the device as the backend's primitive sees it.
   virtual Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) = 0;

@@ -148,6 +148,14 @@ class CudaBackend final : public Backend {
     if (scope.status.ok()) drv_->EventDestroy(static_cast<CUevent>(fence));
   }
 
+  Status synchronize() override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->CtxSynchronize();
+    if (rc != CUDA_SUCCESS) return from_cu("cuCtxSynchronize", rc);
+    return Status::Ok();
+  }
+
   Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
     CtxScope scope(this);
     EKV_RETURN_IF_ERROR(scope.status);

@@ -117,6 +117,16 @@ def test_close_waits_for_pending_events(fake_cuda: FakeCuda) -> None:
     a.unmap(0, 4 * g)
     a.close()
     assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
+    # Still-mapped granules may be in use on any stream: close waited for the whole device
+    # (an event on the default stream would not cover torch's side streams).
+    assert fake_cuda.calls("cuCtxSynchronize") == 1
+
+
+def test_close_of_unmapped_arena_does_not_synchronize(fake_cuda: FakeCuda) -> None:
+    with Arena(64 * MiB, device="cuda") as a:
+        a.map(0, a.granularity)
+        a.unmap(0, a.granularity)
+    assert fake_cuda.calls("cuCtxSynchronize") == 0 and fake_cuda.counts()["handles"] == 0
 
 
 @pytest.mark.parametrize("function", ["cuEventCreate", "cuEventRecord"])

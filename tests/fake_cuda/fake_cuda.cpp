@@ -203,6 +203,14 @@ EKVFAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
   return CUDA_SUCCESS;
 }
 
+// Waits for all simulated device work: every recorded event completes.
+EKVFAKE_API CUresult cuCtxSynchronize() {
+  FAKE_ENTER("cuCtxSynchronize");
+  FAKE_NEED_CTX();
+  for (FakeEvent* e : s.events) e->complete = true;
+  return CUDA_SUCCESS;
+}
+
 EKVFAKE_API CUresult cuGetErrorName(CUresult rc, const char** name) {
   if (name == nullptr) return CUDA_ERROR_INVALID_VALUE;
   switch (rc) {
