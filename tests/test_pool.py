@@ -330,3 +330,32 @@ def test_closed_pool_refuses_every_use():
         with pytest.raises(RuntimeError, match="the pool is closed"):
             call()
     pool.close()   # twice is fine
+
+
+@pytest.mark.parametrize("layout", ["page-major", "layer-major"])
+def test_stats_agree_with_the_arena_layer(layout):
+    """stats() against the device-wide accounting the arenas keep on their own."""
+    import gc
+
+    gc.collect()   # pools dropped by earlier tests must not go away in the middle of this one
+    base = ekv.memory_stats("cpu")
+    pool = _pool(page_tokens=64, max_bytes=16 * MiB, layout=layout)
+    try:
+        ids = pool.alloc(100)
+        s = pool.stats()
+        now = ekv.memory_stats("cpu")
+        for key in ("resident_bytes", "live_bytes", "reserved_bytes", "live_pages", "resident_pages", "granule_bytes"):
+            assert key in s, key
+        assert s["live_pages"] == 100 and s["live_bytes"] == 100 * pool.page_bytes
+        assert s["resident_bytes"] == now["mapped_bytes"] - base["mapped_bytes"]
+        assert s["reserved_bytes"] == now["reserved_bytes"] - base["reserved_bytes"] >= 16 * MiB
+        assert s["arenas"] == now["arenas"] - base["arenas"] == (1 if layout == "page-major" else 4)
+        assert s["resident_pages"] * pool.page_bytes <= s["resident_bytes"]   # padding at most
+        assert s["resident_pages"] == s["resident_bytes"] // pool.chunk_bytes * s["pages_per_chunk"]
+        assert s["live_pages"] <= s["resident_pages"] and s["granule_bytes"] == 2 * MiB
+        pool.free(ids)
+        pool.trim()
+        assert ekv.memory_stats("cpu")["mapped_bytes"] == base["mapped_bytes"] and pool.resident_bytes == 0
+    finally:
+        pool.close()
+    assert ekv.memory_stats("cpu")["reserved_bytes"] == base["reserved_bytes"]
