@@ -25,6 +25,14 @@ Status load_from(const std::string& path, std::unique_ptr<CudaDriver>* out) {
     return Unavailable("cannot load the CUDA driver library '" + path + "': " + (why ? why : "unknown error") +
                        " (set EKV_LIBCUDA to its path, or use device='cpu')");
   }
+  // Until the table is complete and cuInit succeeded, a failure unloads the library again
+  // (a loaded driver is kept for the life of the process, a rejected one is not).
+  struct Unload {
+    void* lib;
+    ~Unload() {
+      if (lib != nullptr) ::dlclose(lib);
+    }
+  } unload{lib};
   auto drv = std::make_unique<CudaDriver>();
   drv->path = path;
 #define EKV_LOAD_FIELD(field, symbol, type)                                                   \
@@ -37,7 +45,12 @@ Status load_from(const std::string& path, std::unique_ptr<CudaDriver>* out) {
 #undef EKV_LOAD_FIELD
   drv->is_fake = ::dlsym(lib, "ekvfake_reset") != nullptr;
   CUresult rc = drv->Init(0);
-  if (rc != CUDA_SUCCESS) return Unavailable(drv->error_text("cuInit", rc) + " (library '" + path + "')");
+  if (rc != CUDA_SUCCESS) {
+    std::string msg = drv->error_text("cuInit", rc) + " (library '" + path + "')";
+    drv.reset();  // holds pointers into the library: gone before it is
+    return Unavailable(msg);
+  }
+  unload.lib = nullptr;
   *out = std::move(drv);
   return Status::Ok();
 }

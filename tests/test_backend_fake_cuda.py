@@ -154,6 +154,9 @@ def test_missing_device_and_missing_library(fake_cuda: FakeCuda, monkeypatch: py
     monkeypatch.setenv("EKV_LIBCUDA", "/nonexistent/libcuda.so.1")
     with pytest.raises(RuntimeError, match="cannot load the CUDA driver library '/nonexistent/libcuda.so.1'"):
         Arena(8 * MiB, device="cuda")
+    monkeypatch.setenv("EKV_LIBCUDA", "libm.so.6")  # loads, but is no driver
+    with pytest.raises(RuntimeError, match="'libm.so.6' has no symbol cuInit"):
+        Arena(8 * MiB, device="cuda")
     assert ekv.memory_stats("cuda")["arenas"] == 0
 
 
@@ -249,3 +252,17 @@ def test_refused_unmap_does_not_work_down_the_event_backlog(fake_cuda: FakeCuda)
         s = a.stats()
         assert s["pending_bytes"] == g and s["held_bytes"] == g
         assert fake_cuda.live_handles() == 1 and fake_cuda.live_events() == 1
+
+
+def test_a_driver_whose_cuinit_fails_is_not_kept(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path) -> None:
+    alias = tmp_path / "libcuda_alias.so.1"  # a new path: loaded and cuInit'ed afresh
+    alias.symlink_to(fake_cuda.path)
+    monkeypatch.setenv("EKV_LIBCUDA", str(alias))
+    fake_cuda.fail_nth("cuInit", 1, code=999)
+    with pytest.raises(RuntimeError, match="cuInit failed.*libcuda_alias"):
+        Arena(8 * MiB, device="cuda")
+    with Arena(8 * MiB, device="cuda") as a:  # not remembered as failed; cuInit runs again
+        a.map(0, a.granularity)
+        assert fake_cuda.live_mappings() == 1
+    assert fake_cuda.calls("cuInit") == 2 and fake_cuda.counts()["reservations"] == 0
