@@ -14,7 +14,10 @@ Workload: the first ``--requests`` rows of the Azure LLM inference trace 2023, "
 (Azure Public Dataset, CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM
 inference using phase splitting", ISCA 2024), scaled down for a CPU: prompt length =
 ContextTokens / ``--prompt-scale`` (at least 4, at most ``--max-prompt``), output length =
-min(GeneratedTokens, ``--max-output``); token ids are random (seeded). All requests are
+min(GeneratedTokens * ``--output-scale``, ``--max-output``); token ids are random (seeded).
+The code trace is prefill-heavy (median 1469 prompt / 13 output tokens); ``--output-scale``
+makes it decode-heavier, like chat serving with many concurrent decodes, keeping the trace's
+mix of lengths. All requests are
 submitted at t=0 (offline), so every system sees the same queue. No EOS: every request
 produces exactly its output length.
 
@@ -67,7 +70,7 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
 
 
 def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_output: int,
-                  vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+                  vocab: int, seed: int, output_scale: int = 1) -> tuple[list[list[int]], list[int]]:
     rows = []
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -79,7 +82,7 @@ def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_ou
     for ctx, gen in rows:
         plen = min(max(ctx // prompt_scale, 4), max_prompt)
         prompts.append(torch.randint(3, vocab, (plen,), generator=g).tolist())
-        outs.append(max(1, min(gen, max_output)))
+        outs.append(max(1, min(gen * output_scale, max_output)))
     return prompts, outs
 
 
@@ -199,15 +202,24 @@ def run_hf_generate(model, prompts, outs, batch: int) -> dict:
                      {"batch": batch})
 
 
-def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, num_blocks: int) -> dict:
+def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, kv_bytes: int,
+                          page_size: int = 16, block_sharing: bool = True) -> dict:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     gc_ = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=None,
                            pad_token_id=0)
-    cb = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=num_blocks,
-                                  page_size=16)
+    cb = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, page_size=page_size,
+                                  num_blocks=kv_bytes // (kv_bytes_per_token(model) * page_size),
+                                  allow_block_sharing=block_sharing)
     mgr = model.init_continuous_batching(generation_config=gc_, continuous_batching_config=cb)
-    mgr.start()
+    # the same inference mode the Engine runs its forwards in (the loop thread inherits it)
+    with torch.inference_mode():
+        mgr.start()
+    # the loop thread builds its cache before serving; the static Engine maps its pool before
+    # the clock starts too
+    deadline = time.monotonic() + 30
+    while getattr(mgr, "batch_processor", None) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     c0, t0 = time.process_time(), time.perf_counter()
     ids = [mgr.add_request(p, max_new_tokens=n, record_timestamps=True) for p, n in zip(prompts, outs)]
     results = {}
@@ -245,6 +257,8 @@ def main() -> None:
     ap.add_argument("--prompt-scale", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=96)
+    ap.add_argument("--output-scale", type=int, default=1,
+                    help="output = min(GeneratedTokens * this, --max-output): >1 is decode-heavier")
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--max-kv-mib", type=int, default=96, help="M: the pools' max_bytes in MiB")
     ap.add_argument("--batch", type=int, default=8, help="hf-generate batch size")
@@ -252,7 +266,13 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gb-page-size", type=int, default=16, help="generate_batch page_size")
+    ap.add_argument("--gb-block-sharing", type=int, default=0, choices=(0, 1),
+                    help="generate_batch allow_block_sharing (prefix caching; prompts here share "
+                         "no prefixes, so it only costs hashing: off by default)")
     ap.add_argument("--skip-hf", action="store_true", help="engines only")
+    ap.add_argument("--systems", type=str, default=None,
+                    help="comma-separated subset of engine-elastic,engine-static,hf-generate,hf-generate_batch")
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
@@ -265,15 +285,17 @@ def main() -> None:
     model = build_model()
     nparams = sum(p.numel() for p in model.parameters())
     prompts, outs = load_workload(trace, args.requests, args.prompt_scale, args.max_prompt,
-                                  args.max_output, model.config.vocab_size, seed=args.seed)
+                                  args.max_output, model.config.vocab_size, seed=args.seed,
+                                  output_scale=args.output_scale)
     print(f"model: Llama {nparams / 1e6:.1f}M params, {args.threads} threads; workload: "
           f"{len(prompts)} requests from {trace.name} (prompt = ContextTokens/{args.prompt_scale}, "
-          f"output = min(GeneratedTokens, {args.max_output})): {sum(map(len, prompts))} prompt "
+          f"output = min(GeneratedTokens * {args.output_scale}, {args.max_output})): {sum(map(len, prompts))} prompt "
           f"tokens, {sum(outs)} output tokens; load average {os.getloadavg()[0]:.2f}", flush=True)
     max_bytes = args.max_kv_mib * MiB
 
-    bytes_per_block = kv_bytes_per_token(model) * 16
     systems = ["engine-elastic", "engine-static"] + ([] if args.skip_hf else ["hf-generate", "hf-generate_batch"])
+    if args.systems:
+        systems = [s for s in systems if s in args.systems.split(",")]
 
     def run_one(name: str) -> dict:
         if name.startswith("engine"):
@@ -282,8 +304,8 @@ def main() -> None:
         model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
         if name == "hf-generate":
             return run_hf_generate(model, prompts, outs, args.batch)
-        return run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens,
-                                     max_bytes // bytes_per_block)
+        return run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens, max_bytes,
+                                     args.gb_page_size, bool(args.gb_block_sharing))
 
     # repeats interleave the systems (rotating the order) so that noise from other work on
     # the machine hits all of them alike; the median run of each system is reported
@@ -320,6 +342,8 @@ def main() -> None:
               f"{r['kv_peak_mib']:.1f} | {r['kv_idle_mib']:.1f} |")
     by = {r["system"]: r for r in results}
     for key, unit in (("tokens_per_s", "tokens/s"), ("tokens_per_cpu_s", "tokens/CPU-s")):
+        if "engine-elastic" not in by or "engine-static" not in by:
+            break
         ratio = by["engine-elastic"][key] / by["engine-static"][key]
         line = f"elastic / static {unit}: {ratio:.3f} (floor 0.97)"
         if "hf-generate_batch" in by:
