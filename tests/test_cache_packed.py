@@ -165,3 +165,43 @@ def test_compaction_between_set_packed_batch_and_forward():
         assert pool.compact() > 0 and cache.seq_pages(2) != before
         out = model(input_ids=torch.tensor([[nxt]]), cache=cache, **extra)
     assert [nxt, int(out.logits[0, 0].argmax())] == ref_tokens[2][:2]
+
+
+def test_compaction_before_the_first_forward_reaches_the_cache():
+    """Packed mode allocates before any forward: a compaction then must still remap its pages."""
+    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=1024, max_bytes=8 << 20)   # 4 pages/chunk
+    cache = ElasticPagedCache(tiny_llama().config, pool=pool)
+    filler = pool.alloc(6)                       # a full first chunk, two pages in the second
+    cache.ensure_capacity(0, 1024)               # one page, in the second chunk
+    before = cache.seq_pages(0)
+    pool.free([filler[0], filler[4], filler[5]])  # first chunk: one hole; second: only the cache's page
+    assert pool.compact() > 0                     # the cache's page moves into the hole
+    after = cache.seq_pages(0)
+    assert after != before and all(pool.is_live(p) for p in after)
+    assert not any(pool.is_live(p) for p in before)
+
+
+def test_interrupted_forward_leaves_the_cache_usable():
+    """A forward stopped between a layer's cache update and its attention (Ctrl-C) must not
+    make every later forward fail."""
+    model = enable_paged_attention(tiny_llama())
+    prompt = _prompts([9])[0]
+    _, ref_tokens = _reference(model, [prompt], new_tokens=3)
+    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=8, max_bytes=8 << 20)
+    cache = ElasticPagedCache(model.config, pool=pool)
+    update = cache.update
+
+    def interrupted(key_states, value_states, layer_idx, *args, **kwargs):
+        out = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            raise KeyboardInterrupt
+        return out
+
+    cache.update = interrupted
+    cache.ensure_capacity(5, len(prompt))
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(input_ids=torch.tensor([prompt]), cache=cache, **cache.set_packed_batch([(5, 0, len(prompt))]))
+    del cache.update
+    cache.free_seq(5)
+    first, gen = _run_packed(model, cache, [prompt], chunk=16, new_tokens=3)
+    assert gen[0] == ref_tokens[0]

@@ -152,6 +152,11 @@ class ElasticPagedCache(Cache):
             raise ValueError(f"ElasticPagedCache: page_tokens must be a positive int, got {page_tokens!r}")
         self.pool = pool
         self._owns_pool = pool is None
+        # Compaction may move pages between any two calls (packed mode allocates before the
+        # first forward), so a given pool reports moves to this cache from the start.
+        self._listening = pool is not None
+        if pool is not None:
+            pool.add_move_listener(self._on_move)
         self._max_bytes, self._layout = max_bytes, layout
         self.page_tokens = page_tokens
         self.attention = attention
@@ -172,10 +177,7 @@ class ElasticPagedCache(Cache):
                                    layout=self._layout)
             self.pool.add_move_listener(self._on_move)
             self._listening = True
-        elif not getattr(self, "_listening", False):
-            self.pool.add_move_listener(self._on_move)
-            self._listening = True
-        return self.pool
+        return self._require_pool()
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> KVPagePool:
         pool = self._ensure_pool(key_states.dtype, key_states.device)
@@ -216,12 +218,15 @@ class ElasticPagedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                kwargs: dict[str, Any] | None = None, *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new K/V of ``layer_idx``; return what the model's attention reads."""
-        if self._last_plan is not None and not self._last_plan.used:
+        stale, self._last_plan = self._last_plan, None
+        # The previous layer's attention ran without reading its plan: a wrong attention
+        # implementation. A plan left over from an interrupted forward (not the layer just
+        # before this one) is simply dropped, so the cache stays usable.
+        if stale is not None and not stale.used and layer_idx == (stale.layer + 1) % self.num_layers:
             raise RuntimeError(
                 "ElasticPagedCache: the model's attention did not read the paged K/V (its attention "
                 f"implementation is not {PAGED_ATTENTION!r}); call enable_paged_attention(model) or use "
                 "ElasticPagedCache(..., attention='gather')")
-        self._last_plan = None
         if not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"ElasticPagedCache: layer {layer_idx} out of range [0, {self.num_layers})")
         if layer_idx == 0 or self._step is None:
@@ -566,7 +571,7 @@ class ElasticPagedCache(Cache):
         """Release the pages and, if this cache created its pool, close the pool."""
         self.release()
         if self.pool is not None:
-            if getattr(self, "_listening", False):
+            if self._listening:
                 self.pool.remove_move_listener(self._on_move)
                 self._listening = False
             if self._owns_pool:
@@ -585,6 +590,9 @@ class ElasticPagedCache(Cache):
     def _require_pool(self) -> KVPagePool:
         if self.pool is None:
             raise RuntimeError("ElasticPagedCache: packed mode needs a pool; pass pool=KVPagePool(...)")
+        if not self._listening:       # used again after close()
+            self.pool.add_move_listener(self._on_move)
+            self._listening = True
         return self.pool
 
     def _get_seq(self, seq_id: int, what: str) -> _Seq:
