@@ -253,6 +253,7 @@ void bind_driver_probe(py::module_& m) {
 }  // namespace
 
 void bind_allocator(py::module_& m);  // allocator_bindings.cpp
+void bind_paged_attention(py::module_& m);  // paged_attention_bindings.cpp
 }  // namespace ekv
 
 PYBIND11_MODULE(_C, m) {
@@ -261,4 +262,5 @@ PYBIND11_MODULE(_C, m) {
   ekv::bind_budget(m);
   ekv::bind_driver_probe(m);
   ekv::bind_allocator(m);
+  ekv::bind_paged_attention(m);
 }

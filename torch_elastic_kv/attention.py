@@ -18,10 +18,16 @@ passes to both ``cache.update`` and the attention function). The plan's groups s
   later chunk over its sequence's pages; SDPA's ``enable_gqa`` handles the heads;
 * generate mode: one group over all rows.
 
+Decode groups of float32 CPU tensors skip the gather and SDPA: the native kernel
+``_C.paged_decode_attention`` (csrc/paged_attention.h) reads each row's K/V straight from its
+pages, one pass with an online softmax, threads over (row, KV head). ``EKV_NATIVE_DECODE=0``
+in the environment turns it off (the gather + SDPA path above).
+
 Without a plan (any other cache) it is plain SDPA.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +36,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import _C
+
 PAGED_ATTENTION = "elastic_paged"
 PLAN_KWARG = "elastic_kv_plan"
+NATIVE_DECODE_ENV = "EKV_NATIVE_DECODE"
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass
@@ -105,7 +115,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if plan.num_tokens:   # packed: query [1, heads, T, head_dim]
         out = query.new_empty(plan.num_tokens, query.shape[1], query.shape[3])
         q_flat = query[0]
+        native = _native_decode_enabled(query)
         for group in plan.groups:
+            if native and _is_decode(group):
+                paged_decode_attention(q_flat.transpose(0, 1), plan.key_cache, plan.value_cache,
+                                       group.page_table, group.kv_lengths, scaling, out=out,
+                                       row_tokens=group.q_index.view(-1))
+                continue
             if group.q_slice is not None:   # one sequence's chunk: contiguous queries
                 a, b = group.q_slice
                 q = q_flat[:, a:b].unsqueeze(0)                  # [1, heads, n, head_dim]
@@ -128,6 +144,89 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         group.extra_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     o = _attend(query, plan, group, scaling)
     return o.transpose(1, 2).contiguous(), None
+
+
+def _native_decode_enabled(query: torch.Tensor) -> bool:
+    return (query.dtype == torch.float32 and query.device.type == "cpu"
+            and os.environ.get(NATIVE_DECODE_ENV, "1") != "0")
+
+
+def _is_decode(group: PageGroup) -> bool:
+    """One query per row at its last position, no padding mask: what the native kernel does."""
+    return (group.q_slice is None and group.q_index is not None and group.q_index.shape[1] == 1
+            and group.q_valid is None and group.extra_mask is None)
+
+
+def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           page_table: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None, *, out: torch.Tensor | None = None,
+                           row_tokens: torch.Tensor | None = None,
+                           threads: int | None = None) -> torch.Tensor:
+    """Decode attention read in place from KV pages by the native kernel (float32, CPU).
+
+    Args:
+        query: ``[tokens, heads, head_dim]`` (any strides, ``head_dim`` contiguous).
+        key_cache, value_cache: ``[pages, page_tokens, kv_heads, head_dim]`` (strided views fine).
+        page_table: ``[rows, max_pages]`` int32/int64 page ids; row ``r`` reads the first
+            ``ceil(context_lens[r] / page_tokens)`` of its entries.
+        context_lens: ``[rows]`` int32/int64, each in ``[1, max_pages * page_tokens]``.
+        scale: softmax scale (default ``head_dim ** -0.5``).
+        out: ``[tokens, heads, head_dim]`` float32 to write into (default: a new tensor).
+        row_tokens: ``[rows]`` int64: row ``r`` is token ``row_tokens[r]`` of ``query``/``out``
+            (default: row ``r`` is token ``r``, ``rows <= tokens``).
+        threads: worker threads (default ``torch.get_num_threads()``).
+
+    Returns ``out``; only the rows' tokens are written. Raises ValueError naming the numbers.
+    """
+    name = "paged_decode_attention"
+    for t, what in ((query, "query"), (key_cache, "key_cache"), (value_cache, "value_cache")):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name}: {what} must be float32 on CPU, got {t.dtype} on {t.device}")
+    if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"{name}: query {tuple(query.shape)} must be [tokens, heads, head_dim] and "
+                         f"key/value caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} "
+                         "equal [pages, page_tokens, kv_heads, head_dim]")
+    tokens, heads, head_dim = query.shape
+    pages, page_tokens, kv_heads, kv_dim = key_cache.shape
+    if kv_dim != head_dim:
+        raise ValueError(f"{name}: key/value head_dim {kv_dim} != query head_dim {head_dim}")
+    if page_table.dim() != 2 or page_table.dtype not in _INDEX_DTYPES or page_table.device.type != "cpu":
+        raise ValueError(f"{name}: page_table must be a 2-d int32/int64 CPU tensor, got "
+                         f"{tuple(page_table.shape)} {page_table.dtype}")
+    rows, max_pages = page_table.shape
+    if context_lens.shape != (rows,) or context_lens.dtype not in _INDEX_DTYPES \
+            or context_lens.device.type != "cpu":
+        raise ValueError(f"{name}: context_lens must be [rows={rows}] int32/int64 on CPU, got "
+                         f"{tuple(context_lens.shape)} {context_lens.dtype}")
+    if row_tokens is not None and (row_tokens.shape != (rows,) or row_tokens.dtype != torch.int64
+                                   or row_tokens.device.type != "cpu"):
+        raise ValueError(f"{name}: row_tokens must be [rows={rows}] int64 on CPU, got "
+                         f"{tuple(row_tokens.shape)} {row_tokens.dtype}")
+    if out is None:
+        out = query.new_empty(tokens, heads, head_dim)
+    elif out.shape != query.shape or out.dtype != torch.float32 or out.device.type != "cpu":
+        raise ValueError(f"{name}: out {tuple(out.shape)} {out.dtype} must be float32 {tuple(query.shape)}")
+    for t, what in ((query, "query"), (out, "out"), (key_cache, "key_cache"), (value_cache, "value_cache")):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: {what}'s last dimension must be contiguous (stride {t.stride(-1)})")
+    if page_table.stride(1) != 1 and max_pages > 1:
+        page_table = page_table.contiguous()
+    context_lens = context_lens.contiguous()
+    if row_tokens is not None:
+        row_tokens = row_tokens.contiguous()
+    _C.paged_decode_attention(
+        out=out.data_ptr(), query=query.data_ptr(), q_token_stride=query.stride(0),
+        q_head_stride=query.stride(1), out_token_stride=out.stride(0), out_head_stride=out.stride(1),
+        row_tokens=0 if row_tokens is None else row_tokens.data_ptr(), num_tokens=tokens,
+        key_cache=key_cache.data_ptr(), value_cache=value_cache.data_ptr(),
+        k_strides=tuple(key_cache.stride()[:3]), v_strides=tuple(value_cache.stride()[:3]),
+        num_pages=pages, page_tokens=page_tokens, page_table=page_table.data_ptr(),
+        table_index_bytes=page_table.element_size(), table_row_stride=page_table.stride(0),
+        max_pages=max_pages, context_lens=context_lens.data_ptr(),
+        lens_index_bytes=context_lens.element_size(), rows=rows, heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, scale=head_dim ** -0.5 if scale is None else float(scale),
+        threads=torch.get_num_threads() if threads is None else int(threads))
+    return out
 
 
 def _attend(q: torch.Tensor, plan: PagePlan, group: PageGroup, scaling: float | None) -> torch.Tensor:

@@ -1,0 +1,202 @@
+// paged_attention.cpp — see paged_attention.h.
+#include "paged_attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace ekv {
+namespace {
+
+std::int64_t load_index(const void* base, int bytes, std::int64_t i) {
+  return bytes == 4 ? static_cast<const std::int32_t*>(base)[i] : static_cast<const std::int64_t*>(base)[i];
+}
+
+std::string num(std::int64_t v) { return std::to_string(v); }
+
+Status check(const PagedDecodeArgs& a) {
+  const char* f = "paged_decode_attention: ";
+  if (a.rows < 0) return InvalidArgument(std::string(f) + "rows=" + num(a.rows) + " must be >= 0");
+  if (a.heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 || a.page_tokens <= 0) {
+    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) + ", kv_heads=" + num(a.kv_heads) +
+                           ", head_dim=" + num(a.head_dim) + ", page_tokens=" + num(a.page_tokens) +
+                           " must all be > 0");
+  }
+  if (a.heads % a.kv_heads != 0) {
+    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) + " is not a multiple of kv_heads=" +
+                           num(a.kv_heads));
+  }
+  if (a.table_index_bytes != 4 && a.table_index_bytes != 8) {
+    return InvalidArgument(std::string(f) + "page table index size " + num(a.table_index_bytes) +
+                           " bytes is not 4 (int32) or 8 (int64)");
+  }
+  if (a.lens_index_bytes != 4 && a.lens_index_bytes != 8) {
+    return InvalidArgument(std::string(f) + "context length size " + num(a.lens_index_bytes) +
+                           " bytes is not 4 (int32) or 8 (int64)");
+  }
+  if (a.threads < 1) return InvalidArgument(std::string(f) + "threads=" + num(a.threads) + " must be >= 1");
+  const std::int64_t strides[] = {a.q_token_stride,  a.q_head_stride,  a.out_token_stride, a.out_head_stride,
+                                  a.k_page_stride,   a.k_token_stride, a.k_head_stride,    a.v_page_stride,
+                                  a.v_token_stride,  a.v_head_stride,  a.table_row_stride};
+  for (std::int64_t s : strides) {
+    if (s < 0) return InvalidArgument(std::string(f) + "stride " + num(s) + " must be >= 0");
+  }
+  if (a.rows == 0) return Status::Ok();
+  if (!a.out || !a.query || !a.key_cache || !a.value_cache || !a.page_table || !a.context_lens) {
+    return InvalidArgument(std::string(f) + "a data pointer is null");
+  }
+  if (a.num_pages <= 0 || a.max_pages <= 0) {
+    return InvalidArgument(std::string(f) + "num_pages=" + num(a.num_pages) + ", max_pages=" + num(a.max_pages) +
+                           " must be > 0");
+  }
+  const std::int64_t tokens_bound = a.row_tokens ? a.num_tokens : a.rows;
+  if (!a.row_tokens && a.num_tokens < a.rows) {
+    return InvalidArgument(std::string(f) + "rows=" + num(a.rows) + " exceed num_tokens=" + num(a.num_tokens));
+  }
+  for (std::int64_t r = 0; r < a.rows; ++r) {
+    if (a.row_tokens && (a.row_tokens[r] < 0 || a.row_tokens[r] >= tokens_bound)) {
+      return InvalidArgument(std::string(f) + "row " + num(r) + " token " + num(a.row_tokens[r]) +
+                             " is outside [0, " + num(tokens_bound) + ")");
+    }
+    const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
+    if (len < 1 || len > a.max_pages * a.page_tokens) {
+      return InvalidArgument(std::string(f) + "row " + num(r) + " context length " + num(len) +
+                             " is outside [1, " + num(a.max_pages * a.page_tokens) + "] (max_pages=" +
+                             num(a.max_pages) + " x page_tokens=" + num(a.page_tokens) + ")");
+    }
+    const std::int64_t used = (len + a.page_tokens - 1) / a.page_tokens;
+    const char* row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
+    for (std::int64_t i = 0; i < used; ++i) {
+      const std::int64_t page = load_index(row, a.table_index_bytes, i);
+      if (page < 0 || page >= a.num_pages) {
+        return InvalidArgument(std::string(f) + "row " + num(r) + " page " + num(i) + " id " + num(page) +
+                               " is outside [0, " + num(a.num_pages) + ")");
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// One (row, kv head) item: the kv head's group of query heads over the row's pages.
+// Per page: scores of its tokens, one rescale of the running sums to the new maximum, then the
+// weighted V. scratch holds n_rep * (page_tokens + head_dim) floats.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float* scratch) {
+  const std::int64_t n_rep = a.heads / a.kv_heads;
+  const std::int64_t d = a.head_dim;
+  const std::int64_t pt = a.page_tokens;
+  const std::int64_t token = a.row_tokens ? a.row_tokens[r] : r;
+  const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
+  const char* table_row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
+  float* scores = scratch;             // [n_rep, pt]
+  float* acc = scratch + n_rep * pt;   // [n_rep, d]
+  float m[16], l[16];                  // n_rep <= 16 here; larger groups are split by the caller
+  std::fill(acc, acc + n_rep * d, 0.0f);
+  for (std::int64_t j = 0; j < n_rep; ++j) {
+    m[j] = -std::numeric_limits<float>::infinity();
+    l[j] = 0.0f;
+  }
+  const float* q0 = a.query + token * a.q_token_stride + g * n_rep * a.q_head_stride;
+  const std::int64_t used = (len + pt - 1) / pt;
+  for (std::int64_t pi = 0; pi < used; ++pi) {
+    const std::int64_t page = load_index(table_row, a.table_index_bytes, pi);
+    const std::int64_t n = std::min(pt, len - pi * pt);
+    const float* kp = a.key_cache + page * a.k_page_stride + g * a.k_head_stride;
+    const float* vp = a.value_cache + page * a.v_page_stride + g * a.v_head_stride;
+    for (std::int64_t j = 0; j < n_rep; ++j) {
+      const float* q = q0 + j * a.q_head_stride;
+      float bm = -std::numeric_limits<float>::infinity();
+      for (std::int64_t t = 0; t < n; ++t) {
+        const float* k = kp + t * a.k_token_stride;
+        // Eight partial sums: vectorizes without reassociating a single float sum.
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::int64_t x = 0;
+        for (; x + 8 <= d; x += 8) {
+          for (int u = 0; u < 8; ++u) part[u] += q[x + u] * k[x + u];
+        }
+        float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+        for (; x < d; ++x) s += q[x] * k[x];
+        s *= a.scale;
+        scores[j * pt + t] = s;
+        bm = std::max(bm, s);
+      }
+      const float new_m = std::max(m[j], bm);
+      const float alpha = std::exp(m[j] - new_m);  // exp(-inf) = 0 on the first page
+      float* acc_j = acc + j * d;
+      if (alpha != 1.0f) {
+        for (std::int64_t x = 0; x < d; ++x) acc_j[x] *= alpha;
+      }
+      float sum = l[j] * alpha;
+      for (std::int64_t t = 0; t < n; ++t) {
+        const float p = std::exp(scores[j * pt + t] - new_m);
+        sum += p;
+        const float* v = vp + t * a.v_token_stride;
+        for (std::int64_t x = 0; x < d; ++x) acc_j[x] += p * v[x];
+      }
+      l[j] = sum;
+      m[j] = new_m;
+    }
+  }
+  for (std::int64_t j = 0; j < n_rep; ++j) {
+    float* o = a.out + token * a.out_token_stride + (g * n_rep + j) * a.out_head_stride;
+    const float inv = 1.0f / l[j];
+    for (std::int64_t x = 0; x < d; ++x) o[x] = acc[j * d + x] * inv;
+  }
+}
+
+}  // namespace
+
+Status paged_decode_attention(const PagedDecodeArgs& args) {
+  Status st = check(args);
+  if (!st.ok() || args.rows == 0) return st;
+  PagedDecodeArgs a = args;
+  // Query heads per item are bounded by the stack arrays in attend_item: a larger group
+  // becomes several pseudo kv heads that read the same K/V (same result, more items).
+  std::int64_t split = 1;
+  while (a.heads / (a.kv_heads * split) > 16 || (a.heads / a.kv_heads) % split != 0) ++split;
+  const std::int64_t n_rep = a.heads / a.kv_heads;
+  const std::int64_t sub = n_rep / split;
+  const std::int64_t items = a.rows * a.kv_heads * split;
+  const int workers = static_cast<int>(std::min<std::int64_t>(a.threads, items));
+  const std::int64_t scratch_floats = sub * (a.page_tokens + a.head_dim);
+  std::vector<float> scratch(static_cast<std::size_t>(scratch_floats * workers));
+  std::atomic<std::int64_t> next{0};
+  auto work = [&](int w) {
+    float* buf = scratch.data() + w * scratch_floats;
+    PagedDecodeArgs item = a;
+    item.heads = sub;
+    item.kv_heads = 1;
+    for (std::int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+      const std::int64_t r = i / (a.kv_heads * split);
+      const std::int64_t rest = i % (a.kv_heads * split);
+      const std::int64_t g = rest / split, part = rest % split;
+      // Address the item as a one-kv-head problem: shift the query/output head base and the
+      // K/V head base, so attend_item sees heads [0, sub) over kv head 0.
+      item.query = a.query + (g * n_rep + part * sub) * a.q_head_stride;
+      item.out = a.out + (g * n_rep + part * sub) * a.out_head_stride;
+      item.key_cache = a.key_cache + g * a.k_head_stride;
+      item.value_cache = a.value_cache + g * a.v_head_stride;
+      attend_item(item, r, 0, buf);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w) {
+    try {
+      pool.emplace_back(work, w);
+    } catch (const std::system_error&) {
+      break;  // no more threads: the caller and those started do the rest
+    }
+  }
+  work(0);
+  for (auto& t : pool) t.join();
+  return Status::Ok();
+}
+
+}  // namespace ekv
