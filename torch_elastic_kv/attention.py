@@ -71,6 +71,7 @@ class PageGroup:
     q_slice: tuple[int, int] | None = None
     fresh: bool = False
     _mask: torch.Tensor | None = field(default=None, repr=False)
+    _decode_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def mask(self, page_tokens: int) -> torch.Tensor:
         """``[S, 1, Q, P * page_tokens]`` boolean: causal, within length, and the extra mask."""
@@ -115,13 +116,16 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if plan.num_tokens:   # packed: query [1, heads, T, head_dim]
         out = query.new_empty(plan.num_tokens, query.shape[1], query.shape[3])
         q_flat = query[0]
-        native = _native_decode_enabled(query)
-        for group in plan.groups:
-            if native and _is_decode(group):
-                paged_decode_attention(q_flat.transpose(0, 1), plan.key_cache, plan.value_cache,
-                                       group.page_table, group.kv_lengths, scaling, out=out,
-                                       row_tokens=group.q_index.view(-1))
-                continue
+        groups = plan.groups
+        if _native_decode_enabled(query):
+            # Every decode row of the step in one kernel call (one thread split, not one per group).
+            decode = [g for g in groups if _is_decode(g)]
+            if decode:
+                table, lens, rows = _decode_batch(decode)
+                paged_decode_attention(q_flat.transpose(0, 1), plan.key_cache, plan.value_cache, table, lens,
+                                       scaling, out=out, row_tokens=rows)
+                groups = [g for g in groups if not _is_decode(g)]
+        for group in groups:
             if group.q_slice is not None:   # one sequence's chunk: contiguous queries
                 a, b = group.q_slice
                 q = q_flat[:, a:b].unsqueeze(0)                  # [1, heads, n, head_dim]
@@ -155,6 +159,20 @@ def _is_decode(group: PageGroup) -> bool:
     """One query per row at its last position, no padding mask: what the native kernel does."""
     return (group.q_slice is None and group.q_index is not None and group.q_index.shape[1] == 1
             and group.q_valid is None and group.extra_mask is None)
+
+
+def _decode_batch(decode: list[PageGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode groups' page tables (padded to the widest), lengths and token rows, stacked.
+
+    Kept on the first group: a step's groups serve every layer, so this is built once a step.
+    """
+    if decode[0]._decode_batch is None:
+        width = max(g.page_table.shape[1] for g in decode)
+        table = torch.cat([F.pad(g.page_table, (0, width - g.page_table.shape[1])) for g in decode])
+        lens = torch.cat([g.kv_lengths for g in decode])
+        rows = torch.cat([g.q_index.reshape(-1) for g in decode])
+        decode[0]._decode_batch = (table, lens, rows)
+    return decode[0]._decode_batch
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
