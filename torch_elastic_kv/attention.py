@@ -122,8 +122,12 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             decode = [g for g in groups if _is_decode(g)]
             if decode:
                 table, lens, rows = _decode_batch(decode)
+                # One thread: right after the model's linear layers torch's OpenMP workers still
+                # spin on the other cores, and kernel threads competing with them made decode
+                # attention slower (D, 2 threads: 4.2 s with 2 kernel threads, 3.0 s with 1,
+                # 3.5 s gather + SDPA, attention time of two runs).
                 paged_decode_attention(q_flat.transpose(0, 1), plan.key_cache, plan.value_cache, table, lens,
-                                       scaling, out=out, row_tokens=rows)
+                                       scaling, out=out, row_tokens=rows, threads=1)
                 groups = [g for g in groups if not _is_decode(g)]
         for group in groups:
             if group.q_slice is not None:   # one sequence's chunk: contiguous queries
