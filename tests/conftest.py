@@ -12,6 +12,7 @@ import sys
 from typing import Iterator
 
 import pytest
+import torch
 
 # Let tests import helpers that live next to them (tests/models.py, ...).
 sys.path.insert(0, os.path.dirname(__file__))
@@ -51,3 +52,12 @@ def arena_device(request: pytest.FixtureRequest) -> Iterator[str]:
             yield "cuda"
         finally:
             _reset_budgets()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP spinning on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -47,6 +47,7 @@ from typing import Any, Iterator
 import torch
 
 from . import _C
+from .arena import _parse_device
 
 __all__ = ["library_path", "c_abi", "install", "installed", "mem_pool", "trim", "set_limit", "stats",
            "snapshot", "pause", "resume", "last_error", "close"]
@@ -89,17 +90,8 @@ def _device_index(device: Any) -> int:
         return device
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be None, an int, a str or a torch.device, got {type(device).__name__}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not a valid device: {e}") from None
-    if dev.type == "cpu":
-        return HOST
-    if dev.type != "cuda":
-        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
-    if dev.index is not None:
-        return dev.index
-    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    dev = _parse_device(device)
+    return HOST if dev.type == "cpu" else dev.index
 
 
 def _devices(device: Any) -> list[int]:

@@ -45,7 +45,9 @@ def _parse_device(device: str | torch.device) -> torch.device:
     if dev.type != "cuda":
         raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
     if dev.index is None:
-        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        # torch's current device; 0 until CUDA is initialised (asking would initialise it, which
+        # must not happen before allocator.install()).
+        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
         dev = torch.device("cuda", index)
     return dev
 
