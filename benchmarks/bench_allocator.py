@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from torch_elastic_kv import allocator as ekv_alloc
+from results_section import replace_section  # noqa: E402  (beside this script)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -204,13 +205,7 @@ def write_results(path: Path, body: str, command: str) -> None:
         "of the memfd).",
         END,
     ])
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from torch_elastic_kv import Arena
+from results_section import replace_section  # noqa: E402  (beside this script)
 
 MiB = 1 << 20
 BEGIN = "<!-- bench_arena:begin -->"
@@ -143,14 +144,7 @@ def write_results(path: Path, table: str, command: str) -> None:
         "not a GPU (an A100 is quoted at ~200 us per 2 MiB cuMemCreate, ~1.5 us per cuMemMap).",
         END,
     ])
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from models import left_padded_batch  # noqa: E402
 from torch_elastic_kv.attention import PAGED_ATTENTION  # noqa: E402
 from torch_elastic_kv.cache import ElasticPagedCache  # noqa: E402
 from torch_elastic_kv.pool import KVPagePool  # noqa: E402
+from results_section import replace_section  # noqa: E402  (beside this script)
 
 MARK_BEGIN, MARK_END = "<!-- bench_cache:begin -->", "<!-- bench_cache:end -->"
 
@@ -289,15 +290,7 @@ def run(args) -> str:
 
 def write_section(path: str, body: str) -> None:
     section = f"{MARK_BEGIN}\n## KV page pool and cache: generate() and packed decode\n\n{body}\n{MARK_END}\n"
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, MARK_BEGIN, MARK_END, section)
 
 
 def main() -> None:
