@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import random
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -88,3 +89,45 @@ def stable_counts(s: dict) -> dict:
     keep = ("mapped_bytes", "allocated_bytes", "requested_bytes", "cached_bytes", "paused_bytes", "mallocs",
             "frees", "maps", "unmaps", "live_blocks", "segments")
     return {k: s[k] for k in keep}
+
+
+def four_thread_stress(abi: "Abi", ops: int, max_held: int, tag_prefix: str,
+                       stream_of: Callable[[int], int] = lambda t: 0,
+                       tick: Callable[[int], None] | None = None) -> list[str]:
+    """Four threads malloc/free mixed sizes through the C ABI (thread t on stream_of(t), tags
+    alternating between two), marking each block's first and last byte and checking the marks
+    at free; every thread frees what it holds at the end. ``tick(i)`` runs before op i.
+    Returns the errors seen (empty when nothing was overwritten and no malloc failed)."""
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        rng, stream, held = random.Random(t), stream_of(t), []
+        with tagged(f"{tag_prefix}{t % 2}"):
+            for i in range(ops):
+                if tick is not None:
+                    tick(i)
+                if held and (len(held) > max_held or rng.random() < 0.45):
+                    p, n, mark = held.pop(rng.randrange(len(held)))
+                    v = view(p, n)
+                    if v[0] != mark or v[-1] != mark:
+                        errors.append(f"thread {t}: block {p:#x} was overwritten")
+                    abi.free(p, n, stream)
+                else:
+                    n = rng.choice([rng.randint(1, 4096), rng.randint(4096, 600_000), rng.randint(MiB, 5 * MiB)])
+                    p = abi.malloc(n, stream)
+                    if not p:
+                        errors.append(f"thread {t}: malloc({n}) failed: {ekv_alloc.last_error()}")
+                        continue
+                    mark = rng.randint(1, 255)
+                    v = view(p, n)
+                    v[0] = v[-1] = mark
+                    held.append((p, n, mark))
+            for p, n, _ in held:
+                abi.free(p, n, stream)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors

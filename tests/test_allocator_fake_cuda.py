@@ -8,13 +8,12 @@ driver is back to zero objects for the next test.
 from __future__ import annotations
 
 import gc
-import random
 import threading
 
 import pytest
 
-from allocator_helpers import (MiB, Abi, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
-                               tagged, view)
+from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
+                               tagged)
 from torch_elastic_kv import allocator as ekv_alloc
 
 DEV = 0
@@ -238,38 +237,10 @@ def test_four_threads_on_four_streams_end_consistent_with_nothing_leaked(dev):
     abi, fake = dev
     before = ekv_alloc.stats(DEV)
     fake.set_events_complete(False)
-    ops, errors = 1500, []
-
-    def worker(t: int) -> None:
-        rng, stream, held = random.Random(t), 0x10000 * (t + 1), []
-        with tagged(f"fstress-{t % 2}"):
-            for i in range(ops):
-                if i % 150 == 0:
-                    fake.complete_events()
-                if held and (len(held) > 30 or rng.random() < 0.45):
-                    p, n, mark = held.pop(rng.randrange(len(held)))
-                    v = view(p, n)
-                    if v[0] != mark or v[-1] != mark:
-                        errors.append(f"thread {t}: block {p:#x} was overwritten")
-                    abi.free(p, n, stream)
-                else:
-                    n = rng.choice([rng.randint(1, 4096), rng.randint(4096, 600_000), rng.randint(MiB, 5 * MiB)])
-                    p = abi.malloc(n, stream)
-                    if not p:
-                        errors.append(f"thread {t}: malloc({n}) failed: {ekv_alloc.last_error()}")
-                        continue
-                    mark = rng.randint(1, 255)
-                    v = view(p, n)
-                    v[0] = v[-1] = mark
-                    held.append((p, n, mark))
-            for p, n, _ in held:
-                abi.free(p, n, stream)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    ops = 1500
+    errors = four_thread_stress(abi, ops, max_held=30, tag_prefix="fstress-",
+                                stream_of=lambda t: 0x10000 * (t + 1),
+                                tick=lambda i: fake.complete_events() if i % 150 == 0 else None)
     assert not errors, errors[:5]
     s = ekv_alloc.stats(DEV)
     assert s["live_blocks"] == 0 and s["allocated_bytes"] == 0 and s["requested_bytes"] == 0

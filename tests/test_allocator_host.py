@@ -5,12 +5,10 @@ stats and the cpu budget's arena count of one test do not leak into the next.
 """
 from __future__ import annotations
 
-import random
-import threading
 
 import pytest
 
-from allocator_helpers import (MiB, Abi, assert_disjoint_and_aligned, check, fill, mixed_sizes, rss_shmem,
+from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, rss_shmem,
                                stable_counts, tagged, view)
 from torch_elastic_kv import allocator as ekv_alloc
 
@@ -245,37 +243,7 @@ def test_close_is_refused_while_in_use_then_releases_the_reservation(abi):
 def test_four_threads_stress_ends_consistent_with_nothing_leaked(abi):
     before = ekv_alloc.stats(HOST)
     ops_per_thread = 2500
-    errors: list[str] = []
-
-    def worker(t: int) -> None:
-        rng = random.Random(t)
-        held: list[tuple[int, int, int]] = []
-        with tagged(f"stress-{t % 2}"):
-            for _ in range(ops_per_thread):
-                if held and (len(held) > 40 or rng.random() < 0.45):
-                    p, n, mark = held.pop(rng.randrange(len(held)))
-                    v = view(p, n)
-                    if v[0] != mark or v[-1] != mark:
-                        errors.append(f"thread {t}: block {p:#x} was overwritten")
-                    abi.free(p, n)
-                else:
-                    n = rng.choice([rng.randint(1, 4096), rng.randint(4096, 600_000), rng.randint(MiB, 5 * MiB)])
-                    p = abi.malloc(n)
-                    if not p:
-                        errors.append(f"thread {t}: malloc({n}) failed: {ekv_alloc.last_error()}")
-                        continue
-                    mark = rng.randint(1, 255)
-                    v = view(p, n)
-                    v[0] = v[-1] = mark
-                    held.append((p, n, mark))
-            for p, n, _ in held:
-                abi.free(p, n)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = four_thread_stress(abi, ops_per_thread, max_held=40, tag_prefix="stress-")
     assert not errors, errors[:5]
     s = ekv_alloc.stats(HOST)
     assert s["live_blocks"] == before["live_blocks"] and s["allocated_bytes"] == before["allocated_bytes"]
