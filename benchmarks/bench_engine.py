@@ -10,6 +10,15 @@ One run, one model, one workload, four systems:
                       manager, the engine behind ``generate_batch``, with each request's own
                       ``max_new_tokens``).
 
+The Engine runs the model's linear layers on oneDNN-prepacked weights (``prepack_weights``,
+on by default for float32 on CPU), transformers as users run it. Two more systems split what
+that kernel choice buys from what the Engine itself does (both on by default, ``--systems``
+picks):
+
+* ``engine-elastic-unpacked``    the elastic Engine with ``prepack_weights=False``;
+* ``hf-generate_batch-packed``   generate_batch with the same ``PackedLinears`` installed on
+                                 the model for its run (the same kernels as the Engine).
+
 Workload: the first ``--requests`` rows of the Azure LLM inference trace 2023, "code" sample
 (Azure Public Dataset, CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM
 inference using phase splitting", ISCA 2024), scaled down for a CPU: prompt length =
@@ -49,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
+from torch_elastic_kv.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
                     ROOT / "torch_elastic_kv" / "data" / "azure_llm_2023_code.csv"]
@@ -106,10 +116,11 @@ def summarize(name: str, wall: float, cpu: float, ntok: int, ttft: list[float], 
 
 # ----------------------------------------------------------------------------- systems ------
 def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int,
-               idle_seconds: float) -> dict:
+               idle_seconds: float, prepack: bool = True) -> dict:
     policy = ElasticPolicy(min_bytes=max_bytes if static else 0, max_bytes=max_bytes,
                            idle_seconds=idle_seconds, clock=time.perf_counter)
-    eng = Engine(model, policy=policy, max_batch_tokens=max_batch_tokens, background=True)
+    eng = Engine(model, policy=policy, max_batch_tokens=max_batch_tokens, background=True,
+                 prepack_weights=None if prepack else False)
     c0, t0 = time.process_time(), time.perf_counter()
     rids = [eng.add_request(p, n) for p, n in zip(prompts, outs)]
     while eng.has_unfinished():
@@ -136,12 +147,14 @@ def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tok
     idle = st["resident_bytes"]
     steps = st["steps"]
     step_s = [e["step_seconds"] for e in tl if e["num_tokens"]]
+    packed = st["prepacked_layers"]
     eng.close()
-    return summarize("engine-static" if static else "engine-elastic", t1 - t0, c1 - c0, ntok, ttft, tpot,
+    name = "engine-static" if static else "engine-elastic"
+    return summarize(name if prepack else name + "-unpacked", t1 - t0, c1 - c0, ntok, ttft, tpot,
                      mean, peak, idle,
                      {"steps": steps, "grows": st["grows"], "shrinks": st["shrinks"],
                       "shrink_events": st["shrink_events"], "compactions": st["compactions"],
-                      "preemptions": st["preemptions"],
+                      "preemptions": st["preemptions"], "prepacked_layers": packed,
                       "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0})
 
 
@@ -272,7 +285,8 @@ def main() -> None:
                          "no prefixes, so it only costs hashing: off by default)")
     ap.add_argument("--skip-hf", action="store_true", help="engines only")
     ap.add_argument("--systems", type=str, default=None,
-                    help="comma-separated subset of engine-elastic,engine-static,hf-generate,hf-generate_batch")
+                    help="comma-separated subset of engine-elastic,engine-static,engine-elastic-unpacked,"
+                         "hf-generate,hf-generate_batch,hf-generate_batch-packed")
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
@@ -293,19 +307,29 @@ def main() -> None:
           f"tokens, {sum(outs)} output tokens; load average {os.getloadavg()[0]:.2f}", flush=True)
     max_bytes = args.max_kv_mib * MiB
 
-    systems = ["engine-elastic", "engine-static"] + ([] if args.skip_hf else ["hf-generate", "hf-generate_batch"])
+    systems = ["engine-elastic", "engine-static", "engine-elastic-unpacked"] + (
+        [] if args.skip_hf else ["hf-generate", "hf-generate_batch", "hf-generate_batch-packed"])
     if args.systems:
         systems = [s for s in systems if s in args.systems.split(",")]
 
     def run_one(name: str) -> dict:
         if name.startswith("engine"):
             return run_engine(model, prompts, outs, max_bytes, name == "engine-static",
-                              args.max_batch_tokens, args.idle_seconds)
+                              args.max_batch_tokens, args.idle_seconds,
+                              prepack=not name.endswith("-unpacked"))
         model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
         if name == "hf-generate":
             return run_hf_generate(model, prompts, outs, args.batch)
-        return run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens, max_bytes,
-                                     args.gb_page_size, bool(args.gb_block_sharing))
+        packed = PackedLinears(model) if name == "hf-generate_batch-packed" else None
+        try:
+            r = run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens, max_bytes,
+                                      args.gb_page_size, bool(args.gb_block_sharing))
+        finally:
+            if packed is not None:
+                packed.restore()
+        if packed is not None:
+            r["system"] = name
+        return r
 
     # repeats interleave the systems (rotating the order) so that noise from other work on
     # the machine hits all of them alike; the median run of each system is reported
@@ -350,6 +374,12 @@ def main() -> None:
             x = by["engine-elastic"][key] / by["hf-generate_batch"][key]
             line += f"; elastic / generate_batch {unit}: {x:.2f} (floor 2.0)"
         print(line)
+        if key == "tokens_per_s" and "engine-elastic-unpacked" in by and "hf-generate_batch" in by:
+            print(f"same kernels: elastic-unpacked / generate_batch "
+                  f"{by['engine-elastic-unpacked'][key] / by['hf-generate_batch'][key]:.2f}"
+                  + (f", elastic / generate_batch-packed "
+                     f"{by['engine-elastic'][key] / by['hf-generate_batch-packed'][key]:.2f}"
+                     if "hf-generate_batch-packed" in by else ""))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -148,6 +148,10 @@ class Engine:
         starvation_limit: preemptions after which a request is preempted only last.
         keep_finished: finished requests whose outputs and timings stay queryable
             (``output_ids``, ``request_info``); older ones are forgotten, oldest first.
+        prepack_weights: run the model's float32 CPU ``nn.Linear`` layers on oneDNN-prepacked
+            weights while the Engine lives (``prepack.PackedLinears``; ``close()`` restores
+            them). ``None``: on for a float32 model on CPU when torch can; ``True``: required
+            (ValueError if it cannot be done); ``False``: off.
     """
 
     def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
@@ -155,7 +159,8 @@ class Engine:
                  cache: Any = None, page_tokens: int = 16, paged_attention: bool = True,
                  background: bool = True, grow_in_background: Optional[bool] = None,
                  timeline: bool = True,
-                 starvation_limit: int = 3, keep_finished: int = 100_000) -> None:
+                 starvation_limit: int = 3, keep_finished: int = 100_000,
+                 prepack_weights: Optional[bool] = None) -> None:
 
         self.model = model
         self.config = model.config
@@ -167,6 +172,7 @@ class Engine:
         except StopIteration:
             self.device, dtype = torch.device("cpu"), torch.float32
         text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        use_prepack = self._want_prepack(model, dtype, prepack_weights)
         self.vocab_size: int = text_cfg.vocab_size
         self.max_positions: Optional[int] = getattr(text_cfg, "max_position_embeddings", None)
 
@@ -239,9 +245,32 @@ class Engine:
         if grow_in_background is None:
             grow_in_background = self.device.type == "cuda"
         self._async_grow = bool(background and grow_in_background)
+        self._packed: Any = None
+        if use_prepack:
+            from .prepack import PackedLinears
+            self._packed = PackedLinears(model)   # close() restores the layers
         if background:
             self._grower = threading.Thread(target=self._grower_loop, name="ekv-grower", daemon=True)
             self._grower.start()
+
+    def _want_prepack(self, model: Any, dtype: torch.dtype, want: Optional[bool]) -> bool:
+        """Whether to install ``PackedLinears``; ``prepack_weights=True`` that cannot be done
+        raises ValueError here, before the Engine changes anything."""
+        if want is not None and not isinstance(want, bool):
+            raise ValueError(f"Engine: prepack_weights must be None, True or False, got {want!r}")
+        if want is False:
+            return False
+        from .prepack import eligible_linears, prepack_available
+        why = None
+        if self.device.type != "cpu" or dtype != torch.float32:
+            why = f"the model is {dtype} on {self.device}; prepacking is for float32 on CPU"
+        elif not eligible_linears(model):
+            why = "the model has no float32 nn.Linear layer on CPU"
+        elif not prepack_available():
+            why = "this torch build has no usable oneDNN linear"
+        if why is not None and want:
+            raise ValueError(f"Engine: prepack_weights=True but {why}")
+        return why is None
 
     # ------------------------------------------------------------------ requests ----------
     def _validate(self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any,
@@ -678,7 +707,8 @@ class Engine:
         unlimited); grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
-        (tokens_forwarded) and output tokens (tokens_generated); swap_* from the swap space.
+        (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
+        layers on prepacked weights); swap_* from the swap space.
         """
         with self._pool_lock:
             ps = self.pool.stats()
@@ -713,6 +743,7 @@ class Engine:
             "steps": self._steps,
             "tokens_forwarded": self._tokens_in,
             "tokens_generated": self._tokens_out,
+            "prepacked_layers": 0 if self._packed is None else self._packed.count,
         }
         out.update(self.swap.stats())
         return out
@@ -766,6 +797,9 @@ class Engine:
         if self._restore_attn is not None:
             self.model.set_attn_implementation(self._restore_attn)
             self._restore_attn = None
+        if self._packed is not None:
+            self._packed.restore()
+            self._packed = None
         if self._owns_pool and not self._pool_closed:
             # the Engine made the pool, so its memory goes back with the Engine
             self._pool_closed = True
