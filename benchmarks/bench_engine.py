@@ -369,7 +369,11 @@ def main() -> None:
         if "engine-elastic" not in by or "engine-static" not in by:
             break
         ratio = by["engine-elastic"][key] / by["engine-static"][key]
-        line = f"elastic / static {unit}: {ratio:.3f} (floor 0.97)"
+        # each round runs the two back to back: the median of the per-round ratios cancels
+        # the machine's slow drifts, which the ratio of two medians does not
+        paired = statistics.median(
+            e / s_ for e, s_ in zip(by["engine-elastic"]["all_" + key], by["engine-static"]["all_" + key]))
+        line = f"elastic / static {unit}: {ratio:.3f} (floor 0.97; median of per-round ratios {paired:.3f})"
         if "hf-generate_batch" in by:
             x = by["engine-elastic"][key] / by["hf-generate_batch"][key]
             line += f"; elastic / generate_batch {unit}: {x:.2f} (floor 2.0)"

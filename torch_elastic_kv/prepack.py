@@ -6,8 +6,11 @@ the step has few rows (a 5-row decode step reads the whole weight to compute 5 r
 good share when it has hundreds. Packing each weight once into oneDNN's blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, the op PyTorch's own inductor uses when it
 freezes a CPU model) and calling ``torch.ops.mkldnn._linear_pointwise`` removes that work:
-on the 2-core benchmark machine a 512x1376 projection takes 79 us instead of 181 us at 5
-rows and 3.6 ms instead of 4.7 ms at 512 rows (see benchmarks/RESULTS.md, bench_engine).
+on the 2-core benchmark machine a 512x1376 projection takes 96 us instead of 204 us at 5
+rows and 3.9 ms instead of 6.0 ms at 512 rows, the 512x8192 lm_head 3.1 ms instead of 7.1 ms
+at 64 rows (``python benchmarks/bench_prepack.py``; table in benchmarks/RESULTS.md). One row
+through a layer of 1 MiB or less is the exception: there the call's fixed cost (~25 us) makes
+it slower than MKL's matrix-vector path (56 vs 28 us for 512x256).
 
 What changes: results agree with ``F.linear`` to float32 rounding (a few 1e-6 relative; MKL's
 own matrix-vector and matrix-matrix paths differ by as much), not bit for bit. The packed
@@ -20,6 +23,7 @@ the packed copies.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,9 +42,10 @@ def _ops_present() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def prepack_available() -> bool:
     """True when this torch build can prepack float32 CPU linear weights (oneDNN present and
-    its packed result agrees with ``F.linear`` on a probe)."""
+    its packed result agrees with ``F.linear`` on a probe; probed once per process)."""
     if not _ops_present():
         return False
     try:
