@@ -72,7 +72,9 @@ class _Packed:
 
 def _eligible(layer: torch.nn.Linear) -> bool:
     w = layer.weight
-    return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
+    # a subclass with a forward of its own (quantized, scaled, hooked) computes something the
+    # packed op does not: only the plain nn.Linear forward is replaced
+    return (type(layer).forward is torch.nn.Linear.forward and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
             and w.dim() == 2 and w.numel() > 0 and not w.is_meta
             and (layer.bias is None or layer.bias.dtype == torch.float32))
 
@@ -89,7 +91,8 @@ def _version(t: torch.Tensor) -> int:
 class PackedLinears:
     """Every eligible ``nn.Linear`` of ``model`` runs on a prepacked weight until ``restore()``.
 
-    Eligible: float32 weight on CPU (and float32 bias, if any). Other layers are left as they
+    Eligible: a layer whose forward is ``nn.Linear``'s own, with a float32 weight on CPU (and
+    float32 bias, if any). Other layers are left as they
     are; ``count`` says how many were packed. Layers another ``PackedLinears`` already packed
     are left to it (two Engines on one model: the second packs nothing, and once the first
     restores, the layers run their own forward again; results are the same either way).
