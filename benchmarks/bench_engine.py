@@ -155,6 +155,7 @@ def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tok
                      {"steps": steps, "grows": st["grows"], "shrinks": st["shrinks"],
                       "shrink_events": st["shrink_events"], "compactions": st["compactions"],
                       "preemptions": st["preemptions"], "prepacked_layers": packed,
+                      "policy_ms": 1000 * st["policy_seconds"],
                       "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0})
 
 
@@ -384,6 +385,10 @@ def main() -> None:
                   + (f", elastic / generate_batch-packed "
                      f"{by['engine-elastic'][key] / by['hf-generate_batch-packed'][key]:.2f}"
                      if "hf-generate_batch-packed" in by else ""))
+    for r in results:
+        if "policy_ms" in r:
+            print(f"{r['system']}: {r['steps']} steps, {r['policy_ms']:.1f} ms of them on memory work "
+                  f"(budget, grow, shrink: {100 * r['policy_ms'] / 1000 / r['wall_s']:.2f} % of the run)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

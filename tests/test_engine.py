@@ -165,6 +165,8 @@ def test_steady_load_shrinks_at_most_once(model):
     steady = [e for e in eng.timeline if 1000.0 + 4.0 <= e["t"] <= 1000.0 + 20.0]
     assert steady and min(e["live_bytes"] for e in steady) > 0
     assert st["shrink_events"] <= 1, st
+    # the memory work is timed inside the steps: some of their time, never more than all of it
+    assert 0 < st["policy_seconds"] < sum(e["step_seconds"] for e in eng.timeline)
     # and the one shrink is the return to the floor once the arrivals stopped
     assert st["resident_bytes"] == 0 and all(e["resident_bytes"] > 0 for e in steady)
     eng.close()

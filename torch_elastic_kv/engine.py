@@ -230,6 +230,7 @@ class Engine:
         self._grow_events = 0
         self._compact_events = 0
         self._bytes_given_back = 0
+        self._policy_seconds = 0.0   # wall time of the steps' memory work (what elasticity costs)
         self._stalled = False
 
         # the static pool is mapped at start
@@ -400,7 +401,9 @@ class Engine:
         with self._step_lock:
             t0 = time.perf_counter()
             self._drain_inbox()
+            tp = time.perf_counter()
             preempted = self._enforce_budget()
+            self._policy_seconds += time.perf_counter() - tp
             with self._pool_lock:
                 batch = self.scheduler.schedule()
             produced: list[tuple[int, int]] = []
@@ -416,7 +419,9 @@ class Engine:
                 self._tokens_in += batch.num_tokens
                 self._tokens_out += len(produced)
             self._stalled = not batch and bool(self.scheduler.waiting) and not self.scheduler.running
+            tp = time.perf_counter()
             self._tick()
+            self._policy_seconds += time.perf_counter() - tp
             if self.timeline is not None:
                 self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
             return produced
@@ -708,7 +713,9 @@ class Engine:
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
-        layers on prepacked weights); swap_* from the swap space.
+        layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
+        steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
+        in the step); swap_* from the swap space.
         """
         with self._pool_lock:
             ps = self.pool.stats()
@@ -737,6 +744,7 @@ class Engine:
             "shrink_events": self._shrink_events,
             "compact_events": self._compact_events,
             "bytes_given_back": self._bytes_given_back,
+            "policy_seconds": self._policy_seconds,
             "preemptions": sch.preemptions,
             "swap_preemptions": sch.swap_preemptions,
             "recompute_preemptions": sch.recompute_preemptions,
