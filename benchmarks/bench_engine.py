@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="engines only")
     ap.add_argument("--systems", type=str, default=None,
                     help="comma-separated subset of engine-elastic,engine-static,engine-elastic-unpacked,"
-                         "hf-generate,hf-generate_batch,hf-generate_batch-packed")
+                         "hf-generate,hf-generate_batch,hf-generate_batch-packed, or "
+                         "engine-static-again (the static Engine twice: an A/A noise check)")
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
@@ -311,13 +312,17 @@ def main() -> None:
     systems = ["engine-elastic", "engine-static", "engine-elastic-unpacked"] + (
         [] if args.skip_hf else ["hf-generate", "hf-generate_batch", "hf-generate_batch-packed"])
     if args.systems:
-        systems = [s for s in systems if s in args.systems.split(",")]
+        # engine-static-again: the static Engine a second time, an A/A run that shows how far
+        # two runs of one system differ on this machine
+        systems = [s for s in systems + ["engine-static-again"] if s in args.systems.split(",")]
 
     def run_one(name: str) -> dict:
         if name.startswith("engine"):
-            return run_engine(model, prompts, outs, max_bytes, name == "engine-static",
-                              args.max_batch_tokens, args.idle_seconds,
-                              prepack=not name.endswith("-unpacked"))
+            r = run_engine(model, prompts, outs, max_bytes, name.startswith("engine-static"),
+                           args.max_batch_tokens, args.idle_seconds,
+                           prepack=not name.endswith("-unpacked"))
+            r["system"] = name
+            return r
         model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
         if name == "hf-generate":
             return run_hf_generate(model, prompts, outs, args.batch)
@@ -379,6 +384,10 @@ def main() -> None:
             x = by["engine-elastic"][key] / by["hf-generate_batch"][key]
             line += f"; elastic / generate_batch {unit}: {x:.2f} (floor 2.0)"
         print(line)
+        if "engine-static-again" in by:
+            aa = [a / b for a, b in zip(by["engine-static-again"]["all_" + key], by["engine-static"]["all_" + key])]
+            print(f"A/A static-again / static {unit}: per-round ratios {min(aa):.3f}-{max(aa):.3f}, "
+                  f"median {statistics.median(aa):.3f}")
         if key == "tokens_per_s" and "engine-elastic-unpacked" in by and "hf-generate_batch" in by:
             print(f"same kernels: elastic-unpacked / generate_batch "
                   f"{by['engine-elastic-unpacked'][key] / by['hf-generate_batch'][key]:.2f}"

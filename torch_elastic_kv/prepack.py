@@ -1,19 +1,21 @@
 """Prepacked linear weights: a model's ``nn.Linear`` layers through oneDNN on CPU (float32).
 
-Why: a stock ``nn.Linear`` on CPU calls MKL's sgemm, which re-packs the weight into its
-blocked layout on every call. For a continuous-batching step that is most of the cost when
-the step has few rows (a 5-row decode step reads the whole weight to compute 5 rows), and a
-good share when it has hundreds. Packing each weight once into oneDNN's blocked layout
+Why: a stock ``nn.Linear`` on CPU calls MKL's sgemm. On the AMD EPYC machine this project
+benchmarks on, oneDNN's matmul on a weight packed once into its blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, the op PyTorch's own inductor uses when it
-freezes a CPU model) and calling ``torch.ops.mkldnn._linear_pointwise`` removes that work:
-on the 2-core benchmark machine a 512x1376 projection takes 96 us instead of 204 us at 5
-rows and 3.9 ms instead of 6.0 ms at 512 rows, the 512x8192 lm_head 3.1 ms instead of 7.1 ms
-at 64 rows (``python benchmarks/bench_prepack.py``; table in benchmarks/RESULTS.md). One row
-through a layer of 1 MiB or less is the exception: there the call's fixed cost (~25 us) makes
-it slower than MKL's matrix-vector path (56 vs 28 us for 512x256).
+freezes a CPU model, then ``torch.ops.mkldnn._linear_pointwise``) runs most shapes of a
+continuous-batching step faster (1.1-4.4x from 5 rows up, most of all the few-row steps of
+a decode tail; the small 512x256 K/V projections at 5-10 rows are 0.8-0.95x):
+a 512x1376 projection takes 96 us instead of 204 us at 5 rows and 3.9 ms instead of 6.0 ms
+at 512 rows, the 512x8192 lm_head 3.1 ms instead of 7.1 ms at 64 rows
+(``python benchmarks/bench_prepack.py``; table in benchmarks/RESULTS.md). One row through a
+layer of 1 MiB or less is the exception: there the call's fixed cost (~25 us) makes it slower
+than MKL's matrix-vector path (56 vs 28 us for 512x256). Other CPUs may differ: measure with
+that script, and turn it off with ``Engine(prepack_weights=False)``.
 
-What changes: results agree with ``F.linear`` to float32 rounding (a few 1e-6 relative; MKL's
-own matrix-vector and matrix-matrix paths differ by as much), not bit for bit. The packed
+What changes: results agree with ``F.linear`` to float32 rounding (max abs difference 1e-6
+to 3e-6 on the benchmark shapes; MKL's own matrix-vector and matrix-matrix paths differ from
+each other by as much), not bit for bit. The packed
 copy costs one more copy of every packed weight's bytes while installed.
 
 Safety: a layer falls back to its own forward whenever the packed copy may not apply — the
