@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
-from torch_elastic_kv.prepack import PackedLinears, eligible_linears, prepack_available
+from torch_elastic_kv.prepack import PackedLinears, eligible_linears, is_packed, prepack_available
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not prepack_available(), reason="no oneDNN linear in this torch build")]
@@ -116,7 +116,7 @@ def test_subclasses_with_their_own_forward_are_left_alone():
     with torch.no_grad():
         ref = net(x)
         with PackedLinears(net) as packed:
-            assert packed.count == 1 and "forward" not in net[0].__dict__
+            assert packed.count == 1 and not is_packed(net[0]) and is_packed(net[1])
             torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -133,13 +133,35 @@ def test_restore_puts_the_model_back_and_a_second_install_leaves_packed_layers_a
     assert not linear_calls                   # still packed by the first
     first.restore()
     for m in (net[0], net[2]):
-        assert "forward" not in m.__dict__ and not hasattr(m, "_ekv_packed_linear")
+        assert type(m) is torch.nn.Linear and not hasattr(m, "_ekv_packed_linear")
     x = torch.randn(2, 64)
     with torch.no_grad():
         out = net(x)
         assert len(linear_calls) == 2         # both layers on their own forward again
         hidden = torch.relu(F.linear(x, net[0].weight, net[0].bias))
         assert torch.equal(out, F.linear(hidden, net[2].weight, net[2].bias))
+
+
+def test_a_deepcopy_or_pickle_of_a_packed_model_computes_with_its_own_weights():
+    import copy
+    import io
+
+    net = _net()
+    x = torch.randn(3, 64)
+    with PackedLinears(net), torch.no_grad():
+        ref = net(x)
+        twin = copy.deepcopy(net)
+        buf = io.BytesIO()
+        torch.save(net, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (twin, loaded):
+            assert is_packed(m[0])
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+            m[0].weight.zero_()
+            m[0].bias.zero_()
+            assert torch.equal(m(x), m[2].bias.expand(3, -1))    # its own (zeroed) weights
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)   # the original untouched
 
 
 def test_bad_arguments():
@@ -160,14 +182,14 @@ def test_engine_packs_a_float32_cpu_model_and_close_restores_it(model):
                 for p in prompts]
     eng = Engine(model, policy=ElasticPolicy(max_bytes=8 * MiB), background=False)
     assert eng.stats()["prepacked_layers"] == len(linears) == 2 * 7 + 1
-    assert all("forward" in m.__dict__ for m in linears)
+    assert all(is_packed(m) for m in linears)
     assert eng.generate(prompts, 10) == refs
     eng.close()
-    assert all("forward" not in m.__dict__ for m in linears)
+    assert not any(is_packed(m) for m in linears)
 
     off = Engine(model, policy=ElasticPolicy(max_bytes=8 * MiB), background=False, prepack_weights=False)
     assert off.stats()["prepacked_layers"] == 0
-    assert all("forward" not in m.__dict__ for m in linears)
+    assert not any(is_packed(m) for m in linears)
     assert off.generate(prompts, 10) == refs
     off.close()
 
@@ -178,10 +200,10 @@ def test_engine_rejects_a_prepack_it_cannot_do_and_changes_nothing(model):
     with pytest.raises(ValueError, match=r"prepack_weights=True but the model is torch.bfloat16 on cpu"):
         Engine(bf16, policy=ElasticPolicy(max_bytes=8 * MiB), background=False, prepack_weights=True)
     assert bf16.config._attn_implementation == attn
-    assert all("forward" not in m.__dict__ for m in bf16.modules())
+    assert not any(is_packed(m) for m in bf16.modules())
     eng = Engine(bf16, policy=ElasticPolicy(max_bytes=8 * MiB), background=False)   # auto: off
     assert eng.stats()["prepacked_layers"] == 0
     eng.close()
     with pytest.raises(ValueError, match="prepack_weights must be None, True or False"):
         Engine(model, policy=ElasticPolicy(max_bytes=8 * MiB), background=False, prepack_weights="yes")
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not any(is_packed(m) for m in model.modules())

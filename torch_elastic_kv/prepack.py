@@ -18,13 +18,15 @@ to 3e-6 on the benchmark shapes; MKL's own matrix-vector and matrix-matrix paths
 each other by as much), not bit for bit. The packed
 copy costs one more copy of every packed weight's bytes while installed.
 
-Safety: a layer falls back to its own forward whenever the packed copy may not apply — the
-weight was replaced or changed in place since packing (it is packed again), the input is not a
-float32 CPU tensor, or autograd needs gradients. ``restore()`` puts every layer back and drops
-the packed copies.
+Safety: a layer falls back to ``nn.Linear.forward`` whenever the packed copy may not apply —
+the input is not a float32 CPU tensor, or autograd needs gradients — and a weight replaced or
+changed in place since packing is packed again before use. A deepcopy or pickle of a packed
+model carries no packed copy (oneDNN tensors have no storage to copy): the copy packs its own
+weights on first use. ``restore()`` puts every layer back and drops the packed copies.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,7 +34,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedLinears", "eligible_linears", "prepack_available"]
+__all__ = ["PackedLinears", "eligible_linears", "is_packed", "prepack_available"]
+
+_ATTR = "_ekv_packed_linear"   # the packed state, on each packed layer
 
 
 def _ops_present() -> bool:
@@ -69,40 +73,84 @@ class _Packed:
 
     weight: torch.Tensor      # the parameter the copy was packed from (identity checked)
     version: int              # its in-place version counter at packing time
-    packed: torch.Tensor      # oneDNN blocked layout
+    packed: Optional[torch.Tensor]   # oneDNN blocked layout; None: pack again before use
+
+    # oneDNN tensors have no storage to copy or pickle: copies carry "pack again" instead
+    def __deepcopy__(self, memo: dict) -> "_Packed":
+        return _Packed(weight=copy.deepcopy(self.weight, memo), version=-1, packed=None)
+
+    def __getstate__(self) -> dict:
+        return {"weight": self.weight, "version": -1, "packed": None}
 
 
-def _eligible(layer: torch.nn.Linear) -> bool:
+def _eligible(layer: torch.nn.Module) -> bool:
+    # a subclass (quantized, scaled, ...) may compute something the packed op does not: only
+    # plain nn.Linear layers whose forward nobody replaced are packed
+    if type(layer) is not torch.nn.Linear or "forward" in layer.__dict__:
+        return False
     w = layer.weight
-    # a subclass with a forward of its own (quantized, scaled, hooked) computes something the
-    # packed op does not: only the plain nn.Linear forward is replaced
-    return (type(layer).forward is torch.nn.Linear.forward and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
+    return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
             and w.dim() == 2 and w.numel() > 0 and not w.is_meta
             and (layer.bias is None or layer.bias.dtype == torch.float32))
 
 
 def eligible_linears(model: torch.nn.Module) -> int:
     """How many of ``model``'s ``nn.Linear`` layers ``PackedLinears`` would pack."""
-    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and _eligible(m))
+    return sum(1 for m in model.modules() if _eligible(m))
 
 
 def _version(t: torch.Tensor) -> int:
     return t._version
 
 
+def _pack(weight: torch.Tensor) -> "_Packed":
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    return _Packed(weight=weight, version=_version(weight), packed=packed)
+
+
+def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A packed layer's forward: the oneDNN op when it applies, else ``nn.Linear``'s own."""
+    state: Optional[_Packed] = getattr(layer, _ATTR, None)
+    w = layer.weight
+    if (state is None or x.dtype != torch.float32 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return torch.nn.Linear.forward(layer, x)
+    if state.packed is None or state.weight is not w or state.version != _version(w):
+        if not (w.dtype == torch.float32 and w.device.type == "cpu"
+                and (layer.bias is None or layer.bias.dtype == torch.float32)):
+            return torch.nn.Linear.forward(layer, x)
+        state = _pack(w)      # new, changed or copied weights: pack them again
+        setattr(layer, _ATTR, state)
+    return torch.ops.mkldnn._linear_pointwise(x, state.packed, layer.bias, "none", [], "")
+
+
+class _PackedLinear(torch.nn.Linear):
+    """What a plain ``nn.Linear`` becomes while packed (``PackedLinears`` swaps the class, and
+    back on ``restore``). A class rather than a patched instance forward so that a deepcopy or
+    a pickle of the model stays a working model: the copy repacks its own weights on first use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _packed_forward(self, x)
+
+
+def is_packed(layer: torch.nn.Module) -> bool:
+    """True while ``layer`` runs on a packed weight (installed by ``PackedLinears``)."""
+    return type(layer) is _PackedLinear
+
+
 class PackedLinears:
     """Every eligible ``nn.Linear`` of ``model`` runs on a prepacked weight until ``restore()``.
 
-    Eligible: a layer whose forward is ``nn.Linear``'s own, with a float32 weight on CPU (and
-    float32 bias, if any). Other layers are left as they
-    are; ``count`` says how many were packed. Layers another ``PackedLinears`` already packed
-    are left to it (two Engines on one model: the second packs nothing, and once the first
-    restores, the layers run their own forward again; results are the same either way).
+    Eligible: a plain ``nn.Linear`` (not a subclass, forward not replaced) with a float32
+    weight on CPU (and float32 bias, if any); it becomes a ``_PackedLinear`` (still an
+    ``nn.Linear``) until ``restore()``. Other layers are left as they are; ``count`` says how
+    many were packed. Layers another ``PackedLinears`` already packed are left to it (two
+    Engines on one model: the second packs nothing, and once the first restores, the layers
+    run their own forward again; results are the same either way).
 
     Raises ``RuntimeError`` when this torch build cannot prepack (``prepack_available()``).
     """
-
-    _ATTR = "_ekv_packed_linear"
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -113,8 +161,7 @@ class PackedLinears:
         self._layers: list[torch.nn.Linear] = []
         try:
             for m in model.modules():
-                if (isinstance(m, torch.nn.Linear) and _eligible(m)
-                        and getattr(m, self._ATTR, None) is None and "forward" not in m.__dict__):
+                if _eligible(m):      # layers packed already are _PackedLinear: not eligible
                     self._install(m)
         except BaseException:
             self.restore()
@@ -130,45 +177,22 @@ class PackedLinears:
         """Bytes of the weights held in packed copies (about what the copies take)."""
         total = 0
         for m in self._layers:
-            state: Optional[_Packed] = getattr(m, self._ATTR, None)
+            state: Optional[_Packed] = getattr(m, _ATTR, None)
             if state is not None:
                 total += state.weight.numel() * state.weight.element_size()
         return total
 
-    @staticmethod
-    def _pack(weight: torch.Tensor) -> _Packed:
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        return _Packed(weight=weight, version=_version(weight), packed=packed)
-
     def _install(self, layer: torch.nn.Linear) -> None:
-        setattr(layer, self._ATTR, self._pack(layer.weight))
-        attr = self._ATTR
-        pack = self._pack
-        own_forward = type(layer).forward
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            state: Optional[_Packed] = getattr(layer, attr, None)
-            w = layer.weight
-            if (state is None or x.dtype != torch.float32 or x.device.type != "cpu"
-                    or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-                return own_forward(layer, x)
-            if state.weight is not w or state.version != _version(w):
-                if not _eligible(layer):
-                    return own_forward(layer, x)
-                state = pack(w)      # new or changed weights: pack them again
-                setattr(layer, attr, state)
-            return torch.ops.mkldnn._linear_pointwise(x, state.packed, layer.bias, "none", [], "")
-
-        layer.forward = forward      # instance attribute: shadows the class's forward
+        setattr(layer, _ATTR, _pack(layer.weight))
+        layer.__class__ = _PackedLinear
         self._layers.append(layer)
 
     def restore(self) -> None:
         """Put every packed layer back on its own forward and drop the packed copies."""
         for m in self._layers:
-            m.__dict__.pop("forward", None)
-            if hasattr(m, self._ATTR):
-                delattr(m, self._ATTR)
+            if type(m) is _PackedLinear:
+                m.__class__ = torch.nn.Linear
+            m.__dict__.pop(_ATTR, None)
         self._layers = []
 
     def __enter__(self) -> "PackedLinears":
