@@ -80,6 +80,8 @@ def test_weights_changed_after_packing_are_followed_not_stale():
         assert not torch.allclose(layer(x), before)
         layer.weight = torch.nn.Parameter(torch.randn(24, 16))   # a new tensor altogether
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight.data = torch.randn(24, 16)   # new data, same Parameter, same version counter
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_autograd_and_other_dtypes_use_the_layers_own_forward(linear_calls):

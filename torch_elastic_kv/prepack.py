@@ -19,8 +19,9 @@ each other by as much), not bit for bit. The packed
 copy costs one more copy of every packed weight's bytes while installed.
 
 Safety: a layer falls back to ``nn.Linear.forward`` whenever the packed copy may not apply —
-the input is not a float32 CPU tensor, or autograd needs gradients — and a weight replaced or
-changed in place since packing is packed again before use. A deepcopy or pickle of a packed
+the input is not a float32 CPU tensor, or autograd needs gradients — and a weight replaced,
+changed in place or given new data (``weight.data = ...``) since packing is packed again
+before use. A deepcopy or pickle of a packed
 model carries no packed copy (oneDNN tensors have no storage to copy): the copy packs its own
 weights on first use. ``restore()`` puts every layer back and drops the packed copies.
 """
@@ -73,14 +74,20 @@ class _Packed:
 
     weight: torch.Tensor      # the parameter the copy was packed from (identity checked)
     version: int              # its in-place version counter at packing time
+    data_ptr: int             # where its data was: ``weight.data = ...`` moves it, version kept
     packed: Optional[torch.Tensor]   # oneDNN blocked layout; None: pack again before use
+
+    def is_current(self, weight: torch.Tensor) -> bool:
+        """Whether the packed copy still holds ``weight``'s values."""
+        return (self.packed is not None and self.weight is weight
+                and self.version == _version(weight) and self.data_ptr == weight.data_ptr())
 
     # oneDNN tensors have no storage to copy or pickle: copies carry "pack again" instead
     def __deepcopy__(self, memo: dict) -> "_Packed":
-        return _Packed(weight=copy.deepcopy(self.weight, memo), version=-1, packed=None)
+        return _Packed(weight=copy.deepcopy(self.weight, memo), version=-1, data_ptr=0, packed=None)
 
     def __getstate__(self) -> dict:
-        return {"weight": self.weight, "version": -1, "packed": None}
+        return {"weight": self.weight, "version": -1, "data_ptr": 0, "packed": None}
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
@@ -106,7 +113,7 @@ def _version(t: torch.Tensor) -> int:
 def _pack(weight: torch.Tensor) -> "_Packed":
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    return _Packed(weight=weight, version=_version(weight), packed=packed)
+    return _Packed(weight=weight, version=_version(weight), data_ptr=weight.data_ptr(), packed=packed)
 
 
 def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +123,7 @@ def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (state is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.nn.Linear.forward(layer, x)
-    if state.packed is None or state.weight is not w or state.version != _version(w):
+    if not state.is_current(w):
         if not (w.dtype == torch.float32 and w.device.type == "cpu"
                 and (layer.bias is None or layer.bias.dtype == torch.float32)):
             return torch.nn.Linear.forward(layer, x)
