@@ -149,8 +149,7 @@ def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tok
     step_s = [e["step_seconds"] for e in tl if e["num_tokens"]]
     packed = st["prepacked_layers"]
     eng.close()
-    name = "engine-static" if static else "engine-elastic"
-    return summarize(name if prepack else name + "-unpacked", t1 - t0, c1 - c0, ntok, ttft, tpot,
+    return summarize("engine-static" if static else "engine-elastic", t1 - t0, c1 - c0, ntok, ttft, tpot,
                      mean, peak, idle,
                      {"steps": steps, "grows": st["grows"], "shrinks": st["shrinks"],
                       "shrink_events": st["shrink_events"], "compactions": st["compactions"],
@@ -333,8 +332,7 @@ def main() -> None:
         finally:
             if packed is not None:
                 packed.restore()
-        if packed is not None:
-            r["system"] = name
+        r["system"] = name
         return r
 
     # repeats interleave the systems (rotating the order) so that noise from other work on

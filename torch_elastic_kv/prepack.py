@@ -90,15 +90,18 @@ class _Packed:
         return {"weight": self.weight, "version": -1, "data_ptr": 0, "packed": None}
 
 
-def _eligible(layer: torch.nn.Module) -> bool:
-    # a subclass (quantized, scaled, ...) may compute something the packed op does not: only
-    # plain nn.Linear layers whose forward nobody replaced are packed
-    if type(layer) is not torch.nn.Linear or "forward" in layer.__dict__:
-        return False
+def _packable(layer: torch.nn.Linear) -> bool:
+    """Whether the layer's weight and bias are what the packed op takes: float32 on CPU."""
     w = layer.weight
     return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
             and w.dim() == 2 and w.numel() > 0 and not w.is_meta
             and (layer.bias is None or layer.bias.dtype == torch.float32))
+
+
+def _eligible(layer: torch.nn.Module) -> bool:
+    # a subclass (quantized, scaled, ...) may compute something the packed op does not: only
+    # plain nn.Linear layers whose forward nobody replaced are packed
+    return type(layer) is torch.nn.Linear and "forward" not in layer.__dict__ and _packable(layer)
 
 
 def eligible_linears(model: torch.nn.Module) -> int:
@@ -124,8 +127,7 @@ def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.nn.Linear.forward(layer, x)
     if not state.is_current(w):
-        if not (w.dtype == torch.float32 and w.device.type == "cpu"
-                and (layer.bias is None or layer.bias.dtype == torch.float32)):
+        if not _packable(layer):
             return torch.nn.Linear.forward(layer, x)
         state = _pack(w)      # new, changed or copied weights: pack them again
         setattr(layer, _ATTR, state)
