@@ -16,6 +16,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# The package lives under src/ so that running from the repository root can never import a
+# source folder without the compiled core in place of the installed package.
+PACKAGE_DIR = ROOT / "src" / "torch_elastic_kv"
 
 
 class CMakeExtension(Extension):
@@ -70,9 +73,9 @@ class CMakeBuild(build_ext):
         pairs = []
         for ext in self.extensions:
             name = Path(self.get_ext_filename(ext.name)).name
-            pairs.append((built_pkg / name, ROOT / "torch_elastic_kv" / name))
+            pairs.append((built_pkg / name, PACKAGE_DIR / name))
         for lib in (built_pkg / "_testing").glob("*.so"):
-            pairs.append((lib, ROOT / "torch_elastic_kv" / "_testing" / lib.name))
+            pairs.append((lib, PACKAGE_DIR / "_testing" / lib.name))
         for src, dst in pairs:
             dst.parent.mkdir(exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")

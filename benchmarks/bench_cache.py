@@ -26,6 +26,7 @@ from models import left_padded_batch  # noqa: E402
 
 from torch_elastic_kv.attention import PAGED_ATTENTION  # noqa: E402
 from torch_elastic_kv.cache import ElasticPagedCache  # noqa: E402
+from torch_elastic_kv.hf_compat import cache_kwargs  # noqa: E402
 from torch_elastic_kv.pool import KVPagePool  # noqa: E402
 from results_section import replace_section  # noqa: E402  (beside this script)
 
@@ -59,7 +60,7 @@ def time_generate(model, make_cache, batch, new_tokens):
     cache = make_cache()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, cache=cache, max_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(**batch, **cache_kwargs(model, cache), max_new_tokens=new_tokens, do_sample=False)
     dt = time.perf_counter() - t0
     assert out.shape[1] == batch["input_ids"].shape[1] + new_tokens
     if isinstance(cache, ElasticPagedCache):
@@ -88,7 +89,7 @@ def packed_decode_rate(model, layout, paged, seqs, context, steps):
             with warnings.catch_warnings():   # the stock-attention row warns by design
                 warnings.simplefilter("ignore")
                 extra = cache.set_packed_batch([(i, 0, context)])
-            model(input_ids=torch.randint(3, 512, (1, context), generator=g), cache=cache, **extra)
+            model(input_ids=torch.randint(3, 512, (1, context), generator=g), **cache_kwargs(model, cache), **extra)
         t0 = time.perf_counter()
         for _ in range(steps):
             entries = []
@@ -99,7 +100,7 @@ def packed_decode_rate(model, layout, paged, seqs, context, steps):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 extra = cache.set_packed_batch(entries)
-            model(input_ids=torch.randint(3, 512, (1, seqs), generator=g), cache=cache, **extra)
+            model(input_ids=torch.randint(3, 512, (1, seqs), generator=g), **cache_kwargs(model, cache), **extra)
         dt = time.perf_counter() - t0
     stats = pool.stats()
     cache.close()
@@ -129,7 +130,7 @@ def decode_step_ms(model, batch, steps: int) -> dict[str, tuple[float, float]]:
         for name, (attn, cache) in paths.items():
             model.set_attn_implementation(attn)
             model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                  cache=cache, use_cache=True)
+                  **cache_kwargs(model, cache), use_cache=True)
         for _ in range(steps):
             token = torch.randint(3, 512, (rows, 1), generator=g)
             mask = torch.cat([mask, torch.ones_like(token)], 1)
@@ -137,7 +138,7 @@ def decode_step_ms(model, batch, steps: int) -> dict[str, tuple[float, float]]:
             for name, (attn, cache) in paths.items():
                 model.set_attn_implementation(attn)
                 t0 = time.perf_counter()
-                model(input_ids=token, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+                model(input_ids=token, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     model.set_attn_implementation("sdpa")
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}

@@ -965,7 +965,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # (the arenas' "cuda" memory is the fake driver's host memory)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if not os.environ.get("EKV_LIBCUDA"):
-            sys.path.insert(0, str(ROOT))
+            sys.path.insert(0, str(ROOT / "src"))
             from torch_elastic_kv.testing import fake_cuda_path  # no _C import: safe before a build
 
             os.environ["EKV_LIBCUDA"] = fake_cuda_path()
@@ -976,8 +976,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not cuda_real():
             print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one",
                   file=sys.stderr)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
     s = make_settings(args.dry_run, args.quick, args.device)
     if s.dry_run:
         # CPU figures are for the script's sake only; one intra-op thread keeps them from

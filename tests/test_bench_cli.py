@@ -152,6 +152,43 @@ def test_module_entry_point_exit_status_and_single_line(tmp_path):
     assert proc.returncode == 2 and "unknown command 'serve'" in proc.stderr
 
 
+def _unbuilt_copy(tmp_path: Path) -> Path:
+    """The package's Python files without the compiled core, as in a checkout nobody built."""
+    import shutil
+
+    import torch_elastic_kv
+
+    source = Path(torch_elastic_kv.__file__).parent
+    shutil.copytree(source, tmp_path / "torch_elastic_kv",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.pyc"))
+    return tmp_path / "torch_elastic_kv"
+
+
+def test_missing_native_core_is_one_line_naming_the_fix(tmp_path):
+    """Run from a folder holding an unbuilt package (the shadowing a flat layout allowed): one line
+    saying what is wrong and how to fix it, exit 1, no traceback, nothing written."""
+    package = _unbuilt_copy(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "bench", "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ekv-bench: error: torch_elastic_kv's compiled core (_C) cannot be loaded from "
+                               f"{package} "), lines[0]
+    assert "pip install ." in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+    # As a library: the first use of the core raises the same message as an ImportError subclass.
+    code = ("import torch_elastic_kv as e\n"
+            "try:\n    e.Arena\nexcept ImportError as exc:\n    print(type(exc).__name__, '|', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    name, _, message = proc.stdout.strip().partition(" | ")
+    assert name == "NativeCoreMissing" and "compiled core (_C)" in message and str(package) in message
+
+
 # ---------------------------------------------------------------------------------- traces
 
 
@@ -242,11 +279,11 @@ def test_non_editable_install_ships_the_bench_and_its_data():
     wheel compiles the C++ core, too slow for the suite)."""
     import fnmatch
     import importlib
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself needs only 3.10
 
     project = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())
     tool = project["tool"]["setuptools"]
-    package_root = Path(ROOT) / "torch_elastic_kv"
+    package_root = Path(ROOT) / "src" / "torch_elastic_kv"
     packages = {"torch_elastic_kv" + "".join("." + part for part in p.parent.relative_to(package_root).parts)
                 for p in package_root.rglob("__init__.py")}
     assert "torch_elastic_kv.bench" in packages

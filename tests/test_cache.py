@@ -8,6 +8,7 @@ from transformers import DynamicCache, LlamaConfig
 from models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
 from torch_elastic_kv.attention import enable_paged_attention
 from torch_elastic_kv.cache import ElasticPagedCache
+from torch_elastic_kv.hf_compat import cache_kwargs
 from torch_elastic_kv.pool import KVPagePool
 from torch_elastic_kv.testing import rss_shmem
 
@@ -22,7 +23,7 @@ def _model(name, attention, **overrides):
 
 def _generate(model, cache, batch, **kw):
     kw = {"max_new_tokens": NEW, "do_sample": False, **kw}
-    return model.generate(**batch, cache=cache, **kw)
+    return model.generate(**batch, **cache_kwargs(model, cache), **kw)
 
 
 @pytest.mark.parametrize("attention", ["gather", "paged"])
@@ -38,6 +39,26 @@ def test_greedy_float32_token_identical(name, attention):
     width = batch["input_ids"].shape[1]
     assert cache.get_seq_length() == width + NEW - 1
     assert cache.stats()["pages"] == len(LENGTHS) * -(-(width + NEW - 1) // 16)
+
+
+@pytest.mark.parametrize("attention", ["gather", "paged"])
+def test_both_cache_keywords_give_the_same_tokens_and_cache_kwargs_warns_nothing(attention):
+    """``past_key_values=`` (what every 5.x takes, and the README shows) and ``cache_kwargs`` (the
+    keyword the installed release declares) drive the same cache the same way; the latter without
+    the deprecation warning 5.24+ gives for ``past_key_values=``."""
+    import warnings
+
+    model = _model("llama", attention)
+    batch = left_padded_batch(LENGTHS)
+    ref = _generate(model, DynamicCache(config=model.config), batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        by_old_name = model.generate(**batch, past_key_values=ElasticPagedCache(model.config, max_bytes=8 << 20),
+                                     max_new_tokens=NEW, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        by_declared_name = _generate(model, ElasticPagedCache(model.config, max_bytes=8 << 20), batch)
+    assert torch.equal(by_old_name, ref) and torch.equal(by_declared_name, ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
@@ -59,7 +80,7 @@ def _teacher_forced_logits(model, cache, batch, tokens):
             if step:
                 mask = torch.cat([mask, torch.ones_like(feed)], dim=1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1]:]
-            out = model(input_ids=feed, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            out = model(input_ids=feed, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[:, -1].float())
     return torch.stack(logits, 1)
 
@@ -166,7 +187,7 @@ def test_fragmentation_compaction_keeps_survivors_exact():
                     entries.append((i, pos[i], n))
                     toks += p[pos[i]:pos[i] + n]
                     pos[i] += n
-            out = model(input_ids=torch.tensor([toks]), cache=cache, **cache.set_packed_batch(entries))
+            out = model(input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries))
     for i in range(0, 32, 2):
         cache.free_seq(i)
     fragmented = pool.stats()
@@ -188,7 +209,7 @@ def test_fragmentation_compaction_keeps_survivors_exact():
     with torch.no_grad():
         for i in survivors:
             ref = model.generate(input_ids=torch.tensor([prompts[i]]), max_new_tokens=6, do_sample=False,
-                                 cache=DynamicCache(config=model.config))[0, len(prompts[i]):].tolist()
+                                 **cache_kwargs(model, DynamicCache(config=model.config)))[0, len(prompts[i]):].tolist()
             got = []
             nxt = None
             for step in range(6):
@@ -198,7 +219,7 @@ def test_fragmentation_compaction_keeps_survivors_exact():
                 else:
                     cache.ensure_capacity(i, n + 1)
                     entries, toks = [(i, n, 1)], [nxt]
-                out = model(input_ids=torch.tensor([toks]), cache=cache, **cache.set_packed_batch(entries))
+                out = model(input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries))
                 nxt = int(out.logits[0, -1].argmax())
                 got.append(nxt)
             assert got == ref, f"sequence {i}"

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from models import tiny_llama, tiny_qwen2
 from torch_elastic_kv.attention import enable_paged_attention
 from torch_elastic_kv.cache import ElasticPagedCache
+from torch_elastic_kv.hf_compat import cache_kwargs
 from torch_elastic_kv.pool import KVPagePool
 
 NEW_TOKENS = 10
@@ -26,7 +27,7 @@ def _reference(model, prompts, new_tokens=NEW_TOKENS):
             ids = torch.tensor([p])
             logits.append(model(input_ids=ids).logits[0, -1])
             out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
-                                 cache=DynamicCache(config=model.config))
+                                 **cache_kwargs(model, DynamicCache(config=model.config)))
             tokens.append(out[0, len(p):].tolist())
     return logits, tokens
 
@@ -50,7 +51,7 @@ def _run_packed(model, cache, prompts, chunk, new_tokens=NEW_TOKENS, ids=None):
                 tokens += feed
             extra = cache.set_packed_batch(entries)
             assert extra["position_ids"].shape == (1, len(tokens))
-            out = model(input_ids=torch.tensor([tokens]), cache=cache, **extra)
+            out = model(input_ids=torch.tensor([tokens]), **cache_kwargs(model, cache), **extra)
             assert out.logits.shape[:2] == (1, len(entries))
             for j, (i, start, n) in enumerate(entries):
                 pos[i] = start + n
@@ -94,7 +95,7 @@ def test_packed_detach_attach_and_swap_roundtrip():
         for i, p in enumerate(prompts):
             cache.ensure_capacity(i, len(p))
         extra = cache.set_packed_batch([(0, 0, len(prompts[0])), (1, 0, len(prompts[1]))])
-        out = model(input_ids=torch.tensor([prompts[0] + prompts[1]]), cache=cache, **extra)
+        out = model(input_ids=torch.tensor([prompts[0] + prompts[1]]), **cache_kwargs(model, cache), **extra)
     pages, ntok = cache.detach_seq(1)
     saved = pool.read_pages(pages)
     pool.free(pages)
@@ -112,7 +113,7 @@ def test_packed_detach_attach_and_swap_roundtrip():
                 cache.ensure_capacity(i, n + 1)
                 entries.append((i, n, 1))
             extra = cache.set_packed_batch(entries)
-            out = model(input_ids=torch.tensor([[gen[0][-1], gen[1][-1]]]), cache=cache, **extra)
+            out = model(input_ids=torch.tensor([[gen[0][-1], gen[1][-1]]]), **cache_kwargs(model, cache), **extra)
             for i in range(2):
                 gen[i].append(int(out.logits[0, i].argmax()))
     assert gen == ref_tokens
@@ -142,7 +143,7 @@ def test_packed_errors_leave_state_intact():
     forced = ElasticPagedCache(plain.config, pool=pool, attention="paged")
     forced.ensure_capacity(1, 3)
     with pytest.raises(ValueError, match="needs the model to use the paged attention"):
-        plain(input_ids=torch.tensor([[5, 6, 7]]), cache=forced, **forced.set_packed_batch([(1, 0, 3)]))
+        plain(input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(plain, forced), **forced.set_packed_batch([(1, 0, 3)]))
 
 
 def test_compaction_between_set_packed_batch_and_forward():
@@ -156,14 +157,14 @@ def test_compaction_between_set_packed_batch_and_forward():
     with torch.no_grad():
         for i, p in enumerate(prompts):
             cache.ensure_capacity(i, len(p) + 3)
-        out = model(input_ids=torch.tensor([sum(prompts, [])]), cache=cache,
+        out = model(input_ids=torch.tensor([sum(prompts, [])]), **cache_kwargs(model, cache),
                     **cache.set_packed_batch([(i, 0, len(p)) for i, p in enumerate(prompts)]))
         nxt = int(out.logits[0, 2].argmax())
         cache.free_seq(0)
         before = cache.seq_pages(2)
         extra = cache.set_packed_batch([(2, len(prompts[2]), 1)])
         assert pool.compact() > 0 and cache.seq_pages(2) != before
-        out = model(input_ids=torch.tensor([[nxt]]), cache=cache, **extra)
+        out = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(model, cache), **extra)
     assert [nxt, int(out.logits[0, 0].argmax())] == ref_tokens[2][:2]
 
 
@@ -200,7 +201,7 @@ def test_interrupted_forward_leaves_the_cache_usable():
     cache.update = interrupted
     cache.ensure_capacity(5, len(prompt))
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
-        model(input_ids=torch.tensor([prompt]), cache=cache, **cache.set_packed_batch([(5, 0, len(prompt))]))
+        model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache), **cache.set_packed_batch([(5, 0, len(prompt))]))
     del cache.update
     cache.free_seq(5)
     first, gen = _run_packed(model, cache, [prompt], chunk=16, new_tokens=3)

@@ -185,7 +185,7 @@ class StandInCache:
     def clear_packed_batch(self):
         self.entries = None
 
-    def update(self, key, value, layer_idx, kwargs=None):
+    def update(self, key, value, layer_idx, *args, **kwargs):
         ks, vs, t = [], [], 0
         for sid, s, n in self.entries:
             pages = self.pages[sid]

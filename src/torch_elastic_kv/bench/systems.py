@@ -20,6 +20,7 @@ length and the token outputs of different systems can be compared.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .models import ModelInfo
+from ..hf_compat import cache_kwargs
 from .progress import Progress
 from .settings import BenchSettings
 from .traces import Trace
@@ -308,7 +310,7 @@ def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, promp
             config = GenerationConfig(do_sample=False, max_new_tokens=max(requests[i].output_tokens for i in batch),
                                       pad_token_id=pad_id, eos_token_id=None)
             model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                           cache=cache, generation_config=config, streamer=_StepStreamer(on_step))
+                           **cache_kwargs(model, cache), generation_config=config, streamer=_StepStreamer(on_step))
             del cache
             finished += len(batch)
             rec.sample(0, 0)
@@ -336,6 +338,29 @@ def _quiet_transformers():
             lg.setLevel(level)
 
 
+def _cb_config_kwargs(config_class: type, **wanted: Any) -> dict[str, Any]:
+    """``ContinuousBatchingConfig`` arguments under the names this transformers release uses.
+
+    The page size is ``block_size`` up to 5.23 and ``page_size`` from 5.24; a field the release
+    lacks (``auto_switch_to_flash`` before 5.24) is left out: its behaviour is the one asked for.
+    """
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if "page_size" not in names and "page_size" in wanted:
+        wanted["block_size"] = wanted.pop("page_size")
+    return {k: v for k, v in wanted.items() if k in names}
+
+
+def _cb_cache_bytes(cache: Any, block_bytes: int) -> tuple[int, int]:
+    """(resident, live) KV bytes of transformers' paged cache, in either of its 5.x layouts."""
+    if hasattr(cache, "cache_tensor"):   # 5.24+: one tensor, capacity counted in sectors
+        resident = cache.cache_tensor.numel() * cache.cache_tensor.element_size()
+        capacity = cache.num_sectors * cache.bytes_per_sector
+        return resident, max(0, capacity - int(cache.compute_free_capacity(relative=False)))
+    tensors = [*cache.key_cache, *cache.value_cache]  # up to 5.23: one K and one V tensor per layer group
+    resident = sum(t.numel() * t.element_size() for t in tensors)
+    return resident, max(0, cache.num_blocks - cache.get_num_free_blocks()) * block_bytes
+
+
 def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
                           settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
     """transformers continuous batching, requests added as they arrive, cache sized to ``max_bytes``."""
@@ -345,14 +370,15 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
     rec = Recorder(trace, progress, "hf-generate-batch")
     requests = trace.requests
     block_bytes = settings.page_tokens * info.kv_bytes_per_token
-    cb_config = ContinuousBatchingConfig(
+    cb_config = ContinuousBatchingConfig(**_cb_config_kwargs(
+        ContinuousBatchingConfig,
         page_size=settings.page_tokens,
         num_blocks=max(1, max_bytes // block_bytes),
         max_batch_tokens=settings.max_batch_tokens,
         max_requests_per_batch=settings.max_running,
         allow_block_sharing=False,  # prefix caching would keep finished requests' blocks: not comparable
         auto_switch_to_flash=False,
-    )
+    ))
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_tokens for r in requests),
                                   eos_token_id=-1, pad_token_id=model.config.pad_token_id)
     pending: dict[str, int] = {}
@@ -370,9 +396,7 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
             if cache is None:
                 rec.sample(resident[0], 0)
                 return
-            resident[0] = cache.cache_tensor.numel() * cache.cache_tensor.element_size()
-            capacity = cache.num_sectors * cache.bytes_per_sector
-            live = max(0, capacity - int(cache.compute_free_capacity(relative=False)))
+            resident[0], live = _cb_cache_bytes(cache, block_bytes)
             if rec.samples and live != rec.samples[-1][2]:
                 rec.last_progress = rec.now()  # tokens come back only when a request ends: KV growth is progress
             rec.sample(resident[0], live)

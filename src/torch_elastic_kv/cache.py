@@ -2,12 +2,12 @@
 
 Two ways to drive it:
 
-* **generate mode** — ``model.generate(**inputs, cache=ElasticPagedCache(model.config))``:
+* **generate mode** — ``model.generate(**inputs, past_key_values=ElasticPagedCache(model.config))``:
   one sequence per batch row (left padding included, as in ``DynamicCache``), pages allocated
   as rows grow, a second ``generate`` continues the same rows, ``release()`` gives every
   page back and the cache can be used again.
 * **packed mode** — the Engine's continuous batching: ``ensure_capacity`` / ``set_packed_batch``
-  then ``model(input_ids=[1, T], cache=cache, **extra)`` with the tokens of many sequences
+  then ``model(input_ids=[1, T], past_key_values=cache, **extra)`` with the tokens of many sequences
   packed without padding (prefill chunks and decode tokens mixed); see docs/INTERFACES.md.
 
 Attention reads the pages one of two ways, chosen by ``attention=``:
@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from torch_elastic_kv.attention import PAGED_ATTENTION, PLAN_KWARG, PageGroup, PagePlan
+from torch_elastic_kv.attention import PAGED_ATTENTION, PageGroup, PagePlan, attach_plan
 from torch_elastic_kv.pool import KVPagePool
 
 ATTENTION_MODES = ("auto", "gather", "paged")
@@ -127,6 +127,8 @@ class ElasticPagedCache(Cache):
                  layout: str = "page-major"):
         text = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(layer_kwargs, dict):   # up to 5.23: one dict of kwargs for every layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         bad = [(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs)) if t != "full_attention"]
         if bad:
             i, t, kw = bad[0]
@@ -216,7 +218,7 @@ class ElasticPagedCache(Cache):
 
     # -- transformers Cache API --------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               kwargs: dict[str, Any] | None = None, *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+               *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new K/V of ``layer_idx``; return what the model's attention reads."""
         stale, self._last_plan = self._last_plan, None
         # The previous layer's attention ran without reading its plan: a wrong attention
@@ -250,12 +252,11 @@ class ElasticPagedCache(Cache):
             plan = PagePlan(layer_idx, k_cache, v_cache, step.groups, step.packed_tokens)
             if step.packed_tokens:
                 plan.new_key, plan.new_value = k_new, v_new
-            if kwargs is None:
-                raise RuntimeError("ElasticPagedCache: paged attention needs the model to pass its attention "
-                                   "kwargs to cache.update(..., kwargs=kwargs)")
-            kwargs[PLAN_KWARG] = plan
             self._last_plan = plan
-            return k_cache, v_cache
+            # The plan rides on the K tensor the model hands its attention function: every 5.x
+            # release passes update()'s result straight through, while only some pass their
+            # attention kwargs to update().
+            return attach_plan(k_cache, plan), v_cache
         return self._gather(k_cache, step), self._gather(v_cache, step)
 
     def _gather(self, cache: torch.Tensor, step: _Step) -> torch.Tensor:

@@ -5,8 +5,9 @@ and, with the standard SDPA mask builder, in ``AttentionMaskInterface``; select 
 ``model.set_attn_implementation(PAGED_ATTENTION)`` (or ``enable_paged_attention(model)``).
 
 How it reads the pages: ``ElasticPagedCache.update`` writes the new K/V into their slots and
-hands the attention a :class:`PagePlan` through the attention kwargs (the dict the model
-passes to both ``cache.update`` and the attention function). The plan's groups say how:
+returns, as the layer's key, a view of the pool's K pages that carries a :class:`PagePlan`
+(``attach_plan``); the model passes that tensor unchanged to its attention function, which
+reads the plan back (``plan_of``). The plan's groups say how:
 
 * decode tokens (packed mode) are bucketed by page count so that padding to a bucket's longest
   page table stays small; each bucket fetches its pages with one ``index_select`` per layer
@@ -36,10 +37,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import _C
+from ._native import _C
 
 PAGED_ATTENTION = "elastic_paged"
-PLAN_KWARG = "elastic_kv_plan"
+_PLAN_ATTR = "_elastic_kv_plan"
 NATIVE_DECODE_ENV = "EKV_NATIVE_DECODE"
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -104,11 +105,23 @@ class PagePlan:
     new_value: torch.Tensor | None = None
 
 
+def attach_plan(key_cache: torch.Tensor, plan: "PagePlan") -> torch.Tensor:
+    """A new view of ``key_cache`` (same storage) that carries ``plan`` to the attention function."""
+    view = key_cache.view(key_cache.shape)
+    setattr(view, _PLAN_ATTR, plan)
+    return view
+
+
+def plan_of(key: torch.Tensor) -> "PagePlan | None":
+    """The plan ``attach_plan`` put on ``key``, or None (K/V from any other cache)."""
+    return getattr(key, _PLAN_ATTR, None)
+
+
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, attention_mask: torch.Tensor | None,
                             dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """Attention over KV pages (see module docstring); SDPA when the cache gave no plan."""
-    plan: PagePlan | None = kwargs.pop(PLAN_KWARG, None)
+    plan = plan_of(key)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -272,6 +272,15 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _native_core_error() -> str | None:
+    """Why the compiled core cannot be loaded (one message naming the fix), or None when it can."""
+    try:
+        from .. import _native  # noqa: F401
+    except ImportError as exc:   # _native.NativeCoreMissing, or an ImportError inside torch itself
+        return str(exc)
+    return None
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """Entry point of ``ekv-bench``: run the benchmark, return the exit status."""
     from .run import run_bench
@@ -281,6 +290,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         bench_parser().print_help()
         return 0
+    core_error = _native_core_error()
+    if core_error is not None:
+        return _fail(core_error, 1)
     try:
         resolved = resolve(argv)
     except UsageError as exc:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
+from .hf_compat import cache_keyword
 from .policy import Decision, ElasticPolicy
 from .scheduler import Batch, Scheduler
 from .sequence import SamplingParams, Sequence
@@ -201,6 +202,7 @@ class Engine:
             from .cache import ElasticPagedCache  # the one cache class users pass to generate
             cache = ElasticPagedCache(self.config, pool=pool)
         self.cache = cache
+        self._cache_keyword = cache_keyword(model)   # past_key_values= or, from 5.24, cache=
         self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
         self._backend = _CacheBackend(pool, self.cache, self.swap)
         self.scheduler = Scheduler(self._backend, max_batch_tokens=max_batch_tokens,
@@ -457,7 +459,7 @@ class Engine:
         else:
             keep = 1  # nothing to sample: compute a single row of logits
         try:
-            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True,
+            out = self.model(input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True,
                              logits_to_keep=keep, **kwargs)
         finally:
             clear = getattr(self.cache, "clear_packed_batch", None)

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _C
+from ._native import _C
 from .arena import _parse_device
 
 __all__ = ["library_path", "c_abi", "install", "installed", "mem_pool", "trim", "set_limit", "stats",
