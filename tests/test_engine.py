@@ -219,3 +219,56 @@ def test_bad_input_on_the_real_engine_and_it_keeps_serving(model):
         torch.tensor([[9, 8, 7]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
     assert eng.request_info(ok)["status"] == "finished"
     eng.close()
+
+
+BAD_SAMPLING = [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 1e-45}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"temperature": 1.0, "seed": 2**64}, "seed"),
+    ({"temperature": 1.0, "seed": -1}, "seed"),
+    ({"temperature": 1.0, "seed": 1.5}, "seed"),
+    ({"temperature": 1.0, "seed": "abc"}, "seed"),
+    ({"temperature": 1.0, "top_p": float("nan")}, "top_p"),
+    ({"temperature": 1.0, "top_k": -1}, "top_k"),
+]
+
+
+@pytest.mark.parametrize("sampling,field", BAD_SAMPLING, ids=[f"{f}={s[f]!r}" for s, f in BAD_SAMPLING])
+def test_bad_sampling_is_refused_at_add_request_and_nothing_is_queued(model, sampling, field):
+    eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
+    try:
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            eng.add_request([5, 6, 7], 2, sampling=sampling)
+        assert not eng.has_unfinished() and eng.stats()["waiting"] == 0
+    finally:
+        eng.close()
+
+
+def test_a_seed_of_time_ns_size_samples_and_a_failing_sampler_ends_only_its_request(model, monkeypatch):
+    """A seed near 2**63 used to overflow the generator seed and make every step raise; and a
+    sampler that still fails at run time ends that request alone (finish reason "error")."""
+    eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
+    big = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": time.time_ns()})
+    top = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": 2**64 - 1})
+    original = Engine._sample
+
+    def failing(logits, seq):
+        if seq.sampling.seed == 13:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, seq)
+
+    monkeypatch.setattr(Engine, "_sample", staticmethod(failing))
+    bad = eng.add_request([9, 8, 7], 4, sampling={"temperature": 1.0, "seed": 13})
+    greedy = eng.add_request([9, 8, 7], 5)
+    while eng.has_unfinished():
+        eng.step()
+    info = {rid: eng.request_info(rid) for rid in (big, top, bad, greedy)}
+    assert info[bad]["finish_reason"] == "error" and info[bad]["output_tokens"] == 0
+    for rid in (big, top):
+        assert info[rid]["finish_reason"] == "length" and info[rid]["output_tokens"] == 4
+    ref = model.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
+    assert eng.generate([[9, 8, 7]], 5)[0] == ref
+    assert eng.stats()["live_bytes"] == 0
+    eng.close()

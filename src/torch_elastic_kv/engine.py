@@ -24,6 +24,7 @@ clock, so tests with an injected clock see deterministic values.
 from __future__ import annotations
 
 import collections
+import logging
 import numbers
 import threading
 import time
@@ -36,6 +37,8 @@ from .policy import Decision, ElasticPolicy
 from .scheduler import Batch, Scheduler
 from .sequence import SamplingParams, Sequence
 from .swap import SwapSpace
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Engine"]
 
@@ -469,10 +472,20 @@ class Engine:
             return {}
         logits = out.logits[0]
         if all(s.sampling.greedy for s in samplers):
-            toks = logits.argmax(dim=-1).tolist()
+            toks: list[Optional[int]] = logits.argmax(dim=-1).tolist()
         else:
-            toks = [self._sample(logits[i], s) for i, s in enumerate(samplers)]
+            toks = [self._sample_or_none(logits[i], s) for i, s in enumerate(samplers)]
         return {s.seq_id: t for s, t in zip(samplers, toks)}
+
+    @classmethod
+    def _sample_or_none(cls, logits: torch.Tensor, seq: Sequence) -> Optional[int]:
+        """The sampled token, or None when sampling failed for this request alone (it then
+        finishes with reason "error"; the other requests of the step go on)."""
+        try:
+            return cls._sample(logits, seq)
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            _log.warning("request %d: sampling failed (%s); finishing it with reason 'error'", seq.seq_id, exc)
+            return None
 
     @staticmethod
     def _sample(logits: torch.Tensor, seq: Sequence) -> int:
@@ -492,7 +505,7 @@ class Engine:
         if p.seed is not None:
             # seeded by (seed, position): the same request samples the same tokens however
             # it is batched or preempted
-            gen = torch.Generator(device=x.device).manual_seed(p.seed * 1_000_003 + seq.num_tokens)
+            gen = torch.Generator(device=x.device).manual_seed(p.generator_seed(seq.num_tokens))
         return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
 
     # ------------------------------------------------------------------ memory ------------

@@ -235,7 +235,7 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, batch: Batch, sampled: dict[int, int], now: float
+    def postprocess(self, batch: Batch, sampled: dict[int, Optional[int]], now: float
                     ) -> tuple[list[tuple[int, int]], list[Sequence]]:
         """Advance the chunks that ran; append sampled tokens; finish and free done requests.
 
@@ -252,6 +252,12 @@ class Scheduler:
             if not chunk.samples:
                 continue
             tok = sampled[seq.seq_id]
+            if tok is None:   # its sampling failed: this request ends, the others go on
+                seq.finish(now, "error")
+                self.running.remove(seq)
+                self.backend.release(seq)
+                finished.append(seq)
+                continue
             produced.append((seq.seq_id, tok))
             if seq.append_token(tok, now):
                 self.running.remove(seq)

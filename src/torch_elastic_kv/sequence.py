@@ -9,6 +9,7 @@ simply a sequence whose ``num_computed`` went back to 0 — the same rule covers
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,6 +22,15 @@ class SeqStatus(enum.Enum):
     SWAPPED = "swapped"      # preempted; its KV is parked in host swap space
     FINISHED = "finished"
     CANCELLED = "cancelled"
+
+
+# Below this, logits / temperature overflows float32 for ordinary logits (1e-45 gave inf and NaN
+# probabilities); 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-4
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,22 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"SamplingParams: temperature must be >= 0, got {self.temperature!r}")
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or not (t == 0 or MIN_TEMPERATURE <= t):
+            raise ValueError(f"SamplingParams: temperature must be 0 (greedy) or a finite number >= "
+                             f"{MIN_TEMPERATURE:g}, got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplingParams: top_k must be an int >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ValueError(f"SamplingParams: seed must be None or an int in [0, 2**64), got {seed!r}")
+
+    def generator_seed(self, position: int) -> int:
+        """Seed of the generator that samples the token at ``position`` (fits torch's 64 bits)."""
+        assert self.seed is not None
+        return (self.seed * 1_000_003 + position) % (2**63)
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +85,7 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
+
 @dataclass(eq=False)
 class Sequence:
     """A request in flight. Identity is ``seq_id``; order of arrival is ``arrival_index``."""
@@ -84,7 +105,7 @@ class Sequence:
     recompute_preemptions: int = 0
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
-    finish_reason: Optional[str] = None   # "length", "eos", "cancelled"
+    finish_reason: Optional[str] = None   # "length", "eos", "cancelled", "error" (sampling failed)
     swap_handle: Any = None               # set by the swap space while SWAPPED
 
     def __post_init__(self) -> None:
