@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from .settings import SYSTEM_NAMES, BenchSettings
@@ -24,6 +25,11 @@ _REPLAY_DEFAULTS = {
     "csv": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
     "synthetic": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
 }
+
+
+MIN_POOL_BYTES = 2 << 20   # one host granule: the smallest pool the Engine can build
+MAX_HEADROOM = 10.0        # ElasticPolicy's own bound
+MAX_PAGE_TOKENS = 4096     # longer pages only waste memory on short requests
 
 
 class UsageError(Exception):
@@ -150,6 +156,8 @@ def _positive(name: str, text: str, integer: bool = False, allow_zero: bool = Fa
 
 
 def _check_out_dir(out: str) -> None:
+    if not out.strip():
+        raise UsageError("--out must name a directory, got ''")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a directory")
     probe = os.path.abspath(out)
@@ -157,6 +165,19 @@ def _check_out_dir(out: str) -> None:
         probe = os.path.dirname(probe)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: cannot create files under {probe} (permission denied)")
+    # access() says yes to root everywhere, /sys and /proc included: make (and remove) a folder
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ekv-bench-probe-", dir=probe))
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create files under {probe} ({exc.strerror})") from None
+
+
+def _physical_memory_bytes() -> int | None:
+    """RAM of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve(argv: list[str]) -> ResolvedArgs:
@@ -208,20 +229,28 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         seed = int(args.seed)
     except ValueError:
         raise UsageError(f"--seed expects a whole number, got {args.seed!r}") from None
-    if seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {seed}")
+    if not 0 <= seed < 2**32:   # numpy's and torch's generators both take it
+        raise UsageError(f"--seed must be in [0, 2**32), got {seed}")
 
     try:
         max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
         min_bytes = parse_size(args.min_bytes)
     except ValueError as exc:
         raise UsageError(f"--max-bytes/--min-bytes: {exc}") from None
-    if max_bytes is not None and max_bytes <= 0:
-        raise UsageError(f"--max-bytes must be > 0, got {args.max_bytes}")
+    if max_bytes is not None and max_bytes < MIN_POOL_BYTES:
+        raise UsageError(f"--max-bytes must be at least {MIN_POOL_BYTES >> 20} MiB (one KV pool chunk), "
+                         f"got {args.max_bytes}")
+    physical = _physical_memory_bytes()
+    for flag, text, value in (("--max-bytes", args.max_bytes, max_bytes), ("--min-bytes", args.min_bytes, min_bytes)):
+        # the static system maps its whole pool at once: more than the machine has cannot run
+        if value is not None and physical is not None and value > physical:
+            raise UsageError(f"{flag} {text} is more than this machine's memory ({physical} bytes)")
     if max_bytes is not None and min_bytes > max_bytes:
         raise UsageError(f"--min-bytes {min_bytes} is above --max-bytes {max_bytes}")
 
     headroom = _positive("--headroom", args.headroom, allow_zero=True)
+    if headroom > MAX_HEADROOM:
+        raise UsageError(f"--headroom must be in [0, {MAX_HEADROOM:g}], got {args.headroom}")
     idle_seconds = (_positive("--idle-seconds", args.idle_seconds, allow_zero=True)
                     if args.idle_seconds is not None else (0.3 if quick else 1.0))
     tail_seconds = (_positive("--tail-seconds", args.tail_seconds, allow_zero=True)
@@ -230,6 +259,8 @@ def resolve(argv: list[str]) -> ResolvedArgs:
                    if args.max_running is not None else (8 if quick else 16))
     max_batch_tokens = int(_positive("--max-batch-tokens", args.max_batch_tokens, integer=True))
     page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
+    if page_tokens > MAX_PAGE_TOKENS:   # a page is allocated whole: 1e9 tokens asked for terabytes
+        raise UsageError(f"--page-tokens must be at most {MAX_PAGE_TOKENS}, got {page_tokens}")
 
     device = args.device or default_device()
     try:
@@ -241,10 +272,12 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     if torch_device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {device}: only cpu and cuda are supported")
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.threads is not None:
         threads = int(_positive("--threads", args.threads, integer=True))
+        if threads > cores:   # libgomp crashes on absurd counts; more than the cores only slows down
+            raise UsageError(f"--threads must be at most the {cores} cores this process may use, got {threads}")
     elif torch_device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores - 1)
     else:
         threads = torch.get_num_threads()
