@@ -272,3 +272,30 @@ def test_a_seed_of_time_ns_size_samples_and_a_failing_sampler_ends_only_its_requ
     assert eng.generate([[9, 8, 7]], 5)[0] == ref
     assert eng.stats()["live_bytes"] == 0
     eng.close()
+
+
+def test_every_entry_point_of_a_closed_engine_says_it_is_closed(model):
+    eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
+    rid = eng.add_request([5, 6, 7], 2)
+    while eng.has_unfinished():
+        eng.step()
+    before = eng.stats()
+    eng.close()
+    calls = {
+        "add_request": lambda: eng.add_request([5, 6, 7], 2),
+        "step": eng.step,
+        "generate": lambda: eng.generate([[5, 6, 7]], 2),
+        "stream": lambda: next(eng.stream(), None),
+        "maintain": eng.maintain,
+        "set_budget": lambda: eng.set_budget(2 * MiB),
+        "cancel": lambda: eng.cancel(rid),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^Engine\.{name}: the Engine is closed$"):
+            call()
+    after = eng.stats()   # still answers: the figures at close, its own pool's memory given back
+    assert after["closed"] is True and after["finished"] == before["finished"] == 1
+    assert after["tokens_generated"] == before["tokens_generated"] == 2
+    assert after["resident_bytes"] == 0 and after["live_bytes"] == 0
+    eng.close()   # a second close is a no-op
+    assert eng.request_info(rid)["status"] == "finished"

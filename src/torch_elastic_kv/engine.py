@@ -248,6 +248,7 @@ class Engine:
         self._grow_target = 0
         self._pending_pages = 0   # prompt pages of requests added since the last tick
         self._closed = False
+        self._final_stats: Optional[dict] = None   # what stats() answers once closed
         if grow_in_background is None:
             grow_in_background = self.device.type == "cuda"
         self._async_grow = bool(background and grow_in_background)
@@ -341,6 +342,7 @@ class Engine:
         ``sampling``: ``None`` (greedy), a ``SamplingParams`` or a dict of its fields.
         Raises ``ValueError`` for bad input, leaving the engine unchanged.
         """
+        self._require_open("add_request")
         ids, mnt, eos, params = self._validate(prompt_ids, max_new_tokens, eos_token_id, sampling)
         now = self.clock()
         with self._inbox_lock:
@@ -356,6 +358,7 @@ class Engine:
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a request; returns False if it had already finished. Unknown id: ValueError."""
+        self._require_open("cancel")
         with self._inbox_lock:
             seq = self._requests.get(request_id) if isinstance(request_id, int) else None
             if seq is None:
@@ -403,6 +406,7 @@ class Engine:
         ``waiting``, ``live_bytes``, ``resident_bytes``, ``budget_bytes``, ``preempted``,
         ``step_seconds`` (wall time of the step).
         """
+        self._require_open("step")
         with self._step_lock:
             t0 = time.perf_counter()
             self._drain_inbox()
@@ -565,6 +569,7 @@ class Engine:
 
     def maintain(self) -> Decision:
         """Run one policy tick without a step (what the grower thread does when idle)."""
+        self._require_open("maintain")
         with self._step_lock:
             self._enforce_budget()
             return self._tick()
@@ -660,6 +665,7 @@ class Engine:
         Below what is live, requests are preempted (latest-arrived first): swapped to host
         memory while ``swap_bytes`` allows, else dropped and recomputed later.
         """
+        self._require_open("set_budget")
         with self._step_lock:
             self.policy.set_budget(nbytes)
             preempted = self._enforce_budget_now()
@@ -677,6 +683,7 @@ class Engine:
     # ------------------------------------------------------------------ driving ------------
     def stream(self) -> Iterator[tuple[int, int]]:
         """Step until nothing is left, yielding ``(request_id, token_id)`` as tokens come."""
+        self._require_open("stream")
         while self.has_unfinished():
             out = self.step()
             self._raise_if_stalled()
@@ -689,6 +696,7 @@ class Engine:
         ``max_new_tokens`` is an int or one per prompt. All prompts are validated before any
         is queued. Other requests in the engine keep running alongside.
         """
+        self._require_open("generate")
         if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
             mnts = [max_new_tokens] * len(prompts)
         else:
@@ -703,6 +711,10 @@ class Engine:
             self.step()
             self._raise_if_stalled()
         return [s.output_ids for s in seqs]
+
+    def _require_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"Engine.{what}: the Engine is closed")
 
     def _raise_if_stalled(self) -> None:
         if not self._stalled:
@@ -730,8 +742,11 @@ class Engine:
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
         layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
         steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
-        in the step); swap_* from the swap space.
+        in the step); swap_* from the swap space. A closed Engine answers with the figures it
+        had when it closed (memory it gave back counted as gone) and ``closed: True``.
         """
+        if self._final_stats is not None:
+            return dict(self._final_stats)
         with self._pool_lock:
             ps = self.pool.stats()
         with self._inbox_lock:
@@ -817,6 +832,11 @@ class Engine:
         if self._grower is not None:
             self._grower.join(timeout=5)
             self._grower = None
+        if self._final_stats is None:
+            final = {**self.stats(), "closed": True}
+            if self._owns_pool:   # its pool closes below: that memory is given back
+                final.update(live_bytes=0, resident_bytes=0, reserved_bytes=0)
+            self._final_stats = final
         if self._restore_attn is not None:
             self.model.set_attn_implementation(self._restore_attn)
             self._restore_attn = None
