@@ -299,3 +299,21 @@ def test_every_entry_point_of_a_closed_engine_says_it_is_closed(model):
     assert after["resident_bytes"] == 0 and after["live_bytes"] == 0
     eng.close()   # a second close is a no-op
     assert eng.request_info(rid)["status"] == "finished"
+
+
+def test_a_stream_left_early_loses_no_token(model):
+    prompts = [[5, 6, 7], [9, 8, 7, 6], [11, 12], [3, 4, 5, 6, 7]]
+    refs = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+    eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
+    rids = [eng.add_request(p, 10) for p in prompts]
+    got: dict[int, list[int]] = {r: [] for r in rids}
+    for stop_after in (3, 5, 1, 7):   # leave the stream mid-step, again and again
+        for n, (rid, tok) in enumerate(eng.stream(), start=1):
+            got[rid].append(tok)
+            if n == stop_after:
+                break
+    for rid, tok in eng.stream():
+        got[rid].append(tok)
+    assert [got[r] for r in rids] == refs
+    eng.close()

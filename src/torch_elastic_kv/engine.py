@@ -249,6 +249,7 @@ class Engine:
         self._pending_pages = 0   # prompt pages of requests added since the last tick
         self._closed = False
         self._final_stats: Optional[dict] = None   # what stats() answers once closed
+        self._unstreamed: collections.deque = collections.deque()   # stream()ed steps' tokens not yet yielded
         if grow_in_background is None:
             grow_in_background = self.device.type == "cuda"
         self._async_grow = bool(background and grow_in_background)
@@ -682,12 +683,19 @@ class Engine:
 
     # ------------------------------------------------------------------ driving ------------
     def stream(self) -> Iterator[tuple[int, int]]:
-        """Step until nothing is left, yielding ``(request_id, token_id)`` as tokens come."""
+        """Step until nothing is left, yielding ``(request_id, token_id)`` as tokens come.
+
+        A stream left early (``break``) loses nothing: the next ``stream()`` first yields the
+        tokens its step produced that were not yielded yet.
+        """
         self._require_open("stream")
-        while self.has_unfinished():
-            out = self.step()
+        while True:
+            while self._unstreamed:
+                yield self._unstreamed.popleft()
+            if not self.has_unfinished():
+                return
+            self._unstreamed.extend(self.step())
             self._raise_if_stalled()
-            yield from out
 
     def generate(self, prompts: Seq[Any], max_new_tokens: Any, eos_token_id: Any = None,
                  sampling: Any = None) -> list[list[int]]:
