@@ -317,3 +317,21 @@ def test_a_stream_left_early_loses_no_token(model):
         got[rid].append(tok)
     assert [got[r] for r in rids] == refs
     eng.close()
+
+
+def test_requests_arriving_under_a_temporary_budget_cut_queue_and_finish(model):
+    """After set_budget(0) a new request waits (it used to be refused); only what can never fit
+    under the ceiling is refused. It runs, token-identical, once the budget is back."""
+    eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
+    eng.set_budget(0)
+    rid = eng.add_request([9, 8, 7], 5)
+    eng.step()
+    assert eng.request_info(rid)["status"] == "waiting" and eng.stats()["live_bytes"] == 0
+    with pytest.raises(ValueError, match=r"needs 38 KV pages .* ceiling \(max_bytes 4194304\) allows 32 pages"):
+        eng.add_request([3] * 500, 100)
+    eng.set_budget(None)
+    while eng.has_unfinished():
+        eng.step()
+    ref = model.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
+    assert eng.output_ids(rid) == ref
+    eng.close()

@@ -322,7 +322,7 @@ def test_bad_input_raises_and_engine_keeps_serving(model):
         (([1, 2], 0), "max_new_tokens must be an int >= 1"),
         (([1, 2], 2.0), "max_new_tokens"),
         (("hello", 4), "prompt_ids must be"),
-        (([1] * 100, 60), r"needs 20 KV pages .* budget allows 16 pages"),
+        (([1] * 100, 60), r"needs 20 KV pages .* ceiling \(max_bytes \d+\) allows 16 pages"),
         (([1] * 400, 200), "max_position_embeddings"),
         (([1], 3, "eos"), "eos_token_id"),
     ]

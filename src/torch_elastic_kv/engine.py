@@ -324,16 +324,17 @@ class Engine:
         else:
             raise ValueError(f"add_request: eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
         params = SamplingParams.coerce(sampling)
-        # never fits: its own KV at full length exceeds what the budget can ever give
+        # never fits: its own KV at full length exceeds the ceiling (the policy's max_bytes within
+        # the pool's reservation). A temporary cut (set_budget, the pressure hook) only delays it:
+        # such a request queues until the budget comes back.
         need = -(-(len(ids) + max_new_tokens - 1) // self.pool.page_tokens)
-        cap_bytes = self.policy.set_budget_bytes
-        cap = self.pool.max_pages if cap_bytes is None else min(self.pool.max_pages,
-                                                                 self.policy.bytes_to_pages(cap_bytes))
+        ceiling = min(self.policy.max_bytes or self._reserved_bytes, self._reserved_bytes)
+        cap = self.policy.bytes_to_pages(ceiling)
         if need > cap:
             raise ValueError(
                 f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) needs {need} "
-                f"KV pages ({need * self.pool.page_bytes} bytes) but the budget allows {cap} pages "
-                f"({cap * self.pool.page_bytes} bytes)")
+                f"KV pages ({need * self.pool.page_bytes} bytes) but the ceiling (max_bytes {ceiling}) allows "
+                f"{cap} pages ({cap * self.pool.page_bytes} bytes)")
         return ids, max_new_tokens, eos, params
 
     def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None,
