@@ -359,3 +359,45 @@ def test_stats_agree_with_the_arena_layer(layout):
     finally:
         pool.close()
     assert ekv.memory_stats("cpu")["reserved_bytes"] == base["reserved_bytes"]
+
+
+def test_four_threads_alloc_write_free_on_one_pool():
+    """Threads sharing a pool: every page handed out is unique and holds what its thread wrote,
+    and the counts add up (three of four threads died with 'already mapped' without the lock)."""
+    import threading
+
+    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=16, max_bytes=64 << 20)
+    errors: list[BaseException] = []
+    owned: list[list[int]] = [[] for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            rng = __import__("random").Random(t)
+            for _ in range(300):
+                if owned[t] and rng.random() < 0.45:
+                    k = rng.randrange(1, len(owned[t]) + 1)
+                    ids, owned[t] = owned[t][:k], owned[t][k:]
+                    pool.free(ids)
+                else:
+                    ids = pool.alloc(rng.randrange(1, 9))
+                    pool.key_cache(0)[ids] = float(t)
+                    owned[t].extend(ids)
+                if rng.random() < 0.05:
+                    pool.shrink(0)
+        except BaseException as exc:   # collected: a thread's failure fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors, errors[0]
+    every = [p for ids in owned for p in ids]
+    assert len(every) == len(set(every)) == pool.live_pages
+    for t, ids in enumerate(owned):
+        if ids:
+            assert torch.all(pool.key_cache(0)[ids] == float(t))
+    pool.close()

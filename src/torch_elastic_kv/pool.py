@@ -15,8 +15,10 @@ Layouts (measured in benchmarks/RESULTS.md, "KV page pool and cache"):
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -53,6 +55,17 @@ class _Plane:
     raw: torch.Tensor        # [max_pages, page_stride // element_size]: whole page slots, padding included
 
 
+
+def _locked(method):
+    """Run ``method`` under the pool's lock: placement and mapping are one critical section, so
+    threads (and caches on different threads) may share a pool."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class KVPagePool:
     """Pages of K/V for ``num_layers`` layers, backed by physical memory only where needed.
 
@@ -82,6 +95,7 @@ class KVPagePool:
             raise ValueError(f"KVPagePool: layout must be one of {LAYOUTS}, got {layout!r}")
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
             raise ValueError(f"KVPagePool: dtype must be a torch floating dtype, got {dtype!r}")
+        self._lock = threading.RLock()   # see _locked
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -192,6 +206,7 @@ class KVPagePool:
         return min(self._chunks_for_bytes(self._min_bytes), self._budget_chunks())
 
     @property
+    @_locked
     def free_pages(self) -> int:
         """Pages that can still be allocated within the budget, mapped or not."""
         p = self._placement
@@ -199,17 +214,21 @@ class KVPagePool:
         return p.mapped_free_slots() + unmapped * p.pages_per_chunk
 
     @property
+    @_locked
     def live_pages(self) -> int:
         return self._placement.live_pages
 
+    @_locked
     def can_alloc(self, n: int) -> bool:
         """Whether ``alloc(n)`` fits in the budget (the device may still refuse memory)."""
         return 0 <= n <= self.free_pages
 
+    @_locked
     def is_live(self, page: int) -> bool:
         return self._placement.is_live(page)
 
     # -- allocation ------------------------------------------------------------------------
+    @_locked
     def alloc(self, n: int) -> list[int]:
         """Allocate ``n`` pages; raises MemoryError / torch.OutOfMemoryError with nothing changed."""
         self._check_open()
@@ -220,11 +239,13 @@ class KVPagePool:
         self._ensure_mapped_slots(n, "alloc")
         return self._placement.take(n)
 
+    @_locked
     def free(self, ids: Sequence[int]) -> None:
         """Return pages to the pool (memory stays mapped until shrink/compact/trim)."""
         self._check_open()
         self._placement.give([int(i) for i in ids])
 
+    @_locked
     def reserve_pages(self, n: int) -> None:
         """Map chunks now so that ``n`` more pages can be allocated without mapping."""
         self._check_open()
@@ -279,6 +300,7 @@ class KVPagePool:
         return len(chunks) * self.chunk_bytes
 
     # -- giving memory back ----------------------------------------------------------------
+    @_locked
     def shrink(self, keep_pages: int = 0) -> int:
         """Unmap empty chunks while more than ``keep_pages`` pages (and min_bytes) stay resident.
 
@@ -295,6 +317,7 @@ class KVPagePool:
         empty = p.empty_mapped_chunks()
         return self._unmap_chunks(sorted(empty, reverse=True)[:spare])
 
+    @_locked
     def compact(self, on_move: MoveListener | None = None) -> int:
         """Move live pages out of sparse chunks into holes of dense ones, then unmap emptied chunks.
 
@@ -352,6 +375,7 @@ class KVPagePool:
         for plane in self._planes:
             plane.raw.index_copy_(0, d, plane.raw.index_select(0, s))
 
+    @_locked
     def add_move_listener(self, fn: MoveListener) -> None:
         """Register ``fn({old: new})``, called on every compaction that moves pages.
 
@@ -362,6 +386,7 @@ class KVPagePool:
         self._live_listeners()   # drop dead entries, so registering many short-lived owners stays O(live)
         self._listeners.append(weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else fn)
 
+    @_locked
     def remove_move_listener(self, fn: MoveListener) -> None:
         """Unregister ``fn``; ValueError if it is not registered."""
         for k, entry in enumerate(self._listeners):
@@ -382,6 +407,7 @@ class KVPagePool:
         self._listeners = kept
         return live
 
+    @_locked
     def trim(self) -> int:
         """Unmap every empty chunk above min_bytes and release the arenas' cached handles.
 
@@ -401,6 +427,7 @@ class KVPagePool:
             total += s.get("held_bytes", s["mapped_bytes"] + s.get("cached_bytes", 0))
         return total
 
+    @_locked
     def set_max_bytes(self, nbytes: int) -> None:
         """Change the pool's budget live. Below the resident size, empty chunks are unmapped and
         live pages compacted; below what live pages need, ValueError and nothing changes."""
@@ -428,6 +455,7 @@ class KVPagePool:
             raise
 
     # -- data ------------------------------------------------------------------------------
+    @_locked
     def read_pages(self, ids: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
         """Copy of the K/V of live pages ``ids``: ``[n, layers, 2, page_tokens, kv_heads, head_dim]``."""
         idx = self._live_index(ids, "read_pages")
@@ -438,6 +466,7 @@ class KVPagePool:
             out = out.view(len(idx), self.num_layers, 2, *self._page_shape)
         return out if device is None else out.to(device)
 
+    @_locked
     def write_pages(self, ids: Sequence[int], data: torch.Tensor) -> None:
         """Inverse of ``read_pages``: store ``data`` into live pages ``ids``."""
         idx = self._live_index(ids, "write_pages")
@@ -473,6 +502,7 @@ class KVPagePool:
     def granularity(self) -> int:
         return self.geometry.granularity
 
+    @_locked
     def stats(self) -> dict:
         """Every byte of the pool, as a plain dict."""
         p = self._placement
@@ -500,6 +530,7 @@ class KVPagePool:
         if self._closed:
             raise RuntimeError("KVPagePool: the pool is closed")
 
+    @_locked
     def close(self) -> None:
         """Release every arena (views over them must not be used afterwards)."""
         if not self._closed:
