@@ -89,8 +89,15 @@ bool Arena::closed() const {
   return closed_;
 }
 
+bool Arena::in_forked_child() const { return getpid() != owner_pid_; }
+
 Status Arena::check_open(const char* call) const {
   if (closed_) return InvalidArgument(std::string("Arena.") + call + ": the arena is closed");
+  if (in_forked_child()) {
+    return Unavailable(std::string("Arena.") + call + ": this arena belongs to process " + std::to_string(owner_pid_) +
+                       "; a forked child (process " + std::to_string(getpid()) +
+                       ") cannot use it, since its memory is the parent's: create a new arena in the child");
+  }
   return Status::Ok();
 }
 
@@ -247,7 +254,7 @@ Status Arena::charge_locked(std::size_t nbytes, const std::string& what) {
 
 std::size_t Arena::try_release_cached(std::size_t nbytes) {
   std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock() || closed_ || nbytes == 0) return 0;
+  if (!lock.owns_lock() || closed_ || nbytes == 0 || in_forked_child()) return 0;
   const std::size_t keep = s_.cached_bytes > nbytes ? s_.cached_bytes - nbytes : 0;
   std::size_t released = 0;
   release_cache_locked(keep, &released);  // a failed release keeps its handle cached
@@ -392,6 +399,7 @@ Status Arena::trim(std::size_t* released, bool wait) {
   std::lock_guard<std::mutex> lock(mu_);
   *released = 0;
   if (closed_) return Status::Ok();  // nothing is held any more
+  EKV_RETURN_IF_ERROR(check_open("trim"));
   const std::uint64_t releases_before = s_.releases;
   Status st = reap_locked(wait);
   // Handles released while finishing pending unmaps (beyond the allowance) count too.
@@ -406,6 +414,7 @@ Status Arena::poll(std::size_t* finished) {
   std::lock_guard<std::mutex> lock(mu_);
   *finished = 0;
   if (closed_) return Status::Ok();
+  EKV_RETURN_IF_ERROR(check_open("poll"));
   const std::size_t pending_before = s_.pending_bytes;
   Status st = reap_locked(false);
   *finished = pending_before - s_.pending_bytes;
@@ -452,6 +461,13 @@ Status Arena::close() {
   budget_->unregister_arena(this, capacity_);
   std::lock_guard<std::mutex> lock(mu_);
   closed_ = true;
+  if (in_forked_child()) {
+    // The parent's memory: nothing is unmapped, released or fenced from here.
+    cache_.clear();
+    pending_.clear();
+    s_.mapped_bytes = s_.pending_bytes = s_.cached_bytes = s_.held_bytes = 0;
+    return Status::Ok();
+  }
   Status first_error;
   auto note = [&first_error](const Status& st) {
     if (!st.ok() && first_error.ok()) first_error = st;

@@ -15,6 +15,9 @@
 // thread-safe (one lock per arena) and return a Status; a failed call changes nothing.
 #pragma once
 
+#include <sys/types.h>
+#include <unistd.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -132,6 +135,12 @@ class Arena {
 
   mutable std::mutex mu_;
   bool closed_ = false;
+  // The process that created the arena. After fork() a child shares the host backend's memfd
+  // with it (MAP_SHARED): a release there would punch holes in the parent's KV pages, and a
+  // child cannot use the parent's CUDA context at all. A child is refused every call, and its
+  // close()/destructor lets go without touching the memory (its own exit frees its mappings).
+  const pid_t owner_pid_ = getpid();
+  bool in_forked_child() const;
   bool closing_ = false;  // close() has begun (unregistering from the budget)
   std::size_t reuse_bytes_;
   std::vector<Granule> granules_;
