@@ -48,8 +48,9 @@ def _child(arena: Arena, action: str) -> int:
 
 
 @pytest.mark.parametrize("action", CHILD_ACTIONS)
-def test_a_forked_child_cannot_change_the_parents_arena(action):
-    arena = Arena(4 * MiB, device="cpu", reuse_bytes=0)
+def test_a_forked_child_cannot_change_the_parents_arena(action, arena_device):
+    """Host memory, and the fake CUDA driver (a child gets an error, never the parent's context)."""
+    arena = Arena(4 * MiB, device=arena_device, reuse_bytes=0)
     arena.map(0, 4 * MiB)
     data = arena.host_view(torch.int32, (MiB,))
     data.copy_(torch.arange(MiB, dtype=torch.int32))
