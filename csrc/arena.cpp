@@ -461,13 +461,9 @@ Status Arena::close() {
   budget_->unregister_arena(this, capacity_);
   std::lock_guard<std::mutex> lock(mu_);
   closed_ = true;
-  if (in_forked_child()) {
-    // The parent's memory: nothing is unmapped, released or fenced from here.
-    cache_.clear();
-    pending_.clear();
-    s_.mapped_bytes = s_.pending_bytes = s_.cached_bytes = s_.held_bytes = 0;
-    return Status::Ok();
-  }
+  // In a forked child the memory is the parent's: the books are closed (the child's budget
+  // stops counting it) but nothing is unmapped, released or fenced through the backend.
+  const bool owner = !in_forked_child();
   Status first_error;
   auto note = [&first_error](const Status& st) {
     if (!st.ok() && first_error.ok()) first_error = st;
@@ -478,21 +474,25 @@ Status Arena::close() {
   // closing waits for the whole device, once.
   bool any_mapped = false;
   for (const Granule& gr : granules_) any_mapped = any_mapped || gr.state == State::kMapped;
-  if (any_mapped && backend_->caps().deferred_unmap) note(backend_->synchronize());
-  note(reap_locked(true));
-  for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
+  if (owner && any_mapped && backend_->caps().deferred_unmap) note(backend_->synchronize());
+  if (owner) {
+    note(reap_locked(true));
+    for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
+  }
   pending_.clear();
   std::size_t dropped_mapped = 0, dropped_pending = 0;
   for (std::size_t i = 0; i < granules_.size(); ++i) {
     Granule& gr = granules_[i];
     if (gr.state == State::kUnmapped) continue;
     (gr.state == State::kMapped ? dropped_mapped : dropped_pending) += g;
+    gr.state = State::kUnmapped;
+    if (!owner) continue;
     note(backend_->unmap(addr_of(i), g));
     note(backend_->release(gr.handle, g));
-    gr.state = State::kUnmapped;
     s_.releases += 1;
   }
   for (PhysHandle h : cache_) {
+    if (!owner) break;
     note(backend_->release(h, g));
     s_.releases += 1;
   }
@@ -503,7 +503,7 @@ Status Arena::close() {
   budget_->apply(d);
   budget_->uncharge(s_.held_bytes);
   cache_.clear();
-  note(backend_->free_range(base_, capacity_));
+  if (owner) note(backend_->free_range(base_, capacity_));
   s_.mapped_bytes = s_.pending_bytes = s_.cached_bytes = s_.held_bytes = 0;
   if (!first_error.ok()) return Status(first_error.code(), "Arena.close: " + first_error.message());
   return Status::Ok();

@@ -55,7 +55,6 @@ class _Plane:
     raw: torch.Tensor        # [max_pages, page_stride // element_size]: whole page slots, padding included
 
 
-
 def _locked(method):
     """Run ``method`` under the pool's lock: placement and mapping are one critical section, so
     threads (and caches on different threads) may share a pool."""

@@ -254,12 +254,11 @@ class Scheduler:
             tok = sampled[seq.seq_id]
             if tok is None:   # its sampling failed: this request ends, the others go on
                 seq.finish(now, "error")
-                self.running.remove(seq)
-                self.backend.release(seq)
-                finished.append(seq)
-                continue
-            produced.append((seq.seq_id, tok))
-            if seq.append_token(tok, now):
+                done = True
+            else:
+                produced.append((seq.seq_id, tok))
+                done = seq.append_token(tok, now)
+            if done:
                 self.running.remove(seq)
                 self.backend.release(seq)
                 finished.append(seq)

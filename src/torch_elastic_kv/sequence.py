@@ -85,7 +85,6 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-
 @dataclass(eq=False)
 class Sequence:
     """A request in flight. Identity is ``seq_id``; order of arrival is ``arrival_index``."""
