@@ -162,7 +162,11 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
-  if (new_bytes > 0) EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
+  if (new_bytes > 0) {
+    Status can = backend_->check_commit(new_bytes);
+    if (!can.ok()) return Status(can.code(), call_text(call, offset, nbytes) + ": " + can.message() + " (nothing was mapped)");
+    EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
+  }
 
   // Back the unmapped granules one by one; remember each step so a failure can undo them.
   struct Step {

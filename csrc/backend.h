@@ -45,6 +45,13 @@ class Backend {
 
   // Physical memory for one granule; kOutOfMemory when the device has none left.
   virtual Status create(std::size_t nbytes, PhysHandle* out) = 0;
+  // Whether `nbytes` more physical memory can be created now; the arena asks once per map,
+  // before any create. Devices whose create fails cleanly when memory runs out need not
+  // answer; the host does, because its commit past RAM invokes the OOM killer instead.
+  virtual Status check_commit(std::size_t nbytes) {
+    (void)nbytes;
+    return Status::Ok();
+  }
   // Map (and make read-write) a handle at addr; on failure nothing stays mapped.
   virtual Status map(std::uintptr_t addr, std::size_t nbytes, PhysHandle handle) = 0;
   virtual Status unmap(std::uintptr_t addr, std::size_t nbytes) = 0;

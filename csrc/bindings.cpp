@@ -16,6 +16,7 @@
 #include "arena.h"
 #include "budget.h"
 #include "driver_probe.h"
+#include "host_memory.h"
 #include "py_status.h"
 #include "status.h"
 
@@ -210,6 +211,26 @@ void bind_budget(py::module_& m) {
       py::arg("device_kind") = "cpu", py::arg("device_index") = 0);
 }
 
+void bind_host_memory(py::module_& m) {
+  m.def(
+      "host_memory",
+      []() {
+        HostMemory h;
+        throw_if_error(read_host_memory(&h));
+        py::dict d;
+        d["mem_total"] = h.mem_total;
+        d["mem_available"] = h.mem_available;
+        d["cgroup_limit"] = h.cgroup_limit ? py::cast(*h.cgroup_limit) : py::none();
+        d["cgroup_usage"] = h.cgroup_usage;
+        d["cgroup_path"] = h.cgroup_path;
+        d["available"] = h.available();
+        d["margin"] = h.margin();
+        return d;
+      },
+      "What the host backend may still commit: MemAvailable capped by the memory cgroup's room "
+      "(host_memory.h); a map that would leave less than `margin` free raises MemoryError.");
+}
+
 void bind_driver_probe(py::module_& m) {
   m.def(
       "probe_driver",
@@ -260,6 +281,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_elastic_kv C++ core: arenas, backends, per-device budgets";
   ekv::bind_arena(m);
   ekv::bind_budget(m);
+  ekv::bind_host_memory(m);
   ekv::bind_driver_probe(m);
   ekv::bind_allocator(m);
   ekv::bind_paged_attention(m);

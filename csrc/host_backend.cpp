@@ -3,11 +3,14 @@
 //
 // Physical memory is committed at create (fallocate), so running out of RAM is a clean
 // kOutOfMemory instead of a SIGBUS on first touch, and given back at release
-// (fallocate PUNCH_HOLE), which is what makes Shmem in /proc/meminfo fall.
+// (fallocate PUNCH_HOLE), which is what makes Shmem in /proc/meminfo fall. Shmem past what
+// the machine or its cgroup can hold is not refused by fallocate (the OOM killer answers), so
+// check_commit asks host_memory.h first.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -15,6 +18,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "host_memory.h"
 
 namespace ekv {
 namespace {
@@ -89,6 +93,8 @@ class HostBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status check_commit(std::size_t nbytes) override { return check_host_commit(nbytes, "host backend"); }
+
   Status map(std::uintptr_t addr, std::size_t nbytes, PhysHandle handle) override {
     off_t off = static_cast<off_t>(handle * caps_.granularity);
     void* p = ::mmap(reinterpret_cast<void*>(addr), nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_, off);
@@ -122,12 +128,10 @@ class HostBackend final : public Backend {
   }
 
   Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
-    long page = ::sysconf(_SC_PAGESIZE);
-    long avail = ::sysconf(_SC_AVPHYS_PAGES);
-    long total = ::sysconf(_SC_PHYS_PAGES);
-    if (page <= 0 || avail < 0 || total <= 0) return DriverError("host device_memory: sysconf failed");
-    *free_bytes = static_cast<std::size_t>(avail) * static_cast<std::size_t>(page);
-    *total_bytes = static_cast<std::size_t>(total) * static_cast<std::size_t>(page);
+    HostMemory m;
+    EKV_RETURN_IF_ERROR(read_host_memory(&m));
+    *free_bytes = m.available();
+    *total_bytes = m.cgroup_limit ? std::min(m.mem_total, *m.cgroup_limit) : m.mem_total;
     return Status::Ok();
   }
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Arena": "arena",
     "set_budget": "arena",
     "memory_stats": "arena",
+    "host_memory": "arena",
     "KVPagePool": "pool",
     "ElasticPagedCache": "cache",
     "ElasticPolicy": "policy",

@@ -333,3 +333,16 @@ def memory_stats(device: str | torch.device = "cpu") -> dict[str, Any]:
     """
     kind, index = _device_key(device)
     return _C.memory_stats(kind, index)
+
+
+def host_memory() -> dict[str, Any]:
+    """What host (``device="cpu"``) arenas may still commit, as the host backend sees it.
+
+    mem_total and mem_available (from /proc/meminfo), cgroup_limit (None when no memory
+    cgroup on the process's path sets one), cgroup_usage and cgroup_path (that cgroup's),
+    available (MemAvailable capped by the cgroup's room) and margin (bytes always left
+    free). A host map that would leave less than ``margin`` of ``available`` raises
+    MemoryError naming these numbers, before any memory is committed: the kernel would
+    answer such a commit with its OOM killer, not an error.
+    """
+    return _C.host_memory()
