@@ -79,6 +79,7 @@ namespace ekv {
   X(CtxGetCurrent, "cuCtxGetCurrent", CUresult (*)(CUcontext*))                                      \
   X(CtxSetCurrent, "cuCtxSetCurrent", CUresult (*)(CUcontext))                                       \
   X(CtxSynchronize, "cuCtxSynchronize", CUresult (*)(void))                                          \
+  X(StreamSynchronize, "cuStreamSynchronize", CUresult (*)(CUstream))                                \
   X(GetErrorName, "cuGetErrorName", CUresult (*)(CUresult, const char**))                            \
   X(MemGetInfo, "cuMemGetInfo_v2", CUresult (*)(std::size_t*, std::size_t*))                         \
   X(MemGetAllocationGranularity, "cuMemGetAllocationGranularity",                                    \

@@ -12,7 +12,8 @@ steer it with ``FakeCuda``::
         assert fake.live_handles() == 0
 
 Function names for ``fail_nth``/``calls`` are the API names: cuMemCreate, cuMemMap,
-cuMemSetAccess, cuMemUnmap, cuMemRelease, cuEventRecord, cuEventDestroy, cuMemGetInfo, ...
+cuMemSetAccess, cuMemUnmap, cuMemRelease, cuMemAddressFree, cuEventCreate, cuEventRecord,
+cuEventDestroy, cuStreamSynchronize, cuCtxSynchronize, cuMemGetInfo, ...
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class FakeCuda:
         lib = ctypes.CDLL(self.path)
         ll = ctypes.c_longlong
         for name in ("live_handles", "live_mappings", "live_reservations", "live_events",
-                     "create_count", "release_count", "used_bytes"):
+                     "create_count", "release_count", "used_bytes", "forget_events"):
             getattr(lib, f"ekvfake_{name}").restype = ll
         lib.ekvfake_calls.argtypes = [ctypes.c_char_p]
         lib.ekvfake_calls.restype = ll
@@ -118,6 +119,11 @@ class FakeCuda:
     def complete_events(self) -> None:
         """Finish all simulated device work."""
         self._lib.ekvfake_complete_events()
+
+    def forget_events(self) -> int:
+        """Destroy every live event; returns how many there were. For tests that made
+        cuEventDestroy fail on purpose, once nothing uses events any more."""
+        return self._lib.ekvfake_forget_events()
 
     def primary_ctx_refcount(self, device: int = 0) -> int:
         """References held on the device's primary context (retains minus releases)."""

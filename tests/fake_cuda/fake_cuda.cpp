@@ -12,7 +12,8 @@
 // memory and event call answers CUDA_ERROR_INVALID_CONTEXT unless a retained primary context is
 // current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events complete
 // at record time unless ekvfake_set_events_complete(0), which models queued device work:
-// cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize or
+// cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a
+// cuStreamSynchronize of the stream it was recorded on, cuCtxSynchronize or
 // ekvfake_complete_events().
 //
 // Control functions (ekvfake_*) are plain C for ctypes; torch_elastic_kv.testing wraps them.
@@ -44,6 +45,7 @@ struct FakeContext {
 
 struct FakeEvent {
   bool complete = true;
+  CUstream stream = nullptr;  // of the last record, so a stream synchronize finishes only its own work
 };
 
 struct Mapping {
@@ -208,6 +210,16 @@ EKVFAKE_API CUresult cuCtxSynchronize() {
   FAKE_ENTER("cuCtxSynchronize");
   FAKE_NEED_CTX();
   for (FakeEvent* e : s.events) e->complete = true;
+  return CUDA_SUCCESS;
+}
+
+// Waits for the simulated work queued on one stream: the events recorded on it complete.
+EKVFAKE_API CUresult cuStreamSynchronize(CUstream stream) {
+  FAKE_ENTER("cuStreamSynchronize");
+  FAKE_NEED_CTX();
+  for (FakeEvent* e : s.events) {
+    if (e->stream == stream) e->complete = true;
+  }
   return CUDA_SUCCESS;
 }
 
@@ -397,10 +409,10 @@ EKVFAKE_API CUresult cuEventCreate(CUevent* event, unsigned int flags) {
 EKVFAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
   FAKE_ENTER("cuEventRecord");
   FAKE_NEED_CTX();
-  (void)stream;
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
   e->complete = s.events_complete;
+  e->stream = stream;
   return CUDA_SUCCESS;
 }
 
@@ -531,6 +543,17 @@ EKVFAKE_API int ekvfake_primary_ctx_refcount(int dev) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   return dev < 0 || dev >= 16 ? -1 : s.contexts[dev].refcount;
+}
+
+// Destroys every live event and returns how many there were: for tests that made
+// cuEventDestroy fail on purpose, to put the simulated machine back once nothing uses events.
+EKVFAKE_API long long ekvfake_forget_events() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  const long long n = static_cast<long long>(s.events.size());
+  for (FakeEvent* e : s.events) delete e;
+  s.events.clear();
+  return n;
 }
 
 // Finishes all simulated device work: every recorded event becomes complete.
