@@ -51,6 +51,12 @@ struct DeviceAllocator::FenceRef {
   bool done = false;
 };
 
+// Reports, at the end of a call and under its lock, the events leaked during it.
+struct DeviceAllocator::LeakReport {
+  DeviceAllocator* d;
+  ~LeakReport() { d->report_leaks(); }
+};
+
 struct DeviceAllocator::Segment {
   std::size_t first = 0;  // granule index in the arena
   std::size_t count = 0;  // granules
@@ -557,6 +563,22 @@ std::size_t DeviceAllocator::release_free_segments(bool carve_large) {
   return bytes;
 }
 
+// Event leaks happen where nobody can be told (a block reused, a pending unmap reaped inside an
+// unrelated call), so they are counted by the backends and turned into last_error here, once,
+// at the end of each call that may have destroyed events.
+void DeviceAllocator::report_leaks() {
+  if (!fences_) return;
+  const std::uint64_t own = fences_->leaked_fences(), in_arena = arena_->leaked_fences();
+  if (own == leaks_seen_own_ && in_arena == leaks_seen_arena_) return;
+  const std::uint64_t fresh = (own - leaks_seen_own_) + (in_arena - leaks_seen_arena_);
+  const std::string why = own != leaks_seen_own_ ? fences_->last_leak() : arena_->last_fence_leak();
+  leaks_seen_own_ = own;
+  leaks_seen_arena_ = in_arena;
+  Allocator::instance().record_error("allocator on " + where() + ": " + std::to_string(fresh) +
+                                     " CUDA event(s) could not be destroyed (" + std::to_string(own + in_arena) +
+                                     " leaked in all, stats()['leaked_events']): " + why);
+}
+
 Status DeviceAllocator::wait_streams(const std::vector<void*>& streams) {
   for (void* stream : streams) {
     Fence f = nullptr;
@@ -572,6 +594,7 @@ Status DeviceAllocator::wait_streams(const std::vector<void*>& streams) {
 
 Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void** out) {
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   *out = nullptr;
   // Built only on failure: the success path stays free of string work.
   auto call = [&] {
@@ -619,6 +642,7 @@ Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void**
 Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
   if (ptr == nullptr) return Status::Ok();  // like free(NULL)
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(ptr);
   auto call = [&] {
     return "ekv_free(ptr=" + hex(addr) + ", size=" + std::to_string(size) + ", device=" + where() + ")";
@@ -680,6 +704,7 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
 
 Status DeviceAllocator::trim(std::size_t* released) {
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   *released = 0;
   const std::size_t held_before = arena_->stats().held_bytes;
   if (pending_head_ != nullptr) promote_done(true);
@@ -694,6 +719,7 @@ Status DeviceAllocator::trim(std::size_t* released) {
 
 Status DeviceAllocator::set_limit(std::optional<std::size_t> limit) {
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   limit_ = limit;
   if (limit && mapped_ > *limit) {
     if (pending_head_ != nullptr) promote_done(false);
@@ -706,6 +732,7 @@ Status DeviceAllocator::set_limit(std::optional<std::size_t> limit) {
 
 Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   *released = 0;
   const std::string call = "pause(tag='" + Allocator::instance().tag_name(tag) + "', backup=" +
                            (backup ? "True" : "False") + ", device=" + where() + ")";
@@ -810,6 +837,7 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
 
 Status DeviceAllocator::resume(TagId tag) {
   std::lock_guard<std::mutex> lock(mu_);
+  LeakReport report{this};
   const std::string call = "resume(tag='" + Allocator::instance().tag_name(tag) + "', device=" + where() + ")";
   auto tit = tags_.find(tag);
   if (tit == tags_.end() || !tit->second.paused) return InvalidArgument(call + ": the tag is not paused");
@@ -909,6 +937,7 @@ AllocatorStats DeviceAllocator::stats() const {
   s.failed_frees = failed_frees_;
   s.maps = maps_;
   s.unmaps = unmaps_;
+  s.leaked_events = (fences_ ? fences_->leaked_fences() : 0) + arena_->leaked_fences();
   s.live_blocks = live_.size();
   s.segments = segments_.size();
   std::map<TagId, TagStats> per;

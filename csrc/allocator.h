@@ -75,6 +75,7 @@ struct AllocatorStats {
   std::optional<std::size_t> limit_bytes;  // nullopt = no allocator limit
   std::uint64_t mallocs = 0, frees = 0, failed_mallocs = 0, failed_frees = 0;
   std::uint64_t maps = 0, unmaps = 0;    // granules mapped/unmapped by this allocator
+  std::uint64_t leaked_events = 0;       // events the driver would not destroy (this + its arena)
   std::uint64_t live_blocks = 0, segments = 0;
   std::vector<TagStats> tags;
 };
@@ -116,6 +117,7 @@ class DeviceAllocator {
 
  private:
   struct FenceRef;
+  struct LeakReport;
   struct Segment;
   struct Block;
   struct FreeKey {
@@ -154,6 +156,7 @@ class DeviceAllocator {
   Status release_segment(Segment* s);
   Segment* carve(Segment* s, Block* b);
   Status wait_streams(const std::vector<void*>& streams);
+  void report_leaks();
   std::size_t va_alloc(std::size_t count);  // returns SIZE_MAX if none
   void va_free(std::size_t first, std::size_t count);
   void note_mapped(std::ptrdiff_t delta);
@@ -179,6 +182,7 @@ class DeviceAllocator {
   std::size_t mapped_ = 0, allocated_ = 0, requested_ = 0, paused_ = 0, paused_live_ = 0;
   std::size_t pending_free_ = 0, peak_allocated_ = 0, peak_mapped_ = 0;
   std::uint64_t mallocs_ = 0, frees_ = 0, failed_mallocs_ = 0, failed_frees_ = 0, maps_ = 0, unmaps_ = 0;
+  std::uint64_t leaks_seen_own_ = 0, leaks_seen_arena_ = 0;  // leaked_fences() already reported
 };
 
 // The process-wide door: per-device allocators, tag names, the last error. Reached from the C

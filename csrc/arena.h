@@ -23,6 +23,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "backend.h"
@@ -87,6 +88,9 @@ class Arena {
   ArenaStats stats() const;
   // Waits for the device, unmaps and releases everything, frees the range. Idempotent.
   Status close();
+  // Fences the backend could not destroy (they leaked in the driver), and the last message.
+  std::uint64_t leaked_fences() const { return backend_->leaked_fences(); }
+  std::string last_fence_leak() const { return backend_->last_leak(); }
 
   bool closed() const;
   std::uintptr_t base() const { return base_; }

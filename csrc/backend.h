@@ -7,7 +7,8 @@
 //                   granule-aligned address of a range, possibly many times over its life.
 //
 // The calls mirror the CUDA driver VMM API so that everything above a backend is the same
-// code on CPU and GPU. A backend holds no accounting and no policy: the Arena does that.
+// code on CPU and GPU. A backend holds no accounting and no policy: the Arena does that. The
+// one count it keeps is of fences it failed to destroy (see leaked_fences).
 // Every call returns a Status; a failed call leaves the backend as it was.
 #pragma once
 
@@ -74,7 +75,12 @@ class Backend {
     (void)fence;
     return Status::Ok();
   }
+  // A fence that cannot be destroyed stays alive in the driver. Its callers are done with it
+  // and several (reaping inside an unrelated map or poll) have nobody to tell, so the backend
+  // counts each such leak itself and keeps the last message (leaked_fences, last_leak).
   virtual void destroy_fence(Fence fence) { (void)fence; }
+  virtual std::uint64_t leaked_fences() const { return 0; }
+  virtual std::string last_leak() const { return std::string(); }
   // Waits for all work queued on the device by anyone, on every stream. Only for teardown
   // (closing an arena whose granules are still mapped: no fence says who last used them);
   // release paths wait on fences instead.

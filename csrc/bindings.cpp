@@ -157,7 +157,12 @@ void bind_arena(py::module_& m) {
             throw_if_error(a.set_reuse_bytes(non_negative("Arena.set_reuse_bytes", "nbytes", nbytes)));
           },
           py::arg("nbytes"))
-      .def("stats", [](const Arena& a) { return arena_stats_dict(a.stats()); })
+      .def("stats",
+           [](const Arena& a) {
+             py::dict d = arena_stats_dict(a.stats());
+             d["leaked_events"] = a.leaked_fences();
+             return d;
+           })
       .def("close",
            [](Arena& a) {
              Status st;

@@ -5,6 +5,8 @@
 // Unmapping is deferred by the Arena until an event recorded at unmap time has completed:
 // the device may still be reading the granule, and waiting on that event (not on the whole
 // device) is the cheapest correct wait.
+#include <atomic>
+#include <mutex>
 #include <string>
 
 #include "backend.h"
@@ -114,7 +116,8 @@ class CudaBackend final : public Backend {
     if (rc != CUDA_SUCCESS) return from_cu("cuEventCreate", rc);
     rc = drv_->EventRecord(ev, static_cast<CUstream>(stream));
     if (rc != CUDA_SUCCESS) {
-      drv_->EventDestroy(ev);
+      CUresult drc = drv_->EventDestroy(ev);
+      if (drc != CUDA_SUCCESS) note_leak(from_cu("cuEventDestroy", drc).message());
       return from_cu("cuEventRecord", rc);
     }
     *out = static_cast<Fence>(ev);
@@ -145,7 +148,19 @@ class CudaBackend final : public Backend {
 
   void destroy_fence(Fence fence) override {
     CtxScope scope(this);
-    if (scope.status.ok()) drv_->EventDestroy(static_cast<CUevent>(fence));
+    if (!scope.status.ok()) {
+      note_leak(scope.status.message());
+      return;
+    }
+    CUresult rc = drv_->EventDestroy(static_cast<CUevent>(fence));
+    if (rc != CUDA_SUCCESS) note_leak(from_cu("cuEventDestroy", rc).message());
+  }
+
+  std::uint64_t leaked_fences() const override { return leaked_fences_.load(std::memory_order_relaxed); }
+
+  std::string last_leak() const override {
+    std::lock_guard<std::mutex> lock(leak_mu_);
+    return last_leak_;
   }
 
   Status synchronize() override {
@@ -200,6 +215,12 @@ class CudaBackend final : public Backend {
     return prop;
   }
 
+  void note_leak(const std::string& why) {
+    std::lock_guard<std::mutex> lock(leak_mu_);
+    last_leak_ = why + " (the event leaked)";
+    leaked_fences_.fetch_add(1, std::memory_order_relaxed);
+  }
+
   Status from_cu(const std::string& call, CUresult rc) const {
     std::string msg = drv_->error_text(call.c_str(), rc) + " on cuda:" + std::to_string(index_);
     if (rc == CUDA_ERROR_OUT_OF_MEMORY) return OutOfMemory(msg);
@@ -213,6 +234,9 @@ class CudaBackend final : public Backend {
   CUcontext ctx_;
   int index_;
   BackendCaps caps_;
+  std::atomic<std::uint64_t> leaked_fences_{0};
+  mutable std::mutex leak_mu_;
+  std::string last_leak_;
 };
 
 }  // namespace
