@@ -2,6 +2,7 @@
 #include "arena.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 #include <new>
 #include <string>
@@ -458,59 +459,112 @@ ArenaStats Arena::stats() const {
 Status Arena::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (closed_ || closing_) return Status::Ok();  // a second close is a no-op
+    // A retry gives back what an earlier close() could not (nothing, once it all went back).
+    if (closed_) return release_closed_locked(Status::Ok());
+    if (closing_) return Status::Ok();  // another thread is closing it
     closing_ = true;
   }
   // Registry before arena lock (see budget.h); after this no set_budget reaches us.
   budget_->unregister_arena(this, capacity_);
   std::lock_guard<std::mutex> lock(mu_);
   closed_ = true;
-  // In a forked child the memory is the parent's: the books are closed (the child's budget
-  // stops counting it) but nothing is unmapped, released or fenced through the backend.
-  const bool owner = !in_forked_child();
   Status first_error;
-  auto note = [&first_error](const Status& st) {
-    if (!st.ok() && first_error.ok()) first_error = st;
-  };
-  const std::size_t g = granularity_;
-  // Granules still mapped may be in use by device work queued on any stream (torch's side
-  // streams do not order with the default stream, so a fence there would not cover them):
-  // closing waits for the whole device, once.
-  bool any_mapped = false;
-  for (const Granule& gr : granules_) any_mapped = any_mapped || gr.state == State::kMapped;
-  if (owner && any_mapped && backend_->caps().deferred_unmap) note(backend_->synchronize());
-  if (owner) {
-    note(reap_locked(true));
+  if (!in_forked_child()) {
+    // Granules still mapped may be in use by device work queued on any stream (torch's side
+    // streams do not order with the default stream, so a fence there would not cover them):
+    // closing waits for the whole device, once.
+    bool any_mapped = false;
+    for (const Granule& gr : granules_) any_mapped = any_mapped || gr.state == State::kMapped;
+    if (any_mapped && backend_->caps().deferred_unmap) first_error = backend_->synchronize();
+    Status reaped = reap_locked(true);
+    if (first_error.ok()) first_error = reaped;
     for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
   }
   pending_.clear();
-  std::size_t dropped_mapped = 0, dropped_pending = 0;
+  // Whatever is still mapped (pending granules are, in the driver) is given back below like
+  // the cached handles; until it is, it counts as cached: held, and of no use to anyone.
+  for (Granule& gr : granules_) {
+    if (gr.state == State::kPending) gr.state = State::kMapped;
+  }
+  BudgetDelta d;
+  d.mapped = -static_cast<std::int64_t>(s_.mapped_bytes);
+  d.pending = -static_cast<std::int64_t>(s_.pending_bytes);
+  d.cached = static_cast<std::int64_t>(s_.mapped_bytes + s_.pending_bytes);
+  budget_->apply(d);
+  s_.cached_bytes += s_.mapped_bytes + s_.pending_bytes;
+  s_.mapped_bytes = s_.pending_bytes = 0;
+  return release_closed_locked(first_error);
+}
+
+Status Arena::release_closed_locked(Status first_error) {
+  auto note = [&first_error](const Status& st) {
+    if (!st.ok() && first_error.ok()) first_error = st;
+  };
+  // In a forked child the memory is the parent's: the books are closed (the child's budget
+  // stops counting it) but nothing is unmapped, released or freed through the backend.
+  const bool owner = !in_forked_child();
+  const std::size_t g = granularity_;
+  std::size_t still_mapped = 0;
   for (std::size_t i = 0; i < granules_.size(); ++i) {
     Granule& gr = granules_[i];
     if (gr.state == State::kUnmapped) continue;
-    (gr.state == State::kMapped ? dropped_mapped : dropped_pending) += g;
+    Status st = owner ? backend_->unmap(addr_of(i), g) : Status::Ok();
+    if (!st.ok()) {
+      note(st);
+      ++still_mapped;  // kept mapped in the table, for the next close()
+      continue;
+    }
     gr.state = State::kUnmapped;
-    if (!owner) continue;
-    note(backend_->unmap(addr_of(i), g));
-    note(backend_->release(gr.handle, g));
-    s_.releases += 1;
+    if (owner) cache_.push_back(gr.handle);  // released with the cached handles, just below
   }
+  std::vector<PhysHandle> kept;
   for (PhysHandle h : cache_) {
     if (!owner) break;
-    note(backend_->release(h, g));
+    Status st = backend_->release(h, g);
+    if (!st.ok()) {
+      note(st);
+      kept.push_back(h);
+      continue;
+    }
     s_.releases += 1;
   }
+  cache_ = std::move(kept);
+  // The driver refuses to free a range that still has mappings inside.
+  if (range_held_ && still_mapped == 0) {
+    Status st = owner ? backend_->free_range(base_, capacity_) : Status::Ok();
+    if (st.ok()) {
+      range_held_ = false;
+      s_.reserved_bytes = 0;
+    } else {
+      note(st);
+    }
+  }
+  const std::size_t held = (still_mapped + cache_.size()) * g;
   BudgetDelta d;
-  d.mapped = -static_cast<std::int64_t>(dropped_mapped);
-  d.pending = -static_cast<std::int64_t>(dropped_pending);
-  d.cached = -static_cast<std::int64_t>(s_.cached_bytes);
+  d.cached = static_cast<std::int64_t>(held) - static_cast<std::int64_t>(s_.cached_bytes);
   budget_->apply(d);
-  budget_->uncharge(s_.held_bytes);
-  cache_.clear();
-  if (owner) note(backend_->free_range(base_, capacity_));
-  s_.mapped_bytes = s_.pending_bytes = s_.cached_bytes = s_.held_bytes = 0;
-  if (!first_error.ok()) return Status(first_error.code(), "Arena.close: " + first_error.message());
-  return Status::Ok();
+  budget_->uncharge(s_.held_bytes - held);
+  s_.cached_bytes = s_.held_bytes = held;
+  if (first_error.ok()) return Status::Ok();
+  // A cleanup failure is the driver's, whatever code the call returned (never the caller's
+  // ValueError nor a MemoryError to retry with less).
+  if (held == 0 && !range_held_) {
+    return DriverError("Arena.close: " + first_error.message() + "; everything was given back all the same");
+  }
+  std::string left;
+  auto add = [&left](const std::string& part) { left += (left.empty() ? "" : ", ") + part; };
+  if (still_mapped != 0) {
+    add(std::to_string(still_mapped) + " mapped granules (" + std::to_string(still_mapped * g) + " bytes)");
+  }
+  if (!cache_.empty()) {
+    add(std::to_string(cache_.size()) + " physical handles (" + std::to_string(cache_.size() * g) + " bytes)");
+  }
+  if (range_held_) {
+    char base[32];
+    std::snprintf(base, sizeof(base), "0x%llx", static_cast<unsigned long long>(base_));
+    add("the " + std::to_string(capacity_) + "-byte address range at " + base);
+  }
+  return DriverError("Arena.close: " + first_error.message() + "; not given back: " + left + "; close() again retries");
 }
 
 }  // namespace ekv

@@ -47,7 +47,7 @@ constexpr std::size_t kMaxPendingBatches = 64;
 
 struct ArenaStats {
   std::size_t granularity = 0;
-  std::size_t reserved_bytes = 0;  // address space (capacity)
+  std::size_t reserved_bytes = 0;  // address space (capacity); 0 once close() freed the range
   std::size_t mapped_bytes = 0;    // granules the caller has mapped
   std::size_t pending_bytes = 0;   // unmapped by the caller, waiting for the device
   std::size_t cached_bytes = 0;    // handles kept for reuse, not mapped
@@ -86,7 +86,11 @@ class Arena {
   // returns the bytes released. The budget calls it to make room for another arena's map.
   std::size_t try_release_cached(std::size_t nbytes);
   ArenaStats stats() const;
-  // Waits for the device, unmaps and releases everything, frees the range. Idempotent.
+  // Waits for the device, unmaps and releases everything, frees the range. The arena refuses
+  // every other call from the first close() on. What the backend would not give back (a
+  // failed unmap, release or range free) stays held and counted (held_bytes, reserved_bytes)
+  // and the call fails naming it; a later close() retries exactly that. Once everything is
+  // given back, close() is a no-op.
   Status close();
   // Fences the backend could not destroy (they leaked in the driver), and the last message.
   std::uint64_t leaked_fences() const { return backend_->leaked_fences(); }
@@ -128,6 +132,8 @@ class Arena {
   void recycle_locked(PhysHandle handle);
   Status release_cache_locked(std::size_t keep_bytes, std::size_t* released);
   Status charge_locked(std::size_t nbytes, const std::string& what);
+  // close()'s giving back, also its retry: unmaps, releases and frees what is still held.
+  Status release_closed_locked(Status first_error);
 
   const DeviceKind kind_;
   const int device_index_;
@@ -146,6 +152,7 @@ class Arena {
   const pid_t owner_pid_ = getpid();
   bool in_forked_child() const;
   bool closing_ = false;  // close() has begun (unregistering from the budget)
+  bool range_held_ = true;  // the address range is reserved (until close() frees it)
   std::size_t reuse_bytes_;
   std::vector<Granule> granules_;
   std::vector<PhysHandle> cache_;

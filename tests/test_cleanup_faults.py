@@ -1,6 +1,7 @@
 """Driver failures on the cleanup paths, on the fake CUDA driver: nothing leaks silently.
 
-A cuEventDestroy that fails is counted (stats()["leaked_events"]) and named in last_error.
+A cuEventDestroy that fails is counted (stats()["leaked_events"]) and named in last_error; a
+close() the driver refuses names what it kept and a later close() gives it back.
 """
 from __future__ import annotations
 
@@ -89,3 +90,46 @@ def test_an_arena_counts_the_events_its_reaps_leak(fake_cuda):
         assert s["leaked_events"] == 1 and s["held_bytes"] == s["pending_bytes"] == 0
         assert fake_cuda.live_events() == 1 and fake_cuda.live_handles() == 0
     assert fake_cuda.forget_events() == 1 and fake_cuda.counts() == ZERO
+
+
+# -- close() ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("function, left, kept", [
+    ("cuMemAddressFree", "the 67108864-byte address range at 0x", {"reservations": 1}),
+    ("cuMemUnmap", "1 mapped granules (2097152 bytes), the 67108864-byte address range at 0x",
+     {"handles": 1, "mappings": 1, "reservations": 1, "used_bytes": 2 * MiB}),
+    ("cuMemRelease", "1 physical handles (2097152 bytes); close() again retries",
+     {"handles": 1, "used_bytes": 2 * MiB}),
+])
+def test_a_refused_close_names_what_it_kept_and_the_next_close_gives_it_back(fake_cuda, function, left, kept):
+    base = ekv.memory_stats("cuda")  # device-wide: other arenas may be alive
+    a = Arena(64 * MiB, device="cuda", reuse_bytes=4 * MiB)
+    g = a.granularity
+    a.map(0, 3 * g)
+    a.unmap(0, g)
+    assert a.poll() == g  # one cached handle, two mapped granules
+    fake_cuda.fail_nth(function, 1, code=999)
+    with pytest.raises(RuntimeError) as e:
+        a.close()
+    msg = str(e.value)
+    assert msg.startswith(f"Arena.close: {function} {FAILED}; not given back: {left}"), msg
+    assert msg.endswith("; close() again retries")
+    assert fake_cuda.counts() == {**ZERO, **kept}
+    held = kept.get("used_bytes", 0)
+    s = a.stats()
+    assert (s["mapped_bytes"], s["pending_bytes"], s["cached_bytes"], s["held_bytes"]) == (0, 0, held, held)
+    assert s["reserved_bytes"] == 64 * MiB * kept.get("reservations", 0)
+    d = ekv.memory_stats("cuda")
+    assert (d["held_bytes"] - base["held_bytes"], d["cached_bytes"] - base["cached_bytes"],
+            d["mapped_bytes"] - base["mapped_bytes"], d["arenas"] - base["arenas"]) == (held, held, 0, 0)
+    assert a.closed
+    with pytest.raises(ValueError, match="closed"):
+        a.map(0, g)
+    a.close()  # the retry gives back what was kept
+    assert fake_cuda.counts() == ZERO
+    s = a.stats()
+    assert (s["held_bytes"], s["cached_bytes"], s["reserved_bytes"]) == (0, 0, 0)
+    assert ekv.memory_stats("cuda")["held_bytes"] == base["held_bytes"]
+    calls = fake_cuda.calls(function)
+    a.close()  # nothing left: no driver call at all
+    assert fake_cuda.calls(function) == calls

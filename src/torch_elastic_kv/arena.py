@@ -209,9 +209,10 @@ class Arena:
     def stats(self) -> dict[str, int]:
         """Byte and event counts of this arena.
 
-        reserved_bytes, mapped_bytes, pending_bytes (unmapped, device not done yet),
-        cached_bytes, held_bytes (= mapped + pending + cached), reuse_bytes, granularity,
-        and counts of granules: maps, unmaps, creates, releases, reuses, revives.
+        reserved_bytes (0 once close() gave the range back), mapped_bytes, pending_bytes
+        (unmapped, device not done yet), cached_bytes, held_bytes (= mapped + pending +
+        cached), reuse_bytes, granularity, counts of granules: maps, unmaps, creates,
+        releases, reuses, revives, and leaked_events (CUDA events the driver would not destroy).
         """
         return self._impl.stats()
 
@@ -288,7 +289,12 @@ class Arena:
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Wait for the device, unmap and release everything, free the range. Idempotent."""
+        """Wait for the device, unmap and release everything, free the range.
+
+        Every other call is refused from the first close() on. If the driver refuses to give
+        something back, RuntimeError names it (it stays counted in held_bytes /
+        reserved_bytes) and a later close() retries exactly that; once everything is back,
+        close() is a no-op."""
         self._impl.close()
 
     def __enter__(self) -> "Arena":
