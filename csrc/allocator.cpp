@@ -916,6 +916,19 @@ Status DeviceAllocator::close_if_idle() {
   return Status::Ok();
 }
 
+Status DeviceAllocator::close_arena() {
+  std::lock_guard<std::mutex> lock(mu_);
+  // Free-time events are of no more use (the arena's close waits for the device): destroyed
+  // now, not whenever an allocator kept aside by a failed close goes away.
+  if (pending_head_ != nullptr) promote_done(true);
+  Status st = arena_->close();
+  report_leaks();
+  if (st.ok()) return st;
+  return Status(st.code(), "close(device=" + where() + "): the allocator is dropped (the next malloc starts afresh), "
+                           "but its memory was not all given back: " + st.message() +
+                           " (close(device) again retries)");
+}
+
 AllocatorStats DeviceAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   AllocatorStats s;
@@ -1017,16 +1030,44 @@ std::vector<std::shared_ptr<DeviceAllocator>> Allocator::devices() {
 }
 
 Status Allocator::close(int device) {
-  std::shared_ptr<DeviceAllocator> d;
+  std::vector<std::shared_ptr<DeviceAllocator>> todo;  // arenas kept aside by earlier closes first
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = devices_.find(device);
-    if (it == devices_.end()) return Status::Ok();
-    EKV_RETURN_IF_ERROR(it->second->close_if_idle());
-    d = std::move(it->second);
-    devices_.erase(it);
+    if (it != devices_.end()) EKV_RETURN_IF_ERROR(it->second->close_if_idle());
+    auto kept = unclosed_.equal_range(device);
+    for (auto k = kept.first; k != kept.second; ++k) todo.push_back(std::move(k->second));
+    unclosed_.erase(kept.first, kept.second);
+    if (it != devices_.end()) {
+      todo.push_back(std::move(it->second));
+      devices_.erase(it);
+    }
   }
-  return Status::Ok();  // d's arena closes here, or when the last in-flight call lets go
+  // Outside the lock: closing waits for the device, and other devices' calls need not wait.
+  // Calls still in flight on a dropped allocator finish before close_arena (its lock); its
+  // mallocs are refused from close_if_idle on.
+  Status first_error;
+  std::vector<std::shared_ptr<DeviceAllocator>> failed;
+  for (auto& d : todo) {
+    Status st = d->close_arena();
+    if (st.ok()) continue;
+    if (first_error.ok()) first_error = st;
+    failed.push_back(std::move(d));
+  }
+  if (!failed.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& d : failed) unclosed_.emplace(device, std::move(d));
+  }
+  return first_error;
+}
+
+std::vector<int> Allocator::unclosed_devices() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int> out;
+  for (auto& kv : unclosed_) {
+    if (out.empty() || out.back() != kv.first) out.push_back(kv.first);
+  }
+  return out;
 }
 
 void Allocator::set_reserve_bytes(std::size_t nbytes) {

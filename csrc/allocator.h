@@ -114,6 +114,9 @@ class DeviceAllocator {
   // Marks the allocator closed if nothing is allocated or paused (later calls fail with
   // kUnavailable, so the caller can drop it); else kInvalidArgument and nothing changes.
   Status close_if_idle();
+  // After close_if_idle: gives the arena (mappings, handles, address range) back. A failure
+  // names what is still held; calling it again retries that.
+  Status close_arena();
 
  private:
   struct FenceRef;
@@ -200,8 +203,12 @@ class Allocator {
   Status device(int device, std::shared_ptr<DeviceAllocator>* out);
   std::vector<std::shared_ptr<DeviceAllocator>> devices();
   // Drops the device's allocator (its arena and address reservation) if nothing is allocated
-  // or paused there; the next malloc on the device starts a fresh one.
+  // or paused there; the next malloc on the device starts a fresh one. An arena the driver
+  // would not give back whole is kept aside and named in the error; the next close(device)
+  // retries it.
   Status close(int device);
+  // Devices with such an arena kept aside.
+  std::vector<int> unclosed_devices();
   // Address space each device reserves when first used (0 = default). Only before first use.
   void set_reserve_bytes(std::size_t nbytes);
 
@@ -219,6 +226,7 @@ class Allocator {
   Allocator();
   std::mutex mu_;
   std::map<int, std::shared_ptr<DeviceAllocator>> devices_;
+  std::multimap<int, std::shared_ptr<DeviceAllocator>> unclosed_;  // dropped, arena not all given back
   std::size_t reserve_bytes_ = 0;
   std::mutex tags_mu_;
   std::vector<std::string> tag_names_;

@@ -185,7 +185,9 @@ void bind_allocator(py::module_& m) {
         }
         throw_if_error(st);
       },
-      py::arg("device"), "Drop the device's allocator and its address reservation; refused while in use.");
+      py::arg("device"),
+      "Drop the device's allocator and its address reservation; refused while in use; retries what an earlier "
+      "close could not give back.");
   m.def(
       "allocator_devices",
       [] {
@@ -194,6 +196,9 @@ void bind_allocator(py::module_& m) {
         return out;
       },
       "Devices the allocator has state on.");
+  m.def(
+      "allocator_unclosed_devices", [] { return Allocator::instance().unclosed_devices(); },
+      "Devices whose dropped allocator's memory a failed close() could not all give back (close retries it).");
   m.def(
       "allocator_set_thread_tag",
       [](const std::string& tag) {

@@ -133,3 +133,23 @@ def test_a_refused_close_names_what_it_kept_and_the_next_close_gives_it_back(fak
     calls = fake_cuda.calls(function)
     a.close()  # nothing left: no driver call at all
     assert fake_cuda.calls(function) == calls
+
+
+def test_allocator_close_names_what_the_driver_kept_and_the_next_close_retries(dev):
+    abi, fake = dev
+    p = abi.malloc(4096)
+    abi.free(p, 4096)
+    fake.fail_nth("cuMemAddressFree", 1, code=999)
+    with pytest.raises(RuntimeError) as e:
+        ekv_alloc.close(DEV)
+    assert str(e.value).startswith(
+        "close(device=cuda:0): the allocator is dropped (the next malloc starts afresh), but its memory was not "
+        f"all given back: Arena.close: cuMemAddressFree {FAILED}; not given back: the "), str(e.value)
+    assert str(e.value).endswith(" (close(device) again retries)")
+    assert fake.counts() == {**ZERO, "reservations": 1}
+    assert DEV not in _C.allocator_devices() and _C.allocator_unclosed_devices() == [DEV]
+    q = abi.malloc(4096)  # meanwhile the device works on a fresh allocator
+    assert q and fake.live_reservations() == 2
+    abi.free(q, 4096)
+    ekv_alloc.close()  # every device, the arena kept aside too
+    assert fake.counts() == ZERO and _C.allocator_unclosed_devices() == []

@@ -307,6 +307,12 @@ def last_error(clear: bool = False) -> str | None:
 def close(device: Any = None) -> None:
     """Drop the allocator's state on ``device`` (every device if None): its arena and address
     reservation go back to the driver. Refused with ValueError while anything is allocated or
-    paused there; the next allocation on the device starts afresh."""
-    for index in _devices(device):
+    paused there; the next allocation on the device starts afresh. If the driver would not
+    take everything back, RuntimeError names what is still held (the allocator is dropped all
+    the same); calling close again retries that."""
+    if device is None:
+        indices = sorted(set(_C.allocator_devices()) | set(_C.allocator_unclosed_devices()))
+    else:
+        indices = [_device_index(device)]
+    for index in indices:
         _C.allocator_close(index)
