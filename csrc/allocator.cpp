@@ -40,7 +40,9 @@ std::size_t round_up(std::size_t n, std::size_t a) {
 
 // ---- pieces ---------------------------------------------------------------------------------
 
-// A free-time event shared by the blocks split from (or merged into) one freed block.
+// A free-time event shared by the blocks split from (or merged into) one freed block. A null
+// fence stands for an event that could not be recorded: done only once the device is
+// synchronized (wait_fence), reusable by its stream meanwhile, as stream order allows.
 struct DeviceAllocator::FenceRef {
   FenceRef(Backend* b, Fence f) : backend(b), fence(f) {}
   ~FenceRef() {
@@ -345,13 +347,17 @@ DeviceAllocator::Block* DeviceAllocator::coalesce(Block* b) {
 // Free blocks whose free-time event has completed become reusable by any stream (waiting for
 // the events first if `wait`: an event wait, never a device-wide synchronize).
 void DeviceAllocator::promote_done(bool wait) {
+  bool synced = false;  // a device synchronize (for a block without an event) finished everything
   for (Block* b = pending_head_; b != nullptr;) {
     Block* next = b->pnext;
     FenceRef* f = b->fence.get();
     if (!f->done) {
-      if (wait) {
-        f->done = fences_->fence_wait(f->fence).ok();
-      } else {
+      if (synced) {
+        f->done = true;
+      } else if (wait) {
+        f->done = wait_fence(f).ok();
+        synced = f->done && f->fence == nullptr;
+      } else if (f->fence != nullptr) {
         bool d = false;
         f->done = fences_->fence_done(f->fence, &d).ok() && d;
       }
@@ -370,10 +376,18 @@ void DeviceAllocator::promote_done(bool wait) {
 
 // Promotes the oldest pending blocks whose events have completed: up to four, stopping at the
 // first not done (one query each, no wait), so the list drains faster than frees fill it.
+// Blocks without an event (they wait for a synchronize) are stepped over, a few at most, so
+// that they do not stall the draining behind them.
 void DeviceAllocator::promote_oldest() {
-  for (int i = 0; i < 4 && pending_head_ != nullptr; ++i) {
-    Block* b = pending_head_;
+  int promoted = 0, skipped = 0;
+  for (Block* b = pending_head_; b != nullptr && promoted < 4;) {
+    Block* next = b->pnext;
     FenceRef* f = b->fence.get();
+    if (!f->done && f->fence == nullptr) {
+      if (++skipped > 4) return;
+      b = next;
+      continue;
+    }
     if (!f->done) {
       bool d = false;
       f->done = fences_->fence_done(f->fence, &d).ok() && d;
@@ -383,7 +397,9 @@ void DeviceAllocator::promote_oldest() {
     pending_unlink(b);
     b->fence.reset();
     b->stream = nullptr;
-    index_insert(coalesce(b));
+    index_insert(coalesce(b));  // merges only with ready neighbours: `next` is still pending
+    ++promoted;
+    b = next;
   }
 }
 
@@ -563,6 +579,13 @@ std::size_t DeviceAllocator::release_free_segments(bool carve_large) {
   return bytes;
 }
 
+Status DeviceAllocator::wait_fence(FenceRef* f) {
+  if (f->done) return Status::Ok();
+  Status st = f->fence != nullptr ? fences_->fence_wait(f->fence) : fences_->synchronize();
+  if (st.ok()) f->done = true;
+  return st;
+}
+
 // Event leaks happen where nobody can be told (a block reused, a pending unmap reaped inside an
 // unrelated call), so they are counted by the backends and turned into last_error here, once,
 // at the end of each call that may have destroyed events.
@@ -668,12 +691,31 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
   if (fences_ && !s->paused) {
     Fence f = nullptr;
     Status st = fences_->record_fence(stream, &f);
-    if (!st.ok()) {
-      failed_frees_ += 1;
-      return Status(st.code(), call() + ": recording the free-time event failed: " + st.message() +
-                                   " (the block stays allocated)");
+    if (st.ok()) {
+      fence = std::make_shared<FenceRef>(fences_.get(), f);
+    } else {
+      // torch never retries a free, so refusing it would keep the block for good. A wait now
+      // tells what the event would have: the stream's work first (the block's last use is
+      // there), the whole device if the stream cannot be waited on. Only when neither works
+      // does the block wait, with a null fence, for trim()'s synchronize; its own stream may
+      // reuse it meanwhile (stream order).
+      free_event_failures_ += 1;
+      report_leaks();  // a leak on the way (the unrecorded event) first: the free's note is the news
+      std::string how;
+      Status ss = fences_->synchronize_stream(stream);
+      Status cs = ss.ok() ? ss : fences_->synchronize();
+      if (ss.ok()) {
+        how = "synchronized the stream instead, and freed the block";
+      } else if (cs.ok()) {
+        how = ss.message() + "; synchronized the device instead, and freed the block";
+      } else {
+        how = ss.message() + "; " + cs.message() +
+              "; the block is freed, reusable by its stream only until trim() synchronizes the device";
+        fence = std::make_shared<FenceRef>(fences_.get(), nullptr);
+      }
+      Allocator::instance().record_error(call() + ": recording the free-time event failed: " + st.message() + "; " +
+                                         how);
     }
-    fence = std::make_shared<FenceRef>(fences_.get(), f);
   }
   live_.erase(it);
   allocated_ -= b->size;
@@ -752,9 +794,8 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
           streams.push_back(b->stream);
         }
         if (b->fence && !b->fence->done) {
-          Status st = fences_->fence_wait(b->fence->fence);
+          Status st = wait_fence(b->fence.get());
           if (!st.ok()) return Status(st.code(), call + ": " + st.message() + "; nothing changed");
-          b->fence->done = true;
         }
       }
     }
@@ -950,6 +991,7 @@ AllocatorStats DeviceAllocator::stats() const {
   s.failed_frees = failed_frees_;
   s.maps = maps_;
   s.unmaps = unmaps_;
+  s.free_event_failures = free_event_failures_;
   s.leaked_events = (fences_ ? fences_->leaked_fences() : 0) + arena_->leaked_fences();
   s.live_blocks = live_.size();
   s.segments = segments_.size();

@@ -12,7 +12,9 @@
 //
 // Stream order: a block freed on stream S is reusable at once by S; for any other stream, and
 // for unmapping, only once an event recorded on S at free time has completed. The free path
-// records that event and never synchronizes the device.
+// records that event and never synchronizes the device, unless the event cannot be had: torch
+// never retries a free, so it then synchronizes S (else the device) and frees the block all
+// the same; if even that fails the block stays reusable by S only until trim() synchronizes.
 //
 // Tags: every allocation carries the calling thread's current tag (set_thread_tag); segments
 // never mix tags, so pause(tag) can unmap a tag's granules while keeping their addresses and
@@ -75,6 +77,7 @@ struct AllocatorStats {
   std::optional<std::size_t> limit_bytes;  // nullopt = no allocator limit
   std::uint64_t mallocs = 0, frees = 0, failed_mallocs = 0, failed_frees = 0;
   std::uint64_t maps = 0, unmaps = 0;    // granules mapped/unmapped by this allocator
+  std::uint64_t free_event_failures = 0;  // frees whose free-time event could not be recorded
   std::uint64_t leaked_events = 0;       // events the driver would not destroy (this + its arena)
   std::uint64_t live_blocks = 0, segments = 0;
   std::vector<TagStats> tags;
@@ -159,6 +162,7 @@ class DeviceAllocator {
   Status release_segment(Segment* s);
   Segment* carve(Segment* s, Block* b);
   Status wait_streams(const std::vector<void*>& streams);
+  Status wait_fence(FenceRef* f);
   void report_leaks();
   std::size_t va_alloc(std::size_t count);  // returns SIZE_MAX if none
   void va_free(std::size_t first, std::size_t count);
@@ -185,6 +189,7 @@ class DeviceAllocator {
   std::size_t mapped_ = 0, allocated_ = 0, requested_ = 0, paused_ = 0, paused_live_ = 0;
   std::size_t pending_free_ = 0, peak_allocated_ = 0, peak_mapped_ = 0;
   std::uint64_t mallocs_ = 0, frees_ = 0, failed_mallocs_ = 0, failed_frees_ = 0, maps_ = 0, unmaps_ = 0;
+  std::uint64_t free_event_failures_ = 0;
   std::uint64_t leaks_seen_own_ = 0, leaks_seen_arena_ = 0;  // leaked_fences() already reported
 };
 

@@ -68,6 +68,7 @@ py::dict stats_dict(const AllocatorStats& s) {
   d["failed_frees"] = s.failed_frees;
   d["maps"] = s.maps;
   d["unmaps"] = s.unmaps;
+  d["free_event_failures"] = s.free_event_failures;
   d["leaked_events"] = s.leaked_events;
   d["live_blocks"] = s.live_blocks;
   d["segments"] = s.segments;

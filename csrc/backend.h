@@ -85,6 +85,12 @@ class Backend {
   // (closing an arena whose granules are still mapped: no fence says who last used them);
   // release paths wait on fences instead.
   virtual Status synchronize() { return Status::Ok(); }
+  // Waits for the work queued on one stream: what a fence recorded there now would tell, for
+  // a caller that could not record one.
+  virtual Status synchronize_stream(void* stream) {
+    (void)stream;
+    return Status::Ok();
+  }
 
   // Free and total physical memory of the device as the backend's primitive sees it.
   virtual Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) = 0;

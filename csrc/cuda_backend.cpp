@@ -171,6 +171,14 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status synchronize_stream(void* stream) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->StreamSynchronize(static_cast<CUstream>(stream));
+    if (rc != CUDA_SUCCESS) return from_cu("cuStreamSynchronize", rc);
+    return Status::Ok();
+  }
+
   Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
     CtxScope scope(this);
     EKV_RETURN_IF_ERROR(scope.status);

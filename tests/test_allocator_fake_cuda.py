@@ -139,7 +139,7 @@ def test_pause_with_backup_drops_handles_and_restores_bytes(dev):
     ekv_alloc.trim(DEV)
 
 
-def test_driver_failures_return_null_or_keep_the_block(dev):
+def test_driver_failure_in_malloc_returns_null_and_changes_nothing(dev):
     abi, fake = dev
     s0 = ekv_alloc.stats(DEV)
     fake.fail_nth("cuMemCreate", 1)
@@ -148,12 +148,8 @@ def test_driver_failures_return_null_or_keep_the_block(dev):
     assert "cuMemCreate" in err and "CUDA_ERROR_OUT_OF_MEMORY" in err and "size=8388608" in err
     assert stable_counts(ekv_alloc.stats(DEV)) == stable_counts(s0)
     assert fake.live_handles() == 0 and fake.live_mappings() == 0
-    p = abi.malloc(8 * MiB)
+    p = abi.malloc(8 * MiB)  # the device works again (a failed free: tests/test_cleanup_faults.py)
     assert p
-    fake.fail_nth("cuEventRecord", 1)
-    abi.free(p, 8 * MiB, S1)
-    assert "free-time event" in ekv_alloc.last_error(clear=True)
-    assert [b["address"] for b in ekv_alloc.snapshot(DEV)] == [p]  # still allocated, still usable
     fill(p, 8 * MiB, seed=9)
     abi.free(p, 8 * MiB, S1)
     assert ekv_alloc.last_error() is None and ekv_alloc.snapshot(DEV) == []

@@ -250,7 +250,9 @@ def stats(device: Any = None) -> dict[str, Any]:
     for), cached_bytes (mapped, free, kept for reuse), mapped_bytes, reserved_bytes (address
     space), pending_free_bytes (free, device maybe still using), paused_bytes, backup_bytes,
     peak_allocated_bytes, peak_mapped_bytes, limit_bytes (None = no cap). Counts: mallocs,
-    frees, failed_mallocs, failed_frees, maps and unmaps (granules), live_blocks, segments.
+    frees, failed_mallocs, failed_frees, maps and unmaps (granules), live_blocks, segments,
+    free_event_failures (frees whose free-time event could not be recorded: the free
+    synchronized instead), leaked_events (CUDA events the driver would not destroy).
     ``tags``: {tag: {allocated_bytes, requested_bytes, mapped_bytes, paused_bytes,
     backup_bytes, blocks, paused}}.
     """
