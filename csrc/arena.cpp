@@ -93,7 +93,7 @@ bool Arena::closed() const {
 bool Arena::in_forked_child() const { return getpid() != owner_pid_; }
 
 Status Arena::check_open(const char* call) const {
-  if (closed_) return InvalidArgument(std::string("Arena.") + call + ": the arena is closed");
+  if (closed_) return Unavailable(std::string("Arena.") + call + ": the arena is closed");
   if (in_forked_child()) {
     return Unavailable(std::string("Arena.") + call + ": this arena belongs to process " + std::to_string(owner_pid_) +
                        "; a forked child (process " + std::to_string(getpid()) +
@@ -403,7 +403,6 @@ Status Arena::release_cache_locked(std::size_t keep_bytes, std::size_t* released
 Status Arena::trim(std::size_t* released, bool wait) {
   std::lock_guard<std::mutex> lock(mu_);
   *released = 0;
-  if (closed_) return Status::Ok();  // nothing is held any more
   EKV_RETURN_IF_ERROR(check_open("trim"));
   const std::uint64_t releases_before = s_.releases;
   Status st = reap_locked(wait);
@@ -418,7 +417,6 @@ Status Arena::trim(std::size_t* released, bool wait) {
 Status Arena::poll(std::size_t* finished) {
   std::lock_guard<std::mutex> lock(mu_);
   *finished = 0;
-  if (closed_) return Status::Ok();
   EKV_RETURN_IF_ERROR(check_open("poll"));
   const std::size_t pending_before = s_.pending_bytes;
   Status st = reap_locked(false);

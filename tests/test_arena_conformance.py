@@ -141,11 +141,16 @@ def test_close_is_idempotent_and_final(arena_device: str) -> None:
     a.close()
     a.close()
     assert a.closed
-    with pytest.raises(ValueError, match="closed"):
-        a.map(0, a.granularity)
-    with pytest.raises(ValueError, match="closed"):
-        a.view(torch.uint8, (1,))
-    assert a.trim() == 0
+    calls = {"map": lambda: a.map(0, a.granularity), "ensure_mapped": lambda: a.ensure_mapped(0, a.granularity),
+             "unmap": lambda: a.unmap(0, a.granularity), "is_mapped": lambda: a.is_mapped(0, a.granularity),
+             "trim": lambda: a.trim(), "poll": lambda: a.poll(), "set_reuse_bytes": lambda: a.set_reuse_bytes(0),
+             "view": lambda: a.view(torch.uint8, (1,))}
+    if arena_device == "cpu":
+        calls["host_view"] = lambda: a.host_view(torch.uint8, (1,))
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^Arena\.{name}: the arena is closed$"):
+            call()
+    assert a.stats()["mapped_bytes"] == 0   # stats still answer
     assert ekv.memory_stats(arena_device)["held_bytes"] == 0
 
 

@@ -206,3 +206,40 @@ def test_interrupted_forward_leaves_the_cache_usable():
     cache.free_seq(5)
     first, gen = _run_packed(model, cache, [prompt], chunk=16, new_tokens=3)
     assert gen[0] == ref_tokens[0]
+
+
+def test_closed_cache_refuses_every_use_and_release_keeps_it_usable():
+    model = tiny_llama()
+    cache = ElasticPagedCache(model.config, max_bytes=8 << 20)
+    prompt = _prompts([5])[0]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 5
+    cache.release()                     # not final: the cache serves again
+    cache.ensure_capacity(7, 20)
+    assert cache.seq_tokens(7) == 0 and len(cache.seq_pages(7)) == 2
+    pool = cache.pool
+    cache.close()
+    assert pool._closed                 # the cache created it, so closing the cache closes it
+    k = torch.zeros(1, model.config.num_key_value_heads, 1, model.config.head_dim)
+    calls = {
+        "update": lambda: cache.update(k, k, 0), "get_seq_length": lambda: cache.get_seq_length(),
+        "get_mask_sizes": lambda: cache.get_mask_sizes(1), "get_max_length": lambda: cache.get_max_length(),
+        "reorder_cache": lambda: cache.reorder_cache(torch.tensor([0])), "crop": lambda: cache.crop(-1),
+        "batch_repeat_interleave": lambda: cache.batch_repeat_interleave(2),
+        "batch_select_indices": lambda: cache.batch_select_indices(torch.tensor([0])),
+        "reset": lambda: cache.reset(), "ensure_capacity": lambda: cache.ensure_capacity(1, 4),
+        "free_seq": lambda: cache.free_seq(7), "seq_tokens": lambda: cache.seq_tokens(7),
+        "seq_pages": lambda: cache.seq_pages(7), "seq_ids": lambda: cache.seq_ids(),
+        "detach_seq": lambda: cache.detach_seq(7), "attach_seq": lambda: cache.attach_seq(8, [0], 1),
+        "set_packed_batch": lambda: cache.set_packed_batch([(7, 0, 1)]),
+        "clear_packed_batch": lambda: cache.clear_packed_batch(), "release": lambda: cache.release(),
+        "stats": lambda: cache.stats(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^ElasticPagedCache\.{name}: the cache is closed$"):
+            call()
+    # The model's own forward through a closed cache gets the same error, not a crash.
+    with pytest.raises(RuntimeError, match="the cache is closed"), torch.no_grad():
+        model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache))
+    cache.close()                       # twice is fine

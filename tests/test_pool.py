@@ -324,11 +324,17 @@ def test_closed_pool_refuses_every_use():
     ids = pool.alloc(2)
     data = pool.read_pages(ids)
     pool.close()
-    for call in (lambda: pool.alloc(1), lambda: pool.free(ids), lambda: pool.read_pages(ids),
-                 lambda: pool.write_pages(ids, data), lambda: pool.key_cache(0), lambda: pool.value_cache(1),
-                 lambda: pool.compact(), lambda: pool.trim(), lambda: pool.reserve_pages(1)):
-        with pytest.raises(RuntimeError, match="the pool is closed"):
+    calls = {"alloc": lambda: pool.alloc(1), "free": lambda: pool.free(ids), "read_pages": lambda: pool.read_pages(ids),
+             "write_pages": lambda: pool.write_pages(ids, data), "key_cache": lambda: pool.key_cache(0),
+             "value_cache": lambda: pool.value_cache(1), "compact": lambda: pool.compact(), "trim": lambda: pool.trim(),
+             "reserve_pages": lambda: pool.reserve_pages(1), "shrink": lambda: pool.shrink(0),
+             "set_max_bytes": lambda: pool.set_max_bytes(pool.max_bytes), "can_alloc": lambda: pool.can_alloc(1),
+             "is_live": lambda: pool.is_live(ids[0]), "add_move_listener": lambda: pool.add_move_listener(print),
+             "stats": lambda: pool.stats()}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^KVPagePool\.{name}: the pool is closed$"):
             call()
+    assert repr(pool).endswith("closed)")
     pool.close()   # twice is fine
 
 

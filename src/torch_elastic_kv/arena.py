@@ -249,7 +249,7 @@ class Arena:
     def _view_span(self, call: str, dtype: torch.dtype, shape: Sequence[int] | int,
                    offset: int) -> tuple[int, int, tuple[int, ...]]:
         if self.closed:
-            raise ValueError(f"Arena.{call}: the arena is closed")
+            raise RuntimeError(f"Arena.{call}: the arena is closed")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"Arena.{call}: dtype must be a torch.dtype, got {dtype!r}")
         shape_t = (shape,) if isinstance(shape, int) else tuple(shape)

@@ -27,6 +27,7 @@ whose attention ignored the paged plan (next layer).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,16 @@ class _Step:
     commit: list[tuple[_Seq, int]] = field(default_factory=list)  # packed: (seq, tokens after)
     fallback_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None    # packed: [1, tokens] position of each token
+
+
+def _open_only(method):
+    """Refuse a call on a closed cache (``close()`` is final; ``release()`` is not)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._closed:
+            raise RuntimeError(f"ElasticPagedCache.{method.__name__}: the cache is closed")
+        return method(self, *args, **kwargs)
+    return wrapper
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -125,6 +136,7 @@ class ElasticPagedCache(Cache):
     def __init__(self, config: PreTrainedConfig, pool: KVPagePool | None = None,
                  max_bytes: int | None = None, page_tokens: int = 16, attention: str = "auto",
                  layout: str = "page-major"):
+        self._closed = False
         text = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         if isinstance(layer_kwargs, dict):   # up to 5.23: one dict of kwargs for every layer
@@ -217,6 +229,7 @@ class ElasticPagedCache(Cache):
                 f"{getattr(self.config, '_attn_implementation', None)!r}), or use attention='gather'")
 
     # -- transformers Cache API --------------------------------------------------------------
+    @_open_only
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new K/V of ``layer_idx``; return what the model's attention reads."""
@@ -271,31 +284,38 @@ class ElasticPagedCache(Cache):
         out = cache[flat_pages, step.read_slots - flat_pages * t]     # [rows, tokens, kv_heads, d]
         return out.transpose(1, 2).contiguous()
 
+    @_open_only
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored per row (generate mode); 0 in packed mode (positions come from the batch)."""
         if self._packed is not None or self._seqs:
             return 0
         return self._rows[0].tokens if self._rows else 0
 
+    @_open_only
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length(layer_idx) + query_length, 0
 
+    @_open_only
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
+    @_open_only
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.release()
         raise ValueError("ElasticPagedCache does not support beam search (num_beams > 1); its pages were "
                          "released. Use num_beams=1 or DynamicCache.")
 
+    @_open_only
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._rows and repeats != 1:
             raise ValueError("ElasticPagedCache cannot repeat rows of a filled cache (num_return_sequences > 1 "
                              "on a continuation); release() it first")
 
+    @_open_only
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise ValueError("ElasticPagedCache does not support selecting batch rows (contrastive search)")
 
+    @_open_only
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens of every row (generate mode)."""
         if tokens_to_remove > 0:
@@ -308,6 +328,7 @@ class ElasticPagedCache(Cache):
             self.pool.free(row.pages[keep:])
             row.pages, row.tokens = row.pages[:keep], new_len
 
+    @_open_only
     def reset(self) -> None:
         """Same as ``release()``."""
         self.release()
@@ -359,6 +380,7 @@ class ElasticPagedCache(Cache):
         self._step = None
 
     # -- packed mode (continuous batching) ----------------------------------------------------
+    @_open_only
     def ensure_capacity(self, seq_id: int, total_tokens: int) -> None:
         """Give ``seq_id`` (created if new) pages for ``total_tokens`` tokens.
 
@@ -377,27 +399,33 @@ class ElasticPagedCache(Cache):
             seq = self._seqs[seq_id] = _Seq()
         seq.pages.extend(fresh)
 
+    @_open_only
     def free_seq(self, seq_id: int) -> None:
         """Return every page of ``seq_id`` to the pool."""
         seq = self._pop_seq(seq_id, "free_seq")
         self.pool.free(seq.pages)
 
+    @_open_only
     def seq_tokens(self, seq_id: int) -> int:
         """Tokens of ``seq_id`` whose K/V are stored."""
         return self._get_seq(seq_id, "seq_tokens").tokens
 
+    @_open_only
     def seq_pages(self, seq_id: int) -> list[int]:
         """Page ids of ``seq_id`` in token order (a copy)."""
         return list(self._get_seq(seq_id, "seq_pages").pages)
 
+    @_open_only
     def seq_ids(self) -> list[int]:
         return list(self._seqs)
 
+    @_open_only
     def detach_seq(self, seq_id: int) -> tuple[list[int], int]:
         """Forget ``seq_id`` but keep its pages live; returns ``(pages, tokens)`` (caller owns them)."""
         seq = self._pop_seq(seq_id, "detach_seq")
         return seq.pages, seq.tokens
 
+    @_open_only
     def attach_seq(self, seq_id: int, pages: list[int], ntokens: int) -> None:
         """Adopt live ``pages`` holding ``ntokens`` tokens as sequence ``seq_id``."""
         pool = self._require_pool()
@@ -412,6 +440,7 @@ class ElasticPagedCache(Cache):
             raise ValueError(f"attach_seq: pages {bad[:8] or pages} are not live, duplicated or owned by another sequence")
         self._seqs[seq_id] = _Seq(pages, ntokens)
 
+    @_open_only
     def set_packed_batch(self, entries: list[tuple[int, int, int]]) -> dict[str, Any]:
         """Describe the next forward: ``(seq_id, start_pos, num_tokens)`` in packed token order.
 
@@ -454,6 +483,7 @@ class ElasticPagedCache(Cache):
                 self._warned_fallback = True
         return extra
 
+    @_open_only
     def clear_packed_batch(self) -> None:
         """Drop a packed batch whose forward did not complete (no-op after a completed forward).
 
@@ -560,6 +590,7 @@ class ElasticPagedCache(Cache):
         return torch.tensor([slots], dtype=torch.long, device=dev), mask.view(1, 1, *mask.shape).to(dev)
 
     # -- lifetime ------------------------------------------------------------------------------
+    @_open_only
     def release(self) -> None:
         """Give every page back to the pool; the cache can be used again afterwards."""
         pages = [p for s in [*self._rows, *self._seqs.values()] for p in s.pages]
@@ -569,8 +600,15 @@ class ElasticPagedCache(Cache):
         self._step = self._packed = self._last_plan = None
 
     def close(self) -> None:
-        """Release the pages and, if this cache created its pool, close the pool."""
+        """Release the pages and, if this cache created its pool, close the pool.
+
+        Final: every later call raises RuntimeError ("... the cache is closed"); closing
+        again does nothing. ``release()`` is the call that keeps the cache usable.
+        """
+        if self._closed:
+            return
         self.release()
+        self._closed = True
         if self.pool is not None:
             if self._listening:
                 self.pool.remove_move_listener(self._on_move)
@@ -579,6 +617,7 @@ class ElasticPagedCache(Cache):
                 self.pool.close()
                 self.pool = None
 
+    @_open_only
     def stats(self) -> dict:
         """Pool stats plus this cache's sequences and tokens."""
         seqs = [*self._rows, *self._seqs.values()]

@@ -174,7 +174,7 @@ class KVPagePool:
         return self._layer_view(layer, 1)
 
     def _layer_view(self, layer: int, kv: int) -> torch.Tensor:
-        self._check_open()
+        self._check_open("key_cache" if kv == 0 else "value_cache")
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"KVPagePool: layer {layer} out of range [0, {self.num_layers})")
         if self.layout == "page-major":
@@ -220,17 +220,19 @@ class KVPagePool:
     @_locked
     def can_alloc(self, n: int) -> bool:
         """Whether ``alloc(n)`` fits in the budget (the device may still refuse memory)."""
+        self._check_open("can_alloc")
         return 0 <= n <= self.free_pages
 
     @_locked
     def is_live(self, page: int) -> bool:
+        self._check_open("is_live")
         return self._placement.is_live(page)
 
     # -- allocation ------------------------------------------------------------------------
     @_locked
     def alloc(self, n: int) -> list[int]:
         """Allocate ``n`` pages; raises MemoryError / torch.OutOfMemoryError with nothing changed."""
-        self._check_open()
+        self._check_open("alloc")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"KVPagePool.alloc: n must be an int >= 0, got {n!r}")
         if n == 0:
@@ -241,13 +243,13 @@ class KVPagePool:
     @_locked
     def free(self, ids: Sequence[int]) -> None:
         """Return pages to the pool (memory stays mapped until shrink/compact/trim)."""
-        self._check_open()
+        self._check_open("free")
         self._placement.give([int(i) for i in ids])
 
     @_locked
     def reserve_pages(self, n: int) -> None:
         """Map chunks now so that ``n`` more pages can be allocated without mapping."""
-        self._check_open()
+        self._check_open("reserve_pages")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"KVPagePool.reserve_pages: n must be an int >= 0, got {n!r}")
         self._ensure_mapped_slots(n, "reserve_pages")
@@ -305,7 +307,7 @@ class KVPagePool:
 
         Emptiest-last order: the highest-index empty chunks go first. Returns unmapped bytes.
         """
-        self._check_open()
+        self._check_open("shrink")
         if not isinstance(keep_pages, int) or keep_pages < 0:
             raise ValueError(f"KVPagePool.shrink: keep_pages must be an int >= 0, got {keep_pages!r}")
         p = self._placement
@@ -326,7 +328,7 @@ class KVPagePool:
         undone (callbacks that already ran get the inverse map) and the error propagates with
         the pool as it was.
         """
-        self._check_open()
+        self._check_open("compact")
         p = self._placement
         mapped = p.mapped_chunk_ids()
         keep_n = max(-(-p.live_pages // p.pages_per_chunk), self._floor_chunks())
@@ -382,6 +384,7 @@ class KVPagePool:
         unregistering neither stays alive through the pool nor keeps being called. Anything
         else (a function, a lambda, ``list.append``) is held as given.
         """
+        self._check_open("add_move_listener")
         self._live_listeners()   # drop dead entries, so registering many short-lived owners stays O(live)
         self._listeners.append(weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else fn)
 
@@ -412,7 +415,7 @@ class KVPagePool:
 
         Returns the physical bytes the arenas gave back (mapped + cached, before minus after).
         """
-        self._check_open()
+        self._check_open("trim")
         before = self._physical_bytes()
         self.shrink(0)
         for plane in self._planes:
@@ -430,7 +433,7 @@ class KVPagePool:
     def set_max_bytes(self, nbytes: int) -> None:
         """Change the pool's budget live. Below the resident size, empty chunks are unmapped and
         live pages compacted; below what live pages need, ValueError and nothing changes."""
-        self._check_open()
+        self._check_open("set_max_bytes")
         reserved = self._placement.num_chunks * self.chunk_bytes
         if not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"KVPagePool.set_max_bytes: nbytes must be a positive int, got {nbytes!r}")
@@ -481,7 +484,7 @@ class KVPagePool:
                     self._planes[2 * layer + kv].pages.index_copy_(0, idx, data[:, layer, kv])
 
     def _live_index(self, ids: Sequence[int], what: str) -> torch.Tensor:
-        self._check_open()
+        self._check_open(what)
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not self._placement.is_live(i)]
         if bad:
@@ -504,6 +507,7 @@ class KVPagePool:
     @_locked
     def stats(self) -> dict:
         """Every byte of the pool, as a plain dict."""
+        self._check_open("stats")
         p = self._placement
         return {
             "resident_bytes": self.resident_bytes,
@@ -525,9 +529,9 @@ class KVPagePool:
         }
 
     # -- lifetime --------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_open(self, call: str) -> None:
         if self._closed:
-            raise RuntimeError("KVPagePool: the pool is closed")
+            raise RuntimeError(f"KVPagePool.{call}: the pool is closed")
 
     @_locked
     def close(self) -> None:
@@ -545,6 +549,8 @@ class KVPagePool:
         self.close()
 
     def __repr__(self) -> str:
+        state = ("closed" if self._closed else
+                 f"live_pages={self.live_pages}, resident_bytes={self.resident_bytes}")
         return (f"KVPagePool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype}, device={self.device}, page_tokens={self.page_tokens}, layout={self.layout!r}, "
-                f"live_pages={self.live_pages}, resident_bytes={self.resident_bytes})")
+                f"{state})")
