@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 from results_section import replace_section  # noqa: E402  (beside this script)
 
 MiB = 1 << 20

@@ -24,10 +24,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from models import left_padded_batch  # noqa: E402
 
-from torch_elastic_kv.attention import PAGED_ATTENTION  # noqa: E402
-from torch_elastic_kv.cache import ElasticPagedCache  # noqa: E402
-from torch_elastic_kv.hf_compat import cache_kwargs  # noqa: E402
-from torch_elastic_kv.pool import KVPagePool  # noqa: E402
+from torch_elastic_kv.hf.attention import PAGED_ATTENTION  # noqa: E402
+from torch_elastic_kv.hf.cache import ElasticPagedCache  # noqa: E402
+from torch_elastic_kv.hf.compat import cache_kwargs  # noqa: E402
+from torch_elastic_kv.kv.pool import KVPagePool  # noqa: E402
 from results_section import replace_section  # noqa: E402  (beside this script)
 
 MARK_BEGIN, MARK_END = "<!-- bench_cache:begin -->", "<!-- bench_cache:end -->"

@@ -57,7 +57,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
-from torch_elastic_kv.prepack import PackedLinears  # noqa: E402
+from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
                     ROOT / "src" / "torch_elastic_kv" / "data" / "azure_llm_2023_code.csv"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_section import replace_section  # noqa: E402
-from torch_elastic_kv.prepack import PackedLinears, prepack_available  # noqa: E402
+from torch_elastic_kv.hf.prepack import PackedLinears, prepack_available  # noqa: E402
 
 SHAPES = [("q_proj / o_proj", 512, 512), ("k_proj / v_proj", 512, 256),
           ("gate_proj / up_proj", 512, 1376), ("down_proj", 1376, 512), ("lm_head", 512, 8192)]

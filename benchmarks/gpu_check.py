@@ -359,12 +359,12 @@ def _size_mix(n: int, seed: int = 0) -> list[int]:
 
 def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
     try:
-        from torch_elastic_kv import allocator
+        from torch_elastic_kv.memory import allocator
     except ImportError as e:
-        raise Unavailable(f"torch_elastic_kv.allocator is not in this tree yet ({e})") from None
+        raise Unavailable(f"torch_elastic_kv.memory.allocator is not in this tree yet ({e})") from None
     missing = [f for f in ("c_abi", "trim", "mem_pool", "last_error") if not hasattr(allocator, f)]
     if missing:
-        raise Unavailable(f"torch_elastic_kv.allocator lacks {missing}")
+        raise Unavailable(f"torch_elastic_kv.memory.allocator lacks {missing}")
     index = torch.device(s.device).index
     lib = allocator.c_abi()  # ekv_malloc / ekv_free through ctypes, from the very _C torch loads
     sizes = _size_mix(s.alloc_pairs)

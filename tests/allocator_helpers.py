@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from torch_elastic_kv import _C
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 from torch_elastic_kv.testing import rss_shmem  # noqa: F401  (re-exported for the allocator tests)
 
 MiB = 1 << 20

@@ -14,7 +14,7 @@ import pytest
 
 from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
                                tagged)
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
 S1, S2, S3 = 0x1000, 0x2000, 0x3000  # opaque stream handles (the fake driver only records them)

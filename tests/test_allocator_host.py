@@ -10,7 +10,7 @@ import pytest
 
 from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, rss_shmem,
                                stable_counts, tagged, view)
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 
 HOST = -1
 

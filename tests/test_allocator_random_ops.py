@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from allocator_helpers import MiB, Abi, assert_disjoint_and_aligned, tagged, view
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 
 TAGS = ["rand-a", "rand-b", "rand-c"]
 STREAMS = [0x10, 0x20]

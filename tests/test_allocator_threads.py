@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from allocator_helpers import MiB, Abi, view
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 from torch_elastic_kv.testing import use_fake_cuda
 
 THREADS = 8

@@ -6,10 +6,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
-from torch_elastic_kv.attention import enable_paged_attention
-from torch_elastic_kv.cache import ElasticPagedCache
-from torch_elastic_kv.hf_compat import cache_kwargs
-from torch_elastic_kv.pool import KVPagePool
+from torch_elastic_kv.hf.attention import enable_paged_attention
+from torch_elastic_kv.hf.cache import ElasticPagedCache
+from torch_elastic_kv.hf.compat import cache_kwargs
+from torch_elastic_kv.kv.pool import KVPagePool
 from torch_elastic_kv.testing import rss_shmem
 
 LENGTHS = [5, 9, 3, 12, 17]   # >= 4 prompts of different lengths, left-padded

@@ -6,10 +6,10 @@ import torch
 from transformers import DynamicCache
 
 from models import tiny_llama, tiny_qwen2
-from torch_elastic_kv.attention import enable_paged_attention
-from torch_elastic_kv.cache import ElasticPagedCache
-from torch_elastic_kv.hf_compat import cache_kwargs
-from torch_elastic_kv.pool import KVPagePool
+from torch_elastic_kv.hf.attention import enable_paged_attention
+from torch_elastic_kv.hf.cache import ElasticPagedCache
+from torch_elastic_kv.hf.compat import cache_kwargs
+from torch_elastic_kv.kv.pool import KVPagePool
 
 NEW_TOKENS = 10
 

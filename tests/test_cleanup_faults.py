@@ -11,7 +11,7 @@ import pytest
 import torch_elastic_kv as ekv
 from allocator_helpers import MiB, Abi, check, fill, tagged
 from torch_elastic_kv import Arena, _C
-from torch_elastic_kv import allocator as ekv_alloc
+from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
 S1, S2, S3 = 0x1000, 0x2000, 0x3000

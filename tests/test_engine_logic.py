@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_elastic_kv.testing import ManualClock
-from torch_elastic_kv.engine import Engine
-from torch_elastic_kv.policy import ElasticPolicy
+from torch_elastic_kv.engine.engine import Engine
+from torch_elastic_kv.engine.policy import ElasticPolicy
 
 PT = 8          # tokens per page
 GP = 4          # pages per granule

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_elastic_kv.attention import paged_decode_attention
+from torch_elastic_kv.hf.attention import paged_decode_attention
 
 
 def _reference(query, key_cache, value_cache, page_table, lens, scale, row_tokens=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from torch_elastic_kv.testing import ManualClock
-from torch_elastic_kv.policy import ElasticPolicy
+from torch_elastic_kv.engine.policy import ElasticPolicy
 
 PAGE = 1000  # bytes per page in these tests
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import torch_elastic_kv as ekv
-from torch_elastic_kv._page_placement import PagePlacement, plan_geometry
-from torch_elastic_kv.pool import KVPagePool
+from torch_elastic_kv.kv.placement import PagePlacement, plan_geometry
+from torch_elastic_kv.kv.pool import KVPagePool
 
 MiB = 1 << 20
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
-from torch_elastic_kv.prepack import PackedLinears, eligible_linears, is_packed, prepack_available
+from torch_elastic_kv.hf.prepack import PackedLinears, eligible_linears, is_packed, prepack_available
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not prepack_available(), reason="no oneDNN linear in this torch build")]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from torch_elastic_kv.scheduler import Scheduler
-from torch_elastic_kv.sequence import SamplingParams, SeqStatus, Sequence
+from torch_elastic_kv.engine.scheduler import Scheduler
+from torch_elastic_kv.engine.request import SamplingParams, SeqStatus, Sequence
 
 PT = 4  # page_tokens
 

@@ -3,6 +3,15 @@
 Physical memory backs the KV cache only where live KV data sits; it is given back to the
 driver when demand falls and taken again when demand rises, while the model keeps running.
 
+Layers, each importing only from those above it in this list (tests/test_layering.py):
+
+- ``memory``  — arenas over reserved address space, per-device budgets, the torch allocator;
+- ``kv``      — the KV page pool, page placement, page tables, host swap space;
+- ``hf``      — the transformers ``Cache``, the step planner, paged attention, prepacking;
+- ``engine``  — continuous batching: requests, scheduler, model runner, memory controller;
+- ``bench``   — the benchmark harness (the ``bench`` subcommand);
+- ``testing`` — fake driver control, clocks, /proc readers, tiny models, stand-ins.
+
 Public names are imported lazily so that ``import torch_elastic_kv`` works without
 transformers installed and without a GPU.
 """
@@ -15,14 +24,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Arena": "arena",
-    "set_budget": "arena",
-    "memory_stats": "arena",
-    "host_memory": "arena",
-    "KVPagePool": "pool",
-    "ElasticPagedCache": "cache",
-    "ElasticPolicy": "policy",
-    "Engine": "engine",
+    "Arena": "memory.arena",
+    "set_budget": "memory.arena",
+    "memory_stats": "memory.arena",
+    "host_memory": "memory.arena",
+    "KVPagePool": "kv.pool",
+    "ElasticPagedCache": "hf.cache",
+    "ElasticPolicy": "engine.policy",
+    "Engine": "engine.engine",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

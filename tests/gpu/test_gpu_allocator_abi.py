@@ -27,7 +27,7 @@ def dview(ptr: int, nbytes: int) -> torch.Tensor:
 @pytest.fixture
 def env():
     from allocator_helpers import tagged
-    from torch_elastic_kv import allocator
+    from torch_elastic_kv.memory import allocator
 
     torch.cuda.init()
     lib = allocator.c_abi()

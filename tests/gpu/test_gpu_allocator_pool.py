@@ -13,7 +13,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def A():
-    from torch_elastic_kv import allocator
+    from torch_elastic_kv.memory import allocator
 
     allocator.last_error(clear=True)
     yield allocator

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .models import ModelInfo
-from ..hf_compat import cache_kwargs
+from ..hf.compat import cache_kwargs
 from .progress import Progress
 from .settings import BenchSettings
 from .traces import Trace

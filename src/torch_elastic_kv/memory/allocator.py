@@ -6,7 +6,7 @@ device packs small requests into granules, gives large ones their own mapped ran
 freed blocks for reuse in stream order (an event recorded at free time, never a device-wide
 synchronize), and gives granules back to the driver when asked::
 
-    from torch_elastic_kv import allocator as ekv_alloc
+    from torch_elastic_kv.memory import allocator as ekv_alloc
 
     ekv_alloc.install()                          # before CUDA initialises: every allocation
     # ... or route only some allocations, tagged:
@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ._native import _C
+from .._native import _C
 from .arena import _parse_device
 
 __all__ = ["library_path", "c_abi", "install", "installed", "mem_pool", "trim", "set_limit", "stats",

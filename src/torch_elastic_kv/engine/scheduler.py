@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from .sequence import SeqStatus, Sequence
+from .request import SeqStatus, Sequence
 
 __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torch_elastic_kv import arena as _arena
-from torch_elastic_kv._page_placement import ChunkGeometry, PagePlacement, plan_geometry
+from torch_elastic_kv.memory import arena as _arena
+from torch_elastic_kv.kv.placement import ChunkGeometry, PagePlacement, plan_geometry
 
 LAYOUTS = ("page-major", "layer-major")
 MoveListener = Callable[[dict[int, int]], None]

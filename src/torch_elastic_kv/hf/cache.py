@@ -36,8 +36,8 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from torch_elastic_kv.attention import PAGED_ATTENTION, PageGroup, PagePlan, attach_plan
-from torch_elastic_kv.pool import KVPagePool
+from torch_elastic_kv.hf.attention import PAGED_ATTENTION, PageGroup, PagePlan, attach_plan
+from torch_elastic_kv.kv.pool import KVPagePool
 
 ATTENTION_MODES = ("auto", "gather", "paged")
 
@@ -225,7 +225,7 @@ class ElasticPagedCache(Cache):
         if self.attention == "paged" and getattr(self.config, "_attn_implementation", None) != PAGED_ATTENTION:
             raise ValueError(
                 f"ElasticPagedCache(attention='paged') needs the model to use the paged attention: call "
-                f"torch_elastic_kv.attention.enable_paged_attention(model) (config attention is "
+                f"torch_elastic_kv.hf.attention.enable_paged_attention(model) (config attention is "
                 f"{getattr(self.config, '_attn_implementation', None)!r}), or use attention='gather'")
 
     # -- transformers Cache API --------------------------------------------------------------
@@ -478,7 +478,7 @@ class ElasticPagedCache(Cache):
             if not self._warned_fallback:
                 warnings.warn("ElasticPagedCache packed mode with a stock attention implementation attends "
                               "every token over all sequences' K/V under a block mask (quadratic in the batch); "
-                              "call torch_elastic_kv.attention.enable_paged_attention(model) for the paged "
+                              "call torch_elastic_kv.hf.attention.enable_paged_attention(model) for the paged "
                               "attention", stacklevel=2)
                 self._warned_fallback = True
         return extra

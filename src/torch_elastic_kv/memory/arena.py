@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ._native import _C
+from .._native import _C
 
 __all__ = ["Arena", "set_budget", "memory_stats"]
 

@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ._native import _C
+from .._native import _C
 
 PAGED_ATTENTION = "elastic_paged"
 _PLAN_ATTR = "_elastic_kv_plan"

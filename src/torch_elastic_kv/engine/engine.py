@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
-from .hf_compat import cache_keyword
+from ..hf.compat import cache_keyword
 from .policy import Decision, ElasticPolicy
 from .scheduler import Batch, Scheduler
-from .sequence import SamplingParams, Sequence
-from .swap import SwapSpace
+from .request import SamplingParams, Sequence
+from ..kv.swap import SwapSpace
 
 _log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Engine:
 
         self._owns_pool = pool is None
         if pool is None:
-            from .pool import KVPagePool
+            from ..kv.pool import KVPagePool
             layers, kv_heads, head_dim = _model_geometry(self.config)
             pool = KVPagePool(layers, kv_heads, head_dim, dtype, device=self.device,
                               page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
@@ -196,13 +196,13 @@ class Engine:
                          self._granule_bytes, int(pstats.get("max_bytes") or self._reserved_bytes))
         self._restore_attn: Optional[str] = None
         if paged_attention and cache is None:
-            from .attention import PAGED_ATTENTION, enable_paged_attention
+            from ..hf.attention import PAGED_ATTENTION, enable_paged_attention
             before = getattr(self.config, "_attn_implementation", None)
             if before != PAGED_ATTENTION:
                 enable_paged_attention(model)
                 self._restore_attn = before   # close() puts the model back as it was
         if cache is None:
-            from .cache import ElasticPagedCache  # the one cache class users pass to generate
+            from ..hf.cache import ElasticPagedCache  # the one cache class users pass to generate
             cache = ElasticPagedCache(self.config, pool=pool)
         self.cache = cache
         self._cache_keyword = cache_keyword(model)   # past_key_values= or, from 5.24, cache=
@@ -255,7 +255,7 @@ class Engine:
         self._async_grow = bool(background and grow_in_background)
         self._packed: Any = None
         if use_prepack:
-            from .prepack import PackedLinears
+            from ..hf.prepack import PackedLinears
             self._packed = PackedLinears(model)   # close() restores the layers
         if background:
             self._grower = threading.Thread(target=self._grower_loop, name="ekv-grower", daemon=True)
@@ -268,7 +268,7 @@ class Engine:
             raise ValueError(f"Engine: prepack_weights must be None, True or False, got {want!r}")
         if want is False:
             return False
-        from .prepack import eligible_linears, prepack_available
+        from ..hf.prepack import eligible_linears, prepack_available
         why = None
         if self.device.type != "cpu" or dtype != torch.float32:
             why = f"the model is {dtype} on {self.device}; prepacking is for float32 on CPU"
