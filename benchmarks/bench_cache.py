@@ -21,13 +21,11 @@ import warnings
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from models import left_padded_batch  # noqa: E402
-
-from torch_elastic_kv.hf.attention import PAGED_ATTENTION  # noqa: E402
-from torch_elastic_kv.hf.cache import ElasticPagedCache  # noqa: E402
-from torch_elastic_kv.hf.compat import cache_kwargs  # noqa: E402
-from torch_elastic_kv.kv.pool import KVPagePool  # noqa: E402
+from torch_elastic_kv.hf.attention import PAGED_ATTENTION
+from torch_elastic_kv.hf.cache import ElasticPagedCache
+from torch_elastic_kv.hf.compat import cache_kwargs
+from torch_elastic_kv.kv.pool import KVPagePool
+from torch_elastic_kv.testing.models import left_padded_batch
 from results_section import replace_section  # noqa: E402  (beside this script)
 
 MARK_BEGIN, MARK_END = "<!-- bench_cache:begin -->", "<!-- bench_cache:end -->"

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from torch_elastic_kv import __main__ as cli_main
 from torch_elastic_kv.bench import cli
 from torch_elastic_kv.bench.metrics import output_checksum
 from torch_elastic_kv.bench.models import load_model
@@ -23,7 +24,7 @@ ISSUE_FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    status = cli.main(["bench", "--quick", "--out", str(out), "--no-progress"])
+    status = cli_main.main(["bench", "--quick", "--out", str(out), "--no-progress"])
     assert status == 0
     with open(out / "results.json") as handle:
         return out, json.load(handle)
@@ -140,7 +141,7 @@ def test_failure_while_running_writes_nothing(tmp_path, capsys, monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(bench_run, "run_system", second_fails)
-    status = cli.main(["bench", "--quick", "--systems", "elastic,static", "--out", str(out), "--no-progress"])
+    status = cli_main.main(["bench", "--quick", "--systems", "elastic,static", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert len([line for line in err if line.startswith("ekv-bench: error:")]) == 1
@@ -165,7 +166,7 @@ def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path, 
     monkeypatch.setattr(Figure, "text", record_text)
     monkeypatch.setattr(Figure, "savefig", record_save)
     out = tmp_path / "out"
-    assert cli.main(["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out),
+    assert cli_main.main(["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out),
                      "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     trace = results["trace"]
@@ -194,7 +195,7 @@ def test_model_path_loads_a_local_checkpoint(tmp_path):
     checkpoint = tmp_path / "my-llama"
     saved.save_pretrained(checkpoint)
     out = tmp_path / "out"
-    assert cli.main(["bench", "--quick", "--model", str(checkpoint), "--systems", "elastic", "--out", str(out),
+    assert cli_main.main(["bench", "--quick", "--model", str(checkpoint), "--systems", "elastic", "--out", str(out),
                      "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     model = results["model"]

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from torch_elastic_kv import __main__ as cli_main
 from torch_elastic_kv.bench import cli
 from torch_elastic_kv.bench.metrics import _union_length, output_checksum, time_weighted
 from torch_elastic_kv.bench.traces import (
@@ -25,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    status = cli.main(argv)
+    status = cli_main.main(argv)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

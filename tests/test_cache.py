@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
+from torch_elastic_kv.testing.models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
 from torch_elastic_kv.hf.attention import enable_paged_attention
 from torch_elastic_kv.hf.cache import ElasticPagedCache
 from torch_elastic_kv.hf.compat import cache_kwargs

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from models import tiny_llama
+from torch_elastic_kv.testing.models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
 from torch_elastic_kv.testing import ManualClock, rss_shmem
 

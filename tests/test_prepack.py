@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import tiny_llama
+from torch_elastic_kv.testing.models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
 from torch_elastic_kv.hf.prepack import PackedLinears, eligible_linears, is_packed, prepack_available
 

@@ -34,7 +34,7 @@ def test_allocations_inside_a_pool_are_ours_and_tagged(A):
 
 
 def test_model_forward_inside_a_pool_matches_and_survives_pause(A):
-    from models import tiny_llama
+    from torch_elastic_kv.testing.models import tiny_llama
 
     ids = torch.randint(3, 256, (2, 24), device="cuda")
     ref_model = tiny_llama(seed=5).cuda()

@@ -9,6 +9,6 @@ memory over time, latency and throughput side by side. Files: ``cli`` (arguments
 """
 from __future__ import annotations
 
-from .cli import bench_main, main
+from .cli import bench_main
 
-__all__ = ["bench_main", "main"]
+__all__ = ["bench_main"]

@@ -11,9 +11,8 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 
-from .settings import SYSTEM_NAMES, BenchSettings
+from .settings import SYSTEM_NAMES, BenchSettings, ResolvedArgs
 from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
 
 PROG = "ekv-bench"
@@ -131,17 +130,6 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "engine's grower thread and the replay loop; else torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-@dataclass(frozen=True)
-class ResolvedArgs:
-    """Settings plus the raw trace, read once while validating."""
-
-    settings: BenchSettings
-    raw_requests: list
-    trace_name: str
-    trace_source: str
-    attribution: str | None
 
 
 def _positive(name: str, text: str, integer: bool = False, allow_zero: bool = False) -> float:
@@ -341,14 +329,3 @@ def bench_main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"{type(exc).__name__}: {exc} (set EKV_BENCH_TRACEBACK=1 for the traceback); nothing written", 1)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m torch_elastic_kv``: subcommands (only ``bench`` today)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m torch_elastic_kv bench [options]   (bench --help for the options)")
-        return 0 if argv else 2
-    if argv[0] != "bench":
-        return _fail(f"unknown command {argv[0]!r}; expected 'bench'", 2)
-    return bench_main(argv[1:])

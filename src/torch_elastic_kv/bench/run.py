@@ -6,12 +6,11 @@ import sys
 
 import torch
 
-from .cli import ResolvedArgs
 from .metrics import DEFINITIONS, summarize
 from .models import load_model
 from .progress import Progress
 from .report import results_document, summary_markdown, write_outputs
-from .settings import BenchSettings
+from .settings import BenchSettings, ResolvedArgs
 from .systems import SystemRun, auto_max_bytes, run_system
 from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
 

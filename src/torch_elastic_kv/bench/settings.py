@@ -40,3 +40,14 @@ class BenchSettings:
         data["systems"] = list(self.systems)
         data["window"] = list(self.window)
         return data
+
+
+@dataclass(frozen=True)
+class ResolvedArgs:
+    """Settings plus the raw trace, read once while validating."""
+
+    settings: BenchSettings
+    raw_requests: list
+    trace_name: str
+    trace_source: str
+    attribution: str | None

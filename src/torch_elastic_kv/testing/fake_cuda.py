@@ -23,14 +23,14 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["fake_cuda_path", "FakeCuda", "use_fake_cuda", "rss_shmem", "machine_shmem", "ManualClock"]
+__all__ = ["fake_cuda_path", "FakeCuda", "use_fake_cuda"]
 
 _LIB_NAME = "libekv_fake_cuda.so"
 
 
 def fake_cuda_path() -> str:
     """Absolute path of the fake driver library (built with the package)."""
-    path = Path(__file__).resolve().parent / "_testing" / _LIB_NAME
+    path = Path(__file__).resolve().parent.parent / "_testing" / _LIB_NAME
     if not path.exists():
         raise FileNotFoundError(f"fake CUDA driver not built: {path} is missing (reinstall the package: "
                                 "pip install -e . or python setup.py build_ext --inplace)")
@@ -163,41 +163,3 @@ def use_fake_cuda() -> Iterator[FakeCuda]:
             os.environ.pop("EKV_LIBCUDA", None)
         else:
             os.environ["EKV_LIBCUDA"] = old
-
-
-def _proc_bytes(path: str, field: str) -> int:
-    """A ``field: N kB`` line of a /proc file, in bytes."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} line in {path}")
-
-
-def rss_shmem() -> int:
-    """Resident shared memory of this process (RssShmem in /proc/self/status), in bytes.
-
-    The host backend's granules are memfd pages, so they count here while mapped and touched,
-    and leave when they are given back."""
-    return _proc_bytes("/proc/self/status", "RssShmem")
-
-
-def machine_shmem() -> int:
-    """Shared memory of the whole machine (Shmem in /proc/meminfo), in bytes."""
-    return _proc_bytes("/proc/meminfo", "Shmem")
-
-
-class ManualClock:
-    """A clock that moves only when told: pass it as ``ElasticPolicy(clock=...)`` to test
-    idle intervals without sleeping."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = float(start)
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"ManualClock.advance: seconds={seconds} must be >= 0")
-        self.t += seconds
