@@ -57,6 +57,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
+from torch_elastic_kv.bench.stats import percentile  # noqa: E402
 from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
@@ -95,12 +96,7 @@ def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_ou
     return prompts, outs
 
 
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
+pct = percentile   # the project's one percentile definition (torch_elastic_kv.bench.stats)
 
 
 def summarize(name: str, wall: float, cpu: float, ntok: int, ttft: list[float], tpot: list[float],

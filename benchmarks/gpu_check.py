@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -137,16 +136,9 @@ def make_settings(dry_run: bool, quick: bool, device_index: int) -> Settings:
 
 # ---------------------------------------------------------------------------------- helpers --
 def summary(values: list[float]) -> dict[str, float]:
-    """median / p90 / p99 / mean / min / n of a list of numbers (empty list: n = 0 only)."""
-    if not values:
-        return {"n": 0}
-    xs = sorted(values)
-
-    def pct(p: float) -> float:
-        return xs[min(len(xs) - 1, max(0, math.ceil(p / 100 * len(xs)) - 1))]
-
-    return {"median": statistics.median(xs), "p90": pct(90), "p99": pct(99),
-            "mean": statistics.fmean(xs), "min": xs[0], "n": len(xs)}
+    """median / p90 / p99 / mean / min / max / n (torch_elastic_kv.bench.stats; an empty list: n = 0)."""
+    from torch_elastic_kv.bench.stats import summary as _summary
+    return _summary(values)
 
 
 def cuda_real() -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 
+from .stats import percentile, time_weighted_mean
 from .systems import SystemRun
 
 DEFINITIONS = {
@@ -30,7 +30,7 @@ def output_checksum(token_lists: list[list[int]]) -> str:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+    return percentile(values, q, empty=0.0)
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -45,13 +45,7 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 def time_weighted(samples: list[tuple[float, int, int]], column: int, end_s: float) -> float:
     """Mean of a sampled step function (each sample holds until the next) over [first sample, end_s]."""
-    if not samples:
-        return 0.0
-    times = np.array([s[0] for s in samples] + [max(end_s, samples[-1][0])])
-    values = np.array([s[column] for s in samples], dtype=np.float64)
-    widths = np.diff(times)
-    span = times[-1] - times[0]
-    return float(values.mean()) if span <= 0 else float((values * widths).sum() / span)
+    return time_weighted_mean([(s[0], s[column]) for s in samples], end_s)
 
 
 def summarize(run: SystemRun, static_bytes: int) -> dict:
