@@ -64,16 +64,16 @@ def test_demand_back_near_resident_resets_the_idle_timer():
     assert p.decide(10, 40, 100).action == "shrink"
 
 
-def test_less_than_a_granule_below_is_not_idle():
+def test_less_than_a_chunk_below_is_not_idle():
     clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=1.0)
-    p.decide(35, 40, 100, granule_pages=8)
+    p.decide(35, 40, 100, chunk_pages=8)
     clock.t += 10
-    assert p.decide(35, 40, 100, granule_pages=8).action == "none"
+    assert p.decide(35, 40, 100, chunk_pages=8).action == "none"
     clock.t += 10
-    assert p.decide(32, 40, 100, granule_pages=8).action == "none"  # timer starts now
+    assert p.decide(32, 40, 100, chunk_pages=8).action == "none"  # timer starts now
     clock.t += 1
-    assert p.decide(32, 40, 100, granule_pages=8).action == "shrink"
+    assert p.decide(32, 40, 100, chunk_pages=8).action == "shrink"
 
 
 def test_steady_fluctuating_load_never_oscillates():
@@ -83,7 +83,7 @@ def test_steady_fluctuating_load_never_oscillates():
     actions = []
     for i in range(2000):
         demand = 100 + (i * 37) % 21 - 10   # 90..110, fluctuating every step
-        d = p.decide(demand, resident, 1000, granule_pages=4)
+        d = p.decide(demand, resident, 1000, chunk_pages=4)
         if d.action != "none":
             actions.append((i, d.action))
             resident = d.target_pages
@@ -180,11 +180,11 @@ def test_bad_settings_are_rejected():
         make().decide(-1, 0, 10)
 
 
-def test_budget_buys_whole_granules_and_pool_limit_is_adopted():
+def test_budget_buys_whole_chunks_and_pool_limit_is_adopted():
     p = ElasticPolicy(clock=ManualClock(100.0))
-    p.bind(PAGE, 16, pages_per_granule=4, granule_bytes=4 * PAGE + 100, pool_max_bytes=50 * PAGE)
+    p.bind(PAGE, 16, pages_per_chunk=4, chunk_bytes=4 * PAGE + 100, pool_max_bytes=50 * PAGE)
     assert p.max_bytes == 50 * PAGE and p.budget_bytes == 50 * PAGE
-    # 50000 bytes buy 12 granules of 4100 bytes -> 48 pages
+    # 50000 bytes buy 12 chunks of 4100 bytes -> 48 pages
     assert p.budget_pages(1000) == 48
     p.set_budget(8200)
     assert p.budget_pages(1000) == 8

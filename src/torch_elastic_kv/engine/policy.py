@@ -9,7 +9,7 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
   ``horizon_steps`` decode steps + pages of the prefills waiting to start;
 * target resident = demand * (1 + headroom), clamped to [min, budget];
 * grow at once when resident falls under the target;
-* shrink only after the target has stayed at least one granule below resident for
+* shrink only after the target has stayed at least one chunk below resident for
   ``idle_seconds`` (hysteresis), and then only down to the highest target of the last
   ``idle_seconds``, and only if the load reached that peak within the last half of it (a
   load still draining waits for the floor), so a steady load never sees a grow/shrink cycle
@@ -34,7 +34,7 @@ class Decision:
     """What the policy wants done to the pool now.
 
     ``action`` is ``"grow"`` (map until ``target_pages`` pages are resident), ``"shrink"``
-    (give back empty granules, compact, give back again, keeping ``target_pages``) or
+    (give back empty chunks, compact, give back again, keeping ``target_pages``) or
     ``"none"``. ``forced`` is true for a shrink caused by a budget cut rather than idleness.
     """
 
@@ -55,7 +55,7 @@ class ElasticPolicy:
 
     Args:
         min_bytes: resident floor; the pool never shrinks below it (the pool rounds it up to
-            whole granules per arena).
+            whole chunks).
         max_bytes: the most KV memory the pool may hold; ``None`` means the pool's own limit.
         headroom: fraction of demand kept resident on top of it, so short bursts need no map.
         idle_seconds: how long demand must stay below resident before memory is given back.
@@ -113,8 +113,8 @@ class ElasticPolicy:
         self._last_poll: Optional[float] = None
         self._page_bytes: Optional[int] = None
         self._page_tokens: Optional[int] = None
-        self._pages_per_granule = 1
-        self._granule_bytes: Optional[int] = None
+        self._pages_per_chunk = 1
+        self._chunk_bytes: Optional[int] = None
         # hysteresis state: when the target first fell below resident, and the targets of
         # the last idle_seconds as a monotone deque of (time, target) for a sliding maximum
         self._below_since: Optional[float] = None
@@ -125,11 +125,11 @@ class ElasticPolicy:
         self._finished_tokens = 0
 
     # ---- binding to a pool ------------------------------------------------------------
-    def bind(self, page_bytes: int, page_tokens: int, pages_per_granule: int = 1,
-             granule_bytes: Optional[int] = None, pool_max_bytes: Optional[int] = None) -> None:
+    def bind(self, page_bytes: int, page_tokens: int, pages_per_chunk: int = 1,
+             chunk_bytes: Optional[int] = None, pool_max_bytes: Optional[int] = None) -> None:
         """Tell the policy the pool's geometry (the Engine calls this once).
 
-        ``pages_per_granule`` pages live in one mapping unit of ``granule_bytes`` physical
+        ``pages_per_chunk`` pages live in one mapping unit of ``chunk_bytes`` physical
         bytes (default: exactly those pages); a budget only buys whole units.
         ``pool_max_bytes``: the pool's own limit, adopted as ``max_bytes`` when the policy
         was given none.
@@ -138,13 +138,13 @@ class ElasticPolicy:
             raise ValueError(f"ElasticPolicy.bind: page_bytes must be > 0, got {page_bytes!r}")
         if not isinstance(page_tokens, int) or page_tokens <= 0:
             raise ValueError(f"ElasticPolicy.bind: page_tokens must be > 0, got {page_tokens!r}")
-        if not isinstance(pages_per_granule, int) or pages_per_granule <= 0:
+        if not isinstance(pages_per_chunk, int) or pages_per_chunk <= 0:
             raise ValueError(
-                f"ElasticPolicy.bind: pages_per_granule must be > 0, got {pages_per_granule!r}")
+                f"ElasticPolicy.bind: pages_per_chunk must be > 0, got {pages_per_chunk!r}")
         self._page_bytes = page_bytes
         self._page_tokens = page_tokens
-        self._pages_per_granule = pages_per_granule
-        self._granule_bytes = granule_bytes or page_bytes * pages_per_granule
+        self._pages_per_chunk = pages_per_chunk
+        self._chunk_bytes = chunk_bytes or page_bytes * pages_per_chunk
         if self.max_bytes is None and pool_max_bytes is not None:
             self.max_bytes = int(pool_max_bytes)
             if self._budget_bytes is None:
@@ -195,16 +195,16 @@ class ElasticPolicy:
         return cap if b is None else min(b, cap)
 
     def budget_pages(self, pool_max_pages: int) -> int:
-        """Pages the effective budget allows (whole granules), never more than the pool has."""
+        """Pages the effective budget allows (whole chunks), never more than the pool has."""
         b = self.budget_bytes
         if b is None:
             return pool_max_pages
         return min(pool_max_pages, self.bytes_to_pages(b))
 
     def bytes_to_pages(self, nbytes: int) -> int:
-        """Pages that ``nbytes`` of budget buys: whole granules only."""
-        gb = self._granule_bytes or self.page_bytes
-        return nbytes // gb * self._pages_per_granule
+        """Pages that ``nbytes`` of budget buys: whole chunks only."""
+        gb = self._chunk_bytes or self.page_bytes
+        return nbytes // gb * self._pages_per_chunk
 
     def min_pages(self) -> int:
         return -(-self.min_bytes // self.page_bytes)
@@ -261,11 +261,11 @@ class ElasticPolicy:
         return max(min(want, budget), min(self.min_pages(), budget))
 
     def decide(self, demand_pages: int, resident_pages: int, pool_max_pages: int,
-               granule_pages: int = 1) -> Decision:
+               chunk_pages: int = 1) -> Decision:
         """One policy tick: compare the target with what is resident and say what to do.
 
-        ``granule_pages`` is how many pages one granule holds: a shrink that cannot give
-        back at least one granule is not worth starting.
+        ``chunk_pages`` is how many pages one chunk holds: a shrink that cannot give
+        back at least one chunk is not worth starting.
         """
         if demand_pages < 0 or resident_pages < 0:
             raise ValueError(
@@ -279,7 +279,7 @@ class ElasticPolicy:
             return Decision("grow", want) if resident_pages < want else Decision("none", want)
         target = self.target_pages(demand_pages, pool_max_pages)
         peak_time, peak = self._note_target(now, target)
-        g = max(1, granule_pages)
+        g = max(1, chunk_pages)
         if demand_pages == 0:
             if self._zero_since is None:
                 self._zero_since = now
