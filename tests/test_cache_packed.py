@@ -125,7 +125,7 @@ def test_packed_errors_leave_state_intact():
     cache = ElasticPagedCache(model.config, pool=pool)
     cache.ensure_capacity(7, 20)
     assert len(cache.seq_pages(7)) == 2
-    with pytest.raises(KeyError, match="unknown sequence 8"):
+    with pytest.raises(KeyError, match="unknown request 8"):
         cache.set_packed_batch([(8, 0, 1)])
     with pytest.raises(ValueError, match="needs 40 tokens of pages, has 32"):
         cache.set_packed_batch([(7, 0, 40)])

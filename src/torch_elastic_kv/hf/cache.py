@@ -37,17 +37,10 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from torch_elastic_kv.hf.attention import PAGED_ATTENTION, PageGroup, PagePlan, attach_plan
+from torch_elastic_kv.kv.page_table import PageList, PageTable
 from torch_elastic_kv.kv.pool import KVPagePool
 
 ATTENTION_MODES = ("auto", "gather", "paged")
-
-
-@dataclass
-class _Seq:
-    """One sequence's pages (in token order) and how many tokens of K/V they hold."""
-
-    pages: list[int] = field(default_factory=list)
-    tokens: int = 0
 
 
 @dataclass
@@ -61,7 +54,7 @@ class _Step:
     new_len: int = 0                   # generate mode: tokens per row after this step
     read_table: torch.Tensor | None = None   # gather path, generate mode: [rows, pages]
     read_slots: torch.Tensor | None = None   # gather path, packed mode: [1, kv] flat slots
-    commit: list[tuple[_Seq, int]] = field(default_factory=list)  # packed: (seq, tokens after)
+    commit: list[tuple[PageList, int]] = field(default_factory=list)  # packed: (seq, tokens after)
     fallback_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None    # packed: [1, tokens] position of each token
 
@@ -174,8 +167,8 @@ class ElasticPagedCache(Cache):
         self._max_bytes, self._layout = max_bytes, layout
         self.page_tokens = page_tokens
         self.attention = attention
-        self._rows: list[_Seq] = []             # generate mode
-        self._seqs: dict[int, _Seq] = {}        # packed mode
+        self._rows: list[PageList] = []         # generate mode: one per batch row
+        self._table = PageTable(page_tokens, pool)   # packed mode: one per request
         self._step: _Step | None = None
         self._packed: _Step | None = None       # set by set_packed_batch, consumed by a forward
         self._last_plan: PagePlan | None = None
@@ -189,6 +182,7 @@ class ElasticPagedCache(Cache):
             self.pool = KVPagePool(self.num_layers, self.num_kv_heads, self.head_dim, dtype, device,
                                    page_tokens=self.page_tokens, max_bytes=self._max_bytes,
                                    layout=self._layout)
+            self._table.pool = self.pool
             self.pool.add_move_listener(self._on_move)
             self._listening = True
         return self._require_pool()
@@ -207,13 +201,19 @@ class ElasticPagedCache(Cache):
         return pool
 
     def _on_move(self, moves: dict[int, int]) -> None:
-        for seq in [*self._rows, *self._seqs.values()]:
-            seq.pages = [moves.get(p, p) for p in seq.pages]
+        for row in self._rows:
+            row.pages = [moves.get(p, p) for p in row.pages]
+        self._table.remap(moves)
         if self._step is not None and self._step is not self._packed:
             self._step = None                 # generate mode: replanned at the next layer 0
         if self._packed is not None:          # a batch set but not yet run: re-index its pages
             self._packed = self._build_packed_step(self.pool, self._packed_entries)
             self._step = None
+
+    @property
+    def page_table(self) -> PageTable:
+        """The packed mode's ``PageTable``: which pages each request holds (read it, don't copy it)."""
+        return self._table
 
     @property
     def uses_paged_attention(self) -> bool:
@@ -287,7 +287,7 @@ class ElasticPagedCache(Cache):
     @_open_only
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored per row (generate mode); 0 in packed mode (positions come from the batch)."""
-        if self._packed is not None or self._seqs:
+        if self._packed is not None or len(self._table):
             return 0
         return self._rows[0].tokens if self._rows else 0
 
@@ -339,8 +339,8 @@ class ElasticPagedCache(Cache):
 
     # -- generate mode -----------------------------------------------------------------------
     def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> _Step:
-        if self._seqs:
-            raise RuntimeError(f"ElasticPagedCache: {len(self._seqs)} packed sequences are live; call "
+        if len(self._table):
+            raise RuntimeError(f"ElasticPagedCache: {len(self._table)} packed sequences are live; call "
                                "set_packed_batch before each forward (or release() the cache)")
         rows = self._rows
         if rows and len(rows) != batch:
@@ -353,7 +353,7 @@ class ElasticPagedCache(Cache):
         need = -(-new_len // t) - have
         fresh = pool.alloc(need * batch) if need > 0 else []   # all or nothing: OOM changes nothing
         if not rows:
-            rows = self._rows = [_Seq() for _ in range(batch)]
+            rows = self._rows = [PageList() for _ in range(batch)]
         for r, row in enumerate(rows):
             row.pages.extend(fresh[r * need:(r + 1) * need])
         dev = pool.device
@@ -388,57 +388,38 @@ class ElasticPagedCache(Cache):
         """
         if self._rows:
             raise RuntimeError("ElasticPagedCache: generate-mode rows are live; release() before packed use")
-        if not isinstance(total_tokens, int) or total_tokens < 0:
-            raise ValueError(f"ensure_capacity: total_tokens must be an int >= 0, got {total_tokens!r}")
-        pool = self._require_pool()
-        seq = self._seqs.get(seq_id)
-        have = len(seq.pages) if seq else 0
-        need = -(-total_tokens // self.page_tokens) - have
-        fresh = pool.alloc(need) if need > 0 else []
-        if seq is None:
-            seq = self._seqs[seq_id] = _Seq()
-        seq.pages.extend(fresh)
+        self._require_pool()
+        self._table.ensure(seq_id, total_tokens)
 
     @_open_only
     def free_seq(self, seq_id: int) -> None:
         """Return every page of ``seq_id`` to the pool."""
-        seq = self._pop_seq(seq_id, "free_seq")
-        self.pool.free(seq.pages)
+        self._table.free(seq_id, "free_seq")
 
     @_open_only
     def seq_tokens(self, seq_id: int) -> int:
         """Tokens of ``seq_id`` whose K/V are stored."""
-        return self._get_seq(seq_id, "seq_tokens").tokens
+        return self._table.get(seq_id, "seq_tokens").tokens
 
     @_open_only
     def seq_pages(self, seq_id: int) -> list[int]:
         """Page ids of ``seq_id`` in token order (a copy)."""
-        return list(self._get_seq(seq_id, "seq_pages").pages)
+        return list(self._table.get(seq_id, "seq_pages").pages)
 
     @_open_only
     def seq_ids(self) -> list[int]:
-        return list(self._seqs)
+        return self._table.ids()
 
     @_open_only
     def detach_seq(self, seq_id: int) -> tuple[list[int], int]:
         """Forget ``seq_id`` but keep its pages live; returns ``(pages, tokens)`` (caller owns them)."""
-        seq = self._pop_seq(seq_id, "detach_seq")
-        return seq.pages, seq.tokens
+        return self._table.detach(seq_id, "detach_seq")
 
     @_open_only
     def attach_seq(self, seq_id: int, pages: list[int], ntokens: int) -> None:
         """Adopt live ``pages`` holding ``ntokens`` tokens as sequence ``seq_id``."""
-        pool = self._require_pool()
-        if seq_id in self._seqs:
-            raise ValueError(f"attach_seq: sequence {seq_id} already exists")
-        pages = [int(p) for p in pages]
-        if len(pages) * self.page_tokens < ntokens or ntokens < 0:
-            raise ValueError(f"attach_seq: {len(pages)} pages of {self.page_tokens} tokens cannot hold {ntokens} tokens")
-        owned = {p for s in self._seqs.values() for p in s.pages}
-        bad = [p for p in pages if not pool.is_live(p) or p in owned]
-        if bad or len(set(pages)) != len(pages):
-            raise ValueError(f"attach_seq: pages {bad[:8] or pages} are not live, duplicated or owned by another sequence")
-        self._seqs[seq_id] = _Seq(pages, ntokens)
+        self._require_pool()
+        self._table.attach(seq_id, pages, ntokens, "attach_seq")
 
     @_open_only
     def set_packed_batch(self, entries: list[tuple[int, int, int]]) -> dict[str, Any]:
@@ -455,9 +436,9 @@ class ElasticPagedCache(Cache):
             raise ValueError("set_packed_batch: no entries")
         seen: set[int] = set()
         for seq_id, start, n in entries:
-            seq = self._seqs.get(seq_id)
-            if seq is None:
-                raise KeyError(f"set_packed_batch: unknown sequence {seq_id}; call ensure_capacity first")
+            if seq_id not in self._table:
+                raise KeyError(f"set_packed_batch: unknown request {seq_id}; call ensure_capacity first")
+            seq = self._table.get(seq_id)
             if seq_id in seen:
                 raise ValueError(f"set_packed_batch: sequence {seq_id} appears twice")
             seen.add(seq_id)
@@ -498,7 +479,7 @@ class ElasticPagedCache(Cache):
         """Index tensors of one packed forward, built with a handful of tensor ops (no per-token loop)."""
         t = self.page_tokens
         dev = pool.device
-        seqs = [self._seqs[s] for s, _, _ in entries]
+        seqs = [self._table.get(s) for s, _, _ in entries]
         starts = torch.tensor([st for _, st, _ in entries], dtype=torch.long)
         counts = torch.tensor([n for _, _, n in entries], dtype=torch.long)
         ends = starts + counts
@@ -578,7 +559,7 @@ class ElasticPagedCache(Cache):
         t = self.page_tokens
         slots, owner_kv, pos_kv = [], [], []
         for i, (seq_id, start, n) in enumerate(entries):
-            seq = self._seqs[seq_id]
+            seq = self._table.get(seq_id)
             for pos in range(start + n):
                 slots.append(seq.pages[pos // t] * t + pos % t)
                 owner_kv.append(i)
@@ -593,10 +574,11 @@ class ElasticPagedCache(Cache):
     @_open_only
     def release(self) -> None:
         """Give every page back to the pool; the cache can be used again afterwards."""
-        pages = [p for s in [*self._rows, *self._seqs.values()] for p in s.pages]
+        pages = [p for row in self._rows for p in row.pages]
         if pages:
             self.pool.free(pages)
-        self._rows, self._seqs = [], {}
+        self._rows = []
+        self._table.release_all()
         self._step = self._packed = self._last_plan = None
 
     def close(self) -> None:
@@ -615,15 +597,15 @@ class ElasticPagedCache(Cache):
                 self._listening = False
             if self._owns_pool:
                 self.pool.close()
-                self.pool = None
+                self.pool = self._table.pool = None
 
     @_open_only
     def stats(self) -> dict:
         """Pool stats plus this cache's sequences and tokens."""
-        seqs = [*self._rows, *self._seqs.values()]
+        rows, table = self._rows, self._table
         out = dict(self.pool.stats()) if self.pool is not None else {}
-        out.update(sequences=len(seqs), tokens=sum(s.tokens for s in seqs),
-                   pages=sum(len(s.pages) for s in seqs))
+        out.update(sequences=len(rows) + len(table), tokens=sum(r.tokens for r in rows) + table.stored_tokens,
+                   pages=sum(len(r.pages) for r in rows) + table.live_pages)
         return out
 
     # -- helpers -------------------------------------------------------------------------------
@@ -634,14 +616,3 @@ class ElasticPagedCache(Cache):
             self.pool.add_move_listener(self._on_move)
             self._listening = True
         return self.pool
-
-    def _get_seq(self, seq_id: int, what: str) -> _Seq:
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            raise KeyError(f"{what}: unknown sequence {seq_id}")
-        return seq
-
-    def _pop_seq(self, seq_id: int, what: str) -> _Seq:
-        seq = self._get_seq(seq_id, what)
-        del self._seqs[seq_id]
-        return seq
