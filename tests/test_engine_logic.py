@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.engine.engine import Engine
 from torch_elastic_kv.engine.policy import ElasticPolicy
+from torch_elastic_kv.kv.page_table import PageTable
 
 PT = 8          # tokens per page
 GP = 4          # pages per granule
@@ -46,6 +47,9 @@ class StandInPool:
 
     def can_alloc(self, n):
         return n <= self.free_pages
+
+    def is_live(self, page):
+        return page in self.live
 
     def _map(self, g):
         if g not in self.mapped:
@@ -135,38 +139,27 @@ class StandInCache:
 
     def __init__(self, pool: StandInPool):
         self.pool = pool
-        self.pages: dict[int, list[int]] = {}
-        self.ntok: dict[int, int] = {}
+        self.page_table = PageTable(PT, pool)   # the real one: page ownership is not stood in for
         self.entries = None
-        pool.add_move_listener(self._moved)
-
-    def _moved(self, moves):
-        for sid, pages in self.pages.items():
-            self.pages[sid] = [moves.get(p, p) for p in pages]
+        pool.add_move_listener(self.page_table.remap)
 
     def ensure_capacity(self, sid, total):
-        have = self.pages.get(sid, [])
-        need = -(-total // PT) - len(have)
-        if need > 0:
-            self.pages[sid] = have + self.pool.alloc(need)
-            self.ntok.setdefault(sid, 0)
+        self.page_table.ensure(sid, total)
 
     def free_seq(self, sid):
-        self.pool.free(self.pages.pop(sid, []))
-        self.ntok.pop(sid, None)
+        self.page_table.free(sid, "free_seq")
 
     def seq_pages(self, sid):
-        return list(self.pages.get(sid, []))
+        return list(self.page_table.get(sid, "seq_pages").pages)
 
     def seq_tokens(self, sid):
-        return self.ntok.get(sid, 0)
+        return self.page_table.get(sid, "seq_tokens").tokens
 
     def detach_seq(self, sid):
-        return self.pages.pop(sid), self.ntok.pop(sid)
+        return self.page_table.detach(sid, "detach_seq")
 
     def attach_seq(self, sid, pages, ntokens):
-        self.pages[sid] = list(pages)
-        self.ntok[sid] = ntokens
+        self.page_table.attach(sid, pages, ntokens, "attach_seq")
 
     def set_packed_batch(self, entries):
         self.entries = entries
@@ -188,7 +181,7 @@ class StandInCache:
     def update(self, key, value, layer_idx, *args, **kwargs):
         ks, vs, t = [], [], 0
         for sid, s, n in self.entries:
-            pages = self.pages[sid]
+            pages = self.page_table.get(sid).pages
             for i in range(n):
                 p, off = pages[(s + i) // PT], (s + i) % PT
                 self.pool.k[layer_idx][p, off] = key[0, :, t + i]
@@ -198,7 +191,7 @@ class StandInCache:
             ks.append(self.pool.k[layer_idx][idx].flatten(0, 1)[:L])
             vs.append(self.pool.v[layer_idx][idx].flatten(0, 1)[:L])
             if layer_idx == len(self.pool.k) - 1:
-                self.ntok[sid] = L
+                self.page_table.get(sid).tokens = L
             t += n
         K = torch.cat(ks).permute(1, 0, 2)[None]
         V = torch.cat(vs).permute(1, 0, 2)[None]

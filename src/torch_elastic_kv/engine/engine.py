@@ -54,51 +54,37 @@ def _model_geometry(config: Any) -> tuple[int, int, int]:
 
 
 class _CacheBackend:
-    """The scheduler's ``PageBackend`` over the cache's page tables, the pool and swap space.
+    """The scheduler's ``PageBackend`` over the cache's page table, the pool and swap space.
 
-    Pages held per request are counted here as well, so the scheduler's many per-step
-    questions cost a dict lookup rather than a call into the pool.
+    How many pages a request holds is read from the cache's ``PageTable`` (a dict lookup),
+    the one place that records it.
     """
 
     def __init__(self, pool: Any, cache: Any, swap: SwapSpace) -> None:
         self.pool = pool
         self.cache = cache
+        self.table = cache.page_table
         self.swap = swap
         self.page_tokens = pool.page_tokens
         self.page_bytes = pool.page_bytes
-        self._held: dict[int, int] = {}
-        self._live = 0
 
     def free_pages(self) -> int:
         return self.pool.free_pages
 
     def live_pages(self) -> int:
-        return self._live
+        return self.table.live_pages
 
     def held_pages(self, seq: Sequence) -> int:
-        return self._held.get(seq.seq_id, 0)
-
-    def _recount(self, seq_id: int) -> None:
-        n = len(self.cache.seq_pages(seq_id))
-        self._live += n - self._held.get(seq_id, 0)
-        if n:
-            self._held[seq_id] = n
-        else:
-            self._held.pop(seq_id, None)
+        return self.table.page_count(seq.seq_id)
 
     def ensure(self, seq: Sequence, total_tokens: int) -> None:
-        need = -(-total_tokens // self.page_tokens)
-        if need <= self._held.get(seq.seq_id, 0):
+        if -(-total_tokens // self.page_tokens) <= self.table.page_count(seq.seq_id):
             return
         self.cache.ensure_capacity(seq.seq_id, total_tokens)
-        self._recount(seq.seq_id)
 
     def release(self, seq: Sequence) -> None:
-        try:
+        if seq.seq_id in self.table:   # else it was never given pages
             self.cache.free_seq(seq.seq_id)
-        except KeyError:
-            pass  # never given pages
-        self._live -= self._held.pop(seq.seq_id, 0)
 
     def can_swap_out(self, seq: Sequence) -> bool:
         return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
@@ -108,7 +94,6 @@ class _CacheBackend:
         data = self.pool.read_pages(pages)
         self.swap.put(seq.seq_id, data, ntokens, len(pages))
         self.pool.free(pages)
-        self._live -= self._held.pop(seq.seq_id, 0)
 
     def swap_in(self, seq: Sequence) -> None:
         data, ntokens, npages = self.swap.peek(seq.seq_id)
@@ -120,8 +105,6 @@ class _CacheBackend:
             self.pool.free(pages)
             raise
         self.swap.drop(seq.seq_id, swapped_in=True)
-        self._held[seq.seq_id] = npages
-        self._live += npages
 
     def drop_swap(self, seq: Sequence) -> None:
         self.swap.drop(seq.seq_id)
