@@ -29,34 +29,18 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from torch_elastic_kv.hf.attention import PAGED_ATTENTION, PageGroup, PagePlan, attach_plan
+from torch_elastic_kv.hf.attention import PAGED_ATTENTION, PagePlan, attach_plan
+from torch_elastic_kv.hf.planner import Step, plan_generate_step, plan_packed_step
 from torch_elastic_kv.kv.page_table import PageList, PageTable
 from torch_elastic_kv.kv.pool import KVPagePool
 
 ATTENTION_MODES = ("auto", "gather", "paged")
-
-
-@dataclass
-class _Step:
-    """Everything one forward needs, computed once at its first layer."""
-
-    write_pages: torch.Tensor          # [tokens] page of each new token (packed or row-major order)
-    write_offsets: torch.Tensor        # [tokens] slot within that page
-    groups: list[PageGroup]
-    packed_tokens: int                 # 0 in generate mode
-    new_len: int = 0                   # generate mode: tokens per row after this step
-    read_table: torch.Tensor | None = None   # gather path, generate mode: [rows, pages]
-    read_slots: torch.Tensor | None = None   # gather path, packed mode: [1, kv] flat slots
-    commit: list[tuple[PageList, int]] = field(default_factory=list)  # packed: (seq, tokens after)
-    fallback_mask: torch.Tensor | None = None
-    positions: torch.Tensor | None = None    # packed: [1, tokens] position of each token
 
 
 def _open_only(method):
@@ -77,7 +61,7 @@ class _PagedLayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, cache: "ElasticPagedCache", layer_idx: int):
+    def __init__(self, cache: ElasticPagedCache, layer_idx: int):
         super().__init__()
         self._cache = cache
         self.layer_idx = layer_idx
@@ -169,8 +153,8 @@ class ElasticPagedCache(Cache):
         self.attention = attention
         self._rows: list[PageList] = []         # generate mode: one per batch row
         self._table = PageTable(page_tokens, pool)   # packed mode: one per request
-        self._step: _Step | None = None
-        self._packed: _Step | None = None       # set by set_packed_batch, consumed by a forward
+        self._step: Step | None = None
+        self._packed: Step | None = None       # set by set_packed_batch, consumed by a forward
         self._last_plan: PagePlan | None = None
         self._mode_checked = False
         self._warned_fallback = False
@@ -272,7 +256,7 @@ class ElasticPagedCache(Cache):
             return attach_plan(k_cache, plan), v_cache
         return self._gather(k_cache, step), self._gather(v_cache, step)
 
-    def _gather(self, cache: torch.Tensor, step: _Step) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, step: Step) -> torch.Tensor:
         """K or V of every row as ``[rows, kv_heads, tokens, head_dim]`` (contiguous)."""
         t = self.page_tokens
         if step.read_table is not None:   # whole pages, then trim the last page's tail
@@ -338,7 +322,7 @@ class ElasticPagedCache(Cache):
         return False
 
     # -- generate mode -----------------------------------------------------------------------
-    def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> _Step:
+    def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> Step:
         if len(self._table):
             raise RuntimeError(f"ElasticPagedCache: {len(self._table)} packed sequences are live; call "
                                "set_packed_batch before each forward (or release() the cache)")
@@ -348,28 +332,16 @@ class ElasticPagedCache(Cache):
                              "release() it before a new batch")
         old_len = rows[0].tokens if rows else 0
         new_len = old_len + q_len
-        t = self.page_tokens
         have = len(rows[0].pages) if rows else 0
-        need = -(-new_len // t) - have
+        need = -(-new_len // self.page_tokens) - have
         fresh = pool.alloc(need * batch) if need > 0 else []   # all or nothing: OOM changes nothing
         if not rows:
             rows = self._rows = [PageList() for _ in range(batch)]
         for r, row in enumerate(rows):
             row.pages.extend(fresh[r * need:(r + 1) * need])
-        dev = pool.device
-        table = torch.tensor([row.pages for row in rows], dtype=torch.long, device=dev)   # [rows, P]
-        pos = torch.arange(old_len, new_len, device=dev)
-        write_pages = table[:, torch.div(pos, t, rounding_mode="floor")].reshape(-1)
-        write_offsets = (pos % t).repeat(batch)
-        step = _Step(write_pages, write_offsets, [], 0, new_len=new_len)
-        if self.uses_paged_attention:
-            step.groups = [PageGroup(table, torch.full((batch,), new_len, device=dev),
-                                     pos.unsqueeze(0).expand(batch, -1))]
-        else:
-            step.read_table = table
-        return step
+        return plan_generate_step(rows, old_len, new_len, self.page_tokens, pool.device, self.uses_paged_attention)
 
-    def _finish_step(self, step: _Step) -> None:
+    def _finish_step(self, step: Step) -> None:
         if step.packed_tokens:
             for seq, tokens in step.commit:
                 seq.tokens = tokens
@@ -475,100 +447,9 @@ class ElasticPagedCache(Cache):
         self._step = None
         self._last_plan = None
 
-    def _build_packed_step(self, pool: KVPagePool, entries: list[tuple[int, int, int]]) -> _Step:
-        """Index tensors of one packed forward, built with a handful of tensor ops (no per-token loop)."""
-        t = self.page_tokens
-        dev = pool.device
-        seqs = [self._table.get(s) for s, _, _ in entries]
-        starts = torch.tensor([st for _, st, _ in entries], dtype=torch.long)
-        counts = torch.tensor([n for _, _, n in entries], dtype=torch.long)
-        ends = starts + counts
-        used = (-(-ends // t)).tolist()                 # pages each sequence reads after the write
-        p_max = max(used)
-        # Page table padded with each row's own first page: always mapped, and masked out.
-        table = torch.tensor([q.pages[:k] + [q.pages[0]] * (p_max - k) for q, k in zip(seqs, used)],
-                             dtype=torch.long)
-        # entry of each token (a list comprehension: torch's repeat_interleave goes parallel and
-        # stalls for milliseconds when the cores are busy)
-        row = torch.tensor([i for i, (_, _, n) in enumerate(entries) for _ in range(n)], dtype=torch.long)
-        first = counts.cumsum(0) - counts                                   # first token of each entry
-        pos = torch.arange(int(counts.sum())) - first[row] + starts[row]
-        step = _Step((table[row, pos // t]).to(dev), (pos % t).to(dev), [], int(counts.sum()))
-        step.positions = pos.view(1, -1).to(dev)
-        step.commit = [(q, e) for q, e in zip(seqs, ends.tolist())]
-        if self.uses_paged_attention:
-            step.groups = self._packed_groups(table, entries, used, first.tolist(), dev)
-        else:
-            step.read_slots, step.fallback_mask = self._fallback_reads(entries, dev)
-        return step
-
-    # Decode rows padded to a group's longest page table cost a page gather and the attention
-    # over it; a separate group costs a few calls per layer. A row joins the group while the
-    # group's padding stays under this many pages plus this share of its useful pages, and
-    # while the group has fewer than _GROUP_ROWS rows: a small group's gathered K/V is still
-    # in cache when the attention reads it (decode attention is bound by memory traffic;
-    # 64 rows of 256 tokens took 8.0 ms in one group, 5.1 ms in groups of 8, 1 thread).
-    _PAD_PAGES, _PAD_SHARE, _GROUP_ROWS = 16, 0.25, 8
-
-    def _packed_groups(self, table: torch.Tensor, entries: list[tuple[int, int, int]], used: list[int],
-                       first: list[int], dev: torch.device) -> list[PageGroup]:
-        """Attention groups of a packed step, each with little padding.
-
-        Decode tokens: rows bucketed by page count (longest first), one batched call per bucket.
-        Prefill chunks: one call each over a contiguous query slice; a chunk starting at position
-        0 attends over its own new K/V (causal), a later chunk over its sequence's pages.
-        """
-        groups: list[PageGroup] = []
-        decode = sorted((i for i, e in enumerate(entries) if e[2] == 1), key=lambda i: -used[i])
-        bucket: list[int] = []
-        p_max = total = 0
-        for i in decode:
-            p = used[i]
-            if bucket and (len(bucket) == self._GROUP_ROWS or p_max * (len(bucket) + 1) - (total + p)
-                           > self._PAD_PAGES + self._PAD_SHARE * (total + p)):
-                groups.append(self._decode_group(table, entries, bucket, p_max, first, dev))
-                bucket, total = [], 0
-            if not bucket:
-                p_max = p
-            bucket.append(i)
-            total += p
-        if bucket:
-            groups.append(self._decode_group(table, entries, bucket, p_max, first, dev))
-        for i, (_, start, n) in enumerate(entries):
-            if n == 1:
-                continue
-            a = first[i]
-            if start == 0:
-                groups.append(PageGroup(table[:0], table[:0, 0], table[:0], q_slice=(a, a + n), fresh=True))
-                continue
-            groups.append(PageGroup(table[i:i + 1, :used[i]].to(dev), torch.tensor([start + n], device=dev),
-                                    torch.arange(start, start + n, device=dev).view(1, -1), q_slice=(a, a + n)))
-        return groups
-
-    @staticmethod
-    def _decode_group(table: torch.Tensor, entries, rows: list[int], p_max: int, first: list[int],
-                      dev: torch.device) -> PageGroup:
-        idx = torch.tensor(rows, dtype=torch.long)
-        starts = torch.tensor([entries[i][1] for i in rows], dtype=torch.long)
-        q_index = torch.tensor([first[i] for i in rows], dtype=torch.long)
-        return PageGroup(table[idx, :p_max].to(dev), (starts + 1).to(dev), starts.view(-1, 1).to(dev),
-                         q_index.view(-1, 1).to(dev))
-
-    def _fallback_reads(self, entries, dev):
-        """For non-paged attention: all sequences' K/V side by side and a block-causal mask."""
-        t = self.page_tokens
-        slots, owner_kv, pos_kv = [], [], []
-        for i, (seq_id, start, n) in enumerate(entries):
-            seq = self._table.get(seq_id)
-            for pos in range(start + n):
-                slots.append(seq.pages[pos // t] * t + pos % t)
-                owner_kv.append(i)
-                pos_kv.append(pos)
-        owner_q = torch.cat([torch.full((n,), i) for i, (_, _, n) in enumerate(entries)])
-        pos_q = torch.cat([torch.arange(s, s + n) for _, s, n in entries])
-        owner_kv, pos_kv = torch.tensor(owner_kv), torch.tensor(pos_kv)
-        mask = (owner_q[:, None] == owner_kv[None, :]) & (pos_kv[None, :] <= pos_q[:, None])
-        return torch.tensor([slots], dtype=torch.long, device=dev), mask.view(1, 1, *mask.shape).to(dev)
+    def _build_packed_step(self, pool: KVPagePool, entries: list[tuple[int, int, int]]) -> Step:
+        lists = [self._table.get(s) for s, _, _ in entries]
+        return plan_packed_step(lists, entries, self.page_tokens, pool.device, self.uses_paged_attention)
 
     # -- lifetime ------------------------------------------------------------------------------
     @_open_only
