@@ -18,6 +18,7 @@ import torch
 
 from torch_elastic_kv.testing.models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
+from torch_elastic_kv.engine.runner import ModelRunner
 from torch_elastic_kv.testing import ManualClock, rss_shmem
 
 MiB = 1 << 20
@@ -252,14 +253,14 @@ def test_a_seed_of_time_ns_size_samples_and_a_failing_sampler_ends_only_its_requ
     eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
     big = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": time.time_ns()})
     top = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": 2**64 - 1})
-    original = Engine._sample
+    original = ModelRunner.sample
 
     def failing(logits, seq):
         if seq.sampling.seed == 13:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return original(logits, seq)
 
-    monkeypatch.setattr(Engine, "_sample", staticmethod(failing))
+    monkeypatch.setattr(ModelRunner, "sample", staticmethod(failing))
     bad = eng.add_request([9, 8, 7], 4, sampling={"temperature": 1.0, "seed": 13})
     greedy = eng.add_request([9, 8, 7], 5)
     while eng.has_unfinished():

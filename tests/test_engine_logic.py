@@ -127,11 +127,27 @@ class StandInPool:
             self.k[L][idx] = data[0, L]
             self.v[L][idx] = data[1, L]
 
+    @property
+    def chunk_bytes(self):
+        return GP * self.page_bytes
+
+    @property
+    def resident_bytes(self):
+        return len(self.mapped) * self.chunk_bytes
+
+    @property
+    def live_pages(self):
+        return len(self.live)
+
+    def trim(self):
+        return 0   # no reuse cache to give back
+
     def stats(self):
-        return {"resident_bytes": len(self.mapped) * GP * self.page_bytes,
+        return {"resident_bytes": self.resident_bytes,
                 "live_bytes": len(self.live) * self.page_bytes,
                 "reserved_bytes": self.max_pages * self.page_bytes,
-                "granule_bytes": GP * self.page_bytes, **self.counts}
+                "max_bytes": self.budget_pages * self.page_bytes,
+                "pages_per_chunk": GP, "chunk_bytes": self.chunk_bytes, **self.counts}
 
 
 class StandInCache:

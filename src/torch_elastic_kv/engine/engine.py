@@ -28,15 +28,18 @@ import logging
 import numbers
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
+from typing import Any, Optional
 
 import torch
 
-from ..hf.compat import cache_keyword
-from .policy import Decision, ElasticPolicy
-from .scheduler import Batch, Scheduler
-from .request import SamplingParams, Sequence
 from ..kv.swap import SwapSpace
+from .memory import MemoryController
+from .policy import Decision, ElasticPolicy
+from .request import SamplingParams, Sequence
+from .runner import ModelRunner
+from .scheduler import Batch, Scheduler
 
 _log = logging.getLogger(__name__)
 
@@ -171,12 +174,6 @@ class Engine:
                               page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
                               min_bytes=self.policy.min_bytes)
         self.pool = pool
-        pstats = pool.stats()
-        self._granule_pages = int(pstats.get("pages_per_chunk", 1))
-        self._granule_bytes = int(getattr(pool, "chunk_bytes", self._granule_pages * pool.page_bytes))
-        self._reserved_bytes = int(pstats["reserved_bytes"])
-        self.policy.bind(pool.page_bytes, pool.page_tokens, self._granule_pages,
-                         self._granule_bytes, int(pstats.get("max_bytes") or self._reserved_bytes))
         self._restore_attn: Optional[str] = None
         if paged_attention and cache is None:
             from ..hf.attention import PAGED_ATTENTION, enable_paged_attention
@@ -188,16 +185,19 @@ class Engine:
             from ..hf.cache import ElasticPagedCache  # the one cache class users pass to generate
             cache = ElasticPagedCache(self.config, pool=pool)
         self.cache = cache
-        self._cache_keyword = cache_keyword(model)   # past_key_values= or, from 5.24, cache=
+        self.runner = ModelRunner(model, cache, self.device)
         self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
         self._backend = _CacheBackend(pool, self.cache, self.swap)
         self.scheduler = Scheduler(self._backend, max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, headroom=self.policy.headroom,
                                    starvation_limit=starvation_limit)
-        self._apply_pool_budget()
-
         self._step_lock = threading.RLock()    # one step (or budget change) at a time
-        self._pool_lock = threading.RLock()    # pool bookkeeping: step vs grower thread
+        self._pool_lock = threading.RLock()    # pool bookkeeping: step vs the memory thread
+        if grow_in_background is None:
+            grow_in_background = self.device.type == "cuda"
+        self.memory = MemoryController(pool, self.policy, self.scheduler, self._backend,
+                                       step_lock=self._step_lock, pool_lock=self._pool_lock,
+                                       grow_in_background=bool(background and grow_in_background))
         self._inbox_lock = threading.Lock()    # add_request / cancel from any thread
         self._inbox: list[Sequence] = []
         self._requests: dict[int, Sequence] = {}
@@ -214,35 +214,17 @@ class Engine:
         self._steps = 0
         self._tokens_out = 0
         self._tokens_in = 0
-        self._shrink_events = 0
-        self._grow_events = 0
-        self._compact_events = 0
-        self._bytes_given_back = 0
-        self._policy_seconds = 0.0   # wall time of the steps' memory work (what elasticity costs)
         self._stalled = False
-
-        # the static pool is mapped at start
-        if self.policy.is_static:
-            self._grow_to(self.policy.target_pages(0, pool.max_pages))
-
         self._pool_closed = False
-        self._grower: Optional[threading.Thread] = None
-        self._grow_cv = threading.Condition()
-        self._grow_target = 0
-        self._pending_pages = 0   # prompt pages of requests added since the last tick
         self._closed = False
         self._final_stats: Optional[dict] = None   # what stats() answers once closed
         self._unstreamed: collections.deque = collections.deque()   # stream()ed steps' tokens not yet yielded
-        if grow_in_background is None:
-            grow_in_background = self.device.type == "cuda"
-        self._async_grow = bool(background and grow_in_background)
         self._packed: Any = None
         if use_prepack:
             from ..hf.prepack import PackedLinears
             self._packed = PackedLinears(model)   # close() restores the layers
         if background:
-            self._grower = threading.Thread(target=self._grower_loop, name="ekv-grower", daemon=True)
-            self._grower.start()
+            self.memory.start()
 
     def _want_prepack(self, model: Any, dtype: torch.dtype, want: Optional[bool]) -> bool:
         """Whether to install ``PackedLinears``; ``prepack_weights=True`` that cannot be done
@@ -311,7 +293,7 @@ class Engine:
         # the pool's reservation). A temporary cut (set_budget, the pressure hook) only delays it:
         # such a request queues until the budget comes back.
         need = -(-(len(ids) + max_new_tokens - 1) // self.pool.page_tokens)
-        ceiling = min(self.policy.max_bytes or self._reserved_bytes, self._reserved_bytes)
+        ceiling = min(self.policy.max_bytes or self.memory.reserved_bytes, self.memory.reserved_bytes)
         cap = self.policy.bytes_to_pages(ceiling)
         if need > cap:
             raise ValueError(
@@ -338,7 +320,7 @@ class Engine:
             self._arrivals += 1
             self._requests[rid] = seq
             self._inbox.append(seq)
-        self._wake_grower(-(-len(ids) // self.pool.page_tokens))
+        self.memory.prompt_arrived(-(-len(ids) // self.pool.page_tokens))
         return rid
 
     def cancel(self, request_id: int) -> bool:
@@ -395,14 +377,12 @@ class Engine:
         with self._step_lock:
             t0 = time.perf_counter()
             self._drain_inbox()
-            tp = time.perf_counter()
-            preempted = self._enforce_budget()
-            self._policy_seconds += time.perf_counter() - tp
+            preempted = self.memory.before_step()
             with self._pool_lock:
                 batch = self.scheduler.schedule()
             produced: list[tuple[int, int]] = []
             if batch:
-                sampled = self._run(batch)
+                sampled = self.runner.run(batch)
                 now = self.clock()
                 with self._pool_lock:
                     produced, finished = self.scheduler.postprocess(batch, sampled, now)
@@ -413,9 +393,7 @@ class Engine:
                 self._tokens_in += batch.num_tokens
                 self._tokens_out += len(produced)
             self._stalled = not batch and bool(self.scheduler.waiting) and not self.scheduler.running
-            tp = time.perf_counter()
-            self._tick()
-            self._policy_seconds += time.perf_counter() - tp
+            self.memory.after_step()
             if self.timeline is not None:
                 self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
             return produced
@@ -428,221 +406,6 @@ class Engine:
                 for seq in new:
                     self.scheduler.add(seq)
 
-    @torch.inference_mode()
-    def _run(self, batch: Batch) -> dict[int, int]:
-        """One forward over the packed tokens; returns the sampled token per sampling request."""
-        ids: list[int] = []
-        entries: list[tuple[int, int, int]] = []
-        last: list[int] = []
-        samplers: list[Sequence] = []
-        for c in batch.chunks:
-            seq = c.seq
-            ids.extend(seq.token_ids[c.start:c.start + c.num_tokens])
-            entries.append((seq.seq_id, c.start, c.num_tokens))
-            if c.samples:
-                last.append(len(ids) - 1)
-                samplers.append(seq)
-        extra = self.cache.set_packed_batch(entries)
-        kwargs = {k: v for k, v in extra.items() if k in ("position_ids", "attention_mask",
-                                                           "cache_position")}
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if last:
-            keep = torch.tensor(last, dtype=torch.long, device=self.device)
-        else:
-            keep = 1  # nothing to sample: compute a single row of logits
-        try:
-            out = self.model(input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True,
-                             logits_to_keep=keep, **kwargs)
-        finally:
-            clear = getattr(self.cache, "clear_packed_batch", None)
-            if clear is not None:
-                clear()
-        if not last:
-            return {}
-        logits = out.logits[0]
-        if all(s.sampling.greedy for s in samplers):
-            toks: list[Optional[int]] = logits.argmax(dim=-1).tolist()
-        else:
-            toks = [self._sample_or_none(logits[i], s) for i, s in enumerate(samplers)]
-        return {s.seq_id: t for s, t in zip(samplers, toks)}
-
-    @classmethod
-    def _sample_or_none(cls, logits: torch.Tensor, seq: Sequence) -> Optional[int]:
-        """The sampled token, or None when sampling failed for this request alone (it then
-        finishes with reason "error"; the other requests of the step go on)."""
-        try:
-            return cls._sample(logits, seq)
-        except (RuntimeError, ValueError, OverflowError) as exc:
-            _log.warning("request %d: sampling failed (%s); finishing it with reason 'error'", seq.seq_id, exc)
-            return None
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
-        p = seq.sampling
-        if p.greedy:
-            return int(logits.argmax())
-        x = logits.float() / p.temperature
-        if p.top_k:
-            kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            srt, idx = torch.sort(x, descending=True)
-            cum = torch.softmax(srt, -1).cumsum(-1)
-            drop = cum - torch.softmax(srt, -1) > p.top_p   # keep the token that crosses top_p
-            x = x.scatter(0, idx[drop], float("-inf"))
-        gen = None
-        if p.seed is not None:
-            # seeded by (seed, position): the same request samples the same tokens however
-            # it is batched or preempted
-            gen = torch.Generator(device=x.device).manual_seed(p.generator_seed(seq.num_tokens))
-        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
-
-    # ------------------------------------------------------------------ memory ------------
-    def _apply_pool_budget(self) -> None:
-        """Hand the effective budget to the pool, within what the pool accepts."""
-        b = self.policy.budget_bytes
-        if b is None:
-            b = self._reserved_bytes
-        live_units = -(-self._backend.live_pages() // self._granule_pages)
-        floor = max(live_units * self._granule_bytes, self.policy.min_bytes, 1)
-        self.pool.set_max_bytes(min(max(b, floor), self._reserved_bytes))
-
-    def _enforce_budget(self) -> int:
-        """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
-        changed = self.policy.poll_pressure()
-        budget = self.policy.budget_pages(self.pool.max_pages)
-        n = 0
-        if self._backend.live_pages() > budget:
-            with self._pool_lock:
-                n = len(self.scheduler.preempt_until(budget))
-            changed = True
-        if changed:
-            with self._pool_lock:
-                self._shrink_to(min(budget, self._resident_pages()))
-                self._apply_pool_budget()
-        return n
-
-    def _resident_bytes(self) -> int:
-        rb = getattr(type(self.pool), "resident_bytes", None)
-        return self.pool.resident_bytes if rb is not None else self.pool.stats()["resident_bytes"]
-
-    def _resident_pages(self) -> int:
-        return self._resident_bytes() // self._granule_bytes * self._granule_pages
-
-    def _demand(self) -> int:
-        pol = self.policy
-        held, growth, waiting = self.scheduler.demand_pages(
-            lambda s: pol.growth_pages(s.num_computed, s.num_generated, s.max_new_tokens))
-        return held + growth + waiting
-
-    def _tick(self) -> Decision:
-        """One policy decision; grows go to the grower thread, shrinks happen here."""
-        with self._pool_lock:
-            d = self.policy.decide(self._demand(), self._resident_pages(), self.pool.max_pages,
-                                   self._granule_pages)
-            if d.action == "shrink":
-                self._shrink_to(d.target_pages)
-        if d.action == "grow":
-            if self._async_grow:
-                with self._grow_cv:
-                    self._grow_target = max(self._grow_target, d.target_pages)
-                    self._grow_cv.notify()
-            else:
-                with self._pool_lock:
-                    self._grow_to(d.target_pages)
-        return d
-
-    def maintain(self) -> Decision:
-        """Run one policy tick without a step (what the grower thread does when idle)."""
-        self._require_open("maintain")
-        with self._step_lock:
-            self._enforce_budget()
-            return self._tick()
-
-    def _grow_to(self, target_pages: int) -> None:
-        """Map granules until ``target_pages`` pages are resident (within the budget)."""
-        with self._pool_lock:
-            resident = self._resident_pages()
-            live = self._backend.live_pages()
-            budget = self.policy.budget_pages(self.pool.max_pages)
-            target = min(target_pages, budget)
-            if target <= resident:
-                return
-            try:
-                # reserve_pages(n): n free pages resident beyond the live ones
-                self.pool.reserve_pages(max(0, target - live))
-            except (MemoryError, torch.OutOfMemoryError):
-                return  # the device is short: allocation in the step will say so if it matters
-            if self._resident_pages() > resident:
-                self._grow_events += 1
-
-    def _shrink_to(self, keep_pages: int) -> None:
-        """Give back empty granules, compact, give back again; keep ``keep_pages`` resident."""
-        before = self._resident_bytes()
-        live = self._backend.live_pages()
-        keep = max(keep_pages, live)
-        if self._resident_pages() - keep < self._granule_pages:
-            return  # not a whole granule to give back
-        self.pool.shrink(keep)
-        if self._resident_pages() - keep >= self._granule_pages:
-            # live pages are spread over more granules than they need: pack them
-            compactions = self.pool.stats().get("compactions", 0)
-            self.pool.compact()
-            if self.pool.stats().get("compactions", 0) > compactions:
-                self._compact_events += 1
-        # give the unmapped memory back to the driver/OS rather than to the arenas' reuse
-        # cache: shrinks are rare (hysteresis) and happen because someone else may need it
-        trim = getattr(self.pool, "trim", None)
-        if trim is not None:
-            trim()
-        # compact() and trim() give back every empty granule; keep what the policy asked for
-        if self._resident_pages() < keep:
-            try:
-                self.pool.reserve_pages(keep - live)
-            except (MemoryError, torch.OutOfMemoryError):
-                pass
-        after = self._resident_bytes()
-        if after < before:
-            self._shrink_events += 1
-            self._bytes_given_back += before - after
-
-    # ------------------------------------------------------------------ grower thread ------
-    def _wake_grower(self, extra_pages: int) -> None:
-        """A request arrived: map its prompt's pages ahead of the step that admits it."""
-        if not self._async_grow:
-            return
-        with self._grow_cv:
-            self._pending_pages += extra_pages
-            self._grow_cv.notify()
-
-    def _grower_loop(self) -> None:
-        idle_poll = max(0.05, min(1.0, self.policy.idle_seconds / 4))
-        while True:
-            with self._grow_cv:
-                if not self._closed and self._grow_target == 0 and not self._pending_pages:
-                    self._grow_cv.wait(timeout=idle_poll)
-                if self._closed:
-                    return
-                target, self._grow_target = self._grow_target, 0
-                pending, self._pending_pages = self._pending_pages, 0
-            try:
-                if pending and not target:
-                    with self._pool_lock:
-                        demand = self._demand() + pending
-                    target = self.policy.target_pages(demand, self.pool.max_pages)
-                if target:
-                    self._grow_to(target)
-                elif self._step_lock.acquire(blocking=False):
-                    # nobody is stepping: keep the policy ticking so idle memory goes back
-                    try:
-                        if not self.scheduler.running:
-                            self._enforce_budget()
-                            self._tick()
-                    finally:
-                        self._step_lock.release()
-            except Exception:  # the thread must not die; the step path reports real errors
-                pass
-
     # ------------------------------------------------------------------ budget -------------
     def set_budget(self, nbytes: Optional[int]) -> None:
         """Change the KV byte budget now; ``None`` restores the policy's ``max_bytes``.
@@ -652,18 +415,15 @@ class Engine:
         """
         self._require_open("set_budget")
         with self._step_lock:
-            self.policy.set_budget(nbytes)
-            preempted = self._enforce_budget_now()
+            preempted = self.memory.set_budget(nbytes)
             if self.timeline is not None:
                 self._record(Batch(), preempted, 0.0)
 
-    def _enforce_budget_now(self) -> int:
-        budget = self.policy.budget_pages(self.pool.max_pages)
-        with self._pool_lock:
-            n = len(self.scheduler.preempt_until(budget))
-            self._shrink_to(min(budget, self._resident_pages()))
-            self._apply_pool_budget()
-        return n
+    def maintain(self) -> Decision:
+        """Run one policy tick without a step (what the background thread does when idle)."""
+        self._require_open("maintain")
+        with self._step_lock:
+            return self.memory.maintain()
 
     # ------------------------------------------------------------------ driving ------------
     def stream(self) -> Iterator[tuple[int, int]]:
@@ -734,7 +494,8 @@ class Engine:
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
         layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
         steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
-        in the step); swap_* from the swap space. A closed Engine answers with the figures it
+        in the step); background_errors / background_last_error (failures of the background
+        memory thread, which keeps running); swap_* from the swap space. A closed Engine answers with the figures it
         had when it closed (memory it gave back counted as gone) and ``closed: True``.
         """
         if self._final_stats is not None:
@@ -759,14 +520,10 @@ class Engine:
             "max_bytes": self.policy.max_bytes,
             "min_bytes": self.policy.min_bytes,
             "page_bytes": self.pool.page_bytes,
-            "grows": ps.get("grows", self._grow_events),
-            "shrinks": ps.get("shrinks", self._shrink_events),
-            "compactions": ps.get("compactions", self._compact_events),
-            "grow_events": self._grow_events,
-            "shrink_events": self._shrink_events,
-            "compact_events": self._compact_events,
-            "bytes_given_back": self._bytes_given_back,
-            "policy_seconds": self._policy_seconds,
+            "grows": ps["grows"],
+            "shrinks": ps["shrinks"],
+            "compactions": ps["compactions"],
+            **self.memory.stats(),
             "preemptions": sch.preemptions,
             "swap_preemptions": sch.swap_preemptions,
             "recompute_preemptions": sch.recompute_preemptions,
@@ -807,7 +564,7 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
-            "resident_bytes": self._resident_bytes(),
+            "resident_bytes": self.memory.resident_bytes(),
             "budget_bytes": self.policy.budget_bytes,
             "preempted": preempted,
             "step_seconds": seconds,
@@ -818,12 +575,8 @@ class Engine:
         """Stop the grower thread, give the model back its attention implementation and, if
         the Engine built the pool, close it (a pool passed in stays open: its owner closes it).
         The Engine cannot step after this."""
-        with self._grow_cv:
-            self._closed = True
-            self._grow_cv.notify()
-        if self._grower is not None:
-            self._grower.join(timeout=5)
-            self._grower = None
+        self._closed = True
+        self.memory.stop()
         if self._final_stats is None:
             final = {**self.stats(), "closed": True}
             if self._owns_pool:   # its pool closes below: that memory is given back
@@ -844,7 +597,7 @@ class Engine:
                     close_cache()
                 self.pool.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: Any) -> None:

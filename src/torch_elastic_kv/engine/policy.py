@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 __all__ = ["Decision", "ElasticPolicy"]
 

@@ -68,7 +68,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def coerce(cls, value: Any) -> "SamplingParams":
+    def coerce(cls, value: Any) -> SamplingParams:
         """Accept None (greedy), a SamplingParams, or a dict of its fields."""
         if value is None:
             return GREEDY

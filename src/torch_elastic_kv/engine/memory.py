@@ -1,0 +1,257 @@
+"""When KV memory is taken and given back: the Engine's memory controller.
+
+Every step begins with ``before_step`` (poll the pressure hook; if the budget is now below
+what requests hold, preempt until it fits, then shrink) and ends with ``after_step`` (one
+``ElasticPolicy`` decision: grow ahead of demand, or, after the policy's idle hysteresis,
+shrink). A shrink gives back empty chunks, compacts live pages into fewer chunks, gives back
+again and trims the arenas' reuse caches, so the memory reaches the driver/OS. A grow maps
+chunks ahead of need — on CUDA from the background thread, so the step never waits on the
+driver; on CPU at the end of the step before the one that needs the pages. While nobody
+steps, the background thread keeps ticking, which is how an idle engine gives memory back.
+
+``set_budget`` changes the ceiling at once (preempting what no longer fits); a budget cut
+or a failed grow never drops a request: preempted requests are swapped or recomputed later.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+import torch
+
+from .policy import Decision, ElasticPolicy
+from .scheduler import Scheduler
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["MemoryController"]
+
+
+class MemoryController:
+    """The policy tick, grow / shrink / compact, budget enforcement and the background thread.
+
+    ``pool`` is the Engine's page pool, ``backend`` the scheduler's view of pages held;
+    ``step_lock`` serialises steps and budget changes, ``pool_lock`` guards the pool's
+    bookkeeping between the step and the background thread.
+    """
+
+    def __init__(self, pool: Any, policy: ElasticPolicy, scheduler: Scheduler, backend: Any, *,
+                 step_lock: threading.RLock, pool_lock: threading.RLock, grow_in_background: bool) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.scheduler = scheduler
+        self.backend = backend
+        self._step_lock = step_lock
+        self._pool_lock = pool_lock
+        pstats = pool.stats()
+        self.chunk_pages = int(pstats["pages_per_chunk"])
+        self.chunk_bytes = int(pool.chunk_bytes)
+        self.reserved_bytes = int(pstats["reserved_bytes"])
+        policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes,
+                    int(pstats["max_bytes"]))
+        self.async_grow = grow_in_background
+        self.grow_events = 0
+        self.shrink_events = 0
+        self.compact_events = 0
+        self.bytes_given_back = 0
+        self.policy_seconds = 0.0   # wall time of the steps' memory work (what elasticity costs)
+        self.last_error: Optional[str] = None   # the background thread's last failure
+        self.background_errors = 0
+        self._thread: Optional[threading.Thread] = None
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._grow_target = 0
+        self._pending_pages = 0   # prompt pages of requests added since the last tick
+        self.apply_pool_budget()
+        if policy.is_static:   # the static pool is mapped at start
+            self.grow_to(policy.target_pages(0, pool.max_pages))
+
+    # -- figures -------------------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        return self.pool.resident_bytes
+
+    def resident_pages(self) -> int:
+        return self.resident_bytes() // self.chunk_bytes * self.chunk_pages
+
+    def demand(self) -> int:
+        """Pages the requests need now and soon: held, expected growth, and waiting prompts."""
+        pol = self.policy
+        held, growth, waiting = self.scheduler.demand_pages(
+            lambda s: pol.growth_pages(s.num_computed, s.num_generated, s.max_new_tokens))
+        return held + growth + waiting
+
+    # -- the step's memory work ----------------------------------------------------------------
+    def before_step(self) -> int:
+        """Budget enforcement before scheduling; returns the requests preempted."""
+        t = time.perf_counter()
+        try:
+            return self._enforce_budget()
+        finally:
+            self.policy_seconds += time.perf_counter() - t
+
+    def after_step(self) -> Decision:
+        """The policy tick after the forward."""
+        t = time.perf_counter()
+        try:
+            return self.tick()
+        finally:
+            self.policy_seconds += time.perf_counter() - t
+
+    def apply_pool_budget(self) -> None:
+        """Hand the effective budget to the pool, within what the pool accepts."""
+        b = self.policy.budget_bytes
+        if b is None:
+            b = self.reserved_bytes
+        live_chunks = -(-self.backend.live_pages() // self.chunk_pages)
+        floor = max(live_chunks * self.chunk_bytes, self.policy.min_bytes, 1)
+        self.pool.set_max_bytes(min(max(b, floor), self.reserved_bytes))
+
+    def _enforce_budget(self) -> int:
+        """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
+        changed = self.policy.poll_pressure()
+        budget = self.policy.budget_pages(self.pool.max_pages)
+        n = 0
+        if self.backend.live_pages() > budget:
+            with self._pool_lock:
+                n = len(self.scheduler.preempt_until(budget))
+            changed = True
+        if changed:
+            with self._pool_lock:
+                self.shrink_to(min(budget, self.resident_pages()))
+                self.apply_pool_budget()
+        return n
+
+    def set_budget(self, nbytes: Optional[int]) -> int:
+        """Set the policy's budget and enforce it now; returns the requests preempted."""
+        self.policy.set_budget(nbytes)
+        budget = self.policy.budget_pages(self.pool.max_pages)
+        with self._pool_lock:
+            n = len(self.scheduler.preempt_until(budget))
+            self.shrink_to(min(budget, self.resident_pages()))
+            self.apply_pool_budget()
+        return n
+
+    def tick(self) -> Decision:
+        """One policy decision; grows go to the background thread (when it grows), shrinks
+        happen here."""
+        with self._pool_lock:
+            d = self.policy.decide(self.demand(), self.resident_pages(), self.pool.max_pages, self.chunk_pages)
+            if d.action == "shrink":
+                self.shrink_to(d.target_pages)
+        if d.action == "grow":
+            if self.async_grow and self._thread is not None:
+                with self._cv:
+                    self._grow_target = max(self._grow_target, d.target_pages)
+                    self._cv.notify()
+            else:
+                with self._pool_lock:
+                    self.grow_to(d.target_pages)
+        return d
+
+    def maintain(self) -> Decision:
+        """Enforce the budget and tick without a step (what the background thread does)."""
+        self._enforce_budget()
+        return self.tick()
+
+    def grow_to(self, target_pages: int) -> None:
+        """Map chunks until ``target_pages`` pages are resident (within the budget)."""
+        with self._pool_lock:
+            resident = self.resident_pages()
+            live = self.backend.live_pages()
+            target = min(target_pages, self.policy.budget_pages(self.pool.max_pages))
+            if target <= resident:
+                return
+            try:
+                # reserve_pages(n): n free pages resident beyond the live ones
+                self.pool.reserve_pages(max(0, target - live))
+            except (MemoryError, torch.OutOfMemoryError):
+                return  # the device is short: allocation in the step will say so if it matters
+            if self.resident_pages() > resident:
+                self.grow_events += 1
+
+    def shrink_to(self, keep_pages: int) -> None:
+        """Give back empty chunks, compact, give back again; keep ``keep_pages`` resident."""
+        before = self.resident_bytes()
+        live = self.backend.live_pages()
+        keep = max(keep_pages, live)
+        if self.resident_pages() - keep < self.chunk_pages:
+            return  # not a whole chunk to give back
+        self.pool.shrink(keep)
+        if self.resident_pages() - keep >= self.chunk_pages:
+            # live pages are spread over more chunks than they need: pack them
+            compactions = self.pool.stats()["compactions"]
+            self.pool.compact()
+            if self.pool.stats()["compactions"] > compactions:
+                self.compact_events += 1
+        # give the unmapped memory back to the driver/OS rather than to the arenas' reuse
+        # cache: shrinks are rare (hysteresis) and happen because someone else may need it
+        self.pool.trim()
+        # compact() and trim() give back every empty chunk; keep what the policy asked for
+        if self.resident_pages() < keep:
+            try:
+                self.pool.reserve_pages(keep - live)
+            except (MemoryError, torch.OutOfMemoryError):
+                pass
+        after = self.resident_bytes()
+        if after < before:
+            self.shrink_events += 1
+            self.bytes_given_back += before - after
+
+    # -- the background thread -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background thread (idle ticks; grows too when ``grow_in_background``)."""
+        self._thread = threading.Thread(target=self._loop, name="ekv-memory", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            self._thread = None
+
+    def prompt_arrived(self, pages: int) -> None:
+        """A request arrived: map its prompt's pages ahead of the step that admits it."""
+        if not (self.async_grow and self._thread is not None):
+            return
+        with self._cv:
+            self._pending_pages += pages
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        idle_poll = max(0.05, min(1.0, self.policy.idle_seconds / 4))
+        while True:
+            with self._cv:
+                if not self._stopping and self._grow_target == 0 and not self._pending_pages:
+                    self._cv.wait(timeout=idle_poll)
+                if self._stopping:
+                    return
+                target, self._grow_target = self._grow_target, 0
+                pending, self._pending_pages = self._pending_pages, 0
+            try:
+                if pending and not target:
+                    with self._pool_lock:
+                        demand = self.demand() + pending
+                    target = self.policy.target_pages(demand, self.pool.max_pages)
+                if target:
+                    self.grow_to(target)
+                elif self._step_lock.acquire(blocking=False):
+                    # nobody is stepping: keep the policy ticking so idle memory goes back
+                    try:
+                        if not self.scheduler.running:
+                            self.maintain()
+                    finally:
+                        self._step_lock.release()
+            except Exception as exc:  # the thread must not die; it records what went wrong
+                self.background_errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.warning("background memory thread: %s", self.last_error)
+
+    def stats(self) -> dict[str, Any]:
+        return {"grow_events": self.grow_events, "shrink_events": self.shrink_events,
+                "compact_events": self.compact_events, "bytes_given_back": self.bytes_given_back,
+                "policy_seconds": self.policy_seconds, "background_errors": self.background_errors,
+                "background_last_error": self.last_error}
