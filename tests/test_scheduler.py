@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from torch_elastic_kv.engine.request import Request, RequestStatus, SamplingParams
 from torch_elastic_kv.engine.scheduler import Scheduler
-from torch_elastic_kv.engine.request import SamplingParams, SeqStatus, Sequence
 
 PT = 4  # page_tokens
 
@@ -29,49 +29,49 @@ class CountingBackend:
         return sum(self.held.values())
 
     def held_pages(self, seq) -> int:
-        return self.held.get(seq.seq_id, 0)
+        return self.held.get(seq.request_id, 0)
 
     def ensure(self, seq, total_tokens) -> None:
         need = -(-total_tokens // PT) - self.held_pages(seq)
         if need > self.free_pages():
             raise MemoryError(f"need {need} free {self.free_pages()}")
         if need > 0:
-            self.held[seq.seq_id] = self.held_pages(seq) + need
+            self.held[seq.request_id] = self.held_pages(seq) + need
 
     def release(self, seq) -> None:
-        self.held.pop(seq.seq_id, None)
+        self.held.pop(seq.request_id, None)
 
     def can_swap_out(self, seq) -> bool:
         return sum(self.swapped.values()) + self.held_pages(seq) <= self.swap_pages
 
     def swap_out(self, seq) -> None:
-        self.swapped[seq.seq_id] = self.held.pop(seq.seq_id)
+        self.swapped[seq.request_id] = self.held.pop(seq.request_id)
         self.swap_outs += 1
 
     def swap_in(self, seq) -> None:
-        n = self.swapped[seq.seq_id]
+        n = self.swapped[seq.request_id]
         if n > self.free_pages():
             raise MemoryError("swap in")
-        self.held[seq.seq_id] = self.swapped.pop(seq.seq_id)
+        self.held[seq.request_id] = self.swapped.pop(seq.request_id)
         self.swap_ins += 1
 
     def drop_swap(self, seq) -> None:
-        self.swapped.pop(seq.seq_id)
+        self.swapped.pop(seq.request_id)
 
 
 _next = [0]
 
 
-def seq(prompt_len: int, max_new: int = 8, eos=()) -> Sequence:
+def seq(prompt_len: int, max_new: int = 8, eos=()) -> Request:
     _next[0] += 1
-    return Sequence(seq_id=_next[0], prompt_ids=list(range(1, prompt_len + 1)),
+    return Request(request_id=_next[0], prompt_ids=list(range(1, prompt_len + 1)),
                     max_new_tokens=max_new, arrival_index=_next[0], arrival_time=0.0,
                     eos_token_ids=frozenset(eos))
 
 
 def run_step(s: Scheduler, token: int = 7):
     b = s.schedule()
-    sampled = {c.seq.seq_id: token for c in b.chunks if c.samples}
+    sampled = {c.seq.request_id: token for c in b.chunks if c.samples}
     produced, finished = s.postprocess(b, sampled, now=1.0)
     return b, produced, finished
 
@@ -85,12 +85,12 @@ def test_prefill_is_chunked_under_max_batch_tokens_and_decode_goes_first():
     batch, produced, _ = run_step(s)
     # a's whole prompt (6) then 4 tokens of b's prompt; b's pages are taken in full
     assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 0, 6), (False, 0, 4)]
-    assert produced == [(a.seq_id, 7)]
+    assert produced == [(a.request_id, 7)]
     assert be.held_pages(b) == 3
     batch, produced, _ = run_step(s)
     # a decodes first (1 token), then b's remaining 5 prompt tokens
     assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 6, 1), (False, 4, 5)]
-    assert sorted(produced) == sorted([(a.seq_id, 7), (b.seq_id, 7)])
+    assert sorted(produced) == sorted([(a.request_id, 7), (b.request_id, 7)])
     assert batch.num_tokens == 6
 
 
@@ -106,10 +106,10 @@ def test_admission_waits_for_pages_and_is_first_come_first_served():
     b, _, _ = run_step(s)
     # big does not fit (5 > 3 free); small must not overtake it
     assert [c.seq for c in b.chunks] == [blocker]
-    assert blocker.status is SeqStatus.FINISHED
+    assert blocker.status is RequestStatus.FINISHED
     b, _, _ = run_step(s)
     assert [c.seq for c in b.chunks] == [big]
-    assert small.status is SeqStatus.WAITING
+    assert small.status is RequestStatus.WAITING
 
 
 def test_admission_keeps_a_headroom_reserve_for_running_requests():
@@ -121,7 +121,7 @@ def test_admission_keeps_a_headroom_reserve_for_running_requests():
     b = seq(16)                # needs 4; reserve ceil(0.5 * 5) = 3; free 5 < 7
     s.add(b)
     batch, _, _ = run_step(s)
-    assert [c.seq for c in batch.chunks] == [a] and b.status is SeqStatus.WAITING
+    assert [c.seq for c in batch.chunks] == [a] and b.status is RequestStatus.WAITING
 
 
 def test_max_running_caps_admission():
@@ -131,7 +131,7 @@ def test_max_running_caps_admission():
     for q in seqs:
         s.add(q)
     run_step(s)
-    assert [q.status for q in seqs] == [SeqStatus.RUNNING, SeqStatus.RUNNING, SeqStatus.WAITING]
+    assert [q.status for q in seqs] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.WAITING]
 
 
 def test_out_of_pages_preempts_latest_arrived_swapping_when_room_else_recompute():
@@ -149,15 +149,15 @@ def test_out_of_pages_preempts_latest_arrived_swapping_when_room_else_recompute(
     # a needs a third page: c (latest) is preempted and swapped (2 pages fit the swap
     # space); that frees enough for b too
     assert batch.preempted == [(c, "swap")]
-    assert c.status is SeqStatus.SWAPPED and [ch.seq for ch in batch.chunks] == [a, b]
+    assert c.status is RequestStatus.SWAPPED and [ch.seq for ch in batch.chunks] == [a, b]
     for _ in range(3):
         batch, _, _ = run_step(s)
         assert batch.preempted == []
     # both now need a fourth page: b is the latest running; swap is full -> recompute
     batch, _, _ = run_step(s)
     assert batch.preempted == [(b, "recompute")]
-    assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.num_generated == 6
-    assert [q.seq_id for q in s.waiting] == [b.seq_id, c.seq_id]
+    assert b.status is RequestStatus.WAITING and b.num_computed == 0 and b.num_generated == 6
+    assert [q.request_id for q in s.waiting] == [b.request_id, c.request_id]
     assert s.preemptions == 2 and s.swap_preemptions == 1 and s.recompute_preemptions == 1
     assert [ch.seq for ch in batch.chunks] == [a]
 
@@ -172,7 +172,7 @@ def test_preempted_requests_resume_with_the_same_tokens_to_feed():
         if not s.has_unfinished():
             break
         run_step(s)
-    assert a.status is SeqStatus.FINISHED and b.status is SeqStatus.FINISHED
+    assert a.status is RequestStatus.FINISHED and b.status is RequestStatus.FINISHED
     assert a.num_generated == 12 and b.num_generated == 12
     assert b.preemptions >= 1 and be.swap_ins == be.swap_outs >= 1
     assert be.live_pages() == 0 and be.swapped == {}
@@ -190,7 +190,7 @@ def test_recompute_resume_feeds_prompt_and_outputs():
     assert mode == "recompute" and a.num_computed == 0 and be.live_pages() == 0
     b, produced, _ = run_step(s)
     assert [(c.start, c.num_tokens) for c in b.chunks] == [(0, 7)]
-    assert produced == [(a.seq_id, 7)] and a.num_generated == 3
+    assert produced == [(a.request_id, 7)] and a.num_generated == 3
 
 
 def test_starvation_limit_protects_a_repeatedly_preempted_request():
@@ -239,8 +239,8 @@ def test_cancel_frees_wherever_the_request_is():
     s.preempt(b)  # swapped
     s.cancel(a, 2.0)
     s.cancel(b, 2.0)
-    assert a.status is SeqStatus.CANCELLED and b.status is SeqStatus.CANCELLED
-    assert be.swapped == {} and set(be.held) == {c.seq_id}
+    assert a.status is RequestStatus.CANCELLED and b.status is RequestStatus.CANCELLED
+    assert be.swapped == {} and set(be.held) == {c.request_id}
 
 
 def test_demand_counts_held_growth_and_waiting():

@@ -37,7 +37,7 @@ import torch
 from ..kv.swap import SwapSpace
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
-from .request import SamplingParams, Sequence
+from .request import Request, SamplingParams
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
 
@@ -77,40 +77,40 @@ class _CacheBackend:
     def live_pages(self) -> int:
         return self.table.live_pages
 
-    def held_pages(self, seq: Sequence) -> int:
-        return self.table.page_count(seq.seq_id)
+    def held_pages(self, seq: Request) -> int:
+        return self.table.page_count(seq.request_id)
 
-    def ensure(self, seq: Sequence, total_tokens: int) -> None:
-        if -(-total_tokens // self.page_tokens) <= self.table.page_count(seq.seq_id):
+    def ensure(self, seq: Request, total_tokens: int) -> None:
+        if -(-total_tokens // self.page_tokens) <= self.table.page_count(seq.request_id):
             return
-        self.cache.ensure_capacity(seq.seq_id, total_tokens)
+        self.cache.ensure_capacity(seq.request_id, total_tokens)
 
-    def release(self, seq: Sequence) -> None:
-        if seq.seq_id in self.table:   # else it was never given pages
-            self.cache.free_seq(seq.seq_id)
+    def release(self, seq: Request) -> None:
+        if seq.request_id in self.table:   # else it was never given pages
+            self.cache.free_seq(seq.request_id)
 
-    def can_swap_out(self, seq: Sequence) -> bool:
+    def can_swap_out(self, seq: Request) -> bool:
         return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
 
-    def swap_out(self, seq: Sequence) -> None:
-        pages, ntokens = self.cache.detach_seq(seq.seq_id)
+    def swap_out(self, seq: Request) -> None:
+        pages, ntokens = self.cache.detach_seq(seq.request_id)
         data = self.pool.read_pages(pages)
-        self.swap.put(seq.seq_id, data, ntokens, len(pages))
+        self.swap.put(seq.request_id, data, ntokens, len(pages))
         self.pool.free(pages)
 
-    def swap_in(self, seq: Sequence) -> None:
-        data, ntokens, npages = self.swap.peek(seq.seq_id)
+    def swap_in(self, seq: Request) -> None:
+        data, ntokens, npages = self.swap.peek(seq.request_id)
         pages = self.pool.alloc(npages)          # MemoryError: nothing changed
         try:
             self.pool.write_pages(pages, data)
-            self.cache.attach_seq(seq.seq_id, pages, ntokens)
+            self.cache.attach_seq(seq.request_id, pages, ntokens)
         except BaseException:
             self.pool.free(pages)
             raise
-        self.swap.drop(seq.seq_id, swapped_in=True)
+        self.swap.drop(seq.request_id, swapped_in=True)
 
-    def drop_swap(self, seq: Sequence) -> None:
-        self.swap.drop(seq.seq_id)
+    def drop_swap(self, seq: Request) -> None:
+        self.swap.drop(seq.request_id)
 
 
 class Engine:
@@ -199,8 +199,8 @@ class Engine:
                                        step_lock=self._step_lock, pool_lock=self._pool_lock,
                                        grow_in_background=bool(background and grow_in_background))
         self._inbox_lock = threading.Lock()    # add_request / cancel from any thread
-        self._inbox: list[Sequence] = []
-        self._requests: dict[int, Sequence] = {}
+        self._inbox: list[Request] = []
+        self._requests: dict[int, Request] = {}
         if isinstance(keep_finished, bool) or not isinstance(keep_finished, int) or keep_finished < 0:
             raise ValueError(f"Engine: keep_finished must be an int >= 0, got {keep_finished!r}")
         self._done: collections.deque[int] = collections.deque()   # finished ids, oldest first
@@ -315,7 +315,7 @@ class Engine:
         with self._inbox_lock:
             rid = self._next_id
             self._next_id += 1
-            seq = Sequence(seq_id=rid, prompt_ids=ids, max_new_tokens=mnt, arrival_index=self._arrivals,
+            seq = Request(request_id=rid, prompt_ids=ids, max_new_tokens=mnt, arrival_index=self._arrivals,
                            arrival_time=now, eos_token_ids=eos, sampling=params)
             self._arrivals += 1
             self._requests[rid] = seq
@@ -344,7 +344,7 @@ class Engine:
         self._retire([seq], cancelled=True)
         return True
 
-    def _retire(self, seqs: list[Sequence], cancelled: bool) -> None:
+    def _retire(self, seqs: list[Request], cancelled: bool) -> None:
         """Count finished requests; forget the oldest beyond ``keep_finished``."""
         if not seqs:
             return
@@ -353,7 +353,7 @@ class Engine:
                 self._n_cancelled += len(seqs)
             else:
                 self._n_finished += len(seqs)
-            self._done.extend(s.seq_id for s in seqs)
+            self._done.extend(s.request_id for s in seqs)
             while len(self._done) > self._keep_finished:
                 self._requests.pop(self._done.popleft(), None)
 
@@ -477,7 +477,7 @@ class Engine:
         seq = self.scheduler.waiting[0]
         need = -(-seq.num_tokens // self.pool.page_tokens)
         raise RuntimeError(
-            f"Engine stalled: request {seq.seq_id} needs {need} KV pages but only "
+            f"Engine stalled: request {seq.request_id} needs {need} KV pages but only "
             f"{self._backend.free_pages()} can be had under the budget "
             f"({self.policy.budget_bytes} bytes); raise it with set_budget")
 

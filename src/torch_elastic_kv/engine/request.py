@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["SamplingParams", "Sequence", "SeqStatus"]
+__all__ = ["SamplingParams", "Request", "RequestStatus"]
 
 
-class SeqStatus(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"      # not started, or preempted by recompute (no KV held)
     RUNNING = "running"      # holds KV pages in the pool
     SWAPPED = "swapped"      # preempted; its KV is parked in host swap space
@@ -86,10 +86,10 @@ GREEDY = SamplingParams()
 
 
 @dataclass(eq=False)
-class Sequence:
-    """A request in flight. Identity is ``seq_id``; order of arrival is ``arrival_index``."""
+class Request:
+    """A request in flight. Identity is ``request_id``; order of arrival is ``arrival_index``."""
 
-    seq_id: int
+    request_id: int
     prompt_ids: list[int]
     max_new_tokens: int
     arrival_index: int
@@ -98,7 +98,7 @@ class Sequence:
     sampling: SamplingParams = GREEDY
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
-    status: SeqStatus = SeqStatus.WAITING
+    status: RequestStatus = RequestStatus.WAITING
     preemptions: int = 0
     swap_preemptions: int = 0
     recompute_preemptions: int = 0
@@ -139,7 +139,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status in (SeqStatus.FINISHED, SeqStatus.CANCELLED)
+        return self.status in (RequestStatus.FINISHED, RequestStatus.CANCELLED)
 
     @property
     def max_stored_tokens(self) -> int:
@@ -161,14 +161,14 @@ class Sequence:
         return False
 
     def finish(self, now: float, reason: str) -> None:
-        self.status = SeqStatus.CANCELLED if reason == "cancelled" else SeqStatus.FINISHED
+        self.status = RequestStatus.CANCELLED if reason == "cancelled" else RequestStatus.FINISHED
         self.finish_time = now
         self.finish_reason = reason
 
     def info(self) -> dict:
         """Per-request timing and counts, as plain values (for stats and the bench CLI)."""
         return {
-            "request_id": self.seq_id,
+            "request_id": self.request_id,
             "status": self.status.value,
             "prompt_tokens": self.prompt_len,
             "output_tokens": self.num_generated,

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ..hf.compat import cache_keyword
-from .request import Sequence
+from .request import Request
 from .scheduler import Batch
 
 _log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ class ModelRunner:
         ids: list[int] = []
         entries: list[tuple[int, int, int]] = []
         last: list[int] = []
-        samplers: list[Sequence] = []
+        samplers: list[Request] = []
         for c in batch.chunks:
             seq = c.seq
             ids.extend(seq.token_ids[c.start:c.start + c.num_tokens])
-            entries.append((seq.seq_id, c.start, c.num_tokens))
+            entries.append((seq.request_id, c.start, c.num_tokens))
             if c.samples:
                 last.append(len(ids) - 1)
                 samplers.append(seq)
@@ -62,20 +62,20 @@ class ModelRunner:
             toks: list[Optional[int]] = logits.argmax(dim=-1).tolist()
         else:
             toks = [self.sample_or_none(logits[i], s) for i, s in enumerate(samplers)]
-        return {s.seq_id: t for s, t in zip(samplers, toks)}
+        return {s.request_id: t for s, t in zip(samplers, toks)}
 
     @classmethod
-    def sample_or_none(cls, logits: torch.Tensor, seq: Sequence) -> Optional[int]:
+    def sample_or_none(cls, logits: torch.Tensor, seq: Request) -> Optional[int]:
         """The sampled token, or None when sampling failed for this request alone (it then
         finishes with reason "error"; the other requests of the step go on)."""
         try:
             return cls.sample(logits, seq)
         except (RuntimeError, ValueError, OverflowError) as exc:
-            _log.warning("request %d: sampling failed (%s); finishing it with reason 'error'", seq.seq_id, exc)
+            _log.warning("request %d: sampling failed (%s); finishing it with reason 'error'", seq.request_id, exc)
             return None
 
     @staticmethod
-    def sample(logits: torch.Tensor, seq: Sequence) -> int:
+    def sample(logits: torch.Tensor, seq: Request) -> int:
         """One token from ``logits`` under ``seq``'s sampling parameters."""
         p = seq.sampling
         if p.greedy:

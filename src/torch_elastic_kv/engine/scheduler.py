@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from .request import SeqStatus, Sequence
+from .request import Request, RequestStatus
 
 __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
 
@@ -42,20 +42,20 @@ class PageBackend(Protocol):
 
     def free_pages(self) -> int: ...
     def live_pages(self) -> int: ...
-    def held_pages(self, seq: Sequence) -> int: ...
-    def ensure(self, seq: Sequence, total_tokens: int) -> None: ...
-    def release(self, seq: Sequence) -> None: ...
-    def can_swap_out(self, seq: Sequence) -> bool: ...
-    def swap_out(self, seq: Sequence) -> None: ...
-    def swap_in(self, seq: Sequence) -> None: ...
-    def drop_swap(self, seq: Sequence) -> None: ...
+    def held_pages(self, seq: Request) -> int: ...
+    def ensure(self, seq: Request, total_tokens: int) -> None: ...
+    def release(self, seq: Request) -> None: ...
+    def can_swap_out(self, seq: Request) -> bool: ...
+    def swap_out(self, seq: Request) -> None: ...
+    def swap_in(self, seq: Request) -> None: ...
+    def drop_swap(self, seq: Request) -> None: ...
 
 
 @dataclass
 class Chunk:
     """``num_tokens`` tokens of ``seq`` starting at position ``start``, packed in this order."""
 
-    seq: Sequence
+    seq: Request
     start: int
     num_tokens: int
 
@@ -70,8 +70,8 @@ class Batch:
     """One step's work: the chunks to run and the preemptions made to fit them."""
 
     chunks: list[Chunk] = field(default_factory=list)
-    preempted: list[tuple[Sequence, str]] = field(default_factory=list)
-    admitted: list[Sequence] = field(default_factory=list)
+    preempted: list[tuple[Request, str]] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -101,8 +101,8 @@ class Scheduler:
         self.max_running = max_running
         self.headroom = float(headroom)
         self.starvation_limit = starvation_limit
-        self.running: list[Sequence] = []   # sorted by arrival_index
-        self.waiting: list[Sequence] = []   # sorted by arrival_index (WAITING and SWAPPED)
+        self.running: list[Request] = []   # sorted by arrival_index
+        self.waiting: list[Request] = []   # sorted by arrival_index (WAITING and SWAPPED)
         self.preemptions = 0
         self.swap_preemptions = 0
         self.recompute_preemptions = 0
@@ -111,16 +111,16 @@ class Scheduler:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_tokens)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         """Queue a new request (status WAITING)."""
-        seq.status = SeqStatus.WAITING
+        seq.status = RequestStatus.WAITING
         self._insert_waiting(seq)
 
-    def _insert_waiting(self, seq: Sequence) -> None:
+    def _insert_waiting(self, seq: Request) -> None:
         keys = [s.arrival_index for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
 
-    def _insert_running(self, seq: Sequence) -> None:
+    def _insert_running(self, seq: Request) -> None:
         keys = [s.arrival_index for s in self.running]
         self.running.insert(bisect.bisect(keys, seq.arrival_index), seq)
 
@@ -128,28 +128,28 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def num_swapped(self) -> int:
-        return sum(1 for s in self.waiting if s.status is SeqStatus.SWAPPED)
+        return sum(1 for s in self.waiting if s.status is RequestStatus.SWAPPED)
 
     # ---- preemption ---------------------------------------------------------------------
-    def _pick_victim(self) -> Sequence:
+    def _pick_victim(self) -> Request:
         """Latest-arrived running request, sparing protected ones while others remain."""
         unprotected = [s for s in self.running if s.preemptions < self.starvation_limit]
         pool = unprotected or self.running
         return pool[-1]
 
-    def preempt(self, seq: Sequence) -> str:
+    def preempt(self, seq: Request) -> str:
         """Take ``seq`` off the running list: swap its KV out if there is room, else drop it."""
         self.running.remove(seq)
         if seq.num_computed > 0 and self.backend.can_swap_out(seq):
             self.backend.swap_out(seq)
-            seq.status = SeqStatus.SWAPPED
+            seq.status = RequestStatus.SWAPPED
             seq.swap_preemptions += 1
             self.swap_preemptions += 1
             mode = "swap"
         else:
             self.backend.release(seq)
             seq.num_computed = 0
-            seq.status = SeqStatus.WAITING
+            seq.status = RequestStatus.WAITING
             seq.recompute_preemptions += 1
             self.recompute_preemptions += 1
             mode = "recompute"
@@ -158,9 +158,9 @@ class Scheduler:
         self._insert_waiting(seq)
         return mode
 
-    def preempt_until(self, max_live_pages: int) -> list[tuple[Sequence, str]]:
+    def preempt_until(self, max_live_pages: int) -> list[tuple[Request, str]]:
         """Preempt latest-arrived first until at most ``max_live_pages`` pages are live."""
-        out: list[tuple[Sequence, str]] = []
+        out: list[tuple[Request, str]] = []
         while self.running and self.backend.live_pages() > max_live_pages:
             victim = self._pick_victim()
             out.append((victim, self.preempt(victim)))
@@ -173,12 +173,12 @@ class Scheduler:
         budget = self.max_batch_tokens
         scheduled: dict[int, Chunk] = {}
 
-        def make_room(seq: Sequence, need: int) -> bool:
+        def make_room(seq: Request, need: int) -> bool:
             """Preempt until ``need`` pages are free for ``seq``; False if ``seq`` itself went."""
             nonlocal budget
             while self.backend.free_pages() < need:
                 victim = self._pick_victim()
-                chunk = scheduled.pop(victim.seq_id, None)
+                chunk = scheduled.pop(victim.request_id, None)
                 if chunk is not None:
                     batch.chunks.remove(chunk)
                     budget += chunk.num_tokens
@@ -194,7 +194,7 @@ class Scheduler:
         for seq in order:
             if budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not RequestStatus.RUNNING:
                 continue  # preempted above to make room for an older request
             n = min(seq.num_uncomputed, budget)
             need = self.pages_for(seq.num_computed + n) - self.backend.held_pages(seq)
@@ -204,7 +204,7 @@ class Scheduler:
                 self.backend.ensure(seq, seq.num_computed + n)
             chunk = Chunk(seq, seq.num_computed, n)
             batch.chunks.append(chunk)
-            scheduled[seq.seq_id] = chunk
+            scheduled[seq.request_id] = chunk
             budget -= n
 
         # admission, oldest first; stop at the first that does not fit so that a large
@@ -221,42 +221,42 @@ class Scheduler:
             if self.backend.free_pages() < need + reserve:
                 break
             self.waiting.pop(0)
-            if seq.status is SeqStatus.SWAPPED:
+            if seq.status is RequestStatus.SWAPPED:
                 self.backend.swap_in(seq)
             self.backend.ensure(seq, seq.num_tokens)
             held += self.backend.held_pages(seq)
-            seq.status = SeqStatus.RUNNING
+            seq.status = RequestStatus.RUNNING
             self._insert_running(seq)
             batch.admitted.append(seq)
             n = min(seq.num_uncomputed, budget)
             chunk = Chunk(seq, seq.num_computed, n)
             batch.chunks.append(chunk)
-            scheduled[seq.seq_id] = chunk
+            scheduled[seq.request_id] = chunk
             budget -= n
         return batch
 
     def postprocess(self, batch: Batch, sampled: dict[int, Optional[int]], now: float
-                    ) -> tuple[list[tuple[int, int]], list[Sequence]]:
+                    ) -> tuple[list[tuple[int, int]], list[Request]]:
         """Advance the chunks that ran; append sampled tokens; finish and free done requests.
 
-        ``sampled`` maps seq_id -> token for every chunk whose ``samples`` is true.
-        Returns the (seq_id, token) pairs produced and the requests that finished.
+        ``sampled`` maps request_id -> token for every chunk whose ``samples`` is true.
+        Returns the (request_id, token) pairs produced and the requests that finished.
         """
         produced: list[tuple[int, int]] = []
-        finished: list[Sequence] = []
+        finished: list[Request] = []
         for chunk in batch.chunks:
             seq = chunk.seq
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not RequestStatus.RUNNING:
                 continue  # cancelled while the forward ran
             seq.num_computed = chunk.start + chunk.num_tokens
             if not chunk.samples:
                 continue
-            tok = sampled[seq.seq_id]
+            tok = sampled[seq.request_id]
             if tok is None:   # its sampling failed: this request ends, the others go on
                 seq.finish(now, "error")
                 done = True
             else:
-                produced.append((seq.seq_id, tok))
+                produced.append((seq.request_id, tok))
                 done = seq.append_token(tok, now)
             if done:
                 self.running.remove(seq)
@@ -264,14 +264,14 @@ class Scheduler:
                 finished.append(seq)
         return produced, finished
 
-    def cancel(self, seq: Sequence, now: float) -> None:
+    def cancel(self, seq: Request, now: float) -> None:
         """Remove a request wherever it is and free what it holds."""
         if seq in self.running:
             self.running.remove(seq)
             self.backend.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-            if seq.status is SeqStatus.SWAPPED:
+            if seq.status is RequestStatus.SWAPPED:
                 self.backend.drop_swap(seq)
         seq.finish(now, "cancelled")
 
