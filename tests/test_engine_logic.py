@@ -142,6 +142,10 @@ class StandInPool:
     def trim(self):
         return 0   # no reuse cache to give back
 
+    def close(self):
+        self.live.clear()
+        self.mapped.clear()
+
     def stats(self):
         return {"resident_bytes": self.resident_bytes,
                 "live_bytes": len(self.live) * self.page_bytes,
@@ -190,6 +194,9 @@ class StandInCache:
             t += n
             c += L
         return {"position_ids": pos, "attention_mask": mask}
+
+    def close(self):
+        self.page_table.release_all()
 
     def clear_packed_batch(self):
         self.entries = None
@@ -470,3 +477,19 @@ def test_only_the_last_keep_finished_requests_are_remembered(model):
             eng.request_info(r)
     assert [eng.request_info(r)["status"] for r in rids[1:3]] == ["finished", "finished"]
     assert eng.stats()["finished"] == 3 and eng.stats()["cancelled"] == 1
+
+
+def test_stand_ins_and_the_real_classes_implement_the_engine_protocols():
+    from torch_elastic_kv.engine.protocols import EngineCache, EnginePool
+    from torch_elastic_kv.hf.cache import ElasticPagedCache
+    from torch_elastic_kv.kv.pool import KVPagePool
+
+    pool = StandInPool(2, 2, 16, 64)
+    assert isinstance(pool, EnginePool) and isinstance(StandInCache(pool), EngineCache)
+    real = KVPagePool(2, 2, 16, torch.float32, "cpu", page_tokens=PT, max_bytes=4 << 20)
+    try:
+        assert isinstance(real, EnginePool)
+        assert isinstance(ElasticPagedCache(tiny_model().config, pool=real), EngineCache)
+    finally:
+        real.close()
+    assert not isinstance(object(), EnginePool)

@@ -37,6 +37,7 @@ import torch
 from ..kv.swap import SwapSpace
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
+from .protocols import EngineCache, EnginePool
 from .request import Request, SamplingParams
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
@@ -144,9 +145,9 @@ class Engine:
             (ValueError if it cannot be done); ``False``: off.
     """
 
-    def __init__(self, model: Any, pool: Any = None, policy: Optional[ElasticPolicy] = None,
+    def __init__(self, model: Any, pool: Optional[EnginePool] = None, policy: Optional[ElasticPolicy] = None,
                  max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
-                 cache: Any = None, page_tokens: int = 16, paged_attention: bool = True,
+                 cache: Optional[EngineCache] = None, page_tokens: int = 16, paged_attention: bool = True,
                  background: bool = True, grow_in_background: Optional[bool] = None,
                  timeline: bool = True,
                  starvation_limit: int = 3, keep_finished: int = 100_000,
@@ -592,9 +593,7 @@ class Engine:
             # the Engine made the pool, so its memory goes back with the Engine
             self._pool_closed = True
             with self._step_lock, self._pool_lock:
-                close_cache = getattr(self.cache, "close", None)
-                if close_cache is not None:
-                    close_cache()
+                self.cache.close()
                 self.pool.close()
 
     def __enter__(self) -> Engine:
