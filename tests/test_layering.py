@@ -11,7 +11,7 @@ from pathlib import Path
 import torch_elastic_kv
 
 PACKAGE = Path(torch_elastic_kv.__file__).resolve().parent
-RANK = {"_C": -1, "_native": 0, "memory": 1, "kv": 2, "hf": 3, "engine": 4, "bench": 5, "testing": 5, "__main__": 6}
+RANK = {"_C": -1, "_native": 0, "_util": 0, "memory": 1, "kv": 2, "hf": 3, "engine": 4, "bench": 5, "testing": 5, "__main__": 6}
 
 
 def _layer(module: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # command -> (module, function taking argv and returning the exit status, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {

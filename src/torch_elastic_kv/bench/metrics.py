@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-
 from .stats import percentile, time_weighted_mean
 from .systems import SystemRun
 

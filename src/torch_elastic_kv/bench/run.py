@@ -14,7 +14,6 @@ from .settings import BenchSettings, ResolvedArgs
 from .systems import SystemRun, auto_max_bytes, run_system
 from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
 
-
 WARM_UP_REQUESTS = 32
 
 

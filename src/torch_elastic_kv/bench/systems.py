@@ -24,13 +24,14 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from .models import ModelInfo
 from ..hf.compat import cache_kwargs
+from .models import ModelInfo
 from .progress import Progress
 from .settings import BenchSettings
 from .traces import Trace

@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import torch
 
+from .._util import ceil_div
+from ..hf.compat import kv_geometry
 from ..kv.swap import SwapSpace
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
@@ -45,16 +47,6 @@ from .scheduler import Batch, Scheduler
 _log = logging.getLogger(__name__)
 
 __all__ = ["Engine"]
-
-
-def _model_geometry(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder-only transformers config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return layers, kv_heads, head_dim
 
 
 class _CacheBackend:
@@ -82,7 +74,7 @@ class _CacheBackend:
         return self.table.page_count(seq.request_id)
 
     def ensure(self, seq: Request, total_tokens: int) -> None:
-        if -(-total_tokens // self.page_tokens) <= self.table.page_count(seq.request_id):
+        if ceil_div(total_tokens, self.page_tokens) <= self.table.page_count(seq.request_id):
             return
         self.cache.ensure_capacity(seq.request_id, total_tokens)
 
@@ -170,7 +162,7 @@ class Engine:
         self._owns_pool = pool is None
         if pool is None:
             from ..kv.pool import KVPagePool
-            layers, kv_heads, head_dim = _model_geometry(self.config)
+            layers, kv_heads, head_dim = kv_geometry(self.config)
             pool = KVPagePool(layers, kv_heads, head_dim, dtype, device=self.device,
                               page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
                               min_bytes=self.policy.min_bytes)
@@ -293,7 +285,7 @@ class Engine:
         # never fits: its own KV at full length exceeds the ceiling (the policy's max_bytes within
         # the pool's reservation). A temporary cut (set_budget, the pressure hook) only delays it:
         # such a request queues until the budget comes back.
-        need = -(-(len(ids) + max_new_tokens - 1) // self.pool.page_tokens)
+        need = ceil_div((len(ids) + max_new_tokens - 1), self.pool.page_tokens)
         ceiling = min(self.policy.max_bytes or self.memory.reserved_bytes, self.memory.reserved_bytes)
         cap = self.policy.bytes_to_pages(ceiling)
         if need > cap:
@@ -321,7 +313,7 @@ class Engine:
             self._arrivals += 1
             self._requests[rid] = seq
             self._inbox.append(seq)
-        self.memory.prompt_arrived(-(-len(ids) // self.pool.page_tokens))
+        self.memory.prompt_arrived(ceil_div(len(ids), self.pool.page_tokens))
         return rid
 
     def cancel(self, request_id: int) -> bool:
@@ -476,7 +468,7 @@ class Engine:
             time.sleep(min(0.05, self.policy.pressure_interval))  # the hook may lift the cap
             return
         seq = self.scheduler.waiting[0]
-        need = -(-seq.num_tokens // self.pool.page_tokens)
+        need = ceil_div(seq.num_tokens, self.pool.page_tokens)
         raise RuntimeError(
             f"Engine stalled: request {seq.request_id} needs {need} KV pages but only "
             f"{self._backend.free_pages()} can be had under the budget "

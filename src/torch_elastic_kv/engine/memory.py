@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from .._util import ceil_div
 from .policy import Decision, ElasticPolicy
 from .scheduler import Scheduler
 
@@ -104,7 +105,7 @@ class MemoryController:
         b = self.policy.budget_bytes
         if b is None:
             b = self.reserved_bytes
-        live_chunks = -(-self.backend.live_pages() // self.chunk_pages)
+        live_chunks = ceil_div(self.backend.live_pages(), self.chunk_pages)
         floor = max(live_chunks * self.chunk_bytes, self.policy.min_bytes, 1)
         self.pool.set_max_bytes(min(max(b, floor), self.reserved_bytes))
 

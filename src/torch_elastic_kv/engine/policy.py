@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
+from .._util import ceil_div
+
 __all__ = ["Decision", "ElasticPolicy"]
 
 
@@ -208,7 +210,7 @@ class ElasticPolicy:
         return nbytes // gb * self._pages_per_chunk
 
     def min_pages(self) -> int:
-        return -(-self.min_bytes // self.page_bytes)
+        return ceil_div(self.min_bytes, self.page_bytes)
 
     def poll_pressure(self) -> bool:
         """Poll the pressure hook if due; returns True when the effective budget changed."""
@@ -252,7 +254,7 @@ class ElasticPolicy:
         """Pages a running request holding ``stored_tokens`` is expected to add soon."""
         pt = self.page_tokens
         grow = self.growth_tokens(generated, max_new_tokens)
-        return -(-(stored_tokens + grow) // pt) - (-(-stored_tokens // pt))
+        return ceil_div(stored_tokens + grow, pt) - (ceil_div(stored_tokens, pt))
 
     # ---- the decision -----------------------------------------------------------------
     def target_pages(self, demand_pages: int, pool_max_pages: int) -> int:

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+from .._util import ceil_div
 from .request import Request, RequestStatus
 
 __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
@@ -109,7 +110,7 @@ class Scheduler:
 
     # ---- queues -------------------------------------------------------------------------
     def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_tokens)
+        return ceil_div(tokens, self.page_tokens)
 
     def add(self, seq: Request) -> None:
         """Queue a new request (status WAITING)."""

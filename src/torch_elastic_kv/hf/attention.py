@@ -105,14 +105,14 @@ class PagePlan:
     new_value: torch.Tensor | None = None
 
 
-def attach_plan(key_cache: torch.Tensor, plan: "PagePlan") -> torch.Tensor:
+def attach_plan(key_cache: torch.Tensor, plan: PagePlan) -> torch.Tensor:
     """A new view of ``key_cache`` (same storage) that carries ``plan`` to the attention function."""
     view = key_cache.view(key_cache.shape)
     setattr(view, _PLAN_ATTR, plan)
     return view
 
 
-def plan_of(key: torch.Tensor) -> "PagePlan | None":
+def plan_of(key: torch.Tensor) -> PagePlan | None:
     """The plan ``attach_plan`` put on ``key``, or None (K/V from any other cache)."""
     return getattr(key, _PLAN_ATTR, None)
 

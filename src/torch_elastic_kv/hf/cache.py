@@ -36,9 +36,12 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from torch_elastic_kv.hf.attention import PAGED_ATTENTION, PagePlan, attach_plan
+from torch_elastic_kv.hf.compat import kv_geometry
 from torch_elastic_kv.hf.planner import Step, plan_generate_step, plan_packed_step
 from torch_elastic_kv.kv.page_table import PageList, PageTable
 from torch_elastic_kv.kv.pool import KVPagePool
+
+from .._util import ceil_div
 
 ATTENTION_MODES = ("auto", "gather", "paged")
 
@@ -129,8 +132,7 @@ class ElasticPagedCache(Cache):
             raise ValueError(f"ElasticPagedCache: attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.config = config
         self.num_layers = len(layer_types)
-        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        _, self.num_kv_heads, self.head_dim = kv_geometry(config)
         if pool is not None:
             expect = (self.num_layers, self.num_kv_heads, self.head_dim)
             have = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
@@ -307,7 +309,7 @@ class ElasticPagedCache(Cache):
         if tokens_to_remove == 0 or not self._rows:
             return
         new_len = max(self._rows[0].tokens + tokens_to_remove, 0)
-        keep = -(-new_len // self.page_tokens)
+        keep = ceil_div(new_len, self.page_tokens)
         for row in self._rows:
             self.pool.free(row.pages[keep:])
             row.pages, row.tokens = row.pages[:keep], new_len
@@ -333,7 +335,7 @@ class ElasticPagedCache(Cache):
         old_len = rows[0].tokens if rows else 0
         new_len = old_len + q_len
         have = len(rows[0].pages) if rows else 0
-        need = -(-new_len // self.page_tokens) - have
+        need = ceil_div(new_len, self.page_tokens) - have
         fresh = pool.alloc(need * batch) if need > 0 else []   # all or nothing: OOM changes nothing
         if not rows:
             rows = self._rows = [PageList() for _ in range(batch)]

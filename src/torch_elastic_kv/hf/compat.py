@@ -26,3 +26,13 @@ def cache_keyword(model: torch.nn.Module) -> str:
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)`` on this release."""
     return {cache_keyword(model): cache}
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder-only transformers config (its text
+    config for a multimodal one): the shape a KV pool for the model needs."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim

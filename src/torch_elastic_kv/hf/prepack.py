@@ -49,7 +49,7 @@ def _ops_present() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def prepack_available() -> bool:
     """True when this torch build can prepack float32 CPU linear weights (oneDNN present and
     its packed result agrees with ``F.linear`` on a probe; probed once per process)."""
@@ -83,7 +83,7 @@ class _Packed:
                 and self.version == _version(weight) and self.data_ptr == weight.data_ptr())
 
     # oneDNN tensors have no storage to copy or pickle: copies carry "pack again" instead
-    def __deepcopy__(self, memo: dict) -> "_Packed":
+    def __deepcopy__(self, memo: dict) -> _Packed:
         return _Packed(weight=copy.deepcopy(self.weight, memo), version=-1, data_ptr=0, packed=None)
 
     def __getstate__(self) -> dict:
@@ -113,7 +113,7 @@ def _version(t: torch.Tensor) -> int:
     return t._version
 
 
-def _pack(weight: torch.Tensor) -> "_Packed":
+def _pack(weight: torch.Tensor) -> _Packed:
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     return _Packed(weight=weight, version=_version(weight), data_ptr=weight.data_ptr(), packed=packed)
@@ -204,7 +204,7 @@ class PackedLinears:
             m.__dict__.pop(_ATTR, None)
         self._layers = []
 
-    def __enter__(self) -> "PackedLinears":
+    def __enter__(self) -> PackedLinears:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .._util import ceil_div
+
 __all__ = ["PageList", "PageTable"]
 
 
@@ -95,7 +97,7 @@ class PageTable:
             raise ValueError(f"ensure_capacity: total_tokens must be an int >= 0, got {total_tokens!r}")
         entry = self._lists.get(request_id)
         have = len(entry.pages) if entry is not None else 0
-        need = -(-total_tokens // self.page_tokens) - have
+        need = ceil_div(total_tokens, self.page_tokens) - have
         fresh = self._require_pool().alloc(need) if need > 0 else []
         if entry is None:
             entry = self._lists[request_id] = PageList()

@@ -19,6 +19,8 @@ import heapq
 import math
 from dataclasses import dataclass
 
+from .._util import ceil_div
+
 
 @dataclass(frozen=True)
 class ChunkGeometry:
@@ -51,7 +53,7 @@ def plan_geometry(page_bytes: int, granularity: int, max_padding: float = 1 / 32
     align = 1
     while align <= granularity:
         if align % element_bytes == 0:
-            stride = -(-page_bytes // align) * align
+            stride = ceil_div(page_bytes, align) * align
             chunk = math.lcm(stride, granularity)
             padding = (stride - page_bytes) / page_bytes
             candidates.append((padding <= max_padding, -chunk, -padding, stride, chunk))
@@ -115,7 +117,7 @@ class PagePlacement:
         missing = n - self.mapped_free_slots()
         if missing <= 0:
             return []
-        need = -(-missing // self.pages_per_chunk)
+        need = ceil_div(missing, self.pages_per_chunk)
         out = []
         for c in range(self.num_chunks):
             if not self._mapped[c]:

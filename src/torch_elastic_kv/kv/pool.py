@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from torch_elastic_kv.memory import arena as _arena
 from torch_elastic_kv.kv.placement import ChunkGeometry, PagePlacement, plan_geometry
+from torch_elastic_kv.memory import arena as _arena
+
+from .._util import ceil_div, out_of_memory
 
 LAYOUTS = ("page-major", "layer-major")
 MoveListener = Callable[[dict[int, int]], None]
@@ -39,11 +41,6 @@ def default_max_bytes(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.9)
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25)
-
-
-def out_of_memory(device: torch.device, message: str) -> BaseException:
-    """The OOM exception torch users expect on this device."""
-    return torch.OutOfMemoryError(message) if device.type == "cuda" else MemoryError(message)
 
 
 @dataclass
@@ -110,7 +107,6 @@ class KVPagePool:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.page_tokens, self.layout = dtype, page_tokens, layout
         self.element_size = torch.empty((), dtype=dtype).element_size()
-        token_elems = num_kv_heads * head_dim
         if layout == "page-major":
             self._page_shape: tuple[int, ...] = (num_layers, 2, page_tokens, num_kv_heads, head_dim)
             num_planes = 1
@@ -123,14 +119,14 @@ class KVPagePool:
 
         # Each plane reserves an equal share; geometry needs the arena's granularity, so the
         # first arena is created before the chunk size is known.
-        per_plane = -(-reserve_bytes // num_planes)
+        per_plane = ceil_div(reserve_bytes, num_planes)
         arenas: list[_arena.Arena] = []
         try:
             arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
             self.geometry: ChunkGeometry = plan_geometry(plane_page_bytes, arenas[0].granularity,
                                                          element_bytes=self.element_size)
             # Whole chunks only, so reserved_bytes is exactly what set_max_bytes may reach.
-            per_plane = max(-(-per_plane // self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
+            per_plane = max(ceil_div(per_plane, self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
             if arenas[0].capacity != per_plane:
                 arenas[0].close()
                 arenas[0] = _arena.Arena(per_plane, self.device, reuse_bytes)
@@ -196,7 +192,7 @@ class KVPagePool:
         return self._min_bytes
 
     def _chunks_for_bytes(self, nbytes: int) -> int:
-        return -(-nbytes // self.chunk_bytes)
+        return ceil_div(nbytes, self.chunk_bytes)
 
     def _budget_chunks(self) -> int:
         return min(self._max_bytes // self.chunk_bytes, self._placement.num_chunks)
@@ -257,7 +253,7 @@ class KVPagePool:
     def _ensure_mapped_slots(self, n: int, what: str) -> None:
         p = self._placement
         chunks = p.chunks_to_map_for(n)
-        need_chunks = -(-max(n - p.mapped_free_slots(), 0) // p.pages_per_chunk)
+        need_chunks = ceil_div(max(n - p.mapped_free_slots(), 0), p.pages_per_chunk)
         if p.mapped_chunks + need_chunks > self._budget_chunks() or len(chunks) < need_chunks:
             free = self.free_pages
             raise out_of_memory(self.device, (
@@ -311,7 +307,7 @@ class KVPagePool:
         if not isinstance(keep_pages, int) or keep_pages < 0:
             raise ValueError(f"KVPagePool.shrink: keep_pages must be an int >= 0, got {keep_pages!r}")
         p = self._placement
-        keep_chunks = max(-(-keep_pages // p.pages_per_chunk), self._floor_chunks())
+        keep_chunks = max(ceil_div(keep_pages, p.pages_per_chunk), self._floor_chunks())
         spare = p.mapped_chunks - keep_chunks
         if spare <= 0:
             return 0
@@ -331,7 +327,7 @@ class KVPagePool:
         self._check_open("compact")
         p = self._placement
         mapped = p.mapped_chunk_ids()
-        keep_n = max(-(-p.live_pages // p.pages_per_chunk), self._floor_chunks())
+        keep_n = max(ceil_div(p.live_pages, p.pages_per_chunk), self._floor_chunks())
         order = sorted(mapped, key=lambda c: (-p.live_in_chunk(c), c))
         keep, drain = order[:keep_n], [c for c in order[keep_n:] if p.live_in_chunk(c)]
         if drain:
@@ -442,7 +438,7 @@ class KVPagePool:
         if nbytes < self._min_bytes:
             raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below min_bytes={self._min_bytes}")
         p = self._placement
-        need = -(-p.live_pages // p.pages_per_chunk) * self.chunk_bytes
+        need = ceil_div(p.live_pages, p.pages_per_chunk) * self.chunk_bytes
         if nbytes < need:
             raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below the {need} bytes that "
                              f"{p.live_pages} live pages need")
@@ -542,7 +538,7 @@ class KVPagePool:
                 plane.arena.close()
             self._planes = []
 
-    def __enter__(self) -> "KVPagePool":
+    def __enter__(self) -> KVPagePool:
         return self
 
     def __exit__(self, *exc) -> None:

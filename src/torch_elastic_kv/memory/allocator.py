@@ -42,12 +42,13 @@ import contextlib
 import ctypes
 import os
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from .._native import _C
-from .arena import _parse_device
+from .._util import parse_device, translate_oom
 
 __all__ = ["library_path", "c_abi", "install", "installed", "mem_pool", "trim", "set_limit", "stats",
            "snapshot", "pause", "resume", "last_error", "close"]
@@ -90,7 +91,7 @@ def _device_index(device: Any) -> int:
         return device
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be None, an int, a str or a torch.device, got {type(device).__name__}")
-    dev = _parse_device(device)
+    dev = parse_device(device)
     return HOST if dev.type == "cpu" else dev.index
 
 
@@ -99,14 +100,9 @@ def _devices(device: Any) -> list[int]:
     return sorted(_C.allocator_devices()) if device is None else [_device_index(device)]
 
 
-@contextlib.contextmanager
-def _errors(index: int) -> Iterator[None]:
-    try:
-        yield
-    except MemoryError as e:
-        if index >= 0 and not isinstance(e, torch.OutOfMemoryError):
-            raise torch.OutOfMemoryError(str(e)) from None
-        raise
+def _errors(index: int) -> contextlib.AbstractContextManager[None]:
+    """MemoryError from the core -> torch.OutOfMemoryError for a CUDA device (index >= 0)."""
+    return translate_oom(torch.device("cuda", index) if index >= 0 else torch.device("cpu"))
 
 
 def _check_tag(call: str, tag: Any) -> str:

@@ -20,36 +20,17 @@ driver failures. A call that raises leaves the arena exactly as it was.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .._native import _C
+from .._util import parse_device, translate_oom
 
 __all__ = ["Arena", "set_budget", "memory_stats"]
-
-
-def _parse_device(device: str | torch.device) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or a torch.device -> a torch.device with an explicit index for cuda."""
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not a valid device: {e}") from None
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
-    if dev.index is None:
-        # torch's current device; 0 until CUDA is initialised (asking would initialise it, which
-        # must not happen before allocator.install()).
-        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-        dev = torch.device("cuda", index)
-    return dev
 
 
 # The core takes sizes and offsets as signed 64-bit numbers; anything larger is refused here
@@ -65,21 +46,10 @@ def _check_int(call: str, name: str, value: Any) -> int:
     return value
 
 
-@contextlib.contextmanager
-def _translate_errors(device: torch.device) -> Iterator[None]:
-    """On CUDA, an out-of-memory is torch.OutOfMemoryError, as torch's own allocator raises."""
-    try:
-        yield
-    except MemoryError as e:
-        if device.type == "cuda":
-            raise torch.OutOfMemoryError(str(e)) from None
-        raise
-
-
 class _CudaMemory:
     """Exposes raw device memory through __cuda_array_interface__ so torch can wrap it."""
 
-    def __init__(self, ptr: int, nbytes: int, owner: "Arena") -> None:
+    def __init__(self, ptr: int, nbytes: int, owner: Arena) -> None:
         self._owner = owner  # keeps the arena object alive as long as a view is
         self.__cuda_array_interface__ = {
             "shape": (nbytes,),
@@ -111,10 +81,10 @@ class Arena:
             _check_int("Arena", "reuse_bytes", reuse_bytes)
             if reuse_bytes < 0:
                 raise ValueError(f"Arena(reuse_bytes={reuse_bytes}): must be >= 0 or None")
-        self._device = _parse_device(device)
+        self._device = parse_device(device)
         kind = self._device.type
         index = 0 if kind == "cpu" else self._device.index
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             self._impl = _C.Arena(capacity_bytes, kind, index, -1 if reuse_bytes is None else reuse_bytes)
 
     # -- facts -----------------------------------------------------------------------------
@@ -154,7 +124,7 @@ class Arena:
         """
         _check_int("Arena.map", "offset", offset)
         _check_int("Arena.map", "nbytes", nbytes)
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             self._impl.map(offset, nbytes)
 
     def ensure_mapped(self, offset: int, nbytes: int) -> int:
@@ -164,10 +134,10 @@ class Arena:
         """
         _check_int("Arena.ensure_mapped", "offset", offset)
         _check_int("Arena.ensure_mapped", "nbytes", nbytes)
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             return self._impl.ensure_mapped(offset, nbytes)
 
-    def unmap(self, offset: int, nbytes: int, stream: "int | torch.cuda.Stream | None" = None) -> None:
+    def unmap(self, offset: int, nbytes: int, stream: int | torch.cuda.Stream | None = None) -> None:
         """Stop backing [offset, offset + nbytes); every granule of it must be mapped.
 
         On CUDA the granules are unmapped once the work queued so far on ``stream`` has
@@ -177,7 +147,7 @@ class Arena:
         """
         _check_int("Arena.unmap", "offset", offset)
         _check_int("Arena.unmap", "nbytes", nbytes)
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             self._impl.unmap(offset, nbytes, self._stream_handle(stream))
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
@@ -192,13 +162,13 @@ class Arena:
         Also finishes unmaps whose device work is done; with ``wait=True`` waits for the
         rest first (on their events only), so everything unmapped is given back.
         """
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             return self._impl.trim(bool(wait))
 
     def poll(self) -> int:
         """Finish unmaps whose device work is done, without waiting and without trimming the
         cache; returns the bytes that stopped being pending (always 0 on the host backend)."""
-        with _translate_errors(self._device):
+        with translate_oom(self._device):
             return self._impl.poll()
 
     def set_reuse_bytes(self, nbytes: int) -> None:
@@ -297,7 +267,7 @@ class Arena:
         close() is a no-op."""
         self._impl.close()
 
-    def __enter__(self) -> "Arena":
+    def __enter__(self) -> Arena:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -310,7 +280,7 @@ class Arena:
 
 
 def _device_key(device: str | torch.device) -> tuple[str, int]:
-    dev = _parse_device(device)
+    dev = parse_device(device)
     return dev.type, 0 if dev.type == "cpu" else dev.index
 
 

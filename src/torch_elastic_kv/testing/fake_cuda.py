@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["fake_cuda_path", "FakeCuda", "use_fake_cuda"]
 

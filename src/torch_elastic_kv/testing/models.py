@@ -9,8 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedModel, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 # Small enough that a forward takes well under a millisecond per token on one CPU core,
 # large enough to have grouped-query attention (4 query heads over 2 KV heads).
