@@ -1,6 +1,6 @@
 // fake_cuda.cpp — a CUDA driver stand-in over host memory, for tests on machines without a GPU.
 //
-// Exports the driver symbols the cuda backend loads (see csrc/cuda_driver.h), so with
+// Exports the driver symbols the cuda backend loads (see csrc/core/cuda_driver.h), so with
 // EKV_LIBCUDA pointing here the real backend code runs unchanged:
 //   cuMemAddressReserve  -> mmap(PROT_NONE) reservation
 //   cuMemCreate          -> one memfd per handle, committed with fallocate
@@ -30,7 +30,7 @@
 #include <set>
 #include <string>
 
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 #define EKVFAKE_API extern "C" __attribute__((visibility("default")))
 

@@ -11,7 +11,7 @@
 #include <optional>
 #include <string>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 

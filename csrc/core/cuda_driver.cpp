@@ -1,5 +1,5 @@
 // cuda_driver.cpp — fills the CudaDriver function table from a dlopen'ed library.
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 #include <dlfcn.h>
 

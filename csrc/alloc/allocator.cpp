@@ -1,5 +1,5 @@
 // allocator.cpp — blocks and segments over one arena per device; see allocator.h.
-#include "allocator.h"
+#include "alloc/allocator.h"
 
 #include <dlfcn.h>
 
@@ -11,7 +11,7 @@
 #include <tuple>
 #include <utility>
 
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {

@@ -35,9 +35,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "arena.h"
-#include "backend.h"
-#include "status.h"
+#include "core/arena.h"
+#include "core/backend.h"
+#include "core/status.h"
 
 namespace ekv {
 

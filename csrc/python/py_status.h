@@ -8,7 +8,7 @@
 
 #include <stdexcept>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 

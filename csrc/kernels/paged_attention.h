@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 

@@ -9,8 +9,8 @@
 #include <mutex>
 #include <string>
 
-#include "backend.h"
-#include "cuda_driver.h"
+#include "core/backend.h"
+#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {

@@ -17,7 +17,7 @@
 #include <memory>
 #include <string>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 

@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
-#include "paged_attention.h"
-#include "py_status.h"
+#include "kernels/paged_attention.h"
+#include "python/py_status.h"
 
 namespace py = pybind11;
 
@@ -70,7 +70,7 @@ void bind_paged_attention(py::module_& m) {
       py::arg("table_row_stride"), py::arg("max_pages"), py::arg("context_lens"), py::arg("lens_index_bytes"),
       py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"),
       py::arg("threads"),
-      "Decode attention over KV pages in place (see csrc/paged_attention.h); float32, element strides, "
+      "Decode attention over KV pages in place (see csrc/kernels/paged_attention.h); float32, element strides, "
       "pointers as ints (row_tokens 0 = row r is token r).");
 }
 

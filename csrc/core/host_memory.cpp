@@ -1,5 +1,5 @@
 // host_memory.cpp — reads /proc/meminfo and the memory cgroup's limit and usage.
-#include "host_memory.h"
+#include "core/host_memory.h"
 
 #include <algorithm>
 #include <cstdint>

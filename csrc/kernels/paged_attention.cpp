@@ -1,5 +1,5 @@
 // paged_attention.cpp — see paged_attention.h.
-#include "paged_attention.h"
+#include "kernels/paged_attention.h"
 
 #include <algorithm>
 #include <atomic>

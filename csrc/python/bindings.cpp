@@ -13,12 +13,12 @@
 #include <optional>
 #include <string>
 
-#include "arena.h"
-#include "budget.h"
-#include "driver_probe.h"
-#include "host_memory.h"
-#include "py_status.h"
-#include "status.h"
+#include "core/arena.h"
+#include "core/budget.h"
+#include "core/driver_probe.h"
+#include "core/host_memory.h"
+#include "python/py_status.h"
+#include "core/status.h"
 
 namespace py = pybind11;
 

@@ -12,8 +12,8 @@
 #include <optional>
 #include <string>
 
-#include "allocator.h"
-#include "py_status.h"
+#include "alloc/allocator.h"
+#include "python/py_status.h"
 
 namespace py = pybind11;
 

@@ -4,12 +4,12 @@
 // timed alone: reserve a range, create every handle, map each, set access on each, unmap
 // each, release each, free the range. Access is also set once over the whole range, to show
 // what batching that call would save.
-#include "driver_probe.h"
+#include "core/driver_probe.h"
 
 #include <chrono>
 #include <limits>
 
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {

@@ -26,9 +26,9 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "budget.h"
-#include "status.h"
+#include "core/backend.h"
+#include "core/budget.h"
+#include "core/status.h"
 
 namespace ekv {
 

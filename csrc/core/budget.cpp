@@ -1,11 +1,11 @@
 // budget.cpp — per-device byte budgets.
-#include "budget.h"
+#include "core/budget.h"
 
 #include <algorithm>
 #include <map>
 #include <utility>
 
-#include "arena.h"
+#include "core/arena.h"
 
 namespace ekv {
 

@@ -1,5 +1,5 @@
 // arena.cpp — granule bookkeeping over a backend: map/unmap/reuse/deferred release.
-#include "arena.h"
+#include "core/arena.h"
 
 #include <algorithm>
 #include <cstdio>

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "status.h"
+#include "core/backend.h"
+#include "core/status.h"
 
 namespace ekv {
 

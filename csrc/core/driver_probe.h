@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 

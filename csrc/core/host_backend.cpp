@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "host_memory.h"
+#include "core/backend.h"
+#include "core/host_memory.h"
 
 namespace ekv {
 namespace {
