@@ -1,17 +1,12 @@
 // allocator.cpp — blocks and segments over one arena per device; see allocator.h.
 #include "alloc/allocator.h"
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <new>
 #include <tuple>
 #include <utility>
-
-#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {
@@ -95,88 +90,6 @@ bool DeviceAllocator::FreeKey::operator<(const FreeKey& o) const {
   return addr < o.addr;
 }
 
-// Copies between host memory and the device's memory, for pause(backup=true). Host-accessible
-// memory (host backend, fake driver) is copied with memcpy; a real device through the driver's
-// synchronous cuMemcpy, resolved from the same library the cuda backend loaded.
-class DeviceAllocator::DeviceCopy {
- public:
-  static std::unique_ptr<DeviceCopy> make(int device, bool host_accessible) {
-    auto c = std::unique_ptr<DeviceCopy>(new DeviceCopy());
-    if (host_accessible) return c;
-    c->direct_ = false;
-    const CudaDriver* drv = nullptr;
-    Status st = load_cuda_driver(&drv);
-    if (!st.ok()) {
-      c->unavailable_ = st.message();
-      return c;
-    }
-    void* lib = ::dlopen(drv->path.c_str(), RTLD_NOW | RTLD_NOLOAD);
-    if (lib != nullptr) {
-      c->dtoh_ = reinterpret_cast<DtoH>(::dlsym(lib, "cuMemcpyDtoH_v2"));
-      c->htod_ = reinterpret_cast<HtoD>(::dlsym(lib, "cuMemcpyHtoD_v2"));
-    }
-    CUdevice dev = 0;
-    if (c->dtoh_ == nullptr || c->htod_ == nullptr || drv->DeviceGet(&dev, device) != CUDA_SUCCESS ||
-        drv->DevicePrimaryCtxRetain(&c->ctx_, dev) != CUDA_SUCCESS) {
-      c->unavailable_ = "the CUDA driver '" + drv->path + "' offers no cuMemcpyDtoH_v2/cuMemcpyHtoD_v2 for cuda:" +
-                        std::to_string(device);
-      c->dtoh_ = nullptr;
-      c->ctx_ = nullptr;  // nothing retained, or the lookup failed after: see below
-      return c;
-    }
-    c->drv_ = drv;
-    c->dev_ = dev;
-    return c;
-  }
-
-  ~DeviceCopy() {
-    if (ctx_ != nullptr) drv_->DevicePrimaryCtxRelease(dev_);
-  }
-
-  Status to_host(void* dst, std::uintptr_t src, std::size_t n) {
-    if (direct_) {
-      std::memcpy(dst, reinterpret_cast<const void*>(src), n);
-      return Status::Ok();
-    }
-    return with_context("cuMemcpyDtoH", [&] { return dtoh_(dst, static_cast<CUdeviceptr>(src), n); });
-  }
-
-  Status to_device(std::uintptr_t dst, const void* src, std::size_t n) {
-    if (direct_) {
-      std::memcpy(reinterpret_cast<void*>(dst), src, n);
-      return Status::Ok();
-    }
-    return with_context("cuMemcpyHtoD", [&] { return htod_(static_cast<CUdeviceptr>(dst), src, n); });
-  }
-
- private:
-  using DtoH = CUresult (*)(void*, CUdeviceptr, std::size_t);
-  using HtoD = CUresult (*)(CUdeviceptr, const void*, std::size_t);
-
-  template <typename F>
-  Status with_context(const char* call, F&& copy) {
-    if (dtoh_ == nullptr) return Unavailable("host backup: " + unavailable_);
-    CUcontext prev = nullptr;
-    CUresult rc = drv_->CtxGetCurrent(&prev);
-    if (rc != CUDA_SUCCESS) return DriverError(drv_->error_text("cuCtxGetCurrent", rc));
-    if (prev != ctx_ && (rc = drv_->CtxSetCurrent(ctx_)) != CUDA_SUCCESS) {
-      return DriverError(drv_->error_text("cuCtxSetCurrent", rc));
-    }
-    rc = copy();
-    if (prev != ctx_) drv_->CtxSetCurrent(prev);
-    if (rc != CUDA_SUCCESS) return DriverError(drv_->error_text(call, rc));
-    return Status::Ok();
-  }
-
-  bool direct_ = true;
-  const CudaDriver* drv_ = nullptr;
-  CUdevice dev_ = 0;
-  CUcontext ctx_ = nullptr;
-  DtoH dtoh_ = nullptr;
-  HtoD htod_ = nullptr;
-  std::string unavailable_;
-};
-
 // ---- creation -------------------------------------------------------------------------------
 
 Status DeviceAllocator::create(int device, std::size_t reserve_bytes, std::unique_ptr<DeviceAllocator>* out) {
@@ -203,17 +116,14 @@ Status DeviceAllocator::create(int device, std::size_t reserve_bytes, std::uniqu
   cfg.capacity_bytes = capacity;
   std::unique_ptr<Arena> arena;
   EKV_RETURN_IF_ERROR(Arena::create(cfg, &arena));
-  auto copy = DeviceCopy::make(device, arena->caps().host_accessible);
-  out->reset(new DeviceAllocator(device, std::move(arena), std::move(fences), std::move(copy)));
+  out->reset(new DeviceAllocator(device, std::move(arena), std::move(fences)));
   return Status::Ok();
 }
 
-DeviceAllocator::DeviceAllocator(int device, std::unique_ptr<Arena> arena, std::unique_ptr<Backend> fences,
-                                 std::unique_ptr<DeviceCopy> copy)
+DeviceAllocator::DeviceAllocator(int device, std::unique_ptr<Arena> arena, std::unique_ptr<Backend> fences)
     : device_(device),
       arena_(std::move(arena)),
       fences_(std::move(fences)),
-      copy_(std::move(copy)),
       gran_(arena_->granularity()),
       small_limit_(std::min(kSmallLimit, arena_->granularity() / 2)) {
   va_free(0, arena_->capacity() / gran_);
@@ -816,7 +726,7 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
           return OutOfMemory(call + ": no host memory for a " + std::to_string(b->requested) +
                              "-byte backup; nothing changed");
         }
-        Status st = copy_->to_host(buf.data(), b->addr, b->requested);
+        Status st = arena_->copy_to_host(buf.data(), b->addr - arena_->base(), b->requested);
         if (!st.ok()) return Status(st.code(), call + ": " + st.message() + "; nothing changed");
         saved_bytes += buf.size();
         saved.emplace(b, std::move(buf));
@@ -843,7 +753,7 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
         if (!arena_->map(d->first * gran_, d->count * gran_).ok()) continue;
         for (Block* b = d->head; b != nullptr; b = b->next) {
           auto bk = saved.find(b);
-          if (bk != saved.end()) copy_->to_device(b->addr, bk->second.data(), bk->second.size());
+          if (bk != saved.end()) arena_->copy_from_host(b->addr - arena_->base(), bk->second.data(), bk->second.size());
           else if (b->allocated) ++lost;
         }
       }
@@ -915,7 +825,7 @@ Status DeviceAllocator::resume(TagId tag) {
   Status copy_status;
   std::size_t not_restored = 0;
   for (auto& kv : ts.backups) {
-    Status st = copy_->to_device(kv.first->addr, kv.second.data(), kv.second.size());
+    Status st = arena_->copy_from_host(kv.first->addr - arena_->base(), kv.second.data(), kv.second.size());
     if (!st.ok()) {
       if (copy_status.ok()) copy_status = st;
       ++not_restored;

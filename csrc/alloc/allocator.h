@@ -140,10 +140,7 @@ class DeviceAllocator {
     std::unordered_map<Block*, std::vector<unsigned char>> backups;
     std::size_t backup_bytes = 0;
   };
-  class DeviceCopy;
-
-  DeviceAllocator(int device, std::unique_ptr<Arena> arena, std::unique_ptr<Backend> fences,
-                  std::unique_ptr<DeviceCopy> copy);
+  DeviceAllocator(int device, std::unique_ptr<Arena> arena, std::unique_ptr<Backend> fences);
 
   std::string where() const;
   FreeKey key_of(const Block* b) const;
@@ -171,7 +168,6 @@ class DeviceAllocator {
   const int device_;
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<Backend> fences_;  // null on the host: its memory is touched synchronously
-  std::unique_ptr<DeviceCopy> copy_;
   const std::size_t gran_;
   const std::size_t small_limit_;
 

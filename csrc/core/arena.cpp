@@ -449,6 +449,36 @@ Status Arena::is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const
   return Status::Ok();
 }
 
+Status Arena::check_copy(const char* call, std::size_t offset, std::size_t nbytes) const {
+  EKV_RETURN_IF_ERROR(check_open(call));
+  if (offset > capacity_ || nbytes > capacity_ - offset) {
+    return InvalidArgument(call_text(call, offset, nbytes) + ": range ends past the arena's capacity (" +
+                           std::to_string(capacity_) + " bytes)");
+  }
+  if (nbytes == 0) return Status::Ok();
+  for (std::size_t i = offset / granularity_; i <= (offset + nbytes - 1) / granularity_; ++i) {
+    if (granules_[i].state != State::kMapped) {
+      return InvalidArgument(call_text(call, offset, nbytes) + ": the granule at offset " +
+                             std::to_string(i * granularity_) + " is not mapped");
+    }
+  }
+  return Status::Ok();
+}
+
+Status Arena::copy_to_host(void* dst, std::size_t offset, std::size_t nbytes) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_copy("copy_to_host", offset, nbytes));
+  if (nbytes == 0) return Status::Ok();
+  return backend_->copy_to_host(dst, base_ + offset, nbytes);
+}
+
+Status Arena::copy_from_host(std::size_t offset, const void* src, std::size_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_copy("copy_from_host", offset, nbytes));
+  if (nbytes == 0) return Status::Ok();
+  return backend_->copy_from_host(base_ + offset, src, nbytes);
+}
+
 ArenaStats Arena::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return s_;

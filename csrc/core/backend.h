@@ -92,6 +92,11 @@ class Backend {
     return Status::Ok();
   }
 
+  // Synchronous copies between mapped memory (`src`/`dst`: addresses inside a mapped range)
+  // and host memory, for the allocator's pause backups; done when the call returns.
+  virtual Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) = 0;
+  virtual Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) = 0;
+
   // Free and total physical memory of the device as the backend's primitive sees it.
   virtual Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) = 0;
 };

@@ -179,6 +179,22 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemcpyDtoH(dst, static_cast<CUdeviceptr>(src), nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemcpyDtoH", rc);
+    return Status::Ok();
+  }
+
+  Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemcpyHtoD(static_cast<CUdeviceptr>(dst), src, nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemcpyHtoD", rc);
+    return Status::Ok();
+  }
+
   Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
     CtxScope scope(this);
     EKV_RETURN_IF_ERROR(scope.status);

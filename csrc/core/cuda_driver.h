@@ -97,6 +97,8 @@ namespace ekv {
   X(MemUnmap, "cuMemUnmap", CUresult (*)(CUdeviceptr, std::size_t))                                  \
   X(MemSetAccess, "cuMemSetAccess",                                                                  \
     CUresult (*)(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))                     \
+  X(MemcpyDtoH, "cuMemcpyDtoH_v2", CUresult (*)(void*, CUdeviceptr, std::size_t))                   \
+  X(MemcpyHtoD, "cuMemcpyHtoD_v2", CUresult (*)(CUdeviceptr, const void*, std::size_t))             \
   X(EventCreate, "cuEventCreate", CUresult (*)(CUevent*, unsigned int))                              \
   X(EventRecord, "cuEventRecord", CUresult (*)(CUevent, CUstream))                                   \
   X(EventQuery, "cuEventQuery", CUresult (*)(CUevent))                                               \

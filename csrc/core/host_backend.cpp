@@ -127,6 +127,16 @@ class HostBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) override {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), nbytes);
+    return Status::Ok();
+  }
+
+  Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) override {
+    std::memcpy(reinterpret_cast<void*>(dst), src, nbytes);
+    return Status::Ok();
+  }
+
   Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) override {
     HostMemory m;
     EKV_RETURN_IF_ERROR(read_host_memory(&m));

@@ -139,6 +139,20 @@ bool overlaps_mapping(const State& s, CUdeviceptr p, std::size_t size) {
 
 void* as_ptr(CUdeviceptr p) { return reinterpret_cast<void*>(static_cast<std::uintptr_t>(p)); }
 
+// Whether [p, p + size) lies in mappings that were given access, as a copy needs.
+bool accessible(State& s, CUdeviceptr p, std::size_t size) {
+  auto it = s.mappings.upper_bound(p);
+  if (it == s.mappings.begin()) return false;
+  --it;
+  CUdeviceptr end = p + size;
+  for (CUdeviceptr at = p; at < end; at = it->first + it->second.size, ++it) {
+    if (it == s.mappings.end() || it->first > at || it->first + it->second.size <= at || !it->second.accessible) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 // ---- driver entry points ---------------------------------------------------------------------
@@ -392,6 +406,23 @@ EKVFAKE_API CUresult cuMemUnmap(CUdeviceptr ptr, std::size_t size) {
     p += it->second.size;
     s.mappings.erase(it);
   }
+  return CUDA_SUCCESS;
+}
+
+// Synchronous copies, like the driver's: the simulated device has no queued work to wait for.
+EKVFAKE_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, std::size_t size) {
+  FAKE_ENTER("cuMemcpyDtoH");
+  FAKE_NEED_CTX();
+  if (dst == nullptr || !accessible(s, src, size)) return CUDA_ERROR_INVALID_VALUE;
+  std::memcpy(dst, as_ptr(src), size);
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, std::size_t size) {
+  FAKE_ENTER("cuMemcpyHtoD");
+  FAKE_NEED_CTX();
+  if (src == nullptr || !accessible(s, dst, size)) return CUDA_ERROR_INVALID_VALUE;
+  std::memcpy(as_ptr(dst), src, size);
   return CUDA_SUCCESS;
 }
 
