@@ -68,7 +68,9 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
   std::vector<Segment*> to_pause;
   for (Segment* s : segs) {
     if (Segments::all_free(s)) {
-      release_segment(s);  // nothing live: give it back outright (a failure keeps it cached)
+      // Nothing live: given back outright. A failed unmap keeps it mapped and cached, which is
+      // what a later trim retries; the pause itself does not depend on it.
+      release_segment(s).IgnoreError();
     } else {
       to_pause.push_back(s);
     }
@@ -84,8 +86,11 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
         if (!arena_->map(d->first * gran_, d->count * gran_).ok()) continue;
         for (Block* b = d->head; b != nullptr; b = b->next) {
           auto bk = saved.find(b);
-          if (bk != saved.end()) arena_->copy_from_host(b->addr - arena_->base(), bk->second.data(), bk->second.size());
-          else if (b->allocated) ++lost;
+          if (bk != saved.end()) {
+            if (!arena_->copy_from_host(b->addr - arena_->base(), bk->second.data(), bk->second.size()).ok()) ++lost;
+          } else if (b->allocated) {
+            ++lost;
+          }
         }
       }
       std::string tail = lost ? "; the contents of " + std::to_string(lost) + " blocks were lost" : "; nothing changed";
@@ -148,11 +153,17 @@ Status DeviceAllocator::resume(TagId tag) {
   for (std::size_t i = 0; i < remap.size(); ++i) {
     Status st = arena_->map(remap[i]->first * gran_, remap[i]->count * gran_);
     if (!st.ok()) {
-      for (std::size_t j = 0; j < i; ++j) arena_->unmap(remap[j]->first * gran_, remap[j]->count * gran_, nullptr);
+      // Undo, best effort: the map failure is what the caller hears, and a segment that would
+      // not unmap again stays mapped in the arena, counted there.
+      for (std::size_t j = 0; j < i; ++j) {
+        arena_->unmap(remap[j]->first * gran_, remap[j]->count * gran_, nullptr).IgnoreError();
+      }
       return Status(st.code(), call + ": " + st.message() + "; the tag stays paused");
     }
   }
-  for (Segment* s : empty) release_segment(s);  // emptied while paused: nothing to bring back
+  // Emptied while paused: nothing to bring back. A paused segment is not mapped, so giving it
+  // back makes no driver call and cannot fail.
+  for (Segment* s : empty) release_segment(s).IgnoreError();
   Status copy_status;
   std::size_t not_restored = 0;
   for (auto& kv : ts.backups) {

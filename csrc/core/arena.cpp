@@ -56,7 +56,9 @@ Status Arena::create(const ArenaConfig& config, std::unique_ptr<Arena>* out) {
   try {
     table.resize(capacity / g);
   } catch (const std::bad_alloc&) {
-    backend->free_range(base, capacity);
+    // The missing table is the error to report; a range the backend will not free is lost
+    // address space, not memory.
+    backend->free_range(base, capacity).IgnoreError();
     return OutOfMemory("Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + ", device='" +
                        device_name(config.kind, config.device_index) + "'): no host memory for the table of " +
                        std::to_string(capacity / g) + " granules");
@@ -83,7 +85,8 @@ Arena::Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::s
   s_.reuse_bytes = reuse_bytes_;
 }
 
-Arena::~Arena() { close(); }
+// A destructor has nobody to tell: what close() cannot give back stays held by the backend.
+Arena::~Arena() { close().IgnoreError(); }
 
 bool Arena::closed() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -154,7 +157,7 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   if (need > cache_.size() && !pending_.empty()) {
     // Finished unmaps can serve this map from the cache instead of creating (and their bytes
     // leave the budget). A reap failure only leaves granules pending: not this call's error.
-    reap_locked(false);
+    reap_locked(false).IgnoreError();
     revive = 0;
     need = 0;
     for (std::size_t i = first; i < first + span; ++i) {
@@ -197,7 +200,8 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
     }
     Status st = backend_->map(addr_of(i), granularity_, step.handle);
     if (!st.ok()) {
-      if (step.created) backend_->release(step.handle, granularity_);
+      // Undo, best effort: the map failure is the error to report.
+      if (step.created) backend_->release(step.handle, granularity_).IgnoreError();
       failure = st;
       break;
     }
@@ -208,8 +212,9 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   if (!failure.ok()) {
     // Undo in reverse; cached handles stay where they were (only taken by index above).
     for (auto it = done.rbegin(); it != done.rend(); ++it) {
-      backend_->unmap(addr_of(it->granule), granularity_);
-      if (it->created) backend_->release(it->handle, granularity_);
+      // Best effort, like the undo above: the failure that started it is the one reported.
+      backend_->unmap(addr_of(it->granule), granularity_).IgnoreError();
+      if (it->created) backend_->release(it->handle, granularity_).IgnoreError();
     }
     if (new_bytes > 0) budget_->uncharge(new_bytes);
     s_.creates += attempted;  // they happened, and were released again
@@ -262,7 +267,8 @@ std::size_t Arena::try_release_cached(std::size_t nbytes) {
   if (!lock.owns_lock() || closed_ || nbytes == 0 || in_forked_child()) return 0;
   const std::size_t keep = s_.cached_bytes > nbytes ? s_.cached_bytes - nbytes : 0;
   std::size_t released = 0;
-  release_cache_locked(keep, &released);  // a failed release keeps its handle cached
+  // A failed release keeps its handle cached; the caller only wants the bytes that came back.
+  release_cache_locked(keep, &released).IgnoreError();
   return released;
 }
 
@@ -280,7 +286,8 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
   // Finishing earlier unmaps (driver unmap, release) is kept off this call's path; only a
   // long backlog of events is worked down here, so it cannot grow without bound. After the
   // checks above: a refused call must not move anything.
-  if (pending_.size() >= kMaxPendingBatches) reap_locked(false);
+  // A reap failure leaves those granules pending: not this unmap's error.
+  if (pending_.size() >= kMaxPendingBatches) reap_locked(false).IgnoreError();
   const std::size_t g = granularity_;
   if (backend_->caps().deferred_unmap) {
     Fence fence = nullptr;
@@ -300,7 +307,8 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
       Status st = backend_->unmap(addr_of(i), g);
       if (!st.ok()) {
         // Put back what this call already unmapped so the range is as it was.
-        for (std::size_t j = first; j < i; ++j) backend_->map(addr_of(j), g, granules_[j].handle);
+        // Best effort: the unmap failure is the error to report.
+        for (std::size_t j = first; j < i; ++j) backend_->map(addr_of(j), g, granules_[j].handle).IgnoreError();
         return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
       }
     }

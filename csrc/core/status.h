@@ -18,7 +18,9 @@ enum class StatusCode {
   kUnavailable,      // backend cannot be used here (no libcuda, no device)
 };
 
-class Status {
+// [[nodiscard]]: a dropped Status is a dropped error. Where dropping one is right, say so with
+// IgnoreError() and a comment saying why.
+class [[nodiscard]] Status {
  public:
   Status() = default;
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
@@ -27,6 +29,7 @@ class Status {
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
   const std::string& message() const { return message_; }
+  void IgnoreError() const {}
 
  private:
   StatusCode code_ = StatusCode::kOk;
