@@ -130,8 +130,8 @@ void* Allocator::malloc(std::size_t size, int device, void* stream) noexcept {
       std::shared_ptr<DeviceAllocator> d;
       Status st = this->device(device, &d);
       if (!st.ok()) {
-        record_error("ekv_malloc(size=" + std::to_string(size) + ", device=" + std::to_string(device) + "): " +
-                     st.message());
+        record_error("ekv_malloc(size=" + std::to_string(size) + ", device=" + std::to_string(device) +
+                     "): " + st.message());
         return nullptr;
       }
       void* p = nullptr;
@@ -158,8 +158,9 @@ void Allocator::free(void* ptr, std::size_t size, int device, void* stream) noex
       if (it != devices_.end()) d = it->second;
     }
     if (d == nullptr) {
-      record_error("ekv_free(ptr=" + hex_text(reinterpret_cast<std::uintptr_t>(ptr)) + ", size=" + std::to_string(size) +
-                   ", device=" + std::to_string(device) + "): this allocator has made no allocation on that device; "
+      record_error("ekv_free(ptr=" + hex_text(reinterpret_cast<std::uintptr_t>(ptr)) +
+                   ", size=" + std::to_string(size) + ", device=" + std::to_string(device) +
+                   "): this allocator has made no allocation on that device; "
                    "nothing was freed");
       return;
     }

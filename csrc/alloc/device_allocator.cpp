@@ -66,8 +66,7 @@ DeviceAllocator::DeviceAllocator(int device, std::unique_ptr<Arena> arena, std::
       fences_(std::move(fences)),
       gran_(arena_->granularity()),
       small_limit_(std::min(kSmallLimit, arena_->granularity() / 2)),
-      segs_(arena_->base(), arena_->granularity(), arena_->capacity() / arena_->granularity()) {
-}
+      segs_(arena_->base(), arena_->granularity(), arena_->capacity() / arena_->granularity()) {}
 
 // Only reached if creation is undone; the process-wide allocators live until exit. The
 // records go before fences_ (members in reverse order): their events are destroyed through it.
@@ -209,8 +208,8 @@ Status DeviceAllocator::grow(bool small, TagId tag, std::size_t bsize, Block** o
   const std::size_t bytes = count * gran_;
   if (limit_ && mapped_ + bytes > *limit_) {
     return OutOfMemory("mapping " + std::to_string(bytes) + " more bytes would pass the allocator limit of " +
-                       std::to_string(*limit_) + " bytes (" + std::to_string(mapped_) + " mapped: " +
-                       std::to_string(allocated_ - paused_live_) + " in live blocks, " +
+                       std::to_string(*limit_) + " bytes (" + std::to_string(mapped_) +
+                       " mapped: " + std::to_string(allocated_ - paused_live_) + " in live blocks, " +
                        std::to_string(mapped_ - (allocated_ - paused_live_)) + " cached)");
   }
   const std::size_t first = segs_.take_range(count);
@@ -297,8 +296,8 @@ Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void**
   *out = nullptr;
   // Built only on failure: the success path stays free of string work.
   auto call = [&] {
-    return "ekv_malloc(size=" + std::to_string(size) + ", device=" + where() + ", stream=" +
-           hex_text(reinterpret_cast<std::uintptr_t>(stream)) + ")";
+    return "ekv_malloc(size=" + std::to_string(size) + ", device=" + where() +
+           ", stream=" + hex_text(reinterpret_cast<std::uintptr_t>(stream)) + ")";
   };
   if (closed_) return Unavailable(call() + ": this device's allocator was closed");
   if (size == 0) {
@@ -350,7 +349,8 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
   if (it == live_.end()) {
     failed_frees_ += 1;
     if (addr >= arena_->base() && addr < arena_->base() + arena_->capacity()) {
-      return InvalidArgument(call() + ": no live allocation starts at this address (a double free, or a pointer "
+      return InvalidArgument(call() +
+                             ": no live allocation starts at this address (a double free, or a pointer "
                              "into a block); nothing was freed");
     }
     return InvalidArgument(call() + ": the pointer was not allocated by this allocator on " + where() +
@@ -453,9 +453,10 @@ Status DeviceAllocator::close_arena() {
   Status st = arena_->close();
   report_leaks();
   if (st.ok()) return st;
-  return Status(st.code(), "close(device=" + where() + "): the allocator is dropped (the next malloc starts afresh), "
-                           "but its memory was not all given back: " + st.message() +
-                           " (close(device) again retries)");
+  return Status(st.code(), "close(device=" + where() +
+                               "): the allocator is dropped (the next malloc starts afresh), "
+                               "but its memory was not all given back: " +
+                               st.message() + " (close(device) again retries)");
 }
 
 AllocatorStats DeviceAllocator::stats() const {

@@ -53,21 +53,21 @@ struct TagStats {
 struct AllocatorStats {
   int device = -1;
   std::size_t granularity = 0;
-  std::size_t reserved_bytes = 0;        // address space of the arena
-  std::size_t mapped_bytes = 0;          // segments mapped (live + cached)
-  std::size_t allocated_bytes = 0;       // block sizes of live allocations (paused ones too)
-  std::size_t requested_bytes = 0;       // sizes the callers asked for
-  std::size_t cached_bytes = 0;          // mapped but not allocated: free blocks kept for reuse
-  std::size_t pending_free_bytes = 0;    // free blocks whose free-time event is not known done
-  std::size_t paused_bytes = 0;          // unmapped by pause()
-  std::size_t backup_bytes = 0;          // host copies held by pause(backup=true)
+  std::size_t reserved_bytes = 0;      // address space of the arena
+  std::size_t mapped_bytes = 0;        // segments mapped (live + cached)
+  std::size_t allocated_bytes = 0;     // block sizes of live allocations (paused ones too)
+  std::size_t requested_bytes = 0;     // sizes the callers asked for
+  std::size_t cached_bytes = 0;        // mapped but not allocated: free blocks kept for reuse
+  std::size_t pending_free_bytes = 0;  // free blocks whose free-time event is not known done
+  std::size_t paused_bytes = 0;        // unmapped by pause()
+  std::size_t backup_bytes = 0;        // host copies held by pause(backup=true)
   std::size_t peak_allocated_bytes = 0;
   std::size_t peak_mapped_bytes = 0;
   std::optional<std::size_t> limit_bytes;  // nullopt = no allocator limit
   std::uint64_t mallocs = 0, frees = 0, failed_mallocs = 0, failed_frees = 0;
-  std::uint64_t maps = 0, unmaps = 0;    // granules mapped/unmapped by this allocator
+  std::uint64_t maps = 0, unmaps = 0;     // granules mapped/unmapped by this allocator
   std::uint64_t free_event_failures = 0;  // frees whose free-time event could not be recorded
-  std::uint64_t leaked_events = 0;       // events the driver would not destroy (this + its arena)
+  std::uint64_t leaked_events = 0;        // events the driver would not destroy (this + its arena)
   std::uint64_t live_blocks = 0, segments = 0;
   std::vector<TagStats> tags;
 };
@@ -77,7 +77,7 @@ struct BlockInfo {
   std::size_t size = 0;        // requested
   std::size_t block_size = 0;  // what it occupies
   std::string tag;
-  std::uintptr_t stream = 0;   // stream of the malloc
+  std::uintptr_t stream = 0;  // stream of the malloc
   bool paused = false;
   bool small = false;
 };

@@ -28,8 +28,8 @@ struct Segment {
   TagId tag = 0;
   bool small = false;
   bool paused = false;
-  Block* head = nullptr;   // blocks in address order
-  std::size_t live = 0;    // allocated blocks
+  Block* head = nullptr;  // blocks in address order
+  std::size_t live = 0;   // allocated blocks
   std::size_t live_bytes = 0;
 };
 
@@ -41,12 +41,12 @@ struct Block {
   Block* next = nullptr;
   bool allocated = false;
   std::size_t requested = 0;
-  void* stream = nullptr;            // allocated: stream of the malloc; free+fence: stream of the free
-  std::shared_ptr<FenceRef> fence;   // free and not yet known to be done with by the device
-  Block* pprev = nullptr;            // pending list (free blocks with a fence), oldest first
+  void* stream = nullptr;           // allocated: stream of the malloc; free+fence: stream of the free
+  std::shared_ptr<FenceRef> fence;  // free and not yet known to be done with by the device
+  Block* pprev = nullptr;           // pending list (free blocks with a fence), oldest first
   Block* pnext = nullptr;
   bool listed = false;
-  bool indexed = false;              // in the free index, at `where`
+  bool indexed = false;  // in the free index, at `where`
   FreeIndex::Position where;
 };
 
@@ -83,7 +83,7 @@ class Segments {
   const std::uintptr_t base_;
   const std::size_t gran_;
   Map by_first_;
-  std::map<std::size_t, std::size_t> free_;  // first granule -> count, unmapped and unowned
+  std::map<std::size_t, std::size_t> free_;                     // first granule -> count, unmapped and unowned
   std::set<std::pair<std::size_t, std::size_t>> free_by_size_;  // (count, first)
 };
 

@@ -8,15 +8,24 @@ namespace ekv {
 void PendingList::push(Block* b) {
   b->pprev = tail_;
   b->pnext = nullptr;
-  if (tail_ != nullptr) tail_->pnext = b; else head_ = b;
+  if (tail_ != nullptr)
+    tail_->pnext = b;
+  else
+    head_ = b;
   tail_ = b;
   b->listed = true;
   bytes_ += b->size;
 }
 
 void PendingList::unlink(Block* b) {
-  if (b->pprev != nullptr) b->pprev->pnext = b->pnext; else head_ = b->pnext;
-  if (b->pnext != nullptr) b->pnext->pprev = b->pprev; else tail_ = b->pprev;
+  if (b->pprev != nullptr)
+    b->pprev->pnext = b->pnext;
+  else
+    head_ = b->pnext;
+  if (b->pnext != nullptr)
+    b->pnext->pprev = b->pprev;
+  else
+    tail_ = b->pprev;
   b->pprev = b->pnext = nullptr;
   b->listed = false;
   bytes_ -= b->size;

@@ -17,8 +17,8 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
   std::lock_guard<std::mutex> lock(mu_);
   LeakReport report{this};
   *released = 0;
-  const std::string call = "pause(tag='" + Allocator::instance().tag_name(tag) + "', backup=" +
-                           (backup ? "True" : "False") + ", device=" + where() + ")";
+  const std::string call = "pause(tag='" + Allocator::instance().tag_name(tag) +
+                           "', backup=" + (backup ? "True" : "False") + ", device=" + where() + ")";
   TagState& ts = tags_[tag];
   if (ts.paused) return InvalidArgument(call + ": the tag is already paused; nothing changed");
   std::vector<Segment*> segs;
@@ -147,8 +147,9 @@ Status DeviceAllocator::resume(TagId tag) {
     release_free_segments(true);
   }
   if (limit_ && mapped_ + need > *limit_) {
-    return OutOfMemory(call + ": mapping the tag's " + std::to_string(need) + " bytes would pass the allocator limit of " +
-                       std::to_string(*limit_) + " bytes (" + std::to_string(mapped_) + " mapped); the tag stays paused");
+    return OutOfMemory(call + ": mapping the tag's " + std::to_string(need) +
+                       " bytes would pass the allocator limit of " + std::to_string(*limit_) + " bytes (" +
+                       std::to_string(mapped_) + " mapped); the tag stays paused");
   }
   for (std::size_t i = 0; i < remap.size(); ++i) {
     Status st = arena_->map(remap[i]->first * gran_, remap[i]->count * gran_);

@@ -161,14 +161,18 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
     revive = 0;
     need = 0;
     for (std::size_t i = first; i < first + span; ++i) {
-      if (granules_[i].state == State::kPending) ++revive; else if (granules_[i].state == State::kUnmapped) ++need;
+      if (granules_[i].state == State::kPending)
+        ++revive;
+      else if (granules_[i].state == State::kUnmapped)
+        ++need;
     }
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
   if (new_bytes > 0) {
     Status can = backend_->check_commit(new_bytes);
-    if (!can.ok()) return Status(can.code(), call_text(call, offset, nbytes) + ": " + can.message() + " (nothing was mapped)");
+    if (!can.ok())
+      return Status(can.code(), call_text(call, offset, nbytes) + ": " + can.message() + " (nothing was mapped)");
     EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
   }
 
@@ -181,7 +185,7 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   std::vector<Step> done;
   done.reserve(need);
   std::size_t cache_taken = 0;
-  std::size_t created = 0;  // created and mapped
+  std::size_t created = 0;    // created and mapped
   std::size_t attempted = 0;  // created, mapped or not
   Status failure;
   for (std::size_t i = first; i < first + span && failure.ok(); ++i) {
@@ -205,7 +209,10 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
       failure = st;
       break;
     }
-    if (step.created) ++created; else ++cache_taken;
+    if (step.created)
+      ++created;
+    else
+      ++cache_taken;
     done.push_back(step);
   }
 
@@ -219,8 +226,7 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
     if (new_bytes > 0) budget_->uncharge(new_bytes);
     s_.creates += attempted;  // they happened, and were released again
     s_.releases += attempted;
-    return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() +
-                                      " (nothing was mapped)");
+    return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() + " (nothing was mapped)");
   }
 
   // Commit.

@@ -35,8 +35,8 @@ namespace ekv {
 struct ArenaConfig {
   DeviceKind kind = DeviceKind::kHost;
   int device_index = 0;
-  std::size_t capacity_bytes = 0;    // rounded up to the granularity
-  std::int64_t reuse_bytes = -1;     // cached-handle allowance; -1 = kDefaultReuseBytes
+  std::size_t capacity_bytes = 0;  // rounded up to the granularity
+  std::int64_t reuse_bytes = -1;   // cached-handle allowance; -1 = kDefaultReuseBytes
 };
 
 // Default cached-handle allowance (capped at the arena's capacity).
@@ -157,7 +157,7 @@ class Arena {
   // close()/destructor lets go without touching the memory (its own exit frees its mappings).
   const pid_t owner_pid_ = getpid();
   bool in_forked_child() const;
-  bool closing_ = false;  // close() has begun (unregistering from the budget)
+  bool closing_ = false;    // close() has begun (unregistering from the budget)
   bool range_held_ = true;  // the address range is reserved (until close() frees it)
   std::size_t reuse_bytes_;
   std::vector<Granule> granules_;

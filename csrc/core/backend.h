@@ -28,10 +28,10 @@ using Fence = void*;
 enum class DeviceKind { kHost = 0, kCuda = 1 };
 
 struct BackendCaps {
-  std::size_t granularity = 0;  // bytes per granule; addresses and sizes are multiples of it
-  bool deferred_unmap = false;  // unmap must wait for a fence (device may still use the memory)
-  bool host_accessible = false; // mapped addresses can be dereferenced by the CPU
-  std::string name;             // "host", "cuda", "cuda(fake)"
+  std::size_t granularity = 0;   // bytes per granule; addresses and sizes are multiples of it
+  bool deferred_unmap = false;   // unmap must wait for a fence (device may still use the memory)
+  bool host_accessible = false;  // mapped addresses can be dereferenced by the CPU
+  std::string name;              // "host", "cuda", "cuda(fake)"
 };
 
 class Backend {

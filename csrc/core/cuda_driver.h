@@ -69,40 +69,37 @@ typedef struct CUmemAccessDesc_st {
 namespace ekv {
 
 // One entry per driver symbol; X(field, symbol, signature).
-#define EKV_CUDA_DRIVER_FUNCTIONS(X)                                                                 \
-  X(Init, "cuInit", CUresult (*)(unsigned int))                                                      \
-  X(DriverGetVersion, "cuDriverGetVersion", CUresult (*)(int*))                                      \
-  X(DeviceGet, "cuDeviceGet", CUresult (*)(CUdevice*, int))                                          \
-  X(DeviceGetCount, "cuDeviceGetCount", CUresult (*)(int*))                                          \
-  X(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", CUresult (*)(CUcontext*, CUdevice))          \
-  X(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2", CUresult (*)(CUdevice))                 \
-  X(CtxGetCurrent, "cuCtxGetCurrent", CUresult (*)(CUcontext*))                                      \
-  X(CtxSetCurrent, "cuCtxSetCurrent", CUresult (*)(CUcontext))                                       \
-  X(CtxSynchronize, "cuCtxSynchronize", CUresult (*)(void))                                          \
-  X(StreamSynchronize, "cuStreamSynchronize", CUresult (*)(CUstream))                                \
-  X(GetErrorName, "cuGetErrorName", CUresult (*)(CUresult, const char**))                            \
-  X(MemGetInfo, "cuMemGetInfo_v2", CUresult (*)(std::size_t*, std::size_t*))                         \
-  X(MemGetAllocationGranularity, "cuMemGetAllocationGranularity",                                    \
-    CUresult (*)(std::size_t*, const CUmemAllocationProp*, int))                                     \
-  X(MemAddressReserve, "cuMemAddressReserve",                                                        \
-    CUresult (*)(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))           \
-  X(MemAddressFree, "cuMemAddressFree", CUresult (*)(CUdeviceptr, std::size_t))                      \
-  X(MemCreate, "cuMemCreate",                                                                        \
-    CUresult (*)(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*,             \
-                 unsigned long long))                                                                \
-  X(MemRelease, "cuMemRelease", CUresult (*)(CUmemGenericAllocationHandle))                          \
-  X(MemMap, "cuMemMap",                                                                              \
-    CUresult (*)(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle,                \
-                 unsigned long long))                                                                \
-  X(MemUnmap, "cuMemUnmap", CUresult (*)(CUdeviceptr, std::size_t))                                  \
-  X(MemSetAccess, "cuMemSetAccess",                                                                  \
-    CUresult (*)(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))                     \
-  X(MemcpyDtoH, "cuMemcpyDtoH_v2", CUresult (*)(void*, CUdeviceptr, std::size_t))                   \
-  X(MemcpyHtoD, "cuMemcpyHtoD_v2", CUresult (*)(CUdeviceptr, const void*, std::size_t))             \
-  X(EventCreate, "cuEventCreate", CUresult (*)(CUevent*, unsigned int))                              \
-  X(EventRecord, "cuEventRecord", CUresult (*)(CUevent, CUstream))                                   \
-  X(EventQuery, "cuEventQuery", CUresult (*)(CUevent))                                               \
-  X(EventSynchronize, "cuEventSynchronize", CUresult (*)(CUevent))                                   \
+#define EKV_CUDA_DRIVER_FUNCTIONS(X)                                                                             \
+  X(Init, "cuInit", CUresult (*)(unsigned int))                                                                  \
+  X(DriverGetVersion, "cuDriverGetVersion", CUresult (*)(int*))                                                  \
+  X(DeviceGet, "cuDeviceGet", CUresult (*)(CUdevice*, int))                                                      \
+  X(DeviceGetCount, "cuDeviceGetCount", CUresult (*)(int*))                                                      \
+  X(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", CUresult (*)(CUcontext*, CUdevice))                      \
+  X(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2", CUresult (*)(CUdevice))                             \
+  X(CtxGetCurrent, "cuCtxGetCurrent", CUresult (*)(CUcontext*))                                                  \
+  X(CtxSetCurrent, "cuCtxSetCurrent", CUresult (*)(CUcontext))                                                   \
+  X(CtxSynchronize, "cuCtxSynchronize", CUresult (*)(void))                                                      \
+  X(StreamSynchronize, "cuStreamSynchronize", CUresult (*)(CUstream))                                            \
+  X(GetErrorName, "cuGetErrorName", CUresult (*)(CUresult, const char**))                                        \
+  X(MemGetInfo, "cuMemGetInfo_v2", CUresult (*)(std::size_t*, std::size_t*))                                     \
+  X(MemGetAllocationGranularity, "cuMemGetAllocationGranularity",                                                \
+    CUresult (*)(std::size_t*, const CUmemAllocationProp*, int))                                                 \
+  X(MemAddressReserve, "cuMemAddressReserve",                                                                    \
+    CUresult (*)(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))                       \
+  X(MemAddressFree, "cuMemAddressFree", CUresult (*)(CUdeviceptr, std::size_t))                                  \
+  X(MemCreate, "cuMemCreate",                                                                                    \
+    CUresult (*)(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*, unsigned long long))    \
+  X(MemRelease, "cuMemRelease", CUresult (*)(CUmemGenericAllocationHandle))                                      \
+  X(MemMap, "cuMemMap",                                                                                          \
+    CUresult (*)(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle, unsigned long long))       \
+  X(MemUnmap, "cuMemUnmap", CUresult (*)(CUdeviceptr, std::size_t))                                              \
+  X(MemSetAccess, "cuMemSetAccess", CUresult (*)(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t)) \
+  X(MemcpyDtoH, "cuMemcpyDtoH_v2", CUresult (*)(void*, CUdeviceptr, std::size_t))                                \
+  X(MemcpyHtoD, "cuMemcpyHtoD_v2", CUresult (*)(CUdeviceptr, const void*, std::size_t))                          \
+  X(EventCreate, "cuEventCreate", CUresult (*)(CUevent*, unsigned int))                                          \
+  X(EventRecord, "cuEventRecord", CUresult (*)(CUevent, CUstream))                                               \
+  X(EventQuery, "cuEventQuery", CUresult (*)(CUevent))                                                           \
+  X(EventSynchronize, "cuEventSynchronize", CUresult (*)(CUevent))                                               \
   X(EventDestroy, "cuEventDestroy_v2", CUresult (*)(CUevent))
 
 template <typename T>
@@ -112,8 +109,8 @@ struct CudaDriver {
 #define EKV_DECLARE_FIELD(field, symbol, type) DriverFn<type> field = nullptr;
   EKV_CUDA_DRIVER_FUNCTIONS(EKV_DECLARE_FIELD)
 #undef EKV_DECLARE_FIELD
-  std::string path;        // the library the table was loaded from
-  bool is_fake = false;    // the library is tests/fake_cuda (its addresses are host memory)
+  std::string path;      // the library the table was loaded from
+  bool is_fake = false;  // the library is tests/fake_cuda (its addresses are host memory)
 
   // "cuMemCreate(...) failed: CUDA_ERROR_OUT_OF_MEMORY (2)"
   std::string error_text(const char* call, CUresult rc) const;

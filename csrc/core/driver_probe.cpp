@@ -16,9 +16,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double us_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-}
+double us_since(Clock::time_point t0) { return std::chrono::duration<double, std::micro>(Clock::now() - t0).count(); }
 
 // What the probe holds at any moment; the destructor gives it all back, newest first, so an
 // error anywhere leaves the device as it was found.
@@ -106,7 +104,8 @@ Status probe_driver(const DriverProbeConfig& config, DriverProbeResult* out) {
   if (rc != CUDA_SUCCESS) return fail("cuMemGetAllocationGranularity(recommended)", rc);
 
   const std::size_t max = std::numeric_limits<std::size_t>::max();
-  if (config.handle_granules > max / r.granularity || config.granules > max / (r.granularity * config.handle_granules)) {
+  if (config.handle_granules > max / r.granularity ||
+      config.granules > max / (r.granularity * config.handle_granules)) {
     return InvalidArgument("probe_driver: granules=" + std::to_string(config.granules) + " x handle_granules=" +
                            std::to_string(config.handle_granules) + " overflows the address space");
   }

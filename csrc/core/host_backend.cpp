@@ -64,7 +64,8 @@ class HostBackend final : public Backend {
   }
 
   Status free_range(std::uintptr_t addr, std::size_t nbytes) override {
-    if (::munmap(reinterpret_cast<void*>(addr), nbytes) != 0) return DriverError("host free_range: " + errno_text("munmap", errno));
+    if (::munmap(reinterpret_cast<void*>(addr), nbytes) != 0)
+      return DriverError("host free_range: " + errno_text("munmap", errno));
     return Status::Ok();
   }
 
@@ -101,8 +102,8 @@ class HostBackend final : public Backend {
     if (p == MAP_FAILED) {
       int err = errno;
       // MAP_FIXED may have replaced the reservation before failing: put it back.
-      ::mmap(reinterpret_cast<void*>(addr), nbytes, PROT_NONE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+      ::mmap(reinterpret_cast<void*>(addr), nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0);
       std::string msg = "host map: " + errno_text("mmap(MAP_FIXED|MAP_SHARED)", err);
       return err == ENOMEM ? OutOfMemory(msg) : DriverError(msg);
     }

@@ -44,8 +44,8 @@ inline Status Unavailable(std::string m) { return Status(StatusCode::kUnavailabl
 }  // namespace ekv
 
 // Propagate a non-ok Status to the caller.
-#define EKV_RETURN_IF_ERROR(expr)        \
-  do {                                   \
-    ::ekv::Status _ekv_st = (expr);      \
-    if (!_ekv_st.ok()) return _ekv_st;   \
+#define EKV_RETURN_IF_ERROR(expr)      \
+  do {                                 \
+    ::ekv::Status _ekv_st = (expr);    \
+    if (!_ekv_st.ok()) return _ekv_st; \
   } while (0)

@@ -10,11 +10,10 @@
 // It checks what the real driver checks (alignment, reservation bounds, overlapping maps, a
 // current context: torch may call the allocator from threads where none is current, so every
 // memory and event call answers CUDA_ERROR_INVALID_CONTEXT unless a retained primary context is
-// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events complete
-// at record time unless ekvfake_set_events_complete(0), which models queued device work:
-// cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a
-// cuStreamSynchronize of the stream it was recorded on, cuCtxSynchronize or
-// ekvfake_complete_events().
+// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events
+// complete at record time unless ekvfake_set_events_complete(0), which models queued device work: cuEventQuery then
+// answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a cuStreamSynchronize of the stream it was recorded on,
+// cuCtxSynchronize or ekvfake_complete_events().
 //
 // Control functions (ekvfake_*) are plain C for ctypes; torch_elastic_kv.testing wraps them.
 // The library is one simulated machine, so its state is process-global by design.
@@ -75,8 +74,8 @@ struct State {
   bool events_complete = true;
   long long creates = 0;
   long long releases = 0;
-  std::map<std::string, long long> calls;        // per function, since reset
-  std::map<std::string, long long> fail_at;      // function -> call number that fails
+  std::map<std::string, long long> calls;    // per function, since reset
+  std::map<std::string, long long> fail_at;  // function -> call number that fails
   std::map<std::string, int> fail_code;
 };
 
@@ -98,9 +97,9 @@ CUresult injected(State& s, const char* fn) {
   return CUDA_SUCCESS;
 }
 
-#define FAKE_ENTER(fn)                                   \
-  State& s = state();                                    \
-  std::lock_guard<std::mutex> lock(s.mu);                \
+#define FAKE_ENTER(fn)                    \
+  State& s = state();                     \
+  std::lock_guard<std::mutex> lock(s.mu); \
   if (CUresult _rc = injected(s, fn)) return _rc;
 
 #define FAKE_NEED_INIT() \
@@ -108,8 +107,8 @@ CUresult injected(State& s, const char* fn) {
 
 // The calling thread's current context must be a primary context that is still retained (the
 // real driver fails such calls without a current context; a released one is gone).
-#define FAKE_NEED_CTX()                                        \
-  FAKE_NEED_INIT();                                            \
+#define FAKE_NEED_CTX() \
+  FAKE_NEED_INIT();     \
   if (current_device(s) < 0) return CUDA_ERROR_INVALID_CONTEXT;
 
 // Device of the current context if it is a retained primary context, else -1.
@@ -274,8 +273,8 @@ EKVFAKE_API CUresult cuMemGetAllocationGranularity(std::size_t* gran, const CUme
   return CUDA_SUCCESS;
 }
 
-EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment,
-                                         CUdeviceptr addr, unsigned long long flags) {
+EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment, CUdeviceptr addr,
+                                         unsigned long long flags) {
   FAKE_ENTER("cuMemAddressReserve");
   FAKE_NEED_CTX();
   (void)addr;  // hints are optional for the real driver too
@@ -360,8 +359,7 @@ EKVFAKE_API CUresult cuMemMap(CUdeviceptr ptr, std::size_t size, std::size_t off
   return CUDA_SUCCESS;
 }
 
-EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc,
-                                    std::size_t count) {
+EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc, std::size_t count) {
   FAKE_ENTER("cuMemSetAccess");
   FAKE_NEED_CTX();
   if (desc == nullptr || count == 0) return CUDA_ERROR_INVALID_VALUE;
