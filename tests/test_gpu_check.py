@@ -175,7 +175,7 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("steps failed: driver, stream_order")
 
 
-# -- the driver probe itself (csrc/driver_probe.cpp), on the fake driver --------------------
+# -- the driver probe itself (csrc/core/driver_probe.cpp), on the fake driver --------------------
 
 def test_probe_gives_everything_back_when_a_call_fails(fake_cuda):
     from torch_elastic_kv import _C

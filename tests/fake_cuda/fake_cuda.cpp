@@ -1,6 +1,6 @@
 // fake_cuda.cpp — a CUDA driver stand-in over host memory, for tests on machines without a GPU.
 //
-// Exports the driver symbols the cuda backend loads (see csrc/cuda_driver.h), so with
+// Exports the driver symbols the cuda backend loads (see csrc/core/cuda_driver.h), so with
 // EKV_LIBCUDA pointing here the real backend code runs unchanged:
 //   cuMemAddressReserve  -> mmap(PROT_NONE) reservation
 //   cuMemCreate          -> one memfd per handle, committed with fallocate
@@ -10,11 +10,10 @@
 // It checks what the real driver checks (alignment, reservation bounds, overlapping maps, a
 // current context: torch may call the allocator from threads where none is current, so every
 // memory and event call answers CUDA_ERROR_INVALID_CONTEXT unless a retained primary context is
-// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events complete
-// at record time unless ekvfake_set_events_complete(0), which models queued device work:
-// cuEventQuery then answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a
-// cuStreamSynchronize of the stream it was recorded on, cuCtxSynchronize or
-// ekvfake_complete_events().
+// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events
+// complete at record time unless ekvfake_set_events_complete(0), which models queued device work: cuEventQuery then
+// answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a cuStreamSynchronize of the stream it was recorded on,
+// cuCtxSynchronize or ekvfake_complete_events().
 //
 // Control functions (ekvfake_*) are plain C for ctypes; torch_elastic_kv.testing wraps them.
 // The library is one simulated machine, so its state is process-global by design.
@@ -30,7 +29,7 @@
 #include <set>
 #include <string>
 
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 #define EKVFAKE_API extern "C" __attribute__((visibility("default")))
 
@@ -75,8 +74,8 @@ struct State {
   bool events_complete = true;
   long long creates = 0;
   long long releases = 0;
-  std::map<std::string, long long> calls;        // per function, since reset
-  std::map<std::string, long long> fail_at;      // function -> call number that fails
+  std::map<std::string, long long> calls;    // per function, since reset
+  std::map<std::string, long long> fail_at;  // function -> call number that fails
   std::map<std::string, int> fail_code;
 };
 
@@ -98,9 +97,9 @@ CUresult injected(State& s, const char* fn) {
   return CUDA_SUCCESS;
 }
 
-#define FAKE_ENTER(fn)                                   \
-  State& s = state();                                    \
-  std::lock_guard<std::mutex> lock(s.mu);                \
+#define FAKE_ENTER(fn)                    \
+  State& s = state();                     \
+  std::lock_guard<std::mutex> lock(s.mu); \
   if (CUresult _rc = injected(s, fn)) return _rc;
 
 #define FAKE_NEED_INIT() \
@@ -108,8 +107,8 @@ CUresult injected(State& s, const char* fn) {
 
 // The calling thread's current context must be a primary context that is still retained (the
 // real driver fails such calls without a current context; a released one is gone).
-#define FAKE_NEED_CTX()                                        \
-  FAKE_NEED_INIT();                                            \
+#define FAKE_NEED_CTX() \
+  FAKE_NEED_INIT();     \
   if (current_device(s) < 0) return CUDA_ERROR_INVALID_CONTEXT;
 
 // Device of the current context if it is a retained primary context, else -1.
@@ -138,6 +137,20 @@ bool overlaps_mapping(const State& s, CUdeviceptr p, std::size_t size) {
 }
 
 void* as_ptr(CUdeviceptr p) { return reinterpret_cast<void*>(static_cast<std::uintptr_t>(p)); }
+
+// Whether [p, p + size) lies in mappings that were given access, as a copy needs.
+bool accessible(State& s, CUdeviceptr p, std::size_t size) {
+  auto it = s.mappings.upper_bound(p);
+  if (it == s.mappings.begin()) return false;
+  --it;
+  CUdeviceptr end = p + size;
+  for (CUdeviceptr at = p; at < end; at = it->first + it->second.size, ++it) {
+    if (it == s.mappings.end() || it->first > at || it->first + it->second.size <= at || !it->second.accessible) {
+      return false;
+    }
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -260,8 +273,8 @@ EKVFAKE_API CUresult cuMemGetAllocationGranularity(std::size_t* gran, const CUme
   return CUDA_SUCCESS;
 }
 
-EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment,
-                                         CUdeviceptr addr, unsigned long long flags) {
+EKVFAKE_API CUresult cuMemAddressReserve(CUdeviceptr* ptr, std::size_t size, std::size_t alignment, CUdeviceptr addr,
+                                         unsigned long long flags) {
   FAKE_ENTER("cuMemAddressReserve");
   FAKE_NEED_CTX();
   (void)addr;  // hints are optional for the real driver too
@@ -346,8 +359,7 @@ EKVFAKE_API CUresult cuMemMap(CUdeviceptr ptr, std::size_t size, std::size_t off
   return CUDA_SUCCESS;
 }
 
-EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc,
-                                    std::size_t count) {
+EKVFAKE_API CUresult cuMemSetAccess(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc, std::size_t count) {
   FAKE_ENTER("cuMemSetAccess");
   FAKE_NEED_CTX();
   if (desc == nullptr || count == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -392,6 +404,23 @@ EKVFAKE_API CUresult cuMemUnmap(CUdeviceptr ptr, std::size_t size) {
     p += it->second.size;
     s.mappings.erase(it);
   }
+  return CUDA_SUCCESS;
+}
+
+// Synchronous copies, like the driver's: the simulated device has no queued work to wait for.
+EKVFAKE_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, std::size_t size) {
+  FAKE_ENTER("cuMemcpyDtoH");
+  FAKE_NEED_CTX();
+  if (dst == nullptr || !accessible(s, src, size)) return CUDA_ERROR_INVALID_VALUE;
+  std::memcpy(dst, as_ptr(src), size);
+  return CUDA_SUCCESS;
+}
+
+EKVFAKE_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, std::size_t size) {
+  FAKE_ENTER("cuMemcpyHtoD");
+  FAKE_NEED_CTX();
+  if (src == nullptr || !accessible(s, dst, size)) return CUDA_ERROR_INVALID_VALUE;
+  std::memcpy(as_ptr(dst), src, size);
   return CUDA_SUCCESS;
 }
 

@@ -18,7 +18,9 @@ enum class StatusCode {
   kUnavailable,      // backend cannot be used here (no libcuda, no device)
 };
 
-class Status {
+// [[nodiscard]]: a dropped Status is a dropped error. Where dropping one is right, say so with
+// IgnoreError() and a comment saying why.
+class [[nodiscard]] Status {
  public:
   Status() = default;
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
@@ -27,6 +29,7 @@ class Status {
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
   const std::string& message() const { return message_; }
+  void IgnoreError() const {}
 
  private:
   StatusCode code_ = StatusCode::kOk;
@@ -41,8 +44,8 @@ inline Status Unavailable(std::string m) { return Status(StatusCode::kUnavailabl
 }  // namespace ekv
 
 // Propagate a non-ok Status to the caller.
-#define EKV_RETURN_IF_ERROR(expr)        \
-  do {                                   \
-    ::ekv::Status _ekv_st = (expr);      \
-    if (!_ekv_st.ok()) return _ekv_st;   \
+#define EKV_RETURN_IF_ERROR(expr)      \
+  do {                                 \
+    ::ekv::Status _ekv_st = (expr);    \
+    if (!_ekv_st.ok()) return _ekv_st; \
   } while (0)

@@ -1,5 +1,5 @@
 // arena.cpp — granule bookkeeping over a backend: map/unmap/reuse/deferred release.
-#include "arena.h"
+#include "core/arena.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -56,7 +56,9 @@ Status Arena::create(const ArenaConfig& config, std::unique_ptr<Arena>* out) {
   try {
     table.resize(capacity / g);
   } catch (const std::bad_alloc&) {
-    backend->free_range(base, capacity);
+    // The missing table is the error to report; a range the backend will not free is lost
+    // address space, not memory.
+    backend->free_range(base, capacity).IgnoreError();
     return OutOfMemory("Arena(capacity_bytes=" + std::to_string(config.capacity_bytes) + ", device='" +
                        device_name(config.kind, config.device_index) + "'): no host memory for the table of " +
                        std::to_string(capacity / g) + " granules");
@@ -83,7 +85,8 @@ Arena::Arena(const ArenaConfig& config, std::unique_ptr<Backend> backend, std::s
   s_.reuse_bytes = reuse_bytes_;
 }
 
-Arena::~Arena() { close(); }
+// A destructor has nobody to tell: what close() cannot give back stays held by the backend.
+Arena::~Arena() { close().IgnoreError(); }
 
 bool Arena::closed() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -154,18 +157,22 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   if (need > cache_.size() && !pending_.empty()) {
     // Finished unmaps can serve this map from the cache instead of creating (and their bytes
     // leave the budget). A reap failure only leaves granules pending: not this call's error.
-    reap_locked(false);
+    reap_locked(false).IgnoreError();
     revive = 0;
     need = 0;
     for (std::size_t i = first; i < first + span; ++i) {
-      if (granules_[i].state == State::kPending) ++revive; else if (granules_[i].state == State::kUnmapped) ++need;
+      if (granules_[i].state == State::kPending)
+        ++revive;
+      else if (granules_[i].state == State::kUnmapped)
+        ++need;
     }
   }
   const std::size_t from_cache = std::min(need, cache_.size());
   const std::size_t new_bytes = (need - from_cache) * granularity_;
   if (new_bytes > 0) {
     Status can = backend_->check_commit(new_bytes);
-    if (!can.ok()) return Status(can.code(), call_text(call, offset, nbytes) + ": " + can.message() + " (nothing was mapped)");
+    if (!can.ok())
+      return Status(can.code(), call_text(call, offset, nbytes) + ": " + can.message() + " (nothing was mapped)");
     EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
   }
 
@@ -178,7 +185,7 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
   std::vector<Step> done;
   done.reserve(need);
   std::size_t cache_taken = 0;
-  std::size_t created = 0;  // created and mapped
+  std::size_t created = 0;    // created and mapped
   std::size_t attempted = 0;  // created, mapped or not
   Status failure;
   for (std::size_t i = first; i < first + span && failure.ok(); ++i) {
@@ -197,25 +204,29 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
     }
     Status st = backend_->map(addr_of(i), granularity_, step.handle);
     if (!st.ok()) {
-      if (step.created) backend_->release(step.handle, granularity_);
+      // Undo, best effort: the map failure is the error to report.
+      if (step.created) backend_->release(step.handle, granularity_).IgnoreError();
       failure = st;
       break;
     }
-    if (step.created) ++created; else ++cache_taken;
+    if (step.created)
+      ++created;
+    else
+      ++cache_taken;
     done.push_back(step);
   }
 
   if (!failure.ok()) {
     // Undo in reverse; cached handles stay where they were (only taken by index above).
     for (auto it = done.rbegin(); it != done.rend(); ++it) {
-      backend_->unmap(addr_of(it->granule), granularity_);
-      if (it->created) backend_->release(it->handle, granularity_);
+      // Best effort, like the undo above: the failure that started it is the one reported.
+      backend_->unmap(addr_of(it->granule), granularity_).IgnoreError();
+      if (it->created) backend_->release(it->handle, granularity_).IgnoreError();
     }
     if (new_bytes > 0) budget_->uncharge(new_bytes);
     s_.creates += attempted;  // they happened, and were released again
     s_.releases += attempted;
-    return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() +
-                                      " (nothing was mapped)");
+    return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() + " (nothing was mapped)");
   }
 
   // Commit.
@@ -262,7 +273,8 @@ std::size_t Arena::try_release_cached(std::size_t nbytes) {
   if (!lock.owns_lock() || closed_ || nbytes == 0 || in_forked_child()) return 0;
   const std::size_t keep = s_.cached_bytes > nbytes ? s_.cached_bytes - nbytes : 0;
   std::size_t released = 0;
-  release_cache_locked(keep, &released);  // a failed release keeps its handle cached
+  // A failed release keeps its handle cached; the caller only wants the bytes that came back.
+  release_cache_locked(keep, &released).IgnoreError();
   return released;
 }
 
@@ -280,7 +292,8 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
   // Finishing earlier unmaps (driver unmap, release) is kept off this call's path; only a
   // long backlog of events is worked down here, so it cannot grow without bound. After the
   // checks above: a refused call must not move anything.
-  if (pending_.size() >= kMaxPendingBatches) reap_locked(false);
+  // A reap failure leaves those granules pending: not this unmap's error.
+  if (pending_.size() >= kMaxPendingBatches) reap_locked(false).IgnoreError();
   const std::size_t g = granularity_;
   if (backend_->caps().deferred_unmap) {
     Fence fence = nullptr;
@@ -300,7 +313,8 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
       Status st = backend_->unmap(addr_of(i), g);
       if (!st.ok()) {
         // Put back what this call already unmapped so the range is as it was.
-        for (std::size_t j = first; j < i; ++j) backend_->map(addr_of(j), g, granules_[j].handle);
+        // Best effort: the unmap failure is the error to report.
+        for (std::size_t j = first; j < i; ++j) backend_->map(addr_of(j), g, granules_[j].handle).IgnoreError();
         return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
       }
     }
@@ -447,6 +461,36 @@ Status Arena::is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const
     }
   }
   return Status::Ok();
+}
+
+Status Arena::check_copy(const char* call, std::size_t offset, std::size_t nbytes) const {
+  EKV_RETURN_IF_ERROR(check_open(call));
+  if (offset > capacity_ || nbytes > capacity_ - offset) {
+    return InvalidArgument(call_text(call, offset, nbytes) + ": range ends past the arena's capacity (" +
+                           std::to_string(capacity_) + " bytes)");
+  }
+  if (nbytes == 0) return Status::Ok();
+  for (std::size_t i = offset / granularity_; i <= (offset + nbytes - 1) / granularity_; ++i) {
+    if (granules_[i].state != State::kMapped) {
+      return InvalidArgument(call_text(call, offset, nbytes) + ": the granule at offset " +
+                             std::to_string(i * granularity_) + " is not mapped");
+    }
+  }
+  return Status::Ok();
+}
+
+Status Arena::copy_to_host(void* dst, std::size_t offset, std::size_t nbytes) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_copy("copy_to_host", offset, nbytes));
+  if (nbytes == 0) return Status::Ok();
+  return backend_->copy_to_host(dst, base_ + offset, nbytes);
+}
+
+Status Arena::copy_from_host(std::size_t offset, const void* src, std::size_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_copy("copy_from_host", offset, nbytes));
+  if (nbytes == 0) return Status::Ok();
+  return backend_->copy_from_host(base_ + offset, src, nbytes);
 }
 
 ArenaStats Arena::stats() const {

@@ -9,8 +9,8 @@
 #include <mutex>
 #include <string>
 
-#include "backend.h"
-#include "cuda_driver.h"
+#include "core/backend.h"
+#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {
@@ -176,6 +176,22 @@ class CudaBackend final : public Backend {
     EKV_RETURN_IF_ERROR(scope.status);
     CUresult rc = drv_->StreamSynchronize(static_cast<CUstream>(stream));
     if (rc != CUDA_SUCCESS) return from_cu("cuStreamSynchronize", rc);
+    return Status::Ok();
+  }
+
+  Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemcpyDtoH(dst, static_cast<CUdeviceptr>(src), nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemcpyDtoH", rc);
+    return Status::Ok();
+  }
+
+  Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    CUresult rc = drv_->MemcpyHtoD(static_cast<CUdeviceptr>(dst), src, nbytes);
+    if (rc != CUDA_SUCCESS) return from_cu("cuMemcpyHtoD", rc);
     return Status::Ok();
   }
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 
@@ -28,21 +28,21 @@ struct DriverProbeConfig {
 
 // Per-call wall times in microseconds, one entry per call, in call order.
 struct DriverProbeResult {
-  std::string library;              // the driver library the table came from
+  std::string library;  // the driver library the table came from
   bool is_fake = false;
   int driver_version = 0;
-  std::size_t granularity = 0;      // minimum granularity (what the backend uses)
+  std::size_t granularity = 0;  // minimum granularity (what the backend uses)
   std::size_t recommended_granularity = 0;
-  std::size_t handle_bytes = 0;     // bytes per handle timed below
-  std::size_t range_bytes = 0;      // bytes of the reserved range (granules * handle_bytes)
-  std::vector<double> reserve_us;   // cuMemAddressReserve of range_bytes
+  std::size_t handle_bytes = 0;    // bytes per handle timed below
+  std::size_t range_bytes = 0;     // bytes of the reserved range (granules * handle_bytes)
+  std::vector<double> reserve_us;  // cuMemAddressReserve of range_bytes
   std::vector<double> address_free_us;
-  std::vector<double> create_us;    // cuMemCreate of handle_bytes
-  std::vector<double> map_us;       // cuMemMap of one handle
+  std::vector<double> create_us;      // cuMemCreate of handle_bytes
+  std::vector<double> map_us;         // cuMemMap of one handle
   std::vector<double> set_access_us;  // cuMemSetAccess of one handle's range
-  double set_access_range_us = 0;   // one cuMemSetAccess over the whole mapped range
-  std::vector<double> unmap_us;     // cuMemUnmap of one handle's range
-  std::vector<double> release_us;   // cuMemRelease of one handle
+  double set_access_range_us = 0;     // one cuMemSetAccess over the whole mapped range
+  std::vector<double> unmap_us;       // cuMemUnmap of one handle's range
+  std::vector<double> release_us;     // cuMemRelease of one handle
 };
 
 // Runs the probe; on error nothing it created is left behind and the Status names the call.

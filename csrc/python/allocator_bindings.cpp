@@ -12,8 +12,8 @@
 #include <optional>
 #include <string>
 
-#include "allocator.h"
-#include "py_status.h"
+#include "alloc/allocator.h"
+#include "python/py_status.h"
 
 namespace py = pybind11;
 
@@ -92,8 +92,8 @@ py::dict stats_dict(const AllocatorStats& s) {
 
 void bind_allocator(py::module_& m) {
   m.def(
-      "allocator_stats", [](int device) { return stats_dict(device_or_raise(device)->stats()); },
-      py::arg("device"), "Byte and event counts of the allocator on a device (-1 = host).");
+      "allocator_stats", [](int device) { return stats_dict(device_or_raise(device)->stats()); }, py::arg("device"),
+      "Byte and event counts of the allocator on a device (-1 = host).");
   m.def(
       "allocator_snapshot",
       [](int device) {
@@ -135,7 +135,8 @@ void bind_allocator(py::module_& m) {
       [](std::optional<std::int64_t> nbytes, int device) {
         std::optional<std::size_t> limit;
         if (nbytes) {
-          if (*nbytes < 0) throw py::value_error("set_limit(nbytes=" + std::to_string(*nbytes) + "): must be >= 0 or None");
+          if (*nbytes < 0)
+            throw py::value_error("set_limit(nbytes=" + std::to_string(*nbytes) + "): must be >= 0 or None");
           limit = static_cast<std::size_t>(*nbytes);
         }
         std::shared_ptr<DeviceAllocator> d = device_or_raise(device);
@@ -208,8 +209,7 @@ void bind_allocator(py::module_& m) {
         return prev;
       },
       py::arg("tag"), "Tag this thread's allocations from now on; returns the previous tag ('' = none).");
-  m.def(
-      "allocator_thread_tag", [] { return Allocator::instance().tag_name(Allocator::thread_tag()); });
+  m.def("allocator_thread_tag", [] { return Allocator::instance().tag_name(Allocator::thread_tag()); });
   m.def(
       "allocator_last_error", [](bool clear) { return Allocator::instance().last_error(clear); },
       py::arg("clear") = false, "Message of the last failed ekv_malloc/ekv_free, or None.");

@@ -1,5 +1,5 @@
 // host_memory.cpp — reads /proc/meminfo and the memory cgroup's limit and usage.
-#include "host_memory.h"
+#include "core/host_memory.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -55,8 +55,8 @@ void consider(HostMemory* m, const std::string& limit_file, const std::string& u
   if (!limit || *limit >= kNoLimit) return;
   std::uint64_t usage = read_bytes(usage_file).value_or(0);
   const std::size_t room = *limit > usage ? static_cast<std::size_t>(*limit - usage) : 0;
-  const std::size_t best_room = m->cgroup_limit ? (*m->cgroup_limit > m->cgroup_usage ? *m->cgroup_limit - m->cgroup_usage : 0)
-                                                : SIZE_MAX;
+  const std::size_t best_room =
+      m->cgroup_limit ? (*m->cgroup_limit > m->cgroup_usage ? *m->cgroup_limit - m->cgroup_usage : 0) : SIZE_MAX;
   if (room < best_room) {
     m->cgroup_limit = static_cast<std::size_t>(*limit);
     m->cgroup_usage = static_cast<std::size_t>(usage);
@@ -122,8 +122,14 @@ Status read_host_memory(HostMemory* out) {
   bool have_total = false, have_avail = false;
   while (f >> key >> kib) {
     std::getline(f, unit);  // " kB"
-    if (key == "MemTotal:") { m.mem_total = static_cast<std::size_t>(kib) * 1024; have_total = true; }
-    if (key == "MemAvailable:") { m.mem_available = static_cast<std::size_t>(kib) * 1024; have_avail = true; }
+    if (key == "MemTotal:") {
+      m.mem_total = static_cast<std::size_t>(kib) * 1024;
+      have_total = true;
+    }
+    if (key == "MemAvailable:") {
+      m.mem_available = static_cast<std::size_t>(kib) * 1024;
+      have_avail = true;
+    }
   }
   if (!have_total || !have_avail) return Unavailable("host memory: /proc/meminfo has no MemTotal/MemAvailable");
   read_cgroups(&m);

@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "host_memory.h"
+#include "core/backend.h"
+#include "core/host_memory.h"
 
 namespace ekv {
 namespace {
@@ -64,7 +64,8 @@ class HostBackend final : public Backend {
   }
 
   Status free_range(std::uintptr_t addr, std::size_t nbytes) override {
-    if (::munmap(reinterpret_cast<void*>(addr), nbytes) != 0) return DriverError("host free_range: " + errno_text("munmap", errno));
+    if (::munmap(reinterpret_cast<void*>(addr), nbytes) != 0)
+      return DriverError("host free_range: " + errno_text("munmap", errno));
     return Status::Ok();
   }
 
@@ -101,8 +102,8 @@ class HostBackend final : public Backend {
     if (p == MAP_FAILED) {
       int err = errno;
       // MAP_FIXED may have replaced the reservation before failing: put it back.
-      ::mmap(reinterpret_cast<void*>(addr), nbytes, PROT_NONE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+      ::mmap(reinterpret_cast<void*>(addr), nbytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0);
       std::string msg = "host map: " + errno_text("mmap(MAP_FIXED|MAP_SHARED)", err);
       return err == ENOMEM ? OutOfMemory(msg) : DriverError(msg);
     }
@@ -124,6 +125,16 @@ class HostBackend final : public Backend {
     }
     std::lock_guard<std::mutex> lock(mu_);
     free_slots_.push_back(static_cast<std::size_t>(handle));
+    return Status::Ok();
+  }
+
+  Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) override {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), nbytes);
+    return Status::Ok();
+  }
+
+  Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) override {
+    std::memcpy(reinterpret_cast<void*>(dst), src, nbytes);
     return Status::Ok();
   }
 

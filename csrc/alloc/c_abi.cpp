@@ -10,7 +10,7 @@
 // trim/stats/pause see the very allocator torch calls.
 #include <cstddef>
 
-#include "allocator.h"
+#include "alloc/allocator.h"
 
 #define EKV_C_API extern "C" __attribute__((visibility("default")))
 

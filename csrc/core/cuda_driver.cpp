@@ -1,5 +1,5 @@
 // cuda_driver.cpp — fills the CudaDriver function table from a dlopen'ed library.
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 #include <dlfcn.h>
 
@@ -35,10 +35,10 @@ Status load_from(const std::string& path, std::unique_ptr<CudaDriver>* out) {
   } unload{lib};
   auto drv = std::make_unique<CudaDriver>();
   drv->path = path;
-#define EKV_LOAD_FIELD(field, symbol, type)                                                   \
-  drv->field = reinterpret_cast<type>(::dlsym(lib, symbol));                                 \
-  if (drv->field == nullptr) {                                                               \
-    return Unavailable("CUDA driver library '" + path + "' has no symbol " + symbol +        \
+#define EKV_LOAD_FIELD(field, symbol, type)                                                          \
+  drv->field = reinterpret_cast<type>(::dlsym(lib, symbol));                                         \
+  if (drv->field == nullptr) {                                                                       \
+    return Unavailable("CUDA driver library '" + path + "' has no symbol " + symbol +                \
                        " (a driver with the virtual memory management API, CUDA 10.2+, is needed)"); \
   }
   EKV_CUDA_DRIVER_FUNCTIONS(EKV_LOAD_FIELD)

@@ -13,12 +13,12 @@
 #include <optional>
 #include <string>
 
-#include "arena.h"
-#include "budget.h"
-#include "driver_probe.h"
-#include "host_memory.h"
-#include "py_status.h"
-#include "status.h"
+#include "core/arena.h"
+#include "core/budget.h"
+#include "core/driver_probe.h"
+#include "core/host_memory.h"
+#include "core/status.h"
+#include "python/py_status.h"
 
 namespace py = pybind11;
 
@@ -278,7 +278,7 @@ void bind_driver_probe(py::module_& m) {
 
 }  // namespace
 
-void bind_allocator(py::module_& m);  // allocator_bindings.cpp
+void bind_allocator(py::module_& m);        // allocator_bindings.cpp
 void bind_paged_attention(py::module_& m);  // paged_attention_bindings.cpp
 }  // namespace ekv
 

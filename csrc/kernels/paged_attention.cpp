@@ -1,5 +1,5 @@
 // paged_attention.cpp — see paged_attention.h.
-#include "paged_attention.h"
+#include "kernels/paged_attention.h"
 
 #include <algorithm>
 #include <atomic>
@@ -23,13 +23,12 @@ Status check(const PagedDecodeArgs& a) {
   const char* f = "paged_decode_attention: ";
   if (a.rows < 0) return InvalidArgument(std::string(f) + "rows=" + num(a.rows) + " must be >= 0");
   if (a.heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 || a.page_tokens <= 0) {
-    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) + ", kv_heads=" + num(a.kv_heads) +
-                           ", head_dim=" + num(a.head_dim) + ", page_tokens=" + num(a.page_tokens) +
-                           " must all be > 0");
+    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) + ", kv_heads=" + num(a.kv_heads) + ", head_dim=" +
+                           num(a.head_dim) + ", page_tokens=" + num(a.page_tokens) + " must all be > 0");
   }
   if (a.heads % a.kv_heads != 0) {
-    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) + " is not a multiple of kv_heads=" +
-                           num(a.kv_heads));
+    return InvalidArgument(std::string(f) + "heads=" + num(a.heads) +
+                           " is not a multiple of kv_heads=" + num(a.kv_heads));
   }
   if (a.table_index_bytes != 4 && a.table_index_bytes != 8) {
     return InvalidArgument(std::string(f) + "page table index size " + num(a.table_index_bytes) +
@@ -40,9 +39,9 @@ Status check(const PagedDecodeArgs& a) {
                            " bytes is not 4 (int32) or 8 (int64)");
   }
   if (a.threads < 1) return InvalidArgument(std::string(f) + "threads=" + num(a.threads) + " must be >= 1");
-  const std::int64_t strides[] = {a.q_token_stride,  a.q_head_stride,  a.out_token_stride, a.out_head_stride,
-                                  a.k_page_stride,   a.k_token_stride, a.k_head_stride,    a.v_page_stride,
-                                  a.v_token_stride,  a.v_head_stride,  a.table_row_stride};
+  const std::int64_t strides[] = {a.q_token_stride, a.q_head_stride,  a.out_token_stride, a.out_head_stride,
+                                  a.k_page_stride,  a.k_token_stride, a.k_head_stride,    a.v_page_stride,
+                                  a.v_token_stride, a.v_head_stride,  a.table_row_stride};
   for (std::int64_t s : strides) {
     if (s < 0) return InvalidArgument(std::string(f) + "stride " + num(s) + " must be >= 0");
   }
@@ -60,14 +59,14 @@ Status check(const PagedDecodeArgs& a) {
   }
   for (std::int64_t r = 0; r < a.rows; ++r) {
     if (a.row_tokens && (a.row_tokens[r] < 0 || a.row_tokens[r] >= tokens_bound)) {
-      return InvalidArgument(std::string(f) + "row " + num(r) + " token " + num(a.row_tokens[r]) +
-                             " is outside [0, " + num(tokens_bound) + ")");
+      return InvalidArgument(std::string(f) + "row " + num(r) + " token " + num(a.row_tokens[r]) + " is outside [0, " +
+                             num(tokens_bound) + ")");
     }
     const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
     if (len < 1 || len > a.max_pages * a.page_tokens) {
-      return InvalidArgument(std::string(f) + "row " + num(r) + " context length " + num(len) +
-                             " is outside [1, " + num(a.max_pages * a.page_tokens) + "] (max_pages=" +
-                             num(a.max_pages) + " x page_tokens=" + num(a.page_tokens) + ")");
+      return InvalidArgument(std::string(f) + "row " + num(r) + " context length " + num(len) + " is outside [1, " +
+                             num(a.max_pages * a.page_tokens) + "] (max_pages=" + num(a.max_pages) +
+                             " x page_tokens=" + num(a.page_tokens) + ")");
     }
     const std::int64_t used = (len + a.page_tokens - 1) / a.page_tokens;
     const char* row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
@@ -95,9 +94,9 @@ void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float
   const std::int64_t token = a.row_tokens ? a.row_tokens[r] : r;
   const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
   const char* table_row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
-  float* scores = scratch;             // [n_rep, pt]
-  float* acc = scratch + n_rep * pt;   // [n_rep, d]
-  float m[16], l[16];                  // n_rep <= 16 here; larger groups are split by the caller
+  float* scores = scratch;            // [n_rep, pt]
+  float* acc = scratch + n_rep * pt;  // [n_rep, d]
+  float m[16], l[16];                 // n_rep <= 16 here; larger groups are split by the caller
   std::fill(acc, acc + n_rep * d, 0.0f);
   for (std::int64_t j = 0; j < n_rep; ++j) {
     m[j] = -std::numeric_limits<float>::infinity();

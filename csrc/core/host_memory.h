@@ -11,13 +11,13 @@
 #include <optional>
 #include <string>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 
 struct HostMemory {
-  std::size_t mem_total = 0;      // MemTotal
-  std::size_t mem_available = 0;  // MemAvailable (the kernel's estimate, page cache included)
+  std::size_t mem_total = 0;                // MemTotal
+  std::size_t mem_available = 0;            // MemAvailable (the kernel's estimate, page cache included)
   std::optional<std::size_t> cgroup_limit;  // tightest memory limit on the cgroup path
   std::size_t cgroup_usage = 0;             // usage of the cgroup holding that limit
   std::string cgroup_path;                  // the limit's file, for messages

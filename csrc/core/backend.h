@@ -17,7 +17,7 @@
 #include <memory>
 #include <string>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 
@@ -28,10 +28,10 @@ using Fence = void*;
 enum class DeviceKind { kHost = 0, kCuda = 1 };
 
 struct BackendCaps {
-  std::size_t granularity = 0;  // bytes per granule; addresses and sizes are multiples of it
-  bool deferred_unmap = false;  // unmap must wait for a fence (device may still use the memory)
-  bool host_accessible = false; // mapped addresses can be dereferenced by the CPU
-  std::string name;             // "host", "cuda", "cuda(fake)"
+  std::size_t granularity = 0;   // bytes per granule; addresses and sizes are multiples of it
+  bool deferred_unmap = false;   // unmap must wait for a fence (device may still use the memory)
+  bool host_accessible = false;  // mapped addresses can be dereferenced by the CPU
+  std::string name;              // "host", "cuda", "cuda(fake)"
 };
 
 class Backend {
@@ -91,6 +91,11 @@ class Backend {
     (void)stream;
     return Status::Ok();
   }
+
+  // Synchronous copies between mapped memory (`src`/`dst`: addresses inside a mapped range)
+  // and host memory, for the allocator's pause backups; done when the call returns.
+  virtual Status copy_to_host(void* dst, std::uintptr_t src, std::size_t nbytes) = 0;
+  virtual Status copy_from_host(std::uintptr_t dst, const void* src, std::size_t nbytes) = 0;
 
   // Free and total physical memory of the device as the backend's primitive sees it.
   virtual Status device_memory(std::size_t* free_bytes, std::size_t* total_bytes) = 0;

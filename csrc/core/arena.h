@@ -26,17 +26,17 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "budget.h"
-#include "status.h"
+#include "core/backend.h"
+#include "core/budget.h"
+#include "core/status.h"
 
 namespace ekv {
 
 struct ArenaConfig {
   DeviceKind kind = DeviceKind::kHost;
   int device_index = 0;
-  std::size_t capacity_bytes = 0;    // rounded up to the granularity
-  std::int64_t reuse_bytes = -1;     // cached-handle allowance; -1 = kDefaultReuseBytes
+  std::size_t capacity_bytes = 0;  // rounded up to the granularity
+  std::int64_t reuse_bytes = -1;   // cached-handle allowance; -1 = kDefaultReuseBytes
 };
 
 // Default cached-handle allowance (capped at the arena's capacity).
@@ -82,6 +82,11 @@ class Arena {
   // without touching the cache otherwise. *finished = bytes that left the pending state.
   Status poll(std::size_t* finished);
   Status set_reuse_bytes(std::size_t nbytes);
+  // Synchronous copies between host memory and mapped bytes of the range (any alignment;
+  // every granule they touch must be mapped), for callers that keep a host copy of what they
+  // unmap. Refused like any call on a closed arena or in a forked child.
+  Status copy_to_host(void* dst, std::size_t offset, std::size_t nbytes) const;
+  Status copy_from_host(std::size_t offset, const void* src, std::size_t nbytes);
   // Releases up to `nbytes` of cached handles if the arena is not busy (never blocks);
   // returns the bytes released. The budget calls it to make room for another arena's map.
   std::size_t try_release_cached(std::size_t nbytes);
@@ -125,6 +130,7 @@ class Arena {
                     std::size_t* newly_mapped);
   Status check_range(const char* call, std::size_t offset, std::size_t nbytes) const;
   Status check_open(const char* call) const;
+  Status check_copy(const char* call, std::size_t offset, std::size_t nbytes) const;
   std::uintptr_t addr_of(std::size_t granule) const { return base_ + granule * granularity_; }
   // Finishes pending unmaps whose fences completed (all of them, waiting, if `wait`).
   Status reap_locked(bool wait);
@@ -151,7 +157,7 @@ class Arena {
   // close()/destructor lets go without touching the memory (its own exit frees its mappings).
   const pid_t owner_pid_ = getpid();
   bool in_forked_child() const;
-  bool closing_ = false;  // close() has begun (unregistering from the budget)
+  bool closing_ = false;    // close() has begun (unregistering from the budget)
   bool range_held_ = true;  // the address range is reserved (until close() frees it)
   std::size_t reuse_bytes_;
   std::vector<Granule> granules_;

@@ -4,21 +4,19 @@
 // timed alone: reserve a range, create every handle, map each, set access on each, unmap
 // each, release each, free the range. Access is also set once over the whole range, to show
 // what batching that call would save.
-#include "driver_probe.h"
+#include "core/driver_probe.h"
 
 #include <chrono>
 #include <limits>
 
-#include "cuda_driver.h"
+#include "core/cuda_driver.h"
 
 namespace ekv {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double us_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-}
+double us_since(Clock::time_point t0) { return std::chrono::duration<double, std::micro>(Clock::now() - t0).count(); }
 
 // What the probe holds at any moment; the destructor gives it all back, newest first, so an
 // error anywhere leaves the device as it was found.
@@ -106,7 +104,8 @@ Status probe_driver(const DriverProbeConfig& config, DriverProbeResult* out) {
   if (rc != CUDA_SUCCESS) return fail("cuMemGetAllocationGranularity(recommended)", rc);
 
   const std::size_t max = std::numeric_limits<std::size_t>::max();
-  if (config.handle_granules > max / r.granularity || config.granules > max / (r.granularity * config.handle_granules)) {
+  if (config.handle_granules > max / r.granularity ||
+      config.granules > max / (r.granularity * config.handle_granules)) {
     return InvalidArgument("probe_driver: granules=" + std::to_string(config.granules) + " x handle_granules=" +
                            std::to_string(config.handle_granules) + " overflows the address space");
   }

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "status.h"
+#include "core/backend.h"
+#include "core/status.h"
 
 namespace ekv {
 
@@ -30,9 +30,9 @@ class Arena;
 
 struct BudgetStats {
   std::optional<std::size_t> limit_bytes;  // nullopt = unlimited
-  std::size_t held_bytes = 0;      // mapped + pending + cached
+  std::size_t held_bytes = 0;              // mapped + pending + cached
   std::size_t mapped_bytes = 0;
-  std::size_t pending_bytes = 0;   // unmapped by the caller, device not yet done with them
+  std::size_t pending_bytes = 0;  // unmapped by the caller, device not yet done with them
   std::size_t cached_bytes = 0;
   std::size_t reserved_bytes = 0;  // address space of live arenas
   std::size_t arenas = 0;
@@ -79,7 +79,7 @@ class Budget {
   std::string name_;
   std::mutex registry_mu_;  // guards arenas_; taken before any arena's lock
   std::vector<Arena*> arenas_;
-  mutable std::mutex mu_;   // guards the counters; taken after any arena's lock
+  mutable std::mutex mu_;  // guards the counters; taken after any arena's lock
   BudgetStats s_;
 };
 

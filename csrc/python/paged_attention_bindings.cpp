@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
-#include "paged_attention.h"
-#include "py_status.h"
+#include "kernels/paged_attention.h"
+#include "python/py_status.h"
 
 namespace py = pybind11;
 
@@ -19,9 +19,9 @@ void bind_paged_attention(py::module_& m) {
          std::int64_t out_token_stride, std::int64_t out_head_stride, std::uintptr_t row_tokens,
          std::int64_t num_tokens, std::uintptr_t key_cache, std::uintptr_t value_cache, py::tuple k_strides,
          py::tuple v_strides, std::int64_t num_pages, std::int64_t page_tokens, std::uintptr_t page_table,
-         int table_index_bytes, std::int64_t table_row_stride, std::int64_t max_pages,
-         std::uintptr_t context_lens, int lens_index_bytes, std::int64_t rows, std::int64_t heads,
-         std::int64_t kv_heads, std::int64_t head_dim, double scale, int threads) {
+         int table_index_bytes, std::int64_t table_row_stride, std::int64_t max_pages, std::uintptr_t context_lens,
+         int lens_index_bytes, std::int64_t rows, std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+         double scale, int threads) {
         if (k_strides.size() != 3 || v_strides.size() != 3) {
           throw py::value_error("paged_decode_attention: k_strides and v_strides must be (page, token, head)");
         }
@@ -65,12 +65,11 @@ void bind_paged_attention(py::module_& m) {
       },
       py::arg("out"), py::arg("query"), py::arg("q_token_stride"), py::arg("q_head_stride"),
       py::arg("out_token_stride"), py::arg("out_head_stride"), py::arg("row_tokens"), py::arg("num_tokens"),
-      py::arg("key_cache"), py::arg("value_cache"), py::arg("k_strides"), py::arg("v_strides"),
-      py::arg("num_pages"), py::arg("page_tokens"), py::arg("page_table"), py::arg("table_index_bytes"),
-      py::arg("table_row_stride"), py::arg("max_pages"), py::arg("context_lens"), py::arg("lens_index_bytes"),
-      py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"),
-      py::arg("threads"),
-      "Decode attention over KV pages in place (see csrc/paged_attention.h); float32, element strides, "
+      py::arg("key_cache"), py::arg("value_cache"), py::arg("k_strides"), py::arg("v_strides"), py::arg("num_pages"),
+      py::arg("page_tokens"), py::arg("page_table"), py::arg("table_index_bytes"), py::arg("table_row_stride"),
+      py::arg("max_pages"), py::arg("context_lens"), py::arg("lens_index_bytes"), py::arg("rows"), py::arg("heads"),
+      py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("threads"),
+      "Decode attention over KV pages in place (see csrc/kernels/paged_attention.h); float32, element strides, "
       "pointers as ints (row_tokens 0 = row r is token r).");
 }
 

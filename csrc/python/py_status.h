@@ -8,20 +8,18 @@
 
 #include <stdexcept>
 
-#include "status.h"
+#include "core/status.h"
 
 namespace ekv {
 
 inline void throw_if_error(const Status& st) {
   if (st.ok()) return;
   switch (st.code()) {
-    case StatusCode::kInvalidArgument:
-      throw pybind11::value_error(st.message());
+    case StatusCode::kInvalidArgument: throw pybind11::value_error(st.message());
     case StatusCode::kOutOfMemory:
       PyErr_SetString(PyExc_MemoryError, st.message().c_str());
       throw pybind11::error_already_set();
-    default:
-      throw std::runtime_error(st.message());
+    default: throw std::runtime_error(st.message());
   }
 }
 

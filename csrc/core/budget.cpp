@@ -1,11 +1,11 @@
 // budget.cpp — per-device byte budgets.
-#include "budget.h"
+#include "core/budget.h"
 
 #include <algorithm>
 #include <map>
 #include <utility>
 
-#include "arena.h"
+#include "core/arena.h"
 
 namespace ekv {
 
@@ -30,10 +30,10 @@ static std::string limit_text(const std::optional<std::size_t>& limit) {
 Status Budget::try_charge(std::size_t nbytes, const std::string& what) {
   std::lock_guard<std::mutex> lock(mu_);
   if (s_.limit_bytes && s_.held_bytes + nbytes > *s_.limit_bytes) {
-    return OutOfMemory(what + ": needs " + std::to_string(nbytes) + " more bytes of physical memory but the " +
-                       name_ + " budget is " + limit_text(s_.limit_bytes) + " with " +
-                       std::to_string(s_.held_bytes) + " held (" + std::to_string(s_.mapped_bytes) + " mapped, " +
-                       std::to_string(s_.pending_bytes) + " pending release, " + std::to_string(s_.cached_bytes) +
+    return OutOfMemory(what + ": needs " + std::to_string(nbytes) + " more bytes of physical memory but the " + name_ +
+                       " budget is " + limit_text(s_.limit_bytes) + " with " + std::to_string(s_.held_bytes) +
+                       " held (" + std::to_string(s_.mapped_bytes) + " mapped, " + std::to_string(s_.pending_bytes) +
+                       " pending release, " + std::to_string(s_.cached_bytes) +
                        " cached; Arena.trim() gives cached bytes back)");
   }
   s_.held_bytes += nbytes;
@@ -64,11 +64,10 @@ Status Budget::set_limit(std::optional<std::size_t> limit) {
   auto below_in_use = [&]() -> Status {
     std::size_t in_use = s_.mapped_bytes + s_.pending_bytes;
     if (!limit || *limit >= in_use) return Status::Ok();
-    return InvalidArgument("set_budget(" + std::to_string(*limit) + ", device='" + name_ + "'): below the " +
-                           std::to_string(in_use) + " bytes in use (" + std::to_string(s_.mapped_bytes) +
-                           " mapped, " + std::to_string(s_.pending_bytes) +
-                           " pending release); unmap first, the budget is unchanged (" +
-                           limit_text(s_.limit_bytes) + ")");
+    return InvalidArgument(
+        "set_budget(" + std::to_string(*limit) + ", device='" + name_ + "'): below the " + std::to_string(in_use) +
+        " bytes in use (" + std::to_string(s_.mapped_bytes) + " mapped, " + std::to_string(s_.pending_bytes) +
+        " pending release); unmap first, the budget is unchanged (" + limit_text(s_.limit_bytes) + ")");
   };
   bool need_trim = false;
   {
@@ -79,7 +78,9 @@ Status Budget::set_limit(std::optional<std::size_t> limit) {
   if (need_trim) {
     for (Arena* a : arenas_) {
       std::size_t released = 0;
-      a->trim(&released);  // best effort: a failed release keeps its handle cached and counted
+      // Best effort: a failed release keeps its handle cached and counted, and the check below
+      // decides on the bytes actually held.
+      a->trim(&released).IgnoreError();
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
