@@ -246,7 +246,7 @@ def step_driver(s: Settings, args: argparse.Namespace) -> dict:
     from torch_elastic_kv import _C
 
     if not hasattr(_C, "probe_driver"):
-        raise Unavailable("this build of torch_elastic_kv._C has no probe_driver (csrc/driver_probe.cpp)")
+        raise Unavailable("this build of torch_elastic_kv._C has no probe_driver (csrc/core/driver_probe.cpp)")
     index = torch.device(s.device).index
     if cuda_real():
         torch.cuda.init()  # the primary context exists, as it will when torch runs kernels

@@ -20,7 +20,7 @@ reads the plan back (``plan_of``). The plan's groups say how:
 * generate mode: one group over all rows.
 
 Decode groups of float32 CPU tensors skip the gather and SDPA: the native kernel
-``_C.paged_decode_attention`` (csrc/paged_attention.h) reads each row's K/V straight from its
+``_C.paged_decode_attention`` (csrc/kernels/paged_attention.h) reads each row's K/V straight from its
 pages, one pass with an online softmax, threads over (row, KV head). ``EKV_NATIVE_DECODE=0``
 in the environment turns it off (the gather + SDPA path above).
 
