@@ -134,7 +134,10 @@ class Engine:
         prepack_weights: run the model's float32 CPU ``nn.Linear`` layers on oneDNN-prepacked
             weights while the Engine lives (``prepack.PackedLinears``; ``close()`` restores
             them). ``None``: on for a float32 model on CPU when torch can; ``True``: required
-            (ValueError if it cannot be done); ``False``: off.
+            (ValueError if it cannot be done); ``False``: off. It costs a packed copy of the
+            weights and oneDNN's compiled kernels for each row bucket a weight shape meets (at
+            most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
+            it is faster depends on the CPU (``prepack`` module docstring).
     """
 
     def __init__(self, model: Any, pool: Optional[EnginePool] = None, policy: Optional[ElasticPolicy] = None,

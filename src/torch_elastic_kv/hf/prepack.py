@@ -1,22 +1,30 @@
 """Prepacked linear weights: a model's ``nn.Linear`` layers through oneDNN on CPU (float32).
 
-Why: a stock ``nn.Linear`` on CPU calls MKL's sgemm. On the AMD EPYC machine this project
-benchmarks on, oneDNN's matmul on a weight packed once into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, the op PyTorch's own inductor uses when it
-freezes a CPU model, then ``torch.ops.mkldnn._linear_pointwise``) runs most shapes of a
-continuous-batching step faster (1.1-4.4x from 5 rows up, most of all the few-row steps of
-a decode tail; the small 512x256 K/V projections at 5-10 rows are 0.8-0.95x):
-a 512x1376 projection takes 96 us instead of 204 us at 5 rows and 3.9 ms instead of 6.0 ms
-at 512 rows, the 512x8192 lm_head 3.1 ms instead of 7.1 ms at 64 rows
-(``python benchmarks/bench_prepack.py``; table in benchmarks/RESULTS.md). One row through a
-layer of 1 MiB or less is the exception: there the call's fixed cost (~25 us) makes it slower
-than MKL's matrix-vector path (56 vs 28 us for 512x256). Other CPUs may differ: measure with
-that script, and turn it off with ``Engine(prepack_weights=False)``.
+Why: a stock ``nn.Linear`` on CPU calls MKL's sgemm. oneDNN's matmul on a weight packed once
+into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op PyTorch's own
+inductor uses when it freezes a CPU model, then ``torch.ops.mkldnn._linear_pointwise``) runs
+most shapes of a continuous-batching step faster on the AMD EPYC machine of the Engine
+benchmarks, most of all the few-row steps of a decode tail; on an Intel Xeon, where MKL's
+kernels are at home, it runs the layers of the benchmark Llama slower than MKL except the
+lm_head, and the Engine about as fast either way. One row through a small layer is slower
+packed everywhere (the op's fixed cost). Figures: ``python benchmarks/bench_prepack.py``
+and the prepack sections of benchmarks/RESULTS.md. Measure on the CPU at hand and turn it
+off with ``Engine(prepack_weights=False)``.
 
-What changes: results agree with ``F.linear`` to float32 rounding (max abs difference 1e-6
-to 3e-6 on the benchmark shapes; MKL's own matrix-vector and matrix-matrix paths differ from
-each other by as much), not bit for bit. The packed
-copy costs one more copy of every packed weight's bytes while installed.
+Row buckets: oneDNN builds (JIT-compiles) one primitive per input shape and keeps it in
+process-wide caches (oneDNN's own and ideep's, 1024 entries each), so a packed layer fed
+every row count a continuous-batching step has grew resident memory with each new batch
+size, and once the caches were full every miss freed one primitive and built another,
+fragmenting the heap: memory a server running for weeks never got back. So the packed path
+pads the rows with zeros up to a bucket (``padded_rows``: as they are up to 8, then 4 steps
+per power of two, at most 25 % more rows) and slices the padding off; a packed weight shape
+then meets at most 40 row counts up to 2048 rows, and what the caches hold stays bounded by
+the distinct weight shapes times the buckets seen. The caches belong to the process and
+outlive ``restore()``; they stop growing once every bucket has been seen.
+
+What changes: results agree with ``F.linear`` to float32 rounding (MKL's own matrix-vector
+and matrix-matrix paths differ from each other by as much), not bit for bit; the padding
+rows change nothing in the real ones. The packed copy costs one more copy of every packed weight's bytes while installed.
 
 Safety: a layer falls back to ``nn.Linear.forward`` whenever the packed copy may not apply —
 the input is not a float32 CPU tensor, or autograd needs gradients — and a weight replaced,
@@ -35,9 +43,29 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedLinears", "eligible_linears", "is_packed", "prepack_available"]
+__all__ = ["PackedLinears", "eligible_linears", "is_packed", "padded_rows", "prepack_available"]
 
 _ATTR = "_ekv_packed_linear"   # the packed state, on each packed layer
+
+# Row buckets: every row count up to _EXACT_ROWS as it is, then _STEPS_PER_OCTAVE evenly
+# spaced buckets per power of two (10, 12, 14, 16, 20, 24, 28, 32, 40, ...).
+_EXACT_ROWS = 8
+_STEPS_PER_OCTAVE = 4
+
+
+def padded_rows(rows: int) -> int:
+    """The row count the packed op runs ``rows`` rows of input at: ``rows`` itself up to 8,
+    then the next of 4 evenly spaced steps per power of two (10, 12, 14, 16, 20, 24, ...; at
+    most 25 % more rows, 40 buckets up to 2048 rows). Zero stays zero.
+
+    Why: oneDNN keeps one cached primitive per input shape (module docstring); the buckets
+    bound the shapes a packed layer ever shows it.
+    """
+    if rows <= _EXACT_ROWS:
+        return rows
+    octave = 1 << ((rows - 1).bit_length() - 1)     # the largest power of two below rows
+    step = octave // _STEPS_PER_OCTAVE
+    return -(-rows // step) * step
 
 
 def _ops_present() -> bool:
@@ -131,7 +159,23 @@ def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             return torch.nn.Linear.forward(layer, x)
         state = _pack(w)      # new, changed or copied weights: pack them again
         setattr(layer, _ATTR, state)
-    return torch.ops.mkldnn._linear_pointwise(x, state.packed, layer.bias, "none", [], "")
+    return _packed_linear(x, state.packed, layer.bias)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` on a packed weight, the rows padded with zeros up to ``padded_rows``.
+
+    Each output row depends on its own input row only, so the padding rows change nothing in
+    the real ones; they are computed and sliced off (the result is a view of the first rows
+    of the padded output, contiguous like ``F.linear``'s)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    padded = padded_rows(rows)
+    if padded == rows:        # (the op flattens the leading dims: [1, n, k] is [n, k] to it)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(F.pad(x.reshape(rows, k), (0, 0, 0, padded - rows)),
+                                           packed, bias, "none", [], "")
+    return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 
 class _PackedLinear(torch.nn.Linear):
