@@ -4,6 +4,7 @@ CMake puts `_C` next to the package's Python files and the fake CUDA driver (a t
 in `torch_elastic_kv/_testing/`, in the build tree for `pip install .` and in the source
 tree for `pip install -e .` / `python setup.py build_ext --inplace`.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,13 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         configure = [
-            _tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            _tool("cmake"),
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",

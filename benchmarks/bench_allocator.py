@@ -16,6 +16,7 @@ call that does nothing):
 Trim: allocate N GiB in 64 MiB blocks, touch every page (host), free them all, time trim() —
 the rate at which freed memory goes back to the OS / driver.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,14 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from torch_elastic_kv.memory import allocator as ekv_alloc
 from results_section import replace_section  # noqa: E402  (beside this script)
+from torch_elastic_kv.memory import allocator as ekv_alloc
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -55,8 +56,9 @@ def size_mix(n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def churn(malloc: Callable[[int], int], free: Callable[[int, int], None], steps: int, live: int,
-          touch: bool, seed: int = 1) -> float:
+def churn(
+    malloc: Callable[[int], int], free: Callable[[int, int], None], steps: int, live: int, touch: bool, seed: int = 1
+) -> float:
     """Pairs per second of free(random live block) + malloc(next size), after filling the set."""
     sizes = size_mix(steps + live, seed)
     rng = random.Random(seed)
@@ -116,13 +118,17 @@ def host_rows(steps: int, live: int) -> list[tuple[str, float]]:
     libc.free.restype = None
     ekv_m, ekv_f = abi.ekv_malloc, abi.ekv_free
     c_malloc, c_free = libc.malloc, libc.free
-    return best_of({
-        "host: ekv_malloc/ekv_free": lambda: churn(lambda n: ekv_m(n, -1, None), lambda p, n: ekv_f(p, n, -1, None),
-                                                   steps, live, touch=True),
-        "host: glibc malloc/free": lambda: churn(lambda n: c_malloc(n), lambda p, n: c_free(p), steps, live,
-                                                 touch=True),
-        "ctypes no-op in the same loop": lambda: noop_rate(steps),
-    })
+    return best_of(
+        {
+            "host: ekv_malloc/ekv_free": lambda: churn(
+                lambda n: ekv_m(n, -1, None), lambda p, n: ekv_f(p, n, -1, None), steps, live, touch=True
+            ),
+            "host: glibc malloc/free": lambda: churn(
+                lambda n: c_malloc(n), lambda p, n: c_free(p), steps, live, touch=True
+            ),
+            "ctypes no-op in the same loop": lambda: noop_rate(steps),
+        }
+    )
 
 
 def cuda_rows(steps: int, live: int) -> list[tuple[str, float]]:
@@ -131,12 +137,16 @@ def cuda_rows(steps: int, live: int) -> list[tuple[str, float]]:
     stream = torch.cuda.current_stream().cuda_stream
     ekv_m, ekv_f = abi.ekv_malloc, abi.ekv_free
     alloc, delete = torch.cuda.caching_allocator_alloc, torch.cuda.caching_allocator_delete
-    rows = best_of({
-        "cuda: ekv_malloc/ekv_free": lambda: churn(lambda n: ekv_m(n, dev, stream),
-                                                   lambda p, n: ekv_f(p, n, dev, stream), steps, live, touch=False),
-        "cuda: torch caching allocator": lambda: churn(lambda n: alloc(n, dev, stream), lambda p, n: delete(p),
-                                                       steps, live, touch=False),
-    })
+    rows = best_of(
+        {
+            "cuda: ekv_malloc/ekv_free": lambda: churn(
+                lambda n: ekv_m(n, dev, stream), lambda p, n: ekv_f(p, n, dev, stream), steps, live, touch=False
+            ),
+            "cuda: torch caching allocator": lambda: churn(
+                lambda n: alloc(n, dev, stream), lambda p, n: delete(p), steps, live, touch=False
+            ),
+        }
+    )
     torch.cuda.synchronize()
     return rows
 
@@ -167,11 +177,13 @@ def trim_row(device: int, gib: float) -> tuple[str, float, float]:
 
 
 def table(rows: list[tuple[str, float]], trims: list[tuple[str, float, float]], steps: int, live: int) -> str:
-    lines = [f"Steady churn over {live} live blocks, {steps} free+malloc pairs per allocator; best of {ROUNDS} "
-             "interleaved rounds.",
-             "",
-             "| allocator | pairs/s | us/pair |",
-             "|---|---|---|"]
+    lines = [
+        f"Steady churn over {live} live blocks, {steps} free+malloc pairs per allocator; best of {ROUNDS} "
+        "interleaved rounds.",
+        "",
+        "| allocator | pairs/s | us/pair |",
+        "|---|---|---|",
+    ]
     for name, rate in rows:
         lines.append(f"| {name} | {rate:,.0f} | {1e6 / rate:.2f} |")
     lines += ["", "| trim | GiB given back | seconds | GiB/s |", "|---|---|---|---|"]
@@ -182,29 +194,33 @@ def table(rows: list[tuple[str, float]], trims: list[tuple[str, float, float]], 
 
 def write_results(path: Path, body: str, command: str) -> None:
     load = os.getloadavg()[0]
-    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch "
-               f"{torch.__version__}"
-               + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-               + f"; 1-minute load average {load:.1f} when written.")
-    section = "\n".join([
-        BEGIN,
-        "## Allocator: malloc+free pairs per second, trim rate",
-        "",
-        f"Command: `{command}`  ",
-        machine,
-        "",
-        body,
-        "",
-        "- Both host rows go through ctypes (three calls per pair: free, malloc, a one-byte write); the no-op row "
-        "is the same loop with do-nothing calls, so each allocator's own cost is roughly its row minus that one. "
-        "ekv keeps freed blocks mapped and reuses them best-fit (a tree per size, split and merged); glibc serves "
-        "most sizes from its arenas and large ones (>= its mmap threshold) with mmap/munmap. The machine is shared "
-        "(see the load average): rerun for tighter numbers.",
-        "- The cuda rows need a GPU (torch's caching allocator is the reference there); without one they are absent.",
-        "- Trim: 64 MiB blocks freed, then one trim(): unmap + release of every granule (host: fallocate punch-hole "
-        "of the memfd).",
-        END,
-    ])
+    machine = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch "
+        f"{torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+        + f"; 1-minute load average {load:.1f} when written."
+    )
+    section = "\n".join(
+        [
+            BEGIN,
+            "## Allocator: malloc+free pairs per second, trim rate",
+            "",
+            f"Command: `{command}`  ",
+            machine,
+            "",
+            body,
+            "",
+            "- Both host rows go through ctypes (three calls per pair: free, malloc, a one-byte write); the no-op row "
+            "is the same loop with do-nothing calls, so each allocator's own cost is roughly its row minus that one. "
+            "ekv keeps freed blocks mapped and reuses them best-fit (a tree per size, split and merged); glibc serves "
+            "most sizes from its arenas and large ones (>= its mmap threshold) with mmap/munmap. The machine is shared "
+            "(see the load average): rerun for tighter numbers.",
+            "- The cuda rows need a GPU (torch's caching allocator is the reference there); without one they are absent.",
+            "- Trim: 64 MiB blocks freed, then one trim(): unmap + release of every granule (host: fallocate punch-hole "
+            "of the memfd).",
+            END,
+        ]
+    )
     replace_section(path, BEGIN, END, section)
 
 

@@ -17,6 +17,7 @@ What each row times, per granule (one map/unmap call per granule, so call overhe
   give-back    bytes per second for unmap + finish + trim of the whole mapped range, i.e.
                how fast mapped memory goes back to the OS/driver when handles are not reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from torch_elastic_kv import Arena
 from results_section import replace_section  # noqa: E402  (beside this script)
+from torch_elastic_kv import Arena
 
 MiB = 1 << 20
 BEGIN = "<!-- bench_arena:begin -->"
@@ -50,6 +51,7 @@ def _cuda_device() -> tuple[str, Callable[[], contextlib.AbstractContextManager]
     if torch.cuda.is_available() and "EKV_LIBCUDA" not in os.environ:
         return "cuda", contextlib.nullcontext
     from torch_elastic_kv.testing import use_fake_cuda
+
     return "cuda(fake)", use_fake_cuda
 
 
@@ -115,35 +117,40 @@ def run(granules: int, rounds: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for backend, mode, r in rows:
-        lines.append(f"| {backend} | {mode} | {r['map']} | {r['unmap']} | {r['finish']} | "
-                     f"{r['give_back']} | {r['creates']} |")
+        lines.append(
+            f"| {backend} | {mode} | {r['map']} | {r['unmap']} | {r['finish']} | {r['give_back']} | {r['creates']} |"
+        )
     return "\n".join(lines)
 
 
 def write_results(path: Path, table: str, command: str) -> None:
     load = os.getloadavg()[0]
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch {torch.__version__}; "
-               f"1-minute load average {load:.1f} when written (other work on the machine inflates p90 and "
-               "the no-reuse rows)")
-    section = "\n".join([
-        BEGIN,
-        "## Arena: map / unmap latency per granule, give-back rate",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine}.",
-        "",
-        table,
-        "",
-        "- *map, reuse*: the handle comes from the arena's cache; *no reuse*: every map creates a "
-        "physical handle (host: `fallocate` of 2 MiB in a memfd; cuda: `cuMemCreate`).",
-        "- *unmap call* on cuda records an event and returns; *unmap total* amortizes all unmap "
-        "calls plus the deferred part (driver unmap, then cache or release) that `poll()`/`trim()` "
-        "do once the events completed.",
-        "- *give-back*: unmap + finish + trim of the whole range with no reuse, as bytes per second.",
-        "- cuda(fake) is the test driver over host memory: it measures the backend's own overhead, "
-        "not a GPU (an A100 is quoted at ~200 us per 2 MiB cuMemCreate, ~1.5 us per cuMemMap).",
-        END,
-    ])
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, torch {torch.__version__}; "
+        f"1-minute load average {load:.1f} when written (other work on the machine inflates p90 and "
+        "the no-reuse rows)"
+    )
+    section = "\n".join(
+        [
+            BEGIN,
+            "## Arena: map / unmap latency per granule, give-back rate",
+            "",
+            f"Command: `{command}`  ",
+            f"Machine: {machine}.",
+            "",
+            table,
+            "",
+            "- *map, reuse*: the handle comes from the arena's cache; *no reuse*: every map creates a "
+            "physical handle (host: `fallocate` of 2 MiB in a memfd; cuda: `cuMemCreate`).",
+            "- *unmap call* on cuda records an event and returns; *unmap total* amortizes all unmap "
+            "calls plus the deferred part (driver unmap, then cache or release) that `poll()`/`trim()` "
+            "do once the events completed.",
+            "- *give-back*: unmap + finish + trim of the whole range with no reuse, as bytes per second.",
+            "- cuda(fake) is the test driver over host memory: it measures the backend's own overhead, "
+            "not a GPU (an A100 is quoted at ~200 us per 2 MiB cuMemCreate, ~1.5 us per cuMemMap).",
+            END,
+        ]
+    )
     replace_section(path, BEGIN, END, section)
 
 

@@ -39,6 +39,7 @@ shapes; for hf-generate_batch the size of its preallocated cache tensor.
 
 Run: python benchmarks/bench_engine.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,18 +61,28 @@ from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
 from torch_elastic_kv.bench.stats import percentile  # noqa: E402
 from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
-TRACE_CANDIDATES = [ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
-                    ROOT / "src" / "torch_elastic_kv" / "data" / "azure_llm_2023_code.csv"]
+TRACE_CANDIDATES = [
+    ROOT.parent / "shared" / "traces" / "azure_llm_2023_code.csv",
+    ROOT / "src" / "torch_elastic_kv" / "data" / "azure_llm_2023_code.csv",
+]
 MiB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- setup --------
 def build_model(seed: int = 0) -> LlamaForCausalLM:
     """A 26M-parameter Llama (6 layers, hidden 512, 8 heads over 4 KV heads, vocab 8192)."""
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376,
-                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-                      max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None
@@ -79,8 +90,16 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_output: int,
-                  vocab: int, seed: int, output_scale: int = 1) -> tuple[list[list[int]], list[int]]:
+def load_workload(
+    path: Path,
+    n: int,
+    prompt_scale: int,
+    max_prompt: int,
+    max_output: int,
+    vocab: int,
+    seed: int,
+    output_scale: int = 1,
+) -> tuple[list[list[int]], list[int]]:
     rows = []
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -96,26 +115,53 @@ def load_workload(path: Path, n: int, prompt_scale: int, max_prompt: int, max_ou
     return prompts, outs
 
 
-pct = percentile   # the project's one percentile definition (torch_elastic_kv.bench.stats)
+pct = percentile  # the project's one percentile definition (torch_elastic_kv.bench.stats)
 
 
-def summarize(name: str, wall: float, cpu: float, ntok: int, ttft: list[float], tpot: list[float],
-              kv_mean: float, kv_peak: float, kv_idle: float, extra: dict | None = None) -> dict:
-    return {"system": name, "wall_s": wall, "cpu_s": cpu, "output_tokens": ntok,
-            "tokens_per_s": ntok / wall, "tokens_per_cpu_s": ntok / max(cpu, 1e-9),
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "tpot_p50_ms": 1000 * pct(tpot, 50), "tpot_p99_ms": 1000 * pct(tpot, 99),
-            "kv_mean_mib": kv_mean / MiB, "kv_peak_mib": kv_peak / MiB,
-            "kv_idle_mib": kv_idle / MiB, **(extra or {})}
+def summarize(
+    name: str,
+    wall: float,
+    cpu: float,
+    ntok: int,
+    ttft: list[float],
+    tpot: list[float],
+    kv_mean: float,
+    kv_peak: float,
+    kv_idle: float,
+    extra: dict | None = None,
+) -> dict:
+    return {
+        "system": name,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "output_tokens": ntok,
+        "tokens_per_s": ntok / wall,
+        "tokens_per_cpu_s": ntok / max(cpu, 1e-9),
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_ms": 1000 * pct(tpot, 50),
+        "tpot_p99_ms": 1000 * pct(tpot, 99),
+        "kv_mean_mib": kv_mean / MiB,
+        "kv_peak_mib": kv_peak / MiB,
+        "kv_idle_mib": kv_idle / MiB,
+        **(extra or {}),
+    }
 
 
 # ----------------------------------------------------------------------------- systems ------
-def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int,
-               idle_seconds: float, prepack: bool = True) -> dict:
-    policy = ElasticPolicy(min_bytes=max_bytes if static else 0, max_bytes=max_bytes,
-                           idle_seconds=idle_seconds, clock=time.perf_counter)
-    eng = Engine(model, policy=policy, max_batch_tokens=max_batch_tokens, background=True,
-                 prepack_weights=None if prepack else False)
+def run_engine(
+    model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int, idle_seconds: float, prepack: bool = True
+) -> dict:
+    policy = ElasticPolicy(
+        min_bytes=max_bytes if static else 0, max_bytes=max_bytes, idle_seconds=idle_seconds, clock=time.perf_counter
+    )
+    eng = Engine(
+        model,
+        policy=policy,
+        max_batch_tokens=max_batch_tokens,
+        background=True,
+        prepack_weights=None if prepack else False,
+    )
     c0, t0 = time.process_time(), time.perf_counter()
     rids = [eng.add_request(p, n) for p, n in zip(prompts, outs)]
     while eng.has_unfinished():
@@ -124,8 +170,9 @@ def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tok
     infos = [eng.request_info(r) for r in rids]
     ntok = sum(i["output_tokens"] for i in infos)
     ttft = [i["first_token_time"] - i["arrival_time"] for i in infos]
-    tpot = [(i["finish_time"] - i["first_token_time"]) / (i["output_tokens"] - 1)
-            for i in infos if i["output_tokens"] > 1]
+    tpot = [
+        (i["finish_time"] - i["first_token_time"]) / (i["output_tokens"] - 1) for i in infos if i["output_tokens"] > 1
+    ]
     tl = eng.timeline
     # time-weighted mean of resident bytes over the run (each entry holds until the next)
     area = 0.0
@@ -144,13 +191,28 @@ def run_engine(model, prompts, outs, max_bytes: int, static: bool, max_batch_tok
     step_s = [e["step_seconds"] for e in tl if e["num_tokens"]]
     packed = st["prepacked_layers"]
     eng.close()
-    return summarize("engine-static" if static else "engine-elastic", t1 - t0, c1 - c0, ntok, ttft, tpot,
-                     mean, peak, idle,
-                     {"steps": steps, "grows": st["grows"], "shrinks": st["shrinks"],
-                      "shrink_events": st["shrink_events"], "compactions": st["compactions"],
-                      "preemptions": st["preemptions"], "prepacked_layers": packed,
-                      "policy_ms": 1000 * st["policy_seconds"],
-                      "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0})
+    return summarize(
+        "engine-static" if static else "engine-elastic",
+        t1 - t0,
+        c1 - c0,
+        ntok,
+        ttft,
+        tpot,
+        mean,
+        peak,
+        idle,
+        {
+            "steps": steps,
+            "grows": st["grows"],
+            "shrinks": st["shrinks"],
+            "shrink_events": st["shrink_events"],
+            "compactions": st["compactions"],
+            "preemptions": st["preemptions"],
+            "prepacked_layers": packed,
+            "policy_ms": 1000 * st["policy_seconds"],
+            "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0,
+        },
+    )
 
 
 def kv_bytes_per_token(model) -> int:
@@ -182,18 +244,17 @@ def run_hf_generate(model, prompts, outs, batch: int) -> dict:
     ttft, tpot, ntok = [], [], 0
     area, peak, last = 0.0, 0, t0
     for b0 in range(0, len(prompts), batch):
-        ps, ns = prompts[b0:b0 + batch], outs[b0:b0 + batch]
+        ps, ns = prompts[b0 : b0 + batch], outs[b0 : b0 + batch]
         width, new = max(map(len, ps)), max(ns)
         ids = torch.zeros(len(ps), width, dtype=torch.long)
         mask = torch.zeros(len(ps), width, dtype=torch.long)
         for r, p in enumerate(ps):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
         st = _StepTimes()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                           streamer=st)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=st)
         end = time.perf_counter()
         for n in ns:
             ntok += n
@@ -206,19 +267,21 @@ def run_hf_generate(model, prompts, outs, batch: int) -> dict:
         peak = max(peak, kv_end)
         last = end
     cpu = time.process_time() - c0
-    return summarize("hf-generate", last - t0, cpu, ntok, ttft, tpot, area / (last - t0), peak, 0,
-                     {"batch": batch})
+    return summarize("hf-generate", last - t0, cpu, ntok, ttft, tpot, area / (last - t0), peak, 0, {"batch": batch})
 
 
-def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, kv_bytes: int,
-                          page_size: int = 16, block_sharing: bool = True) -> dict:
+def run_hf_generate_batch(
+    model, prompts, outs, max_batch_tokens: int, kv_bytes: int, page_size: int = 16, block_sharing: bool = True
+) -> dict:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    gc_ = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-    cb = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, page_size=page_size,
-                                  num_blocks=kv_bytes // (kv_bytes_per_token(model) * page_size),
-                                  allow_block_sharing=block_sharing)
+    gc_ = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(
+        max_batch_tokens=max_batch_tokens,
+        page_size=page_size,
+        num_blocks=kv_bytes // (kv_bytes_per_token(model) * page_size),
+        allow_block_sharing=block_sharing,
+    )
     mgr = model.init_continuous_batching(generation_config=gc_, continuous_batching_config=cb)
     # the same inference mode the Engine runs its forwards in (the loop thread inherits it)
     with torch.inference_mode():
@@ -254,8 +317,7 @@ def run_hf_generate_batch(model, prompts, outs, max_batch_tokens: int, kv_bytes:
             ttft.append(ts[0] - t0)
             if n > 1:
                 tpot.append((ts[-1] - ts[0]) / (n - 1))
-    return summarize("hf-generate_batch", t1 - t0, c1 - c0, ntok, ttft, tpot, kv, kv, 0,
-                     {"finished": len(results)})
+    return summarize("hf-generate_batch", t1 - t0, c1 - c0, ntok, ttft, tpot, kv, kv, 0, {"finished": len(results)})
 
 
 # ----------------------------------------------------------------------------- main ---------
@@ -265,8 +327,12 @@ def main() -> None:
     ap.add_argument("--prompt-scale", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=96)
-    ap.add_argument("--output-scale", type=int, default=1,
-                    help="output = min(GeneratedTokens * this, --max-output): >1 is decode-heavier")
+    ap.add_argument(
+        "--output-scale",
+        type=int,
+        default=1,
+        help="output = min(GeneratedTokens * this, --max-output): >1 is decode-heavier",
+    )
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--max-kv-mib", type=int, default=96, help="M: the pools' max_bytes in MiB")
     ap.add_argument("--batch", type=int, default=8, help="hf-generate batch size")
@@ -275,14 +341,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gb-page-size", type=int, default=16, help="generate_batch page_size")
-    ap.add_argument("--gb-block-sharing", type=int, default=0, choices=(0, 1),
-                    help="generate_batch allow_block_sharing (prefix caching; prompts here share "
-                         "no prefixes, so it only costs hashing: off by default)")
+    ap.add_argument(
+        "--gb-block-sharing",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="generate_batch allow_block_sharing (prefix caching; prompts here share "
+        "no prefixes, so it only costs hashing: off by default)",
+    )
     ap.add_argument("--skip-hf", action="store_true", help="engines only")
-    ap.add_argument("--systems", type=str, default=None,
-                    help="comma-separated subset of engine-elastic,engine-static,engine-elastic-unpacked,"
-                         "hf-generate,hf-generate_batch,hf-generate_batch-packed, or "
-                         "engine-static-again (the static Engine twice: an A/A noise check)")
+    ap.add_argument(
+        "--systems",
+        type=str,
+        default=None,
+        help="comma-separated subset of engine-elastic,engine-static,engine-elastic-unpacked,"
+        "hf-generate,hf-generate_batch,hf-generate_batch-packed, or "
+        "engine-static-again (the static Engine twice: an A/A noise check)",
+    )
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
@@ -294,17 +369,28 @@ def main() -> None:
         sys.exit("azure_llm_2023_code.csv not found in " + ", ".join(map(str, TRACE_CANDIDATES)))
     model = build_model()
     nparams = sum(p.numel() for p in model.parameters())
-    prompts, outs = load_workload(trace, args.requests, args.prompt_scale, args.max_prompt,
-                                  args.max_output, model.config.vocab_size, seed=args.seed,
-                                  output_scale=args.output_scale)
-    print(f"model: Llama {nparams / 1e6:.1f}M params, {args.threads} threads; workload: "
-          f"{len(prompts)} requests from {trace.name} (prompt = ContextTokens/{args.prompt_scale}, "
-          f"output = min(GeneratedTokens * {args.output_scale}, {args.max_output})): {sum(map(len, prompts))} prompt "
-          f"tokens, {sum(outs)} output tokens; load average {os.getloadavg()[0]:.2f}", flush=True)
+    prompts, outs = load_workload(
+        trace,
+        args.requests,
+        args.prompt_scale,
+        args.max_prompt,
+        args.max_output,
+        model.config.vocab_size,
+        seed=args.seed,
+        output_scale=args.output_scale,
+    )
+    print(
+        f"model: Llama {nparams / 1e6:.1f}M params, {args.threads} threads; workload: "
+        f"{len(prompts)} requests from {trace.name} (prompt = ContextTokens/{args.prompt_scale}, "
+        f"output = min(GeneratedTokens * {args.output_scale}, {args.max_output})): {sum(map(len, prompts))} prompt "
+        f"tokens, {sum(outs)} output tokens; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     max_bytes = args.max_kv_mib * MiB
 
     systems = ["engine-elastic", "engine-static", "engine-elastic-unpacked"] + (
-        [] if args.skip_hf else ["hf-generate", "hf-generate_batch", "hf-generate_batch-packed"])
+        [] if args.skip_hf else ["hf-generate", "hf-generate_batch", "hf-generate_batch-packed"]
+    )
     if args.systems:
         # engine-static-again: the static Engine a second time, an A/A run that shows how far
         # two runs of one system differ on this machine
@@ -312,18 +398,26 @@ def main() -> None:
 
     def run_one(name: str) -> dict:
         if name.startswith("engine"):
-            r = run_engine(model, prompts, outs, max_bytes, name.startswith("engine-static"),
-                           args.max_batch_tokens, args.idle_seconds,
-                           prepack=not name.endswith("-unpacked"))
+            r = run_engine(
+                model,
+                prompts,
+                outs,
+                max_bytes,
+                name.startswith("engine-static"),
+                args.max_batch_tokens,
+                args.idle_seconds,
+                prepack=not name.endswith("-unpacked"),
+            )
             r["system"] = name
             return r
-        model.set_attn_implementation("sdpa")   # transformers' own paths, as users run them
+        model.set_attn_implementation("sdpa")  # transformers' own paths, as users run them
         if name == "hf-generate":
             return run_hf_generate(model, prompts, outs, args.batch)
         packed = PackedLinears(model) if name == "hf-generate_batch-packed" else None
         try:
-            r = run_hf_generate_batch(model, prompts, outs, args.max_batch_tokens, max_bytes,
-                                      args.gb_page_size, bool(args.gb_block_sharing))
+            r = run_hf_generate_batch(
+                model, prompts, outs, args.max_batch_tokens, max_bytes, args.gb_page_size, bool(args.gb_block_sharing)
+            )
         finally:
             if packed is not None:
                 packed.restore()
@@ -339,30 +433,47 @@ def main() -> None:
         run_one(name)
         print(f"  [warm-up] {name}", flush=True)
     for rep in range(args.repeats):
-        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+        order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
         for name in order:
             r = run_one(name)
             runs[name].append(r)
-            print(f"  [{rep + 1}/{args.repeats}] {name}: {r['tokens_per_s']:.1f} tok/s "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"  [{rep + 1}/{args.repeats}] {name}: {r['tokens_per_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
             gc.collect()
     results = []
-    for name, rs in runs.items():
+    for _name, rs in runs.items():
         med = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
-        med = dict(med, all_tokens_per_s=[round(r["tokens_per_s"], 1) for r in rs],
-                   all_tokens_per_cpu_s=[round(r["tokens_per_cpu_s"], 1) for r in rs])
+        med = dict(
+            med,
+            all_tokens_per_s=[round(r["tokens_per_s"], 1) for r in rs],
+            all_tokens_per_cpu_s=[round(r["tokens_per_cpu_s"], 1) for r in rs],
+        )
         # CPU time is what other processes on a shared machine disturb least: take its median too
         med["tokens_per_cpu_s"] = sorted(r["tokens_per_cpu_s"] for r in rs)[len(rs) // 2]
         results.append(med)
 
-    hdr = ("system", "tok/s", "tok/CPU-s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
-           "KV mean MiB", "KV peak MiB", "KV idle MiB")
+    hdr = (
+        "system",
+        "tok/s",
+        "tok/CPU-s",
+        "TTFT p50 s",
+        "TTFT p99 s",
+        "TPOT p50 ms",
+        "TPOT p99 ms",
+        "KV mean MiB",
+        "KV peak MiB",
+        "KV idle MiB",
+    )
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in results:
-        print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
-              f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['kv_mean_mib']:.1f} | "
-              f"{r['kv_peak_mib']:.1f} | {r['kv_idle_mib']:.1f} |")
+        print(
+            f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+            f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['kv_mean_mib']:.1f} | "
+            f"{r['kv_peak_mib']:.1f} | {r['kv_idle_mib']:.1f} |"
+        )
     by = {r["system"]: r for r in results}
     for key, unit in (("tokens_per_s", "tokens/s"), ("tokens_per_cpu_s", "tokens/CPU-s")):
         if "engine-elastic" not in by or "engine-static" not in by:
@@ -371,7 +482,8 @@ def main() -> None:
         # each round runs the two back to back: the median of the per-round ratios cancels
         # the machine's slow drifts, which the ratio of two medians does not
         paired = statistics.median(
-            e / s_ for e, s_ in zip(by["engine-elastic"]["all_" + key], by["engine-static"]["all_" + key]))
+            e / s_ for e, s_ in zip(by["engine-elastic"]["all_" + key], by["engine-static"]["all_" + key])
+        )
         line = f"elastic / static {unit}: {ratio:.3f} (floor 0.97; median of per-round ratios {paired:.3f})"
         if "hf-generate_batch" in by:
             x = by["engine-elastic"][key] / by["hf-generate_batch"][key]
@@ -379,18 +491,27 @@ def main() -> None:
         print(line)
         if "engine-static-again" in by:
             aa = [a / b for a, b in zip(by["engine-static-again"]["all_" + key], by["engine-static"]["all_" + key])]
-            print(f"A/A static-again / static {unit}: per-round ratios {min(aa):.3f}-{max(aa):.3f}, "
-                  f"median {statistics.median(aa):.3f}")
+            print(
+                f"A/A static-again / static {unit}: per-round ratios {min(aa):.3f}-{max(aa):.3f}, "
+                f"median {statistics.median(aa):.3f}"
+            )
         if key == "tokens_per_s" and "engine-elastic-unpacked" in by and "hf-generate_batch" in by:
-            print(f"same kernels: elastic-unpacked / generate_batch "
-                  f"{by['engine-elastic-unpacked'][key] / by['hf-generate_batch'][key]:.2f}"
-                  + (f", elastic / generate_batch-packed "
-                     f"{by['engine-elastic'][key] / by['hf-generate_batch-packed'][key]:.2f}"
-                     if "hf-generate_batch-packed" in by else ""))
+            print(
+                f"same kernels: elastic-unpacked / generate_batch "
+                f"{by['engine-elastic-unpacked'][key] / by['hf-generate_batch'][key]:.2f}"
+                + (
+                    f", elastic / generate_batch-packed "
+                    f"{by['engine-elastic'][key] / by['hf-generate_batch-packed'][key]:.2f}"
+                    if "hf-generate_batch-packed" in by
+                    else ""
+                )
+            )
     for r in results:
         if "policy_ms" in r:
-            print(f"{r['system']}: {r['steps']} steps, {r['policy_ms']:.1f} ms of them on memory work "
-                  f"(budget, grow, shrink: {100 * r['policy_ms'] / 1000 / r['wall_s']:.2f} % of the run)")
+            print(
+                f"{r['system']}: {r['steps']} steps, {r['policy_ms']:.1f} ms of them on memory work "
+                f"(budget, grow, shrink: {100 * r['policy_ms'] / 1000 / r['wall_s']:.2f} % of the run)"
+            )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

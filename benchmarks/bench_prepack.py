@@ -29,6 +29,7 @@ the machine's drift hits the three alike; bench_engine itself cannot run the old
 Run: python benchmarks/bench_prepack.py [--threads 2] [--rss] [--engine-requests 2000]
      [--engine-speed 5] [--write benchmarks/RESULTS.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -55,8 +56,13 @@ from torch_elastic_kv.hf.prepack import PackedLinears, prepack_available  # noqa
 
 log = logging.getLogger("bench_prepack")
 
-SHAPES = [("q_proj / o_proj", 512, 512), ("k_proj / v_proj", 512, 256),
-          ("gate_proj / up_proj", 512, 1376), ("down_proj", 1376, 512), ("lm_head", 512, 8192)]
+SHAPES = [
+    ("q_proj / o_proj", 512, 512),
+    ("k_proj / v_proj", 512, 256),
+    ("gate_proj / up_proj", 512, 1376),
+    ("down_proj", 1376, 512),
+    ("lm_head", 512, 8192),
+]
 ROWS = [1, 5, 9, 10, 64, 65, 257, 512]
 VARIANTS = ("unpacked", "packed", "packed-unbucketed")
 MiB = 1 << 20
@@ -102,9 +108,11 @@ def unbucketed_path() -> Iterator[None]:
 
 
 def speed_table(repeats: int) -> list[str]:
-    lines = ["| layer | in x out | rows | nn.Linear us | packed us | packed unbucketed us | "
-             "packed / nn.Linear | packed / unbucketed | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layer | in x out | rows | nn.Linear us | packed us | packed unbucketed us | "
+        "packed / nn.Linear | packed / unbucketed | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, k, n in SHAPES:
         stock = torch.nn.Linear(k, n, bias=False)
         packed_layer = torch.nn.Linear(k, n, bias=False)
@@ -132,8 +140,10 @@ def speed_table(repeats: int) -> list[str]:
                             with unbucketed_path():
                                 times[2].append(time_call(lambda: packed_layer(x), inner))
             ta, tb, tc = (statistics.median(t) * 1e6 for t in times)
-            line = (f"| {name} | {k} x {n} | {m} | {ta:.0f} | {tb:.0f} | {tc:.0f} | {ta / tb:.2f}x | "
-                    f"{tc / tb:.2f}x | {diff:.1e} |")
+            line = (
+                f"| {name} | {k} x {n} | {m} | {ta:.0f} | {tb:.0f} | {tc:.0f} | {ta / tb:.2f}x | "
+                f"{tc / tb:.2f}x | {diff:.1e} |"
+            )
             lines.append(line)
             log.info("%s", line)
         packed.restore()
@@ -172,8 +182,7 @@ def child_engine(variant: str, requests: int, concurrency: int, warmup: int) -> 
 
     model = bench_engine.build_model()
     trace = next(p for p in bench_engine.TRACE_CANDIDATES if p.exists())
-    prompts, outs = bench_engine.load_workload(trace, requests, 32, 512, 96,
-                                               model.config.vocab_size, seed=0)
+    prompts, outs = bench_engine.load_workload(trace, requests, 32, 512, 96, model.config.vocab_size, seed=0)
     inner = _unbucketed if variant == "packed-unbucketed" else prepack._packed_linear
     shapes: set[tuple] = set()
 
@@ -183,11 +192,15 @@ def child_engine(variant: str, requests: int, concurrency: int, warmup: int) -> 
         return inner(x, packed, bias)
 
     prepack._packed_linear = counting
-    eng = Engine(model, policy=ElasticPolicy(max_bytes=96 * MiB), max_batch_tokens=512,
-                 prepack_weights=False if variant == "unpacked" else True)
+    eng = Engine(
+        model,
+        policy=ElasticPolicy(max_bytes=96 * MiB),
+        max_batch_tokens=512,
+        prepack_weights=False if variant == "unpacked" else True,
+    )
     rows: set[int] = set()
     marks: list[dict] = []
-    nxt, finished, tokens = 0, 0, 0
+    nxt, finished, _tokens = 0, 0, 0
     t0 = time.perf_counter()
     live: list[int] = []
     while finished < requests:
@@ -205,14 +218,25 @@ def child_engine(variant: str, requests: int, concurrency: int, warmup: int) -> 
         before, finished = finished, finished + done
         for mark in sorted({warmup, requests} | set(range(500, requests, 500))):
             if before < mark <= finished:
-                marks.append({"requests": finished, "vmrss": status_mib("VmRSS"),
-                              "shmem": status_mib("RssShmem"), "distinct_rows": len(rows),
-                              "op_shapes": len(shapes)})
+                marks.append(
+                    {
+                        "requests": finished,
+                        "vmrss": status_mib("VmRSS"),
+                        "shmem": status_mib("RssShmem"),
+                        "distinct_rows": len(rows),
+                        "op_shapes": len(shapes),
+                    }
+                )
     wall = time.perf_counter() - t0
     st = eng.stats()
     eng.close()
-    return {"variant": variant, "marks": marks, "seconds": wall,
-            "tokens_per_s": st["tokens_generated"] / wall, "prepacked_layers": st["prepacked_layers"]}
+    return {
+        "variant": variant,
+        "marks": marks,
+        "seconds": wall,
+        "tokens_per_s": st["tokens_generated"] / wall,
+        "prepacked_layers": st["prepacked_layers"],
+    }
 
 
 def run_child(args: list[str]) -> dict:
@@ -225,33 +249,54 @@ def run_child(args: list[str]) -> dict:
 
 
 def rss_table(rows: int, threads: int) -> list[str]:
-    lines = [f"| variant | start MiB | after 1..{rows} rows MiB | after a second pass MiB | "
-             "after malloc_trim MiB | after restore + trim MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | start MiB | after 1..{rows} rows MiB | after a second pass MiB | "
+        "after malloc_trim MiB | after restore + trim MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
         r = run_child(["--child", "layers", "--variant", v, "--rss-rows", str(rows), "--threads", str(threads)])
-        line = (f"| {v} | {r['start']:.0f} | {r['pass1']:.0f} | {r['pass2']:.0f} | {r['trimmed']:.0f} | "
-                f"{r['restored']:.0f} |")
+        line = (
+            f"| {v} | {r['start']:.0f} | {r['pass1']:.0f} | {r['pass2']:.0f} | {r['trimmed']:.0f} | "
+            f"{r['restored']:.0f} |"
+        )
         lines.append(line)
         log.info("%s", line)
     return lines
 
 
 def engine_table(requests: int, concurrency: int, warmup: int, threads: int) -> list[str]:
-    lines = [f"| prepack_weights | VmRSS after {warmup} requests MiB | VmRSS at the end MiB | growth MiB | "
-             "growth without RssShmem (KV pool) MiB | distinct step row counts | tok/s | VmRSS along the way |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| prepack_weights | VmRSS after {warmup} requests MiB | VmRSS at the end MiB | growth MiB | "
+        "growth without RssShmem (KV pool) MiB | distinct step row counts | tok/s | VmRSS along the way |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
-        r = run_child(["--child", "engine", "--variant", v, "--engine-requests", str(requests),
-                       "--engine-concurrency", str(concurrency), "--engine-warmup", str(warmup),
-                       "--threads", str(threads)])
+        r = run_child(
+            [
+                "--child",
+                "engine",
+                "--variant",
+                v,
+                "--engine-requests",
+                str(requests),
+                "--engine-concurrency",
+                str(concurrency),
+                "--engine-warmup",
+                str(warmup),
+                "--threads",
+                str(threads),
+            ]
+        )
         w = next(m for m in r["marks"] if m["requests"] >= warmup)
         e = r["marks"][-1]
         name = {"unpacked": "False", "packed": "on (row buckets)", "packed-unbucketed": "on, unbucketed (before)"}[v]
         along = " / ".join(f"{m['vmrss']:.0f}" for m in r["marks"])
-        line = (f"| {name} | {w['vmrss']:.0f} | {e['vmrss']:.0f} | {e['vmrss'] - w['vmrss']:+.0f} | "
-                f"{(e['vmrss'] - e['shmem']) - (w['vmrss'] - w['shmem']):+.0f} | {e['distinct_rows']} | "
-                f"{r['tokens_per_s']:.0f} | {along} |")
+        line = (
+            f"| {name} | {w['vmrss']:.0f} | {e['vmrss']:.0f} | {e['vmrss'] - w['vmrss']:+.0f} | "
+            f"{(e['vmrss'] - e['shmem']) - (w['vmrss'] - w['shmem']):+.0f} | {e['distinct_rows']} | "
+            f"{r['tokens_per_s']:.0f} | {along} |"
+        )
         lines.append(line)
         log.info("%s", line)
     return lines
@@ -264,23 +309,29 @@ def engine_speed(workload: str, rounds: int) -> list[str]:
 
     model = bench_engine.build_model()
     trace = next(p for p in bench_engine.TRACE_CANDIDATES if p.exists())
-    if workload == "D":      # the decode-heavier workload of the Engine section
-        prompts, outs = bench_engine.load_workload(trace, 64, 32, 512, 256, model.config.vocab_size, 0,
-                                                   output_scale=4)
+    if workload == "D":  # the decode-heavier workload of the Engine section
+        prompts, outs = bench_engine.load_workload(trace, 64, 32, 512, 256, model.config.vocab_size, 0, output_scale=4)
         max_bytes = 192 * MiB
-    else:                    # A: the trace's own prefill-heavy shape
+    else:  # A: the trace's own prefill-heavy shape
         prompts, outs = bench_engine.load_workload(trace, 48, 32, 512, 96, model.config.vocab_size, 0)
         max_bytes = 96 * MiB
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rnd in range(rounds + 1):
-        order = VARIANTS[rnd % 3:] + VARIANTS[:rnd % 3]
+        order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]
         for v in order:
             ctx = unbucketed_path() if v == "packed-unbucketed" else contextlib.nullcontext()
             with ctx:
-                r = bench_engine.run_engine(model, prompts, outs, max_bytes, False, 512, 0.2,
-                                            prepack=v != "unpacked")
-            log.info("  [%s %d/%d] %s: %.1f tok/s, %.1f tok/CPU-s (load %.2f)", workload, rnd, rounds, v,
-                     r["tokens_per_s"], r["tokens_per_cpu_s"], os.getloadavg()[0])
+                r = bench_engine.run_engine(model, prompts, outs, max_bytes, False, 512, 0.2, prepack=v != "unpacked")
+            log.info(
+                "  [%s %d/%d] %s: %.1f tok/s, %.1f tok/CPU-s (load %.2f)",
+                workload,
+                rnd,
+                rounds,
+                v,
+                r["tokens_per_s"],
+                r["tokens_per_cpu_s"],
+                os.getloadavg()[0],
+            )
             if rnd:
                 runs[v].append(r)
     lines = []
@@ -292,8 +343,12 @@ def engine_speed(workload: str, rounds: int) -> list[str]:
             if ref == v:
                 cells.append("")
                 continue
-            cells.append(" / ".join(f"{statistics.median(a[k] / b[k] for a, b in zip(runs[v], runs[ref])):.3f}"
-                                    for k in ("tokens_per_s", "tokens_per_cpu_s")))
+            cells.append(
+                " / ".join(
+                    f"{statistics.median(a[k] / b[k] for a, b in zip(runs[v], runs[ref])):.3f}"
+                    for k in ("tokens_per_s", "tokens_per_cpu_s")
+                )
+            )
         cells.append(" / ".join(f"{x:.0f}" for x in tps))
         lines.append(f"| {workload} | {v} | " + " | ".join(cells) + " |")
         log.info("%s", lines[-1])
@@ -311,8 +366,13 @@ def main() -> None:
     ap.add_argument("--engine-requests", type=int, default=0, help="measure an Engine's VmRSS over N requests")
     ap.add_argument("--engine-concurrency", type=int, default=32)
     ap.add_argument("--engine-warmup", type=int, default=200)
-    ap.add_argument("--engine-speed", type=int, default=0, metavar="ROUNDS",
-                    help="time the elastic Engine unpacked / packed / unbucketed on bench_engine's D and A")
+    ap.add_argument(
+        "--engine-speed",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="time the elastic Engine unpacked / packed / unbucketed on bench_engine's D and A",
+    )
     ap.add_argument("--write", type=str, default=None, help="RESULTS.md to put the tables in")
     ap.add_argument("--child", choices=("layers", "engine"), help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -322,8 +382,11 @@ def main() -> None:
         sys.exit("this torch build has no usable oneDNN linear")
     torch.set_num_threads(args.threads)
     if args.child:
-        r = (child_layers(args.variant, args.rss_rows) if args.child == "layers" else
-             child_engine(args.variant, args.engine_requests, args.engine_concurrency, args.engine_warmup))
+        r = (
+            child_layers(args.variant, args.rss_rows)
+            if args.child == "layers"
+            else child_engine(args.variant, args.engine_requests, args.engine_concurrency, args.engine_warmup)
+        )
         sys.stdout.write(json.dumps(r) + "\n")
         return
     torch.manual_seed(0)
@@ -332,47 +395,74 @@ def main() -> None:
     sections: list[tuple[str, list[str]]] = []
     if not args.no_speed:
         lines = speed_table(args.repeats)
-        sections.append(("bench_prepack", [
-            "## Linear layers: nn.Linear vs oneDNN-prepacked weights (PackedLinears)",
-            f"Command: `python benchmarks/bench_prepack.py{thr} --write benchmarks/RESULTS.md` ({args.threads} "
-            f"threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end; median "
-            f"of {args.repeats} alternating timings per shape, the order rotating). float32, no bias, input [1, rows, in]; "
-            "`packed` pads the rows up to a row bucket (9 -> 10, 65 -> 80, 257 -> 320), "
-            "`unbucketed` is the packed layer calling the op at the exact row count (before the buckets).",
-            "", *lines]))
+        sections.append(
+            (
+                "bench_prepack",
+                [
+                    "## Linear layers: nn.Linear vs oneDNN-prepacked weights (PackedLinears)",
+                    f"Command: `python benchmarks/bench_prepack.py{thr} --write benchmarks/RESULTS.md` ({args.threads} "
+                    f"threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end; median "
+                    f"of {args.repeats} alternating timings per shape, the order rotating). float32, no bias, input [1, rows, in]; "
+                    "`packed` pads the rows up to a row bucket (9 -> 10, 65 -> 80, 257 -> 320), "
+                    "`unbucketed` is the packed layer calling the op at the exact row count (before the buckets).",
+                    "",
+                    *lines,
+                ],
+            )
+        )
     if args.rss:
         lines = rss_table(args.rss_rows, args.threads)
-        sections.append(("bench_prepack_rss", [
-            "### VmRSS: two layers over many row counts",
-            f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --rss --rss-rows {args.rss_rows} "
-            f"--write benchmarks/RESULTS.md` (one fresh process per row; layers 512 -> 1376 -> 512 with "
-            f"bias, input [rows, 512], rows 1..{args.rss_rows} in order, twice).",
-            "", *lines]))
+        sections.append(
+            (
+                "bench_prepack_rss",
+                [
+                    "### VmRSS: two layers over many row counts",
+                    f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --rss --rss-rows {args.rss_rows} "
+                    f"--write benchmarks/RESULTS.md` (one fresh process per row; layers 512 -> 1376 -> 512 with "
+                    f"bias, input [rows, 512], rows 1..{args.rss_rows} in order, twice).",
+                    "",
+                    *lines,
+                ],
+            )
+        )
     if args.engine_requests:
         lines = engine_table(args.engine_requests, args.engine_concurrency, args.engine_warmup, args.threads)
-        sections.append(("bench_prepack_engine_rss", [
-            "### VmRSS: an Engine serving many requests",
-            f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --engine-requests "
-            f"{args.engine_requests} --engine-concurrency {args.engine_concurrency} --engine-warmup "
-            f"{args.engine_warmup} --write benchmarks/RESULTS.md` (one fresh process per row; the "
-            "bench_engine model and Azure code trace rows, prompt = ContextTokens/32 capped at 512, "
-            f"output = GeneratedTokens capped at 96, {args.engine_concurrency} requests in flight, "
-            "max_batch_tokens 512, ElasticPolicy(max_bytes=96 MiB), Engine defaults otherwise; "
-            "tok/s is one run each, not a throughput benchmark).",
-            "", *lines]))
+        sections.append(
+            (
+                "bench_prepack_engine_rss",
+                [
+                    "### VmRSS: an Engine serving many requests",
+                    f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --engine-requests "
+                    f"{args.engine_requests} --engine-concurrency {args.engine_concurrency} --engine-warmup "
+                    f"{args.engine_warmup} --write benchmarks/RESULTS.md` (one fresh process per row; the "
+                    "bench_engine model and Azure code trace rows, prompt = ContextTokens/32 capped at 512, "
+                    f"output = GeneratedTokens capped at 96, {args.engine_concurrency} requests in flight, "
+                    "max_batch_tokens 512, ElasticPolicy(max_bytes=96 MiB), Engine defaults otherwise; "
+                    "tok/s is one run each, not a throughput benchmark).",
+                    "",
+                    *lines,
+                ],
+            )
+        )
     if args.engine_speed:
         lines = [*engine_speed("D", args.engine_speed), *engine_speed("A", args.engine_speed)]
-        sections.append(("bench_prepack_engine_speed", [
-            "### Engine throughput: unpacked / packed / packed unbucketed, in one process",
-            f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --engine-speed {args.engine_speed} "
-            f"--write benchmarks/RESULTS.md` (bench_engine's `run_engine`, elastic pool, on its D and A "
-            f"workloads; {args.engine_speed} rounds after an untimed one, the three in rotating order; "
-            f"load average {os.getloadavg()[0]:.2f} at the end). Ratios: median of the per-round ratios, "
-            "tok/s / tok/CPU-s.",
-            "",
-            "| workload | variant | tok/s | tok/CPU-s | vs unpacked | vs unbucketed | tok/s per round |",
-            "|---|---|---|---|---|---|---|",
-            *lines]))
+        sections.append(
+            (
+                "bench_prepack_engine_speed",
+                [
+                    "### Engine throughput: unpacked / packed / packed unbucketed, in one process",
+                    f"Command: `python benchmarks/bench_prepack.py{thr} --no-speed --engine-speed {args.engine_speed} "
+                    f"--write benchmarks/RESULTS.md` (bench_engine's `run_engine`, elastic pool, on its D and A "
+                    f"workloads; {args.engine_speed} rounds after an untimed one, the three in rotating order; "
+                    f"load average {os.getloadavg()[0]:.2f} at the end). Ratios: median of the per-round ratios, "
+                    "tok/s / tok/CPU-s.",
+                    "",
+                    "| workload | variant | tok/s | tok/CPU-s | vs unpacked | vs unbucketed | tok/s per round |",
+                    "|---|---|---|---|---|---|---|",
+                    *lines,
+                ],
+            )
+        )
     if args.write:
         for name, body in sections:
             begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -30,6 +30,7 @@ CPU. It is what tests/test_gpu_check.py runs, so the script cannot rot without C
 Exit status: 0 when no step failed (a component that is not there is "unavailable", not a
 failure), 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,10 @@ import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -79,31 +81,31 @@ class Workload:
     """The engine workload: identical for the elastic and the static pool."""
 
     requests: int
-    prompt_tokens: tuple[int, int]     # uniform range, inclusive
+    prompt_tokens: tuple[int, int]  # uniform range, inclusive
     new_tokens: tuple[int, int]
-    bursts: int                        # requests arrive in this many bursts with idle gaps
-    pool_bytes: int                    # max_bytes of both pools (static: all mapped at start)
-    min_bytes: int                     # the elastic pool's floor
-    idle_seconds: float                # the elastic policy's hysteresis
+    bursts: int  # requests arrive in this many bursts with idle gaps
+    pool_bytes: int  # max_bytes of both pools (static: all mapped at start)
+    min_bytes: int  # the elastic pool's floor
+    idle_seconds: float  # the elastic policy's hysteresis
     max_batch_tokens: int
-    run_limit_s: float                 # per engine run; past it, what is left is cancelled
+    run_limit_s: float  # per engine run; past it, what is left is cancelled
 
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str                          # "full", "quick", "dry-run", "dry-run-quick"
+    mode: str  # "full", "quick", "dry-run", "dry-run-quick"
     dry_run: bool
-    device: str                        # "cuda:N" (real or fake driver)
-    engine_device: str                 # "cuda:N", or "cpu" in a dry run
+    device: str  # "cuda:N" (real or fake driver)
+    engine_device: str  # "cuda:N", or "cpu" in a dry run
     probe_granules: int
-    probe_large_handles: int           # second probe: handles of 16 granules
+    probe_large_handles: int  # second probe: handles of 16 granules
     arena_bytes: int
     arena_rounds: int
     alloc_pairs: int
     trim_bytes: int
     tests_timeout_s: float
-    budget_s: float                    # no step starts past it (skipped = failed): the run
-                                       # stays inside a 10-minute device command
+    budget_s: float  # no step starts past it (skipped = failed): the run
+    # stays inside a 10-minute device command
     workload: Workload
 
 
@@ -112,32 +114,92 @@ def make_settings(dry_run: bool, quick: bool, device_index: int) -> Settings:
     if dry_run:
         # KV of 8 KiB per token (see build_model): the elastic pool grows a few 2 MiB chunks
         # past its 1 MiB floor (one chunk once rounded) and must come back to it
-        wl = Workload(requests=6, prompt_tokens=(48, 128), new_tokens=(4, 12), bursts=2,
-                      pool_bytes=32 * MiB, min_bytes=1 * MiB, idle_seconds=0.2,
-                      max_batch_tokens=128, run_limit_s=20.0)
-        return Settings("dry-run-quick" if quick else "dry-run", True, dev, "cpu",
-                        probe_granules=8, probe_large_handles=2, arena_bytes=16 * MiB, arena_rounds=5,
-                        alloc_pairs=1000, trim_bytes=64 * MiB, tests_timeout_s=120.0,
-                        budget_s=170.0 if quick else 450.0, workload=wl)
+        wl = Workload(
+            requests=6,
+            prompt_tokens=(48, 128),
+            new_tokens=(4, 12),
+            bursts=2,
+            pool_bytes=32 * MiB,
+            min_bytes=1 * MiB,
+            idle_seconds=0.2,
+            max_batch_tokens=128,
+            run_limit_s=20.0,
+        )
+        return Settings(
+            "dry-run-quick" if quick else "dry-run",
+            True,
+            dev,
+            "cpu",
+            probe_granules=8,
+            probe_large_handles=2,
+            arena_bytes=16 * MiB,
+            arena_rounds=5,
+            alloc_pairs=1000,
+            trim_bytes=64 * MiB,
+            tests_timeout_s=120.0,
+            budget_s=170.0 if quick else 450.0,
+            workload=wl,
+        )
     if quick:
-        wl = Workload(requests=24, prompt_tokens=(32, 256), new_tokens=(16, 96), bursts=2,
-                      pool_bytes=2 * GiB, min_bytes=64 * MiB, idle_seconds=0.5,
-                      max_batch_tokens=2048, run_limit_s=40.0)
-        return Settings("quick", False, dev, dev, probe_granules=128, probe_large_handles=16,
-                        arena_bytes=256 * MiB, arena_rounds=3, alloc_pairs=5000, trim_bytes=2 * GiB,
-                        tests_timeout_s=90.0, budget_s=240.0, workload=wl)
-    wl = Workload(requests=64, prompt_tokens=(64, 512), new_tokens=(32, 256), bursts=2,
-                  pool_bytes=4 * GiB, min_bytes=128 * MiB, idle_seconds=1.0,
-                  max_batch_tokens=2048, run_limit_s=90.0)
-    return Settings("full", False, dev, dev, probe_granules=256, probe_large_handles=32,
-                    arena_bytes=1 * GiB, arena_rounds=5, alloc_pairs=20000, trim_bytes=8 * GiB,
-                    tests_timeout_s=180.0, budget_s=480.0, workload=wl)
+        wl = Workload(
+            requests=24,
+            prompt_tokens=(32, 256),
+            new_tokens=(16, 96),
+            bursts=2,
+            pool_bytes=2 * GiB,
+            min_bytes=64 * MiB,
+            idle_seconds=0.5,
+            max_batch_tokens=2048,
+            run_limit_s=40.0,
+        )
+        return Settings(
+            "quick",
+            False,
+            dev,
+            dev,
+            probe_granules=128,
+            probe_large_handles=16,
+            arena_bytes=256 * MiB,
+            arena_rounds=3,
+            alloc_pairs=5000,
+            trim_bytes=2 * GiB,
+            tests_timeout_s=90.0,
+            budget_s=240.0,
+            workload=wl,
+        )
+    wl = Workload(
+        requests=64,
+        prompt_tokens=(64, 512),
+        new_tokens=(32, 256),
+        bursts=2,
+        pool_bytes=4 * GiB,
+        min_bytes=128 * MiB,
+        idle_seconds=1.0,
+        max_batch_tokens=2048,
+        run_limit_s=90.0,
+    )
+    return Settings(
+        "full",
+        False,
+        dev,
+        dev,
+        probe_granules=256,
+        probe_large_handles=32,
+        arena_bytes=1 * GiB,
+        arena_rounds=5,
+        alloc_pairs=20000,
+        trim_bytes=8 * GiB,
+        tests_timeout_s=180.0,
+        budget_s=480.0,
+        workload=wl,
+    )
 
 
 # ---------------------------------------------------------------------------------- helpers --
 def summary(values: list[float]) -> dict[str, float]:
     """median / p90 / p99 / mean / min / max / n (torch_elastic_kv.bench.stats; an empty list: n = 0)."""
     from torch_elastic_kv.bench.stats import summary as _summary
+
     return _summary(values)
 
 
@@ -182,14 +244,21 @@ def step_build(s: Settings, args: argparse.Namespace) -> dict:
     if args.no_build:
         return {"skipped": "--no-build"}
     out: dict[str, Any] = {}
-    cmds = [[sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation", "--no-deps", "-q"],
-            [sys.executable, "setup.py", "build_ext", "--inplace"]]
+    cmds = [
+        [sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation", "--no-deps", "-q"],
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+    ]
     for cmd in cmds:
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
-        out.setdefault("attempts", []).append({
-            "command": " ".join(cmd[1:]), "returncode": p.returncode,
-            "seconds": round(time.perf_counter() - t0, 1), "log_tail": (p.stdout + p.stderr)[-1500:]})
+        out.setdefault("attempts", []).append(
+            {
+                "command": " ".join(cmd[1:]),
+                "returncode": p.returncode,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "log_tail": (p.stdout + p.stderr)[-1500:],
+            }
+        )
         if p.returncode == 0:
             out["built_with"] = " ".join(cmd[1:])
             return out
@@ -212,15 +281,17 @@ def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={xml}"]
     t0 = time.perf_counter()
     # own session: on a timeout the whole group goes (the tests start subprocesses of their own)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         log, _ = p.communicate(timeout=s.tests_timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         log, _ = p.communicate()
-        raise StepFailed(f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s and was stopped",
-                         {"log_tail": (log or "")[-2000:]}) from None
+        raise StepFailed(
+            f"pytest tests/gpu ran past {s.tests_timeout_s:.0f} s and was stopped", {"log_tail": (log or "")[-2000:]}
+        ) from None
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     if xml.exists():
@@ -233,11 +304,18 @@ def step_gpu_tests(s: Settings, args: argparse.Namespace) -> dict:
                 if case.find("failure") is not None or case.find("error") is not None:
                     failed.append(f"{case.get('classname')}::{case.get('name')}")
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    out = {"files": files, **counts, "failed_tests": failed, "returncode": p.returncode,
-           "seconds": round(time.perf_counter() - t0, 1), "log_tail": log[-2000:]}
+    out = {
+        "files": files,
+        **counts,
+        "failed_tests": failed,
+        "returncode": p.returncode,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "log_tail": log[-2000:],
+    }
     if p.returncode not in (0, 5) or counts["failures"] or counts["errors"]:
-        raise StepFailed(f"pytest tests/gpu: {counts['failures']} failed, {counts['errors']} errors "
-                         f"(returncode {p.returncode})", out)
+        raise StepFailed(
+            f"pytest tests/gpu: {counts['failures']} failed, {counts['errors']} errors (returncode {p.returncode})", out
+        )
     return out
 
 
@@ -251,18 +329,28 @@ def step_driver(s: Settings, args: argparse.Namespace) -> dict:
     if cuda_real():
         torch.cuda.init()  # the primary context exists, as it will when torch runs kernels
     out: dict[str, Any] = {}
-    for name, granules, per_handle in (("granule", s.probe_granules, 1),
-                                       ("large", s.probe_large_handles, 16)):
+    for name, granules, per_handle in (("granule", s.probe_granules, 1), ("large", s.probe_large_handles, 16)):
         r = _C.probe_driver(index, granules, per_handle, 8)
-        res = {k: r[k] for k in ("library", "is_fake", "driver_version", "granularity",
-                                 "recommended_granularity", "handle_bytes", "range_bytes")}
+        res = {
+            k: r[k]
+            for k in (
+                "library",
+                "is_fake",
+                "driver_version",
+                "granularity",
+                "recommended_granularity",
+                "handle_bytes",
+                "range_bytes",
+            )
+        }
         for call in ("reserve", "address_free", "create", "map", "set_access", "unmap", "release"):
             res[f"{call}_us"] = summary(r[f"{call}_us"])
         res["set_access_range_us"] = r["set_access_range_us"]
         # per 2 MiB, the unit of the A100 floors
         per_2mib = (2 * MiB) / r["handle_bytes"]
-        res["per_2mib_us"] = {c: res[f"{c}_us"]["median"] * per_2mib
-                              for c in ("create", "map", "set_access", "unmap", "release")}
+        res["per_2mib_us"] = {
+            c: res[f"{c}_us"]["median"] * per_2mib for c in ("create", "map", "set_access", "unmap", "release")
+        }
         out[name] = res
     return out
 
@@ -298,13 +386,17 @@ def step_arena(s: Settings, args: argparse.Namespace) -> dict:
             key = "reuse" if reuse else "no_reuse"
             steady = slice(1, None)
             out[key] = {
-                "granularity": gran, "granules": granules, "rounds": s.arena_rounds,
+                "granularity": gran,
+                "granules": granules,
+                "rounds": s.arena_rounds,
                 "grow_us_per_granule": summary([t / granules * 1e6 for t in grow[steady]]),
                 "first_grow_us_per_granule": grow[0] / granules * 1e6,
                 "unmap_call_us_per_granule": summary([t / granules * 1e6 for t in unmap_call[steady]]),
                 "shrink_finish_us_per_granule": summary([t / granules * 1e6 for t in finish[steady]]),
                 "grow_gib_per_s": cap / statistics.median(grow[steady]) / GiB,
-                "creates": st["creates"], "reuses": st["reuses"], "releases": st["releases"],
+                "creates": st["creates"],
+                "reuses": st["reuses"],
+                "releases": st["releases"],
                 "held_bytes_after": st["held_bytes"],
             }
             if reuse:
@@ -314,8 +406,11 @@ def step_arena(s: Settings, args: argparse.Namespace) -> dict:
     r, n = out["reuse"], out["no_reuse"]
     out["reuse_over_create"] = r["grow_us_per_granule"]["median"] / n["grow_us_per_granule"]["median"]
     if r["creates"] != r["granules"]:
-        raise StepFailed(f"handle reuse: {r['creates']} creates for {r['granules']} granules over "
-                         f"{s.arena_rounds + 1} grows (expected one per granule)", out)
+        raise StepFailed(
+            f"handle reuse: {r['creates']} creates for {r['granules']} granules over "
+            f"{s.arena_rounds + 1} grows (expected one per granule)",
+            out,
+        )
     return out
 
 
@@ -414,9 +509,15 @@ def step_allocator(s: Settings, args: argparse.Namespace) -> dict:
     released = allocator.trim(index)
     dt = time.perf_counter() - t0
     free1 = mem_free(s.device)
-    out["trim"] = {"bytes": len(ptrs) * block, "released_bytes": int(released or 0), "seconds": dt,
-                   "gib_per_s": (int(released or 0) / GiB) / dt if dt > 0 else None,
-                   "free_before": free0, "free_allocated": free_alloc, "free_after_trim": free1}
+    out["trim"] = {
+        "bytes": len(ptrs) * block,
+        "released_bytes": int(released or 0),
+        "seconds": dt,
+        "gib_per_s": (int(released or 0) / GiB) / dt if dt > 0 else None,
+        "free_before": free0,
+        "free_allocated": free_alloc,
+        "free_after_trim": free1,
+    }
     if cuda_real():
         torch.cuda.empty_cache()  # blocks torch kept in the MemPool go back to us, then to the driver
     allocator.trim(index)
@@ -431,12 +532,27 @@ def build_model(s: Settings) -> tuple[Any, dict]:
 
     torch.manual_seed(0)
     if s.dry_run:
-        cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=8, head_dim=32, max_position_embeddings=1024)
+        cfg = dict(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=32,
+            max_position_embeddings=1024,
+        )
         dtype = torch.float32
     else:
-        cfg = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+        cfg = dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+        )
         dtype = torch.bfloat16
     config = LlamaConfig(**cfg)
     with torch.device(s.engine_device):
@@ -471,10 +587,11 @@ class _Sampler:
             self._stop.wait(self.period)
 
     def sample(self) -> None:
-        self.points.append((round(time.monotonic() - self._t0, 3), int(self.pool.resident_bytes),
-                            mem_free(self.device)))
+        self.points.append(
+            (round(time.monotonic() - self._t0, 3), int(self.pool.resident_bytes), mem_free(self.device))
+        )
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> _Sampler:
         self._thread.start()
         return self
 
@@ -518,9 +635,15 @@ def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int
     engine = Engine(model, policy=policy, max_batch_tokens=wl.max_batch_tokens, page_tokens=16)
     pool = engine.pool
     floor = -(-wl.min_bytes // pool.chunk_bytes) * pool.chunk_bytes
-    out: dict[str, Any] = {"kind": kind, "chunk_bytes": pool.chunk_bytes, "page_bytes": pool.page_bytes,
-                           "floor_bytes": floor, "free_before": free_before, "shmem_start": shmem_start,
-                           "resident_at_start": pool.resident_bytes}
+    out: dict[str, Any] = {
+        "kind": kind,
+        "chunk_bytes": pool.chunk_bytes,
+        "page_bytes": pool.page_bytes,
+        "floor_bytes": floor,
+        "free_before": free_before,
+        "shmem_start": shmem_start,
+        "resident_at_start": pool.resident_bytes,
+    }
     truncated = False
     idle_phases = []
     t_start = time.perf_counter()
@@ -529,7 +652,7 @@ def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int
         with _Sampler(pool, dev, 0.05) as sampler:
             per_burst = -(-len(requests) // wl.bursts)
             for b in range(wl.bursts):
-                for prompt, mnt in requests[b * per_burst:(b + 1) * per_burst]:
+                for prompt, mnt in requests[b * per_burst : (b + 1) * per_burst]:
                     engine.add_request(prompt, mnt)
                 while engine.has_unfinished():
                     engine.step()
@@ -591,10 +714,17 @@ def _idle_phase(engine: Any, pool: Any, held: _Held, s: Settings, floor: int) ->
     if cuda_real():
         torch.cuda.empty_cache()
     after = {"resident": pool.resident_bytes, "held": held(), "free": mem_free(dev), "shmem": rss_shmem()}
-    phase = {"resident_before": before["resident"], "held_before": before["held"],
-             "shmem_before": before["shmem"], "shmem_after": after["shmem"],
-             "resident_after": after["resident"], "held_after": after["held"],
-             "free_before": before["free"], "free_after": after["free"], "seconds_to_settle": reached}
+    phase = {
+        "resident_before": before["resident"],
+        "held_before": before["held"],
+        "shmem_before": before["shmem"],
+        "shmem_after": after["shmem"],
+        "resident_after": after["resident"],
+        "held_after": after["held"],
+        "free_before": before["free"],
+        "free_after": after["free"],
+        "seconds_to_settle": reached,
+    }
     # who got the memory back: the driver (device free memory), or on CPU the OS (the host
     # backend's memfd pages leave RssShmem when punched out)
     if before["free"] is not None and after["free"] is not None:
@@ -622,32 +752,38 @@ def _engine_figures(engine: Any) -> dict:
         if info["finish_time"] is not None and info["output_tokens"] > 1:
             tpot.append((info["finish_time"] - info["first_token_time"]) / (info["output_tokens"] - 1))
     return {
-        "tokens_generated": st["tokens_generated"], "tokens_forwarded": st["tokens_forwarded"],
-        "steps": st["steps"], "busy_seconds": busy_s,
+        "tokens_generated": st["tokens_generated"],
+        "tokens_forwarded": st["tokens_forwarded"],
+        "steps": st["steps"],
+        "busy_seconds": busy_s,
         "tokens_per_s": st["tokens_generated"] / busy_s if busy_s else None,
         "decode_steps": len(decode),
         "decode_tokens_per_s": sum(e["num_tokens"] for e in decode) / decode_s if decode_s else None,
         "ttft_ms": {k: v * 1e3 for k, v in summary(ttft).items() if k != "n"} | {"n": len(ttft)},
         "tpot_ms": {k: v * 1e3 for k, v in summary(tpot).items() if k != "n"} | {"n": len(tpot)},
-        "grow_events": st["grow_events"], "shrink_events": st["shrink_events"],
-        "compact_events": st["compact_events"], "bytes_given_back": st["bytes_given_back"],
+        "grow_events": st["grow_events"],
+        "shrink_events": st["shrink_events"],
+        "compact_events": st["compact_events"],
+        "bytes_given_back": st["bytes_given_back"],
         "preemptions": st["preemptions"],
     }
 
 
 def step_engine(s: Settings, args: argparse.Namespace) -> dict:
     try:
-        from torch_elastic_kv import Engine, ElasticPolicy  # noqa: F401
+        from torch_elastic_kv import ElasticPolicy, Engine  # noqa: F401
     except ImportError as e:
         raise Unavailable(f"the Engine is not in this tree yet ({e})") from None
     t0 = time.perf_counter()
     model, model_info = build_model(s)
-    out: dict[str, Any] = {"model": model_info, "workload": asdict(s.workload),
-                           "model_build_seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {
+        "model": model_info,
+        "workload": asdict(s.workload),
+        "model_build_seconds": time.perf_counter() - t0,
+    }
     requests = make_requests(s.workload, model.config.vocab_size)
     # warm-up: kernels, cuBLAS handles and allocator pools exist before anything is measured
-    warm = Workload(**{**asdict(s.workload), "requests": 4, "bursts": 1, "idle_seconds": 0.05,
-                       "new_tokens": (4, 4)})
+    warm = Workload(**{**asdict(s.workload), "requests": 4, "bursts": 1, "idle_seconds": 0.05, "new_tokens": (4, 4)})
     run_engine(model, Settings(**{**asdict(s), "workload": warm}), "elastic", requests[:4])
     # static, elastic, elastic, static: drift (clocks, heat, the machine) cancels out of the means
     runs: dict[str, list[dict]] = {"static": [], "elastic": []}
@@ -655,7 +791,7 @@ def step_engine(s: Settings, args: argparse.Namespace) -> dict:
         runs[kind].append(run_engine(model, s, kind, requests))
     out["static"], out["elastic"] = runs["static"][0], runs["elastic"][0]
     out["repeats"] = {kind: rs[1:] for kind, rs in runs.items()}
-    e, st = out["elastic"], out["static"]
+    e, _st = out["elastic"], out["static"]
 
     def mean(kind: str, key: str) -> Optional[float]:
         vals = [r[key] for r in runs[kind]]
@@ -671,8 +807,7 @@ def step_engine(s: Settings, args: argparse.Namespace) -> dict:
     shrink = e["idle_phases"][-1]
     if shrink.get("returned_to", "").startswith("driver"):
         # what the pool gave back shows up as free device memory (5 % slack: other allocations)
-        out["memory_went_back"] = shrink["pool_gave_back"] > 0 and \
-            shrink["got_back"] >= 0.95 * shrink["pool_gave_back"]
+        out["memory_went_back"] = shrink["pool_gave_back"] > 0 and shrink["got_back"] >= 0.95 * shrink["pool_gave_back"]
         out["device_bytes_held_after_idle"] = e["free_before"] - e["free_after_idle"]
     elif shrink.get("returned_to"):
         # the OS counts only pages that were touched, so compare with the start instead: at idle
@@ -729,8 +864,13 @@ def step_stream_order(s: Settings, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()  # raises if the write hit an unmapped page
             arena.poll()
             done = arena.stats()["pending_bytes"]
-        out = {"bytes": cap, "pending_after_unmap": pending, "pending_after_poll_while_busy": still,
-               "pending_after_completion": done, "queued_work_ms": kernel_ms}
+        out = {
+            "bytes": cap,
+            "pending_after_unmap": pending,
+            "pending_after_poll_while_busy": still,
+            "pending_after_completion": done,
+            "queued_work_ms": kernel_ms,
+        }
         if not (pending == cap and still == cap and done == 0):
             raise StepFailed("the unmap did not wait for the queued work on its stream", out)
         return out
@@ -765,28 +905,39 @@ def run_step(name: str, fn: Callable, s: Settings, args: argparse.Namespace, sta
     except BaseException as e:  # noqa: BLE001 - a step must never end the run
         if isinstance(e, KeyboardInterrupt):
             raise
-        rec = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc()[-3000:]}
+        rec = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
     rec["seconds"] = round(time.perf_counter() - t0, 2)
-    print(f"[gpu_check] {name}: {rec['status']} ({rec['seconds']} s)"
-          + (f" - {rec['error']}" if rec.get("error") else ""), flush=True)
+    print(
+        f"[gpu_check] {name}: {rec['status']} ({rec['seconds']} s)"
+        + (f" - {rec['error']}" if rec.get("error") else ""),
+        flush=True,
+    )
     return rec
 
 
 def environment(s: Settings) -> dict:
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "machine": platform.machine(), "cpus": os.cpu_count(),
-                           "EKV_LIBCUDA": os.environ.get("EKV_LIBCUDA")}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "EKV_LIBCUDA": os.environ.get("EKV_LIBCUDA"),
+    }
     try:
         import transformers
+
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
     if cuda_real():
         idx = torch.device(s.device).index
         p = torch.cuda.get_device_properties(idx)
-        env.update(device_name=p.name, device_total_bytes=p.total_memory, cuda_runtime=torch.version.cuda,
-                   capability=f"{p.major}.{p.minor}")
+        env.update(
+            device_name=p.name,
+            device_total_bytes=p.total_memory,
+            cuda_runtime=torch.version.cuda,
+            capability=f"{p.major}.{p.minor}",
+        )
     elif s.dry_run:
         env["device_name"] = "none (dry run: fake CUDA driver over host memory; engine on CPU)"
     else:
@@ -820,85 +971,196 @@ def build_table(res: dict) -> list[list[str]]:
         return True
 
     b = st.get("build", {})
-    rows.append(["build", b.get("status", "not run") if "skipped" not in b else "skipped (--no-build)", "-",
-                 (b.get("error") or "-")[:60]])
+    rows.append(
+        [
+            "build",
+            b.get("status", "not run") if "skipped" not in b else "skipped (--no-build)",
+            "-",
+            (b.get("error") or "-")[:60],
+        ]
+    )
     t = st.get("gpu_tests", {})
     if t.get("status") in ("ok", "failed") and "tests" in t:
-        rows.append(["tests/gpu", f"{t['passed']} passed, {t['failures'] + t['errors']} failed, "
-                                  f"{t['skipped']} skipped", "all pass", "ok" if t["status"] == "ok" else "FAIL"])
+        rows.append(
+            [
+                "tests/gpu",
+                f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped",
+                "all pass",
+                "ok" if t["status"] == "ok" else "FAIL",
+            ]
+        )
     else:
         status_row("gpu_tests", "tests/gpu")
     if status_row("driver", "driver calls"):
         d = st["driver"]["granule"]
         g = d["granularity"]
-        for call, label in (("create", "cuMemCreate"), ("map", "cuMemMap"), ("set_access", "cuMemSetAccess"),
-                            ("unmap", "cuMemUnmap"), ("release", "cuMemRelease")):
+        for call, label in (
+            ("create", "cuMemCreate"),
+            ("map", "cuMemMap"),
+            ("set_access", "cuMemSetAccess"),
+            ("unmap", "cuMemUnmap"),
+            ("release", "cuMemRelease"),
+        ):
             ref = A100_US.get(call)
             v = d["per_2mib_us"][call]
-            rows.append([f"{label} per 2 MiB (median)", _fmt(v, " us", 2),
-                         _fmt(ref, " us (A100)") if ref else "-",
-                         f"{v / ref:.2f}x A100" if ref else "-"])
-        rows.append(["granularity min / recommended", f"{g // 1024} KiB / {d['recommended_granularity'] // 1024} KiB",
-                     "2 MiB", "ok" if g == 2 * MiB else "differs"])
-        rows.append(["cuMemSetAccess whole range", _fmt(d["set_access_range_us"], " us", 1),
-                     f"{d['range_bytes'] // MiB} MiB, 1 call", "-"])
+            rows.append(
+                [
+                    f"{label} per 2 MiB (median)",
+                    _fmt(v, " us", 2),
+                    _fmt(ref, " us (A100)") if ref else "-",
+                    f"{v / ref:.2f}x A100" if ref else "-",
+                ]
+            )
+        rows.append(
+            [
+                "granularity min / recommended",
+                f"{g // 1024} KiB / {d['recommended_granularity'] // 1024} KiB",
+                "2 MiB",
+                "ok" if g == 2 * MiB else "differs",
+            ]
+        )
+        rows.append(
+            [
+                "cuMemSetAccess whole range",
+                _fmt(d["set_access_range_us"], " us", 1),
+                f"{d['range_bytes'] // MiB} MiB, 1 call",
+                "-",
+            ]
+        )
         lg = st["driver"]["large"]
-        rows.append([f"cuMemCreate per 2 MiB, {lg['handle_bytes'] // MiB} MiB handles",
-                     _fmt(lg["per_2mib_us"]["create"], " us", 2), "-", "-"])
+        rows.append(
+            [
+                f"cuMemCreate per 2 MiB, {lg['handle_bytes'] // MiB} MiB handles",
+                _fmt(lg["per_2mib_us"]["create"], " us", 2),
+                "-",
+                "-",
+            ]
+        )
     if status_row("arena", "arena grow/shrink"):
         a = st["arena"]
         r, n = a["reuse"], a["no_reuse"]
-        rows.append(["arena grow per granule: reuse / create",
-                     f"{_fmt(r['grow_us_per_granule']['median'], ' us')} / {_fmt(n['grow_us_per_granule']['median'], ' us')}",
-                     "reuse well under create", "ok" if a["reuse_over_create"] < 0.5 else "MISS"])
-        rows.append(["arena shrink per granule: reuse / release",
-                     f"{_fmt(r['shrink_finish_us_per_granule']['median'] + r['unmap_call_us_per_granule']['median'], ' us')}"
-                     f" / {_fmt(n['shrink_finish_us_per_granule']['median'] + n['unmap_call_us_per_granule']['median'], ' us')}",
-                     "-", "-"])
+        rows.append(
+            [
+                "arena grow per granule: reuse / create",
+                f"{_fmt(r['grow_us_per_granule']['median'], ' us')} / {_fmt(n['grow_us_per_granule']['median'], ' us')}",
+                "reuse well under create",
+                "ok" if a["reuse_over_create"] < 0.5 else "MISS",
+            ]
+        )
+        rows.append(
+            [
+                "arena shrink per granule: reuse / release",
+                f"{_fmt(r['shrink_finish_us_per_granule']['median'] + r['unmap_call_us_per_granule']['median'], ' us')}"
+                f" / {_fmt(n['shrink_finish_us_per_granule']['median'] + n['unmap_call_us_per_granule']['median'], ' us')}",
+                "-",
+                "-",
+            ]
+        )
     if status_row("allocator", "allocator"):
         al = st["allocator"]
-        rows.append(["malloc+free pairs/s: ekv C ABI / torch", f"{_fmt(al['c_abi_pairs_per_s'], '', 0)} / "
-                     f"{_fmt(al['torch_caching_pairs_per_s'], '', 0)}", al["baseline"], "-"])
+        rows.append(
+            [
+                "malloc+free pairs/s: ekv C ABI / torch",
+                f"{_fmt(al['c_abi_pairs_per_s'], '', 0)} / {_fmt(al['torch_caching_pairs_per_s'], '', 0)}",
+                al["baseline"],
+                "-",
+            ]
+        )
         if al.get("torch_mem_pool_pairs_per_s"):
-            rows.append(["pairs/s through torch in ekv mem_pool", _fmt(al["torch_mem_pool_pairs_per_s"], "", 0),
-                         "torch caching", "-"])
+            rows.append(
+                [
+                    "pairs/s through torch in ekv mem_pool",
+                    _fmt(al["torch_mem_pool_pairs_per_s"], "", 0),
+                    "torch caching",
+                    "-",
+                ]
+            )
         tr = al["trim"]
-        rows.append([f"trim() of {tr['bytes'] / GiB:.2f} GiB", f"{tr['seconds'] * 1e3:,.1f} ms",
-                     f"{_fmt(tr['gib_per_s'], ' GiB/s')}", "ok" if tr["released_bytes"] >= tr["bytes"] else "FAIL"])
+        rows.append(
+            [
+                f"trim() of {tr['bytes'] / GiB:.2f} GiB",
+                f"{tr['seconds'] * 1e3:,.1f} ms",
+                f"{_fmt(tr['gib_per_s'], ' GiB/s')}",
+                "ok" if tr["released_bytes"] >= tr["bytes"] else "FAIL",
+            ]
+        )
     if status_row("engine", "engine"):
         en = st["engine"]
         e, s_ = en["elastic"], en["static"]
         ratio = en.get("decode_ratio")
         dm, am = en["decode_tokens_per_s"], en["tokens_per_s"]
-        rows.append(["decode tokens/s elastic / static (2 runs each)", f"{_fmt(dm['elastic'])} / "
-                     f"{_fmt(dm['static'])}", "within 2 %",
-                     "-" if ratio is None else (f"{(ratio - 1) * 100:+.1f} % "
-                                                + ("ok" if ratio >= 1 - TOKENS_PER_S_TOLERANCE else "MISS"))])
-        rows.append(["tokens/s (all steps) elastic / static",
-                     f"{_fmt(am['elastic'])} / {_fmt(am['static'])}", "-", "-"])
+        rows.append(
+            [
+                "decode tokens/s elastic / static (2 runs each)",
+                f"{_fmt(dm['elastic'])} / {_fmt(dm['static'])}",
+                "within 2 %",
+                "-"
+                if ratio is None
+                else (f"{(ratio - 1) * 100:+.1f} % " + ("ok" if ratio >= 1 - TOKENS_PER_S_TOLERANCE else "MISS")),
+            ]
+        )
+        rows.append(
+            ["tokens/s (all steps) elastic / static", f"{_fmt(am['elastic'])} / {_fmt(am['static'])}", "-", "-"]
+        )
         for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
-            rows.append([f"{label} p50 / p99 elastic", f"{_fmt(e[key].get('median'), ' ms')} / {_fmt(e[key].get('p99'), ' ms')}",
-                         f"static {_fmt(s_[key].get('median'), ' ms')} / {_fmt(s_[key].get('p99'), ' ms')}", "-"])
-        rows.append(["KV resident peak elastic / static", f"{_mib(e['peak_resident_bytes'])} / {_mib(s_['peak_resident_bytes'])}",
-                     "-", "-"])
-        rows.append(["idle footprint (held) vs floor", _mib(e["idle_held_bytes"]), _mib(e["floor_bytes"]),
-                     "ok" if en["idle_at_floor"] else "MISS"])
+            rows.append(
+                [
+                    f"{label} p50 / p99 elastic",
+                    f"{_fmt(e[key].get('median'), ' ms')} / {_fmt(e[key].get('p99'), ' ms')}",
+                    f"static {_fmt(s_[key].get('median'), ' ms')} / {_fmt(s_[key].get('p99'), ' ms')}",
+                    "-",
+                ]
+            )
+        rows.append(
+            [
+                "KV resident peak elastic / static",
+                f"{_mib(e['peak_resident_bytes'])} / {_mib(s_['peak_resident_bytes'])}",
+                "-",
+                "-",
+            ]
+        )
+        rows.append(
+            [
+                "idle footprint (held) vs floor",
+                _mib(e["idle_held_bytes"]),
+                _mib(e["floor_bytes"]),
+                "ok" if en["idle_at_floor"] else "MISS",
+            ]
+        )
         ph = e["idle_phases"][-1]
         verdict = "ok" if en.get("memory_went_back") else "MISS"
         if "device_bytes_held_after_idle" in en:
-            rows.append(["device free memory back at idle", _mib(ph["got_back"]),
-                         f"pool gave {_mib(ph['pool_gave_back'])}", verdict])
+            rows.append(
+                [
+                    "device free memory back at idle",
+                    _mib(ph["got_back"]),
+                    f"pool gave {_mib(ph['pool_gave_back'])}",
+                    verdict,
+                ]
+            )
         elif "shmem_above_start_at_idle" in en:
-            rows.append(["RssShmem above start at idle", _mib(en["shmem_above_start_at_idle"]),
-                         f"<= floor {_mib(e['floor_bytes'])}", verdict])
+            rows.append(
+                [
+                    "RssShmem above start at idle",
+                    _mib(en["shmem_above_start_at_idle"]),
+                    f"<= floor {_mib(e['floor_bytes'])}",
+                    verdict,
+                ]
+            )
         if e["free_before"] is not None:
-            rows.append(["device free: before / min during / after",
-                         f"{_mib(e['free_before'])} / {_mib(e['free_during_min'])} / {_mib(e['free_after_idle'])}",
-                         "-", "-"])
+            rows.append(
+                [
+                    "device free: before / min during / after",
+                    f"{_mib(e['free_before'])} / {_mib(e['free_during_min'])} / {_mib(e['free_after_idle'])}",
+                    "-",
+                    "-",
+                ]
+            )
     if status_row("stream_order", "deferred unmap (stream order)"):
         so = st["stream_order"]
-        rows.append(["unmap waits for queued work", f"pending {_mib(so['pending_after_unmap'])} until done",
-                     "no fault", "ok"])
+        rows.append(
+            ["unmap waits for queued work", f"pending {_mib(so['pending_after_unmap'])} until done", "no fault", "ok"]
+        )
     return rows
 
 
@@ -906,11 +1168,15 @@ def markdown_table(res: dict, rows: list[list[str]]) -> str:
     """The table as a benchmarks/RESULTS.md section: command, date, device, rows."""
     env = res["environment"]
     flags = {"full": "", "quick": " --quick", "dry-run": " --dry-run", "dry-run-quick": " --dry-run --quick"}
-    lines = [f"Command: `python benchmarks/gpu_check.py --out DIR{flags[res['mode']]}`  ",
-             f"Date: {res['date']}; device: {env.get('device_name')}; torch {env['torch']}, "
-             f"CUDA runtime {env.get('cuda_runtime', '-')}; total {res['total_seconds']:.0f} s; "
-             f"steps failed: {', '.join(res['failed_steps']) or 'none'}.", "",
-             "| check | measured | reference | verdict |", "|---|---|---|---|"]
+    lines = [
+        f"Command: `python benchmarks/gpu_check.py --out DIR{flags[res['mode']]}`  ",
+        f"Date: {res['date']}; device: {env.get('device_name')}; torch {env['torch']}, "
+        f"CUDA runtime {env.get('cuda_runtime', '-')}; total {res['total_seconds']:.0f} s; "
+        f"steps failed: {', '.join(res['failed_steps']) or 'none'}.",
+        "",
+        "| check | measured | reference | verdict |",
+        "|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -927,22 +1193,27 @@ def print_table(res: dict, rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(line)
     failed = res["failed_steps"]
-    print(f"steps failed: {', '.join(failed) if failed else 'none'}; total {res['total_seconds']:.1f} s; "
-          f"results in {res['results_path']}")
+    print(
+        f"steps failed: {', '.join(failed) if failed else 'none'}; total {res['total_seconds']:.1f} s; "
+        f"results in {res['results_path']}"
+    )
 
 
 # ---------------------------------------------------------------------------------- main -----
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="directory for gpu_results.json (created)")
     p.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on one H200")
-    p.add_argument("--dry-run", action="store_true",
-                   help="no GPU: fake CUDA driver for driver/arena/allocator, tiny model on CPU")
+    p.add_argument(
+        "--dry-run", action="store_true", help="no GPU: fake CUDA driver for driver/arena/allocator, tiny model on CPU"
+    )
     p.add_argument("--no-build", action="store_true", help="skip the in-place build (already built)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
-    p.add_argument("--steps", default=None,
-                   help=f"comma-separated subset of: {','.join(n for n, _ in STEPS)} (default: all)")
+    p.add_argument(
+        "--steps", default=None, help=f"comma-separated subset of: {','.join(n for n, _ in STEPS)} (default: all)"
+    )
     return p.parse_args(argv)
 
 
@@ -966,8 +1237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("[gpu_check] EKV_LIBCUDA points at the fake test driver; a real run unsets it", file=sys.stderr)
             del os.environ["EKV_LIBCUDA"]
         if not cuda_real():
-            print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one",
-                  file=sys.stderr)
+            print("[gpu_check] torch sees no CUDA device: run with --dry-run on a machine without one", file=sys.stderr)
     if str(ROOT / "src") not in sys.path:
         sys.path.insert(0, str(ROOT / "src"))
     s = make_settings(args.dry_run, args.quick, args.device)
@@ -980,11 +1250,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         print(f"[gpu_check] unknown steps {sorted(unknown)}", file=sys.stderr)
         return 2
-    res: dict[str, Any] = {"schema": 1, "mode": s.mode, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                           "settings": asdict(s), "floors": {"a100_us_per_2mib": A100_US,
-                                                             "decode_tokens_per_s_tolerance": TOKENS_PER_S_TOLERANCE,
-                                                             "idle_footprint": "== floor (min_bytes rounded up to chunks)"},
-                           "steps": {}}
+    res: dict[str, Any] = {
+        "schema": 1,
+        "mode": s.mode,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "settings": asdict(s),
+        "floors": {
+            "a100_us_per_2mib": A100_US,
+            "decode_tokens_per_s_tolerance": TOKENS_PER_S_TOLERANCE,
+            "idle_footprint": "== floor (min_bytes rounded up to chunks)",
+        },
+        "steps": {},
+    }
     res["environment"] = environment(s)
     for name, fn in STEPS:
         if wanted is not None and name not in wanted:

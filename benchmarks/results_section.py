@@ -2,6 +2,7 @@
 
 Each script owns a section between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; a rerun
 replaces that section in place and leaves every other section as it was."""
+
 from __future__ import annotations
 
 from pathlib import Path

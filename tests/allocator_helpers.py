@@ -1,11 +1,12 @@
 """Helpers shared by the allocator tests: the C ABI through ctypes, byte patterns, RssShmem."""
+
 from __future__ import annotations
 
 import ctypes
 import random
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -17,8 +18,25 @@ MiB = 1 << 20
 
 # 1 byte .. 64 MiB: both sides of the 512-byte block size, the small/large split at 1 MiB and
 # the 2 MiB granule, plus odd sizes.
-EDGE_SIZES = [1, 7, 100, 511, 512, 513, 4096, 65537, MiB - 1, MiB, MiB + 1, 2 * MiB - 3, 2 * MiB,
-              2 * MiB + 1, 3 * MiB + 5, 17 * MiB, 64 * MiB]
+EDGE_SIZES = [
+    1,
+    7,
+    100,
+    511,
+    512,
+    513,
+    4096,
+    65537,
+    MiB - 1,
+    MiB,
+    MiB + 1,
+    2 * MiB - 3,
+    2 * MiB,
+    2 * MiB + 1,
+    3 * MiB + 5,
+    17 * MiB,
+    64 * MiB,
+]
 
 
 def mixed_sizes(n: int, seed: int) -> list[int]:
@@ -49,7 +67,6 @@ def fill(ptr: int, size: int, seed: int) -> None:
 def check(ptr: int, size: int, seed: int) -> bool:
     expect = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     return bool(np.array_equal(view(ptr, size), expect))
-
 
 
 @contextmanager
@@ -86,14 +103,30 @@ def assert_disjoint_and_aligned(blocks: list[tuple[int, int]], align: int = 512)
 
 def stable_counts(s: dict) -> dict:
     """Stats that a rejected call must leave exactly as they were."""
-    keep = ("mapped_bytes", "allocated_bytes", "requested_bytes", "cached_bytes", "paused_bytes", "mallocs",
-            "frees", "maps", "unmaps", "live_blocks", "segments")
+    keep = (
+        "mapped_bytes",
+        "allocated_bytes",
+        "requested_bytes",
+        "cached_bytes",
+        "paused_bytes",
+        "mallocs",
+        "frees",
+        "maps",
+        "unmaps",
+        "live_blocks",
+        "segments",
+    )
     return {k: s[k] for k in keep}
 
 
-def four_thread_stress(abi: "Abi", ops: int, max_held: int, tag_prefix: str,
-                       stream_of: Callable[[int], int] = lambda t: 0,
-                       tick: Callable[[int], None] | None = None) -> list[str]:
+def four_thread_stress(
+    abi: Abi,
+    ops: int,
+    max_held: int,
+    tag_prefix: str,
+    stream_of: Callable[[int], int] = lambda t: 0,
+    tick: Callable[[int], None] | None = None,
+) -> list[str]:
     """Four threads malloc/free mixed sizes through the C ABI (thread t on stream_of(t), tags
     alternating between two), marking each block's first and last byte and checking the marks
     at free; every thread frees what it holds at the end. ``tick(i)`` runs before op i.

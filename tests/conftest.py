@@ -5,11 +5,12 @@ yielding a reset ``torch_elastic_kv.testing.FakeCuda``; device budgets are reset
 ``arena_device``: parametrizes a test over "cpu" (host backend) and "cuda" on the fake driver,
 so one conformance suite runs against both backends.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def _reset_budgets() -> None:
 
 
 @pytest.fixture
-def fake_cuda() -> Iterator["object"]:
+def fake_cuda() -> Iterator[object]:
     from torch_elastic_kv.testing import use_fake_cuda
 
     with use_fake_cuda() as fake:

@@ -5,6 +5,7 @@ counters (live handles, mappings, reservations, events, calls per function) show
 the driver. Each test ends with everything freed and the device's allocator closed, so the
 driver is back to zero objects for the next test.
 """
+
 from __future__ import annotations
 
 import gc
@@ -12,8 +13,17 @@ import threading
 
 import pytest
 
-from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, stable_counts,
-                               tagged)
+from allocator_helpers import (
+    Abi,
+    MiB,
+    assert_disjoint_and_aligned,
+    check,
+    fill,
+    four_thread_stress,
+    mixed_sizes,
+    stable_counts,
+    tagged,
+)
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
@@ -69,8 +79,12 @@ def test_stream_ordered_reuse_records_events_and_never_synchronizes_on_free(dev)
     # ... the freeing stream gets it back at once.
     again_small, again_big = abi.malloc(4096, S1), abi.malloc(6 * MiB, S1)
     assert again_small == small and again_big == big
-    for p, n, s in [(other_small, 4096, S2), (other_big, 6 * MiB, S2), (again_small, 4096, S1),
-                    (again_big, 6 * MiB, S1)]:
+    for p, n, s in [
+        (other_small, 4096, S2),
+        (other_big, 6 * MiB, S2),
+        (again_small, 4096, S1),
+        (again_big, 6 * MiB, S1),
+    ]:
         abi.free(p, n, s)
     assert fake.calls("cuEventSynchronize") == sync0  # nothing waited on the free path
     # Once the events complete, any stream may reuse the blocks: no new mapping.
@@ -119,8 +133,9 @@ def test_pause_with_backup_drops_handles_and_restores_bytes(dev):
     for i, (p, n) in enumerate(mine + other):
         fill(p, n, seed=60 + i)
     snap = {b["address"]: b for b in ekv_alloc.snapshot(DEV)}
-    assert [(snap[p]["tag"], snap[p]["stream"], snap[p]["size"]) for p, _ in mine + other] == \
-        [("fake-kv", S1, n) for _, n in mine] + [("fake-weights", S2, n) for _, n in other]
+    assert [(snap[p]["tag"], snap[p]["stream"], snap[p]["size"]) for p, _ in mine + other] == [
+        ("fake-kv", S1, n) for _, n in mine
+    ] + [("fake-weights", S2, n) for _, n in other]
     handles = fake.live_handles()
     ekv_alloc.pause("fake-kv", backup=True, device=DEV)
     paused = ekv_alloc.stats(DEV)["tags"]["fake-kv"]["paused_bytes"]
@@ -234,9 +249,14 @@ def test_four_threads_on_four_streams_end_consistent_with_nothing_leaked(dev):
     before = ekv_alloc.stats(DEV)
     fake.set_events_complete(False)
     ops = 1500
-    errors = four_thread_stress(abi, ops, max_held=30, tag_prefix="fstress-",
-                                stream_of=lambda t: 0x10000 * (t + 1),
-                                tick=lambda i: fake.complete_events() if i % 150 == 0 else None)
+    errors = four_thread_stress(
+        abi,
+        ops,
+        max_held=30,
+        tag_prefix="fstress-",
+        stream_of=lambda t: 0x10000 * (t + 1),
+        tick=lambda i: fake.complete_events() if i % 150 == 0 else None,
+    )
     assert not errors, errors[:5]
     s = ekv_alloc.stats(DEV)
     assert s["live_blocks"] == 0 and s["allocated_bytes"] == 0 and s["requested_bytes"] == 0

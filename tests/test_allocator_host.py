@@ -3,13 +3,24 @@
 Every test frees what it allocates and closes the host allocator after it, so RssShmem, the
 stats and the cpu budget's arena count of one test do not leak into the next.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 
-from allocator_helpers import (MiB, Abi, four_thread_stress, assert_disjoint_and_aligned, check, fill, mixed_sizes, rss_shmem,
-                               stable_counts, tagged, view)
+from allocator_helpers import (
+    Abi,
+    MiB,
+    assert_disjoint_and_aligned,
+    check,
+    fill,
+    four_thread_stress,
+    mixed_sizes,
+    rss_shmem,
+    stable_counts,
+    tagged,
+    view,
+)
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 HOST = -1
@@ -46,7 +57,7 @@ def test_mixed_sizes_aligned_disjoint_writable_and_kept(abi):
     # Contents survive other blocks' writes, frees and reuse until their own free.
     for i, (p, n) in enumerate(blocks):
         assert check(p, n, seed=i), f"block {i} ({n} bytes at {p:#x}) lost its contents"
-    for i, (p, n) in list(enumerate(blocks))[::2]:
+    for _i, (p, n) in list(enumerate(blocks))[::2]:
         abi.free(p, n)
     again = [(abi.malloc(n), n) for n in sizes[::2]]
     for j, (p, n) in enumerate(again):
@@ -67,8 +78,8 @@ def test_large_blocks_are_reused_in_place(abi):
     p = abi.malloc(8 * MiB)
     abi.free(p, 8 * MiB)
     maps = ekv_alloc.stats(HOST)["maps"]
-    q = abi.malloc(6 * MiB)   # served from the cached 8 MiB range, split at a granule boundary
-    r = abi.malloc(2 * MiB)   # ... and the 2 MiB left over
+    q = abi.malloc(6 * MiB)  # served from the cached 8 MiB range, split at a granule boundary
+    r = abi.malloc(2 * MiB)  # ... and the 2 MiB left over
     assert q == p and r == p + 6 * MiB
     assert ekv_alloc.stats(HOST)["maps"] == maps  # no new mapping
     abi.free(q, 6 * MiB)
@@ -181,6 +192,7 @@ def test_bad_frees_and_sizes_are_defined_and_change_nothing(abi):
     s0 = ekv_alloc.stats(HOST)
     foreign = bytearray(64)
     import ctypes
+
     foreign_ptr = ctypes.addressof((ctypes.c_char * 64).from_buffer(foreign))
     cases = [
         (lambda: abi.free(foreign_ptr, 64), "not allocated by this allocator"),
@@ -191,7 +203,11 @@ def test_bad_frees_and_sizes_are_defined_and_change_nothing(abi):
         ekv_alloc.last_error(clear=True)
         call()
         assert message in ekv_alloc.last_error()
-    for size, message in [(0, "size 0"), (1 << 60, "bytes of address space"), ((1 << 64) - 1, "bytes of address space")]:
+    for size, message in [
+        (0, "size 0"),
+        (1 << 60, "bytes of address space"),
+        ((1 << 64) - 1, "bytes of address space"),
+    ]:
         assert abi.malloc(size) == 0
         assert message in ekv_alloc.last_error(clear=True)
     assert abi.lib.ekv_malloc(100, -7, None) is None

@@ -6,6 +6,7 @@ live blocks must be disjoint, aligned and hold their bytes (paused tags with a b
 resume), and the stats must agree with the reference. Runs on the host backend and the fake
 CUDA driver. EKV_RANDOM_OPS_SEED picks another sequence (for hunting bugs by hand).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import random
 import pytest
 import torch
 
-from allocator_helpers import MiB, Abi, assert_disjoint_and_aligned, tagged, view
+from allocator_helpers import Abi, MiB, assert_disjoint_and_aligned, tagged, view
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 TAGS = ["rand-a", "rand-b", "rand-c"]
@@ -62,7 +63,7 @@ def test_random_operation_sequences_keep_blocks_and_stats_right(setup):
                 assert t["blocks"] == sum(1 for _, tg, _, _ in live.values() if tg == tag)
                 assert t["paused"] == (tag in paused)
 
-    for step in range(900):
+    for _step in range(900):
         r = rng.random()
         if r < 0.5 or not live:
             tag = rng.choice(TAGS)

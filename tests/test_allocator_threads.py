@@ -9,6 +9,7 @@ the stats meanwhile. On the fake driver threads share streams two by two and dev
 finishes at arbitrary points, so per-stream reuse, pending frees and their events all race.
 ctypes drops the GIL around each call, so the allocator's lock is what keeps the threads apart.
 """
+
 from __future__ import annotations
 
 import queue
@@ -17,13 +18,13 @@ import threading
 
 import pytest
 
-from allocator_helpers import MiB, Abi, view
+from allocator_helpers import Abi, MiB, view
 from torch_elastic_kv.memory import allocator as ekv_alloc
 from torch_elastic_kv.testing import use_fake_cuda
 
 THREADS = 8
-OPS = 1000      # per thread
-MAX_HELD = 12   # blocks a thread holds at most
+OPS = 1000  # per thread
+MAX_HELD = 12  # blocks a thread holds at most
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -82,8 +83,10 @@ def test_eight_threads_malloc_free_with_every_byte_checked(setup):
                     ekv_alloc.trim(dev)
                 if t == 1 and i % 25 == 0:
                     s = ekv_alloc.stats(dev)  # one consistent snapshot, taken under the allocator's lock
-                    if not (s["mapped_bytes"] % gran == 0 and s["mapped_bytes"] >= s["allocated_bytes"] >=
-                            s["requested_bytes"]):
+                    if not (
+                        s["mapped_bytes"] % gran == 0
+                        and s["mapped_bytes"] >= s["allocated_bytes"] >= s["requested_bytes"]
+                    ):
                         errors.append(f"inconsistent stats mid-run: {s}")
                 if held and (len(held) >= MAX_HELD or rng.random() < 0.45):
                     p, n, mark, s_ = held.pop(rng.randrange(len(held)))

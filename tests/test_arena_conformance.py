@@ -1,4 +1,5 @@
 """One behaviour suite for every backend: host (memfd) and cuda on the fake driver."""
+
 from __future__ import annotations
 
 import pytest
@@ -74,9 +75,9 @@ def _bad_calls(g: int, cap: int) -> list[tuple[str, tuple[int, int], str]]:
         ("map", (cap, g), "past the arena's capacity"),
         ("map", (cap - g, 2 * g), "past the arena's capacity"),
         ("map", (0, 1 << 62), "past the arena's capacity"),
-        ("map", (0, 2 * g), "already mapped"),          # granule 0 is mapped below
+        ("map", (0, 2 * g), "already mapped"),  # granule 0 is mapped below
         ("unmap", (2 * g, g), "is not mapped"),
-        ("unmap", (0, 2 * g), "is not mapped"),         # partly mapped
+        ("unmap", (0, 2 * g), "is not mapped"),  # partly mapped
         ("unmap", (g, 0), "nbytes must be positive"),
         ("unmap", (3, g), "multiples of the granularity"),
     ]
@@ -96,9 +97,14 @@ def test_bad_input_raises_and_changes_nothing(arena_device: str) -> None:
             with pytest.raises(TypeError):
                 a.map(bad, g)  # type: ignore[arg-type]
         # Past the core's signed 64-bit numbers: a ValueError naming the number, not pybind11's TypeError.
-        for call, args, huge in [("map", (0, 1 << 64), 1 << 64), ("map", (1 << 63, g), 1 << 63),
-                                 ("unmap", (0, 1 << 63), 1 << 63), ("ensure_mapped", (1 << 64, g), 1 << 64),
-                                 ("is_mapped", (0, 1 << 70), 1 << 70), ("set_reuse_bytes", (1 << 64,), 1 << 64)]:
+        for call, args, huge in [
+            ("map", (0, 1 << 64), 1 << 64),
+            ("map", (1 << 63, g), 1 << 63),
+            ("unmap", (0, 1 << 63), 1 << 63),
+            ("ensure_mapped", (1 << 64, g), 1 << 64),
+            ("is_mapped", (0, 1 << 70), 1 << 70),
+            ("set_reuse_bytes", (1 << 64,), 1 << 64),
+        ]:
             with pytest.raises(ValueError, match=f"Arena.{call}: .*={huge} is larger"):
                 getattr(a, call)(*args)
         assert (a.stats(), ekv.memory_stats(arena_device)) == before
@@ -141,16 +147,22 @@ def test_close_is_idempotent_and_final(arena_device: str) -> None:
     a.close()
     a.close()
     assert a.closed
-    calls = {"map": lambda: a.map(0, a.granularity), "ensure_mapped": lambda: a.ensure_mapped(0, a.granularity),
-             "unmap": lambda: a.unmap(0, a.granularity), "is_mapped": lambda: a.is_mapped(0, a.granularity),
-             "trim": lambda: a.trim(), "poll": lambda: a.poll(), "set_reuse_bytes": lambda: a.set_reuse_bytes(0),
-             "view": lambda: a.view(torch.uint8, (1,))}
+    calls = {
+        "map": lambda: a.map(0, a.granularity),
+        "ensure_mapped": lambda: a.ensure_mapped(0, a.granularity),
+        "unmap": lambda: a.unmap(0, a.granularity),
+        "is_mapped": lambda: a.is_mapped(0, a.granularity),
+        "trim": lambda: a.trim(),
+        "poll": lambda: a.poll(),
+        "set_reuse_bytes": lambda: a.set_reuse_bytes(0),
+        "view": lambda: a.view(torch.uint8, (1,)),
+    }
     if arena_device == "cpu":
         calls["host_view"] = lambda: a.host_view(torch.uint8, (1,))
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"^Arena\.{name}: the arena is closed$"):
             call()
-    assert a.stats()["mapped_bytes"] == 0   # stats still answer
+    assert a.stats()["mapped_bytes"] == 0  # stats still answer
     assert ekv.memory_stats(arena_device)["held_bytes"] == 0
 
 

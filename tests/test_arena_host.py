@@ -1,4 +1,5 @@
 """Host backend: memory given back is measurably gone from the process and the machine."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,6 @@ from torch_elastic_kv import Arena
 from torch_elastic_kv.testing import machine_shmem, rss_shmem
 
 MiB = 1 << 20
-
 
 
 def test_map_touch_unmap_trim_moves_rssshmem_and_shmem() -> None:

@@ -1,4 +1,5 @@
 """Thread safety: 4 threads mapping and unmapping disjoint ranges of one arena."""
+
 from __future__ import annotations
 
 import random

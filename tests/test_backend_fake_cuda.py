@@ -1,5 +1,6 @@
 """The real cuda backend against the fake driver (tests/fake_cuda/): driver object counts,
 failure injection, handle reuse, and release deferred on events."""
+
 from __future__ import annotations
 
 import ctypes
@@ -254,8 +255,9 @@ def test_refused_unmap_does_not_work_down_the_event_backlog(fake_cuda: FakeCuda)
         assert fake_cuda.live_handles() == 1 and fake_cuda.live_events() == 1
 
 
-def test_a_driver_whose_cuinit_fails_is_not_kept(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path) -> None:
+def test_a_driver_whose_cuinit_fails_is_not_kept(
+    fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
     alias = tmp_path / "libcuda_alias.so.1"  # a new path: loaded and cuInit'ed afresh
     alias.symlink_to(fake_cuda.path)
     monkeypatch.setenv("EKV_LIBCUDA", str(alias))

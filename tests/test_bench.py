@@ -1,4 +1,5 @@
 """``bench --quick`` end to end: results.json in range, readable plots, equal outputs, memory given back."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from torch_elastic_kv import __main__ as cli_main
-from torch_elastic_kv.bench import cli
 from torch_elastic_kv.bench.metrics import output_checksum
 from torch_elastic_kv.bench.models import load_model
 from torch_elastic_kv.bench.systems import _no_eos
@@ -17,8 +17,18 @@ from torch_elastic_kv.bench.traces import prompt_token_ids, scale_trace, synthet
 
 SYSTEMS = ("elastic", "static", "hf-generate", "hf-generate-batch")
 # the per-system fields issue 6 asks of results.json
-ISSUE_FIELDS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "mean_resident_bytes",
-                "peak_resident_bytes", "idle_resident_bytes", "preemptions", "output_checksum")
+ISSUE_FIELDS = (
+    "tokens_per_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "mean_resident_bytes",
+    "peak_resident_bytes",
+    "idle_resident_bytes",
+    "preemptions",
+    "output_checksum",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +49,22 @@ def test_results_fields_are_numbers_in_range(quick_run):
     assert trace["scaling"]["description"] == "unscaled"
     pool = results["static_pool_bytes"]
     assert pool > 0 and pool % (2 << 20) == 0
-    settings = results["settings"]   # the run's settings, as resolved from the command line
+    settings = results["settings"]  # the run's settings, as resolved from the command line
     assert settings["trace"] == "bursty" and settings["systems"] == list(SYSTEMS) and settings["quick"] is True
     assert settings["seed"] == 0 and settings["device"] == "cpu" and settings["dtype"] == "float32"
     assert settings["config"] == "tiny" and settings["max_bytes_resolved"] == pool
     assert (settings["time_scale"], settings["token_scale"], settings["thin"]) == (1.0, 1.0, 1)
-    for key in ("window", "min_bytes", "headroom", "idle_seconds", "tail_seconds", "max_running",
-                "max_batch_tokens", "page_tokens", "threads"):
+    for key in (
+        "window",
+        "min_bytes",
+        "headroom",
+        "idle_seconds",
+        "tail_seconds",
+        "max_running",
+        "max_batch_tokens",
+        "page_tokens",
+        "threads",
+    ):
         assert key in settings, key
     assert results["command"][:2] == ["ekv-bench", "--quick"]
     for name, s in results["systems"].items():
@@ -93,15 +112,21 @@ def test_outputs_identical_and_equal_to_generate_alone(quick_run):
     assert "elastic = static" in results["checksum_note"] or "identical across" in results["checksum_note"]
     # same seed -> same prompts and weights: each prompt alone through generate gives the same tokens
     model, info = load_model("tiny", None, "cpu", "float32", seed=0)
-    trace = scale_trace("bursty", "synthetic", synthetic_requests("bursty", 0, quick=True),
-                        max_total_tokens=info.max_positions)
+    trace = scale_trace(
+        "bursty", "synthetic", synthetic_requests("bursty", 0, quick=True), max_total_tokens=info.max_positions
+    )
     outputs = []
     with _no_eos(model), torch.inference_mode():
         for prompt, request in zip(prompt_token_ids(trace, info.vocab_size, 0), trace.requests):
             ids = torch.tensor([prompt])
-            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=request.output_tokens, pad_token_id=0)
-            outputs.append(generated[0, len(prompt):].tolist())
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=request.output_tokens,
+                pad_token_id=0,
+            )
+            outputs.append(generated[0, len(prompt) :].tolist())
     assert output_checksum(outputs) == systems["elastic"]["output_checksum"]
 
 
@@ -166,18 +191,23 @@ def test_quick_azure_replay_says_what_was_scaled_and_credits_the_data(tmp_path, 
     monkeypatch.setattr(Figure, "text", record_text)
     monkeypatch.setattr(Figure, "savefig", record_save)
     out = tmp_path / "out"
-    assert cli_main.main(["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert (
+        cli_main.main(
+            ["bench", "--quick", "--trace", "azure-code", "--systems", "elastic", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     trace = results["trace"]
     assert trace["name"] == "azure-code" and trace["requests"] == 40
     assert "CC-BY 4.0" in trace["attribution"] and "Splitwise" in trace["attribution"]
-    assert trace["scaling"]["description"] == ("window 0-300 s of the trace; 1 in 20 requests kept; time x1/100; "
-                                               "token counts x1/16")
+    assert trace["scaling"]["description"] == (
+        "window 0-300 s of the trace; 1 in 20 requests kept; time x1/100; token counts x1/16"
+    )
     assert trace["duration_s"] <= 3.0
     summary = (out / "summary.md").read_text()
     assert "CC-BY 4.0" in summary and "time x1/100" in summary
-    for picture in ("memory.png", "latency.png"):   # each picture carries the credit and the scaling
+    for picture in ("memory.png", "latency.png"):  # each picture carries the credit and the scaling
         caption = "\n".join(captions[picture])
         assert "CC-BY 4.0" in caption and "Splitwise" in caption and "time x1/100" in caption, picture
     assert results["systems"]["elastic"]["output_tokens"] == trace["output_tokens"]
@@ -188,15 +218,29 @@ def test_model_path_loads_a_local_checkpoint(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     saved = LlamaForCausalLM(config).eval()
     checkpoint = tmp_path / "my-llama"
     saved.save_pretrained(checkpoint)
     out = tmp_path / "out"
-    assert cli_main.main(["bench", "--quick", "--model", str(checkpoint), "--systems", "elastic", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert (
+        cli_main.main(
+            ["bench", "--quick", "--model", str(checkpoint), "--systems", "elastic", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     model = results["model"]
     assert model["name"] == "my-llama" and results["settings"]["model_path"] == str(checkpoint)
@@ -211,7 +255,12 @@ def test_model_path_loads_a_local_checkpoint(tmp_path):
     with _no_eos(saved), torch.inference_mode():
         for prompt, request in zip(prompt_token_ids(trace, 300, 0), trace.requests):
             ids = torch.tensor([prompt])
-            generated = saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=request.output_tokens, pad_token_id=0)
-            outputs.append(generated[0, len(prompt):].tolist())
+            generated = saved.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=request.output_tokens,
+                pad_token_id=0,
+            )
+            outputs.append(generated[0, len(prompt) :].tolist())
     assert output_checksum(outputs) == results["systems"]["elastic"]["output_checksum"]

@@ -1,10 +1,11 @@
 """The benchmark's command line, traces, scaling and figures, without running a model."""
+
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,7 @@ def _assert_one_line_error(status: int, err: str, *needles: str) -> None:
         (["--time-scale", "-1"], ["--time-scale must be > 0, got -1"]),
         (["--time-scale", "0"], ["--time-scale must be > 0, got 0"]),
         (["--token-scale", "-0.5"], ["--token-scale must be > 0, got -0.5"]),
-        (["--time-scale", "-1/2"], ["--time-scale must be > 0, got -1/2"]),   # not taken for an option
+        (["--time-scale", "-1/2"], ["--time-scale must be > 0, got -1/2"]),  # not taken for an option
         (["--token-scale", "1/0"], ["--token-scale expects a number, got '1/0'"]),
         (["--time-scale", "nan"], ["--time-scale must be > 0, got nan"]),
         (["--window", "-5:10"], ["--window '-5:10'", "need 0 <= START < END"]),
@@ -71,8 +72,7 @@ def _assert_one_line_error(status: int, err: str, *needles: str) -> None:
         (["--page-tokens", "1000000000"], ["--page-tokens must be at most 4096, got 1000000000"]),
         (["--out", ""], ["--out must name a directory"]),
         (["--out", "/proc/ekv-bench-out"], ["--out /proc/ekv-bench-out: cannot create files under /proc"]),
-        (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],
-         ["--device"]),
+        (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], ["--device"]),
         (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
         (["--model", "/nonexistent/model/dir"], ["--model /nonexistent/model/dir: not a directory"]),
     ],
@@ -102,8 +102,9 @@ def test_csv_with_wrong_columns(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("time,prompt,output\n0.5,10,3\n")
     status, _, err = _run_main(["bench", "--trace", str(bad), "--out", str(out)], capsys)
-    _assert_one_line_error(status, err, "missing column(s) TIMESTAMP, ContextTokens, GeneratedTokens",
-                           "found time, prompt, output")
+    _assert_one_line_error(
+        status, err, "missing column(s) TIMESTAMP, ContextTokens, GeneratedTokens", "found time, prompt, output"
+    )
     rows = tmp_path / "rows.csv"
     rows.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,3\n0.7,ten,3\n")
     status, _, err = _run_main(["bench", "--trace", str(rows), "--out", str(out)], capsys)
@@ -131,8 +132,7 @@ def test_csv_saved_with_a_byte_order_mark_reads(tmp_path):
 
 def test_window_that_selects_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    status, _, err = _run_main(["bench", "--trace", "azure-code", "--window", "90000:90001", "--out", str(out)],
-                               capsys)
+    status, _, err = _run_main(["bench", "--trace", "azure-code", "--window", "90000:90001", "--out", str(out)], capsys)
     assert status == 2, err
     assert "selects no requests" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -149,15 +149,22 @@ def test_out_path_that_is_a_file(tmp_path, capsys):
 def test_module_entry_point_exit_status_and_single_line(tmp_path):
     """``python -m torch_elastic_kv bench`` is wired to the same checks."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "bench", "--trace", "nope", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_elastic_kv", "bench", "--trace", "nope", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "ekv-bench: error: unknown trace 'nope'; expected one of steady, bursty, ramp, azure-code or a path to "
-        "a .csv file"]
+        "a .csv file"
+    ]
     assert not out.exists()
-    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "serve"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_elastic_kv", "serve"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "unknown command 'serve'" in proc.stderr
 
 
@@ -168,8 +175,9 @@ def _unbuilt_copy(tmp_path: Path) -> Path:
     import torch_elastic_kv
 
     source = Path(torch_elastic_kv.__file__).parent
-    shutil.copytree(source, tmp_path / "torch_elastic_kv",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.pyc"))
+    shutil.copytree(
+        source, tmp_path / "torch_elastic_kv", ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.pyc")
+    )
     return tmp_path / "torch_elastic_kv"
 
 
@@ -179,20 +187,30 @@ def test_missing_native_core_is_one_line_naming_the_fix(tmp_path):
     package = _unbuilt_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "bench", "--quick", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_elastic_kv", "bench", "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("ekv-bench: error: torch_elastic_kv's compiled core (_C) cannot be loaded from "
-                               f"{package} "), lines[0]
+    assert lines[0].startswith(
+        f"ekv-bench: error: torch_elastic_kv's compiled core (_C) cannot be loaded from {package} "
+    ), lines[0]
     assert "pip install ." in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
     # As a library: the first use of the core raises the same message as an ImportError subclass.
-    code = ("import torch_elastic_kv as e\n"
-            "try:\n    e.Arena\nexcept ImportError as exc:\n    print(type(exc).__name__, '|', exc)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import torch_elastic_kv as e\n"
+        "try:\n    e.Arena\nexcept ImportError as exc:\n    print(type(exc).__name__, '|', exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     name, _, message = proc.stdout.strip().partition(" | ")
     assert name == "NativeCoreMissing" and "compiled core (_C)" in message and str(package) in message
@@ -231,8 +249,9 @@ def test_azure_trace_is_packaged_with_attribution():
 
 def test_scaling_and_its_record():
     raw = [TraceRequest(float(t), 100 + t, 10 + t) for t in range(0, 100, 5)]  # 20 requests, 0..95 s
-    trace = scale_trace("x", "mem", raw, time_scale=0.1, token_scale=0.5, window=parse_window("10:60"), thin=2,
-                        max_total_tokens=70)
+    trace = scale_trace(
+        "x", "mem", raw, time_scale=0.1, token_scale=0.5, window=parse_window("10:60"), thin=2, max_total_tokens=70
+    )
     arrivals = [r.arrival_s for r in trace.requests]
     assert arrivals == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])  # 10,20,..,50 s -> shifted, x0.1
     first = trace.requests[0]
@@ -241,8 +260,10 @@ def test_scaling_and_its_record():
     assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests[1:]] == [(55, 15)] + [(53, 17)] * 3
     s = trace.scaling
     assert s["clipped_requests"] == 4 and s["thin"] == 2 and s["window_s"] == [10.0, 60.0]
-    assert s["description"] == ("window 10-60 s of the trace; 1 in 2 requests kept; time x1/10; "
-                                "token counts x1/2; 4 requests cut to the model's 70-token context")
+    assert s["description"] == (
+        "window 10-60 s of the trace; 1 in 2 requests kept; time x1/10; "
+        "token counts x1/2; 4 requests cut to the model's 70-token context"
+    )
     assert scale_trace("x", "mem", raw).scaling["description"] == "unscaled"
     with pytest.raises(TraceError, match="--time-scale must be a positive number, got -1"):
         scale_trace("x", "mem", raw, time_scale=-1)
@@ -288,13 +309,16 @@ def test_non_editable_install_ships_the_bench_and_its_data():
     wheel compiles the C++ core, too slow for the suite)."""
     import fnmatch
     import importlib
+
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself needs only 3.10
 
     project = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())
     tool = project["tool"]["setuptools"]
     package_root = Path(ROOT) / "src" / "torch_elastic_kv"
-    packages = {"torch_elastic_kv" + "".join("." + part for part in p.parent.relative_to(package_root).parts)
-                for p in package_root.rglob("__init__.py")}
+    packages = {
+        "torch_elastic_kv" + "".join("." + part for part in p.parent.relative_to(package_root).parts)
+        for p in package_root.rglob("__init__.py")
+    }
     assert "torch_elastic_kv.bench" in packages
     assert packages <= set(tool["packages"]), packages - set(tool["packages"])
     globs = tool["package-data"]["torch_elastic_kv"]

@@ -1,4 +1,5 @@
 """The benchmark's wall-clock replay loop, against a stand-in engine that records what it is asked."""
+
 from __future__ import annotations
 
 import time
@@ -45,15 +46,43 @@ class RecordingEngine:
 
     def stats(self):
         running = sum(1 for left in self.remaining.values() if left)
-        return {"resident_bytes": 4096 * max(running, 1), "live_bytes": 4096 * running, "preemptions": 0,
-                "grows": 1, "shrinks": 0, "compactions": 0}
+        return {
+            "resident_bytes": 4096 * max(running, 1),
+            "live_bytes": 4096 * running,
+            "preemptions": 0,
+            "grows": 1,
+            "shrinks": 0,
+            "compactions": 0,
+        }
 
 
 def _settings(**overrides) -> BenchSettings:
-    values = dict(trace="t", systems=("elastic",), model_path=None, config="tiny", device="cpu", dtype="float32",
-                  seed=0, out="x", quick=True, time_scale=1.0, token_scale=1.0, window=(0.0, None), thin=1,
-                  max_bytes=None, min_bytes=0, headroom=0.1, idle_seconds=0.1, tail_seconds=0.3, max_running=4,
-                  max_batch_tokens=64, page_tokens=16, sample_interval_s=0.01, threads=1, progress=False)
+    values = dict(
+        trace="t",
+        systems=("elastic",),
+        model_path=None,
+        config="tiny",
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        out="x",
+        quick=True,
+        time_scale=1.0,
+        token_scale=1.0,
+        window=(0.0, None),
+        thin=1,
+        max_bytes=None,
+        min_bytes=0,
+        headroom=0.1,
+        idle_seconds=0.1,
+        tail_seconds=0.3,
+        max_running=4,
+        max_batch_tokens=64,
+        page_tokens=16,
+        sample_interval_s=0.01,
+        threads=1,
+        progress=False,
+    )
     values.update(overrides)
     return BenchSettings(**values)
 
@@ -82,5 +111,6 @@ def test_a_stuck_engine_ends_the_run_with_an_error(monkeypatch):
     monkeypatch.setattr(systems, "STALL_SECONDS", 0.2)
     trace = Trace("t", "mem", (TraceRequest(0.0, 3, 2),))
     with pytest.raises(RuntimeError, match=r"elastic: no output token for 0.2 s with 1 arrived requests unfinished"):
-        systems.replay_engine(RecordingEngine(produce=False), trace, [[1, 2, 3]], _settings(),
-                              Progress(2, enabled=False), "elastic")
+        systems.replay_engine(
+            RecordingEngine(produce=False), trace, [[1, 2, 3]], _settings(), Progress(2, enabled=False), "elastic"
+        )

@@ -1,4 +1,5 @@
 """Per-device byte budget: shared by every arena of a device, changeable while they live."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,16 +13,21 @@ MiB = 1 << 20
 
 def test_budget_is_shared_and_changeable_live(arena_device: str) -> None:
     oom = torch.OutOfMemoryError if arena_device == "cuda" else MemoryError
-    with Arena(32 * MiB, device=arena_device, reuse_bytes=0) as a, \
-            Arena(32 * MiB, device=arena_device, reuse_bytes=0) as b:
+    with (
+        Arena(32 * MiB, device=arena_device, reuse_bytes=0) as a,
+        Arena(32 * MiB, device=arena_device, reuse_bytes=0) as b,
+    ):
         g = a.granularity
         ekv.set_budget(5 * g, arena_device)
         assert ekv.memory_stats(arena_device)["budget_bytes"] == 5 * g
         a.map(0, 3 * g)
         b.map(0, 2 * g)
         before = (a.stats(), b.stats(), ekv.memory_stats(arena_device))
-        with pytest.raises(oom, match=rf"Arena.map\(offset={4 * g}, nbytes={g}\): needs {g} more bytes"
-                                      rf".*budget is {5 * g} bytes with {5 * g} held"):
+        with pytest.raises(
+            oom,
+            match=rf"Arena.map\(offset={4 * g}, nbytes={g}\): needs {g} more bytes"
+            rf".*budget is {5 * g} bytes with {5 * g} held",
+        ):
             b.map(4 * g, g)
         assert (a.stats(), b.stats(), ekv.memory_stats(arena_device)) == before
         # Raised while both arenas live: the same map now succeeds.
@@ -38,7 +44,9 @@ def test_budget_below_in_use_is_refused(arena_device: str) -> None:
         g = a.granularity
         a.map(0, 3 * g)
         ekv.set_budget(8 * g, arena_device)
-        with pytest.raises(ValueError, match=rf"set_budget\({2 * g}, device='(cpu|cuda:0)'\): below the {3 * g} bytes in use"):
+        with pytest.raises(
+            ValueError, match=rf"set_budget\({2 * g}, device='(cpu|cuda:0)'\): below the {3 * g} bytes in use"
+        ):
             ekv.set_budget(2 * g, arena_device)
         assert ekv.memory_stats(arena_device)["budget_bytes"] == 8 * g
         ekv.set_budget(3 * g, arena_device)  # exactly what is in use is fine
@@ -64,18 +72,21 @@ def test_cached_handles_serve_maps_without_new_budget(arena_device: str) -> None
         a.unmap(0, 2 * g)
         a.poll()
         ekv.set_budget(2 * g, arena_device)  # held (cached) == budget
-        a.map(4 * g, 2 * g)                  # served from the cache: no new charge
+        a.map(4 * g, 2 * g)  # served from the cache: no new charge
         assert a.stats()["creates"] == 2
         with pytest.raises(MemoryError if arena_device == "cpu" else torch.OutOfMemoryError):
             a.map(8 * g, g)
 
 
-@pytest.mark.parametrize("bad, exc, text", [
-    (-1, ValueError, "set_budget\\(nbytes=-1\\)"),
-    (1 << 64, ValueError, f"nbytes={1 << 64} is larger"),
-    (1.5, TypeError, "nbytes must be an int"),
-    ("1", TypeError, "nbytes must be an int"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, text",
+    [
+        (-1, ValueError, "set_budget\\(nbytes=-1\\)"),
+        (1 << 64, ValueError, f"nbytes={1 << 64} is larger"),
+        (1.5, TypeError, "nbytes must be an int"),
+        ("1", TypeError, "nbytes must be an int"),
+    ],
+)
 def test_bad_budget_values(bad: object, exc: type, text: str) -> None:
     with pytest.raises(exc, match=text):
         ekv.set_budget(bad)  # type: ignore[arg-type]
@@ -90,8 +101,10 @@ def test_bad_device_names() -> None:
 
 
 def test_map_reclaims_other_arenas_caches_before_failing(arena_device: str) -> None:
-    with Arena(32 * MiB, device=arena_device, reuse_bytes=8 * MiB) as a, \
-            Arena(32 * MiB, device=arena_device, reuse_bytes=0) as b:
+    with (
+        Arena(32 * MiB, device=arena_device, reuse_bytes=8 * MiB) as a,
+        Arena(32 * MiB, device=arena_device, reuse_bytes=0) as b,
+    ):
         g = a.granularity
         a.map(0, 4 * g)
         a.unmap(0, 4 * g)

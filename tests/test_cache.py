@@ -1,18 +1,19 @@
 """ElasticPagedCache in model.generate(): token identity with DynamicCache, memory, errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from torch_elastic_kv.testing.models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
 from torch_elastic_kv.hf.attention import enable_paged_attention
 from torch_elastic_kv.hf.cache import ElasticPagedCache
 from torch_elastic_kv.hf.compat import cache_kwargs
 from torch_elastic_kv.kv.pool import KVPagePool
 from torch_elastic_kv.testing import rss_shmem
+from torch_elastic_kv.testing.models import FACTORIES, left_padded_batch, tiny_llama, tiny_mistral
 
-LENGTHS = [5, 9, 3, 12, 17]   # >= 4 prompts of different lengths, left-padded
+LENGTHS = [5, 9, 3, 12, 17]  # >= 4 prompts of different lengths, left-padded
 NEW = 12
 
 
@@ -53,8 +54,12 @@ def test_both_cache_keywords_give_the_same_tokens_and_cache_kwargs_warns_nothing
     ref = _generate(model, DynamicCache(config=model.config), batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        by_old_name = model.generate(**batch, past_key_values=ElasticPagedCache(model.config, max_bytes=8 << 20),
-                                     max_new_tokens=NEW, do_sample=False)
+        by_old_name = model.generate(
+            **batch,
+            past_key_values=ElasticPagedCache(model.config, max_bytes=8 << 20),
+            max_new_tokens=NEW,
+            do_sample=False,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         by_declared_name = _generate(model, ElasticPagedCache(model.config, max_bytes=8 << 20), batch)
@@ -76,11 +81,13 @@ def _teacher_forced_logits(model, cache, batch, tokens):
     logits = []
     with torch.no_grad():
         for step in range(tokens.shape[1] + 1):
-            feed = ids if step == 0 else tokens[:, step - 1:step]
+            feed = ids if step == 0 else tokens[:, step - 1 : step]
             if step:
                 mask = torch.cat([mask, torch.ones_like(feed)], dim=1)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1]:]
-            out = model(input_ids=feed, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1] :]
+            out = model(
+                input_ids=feed, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True
+            )
             logits.append(out.logits[:, -1].float())
     return torch.stack(logits, 1)
 
@@ -98,7 +105,7 @@ def test_bfloat16_paged_attention_logits_within_tolerance():
     got = _teacher_forced_logits(model, ElasticPagedCache(model.config, max_bytes=8 << 20), batch, forced)
     diff = (got - ref).abs().max().item()
     assert diff <= BF16_PAGED_LOGIT_ATOL, f"max |logit diff| {diff}"
-    assert ref.abs().max().item() > 40 * BF16_PAGED_LOGIT_ATOL   # the bound is meaningful
+    assert ref.abs().max().item() > 40 * BF16_PAGED_LOGIT_ATOL  # the bound is meaningful
 
 
 @pytest.mark.parametrize("attention", ["gather", "paged"])
@@ -117,8 +124,13 @@ def _continue(model, cache, batch, first):
     """A second turn: append 3 user tokens to the first output and generate again on the same cache."""
     extra = torch.randint(3, 256, (first.shape[0], 3), generator=torch.Generator().manual_seed(9))
     ids = torch.cat([first, extra], 1)
-    mask = torch.cat([batch["attention_mask"], torch.ones(first.shape[0], ids.shape[1] - batch["attention_mask"].shape[1],
-                                                          dtype=torch.long)], 1)
+    mask = torch.cat(
+        [
+            batch["attention_mask"],
+            torch.ones(first.shape[0], ids.shape[1] - batch["attention_mask"].shape[1], dtype=torch.long),
+        ],
+        1,
+    )
     return _generate(model, cache, {"input_ids": ids, "attention_mask": mask})
 
 
@@ -141,10 +153,9 @@ def test_release_then_reuse_with_another_batch():
     assert cache.pool.live_pages > 0
     cache.release()
     assert cache.pool.live_pages == 0 and cache.get_seq_length() == 0
-    batch = left_padded_batch([7, 2, 11], seed=4)   # another batch size
+    batch = left_padded_batch([7, 2, 11], seed=4)  # another batch size
     ref = _generate(model, DynamicCache(config=model.config), batch)
     assert torch.equal(_generate(model, cache, batch), ref)
-
 
 
 @pytest.mark.parametrize("layout", ["page-major", "layer-major"])
@@ -158,7 +169,7 @@ def test_release_and_trim_return_physical_memory(layout):
     stats = pool.stats()
     slack = stats["granule_bytes"] * stats["arenas"]
     assert stats["resident_bytes"] >= 4 * stats["granule_bytes"]
-    assert rss_shmem() - before >= stats["live_bytes"] - slack   # the pages really are resident
+    assert rss_shmem() - before >= stats["live_bytes"] - slack  # the pages really are resident
     cache.release()
     pool.compact()
     given = pool.trim()
@@ -171,13 +182,14 @@ def test_release_and_trim_return_physical_memory(layout):
 def test_fragmentation_compaction_keeps_survivors_exact():
     """32 sequences interleaved across granules; free every other one; compact; the rest go on exactly."""
     model = enable_paged_attention(
-        tiny_llama(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4))
+        tiny_llama(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4)
+    )
     pool = KVPagePool(4, 4, 32, torch.float32, page_tokens=16, max_bytes=64 << 20)
     cache = ElasticPagedCache(model.config, pool=pool)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 256, (96 + (i % 5) * 8,), generator=g).tolist() for i in range(32)]
     pos = [0] * 32
-    with torch.no_grad():   # prefill 16 tokens of every sequence per step: pages interleave
+    with torch.no_grad():  # prefill 16 tokens of every sequence per step: pages interleave
         while any(pos[i] < len(p) for i, p in enumerate(prompts)):
             entries, toks = [], []
             for i, p in enumerate(prompts):
@@ -185,7 +197,7 @@ def test_fragmentation_compaction_keeps_survivors_exact():
                     n = min(16, len(p) - pos[i])
                     cache.ensure_capacity(i, pos[i] + n)
                     entries.append((i, pos[i], n))
-                    toks += p[pos[i]:pos[i] + n]
+                    toks += p[pos[i] : pos[i] + n]
                     pos[i] += n
             out = model(input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries))
     for i in range(0, 32, 2):
@@ -208,24 +220,31 @@ def test_fragmentation_compaction_keeps_survivors_exact():
     survivors = list(range(1, 32, 2))[:6]
     with torch.no_grad():
         for i in survivors:
-            ref = model.generate(input_ids=torch.tensor([prompts[i]]), max_new_tokens=6, do_sample=False,
-                                 **cache_kwargs(model, DynamicCache(config=model.config)))[0, len(prompts[i]):].tolist()
+            ref = model.generate(
+                input_ids=torch.tensor([prompts[i]]),
+                max_new_tokens=6,
+                do_sample=False,
+                **cache_kwargs(model, DynamicCache(config=model.config)),
+            )[0, len(prompts[i]) :].tolist()
             got = []
             nxt = None
-            for step in range(6):
+            for _step in range(6):
                 n = cache.seq_tokens(i)
-                if nxt is None:   # re-feed the last prompt token to get its logits again
+                if nxt is None:  # re-feed the last prompt token to get its logits again
                     entries, toks = [(i, n - 1, 1)], [prompts[i][-1]]
                 else:
                     cache.ensure_capacity(i, n + 1)
                     entries, toks = [(i, n, 1)], [nxt]
-                out = model(input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries))
+                out = model(
+                    input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries)
+                )
                 nxt = int(out.logits[0, -1].argmax())
                 got.append(nxt)
             assert got == ref, f"sequence {i}"
 
 
 # -- unsupported use ---------------------------------------------------------------------------
+
 
 def test_beam_search_raises_and_releases():
     model = _model("llama", "gather")
@@ -271,8 +290,13 @@ def test_out_of_memory_leaves_other_sequences_intact():
     assert hog.stats()["pages"] == 0 and first.stats()["pages"] == held
     assert torch.equal(pool.read_pages(first._rows[0].pages), snapshot)
     # the first cache carries on as if nothing happened
-    out = _generate(model, first, {"input_ids": prompt_only,
-                                   "attention_mask": torch.cat([batch["attention_mask"],
-                                                                torch.ones(len(LENGTHS), 1, dtype=torch.long)], 1)},
-                    max_new_tokens=NEW - 1)
+    out = _generate(
+        model,
+        first,
+        {
+            "input_ids": prompt_only,
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones(len(LENGTHS), 1, dtype=torch.long)], 1),
+        },
+        max_new_tokens=NEW - 1,
+    )
     assert torch.equal(out, ref)

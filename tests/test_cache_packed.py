@@ -1,15 +1,16 @@
 """Packed (continuous-batching) mode of ElasticPagedCache against DynamicCache, one sequence at a time."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from torch_elastic_kv.testing.models import tiny_llama, tiny_qwen2
 from torch_elastic_kv.hf.attention import enable_paged_attention
 from torch_elastic_kv.hf.cache import ElasticPagedCache
 from torch_elastic_kv.hf.compat import cache_kwargs
 from torch_elastic_kv.kv.pool import KVPagePool
+from torch_elastic_kv.testing.models import tiny_llama, tiny_qwen2
 
 NEW_TOKENS = 10
 
@@ -26,9 +27,13 @@ def _reference(model, prompts, new_tokens=NEW_TOKENS):
         for p in prompts:
             ids = torch.tensor([p])
             logits.append(model(input_ids=ids).logits[0, -1])
-            out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
-                                 **cache_kwargs(model, DynamicCache(config=model.config)))
-            tokens.append(out[0, len(p):].tolist())
+            out = model.generate(
+                input_ids=ids,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                **cache_kwargs(model, DynamicCache(config=model.config)),
+            )
+            tokens.append(out[0, len(p) :].tolist())
     return logits, tokens
 
 
@@ -45,7 +50,7 @@ def _run_packed(model, cache, prompts, chunk, new_tokens=NEW_TOKENS, ids=None):
                 if len(gen[i]) >= new_tokens:
                     continue
                 n = min(chunk, len(p) - pos[i]) if pos[i] < len(p) else 1
-                feed = p[pos[i]:pos[i] + n] if pos[i] < len(p) else [gen[i][-1]]
+                feed = p[pos[i] : pos[i] + n] if pos[i] < len(p) else [gen[i][-1]]
                 cache.ensure_capacity(i, pos[i] + n)
                 entries.append((i, pos[i], n))
                 tokens += feed
@@ -91,7 +96,7 @@ def test_packed_detach_attach_and_swap_roundtrip():
     _, ref_tokens = _reference(model, prompts)
     pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=4, max_bytes=8 << 20)
     cache = ElasticPagedCache(model.config, pool=pool)
-    with torch.no_grad():   # prefill both
+    with torch.no_grad():  # prefill both
         for i, p in enumerate(prompts):
             cache.ensure_capacity(i, len(p))
         extra = cache.set_packed_batch([(0, 0, len(prompts[0])), (1, 0, len(prompts[1]))])
@@ -108,7 +113,7 @@ def test_packed_detach_attach_and_swap_roundtrip():
     with torch.no_grad():
         for _ in range(NEW_TOKENS - 1):
             entries = []
-            for i, p in enumerate(prompts):
+            for i, _p in enumerate(prompts):
                 n = cache.seq_tokens(i)
                 cache.ensure_capacity(i, n + 1)
                 entries.append((i, n, 1))
@@ -130,7 +135,7 @@ def test_packed_errors_leave_state_intact():
     with pytest.raises(ValueError, match="needs 40 tokens of pages, has 32"):
         cache.set_packed_batch([(7, 0, 40)])
     with pytest.raises(ValueError, match="start_pos=5"):
-        cache.set_packed_batch([(7, 5, 1)])        # nothing stored yet: cannot start at 5
+        cache.set_packed_batch([(7, 5, 1)])  # nothing stored yet: cannot start at 5
     # OOM: a sequence that would exceed the pool's budget; the other sequence keeps its pages
     budget_pages = pool.free_pages + 2
     before = cache.seq_pages(7)
@@ -143,7 +148,9 @@ def test_packed_errors_leave_state_intact():
     forced = ElasticPagedCache(plain.config, pool=pool, attention="paged")
     forced.ensure_capacity(1, 3)
     with pytest.raises(ValueError, match="needs the model to use the paged attention"):
-        plain(input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(plain, forced), **forced.set_packed_batch([(1, 0, 3)]))
+        plain(
+            input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(plain, forced), **forced.set_packed_batch([(1, 0, 3)])
+        )
 
 
 def test_compaction_between_set_packed_batch_and_forward():
@@ -157,8 +164,11 @@ def test_compaction_between_set_packed_batch_and_forward():
     with torch.no_grad():
         for i, p in enumerate(prompts):
             cache.ensure_capacity(i, len(p) + 3)
-        out = model(input_ids=torch.tensor([sum(prompts, [])]), **cache_kwargs(model, cache),
-                    **cache.set_packed_batch([(i, 0, len(p)) for i, p in enumerate(prompts)]))
+        out = model(
+            input_ids=torch.tensor([sum(prompts, [])]),
+            **cache_kwargs(model, cache),
+            **cache.set_packed_batch([(i, 0, len(p)) for i, p in enumerate(prompts)]),
+        )
         nxt = int(out.logits[0, 2].argmax())
         cache.free_seq(0)
         before = cache.seq_pages(2)
@@ -170,13 +180,13 @@ def test_compaction_between_set_packed_batch_and_forward():
 
 def test_compaction_before_the_first_forward_reaches_the_cache():
     """Packed mode allocates before any forward: a compaction then must still remap its pages."""
-    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=1024, max_bytes=8 << 20)   # 4 pages/chunk
+    pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=1024, max_bytes=8 << 20)  # 4 pages/chunk
     cache = ElasticPagedCache(tiny_llama().config, pool=pool)
-    filler = pool.alloc(6)                       # a full first chunk, two pages in the second
-    cache.ensure_capacity(0, 1024)               # one page, in the second chunk
+    filler = pool.alloc(6)  # a full first chunk, two pages in the second
+    cache.ensure_capacity(0, 1024)  # one page, in the second chunk
     before = cache.seq_pages(0)
     pool.free([filler[0], filler[4], filler[5]])  # first chunk: one hole; second: only the cache's page
-    assert pool.compact() > 0                     # the cache's page moves into the hole
+    assert pool.compact() > 0  # the cache's page moves into the hole
     after = cache.seq_pages(0)
     assert after != before and all(pool.is_live(p) for p in after)
     assert not any(pool.is_live(p) for p in before)
@@ -201,7 +211,11 @@ def test_interrupted_forward_leaves_the_cache_usable():
     cache.update = interrupted
     cache.ensure_capacity(5, len(prompt))
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
-        model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache), **cache.set_packed_batch([(5, 0, len(prompt))]))
+        model(
+            input_ids=torch.tensor([prompt]),
+            **cache_kwargs(model, cache),
+            **cache.set_packed_batch([(5, 0, len(prompt))]),
+        )
     del cache.update
     cache.free_seq(5)
     first, gen = _run_packed(model, cache, [prompt], chunk=16, new_tokens=3)
@@ -215,25 +229,33 @@ def test_closed_cache_refuses_every_use_and_release_keeps_it_usable():
     with torch.no_grad():
         model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache))
     assert cache.get_seq_length() == 5
-    cache.release()                     # not final: the cache serves again
+    cache.release()  # not final: the cache serves again
     cache.ensure_capacity(7, 20)
     assert cache.seq_tokens(7) == 0 and len(cache.seq_pages(7)) == 2
     pool = cache.pool
     cache.close()
-    assert pool._closed                 # the cache created it, so closing the cache closes it
+    assert pool._closed  # the cache created it, so closing the cache closes it
     k = torch.zeros(1, model.config.num_key_value_heads, 1, model.config.head_dim)
     calls = {
-        "update": lambda: cache.update(k, k, 0), "get_seq_length": lambda: cache.get_seq_length(),
-        "get_mask_sizes": lambda: cache.get_mask_sizes(1), "get_max_length": lambda: cache.get_max_length(),
-        "reorder_cache": lambda: cache.reorder_cache(torch.tensor([0])), "crop": lambda: cache.crop(-1),
+        "update": lambda: cache.update(k, k, 0),
+        "get_seq_length": lambda: cache.get_seq_length(),
+        "get_mask_sizes": lambda: cache.get_mask_sizes(1),
+        "get_max_length": lambda: cache.get_max_length(),
+        "reorder_cache": lambda: cache.reorder_cache(torch.tensor([0])),
+        "crop": lambda: cache.crop(-1),
         "batch_repeat_interleave": lambda: cache.batch_repeat_interleave(2),
         "batch_select_indices": lambda: cache.batch_select_indices(torch.tensor([0])),
-        "reset": lambda: cache.reset(), "ensure_capacity": lambda: cache.ensure_capacity(1, 4),
-        "free_seq": lambda: cache.free_seq(7), "seq_tokens": lambda: cache.seq_tokens(7),
-        "seq_pages": lambda: cache.seq_pages(7), "seq_ids": lambda: cache.seq_ids(),
-        "detach_seq": lambda: cache.detach_seq(7), "attach_seq": lambda: cache.attach_seq(8, [0], 1),
+        "reset": lambda: cache.reset(),
+        "ensure_capacity": lambda: cache.ensure_capacity(1, 4),
+        "free_seq": lambda: cache.free_seq(7),
+        "seq_tokens": lambda: cache.seq_tokens(7),
+        "seq_pages": lambda: cache.seq_pages(7),
+        "seq_ids": lambda: cache.seq_ids(),
+        "detach_seq": lambda: cache.detach_seq(7),
+        "attach_seq": lambda: cache.attach_seq(8, [0], 1),
         "set_packed_batch": lambda: cache.set_packed_batch([(7, 0, 1)]),
-        "clear_packed_batch": lambda: cache.clear_packed_batch(), "release": lambda: cache.release(),
+        "clear_packed_batch": lambda: cache.clear_packed_batch(),
+        "release": lambda: cache.release(),
         "stats": lambda: cache.stats(),
     }
     for name, call in calls.items():
@@ -242,4 +264,4 @@ def test_closed_cache_refuses_every_use_and_release_keeps_it_usable():
     # The model's own forward through a closed cache gets the same error, not a crash.
     with pytest.raises(RuntimeError, match="the cache is closed"), torch.no_grad():
         model(input_ids=torch.tensor([prompt]), **cache_kwargs(model, cache))
-    cache.close()                       # twice is fine
+    cache.close()  # twice is fine

@@ -4,13 +4,14 @@ A cuEventDestroy that fails is counted (stats()["leaked_events"]) and named in l
 close() the driver refuses names what it kept and a later close() gives it back; an ekv_free
 whose free-time event cannot be recorded still frees the block (torch never retries a free).
 """
+
 from __future__ import annotations
 
 import pytest
 
 import torch_elastic_kv as ekv
-from allocator_helpers import MiB, Abi, check, fill, tagged
-from torch_elastic_kv import Arena, _C
+from allocator_helpers import Abi, MiB, check, fill, tagged
+from torch_elastic_kv import _C, Arena
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
@@ -37,6 +38,7 @@ def assert_nothing_live(s: dict) -> None:
 
 # -- cuEventDestroy -----------------------------------------------------------------------------
 
+
 def test_a_free_time_event_the_driver_will_not_destroy_is_counted_and_reported(dev):
     abi, fake = dev
     p = abi.malloc(4096, S1)
@@ -47,7 +49,8 @@ def test_a_free_time_event_the_driver_will_not_destroy_is_counted_and_reported(d
     assert q
     assert ekv_alloc.last_error(clear=True) == (
         "allocator on cuda:0: 1 CUDA event(s) could not be destroyed (1 leaked in all, stats()['leaked_events']): "
-        f"cuEventDestroy {FAILED} (the event leaked)")
+        f"cuEventDestroy {FAILED} (the event leaked)"
+    )
     s = ekv_alloc.stats(DEV)
     assert s["leaked_events"] == 1 and s["live_blocks"] == 1 and s["free_event_failures"] == 0
     assert fake.live_events() == 1  # the leaked one
@@ -71,7 +74,8 @@ def test_an_arena_event_lost_inside_an_allocator_trim_reaches_last_error(dev):
     assert ekv_alloc.trim(DEV) == 8 * MiB
     assert ekv_alloc.last_error(clear=True) == (
         "allocator on cuda:0: 1 CUDA event(s) could not be destroyed (1 leaked in all, stats()['leaked_events']): "
-        f"cuEventDestroy {FAILED} (the event leaked)")
+        f"cuEventDestroy {FAILED} (the event leaked)"
+    )
     s = ekv_alloc.stats(DEV)
     assert s["leaked_events"] == 1 and s["mapped_bytes"] == 0
     assert fake.live_events() == 1 and fake.live_handles() == 0
@@ -95,13 +99,23 @@ def test_an_arena_counts_the_events_its_reaps_leak(fake_cuda):
 
 # -- close() ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("function, left, kept", [
-    ("cuMemAddressFree", "the 67108864-byte address range at 0x", {"reservations": 1}),
-    ("cuMemUnmap", "1 mapped granules (2097152 bytes), the 67108864-byte address range at 0x",
-     {"handles": 1, "mappings": 1, "reservations": 1, "used_bytes": 2 * MiB}),
-    ("cuMemRelease", "1 physical handles (2097152 bytes); close() again retries",
-     {"handles": 1, "used_bytes": 2 * MiB}),
-])
+
+@pytest.mark.parametrize(
+    "function, left, kept",
+    [
+        ("cuMemAddressFree", "the 67108864-byte address range at 0x", {"reservations": 1}),
+        (
+            "cuMemUnmap",
+            "1 mapped granules (2097152 bytes), the 67108864-byte address range at 0x",
+            {"handles": 1, "mappings": 1, "reservations": 1, "used_bytes": 2 * MiB},
+        ),
+        (
+            "cuMemRelease",
+            "1 physical handles (2097152 bytes); close() again retries",
+            {"handles": 1, "used_bytes": 2 * MiB},
+        ),
+    ],
+)
 def test_a_refused_close_names_what_it_kept_and_the_next_close_gives_it_back(fake_cuda, function, left, kept):
     base = ekv.memory_stats("cuda")  # device-wide: other arenas may be alive
     a = Arena(64 * MiB, device="cuda", reuse_bytes=4 * MiB)
@@ -121,8 +135,12 @@ def test_a_refused_close_names_what_it_kept_and_the_next_close_gives_it_back(fak
     assert (s["mapped_bytes"], s["pending_bytes"], s["cached_bytes"], s["held_bytes"]) == (0, 0, held, held)
     assert s["reserved_bytes"] == 64 * MiB * kept.get("reservations", 0)
     d = ekv.memory_stats("cuda")
-    assert (d["held_bytes"] - base["held_bytes"], d["cached_bytes"] - base["cached_bytes"],
-            d["mapped_bytes"] - base["mapped_bytes"], d["arenas"] - base["arenas"]) == (held, held, 0, 0)
+    assert (
+        d["held_bytes"] - base["held_bytes"],
+        d["cached_bytes"] - base["cached_bytes"],
+        d["mapped_bytes"] - base["mapped_bytes"],
+        d["arenas"] - base["arenas"],
+    ) == (held, held, 0, 0)
     assert a.closed
     with pytest.raises(RuntimeError, match="the arena is closed"):
         a.map(0, g)
@@ -145,7 +163,8 @@ def test_allocator_close_names_what_the_driver_kept_and_the_next_close_retries(d
         ekv_alloc.close(DEV)
     assert str(e.value).startswith(
         "close(device=cuda:0): the allocator is dropped (the next malloc starts afresh), but its memory was not "
-        f"all given back: Arena.close: cuMemAddressFree {FAILED}; not given back: the "), str(e.value)
+        f"all given back: Arena.close: cuMemAddressFree {FAILED}; not given back: the "
+    ), str(e.value)
     assert str(e.value).endswith(" (close(device) again retries)")
     assert fake.counts() == {**ZERO, "reservations": 1}
     assert DEV not in _C.allocator_devices() and _C.allocator_unclosed_devices() == [DEV]
@@ -157,6 +176,7 @@ def test_allocator_close_names_what_the_driver_kept_and_the_next_close_retries(d
 
 
 # -- ekv_free without a free-time event -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("function", ["cuEventCreate", "cuEventRecord"])
 def test_a_free_without_its_event_waits_for_its_stream_and_frees_the_block(dev, function):
@@ -170,7 +190,8 @@ def test_a_free_without_its_event_waits_for_its_stream_and_frees_the_block(dev, 
     abi.free(p, 8 * MiB, S1)
     assert ekv_alloc.last_error(clear=True) == (
         f"ekv_free(ptr={p:#x}, size={8 * MiB}, device=cuda:0): recording the free-time event failed: "
-        f"{function} {FAILED}; synchronized the stream instead, and freed the block")
+        f"{function} {FAILED}; synchronized the stream instead, and freed the block"
+    )
     assert ekv_alloc.snapshot(DEV) == []
     s = ekv_alloc.stats(DEV)
     assert_nothing_live(s)
@@ -194,7 +215,8 @@ def test_a_free_whose_stream_cannot_be_waited_for_synchronizes_the_device(dev):
     abi.free(p, 3 * MiB, S1)
     assert ekv_alloc.last_error(clear=True) == (
         f"ekv_free(ptr={p:#x}, size={3 * MiB}, device=cuda:0): recording the free-time event failed: "
-        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; synchronized the device instead, and freed the block")
+        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; synchronized the device instead, and freed the block"
+    )
     s = ekv_alloc.stats(DEV)
     assert_nothing_live(s)
     assert s["pending_free_bytes"] == 0 and s["free_event_failures"] == 1
@@ -216,7 +238,8 @@ def test_a_free_that_cannot_wait_at_all_keeps_the_block_for_its_stream_until_tri
     assert free_failing_every_wait(p, 8 * MiB) == (
         f"ekv_free(ptr={p:#x}, size={8 * MiB}, device=cuda:0): recording the free-time event failed: "
         f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; cuCtxSynchronize {FAILED}; the block is freed, "
-        "reusable by its stream only until trim() synchronizes the device")
+        "reusable by its stream only until trim() synchronizes the device"
+    )
     s = ekv_alloc.stats(DEV)
     assert_nothing_live(s)
     assert s["pending_free_bytes"] == 8 * MiB and s["free_event_failures"] == 1

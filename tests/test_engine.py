@@ -8,6 +8,7 @@ The model is tiny in compute but has wide K/V (2 layers x 4 KV heads x head_dim 
 so one 16-token page is 128 KiB and a 2 MiB host granule holds 16 pages: the workload spans
 many granules and growing, shrinking and compaction are visible in /proc.
 """
+
 from __future__ import annotations
 
 import threading
@@ -16,10 +17,10 @@ import time
 import pytest
 import torch
 
-from torch_elastic_kv.testing.models import tiny_llama
 from torch_elastic_kv import ElasticPolicy, Engine
 from torch_elastic_kv.engine.runner import ModelRunner
 from torch_elastic_kv.testing import ManualClock, rss_shmem
+from torch_elastic_kv.testing.models import tiny_llama
 
 MiB = 1 << 20
 
@@ -29,8 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(hidden_size=512, intermediate_size=256, num_attention_heads=4,
-                      num_key_value_heads=4)
+    return tiny_llama(hidden_size=512, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,11 @@ def references(model, workload):
     with torch.no_grad():
         for p, n in zip(prompts, max_new):
             ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)
-            out.append(ids[0, len(p):].tolist())
+            out.append(ids[0, len(p) :].tolist())
     return out
 
 
-def run_staggered(eng: Engine, clock: ManualClock, prompts, max_new, per_step=2, dt=0.01,
-                  on_step=None) -> list[int]:
+def run_staggered(eng: Engine, clock: ManualClock, prompts, max_new, per_step=2, dt=0.01, on_step=None) -> list[int]:
     """Add ``per_step`` requests before each step until all are in; step until done."""
     rids: list[int] = []
     i = 0
@@ -73,10 +72,9 @@ def run_staggered(eng: Engine, clock: ManualClock, prompts, max_new, per_step=2,
 def test_32_staggered_requests_match_generate_and_memory_follows_demand(model, workload, references):
     prompts, max_new = workload
     clock = ManualClock(1000.0)
-    policy = ElasticPolicy(min_bytes=3 * MiB, max_bytes=24 * MiB, headroom=0.1, idle_seconds=5.0,
-                           clock=clock)
+    policy = ElasticPolicy(min_bytes=3 * MiB, max_bytes=24 * MiB, headroom=0.1, idle_seconds=5.0, clock=clock)
     eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
-    granule = eng.stats()["resident_bytes"]            # min_bytes -> 2 granules of 2 MiB
+    granule = eng.stats()["resident_bytes"]  # min_bytes -> 2 granules of 2 MiB
     assert granule == 4 * MiB
     peak = {"resident": 0, "live": 0}
 
@@ -134,7 +132,7 @@ def test_budget_cut_to_30_percent_mid_run_preempts_by_swap_and_recompute(model, 
         elif state["cut"] is not None and state["steps"] <= state["after_cut"] + 40:
             assert e.stats()["resident_bytes"] <= 0.3 * state["cut"]
             if state["steps"] == state["after_cut"] + 40:
-                e.set_budget(None)   # restored: the rest runs under max_bytes again
+                e.set_budget(None)  # restored: the rest runs under max_bytes again
 
     rids = run_staggered(eng, clock, prompts, max_new, per_step=8, on_step=cut)
     assert state["cut"] is not None, "live never reached the cut point"
@@ -155,7 +153,7 @@ def test_steady_load_shrinks_at_most_once(model):
     eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
     g = torch.Generator().manual_seed(7)
     for step in range(240):
-        if step % 2 == 0 and step < 200:   # one request every 2 steps (0.2 s), then drain
+        if step % 2 == 0 and step < 200:  # one request every 2 steps (0.2 s), then drain
             n = int(torch.randint(20, 60, (1,), generator=g))
             eng.add_request(torch.randint(3, 256, (n,), generator=g).tolist(), 16)
         eng.step()
@@ -175,11 +173,12 @@ def test_steady_load_shrinks_at_most_once(model):
 
 def test_grower_thread_maps_ahead_of_the_step(model):
     policy = ElasticPolicy(max_bytes=32 * MiB, idle_seconds=60.0)
-    eng = Engine(model, policy=policy, max_batch_tokens=256, background=True,
-                 grow_in_background=True)   # on CPU the default grows inline
+    eng = Engine(
+        model, policy=policy, max_batch_tokens=256, background=True, grow_in_background=True
+    )  # on CPU the default grows inline
     try:
         assert eng.stats()["resident_bytes"] == 0
-        eng.add_request(list(range(3, 203)), 4)   # 200 tokens: 13 pages, one granule
+        eng.add_request(list(range(3, 203)), 4)  # 200 tokens: 13 pages, one granule
         deadline = time.monotonic() + 1.0
         while eng.stats()["resident_bytes"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -203,7 +202,7 @@ def test_grower_thread_maps_ahead_of_the_step(model):
 
 
 def test_bad_input_on_the_real_engine_and_it_keeps_serving(model):
-    policy = ElasticPolicy(max_bytes=4 * MiB)   # 2 granules = 32 pages = 512 tokens
+    policy = ElasticPolicy(max_bytes=4 * MiB)  # 2 granules = 32 pages = 512 tokens
     eng = Engine(model, policy=policy, background=False)
     ok = eng.add_request([5, 6, 7], 2)
     with pytest.raises(ValueError, match=r"needs 38 KV pages .* allows 32 pages"):
@@ -216,8 +215,10 @@ def test_bad_input_on_the_real_engine_and_it_keeps_serving(model):
         eng.add_request([3], 0)
     with pytest.raises(ValueError, match="unknown request id 99"):
         eng.cancel(99)
-    assert eng.generate([[9, 8, 7]], 3)[0] == model.generate(
-        torch.tensor([[9, 8, 7]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
+    assert (
+        eng.generate([[9, 8, 7]], 3)[0]
+        == model.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
+    )
     assert eng.request_info(ok)["status"] == "finished"
     eng.close()
 
@@ -294,22 +295,23 @@ def test_every_entry_point_of_a_closed_engine_says_it_is_closed(model):
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=rf"^Engine\.{name}: the Engine is closed$"):
             call()
-    after = eng.stats()   # still answers: the figures at close, its own pool's memory given back
+    after = eng.stats()  # still answers: the figures at close, its own pool's memory given back
     assert after["closed"] is True and after["finished"] == before["finished"] == 1
     assert after["tokens_generated"] == before["tokens_generated"] == 2
     assert after["resident_bytes"] == 0 and after["live_bytes"] == 0
-    eng.close()   # a second close is a no-op
+    eng.close()  # a second close is a no-op
     assert eng.request_info(rid)["status"] == "finished"
 
 
 def test_a_stream_left_early_loses_no_token(model):
     prompts = [[5, 6, 7], [9, 8, 7, 6], [11, 12], [3, 4, 5, 6, 7]]
-    refs = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
-            for p in prompts]
+    refs = [
+        model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist() for p in prompts
+    ]
     eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
     rids = [eng.add_request(p, 10) for p in prompts]
     got: dict[int, list[int]] = {r: [] for r in rids}
-    for stop_after in (3, 5, 1, 7):   # leave the stream mid-step, again and again
+    for stop_after in (3, 5, 1, 7):  # leave the stream mid-step, again and again
         for n, (rid, tok) in enumerate(eng.stream(), start=1):
             got[rid].append(tok)
             if n == stop_after:

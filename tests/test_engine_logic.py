@@ -5,6 +5,7 @@ budget changes, cancellation, bad input, threads) independent of the real KV pag
 the stand-ins hold K/V in ordinary tensors and attend through a 4-D mask. test_engine.py
 runs the same Engine on the real ``KVPagePool`` and ``ElasticPagedCache``.
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,13 +14,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.engine.engine import Engine
 from torch_elastic_kv.engine.policy import ElasticPolicy
 from torch_elastic_kv.kv.page_table import PageTable
+from torch_elastic_kv.testing import ManualClock
 
-PT = 8          # tokens per page
-GP = 4          # pages per granule
+PT = 8  # tokens per page
+GP = 4  # pages per granule
 
 
 class StandInPool:
@@ -33,7 +34,7 @@ class StandInPool:
         self.v = [torch.zeros(max_pages, PT, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
         self.budget_pages = max_pages
         self.live: set[int] = set()
-        self.mapped: set[int] = set()     # granule indices
+        self.mapped: set[int] = set()  # granule indices
         self.counts = {"grows": 0, "shrinks": 0, "compactions": 0}
         self.listeners = []
 
@@ -140,18 +141,22 @@ class StandInPool:
         return len(self.live)
 
     def trim(self):
-        return 0   # no reuse cache to give back
+        return 0  # no reuse cache to give back
 
     def close(self):
         self.live.clear()
         self.mapped.clear()
 
     def stats(self):
-        return {"resident_bytes": self.resident_bytes,
-                "live_bytes": len(self.live) * self.page_bytes,
-                "reserved_bytes": self.max_pages * self.page_bytes,
-                "max_bytes": self.budget_pages * self.page_bytes,
-                "pages_per_chunk": GP, "chunk_bytes": self.chunk_bytes, **self.counts}
+        return {
+            "resident_bytes": self.resident_bytes,
+            "live_bytes": len(self.live) * self.page_bytes,
+            "reserved_bytes": self.max_pages * self.page_bytes,
+            "max_bytes": self.budget_pages * self.page_bytes,
+            "pages_per_chunk": GP,
+            "chunk_bytes": self.chunk_bytes,
+            **self.counts,
+        }
 
 
 class StandInCache:
@@ -159,7 +164,7 @@ class StandInCache:
 
     def __init__(self, pool: StandInPool):
         self.pool = pool
-        self.page_table = PageTable(PT, pool)   # the real one: page ownership is not stood in for
+        self.page_table = PageTable(PT, pool)  # the real one: page ownership is not stood in for
         self.entries = None
         pool.add_move_listener(self.page_table.remap)
 
@@ -190,7 +195,7 @@ class StandInCache:
         t = c = 0
         for (_, s, n), L in zip(entries, ctx):
             for i in range(n):
-                mask[0, 0, t + i, c:c + s + i + 1] = True
+                mask[0, 0, t + i, c : c + s + i + 1] = True
             t += n
             c += L
         return {"position_ids": pos, "attention_mask": mask}
@@ -221,12 +226,21 @@ class StandInCache:
         return K, V
 
 
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     m = LlamaForCausalLM(cfg).eval()
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = 0
@@ -244,21 +258,21 @@ def model():
 def reference(model, prompt, n):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def make_engine(model, max_pages=256, clock=None, background=False, **policy_kw):
     pool = StandInPool(2, 2, 16, max_pages)
     policy_kw.setdefault("max_bytes", max_pages * pool.page_bytes)
     policy = ElasticPolicy(clock=clock or ManualClock(0.0), **policy_kw)
-    return Engine(model, pool=pool, policy=policy, cache=StandInCache(pool), max_batch_tokens=64,
-                  background=background)
+    return Engine(model, pool=pool, policy=policy, cache=StandInCache(pool), max_batch_tokens=64, background=background)
 
 
 def prompts(n, seed, lo=3, hi=40):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 96, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(1, 96, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def test_packed_batches_match_generate_token_for_token(model):
@@ -277,7 +291,7 @@ def test_budget_cut_mid_run_preempts_by_swap_and_recompute_without_loss(model):
     pool_pages = 128
     eng = make_engine(model, max_pages=pool_pages, clock=clock, swap_bytes=0)
     page = eng.pool.page_bytes
-    eng.swap.capacity_bytes = 6 * page        # room for one or two requests' pages
+    eng.swap.capacity_bytes = 6 * page  # room for one or two requests' pages
     ps = prompts(8, 2, 10, 30)
     rids = [eng.add_request(p, 12) for p in ps]
     for _ in range(3):
@@ -406,31 +420,49 @@ def test_request_info_and_timeline_fields(model):
     assert info["arrival_time"] == 0.0 and info["first_token_time"] == 1.0
     assert info["finish_time"] == 3.0 and info["output_tokens"] == 3
     assert info["finish_reason"] == "length"
-    keys = {"t", "step", "num_tokens", "running", "waiting", "live_bytes", "resident_bytes",
-            "budget_bytes", "preempted", "step_seconds"}
+    keys = {
+        "t",
+        "step",
+        "num_tokens",
+        "running",
+        "waiting",
+        "live_bytes",
+        "resident_bytes",
+        "budget_bytes",
+        "preempted",
+        "step_seconds",
+    }
     assert keys <= set(eng.timeline[0])
     assert [e["num_tokens"] for e in eng.timeline] == [3, 1, 1]
-    for k in ("running", "waiting", "live_bytes", "resident_bytes", "reserved_bytes", "grows",
-              "shrinks", "compactions", "preemptions"):
+    for k in (
+        "running",
+        "waiting",
+        "live_bytes",
+        "resident_bytes",
+        "reserved_bytes",
+        "grows",
+        "shrinks",
+        "compactions",
+        "preemptions",
+    ):
         assert k in eng.stats()
 
 
 def test_pressure_hook_lowers_the_budget_and_restores_it(model):
     clock = ManualClock(0.0)
     cap = {"bytes": None}
-    eng = make_engine(model, max_pages=128, clock=clock, pressure=lambda: cap["bytes"],
-                      pressure_interval=0.0)
+    eng = make_engine(model, max_pages=128, clock=clock, pressure=lambda: cap["bytes"], pressure_interval=0.0)
     ps = prompts(6, 9, 15, 30)
     rids = [eng.add_request(p, 10) for p in ps]
     eng.step()
     eng.step()
     live = eng.stats()["live_bytes"]
-    cap["bytes"] = live // 2                      # other work needs memory now
+    cap["bytes"] = live // 2  # other work needs memory now
     eng.step()
     st = eng.stats()
     assert st["budget_bytes"] == live // 2 and st["preemptions"] >= 1
     assert st["resident_bytes"] <= live // 2
-    cap["bytes"] = None                           # and gives it back
+    cap["bytes"] = None  # and gives it back
     while eng.has_unfinished():
         eng.step()
     assert eng.stats()["budget_bytes"] == eng.policy.max_bytes
@@ -446,7 +478,7 @@ def test_seeded_sampling_does_not_depend_on_batching(model):
     others = prompts(4, 12)
     outs = eng.generate(others[:2] + [p] + others[2:], 12, sampling=sampling)
     assert outs[2] == alone
-    assert alone != reference(model, p, 12)     # it did sample
+    assert alone != reference(model, p, 12)  # it did sample
 
 
 def test_numpy_and_tensor_prompts_are_accepted(model):
@@ -454,7 +486,7 @@ def test_numpy_and_tensor_prompts_are_accepted(model):
 
     eng = make_engine(model)
     a = eng.add_request(np.array([5, 6, 7]).tolist(), 3)
-    b = eng.add_request(list(np.array([5, 6, 7])), 3)     # numpy integer scalars
+    b = eng.add_request(list(np.array([5, 6, 7])), 3)  # numpy integer scalars
     c = eng.add_request(torch.tensor([5, 6, 7]), 3)
     with pytest.raises(ValueError, match="dtype"):
         eng.add_request(torch.tensor([5.0, 6.0]), 3)
@@ -465,8 +497,14 @@ def test_numpy_and_tensor_prompts_are_accepted(model):
 
 def test_only_the_last_keep_finished_requests_are_remembered(model):
     pool = StandInPool(2, 2, 16, 64)
-    eng = Engine(model, pool=pool, cache=StandInCache(pool), background=False, keep_finished=2,
-                 policy=ElasticPolicy(clock=ManualClock(0.0), max_bytes=64 * pool.page_bytes))
+    eng = Engine(
+        model,
+        pool=pool,
+        cache=StandInCache(pool),
+        background=False,
+        keep_finished=2,
+        policy=ElasticPolicy(clock=ManualClock(0.0), max_bytes=64 * pool.page_bytes),
+    )
     rids = [eng.add_request([3 + i, 4], 2) for i in range(4)]
     eng.cancel(rids[3])
     while eng.has_unfinished():

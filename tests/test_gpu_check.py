@@ -4,6 +4,7 @@ The dry run is the same script a GPU machine runs, on CPU with the fake CUDA dri
 script cannot rot while no device is at hand. It runs once per module (in a subprocess, as a
 user would run it); each test checks one part of what it wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,14 @@ def _run(out: Path, *extra: str, env: dict[str, str] | None = None) -> subproces
     from torch_elastic_kv.testing import fake_cuda_path
 
     full_env = {**os.environ, "EKV_LIBCUDA": fake_cuda_path(), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--dry-run", "--quick",
-                           "--no-build", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=150)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--dry-run", "--quick", "--no-build", *extra],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +56,16 @@ def test_exits_zero_and_prints_the_table_last(dry_run):
     assert lines[-1].startswith("steps failed: none"), lines[-1]
     header = next(i for i, line in enumerate(lines) if line.startswith("check ") and "verdict" in line)
     table = "\n".join(lines[header:])
-    for row in ("cuMemCreate per 2 MiB", "cuMemMap per 2 MiB", "cuMemSetAccess per 2 MiB",
-                "cuMemUnmap per 2 MiB", "arena grow per granule", "decode tokens/s elastic / static",
-                "idle footprint (held) vs floor", "unmap waits for queued work"):
+    for row in (
+        "cuMemCreate per 2 MiB",
+        "cuMemMap per 2 MiB",
+        "cuMemSetAccess per 2 MiB",
+        "cuMemUnmap per 2 MiB",
+        "arena grow per granule",
+        "decode tokens/s elastic / static",
+        "idle footprint (held) vs floor",
+        "unmap waits for queued work",
+    ):
         assert row in table, f"row {row!r} missing from the table:\n{table}"
     assert res["failed_steps"] == []
     assert res["mode"] == "dry-run-quick"
@@ -162,8 +175,9 @@ def test_stream_order_check(dry_run):
 
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
     # a driver library that cannot be loaded: the cuda steps fail, the run goes on, exit 1
-    proc = _run(tmp_path, "--steps", "build,driver,stream_order",
-                env={"EKV_LIBCUDA": str(tmp_path / "no_such_libcuda.so")})
+    proc = _run(
+        tmp_path, "--steps", "build,driver,stream_order", env={"EKV_LIBCUDA": str(tmp_path / "no_such_libcuda.so")}
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_results.json").read_text())
     assert set(res["steps"]) == {"build", "driver", "stream_order"}
@@ -177,17 +191,16 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
 
 # -- the driver probe itself (csrc/core/driver_probe.cpp), on the fake driver --------------------
 
+
 def test_probe_gives_everything_back_when_a_call_fails(fake_cuda):
     from torch_elastic_kv import _C
 
-    for fn in ("cuMemAddressReserve", "cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap",
-               "cuMemRelease"):
+    for fn in ("cuMemAddressReserve", "cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease"):
         fake_cuda.reset()
         fake_cuda.fail_nth(fn, 3, 1)  # CUDA_ERROR_INVALID_VALUE on the third call
         with pytest.raises(RuntimeError, match=f"probe_driver: {fn}.*CUDA_ERROR_INVALID_VALUE.*cuda:0"):
             _C.probe_driver(0, 6)
-        assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0,
-                                 "used_bytes": 0}, fn
+        assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}, fn
 
 
 def test_probe_rejects_bad_arguments(fake_cuda):

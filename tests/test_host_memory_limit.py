@@ -3,6 +3,7 @@
 Without the check, fallocate on the memfd goes on past RAM and the kernel's OOM killer ends
 the process (rc 137) instead of a MemoryError.
 """
+
 from __future__ import annotations
 
 import re

@@ -3,6 +3,7 @@
 memory -> kv -> hf -> engine -> bench, with testing beside bench; ``_native`` (the compiled
 core's loader) is below them all, and ``__main__`` (the subcommand table) above them all.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,7 +12,18 @@ from pathlib import Path
 import torch_elastic_kv
 
 PACKAGE = Path(torch_elastic_kv.__file__).resolve().parent
-RANK = {"_C": -1, "_native": 0, "_util": 0, "memory": 1, "kv": 2, "hf": 3, "engine": 4, "bench": 5, "testing": 5, "__main__": 6}
+RANK = {
+    "_C": -1,
+    "_native": 0,
+    "_util": 0,
+    "memory": 1,
+    "kv": 2,
+    "hf": 3,
+    "engine": 4,
+    "bench": 5,
+    "testing": 5,
+    "__main__": 6,
+}
 
 
 def _layer(module: str) -> str:
@@ -39,7 +51,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             if node.level:
                 base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
                 target = [*base, *(node.module.split(".") if node.module else [])]
-                if not node.module:   # "from . import x": x are modules (or public names) of base
+                if not node.module:  # "from . import x": x are modules (or public names) of base
                     if base:
                         found += [(node.lineno, ".".join([*base, a.name])) for a in node.names]
                     else:
@@ -64,9 +76,12 @@ def _modules() -> list[Path]:
 
 
 def test_every_module_belongs_to_a_layer() -> None:
-    stray = [str(p.relative_to(PACKAGE)) for p in _modules()
-             if p.name != "__init__.py" or p.parent != PACKAGE
-             if _layer(".".join(p.relative_to(PACKAGE).with_suffix("").parts)) not in RANK]
+    stray = [
+        str(p.relative_to(PACKAGE))
+        for p in _modules()
+        if p.name != "__init__.py" or p.parent != PACKAGE
+        if _layer(".".join(p.relative_to(PACKAGE).with_suffix("").parts)) not in RANK
+    ]
     assert stray == [], f"modules outside every layer: {stray}"
 
 
@@ -92,8 +107,10 @@ def test_layers_import_only_downward() -> None:
 def test_the_checker_sees_a_violation() -> None:
     # Relative, absolute and public-name imports alike, or the test above proves nothing.
     probe = PACKAGE / "memory" / "_layering_probe.py"
-    probe.write_text("from ..engine import engine\nfrom torch_elastic_kv.hf import cache\n"
-                     "from torch_elastic_kv import Engine\nfrom .arena import Arena\n")
+    probe.write_text(
+        "from ..engine import engine\nfrom torch_elastic_kv.hf import cache\n"
+        "from torch_elastic_kv import Engine\nfrom .arena import Arena\n"
+    )
     try:
         assert [t for _, t in _imports(probe)] == ["engine", "hf", "engine.engine", "memory.arena"]
         assert len(_violations(probe)) == 3, _violations(probe)

@@ -1,4 +1,5 @@
 """PageTable: the one owner of which pages each request holds, over a real pool."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ def _pool() -> KVPagePool:
 def test_ensure_free_detach_attach_keep_the_count_and_the_pool_in_step() -> None:
     with _pool() as pool:
         table = PageTable(4, pool)
-        table.ensure(1, 9)                     # 3 pages
-        table.ensure(1, 12)                    # still 3
+        table.ensure(1, 9)  # 3 pages
+        table.ensure(1, 12)  # still 3
         table.ensure(2, 1)
         assert table.page_count(1) == 3 and table.page_count(2) == 1 and table.page_count(7) == 0
         assert table.live_pages == pool.live_pages == 4

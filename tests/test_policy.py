@@ -1,13 +1,13 @@
 """ElasticPolicy: demand -> resident pages, hysteresis, budget, pressure. Pure Python, fake clock."""
+
 from __future__ import annotations
 
 import pytest
 
-from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.engine.policy import ElasticPolicy
+from torch_elastic_kv.testing import ManualClock
 
 PAGE = 1000  # bytes per page in these tests
-
 
 
 def make(clock=None, **kw) -> ElasticPolicy:
@@ -19,9 +19,9 @@ def make(clock=None, **kw) -> ElasticPolicy:
 def test_target_is_demand_plus_headroom_within_min_and_budget():
     p = make(min_bytes=5 * PAGE, max_bytes=100 * PAGE, headroom=0.25)
     assert p.target_pages(40, 1000) == 50
-    assert p.target_pages(0, 1000) == 5          # floor
-    assert p.target_pages(99, 1000) == 100       # budget
-    assert p.target_pages(99, 60) == 60          # the pool's own size
+    assert p.target_pages(0, 1000) == 5  # floor
+    assert p.target_pages(99, 1000) == 100  # budget
+    assert p.target_pages(99, 60) == 60  # the pool's own size
 
 
 def test_grow_at_once_shrink_only_after_idle_seconds():
@@ -44,7 +44,7 @@ def test_shrink_keeps_the_peak_seen_during_the_idle_interval():
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(5, 40, 100)
     clock.t += 1.8
-    p.decide(25, 40, 100)      # the load came back to 25 recently
+    p.decide(25, 40, 100)  # the load came back to 25 recently
     clock.t += 0.7
     d = p.decide(5, 40, 100)
     assert (d.action, d.target_pages) == ("shrink", 25)
@@ -55,9 +55,9 @@ def test_demand_back_near_resident_resets_the_idle_timer():
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     p.decide(10, 40, 100)
     clock.t += 1.5
-    assert p.decide(40, 40, 100).action == "none"   # busy again
+    assert p.decide(40, 40, 100).action == "none"  # busy again
     clock.t += 1.0
-    assert p.decide(10, 40, 100).action == "none"   # timer restarted
+    assert p.decide(10, 40, 100).action == "none"  # timer restarted
     clock.t += 1.9
     assert p.decide(10, 40, 100).action == "none"
     clock.t += 0.2
@@ -82,7 +82,7 @@ def test_steady_fluctuating_load_never_oscillates():
     resident = 0
     actions = []
     for i in range(2000):
-        demand = 100 + (i * 37) % 21 - 10   # 90..110, fluctuating every step
+        demand = 100 + (i * 37) % 21 - 10  # 90..110, fluctuating every step
         d = p.decide(demand, resident, 1000, chunk_pages=4)
         if d.action != "none":
             actions.append((i, d.action))
@@ -130,10 +130,10 @@ def test_pressure_hook_lowers_then_restores_budget_polled_at_interval():
     p = make(clock, min_bytes=5 * PAGE, max_bytes=100 * PAGE, pressure=hook, pressure_interval=1.0)
     assert p.poll_pressure() is False and p.budget_bytes == 100 * PAGE
     cap["v"] = 30 * PAGE
-    assert p.poll_pressure() is False           # not due yet
+    assert p.poll_pressure() is False  # not due yet
     clock.t += 1.0
     assert p.poll_pressure() is True and p.budget_bytes == 30 * PAGE
-    cap["v"] = 1 * PAGE                         # never below the floor
+    cap["v"] = 1 * PAGE  # never below the floor
     clock.t += 1.0
     p.poll_pressure()
     assert p.budget_bytes == 5 * PAGE
@@ -193,8 +193,8 @@ def test_budget_buys_whole_chunks_and_pool_limit_is_adopted():
 def test_target_follows_the_trailing_window_not_an_old_peak():
     clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
-    p.decide(30, 40, 100)      # below resident from t=100; target 30
-    clock.t += 3               # 30 is now older than idle_seconds
+    p.decide(30, 40, 100)  # below resident from t=100; target 30
+    clock.t += 3  # 30 is now older than idle_seconds
     d = p.decide(5, 40, 100)
     assert (d.action, d.target_pages) == ("shrink", 5)
 
@@ -203,19 +203,19 @@ def test_draining_load_gives_memory_back_once_idle_at_the_floor():
     clock = ManualClock(100.0)
     p = make(clock, min_bytes=4 * PAGE, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=2.0)
     resident, shrinks = 40, []
-    for demand in (36, 30, 24, 18, 12, 6, 0):   # a drain: one step every 0.4 s
+    for demand in (36, 30, 24, 18, 12, 6, 0):  # a drain: one step every 0.4 s
         d = p.decide(demand, resident, 100)
         if d.action == "shrink":
             shrinks.append(d.target_pages)
             resident = d.target_pages
         clock.t += 0.4
-    while clock.t < 100 + 2.8 + 2.0:            # demand 0 from t=102.4
+    while clock.t < 100 + 2.8 + 2.0:  # demand 0 from t=102.4
         d = p.decide(0, resident, 100)
         if d.action == "shrink":
             shrinks.append(d.target_pages)
             resident = d.target_pages
         clock.t += 0.1
-    assert shrinks == [4]                        # once, straight to the floor
+    assert shrinks == [4]  # once, straight to the floor
 
 
 def test_settled_lower_load_gets_its_memory_back():

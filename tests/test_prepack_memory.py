@@ -14,6 +14,7 @@ elastic pool maps and gives them back as the load changes; that is the pool's bu
 (tests/test_engine.py), not the heap's. One torch thread, no background thread: every
 allocation is the main thread's, so no other malloc arena takes part.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 
 from torch_elastic_kv.hf.prepack import PackedLinears, padded_rows, prepack_available
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.skipif(not prepack_available(), reason="no oneDNN linear in this torch build")]
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not prepack_available(), reason="no oneDNN linear in this torch build"),
+]
 
 GROWTH_LIMIT_MIB = 16
 
@@ -46,16 +49,14 @@ def _rss_mib() -> float:
 
 def _in_fresh_process(what: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, what], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run([sys.executable, __file__, what], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------- row buckets ---
 def test_padded_rows_are_few_and_pad_by_at_most_a_quarter():
-    assert [padded_rows(r) for r in range(0, 18)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12,
-                                                     14, 14, 16, 16, 20]
+    assert [padded_rows(r) for r in range(0, 18)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16, 20]
     buckets = {padded_rows(r) for r in range(1, 2049)}
     assert len(buckets) == 40 and max(buckets) == 2048
     for r in range(1, 20000):
@@ -80,11 +81,12 @@ def test_the_packed_op_sees_only_the_buckets(monkeypatch):
         for rows in range(1, 2049):
             net(torch.randn(1, rows, 16))
     assert len(calls) == 2 * 2048
-    assert set(calls) == {padded_rows(r) for r in range(1, 2049)}    # 40 row counts
+    assert set(calls) == {padded_rows(r) for r in range(1, 2049)}  # 40 row counts
 
 
-@pytest.mark.parametrize("shape", [(9, 64), (3, 3, 64), (2, 33, 64), (65, 64), (257, 64), (1000, 64),
-                                   (64,), (1, 0, 64)])
+@pytest.mark.parametrize(
+    "shape", [(9, 64), (3, 3, 64), (2, 33, 64), (65, 64), (257, 64), (1000, 64), (64,), (1, 0, 64)]
+)
 def test_padding_rows_change_nothing_in_the_real_rows(shape):
     """The packed result is the packed op's on the padded input whatever the padding rows
     hold (bit for bit), and F.linear's to float32 rounding."""
@@ -107,7 +109,7 @@ def test_padding_rows_change_nothing_in_the_real_rows(shape):
 
 def test_non_contiguous_input_rows_are_padded_too():
     layer = torch.nn.Linear(32, 48)
-    x = torch.randn(2, 32, 9).transpose(1, 2)      # [2, 9, 32], 18 rows -> 20
+    x = torch.randn(2, 32, 9).transpose(1, 2)  # [2, 9, 32], 18 rows -> 20
     with torch.inference_mode():
         ref = layer(x)
         with PackedLinears(layer):
@@ -134,14 +136,14 @@ def test_packed_layers_over_a_thousand_row_counts_stop_growing():
     """Before the buckets the first pass alone took ~750 MiB (2 x 1024 primitives and the
     heap their evictions fragmented)."""
     r = _in_fresh_process("layers")
-    assert r["first"] - r["start"] < 64, r        # 2 weight shapes x 32 buckets, ~35 MiB
+    assert r["first"] - r["start"] < 64, r  # 2 weight shapes x 32 buckets, ~35 MiB
     assert r["second"] - r["first"] < GROWTH_LIMIT_MIB, r
 
 
 def _child_engine() -> dict:
     """A tiny Engine with default settings: a warm-up, then 600 requests of varied lengths."""
-    from torch_elastic_kv.testing.models import tiny_llama
     from torch_elastic_kv import ElasticPolicy, Engine
+    from torch_elastic_kv.testing.models import tiny_llama
 
     torch.set_num_threads(1)
     model = tiny_llama()
@@ -153,7 +155,7 @@ def _child_engine() -> dict:
         """Add ``per_step`` requests before each step until all are in; step until done."""
         i = 0
         while i < len(requests) or eng.has_unfinished():
-            for plen, new in requests[i:i + per_step]:
+            for plen, new in requests[i : i + per_step]:
                 eng.add_request(torch.randint(3, 256, (plen,), generator=g).tolist(), new)
             i += per_step
             eng.step()
@@ -168,11 +170,19 @@ def _child_engine() -> dict:
     warm, warm_rows = _rss_mib(), len(rows)
     # then traffic: prompts of 1-200 tokens, 1-16 new tokens, 0-5 arrivals a step
     for _ in range(20):
-        burst = [(int(torch.randint(1, 201, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g)))
-                 for _ in range(30)]
+        burst = [
+            (int(torch.randint(1, 201, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g)))
+            for _ in range(30)
+        ]
         serve(burst, per_step=int(torch.randint(1, 6, (1,), generator=g)))
-    out = {"prepacked_layers": eng.stats()["prepacked_layers"], "warm": warm, "end": _rss_mib(),
-           "warm_rows": warm_rows, "rows": len(rows), "finished": eng.stats()["finished"]}
+    out = {
+        "prepacked_layers": eng.stats()["prepacked_layers"],
+        "warm": warm,
+        "end": _rss_mib(),
+        "warm_rows": warm_rows,
+        "rows": len(rows),
+        "finished": eng.stats()["finished"],
+    }
     eng.close()
     return out
 
@@ -181,8 +191,8 @@ def test_an_engine_with_default_settings_does_not_grow_with_batch_sizes():
     """Before the buckets: +456 MiB over the 600 requests (each new step row count a new
     primitive for each of the 4 distinct body weight shapes)."""
     r = _in_fresh_process("engine")
-    assert r["prepacked_layers"] == 15, r         # the default packs the float32 CPU model
-    assert r["finished"] >= 600 and r["rows"] - r["warm_rows"] > 100, r   # new batch sizes
+    assert r["prepacked_layers"] == 15, r  # the default packs the float32 CPU model
+    assert r["finished"] >= 600 and r["rows"] - r["warm_rows"] > 100, r  # new batch sizes
     assert r["end"] - r["warm"] < GROWTH_LIMIT_MIB, r
 
 

@@ -1,4 +1,5 @@
 """Scheduler: admission by pages, packing, preemption order. Pure Python with a counting backend."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,9 +65,14 @@ _next = [0]
 
 def seq(prompt_len: int, max_new: int = 8, eos=()) -> Request:
     _next[0] += 1
-    return Request(request_id=_next[0], prompt_ids=list(range(1, prompt_len + 1)),
-                    max_new_tokens=max_new, arrival_index=_next[0], arrival_time=0.0,
-                    eos_token_ids=frozenset(eos))
+    return Request(
+        request_id=_next[0],
+        prompt_ids=list(range(1, prompt_len + 1)),
+        max_new_tokens=max_new,
+        arrival_index=_next[0],
+        arrival_time=0.0,
+        eos_token_ids=frozenset(eos),
+    )
 
 
 def run_step(s: Scheduler, token: int = 7):
@@ -97,8 +103,8 @@ def test_prefill_is_chunked_under_max_batch_tokens_and_decode_goes_first():
 def test_admission_waits_for_pages_and_is_first_come_first_served():
     be = CountingBackend(5)
     s = Scheduler(be, max_batch_tokens=100)
-    big, small = seq(17), seq(2)   # big needs 5 pages, small 1
-    blocker = seq(8, max_new=2)    # 2 pages, finishes after 2 tokens
+    big, small = seq(17), seq(2)  # big needs 5 pages, small 1
+    blocker = seq(8, max_new=2)  # 2 pages, finishes after 2 tokens
     s.add(blocker)
     run_step(s)
     s.add(big)
@@ -115,10 +121,10 @@ def test_admission_waits_for_pages_and_is_first_come_first_served():
 def test_admission_keeps_a_headroom_reserve_for_running_requests():
     be = CountingBackend(10)
     s = Scheduler(be, max_batch_tokens=100, headroom=0.5)
-    a = seq(16, max_new=50)    # 4 pages held, then 5 with its first decode
+    a = seq(16, max_new=50)  # 4 pages held, then 5 with its first decode
     s.add(a)
     run_step(s)
-    b = seq(16)                # needs 4; reserve ceil(0.5 * 5) = 3; free 5 < 7
+    b = seq(16)  # needs 4; reserve ceil(0.5 * 5) = 3; free 5 < 7
     s.add(b)
     batch, _, _ = run_step(s)
     assert [c.seq for c in batch.chunks] == [a] and b.status is RequestStatus.WAITING
@@ -137,7 +143,7 @@ def test_max_running_caps_admission():
 def test_out_of_pages_preempts_latest_arrived_swapping_when_room_else_recompute():
     be = CountingBackend(budget_pages=6, swap_pages=2)
     s = Scheduler(be, max_batch_tokens=100)
-    a, b, c = seq(7, 20), seq(7, 20), seq(7, 20)   # 2 pages each, all 6 pages used
+    a, b, c = seq(7, 20), seq(7, 20), seq(7, 20)  # 2 pages each, all 6 pages used
     for q in (a, b, c):
         s.add(q)
     run_step(s)
@@ -200,7 +206,7 @@ def test_starvation_limit_protects_a_repeatedly_preempted_request():
     s.add(old)
     s.add(young)
     run_step(s)
-    young.preemptions = 2   # preempted twice already: protected now
+    young.preemptions = 2  # preempted twice already: protected now
     assert s._pick_victim() is old
     old.preemptions = 2
     assert s._pick_victim() is young
@@ -209,7 +215,7 @@ def test_starvation_limit_protects_a_repeatedly_preempted_request():
 def test_preempt_until_frees_latest_first():
     be = CountingBackend(budget_pages=100)
     s = Scheduler(be, max_batch_tokens=100)
-    qs = [seq(8) for _ in range(4)]   # 2 pages each + decode
+    qs = [seq(8) for _ in range(4)]  # 2 pages each + decode
     for q in qs:
         s.add(q)
     run_step(s)

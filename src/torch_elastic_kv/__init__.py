@@ -15,6 +15,7 @@ Layers, each importing only from those above it in this list (tests/test_layerin
 Public names are imported lazily so that ``import torch_elastic_kv`` works without
 transformers installed and without a GPU.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 Each entry names the module and function that run it, imported only when chosen, so that
 ``--help`` and a mistyped command answer without loading torch or transformers.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,15 +12,21 @@ from collections.abc import Callable
 
 # command -> (module, function taking argv and returning the exit status, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "bench": ("torch_elastic_kv.bench.cli", "bench_main",
-              "replay a trace through elastic, static, generate and continuous batching; compare memory and speed"),
+    "bench": (
+        "torch_elastic_kv.bench.cli",
+        "bench_main",
+        "replay a trace through elastic, static, generate and continuous batching; compare memory and speed",
+    ),
 }
 
 
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    lines = ["usage: python -m torch_elastic_kv <command> [options]   (<command> --help for its options)", "",
-             "commands:"]
+    lines = [
+        "usage: python -m torch_elastic_kv <command> [options]   (<command> --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
     return "\n".join(lines)
 

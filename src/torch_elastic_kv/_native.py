@@ -4,6 +4,7 @@
 ``python setup.py build_ext --inplace`` (next to this file). A source tree that was never
 built has only the Python files; importing it must not end in a bare ImportError traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,11 @@ class NativeCoreMissing(ImportError):
 
 def _missing_message(exc: ImportError) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    return (f"torch_elastic_kv's compiled core (_C) cannot be loaded from {here} ({exc}); this package "
-            f"directory was never built. Install it with `pip install .` (or `pip install -e .` in a "
-            f"checkout, or build in place with `python setup.py build_ext --inplace`), then run again.")
+    return (
+        f"torch_elastic_kv's compiled core (_C) cannot be loaded from {here} ({exc}); this package "
+        f"directory was never built. Install it with `pip install .` (or `pip install -e .` in a "
+        f"checkout, or build in place with `python setup.py build_ext --inplace`), then run again."
+    )
 
 
 try:

@@ -1,5 +1,6 @@
 """Small helpers every layer uses, written once: integer checks, ceiling division, device
 parsing that does not initialise CUDA, and the out-of-memory exception a device's users expect."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """The C ABI scenarios of tests/test_allocator_*.py on a real GPU (device 0, the real driver):
 mixed sizes, trim, the limit, bad input, stream order, four threads. Contents are checked
 through torch tensors over the returned addresses. Skips without a GPU."""
+
 from __future__ import annotations
 
 import threading
@@ -16,8 +17,13 @@ SIZES = [1, 7, 511, 512, 513, 4096, 65537, MiB - 1, MiB, MiB + 1, 2 * MiB, 3 * M
 
 class _DeviceMemory:
     def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None}
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+        }
 
 
 def dview(ptr: int, nbytes: int) -> torch.Tensor:
@@ -114,6 +120,7 @@ def test_four_threads_on_the_device(env):
 
     def worker(t: int) -> None:
         import random
+
         rng = random.Random(t)
         held = []
         with tagged("gpu-abi-threads"):

@@ -3,6 +3,7 @@
 torch allows the swap only before CUDA initialises, so each scenario runs in a fresh Python
 subprocess that prints one JSON line of findings; the test asserts on them. Skips without a GPU.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """mem_pool(tag): some allocations routed to this allocator through torch.cuda.MemPool, on a
 real GPU: tags, a model forward inside a pool, pause/resume of a pool's memory, and
 torch.OutOfMemoryError at the allocator's limit. Skips without a GPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,10 @@ def test_allocations_inside_a_pool_are_ours_and_tagged(A):
     assert tag["allocated_bytes"] >= t.numel() and tag["mapped_bytes"] >= t.numel()
     spans = [(b["address"], b["address"] + b["block_size"]) for b in A.snapshot(0) if b["tag"] == "gpu-acts"]
     assert any(lo <= t.data_ptr() < hi for lo, hi in spans)
-    assert not any(lo <= outside.data_ptr() < hi for lo, hi in
-                   [(b["address"], b["address"] + b["block_size"]) for b in A.snapshot(0)])
+    assert not any(
+        lo <= outside.data_ptr() < hi
+        for lo, hi in [(b["address"], b["address"] + b["block_size"]) for b in A.snapshot(0)]
+    )
     assert int(t.sum()) == t.numel()
 
 

@@ -7,6 +7,7 @@ memory over time, latency and throughput side by side. Files: ``cli`` (arguments
 (running each system), ``metrics`` (figures from a run), ``report`` (table, JSON, plots),
 ``progress`` (the progress bar), ``run`` (one run end to end).
 """
+
 from __future__ import annotations
 
 from .cli import bench_main

@@ -3,6 +3,7 @@
 Every argument is checked before anything runs; a bad one ends the command with exit status 2
 and one line on stderr (``ekv-bench: error: ...``), and nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ _REPLAY_DEFAULTS = {
 }
 
 
-MIN_POOL_BYTES = 2 << 20   # one host granule: the smallest pool the Engine can build
-MAX_HEADROOM = 10.0        # ElasticPolicy's own bound
-MAX_PAGE_TOKENS = 4096     # longer pages only waste memory on short requests
+MIN_POOL_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
+MAX_HEADROOM = 10.0  # ElasticPolicy's own bound
+MAX_PAGE_TOKENS = 4096  # longer pages only waste memory on short requests
 
 
 class UsageError(Exception):
@@ -52,8 +53,19 @@ def _number(text: str) -> float:
     return value
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -86,48 +98,91 @@ def _attach_dash_values(argv: list[str]) -> list[str]:
 
 def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The ``bench`` arguments (every default left as None is resolved in :func:`resolve`)."""
-    p = _Parser(prog=prog, description=(
-        "Replay a request trace through the elastic KV Engine and the systems people use today; report "
-        "KV memory over time (memory.png), latency (latency.png), a table and results.json."))
-    p.add_argument("--trace", default="bursty",
-                   help=f"{', '.join(TRACE_NAMES)}, or a CSV path with columns TIMESTAMP,ContextTokens,"
-                        "GeneratedTokens (default: bursty)")
-    p.add_argument("--systems", default=",".join(SYSTEM_NAMES),
-                   help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all)")
+    p = _Parser(
+        prog=prog,
+        description=(
+            "Replay a request trace through the elastic KV Engine and the systems people use today; report "
+            "KV memory over time (memory.png), latency (latency.png), a table and results.json."
+        ),
+    )
+    p.add_argument(
+        "--trace",
+        default="bursty",
+        help=f"{', '.join(TRACE_NAMES)}, or a CSV path with columns TIMESTAMP,ContextTokens,"
+        "GeneratedTokens (default: bursty)",
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEM_NAMES),
+        help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all)",
+    )
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (never the hub)")
-    model.add_argument("--config", choices=("tiny", "small", "1b"),
-                       help="Llama built from a config with random weights (default: small; tiny with --quick)")
+    model.add_argument(
+        "--config",
+        choices=("tiny", "small", "1b"),
+        help="Llama built from a config with random weights (default: small; tiny with --quick)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                   help="model and KV dtype (default: float32 on CPU, bfloat16/float16 on GPU)")
-    p.add_argument("--time-scale", type=str, metavar="X",
-                   help="multiply arrival times by X (0.01 or 1/100 compresses 100x; default 1, azure-code 1/120)")
-    p.add_argument("--token-scale", type=str, metavar="X",
-                   help="multiply prompt and output lengths by X (default 1, azure-code 1/16)")
-    p.add_argument("--window", metavar="[START:]END",
-                   help="replay only requests arriving in this span of trace seconds (default: all)")
-    p.add_argument("--thin", type=str, metavar="K",
-                   help="keep 1 in K requests (default 1, azure-code 40)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="model and KV dtype (default: float32 on CPU, bfloat16/float16 on GPU)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=str,
+        metavar="X",
+        help="multiply arrival times by X (0.01 or 1/100 compresses 100x; default 1, azure-code 1/120)",
+    )
+    p.add_argument(
+        "--token-scale",
+        type=str,
+        metavar="X",
+        help="multiply prompt and output lengths by X (default 1, azure-code 1/16)",
+    )
+    p.add_argument(
+        "--window",
+        metavar="[START:]END",
+        help="replay only requests arriving in this span of trace seconds (default: all)",
+    )
+    p.add_argument("--thin", type=str, metavar="K", help="keep 1 in K requests (default 1, azure-code 40)")
     p.add_argument("--seed", type=str, default="0", help="seed for synthetic traces, prompts and weights (default 0)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     p.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model, short trace)")
-    p.add_argument("--max-bytes", metavar="SIZE",
-                   help="static pool size and elastic maximum (default: the smallest pool that holds the "
-                        "trace's max-running largest requests at once, rounded up to 2 MiB)")
+    p.add_argument(
+        "--max-bytes",
+        metavar="SIZE",
+        help="static pool size and elastic maximum (default: the smallest pool that holds the "
+        "trace's max-running largest requests at once, rounded up to 2 MiB)",
+    )
     p.add_argument("--min-bytes", metavar="SIZE", default="0", help="elastic minimum resident bytes (default 0)")
     p.add_argument("--headroom", type=str, default="0.1", help="elastic headroom fraction (default 0.1)")
-    p.add_argument("--idle-seconds", type=str, metavar="S",
-                   help="elastic: shrink after demand stayed below resident this long (default 1.0; 0.3 quick)")
-    p.add_argument("--tail-seconds", type=str, metavar="S",
-                   help="idle time measured after the last request (default: idle-seconds + 1.0; + 0.7 quick)")
+    p.add_argument(
+        "--idle-seconds",
+        type=str,
+        metavar="S",
+        help="elastic: shrink after demand stayed below resident this long (default 1.0; 0.3 quick)",
+    )
+    p.add_argument(
+        "--tail-seconds",
+        type=str,
+        metavar="S",
+        help="idle time measured after the last request (default: idle-seconds + 1.0; + 0.7 quick)",
+    )
     p.add_argument("--max-running", type=str, metavar="N", help="most requests running at once (default 16; 8 quick)")
-    p.add_argument("--max-batch-tokens", type=str, metavar="N", default="1024",
-                   help="most tokens in one forward (default 1024)")
+    p.add_argument(
+        "--max-batch-tokens", type=str, metavar="N", default="1024", help="most tokens in one forward (default 1024)"
+    )
     p.add_argument("--page-tokens", type=str, metavar="N", default="16", help="tokens per KV page (default 16)")
-    p.add_argument("--threads", type=str, metavar="N",
-                   help="torch CPU threads (default on CPU: cores - 1, at least 1, leaving a core for the "
-                        "engine's grower thread and the replay loop; else torch's default)")
+    p.add_argument(
+        "--threads",
+        type=str,
+        metavar="N",
+        help="torch CPU threads (default on CPU: cores - 1, at least 1, leaving a core for the "
+        "engine's grower thread and the replay loop; else torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -181,8 +236,10 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEM_NAMES]
     if unknown or not systems:
-        raise UsageError(f"unknown system(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"expected a comma-separated subset of {', '.join(SYSTEM_NAMES)}")
+        raise UsageError(
+            f"unknown system(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"expected a comma-separated subset of {', '.join(SYSTEM_NAMES)}"
+        )
     if len(set(systems)) != len(systems):
         raise UsageError(f"--systems lists a system twice: {args.systems}")
 
@@ -199,8 +256,9 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         elif trace.lower().endswith(".csv") or os.path.sep in trace or os.path.exists(trace):
             kind, raw, source = "csv", read_trace_csv(trace), trace
         else:
-            raise UsageError(f"unknown trace {trace!r}; expected one of {', '.join(TRACE_NAMES)} "
-                             "or a path to a .csv file")
+            raise UsageError(
+                f"unknown trace {trace!r}; expected one of {', '.join(TRACE_NAMES)} or a path to a .csv file"
+            )
     except TraceError as exc:
         raise UsageError(str(exc)) from None
 
@@ -217,7 +275,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         seed = int(args.seed)
     except ValueError:
         raise UsageError(f"--seed expects a whole number, got {args.seed!r}") from None
-    if not 0 <= seed < 2**32:   # numpy's and torch's generators both take it
+    if not 0 <= seed < 2**32:  # numpy's and torch's generators both take it
         raise UsageError(f"--seed must be in [0, 2**32), got {seed}")
 
     try:
@@ -226,8 +284,9 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     except ValueError as exc:
         raise UsageError(f"--max-bytes/--min-bytes: {exc}") from None
     if max_bytes is not None and max_bytes < MIN_POOL_BYTES:
-        raise UsageError(f"--max-bytes must be at least {MIN_POOL_BYTES >> 20} MiB (one KV pool chunk), "
-                         f"got {args.max_bytes}")
+        raise UsageError(
+            f"--max-bytes must be at least {MIN_POOL_BYTES >> 20} MiB (one KV pool chunk), got {args.max_bytes}"
+        )
     physical = _physical_memory_bytes()
     for flag, text, value in (("--max-bytes", args.max_bytes, max_bytes), ("--min-bytes", args.min_bytes, min_bytes)):
         # the static system maps its whole pool at once: more than the machine has cannot run
@@ -239,15 +298,24 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     headroom = _positive("--headroom", args.headroom, allow_zero=True)
     if headroom > MAX_HEADROOM:
         raise UsageError(f"--headroom must be in [0, {MAX_HEADROOM:g}], got {args.headroom}")
-    idle_seconds = (_positive("--idle-seconds", args.idle_seconds, allow_zero=True)
-                    if args.idle_seconds is not None else (0.3 if quick else 1.0))
-    tail_seconds = (_positive("--tail-seconds", args.tail_seconds, allow_zero=True)
-                    if args.tail_seconds is not None else idle_seconds + (0.7 if quick else 1.0))
-    max_running = (int(_positive("--max-running", args.max_running, integer=True))
-                   if args.max_running is not None else (8 if quick else 16))
+    idle_seconds = (
+        _positive("--idle-seconds", args.idle_seconds, allow_zero=True)
+        if args.idle_seconds is not None
+        else (0.3 if quick else 1.0)
+    )
+    tail_seconds = (
+        _positive("--tail-seconds", args.tail_seconds, allow_zero=True)
+        if args.tail_seconds is not None
+        else idle_seconds + (0.7 if quick else 1.0)
+    )
+    max_running = (
+        int(_positive("--max-running", args.max_running, integer=True))
+        if args.max_running is not None
+        else (8 if quick else 16)
+    )
     max_batch_tokens = int(_positive("--max-batch-tokens", args.max_batch_tokens, integer=True))
     page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
-    if page_tokens > MAX_PAGE_TOKENS:   # a page is allocated whole: 1e9 tokens asked for terabytes
+    if page_tokens > MAX_PAGE_TOKENS:  # a page is allocated whole: 1e9 tokens asked for terabytes
         raise UsageError(f"--page-tokens must be at most {MAX_PAGE_TOKENS}, got {page_tokens}")
 
     device = args.device or default_device()
@@ -263,7 +331,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.threads is not None:
         threads = int(_positive("--threads", args.threads, integer=True))
-        if threads > cores:   # libgomp crashes on absurd counts; more than the cores only slows down
+        if threads > cores:  # libgomp crashes on absurd counts; more than the cores only slows down
             raise UsageError(f"--threads must be at most the {cores} cores this process may use, got {threads}")
     elif torch_device.type == "cpu":
         threads = max(1, cores - 1)
@@ -276,12 +344,29 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     _check_out_dir(args.out)
 
     settings = BenchSettings(
-        trace=trace, systems=systems, model_path=args.model, config=None if args.model else config,
-        device=str(torch_device), dtype=dtype, seed=seed, out=args.out, quick=quick,
-        time_scale=time_scale, token_scale=token_scale, window=window, thin=thin,
-        max_bytes=max_bytes, min_bytes=min_bytes, headroom=headroom, idle_seconds=idle_seconds,
-        tail_seconds=tail_seconds, max_running=max_running, max_batch_tokens=max_batch_tokens,
-        page_tokens=page_tokens, sample_interval_s=0.01 if quick else 0.02, threads=threads,
+        trace=trace,
+        systems=systems,
+        model_path=args.model,
+        config=None if args.model else config,
+        device=str(torch_device),
+        dtype=dtype,
+        seed=seed,
+        out=args.out,
+        quick=quick,
+        time_scale=time_scale,
+        token_scale=token_scale,
+        window=window,
+        thin=thin,
+        max_bytes=max_bytes,
+        min_bytes=min_bytes,
+        headroom=headroom,
+        idle_seconds=idle_seconds,
+        tail_seconds=tail_seconds,
+        max_running=max_running,
+        max_batch_tokens=max_batch_tokens,
+        page_tokens=page_tokens,
+        sample_interval_s=0.01 if quick else 0.02,
+        threads=threads,
         progress=not args.no_progress,
     )
     return ResolvedArgs(settings, raw, trace if kind != "csv" else os.path.basename(trace), source, attribution)
@@ -297,7 +382,7 @@ def _native_core_error() -> str | None:
     """Why the compiled core cannot be loaded (one message naming the fix), or None when it can."""
     try:
         from .. import _native  # noqa: F401
-    except ImportError as exc:   # _native.NativeCoreMissing, or an ImportError inside torch itself
+    except ImportError as exc:  # _native.NativeCoreMissing, or an ImportError inside torch itself
         return str(exc)
     return None
 

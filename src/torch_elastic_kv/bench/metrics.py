@@ -2,6 +2,7 @@
 
 :data:`DEFINITIONS` says what each figure means; it is copied into ``results.json``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,10 @@ def summarize(run: SystemRun, static_bytes: int) -> dict:
     """The ``systems.<name>`` entry of results.json for one run."""
     unfinished = [i for i, r in enumerate(run.records) if r.finish_s is None]
     if unfinished:
-        raise RuntimeError(f"{run.name}: {len(unfinished)} of {len(run.records)} requests did not finish "
-                           f"(first: request {unfinished[0]})")
+        raise RuntimeError(
+            f"{run.name}: {len(unfinished)} of {len(run.records)} requests did not finish "
+            f"(first: request {unfinished[0]})"
+        )
     outputs = [r.tokens for r in run.records]
     total_out = sum(len(t) for t in outputs)
     ttft = [r.first_token_s - r.arrival_s for r in run.records]

@@ -3,6 +3,7 @@
 Built models have random weights drawn under a fixed seed, so the same ``--config`` and
 ``--seed`` give the same model (and, with greedy decoding, the same tokens) on every run.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,36 @@ CONFIG_NAMES = ("tiny", "small", "1b")
 # spans many 2 MiB granules and memory following demand is visible: tiny 4 KiB, small 16 KiB
 # per token in float32.
 _LLAMA_SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024),
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+    ),
+    "1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+    ),
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,4 +1,5 @@
 """The progress bar shown while a benchmark runs (tqdm on stderr, off when asked)."""
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@
 Outputs are written into a fresh temporary directory and moved into ``--out`` only once all of
 them exist, so a run that fails leaves nothing partial behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ from .systems import SystemRun
 MIB = 1024 * 1024
 COLORS = {"elastic": "tab:green", "static": "tab:red", "hf-generate": "tab:blue", "hf-generate-batch": "tab:purple"}
 # elastic drawn on top; static and continuous batching sit at nearly the same level, so dash one
-STYLES = {"elastic": {"linewidth": 2.0, "zorder": 5}, "static": {"linewidth": 2.2, "zorder": 4},
-          "hf-generate": {"linewidth": 1.2, "zorder": 2}, "hf-generate-batch": {"linewidth": 1.6, "linestyle": "--", "zorder": 3}}
+STYLES = {
+    "elastic": {"linewidth": 2.0, "zorder": 5},
+    "static": {"linewidth": 2.2, "zorder": 4},
+    "hf-generate": {"linewidth": 1.2, "zorder": 2},
+    "hf-generate-batch": {"linewidth": 1.6, "linestyle": "--", "zorder": 3},
+}
 OUTPUT_FILES = ("results.json", "summary.md", "memory.png", "latency.png")
 
 
@@ -37,21 +42,31 @@ def _fmt_mib(nbytes: float) -> str:
 
 def table(results: dict) -> str:
     """A markdown table of every system's figures (one row per system)."""
-    header = ("system", "tok/s (busy)", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV mean/peak/idle MiB",
-              "saved vs static MiB*s (%)", "preempt", "output sha256")
+    header = (
+        "system",
+        "tok/s (busy)",
+        "TTFT p50/p99 ms",
+        "TPOT p50/p99 ms",
+        "KV mean/peak/idle MiB",
+        "saved vs static MiB*s (%)",
+        "preempt",
+        "output sha256",
+    )
     rows = []
     for name, s in results["systems"].items():
-        rows.append((
-            name,
-            f"{s['tokens_per_s']:.0f} ({s['busy_tokens_per_s']:.0f})",
-            f"{_fmt_ms(s['ttft_p50_s'])} / {_fmt_ms(s['ttft_p99_s'])}",
-            f"{_fmt_ms(s['tpot_p50_s'])} / {_fmt_ms(s['tpot_p99_s'])}",
-            f"{_fmt_mib(s['mean_resident_bytes'])} / {_fmt_mib(s['peak_resident_bytes'])} / "
-            f"{_fmt_mib(s['idle_resident_bytes'])}",
-            f"{s['memory_byte_seconds_saved_vs_static'] / MIB:.0f} ({100 * s['memory_saved_vs_static_fraction']:.0f}%)",
-            "-" if s["preemptions"] is None else str(s["preemptions"]),
-            s["output_checksum"][:12],
-        ))
+        rows.append(
+            (
+                name,
+                f"{s['tokens_per_s']:.0f} ({s['busy_tokens_per_s']:.0f})",
+                f"{_fmt_ms(s['ttft_p50_s'])} / {_fmt_ms(s['ttft_p99_s'])}",
+                f"{_fmt_ms(s['tpot_p50_s'])} / {_fmt_ms(s['tpot_p99_s'])}",
+                f"{_fmt_mib(s['mean_resident_bytes'])} / {_fmt_mib(s['peak_resident_bytes'])} / "
+                f"{_fmt_mib(s['idle_resident_bytes'])}",
+                f"{s['memory_byte_seconds_saved_vs_static'] / MIB:.0f} ({100 * s['memory_saved_vs_static_fraction']:.0f}%)",
+                "-" if s["preemptions"] is None else str(s["preemptions"]),
+                s["output_checksum"][:12],
+            )
+        )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in (header, *rows)]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -89,8 +104,11 @@ def _downsample(samples: list[tuple[float, int, int]], limit: int = 2000) -> dic
     if len(samples) > limit:
         keep = np.unique(np.linspace(0, len(samples) - 1, limit).astype(int))
         samples = [samples[i] for i in keep]
-    return {"t_s": [round(s[0], 4) for s in samples], "resident_bytes": [s[1] for s in samples],
-            "live_bytes": [s[2] for s in samples]}
+    return {
+        "t_s": [round(s[0], 4) for s in samples],
+        "resident_bytes": [s[1] for s in samples],
+        "live_bytes": [s[2] for s in samples],
+    }
 
 
 def checksum_note(systems: dict[str, dict]) -> str:
@@ -104,8 +122,17 @@ def checksum_note(systems: dict[str, dict]) -> str:
     return "Output checksums: " + "; ".join(parts) + "."
 
 
-def results_document(*, command: list[str], settings: dict, model: dict, trace: dict, static_pool_bytes: int,
-                     systems: dict[str, dict], runs: list[SystemRun], definitions: dict) -> dict:
+def results_document(
+    *,
+    command: list[str],
+    settings: dict,
+    model: dict,
+    trace: dict,
+    static_pool_bytes: int,
+    systems: dict[str, dict],
+    runs: list[SystemRun],
+    definitions: dict,
+) -> dict:
     """Everything in results.json: settings, trace and its scaling, each system's figures and timeline."""
     from .. import __version__
 
@@ -158,8 +185,7 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
         top.step(xs, ys, where="post", color=COLORS.get(run.name), label=run.name, **style)
         xs, ys = _step_xy(run.samples, 2, run.end_s)
         bottom.step(xs, ys, where="post", color=COLORS.get(run.name), label=f"live ({run.name})", linewidth=1.0)
-    top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1,
-                label="static pool size")
+    top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1, label="static pool size")
     top.set_ylabel("resident KV MiB")
     highest = max([results["static_pool_bytes"]] + [s[1] for run in runs for s in run.samples]) / MIB
     top.set_ylim(0, highest * 1.3)  # room above the static line for the legend
@@ -175,8 +201,9 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
         bin_s = max(end / 60.0, 0.05)
         edges = np.arange(0.0, end + bin_s, bin_s)
         counts, _ = np.histogram(arrivals, bins=edges)
-        rate_axis.bar(edges[:-1], counts / bin_s, width=bin_s, align="edge", color="orange", alpha=0.25,
-                      label="arrivals / s")
+        rate_axis.bar(
+            edges[:-1], counts / bin_s, width=bin_s, align="edge", color="orange", alpha=0.25, label="arrivals / s"
+        )
     rate_axis.set_ylabel("arrivals / s")
     lines, labels = bottom.get_legend_handles_labels()
     rate_lines, rate_labels = rate_axis.get_legend_handles_labels()
@@ -201,11 +228,21 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
         tpot = sorted((r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in run.records if len(r.tokens) > 1)
         color = COLORS.get(run.name)
         if ttft:
-            ttft_ax.step(np.array(ttft) * 1e3, np.linspace(0, 1, len(ttft), endpoint=False) + 1 / len(ttft),
-                         where="post", color=color, label=run.name)
+            ttft_ax.step(
+                np.array(ttft) * 1e3,
+                np.linspace(0, 1, len(ttft), endpoint=False) + 1 / len(ttft),
+                where="post",
+                color=color,
+                label=run.name,
+            )
         if tpot:
-            tpot_ax.step(np.array(tpot) * 1e3, np.linspace(0, 1, len(tpot), endpoint=False) + 1 / len(tpot),
-                         where="post", color=color, label=run.name)
+            tpot_ax.step(
+                np.array(tpot) * 1e3,
+                np.linspace(0, 1, len(tpot), endpoint=False) + 1 / len(tpot),
+                where="post",
+                color=color,
+                label=run.name,
+            )
     for ax, label in ((ttft_ax, "time to first token (ms)"), (tpot_ax, "time per output token (ms)")):
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of requests")
@@ -221,8 +258,7 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
     busy = [results["systems"][n]["busy_tokens_per_s"] for n in names]
     x = np.arange(len(names))
     speed_ax.bar(x - 0.2, speeds, 0.4, color=[COLORS.get(n, "grey") for n in names], label="over the replay")
-    speed_ax.bar(x + 0.2, busy, 0.4, color=[COLORS.get(n, "grey") for n in names], alpha=0.45,
-                 label="while busy")
+    speed_ax.bar(x + 0.2, busy, 0.4, color=[COLORS.get(n, "grey") for n in names], alpha=0.45, label="while busy")
     speed_ax.set_xticks(x, names, rotation=15, fontsize=8)
     speed_ax.set_ylabel("output tokens / s")
     speed_ax.set_ylim(0, max(speeds + busy + [1.0]) * 1.25)  # room above the bars for the legend

@@ -1,4 +1,5 @@
 """One benchmark run from resolved settings: model, trace, each system in turn, report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,9 @@ from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
 WARM_UP_REQUESTS = 32
 
 
-def _warm_up(model: torch.nn.Module, settings: BenchSettings, prompts: list[list[int]], trace: Trace,
-             max_bytes: int) -> None:
+def _warm_up(
+    model: torch.nn.Module, settings: BenchSettings, prompts: list[list[int]], trace: Trace, max_bytes: int
+) -> None:
     """Untimed, before any system: the model once, and (for the Engine systems) the first
     ``WARM_UP_REQUESTS`` requests of the trace through an Engine all at once, so that one-time
     setup (kernel selection for the many packed batch shapes, paged-attention setup, lazy
@@ -30,8 +32,13 @@ def _warm_up(model: torch.nn.Module, settings: BenchSettings, prompts: list[list
     from .. import ElasticPolicy, Engine
 
     attention = model.config._attn_implementation
-    engine = Engine(model, policy=ElasticPolicy(max_bytes=max_bytes), max_batch_tokens=settings.max_batch_tokens,
-                    max_running=settings.max_running, page_tokens=settings.page_tokens)
+    engine = Engine(
+        model,
+        policy=ElasticPolicy(max_bytes=max_bytes),
+        max_batch_tokens=settings.max_batch_tokens,
+        max_running=settings.max_running,
+        page_tokens=settings.page_tokens,
+    )
     try:
         count = min(WARM_UP_REQUESTS, len(prompts))
         engine.generate(prompts[:count], max_new_tokens=[min(r.output_tokens, 8) for r in trace.requests[:count]])
@@ -58,15 +65,26 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
     raw = resolved.raw_requests
     if raw is None:
         raw = synthetic_requests(settings.trace, settings.seed, settings.quick)
-    trace = scale_trace(resolved.trace_name, resolved.trace_source, raw, time_scale=settings.time_scale,
-                        token_scale=settings.token_scale, window=settings.window, thin=settings.thin,
-                        max_total_tokens=info.max_positions, attribution=resolved.attribution)
+    trace = scale_trace(
+        resolved.trace_name,
+        resolved.trace_source,
+        raw,
+        time_scale=settings.time_scale,
+        token_scale=settings.token_scale,
+        window=settings.window,
+        thin=settings.thin,
+        max_total_tokens=info.max_positions,
+        attribution=resolved.attribution,
+    )
     prompts = prompt_token_ids(trace, info.vocab_size, settings.seed)
     max_bytes = settings.max_bytes if settings.max_bytes is not None else auto_max_bytes(trace, info, settings)
     if settings.min_bytes > max_bytes:
         raise ValueError(f"--min-bytes {settings.min_bytes} is above the pool size {max_bytes}")
-    print(f"ekv-bench: {trace.describe()}; model {info.name} ({info.parameters / 1e6:.1f} M params, {info.dtype}, "
-          f"{info.device}); pool {max_bytes / 2**20:.2f} MiB", file=sys.stderr)
+    print(
+        f"ekv-bench: {trace.describe()}; model {info.name} ({info.parameters / 1e6:.1f} M params, {info.dtype}, "
+        f"{info.device}); pool {max_bytes / 2**20:.2f} MiB",
+        file=sys.stderr,
+    )
     _warm_up(model, settings, prompts, trace, max_bytes)
 
     progress = Progress(trace.output_tokens * len(settings.systems), enabled=settings.progress)
@@ -90,8 +108,16 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         "scaling": trace.scaling,
     }
     settings_json = settings.to_json() | {"max_bytes_resolved": max_bytes}
-    results = results_document(command=command, settings=settings_json, model=model_json, trace=trace_json,
-                               static_pool_bytes=max_bytes, systems=systems, runs=runs, definitions=DEFINITIONS)
+    results = results_document(
+        command=command,
+        settings=settings_json,
+        model=model_json,
+        trace=trace_json,
+        static_pool_bytes=max_bytes,
+        systems=systems,
+        runs=runs,
+        definitions=DEFINITIONS,
+    )
     written = write_outputs(settings.out, results, runs)
     print(summary_markdown(results))
     print("wrote " + ", ".join(written))

@@ -1,4 +1,5 @@
 """The resolved settings of one benchmark run (what the command line asked for, defaults filled in)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -10,7 +11,7 @@ SYSTEM_NAMES = ("elastic", "static", "hf-generate", "hf-generate-batch")
 class BenchSettings:
     """Everything a run depends on; written verbatim into ``results.json``."""
 
-    trace: str                      # a name from traces.TRACE_NAMES or a CSV path
+    trace: str  # a name from traces.TRACE_NAMES or a CSV path
     systems: tuple[str, ...]
     model_path: str | None
     config: str
@@ -23,16 +24,16 @@ class BenchSettings:
     token_scale: float
     window: tuple[float, float | None]
     thin: int
-    max_bytes: int | None           # None: sized from the trace (see systems.auto_max_bytes)
+    max_bytes: int | None  # None: sized from the trace (see systems.auto_max_bytes)
     min_bytes: int
     headroom: float
     idle_seconds: float
-    tail_seconds: float             # idle time measured after the last request finishes
+    tail_seconds: float  # idle time measured after the last request finishes
     max_running: int
     max_batch_tokens: int
     page_tokens: int
     sample_interval_s: float
-    threads: int                    # torch CPU threads while the benchmark runs
+    threads: int  # torch CPU threads while the benchmark runs
     progress: bool
 
     def to_json(self) -> dict:

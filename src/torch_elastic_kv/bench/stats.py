@@ -5,6 +5,7 @@ Percentiles interpolate linearly between the two nearest order statistics (numpy
 than 100 values lies between the two largest. The main command, ``benchmarks/bench_engine.py``
 and ``benchmarks/gpu_check.py`` all use these, so their p99s mean the same thing.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,9 +29,15 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     """median / p90 / p99 / mean / min / max / n of ``values`` (an empty list: n = 0 only)."""
     if len(values) == 0:
         return {"n": 0}
-    return {"median": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
-            "mean": statistics.fmean(values), "min": float(min(values)), "max": float(max(values)),
-            "n": len(values)}
+    return {
+        "median": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "mean": statistics.fmean(values),
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "n": len(values),
+    }
 
 
 def time_weighted_mean(samples: Sequence[tuple[float, float]], end: float) -> float:

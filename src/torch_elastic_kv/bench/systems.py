@@ -17,6 +17,7 @@ While it runs, the resident and live KV bytes are sampled into a timeline.
 All use greedy decoding and ignore EOS, so each request produces exactly its trace's output
 length and the token outputs of different systems can be compared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,10 +66,10 @@ class SystemRun:
     name: str
     records: list[RequestRecord]
     samples: list[tuple[float, int, int]]  # (seconds, resident KV bytes, live KV bytes)
-    load_end_s: float                      # when the last request finished
-    end_s: float                           # end of the idle tail
-    counters: dict[str, int | None]        # preemptions, grows, shrinks, compactions (None: not exposed)
-    info: dict[str, Any]                   # pool facts: max/min bytes, granule bytes, arenas, ...
+    load_end_s: float  # when the last request finished
+    end_s: float  # end of the idle tail
+    counters: dict[str, int | None]  # preemptions, grows, shrinks, compactions (None: not exposed)
+    info: dict[str, Any]  # pool facts: max/min bytes, granule bytes, arenas, ...
 
 
 class Recorder:
@@ -89,8 +90,9 @@ class Recorder:
         if now - self.last_progress > STALL_SECONDS:
             pending = sum(1 for r in self.records if r.arrival_s <= now and r.finish_s is None)
             if pending:
-                raise RuntimeError(f"{self.name}: no output token for {STALL_SECONDS:g} s with {pending} "
-                                   "arrived requests unfinished")
+                raise RuntimeError(
+                    f"{self.name}: no output token for {STALL_SECONDS:g} s with {pending} arrived requests unfinished"
+                )
             self.last_progress = now
 
     def now(self) -> float:
@@ -128,8 +130,9 @@ class EngineLike(Protocol):
     def stats(self) -> dict: ...
 
 
-def replay_engine(engine: EngineLike, trace: Trace, prompts: list[list[int]], settings: BenchSettings,
-                  progress: Progress, name: str) -> SystemRun:
+def replay_engine(
+    engine: EngineLike, trace: Trace, prompts: list[list[int]], settings: BenchSettings, progress: Progress, name: str
+) -> SystemRun:
     """Drive ``engine`` on the trace's wall-clock arrivals; one thread, so runs are reproducible.
 
     When the engine has work it steps; when it has none it sleeps until the next arrival,
@@ -193,14 +196,29 @@ def engine_pool_info(engine: Any) -> dict[str, Any]:
     pool = getattr(engine, "pool", None)
     if pool is None or not hasattr(pool, "stats"):
         return {}
-    keys = ("granule_bytes", "chunk_bytes", "arenas", "page_bytes", "max_bytes", "min_bytes", "reserved_bytes",
-            "max_pages")
+    keys = (
+        "granule_bytes",
+        "chunk_bytes",
+        "arenas",
+        "page_bytes",
+        "max_bytes",
+        "min_bytes",
+        "reserved_bytes",
+        "max_pages",
+    )
     pool_stats = pool.stats()
     return {k: pool_stats[k] for k in keys if k in pool_stats}
 
 
-def run_engine_system(name: str, model: torch.nn.Module, trace: Trace, prompts: list[list[int]],
-                      settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+def run_engine_system(
+    name: str,
+    model: torch.nn.Module,
+    trace: Trace,
+    prompts: list[list[int]],
+    settings: BenchSettings,
+    max_bytes: int,
+    progress: Progress,
+) -> SystemRun:
     """``elastic`` or ``static``: build the Engine and its policy, replay, close."""
     from .. import ElasticPolicy, Engine
 
@@ -208,10 +226,20 @@ def run_engine_system(name: str, model: torch.nn.Module, trace: Trace, prompts: 
     if name == "static":
         policy = ElasticPolicy(min_bytes=max_bytes, max_bytes=max_bytes, clock=clock)
     else:
-        policy = ElasticPolicy(min_bytes=settings.min_bytes, max_bytes=max_bytes, headroom=settings.headroom,
-                               idle_seconds=settings.idle_seconds, clock=clock)
-    engine = Engine(model, policy=policy, max_batch_tokens=settings.max_batch_tokens,
-                    max_running=settings.max_running, page_tokens=settings.page_tokens)
+        policy = ElasticPolicy(
+            min_bytes=settings.min_bytes,
+            max_bytes=max_bytes,
+            headroom=settings.headroom,
+            idle_seconds=settings.idle_seconds,
+            clock=clock,
+        )
+    engine = Engine(
+        model,
+        policy=policy,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_running=settings.max_running,
+        page_tokens=settings.page_tokens,
+    )
     try:
         run = replay_engine(engine, trace, prompts, settings, progress, name)
         run.info.update(engine_pool_info(engine))
@@ -266,8 +294,14 @@ def _dynamic_cache_bytes(cache: Any) -> int:
     return total
 
 
-def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
-                    settings: BenchSettings, progress: Progress) -> SystemRun:
+def run_hf_generate(
+    model: torch.nn.Module,
+    info: ModelInfo,
+    trace: Trace,
+    prompts: list[list[int]],
+    settings: BenchSettings,
+    progress: Progress,
+) -> SystemRun:
     """Padded batches through ``model.generate``: each batch takes every request that has arrived
     (up to ``max_running``) and runs until its longest output is done."""
     from transformers import DynamicCache, GenerationConfig
@@ -293,8 +327,8 @@ def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, promp
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
-                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                attention[row, width - len(prompts[i]):] = 1
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention[row, width - len(prompts[i]) :] = 1
             cache = DynamicCache(config=model.config)
             steps = [0]
 
@@ -308,10 +342,19 @@ def run_hf_generate(model: torch.nn.Module, info: ModelInfo, trace: Trace, promp
                         live_tokens += len(prompts[i]) + steps[0] - 1  # K/V stored so far
                 rec.sample(_dynamic_cache_bytes(cache), live_tokens * info.kv_bytes_per_token, at)
 
-            config = GenerationConfig(do_sample=False, max_new_tokens=max(requests[i].output_tokens for i in batch),
-                                      pad_token_id=pad_id, eos_token_id=None)
-            model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                           **cache_kwargs(model, cache), generation_config=config, streamer=_StepStreamer(on_step))
+            config = GenerationConfig(
+                do_sample=False,
+                max_new_tokens=max(requests[i].output_tokens for i in batch),
+                pad_token_id=pad_id,
+                eos_token_id=None,
+            )
+            model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
+                **cache_kwargs(model, cache),
+                generation_config=config,
+                streamer=_StepStreamer(on_step),
+            )
             del cache
             finished += len(batch)
             rec.sample(0, 0)
@@ -353,7 +396,7 @@ def _cb_config_kwargs(config_class: type, **wanted: Any) -> dict[str, Any]:
 
 def _cb_cache_bytes(cache: Any, block_bytes: int) -> tuple[int, int]:
     """(resident, live) KV bytes of transformers' paged cache, in either of its 5.x layouts."""
-    if hasattr(cache, "cache_tensor"):   # 5.24+: one tensor, capacity counted in sectors
+    if hasattr(cache, "cache_tensor"):  # 5.24+: one tensor, capacity counted in sectors
         resident = cache.cache_tensor.numel() * cache.cache_tensor.element_size()
         capacity = cache.num_sectors * cache.bytes_per_sector
         return resident, max(0, capacity - int(cache.compute_free_capacity(relative=False)))
@@ -362,8 +405,15 @@ def _cb_cache_bytes(cache: Any, block_bytes: int) -> tuple[int, int]:
     return resident, max(0, cache.num_blocks - cache.get_num_free_blocks()) * block_bytes
 
 
-def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
-                          settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+def run_hf_generate_batch(
+    model: torch.nn.Module,
+    info: ModelInfo,
+    trace: Trace,
+    prompts: list[list[int]],
+    settings: BenchSettings,
+    max_bytes: int,
+    progress: Progress,
+) -> SystemRun:
     """transformers continuous batching, requests added as they arrive, cache sized to ``max_bytes``."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -371,25 +421,35 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
     rec = Recorder(trace, progress, "hf-generate-batch")
     requests = trace.requests
     block_bytes = settings.page_tokens * info.kv_bytes_per_token
-    cb_config = ContinuousBatchingConfig(**_cb_config_kwargs(
-        ContinuousBatchingConfig,
-        page_size=settings.page_tokens,
-        num_blocks=max(1, max_bytes // block_bytes),
-        max_batch_tokens=settings.max_batch_tokens,
-        max_requests_per_batch=settings.max_running,
-        allow_block_sharing=False,  # prefix caching would keep finished requests' blocks: not comparable
-        auto_switch_to_flash=False,
-    ))
-    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(r.output_tokens for r in requests),
-                                  eos_token_id=-1, pad_token_id=model.config.pad_token_id)
+    cb_config = ContinuousBatchingConfig(
+        **_cb_config_kwargs(
+            ContinuousBatchingConfig,
+            page_size=settings.page_tokens,
+            num_blocks=max(1, max_bytes // block_bytes),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_requests_per_batch=settings.max_running,
+            allow_block_sharing=False,  # prefix caching would keep finished requests' blocks: not comparable
+            auto_switch_to_flash=False,
+        )
+    )
+    gen_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max(r.output_tokens for r in requests),
+        eos_token_id=-1,
+        pad_token_id=model.config.pad_token_id,
+    )
     pending: dict[str, int] = {}
     next_arrival = 0
     resident = [0]
 
-    with _quiet_transformers(), model.continuous_batching_context_manager(
-        generation_config=gen_config, continuous_batching_config=cb_config,
-        warmup=torch.device(settings.device).type == "cuda",
-    ) as manager:
+    with (
+        _quiet_transformers(),
+        model.continuous_batching_context_manager(
+            generation_config=gen_config,
+            continuous_batching_config=cb_config,
+            warmup=torch.device(settings.device).type == "cuda",
+        ) as manager,
+    ):
 
         def sample() -> None:
             processor = manager.batch_processor
@@ -418,8 +478,13 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
             now = rec.now()
             while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
                 request_id = f"r{next_arrival}"
-                manager.add_request(prompts[next_arrival], request_id=request_id, eos_token_id=-1,
-                                    max_new_tokens=requests[next_arrival].output_tokens, record_timestamps=True)
+                manager.add_request(
+                    prompts[next_arrival],
+                    request_id=request_id,
+                    eos_token_id=-1,
+                    max_new_tokens=requests[next_arrival].output_tokens,
+                    record_timestamps=True,
+                )
                 pending[request_id] = next_arrival
                 next_arrival += 1
             wait = settings.sample_interval_s
@@ -434,12 +499,19 @@ def run_hf_generate_batch(model: torch.nn.Module, info: ModelInfo, trace: Trace,
         rec.sleep_until(rec.now() + settings.tail_seconds, settings.sample_interval_s, sample)
         end = rec.now()
     counters = {"preemptions": None, "grows": None, "shrinks": None, "compactions": None}
-    return SystemRun("hf-generate-batch", rec.records, rec.samples, load_end, end, counters,
-                     {"max_bytes": resident[0]})
+    return SystemRun("hf-generate-batch", rec.records, rec.samples, load_end, end, counters, {"max_bytes": resident[0]})
 
 
-def run_system(name: str, model: torch.nn.Module, info: ModelInfo, trace: Trace, prompts: list[list[int]],
-               settings: BenchSettings, max_bytes: int, progress: Progress) -> SystemRun:
+def run_system(
+    name: str,
+    model: torch.nn.Module,
+    info: ModelInfo,
+    trace: Trace,
+    prompts: list[list[int]],
+    settings: BenchSettings,
+    max_bytes: int,
+    progress: Progress,
+) -> SystemRun:
     """Replay ``trace`` through the system called ``name``.
 
     Systems switch the model's attention implementation (the Engine to its paged attention,

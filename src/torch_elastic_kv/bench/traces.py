@@ -7,6 +7,7 @@ CSV traces use the columns of the Azure LLM inference trace 2023 (``TIMESTAMP``,
 scaled (a time window, compressed time, scaled token counts, every k-th request) and the
 :class:`Trace` records exactly what was changed so every report can say it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -196,7 +197,9 @@ def read_trace_csv(path: str) -> list[TraceRequest]:
                 except (TypeError, ValueError) as exc:
                     raise TraceError(f"trace {path}: line {line}: cannot parse {dict(row)} ({exc})") from None
                 if not math.isfinite(stamp):
-                    raise TraceError(f"trace {path}: line {line}: TIMESTAMP must be a finite time, got {row['TIMESTAMP']!r}")
+                    raise TraceError(
+                        f"trace {path}: line {line}: TIMESTAMP must be a finite time, got {row['TIMESTAMP']!r}"
+                    )
                 if context < 1 or generated < 1:
                     raise TraceError(
                         f"trace {path}: line {line}: token counts must be >= 1, got "
@@ -271,7 +274,9 @@ def scale_trace(
     selected = selected[::thin]
     if not selected:
         span = f"{raw[0].arrival_s:.1f}..{raw[-1].arrival_s:.1f} s" if raw else "nothing"
-        raise TraceError(f"--window {start:g}:{'' if end is None else f'{end:g}'} selects no requests (trace spans {span})")
+        raise TraceError(
+            f"--window {start:g}:{'' if end is None else f'{end:g}'} selects no requests (trace spans {span})"
+        )
     clipped = 0
     requests = []
     for r in selected:

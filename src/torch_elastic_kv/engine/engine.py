@@ -21,6 +21,7 @@ the step does not hold during the forward so the grower thread can map meanwhile
 Timing fields (``stats()``, ``timeline``, ``request_info``) are in seconds of the policy's
 clock, so tests with an injected clock see deterministic values.
 """
+
 from __future__ import annotations
 
 import collections
@@ -79,7 +80,7 @@ class _CacheBackend:
         self.cache.ensure_capacity(seq.request_id, total_tokens)
 
     def release(self, seq: Request) -> None:
-        if seq.request_id in self.table:   # else it was never given pages
+        if seq.request_id in self.table:  # else it was never given pages
             self.cache.free_seq(seq.request_id)
 
     def can_swap_out(self, seq: Request) -> bool:
@@ -93,7 +94,7 @@ class _CacheBackend:
 
     def swap_in(self, seq: Request) -> None:
         data, ntokens, npages = self.swap.peek(seq.request_id)
-        pages = self.pool.alloc(npages)          # MemoryError: nothing changed
+        pages = self.pool.alloc(npages)  # MemoryError: nothing changed
         try:
             self.pool.write_pages(pages, data)
             self.cache.attach_seq(seq.request_id, pages, ntokens)
@@ -140,13 +141,24 @@ class Engine:
             it is faster depends on the CPU (``prepack`` module docstring).
     """
 
-    def __init__(self, model: Any, pool: Optional[EnginePool] = None, policy: Optional[ElasticPolicy] = None,
-                 max_batch_tokens: int = 2048, max_running: Optional[int] = None, *,
-                 cache: Optional[EngineCache] = None, page_tokens: int = 16, paged_attention: bool = True,
-                 background: bool = True, grow_in_background: Optional[bool] = None,
-                 timeline: bool = True,
-                 starvation_limit: int = 3, keep_finished: int = 100_000,
-                 prepack_weights: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pool: Optional[EnginePool] = None,
+        policy: Optional[ElasticPolicy] = None,
+        max_batch_tokens: int = 2048,
+        max_running: Optional[int] = None,
+        *,
+        cache: Optional[EngineCache] = None,
+        page_tokens: int = 16,
+        paged_attention: bool = True,
+        background: bool = True,
+        grow_in_background: Optional[bool] = None,
+        timeline: bool = True,
+        starvation_limit: int = 3,
+        keep_finished: int = 100_000,
+        prepack_weights: Optional[bool] = None,
+    ) -> None:
 
         self.model = model
         self.config = model.config
@@ -165,41 +177,61 @@ class Engine:
         self._owns_pool = pool is None
         if pool is None:
             from ..kv.pool import KVPagePool
+
             layers, kv_heads, head_dim = kv_geometry(self.config)
-            pool = KVPagePool(layers, kv_heads, head_dim, dtype, device=self.device,
-                              page_tokens=page_tokens, max_bytes=self.policy.max_bytes,
-                              min_bytes=self.policy.min_bytes)
+            pool = KVPagePool(
+                layers,
+                kv_heads,
+                head_dim,
+                dtype,
+                device=self.device,
+                page_tokens=page_tokens,
+                max_bytes=self.policy.max_bytes,
+                min_bytes=self.policy.min_bytes,
+            )
         self.pool = pool
         self._restore_attn: Optional[str] = None
         if paged_attention and cache is None:
             from ..hf.attention import PAGED_ATTENTION, enable_paged_attention
+
             before = getattr(self.config, "_attn_implementation", None)
             if before != PAGED_ATTENTION:
                 enable_paged_attention(model)
-                self._restore_attn = before   # close() puts the model back as it was
+                self._restore_attn = before  # close() puts the model back as it was
         if cache is None:
             from ..hf.cache import ElasticPagedCache  # the one cache class users pass to generate
+
             cache = ElasticPagedCache(self.config, pool=pool)
         self.cache = cache
         self.runner = ModelRunner(model, cache, self.device)
         self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
         self._backend = _CacheBackend(pool, self.cache, self.swap)
-        self.scheduler = Scheduler(self._backend, max_batch_tokens=max_batch_tokens,
-                                   max_running=max_running, headroom=self.policy.headroom,
-                                   starvation_limit=starvation_limit)
-        self._step_lock = threading.RLock()    # one step (or budget change) at a time
-        self._pool_lock = threading.RLock()    # pool bookkeeping: step vs the memory thread
+        self.scheduler = Scheduler(
+            self._backend,
+            max_batch_tokens=max_batch_tokens,
+            max_running=max_running,
+            headroom=self.policy.headroom,
+            starvation_limit=starvation_limit,
+        )
+        self._step_lock = threading.RLock()  # one step (or budget change) at a time
+        self._pool_lock = threading.RLock()  # pool bookkeeping: step vs the memory thread
         if grow_in_background is None:
             grow_in_background = self.device.type == "cuda"
-        self.memory = MemoryController(pool, self.policy, self.scheduler, self._backend,
-                                       step_lock=self._step_lock, pool_lock=self._pool_lock,
-                                       grow_in_background=bool(background and grow_in_background))
-        self._inbox_lock = threading.Lock()    # add_request / cancel from any thread
+        self.memory = MemoryController(
+            pool,
+            self.policy,
+            self.scheduler,
+            self._backend,
+            step_lock=self._step_lock,
+            pool_lock=self._pool_lock,
+            grow_in_background=bool(background and grow_in_background),
+        )
+        self._inbox_lock = threading.Lock()  # add_request / cancel from any thread
         self._inbox: list[Request] = []
         self._requests: dict[int, Request] = {}
         if isinstance(keep_finished, bool) or not isinstance(keep_finished, int) or keep_finished < 0:
             raise ValueError(f"Engine: keep_finished must be an int >= 0, got {keep_finished!r}")
-        self._done: collections.deque[int] = collections.deque()   # finished ids, oldest first
+        self._done: collections.deque[int] = collections.deque()  # finished ids, oldest first
         self._keep_finished = keep_finished
         self._n_finished = 0
         self._n_cancelled = 0
@@ -213,12 +245,13 @@ class Engine:
         self._stalled = False
         self._pool_closed = False
         self._closed = False
-        self._final_stats: Optional[dict] = None   # what stats() answers once closed
-        self._unstreamed: collections.deque = collections.deque()   # stream()ed steps' tokens not yet yielded
+        self._final_stats: Optional[dict] = None  # what stats() answers once closed
+        self._unstreamed: collections.deque = collections.deque()  # stream()ed steps' tokens not yet yielded
         self._packed: Any = None
         if use_prepack:
             from ..hf.prepack import PackedLinears
-            self._packed = PackedLinears(model)   # close() restores the layers
+
+            self._packed = PackedLinears(model)  # close() restores the layers
         if background:
             self.memory.start()
 
@@ -230,6 +263,7 @@ class Engine:
         if want is False:
             return False
         from ..hf.prepack import eligible_linears, prepack_available
+
         why = None
         if self.device.type != "cpu" or dtype != torch.float32:
             why = f"the model is {dtype} on {self.device}; prepacking is for float32 on CPU"
@@ -242,8 +276,9 @@ class Engine:
         return why is None
 
     # ------------------------------------------------------------------ requests ----------
-    def _validate(self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any,
-                  sampling: Any) -> tuple[list[int], int, frozenset, SamplingParams]:
+    def _validate(
+        self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any, sampling: Any
+    ) -> tuple[list[int], int, frozenset, SamplingParams]:
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
                 prompt_ids = prompt_ids[0]
@@ -257,30 +292,35 @@ class Engine:
             for i, x in enumerate(prompt_ids):
                 if isinstance(x, bool) or not isinstance(x, numbers.Integral):
                     raise ValueError(
-                        f"add_request: prompt id at position {i} is {x!r} ({type(x).__name__}), not an int")
+                        f"add_request: prompt id at position {i} is {x!r} ({type(x).__name__}), not an int"
+                    )
                 ids.append(int(x))
         else:
             raise ValueError(
-                f"add_request: prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}")
+                f"add_request: prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}"
+            )
         if not ids:
             raise ValueError("add_request: the prompt is empty (0 tokens); at least one token is needed")
         bad = [(i, x) for i, x in enumerate(ids) if not 0 <= x < self.vocab_size]
         if bad:
             i, x = bad[0]
             raise ValueError(
-                f"add_request: prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})")
+                f"add_request: prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})"
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"add_request: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
             raise ValueError(
                 f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's max_position_embeddings ({self.max_positions})")
+                f"model's max_position_embeddings ({self.max_positions})"
+            )
         if eos_token_id is None:
             eos: frozenset = frozenset()
         elif isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
             eos = frozenset([eos_token_id])
         elif isinstance(eos_token_id, (list, tuple, set, frozenset)) and all(
-                isinstance(e, int) and not isinstance(e, bool) for e in eos_token_id):
+            isinstance(e, int) and not isinstance(e, bool) for e in eos_token_id
+        ):
             eos = frozenset(eos_token_id)
         else:
             raise ValueError(f"add_request: eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
@@ -295,11 +335,11 @@ class Engine:
             raise ValueError(
                 f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) needs {need} "
                 f"KV pages ({need * self.pool.page_bytes} bytes) but the ceiling (max_bytes {ceiling}) allows "
-                f"{cap} pages ({cap * self.pool.page_bytes} bytes)")
+                f"{cap} pages ({cap * self.pool.page_bytes} bytes)"
+            )
         return ids, max_new_tokens, eos, params
 
-    def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None,
-                    sampling: Any = None) -> int:
+    def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None, sampling: Any = None) -> int:
         """Queue a request; returns its id. Thread-safe; may be called between or during steps.
 
         ``sampling``: ``None`` (greedy), a ``SamplingParams`` or a dict of its fields.
@@ -311,8 +351,15 @@ class Engine:
         with self._inbox_lock:
             rid = self._next_id
             self._next_id += 1
-            seq = Request(request_id=rid, prompt_ids=ids, max_new_tokens=mnt, arrival_index=self._arrivals,
-                           arrival_time=now, eos_token_ids=eos, sampling=params)
+            seq = Request(
+                request_id=rid,
+                prompt_ids=ids,
+                max_new_tokens=mnt,
+                arrival_index=self._arrivals,
+                arrival_time=now,
+                eos_token_ids=eos,
+                sampling=params,
+            )
             self._arrivals += 1
             self._requests[rid] = seq
             self._inbox.append(seq)
@@ -398,7 +445,7 @@ class Engine:
         with self._inbox_lock:
             new, self._inbox = self._inbox, []
         if new:
-            with self._pool_lock:   # the grower thread reads the scheduler's queues
+            with self._pool_lock:  # the grower thread reads the scheduler's queues
                 for seq in new:
                     self.scheduler.add(seq)
 
@@ -437,8 +484,9 @@ class Engine:
             self._unstreamed.extend(self.step())
             self._raise_if_stalled()
 
-    def generate(self, prompts: Seq[Any], max_new_tokens: Any, eos_token_id: Any = None,
-                 sampling: Any = None) -> list[list[int]]:
+    def generate(
+        self, prompts: Seq[Any], max_new_tokens: Any, eos_token_id: Any = None, sampling: Any = None
+    ) -> list[list[int]]:
         """Run ``prompts`` to completion; returns each one's generated ids, in order.
 
         ``max_new_tokens`` is an int or one per prompt. All prompts are validated before any
@@ -475,7 +523,8 @@ class Engine:
         raise RuntimeError(
             f"Engine stalled: request {seq.request_id} needs {need} KV pages but only "
             f"{self._backend.free_pages()} can be had under the budget "
-            f"({self.policy.budget_bytes} bytes); raise it with set_budget")
+            f"({self.policy.budget_bytes} bytes); raise it with set_budget"
+        )
 
     # ------------------------------------------------------------------ observability ------
     def stats(self) -> dict:
@@ -535,8 +584,10 @@ class Engine:
         """Timing and counts of one request: arrival_time, first_token_time, finish_time, ..."""
         seq = self._requests.get(request_id)
         if seq is None:
-            raise ValueError(f"request_info: unknown request id {request_id!r} (or finished "
-                             f"before the last {self._keep_finished} and forgotten)")
+            raise ValueError(
+                f"request_info: unknown request id {request_id!r} (or finished "
+                f"before the last {self._keep_finished} and forgotten)"
+            )
         return seq.info()
 
     def requests_info(self) -> list[dict]:
@@ -552,19 +603,21 @@ class Engine:
         return seq.output_ids
 
     def _record(self, batch: Batch, preempted: int, seconds: float) -> None:
-        self.timeline.append({
-            "t": self.clock(),
-            "step": self._steps,
-            "num_tokens": batch.num_tokens,
-            "num_seqs": len(batch.chunks),
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
-            "resident_bytes": self.memory.resident_bytes(),
-            "budget_bytes": self.policy.budget_bytes,
-            "preempted": preempted,
-            "step_seconds": seconds,
-        })
+        self.timeline.append(
+            {
+                "t": self.clock(),
+                "step": self._steps,
+                "num_tokens": batch.num_tokens,
+                "num_seqs": len(batch.chunks),
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
+                "resident_bytes": self.memory.resident_bytes(),
+                "budget_bytes": self.policy.budget_bytes,
+                "preempted": preempted,
+                "step_seconds": seconds,
+            }
+        )
 
     # ------------------------------------------------------------------ lifetime -----------
     def close(self) -> None:
@@ -575,7 +628,7 @@ class Engine:
         self.memory.stop()
         if self._final_stats is None:
             final = {**self.stats(), "closed": True}
-            if self._owns_pool:   # its pool closes below: that memory is given back
+            if self._owns_pool:  # its pool closes below: that memory is given back
                 final.update(live_bytes=0, resident_bytes=0, reserved_bytes=0)
             self._final_stats = final
         if self._restore_attn is not None:

@@ -12,6 +12,7 @@ steps, the background thread keeps ticking, which is how an idle engine gives me
 ``set_budget`` changes the ceiling at once (preempting what no longer fits); a budget cut
 or a failed grow never drops a request: preempted requests are swapped or recomputed later.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,17 @@ class MemoryController:
     bookkeeping between the step and the background thread.
     """
 
-    def __init__(self, pool: Any, policy: ElasticPolicy, scheduler: Scheduler, backend: Any, *,
-                 step_lock: threading.RLock, pool_lock: threading.RLock, grow_in_background: bool) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        policy: ElasticPolicy,
+        scheduler: Scheduler,
+        backend: Any,
+        *,
+        step_lock: threading.RLock,
+        pool_lock: threading.RLock,
+        grow_in_background: bool,
+    ) -> None:
         self.pool = pool
         self.policy = policy
         self.scheduler = scheduler
@@ -50,23 +60,22 @@ class MemoryController:
         self.chunk_pages = int(pstats["pages_per_chunk"])
         self.chunk_bytes = int(pool.chunk_bytes)
         self.reserved_bytes = int(pstats["reserved_bytes"])
-        policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes,
-                    int(pstats["max_bytes"]))
+        policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes, int(pstats["max_bytes"]))
         self.async_grow = grow_in_background
         self.grow_events = 0
         self.shrink_events = 0
         self.compact_events = 0
         self.bytes_given_back = 0
-        self.policy_seconds = 0.0   # wall time of the steps' memory work (what elasticity costs)
-        self.last_error: Optional[str] = None   # the background thread's last failure
+        self.policy_seconds = 0.0  # wall time of the steps' memory work (what elasticity costs)
+        self.last_error: Optional[str] = None  # the background thread's last failure
         self.background_errors = 0
         self._thread: Optional[threading.Thread] = None
         self._cv = threading.Condition()
         self._stopping = False
         self._grow_target = 0
-        self._pending_pages = 0   # prompt pages of requests added since the last tick
+        self._pending_pages = 0  # prompt pages of requests added since the last tick
         self.apply_pool_budget()
-        if policy.is_static:   # the static pool is mapped at start
+        if policy.is_static:  # the static pool is mapped at start
             self.grow_to(policy.target_pages(0, pool.max_pages))
 
     # -- figures -------------------------------------------------------------------------------
@@ -80,7 +89,8 @@ class MemoryController:
         """Pages the requests need now and soon: held, expected growth, and waiting prompts."""
         pol = self.policy
         held, growth, waiting = self.scheduler.demand_pages(
-            lambda s: pol.growth_pages(s.num_computed, s.num_generated, s.max_new_tokens))
+            lambda s: pol.growth_pages(s.num_computed, s.num_generated, s.max_new_tokens)
+        )
         return held + growth + waiting
 
     # -- the step's memory work ----------------------------------------------------------------
@@ -252,7 +262,12 @@ class MemoryController:
                 _log.warning("background memory thread: %s", self.last_error)
 
     def stats(self) -> dict[str, Any]:
-        return {"grow_events": self.grow_events, "shrink_events": self.shrink_events,
-                "compact_events": self.compact_events, "bytes_given_back": self.bytes_given_back,
-                "policy_seconds": self.policy_seconds, "background_errors": self.background_errors,
-                "background_last_error": self.last_error}
+        return {
+            "grow_events": self.grow_events,
+            "shrink_events": self.shrink_events,
+            "compact_events": self.compact_events,
+            "bytes_given_back": self.bytes_given_back,
+            "policy_seconds": self.policy_seconds,
+            "background_errors": self.background_errors,
+            "background_last_error": self.last_error,
+        }

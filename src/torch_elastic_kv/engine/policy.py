@@ -18,6 +18,7 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
 * the budget is ``max_bytes`` unless ``set_budget`` changed it, lowered further while an
   optional pressure hook reports that other work needs memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,15 +91,13 @@ class ElasticPolicy:
         _check_nonneg_int("horizon_steps", horizon_steps)
         _check_nonneg_int("swap_bytes", swap_bytes)
         if max_bytes is not None and min_bytes > max_bytes:
-            raise ValueError(
-                f"ElasticPolicy: min_bytes ({min_bytes}) is larger than max_bytes ({max_bytes})")
+            raise ValueError(f"ElasticPolicy: min_bytes ({min_bytes}) is larger than max_bytes ({max_bytes})")
         if not isinstance(headroom, (int, float)) or not 0.0 <= headroom <= 10.0:
             raise ValueError(f"ElasticPolicy: headroom must be in [0, 10], got {headroom!r}")
         if not isinstance(idle_seconds, (int, float)) or idle_seconds < 0:
             raise ValueError(f"ElasticPolicy: idle_seconds must be >= 0, got {idle_seconds!r}")
         if not isinstance(pressure_interval, (int, float)) or pressure_interval < 0:
-            raise ValueError(
-                f"ElasticPolicy: pressure_interval must be >= 0, got {pressure_interval!r}")
+            raise ValueError(f"ElasticPolicy: pressure_interval must be >= 0, got {pressure_interval!r}")
         if pressure is not None and not callable(pressure):
             raise ValueError(f"ElasticPolicy: pressure must be callable, got {pressure!r}")
         self.min_bytes = int(min_bytes)
@@ -122,14 +121,20 @@ class ElasticPolicy:
         # the last idle_seconds as a monotone deque of (time, target) for a sliding maximum
         self._below_since: Optional[float] = None
         self._recent: deque[tuple[float, int]] = deque()
-        self._zero_since: Optional[float] = None      # demand has been 0 since
+        self._zero_since: Optional[float] = None  # demand has been 0 since
         # learned output length (running mean over finished requests)
         self._finished = 0
         self._finished_tokens = 0
 
     # ---- binding to a pool ------------------------------------------------------------
-    def bind(self, page_bytes: int, page_tokens: int, pages_per_chunk: int = 1,
-             chunk_bytes: Optional[int] = None, pool_max_bytes: Optional[int] = None) -> None:
+    def bind(
+        self,
+        page_bytes: int,
+        page_tokens: int,
+        pages_per_chunk: int = 1,
+        chunk_bytes: Optional[int] = None,
+        pool_max_bytes: Optional[int] = None,
+    ) -> None:
         """Tell the policy the pool's geometry (the Engine calls this once).
 
         ``pages_per_chunk`` pages live in one mapping unit of ``chunk_bytes`` physical
@@ -142,8 +147,7 @@ class ElasticPolicy:
         if not isinstance(page_tokens, int) or page_tokens <= 0:
             raise ValueError(f"ElasticPolicy.bind: page_tokens must be > 0, got {page_tokens!r}")
         if not isinstance(pages_per_chunk, int) or pages_per_chunk <= 0:
-            raise ValueError(
-                f"ElasticPolicy.bind: pages_per_chunk must be > 0, got {pages_per_chunk!r}")
+            raise ValueError(f"ElasticPolicy.bind: pages_per_chunk must be > 0, got {pages_per_chunk!r}")
         self._page_bytes = page_bytes
         self._page_tokens = page_tokens
         self._pages_per_chunk = pages_per_chunk
@@ -179,8 +183,7 @@ class ElasticPolicy:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"set_budget: nbytes must be a non-negative int or None, got {nbytes!r}")
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise ValueError(
-                f"set_budget: {nbytes} bytes exceeds the policy's max_bytes ({self.max_bytes})")
+            raise ValueError(f"set_budget: {nbytes} bytes exceeds the policy's max_bytes ({self.max_bytes})")
         self._budget_bytes = int(nbytes)
 
     @property
@@ -224,8 +227,7 @@ class ElasticPolicy:
         cap = self.pressure()
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-                raise ValueError(
-                    f"ElasticPolicy: pressure hook must return a non-negative int or None, got {cap!r}")
+                raise ValueError(f"ElasticPolicy: pressure hook must return a non-negative int or None, got {cap!r}")
             # never below the floor: the floor is memory the user promised the cache
             cap = max(int(cap), self.min_bytes)
         self._pressure_cap = cap
@@ -263,8 +265,7 @@ class ElasticPolicy:
         budget = self.budget_pages(pool_max_pages)
         return max(min(want, budget), min(self.min_pages(), budget))
 
-    def decide(self, demand_pages: int, resident_pages: int, pool_max_pages: int,
-               chunk_pages: int = 1) -> Decision:
+    def decide(self, demand_pages: int, resident_pages: int, pool_max_pages: int, chunk_pages: int = 1) -> Decision:
         """One policy tick: compare the target with what is resident and say what to do.
 
         ``chunk_pages`` is how many pages one chunk holds: a shrink that cannot give
@@ -272,8 +273,8 @@ class ElasticPolicy:
         """
         if demand_pages < 0 or resident_pages < 0:
             raise ValueError(
-                f"decide: demand_pages ({demand_pages}) and resident_pages ({resident_pages}) "
-                "must be >= 0")
+                f"decide: demand_pages ({demand_pages}) and resident_pages ({resident_pages}) must be >= 0"
+            )
         now = self.clock()
         budget = self.budget_pages(pool_max_pages)
         if self.is_static and self.budget_bytes == self.max_bytes:
@@ -307,8 +308,11 @@ class ElasticPolicy:
         # shrink to the trailing peak only if the load came back to that peak recently: a
         # load that is still draining has its peak at the window's old edge, and waiting for
         # the floor gives memory back once instead of in a staircase
-        if now - self._below_since >= self.idle_seconds and peak + g <= resident_pages and \
-                now - peak_time <= self.idle_seconds / 2:
+        if (
+            now - self._below_since >= self.idle_seconds
+            and peak + g <= resident_pages
+            and now - peak_time <= self.idle_seconds / 2
+        ):
             return Decision("shrink", peak)
         return Decision("none", target)
 
@@ -334,6 +338,5 @@ class ElasticPolicy:
             "idle_seconds": self.idle_seconds,
             "horizon_steps": self.horizon_steps,
             "swap_bytes": self.swap_bytes,
-            "expected_output_tokens": (self._finished_tokens / self._finished
-                                       if self._finished else None),
+            "expected_output_tokens": (self._finished_tokens / self._finished if self._finished else None),
         }

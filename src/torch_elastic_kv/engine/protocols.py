@@ -3,6 +3,7 @@
 ``KVPagePool`` and ``ElasticPagedCache`` implement them; so do the stand-ins the engine tests
 use (``tests/test_engine_logic.py``), fully, so the Engine has no fallbacks for a partial one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

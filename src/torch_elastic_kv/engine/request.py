@@ -6,6 +6,7 @@ uncomputed tokens; a step whose chunk reaches the last token samples one new tok
 a chunk of one, a prefill a longer one, and a request resumed after recompute-preemption is
 simply a sequence whose ``num_computed`` went back to 0 — the same rule covers all three.
 """
+
 from __future__ import annotations
 
 import enum
@@ -17,9 +18,9 @@ __all__ = ["SamplingParams", "Request", "RequestStatus"]
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"      # not started, or preempted by recompute (no KV held)
-    RUNNING = "running"      # holds KV pages in the pool
-    SWAPPED = "swapped"      # preempted; its KV is parked in host swap space
+    WAITING = "waiting"  # not started, or preempted by recompute (no KV held)
+    RUNNING = "running"  # holds KV pages in the pool
+    SWAPPED = "swapped"  # preempted; its KV is parked in host swap space
     FINISHED = "finished"
     CANCELLED = "cancelled"
 
@@ -48,8 +49,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         t = self.temperature
         if not _is_real(t) or not math.isfinite(t) or not (t == 0 or MIN_TEMPERATURE <= t):
-            raise ValueError(f"SamplingParams: temperature must be 0 (greedy) or a finite number >= "
-                             f"{MIN_TEMPERATURE:g}, got {t!r}")
+            raise ValueError(
+                f"SamplingParams: temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplingParams: top_k must be an int >= 0, got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -104,8 +106,8 @@ class Request:
     recompute_preemptions: int = 0
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
-    finish_reason: Optional[str] = None   # "length", "eos", "cancelled", "error" (sampling failed)
-    swap_handle: Any = None               # set by the swap space while SWAPPED
+    finish_reason: Optional[str] = None  # "length", "eos", "cancelled", "error" (sampling failed)
+    swap_handle: Any = None  # set by the swap space while SWAPPED
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -122,7 +124,7 @@ class Request:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
+        return self.token_ids[len(self.prompt_ids) :]
 
     @property
     def num_generated(self) -> int:

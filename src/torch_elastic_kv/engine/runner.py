@@ -6,6 +6,7 @@ samples one token for every chunk that ends a request's known tokens. Greedy bat
 ``argmax`` over all rows; other requests sample one by one, each with its own generator so
 that a seeded request draws the same tokens however it is batched.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = device
-        self._cache_keyword = cache_keyword(model)   # past_key_values= or, from 5.24, cache=
+        self._cache_keyword = cache_keyword(model)  # past_key_values= or, from 5.24, cache=
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> dict[int, Optional[int]]:
@@ -41,7 +42,7 @@ class ModelRunner:
         samplers: list[Request] = []
         for c in batch.chunks:
             seq = c.seq
-            ids.extend(seq.token_ids[c.start:c.start + c.num_tokens])
+            ids.extend(seq.token_ids[c.start : c.start + c.num_tokens])
             entries.append((seq.request_id, c.start, c.num_tokens))
             if c.samples:
                 last.append(len(ids) - 1)
@@ -51,8 +52,9 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         keep: Any = torch.tensor(last, dtype=torch.long, device=self.device) if last else 1
         try:
-            out = self.model(input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True,
-                             logits_to_keep=keep, **kwargs)
+            out = self.model(
+                input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True, logits_to_keep=keep, **kwargs
+            )
         finally:
             self.cache.clear_packed_batch()
         if not last:
@@ -87,7 +89,7 @@ class ModelRunner:
         if p.top_p < 1.0:
             srt, idx = torch.sort(x, descending=True)
             cum = torch.softmax(srt, -1).cumsum(-1)
-            drop = cum - torch.softmax(srt, -1) > p.top_p   # keep the token that crosses top_p
+            drop = cum - torch.softmax(srt, -1) > p.top_p  # keep the token that crosses top_p
             x = x.scatter(0, idx[drop], float("-inf"))
         gen = None
         if p.seed is not None:

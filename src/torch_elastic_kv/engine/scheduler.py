@@ -19,6 +19,7 @@ A request preempted ``starvation_limit`` times is protected: others are preempte
 so no request is pushed back forever. Preempted requests rejoin the waiting queue in arrival
 order, ahead of everything that arrived after them.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -85,14 +86,19 @@ class Batch:
 class Scheduler:
     """Admission by pages, chunked prefill packed with decode, preemption latest-first."""
 
-    def __init__(self, backend: PageBackend, max_batch_tokens: int = 2048,
-                 max_running: Optional[int] = None, headroom: float = 0.0,
-                 starvation_limit: int = 3) -> None:
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) \
-                or max_batch_tokens < 1:
+    def __init__(
+        self,
+        backend: PageBackend,
+        max_batch_tokens: int = 2048,
+        max_running: Optional[int] = None,
+        headroom: float = 0.0,
+        starvation_limit: int = 3,
+    ) -> None:
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"Scheduler: max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
-        if max_running is not None and (isinstance(max_running, bool)
-                                        or not isinstance(max_running, int) or max_running < 1):
+        if max_running is not None and (
+            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        ):
             raise ValueError(f"Scheduler: max_running must be None or an int >= 1, got {max_running!r}")
         if starvation_limit < 1:
             raise ValueError(f"Scheduler: starvation_limit must be >= 1, got {starvation_limit!r}")
@@ -102,8 +108,8 @@ class Scheduler:
         self.max_running = max_running
         self.headroom = float(headroom)
         self.starvation_limit = starvation_limit
-        self.running: list[Request] = []   # sorted by arrival_index
-        self.waiting: list[Request] = []   # sorted by arrival_index (WAITING and SWAPPED)
+        self.running: list[Request] = []  # sorted by arrival_index
+        self.waiting: list[Request] = []  # sorted by arrival_index (WAITING and SWAPPED)
         self.preemptions = 0
         self.swap_preemptions = 0
         self.recompute_preemptions = 0
@@ -190,8 +196,7 @@ class Scheduler:
 
         # running: decoders first (one token each keeps time per output token low), then
         # prefill chunks; both oldest first
-        order = [s for s in self.running if s.num_uncomputed == 1] + \
-                [s for s in self.running if s.num_uncomputed > 1]
+        order = [s for s in self.running if s.num_uncomputed == 1] + [s for s in self.running if s.num_uncomputed > 1]
         for seq in order:
             if budget <= 0:
                 break
@@ -236,8 +241,9 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, batch: Batch, sampled: dict[int, Optional[int]], now: float
-                    ) -> tuple[list[tuple[int, int]], list[Request]]:
+    def postprocess(
+        self, batch: Batch, sampled: dict[int, Optional[int]], now: float
+    ) -> tuple[list[tuple[int, int]], list[Request]]:
         """Advance the chunks that ran; append sampled tokens; finish and free done requests.
 
         ``sampled`` maps request_id -> token for every chunk whose ``samples`` is true.
@@ -253,7 +259,7 @@ class Scheduler:
             if not chunk.samples:
                 continue
             tok = sampled[seq.request_id]
-            if tok is None:   # its sampling failed: this request ends, the others go on
+            if tok is None:  # its sampling failed: this request ends, the others go on
                 seq.finish(now, "error")
                 done = True
             else:

@@ -26,6 +26,7 @@ in the environment turns it off (the gather + SDPA path above).
 
 Without a plan (any other cache) it is plain SDPA.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,9 @@ class PageGroup:
         if self._mask is None:
             span = self.page_table.shape[1] * page_tokens
             kv_pos = torch.arange(span, device=self.page_table.device)
-            m = (kv_pos.view(1, 1, -1) <= self.q_positions.unsqueeze(-1)) & \
-                (kv_pos.view(1, 1, -1) < self.kv_lengths.view(-1, 1, 1))
+            m = (kv_pos.view(1, 1, -1) <= self.q_positions.unsqueeze(-1)) & (
+                kv_pos.view(1, 1, -1) < self.kv_lengths.view(-1, 1, 1)
+            )
             m = m.unsqueeze(1)
             if self.extra_mask is not None:
                 em = self.extra_mask[..., :span]
@@ -96,12 +98,12 @@ class PagePlan:
     """What one layer's attention needs to read its K/V from the pool."""
 
     layer: int
-    key_cache: torch.Tensor      # [pages, page_tokens, kv_heads, head_dim]
+    key_cache: torch.Tensor  # [pages, page_tokens, kv_heads, head_dim]
     value_cache: torch.Tensor
     groups: list[PageGroup]
-    num_tokens: int              # packed tokens (packed mode) or 0 (generate mode)
+    num_tokens: int  # packed tokens (packed mode) or 0 (generate mode)
     used: bool = False
-    new_key: torch.Tensor | None = None    # packed: this step's K/V [tokens, kv_heads, head_dim]
+    new_key: torch.Tensor | None = None  # packed: this step's K/V [tokens, kv_heads, head_dim]
     new_value: torch.Tensor | None = None
 
 
@@ -117,16 +119,24 @@ def plan_of(key: torch.Tensor) -> PagePlan | None:
     return getattr(key, _PLAN_ATTR, None)
 
 
-def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                            value: torch.Tensor, attention_mask: torch.Tensor | None,
-                            dropout: float = 0.0, scaling: float | None = None, **kwargs):
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+):
     """Attention over KV pages (see module docstring); SDPA when the cache gave no plan."""
     plan = plan_of(key)
     if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     plan.used = True
-    if plan.num_tokens:   # packed: query [1, heads, T, head_dim]
+    if plan.num_tokens:  # packed: query [1, heads, T, head_dim]
         out = query.new_empty(plan.num_tokens, query.shape[1], query.shape[3])
         q_flat = query[0]
         groups = plan.groups
@@ -139,22 +149,31 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                 # spin on the other cores, and kernel threads competing with them made decode
                 # attention slower (D, 2 threads: 4.2 s with 2 kernel threads, 3.0 s with 1,
                 # 3.5 s gather + SDPA, attention time of two runs).
-                paged_decode_attention(q_flat.transpose(0, 1), plan.key_cache, plan.value_cache, table, lens,
-                                       scaling, out=out, row_tokens=rows, threads=1)
+                paged_decode_attention(
+                    q_flat.transpose(0, 1),
+                    plan.key_cache,
+                    plan.value_cache,
+                    table,
+                    lens,
+                    scaling,
+                    out=out,
+                    row_tokens=rows,
+                    threads=1,
+                )
                 groups = [g for g in groups if not _is_decode(g)]
         for group in groups:
-            if group.q_slice is not None:   # one sequence's chunk: contiguous queries
+            if group.q_slice is not None:  # one sequence's chunk: contiguous queries
                 a, b = group.q_slice
-                q = q_flat[:, a:b].unsqueeze(0)                  # [1, heads, n, head_dim]
+                q = q_flat[:, a:b].unsqueeze(0)  # [1, heads, n, head_dim]
                 if group.fresh:
                     o = _attend_fresh(q, plan.new_key[a:b], plan.new_value[a:b], scaling)
                 else:
                     o = _attend(q, plan, group, scaling)
                 out[a:b] = o[0].transpose(0, 1)
                 continue
-            q = q_flat[:, group.q_index]                     # [heads, S, Q, head_dim]
+            q = q_flat[:, group.q_index]  # [heads, S, Q, head_dim]
             o = _attend(q.transpose(0, 1), plan, group, scaling)  # [S, heads, Q, head_dim]
-            o = o.transpose(1, 2)                            # [S, Q, heads, head_dim]
+            o = o.transpose(1, 2)  # [S, Q, heads, head_dim]
             if group.q_valid is None:
                 out[group.q_index.reshape(-1)] = o.reshape(-1, *o.shape[2:])
             else:
@@ -168,14 +187,18 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 
 def _native_decode_enabled(query: torch.Tensor) -> bool:
-    return (query.dtype == torch.float32 and query.device.type == "cpu"
-            and os.environ.get(NATIVE_DECODE_ENV, "1") != "0")
+    return query.dtype == torch.float32 and query.device.type == "cpu" and os.environ.get(NATIVE_DECODE_ENV, "1") != "0"
 
 
 def _is_decode(group: PageGroup) -> bool:
     """One query per row at its last position, no padding mask: what the native kernel does."""
-    return (group.q_slice is None and group.q_index is not None and group.q_index.shape[1] == 1
-            and group.q_valid is None and group.extra_mask is None)
+    return (
+        group.q_slice is None
+        and group.q_index is not None
+        and group.q_index.shape[1] == 1
+        and group.q_valid is None
+        and group.extra_mask is None
+    )
 
 
 def _decode_batch(decode: list[PageGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,11 +215,18 @@ def _decode_batch(decode: list[PageGroup]) -> tuple[torch.Tensor, torch.Tensor, 
     return decode[0]._decode_batch
 
 
-def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           page_table: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float | None = None, *, out: torch.Tensor | None = None,
-                           row_tokens: torch.Tensor | None = None,
-                           threads: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    row_tokens: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
     """Decode attention read in place from KV pages by the native kernel (float32, CPU).
 
     Args:
@@ -218,25 +248,31 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"{name}: {what} must be float32 on CPU, got {t.dtype} on {t.device}")
     if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"{name}: query {tuple(query.shape)} must be [tokens, heads, head_dim] and "
-                         f"key/value caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} "
-                         "equal [pages, page_tokens, kv_heads, head_dim]")
+        raise ValueError(
+            f"{name}: query {tuple(query.shape)} must be [tokens, heads, head_dim] and "
+            f"key/value caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} "
+            "equal [pages, page_tokens, kv_heads, head_dim]"
+        )
     tokens, heads, head_dim = query.shape
     pages, page_tokens, kv_heads, kv_dim = key_cache.shape
     if kv_dim != head_dim:
         raise ValueError(f"{name}: key/value head_dim {kv_dim} != query head_dim {head_dim}")
     if page_table.dim() != 2 or page_table.dtype not in _INDEX_DTYPES or page_table.device.type != "cpu":
-        raise ValueError(f"{name}: page_table must be a 2-d int32/int64 CPU tensor, got "
-                         f"{tuple(page_table.shape)} {page_table.dtype}")
+        raise ValueError(
+            f"{name}: page_table must be a 2-d int32/int64 CPU tensor, got {tuple(page_table.shape)} {page_table.dtype}"
+        )
     rows, max_pages = page_table.shape
-    if context_lens.shape != (rows,) or context_lens.dtype not in _INDEX_DTYPES \
-            or context_lens.device.type != "cpu":
-        raise ValueError(f"{name}: context_lens must be [rows={rows}] int32/int64 on CPU, got "
-                         f"{tuple(context_lens.shape)} {context_lens.dtype}")
-    if row_tokens is not None and (row_tokens.shape != (rows,) or row_tokens.dtype != torch.int64
-                                   or row_tokens.device.type != "cpu"):
-        raise ValueError(f"{name}: row_tokens must be [rows={rows}] int64 on CPU, got "
-                         f"{tuple(row_tokens.shape)} {row_tokens.dtype}")
+    if context_lens.shape != (rows,) or context_lens.dtype not in _INDEX_DTYPES or context_lens.device.type != "cpu":
+        raise ValueError(
+            f"{name}: context_lens must be [rows={rows}] int32/int64 on CPU, got "
+            f"{tuple(context_lens.shape)} {context_lens.dtype}"
+        )
+    if row_tokens is not None and (
+        row_tokens.shape != (rows,) or row_tokens.dtype != torch.int64 or row_tokens.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"{name}: row_tokens must be [rows={rows}] int64 on CPU, got {tuple(row_tokens.shape)} {row_tokens.dtype}"
+        )
     if out is None:
         out = query.new_empty(tokens, heads, head_dim)
     elif out.shape != query.shape or out.dtype != torch.float32 or out.device.type != "cpu":
@@ -250,17 +286,33 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     if row_tokens is not None:
         row_tokens = row_tokens.contiguous()
     _C.paged_decode_attention(
-        out=out.data_ptr(), query=query.data_ptr(), q_token_stride=query.stride(0),
-        q_head_stride=query.stride(1), out_token_stride=out.stride(0), out_head_stride=out.stride(1),
-        row_tokens=0 if row_tokens is None else row_tokens.data_ptr(), num_tokens=tokens,
-        key_cache=key_cache.data_ptr(), value_cache=value_cache.data_ptr(),
-        k_strides=tuple(key_cache.stride()[:3]), v_strides=tuple(value_cache.stride()[:3]),
-        num_pages=pages, page_tokens=page_tokens, page_table=page_table.data_ptr(),
-        table_index_bytes=page_table.element_size(), table_row_stride=page_table.stride(0),
-        max_pages=max_pages, context_lens=context_lens.data_ptr(),
-        lens_index_bytes=context_lens.element_size(), rows=rows, heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, scale=head_dim ** -0.5 if scale is None else float(scale),
-        threads=torch.get_num_threads() if threads is None else int(threads))
+        out=out.data_ptr(),
+        query=query.data_ptr(),
+        q_token_stride=query.stride(0),
+        q_head_stride=query.stride(1),
+        out_token_stride=out.stride(0),
+        out_head_stride=out.stride(1),
+        row_tokens=0 if row_tokens is None else row_tokens.data_ptr(),
+        num_tokens=tokens,
+        key_cache=key_cache.data_ptr(),
+        value_cache=value_cache.data_ptr(),
+        k_strides=tuple(key_cache.stride()[:3]),
+        v_strides=tuple(value_cache.stride()[:3]),
+        num_pages=pages,
+        page_tokens=page_tokens,
+        page_table=page_table.data_ptr(),
+        table_index_bytes=page_table.element_size(),
+        table_row_stride=page_table.stride(0),
+        max_pages=max_pages,
+        context_lens=context_lens.data_ptr(),
+        lens_index_bytes=context_lens.element_size(),
+        rows=rows,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=head_dim**-0.5 if scale is None else float(scale),
+        threads=torch.get_num_threads() if threads is None else int(threads),
+    )
     return out
 
 
@@ -277,8 +329,7 @@ def _attend(q: torch.Tensor, plan: PagePlan, group: PageGroup, scaling: float | 
     n_rep = heads // kv_heads
     if q_len == 1 and n_rep > 1:
         # Fold the query heads that share a KV head into the query axis: no K/V repeat.
-        o = F.scaled_dot_product_attention(q.reshape(s, kv_heads, n_rep, head_dim), k, v,
-                                           attn_mask=mask, scale=scaling)
+        o = F.scaled_dot_product_attention(q.reshape(s, kv_heads, n_rep, head_dim), k, v, attn_mask=mask, scale=scaling)
         return o.reshape(s, heads, 1, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
 
@@ -287,8 +338,7 @@ def _attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: fl
     """Causal SDPA of ``q [1, heads, n, d]`` over a chunk's own new K/V ``[n, kv_heads, d]``."""
     k = k.transpose(0, 1).unsqueeze(0)
     v = v.transpose(0, 1).unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def register() -> None:

@@ -25,6 +25,7 @@ layers (constructor), a pool whose shape differs from the config (constructor), 
 shape or dtype differ from the pool (first forward), beam search (first reorder), and a model
 whose attention ignored the paged plan (next layer).
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,11 +49,13 @@ ATTENTION_MODES = ("auto", "gather", "paged")
 
 def _open_only(method):
     """Refuse a call on a closed cache (``close()`` is final; ``release()`` is not)."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if self._closed:
             raise RuntimeError(f"ElasticPagedCache.{method.__name__}: the cache is closed")
         return method(self, *args, **kwargs)
+
     return wrapper
 
 
@@ -113,13 +116,19 @@ class ElasticPagedCache(Cache):
         layout: layout of the pool this cache creates.
     """
 
-    def __init__(self, config: PreTrainedConfig, pool: KVPagePool | None = None,
-                 max_bytes: int | None = None, page_tokens: int = 16, attention: str = "auto",
-                 layout: str = "page-major"):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        pool: KVPagePool | None = None,
+        max_bytes: int | None = None,
+        page_tokens: int = 16,
+        attention: str = "auto",
+        layout: str = "page-major",
+    ):
         self._closed = False
         text = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-        if isinstance(layer_kwargs, dict):   # up to 5.23: one dict of kwargs for every layer
+        if isinstance(layer_kwargs, dict):  # up to 5.23: one dict of kwargs for every layer
             layer_kwargs = [layer_kwargs] * len(layer_types)
         bad = [(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs)) if t != "full_attention"]
         if bad:
@@ -127,7 +136,8 @@ class ElasticPagedCache(Cache):
             raise ValueError(
                 f"ElasticPagedCache supports full-attention layers only; layer {i} is {t!r}"
                 f"{' ' + str(kw) if kw else ''} ({len(bad)} such layers). Disable the sliding window "
-                f"(sliding_window=None / use_sliding_window=False) or use DynamicCache.")
+                f"(sliding_window=None / use_sliding_window=False) or use DynamicCache."
+            )
         if attention not in ATTENTION_MODES:
             raise ValueError(f"ElasticPagedCache: attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.config = config
@@ -139,7 +149,8 @@ class ElasticPagedCache(Cache):
             if expect != have:
                 raise ValueError(
                     f"ElasticPagedCache: pool shape (layers, kv_heads, head_dim)={have} does not match the "
-                    f"config's {expect}")
+                    f"config's {expect}"
+                )
             page_tokens = pool.page_tokens
         if not isinstance(page_tokens, int) or page_tokens <= 0:
             raise ValueError(f"ElasticPagedCache: page_tokens must be a positive int, got {page_tokens!r}")
@@ -153,10 +164,10 @@ class ElasticPagedCache(Cache):
         self._max_bytes, self._layout = max_bytes, layout
         self.page_tokens = page_tokens
         self.attention = attention
-        self._rows: list[PageList] = []         # generate mode: one per batch row
-        self._table = PageTable(page_tokens, pool)   # packed mode: one per request
+        self._rows: list[PageList] = []  # generate mode: one per batch row
+        self._table = PageTable(page_tokens, pool)  # packed mode: one per request
         self._step: Step | None = None
-        self._packed: Step | None = None       # set by set_packed_batch, consumed by a forward
+        self._packed: Step | None = None  # set by set_packed_batch, consumed by a forward
         self._last_plan: PagePlan | None = None
         self._mode_checked = False
         self._warned_fallback = False
@@ -165,9 +176,16 @@ class ElasticPagedCache(Cache):
     # -- pool --------------------------------------------------------------------------------
     def _ensure_pool(self, dtype: torch.dtype, device: torch.device) -> KVPagePool:
         if self.pool is None:
-            self.pool = KVPagePool(self.num_layers, self.num_kv_heads, self.head_dim, dtype, device,
-                                   page_tokens=self.page_tokens, max_bytes=self._max_bytes,
-                                   layout=self._layout)
+            self.pool = KVPagePool(
+                self.num_layers,
+                self.num_kv_heads,
+                self.head_dim,
+                dtype,
+                device,
+                page_tokens=self.page_tokens,
+                max_bytes=self._max_bytes,
+                layout=self._layout,
+            )
             self._table.pool = self.pool
             self.pool.add_move_listener(self._on_move)
             self._listening = True
@@ -179,11 +197,13 @@ class ElasticPagedCache(Cache):
         if shape != (pool.num_kv_heads, pool.head_dim) or value_states.shape != key_states.shape:
             raise ValueError(
                 f"ElasticPagedCache: K/V of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
-                f"match the pool's (kv_heads, head_dim)=({pool.num_kv_heads}, {pool.head_dim})")
+                f"match the pool's (kv_heads, head_dim)=({pool.num_kv_heads}, {pool.head_dim})"
+            )
         if key_states.dtype != pool.dtype or key_states.device != pool.device:
             raise ValueError(
                 f"ElasticPagedCache: K/V are {key_states.dtype} on {key_states.device}, the pool holds "
-                f"{pool.dtype} on {pool.device}")
+                f"{pool.dtype} on {pool.device}"
+            )
         return pool
 
     def _on_move(self, moves: dict[int, int]) -> None:
@@ -191,8 +211,8 @@ class ElasticPagedCache(Cache):
             row.pages = [moves.get(p, p) for p in row.pages]
         self._table.remap(moves)
         if self._step is not None and self._step is not self._packed:
-            self._step = None                 # generate mode: replanned at the next layer 0
-        if self._packed is not None:          # a batch set but not yet run: re-index its pages
+            self._step = None  # generate mode: replanned at the next layer 0
+        if self._packed is not None:  # a batch set but not yet run: re-index its pages
             self._packed = self._build_packed_step(self.pool, self._packed_entries)
             self._step = None
 
@@ -212,12 +232,14 @@ class ElasticPagedCache(Cache):
             raise ValueError(
                 f"ElasticPagedCache(attention='paged') needs the model to use the paged attention: call "
                 f"torch_elastic_kv.hf.attention.enable_paged_attention(model) (config attention is "
-                f"{getattr(self.config, '_attn_implementation', None)!r}), or use attention='gather'")
+                f"{getattr(self.config, '_attn_implementation', None)!r}), or use attention='gather'"
+            )
 
     # -- transformers Cache API --------------------------------------------------------------
     @_open_only
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **extra
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new K/V of ``layer_idx``; return what the model's attention reads."""
         stale, self._last_plan = self._last_plan, None
         # The previous layer's attention ran without reading its plan: a wrong attention
@@ -227,7 +249,8 @@ class ElasticPagedCache(Cache):
             raise RuntimeError(
                 "ElasticPagedCache: the model's attention did not read the paged K/V (its attention "
                 f"implementation is not {PAGED_ATTENTION!r}); call enable_paged_attention(model) or use "
-                "ElasticPagedCache(..., attention='gather')")
+                "ElasticPagedCache(..., attention='gather')"
+            )
         if not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"ElasticPagedCache: layer {layer_idx} out of range [0, {self.num_layers})")
         if layer_idx == 0 or self._step is None:
@@ -235,8 +258,11 @@ class ElasticPagedCache(Cache):
             if not self._mode_checked:
                 self._check_attention_mode()
                 self._mode_checked = True
-            self._step = self._packed if self._packed is not None else \
-                self._start_generate_step(pool, key_states.shape[0], key_states.shape[2])
+            self._step = (
+                self._packed
+                if self._packed is not None
+                else self._start_generate_step(pool, key_states.shape[0], key_states.shape[2])
+            )
         step = self._step
         pool = self.pool
         k_cache, v_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
@@ -261,13 +287,13 @@ class ElasticPagedCache(Cache):
     def _gather(self, cache: torch.Tensor, step: Step) -> torch.Tensor:
         """K or V of every row as ``[rows, kv_heads, tokens, head_dim]`` (contiguous)."""
         t = self.page_tokens
-        if step.read_table is not None:   # whole pages, then trim the last page's tail
+        if step.read_table is not None:  # whole pages, then trim the last page's tail
             rows, pages = step.read_table.shape
             out = cache.index_select(0, step.read_table.reshape(-1))
-            out = out.view(rows, pages * t, *cache.shape[2:])[:, :step.new_len]
+            out = out.view(rows, pages * t, *cache.shape[2:])[:, : step.new_len]
             return out.transpose(1, 2).contiguous()
         flat_pages = torch.div(step.read_slots, t, rounding_mode="floor")
-        out = cache[flat_pages, step.read_slots - flat_pages * t]     # [rows, tokens, kv_heads, d]
+        out = cache[flat_pages, step.read_slots - flat_pages * t]  # [rows, tokens, kv_heads, d]
         return out.transpose(1, 2).contiguous()
 
     @_open_only
@@ -288,14 +314,18 @@ class ElasticPagedCache(Cache):
     @_open_only
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.release()
-        raise ValueError("ElasticPagedCache does not support beam search (num_beams > 1); its pages were "
-                         "released. Use num_beams=1 or DynamicCache.")
+        raise ValueError(
+            "ElasticPagedCache does not support beam search (num_beams > 1); its pages were "
+            "released. Use num_beams=1 or DynamicCache."
+        )
 
     @_open_only
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._rows and repeats != 1:
-            raise ValueError("ElasticPagedCache cannot repeat rows of a filled cache (num_return_sequences > 1 "
-                             "on a continuation); release() it first")
+            raise ValueError(
+                "ElasticPagedCache cannot repeat rows of a filled cache (num_return_sequences > 1 "
+                "on a continuation); release() it first"
+            )
 
     @_open_only
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -326,21 +356,25 @@ class ElasticPagedCache(Cache):
     # -- generate mode -----------------------------------------------------------------------
     def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> Step:
         if len(self._table):
-            raise RuntimeError(f"ElasticPagedCache: {len(self._table)} packed sequences are live; call "
-                               "set_packed_batch before each forward (or release() the cache)")
+            raise RuntimeError(
+                f"ElasticPagedCache: {len(self._table)} packed sequences are live; call "
+                "set_packed_batch before each forward (or release() the cache)"
+            )
         rows = self._rows
         if rows and len(rows) != batch:
-            raise ValueError(f"ElasticPagedCache: batch of {batch} rows but the cache holds {len(rows)}; "
-                             "release() it before a new batch")
+            raise ValueError(
+                f"ElasticPagedCache: batch of {batch} rows but the cache holds {len(rows)}; "
+                "release() it before a new batch"
+            )
         old_len = rows[0].tokens if rows else 0
         new_len = old_len + q_len
         have = len(rows[0].pages) if rows else 0
         need = ceil_div(new_len, self.page_tokens) - have
-        fresh = pool.alloc(need * batch) if need > 0 else []   # all or nothing: OOM changes nothing
+        fresh = pool.alloc(need * batch) if need > 0 else []  # all or nothing: OOM changes nothing
         if not rows:
             rows = self._rows = [PageList() for _ in range(batch)]
         for r, row in enumerate(rows):
-            row.pages.extend(fresh[r * need:(r + 1) * need])
+            row.pages.extend(fresh[r * need : (r + 1) * need])
         return plan_generate_step(rows, old_len, new_len, self.page_tokens, pool.device, self.uses_paged_attention)
 
     def _finish_step(self, step: Step) -> None:
@@ -417,24 +451,30 @@ class ElasticPagedCache(Cache):
                 raise ValueError(f"set_packed_batch: sequence {seq_id} appears twice")
             seen.add(seq_id)
             if n < 1 or not 0 <= start <= seq.tokens:
-                raise ValueError(f"set_packed_batch: sequence {seq_id} has {seq.tokens} stored tokens; entry "
-                                 f"start_pos={start}, num_tokens={n} needs 0 <= start_pos <= stored and num_tokens >= 1")
+                raise ValueError(
+                    f"set_packed_batch: sequence {seq_id} has {seq.tokens} stored tokens; entry "
+                    f"start_pos={start}, num_tokens={n} needs 0 <= start_pos <= stored and num_tokens >= 1"
+                )
             if (start + n) > len(seq.pages) * self.page_tokens:
-                raise ValueError(f"set_packed_batch: sequence {seq_id} needs {start + n} tokens of pages, has "
-                                 f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first")
+                raise ValueError(
+                    f"set_packed_batch: sequence {seq_id} needs {start + n} tokens of pages, has "
+                    f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first"
+                )
         self._packed = self._build_packed_step(pool, entries)
         self._packed_entries = list(entries)
         self._step = None
         ends = torch.tensor([n for _, _, n in entries]).cumsum(0) - 1
-        extra = {"position_ids": self._packed.positions, "attention_mask": None,
-                 "logits_to_keep": ends.to(pool.device)}
+        extra = {"position_ids": self._packed.positions, "attention_mask": None, "logits_to_keep": ends.to(pool.device)}
         if not self.uses_paged_attention:
             extra["attention_mask"] = self._packed.fallback_mask
             if not self._warned_fallback:
-                warnings.warn("ElasticPagedCache packed mode with a stock attention implementation attends "
-                              "every token over all sequences' K/V under a block mask (quadratic in the batch); "
-                              "call torch_elastic_kv.hf.attention.enable_paged_attention(model) for the paged "
-                              "attention", stacklevel=2)
+                warnings.warn(
+                    "ElasticPagedCache packed mode with a stock attention implementation attends "
+                    "every token over all sequences' K/V under a block mask (quadratic in the batch); "
+                    "call torch_elastic_kv.hf.attention.enable_paged_attention(model) for the paged "
+                    "attention",
+                    stacklevel=2,
+                )
                 self._warned_fallback = True
         return extra
 
@@ -487,15 +527,18 @@ class ElasticPagedCache(Cache):
         """Pool stats plus this cache's sequences and tokens."""
         rows, table = self._rows, self._table
         out = dict(self.pool.stats()) if self.pool is not None else {}
-        out.update(sequences=len(rows) + len(table), tokens=sum(r.tokens for r in rows) + table.stored_tokens,
-                   pages=sum(len(r.pages) for r in rows) + table.live_pages)
+        out.update(
+            sequences=len(rows) + len(table),
+            tokens=sum(r.tokens for r in rows) + table.stored_tokens,
+            pages=sum(len(r.pages) for r in rows) + table.live_pages,
+        )
         return out
 
     # -- helpers -------------------------------------------------------------------------------
     def _require_pool(self) -> KVPagePool:
         if self.pool is None:
             raise RuntimeError("ElasticPagedCache: packed mode needs a pool; pass pool=KVPagePool(...)")
-        if not self._listening:       # used again after close()
+        if not self._listening:  # used again after close()
             self.pool.add_move_listener(self._on_move)
             self._listening = True
         return self.pool

@@ -5,6 +5,7 @@ takes ``past_key_values=``; 5.24 added ``cache=`` and deprecated ``past_key_valu
 FutureWarning per call site, removal announced for a later release). ``cache_kwargs`` picks the
 keyword the model's own ``forward`` declares, so the same call works, silently, on all of them.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,7 +19,7 @@ def cache_keyword(model: torch.nn.Module) -> str:
     forward = getattr(model, "forward", None)
     try:
         params = inspect.signature(forward).parameters if forward is not None else {}
-    except (TypeError, ValueError):   # a forward inspect cannot read: the keyword every 5.x takes
+    except (TypeError, ValueError):  # a forward inspect cannot read: the keyword every 5.x takes
         params = {}
     return "cache" if "cache" in params else "past_key_values"
 

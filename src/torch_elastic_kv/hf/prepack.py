@@ -33,6 +33,7 @@ before use. A deepcopy or pickle of a packed
 model carries no packed copy (oneDNN tensors have no storage to copy): the copy packs its own
 weights on first use. ``restore()`` puts every layer back and drops the packed copies.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 __all__ = ["PackedLinears", "eligible_linears", "is_packed", "padded_rows", "prepack_available"]
 
-_ATTR = "_ekv_packed_linear"   # the packed state, on each packed layer
+_ATTR = "_ekv_packed_linear"  # the packed state, on each packed layer
 
 # Row buckets: every row count up to _EXACT_ROWS as it is, then _STEPS_PER_OCTAVE evenly
 # spaced buckets per power of two (10, 12, 14, 16, 20, 24, 28, 32, 40, ...).
@@ -63,7 +64,7 @@ def padded_rows(rows: int) -> int:
     """
     if rows <= _EXACT_ROWS:
         return rows
-    octave = 1 << ((rows - 1).bit_length() - 1)     # the largest power of two below rows
+    octave = 1 << ((rows - 1).bit_length() - 1)  # the largest power of two below rows
     step = octave // _STEPS_PER_OCTAVE
     return -(-rows // step) * step
 
@@ -71,8 +72,11 @@ def padded_rows(rows: int) -> int:
 def _ops_present() -> bool:
     mk = getattr(torch.ops, "mkldnn", None)
     try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(mk, "_reorder_linear_weight") and hasattr(mk, "_linear_pointwise"))
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(mk, "_reorder_linear_weight")
+            and hasattr(mk, "_linear_pointwise")
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -100,15 +104,19 @@ def prepack_available() -> bool:
 class _Packed:
     """One layer's packed weight and what it was packed from."""
 
-    weight: torch.Tensor      # the parameter the copy was packed from (identity checked)
-    version: int              # its in-place version counter at packing time
-    data_ptr: int             # where its data was: ``weight.data = ...`` moves it, version kept
-    packed: Optional[torch.Tensor]   # oneDNN blocked layout; None: pack again before use
+    weight: torch.Tensor  # the parameter the copy was packed from (identity checked)
+    version: int  # its in-place version counter at packing time
+    data_ptr: int  # where its data was: ``weight.data = ...`` moves it, version kept
+    packed: Optional[torch.Tensor]  # oneDNN blocked layout; None: pack again before use
 
     def is_current(self, weight: torch.Tensor) -> bool:
         """Whether the packed copy still holds ``weight``'s values."""
-        return (self.packed is not None and self.weight is weight
-                and self.version == _version(weight) and self.data_ptr == weight.data_ptr())
+        return (
+            self.packed is not None
+            and self.weight is weight
+            and self.version == _version(weight)
+            and self.data_ptr == weight.data_ptr()
+        )
 
     # oneDNN tensors have no storage to copy or pickle: copies carry "pack again" instead
     def __deepcopy__(self, memo: dict) -> _Packed:
@@ -121,9 +129,15 @@ class _Packed:
 def _packable(layer: torch.nn.Linear) -> bool:
     """Whether the layer's weight and bias are what the packed op takes: float32 on CPU."""
     w = layer.weight
-    return (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
-            and w.dim() == 2 and w.numel() > 0 and not w.is_meta
-            and (layer.bias is None or layer.bias.dtype == torch.float32))
+    return (
+        isinstance(w, torch.Tensor)
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and w.dim() == 2
+        and w.numel() > 0
+        and not w.is_meta
+        and (layer.bias is None or layer.bias.dtype == torch.float32)
+    )
 
 
 def _eligible(layer: torch.nn.Module) -> bool:
@@ -151,13 +165,17 @@ def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A packed layer's forward: the oneDNN op when it applies, else ``nn.Linear``'s own."""
     state: Optional[_Packed] = getattr(layer, _ATTR, None)
     w = layer.weight
-    if (state is None or x.dtype != torch.float32 or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    if (
+        state is None
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    ):
         return torch.nn.Linear.forward(layer, x)
     if not state.is_current(w):
         if not _packable(layer):
             return torch.nn.Linear.forward(layer, x)
-        state = _pack(w)      # new, changed or copied weights: pack them again
+        state = _pack(w)  # new, changed or copied weights: pack them again
         setattr(layer, _ATTR, state)
     return _packed_linear(x, state.packed, layer.bias)
 
@@ -171,10 +189,11 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
     k = x.shape[-1]
     rows = x.numel() // k
     padded = padded_rows(rows)
-    if padded == rows:        # (the op flattens the leading dims: [1, n, k] is [n, k] to it)
+    if padded == rows:  # (the op flattens the leading dims: [1, n, k] is [n, k] to it)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    y = torch.ops.mkldnn._linear_pointwise(F.pad(x.reshape(rows, k), (0, 0, 0, padded - rows)),
-                                           packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(
+        F.pad(x.reshape(rows, k), (0, 0, 0, padded - rows)), packed, bias, "none", [], ""
+    )
     return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 
@@ -209,12 +228,14 @@ class PackedLinears:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"PackedLinears: model must be a torch.nn.Module, got {type(model).__name__}")
         if not prepack_available():
-            raise RuntimeError("PackedLinears: this torch build has no usable oneDNN linear "
-                               "(torch.backends.mkldnn is unavailable or disagrees with F.linear)")
+            raise RuntimeError(
+                "PackedLinears: this torch build has no usable oneDNN linear "
+                "(torch.backends.mkldnn is unavailable or disagrees with F.linear)"
+            )
         self._layers: list[torch.nn.Linear] = []
         try:
             for m in model.modules():
-                if _eligible(m):      # layers packed already are _PackedLinear: not eligible
+                if _eligible(m):  # layers packed already are _PackedLinear: not eligible
                     self._install(m)
         except BaseException:
             self.restore()

@@ -8,6 +8,7 @@ so a compaction's page moves (``remap``) have one table to fix.
 Not thread-safe by itself: its users (the Engine, a cache driven from one thread) serialise
 their calls, as they do for the forward that reads the pages.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ Placement rule: a new page goes to the mapped chunk that is already fullest (tie
 chunk index), so frees tend to empty whole chunks; only when no mapped chunk has a free
 slot is a new chunk mapped.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -26,10 +27,10 @@ from .._util import ceil_div
 class ChunkGeometry:
     """How pages tile an arena: ``page_stride`` bytes apart, ``pages_per_chunk`` per chunk."""
 
-    page_bytes: int        # bytes of payload in one page (per plane)
-    page_stride: int       # bytes between consecutive pages (>= page_bytes, padding at the end)
+    page_bytes: int  # bytes of payload in one page (per plane)
+    page_stride: int  # bytes between consecutive pages (>= page_bytes, padding at the end)
     pages_per_chunk: int
-    chunk_bytes: int       # pages_per_chunk * page_stride, a multiple of the granularity
+    chunk_bytes: int  # pages_per_chunk * page_stride, a multiple of the granularity
     granularity: int
 
     @property
@@ -37,8 +38,9 @@ class ChunkGeometry:
         return self.chunk_bytes // self.granularity
 
 
-def plan_geometry(page_bytes: int, granularity: int, max_padding: float = 1 / 32,
-                  element_bytes: int = 1) -> ChunkGeometry:
+def plan_geometry(
+    page_bytes: int, granularity: int, max_padding: float = 1 / 32, element_bytes: int = 1
+) -> ChunkGeometry:
     """Choose the page stride and chunk size for pages of ``page_bytes`` on ``granularity``.
 
     The chunk is ``lcm(page_stride, granularity)``: the smallest run of whole granules that
@@ -79,10 +81,10 @@ class PagePlacement:
             raise ValueError(f"PagePlacement: num_chunks={num_chunks}, pages_per_chunk={pages_per_chunk} must be > 0")
         self.num_chunks = num_chunks
         self.pages_per_chunk = pages_per_chunk
-        self._live = bytearray(num_chunks * pages_per_chunk)   # 1 where a page is allocated
-        self._count = [0] * num_chunks                          # live pages per chunk
+        self._live = bytearray(num_chunks * pages_per_chunk)  # 1 where a page is allocated
+        self._count = [0] * num_chunks  # live pages per chunk
         self._mapped = bytearray(num_chunks)
-        self._free_slots: dict[int, list[int]] = {}             # mapped chunk -> heap of free page ids
+        self._free_slots: dict[int, list[int]] = {}  # mapped chunk -> heap of free page ids
         # live count -> mapped chunks with at least one free slot (placement candidates)
         self._by_count: list[set[int]] = [set() for _ in range(pages_per_chunk)]
         self.live_pages = 0
@@ -138,8 +140,9 @@ class PagePlacement:
 
     def mark_unmapped(self, chunk: int) -> None:
         if not self._mapped[chunk] or self._count[chunk]:
-            raise ValueError(f"PagePlacement: chunk {chunk} is not mapped or still holds "
-                             f"{self._count[chunk]} live pages")
+            raise ValueError(
+                f"PagePlacement: chunk {chunk} is not mapped or still holds {self._count[chunk]} live pages"
+            )
         self._mapped[chunk] = 0
         self.mapped_chunks -= 1
         del self._free_slots[chunk]

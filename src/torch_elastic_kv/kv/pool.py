@@ -13,6 +13,7 @@ Layouts (measured in benchmarks/RESULTS.md, "KV page pool and cache"):
   ``[page_tokens, kv_heads, head_dim]`` contiguous. Per-layer reads are contiguous, but every
   growth step maps one chunk in each of the ``2 * layers`` arenas.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,17 +49,19 @@ class _Plane:
     """One arena and the page-strided view over it."""
 
     arena: _arena.Arena
-    pages: torch.Tensor      # [max_pages, *page_shape], stride page_stride per page
-    raw: torch.Tensor        # [max_pages, page_stride // element_size]: whole page slots, padding included
+    pages: torch.Tensor  # [max_pages, *page_shape], stride page_stride per page
+    raw: torch.Tensor  # [max_pages, page_stride // element_size]: whole page slots, padding included
 
 
 def _locked(method):
     """Run ``method`` under the pool's lock: placement and mapping are one critical section, so
     threads (and caches on different threads) may share a pool."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
     return wrapper
 
 
@@ -78,28 +81,43 @@ class KVPagePool:
         reuse_bytes: passed to each arena (physical handles kept for fast regrowth).
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu", page_tokens: int = 16,
-                 max_bytes: int | None = None, min_bytes: int = 0,
-                 layout: str = "page-major", reserve_bytes: int | None = None,
-                 reuse_bytes: int | None = None):
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("page_tokens", page_tokens)):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        page_tokens: int = 16,
+        max_bytes: int | None = None,
+        min_bytes: int = 0,
+        layout: str = "page-major",
+        reserve_bytes: int | None = None,
+        reuse_bytes: int | None = None,
+    ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("page_tokens", page_tokens),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVPagePool: {name} must be a positive int, got {value!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"KVPagePool: layout must be one of {LAYOUTS}, got {layout!r}")
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
             raise ValueError(f"KVPagePool: dtype must be a torch floating dtype, got {dtype!r}")
-        self._lock = threading.RLock()   # see _locked
+        self._lock = threading.RLock()  # see _locked
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if max_bytes is None:
             max_bytes = default_max_bytes(self.device)
         if max_bytes <= 0 or min_bytes < 0 or min_bytes > max_bytes:
-            raise ValueError(f"KVPagePool: need 0 <= min_bytes <= max_bytes and max_bytes > 0, "
-                             f"got min_bytes={min_bytes}, max_bytes={max_bytes}")
+            raise ValueError(
+                f"KVPagePool: need 0 <= min_bytes <= max_bytes and max_bytes > 0, "
+                f"got min_bytes={min_bytes}, max_bytes={max_bytes}"
+            )
         reserve_bytes = max_bytes if reserve_bytes is None else reserve_bytes
         if reserve_bytes < max_bytes:
             raise ValueError(f"KVPagePool: reserve_bytes={reserve_bytes} is below max_bytes={max_bytes}")
@@ -123,8 +141,9 @@ class KVPagePool:
         arenas: list[_arena.Arena] = []
         try:
             arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
-            self.geometry: ChunkGeometry = plan_geometry(plane_page_bytes, arenas[0].granularity,
-                                                         element_bytes=self.element_size)
+            self.geometry: ChunkGeometry = plan_geometry(
+                plane_page_bytes, arenas[0].granularity, element_bytes=self.element_size
+            )
             # Whole chunks only, so reserved_bytes is exactly what set_max_bytes may reach.
             per_plane = max(ceil_div(per_plane, self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
             if arenas[0].capacity != per_plane:
@@ -140,12 +159,15 @@ class KVPagePool:
         self._placement = PagePlacement(num_chunks, self.geometry.pages_per_chunk)
         self.max_pages = self._placement.max_pages
         self._planes = [self._make_plane(a) for a in arenas]
-        self._listeners: list[MoveListener | weakref.WeakMethod] = []   # see add_move_listener
+        self._listeners: list[MoveListener | weakref.WeakMethod] = []  # see add_move_listener
         self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
         self._closed = False
         if self._min_bytes:
-            self._map_chunks(self._placement.chunks_to_map_for(self._chunks_for_bytes(self._min_bytes)
-                                                               * self.geometry.pages_per_chunk))
+            self._map_chunks(
+                self._placement.chunks_to_map_for(
+                    self._chunks_for_bytes(self._min_bytes) * self.geometry.pages_per_chunk
+                )
+            )
 
     # -- views -----------------------------------------------------------------------------
     def _make_plane(self, a: _arena.Arena) -> _Plane:
@@ -256,10 +278,14 @@ class KVPagePool:
         need_chunks = ceil_div(max(n - p.mapped_free_slots(), 0), p.pages_per_chunk)
         if p.mapped_chunks + need_chunks > self._budget_chunks() or len(chunks) < need_chunks:
             free = self.free_pages
-            raise out_of_memory(self.device, (
-                f"KVPagePool.{what}: {n} pages ({n * self.page_bytes} bytes) needed, {free} pages "
-                f"({free * self.page_bytes} bytes) free within max_bytes={self._max_bytes} "
-                f"(resident {self.resident_bytes}, live {p.live_pages * self.page_bytes} bytes)"))
+            raise out_of_memory(
+                self.device,
+                (
+                    f"KVPagePool.{what}: {n} pages ({n * self.page_bytes} bytes) needed, {free} pages "
+                    f"({free * self.page_bytes} bytes) free within max_bytes={self._max_bytes} "
+                    f"(resident {self.resident_bytes}, live {p.live_pages * self.page_bytes} bytes)"
+                ),
+            )
         self._map_chunks(chunks)
 
     def _map_chunks(self, chunks: list[int]) -> None:
@@ -274,9 +300,13 @@ class KVPagePool:
         except (MemoryError, torch.OutOfMemoryError) as e:
             for plane, c in reversed(done):
                 plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
-            raise out_of_memory(self.device, (
-                f"KVPagePool: mapping {len(chunks)} chunk(s) of {self.chunk_bytes} bytes failed "
-                f"(resident {self.resident_bytes} bytes, max_bytes={self._max_bytes}): {e}")) from e
+            raise out_of_memory(
+                self.device,
+                (
+                    f"KVPagePool: mapping {len(chunks)} chunk(s) of {self.chunk_bytes} bytes failed "
+                    f"(resident {self.resident_bytes} bytes, max_bytes={self._max_bytes}): {e}"
+                ),
+            ) from e
         except BaseException:
             for plane, c in reversed(done):
                 plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
@@ -333,7 +363,7 @@ class KVPagePool:
         if drain:
             sources = [page for c in drain for page in p.live_pages_in(c)]
             dests: list[int] = []
-            for c in keep:   # fullest first, so the densest chunks fill up
+            for c in keep:  # fullest first, so the densest chunks fill up
                 while len(dests) < len(sources) and p.live_in_chunk(c) < p.pages_per_chunk:
                     dests.append(p.take_in(c))
             moves = dict(zip(sources, dests))
@@ -361,7 +391,7 @@ class KVPagePool:
             for fn in reversed(told):
                 try:
                     fn(inverse)
-                except Exception:   # the original error is the one to report
+                except Exception:  # the original error is the one to report
                     pass
             self._placement.give(list(moves.values()))
             raise
@@ -381,7 +411,7 @@ class KVPagePool:
         else (a function, a lambda, ``list.append``) is held as given.
         """
         self._check_open("add_move_listener")
-        self._live_listeners()   # drop dead entries, so registering many short-lived owners stays O(live)
+        self._live_listeners()  # drop dead entries, so registering many short-lived owners stays O(live)
         self._listeners.append(weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else fn)
 
     @_locked
@@ -440,8 +470,10 @@ class KVPagePool:
         p = self._placement
         need = ceil_div(p.live_pages, p.pages_per_chunk) * self.chunk_bytes
         if nbytes < need:
-            raise ValueError(f"KVPagePool.set_max_bytes: {nbytes} bytes is below the {need} bytes that "
-                             f"{p.live_pages} live pages need")
+            raise ValueError(
+                f"KVPagePool.set_max_bytes: {nbytes} bytes is below the {need} bytes that "
+                f"{p.live_pages} live pages need"
+            )
         previous, self._max_bytes = self._max_bytes, int(nbytes)
         try:
             if self.resident_bytes > nbytes:
@@ -449,7 +481,7 @@ class KVPagePool:
             if self.resident_bytes > nbytes:
                 self.compact()
         except BaseException:
-            self._max_bytes = previous   # a failed compaction moved nothing; the budget stays too
+            self._max_bytes = previous  # a failed compaction moved nothing; the budget stays too
             raise
 
     # -- data ------------------------------------------------------------------------------
@@ -545,8 +577,9 @@ class KVPagePool:
         self.close()
 
     def __repr__(self) -> str:
-        state = ("closed" if self._closed else
-                 f"live_pages={self.live_pages}, resident_bytes={self.resident_bytes}")
-        return (f"KVPagePool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype}, device={self.device}, page_tokens={self.page_tokens}, layout={self.layout!r}, "
-                f"{state})")
+        state = "closed" if self._closed else f"live_pages={self.live_pages}, resident_bytes={self.resident_bytes}"
+        return (
+            f"KVPagePool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"dtype={self.dtype}, device={self.device}, page_tokens={self.page_tokens}, layout={self.layout!r}, "
+            f"{state})"
+        )

@@ -4,6 +4,7 @@ A byte-bounded map from request id to a host tensor (pinned when the pool lives 
 that the copies back are asynchronous-capable). The bound is the policy's ``swap_bytes``;
 a request whose pages do not fit is preempted by recompute instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ class SwapSpace:
         nbytes = data.numel() * data.element_size()
         if not self.can_store(nbytes):
             raise MemoryError(
-                f"SwapSpace.put: {nbytes} bytes do not fit ({self.used_bytes} of "
-                f"{self.capacity_bytes} used)")
+                f"SwapSpace.put: {nbytes} bytes do not fit ({self.used_bytes} of {self.capacity_bytes} used)"
+            )
         if data.device.type != "cpu":
             host = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.pin_memory)
             host.copy_(data)
@@ -74,6 +75,11 @@ class SwapSpace:
             self.swap_ins += 1
 
     def stats(self) -> dict:
-        return {"swap_capacity_bytes": self.capacity_bytes, "swap_used_bytes": self.used_bytes,
-                "swap_peak_bytes": self.peak_bytes, "swap_outs": self.swap_outs,
-                "swap_ins": self.swap_ins, "swapped_requests": len(self._parked)}
+        return {
+            "swap_capacity_bytes": self.capacity_bytes,
+            "swap_used_bytes": self.used_bytes,
+            "swap_peak_bytes": self.peak_bytes,
+            "swap_outs": self.swap_outs,
+            "swap_ins": self.swap_ins,
+            "swapped_requests": len(self._parked),
+        }

@@ -36,6 +36,7 @@ pool's segments whole, cached parts included). The Python functions raise
 ``ValueError`` for bad input, ``MemoryError`` (``torch.OutOfMemoryError`` on CUDA) when memory
 runs out, ``RuntimeError`` for driver failures; each leaves the allocator as it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,21 @@ import torch
 from .._native import _C
 from .._util import parse_device, translate_oom
 
-__all__ = ["library_path", "c_abi", "install", "installed", "mem_pool", "trim", "set_limit", "stats",
-           "snapshot", "pause", "resume", "last_error", "close"]
+__all__ = [
+    "library_path",
+    "c_abi",
+    "install",
+    "installed",
+    "mem_pool",
+    "trim",
+    "set_limit",
+    "stats",
+    "snapshot",
+    "pause",
+    "resume",
+    "last_error",
+    "close",
+]
 
 HOST = -1  # device index of the host backend
 
@@ -76,6 +90,7 @@ def c_abi() -> ctypes.CDLL:
 
 
 # -- devices ------------------------------------------------------------------------------------
+
 
 def _device_index(device: Any) -> int:
     """None/int/str/torch.device -> -1 (host) or a cuda index. Never initialises CUDA."""
@@ -113,6 +128,7 @@ def _check_tag(call: str, tag: Any) -> str:
 
 # -- torch side ---------------------------------------------------------------------------------
 
+
 class _TorchBridge:
     """The torch objects that stand for the allocator: one CUDAPluggableAllocator, whether it
     was installed globally, and a MemPool per (device, tag)."""
@@ -144,8 +160,10 @@ _BRIDGE = _TorchBridge()
 
 def _require_cuda(call: str) -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError(f"{call}: CUDA is not available, so there is no torch CUDA allocator to replace; "
-                           "on the host the allocator is reached through its C ABI (c_abi(), device -1)")
+        raise RuntimeError(
+            f"{call}: CUDA is not available, so there is no torch CUDA allocator to replace; "
+            "on the host the allocator is reached through its C ABI (c_abi(), device -1)"
+        )
 
 
 def installed() -> bool:
@@ -167,9 +185,11 @@ def install() -> None:
     _require_cuda("install()")
     if _BRIDGE.installed:
         return
-    message = ("install(): CUDA is already initialised in this process, and torch only allows swapping its "
-               "allocator before that. Call install() first thing (before any CUDA tensor or "
-               "torch.cuda call), or use mem_pool() to route some allocations to this allocator.")
+    message = (
+        "install(): CUDA is already initialised in this process, and torch only allows swapping its "
+        "allocator before that. Call install() first thing (before any CUDA tensor or "
+        "torch.cuda call), or use mem_pool() to route some allocations to this allocator."
+    )
     if torch.cuda.is_initialized():
         raise RuntimeError(message)
     try:
@@ -207,6 +227,7 @@ def mem_pool(tag: str | None = None, device: Any = None) -> Iterator[Any]:
 
 
 # -- control and accounting ---------------------------------------------------------------------
+
 
 def trim(device: Any = None) -> int:
     """Give every cached, unused granule back to the driver now (waiting on free-time events

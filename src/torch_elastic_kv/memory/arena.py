@@ -18,6 +18,7 @@ Errors: ``ValueError`` for bad offsets/sizes/states, ``MemoryError`` when the bu
 host runs out, ``torch.OutOfMemoryError`` when a CUDA device does, ``RuntimeError`` for other
 driver failures. A call that raises leaves the arena exactly as it was.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -72,8 +73,7 @@ class Arena:
             None = the core's default (64 MiB, at most the capacity); 0 = never cache.
     """
 
-    def __init__(self, capacity_bytes: int, device: str | torch.device = "cpu",
-                 reuse_bytes: int | None = None) -> None:
+    def __init__(self, capacity_bytes: int, device: str | torch.device = "cpu", reuse_bytes: int | None = None) -> None:
         _check_int("Arena", "capacity_bytes", capacity_bytes)
         if capacity_bytes <= 0:
             raise ValueError(f"Arena(capacity_bytes={capacity_bytes}): capacity must be positive")
@@ -199,7 +199,8 @@ class Arena:
         if self._impl.host_accessible:
             raise RuntimeError(
                 "Arena.view: this 'cuda' arena runs on the fake test driver, whose memory is host "
-                "memory; torch cannot wrap it as a CUDA tensor. Use Arena.host_view in tests.")
+                "memory; torch cannot wrap it as a CUDA tensor. Use Arena.host_view in tests."
+            )
         if nbytes == 0:
             return torch.empty(shape_t, dtype=dtype, device=self._device)
         raw = torch.as_tensor(_CudaMemory(ptr, nbytes, self), device=self._device)
@@ -216,8 +217,9 @@ class Arena:
         ptr, nbytes, shape_t = self._view_span("host_view", dtype, shape, offset)
         return self._host_tensor(ptr, nbytes, dtype, shape_t)
 
-    def _view_span(self, call: str, dtype: torch.dtype, shape: Sequence[int] | int,
-                   offset: int) -> tuple[int, int, tuple[int, ...]]:
+    def _view_span(
+        self, call: str, dtype: torch.dtype, shape: Sequence[int] | int, offset: int
+    ) -> tuple[int, int, tuple[int, ...]]:
         if self.closed:
             raise RuntimeError(f"Arena.{call}: the arena is closed")
         if not isinstance(dtype, torch.dtype):
@@ -231,11 +233,14 @@ class Arena:
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape_t) * itemsize
         if offset < 0 or offset % itemsize != 0:
-            raise ValueError(f"Arena.{call}(offset={offset}): offset must be >= 0 and a multiple of "
-                             f"{itemsize} (the size of {dtype})")
+            raise ValueError(
+                f"Arena.{call}(offset={offset}): offset must be >= 0 and a multiple of {itemsize} (the size of {dtype})"
+            )
         if offset + nbytes > self.capacity:
-            raise ValueError(f"Arena.{call}(shape={shape_t}, dtype={dtype}, offset={offset}): "
-                             f"{nbytes} bytes from offset {offset} end past the capacity ({self.capacity} bytes)")
+            raise ValueError(
+                f"Arena.{call}(shape={shape_t}, dtype={dtype}, offset={offset}): "
+                f"{nbytes} bytes from offset {offset} end past the capacity ({self.capacity} bytes)"
+            )
         return self.base_address + offset, nbytes, shape_t
 
     def _host_tensor(self, ptr: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -275,8 +280,10 @@ class Arena:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return (f"Arena(device={self._device}, backend={self.backend}, capacity={self.capacity}, "
-                f"mapped={s['mapped_bytes']}, cached={s['cached_bytes']}, closed={self.closed})")
+        return (
+            f"Arena(device={self._device}, backend={self.backend}, capacity={self.capacity}, "
+            f"mapped={s['mapped_bytes']}, cached={s['cached_bytes']}, closed={self.closed})"
+        )
 
 
 def _device_key(device: str | torch.device) -> tuple[str, int]:

@@ -7,6 +7,7 @@
 - ``models``: tiny causal LMs built from configs with random weights and a fixed seed
   (needs transformers; import ``torch_elastic_kv.testing.models`` explicitly).
 """
+
 from __future__ import annotations
 
 from .clock import ManualClock

@@ -1,4 +1,5 @@
 """A manual clock for policies and engines under test."""
+
 from __future__ import annotations
 
 __all__ = ["ManualClock"]

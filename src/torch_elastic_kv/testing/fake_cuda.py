@@ -15,6 +15,7 @@ Function names for ``fail_nth``/``calls`` are the API names: cuMemCreate, cuMemM
 cuMemSetAccess, cuMemUnmap, cuMemRelease, cuMemAddressFree, cuEventCreate, cuEventRecord,
 cuEventDestroy, cuStreamSynchronize, cuCtxSynchronize, cuMemGetInfo, ...
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,10 @@ def fake_cuda_path() -> str:
     """Absolute path of the fake driver library (built with the package)."""
     path = Path(__file__).resolve().parent.parent / "_testing" / _LIB_NAME
     if not path.exists():
-        raise FileNotFoundError(f"fake CUDA driver not built: {path} is missing (reinstall the package: "
-                                "pip install -e . or python setup.py build_ext --inplace)")
+        raise FileNotFoundError(
+            f"fake CUDA driver not built: {path} is missing (reinstall the package: "
+            "pip install -e . or python setup.py build_ext --inplace)"
+        )
     return str(path)
 
 
@@ -48,8 +51,16 @@ class FakeCuda:
         self.path = path or fake_cuda_path()
         lib = ctypes.CDLL(self.path)
         ll = ctypes.c_longlong
-        for name in ("live_handles", "live_mappings", "live_reservations", "live_events",
-                     "create_count", "release_count", "used_bytes", "forget_events"):
+        for name in (
+            "live_handles",
+            "live_mappings",
+            "live_reservations",
+            "live_events",
+            "create_count",
+            "release_count",
+            "used_bytes",
+            "forget_events",
+        ):
             getattr(lib, f"ekvfake_{name}").restype = ll
         lib.ekvfake_calls.argtypes = [ctypes.c_char_p]
         lib.ekvfake_calls.restype = ll
@@ -142,9 +153,13 @@ class FakeCuda:
 
     def counts(self) -> dict[str, int]:
         """Live object counts, for before/after comparisons."""
-        return {"handles": self.live_handles(), "mappings": self.live_mappings(),
-                "reservations": self.live_reservations(), "events": self.live_events(),
-                "used_bytes": self.used_bytes()}
+        return {
+            "handles": self.live_handles(),
+            "mappings": self.live_mappings(),
+            "reservations": self.live_reservations(),
+            "events": self.live_events(),
+            "used_bytes": self.used_bytes(),
+        }
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ Shared by the cache, engine and benchmark tests. Each factory returns a model in
 whose weights depend only on ``seed`` and the overrides; ``overrides`` go to the config
 (e.g. ``num_hidden_layers=4``, ``dtype=torch.bfloat16``, ``attn_implementation="eager"``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,9 +22,18 @@ from transformers import (
 
 # Small enough that a forward takes well under a millisecond per token on one CPU core,
 # large enough to have grouped-query attention (4 query heads over 2 KV heads).
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _build(config_cls, model_cls, seed: int, overrides: dict[str, Any]) -> PreTrainedModel:
@@ -62,14 +72,15 @@ def tiny_mistral(seed: int = 0, **overrides: Any) -> MistralForCausalLM:
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 
 
-def left_padded_batch(lengths: list[int], vocab_size: int = 256, seed: int = 1,
-                      pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+def left_padded_batch(
+    lengths: list[int], vocab_size: int = 256, seed: int = 1, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
     """Random prompts of the given lengths, left-padded: ``input_ids`` and ``attention_mask``."""
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
     for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, vocab_size, (n,), generator=g)
-        mask[row, width - n:] = 1
+        ids[row, width - n :] = torch.randint(3, vocab_size, (n,), generator=g)
+        mask[row, width - n :] = 1
     return {"input_ids": ids, "attention_mask": mask}

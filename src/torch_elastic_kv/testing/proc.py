@@ -1,4 +1,5 @@
 """Byte counts from the OS: what tests assert memory moves against."""
+
 from __future__ import annotations
 
 __all__ = ["rss_shmem", "machine_shmem", "vm_rss"]
