@@ -4,27 +4,29 @@ Why: a stock ``nn.Linear`` on CPU calls MKL's sgemm. oneDNN's matmul on a weight
 into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op PyTorch's own
 inductor uses when it freezes a CPU model, then ``torch.ops.mkldnn._linear_pointwise``) runs
 most shapes of a continuous-batching step faster on the AMD EPYC machine of the Engine
-benchmarks, most of all the few-row steps of a decode tail; on an Intel Xeon, where MKL's
-kernels are at home, it runs the layers of the benchmark Llama slower than MKL except the
-lm_head, and the Engine about as fast either way. One row through a small layer is slower
-packed everywhere (the op's fixed cost). Figures: ``python benchmarks/bench_prepack.py``
-and the prepack sections of benchmarks/RESULTS.md. Measure on the CPU at hand and turn it
-off with ``Engine(prepack_weights=False)``.
+benchmarks, most of all the few-row steps of a decode tail. On an Intel Xeon it gains less:
+the MLP and lm_head shapes are faster packed from a few rows up, the small attention
+projections slower, and the Engine ends up from a little slower to faster depending on the
+workload. One row through a small layer is slower packed on both (the op's fixed cost).
+Figures: ``python benchmarks/bench_prepack.py`` and the prepack sections of
+benchmarks/RESULTS.md. Measure on the CPU at hand; ``Engine(prepack_weights=False)`` turns
+it off.
 
-Row buckets: oneDNN builds (JIT-compiles) one primitive per input shape and keeps it in
-process-wide caches (oneDNN's own and ideep's, 1024 entries each), so a packed layer fed
-every row count a continuous-batching step has grew resident memory with each new batch
-size, and once the caches were full every miss freed one primitive and built another,
-fragmenting the heap: memory a server running for weeks never got back. So the packed path
-pads the rows with zeros up to a bucket (``padded_rows``: as they are up to 8, then 4 steps
-per power of two, at most 25 % more rows) and slices the padding off; a packed weight shape
-then meets at most 40 row counts up to 2048 rows, and what the caches hold stays bounded by
-the distinct weight shapes times the buckets seen. The caches belong to the process and
-outlive ``restore()``; they stop growing once every bucket has been seen.
+Row buckets: oneDNN builds (JIT-compiles) one primitive per input shape (and torch thread
+count) and keeps it in process-wide caches (oneDNN's own and ideep's, 1024 entries each), so
+a packed layer fed every row count a continuous-batching step has grew resident memory with
+each new batch size, and once the caches were full every miss freed one primitive and built
+another, fragmenting the heap: memory a server running for weeks never got back. So the
+packed path pads the rows with zeros up to a bucket (``padded_rows``: as they are up to 8,
+then 4 steps per power of two, at most 25 % more rows) and slices the padding off; a packed
+weight shape then meets at most 40 row counts up to 2048 rows, and what the caches hold
+stays bounded by the distinct weight shapes times the buckets seen. The caches belong to
+the process and outlive ``restore()``; they stop growing once every bucket has been seen.
 
 What changes: results agree with ``F.linear`` to float32 rounding (MKL's own matrix-vector
 and matrix-matrix paths differ from each other by as much), not bit for bit; the padding
-rows change nothing in the real ones. The packed copy costs one more copy of every packed weight's bytes while installed.
+rows change nothing in the real ones. The packed copy costs one more copy of every packed
+weight's bytes while installed.
 
 Safety: a layer falls back to ``nn.Linear.forward`` whenever the packed copy may not apply —
 the input is not a float32 CPU tensor, or autograd needs gradients — and a weight replaced,
