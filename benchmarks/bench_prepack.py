@@ -401,7 +401,7 @@ def main() -> None:
                 [
                     "## Linear layers: nn.Linear vs oneDNN-prepacked weights (PackedLinears)",
                     f"Command: `python benchmarks/bench_prepack.py{thr} --write benchmarks/RESULTS.md` ({args.threads} "
-                    f"threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end; median "
+                    f"thread{'s' if args.threads != 1 else ''}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end; median "
                     f"of {args.repeats} alternating timings per shape, the order rotating). float32, no bias, input [1, rows, in]; "
                     "`packed` pads the rows up to a row bucket (9 -> 10, 65 -> 80, 257 -> 320), "
                     "`unbucketed` is the packed layer calling the op at the exact row count (before the buckets).",
