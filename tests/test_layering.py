@@ -42,9 +42,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, dotted module under the package) for every import of the package in ``path``."""
     rel = path.relative_to(PACKAGE).with_suffix("")
     parts = list(rel.parts)
-    pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
-    if parts[-1] == "__init__":
-        pkg = parts[:-1]
+    pkg = parts[:-1]  # the package a relative import starts from (for __init__ too)
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):

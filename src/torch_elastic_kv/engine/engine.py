@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._util import ceil_div
+from .._util import ceil_div, is_int
 from ..hf.compat import kv_geometry
 from ..kv.swap import SwapSpace
 from .memory import MemoryController
@@ -229,7 +229,7 @@ class Engine:
         self._inbox_lock = threading.Lock()  # add_request / cancel from any thread
         self._inbox: list[Request] = []
         self._requests: dict[int, Request] = {}
-        if isinstance(keep_finished, bool) or not isinstance(keep_finished, int) or keep_finished < 0:
+        if not is_int(keep_finished) or keep_finished < 0:
             raise ValueError(f"Engine: keep_finished must be an int >= 0, got {keep_finished!r}")
         self._done: collections.deque[int] = collections.deque()  # finished ids, oldest first
         self._keep_finished = keep_finished
@@ -307,7 +307,7 @@ class Engine:
             raise ValueError(
                 f"add_request: prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})"
             )
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"add_request: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
             raise ValueError(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
-from .._util import ceil_div
+from .._util import ceil_div, is_int
 
 __all__ = ["Decision", "ElasticPolicy"]
 
@@ -50,7 +50,7 @@ class Decision:
 def _check_nonneg_int(name: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"ElasticPolicy: {name} must be a non-negative int, got {value!r}")
 
 
@@ -180,7 +180,7 @@ class ElasticPolicy:
         if nbytes is None:
             self._budget_bytes = self.max_bytes
             return
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        if not is_int(nbytes) or nbytes < 0:
             raise ValueError(f"set_budget: nbytes must be a non-negative int or None, got {nbytes!r}")
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise ValueError(f"set_budget: {nbytes} bytes exceeds the policy's max_bytes ({self.max_bytes})")
@@ -226,7 +226,7 @@ class ElasticPolicy:
         before = self.budget_bytes
         cap = self.pressure()
         if cap is not None:
-            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            if not is_int(cap) or cap < 0:
                 raise ValueError(f"ElasticPolicy: pressure hook must return a non-negative int or None, got {cap!r}")
             # never below the floor: the floor is memory the user promised the cache
             cap = max(int(cap), self.min_bytes)

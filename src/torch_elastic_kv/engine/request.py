@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .._util import is_int
+
 __all__ = ["SamplingParams", "Request", "RequestStatus"]
 
 
@@ -52,12 +54,12 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams: temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"SamplingParams: top_k must be an int >= 0, got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**64):
             raise ValueError(f"SamplingParams: seed must be None or an int in [0, 2**64), got {seed!r}")
 
     def generator_seed(self, position: int) -> int:

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from .._util import ceil_div
+from .._util import ceil_div, is_int
 from .request import Request, RequestStatus
 
 __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
@@ -94,11 +94,9 @@ class Scheduler:
         headroom: float = 0.0,
         starvation_limit: int = 3,
     ) -> None:
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        if not is_int(max_batch_tokens) or max_batch_tokens < 1:
             raise ValueError(f"Scheduler: max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
-        if max_running is not None and (
-            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
-        ):
+        if max_running is not None and (not is_int(max_running) or max_running < 1):
             raise ValueError(f"Scheduler: max_running must be None or an int >= 1, got {max_running!r}")
         if starvation_limit < 1:
             raise ValueError(f"Scheduler: starvation_limit must be >= 1, got {starvation_limit!r}")

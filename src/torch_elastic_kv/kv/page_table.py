@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .._util import ceil_div
+from .._util import ceil_div, is_int
 
 __all__ = ["PageList", "PageTable"]
 
@@ -43,7 +43,7 @@ class PageTable:
     """
 
     def __init__(self, page_tokens: int, pool: _Pages | None = None) -> None:
-        if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens <= 0:
+        if not is_int(page_tokens) or page_tokens <= 0:
             raise ValueError(f"PageTable: page_tokens must be a positive int, got {page_tokens!r}")
         self.page_tokens = page_tokens
         self.pool = pool
@@ -94,7 +94,7 @@ class PageTable:
         All or nothing: MemoryError / torch.OutOfMemoryError from the pool leaves the table as
         it was (no entry is created for a new request).
         """
-        if isinstance(total_tokens, bool) or not isinstance(total_tokens, int) or total_tokens < 0:
+        if not is_int(total_tokens) or total_tokens < 0:
             raise ValueError(f"ensure_capacity: total_tokens must be an int >= 0, got {total_tokens!r}")
         entry = self._lists.get(request_id)
         have = len(entry.pages) if entry is not None else 0
@@ -124,7 +124,7 @@ class PageTable:
         if request_id in self._lists:
             raise ValueError(f"{what}: request {request_id} already holds pages")
         pages = [int(p) for p in pages]
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= len(pages) * self.page_tokens:
+        if not is_int(tokens) or not 0 <= tokens <= len(pages) * self.page_tokens:
             raise ValueError(f"{what}: {len(pages)} pages of {self.page_tokens} tokens cannot hold {tokens!r} tokens")
         owned = {p for e in self._lists.values() for p in e.pages}
         bad = [p for p in pages if not pool.is_live(p) or p in owned]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._util import is_int
+
 __all__ = ["SwapSpace"]
 
 
@@ -25,7 +27,7 @@ class SwapSpace:
     """Byte-bounded host storage for swapped-out KV pages, keyed by request id."""
 
     def __init__(self, capacity_bytes: int, pin_memory: bool = False) -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+        if not is_int(capacity_bytes) or capacity_bytes < 0:
             raise ValueError(f"SwapSpace: capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
         self.pin_memory = pin_memory

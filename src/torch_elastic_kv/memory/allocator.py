@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from .._native import _C
-from .._util import parse_device, translate_oom
+from .._util import is_int, parse_device, translate_oom
 
 __all__ = [
     "library_path",
@@ -251,7 +251,7 @@ def set_limit(nbytes: int | None, device: Any = None) -> None:
     live blocks stay untouched; raising it lets them succeed again. Every arena on the device,
     this one included, also draws from the device budget (``torch_elastic_kv.set_budget``).
     """
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int)):
+    if nbytes is not None and (not is_int(nbytes)):
         raise TypeError(f"set_limit: nbytes must be an int or None, got {type(nbytes).__name__} {nbytes!r}")
     if nbytes is not None and not 0 <= nbytes < 1 << 63:
         raise ValueError(f"set_limit(nbytes={nbytes}): must be >= 0 and below 2**63, or None")

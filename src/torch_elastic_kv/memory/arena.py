@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .._native import _C
-from .._util import parse_device, translate_oom
+from .._util import is_int, parse_device, translate_oom
 
 __all__ = ["Arena", "set_budget", "memory_stats"]
 
@@ -40,7 +40,7 @@ _INT64_MAX = (1 << 63) - 1
 
 
 def _check_int(call: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{call}: {name} must be an int, got {type(value).__name__} {value!r}")
     if value > _INT64_MAX:
         raise ValueError(f"{call}: {name}={value} is larger than any size or offset an arena takes (2**63 - 1)")
