@@ -58,7 +58,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
-from torch_elastic_kv.bench.stats import percentile  # noqa: E402
+from torch_elastic_kv.bench import replay  # noqa: E402
+from torch_elastic_kv.bench.stats import percentile, time_weighted_mean  # noqa: E402
 from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [
@@ -152,8 +153,10 @@ def summarize(
 def run_engine(
     model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int, idle_seconds: float, prepack: bool = True
 ) -> dict:
+    """One Engine over the workload through the shared replay harness (every request at t=0),
+    then ``idle_seconds`` + 0.6 s of idle tail for the grower thread to give memory back."""
     policy = ElasticPolicy(
-        min_bytes=max_bytes if static else 0, max_bytes=max_bytes, idle_seconds=idle_seconds, clock=time.perf_counter
+        min_bytes=max_bytes if static else 0, max_bytes=max_bytes, idle_seconds=idle_seconds, clock=replay.clock
     )
     eng = Engine(
         model,
@@ -162,53 +165,34 @@ def run_engine(
         background=True,
         prepack_weights=None if prepack else False,
     )
-    c0, t0 = time.process_time(), time.perf_counter()
-    rids = [eng.add_request(p, n) for p, n in zip(prompts, outs)]
-    while eng.has_unfinished():
-        eng.step()
-    t1, c1 = time.perf_counter(), time.process_time()
-    infos = [eng.request_info(r) for r in rids]
-    ntok = sum(i["output_tokens"] for i in infos)
-    ttft = [i["first_token_time"] - i["arrival_time"] for i in infos]
-    tpot = [
-        (i["finish_time"] - i["first_token_time"]) / (i["output_tokens"] - 1) for i in infos if i["output_tokens"] > 1
-    ]
-    tl = eng.timeline
-    # time-weighted mean of resident bytes over the run (each entry holds until the next)
-    area = 0.0
-    for a, b in zip(tl, tl[1:] + [{"t": t1}]):
-        area += a["resident_bytes"] * max(0.0, b["t"] - a["t"])
-    span = max(t1 - tl[0]["t"], 1e-9) if tl else 1.0
-    # resident at submission (static: all of it) counts from t0 to the first step
-    area += eng.stats()["max_bytes"] * 0 if not tl else tl[0]["resident_bytes"] * max(0.0, tl[0]["t"] - t0)
-    mean = area / max(span + (tl[0]["t"] - t0 if tl else 0.0), 1e-9)
-    peak = max([e["resident_bytes"] for e in tl] + [0])
-    # idle: wait out the hysteresis; the grower thread gives memory back without a step
-    time.sleep(idle_seconds + 0.6)
-    st = eng.stats()
-    idle = st["resident_bytes"]
-    steps = st["steps"]
-    step_s = [e["step_seconds"] for e in tl if e["num_tokens"]]
-    packed = st["prepacked_layers"]
-    eng.close()
+    requests = [replay.ReplayRequest(0.0, p, n) for p, n in zip(prompts, outs)]
+    name = "engine-static" if static else "engine-elastic"
+    try:
+        run = replay.replay_engine(eng, requests, name=name, sample_interval_s=0.05, tail_seconds=idle_seconds + 0.6)
+        st = eng.stats()
+        step_s = [e["step_seconds"] for e in eng.timeline if e["num_tokens"]]
+    finally:
+        eng.close()
+    lat = replay.latencies(run.records)
+    load = [(t, resident) for t, resident, _ in run.samples if t <= run.load_end_s]
     return summarize(
-        "engine-static" if static else "engine-elastic",
-        t1 - t0,
-        c1 - c0,
-        ntok,
-        ttft,
-        tpot,
-        mean,
-        peak,
-        idle,
+        name,
+        run.load_end_s,
+        run.load_cpu_s,
+        sum(len(r.tokens) for r in run.records),
+        lat["ttft"],
+        lat["tpot"],
+        time_weighted_mean(load, run.load_end_s),  # resident over the load (each sample holds until the next)
+        max(resident for _, resident in load),
+        run.samples[-1][1],  # after the idle tail
         {
-            "steps": steps,
+            "steps": st["steps"],
             "grows": st["grows"],
             "shrinks": st["shrinks"],
             "shrink_events": st["shrink_events"],
             "compactions": st["compactions"],
             "preemptions": st["preemptions"],
-            "prepacked_layers": packed,
+            "prepacked_layers": st["prepacked_layers"],
             "policy_ms": 1000 * st["policy_seconds"],
             "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0,
         },

@@ -617,8 +617,10 @@ class _Held:
 
 
 def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int], int]]) -> dict:
-    """One engine over ``requests`` in bursts with idle gaps; returns its figures."""
+    """One engine over ``requests`` in bursts with idle gaps (each burst through the shared
+    replay harness, all at once); returns its figures."""
     from torch_elastic_kv import ElasticPolicy, Engine
+    from torch_elastic_kv.bench import replay
 
     wl = s.workload
     dev = s.engine_device
@@ -644,33 +646,32 @@ def run_engine(model: Any, s: Settings, kind: str, requests: list[tuple[list[int
         "shmem_start": shmem_start,
         "resident_at_start": pool.resident_bytes,
     }
-    truncated = False
     idle_phases = []
+    records = []
+    truncated = False
     t_start = time.perf_counter()
     deadline = time.monotonic() + wl.run_limit_s
     try:
         with _Sampler(pool, dev, 0.05) as sampler:
             per_burst = -(-len(requests) // wl.bursts)
             for b in range(wl.bursts):
-                for prompt, mnt in requests[b * per_burst : (b + 1) * per_burst]:
-                    engine.add_request(prompt, mnt)
-                while engine.has_unfinished():
-                    engine.step()
-                    if time.monotonic() > deadline:
-                        truncated = True
-                        for info in engine.requests_info():
-                            if info["status"] not in ("finished", "cancelled"):
-                                try:
-                                    engine.cancel(info["request_id"])
-                                except ValueError:
-                                    pass
-                        break
+                burst = [replay.ReplayRequest(0.0, p, n) for p, n in requests[b * per_burst : (b + 1) * per_burst]]
+                run = replay.replay_engine(
+                    engine,
+                    burst,
+                    name=f"{kind} burst {b}",
+                    sample_interval_s=0.05,
+                    tail_seconds=0.0,
+                    deadline_s=max(0.0, deadline - time.monotonic()),
+                )
+                records.extend(run.records)
+                truncated = run.truncated
                 idle_phases.append(_idle_phase(engine, pool, held, s, floor))
                 if truncated:
                     break
         out["truncated"] = truncated
         out["wall_seconds"] = time.perf_counter() - t_start
-        out.update(_engine_figures(engine))
+        out.update(_engine_figures(engine, records))
         out["idle_phases"] = idle_phases
         last = idle_phases[-1]
         out["idle_resident_bytes"] = last["resident_after"]
@@ -737,20 +738,17 @@ def _idle_phase(engine: Any, pool: Any, held: _Held, s: Settings, floor: int) ->
     return phase
 
 
-def _engine_figures(engine: Any) -> dict:
+def _engine_figures(engine: Any, records: list) -> dict:
+    from torch_elastic_kv.bench import replay
+
     st = engine.stats()
     tl = engine.timeline or []
     busy = [e for e in tl if e["num_tokens"] > 0]
     decode = [e for e in busy if e["num_tokens"] == e["num_seqs"]]
     busy_s = sum(e["step_seconds"] for e in busy)
     decode_s = sum(e["step_seconds"] for e in decode)
-    ttft, tpot = [], []
-    for info in engine.requests_info():
-        if info["first_token_time"] is None:
-            continue
-        ttft.append(info["first_token_time"] - info["arrival_time"])
-        if info["finish_time"] is not None and info["output_tokens"] > 1:
-            tpot.append((info["finish_time"] - info["first_token_time"]) / (info["output_tokens"] - 1))
+    lat = replay.latencies(records)  # the shared harness's records: the main command's definitions
+    ttft, tpot = lat["ttft"], lat["tpot"]
     return {
         "tokens_generated": st["tokens_generated"],
         "tokens_forwarded": st["tokens_forwarded"],

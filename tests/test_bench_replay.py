@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from torch_elastic_kv.bench import systems
+from torch_elastic_kv.bench import replay, systems
 from torch_elastic_kv.bench.progress import Progress
 from torch_elastic_kv.bench.settings import BenchSettings
 from torch_elastic_kv.bench.traces import Trace, TraceRequest
@@ -87,12 +87,25 @@ def _settings(**overrides) -> BenchSettings:
     return BenchSettings(**values)
 
 
+def _replay(engine, trace, prompts, **kwargs):
+    settings = _settings()
+    return replay.replay_engine(
+        engine,
+        systems.replay_requests(trace, prompts),
+        name="elastic",
+        sample_interval_s=settings.sample_interval_s,
+        tail_seconds=settings.tail_seconds,
+        progress=Progress(len(prompts), enabled=False),
+        **kwargs,
+    )
+
+
 def test_requests_arrive_on_the_wall_clock_and_idle_time_passes():
     trace = Trace("t", "mem", (TraceRequest(0.0, 3, 2), TraceRequest(0.25, 2, 3), TraceRequest(0.6, 1, 1)))
     prompts = [[5, 6, 7], [8, 9], [4]]
     engine = RecordingEngine()
     start = time.perf_counter()
-    run = systems.replay_engine(engine, trace, prompts, _settings(), Progress(6, enabled=False), "elastic")
+    run = _replay(engine, trace, prompts)
     added_at = [t - start for t, _, _ in engine.added]
     for got, want in zip(added_at, (0.0, 0.25, 0.6)):
         assert want <= got < want + 0.1  # never early, and not held back
@@ -108,9 +121,47 @@ def test_requests_arrive_on_the_wall_clock_and_idle_time_passes():
 
 
 def test_a_stuck_engine_ends_the_run_with_an_error(monkeypatch):
-    monkeypatch.setattr(systems, "STALL_SECONDS", 0.2)
+    monkeypatch.setattr(replay, "STALL_SECONDS", 0.2)
     trace = Trace("t", "mem", (TraceRequest(0.0, 3, 2),))
     with pytest.raises(RuntimeError, match=r"elastic: no output token for 0.2 s with 1 arrived requests unfinished"):
-        systems.replay_engine(
-            RecordingEngine(produce=False), trace, [[1, 2, 3]], _settings(), Progress(2, enabled=False), "elastic"
-        )
+        _replay(RecordingEngine(produce=False), trace, [[1, 2, 3]])
+
+
+class CancellableEngine(RecordingEngine):
+    """Produces one token per step, 10 ms per step, and records cancellations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[int] = []
+
+    def step(self):
+        time.sleep(0.01)
+        return super().step()
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+        self.remaining[request_id] = 0
+        return True
+
+
+def test_a_deadline_cancels_what_is_unfinished_and_marks_the_run_truncated():
+    trace = Trace("t", "mem", (TraceRequest(0.0, 2, 1), TraceRequest(0.0, 2, 10_000), TraceRequest(5.0, 1, 1)))
+    engine = CancellableEngine()
+    run = _replay(engine, trace, [[1, 2], [3, 4], [5]], deadline_s=0.2)
+    assert run.truncated
+    assert engine.cancelled == [101]  # the finished one is not cancelled; the late one never arrived
+    assert [len(r.tokens) for r in run.records][0] == 1
+    assert 5 < len(run.records[1].tokens) < 10_000 and run.records[1].finish_s is None
+    assert run.records[2].tokens == []
+    assert 0.2 <= run.load_end_s < 1.0  # it did not wait for the request due at 5 s
+    assert run.end_s - run.load_end_s == pytest.approx(0.3, abs=0.05)  # the idle tail still ran
+
+
+def test_latencies_come_from_the_records_and_skip_what_a_record_lacks():
+    done = replay.RequestRecord(1.0, 3, [7, 8, 9], [1.5, 2.0, 3.5])
+    single = replay.RequestRecord(0.0, 1, [4], [0.25])
+    unfinished = replay.RequestRecord(2.0, 4, [1], [2.5])
+    lat = replay.latencies([done, single, unfinished])
+    assert lat["ttft"] == [0.5, 0.25, 0.5]
+    assert lat["tpot"] == [1.0]  # (3.5 - 1.5) / 2; one-token and unfinished requests have none
+    assert lat["e2e"] == [2.5, 0.25]

@@ -3,7 +3,8 @@
 It replays a request trace on the wall clock through the elastic Engine, the same Engine with a
 static pool, transformers ``generate`` and transformers continuous batching, and reports KV
 memory over time, latency and throughput side by side. Files: ``cli`` (arguments),
-``traces`` (synthetic and CSV traces, scaling), ``models`` (the model under test), ``systems``
+``traces`` (synthetic and CSV traces, scaling), ``models`` (the model under test), ``replay``
+(the one harness that drives an Engine through requests on the wall clock), ``systems``
 (running each system), ``metrics`` (figures from a run), ``report`` (table, JSON, plots),
 ``progress`` (the progress bar), ``run`` (one run end to end).
 """

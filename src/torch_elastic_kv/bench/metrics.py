@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .replay import SystemRun, latencies
 from .stats import percentile, time_weighted_mean
-from .systems import SystemRun
 
 DEFINITIONS = {
     "tokens_per_s": "output tokens / seconds from the replay's start to the last request's last token",
@@ -58,9 +58,8 @@ def summarize(run: SystemRun, static_bytes: int) -> dict:
         )
     outputs = [r.tokens for r in run.records]
     total_out = sum(len(t) for t in outputs)
-    ttft = [r.first_token_s - r.arrival_s for r in run.records]
-    tpot = [(r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in run.records if len(r.tokens) > 1]
-    e2e = [r.finish_s - r.arrival_s for r in run.records]
+    lat = latencies(run.records)
+    ttft, tpot, e2e = lat["ttft"], lat["tpot"], lat["e2e"]
     busy = _union_length([(r.arrival_s, r.finish_s) for r in run.records])
     mean_resident = time_weighted(run.samples, 1, run.end_s)
     span = max(run.end_s - (run.samples[0][0] if run.samples else 0.0), 0.0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .systems import SystemRun
+from .replay import SystemRun
 
 MIB = 1024 * 1024
 COLORS = {"elastic": "tab:green", "static": "tab:red", "hf-generate": "tab:blue", "hf-generate-batch": "tab:purple"}

@@ -10,9 +10,10 @@ import torch
 from .metrics import DEFINITIONS, summarize
 from .models import load_model
 from .progress import Progress
+from .replay import SystemRun
 from .report import results_document, summary_markdown, write_outputs
 from .settings import BenchSettings, ResolvedArgs
-from .systems import SystemRun, auto_max_bytes, run_system
+from .systems import auto_max_bytes, run_system
 from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
 
 WARM_UP_REQUESTS = 32

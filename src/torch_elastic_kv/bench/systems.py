@@ -23,172 +23,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ..hf.compat import cache_kwargs
 from .models import ModelInfo
 from .progress import Progress
+from .replay import Recorder, ReplayRequest, SystemRun, clock, replay_engine
 from .settings import BenchSettings
 from .traces import Trace
-
-clock = time.perf_counter
-STALL_SECONDS = 120.0  # no token for this long while requests wait: the system is stuck
-
-
-@dataclass
-class RequestRecord:
-    """What happened to one request, in seconds since the system's replay started."""
-
-    arrival_s: float
-    output_tokens: int
-    tokens: list[int] = field(default_factory=list)
-    token_times_s: list[float] = field(default_factory=list)
-
-    @property
-    def first_token_s(self) -> float | None:
-        return self.token_times_s[0] if self.token_times_s else None
-
-    @property
-    def finish_s(self) -> float | None:
-        return self.token_times_s[-1] if len(self.tokens) >= self.output_tokens else None
-
-
-@dataclass
-class SystemRun:
-    """Raw outcome of replaying a trace through one system."""
-
-    name: str
-    records: list[RequestRecord]
-    samples: list[tuple[float, int, int]]  # (seconds, resident KV bytes, live KV bytes)
-    load_end_s: float  # when the last request finished
-    end_s: float  # end of the idle tail
-    counters: dict[str, int | None]  # preemptions, grows, shrinks, compactions (None: not exposed)
-    info: dict[str, Any]  # pool facts: max/min bytes, granule bytes, arenas, ...
-
-
-class Recorder:
-    """Collects token times and memory samples against one start time."""
-
-    def __init__(self, trace: Trace, progress: Progress, name: str) -> None:
-        self.records = [RequestRecord(r.arrival_s, r.output_tokens) for r in trace.requests]
-        self.samples: list[tuple[float, int, int]] = []
-        self.progress = progress
-        self.name = name
-        self.t0 = clock()
-        self.last_progress = 0.0
-
-    def check_progress(self) -> None:
-        """Raise if requests are pending but no token came for ``STALL_SECONDS`` (a stuck system
-        must end the run with an error, not hang it)."""
-        now = self.now()
-        if now - self.last_progress > STALL_SECONDS:
-            pending = sum(1 for r in self.records if r.arrival_s <= now and r.finish_s is None)
-            if pending:
-                raise RuntimeError(
-                    f"{self.name}: no output token for {STALL_SECONDS:g} s with {pending} arrived requests unfinished"
-                )
-            self.last_progress = now
-
-    def now(self) -> float:
-        return clock() - self.t0
-
-    def token(self, index: int, token: int, at: float) -> None:
-        record = self.records[index]
-        if len(record.tokens) < record.output_tokens:
-            record.tokens.append(int(token))
-            record.token_times_s.append(at)
-            self.progress.tokens(1)
-            self.last_progress = max(self.last_progress, at)
-
-    def sample(self, resident: int, live: int, at: float | None = None) -> None:
-        self.samples.append((self.now() if at is None else at, int(resident), int(live)))
-
-    def sleep_until(self, deadline: float, interval: float, sample: Callable[[], None]) -> None:
-        """Sleep until ``deadline`` (seconds since t0), calling ``sample`` every ``interval``."""
-        while True:
-            remaining = deadline - self.now()
-            if remaining <= 0:
-                return
-            time.sleep(min(interval, remaining))
-            sample()
-
 
 # --------------------------------------------------------------------------------------------
 # the Engine (elastic and static)
 
 
-class EngineLike(Protocol):
-    def add_request(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> int: ...
-    def step(self) -> list[tuple[int, int]]: ...
-    def has_unfinished(self) -> bool: ...
-    def stats(self) -> dict: ...
-
-
-def replay_engine(
-    engine: EngineLike, trace: Trace, prompts: list[list[int]], settings: BenchSettings, progress: Progress, name: str
-) -> SystemRun:
-    """Drive ``engine`` on the trace's wall-clock arrivals; one thread, so runs are reproducible.
-
-    When the engine has work it steps; when it has none it sleeps until the next arrival,
-    giving the policy an idle tick (``engine.maintain()``, or an empty ``step()`` for engines
-    without it) and sampling memory every ``sample_interval_s``. Memory after a step comes
-    from the engine's per-step timeline when it keeps one (cheap, taken inside the step),
-    else from ``stats()``.
-    """
-    rec = Recorder(trace, progress, name)
-    requests = trace.requests
-    index_of: dict[int, int] = {}
-    next_arrival = 0
-    timeline = getattr(engine, "timeline", None)
-    idle_policy_tick = getattr(engine, "maintain", None) or engine.step
-
-    def sample() -> None:
-        stats = engine.stats()
-        rec.sample(stats["resident_bytes"], stats["live_bytes"])
-
-    def sample_after_step() -> None:
-        if timeline:
-            entry = timeline[-1]
-            rec.sample(entry["resident_bytes"], entry["live_bytes"])
-        else:
-            sample()
-
-    def idle_tick() -> None:
-        idle_policy_tick()
-        sample()
-
-    sample()
-    while True:
-        now = rec.now()
-        while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
-            request_id = engine.add_request(
-                prompts[next_arrival], max_new_tokens=requests[next_arrival].output_tokens, eos_token_id=None
-            )
-            index_of[request_id] = next_arrival
-            next_arrival += 1
-        if engine.has_unfinished():
-            produced = engine.step()
-            at = rec.now()
-            for request_id, token in produced:
-                rec.token(index_of[request_id], token, at)
-            sample_after_step()
-            if not produced:
-                rec.check_progress()
-        elif next_arrival < len(requests):
-            rec.sleep_until(requests[next_arrival].arrival_s, settings.sample_interval_s, idle_tick)
-        else:
-            break
-    load_end = rec.now()
-    rec.sleep_until(load_end + settings.tail_seconds, settings.sample_interval_s, idle_tick)
-    stats = engine.stats()
-    counters = {k: stats.get(k) for k in ("preemptions", "grows", "shrinks", "compactions")}
-    return SystemRun(name, rec.records, rec.samples, load_end, rec.now(), counters, {})
+def replay_requests(trace: Trace, prompts: list[list[int]]) -> list[ReplayRequest]:
+    """The trace's requests with their prompts, for :func:`replay_engine`."""
+    return [ReplayRequest(r.arrival_s, prompt, r.output_tokens) for r, prompt in zip(trace.requests, prompts)]
 
 
 def engine_pool_info(engine: Any) -> dict[str, Any]:
@@ -241,7 +95,14 @@ def run_engine_system(
         page_tokens=settings.page_tokens,
     )
     try:
-        run = replay_engine(engine, trace, prompts, settings, progress, name)
+        run = replay_engine(
+            engine,
+            replay_requests(trace, prompts),
+            name=name,
+            sample_interval_s=settings.sample_interval_s,
+            tail_seconds=settings.tail_seconds,
+            progress=progress,
+        )
         run.info.update(engine_pool_info(engine))
         return run
     finally:
@@ -306,7 +167,7 @@ def run_hf_generate(
     (up to ``max_running``) and runs until its longest output is done."""
     from transformers import DynamicCache, GenerationConfig
 
-    rec = Recorder(trace, progress, "hf-generate")
+    rec = Recorder(trace.requests, progress, "hf-generate")
     requests = trace.requests
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     queue: deque[int] = deque()
@@ -418,7 +279,7 @@ def run_hf_generate_batch(
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    rec = Recorder(trace, progress, "hf-generate-batch")
+    rec = Recorder(trace.requests, progress, "hf-generate-batch")
     requests = trace.requests
     block_bytes = settings.page_tokens * info.kv_bytes_per_token
     cb_config = ContinuousBatchingConfig(
