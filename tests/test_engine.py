@@ -254,14 +254,16 @@ def test_a_seed_of_time_ns_size_samples_and_a_failing_sampler_ends_only_its_requ
     eng = Engine(model, policy=ElasticPolicy(max_bytes=4 * MiB), background=False)
     big = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": time.time_ns()})
     top = eng.add_request([5, 6, 7], 4, sampling={"temperature": 1.0, "seed": 2**64 - 1})
-    original = ModelRunner.sample
+    original = ModelRunner.filtered_probs
 
-    def failing(logits, seq):
-        if seq.sampling.seed == 13:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return original(logits, seq)
+    def failing(logits, requests):
+        probs, order = original(logits, requests)
+        for row, request in enumerate(requests):
+            if request.sampling.seed == 13:
+                probs[row, 0] = float("nan")  # what a model that overflowed in one row hands the sampler
+        return probs, order
 
-    monkeypatch.setattr(ModelRunner, "sample", staticmethod(failing))
+    monkeypatch.setattr(ModelRunner, "filtered_probs", staticmethod(failing))
     bad = eng.add_request([9, 8, 7], 4, sampling={"temperature": 1.0, "seed": 13})
     greedy = eng.add_request([9, 8, 7], 5)
     while eng.has_unfinished():

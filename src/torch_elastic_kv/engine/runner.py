@@ -2,14 +2,16 @@
 
 The Engine hands it a ``Batch``; it packs the chunks' tokens into one row, tells the cache
 where each request's tokens go (``set_packed_batch``), runs the model with the cache, and
-samples one token for every chunk that ends a request's known tokens. Greedy batches are one
-``argmax`` over all rows; other requests sample one by one, each with its own generator so
-that a seeded request draws the same tokens however it is batched.
+samples one token for every chunk that ends a request's known tokens: greedy rows in one
+``argmax``, the others in one batched temperature / top-k / top-p filter and inverse-CDF draw;
+a seeded request's uniform comes from its own generator, so it draws the same tokens however
+it is batched.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -59,41 +61,71 @@ class ModelRunner:
             self.cache.clear_packed_batch()
         if not last:
             return {}
-        logits = out.logits[0]
-        if all(s.sampling.greedy for s in samplers):
-            toks: list[Optional[int]] = logits.argmax(dim=-1).tolist()
-        else:
-            toks = [self.sample_or_none(logits[i], s) for i, s in enumerate(samplers)]
-        return {s.request_id: t for s, t in zip(samplers, toks)}
+        return dict(zip((s.request_id for s in samplers), self.sample_batch(out.logits[0], samplers)))
 
     @classmethod
-    def sample_or_none(cls, logits: torch.Tensor, seq: Request) -> Optional[int]:
-        """The sampled token, or None when sampling failed for this request alone (it then
-        finishes with reason "error"; the other requests of the step go on)."""
-        try:
-            return cls.sample(logits, seq)
-        except (RuntimeError, ValueError, OverflowError) as exc:
-            _log.warning("request %d: sampling failed (%s); finishing it with reason 'error'", seq.request_id, exc)
-            return None
+    def sample_batch(cls, logits: torch.Tensor, requests: Sequence[Request]) -> list[Optional[int]]:
+        """One token per row of ``logits`` ``[N, vocab]`` under each request's sampling
+        parameters: greedy rows in one ``argmax``, the others in one batched draw. None: sampling
+        failed for that request alone (non-finite probabilities); it then finishes with reason
+        "error" and the other requests of the step go on."""
+        if all(r.sampling.greedy for r in requests):
+            return logits.argmax(dim=-1).tolist()
+        tokens: list[Optional[int]] = [None] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.sampling.greedy]
+        rest = [i for i, r in enumerate(requests) if not r.sampling.greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[i] = t
+        drawn = cls.draw(cls.filtered_probs(logits[rest], [requests[i] for i in rest]), [requests[i] for i in rest])
+        for i, t in zip(rest, drawn):
+            tokens[i] = t
+            if t is None:
+                _log.warning(
+                    "request %d: sampling failed (non-finite probabilities); finishing it with reason 'error'",
+                    requests[i].request_id,
+                )
+        return tokens
 
     @staticmethod
-    def sample(logits: torch.Tensor, seq: Request) -> int:
-        """One token from ``logits`` under ``seq``'s sampling parameters."""
-        p = seq.sampling
-        if p.greedy:
-            return int(logits.argmax())
-        x = logits.float() / p.temperature
-        if p.top_k:
-            kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            srt, idx = torch.sort(x, descending=True)
-            cum = torch.softmax(srt, -1).cumsum(-1)
-            drop = cum - torch.softmax(srt, -1) > p.top_p  # keep the token that crosses top_p
-            x = x.scatter(0, idx[drop], float("-inf"))
-        gen = None
-        if p.seed is not None:
-            # seeded by (seed, position): the same request samples the same tokens however
-            # it is batched or preempted
-            gen = torch.Generator(device=x.device).manual_seed(p.generator_seed(seq.num_tokens))
-        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
+    def filtered_probs(
+        logits: torch.Tensor, requests: Sequence[Request]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Probabilities after temperature, top-k and top-p, row by row, as ``(probs, order)``:
+        with any top-k or top-p in the batch the columns are sorted by logit (``order`` maps a
+        column back to its token id); without, ``order`` is None and columns are token ids."""
+        device = logits.device
+        params = [r.sampling for r in requests]
+        x = logits.float() / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        vocab = x.shape[-1]
+        if not any(p.top_k or p.top_p < 1.0 for p in params):
+            return torch.softmax(x, -1), None
+        x, order = torch.sort(x, dim=-1, descending=True)
+        keep = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=device)
+        x = x.masked_fill(torch.arange(vocab, device=device)[None, :] >= keep[:, None], float("-inf"))
+        probs = torch.softmax(x, -1)
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        # drop what lies wholly beyond top_p: the token that crosses it stays
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+        return probs, order
+
+    @staticmethod
+    def draw(
+        probs_and_order: tuple[torch.Tensor, Optional[torch.Tensor]], requests: Sequence[Request]
+    ) -> list[Optional[int]]:
+        """One token per row by inverse CDF. A seeded request's uniform comes from its own
+        generator, seeded by (seed, position), so it samples the same tokens however it is
+        batched or preempted; the others share the default generator."""
+        probs, order = probs_and_order
+        uniforms = torch.rand(len(requests), dtype=torch.float64)
+        for i, r in enumerate(requests):
+            if r.sampling.seed is not None:
+                gen = torch.Generator().manual_seed(r.sampling.generator_seed(r.num_tokens))
+                uniforms[i] = torch.rand((), generator=gen, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        total = cdf[:, -1]
+        valid = torch.isfinite(probs).all(-1) & (total > 0)
+        target = (uniforms.to(probs.device) * total)[:, None]
+        col = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+        ids = col if order is None else order.gather(1, col)
+        return [int(t) if ok else None for t, ok in zip(ids[:, 0].tolist(), valid.tolist())]
