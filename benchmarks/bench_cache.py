@@ -101,7 +101,7 @@ def packed_decode_rate(model, layout, paged, seqs, context, steps):
         for _ in range(steps):
             entries = []
             for i in range(seqs):
-                n = cache.seq_tokens(i)
+                n = cache.request_tokens(i)
                 cache.ensure_capacity(i, n + 1)
                 entries.append((i, n, 1))
             with warnings.catch_warnings():

@@ -201,19 +201,19 @@ def test_fragmentation_compaction_keeps_survivors_exact():
                     pos[i] += n
             out = model(input_ids=torch.tensor([toks]), **cache_kwargs(model, cache), **cache.set_packed_batch(entries))
     for i in range(0, 32, 2):
-        cache.free_seq(i)
+        cache.free_request(i)
     fragmented = pool.stats()
-    kept = {i: (cache.seq_pages(i), pool.read_pages(cache.seq_pages(i))) for i in range(1, 32, 2)}
+    kept = {i: (cache.request_pages(i), pool.read_pages(cache.request_pages(i))) for i in range(1, 32, 2)}
     moves = []
     given = pool.compact(on_move=moves.append)
     stats = pool.stats()
     granule = stats["granule_bytes"]
     assert moves and given > 0 and stats["pages_moved"] == len(moves[0])
     # every survivor's page table followed its pages, and the K/V behind it is bit for bit the same
-    assert any(cache.seq_pages(i) != pages for i, (pages, _) in kept.items())
+    assert any(cache.request_pages(i) != pages for i, (pages, _) in kept.items())
     for i, (pages, data) in kept.items():
-        assert cache.seq_pages(i) == [moves[0].get(p, p) for p in pages], f"sequence {i}"
-        assert torch.equal(pool.read_pages(cache.seq_pages(i)), data), f"sequence {i}"
+        assert cache.request_pages(i) == [moves[0].get(p, p) for p in pages], f"sequence {i}"
+        assert torch.equal(pool.read_pages(cache.request_pages(i)), data), f"sequence {i}"
     assert stats["resident_bytes"] < fragmented["resident_bytes"]
     assert stats["resident_bytes"] - stats["live_bytes"] <= granule * stats["arenas"]
     # survivors continue; compare with each alone through DynamicCache
@@ -229,7 +229,7 @@ def test_fragmentation_compaction_keeps_survivors_exact():
             got = []
             nxt = None
             for _step in range(6):
-                n = cache.seq_tokens(i)
+                n = cache.request_tokens(i)
                 if nxt is None:  # re-feed the last prompt token to get its logits again
                     entries, toks = [(i, n - 1, 1)], [prompts[i][-1]]
                 else:

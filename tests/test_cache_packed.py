@@ -60,7 +60,7 @@ def _run_packed(model, cache, prompts, chunk, new_tokens=NEW_TOKENS, ids=None):
             assert out.logits.shape[:2] == (1, len(entries))
             for j, (i, start, n) in enumerate(entries):
                 pos[i] = start + n
-                assert cache.seq_tokens(i) == pos[i]
+                assert cache.request_tokens(i) == pos[i]
                 if pos[i] >= len(prompts[ids.index(i)]):
                     if not gen[i]:
                         first[i] = out.logits[0, j]
@@ -85,7 +85,7 @@ def test_packed_matches_each_sequence_alone(factory, paged):
         assert gen[i] == ref_tokens[i], f"sequence {i}"
     assert pool.live_pages == sum(-(-(len(p) + NEW_TOKENS - 1) // 8) for p in prompts)
     for i in range(len(prompts)):
-        cache.free_seq(i)
+        cache.free_request(i)
     assert pool.live_pages == 0
 
 
@@ -101,20 +101,20 @@ def test_packed_detach_attach_and_swap_roundtrip():
             cache.ensure_capacity(i, len(p))
         extra = cache.set_packed_batch([(0, 0, len(prompts[0])), (1, 0, len(prompts[1]))])
         out = model(input_ids=torch.tensor([prompts[0] + prompts[1]]), **cache_kwargs(model, cache), **extra)
-    pages, ntok = cache.detach_seq(1)
+    pages, ntok = cache.detach_request(1)
     saved = pool.read_pages(pages)
     pool.free(pages)
     fresh = pool.alloc(len(pages))
     pool.write_pages(fresh, saved)
-    cache.attach_seq(1, fresh, ntok)
-    assert cache.seq_tokens(1) == len(prompts[1]) and cache.seq_pages(1) == fresh
+    cache.attach_request(1, fresh, ntok)
+    assert cache.request_tokens(1) == len(prompts[1]) and cache.request_pages(1) == fresh
     last = [int(out.logits[0, 0].argmax()), int(out.logits[0, 1].argmax())]
     gen = [[last[0]], [last[1]]]
     with torch.no_grad():
         for _ in range(NEW_TOKENS - 1):
             entries = []
             for i, _p in enumerate(prompts):
-                n = cache.seq_tokens(i)
+                n = cache.request_tokens(i)
                 cache.ensure_capacity(i, n + 1)
                 entries.append((i, n, 1))
             extra = cache.set_packed_batch(entries)
@@ -129,7 +129,7 @@ def test_packed_errors_leave_state_intact():
     pool = KVPagePool(2, 2, 16, torch.float32, page_tokens=16, max_bytes=2 << 20)
     cache = ElasticPagedCache(model.config, pool=pool)
     cache.ensure_capacity(7, 20)
-    assert len(cache.seq_pages(7)) == 2
+    assert len(cache.request_pages(7)) == 2
     with pytest.raises(KeyError, match="unknown request 8"):
         cache.set_packed_batch([(8, 0, 1)])
     with pytest.raises(ValueError, match="needs 40 tokens of pages, has 32"):
@@ -138,10 +138,10 @@ def test_packed_errors_leave_state_intact():
         cache.set_packed_batch([(7, 5, 1)])  # nothing stored yet: cannot start at 5
     # OOM: a sequence that would exceed the pool's budget; the other sequence keeps its pages
     budget_pages = pool.free_pages + 2
-    before = cache.seq_pages(7)
+    before = cache.request_pages(7)
     with pytest.raises(MemoryError, match=r"needed, \d+ pages \(\d+ bytes\) free"):
         cache.ensure_capacity(9, budget_pages * 16 + 1)
-    assert cache.seq_pages(7) == before and cache.seq_ids() == [7]
+    assert cache.request_pages(7) == before and cache.request_ids() == [7]
     assert pool.live_pages == 2
     # a model whose attention ignores the paged plan is caught at the next layer
     plain = tiny_llama()
@@ -170,10 +170,10 @@ def test_compaction_between_set_packed_batch_and_forward():
             **cache.set_packed_batch([(i, 0, len(p)) for i, p in enumerate(prompts)]),
         )
         nxt = int(out.logits[0, 2].argmax())
-        cache.free_seq(0)
-        before = cache.seq_pages(2)
+        cache.free_request(0)
+        before = cache.request_pages(2)
         extra = cache.set_packed_batch([(2, len(prompts[2]), 1)])
-        assert pool.compact() > 0 and cache.seq_pages(2) != before
+        assert pool.compact() > 0 and cache.request_pages(2) != before
         out = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(model, cache), **extra)
     assert [nxt, int(out.logits[0, 0].argmax())] == ref_tokens[2][:2]
 
@@ -184,10 +184,10 @@ def test_compaction_before_the_first_forward_reaches_the_cache():
     cache = ElasticPagedCache(tiny_llama().config, pool=pool)
     filler = pool.alloc(6)  # a full first chunk, two pages in the second
     cache.ensure_capacity(0, 1024)  # one page, in the second chunk
-    before = cache.seq_pages(0)
+    before = cache.request_pages(0)
     pool.free([filler[0], filler[4], filler[5]])  # first chunk: one hole; second: only the cache's page
     assert pool.compact() > 0  # the cache's page moves into the hole
-    after = cache.seq_pages(0)
+    after = cache.request_pages(0)
     assert after != before and all(pool.is_live(p) for p in after)
     assert not any(pool.is_live(p) for p in before)
 
@@ -217,7 +217,7 @@ def test_interrupted_forward_leaves_the_cache_usable():
             **cache.set_packed_batch([(5, 0, len(prompt))]),
         )
     del cache.update
-    cache.free_seq(5)
+    cache.free_request(5)
     first, gen = _run_packed(model, cache, [prompt], chunk=16, new_tokens=3)
     assert gen[0] == ref_tokens[0]
 
@@ -231,7 +231,7 @@ def test_closed_cache_refuses_every_use_and_release_keeps_it_usable():
     assert cache.get_seq_length() == 5
     cache.release()  # not final: the cache serves again
     cache.ensure_capacity(7, 20)
-    assert cache.seq_tokens(7) == 0 and len(cache.seq_pages(7)) == 2
+    assert cache.request_tokens(7) == 0 and len(cache.request_pages(7)) == 2
     pool = cache.pool
     cache.close()
     assert pool._closed  # the cache created it, so closing the cache closes it
@@ -247,12 +247,12 @@ def test_closed_cache_refuses_every_use_and_release_keeps_it_usable():
         "batch_select_indices": lambda: cache.batch_select_indices(torch.tensor([0])),
         "reset": lambda: cache.reset(),
         "ensure_capacity": lambda: cache.ensure_capacity(1, 4),
-        "free_seq": lambda: cache.free_seq(7),
-        "seq_tokens": lambda: cache.seq_tokens(7),
-        "seq_pages": lambda: cache.seq_pages(7),
-        "seq_ids": lambda: cache.seq_ids(),
-        "detach_seq": lambda: cache.detach_seq(7),
-        "attach_seq": lambda: cache.attach_seq(8, [0], 1),
+        "free_request": lambda: cache.free_request(7),
+        "request_tokens": lambda: cache.request_tokens(7),
+        "request_pages": lambda: cache.request_pages(7),
+        "request_ids": lambda: cache.request_ids(),
+        "detach_request": lambda: cache.detach_request(7),
+        "attach_request": lambda: cache.attach_request(8, [0], 1),
         "set_packed_batch": lambda: cache.set_packed_batch([(7, 0, 1)]),
         "clear_packed_batch": lambda: cache.clear_packed_batch(),
         "release": lambda: cache.release(),

@@ -31,8 +31,8 @@ def test_ensure_free_detach_attach_keep_the_count_and_the_pool_in_step() -> None
             table.attach(4, [], 13)
         table.free(3)
         assert table.ids() == [2] and pool.live_pages == 1
-        with pytest.raises(KeyError, match="free_seq: unknown request 3"):
-            table.free(3, "free_seq")
+        with pytest.raises(KeyError, match="free_request: unknown request 3"):
+            table.free(3, "free_request")
         table.remap({table.get(2).pages[0]: 99})
         assert table.get(2).pages == [99]
 

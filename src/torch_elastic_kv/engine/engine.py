@@ -81,13 +81,13 @@ class _CacheBackend:
 
     def release(self, seq: Request) -> None:
         if seq.request_id in self.table:  # else it was never given pages
-            self.cache.free_seq(seq.request_id)
+            self.cache.free_request(seq.request_id)
 
     def can_swap_out(self, seq: Request) -> bool:
         return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
 
     def swap_out(self, seq: Request) -> None:
-        pages, ntokens = self.cache.detach_seq(seq.request_id)
+        pages, ntokens = self.cache.detach_request(seq.request_id)
         data = self.pool.read_pages(pages)
         self.swap.put(seq.request_id, data, ntokens, len(pages))
         self.pool.free(pages)
@@ -97,7 +97,7 @@ class _CacheBackend:
         pages = self.pool.alloc(npages)  # MemoryError: nothing changed
         try:
             self.pool.write_pages(pages, data)
-            self.cache.attach_seq(seq.request_id, pages, ntokens)
+            self.cache.attach_request(seq.request_id, pages, ntokens)
         except BaseException:
             self.pool.free(pages)
             raise

@@ -357,7 +357,7 @@ class ElasticPagedCache(Cache):
     def _start_generate_step(self, pool: KVPagePool, batch: int, q_len: int) -> Step:
         if len(self._table):
             raise RuntimeError(
-                f"ElasticPagedCache: {len(self._table)} packed sequences are live; call "
+                f"ElasticPagedCache: {len(self._table)} packed requests are live; call "
                 "set_packed_batch before each forward (or release() the cache)"
             )
         rows = self._rows
@@ -389,75 +389,75 @@ class ElasticPagedCache(Cache):
 
     # -- packed mode (continuous batching) ----------------------------------------------------
     @_open_only
-    def ensure_capacity(self, seq_id: int, total_tokens: int) -> None:
-        """Give ``seq_id`` (created if new) pages for ``total_tokens`` tokens.
+    def ensure_capacity(self, request_id: int, total_tokens: int) -> None:
+        """Give ``request_id`` (created if new) pages for ``total_tokens`` tokens.
 
         Raises MemoryError / torch.OutOfMemoryError naming needed and free bytes; nothing changes.
         """
         if self._rows:
             raise RuntimeError("ElasticPagedCache: generate-mode rows are live; release() before packed use")
         self._require_pool()
-        self._table.ensure(seq_id, total_tokens)
+        self._table.ensure(request_id, total_tokens)
 
     @_open_only
-    def free_seq(self, seq_id: int) -> None:
-        """Return every page of ``seq_id`` to the pool."""
-        self._table.free(seq_id, "free_seq")
+    def free_request(self, request_id: int) -> None:
+        """Return every page of ``request_id`` to the pool."""
+        self._table.free(request_id, "free_request")
 
     @_open_only
-    def seq_tokens(self, seq_id: int) -> int:
-        """Tokens of ``seq_id`` whose K/V are stored."""
-        return self._table.get(seq_id, "seq_tokens").tokens
+    def request_tokens(self, request_id: int) -> int:
+        """Tokens of ``request_id`` whose K/V are stored."""
+        return self._table.get(request_id, "request_tokens").tokens
 
     @_open_only
-    def seq_pages(self, seq_id: int) -> list[int]:
-        """Page ids of ``seq_id`` in token order (a copy)."""
-        return list(self._table.get(seq_id, "seq_pages").pages)
+    def request_pages(self, request_id: int) -> list[int]:
+        """Page ids of ``request_id`` in token order (a copy)."""
+        return list(self._table.get(request_id, "request_pages").pages)
 
     @_open_only
-    def seq_ids(self) -> list[int]:
+    def request_ids(self) -> list[int]:
         return self._table.ids()
 
     @_open_only
-    def detach_seq(self, seq_id: int) -> tuple[list[int], int]:
-        """Forget ``seq_id`` but keep its pages live; returns ``(pages, tokens)`` (caller owns them)."""
-        return self._table.detach(seq_id, "detach_seq")
+    def detach_request(self, request_id: int) -> tuple[list[int], int]:
+        """Forget ``request_id`` but keep its pages live; returns ``(pages, tokens)`` (caller owns them)."""
+        return self._table.detach(request_id, "detach_request")
 
     @_open_only
-    def attach_seq(self, seq_id: int, pages: list[int], ntokens: int) -> None:
-        """Adopt live ``pages`` holding ``ntokens`` tokens as sequence ``seq_id``."""
+    def attach_request(self, request_id: int, pages: list[int], ntokens: int) -> None:
+        """Adopt live ``pages`` holding ``ntokens`` tokens as request ``request_id``."""
         self._require_pool()
-        self._table.attach(seq_id, pages, ntokens, "attach_seq")
+        self._table.attach(request_id, pages, ntokens, "attach_request")
 
     @_open_only
     def set_packed_batch(self, entries: list[tuple[int, int, int]]) -> dict[str, Any]:
-        """Describe the next forward: ``(seq_id, start_pos, num_tokens)`` in packed token order.
+        """Describe the next forward: ``(request_id, start_pos, num_tokens)`` in packed token order.
 
         Returns the extra model kwargs: ``position_ids`` ``[1, T]``, ``attention_mask`` (None with
         the paged attention; a ``[1, 1, T, kv]`` mask for other attention implementations) and
         ``logits_to_keep`` (index of each entry's last token, so logits come out ``[1, len(entries), V]``
         in entry order). The forward writes K/V of those tokens and attends each token causally
-        over its own sequence. ``seq_tokens`` advances when the forward completes.
+        over its own request. ``request_tokens`` advances when the forward completes.
         """
         pool = self._require_pool()
         if not entries:
             raise ValueError("set_packed_batch: no entries")
         seen: set[int] = set()
-        for seq_id, start, n in entries:
-            if seq_id not in self._table:
-                raise KeyError(f"set_packed_batch: unknown request {seq_id}; call ensure_capacity first")
-            seq = self._table.get(seq_id)
-            if seq_id in seen:
-                raise ValueError(f"set_packed_batch: sequence {seq_id} appears twice")
-            seen.add(seq_id)
+        for request_id, start, n in entries:
+            if request_id not in self._table:
+                raise KeyError(f"set_packed_batch: unknown request {request_id}; call ensure_capacity first")
+            seq = self._table.get(request_id)
+            if request_id in seen:
+                raise ValueError(f"set_packed_batch: request {request_id} appears twice")
+            seen.add(request_id)
             if n < 1 or not 0 <= start <= seq.tokens:
                 raise ValueError(
-                    f"set_packed_batch: sequence {seq_id} has {seq.tokens} stored tokens; entry "
+                    f"set_packed_batch: request {request_id} has {seq.tokens} stored tokens; entry "
                     f"start_pos={start}, num_tokens={n} needs 0 <= start_pos <= stored and num_tokens >= 1"
                 )
             if (start + n) > len(seq.pages) * self.page_tokens:
                 raise ValueError(
-                    f"set_packed_batch: sequence {seq_id} needs {start + n} tokens of pages, has "
+                    f"set_packed_batch: request {request_id} needs {start + n} tokens of pages, has "
                     f"{len(seq.pages) * self.page_tokens}; call ensure_capacity first"
                 )
         self._packed = self._build_packed_step(pool, entries)

@@ -167,20 +167,20 @@ class StandInCache:
     def ensure_capacity(self, sid, total):
         self.page_table.ensure(sid, total)
 
-    def free_seq(self, sid):
-        self.page_table.free(sid, "free_seq")
+    def free_request(self, sid):
+        self.page_table.free(sid, "free_request")
 
-    def seq_pages(self, sid):
-        return list(self.page_table.get(sid, "seq_pages").pages)
+    def request_pages(self, sid):
+        return list(self.page_table.get(sid, "request_pages").pages)
 
-    def seq_tokens(self, sid):
-        return self.page_table.get(sid, "seq_tokens").tokens
+    def request_tokens(self, sid):
+        return self.page_table.get(sid, "request_tokens").tokens
 
-    def detach_seq(self, sid):
-        return self.page_table.detach(sid, "detach_seq")
+    def detach_request(self, sid):
+        return self.page_table.detach(sid, "detach_request")
 
-    def attach_seq(self, sid, pages, ntokens):
-        self.page_table.attach(sid, pages, ntokens, "attach_seq")
+    def attach_request(self, sid, pages, ntokens):
+        self.page_table.attach(sid, pages, ntokens, "attach_request")
 
     def set_packed_batch(self, entries):
         self.entries = entries
