@@ -345,6 +345,9 @@ def step_driver(s: Settings, args: argparse.Namespace) -> dict:
         }
         for call in ("reserve", "address_free", "create", "map", "set_access", "unmap", "release"):
             res[f"{call}_us"] = summary(r[f"{call}_us"])
+        for call in ("create", "record", "query", "destroy"):
+            if f"event_{call}_us" in r:  # builds before the event probe lack them
+                res[f"event_{call}_us"] = summary(r[f"event_{call}_us"])
         res["set_access_range_us"] = r["set_access_range_us"]
         # per 2 MiB, the unit of the A100 floors
         per_2mib = (2 * MiB) / r["handle_bytes"]
@@ -801,6 +804,10 @@ def step_engine(s: Settings, args: argparse.Namespace) -> dict:
     d, a = out["decode_tokens_per_s"], out["tokens_per_s"]
     out["decode_ratio"] = d["elastic"] / d["static"] if d["elastic"] and d["static"] else None
     out["tokens_ratio"] = a["elastic"] / a["static"] if a["elastic"] and a["static"] else None
+    # static against static (the first and the last run): how far two runs of one system differ
+    # here, the noise the elastic / static ratio is read against
+    ds = out["decode_tokens_per_s_runs"]["static"]
+    out["static_aa_decode_ratio"] = ds[-1] / ds[0] if len(ds) > 1 and ds[0] and ds[-1] else None
     out["idle_at_floor"] = all(r["idle_held_bytes"] == r["floor_bytes"] for r in runs["elastic"])
     shrink = e["idle_phases"][-1]
     if shrink.get("returned_to", "").startswith("driver"):
@@ -817,6 +824,116 @@ def step_engine(s: Settings, args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     if any(r["truncated"] for rs in runs.values() for r in rs):
         raise StepFailed("an engine run hit its time limit; the rest of its requests were cancelled", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- step 4a --
+PARITY_LOGIT_TOLERANCE = 0.05  # bf16: max |engine - reference| first-token logit, over the reference's std
+
+
+def _reference_outputs(model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list]:
+    """Per-request ``model.generate`` (greedy, no EOS, the model's own attention) and the
+    last-position logits of each prompt from a plain forward."""
+    from transformers import GenerationConfig
+
+    device = model.device
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    tokens, logits = [], []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            tokens.append(model.generate(input_ids=ids, generation_config=config)[0, len(p) :].tolist())
+            logits.append(model(input_ids=ids).logits[0, -1].float().cpu())
+    return tokens, logits
+
+
+def _engine_outputs(model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list, str]:
+    """The Engine's tokens for ``prompts`` run together, and each prompt's first-token logits
+    (its prefill step run alone, taken where the runner samples); plus the attention path."""
+    from torch_elastic_kv import ElasticPolicy, Engine
+    from torch_elastic_kv.engine.runner import ModelRunner
+
+    attention = model.config._attn_implementation
+    captured: list = []
+    original = ModelRunner.__dict__["sample_batch"]
+
+    def capture(cls: Any, logits: torch.Tensor, requests: Any) -> list:
+        captured.append(logits.float().cpu())
+        return original.__func__(cls, logits, requests)
+
+    engine = Engine(model, policy=ElasticPolicy(max_bytes=256 * MiB), max_batch_tokens=4096)
+    try:
+        ModelRunner.sample_batch = classmethod(capture)
+        first = []
+        for p in prompts:
+            captured.clear()
+            engine.generate([p], 1)
+            first.append(captured[0][0])
+        ModelRunner.sample_batch = original
+        tokens = engine.generate(prompts, new_tokens)
+        path = engine.stats().get("attention_path")  # which decode attention ran (None: not reported)
+    finally:
+        ModelRunner.sample_batch = original
+        engine.close()
+        engine.pool.close()
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
+    return tokens, first, path
+
+
+def parity(model: Any, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The Engine against per-request ``generate`` on one model: tokens, and first-token logits."""
+    ref_tokens, ref_logits = _reference_outputs(model, prompts, new_tokens)
+    tokens, logits, path = _engine_outputs(model, prompts, new_tokens)
+    diffs = [float((a - b).abs().max() / b.std()) for a, b in zip(logits, ref_logits)]
+    return {
+        "requests": len(prompts),
+        "new_tokens": new_tokens,
+        "dtype": str(next(model.parameters()).dtype),
+        "identical_requests": sum(a == b for a, b in zip(tokens, ref_tokens)),
+        "first_token_equal": sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(logits, ref_logits)),
+        "logit_max_diff_over_std": max(diffs),
+        "attention_path": path,
+    }
+
+
+def step_parity(s: Settings, args: argparse.Namespace) -> dict:
+    """Output parity before any throughput figure: a small float32 model must give the same
+    tokens as per-request ``generate``; the engine step's model (bf16 1B on a GPU) its
+    first-token logits within ``PARITY_LOGIT_TOLERANCE`` of the reference's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(3)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    with torch.device(s.engine_device):
+        small = LlamaForCausalLM(config).float().eval()
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(5, 300))] for _ in range(6)]
+    out = {"float32": parity(small, prompts, 12)}
+    del small
+    model, info = build_model(s)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 400))] for _ in range(4)]
+    out["model"] = {**parity(model, prompts, 4), "params": info["params"]}
+    del model
+    if cuda_real():
+        torch.cuda.empty_cache()
+    f, m = out["float32"], out["model"]
+    out["ok"] = f["identical_requests"] == f["requests"] and m["logit_max_diff_over_std"] <= PARITY_LOGIT_TOLERANCE
+    if not out["ok"]:
+        raise StepFailed(
+            f"the Engine's outputs differ from generate: float32 {f['identical_requests']}/{f['requests']} identical, "
+            f"{m['dtype']} logits max diff {m['logit_max_diff_over_std']:.3g} std (tolerance {PARITY_LOGIT_TOLERANCE})",
+            out,
+        )
     return out
 
 
@@ -883,6 +1000,7 @@ STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("driver", step_driver),
     ("arena", step_arena),
     ("allocator", step_allocator),
+    ("parity", step_parity),
     ("engine", step_engine),
     ("stream_order", step_stream_order),
 ]
@@ -968,6 +1086,17 @@ def build_table(res: dict) -> list[list[str]]:
             return False
         return True
 
+    env = res.get("environment", {})
+    drv = st.get("driver", {}).get("granule", {})
+    rows.append(
+        [
+            "versions",
+            f"python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
+            f"CUDA runtime {env.get('cuda_runtime', '-')}, driver {drv.get('driver_version', '-')}",
+            "-",
+            "-",
+        ]
+    )
     b = st.get("build", {})
     rows.append(
         [
@@ -1019,12 +1148,23 @@ def build_table(res: dict) -> list[list[str]]:
         )
         rows.append(
             [
-                "cuMemSetAccess whole range",
-                _fmt(d["set_access_range_us"], " us", 1),
-                f"{d['range_bytes'] // MiB} MiB, 1 call",
+                "cuMemSetAccess whole range, 1 call / 1 per handle",
+                f"{_fmt(d['set_access_range_us'], ' us', 1)} / {_fmt(d['set_access_us']['mean'] * d['set_access_us']['n'], ' us', 1)}",
+                f"{d['range_bytes'] // MiB} MiB",
                 "-",
             ]
         )
+        if "event_record_us" in d:
+            rows.append(
+                [
+                    "cuEvent create / record / query / destroy (median)",
+                    " / ".join(
+                        _fmt(d[f"event_{c}_us"]["median"], " us", 2) for c in ("create", "record", "query", "destroy")
+                    ),
+                    "-",
+                    "-",
+                ]
+            )
         lg = st["driver"]["large"]
         rows.append(
             [
@@ -1082,6 +1222,27 @@ def build_table(res: dict) -> list[list[str]]:
                 "ok" if tr["released_bytes"] >= tr["bytes"] else "FAIL",
             ]
         )
+    if status_row("parity", "output parity"):
+        f, m = st["parity"]["float32"], st["parity"]["model"]
+        rows.append(
+            [
+                "parity float32: Engine = generate",
+                f"{f['identical_requests']}/{f['requests']} requests identical",
+                "all",
+                "ok" if f["identical_requests"] == f["requests"] else "FAIL",
+            ]
+        )
+        rows.append(
+            [
+                f"parity {m['dtype'].replace('torch.', '')}: first-token logits",
+                f"max diff {m['logit_max_diff_over_std']:.3g} std, argmax {m['first_token_equal']}/{m['requests']}",
+                f"<= {PARITY_LOGIT_TOLERANCE} std",
+                "ok" if m["logit_max_diff_over_std"] <= PARITY_LOGIT_TOLERANCE else "FAIL",
+            ]
+        )
+        rows.append(["decode attention path", str(f.get("attention_path") or "-"), "-", "-"])
+    elif st.get("parity", {}).get("status") == "failed":
+        rows.append(["parity", "FAILED: throughput below may come from a wrong path", "-", "FAIL"])
     if status_row("engine", "engine"):
         en = st["engine"]
         e, s_ = en["elastic"], en["static"]
@@ -1095,6 +1256,15 @@ def build_table(res: dict) -> list[list[str]]:
                 "-"
                 if ratio is None
                 else (f"{(ratio - 1) * 100:+.1f} % " + ("ok" if ratio >= 1 - TOKENS_PER_S_TOLERANCE else "MISS")),
+            ]
+        )
+        aa = en.get("static_aa_decode_ratio")
+        rows.append(
+            [
+                "decode tokens/s static / static (A/A noise)",
+                "-" if aa is None else f"{(aa - 1) * 100:+.1f} %",
+                "the elastic ratio is read against it",
+                "-",
             ]
         )
         rows.append(

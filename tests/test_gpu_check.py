@@ -81,7 +81,7 @@ def test_every_step_ran(dry_run):
     if steps["gpu_tests"]["status"] == "ok":
         g = steps["gpu_tests"]
         assert g["failures"] == g["errors"] == 0 and g["skipped"] == g["tests"] > 0
-    for name in ("driver", "arena", "allocator", "engine", "stream_order"):
+    for name in ("driver", "arena", "allocator", "parity", "engine", "stream_order"):
         assert steps[name]["status"] == "ok", (name, steps[name].get("error"), steps[name].get("traceback"))
         assert _num(steps[name]["seconds"], 0, 120)
 
@@ -99,10 +99,22 @@ def test_driver_costs_per_call(dry_run):
         assert _num(s["median"], 0.01, 1e6) and s["min"] <= s["median"] <= s["p90"] <= s["p99"], (call, s)
         assert _num(g["per_2mib_us"][call], 0.01, 1e6)
     assert g["reserve_us"]["n"] == 8 and g["address_free_us"]["n"] == 8
+    for call in ("create", "record", "query", "destroy"):  # one event per handle
+        s = g[f"event_{call}_us"]
+        assert s["n"] == n and _num(s["median"], 0.001, 1e6), (call, s)
     large = d["large"]
     assert large["handle_bytes"] == 16 * 2 * MiB
     # per 2 MiB of a 32 MiB handle is the handle's time / 16
     assert large["per_2mib_us"]["create"] == pytest.approx(large["create_us"]["median"] / 16)
+
+
+def test_parity_compares_the_engine_with_generate(dry_run):
+    _, res = dry_run
+    p = res["steps"]["parity"]
+    f, m = p["float32"], p["model"]
+    assert f["requests"] == 6 and f["identical_requests"] == 6 and f["dtype"] == "torch.float32"
+    assert m["requests"] == 4 and m["first_token_equal"] == 4
+    assert 0 <= m["logit_max_diff_over_std"] <= 0.05 and p["ok"] is True
 
 
 def test_arena_reuse_skips_create(dry_run):
@@ -153,6 +165,8 @@ def test_engine_elastic_vs_static(dry_run):
     d = en["decode_tokens_per_s"]
     assert d["static"] == pytest.approx(sum(en["decode_tokens_per_s_runs"]["static"]) / 2)
     assert en["decode_ratio"] == pytest.approx(d["elastic"] / d["static"])
+    ds = en["decode_tokens_per_s_runs"]["static"]
+    assert en["static_aa_decode_ratio"] == pytest.approx(ds[1] / ds[0])  # the A/A noise figure
     # static: the whole pool mapped from start to end; elastic: back at its floor when idle
     assert s["resident_at_start"] == s["peak_resident_bytes"] == s["idle_resident_bytes"]
     assert s["peak_resident_bytes"] >= wl["pool_bytes"] - s["chunk_bytes"]

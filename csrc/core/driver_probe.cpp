@@ -23,6 +23,7 @@ double us_since(Clock::time_point t0) { return std::chrono::duration<double, std
 struct Held {
   explicit Held(const CudaDriver* d) : drv(d) {}
   ~Held() {
+    for (CUevent e : events) drv->EventDestroy(e);
     for (std::size_t i = handles.size(); i-- > 0;) {
       if (mapped[i]) drv->MemUnmap(base + i * handle_bytes, handle_bytes);
       drv->MemRelease(handles[i]);
@@ -44,6 +45,7 @@ struct Held {
   std::size_t handle_bytes = 0;
   std::vector<CUmemGenericAllocationHandle> handles;
   std::vector<bool> mapped;  // per handle
+  std::vector<CUevent> events;
 };
 
 Status check_config(const DriverProbeConfig& c) {
@@ -204,6 +206,38 @@ Status probe_driver(const DriverProbeConfig& config, DriverProbeResult* out) {
   r.address_free_us.push_back(us_since(t0));
   if (rc != CUDA_SUCCESS) return fail("cuMemAddressFree", rc);
   held.base = 0;
+
+  // Events as the allocator and the arena use them (no timing, recorded on the null stream):
+  // what one stream-ordered free or deferred unmap costs in driver calls.
+  held.events.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    CUevent e = nullptr;
+    t0 = Clock::now();
+    rc = drv->EventCreate(&e, CU_EVENT_DISABLE_TIMING);
+    r.event_create_us.push_back(us_since(t0));
+    if (rc != CUDA_SUCCESS) return fail("cuEventCreate(event " + std::to_string(i) + ")", rc);
+    held.events.push_back(e);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    t0 = Clock::now();
+    rc = drv->EventRecord(held.events[i], nullptr);
+    r.event_record_us.push_back(us_since(t0));
+    if (rc != CUDA_SUCCESS) return fail("cuEventRecord(event " + std::to_string(i) + ")", rc);
+  }
+  if ((rc = drv->CtxSynchronize()) != CUDA_SUCCESS) return fail("cuCtxSynchronize", rc);
+  for (std::size_t i = 0; i < n; ++i) {
+    t0 = Clock::now();
+    rc = drv->EventQuery(held.events[i]);
+    r.event_query_us.push_back(us_since(t0));
+    if (rc != CUDA_SUCCESS) return fail("cuEventQuery(event " + std::to_string(i) + ")", rc);
+  }
+  while (!held.events.empty()) {
+    t0 = Clock::now();
+    rc = drv->EventDestroy(held.events.back());
+    r.event_destroy_us.push_back(us_since(t0));
+    if (rc != CUDA_SUCCESS) return fail("cuEventDestroy(event " + std::to_string(held.events.size() - 1) + ")", rc);
+    held.events.pop_back();
+  }
 
   *out = std::move(r);
   return Status::Ok();

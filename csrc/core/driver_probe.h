@@ -37,12 +37,16 @@ struct DriverProbeResult {
   std::size_t range_bytes = 0;     // bytes of the reserved range (granules * handle_bytes)
   std::vector<double> reserve_us;  // cuMemAddressReserve of range_bytes
   std::vector<double> address_free_us;
-  std::vector<double> create_us;      // cuMemCreate of handle_bytes
-  std::vector<double> map_us;         // cuMemMap of one handle
-  std::vector<double> set_access_us;  // cuMemSetAccess of one handle's range
-  double set_access_range_us = 0;     // one cuMemSetAccess over the whole mapped range
-  std::vector<double> unmap_us;       // cuMemUnmap of one handle's range
-  std::vector<double> release_us;     // cuMemRelease of one handle
+  std::vector<double> create_us;         // cuMemCreate of handle_bytes
+  std::vector<double> map_us;            // cuMemMap of one handle
+  std::vector<double> set_access_us;     // cuMemSetAccess of one handle's range
+  double set_access_range_us = 0;        // one cuMemSetAccess over the whole mapped range
+  std::vector<double> unmap_us;          // cuMemUnmap of one handle's range
+  std::vector<double> release_us;        // cuMemRelease of one handle
+  std::vector<double> event_create_us;   // cuEventCreate(CU_EVENT_DISABLE_TIMING), one per handle
+  std::vector<double> event_record_us;   // cuEventRecord on the null stream
+  std::vector<double> event_query_us;    // cuEventQuery of a completed event
+  std::vector<double> event_destroy_us;  // cuEventDestroy
 };
 
 // Runs the probe; on error nothing it created is left behind and the Status names the call.

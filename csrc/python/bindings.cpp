@@ -268,6 +268,10 @@ void bind_driver_probe(py::module_& m) {
         d["set_access_range_us"] = r.set_access_range_us;
         d["unmap_us"] = r.unmap_us;
         d["release_us"] = r.release_us;
+        d["event_create_us"] = r.event_create_us;
+        d["event_record_us"] = r.event_record_us;
+        d["event_query_us"] = r.event_query_us;
+        d["event_destroy_us"] = r.event_destroy_us;
         return d;
       },
       py::arg("device_index") = 0, py::arg("granules") = 64, py::arg("handle_granules") = 1,
