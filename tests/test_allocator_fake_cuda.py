@@ -27,13 +27,16 @@ from allocator_helpers import (
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
-S1, S2, S3 = 0x1000, 0x2000, 0x3000  # opaque stream handles (the fake driver only records them)
+S1, S2, S3 = 0x1000, 0x2000, 0x3000  # stream handles, made known to the fake driver by `dev`
+THREAD_STREAMS = [0x10000 * (t + 1) for t in range(4)]
 ZERO = {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
 
 
 @pytest.fixture
 def dev(fake_cuda):
     ekv_alloc.last_error(clear=True)
+    for s in (S1, S2, S3, *THREAD_STREAMS):
+        fake_cuda.create_stream(s)  # a record on a stream the driver does not know fails
     yield Abi(DEV), fake_cuda
     fake_cuda.set_events_complete(True)
     fake_cuda.complete_events()

@@ -22,6 +22,8 @@ FAILED = "failed: CUDA error (999) on cuda:0"  # what the backend says of an inj
 
 @pytest.fixture
 def dev(fake_cuda):
+    for s in (S1, S2, S3):
+        fake_cuda.create_stream(s)  # a record on a stream the driver does not know fails
     ekv_alloc.last_error(clear=True)
     yield Abi(DEV), fake_cuda
     fake_cuda.reset()  # failures a test armed but did not reach
