@@ -137,18 +137,41 @@ class Arena:
         with translate_oom(self._device):
             return self._impl.ensure_mapped(offset, nbytes)
 
-    def unmap(self, offset: int, nbytes: int, stream: int | torch.cuda.Stream | None = None) -> None:
+    def unmap(self, offset: int, nbytes: int, stream: Any = None) -> None:
         """Stop backing [offset, offset + nbytes); every granule of it must be mapped.
 
-        On CUDA the granules are unmapped once the work queued so far on ``stream`` has
-        finished (an event is recorded now; no device-wide synchronize). ``stream`` defaults to
-        torch's current stream for the arena's device. The physical handles go to the reuse
-        cache (within ``reuse_bytes``) or back to the driver.
+        On CUDA the granules are unmapped once the work queued so far on ``stream`` and on
+        every stream registered with ``add_stream`` has finished (an event is recorded on each
+        now; no device-wide synchronize). ``stream``: an int CUstream, a ``torch.cuda.Stream``,
+        a sequence of them, or None for torch's current stream on the arena's device (of the
+        calling thread: a grower thread's is not the model's, so register the model's streams).
+        The physical handles go to the reuse cache (within ``reuse_bytes``) or back to the driver.
         """
         _check_int("Arena.unmap", "offset", offset)
         _check_int("Arena.unmap", "nbytes", nbytes)
+        if isinstance(stream, (list, tuple)):
+            handles = [self._stream_handle(s, "unmap") for s in stream]
+        else:
+            handles = [self._stream_handle(stream, "unmap")]
         with translate_oom(self._device):
-            self._impl.unmap(offset, nbytes, self._stream_handle(stream))
+            self._impl.unmap(offset, nbytes, handles)
+
+    def add_stream(self, stream: Any) -> None:
+        """Register a stream that uses this arena's memory (an int CUstream or a
+        ``torch.cuda.Stream``): every later ``unmap``, from any thread, also waits for the work
+        queued on it. torch's side streams do not order with the default stream, so without
+        this an unmap from another thread could land while a kernel there still reads the
+        memory. At most 16 streams; registering one twice is a no-op. No effect on the host."""
+        self._impl.add_stream(self._stream_handle(stream, "add_stream", current=False))
+
+    def remove_stream(self, stream: Any) -> None:
+        """Forget a stream registered with ``add_stream``; ValueError if it is not registered."""
+        self._impl.remove_stream(self._stream_handle(stream, "remove_stream", current=False))
+
+    @property
+    def streams(self) -> list[int]:
+        """The registered streams (``add_stream``), as int CUstream handles."""
+        return list(self._impl.streams)
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """True if every granule of [offset, offset + nbytes) is mapped."""
@@ -250,17 +273,20 @@ class Arena:
         buf._ekv_owner = self  # the tensor keeps the buffer, the buffer keeps the arena object
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
-    def _stream_handle(self, stream: Any) -> int:
-        if stream is None:
+    def _stream_handle(self, stream: Any, call: str = "unmap", current: bool = True) -> int:
+        if stream is None and current:
             if self._device.type == "cuda" and not self._impl.host_accessible and torch.cuda.is_available():
                 return torch.cuda.current_stream(self._device).cuda_stream
             return 0
         if isinstance(stream, int) and not isinstance(stream, bool):
+            if not 0 <= stream < 1 << 64:
+                raise ValueError(f"Arena.{call}: stream {stream} is not a CUstream handle")
             return stream
         handle = getattr(stream, "cuda_stream", None)
         if isinstance(handle, int):
             return handle
-        raise TypeError(f"Arena.unmap: stream must be None, an int CUstream or a torch.cuda.Stream, got {stream!r}")
+        what = "None, an int CUstream" if current else "an int CUstream"
+        raise TypeError(f"Arena.{call}: stream must be {what} or a torch.cuda.Stream, got {stream!r}")
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
