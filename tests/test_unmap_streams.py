@@ -70,7 +70,7 @@ def test_unmap_on_several_streams_and_a_failed_record_changes_nothing(fake_cuda:
 
 def test_registered_streams_are_capped(fake_cuda: FakeCuda) -> None:
     with Arena(16 * MiB, device="cuda") as a:
-        for k in range(16):
+        for _ in range(16):
             a.add_stream(fake_cuda.create_stream())
         with pytest.raises(ValueError, match="16 streams are registered already"):
             a.add_stream(fake_cuda.create_stream())
