@@ -22,11 +22,14 @@ driver failures. A call that raises leaves the arena exactly as it was.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 
 from .._native import _C
 from .._util import is_int, parse_device, translate_oom
@@ -47,18 +50,87 @@ def _check_int(call: str, name: str, value: Any) -> int:
     return value
 
 
-class _CudaMemory:
-    """Exposes raw device memory through __cuda_array_interface__ so torch can wrap it."""
+# -- tensors over arena memory, through DLPack ---------------------------------------------------
+# A view may cover reserved but unmapped granules. torch's __cuda_array_interface__ import asks
+# the runtime which device a pointer is on (cudaPointerGetAttributes), which fails on such an
+# address with a bare device or an older torch; a DLPack capsule names the device itself and
+# torch's import (at::fromDLPack -> from_blob with that device) asks nothing.
 
-    def __init__(self, ptr: int, nbytes: int, owner: Arena) -> None:
-        self._owner = owner  # keeps the arena object alive as long as a view is
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "version": 3,
-            "strides": None,
-        }
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
+
+_KDL_CPU, _KDL_CUDA = 1, 2
+_KDL_UINT = 1
+# Capsules handed to torch and not yet deleted: key -> (struct, shape array, owner). The owner
+# (the Arena object) lives as long as any tensor over its memory.
+_LIVE_CAPSULES: dict[int, tuple[Any, Any, Any]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+@_DELETER
+def _dl_deleter(managed: Any) -> None:  # ctypes takes the GIL for it, from whichever thread torch frees on
+    with _LIVE_LOCK:
+        _LIVE_CAPSULES.pop(managed.contents.manager_ctx or 0, None)
+
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_next_capsule = itertools.count(1)
+
+
+def _dlpack_capsule(ptr: int, nbytes: int, device: torch.device, owner: Any) -> Any:
+    """A "dltensor" capsule: ``nbytes`` uint8 at ``ptr`` on ``device`` (its index explicit),
+    keeping ``owner`` alive until torch calls the deleter."""
+    shape = (ctypes.c_int64 * 1)(nbytes)
+    managed = _DLManagedTensor()
+    t = managed.dl_tensor
+    t.data = ptr
+    if device.type == "cuda":
+        t.device = _DLDevice(_KDL_CUDA, device.index if device.index is not None else 0)
+    else:
+        t.device = _DLDevice(_KDL_CPU, 0)
+    t.ndim = 1
+    t.dtype = _DLDataType(_KDL_UINT, 8, 1)
+    t.shape = shape
+    t.strides = None  # compact
+    t.byte_offset = 0
+    key = next(_next_capsule)
+    managed.manager_ctx = key
+    managed.deleter = _dl_deleter
+    with _LIVE_LOCK:
+        _LIVE_CAPSULES[key] = (managed, shape, owner)
+    return _PyCapsule_New(ctypes.addressof(managed), b"dltensor", None)
+
+
+def _tensor_over(ptr: int, nbytes: int, device: torch.device, owner: Any) -> torch.Tensor:
+    """uint8 tensor over [ptr, ptr + nbytes) on ``device``, built without any pointer query."""
+    return torch.utils.dlpack.from_dlpack(_dlpack_capsule(ptr, nbytes, device, owner))
 
 
 class Arena:
@@ -226,8 +298,7 @@ class Arena:
             )
         if nbytes == 0:
             return torch.empty(shape_t, dtype=dtype, device=self._device)
-        raw = torch.as_tensor(_CudaMemory(ptr, nbytes, self), device=self._device)
-        return raw.view(dtype).view(shape_t)
+        return _tensor_over(ptr, nbytes, self._device, self).view(dtype).view(shape_t)
 
     def host_view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
         """A CPU tensor over the arena's memory, for backends whose memory the CPU can touch.
@@ -269,9 +340,7 @@ class Arena:
     def _host_tensor(self, ptr: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = (ctypes.c_ubyte * nbytes).from_address(ptr)
-        buf._ekv_owner = self  # the tensor keeps the buffer, the buffer keeps the arena object
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+        return _tensor_over(ptr, nbytes, torch.device("cpu"), self).view(dtype).view(shape)
 
     def _stream_handle(self, stream: Any, call: str = "unmap", current: bool = True) -> int:
         if stream is None and current:
