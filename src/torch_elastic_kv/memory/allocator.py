@@ -29,10 +29,11 @@ Errors: the C ABI cannot raise; a failed ``ekv_malloc`` returns NULL (torch then
 ``torch.OutOfMemoryError`` for allocations routed through a ``MemPool``) and a failed
 ``ekv_free`` changes nothing; ``last_error()`` returns the message.
 
-Limits: CUDA graph capture is not supported (the free path records an event on the stream).
+Limits: CUDA graph capture is not supported (a handoff of freed blocks records an event).
 Inside a ``MemPool`` torch's caching allocator keeps freed tensors' segments cached in the
-pool, so ``trim()`` gives back what torch has released to us (``pause(tag)`` unmaps the
-pool's segments whole, cached parts included). The Python functions raise
+pool until the pool is destroyed; ``trim()`` drops the pools no ``mem_pool()`` block is using
+so that their cache comes back (see ``trim``; ``pause(tag)`` unmaps the pool's segments whole,
+cached parts included). The Python functions raise
 ``ValueError`` for bad input, ``MemoryError`` (``torch.OutOfMemoryError`` on CUDA) when memory
 runs out, ``RuntimeError`` for driver failures; each leaves the allocator as it was.
 """
@@ -138,6 +139,7 @@ class _TorchBridge:
         self.pluggable: Any = None
         self.installed = False
         self.pools: dict[tuple[int, str], Any] = {}
+        self.active: dict[tuple[int, str], int] = {}  # mem_pool() blocks open per pool, all threads
 
     def allocator(self) -> Any:
         with self.lock:
@@ -145,14 +147,36 @@ class _TorchBridge:
                 self.pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "ekv_malloc", "ekv_free")
             return self.pluggable
 
-    def pool(self, index: int, tag: str) -> Any:
+    def enter(self, index: int, tag: str) -> Any:
+        """The (index, tag) pool, made if needed, counted as in use until ``leave``."""
         alloc = self.allocator()
         with self.lock:
             pool = self.pools.get((index, tag))
             if pool is None:
                 pool = torch.cuda.MemPool(alloc.allocator())
                 self.pools[(index, tag)] = pool
+            self.active[(index, tag)] = self.active.get((index, tag), 0) + 1
             return pool
+
+    def leave(self, index: int, tag: str) -> None:
+        with self.lock:
+            n = self.active.get((index, tag), 0) - 1
+            if n > 0:
+                self.active[(index, tag)] = n
+            else:
+                self.active.pop((index, tag), None)
+
+    def drop_idle_pools(self) -> int:
+        """Forget the pools no mem_pool() block is using. torch gives a MemPool's cached blocks
+        back only when the pool is destroyed (its destructor empties its cache; blocks freed
+        after that go at the next empty_cache), so a pool kept here forever would keep what
+        its freed tensors left cached forever. The next mem_pool() makes a new one."""
+        with self.lock:
+            idle = [k for k in self.pools if self.active.get(k, 0) == 0]
+            dropped = [self.pools.pop(k) for k in idle]
+        n = len(dropped)
+        del dropped  # destroyed here unless a caller still holds the object mem_pool() yielded
+        return n
 
 
 _BRIDGE = _TorchBridge()
@@ -219,9 +243,12 @@ def mem_pool(tag: str | None = None, device: Any = None) -> Iterator[Any]:
         if _BRIDGE.installed:
             yield None
         else:
-            pool = _BRIDGE.pool(index, name)
-            with torch.cuda.use_mem_pool(pool, device=index):
-                yield pool
+            pool = _BRIDGE.enter(index, name)
+            try:
+                with torch.cuda.use_mem_pool(pool, device=index):
+                    yield pool
+            finally:
+                _BRIDGE.leave(index, name)
     finally:
         _C.allocator_set_thread_tag(prev)
 
@@ -230,11 +257,20 @@ def mem_pool(tag: str | None = None, device: Any = None) -> Iterator[Any]:
 
 
 def trim(device: Any = None) -> int:
-    """Give every cached, unused granule back to the driver now (waiting on free-time events
-    only); returns the bytes given back. ``device=None``: every device the allocator uses.
-    Blocks torch's caching allocator keeps inside a MemPool are released to us first
-    (``torch.cuda.empty_cache()``) when any MemPool is in use."""
+    """Give every cached, unused granule back to the driver now (waiting on the freed blocks'
+    events only); returns the bytes given back. ``device=None``: every device the allocator uses.
+
+    Under ``mem_pool()`` torch's caching allocator keeps freed tensors' memory cached in the
+    MemPool and gives it back only when the pool is destroyed. So trim first drops every
+    MemPool that no ``mem_pool()`` block (on any thread) is inside (the next ``mem_pool()``
+    makes a fresh one for its tag), then calls ``torch.cuda.empty_cache()``, and only then
+    trims this allocator. What it cannot give back: memory of tensors still alive (it comes
+    back once they are freed, at the next trim); the cache of a pool a ``mem_pool()`` block is
+    using right now, or whose object (what ``mem_pool()`` yields) the caller still holds (it
+    goes once the block ends or the object is dropped, at the next trim); and, after
+    ``install()``, whatever torch's own caching allocator holds beyond ``empty_cache()``."""
     if _BRIDGE.pools and torch.cuda.is_initialized():
+        _BRIDGE.drop_idle_pools()
         torch.cuda.empty_cache()
     total = 0
     for index in _devices(device):
