@@ -201,10 +201,22 @@ def install() -> None:
     torch allows the swap only before its CUDA allocator is initialised (the first CUDA tensor,
     ``torch.cuda.current_device()``, ...); called after that, raises RuntimeError saying so.
     Idempotent. Note: torch's ``memory_stats()``/``memory_snapshot()`` do not work with a
-    pluggable allocator; use this module's ``stats()``/``snapshot()``. torch's direct
-    pluggable path (torch 2.13) does not check the pointer an allocator returns, so a limit
-    that must surface as ``torch.OutOfMemoryError`` needs ``mem_pool()``, where torch's caching
-    allocator sees the NULL and raises.
+    pluggable allocator; use this module's ``stats()``/``snapshot()``.
+
+    Two hazards of torch's direct pluggable path (torch 2.13), which ``mem_pool()`` avoids:
+
+    * **Out of memory is not an error.** torch does not check the pointer ``ekv_malloc``
+      returns, so a NULL (device full, ``set_limit`` or the device budget reached) becomes a
+      tensor at address 0 and, at its first use, an illegal-address fault that kills the CUDA
+      context, not ``torch.OutOfMemoryError``. Before returning NULL the allocator waits for
+      the events of freed blocks and gives back every cached granule, and retries; nothing
+      safe can be returned past that. Under ``mem_pool()`` torch's caching allocator checks
+      the NULL and raises ``torch.OutOfMemoryError``: use it whenever a limit may be reached.
+    * **``Tensor.record_stream`` does nothing.** A block is reusable by the stream it was
+      freed on at once; a tensor also used on another stream must not be freed before that
+      stream's work on it is done (``torch.cuda.current_stream().wait_stream(side)`` or
+      ``side.synchronize()`` before the last reference goes). Under ``mem_pool()`` torch's
+      caching allocator honours ``record_stream`` itself.
     """
     _require_cuda("install()")
     if _BRIDGE.installed:
