@@ -279,3 +279,23 @@ def test_four_threads_on_four_streams_end_consistent_with_nothing_leaked(dev):
     assert ekv_alloc.trim(DEV) > 0
     assert ekv_alloc.stats(DEV)["mapped_bytes"] == 0
     assert fake.live_handles() == 0 and fake.live_mappings() == 0 and fake.live_events() == 0
+
+
+def test_out_of_memory_waits_for_freed_blocks_events_before_returning_null(dev):
+    # Under install() torch does not check a NULL (it becomes an illegal address), so a block
+    # another stream freed is waited for (its event, not the device) rather than failing.
+    abi, fake = dev
+    ekv_alloc.set_limit(16 * MiB, DEV)
+    try:
+        p = abi.malloc(16 * MiB, S1)
+        assert p
+        abi.free(p, 16 * MiB, S1)
+        fake.hold_stream(S1)  # S1's kernels still run: its event stays not-ready until waited on
+        syncs = fake.calls("cuCtxSynchronize")
+        q = abi.malloc(16 * MiB, S2)
+        assert q, ekv_alloc.last_error()
+        assert fake.calls("cuEventSynchronize") >= 1 and fake.calls("cuCtxSynchronize") == syncs
+        assert ekv_alloc.stats(DEV)["failed_mallocs"] == 0
+        abi.free(q, 16 * MiB, S2)
+    finally:
+        ekv_alloc.set_limit(None, DEV)
