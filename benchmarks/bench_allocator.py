@@ -224,15 +224,62 @@ def write_results(path: Path, body: str, command: str) -> None:
     replace_section(path, BEGIN, END, section)
 
 
+EVENT_CALLS = ("cuEventCreate", "cuEventRecord", "cuEventQuery", "cuEventDestroy")
+
+
+def fake_cuda_rows(steps: int, live: int) -> str:
+    """The allocator's event traffic on the fake CUDA driver: driver event calls per
+    free+malloc pair, on one stream and on two (each pair on stream 0 or 2, at random; 0 and 2
+    are streams every driver knows), and pairs/s (host memory: only the call counts carry over
+    to a GPU, where each event call costs microseconds)."""
+    from torch_elastic_kv.testing import use_fake_cuda
+
+    abi = ekv_alloc.c_abi()
+    out = [
+        "| fake driver, device 0 | pairs/s | cuEventCreate | cuEventRecord | cuEventQuery | cuEventDestroy |",
+        "|---|---|---|---|---|---|",
+    ]
+    with use_fake_cuda() as fake:
+        for name, streams in (("one stream", (0,)), ("two streams", (0, 2))):
+            rng = random.Random(7)
+            pick = [rng.choice(streams) for _ in range(steps + live + 1)]
+            at = {"i": 0}
+            owner: dict[int, int] = {}
+
+            def malloc(n: int) -> int:
+                s = pick[at["i"]]
+                at["i"] += 1
+                p = abi.ekv_malloc(n, 0, s)
+                owner[p] = s
+                return p
+
+            def free(p: int, n: int) -> None:
+                abi.ekv_free(p, n, 0, owner.pop(p))
+
+            before = {fn: fake.calls(fn) for fn in EVENT_CALLS}
+            rate = churn(malloc, free, steps, live, touch=False)
+            per = [(fake.calls(fn) - before[fn]) / steps for fn in EVENT_CALLS]
+            out.append(f"| {name} | {rate:,.0f} | " + " | ".join(f"{x:.3f}" for x in per) + " |")
+        ekv_alloc.trim(0)
+        ekv_alloc.close(0)
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50_000, help="free+malloc pairs per allocator")
     ap.add_argument("--live", type=int, default=256, help="blocks live at any time")
     ap.add_argument("--trim-gib", type=float, default=1.0, help="GiB freed before the timed trim")
     ap.add_argument("--write", type=Path, help="replace this benchmark's section of a RESULTS.md")
+    ap.add_argument(
+        "--fake-cuda", action="store_true", help="only the event calls per pair on the fake CUDA driver (no GPU needed)"
+    )
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.live <= 0 or args.trim_gib <= 0:
         ap.error(f"--steps ({args.steps}), --live ({args.live}) and --trim-gib ({args.trim_gib}) must be positive")
+    if args.fake_cuda:
+        print(fake_cuda_rows(args.steps, args.live))
+        return 0
     rows = host_rows(args.steps, args.live)
     trims = [trim_row(-1, args.trim_gib)]
     if torch.cuda.is_available():

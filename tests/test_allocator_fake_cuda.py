@@ -27,13 +27,16 @@ from allocator_helpers import (
 from torch_elastic_kv.memory import allocator as ekv_alloc
 
 DEV = 0
-S1, S2, S3 = 0x1000, 0x2000, 0x3000  # opaque stream handles (the fake driver only records them)
+S1, S2, S3 = 0x1000, 0x2000, 0x3000  # stream handles, made known to the fake driver by `dev`
+THREAD_STREAMS = [0x10000 * (t + 1) for t in range(4)]
 ZERO = {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
 
 
 @pytest.fixture
 def dev(fake_cuda):
     ekv_alloc.last_error(clear=True)
+    for s in (S1, S2, S3, *THREAD_STREAMS):
+        fake_cuda.create_stream(s)  # a record on a stream the driver does not know fails
     yield Abi(DEV), fake_cuda
     fake_cuda.set_events_complete(True)
     fake_cuda.complete_events()
@@ -64,19 +67,21 @@ def test_mixed_sizes_then_trim_gives_every_handle_back(dev):
     assert fake.counts()["reservations"] == 1  # the address range stays reserved until close
 
 
-def test_stream_ordered_reuse_records_events_and_never_synchronizes_on_free(dev):
+def test_stream_ordered_reuse_records_no_event_on_free_and_one_per_stream_at_handoff(dev):
     abi, fake = dev
     fake.set_events_complete(False)  # queued device work: events stay not-ready
     sync0, rec0 = fake.calls("cuEventSynchronize"), fake.calls("cuEventRecord")
     small, big = abi.malloc(4096, S1), abi.malloc(6 * MiB, S1)
     abi.free(small, 4096, S1)
     abi.free(big, 6 * MiB, S1)
-    assert fake.calls("cuEventRecord") == rec0 + 2  # one event per free
+    assert fake.calls("cuEventRecord") == rec0 and fake.live_events() == 0  # nothing on the free path
     assert ekv_alloc.stats(DEV)["pending_free_bytes"] >= 6 * MiB + 4096
-    # Another stream must not get memory the device may still be using ...
+    # Another stream must not get memory the device may still be using: its miss hands S1's
+    # blocks off, with one event for both ...
     other_small, other_big = abi.malloc(4096, S2), abi.malloc(6 * MiB, S2)
     assert other_small != small and other_big != big
-    # ... the freeing stream gets it back at once.
+    assert fake.calls("cuEventRecord") == rec0 + 1
+    # ... the freeing stream gets them back at once, event or not.
     again_small, again_big = abi.malloc(4096, S1), abi.malloc(6 * MiB, S1)
     assert again_small == small and again_big == big
     for p, n, s in [
@@ -87,19 +92,13 @@ def test_stream_ordered_reuse_records_events_and_never_synchronizes_on_free(dev)
     ]:
         abi.free(p, n, s)
     assert fake.calls("cuEventSynchronize") == sync0  # nothing waited on the free path
-    # Once the events complete, any stream may reuse the blocks: no new mapping.
-    fake.complete_events()
+    # Once the device is done, any stream may reuse the blocks: no new mapping.
+    fake.set_events_complete(True)
     maps = ekv_alloc.stats(DEV)["maps"]
     x = abi.malloc(6 * MiB, S3)
     assert x in (big, other_big) and ekv_alloc.stats(DEV)["maps"] == maps
+    assert ekv_alloc.stats(DEV)["events_recorded"] == 3  # S1's, then S1's and S2's
     abi.free(x, 6 * MiB, S3)
-    # trim waits for outstanding events (event waits only) and then unmaps everything.
-    fake.set_events_complete(False)
-    y = abi.malloc(3 * MiB, S2)
-    abi.free(y, 3 * MiB, S2)
-    ekv_alloc.trim(DEV)
-    assert fake.calls("cuEventSynchronize") > sync0
-    assert ekv_alloc.stats(DEV)["mapped_bytes"] == 0 and fake.live_handles() == 0
 
 
 def test_limit_fails_mallocs_without_touching_the_driver_or_live_blocks(dev):
@@ -180,32 +179,44 @@ def test_close_refused_while_allocated(dev):
     abi.free(p, 1 << 12)
 
 
-def test_pending_frees_drain_as_events_complete(dev):
+def test_one_handoff_event_covers_every_block_of_its_stream_and_one_query_promotes_them(dev):
     abi, fake = dev
     pairs = [(abi.malloc(3000, S1), abi.malloc(3000, S1)) for _ in range(64)]
     for p, _ in pairs:  # every other block: freed blocks have live neighbours, so none merge
         abi.free(p, 3000, S1)
-    assert fake.live_events() == 64  # one event per free, recorded (the device is done at once here)
-    for _ in range(64 // 4 + 1):  # a few queries per malloc drain the oldest ones
+    assert fake.live_events() == 0 and ekv_alloc.stats(DEV)["pending_free_bytes"] == 64 * 3072
+    fake.set_events_complete(False)
+    big = abi.malloc(6 * MiB, S2)  # a miss on S2: S1's 64 blocks are handed off with one event
+    assert fake.live_events() == 1 and ekv_alloc.stats(DEV)["events_recorded"] == 1
+    q0 = fake.calls("cuEventQuery")
+    for _ in range(8):
         p = abi.malloc(100, S2)
         abi.free(p, 100, S2)
-    assert fake.live_events() <= 4 and ekv_alloc.stats(DEV)["pending_free_bytes"] <= 4 * 3072
+    assert fake.calls("cuEventQuery") - q0 <= 8  # at most one query per malloc
+    assert ekv_alloc.stats(DEV)["pending_free_bytes"] >= 64 * 3072
+    fake.complete_events()
+    p = abi.malloc(100, S2)  # one query finds the event done: all 64 blocks become ready
+    assert ekv_alloc.stats(DEV)["pending_free_bytes"] <= 100 * 512  # at most S2's own small frees
+    assert fake.live_events() == 0
+    abi.free(p, 100, S2)
+    abi.free(big, 6 * MiB, S2)
     for _, q in pairs:
         abi.free(q, 3000, S1)
     ekv_alloc.trim(DEV)
     assert fake.live_events() == 0 and fake.live_handles() == 0
 
 
-def test_adjacent_frees_on_one_stream_merge_under_the_newest_event(dev):
+def test_adjacent_frees_on_one_stream_merge_and_are_reused_at_once(dev):
     abi, fake = dev
     fake.set_events_complete(False)
     blocks = [abi.malloc(3000, S1) for _ in range(16)]
     for p in blocks:
         abi.free(p, 3000, S1)
-    assert fake.live_events() == 1  # one merged free block, waiting on the last free's event
+    assert fake.live_events() == 0  # one merged free block, no event yet
     assert abi.malloc(16 * 3072, S1) == blocks[0]  # the same stream reuses the merged range at once
     abi.free(blocks[0], 16 * 3072, S1)
     ekv_alloc.trim(DEV)
+    assert fake.live_events() == 0 and ekv_alloc.stats(DEV)["events_recorded"] == 1
 
 
 def test_malloc_free_from_a_thread_without_a_context_restore_its_context(dev):
@@ -268,3 +279,23 @@ def test_four_threads_on_four_streams_end_consistent_with_nothing_leaked(dev):
     assert ekv_alloc.trim(DEV) > 0
     assert ekv_alloc.stats(DEV)["mapped_bytes"] == 0
     assert fake.live_handles() == 0 and fake.live_mappings() == 0 and fake.live_events() == 0
+
+
+def test_out_of_memory_waits_for_freed_blocks_events_before_returning_null(dev):
+    # Under install() torch does not check a NULL (it becomes an illegal address), so a block
+    # another stream freed is waited for (its event, not the device) rather than failing.
+    abi, fake = dev
+    ekv_alloc.set_limit(16 * MiB, DEV)
+    try:
+        p = abi.malloc(16 * MiB, S1)
+        assert p
+        abi.free(p, 16 * MiB, S1)
+        fake.hold_stream(S1)  # S1's kernels still run: its event stays not-ready until waited on
+        syncs = fake.calls("cuCtxSynchronize")
+        q = abi.malloc(16 * MiB, S2)
+        assert q, ekv_alloc.last_error()
+        assert fake.calls("cuEventSynchronize") >= 1 and fake.calls("cuCtxSynchronize") == syncs
+        assert ekv_alloc.stats(DEV)["failed_mallocs"] == 0
+        abi.free(q, 16 * MiB, S2)
+    finally:
+        ekv_alloc.set_limit(None, DEV)

@@ -31,6 +31,8 @@ def setup(request):
     from torch_elastic_kv.testing import use_fake_cuda
 
     with use_fake_cuda() as fake:
+        for s in STREAMS:
+            fake.create_stream(s)
         yield Abi(0), fake
         fake.set_events_complete(True)
         fake.complete_events()

@@ -60,6 +60,9 @@ def test_eight_threads_malloc_free_with_every_byte_checked(setup):
     if fake is not None:
         fake.set_events_complete(False)
     stream_of = (lambda t: 0) if fake is None else (lambda t: 0x10000 * (t // 2 + 1))
+    if fake is not None:
+        for t in range(0, 8, 2):
+            fake.create_stream(stream_of(t))
     errors: list[str] = []
     live: dict[int, int] = {}  # address -> size, of blocks handed out and not yet freed
     live_mu = threading.Lock()

@@ -93,7 +93,7 @@ def test_release_waits_for_the_event_not_the_device(fake_cuda: FakeCuda) -> None
         g = a.granularity
         a.map(0, 4 * g)
         fake_cuda.set_events_complete(False)  # the device is still using the memory
-        a.unmap(0, 4 * g, stream=1234)
+        a.unmap(0, 4 * g, stream=fake_cuda.create_stream())
         s = a.stats()
         assert s["mapped_bytes"] == 0 and s["pending_bytes"] == 4 * g
         assert fake_cuda.live_mappings() == 4 and fake_cuda.live_events() == 1

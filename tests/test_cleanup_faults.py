@@ -22,6 +22,8 @@ FAILED = "failed: CUDA error (999) on cuda:0"  # what the backend says of an inj
 
 @pytest.fixture
 def dev(fake_cuda):
+    for s in (S1, S2, S3):
+        fake_cuda.create_stream(s)  # a record on a stream the driver does not know fails
     ekv_alloc.last_error(clear=True)
     yield Abi(DEV), fake_cuda
     fake_cuda.reset()  # failures a test armed but did not reach
@@ -39,14 +41,14 @@ def assert_nothing_live(s: dict) -> None:
 # -- cuEventDestroy -----------------------------------------------------------------------------
 
 
-def test_a_free_time_event_the_driver_will_not_destroy_is_counted_and_reported(dev):
+def test_a_handoff_event_the_driver_will_not_destroy_is_counted_and_reported(dev):
     abi, fake = dev
-    p = abi.malloc(4096, S1)
-    abi.free(p, 4096, S1)  # records the free-time event (the device is done at once here)
-    assert fake.live_events() == 1 and ekv_alloc.stats(DEV)["leaked_events"] == 0
+    p = abi.malloc(8 * MiB, S1)
+    abi.free(p, 8 * MiB, S1)  # no event: S1 may reuse it at once
+    assert fake.live_events() == 0 and ekv_alloc.stats(DEV)["leaked_events"] == 0
     fake.fail_nth("cuEventDestroy", 1, code=999)
-    q = abi.malloc(4096, S2)  # finds the event complete and destroys it: refused
-    assert q
+    q = abi.malloc(8 * MiB, S2)  # the handoff records S1's event, finds it complete, destroys it: refused
+    assert q == p
     assert ekv_alloc.last_error(clear=True) == (
         "allocator on cuda:0: 1 CUDA event(s) could not be destroyed (1 leaked in all, stats()['leaked_events']): "
         f"cuEventDestroy {FAILED} (the event leaked)"
@@ -54,8 +56,8 @@ def test_a_free_time_event_the_driver_will_not_destroy_is_counted_and_reported(d
     s = ekv_alloc.stats(DEV)
     assert s["leaked_events"] == 1 and s["live_blocks"] == 1 and s["free_event_failures"] == 0
     assert fake.live_events() == 1  # the leaked one
-    abi.free(q, 4096, S2)
-    assert ekv_alloc.trim(DEV) == 2 * MiB
+    abi.free(q, 8 * MiB, S2)
+    assert ekv_alloc.trim(DEV) == 8 * MiB
     s = ekv_alloc.stats(DEV)
     assert_nothing_live(s)
     assert s["mapped_bytes"] == 0 and s["leaked_events"] == 1
@@ -179,74 +181,69 @@ def test_allocator_close_names_what_the_driver_kept_and_the_next_close_retries(d
 
 
 @pytest.mark.parametrize("function", ["cuEventCreate", "cuEventRecord"])
-def test_a_free_without_its_event_waits_for_its_stream_and_frees_the_block(dev, function):
+def test_a_handoff_without_its_event_waits_for_the_stream_and_frees_the_blocks(dev, function):
     abi, fake = dev
     fake.set_events_complete(False)  # device work queued on every stream
-    other = abi.malloc(6 * MiB, S2)
-    abi.free(other, 6 * MiB, S2)  # waits on S2's event
     p = abi.malloc(8 * MiB, S1)
+    other = abi.malloc(6 * MiB, S2)
+    abi.free(p, 8 * MiB, S1)
+    abi.free(other, 6 * MiB, S2)
     before = ekv_alloc.stats(DEV)
     fake.fail_nth(function, 1, code=999)
-    abi.free(p, 8 * MiB, S1)
+    q = abi.malloc(8 * MiB, S3)  # S1's event cannot be had: S1 is waited for; S2's is recorded
+    assert q == p and ekv_alloc.stats(DEV)["maps"] == before["maps"]  # reused, no new mapping
     assert ekv_alloc.last_error(clear=True) == (
-        f"ekv_free(ptr={p:#x}, size={8 * MiB}, device=cuda:0): recording the free-time event failed: "
-        f"{function} {FAILED}; synchronized the stream instead, and freed the block"
+        f"allocator on cuda:0: recording the event for blocks freed on stream {S1:#x} failed: "
+        f"{function} {FAILED}; synchronized the stream instead: the blocks are reusable by any stream"
     )
-    assert ekv_alloc.snapshot(DEV) == []
     s = ekv_alloc.stats(DEV)
-    assert_nothing_live(s)
-    assert s["frees"] == before["frees"] + 1 and s["failed_frees"] == before["failed_frees"]
     assert s["free_event_failures"] == 1 and s["leaked_events"] == 0
     assert s["pending_free_bytes"] == 6 * MiB  # S2's block still waits: only S1 was waited for
     assert fake.calls("cuStreamSynchronize") == 1 and fake.calls("cuCtxSynchronize") == 0
     assert fake.live_events() == 1  # S2's; none left over from the failed record
-    q = abi.malloc(8 * MiB, S3)  # any stream may reuse it at once, without a new mapping
-    assert q == p and ekv_alloc.stats(DEV)["maps"] == s["maps"]
     abi.free(q, 8 * MiB, S3)
     ekv_alloc.trim(DEV)
     assert ekv_alloc.stats(DEV)["mapped_bytes"] == 0
 
 
-def test_a_free_whose_stream_cannot_be_waited_for_synchronizes_the_device(dev):
+def test_a_handoff_whose_stream_cannot_be_waited_for_synchronizes_the_device(dev):
     abi, fake = dev
     p = abi.malloc(3 * MiB, S1)
+    abi.free(p, 3 * MiB, S1)
     fake.fail_nth("cuEventRecord", 1, code=999)
     fake.fail_nth("cuStreamSynchronize", 1, code=999)
-    abi.free(p, 3 * MiB, S1)
+    x = abi.malloc(3 * MiB, S2)
+    assert x == p
     assert ekv_alloc.last_error(clear=True) == (
-        f"ekv_free(ptr={p:#x}, size={3 * MiB}, device=cuda:0): recording the free-time event failed: "
-        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; synchronized the device instead, and freed the block"
+        f"allocator on cuda:0: recording the event for blocks freed on stream {S1:#x} failed: "
+        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; synchronized the device instead: "
+        "the blocks are reusable by any stream"
     )
     s = ekv_alloc.stats(DEV)
-    assert_nothing_live(s)
     assert s["pending_free_bytes"] == 0 and s["free_event_failures"] == 1
     assert fake.calls("cuCtxSynchronize") == 1
+    abi.free(x, 3 * MiB, S2)
     ekv_alloc.trim(DEV)
 
 
-def test_a_free_that_cannot_wait_at_all_keeps_the_block_for_its_stream_until_trim(dev):
+def test_a_handoff_that_cannot_wait_at_all_keeps_the_block_for_its_stream_until_trim(dev):
     abi, fake = dev
     fake.set_events_complete(False)
-
-    def free_failing_every_wait(ptr: int, size: int) -> str:
-        for fn in ("cuEventRecord", "cuStreamSynchronize", "cuCtxSynchronize"):
-            fake.fail_nth(fn, 1, code=999)
-        abi.free(ptr, size, S1)
-        return ekv_alloc.last_error(clear=True)
-
     p = abi.malloc(8 * MiB, S1)
-    assert free_failing_every_wait(p, 8 * MiB) == (
-        f"ekv_free(ptr={p:#x}, size={8 * MiB}, device=cuda:0): recording the free-time event failed: "
-        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; cuCtxSynchronize {FAILED}; the block is freed, "
-        "reusable by its stream only until trim() synchronizes the device"
-    )
-    s = ekv_alloc.stats(DEV)
-    assert_nothing_live(s)
-    assert s["pending_free_bytes"] == 8 * MiB and s["free_event_failures"] == 1
-    again = abi.malloc(8 * MiB, S1)  # stream order makes it safe for S1 at once
+    abi.free(p, 8 * MiB, S1)
+    again = abi.malloc(8 * MiB, S1)  # stream order: S1 may reuse it at once
     assert again == p
-    fill(again, 8 * MiB, seed=5)
-    assert free_failing_every_wait(again, 8 * MiB).endswith("until trim() synchronizes the device")
+    abi.free(again, 8 * MiB, S1)
+    for fn in ("cuEventRecord", "cuStreamSynchronize", "cuCtxSynchronize"):
+        fake.fail_nth(fn, 1, code=999)
+    q = abi.malloc(8 * MiB, S2)  # the handoff cannot tell when S1 is done: S2 gets new memory
+    assert q and q != p
+    assert ekv_alloc.last_error(clear=True) == (
+        f"allocator on cuda:0: recording the event for blocks freed on stream {S1:#x} failed: "
+        f"cuEventRecord {FAILED}; cuStreamSynchronize {FAILED}; cuCtxSynchronize {FAILED}; the blocks stay "
+        "reusable by their stream only until trim() synchronizes the device"
+    )
+    abi.free(q, 8 * MiB, S2)
     # No other stream gets it, however often the pending list is looked at, even with every
     # event complete: there is no event to ask.
     fake.set_events_complete(True)
@@ -256,9 +253,9 @@ def test_a_free_that_cannot_wait_at_all_keeps_the_block_for_its_stream_until_tri
         q = abi.malloc(8 * MiB, S2)
         abi.free(q, 8 * MiB, S2)
         qs.add(q)
-    assert p not in qs and len(qs) == 1  # S2's own frees drain past the block and are reused
+    assert p not in qs and len(qs) == 1  # S2's own frees are reused
     s = ekv_alloc.stats(DEV)
-    assert s["pending_free_bytes"] == 16 * MiB and s["free_event_failures"] == 2  # p, and the last q
+    assert s["pending_free_bytes"] == 16 * MiB and s["free_event_failures"] == 1
     syncs = fake.calls("cuCtxSynchronize")
     assert ekv_alloc.trim(DEV) == 16 * MiB  # synchronizes the device, then gives both back
     assert fake.calls("cuCtxSynchronize") == syncs + 1
@@ -272,11 +269,13 @@ def test_pause_waits_for_a_block_freed_without_an_event(dev):
         p = abi.malloc(4 * MiB, S1)
         keep = abi.malloc(2 * MiB, S1)
     fill(keep, 2 * MiB, seed=8)
-    for fn in ("cuEventRecord", "cuStreamSynchronize", "cuCtxSynchronize"):
-        fake.fail_nth(fn, 1, code=999)
     abi.free(p, 4 * MiB, S1)
     assert ekv_alloc.stats(DEV)["pending_free_bytes"] == 4 * MiB
+    fake.hold_stream(S1)  # the kernels there have not run: pause must wait for S1
+    waits = fake.calls("cuEventSynchronize")
     assert ekv_alloc.pause("cleanup-kv", backup=True, device=DEV) == 6 * MiB
+    # One wait on S1 covers the live block and the freed one (then the unmaps' own events).
+    assert fake.calls("cuEventSynchronize") > waits and fake.pending_events(S1) == 0
     assert ekv_alloc.stats(DEV)["pending_free_bytes"] == 0
     ekv_alloc.resume("cleanup-kv", device=DEV)
     assert check(keep, 2 * MiB, seed=8)
@@ -286,15 +285,20 @@ def test_pause_waits_for_a_block_freed_without_an_event(dev):
 
 def test_an_event_lost_while_recording_one_is_counted_too(dev):
     abi, fake = dev
-    p = abi.malloc(4096, S1)
+    p = abi.malloc(8 * MiB, S1)
+    abi.free(p, 8 * MiB, S1)
     fake.fail_nth("cuEventRecord", 1, code=999)
     fake.fail_nth("cuEventDestroy", 1, code=999)  # the created, unrecorded event
-    abi.free(p, 4096, S1)
-    # The free's own outcome is the last word; the leak is in the counters.
-    assert ekv_alloc.last_error(clear=True).endswith("synchronized the stream instead, and freed the block")
+    x = abi.malloc(8 * MiB, S2)
+    assert x == p
+    # The handoff's own outcome is the last word; the leak is in the counters.
+    assert ekv_alloc.last_error(clear=True).endswith(
+        "synchronized the stream instead: the blocks are reusable by any stream"
+    )
     s = ekv_alloc.stats(DEV)
-    assert s["leaked_events"] == 1 and s["free_event_failures"] == 1 and s["live_blocks"] == 0
+    assert s["leaked_events"] == 1 and s["free_event_failures"] == 1 and s["live_blocks"] == 1
     assert fake.live_events() == 1
+    abi.free(x, 8 * MiB, S2)
     ekv_alloc.trim(DEV)
     ekv_alloc.close(DEV)
     assert fake.forget_events() == 1

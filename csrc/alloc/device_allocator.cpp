@@ -79,7 +79,7 @@ std::string DeviceAllocator::where() const { return device_text(device_); }
 // Turns free block b into an allocation of bsize bytes; the rest stays free, in the same state.
 Block* DeviceAllocator::take(Block* b, std::size_t bsize, std::size_t requested, void* stream) {
   index_.erase(b);
-  if (b->listed) pending_.unlink(b);
+  unlist(b);
   const std::size_t min_split = b->seg->small ? kBlockAlign : gran_;
   if (b->size - bsize >= min_split) {
     Block* r = new Block();
@@ -91,12 +91,14 @@ Block* DeviceAllocator::take(Block* b, std::size_t bsize, std::size_t requested,
     if (b->next != nullptr) b->next->prev = r;
     b->next = r;
     r->stream = b->stream;
+    r->bound = b->bound;
     r->fence = b->fence;
     b->size = bsize;
-    if (r->fence) pending_.push(r);
+    enlist(r);
     index_.insert(r);
   }
   b->fence.reset();
+  b->bound = false;
   b->allocated = true;
   b->requested = requested;
   b->stream = stream;
@@ -109,19 +111,20 @@ Block* DeviceAllocator::take(Block* b, std::size_t bsize, std::size_t requested,
   return b;
 }
 
-// Merges free block b (in neither the index nor the pending list) with free neighbours in the
-// same state: both reusable by any stream, or both freed on the same stream (then the merged
-// block waits for b's event, the newer one: events on one stream complete in order).
+// Merges free block b (in neither the index nor a list) with free neighbours in the same
+// state: both reusable by any stream, or b freed just now (no event yet) and the neighbour
+// freed on the same stream: the merged block waits for an event recorded later than either
+// free (events on one stream complete in order).
 Block* DeviceAllocator::coalesce(Block* b) {
   auto compatible = [b](const Block* o) {
     if (o == nullptr || o->allocated) return false;
-    if (!b->fence && !o->fence) return true;
-    return b->fence && o->fence && b->stream == o->stream;
+    if (!b->bound) return !o->bound;
+    return o->bound && !b->fence && o->stream == b->stream;
   };
   while (compatible(b->next)) {
     Block* n = b->next;
     index_.erase(n);
-    if (n->listed) pending_.unlink(n);
+    unlist(n);
     b->size += n->size;
     b->next = n->next;
     if (n->next != nullptr) n->next->prev = b;
@@ -130,12 +133,13 @@ Block* DeviceAllocator::coalesce(Block* b) {
   while (compatible(b->prev)) {
     Block* p = b->prev;
     index_.erase(p);
-    if (p->listed) pending_.unlink(p);
+    unlist(p);
     p->size += b->size;
     p->next = b->next;
     if (b->next != nullptr) b->next->prev = p;
     p->fence = std::move(b->fence);
     p->stream = b->stream;
+    p->bound = b->bound;
     delete b;
     b = p;
   }
@@ -146,6 +150,7 @@ Block* DeviceAllocator::coalesce(Block* b) {
 // the events first if `wait`: an event wait, never a device-wide synchronize).
 void DeviceAllocator::promote_done(bool wait) {
   bool synced = false;  // a device synchronize (for a block without an event) finished everything
+  const std::uint64_t pass = ++pass_;
   for (Block* b = pending_.head(); b != nullptr;) {
     Block* next = b->pnext;
     FenceRef* f = b->fence.get();
@@ -155,7 +160,8 @@ void DeviceAllocator::promote_done(bool wait) {
       } else if (wait) {
         f->done = wait_fence(*fences_, f).ok();
         synced = f->done && f->fence == nullptr;
-      } else if (f->fence != nullptr) {
+      } else if (f->fence != nullptr && f->asked != pass) {
+        f->asked = pass;  // blocks sharing the event: one query answers for all of them
         poll_fence(*fences_, f);
       }
     }
@@ -163,6 +169,7 @@ void DeviceAllocator::promote_done(bool wait) {
       index_.erase(b);
       pending_.unlink(b);
       b->fence.reset();
+      b->bound = false;
       b->stream = nullptr;
       b = coalesce(b);  // only with ready neighbours, which are not on the pending list
       index_.insert(b);
@@ -171,13 +178,15 @@ void DeviceAllocator::promote_done(bool wait) {
   }
 }
 
-// Promotes the oldest pending blocks whose events have completed: up to four, stopping at the
-// first not done (one query each, no wait), so the list drains faster than frees fill it.
-// Blocks without an event (they wait for a synchronize) are stepped over, a few at most, so
-// that they do not stall the draining behind them.
+// Promotes the oldest pending blocks whose events have completed, asking the driver at most
+// once per malloc: the blocks a handoff moved here share one event per stream, so one query
+// promotes them all, and the list drains faster than handoffs fill it. Blocks without an
+// event (they wait for a synchronize) are stepped over, a few at most, so that they do not
+// stall the draining behind them.
 void DeviceAllocator::promote_oldest() {
-  int promoted = 0, skipped = 0;
-  for (Block* b = pending_.head(); b != nullptr && promoted < 4;) {
+  int skipped = 0;
+  bool asked = false;
+  for (Block* b = pending_.head(); b != nullptr;) {
     Block* next = b->pnext;
     FenceRef* f = b->fence.get();
     if (!f->done && f->fence == nullptr) {
@@ -185,13 +194,64 @@ void DeviceAllocator::promote_oldest() {
       b = next;
       continue;
     }
-    if (!f->done && !poll_fence(*fences_, f)) return;
+    if (!f->done) {
+      if (asked) return;
+      asked = true;
+      if (!poll_fence(*fences_, f)) return;
+    }
     index_.erase(b);
     pending_.unlink(b);
     b->fence.reset();
+    b->bound = false;
     b->stream = nullptr;
     index_.insert(coalesce(b));  // merges only with ready neighbours: `next` is still pending
-    ++promoted;
+    b = next;
+  }
+}
+
+void DeviceAllocator::unlist(Block* b) {
+  if (!b->listed) return;
+  (b->fence ? pending_ : unfenced_).unlink(b);
+}
+
+void DeviceAllocator::enlist(Block* b) {
+  if (b->bound) (b->fence ? pending_ : unfenced_).push(b);
+}
+
+void DeviceAllocator::fence_unfenced() {
+  if (unfenced_.empty()) return;
+  std::vector<std::pair<void*, std::shared_ptr<FenceRef>>> made;  // per stream, this handoff
+  for (Block* b = unfenced_.head(); b != nullptr;) {
+    Block* next = b->pnext;
+    unfenced_.unlink(b);
+    std::shared_ptr<FenceRef>* fence = nullptr;
+    for (auto& m : made) {
+      if (m.first == b->stream) fence = &m.second;
+    }
+    if (fence == nullptr) {
+      FreeEvent ev = record_free_event(*fences_, b->stream);
+      if (ev.error.ok()) {
+        events_recorded_ += 1;
+      } else {
+        free_event_failures_ += 1;
+        report_leaks();  // a leak on the way (the unrecorded event) first: this note is the news
+        Allocator::instance().record_error(
+            "allocator on " + where() + ": recording the event for blocks freed on stream " +
+            hex_text(reinterpret_cast<std::uintptr_t>(b->stream)) + " failed: " + ev.error.message() + "; " + ev.how);
+      }
+      made.emplace_back(b->stream, std::move(ev.fence));
+      fence = &made.back().second;
+    }
+    if (*fence) {
+      b->fence = *fence;
+      pending_.push(b);
+    } else {
+      // The wait instead of an event finished the stream's work: reusable by any stream now.
+      index_.erase(b);
+      b->bound = false;
+      b->stream = nullptr;
+      index_.insert(b);
+    }
     b = next;
   }
 }
@@ -259,7 +319,7 @@ std::size_t DeviceAllocator::release_free_segments(bool carve_large) {
       victims.push_back(s);
     } else if (carve_large && !s->small) {
       for (Block* b = s->head; b != nullptr; b = b->next) {
-        if (!b->allocated && !b->fence) carved.push_back(b);
+        if (!b->allocated && !b->bound) carved.push_back(b);
       }
     }
   }
@@ -315,15 +375,21 @@ Status DeviceAllocator::malloc(std::size_t size, void* stream, TagId tag, void**
   // single stream reuses most blocks itself and lookups never fail.
   if (!pending_.empty()) promote_oldest();
   Block* b = index_.find(small, tag, stream, bsize);
-  if (b == nullptr && !pending_.empty()) {
+  if (b == nullptr && !(pending_.empty() && unfenced_.empty())) {
+    // Blocks freed on other streams: the handoff records their events (one per stream).
+    fence_unfenced();
     promote_done(false);
     b = index_.find(small, tag, stream, bsize);
   }
   if (b == nullptr) {
     Status st = grow(small, tag, bsize, &b);
     if (!st.ok() && st.code() == StatusCode::kOutOfMemory) {
-      // Give back what other sizes and tags keep cached, then try once more.
-      if (!pending_.empty()) promote_done(false);
+      // Give back what other sizes, tags and streams keep cached, then try once more. Like
+      // torch's caching allocator on OOM, wait for the freed blocks' events first (event waits,
+      // not a device synchronize): a NULL is worse than a wait, and under install() torch does
+      // not even check it.
+      fence_unfenced();
+      if (!pending_.empty()) promote_done(true);
       if (release_free_segments(true) > 0) st = grow(small, tag, bsize, &b);
     }
     if (!st.ok()) {
@@ -363,17 +429,6 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
                            std::to_string(b->requested) + "; nothing was freed");
   }
   Segment* s = b->seg;
-  std::shared_ptr<FenceRef> fence;
-  if (fences_ && !s->paused) {
-    FreeEvent ev = record_free_event(*fences_, stream);
-    fence = std::move(ev.fence);
-    if (!ev.error.ok()) {
-      free_event_failures_ += 1;
-      report_leaks();  // a leak on the way (the unrecorded event) first: the free's note is the news
-      Allocator::instance().record_error(call() + ": recording the free-time event failed: " + ev.error.message() +
-                                         "; " + ev.how);
-    }
-  }
   live_.erase(it);
   allocated_ -= b->size;
   requested_ -= b->requested;
@@ -390,13 +445,17 @@ Status DeviceAllocator::free(void* ptr, std::size_t size, void* stream) {
   }
   b->allocated = false;
   b->requested = 0;
-  b->stream = fence ? stream : nullptr;
-  b->fence = std::move(fence);
+  // No event now: the freeing stream may reuse the block at once (stream order), and an event
+  // is recorded only when the block must go elsewhere (fence_unfenced). The host's memory is
+  // touched synchronously, and a paused block's memory is not mapped.
+  b->bound = fences_ != nullptr && !s->paused;
+  b->stream = b->bound ? stream : nullptr;
+  b->fence.reset();
   frees_ += 1;
   b = coalesce(b);
   if (!s->paused) {
     index_.insert(b);
-    if (b->fence) pending_.push(b);
+    enlist(b);
   }
   return Status::Ok();
 }
@@ -406,6 +465,7 @@ Status DeviceAllocator::trim(std::size_t* released) {
   LeakReport report{this};
   *released = 0;
   const std::size_t held_before = arena_->stats().held_bytes;
+  fence_unfenced();
   if (!pending_.empty()) promote_done(true);
   release_free_segments(true);
   std::size_t r = 0;
@@ -421,6 +481,7 @@ Status DeviceAllocator::set_limit(std::optional<std::size_t> limit) {
   LeakReport report{this};
   limit_ = limit;
   if (limit && mapped_ > *limit) {
+    fence_unfenced();
     if (!pending_.empty()) promote_done(false);
     release_free_segments(true);
     std::size_t r = 0;
@@ -449,6 +510,7 @@ Status DeviceAllocator::close_arena() {
   std::lock_guard<std::mutex> lock(mu_);
   // Free-time events are of no more use (the arena's close waits for the device): destroyed
   // now, not whenever an allocator kept aside by a failed close goes away.
+  fence_unfenced();
   if (!pending_.empty()) promote_done(true);
   Status st = arena_->close();
   report_leaks();
@@ -469,7 +531,7 @@ AllocatorStats DeviceAllocator::stats() const {
   s.allocated_bytes = allocated_;
   s.requested_bytes = requested_;
   s.cached_bytes = mapped_ - (allocated_ - paused_live_);
-  s.pending_free_bytes = pending_.bytes();
+  s.pending_free_bytes = pending_.bytes() + unfenced_.bytes();
   s.paused_bytes = paused_;
   s.peak_allocated_bytes = peak_allocated_;
   s.peak_mapped_bytes = peak_mapped_;
@@ -481,6 +543,7 @@ AllocatorStats DeviceAllocator::stats() const {
   s.maps = maps_;
   s.unmaps = unmaps_;
   s.free_event_failures = free_event_failures_;
+  s.events_recorded = events_recorded_;
   s.leaked_events = (fences_ ? fences_->leaked_fences() : 0) + arena_->leaked_fences();
   s.live_blocks = live_.size();
   s.segments = segs_.size();

@@ -66,7 +66,8 @@ struct AllocatorStats {
   std::optional<std::size_t> limit_bytes;  // nullopt = no allocator limit
   std::uint64_t mallocs = 0, frees = 0, failed_mallocs = 0, failed_frees = 0;
   std::uint64_t maps = 0, unmaps = 0;     // granules mapped/unmapped by this allocator
-  std::uint64_t free_event_failures = 0;  // frees whose free-time event could not be recorded
+  std::uint64_t free_event_failures = 0;  // handoffs whose event could not be recorded (synchronized instead)
+  std::uint64_t events_recorded = 0;      // events recorded for freed blocks (one per stream per handoff)
   std::uint64_t leaked_events = 0;        // events the driver would not destroy (this + its arena)
   std::uint64_t live_blocks = 0, segments = 0;
   std::vector<TagStats> tags;
@@ -125,6 +126,11 @@ class DeviceAllocator {
   Block* coalesce(Block* b);
   void promote_done(bool wait);
   void promote_oldest();
+  // Records one event per stream on which bound blocks without one were freed, and moves
+  // them to the pending list: the handoff to other streams, or to an unmap.
+  void fence_unfenced();
+  void unlist(Block* b);
+  void enlist(Block* b);
   Status grow(bool small, TagId tag, std::size_t bsize, Block** out);
   std::size_t release_free_segments(bool carve);
   Status release_segment(Segment* s);
@@ -141,14 +147,16 @@ class DeviceAllocator {
   FreeIndex index_;
   std::unordered_map<std::uintptr_t, Block*> live_;
   Segments segs_;
-  PendingList pending_;  // free blocks waiting on their free-time event
+  PendingList pending_;     // bound free blocks with an event recorded, waiting for it
+  PendingList unfenced_;    // bound free blocks with no event yet (reusable by their stream)
+  std::uint64_t pass_ = 0;  // promotion passes, so a shared event is queried once per pass
   std::unordered_map<TagId, TagState> tags_;
   std::optional<std::size_t> limit_;
   bool closed_ = false;
   std::size_t mapped_ = 0, allocated_ = 0, requested_ = 0, paused_ = 0, paused_live_ = 0;
   std::size_t peak_allocated_ = 0, peak_mapped_ = 0;
   std::uint64_t mallocs_ = 0, frees_ = 0, failed_mallocs_ = 0, failed_frees_ = 0, maps_ = 0, unmaps_ = 0;
-  std::uint64_t free_event_failures_ = 0;
+  std::uint64_t free_event_failures_ = 0, events_recorded_ = 0;
   std::uint64_t leaks_seen_own_ = 0, leaks_seen_arena_ = 0;  // leaked_fences() already reported
 };
 

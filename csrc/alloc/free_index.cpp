@@ -14,7 +14,7 @@ bool FreeKey::operator<(const FreeKey& o) const {
 }
 
 void FreeIndex::insert(Block* b) {
-  std::uintptr_t s = b->fence ? reinterpret_cast<std::uintptr_t>(b->stream) : kReadyStream;
+  std::uintptr_t s = b->bound ? reinterpret_cast<std::uintptr_t>(b->stream) : kReadyStream;
   b->where = set_.insert(FreeKey{b->seg->small, b->seg->tag, s, b->size, b->addr, b}).first;
   b->indexed = true;
 }

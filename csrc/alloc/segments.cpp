@@ -121,7 +121,7 @@ Segment* Segments::carve(Segment* s, Block* b) {
 bool Segments::all_free(const Segment* s) {
   if (s->live != 0) return false;
   for (const Block* b = s->head; b != nullptr; b = b->next) {
-    if (b->fence) return false;
+    if (b->bound) return false;
   }
   return true;
 }

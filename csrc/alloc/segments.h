@@ -41,9 +41,13 @@ struct Block {
   Block* next = nullptr;
   bool allocated = false;
   std::size_t requested = 0;
-  void* stream = nullptr;           // allocated: stream of the malloc; free+fence: stream of the free
-  std::shared_ptr<FenceRef> fence;  // free and not yet known to be done with by the device
-  Block* pprev = nullptr;           // pending list (free blocks with a fence), oldest first
+  void* stream = nullptr;  // allocated: stream of the malloc; free+bound: stream of the free
+  // Free and not yet known to be done with by the device: reusable by `stream` only (stream
+  // order). No event is recorded at free time; one is, for all such blocks of a stream at
+  // once, when a block must go to another stream or be unmapped (see DeviceAllocator).
+  bool bound = false;
+  std::shared_ptr<FenceRef> fence;  // bound: the event that will say the device is done, once recorded
+  Block* pprev = nullptr;           // bound blocks' list (with a fence: pending_, else unfenced_)
   Block* pnext = nullptr;
   bool listed = false;
   bool indexed = false;  // in the free index, at `where`

@@ -63,20 +63,20 @@ FreeEvent record_free_event(Backend& events, void* stream) {
     out.fence = std::make_shared<FenceRef>(&events, f);
     return out;
   }
-  // torch never retries a free, so refusing it would keep the block for good. A wait now
-  // tells what the event would have: the stream's work first (the block's last use is
+  // A handoff that fails would keep the blocks from every other stream for good. A wait now
+  // tells what the event would have: the stream's work first (the blocks' last use is
   // there), the whole device if the stream cannot be waited on. Only when neither works
-  // does the block wait, with a null fence, for trim()'s synchronize; its own stream may
-  // reuse it meanwhile (stream order).
+  // do the blocks wait, with a null fence, for trim()'s synchronize; their own stream may
+  // reuse them meanwhile (stream order).
   Status ss = events.synchronize_stream(stream);
   Status cs = ss.ok() ? ss : events.synchronize();
   if (ss.ok()) {
-    out.how = "synchronized the stream instead, and freed the block";
+    out.how = "synchronized the stream instead: the blocks are reusable by any stream";
   } else if (cs.ok()) {
-    out.how = ss.message() + "; synchronized the device instead, and freed the block";
+    out.how = ss.message() + "; synchronized the device instead: the blocks are reusable by any stream";
   } else {
     out.how = ss.message() + "; " + cs.message() +
-              "; the block is freed, reusable by its stream only until trim() synchronizes the device";
+              "; the blocks stay reusable by their stream only until trim() synchronizes the device";
     out.fence = std::make_shared<FenceRef>(&events, nullptr);
   }
   return out;

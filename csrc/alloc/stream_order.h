@@ -1,13 +1,16 @@
 // stream_order.h — when the device is done with a freed block.
 //
 // A block freed on stream S may be reused at once by S (its work is ordered after the free),
-// but by another stream, or unmapped, only once an event recorded on S at free time has
-// completed. The event is shared by the blocks split from (or merged into) the freed block;
-// blocks waiting on one sit on the pending list, oldest first, until a query or a wait finds
-// it done. Events come from the device's backend (record_fence and friends in backend.h).
+// but by another stream, or unmapped, only once an event recorded on S after the free has
+// completed. The free records nothing: the event is recorded when a block is first needed
+// elsewhere (a malloc on another stream finds nothing, trim, a limit, OOM, pause), one for
+// all the blocks freed on S by then. Blocks waiting on one sit on the pending list, oldest
+// first, until a query or a wait finds it done. Events come from the device's backend
+// (record_fence and friends in backend.h).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +34,7 @@ struct FenceRef {
   Backend* backend;
   Fence fence;
   bool done = false;
+  std::uint64_t asked = 0;  // the promotion pass that last queried it (one query per pass)
 };
 
 // Free blocks with a fence, oldest first; intrusive (Block::pprev, pnext, listed).

@@ -31,7 +31,9 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
     std::vector<void*> streams;
     for (Segment* s : segs) {
       for (Block* b = s->head; b != nullptr; b = b->next) {
-        if (b->allocated && std::find(streams.begin(), streams.end(), b->stream) == streams.end()) {
+        // Live blocks, and free ones with no event yet: the work on their streams.
+        const bool on_stream = b->allocated || (b->bound && !b->fence);
+        if (on_stream && std::find(streams.begin(), streams.end(), b->stream) == streams.end()) {
           streams.push_back(b->stream);
         }
         if (b->fence && !b->fence->done) {
@@ -101,8 +103,9 @@ Status DeviceAllocator::pause(TagId tag, bool backup, std::size_t* released) {
     for (Block* b = s->head; b != nullptr; b = b->next) {
       if (b->allocated) continue;
       index_.erase(b);
-      if (b->listed) pending_.unlink(b);
+      unlist(b);
       b->fence.reset();
+      b->bound = false;
       b->stream = nullptr;
     }
     s->paused = true;

@@ -279,6 +279,36 @@ std::size_t Arena::try_release_cached(std::size_t nbytes) {
 }
 
 Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
+  return unmap(offset, nbytes, std::vector<void*>{stream});
+}
+
+Status Arena::add_stream(void* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_open("add_stream"));
+  if (std::find(streams_.begin(), streams_.end(), stream) != streams_.end()) return Status::Ok();
+  if (streams_.size() >= kMaxStreams) {
+    return InvalidArgument("Arena.add_stream: " + std::to_string(kMaxStreams) +
+                           " streams are registered already (each costs an event per unmap)");
+  }
+  streams_.push_back(stream);
+  return Status::Ok();
+}
+
+Status Arena::remove_stream(void* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EKV_RETURN_IF_ERROR(check_open("remove_stream"));
+  auto it = std::find(streams_.begin(), streams_.end(), stream);
+  if (it == streams_.end()) return InvalidArgument("Arena.remove_stream: the stream is not registered");
+  streams_.erase(it);
+  return Status::Ok();
+}
+
+std::vector<void*> Arena::streams() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return streams_;
+}
+
+Status Arena::unmap(std::size_t offset, std::size_t nbytes, const std::vector<void*>& streams) {
   std::lock_guard<std::mutex> lock(mu_);
   EKV_RETURN_IF_ERROR(check_range("unmap", offset, nbytes));
   const std::size_t first = offset / granularity_;
@@ -296,10 +326,25 @@ Status Arena::unmap(std::size_t offset, std::size_t nbytes, void* stream) {
   if (pending_.size() >= kMaxPendingBatches) reap_locked(false).IgnoreError();
   const std::size_t g = granularity_;
   if (backend_->caps().deferred_unmap) {
-    Fence fence = nullptr;
-    Status st = backend_->record_fence(stream, &fence);
-    if (!st.ok()) return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
-    PendingBatch batch{next_batch_++, fence, {}};
+    // One event on every stream that may still use the granules: the caller's and the
+    // registered ones. All or nothing: a failed record destroys the events already recorded.
+    std::vector<void*> on = streams;
+    for (void* s : streams_) {
+      if (std::find(on.begin(), on.end(), s) == on.end()) on.push_back(s);
+    }
+    std::vector<Fence> fences;
+    fences.reserve(on.size());
+    for (std::size_t k = 0; k < on.size(); ++k) {
+      if (std::find(on.begin(), on.begin() + k, on[k]) != on.begin() + k) continue;  // listed twice
+      Fence fence = nullptr;
+      Status st = backend_->record_fence(on[k], &fence);
+      if (!st.ok()) {
+        for (Fence f : fences) backend_->destroy_fence(f);
+        return Status(st.code(), call_text("unmap", offset, nbytes) + ": " + st.message());
+      }
+      fences.push_back(fence);
+    }
+    PendingBatch batch{next_batch_++, std::move(fences), {}};
     batch.granules.reserve(count);
     for (std::size_t i = first; i < first + count; ++i) {
       granules_[i].state = State::kPending;
@@ -352,9 +397,19 @@ Status Arena::reap_locked(bool wait) {
   Status first_error;
   const std::size_t g = granularity_;
   for (auto it = pending_.begin(); it != pending_.end();) {
-    bool done = false;
-    Status st = wait ? backend_->fence_wait(it->fence) : backend_->fence_done(it->fence, &done);
-    if (wait && st.ok()) done = true;
+    // Done once the work on every fenced stream is; asked in order, stopping at the first not
+    // done (its events are asked again next time: a query does not change them).
+    bool done = true;
+    Status st;
+    for (Fence f : it->fences) {
+      bool d = false;
+      st = wait ? backend_->fence_wait(f) : backend_->fence_done(f, &d);
+      if (wait && st.ok()) d = true;
+      if (!st.ok() || !d) {
+        done = false;
+        break;
+      }
+    }
     if (!st.ok() || !done) {
       if (!st.ok() && first_error.ok()) first_error = st;
       ++it;
@@ -382,7 +437,7 @@ Status Arena::reap_locked(bool wait) {
       ++it;
       continue;
     }
-    backend_->destroy_fence(it->fence);
+    for (Fence f : it->fences) backend_->destroy_fence(f);
     it = pending_.erase(it);
   }
   return first_error;
@@ -520,7 +575,9 @@ Status Arena::close() {
     if (any_mapped && backend_->caps().deferred_unmap) first_error = backend_->synchronize();
     Status reaped = reap_locked(true);
     if (first_error.ok()) first_error = reaped;
-    for (PendingBatch& b : pending_) backend_->destroy_fence(b.fence);
+    for (PendingBatch& b : pending_) {
+      for (Fence f : b.fences) backend_->destroy_fence(f);
+    }
   }
   pending_.clear();
   // Whatever is still mapped (pending granules are, in the driver) is given back below like

@@ -3,7 +3,8 @@
 //
 //   map(offset, nbytes)           back every granule of the range (all or nothing)
 //   unmap(offset, nbytes, stream) stop backing it; on devices the unmap waits (off the caller's
-//                                 path) for an event recorded on `stream` now
+//                                 path) for events recorded now on `stream` and on every stream
+//                                 registered with add_stream (all that may use the memory)
 //   trim()                        give cached physical handles back to the backend
 //
 // Physical handles outlive their mapping: an unmapped granule's handle goes to a reuse cache
@@ -44,6 +45,8 @@ constexpr std::size_t kDefaultReuseBytes = std::size_t(64) << 20;
 // Pending unmaps are finished by poll()/trim(), by a map that needs their handles, or by
 // set_budget; an unmap works the backlog down itself only past this many batches.
 constexpr std::size_t kMaxPendingBatches = 64;
+// Registered streams per arena (add_stream); each costs one event per unmap.
+constexpr std::size_t kMaxStreams = 16;
 
 struct ArenaStats {
   std::size_t granularity = 0;
@@ -72,8 +75,18 @@ class Arena {
   // Like map, but granules of the range already mapped are left as they are (not an error).
   // *newly_mapped = bytes this call mapped. For callers that share granules between objects.
   Status ensure_mapped(std::size_t offset, std::size_t nbytes, std::size_t* newly_mapped);
-  // `stream` is an opaque device stream handle (CUstream); nullptr = the default stream.
+  // `stream` is an opaque device stream handle (CUstream); nullptr = the default stream. The
+  // unmap waits for an event on it and on each registered stream (add_stream).
   Status unmap(std::size_t offset, std::size_t nbytes, void* stream = nullptr);
+  // Same, fenced on each of `streams` (deduplicated) and on the registered streams.
+  Status unmap(std::size_t offset, std::size_t nbytes, const std::vector<void*>& streams);
+  // Streams that may use the arena's memory besides the unmapping caller's: every unmap is
+  // ordered after the work queued on each of them (torch's side streams do not order with
+  // the default stream, so one event on the caller's stream would not cover their kernels).
+  // At most kMaxStreams; adding one twice is a no-op.
+  Status add_stream(void* stream);
+  Status remove_stream(void* stream);
+  std::vector<void*> streams() const;
   Status is_mapped(std::size_t offset, std::size_t nbytes, bool* out) const;
   // Releases every cached handle (and finishes pending unmaps whose device work is done; with
   // wait, waits for the rest first). *released = bytes given back to the backend.
@@ -119,7 +132,7 @@ class Arena {
   };
   struct PendingBatch {
     std::uint64_t serial;
-    Fence fence;
+    std::vector<Fence> fences;  // one per stream that may have used the granules; done when all are
     std::vector<std::size_t> granules;
   };
 
@@ -163,6 +176,7 @@ class Arena {
   std::vector<Granule> granules_;
   std::vector<PhysHandle> cache_;
   std::deque<PendingBatch> pending_;
+  std::vector<void*> streams_;  // add_stream
   std::uint64_t next_batch_ = 1;
   ArenaStats s_;
 };

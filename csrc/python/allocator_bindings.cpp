@@ -69,6 +69,7 @@ py::dict stats_dict(const AllocatorStats& s) {
   d["maps"] = s.maps;
   d["unmaps"] = s.unmaps;
   d["free_event_failures"] = s.free_event_failures;
+  d["events_recorded"] = s.events_recorded;
   d["leaked_events"] = s.leaked_events;
   d["live_blocks"] = s.live_blocks;
   d["segments"] = s.segments;

@@ -106,18 +106,36 @@ void bind_arena(py::module_& m) {
           py::arg("offset"), py::arg("nbytes"))
       .def(
           "unmap",
-          [](Arena& a, std::int64_t offset, std::int64_t nbytes, std::uintptr_t stream) {
+          [](Arena& a, std::int64_t offset, std::int64_t nbytes, const std::vector<std::uintptr_t>& streams) {
             std::size_t o = non_negative("Arena.unmap", "offset", offset);
             std::size_t n = non_negative("Arena.unmap", "nbytes", nbytes);
+            std::vector<void*> on;
+            for (std::uintptr_t s : streams) on.push_back(reinterpret_cast<void*>(s));
+            if (on.empty()) on.push_back(nullptr);
             Status st;
             {
               py::gil_scoped_release nogil;
-              st = a.unmap(o, n, reinterpret_cast<void*>(stream));
+              st = a.unmap(o, n, on);
             }
             throw_if_error(st);
           },
-          py::arg("offset"), py::arg("nbytes"), py::arg("stream") = 0,
-          "stream: CUstream as an int (0 = default stream) on which the release event is recorded")
+          py::arg("offset"), py::arg("nbytes"), py::arg("streams") = std::vector<std::uintptr_t>{},
+          "streams: CUstreams as ints (0 = default stream) on which release events are recorded, "
+          "besides the registered ones (add_stream); empty = the default stream")
+      .def(
+          "add_stream",
+          [](Arena& a, std::uintptr_t stream) { throw_if_error(a.add_stream(reinterpret_cast<void*>(stream))); },
+          py::arg("stream"))
+      .def(
+          "remove_stream",
+          [](Arena& a, std::uintptr_t stream) { throw_if_error(a.remove_stream(reinterpret_cast<void*>(stream))); },
+          py::arg("stream"))
+      .def_property_readonly("streams",
+                             [](const Arena& a) {
+                               std::vector<std::uintptr_t> out;
+                               for (void* s : a.streams()) out.push_back(reinterpret_cast<std::uintptr_t>(s));
+                               return out;
+                             })
       .def(
           "is_mapped",
           [](const Arena& a, std::int64_t offset, std::int64_t nbytes) {

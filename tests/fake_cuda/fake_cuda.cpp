@@ -10,10 +10,19 @@
 // It checks what the real driver checks (alignment, reservation bounds, overlapping maps, a
 // current context: torch may call the allocator from threads where none is current, so every
 // memory and event call answers CUDA_ERROR_INVALID_CONTEXT unless a retained primary context is
-// current on the calling thread), counts live objects, and can be told to fail the Nth call of any function. Events
-// complete at record time unless ekvfake_set_events_complete(0), which models queued device work: cuEventQuery then
-// answers CUDA_ERROR_NOT_READY until cuEventSynchronize, a cuStreamSynchronize of the stream it was recorded on,
-// cuCtxSynchronize or ekvfake_complete_events().
+// current on the calling thread; a stream must exist: cuEventRecord and cuStreamSynchronize on
+// one it does not know answer CUDA_ERROR_INVALID_HANDLE), counts live objects, and can be told to
+// fail the Nth call of any function.
+//
+// Streams: the legacy default stream (0), CU_STREAM_LEGACY (1), CU_STREAM_PER_THREAD (2) and the
+// ones ekvfake_stream_create made. Events complete per stream, modelling queued device work: an
+// event recorded on a held stream (ekvfake_stream_hold) stays CUDA_ERROR_NOT_READY until the
+// stream is let go or completed (ekvfake_stream_complete), a cuStreamSynchronize of it, a
+// cuEventSynchronize of it or of a later event on the same stream (streams run in order), a
+// cuCtxSynchronize or ekvfake_complete_events(). ekvfake_set_events_complete(0) holds every stream.
+// Memory: cuMemGetInfo and cuMemCreate also count bytes held by "others" (other processes,
+// ekvfake_set_other_used). Latency: ekvfake_set_latency(fn, ns) makes each call of fn take ns
+// longer (slept outside the driver lock, so calls on other threads overlap with it).
 //
 // Control functions (ekvfake_*) are plain C for ctypes; torch_elastic_kv.testing wraps them.
 // The library is one simulated machine, so its state is process-global by design.
@@ -21,6 +30,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
@@ -28,6 +39,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 
 #include "core/cuda_driver.h"
 
@@ -44,7 +56,12 @@ struct FakeContext {
 
 struct FakeEvent {
   bool complete = true;
-  CUstream stream = nullptr;  // of the last record, so a stream synchronize finishes only its own work
+  CUstream stream = nullptr;      // of the last record, so a stream synchronize finishes only its own work
+  unsigned long long serial = 0;  // record order, so waiting for one finishes the earlier ones
+};
+
+struct FakeStream {
+  bool held = false;  // events recorded on it stay not-ready (its queued work has not run)
 };
 
 struct Mapping {
@@ -70,6 +87,14 @@ struct State {
   std::map<CUmemGenericAllocationHandle, Handle> handles;
   std::map<CUdeviceptr, Mapping> mappings;  // by start address
   std::set<FakeEvent*> events;
+  // The streams that exist: the defaults (legacy 0, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD) and
+  // those tests made.
+  std::map<CUstream, FakeStream> streams = {{reinterpret_cast<CUstream>(std::uintptr_t(0)), FakeStream{}},
+                                            {reinterpret_cast<CUstream>(std::uintptr_t(1)), FakeStream{}},
+                                            {reinterpret_cast<CUstream>(std::uintptr_t(2)), FakeStream{}}};
+  unsigned long long next_record = 1;
+  std::uintptr_t next_stream = 0x5000;
+  std::size_t other_used = 0;  // device memory held outside this process
   CUmemGenericAllocationHandle next_handle = 1;
   bool events_complete = true;
   long long creates = 0;
@@ -86,6 +111,44 @@ State& state() {
 
 thread_local CUcontext current_ctx = nullptr;
 
+// Per-function latencies, apart from the driver lock so that a slow call does not hold it.
+struct Latencies {
+  std::mutex mu;
+  std::map<std::string, long long> ns;
+  std::atomic<bool> any{false};
+};
+
+Latencies& latencies() {
+  static Latencies l;
+  return l;
+}
+
+void delay(const char* fn) {
+  Latencies& l = latencies();
+  if (!l.any.load(std::memory_order_relaxed)) return;
+  long long ns = 0;
+  {
+    std::lock_guard<std::mutex> lock(l.mu);
+    auto it = l.ns.find(fn);
+    if (it != l.ns.end()) ns = it->second;
+  }
+  if (ns > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(ns));
+}
+
+void default_streams(State& s) {
+  s.streams.clear();
+  for (std::uintptr_t h : {std::uintptr_t(0), std::uintptr_t(1), std::uintptr_t(2)}) {
+    s.streams[reinterpret_cast<CUstream>(h)] = FakeStream{};
+  }
+}
+
+// Completes the events recorded on `stream` up to record serial `upto` (all of them when 0).
+void complete_stream(State& s, CUstream stream, unsigned long long upto) {
+  for (FakeEvent* e : s.events) {
+    if (e->stream == stream && (upto == 0 || e->serial <= upto)) e->complete = true;
+  }
+}
+
 // Counts the call and answers the injected error if this is the armed call. Caller holds mu.
 CUresult injected(State& s, const char* fn) {
   long long n = ++s.calls[fn];
@@ -98,6 +161,7 @@ CUresult injected(State& s, const char* fn) {
 }
 
 #define FAKE_ENTER(fn)                    \
+  delay(fn);                              \
   State& s = state();                     \
   std::lock_guard<std::mutex> lock(s.mu); \
   if (CUresult _rc = injected(s, fn)) return _rc;
@@ -230,9 +294,8 @@ EKVFAKE_API CUresult cuCtxSynchronize() {
 EKVFAKE_API CUresult cuStreamSynchronize(CUstream stream) {
   FAKE_ENTER("cuStreamSynchronize");
   FAKE_NEED_CTX();
-  for (FakeEvent* e : s.events) {
-    if (e->stream == stream) e->complete = true;
-  }
+  if (s.streams.count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+  complete_stream(s, stream, 0);
   return CUDA_SUCCESS;
 }
 
@@ -246,6 +309,7 @@ EKVFAKE_API CUresult cuGetErrorName(CUresult rc, const char** name) {
     case CUDA_ERROR_NO_DEVICE: *name = "CUDA_ERROR_NO_DEVICE"; break;
     case CUDA_ERROR_INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
     case CUDA_ERROR_INVALID_CONTEXT: *name = "CUDA_ERROR_INVALID_CONTEXT"; break;
+    case CUDA_ERROR_INVALID_HANDLE: *name = "CUDA_ERROR_INVALID_HANDLE"; break;
     case CUDA_ERROR_NOT_READY: *name = "CUDA_ERROR_NOT_READY"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
     default: *name = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
@@ -258,7 +322,8 @@ EKVFAKE_API CUresult cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total
   FAKE_NEED_CTX();
   if (free_bytes == nullptr || total_bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
   *total_bytes = s.total_memory;
-  *free_bytes = s.total_memory - s.used_memory;
+  const std::size_t used = s.used_memory + s.other_used;
+  *free_bytes = used >= s.total_memory ? 0 : s.total_memory - used;
   return CUDA_SUCCESS;
 }
 
@@ -316,7 +381,7 @@ EKVFAKE_API CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, std::size
       prop->requestedHandleTypes != CU_MEM_HANDLE_TYPE_NONE || prop->win32HandleMetaData != nullptr) {
     return CUDA_ERROR_INVALID_VALUE;
   }
-  if (s.used_memory + size > s.total_memory) return CUDA_ERROR_OUT_OF_MEMORY;
+  if (s.used_memory + s.other_used + size > s.total_memory) return CUDA_ERROR_OUT_OF_MEMORY;
   int fd = ::memfd_create("ekv_fake_cuda", MFD_CLOEXEC);
   if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0) {
@@ -440,8 +505,11 @@ EKVFAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
   FAKE_NEED_CTX();
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
-  e->complete = s.events_complete;
+  auto st = s.streams.find(stream);
+  if (st == s.streams.end()) return CUDA_ERROR_INVALID_HANDLE;
+  e->complete = s.events_complete && !st->second.held;
   e->stream = stream;
+  e->serial = s.next_record++;
   return CUDA_SUCCESS;
 }
 
@@ -458,7 +526,9 @@ EKVFAKE_API CUresult cuEventSynchronize(CUevent event) {
   FAKE_NEED_CTX();
   FakeEvent* e = reinterpret_cast<FakeEvent*>(event);
   if (s.events.count(e) == 0) return CUDA_ERROR_INVALID_VALUE;
-  e->complete = true;  // "waiting" finishes the simulated device work
+  // "Waiting" finishes the simulated work queued on its stream up to the event.
+  if (e->serial != 0) complete_stream(s, e->stream, e->serial);
+  e->complete = true;
   return CUDA_SUCCESS;
 }
 
@@ -473,8 +543,9 @@ EKVFAKE_API CUresult cuEventDestroy_v2(CUevent event) {
 
 // ---- control functions -----------------------------------------------------------------------
 
-// Forgets injected failures and call counts, sets events to complete at record time, restores
-// the default device count and memory size. Live objects are kept (they belong to arenas).
+// Forgets injected failures, call counts, latencies, memory of others and the streams tests
+// made (holds included), sets events to complete at record time, restores the default device
+// count and memory size. Live objects are kept (they belong to arenas).
 EKVFAKE_API void ekvfake_reset() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -484,8 +555,14 @@ EKVFAKE_API void ekvfake_reset() {
   s.events_complete = true;
   s.device_count = 1;
   s.total_memory = std::size_t(8) << 30;
+  s.other_used = 0;
   s.creates = 0;
   s.releases = 0;
+  default_streams(s);
+  Latencies& l = latencies();
+  std::lock_guard<std::mutex> llock(l.mu);
+  l.ns.clear();
+  l.any.store(false);
 }
 
 // Makes the nth call (1-based, counted from now) of `fn` (e.g. "cuMemCreate") return `code`
@@ -590,4 +667,90 @@ EKVFAKE_API void ekvfake_complete_events() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   for (FakeEvent* e : s.events) e->complete = true;
+}
+
+// Makes a stream the driver knows: `handle` (any value but 0, 1, 2), or a fresh one when 0.
+// Returns its handle, or 0 when `handle` is a stream already.
+EKVFAKE_API unsigned long long ekvfake_stream_create(unsigned long long handle) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  CUstream h = reinterpret_cast<CUstream>(static_cast<std::uintptr_t>(handle));
+  if (handle == 0) {
+    do {
+      s.next_stream += 0x10;
+      h = reinterpret_cast<CUstream>(s.next_stream);
+    } while (s.streams.count(h) != 0);
+  } else if (s.streams.count(h) != 0) {
+    return 0;
+  }
+  s.streams[h] = FakeStream{};
+  return static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(h));
+}
+
+// Forgets a stream made by ekvfake_stream_create (its events complete, as its work would before
+// a real stream is destroyed). Returns 0, or -1 if there is no such stream (or it is a default).
+EKVFAKE_API int ekvfake_stream_destroy(unsigned long long handle) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  CUstream h = reinterpret_cast<CUstream>(static_cast<std::uintptr_t>(handle));
+  if (handle <= 2 || s.streams.count(h) == 0) return -1;
+  complete_stream(s, h, 0);
+  s.streams.erase(h);
+  return 0;
+}
+
+// held 1: events recorded on the stream from now stay not-ready (its work is queued, not run);
+// held 0: lets it go, and the events recorded on it complete. Returns 0, or -1 if no such stream.
+EKVFAKE_API int ekvfake_stream_hold(unsigned long long handle, int held) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.streams.find(reinterpret_cast<CUstream>(static_cast<std::uintptr_t>(handle)));
+  if (it == s.streams.end()) return -1;
+  it->second.held = held != 0;
+  if (held == 0) complete_stream(s, it->first, 0);
+  return 0;
+}
+
+// The work queued on the stream so far finishes (its events complete); a hold stays for later
+// records. Returns 0, or -1 if no such stream.
+EKVFAKE_API int ekvfake_stream_complete(unsigned long long handle) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.streams.find(reinterpret_cast<CUstream>(static_cast<std::uintptr_t>(handle)));
+  if (it == s.streams.end()) return -1;
+  complete_stream(s, it->first, 0);
+  return 0;
+}
+
+// Events recorded on the stream and not complete: 0 when its work is done; -1 if no such stream.
+EKVFAKE_API long long ekvfake_stream_pending_events(unsigned long long handle) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  CUstream h = reinterpret_cast<CUstream>(static_cast<std::uintptr_t>(handle));
+  if (s.streams.count(h) == 0) return -1;
+  long long n = 0;
+  for (FakeEvent* e : s.events) n += (e->serial != 0 && e->stream == h && !e->complete) ? 1 : 0;
+  return n;
+}
+
+// Device memory held by others (other processes): cuMemGetInfo's free excludes it and
+// cuMemCreate cannot use it.
+EKVFAKE_API void ekvfake_set_other_used(long long nbytes) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.other_used = nbytes < 0 ? 0 : static_cast<std::size_t>(nbytes);
+}
+
+// Each later call of `fn` (e.g. "cuMemCreate") takes `ns` nanoseconds longer (0 = no delay).
+// Returns 0, or -1 for bad arguments.
+EKVFAKE_API int ekvfake_set_latency(const char* fn, long long ns) {
+  if (fn == nullptr || ns < 0) return -1;
+  Latencies& l = latencies();
+  std::lock_guard<std::mutex> lock(l.mu);
+  if (ns == 0)
+    l.ns.erase(fn);
+  else
+    l.ns[fn] = ns;
+  l.any.store(!l.ns.empty());
+  return 0;
 }

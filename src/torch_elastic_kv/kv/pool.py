@@ -199,6 +199,16 @@ class KVPagePool:
             return self._planes[0].pages[:, layer, kv]
         return self._planes[2 * layer + kv].pages
 
+    @_locked
+    def add_stream(self, stream: object) -> None:
+        """Register a stream the pool's tensors are used on (an int CUstream or a
+        ``torch.cuda.Stream``): every later unmap (shrink, compaction, trim), whichever thread
+        makes it, waits for the work queued there too. The stream of the thread that unmaps is
+        always covered; a model running on a side stream must register it. No effect on CPU."""
+        self._check_open("add_stream")
+        for plane in self._planes:
+            plane.arena.add_stream(stream)
+
     # -- sizes -----------------------------------------------------------------------------
     @property
     def chunk_bytes(self) -> int:

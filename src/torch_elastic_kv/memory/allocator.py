@@ -29,10 +29,11 @@ Errors: the C ABI cannot raise; a failed ``ekv_malloc`` returns NULL (torch then
 ``torch.OutOfMemoryError`` for allocations routed through a ``MemPool``) and a failed
 ``ekv_free`` changes nothing; ``last_error()`` returns the message.
 
-Limits: CUDA graph capture is not supported (the free path records an event on the stream).
+Limits: CUDA graph capture is not supported (a handoff of freed blocks records an event).
 Inside a ``MemPool`` torch's caching allocator keeps freed tensors' segments cached in the
-pool, so ``trim()`` gives back what torch has released to us (``pause(tag)`` unmaps the
-pool's segments whole, cached parts included). The Python functions raise
+pool until the pool is destroyed; ``trim()`` drops the pools no ``mem_pool()`` block is using
+so that their cache comes back (see ``trim``; ``pause(tag)`` unmaps the pool's segments whole,
+cached parts included). The Python functions raise
 ``ValueError`` for bad input, ``MemoryError`` (``torch.OutOfMemoryError`` on CUDA) when memory
 runs out, ``RuntimeError`` for driver failures; each leaves the allocator as it was.
 """
@@ -138,6 +139,7 @@ class _TorchBridge:
         self.pluggable: Any = None
         self.installed = False
         self.pools: dict[tuple[int, str], Any] = {}
+        self.active: dict[tuple[int, str], int] = {}  # mem_pool() blocks open per pool, all threads
 
     def allocator(self) -> Any:
         with self.lock:
@@ -145,14 +147,36 @@ class _TorchBridge:
                 self.pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "ekv_malloc", "ekv_free")
             return self.pluggable
 
-    def pool(self, index: int, tag: str) -> Any:
+    def enter(self, index: int, tag: str) -> Any:
+        """The (index, tag) pool, made if needed, counted as in use until ``leave``."""
         alloc = self.allocator()
         with self.lock:
             pool = self.pools.get((index, tag))
             if pool is None:
                 pool = torch.cuda.MemPool(alloc.allocator())
                 self.pools[(index, tag)] = pool
+            self.active[(index, tag)] = self.active.get((index, tag), 0) + 1
             return pool
+
+    def leave(self, index: int, tag: str) -> None:
+        with self.lock:
+            n = self.active.get((index, tag), 0) - 1
+            if n > 0:
+                self.active[(index, tag)] = n
+            else:
+                self.active.pop((index, tag), None)
+
+    def drop_idle_pools(self) -> int:
+        """Forget the pools no mem_pool() block is using. torch gives a MemPool's cached blocks
+        back only when the pool is destroyed (its destructor empties its cache; blocks freed
+        after that go at the next empty_cache), so a pool kept here forever would keep what
+        its freed tensors left cached forever. The next mem_pool() makes a new one."""
+        with self.lock:
+            idle = [k for k in self.pools if self.active.get(k, 0) == 0]
+            dropped = [self.pools.pop(k) for k in idle]
+        n = len(dropped)
+        del dropped  # destroyed here unless a caller still holds the object mem_pool() yielded
+        return n
 
 
 _BRIDGE = _TorchBridge()
@@ -177,10 +201,22 @@ def install() -> None:
     torch allows the swap only before its CUDA allocator is initialised (the first CUDA tensor,
     ``torch.cuda.current_device()``, ...); called after that, raises RuntimeError saying so.
     Idempotent. Note: torch's ``memory_stats()``/``memory_snapshot()`` do not work with a
-    pluggable allocator; use this module's ``stats()``/``snapshot()``. torch's direct
-    pluggable path (torch 2.13) does not check the pointer an allocator returns, so a limit
-    that must surface as ``torch.OutOfMemoryError`` needs ``mem_pool()``, where torch's caching
-    allocator sees the NULL and raises.
+    pluggable allocator; use this module's ``stats()``/``snapshot()``.
+
+    Two hazards of torch's direct pluggable path (torch 2.13), which ``mem_pool()`` avoids:
+
+    * **Out of memory is not an error.** torch does not check the pointer ``ekv_malloc``
+      returns, so a NULL (device full, ``set_limit`` or the device budget reached) becomes a
+      tensor at address 0 and, at its first use, an illegal-address fault that kills the CUDA
+      context, not ``torch.OutOfMemoryError``. Before returning NULL the allocator waits for
+      the events of freed blocks and gives back every cached granule, and retries; nothing
+      safe can be returned past that. Under ``mem_pool()`` torch's caching allocator checks
+      the NULL and raises ``torch.OutOfMemoryError``: use it whenever a limit may be reached.
+    * **``Tensor.record_stream`` does nothing.** A block is reusable by the stream it was
+      freed on at once; a tensor also used on another stream must not be freed before that
+      stream's work on it is done (``torch.cuda.current_stream().wait_stream(side)`` or
+      ``side.synchronize()`` before the last reference goes). Under ``mem_pool()`` torch's
+      caching allocator honours ``record_stream`` itself.
     """
     _require_cuda("install()")
     if _BRIDGE.installed:
@@ -219,9 +255,12 @@ def mem_pool(tag: str | None = None, device: Any = None) -> Iterator[Any]:
         if _BRIDGE.installed:
             yield None
         else:
-            pool = _BRIDGE.pool(index, name)
-            with torch.cuda.use_mem_pool(pool, device=index):
-                yield pool
+            pool = _BRIDGE.enter(index, name)
+            try:
+                with torch.cuda.use_mem_pool(pool, device=index):
+                    yield pool
+            finally:
+                _BRIDGE.leave(index, name)
     finally:
         _C.allocator_set_thread_tag(prev)
 
@@ -230,11 +269,20 @@ def mem_pool(tag: str | None = None, device: Any = None) -> Iterator[Any]:
 
 
 def trim(device: Any = None) -> int:
-    """Give every cached, unused granule back to the driver now (waiting on free-time events
-    only); returns the bytes given back. ``device=None``: every device the allocator uses.
-    Blocks torch's caching allocator keeps inside a MemPool are released to us first
-    (``torch.cuda.empty_cache()``) when any MemPool is in use."""
+    """Give every cached, unused granule back to the driver now (waiting on the freed blocks'
+    events only); returns the bytes given back. ``device=None``: every device the allocator uses.
+
+    Under ``mem_pool()`` torch's caching allocator keeps freed tensors' memory cached in the
+    MemPool and gives it back only when the pool is destroyed. So trim first drops every
+    MemPool that no ``mem_pool()`` block (on any thread) is inside (the next ``mem_pool()``
+    makes a fresh one for its tag), then calls ``torch.cuda.empty_cache()``, and only then
+    trims this allocator. What it cannot give back: memory of tensors still alive (it comes
+    back once they are freed, at the next trim); the cache of a pool a ``mem_pool()`` block is
+    using right now, or whose object (what ``mem_pool()`` yields) the caller still holds (it
+    goes once the block ends or the object is dropped, at the next trim); and, after
+    ``install()``, whatever torch's own caching allocator holds beyond ``empty_cache()``."""
     if _BRIDGE.pools and torch.cuda.is_initialized():
+        _BRIDGE.drop_idle_pools()
         torch.cuda.empty_cache()
     total = 0
     for index in _devices(device):

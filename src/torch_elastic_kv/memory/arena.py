@@ -22,11 +22,14 @@ driver failures. A call that raises leaves the arena exactly as it was.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 
 from .._native import _C
 from .._util import is_int, parse_device, translate_oom
@@ -47,18 +50,87 @@ def _check_int(call: str, name: str, value: Any) -> int:
     return value
 
 
-class _CudaMemory:
-    """Exposes raw device memory through __cuda_array_interface__ so torch can wrap it."""
+# -- tensors over arena memory, through DLPack ---------------------------------------------------
+# A view may cover reserved but unmapped granules. torch's __cuda_array_interface__ import asks
+# the runtime which device a pointer is on (cudaPointerGetAttributes), which fails on such an
+# address with a bare device or an older torch; a DLPack capsule names the device itself and
+# torch's import (at::fromDLPack -> from_blob with that device) asks nothing.
 
-    def __init__(self, ptr: int, nbytes: int, owner: Arena) -> None:
-        self._owner = owner  # keeps the arena object alive as long as a view is
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "version": 3,
-            "strides": None,
-        }
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
+
+_KDL_CPU, _KDL_CUDA = 1, 2
+_KDL_UINT = 1
+# Capsules handed to torch and not yet deleted: key -> (struct, shape array, owner). The owner
+# (the Arena object) lives as long as any tensor over its memory.
+_LIVE_CAPSULES: dict[int, tuple[Any, Any, Any]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+@_DELETER
+def _dl_deleter(managed: Any) -> None:  # ctypes takes the GIL for it, from whichever thread torch frees on
+    with _LIVE_LOCK:
+        _LIVE_CAPSULES.pop(managed.contents.manager_ctx or 0, None)
+
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_next_capsule = itertools.count(1)
+
+
+def _dlpack_capsule(ptr: int, nbytes: int, device: torch.device, owner: Any) -> Any:
+    """A "dltensor" capsule: ``nbytes`` uint8 at ``ptr`` on ``device`` (its index explicit),
+    keeping ``owner`` alive until torch calls the deleter."""
+    shape = (ctypes.c_int64 * 1)(nbytes)
+    managed = _DLManagedTensor()
+    t = managed.dl_tensor
+    t.data = ptr
+    if device.type == "cuda":
+        t.device = _DLDevice(_KDL_CUDA, device.index if device.index is not None else 0)
+    else:
+        t.device = _DLDevice(_KDL_CPU, 0)
+    t.ndim = 1
+    t.dtype = _DLDataType(_KDL_UINT, 8, 1)
+    t.shape = shape
+    t.strides = None  # compact
+    t.byte_offset = 0
+    key = next(_next_capsule)
+    managed.manager_ctx = key
+    managed.deleter = _dl_deleter
+    with _LIVE_LOCK:
+        _LIVE_CAPSULES[key] = (managed, shape, owner)
+    return _PyCapsule_New(ctypes.addressof(managed), b"dltensor", None)
+
+
+def _tensor_over(ptr: int, nbytes: int, device: torch.device, owner: Any) -> torch.Tensor:
+    """uint8 tensor over [ptr, ptr + nbytes) on ``device``, built without any pointer query."""
+    return torch.utils.dlpack.from_dlpack(_dlpack_capsule(ptr, nbytes, device, owner))
 
 
 class Arena:
@@ -137,18 +209,41 @@ class Arena:
         with translate_oom(self._device):
             return self._impl.ensure_mapped(offset, nbytes)
 
-    def unmap(self, offset: int, nbytes: int, stream: int | torch.cuda.Stream | None = None) -> None:
+    def unmap(self, offset: int, nbytes: int, stream: Any = None) -> None:
         """Stop backing [offset, offset + nbytes); every granule of it must be mapped.
 
-        On CUDA the granules are unmapped once the work queued so far on ``stream`` has
-        finished (an event is recorded now; no device-wide synchronize). ``stream`` defaults to
-        torch's current stream for the arena's device. The physical handles go to the reuse
-        cache (within ``reuse_bytes``) or back to the driver.
+        On CUDA the granules are unmapped once the work queued so far on ``stream`` and on
+        every stream registered with ``add_stream`` has finished (an event is recorded on each
+        now; no device-wide synchronize). ``stream``: an int CUstream, a ``torch.cuda.Stream``,
+        a sequence of them, or None for torch's current stream on the arena's device (of the
+        calling thread: a grower thread's is not the model's, so register the model's streams).
+        The physical handles go to the reuse cache (within ``reuse_bytes``) or back to the driver.
         """
         _check_int("Arena.unmap", "offset", offset)
         _check_int("Arena.unmap", "nbytes", nbytes)
+        if isinstance(stream, (list, tuple)):
+            handles = [self._stream_handle(s, "unmap") for s in stream]
+        else:
+            handles = [self._stream_handle(stream, "unmap")]
         with translate_oom(self._device):
-            self._impl.unmap(offset, nbytes, self._stream_handle(stream))
+            self._impl.unmap(offset, nbytes, handles)
+
+    def add_stream(self, stream: Any) -> None:
+        """Register a stream that uses this arena's memory (an int CUstream or a
+        ``torch.cuda.Stream``): every later ``unmap``, from any thread, also waits for the work
+        queued on it. torch's side streams do not order with the default stream, so without
+        this an unmap from another thread could land while a kernel there still reads the
+        memory. At most 16 streams; registering one twice is a no-op. No effect on the host."""
+        self._impl.add_stream(self._stream_handle(stream, "add_stream", current=False))
+
+    def remove_stream(self, stream: Any) -> None:
+        """Forget a stream registered with ``add_stream``; ValueError if it is not registered."""
+        self._impl.remove_stream(self._stream_handle(stream, "remove_stream", current=False))
+
+    @property
+    def streams(self) -> list[int]:
+        """The registered streams (``add_stream``), as int CUstream handles."""
+        return list(self._impl.streams)
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """True if every granule of [offset, offset + nbytes) is mapped."""
@@ -203,8 +298,7 @@ class Arena:
             )
         if nbytes == 0:
             return torch.empty(shape_t, dtype=dtype, device=self._device)
-        raw = torch.as_tensor(_CudaMemory(ptr, nbytes, self), device=self._device)
-        return raw.view(dtype).view(shape_t)
+        return _tensor_over(ptr, nbytes, self._device, self).view(dtype).view(shape_t)
 
     def host_view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
         """A CPU tensor over the arena's memory, for backends whose memory the CPU can touch.
@@ -246,21 +340,22 @@ class Arena:
     def _host_tensor(self, ptr: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = (ctypes.c_ubyte * nbytes).from_address(ptr)
-        buf._ekv_owner = self  # the tensor keeps the buffer, the buffer keeps the arena object
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+        return _tensor_over(ptr, nbytes, torch.device("cpu"), self).view(dtype).view(shape)
 
-    def _stream_handle(self, stream: Any) -> int:
-        if stream is None:
+    def _stream_handle(self, stream: Any, call: str = "unmap", current: bool = True) -> int:
+        if stream is None and current:
             if self._device.type == "cuda" and not self._impl.host_accessible and torch.cuda.is_available():
                 return torch.cuda.current_stream(self._device).cuda_stream
             return 0
         if isinstance(stream, int) and not isinstance(stream, bool):
+            if not 0 <= stream < 1 << 64:
+                raise ValueError(f"Arena.{call}: stream {stream} is not a CUstream handle")
             return stream
         handle = getattr(stream, "cuda_stream", None)
         if isinstance(handle, int):
             return handle
-        raise TypeError(f"Arena.unmap: stream must be None, an int CUstream or a torch.cuda.Stream, got {stream!r}")
+        what = "None, an int CUstream" if current else "an int CUstream"
+        raise TypeError(f"Arena.{call}: stream must be {what} or a torch.cuda.Stream, got {stream!r}")
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
