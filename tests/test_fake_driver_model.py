@@ -90,24 +90,25 @@ def test_memory_held_by_others_is_not_free_and_cannot_be_created(fake_cuda: Fake
 def test_a_latency_slows_its_function_outside_the_driver_lock(fake_cuda: FakeCuda) -> None:
     with Arena(16 * MiB, device="cuda", reuse_bytes=0) as a:
         g = a.granularity
-        fake_cuda.set_latency("cuMemCreate", 0.2)
-        t0 = time.perf_counter()
-        other: list[float] = []
+        fake_cuda.set_latency("cuMemCreate", 1.0)
+        order: list[str] = []
+        map_seconds: list[float] = []
 
-        def query() -> None:  # another thread's driver call is not held up by the sleep
-            time.sleep(0.05)
-            t = time.perf_counter()
-            a.stats()
-            fake_cuda.live_handles()  # takes the driver's lock
-            other.append(time.perf_counter() - t)
+        def mapper() -> None:
+            t0 = time.perf_counter()
+            a.map(0, g)
+            map_seconds.append(time.perf_counter() - t0)
+            order.append("map")
 
-        th = threading.Thread(target=query)
+        th = threading.Thread(target=mapper)
         th.start()
-        a.map(0, g)
-        elapsed = time.perf_counter() - t0
+        time.sleep(0.1)  # the map is now asleep inside cuMemCreate, 0.9 s from done
+        fake_cuda.live_handles()  # takes the driver's lock: not held across the sleep
+        order.append("query")
         th.join()
-        assert elapsed >= 0.2
-        assert other and other[0] < 0.15
+        # the query finished while the map still slept (ordering, not a time threshold)
+        assert order == ["query", "map"]
+        assert map_seconds[0] >= 1.0  # the latency was paid by the slowed call
         fake_cuda.set_latency("cuMemCreate", 0)
         with pytest.raises(ValueError, match="seconds=-1"):
             fake_cuda.set_latency("cuMemCreate", -1)
