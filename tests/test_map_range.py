@@ -181,3 +181,32 @@ def test_fake_set_access_needs_every_byte_mapped(fake_cuda: FakeCuda) -> None:
         finally:
             fake_cuda.set_current_context(previous)
             lib.cuDevicePrimaryCtxRelease_v2(0)
+
+
+def test_gpu_check_map_range_step_in_a_dry_run(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch_elastic_kv.testing import fake_cuda_path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EKV_LIBCUDA": fake_cuda_path(), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path), "--dry-run", "--quick"]
+    proc = subprocess.run(
+        [*cmd, "--no-build", "--steps", "map_range"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu_results.json").read_text())["steps"]["map_range"]
+    assert r["status"] == "ok"
+    n = r["reused_per_granule"]["granules"]
+    assert n == 8  # the dry run's 16 MiB arena
+    for h in ("created", "reused"):
+        # counted by the fake driver: one call per granule before, one per run after
+        assert (r[f"{h}_per_granule"]["set_access_calls"], r[f"{h}_per_run"]["set_access_calls"]) == (n, 1)
+        assert r[f"{h}_per_run"]["set_access_counted"] is True
+        assert r[f"{h}_per_run"]["us_per_granule"]["n"] == 5
+    assert r["verified_bytes"] == 16 << 20
+    assert "map 8 granules, reused handles: set-access per granule / per run" in proc.stdout
