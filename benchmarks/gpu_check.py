@@ -12,7 +12,9 @@ Steps, each guarded (a failing step records its error in the json and the rest s
 2. ``driver``: per-handle cost of each driver VMM call (reserve, create, map, set-access,
    unmap, release) through the cuda backend's own function table (``_C.probe_driver``);
    ``arena``: grow/shrink latency of an Arena with and without handle reuse, plus a
-   write/read-back through a torch view of the mapped memory;
+   write/read-back through a torch view of the mapped memory; ``map_range``: one map of a
+   multi-granule range with one cuMemSetAccess per granule (the old call pattern) vs one per
+   run, created and reused handles (set-access calls and time per granule);
 3. ``allocator``: malloc+free pairs/s through the C ABI and through torch (``mem_pool``)
    against torch's caching allocator; ``trim()`` of 8 GiB freed memory;
 4. ``engine``: a 1B-class Llama (random weights, bfloat16) on the Engine with an elastic and
@@ -438,6 +440,90 @@ def _check_view(arena: Any, device: str) -> int:
         arena.unmap(0, nbytes)
         arena.trim(wait=True)
     return nbytes
+
+
+# ---------------------------------------------------------------------------------- step 2a --
+def step_map_range(s: Settings, args: argparse.Namespace) -> dict:
+    """One map of a multi-granule range: one cuMemSetAccess per granule (one-granule maps, the
+    arena's old call pattern) vs one per run (Backend::map_range), with created and with
+    reused handles; then a torch write/read-back through a range mapped as one run."""
+    from torch_elastic_kv import Arena
+
+    fake = None
+    if not cuda_real():
+        from torch_elastic_kv.testing import FakeCuda
+
+        fake = FakeCuda(os.environ.get("EKV_LIBCUDA"))
+    out: dict[str, Any] = {}
+    for reuse in (False, True):
+        arena = Arena(s.arena_bytes, s.device, reuse_bytes=s.arena_bytes if reuse else 0)
+        try:
+            cap, gran = arena.capacity, arena.granularity
+            granules = cap // gran
+            for per_run in (False, True):
+                times, calls = [], []
+                for r in range(s.arena_rounds + 1):  # round 0 fills the cache (reuse)
+                    before = fake.calls("cuMemSetAccess") if fake else 0
+                    t0 = time.perf_counter()
+                    if per_run:
+                        arena.map(0, cap)
+                    else:
+                        for k in range(granules):
+                            arena.map(k * gran, gran)
+                    dt = time.perf_counter() - t0
+                    if r > 0:
+                        times.append(dt / granules * 1e6)
+                        if fake:
+                            calls.append(fake.calls("cuMemSetAccess") - before)
+                    synchronize(s.device)
+                    arena.unmap(0, cap)
+                    if reuse:  # the driver unmaps done, handles cached
+                        deadline = time.monotonic() + 10
+                        while arena.stats()["pending_bytes"] and time.monotonic() < deadline:
+                            arena.poll()
+                    else:
+                        arena.trim(wait=True)
+                key = f"{'reused' if reuse else 'created'}_{'per_run' if per_run else 'per_granule'}"
+                out[key] = {
+                    "granules": granules,
+                    "us_per_granule": summary(times),
+                    # counted by the fake driver; on a GPU, by construction: one per map call
+                    "set_access_calls": statistics.median(calls) if calls else (1 if per_run else granules),
+                    "set_access_counted": fake is not None,
+                }
+            if reuse:
+                out["verified_bytes"] = _check_view(arena, s.device)  # one run, one access call
+        finally:
+            arena.close()
+    for h in ("created", "reused"):
+        out[f"{h}_saved_us_per_granule"] = (
+            out[f"{h}_per_granule"]["us_per_granule"]["median"] - out[f"{h}_per_run"]["us_per_granule"]["median"]
+        )
+    if fake and out["reused_per_run"]["set_access_calls"] != 1:
+        raise StepFailed(f"a one-range map made {out['reused_per_run']['set_access_calls']} cuMemSetAccess calls", out)
+    return out
+
+
+def _map_range_rows(st: dict) -> list[list[str]]:
+    r = st.get("map_range", {})
+    if r.get("status") != "ok":
+        return [["map_range (set-access per run)", r.get("status", "not run"), "-", (r.get("error") or "-")[:60]]]
+    rows = []
+    for h in ("created", "reused"):
+        g, run = r[f"{h}_per_granule"], r[f"{h}_per_run"]
+        rows.append(
+            [
+                f"map {g['granules']} granules, {h} handles: set-access per granule / per run",
+                f"{_fmt(g['us_per_granule']['median'], ' us')} / {_fmt(run['us_per_granule']['median'], ' us')}"
+                f" per granule ({g['set_access_calls']:.0f} / {run['set_access_calls']:.0f} calls)",
+                "per run below per granule" if h == "reused" else "-",
+                # created handles: cuMemCreate dominates, the saving is within its noise
+                ("ok" if run["us_per_granule"]["median"] < g["us_per_granule"]["median"] else "MISS")
+                if h == "reused"
+                else "-",
+            ]
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------- step 3 ---
@@ -999,6 +1085,7 @@ STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("gpu_tests", step_gpu_tests),
     ("driver", step_driver),
     ("arena", step_arena),
+    ("map_range", step_map_range),
     ("allocator", step_allocator),
     ("parity", step_parity),
     ("engine", step_engine),
@@ -1194,6 +1281,7 @@ def build_table(res: dict) -> list[list[str]]:
                 "-",
             ]
         )
+    rows += _map_range_rows(st)
     if status_row("allocator", "allocator"):
         al = st["allocator"]
         rows.append(

@@ -176,64 +176,48 @@ Status Arena::map_locked(const char* call, std::size_t offset, std::size_t nbyte
     EKV_RETURN_IF_ERROR(charge_locked(new_bytes, call_text(call, offset, nbytes)));
   }
 
-  // Back the unmapped granules one by one; remember each step so a failure can undo them.
-  struct Step {
-    std::size_t granule;
-    PhysHandle handle;
-    bool created;
-  };
-  std::vector<Step> done;
-  done.reserve(need);
-  std::size_t cache_taken = 0;
-  std::size_t created = 0;    // created and mapped
-  std::size_t attempted = 0;  // created, mapped or not
+  // Handles first (cached ones, then created), then one backend map_range per run of
+  // consecutive unmapped granules, so a device pays one access call per run rather than one
+  // per granule. What a failure leaves is undone: runs mapped so far are unmapped, created
+  // handles released; cached handles were only read and stay cached.
+  std::vector<std::size_t> targets;  // the unmapped granules, ascending
+  targets.reserve(need);
+  for (std::size_t i = first; i < first + span; ++i) {
+    if (granules_[i].state == State::kUnmapped) targets.push_back(i);
+  }
+  std::vector<PhysHandle> handles(targets.size());
+  for (std::size_t k = 0; k < from_cache; ++k) handles[k] = cache_[cache_.size() - 1 - k];
+  std::size_t created = 0;  // handles[from_cache, from_cache + created) came from create
+  std::size_t mapped = 0;   // targets[0, mapped) are mapped
   Status failure;
-  for (std::size_t i = first; i < first + span && failure.ok(); ++i) {
-    if (granules_[i].state != State::kUnmapped) continue;
-    Step step{i, 0, false};
-    if (cache_taken < from_cache) {
-      step.handle = cache_[cache_.size() - 1 - cache_taken];
-    } else {
-      Status st = backend_->create(granularity_, &step.handle);
-      if (!st.ok()) {
-        failure = st;
-        break;
-      }
-      step.created = true;
-      ++attempted;
-    }
-    Status st = backend_->map(addr_of(i), granularity_, step.handle);
-    if (!st.ok()) {
-      // Undo, best effort: the map failure is the error to report.
-      if (step.created) backend_->release(step.handle, granularity_).IgnoreError();
-      failure = st;
-      break;
-    }
-    if (step.created)
-      ++created;
-    else
-      ++cache_taken;
-    done.push_back(step);
+  for (std::size_t k = from_cache; k < targets.size(); ++k) {
+    failure = backend_->create(granularity_, &handles[k]);
+    if (!failure.ok()) break;
+    ++created;
+  }
+  while (failure.ok() && mapped < targets.size()) {
+    std::size_t run = 1;
+    while (mapped + run < targets.size() && targets[mapped + run] == targets[mapped] + run) ++run;
+    failure = backend_->map_range(addr_of(targets[mapped]), &handles[mapped], run);
+    if (failure.ok()) mapped += run;
   }
 
   if (!failure.ok()) {
-    // Undo in reverse; cached handles stay where they were (only taken by index above).
-    for (auto it = done.rbegin(); it != done.rend(); ++it) {
-      // Best effort, like the undo above: the failure that started it is the one reported.
-      backend_->unmap(addr_of(it->granule), granularity_).IgnoreError();
-      if (it->created) backend_->release(it->handle, granularity_).IgnoreError();
-    }
+    // Best effort, like every undo: the failure that started it is the one reported.
+    for (std::size_t k = mapped; k > 0; --k) backend_->unmap(addr_of(targets[k - 1]), granularity_).IgnoreError();
+    for (std::size_t k = 0; k < created; ++k) backend_->release(handles[from_cache + k], granularity_).IgnoreError();
     if (new_bytes > 0) budget_->uncharge(new_bytes);
-    s_.creates += attempted;  // they happened, and were released again
-    s_.releases += attempted;
+    s_.creates += created;  // they happened, and were released again
+    s_.releases += created;
     return Status(failure.code(), call_text(call, offset, nbytes) + ": " + failure.message() + " (nothing was mapped)");
   }
+  const std::size_t cache_taken = from_cache;
 
   // Commit.
   cache_.resize(cache_.size() - cache_taken);
-  for (const Step& step : done) {
-    granules_[step.granule].state = State::kMapped;
-    granules_[step.granule].handle = step.handle;
+  for (std::size_t k = 0; k < targets.size(); ++k) {
+    granules_[targets[k]].state = State::kMapped;
+    granules_[targets[k]].handle = handles[k];
   }
   for (std::size_t i = first; i < first + span; ++i) {
     if (granules_[i].state == State::kPending) granules_[i].state = State::kMapped;

@@ -55,6 +55,22 @@ class Backend {
   }
   // Map (and make read-write) a handle at addr; on failure nothing stays mapped.
   virtual Status map(std::uintptr_t addr, std::size_t nbytes, PhysHandle handle) = 0;
+  // Map handles[k] (one granule each) at addr + k * granularity for k < count, and make the
+  // whole run read-write; on failure nothing of the run stays mapped. The default maps granule
+  // by granule; a backend whose access call may span several mappings overrides it with one
+  // access call per run (on CUDA that call costs as much as the map itself).
+  virtual Status map_range(std::uintptr_t addr, const PhysHandle* handles, std::size_t count) {
+    const std::size_t g = caps().granularity;
+    for (std::size_t k = 0; k < count; ++k) {
+      Status st = map(addr + k * g, g, handles[k]);
+      if (!st.ok()) {
+        // Best effort: the map failure is the error to report.
+        for (std::size_t j = k; j > 0; --j) unmap(addr + (j - 1) * g, g).IgnoreError();
+        return st;
+      }
+    }
+    return Status::Ok();
+  }
   virtual Status unmap(std::uintptr_t addr, std::size_t nbytes) = 0;
   virtual Status release(PhysHandle handle, std::size_t nbytes) = 0;
 

@@ -91,6 +91,36 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  // cuMemMap each granule, then one cuMemSetAccess over the run: the driver accepts a range
+  // that spans several mappings as long as every byte of it is mapped.
+  Status map_range(std::uintptr_t addr, const PhysHandle* handles, std::size_t count) override {
+    CtxScope scope(this);
+    EKV_RETURN_IF_ERROR(scope.status);
+    const std::size_t g = caps_.granularity;
+    auto undo = [&](std::size_t mapped) {
+      // Best effort, one granule at a time (each unmap covers exactly one earlier map).
+      for (std::size_t j = mapped; j > 0; --j) drv_->MemUnmap(static_cast<CUdeviceptr>(addr + (j - 1) * g), g);
+    };
+    for (std::size_t k = 0; k < count; ++k) {
+      CUresult rc = drv_->MemMap(static_cast<CUdeviceptr>(addr + k * g), g, 0,
+                                 static_cast<CUmemGenericAllocationHandle>(handles[k]), 0);
+      if (rc != CUDA_SUCCESS) {
+        undo(k);
+        return from_cu("cuMemMap", rc);
+      }
+    }
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = index_;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CUresult rc = drv_->MemSetAccess(static_cast<CUdeviceptr>(addr), count * g, &access, 1);
+    if (rc != CUDA_SUCCESS) {
+      undo(count);  // all or nothing: no mapping without access survives
+      return from_cu("cuMemSetAccess(size=" + std::to_string(count * g) + ")", rc);
+    }
+    return Status::Ok();
+  }
+
   Status unmap(std::uintptr_t addr, std::size_t nbytes) override {
     CtxScope scope(this);
     EKV_RETURN_IF_ERROR(scope.status);

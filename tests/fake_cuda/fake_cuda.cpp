@@ -5,7 +5,9 @@
 //   cuMemAddressReserve  -> mmap(PROT_NONE) reservation
 //   cuMemCreate          -> one memfd per handle, committed with fallocate
 //   cuMemMap             -> mmap(MAP_SHARED|MAP_FIXED) of the memfd, still PROT_NONE
-//   cuMemSetAccess       -> mprotect(READ|WRITE)
+//   cuMemSetAccess       -> mprotect(READ|WRITE); the range may span several mappings but every
+//                           byte of it must be mapped (the driver's rule); the fake is stricter
+//                           and wants whole mappings
 //   cuMemUnmap           -> back to a PROT_NONE reservation
 // It checks what the real driver checks (alignment, reservation bounds, overlapping maps, a
 // current context: torch may call the allocator from threads where none is current, so every

@@ -3,11 +3,25 @@
 Every step begins with ``before_step`` (poll the pressure hook; if the budget is now below
 what requests hold, preempt until it fits, then shrink) and ends with ``after_step`` (one
 ``ElasticPolicy`` decision: grow ahead of demand, or, after the policy's idle hysteresis,
-shrink). A shrink gives back empty chunks, compacts live pages into fewer chunks, gives back
-again and trims the arenas' reuse caches, so the memory reaches the driver/OS. A grow maps
-chunks ahead of need — on CUDA from the background thread, so the step never waits on the
-driver; on CPU at the end of the step before the one that needs the pages. While nobody
-steps, the background thread keeps ticking, which is how an idle engine gives memory back.
+shrink). A shrink gives back empty chunks, compacts live pages into fewer chunks and gives
+back again. A grow maps chunks ahead of need — on CUDA from the background thread, so the
+step never waits on the driver; on CPU at the end of the step before the one that needs the
+pages. The background grower holds no lock while the driver maps (the pool reserves its
+chunks, maps them unlocked and commits them), so ``schedule()``/``postprocess()`` proceed
+meanwhile. While nobody steps, the background thread keeps ticking, which is how an idle
+engine gives memory back.
+
+When is memory given back to the driver/OS?
+
+* On CUDA a shrink unmaps chunks but the arenas keep up to ``reuse_bytes`` of their physical
+  handles, so the next grow maps them again instead of paying ``cuMemCreate`` (~200 us per
+  2 MiB). That reuse allowance is released (``pool.trim()``) on a budget cut
+  (``set_budget`` lowering the budget), when the pressure hook lowers the budget, on close,
+  and once nothing has run or waited for ``release_idle_seconds`` (default 4 x the policy's
+  ``idle_seconds``).
+* On CPU every shrink releases at once, as before: the idle shrink is when CPU users expect
+  RSS to fall, and the host backend's commit (``fallocate``) is not the expensive call that
+  ``cuMemCreate`` is.
 
 ``set_budget`` changes the ceiling at once (preempting what no longer fits); a budget cut
 or a failed grow never drops a request: preempted requests are swapped or recomputed later.
@@ -36,7 +50,9 @@ class MemoryController:
 
     ``pool`` is the Engine's page pool, ``backend`` the scheduler's view of pages held;
     ``step_lock`` serialises steps and budget changes, ``pool_lock`` guards the pool's
-    bookkeeping between the step and the background thread.
+    bookkeeping between the step and the background thread. ``release_idle_seconds``: how
+    long nothing runs or waits before the reuse caches are released (CUDA; default 4 x the
+    policy's ``idle_seconds``; see the module docstring).
     """
 
     def __init__(
@@ -49,6 +65,7 @@ class MemoryController:
         step_lock: threading.RLock,
         pool_lock: threading.RLock,
         grow_in_background: bool,
+        release_idle_seconds: Optional[float] = None,
     ) -> None:
         self.pool = pool
         self.policy = policy
@@ -62,6 +79,18 @@ class MemoryController:
         self.reserved_bytes = int(pstats["reserved_bytes"])
         policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes, int(pstats["max_bytes"]))
         self.async_grow = grow_in_background
+        if release_idle_seconds is None:
+            release_idle_seconds = 4 * policy.idle_seconds
+        if not isinstance(release_idle_seconds, (int, float)) or release_idle_seconds < 0:
+            raise ValueError(f"MemoryController: release_idle_seconds must be >= 0, got {release_idle_seconds!r}")
+        self.release_idle_seconds = float(release_idle_seconds)
+        # Keep the arenas' reuse caches across shrinks where creating a handle is expensive.
+        # (Stand-in pools without a device are CPU pools.)
+        device = getattr(pool, "device", None)
+        self.keep_reuse = device is not None and torch.device(device).type == "cuda"
+        self.cache_releases = 0
+        self._busy_at = policy.clock()  # last tick with demand (or a grow)
+        self._cache_kept = False  # a shrink kept handles that the idle release has not released
         self.grow_events = 0
         self.shrink_events = 0
         self.compact_events = 0
@@ -121,7 +150,9 @@ class MemoryController:
 
     def _enforce_budget(self) -> int:
         """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
+        before = self.policy.budget_bytes
         changed = self.policy.poll_pressure()
+        cut = _lowered(before, self.policy.budget_bytes)
         budget = self.policy.budget_pages(self.pool.max_pages)
         n = 0
         if self.backend.live_pages() > budget:
@@ -130,17 +161,19 @@ class MemoryController:
             changed = True
         if changed:
             with self._pool_lock:
-                self.shrink_to(min(budget, self.resident_pages()))
+                # pressure means someone else needs the memory: the reuse caches go too
+                self.shrink_to(min(budget, self.resident_pages()), release=cut)
                 self.apply_pool_budget()
         return n
 
     def set_budget(self, nbytes: Optional[int]) -> int:
         """Set the policy's budget and enforce it now; returns the requests preempted."""
+        before = self.policy.budget_bytes
         self.policy.set_budget(nbytes)
         budget = self.policy.budget_pages(self.pool.max_pages)
         with self._pool_lock:
             n = len(self.scheduler.preempt_until(budget))
-            self.shrink_to(min(budget, self.resident_pages()))
+            self.shrink_to(min(budget, self.resident_pages()), release=_lowered(before, self.policy.budget_bytes))
             self.apply_pool_budget()
         return n
 
@@ -148,9 +181,15 @@ class MemoryController:
         """One policy decision; grows go to the background thread (when it grows), shrinks
         happen here."""
         with self._pool_lock:
-            d = self.policy.decide(self.demand(), self.resident_pages(), self.pool.max_pages, self.chunk_pages)
+            demand = self.demand()
+            d = self.policy.decide(demand, self.resident_pages(), self.pool.max_pages, self.chunk_pages)
             if d.action == "shrink":
                 self.shrink_to(d.target_pages)
+            now = self.policy.clock()
+            if demand or d.action == "grow":
+                self._busy_at = now
+            elif self._cache_kept and now - self._busy_at >= self.release_idle_seconds:
+                self.release_cache()
         if d.action == "grow":
             if self.async_grow and self._thread is not None:
                 with self._cv:
@@ -167,27 +206,47 @@ class MemoryController:
         return self.tick()
 
     def grow_to(self, target_pages: int) -> None:
-        """Map chunks until ``target_pages`` pages are resident (within the budget)."""
+        """Map chunks until ``target_pages`` pages are resident (within the budget).
+
+        The figures are read under ``pool_lock``; the mapping is not (the pool maps outside
+        its own lock too), so a background grow does not hold up the step."""
         with self._pool_lock:
             resident = self.resident_pages()
             live = self.backend.live_pages()
             target = min(target_pages, self.policy.budget_pages(self.pool.max_pages))
             if target <= resident:
                 return
-            try:
-                # reserve_pages(n): n free pages resident beyond the live ones
-                self.pool.reserve_pages(max(0, target - live))
-            except (MemoryError, torch.OutOfMemoryError):
-                return  # the device is short: allocation in the step will say so if it matters
-            if self.resident_pages() > resident:
-                self.grow_events += 1
+        try:
+            # reserve_pages(n): n free pages resident beyond the live ones
+            self.pool.reserve_pages(max(0, target - live))
+        except (MemoryError, torch.OutOfMemoryError):
+            return  # the device is short: allocation in the step will say so if it matters
+        if self.resident_pages() > resident:
+            self.grow_events += 1
 
-    def shrink_to(self, keep_pages: int) -> None:
-        """Give back empty chunks, compact, give back again; keep ``keep_pages`` resident."""
+    def release_cache(self) -> int:
+        """Give the arenas' reuse caches back to the driver (CUDA pools; a CPU pool's shrinks
+        release them already); returns the bytes released."""
+        if not self.keep_reuse:
+            return 0
+        with self._pool_lock:
+            released = self.pool.release_cached()
+            self._cache_kept = False
+            if released:
+                self.cache_releases += 1
+            return released
+
+    def shrink_to(self, keep_pages: int, release: bool = False) -> None:
+        """Give back empty chunks, compact, give back again; keep ``keep_pages`` resident.
+
+        The unmapped handles stay in the arenas' reuse caches on CUDA unless ``release`` (see
+        the module docstring); on CPU they are always released."""
         before = self.resident_bytes()
         live = self.backend.live_pages()
         keep = max(keep_pages, live)
         if self.resident_pages() - keep < self.chunk_pages:
+            if release:
+                self.release_cache()
             return  # not a whole chunk to give back
         self.pool.shrink(keep)
         if self.resident_pages() - keep >= self.chunk_pages:
@@ -196,9 +255,13 @@ class MemoryController:
             self.pool.compact()
             if self.pool.stats()["compactions"] > compactions:
                 self.compact_events += 1
-        # give the unmapped memory back to the driver/OS rather than to the arenas' reuse
-        # cache: shrinks are rare (hysteresis) and happen because someone else may need it
-        self.pool.trim()
+        if not self.keep_reuse:
+            self.pool.trim()
+        elif release:
+            self.release_cache()
+        else:
+            self.pool.poll()  # finished unmaps go to the reuse caches (within reuse_bytes)
+            self._cache_kept = True
         # compact() and trim() give back every empty chunk; keep what the policy asked for
         if self.resident_pages() < keep:
             try:
@@ -269,5 +332,11 @@ class MemoryController:
             "bytes_given_back": self.bytes_given_back,
             "policy_seconds": self.policy_seconds,
             "background_errors": self.background_errors,
+            "cache_releases": self.cache_releases,
             "background_last_error": self.last_error,
         }
+
+
+def _lowered(before: Optional[int], after: Optional[int]) -> bool:
+    """Whether a budget went down (None is unlimited)."""
+    return after is not None and (before is None or after < before)

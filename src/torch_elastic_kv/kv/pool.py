@@ -12,6 +12,18 @@ Layouts (measured in benchmarks/RESULTS.md, "KV page pool and cache"):
 * ``"layer-major"``: one arena per layer and K/V (``2 * layers`` arenas), each page
   ``[page_tokens, kv_heads, head_dim]`` contiguous. Per-layer reads are contiguous, but every
   growth step maps one chunk in each of the ``2 * layers`` arenas.
+
+Growing outside the lock: ``reserve_pages`` (the grower's call) picks its chunks under the
+pool's lock, maps them with the lock released, and marks them mapped under it again, so
+``alloc``/``free``/``stats``/``shrink``/``compact`` on other threads do not wait for the driver.
+One such grow runs at a time; its chunks are neither usable nor unmappable until it commits
+(they are not "mapped" to the placement yet), and a failed map gives them back unmapped.
+Calls that must map themselves (an ``alloc`` beyond the mapped slots, ``set_max_bytes``,
+``close``) first wait for a grow in flight to finish.
+
+When memory goes back: ``shrink``/``compact`` unmap empty chunks; the arenas keep up to
+``reuse_bytes`` of the unmapped physical handles for the next grow (a CUDA ``cuMemCreate``
+is the expensive call); ``trim`` releases those too, down to what is mapped.
 """
 
 from __future__ import annotations
@@ -108,6 +120,10 @@ class KVPagePool:
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
             raise ValueError(f"KVPagePool: dtype must be a torch floating dtype, got {dtype!r}")
         self._lock = threading.RLock()  # see _locked
+        # A grow mapping outside the lock (reserve_pages): its chunks, and the condition that
+        # calls which must not overlap it wait on.
+        self._growing: list[int] = []
+        self._grow_done = threading.Condition(self._lock)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -158,7 +174,10 @@ class KVPagePool:
         num_chunks = min(a.capacity for a in arenas) // self.geometry.chunk_bytes
         self._placement = PagePlacement(num_chunks, self.geometry.pages_per_chunk)
         self.max_pages = self._placement.max_pages
-        self._planes = [self._make_plane(a) for a in arenas]
+        # The fake test driver's "device" memory is host memory: its planes are CPU tensors.
+        fake = arenas[0].backend == "cuda(fake)"
+        self._data_device = torch.device("cpu") if fake else self.device
+        self._planes = [self._make_plane(a, fake) for a in arenas]
         self._listeners: list[MoveListener | weakref.WeakMethod] = []  # see add_move_listener
         self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
         self._closed = False
@@ -170,10 +189,10 @@ class KVPagePool:
             )
 
     # -- views -----------------------------------------------------------------------------
-    def _make_plane(self, a: _arena.Arena) -> _Plane:
+    def _make_plane(self, a: _arena.Arena, host: bool = False) -> _Plane:
         g = self.geometry
         stride = g.page_stride // self.element_size
-        flat = a.view(self.dtype, (self.max_pages * stride,))
+        flat = (a.host_view if host else a.view)(self.dtype, (self.max_pages * stride,))
         page_strides = []
         acc = 1
         for size in reversed(self._page_shape):
@@ -265,6 +284,9 @@ class KVPagePool:
             raise ValueError(f"KVPagePool.alloc: n must be an int >= 0, got {n!r}")
         if n == 0:
             return []
+        if n > self._placement.mapped_free_slots():
+            self._wait_for_grow()  # its chunks may be the ones this needs
+            self._check_open("alloc")
         self._ensure_mapped_slots(n, "alloc")
         return self._placement.take(n)
 
@@ -274,15 +296,41 @@ class KVPagePool:
         self._check_open("free")
         self._placement.give([int(i) for i in ids])
 
-    @_locked
     def reserve_pages(self, n: int) -> None:
-        """Map chunks now so that ``n`` more pages can be allocated without mapping."""
-        self._check_open("reserve_pages")
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"KVPagePool.reserve_pages: n must be an int >= 0, got {n!r}")
-        self._ensure_mapped_slots(n, "reserve_pages")
+        """Map chunks now so that ``n`` more pages can be allocated without mapping.
+
+        The mapping runs outside the pool's lock (see the module docstring): other threads'
+        pool calls proceed meanwhile, and the pages become allocatable when it returns.
+        """
+        with self._lock:
+            self._check_open("reserve_pages")
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"KVPagePool.reserve_pages: n must be an int >= 0, got {n!r}")
+            self._wait_for_grow()
+            self._check_open("reserve_pages")
+            chunks = self._plan_chunks(n, "reserve_pages")
+            if not chunks:
+                return
+            self._growing = chunks
+        try:
+            self._map_planes(chunks)  # all or nothing: on an error nothing of it stays mapped
+            with self._lock:
+                self._commit_chunks(chunks)
+        finally:
+            with self._lock:
+                self._growing = []
+                self._grow_done.notify_all()
+
+    def _wait_for_grow(self) -> None:
+        """Wait (lock released meanwhile) until no grow maps outside the lock. Caller holds it."""
+        while self._growing:
+            self._grow_done.wait()
 
     def _ensure_mapped_slots(self, n: int, what: str) -> None:
+        self._map_chunks(self._plan_chunks(n, what))
+
+    def _plan_chunks(self, n: int, what: str) -> list[int]:
+        """The chunks to map so ``n`` more pages fit; out-of-memory error beyond the budget."""
         p = self._placement
         chunks = p.chunks_to_map_for(n)
         need_chunks = ceil_div(max(n - p.mapped_free_slots(), 0), p.pages_per_chunk)
@@ -296,10 +344,16 @@ class KVPagePool:
                     f"(resident {self.resident_bytes}, live {p.live_pages * self.page_bytes} bytes)"
                 ),
             )
-        self._map_chunks(chunks)
+        return chunks
 
     def _map_chunks(self, chunks: list[int]) -> None:
-        """Map ``chunks`` in every plane, all or nothing."""
+        """Map ``chunks`` in every plane, all or nothing, and mark them mapped."""
+        self._map_planes(chunks)
+        self._commit_chunks(chunks)
+
+    def _map_planes(self, chunks: list[int]) -> None:
+        """Map ``chunks`` in every plane, all or nothing (the placement is not touched, so this
+        may run without the lock on chunks nobody else can reach)."""
         g = self.geometry
         done: list[tuple[_Plane, int]] = []
         try:
@@ -321,6 +375,8 @@ class KVPagePool:
             for plane, c in reversed(done):
                 plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
             raise
+
+    def _commit_chunks(self, chunks: list[int]) -> None:
         for c in chunks:
             self._placement.mark_mapped(c)
         if chunks:
@@ -407,8 +463,8 @@ class KVPagePool:
             raise
 
     def _copy_pages(self, src: list[int], dst: list[int]) -> None:
-        s = torch.tensor(src, dtype=torch.long, device=self.device)
-        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        s = torch.tensor(src, dtype=torch.long, device=self._data_device)
+        d = torch.tensor(dst, dtype=torch.long, device=self._data_device)
         for plane in self._planes:
             plane.raw.index_copy_(0, d, plane.raw.index_select(0, s))
 
@@ -447,16 +503,42 @@ class KVPagePool:
 
     @_locked
     def trim(self) -> int:
-        """Unmap every empty chunk above min_bytes and release the arenas' cached handles.
+        """Unmap every empty chunk above min_bytes and release the arenas' cached handles
+        (waiting for the device to finish with what was unmapped), so that the pool holds
+        exactly what is mapped.
 
         Returns the physical bytes the arenas gave back (mapped + cached, before minus after).
         """
         self._check_open("trim")
         before = self._physical_bytes()
         self.shrink(0)
+        self.release_cached()
+        return before - self._physical_bytes()
+
+    @_locked
+    def release_cached(self) -> int:
+        """Release the arenas' reuse caches (waiting for the device to finish with what was
+        unmapped), leaving every mapped chunk mapped. Returns the bytes given back."""
+        self._check_open("release_cached")
+        before = self._physical_bytes()
         for plane in self._planes:
             plane.arena.trim(wait=True)
         return before - self._physical_bytes()
+
+    @_locked
+    def poll(self) -> int:
+        """Finish the unmaps whose device work is done, without waiting for the rest: their
+        handles go to the arenas' reuse caches (up to ``reuse_bytes``) or back to the driver.
+        Returns the bytes that left the pending state."""
+        self._check_open("poll")
+        return sum(plane.arena.poll() for plane in self._planes)
+
+    @_locked
+    def cached_bytes(self) -> int:
+        """Physical bytes the arenas hold that are not mapped for pages: handles kept for reuse
+        plus unmaps still waiting for the device. ``trim`` brings it to 0."""
+        self._check_open("cached_bytes")
+        return sum(s["cached_bytes"] + s["pending_bytes"] for s in (pl.arena.stats() for pl in self._planes))
 
     def _physical_bytes(self) -> int:
         total = 0
@@ -469,6 +551,8 @@ class KVPagePool:
     def set_max_bytes(self, nbytes: int) -> None:
         """Change the pool's budget live. Below the resident size, empty chunks are unmapped and
         live pages compacted; below what live pages need, ValueError and nothing changes."""
+        self._check_open("set_max_bytes")
+        self._wait_for_grow()  # a grow in flight was planned against the old budget
         self._check_open("set_max_bytes")
         reserved = self._placement.num_chunks * self.chunk_bytes
         if not isinstance(nbytes, int) or nbytes <= 0:
@@ -513,7 +597,7 @@ class KVPagePool:
         shape = (len(idx), self.num_layers, 2, self.page_tokens, self.num_kv_heads, self.head_dim)
         if tuple(data.shape) != shape:
             raise ValueError(f"KVPagePool.write_pages: data shape {tuple(data.shape)} != expected {shape}")
-        data = data.to(device=self.device, dtype=self.dtype)
+        data = data.to(device=self._data_device, dtype=self.dtype)
         if self.layout == "page-major":
             self._planes[0].pages.index_copy_(0, idx, data)
         else:
@@ -527,7 +611,7 @@ class KVPagePool:
         bad = [i for i in ids if not self._placement.is_live(i)]
         if bad:
             raise ValueError(f"KVPagePool.{what}: pages {bad[:8]} are not allocated")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return torch.tensor(ids, dtype=torch.long, device=self._data_device)
 
     # -- accounting ------------------------------------------------------------------------
     @property
@@ -563,6 +647,7 @@ class KVPagePool:
             "max_bytes": self._max_bytes,
             "min_bytes": self._min_bytes,
             "layout": self.layout,
+            "growing_chunks": len(self._growing),  # being mapped outside the lock now
             **self._counters,
         }
 
@@ -574,6 +659,7 @@ class KVPagePool:
     @_locked
     def close(self) -> None:
         """Release every arena (views over them must not be used afterwards)."""
+        self._wait_for_grow()  # its planes must stay open until it commits or rolls back
         if not self._closed:
             self._closed = True
             for plane in self._planes:

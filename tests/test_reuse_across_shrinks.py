@@ -1,0 +1,165 @@
+"""The Engine's memory controller keeps the arenas' reuse caches across shrinks on CUDA (so a
+grow after a shrink creates no handles) and releases them on a budget cut, under pressure,
+and after ``release_idle_seconds`` with nothing to do; on CPU every shrink releases."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Optional
+
+import pytest
+import torch
+
+from torch_elastic_kv.engine.memory import MemoryController
+from torch_elastic_kv.engine.policy import ElasticPolicy
+from torch_elastic_kv.kv.pool import KVPagePool
+from torch_elastic_kv.testing import FakeCuda, ManualClock
+
+MiB = 1 << 20
+IDLE = 1.0
+
+
+class Demand:
+    """The scheduler and page backend as the controller sees them: pages held and waiting."""
+
+    def __init__(self, pool: KVPagePool) -> None:
+        self.pool = pool
+        self.waiting = 0
+        self.running: list = []
+
+    def demand_pages(self, growth: Callable) -> tuple[int, int, int]:
+        return self.pool.live_pages, 0, self.waiting
+
+    def preempt_until(self, max_live_pages: int) -> list:
+        return []
+
+    def live_pages(self) -> int:
+        return self.pool.live_pages
+
+
+def make(device: str, pressure: Optional[Callable[[], Optional[int]]] = None):
+    clock = ManualClock(100.0)
+    pool = KVPagePool(2, 2, 64, torch.float16, device=device, page_tokens=16, max_bytes=64 * MiB)
+    policy = ElasticPolicy(
+        max_bytes=64 * MiB, idle_seconds=IDLE, headroom=0.0, clock=clock, pressure=pressure, pressure_interval=0.0
+    )
+    demand = Demand(pool)
+    ctrl = MemoryController(
+        pool,
+        policy,
+        demand,
+        demand,
+        step_lock=threading.RLock(),
+        pool_lock=threading.RLock(),
+        grow_in_background=False,
+    )
+    return pool, ctrl, demand, clock
+
+
+def grow(ctrl: MemoryController, demand: Demand, chunks: int) -> None:
+    demand.waiting = chunks * ctrl.chunk_pages
+    assert ctrl.tick().action == "grow"
+    assert ctrl.pool.resident_bytes == chunks * ctrl.chunk_bytes
+
+
+def idle_shrink(ctrl: MemoryController, demand: Demand, clock: ManualClock) -> None:
+    demand.waiting = 0
+    for _ in range(4):  # the policy's hysteresis: zero demand for idle_seconds
+        ctrl.tick()
+        clock.advance(IDLE / 2)
+    assert ctrl.pool.resident_bytes == 0 and ctrl.shrink_events == 1
+
+
+def test_a_grow_after_a_shrink_reuses_every_handle(fake_cuda: FakeCuda) -> None:
+    pool, ctrl, demand, clock = make("cuda:0")
+    with pool:
+        grow(ctrl, demand, 8)
+        creates = fake_cuda.create_count()
+        assert creates == 8
+        idle_shrink(ctrl, demand, clock)
+        assert pool.cached_bytes() == 8 * ctrl.chunk_bytes and fake_cuda.live_handles() == 8
+        assert fake_cuda.live_mappings() == 0  # unmapped: only the handles are kept
+        grow(ctrl, demand, 8)
+        assert fake_cuda.create_count() == creates  # no cuMemCreate: all 8 came from the caches
+        assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 8
+    assert fake_cuda.live_handles() == 0  # close releases the rest
+
+
+def test_the_longer_idle_period_releases_the_caches(fake_cuda: FakeCuda) -> None:
+    pool, ctrl, demand, clock = make("cuda:0")
+    assert ctrl.release_idle_seconds == 4 * IDLE
+    with pool:
+        grow(ctrl, demand, 4)
+        idle_shrink(ctrl, demand, clock)  # the last demand was 2 s ago
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
+        clock.advance(4 * IDLE - 2.0 - 0.25)
+        ctrl.tick()
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes  # not yet
+        clock.advance(0.5)
+        ctrl.tick()
+        assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 0
+        assert ctrl.stats()["cache_releases"] == 1
+        ctrl.tick()  # nothing kept since: no further release
+        assert ctrl.stats()["cache_releases"] == 1
+
+
+def test_a_budget_cut_releases_the_caches_and_a_raise_does_not(fake_cuda: FakeCuda) -> None:
+    pool, ctrl, demand, clock = make("cuda:0")
+    with pool:
+        grow(ctrl, demand, 4)
+        idle_shrink(ctrl, demand, clock)
+        ctrl.set_budget(64 * MiB)  # unchanged from max_bytes: not a cut
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
+        ctrl.set_budget(32 * MiB)
+        assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 0
+        grow(ctrl, demand, 4)
+        idle_shrink_again(ctrl, demand, clock)
+        ctrl.set_budget(None)  # back up to max_bytes
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
+
+
+def idle_shrink_again(ctrl: MemoryController, demand: Demand, clock: ManualClock) -> None:
+    demand.waiting = 0
+    while ctrl.pool.resident_bytes:
+        ctrl.tick()
+        clock.advance(IDLE / 2)
+
+
+def test_pressure_releases_the_caches(fake_cuda: FakeCuda) -> None:
+    cap: list[Optional[int]] = [None]
+    pool, ctrl, demand, clock = make("cuda:0", pressure=lambda: cap[0])
+    with pool:
+        grow(ctrl, demand, 4)
+        idle_shrink(ctrl, demand, clock)
+        assert ctrl.before_step() == 0
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes  # no pressure yet
+        cap[0] = 16 * MiB
+        ctrl.before_step()
+        assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 0
+
+
+def test_on_cpu_every_shrink_releases() -> None:
+    pool, ctrl, demand, clock = make("cpu")
+    assert not ctrl.keep_reuse
+    with pool:
+        grow(ctrl, demand, 4)
+        idle_shrink(ctrl, demand, clock)
+        assert pool.cached_bytes() == 0  # the host's idle shrink reaches the OS at once
+
+
+def test_release_idle_seconds_is_checked() -> None:
+    pool = KVPagePool(2, 2, 64, torch.float16, page_tokens=16, max_bytes=8 * MiB)
+    with pool:
+        demand = Demand(pool)
+        with pytest.raises(ValueError, match="release_idle_seconds must be >= 0, got -1"):
+            MemoryController(
+                pool,
+                ElasticPolicy(max_bytes=8 * MiB),
+                demand,
+                demand,
+                step_lock=threading.RLock(),
+                pool_lock=threading.RLock(),
+                grow_in_background=False,
+                release_idle_seconds=-1,
+            )
