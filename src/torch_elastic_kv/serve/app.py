@@ -109,10 +109,10 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
 
 def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
     """``max_tokens`` checked against the context length for every prompt (OpenAI's message)."""
-    longest = max(len(p) for p in prompts)
     for i, ids in enumerate(prompts):
         if not ids:
             raise bad_request(f"prompt {i} is empty (0 tokens)", "prompt")
+    longest = max(len(p) for p in prompts)
     if longest >= state.max_positions:
         raise bad_request(
             f"This model's maximum context length is {state.max_positions} tokens; the prompt has {longest}",

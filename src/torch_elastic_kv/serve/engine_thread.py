@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from .._util import is_int
 from .detokenize import IncrementalDetokenizer, StopStrings
-from .errors import APIError, bad_request, overloaded
+from .errors import bad_request, overloaded
 from .metrics import ServerMetrics
 
 _log = logging.getLogger(__name__)
@@ -193,7 +193,9 @@ class EngineService:
                 try:
                     self.engine.check_request(spec.prompt_ids, spec.max_tokens, spec.eos_token_ids, spec.sampling)
                 except ValueError as exc:
-                    raise bad_request(str(exc).removeprefix("add_request: "), None, "invalid_request") from None
+                    # the Engine's words, in the API's: max_new_tokens is what a client sent as max_tokens
+                    message = str(exc).removeprefix("add_request: ").replace("max_new_tokens", "max_tokens")
+                    raise bad_request(message, None, "invalid_request") from None
             now = self.clock()
             for i, spec in enumerate(specs):
                 choice = _Choice(
@@ -457,6 +459,3 @@ class EngineService:
             except ValueError as exc:
                 raise bad_request(str(exc), "bytes") from None
         self._budget = nbytes
-
-
-__all__ += ["APIError"]

@@ -23,17 +23,23 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..engine.request import MIN_TEMPERATURE
-from .errors import APIError, bad_request
+from .errors import bad_request
 
 __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "SamplingChoice",
+    "StreamOptions",
+    "chat_choice",
     "chat_chunk",
     "chat_response",
+    "completion_choice",
     "completion_chunk",
     "completion_response",
+    "new_id",
+    "now_seconds",
     "parse_request",
+    "to_sampling",
     "usage",
 ]
 
@@ -359,6 +365,3 @@ def chat_chunk(
 
 def now_seconds() -> int:
     return int(time.time())
-
-
-__all__ += ["APIError", "completion_choice", "chat_choice", "new_id", "now_seconds", "to_sampling", "StreamOptions"]
