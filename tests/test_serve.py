@@ -384,6 +384,22 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert m["ekv_requests_total{finish_reason=cancelled}"] >= 1
 
 
+def test_disconnect_while_waiting_for_a_plain_response_cancels(server):
+    wait_idle(server)
+    body = {"model": MODEL, "prompt": "nobody waits", "max_tokens": 1500, "ignore_eos": True}
+    cancelled = metrics(server.url).get("ekv_requests_total{finish_reason=cancelled}", 0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1)
+    wait_until(
+        lambda: (
+            (m := metrics(server.url))["ekv_kv_live_bytes"] == 0
+            and m["ekv_requests_total{finish_reason=cancelled}"] == cancelled + 1
+        ),
+        1.0,
+        what="the plain request cancelled and its pages freed",
+    )
+
+
 def test_kv_budget_cut_preempts_and_loses_nothing(server, ref):
     wait_idle(server)
     prompts = [f"budget {i} " + "xy" * i for i in range(12)]
