@@ -122,7 +122,13 @@ class _Server(uvicorn.Server):
             return
         host, port = self._sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        _log.info("torch_elastic_kv serve: listening on http://%s:%d", shown, port)
+        # the line scripts wait for: logged whatever --log-level says
+        _log.log(
+            max(logging.INFO, _log.getEffectiveLevel()),
+            "torch_elastic_kv serve: listening on http://%s:%d",
+            shown,
+            port,
+        )
 
     async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
         _log.info("torch_elastic_kv serve: shutting down; in-flight requests have %gs to finish", self._drain_seconds)
