@@ -163,9 +163,13 @@ def test_module_entry_point_exit_status_and_single_line(tmp_path):
     ]
     assert not out.exists()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch_elastic_kv", "serve"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "torch_elastic_kv", "no-such-command"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert proc.returncode == 2 and "unknown command 'serve'" in proc.stderr
+    assert proc.returncode == 2 and "unknown command 'no-such-command'" in proc.stderr
 
 
 def _unbuilt_copy(tmp_path: Path) -> Path:

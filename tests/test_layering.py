@@ -1,6 +1,6 @@
 """The package's layers import only downward, read from the import graph of every module.
 
-memory -> kv -> hf -> engine -> bench, with testing beside bench; ``_native`` (the compiled
+memory -> kv -> hf -> engine -> bench, with serve and testing beside bench; ``_native`` (the compiled
 core's loader) is below them all, and ``__main__`` (the subcommand table) above them all.
 """
 
@@ -21,6 +21,7 @@ RANK = {
     "hf": 3,
     "engine": 4,
     "bench": 5,
+    "serve": 5,
     "testing": 5,
     "__main__": 6,
 }

@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench_main",
         "replay a trace through elastic, static, generate and continuous batching; compare memory and speed",
     ),
+    "serve": (
+        "torch_elastic_kv.serve.cli",
+        "serve_main",
+        "an OpenAI-compatible server (completions, chat, streaming, /metrics) whose KV memory follows its traffic",
+    ),
 }
 
 

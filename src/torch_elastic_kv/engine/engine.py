@@ -339,6 +339,15 @@ class Engine:
             )
         return ids, max_new_tokens, eos, params
 
+    def check_request(
+        self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any = None, sampling: Any = None
+    ) -> None:
+        """Raise the ``ValueError`` that ``add_request`` would raise for these arguments, or
+        return None; queues nothing. Lets a caller with several requests (a server's ``n``
+        choices, a batch of prompts) check them all before queuing any."""
+        self._require_open("check_request")
+        self._validate(prompt_ids, max_new_tokens, eos_token_id, sampling)
+
     def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None, sampling: Any = None) -> int:
         """Queue a request; returns its id. Thread-safe; may be called between or during steps.
 
@@ -399,6 +408,13 @@ class Engine:
             self._done.extend(s.request_id for s in seqs)
             while len(self._done) > self._keep_finished:
                 self._requests.pop(self._done.popleft(), None)
+
+    @property
+    def stalled(self) -> bool:
+        """True when the last step ran nothing although requests wait: the first of them needs
+        more KV pages than the budget lets it have, and stepping again changes nothing until
+        the budget rises (``set_budget``, the pressure hook) or requests are cancelled."""
+        return self._stalled
 
     def has_unfinished(self) -> bool:
         """True while any request is queued, running or swapped out."""

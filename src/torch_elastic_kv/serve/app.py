@@ -1,0 +1,412 @@
+"""The HTTP routes: OpenAI's completions and chat completions, models, health, metrics, admin.
+
+Handlers parse and check the request (``protocol``), tokenize it off the event loop, submit
+its choices to the engine thread (``EngineService``) and answer from the events it sends back:
+as one JSON body, or as server-sent events ending in ``data: [DONE]``. A client that goes away
+cancels its request (a stream notices at once; a plain request is watched for the disconnect
+while it waits). Every error is OpenAI's JSON shape (``errors``).
+
+Keys: with ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <api_key>`` (401 otherwise);
+``/admin/*`` answers 404 unless an ``admin_key`` is set, and then needs that key (401).
+``/health`` and ``/metrics`` are open, as in vLLM. Both keys are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
+from .errors import APIError, bad_request, error_body, not_found, unauthorized
+from .metrics import CONTENT_TYPE
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["ServerState", "create_app"]
+
+MAX_CHOICES = 256  # prompts x n in one request
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine service, the tokenizer and the server's settings."""
+
+    service: EngineService
+    tokenizer: Any
+    model_name: str
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+    api_key: Optional[str] = None
+    admin_key: Optional[str] = None
+    max_body_bytes: int = 4 << 20
+    default_max_tokens: int = 16  # completions without max_tokens, as OpenAI
+    model_card: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=P.now_seconds)
+
+
+def _bearer_ok(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _require_api_key(state: ServerState, request: Request) -> None:
+    if state.api_key is not None and not _bearer_ok(request, state.api_key):
+        raise unauthorized()
+
+
+def _require_admin(state: ServerState, request: Request) -> None:
+    if state.admin_key is None:
+        raise not_found(f"no route {request.url.path}", "not_found")
+    if not _bearer_ok(request, state.admin_key):
+        raise unauthorized()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes (read no further), 400 if it is not JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body ({length} bytes) is over the limit ({limit} bytes)", code="too_large")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit ({limit} bytes)", code="too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _check_model(state: ServerState, model: Optional[str]) -> None:
+    if model is not None and model != state.model_name:
+        raise not_found(
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}", "model_not_found"
+        )
+
+
+def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
+    """``max_tokens`` checked against the context length for every prompt (OpenAI's message)."""
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise bad_request(f"prompt {i} is empty (0 tokens)", "prompt")
+    longest = max(len(p) for p in prompts)
+    if longest >= state.max_positions:
+        raise bad_request(
+            f"This model's maximum context length is {state.max_positions} tokens; the prompt has {longest}",
+            "prompt",
+            "context_length_exceeded",
+        )
+    mt = req.max_tokens if req.max_tokens is not None else default
+    if mt is None:
+        return state.max_positions - longest
+    if longest + mt > state.max_positions:
+        raise bad_request(
+            f"This model's maximum context length is {state.max_positions} tokens. However, you requested "
+            f"{longest + mt} tokens ({longest} in the prompt, {mt} for the completion). Please reduce the "
+            "prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return mt
+
+
+def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:
+    n = req.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={n} is over {MAX_CHOICES} choices per request", "n")
+    stop = tuple(req.checked_stop())
+    out = []
+    for ids in prompts:
+        for i in range(n):
+            s = P.to_sampling(req, i, state.eos_token_ids)
+            out.append(ChoiceSpec(ids, max_tokens, s.sampling, s.eos_token_ids, stop))
+    return out
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def _completion_prompts(state: ServerState, req: P.CompletionRequest) -> list[list[int]]:
+    return [_encode(state.tokenizer, p, True) if isinstance(p, str) else p for p in req.prompts()]
+
+
+def _chat_prompt(state: ServerState, req: P.ChatRequest) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise bad_request(
+            f"the model {state.model_name!r} has no chat template; send a prompt to /v1/completions instead",
+            "messages",
+            "no_chat_template",
+        )
+    gen = True if req.add_generation_prompt is None else req.add_generation_prompt
+    try:
+        text = tok.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=gen)
+    except Exception as exc:  # jinja's TemplateError, or raise_exception() in the template
+        raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
+    return _encode(tok, text, False)
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(sub: Submission) -> list[list[ChoiceEvent]]:
+    per_choice: list[list[ChoiceEvent]] = [[] for _ in range(sub.n_choices)]
+    while not sub.done:
+        for e in await sub.next_events():
+            per_choice[e.index].append(e)
+    return per_choice
+
+
+async def _wait_or_disconnect(request: Request, state: ServerState, sub: Submission) -> Optional[list]:
+    """All events of ``sub``, or None if the client left first (its request is cancelled)."""
+    collect = asyncio.ensure_future(_collect(sub))
+    watch = asyncio.ensure_future(_watch_disconnect(request))
+    try:
+        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not collect.done():
+            collect.cancel()
+            state.service.cancel(sub)
+        watch.cancel()
+    return collect.result() if collect.done() and not collect.cancelled() else None
+
+
+def _raise_if_failed(per_choice: list[list[ChoiceEvent]]) -> None:
+    for events in per_choice:
+        for e in events:
+            if e.error is not None:
+                raise APIError(500, f"the request failed in the server: {e.error}", code="internal_error")
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app over ``state``; its lifespan starts the engine thread and, at shutdown,
+    stops it and closes the Engine (all KV memory given back)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.service.stop)
+            _log.info("engine closed: KV memory given back")
+
+    app = FastAPI(title="torch_elastic_kv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(message, exc.status_code, None, code), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        _log.exception("%s %s failed", request.method, request.url.path)
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", 500, None, "internal_error")
+        return JSONResponse(body, status_code=500)
+
+    # ---------------------------------------------------------------- open endpoints -------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    def metrics() -> Response:  # a plain def: FastAPI runs it in a worker thread
+        return Response(state.service.metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---------------------------------------------------------------- OpenAI ---------------
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _require_api_key(state, request)
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "torch_elastic_kv",
+            "max_model_len": state.max_positions,
+            **state.model_card,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        _require_api_key(state, request)
+        req = P.parse_request(P.CompletionRequest, await _read_json(request, state.max_body_bytes))
+        _check_model(state, req.model)
+        prompts = await asyncio.to_thread(_completion_prompts, state, req)
+        max_tokens = _max_tokens(state, req, prompts, state.default_max_tokens)
+        specs = _specs(state, req, prompts, max_tokens)
+        sub = state.service.submit(specs, asyncio.get_running_loop())
+        prompt_tokens = sum(len(p) for p in prompts)
+        state.service.metrics.prompt_tokens.inc(prompt_tokens)
+        rid, created = P.new_id("cmpl"), P.now_seconds()
+        if req.stream:
+            return _stream(state, sub, req, rid, created, prompt_tokens, prompts, chat=False)
+        per_choice = await _wait_or_disconnect(request, state, sub)
+        if per_choice is None:
+            return Response(status_code=499)
+        _raise_if_failed(per_choice)
+        n = req.n or 1
+        choices, completion_tokens = [], 0
+        for i, events in enumerate(per_choice):
+            ids = [t for e in events for t in e.token_ids]
+            completion_tokens += len(ids)
+            extra = {"prompt_token_ids": prompts[i // n], "token_ids": ids} if req.return_token_ids else {}
+            text = "".join(e.text for e in events)
+            choices.append(P.completion_choice(i, text, events[-1].finish_reason, **extra))
+        body = P.completion_response(rid, state.model_name, created, choices, P.usage(prompt_tokens, completion_tokens))
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        _require_api_key(state, request)
+        req = P.parse_request(P.ChatRequest, await _read_json(request, state.max_body_bytes))
+        _check_model(state, req.model)
+        prompt = await asyncio.to_thread(_chat_prompt, state, req)
+        max_tokens = _max_tokens(state, req, [prompt], None)
+        specs = _specs(state, req, [prompt], max_tokens)
+        sub = state.service.submit(specs, asyncio.get_running_loop())
+        state.service.metrics.prompt_tokens.inc(len(prompt))
+        rid, created = P.new_id("chatcmpl"), P.now_seconds()
+        if req.stream:
+            return _stream(state, sub, req, rid, created, len(prompt), [prompt], chat=True)
+        per_choice = await _wait_or_disconnect(request, state, sub)
+        if per_choice is None:
+            return Response(status_code=499)
+        _raise_if_failed(per_choice)
+        choices, completion_tokens = [], 0
+        for i, events in enumerate(per_choice):
+            ids = [t for e in events for t in e.token_ids]
+            completion_tokens += len(ids)
+            extra = {"token_ids": ids} if req.return_token_ids else {}
+            choices.append(P.chat_choice(i, "".join(e.text for e in events), events[-1].finish_reason, **extra))
+        body = P.chat_response(rid, state.model_name, created, choices, P.usage(len(prompt), completion_tokens))
+        if req.return_token_ids:
+            body["prompt_token_ids"] = prompt
+        return JSONResponse(body)
+
+    # ---------------------------------------------------------------- admin ----------------
+    @app.post("/admin/kv-budget")
+    async def admin_kv_budget(request: Request) -> JSONResponse:
+        _require_admin(state, request)
+        data = await _read_json(request, state.max_body_bytes)
+        if not isinstance(data, dict) or set(data) != {"bytes"}:
+            raise bad_request('the body must be {"bytes": N} or {"bytes": null}', "bytes")
+        return JSONResponse(await asyncio.wrap_future(state.service.call("budget", data["bytes"])))
+
+    @app.post("/admin/sleep")
+    async def admin_sleep(request: Request) -> JSONResponse:
+        _require_admin(state, request)
+        return JSONResponse(await asyncio.wrap_future(state.service.call("sleep")))
+
+    @app.post("/admin/wake")
+    async def admin_wake(request: Request) -> JSONResponse:
+        _require_admin(state, request)
+        return JSONResponse(await asyncio.wrap_future(state.service.call("wake")))
+
+    @app.get("/admin/stats")
+    def admin_stats(request: Request) -> JSONResponse:
+        _require_admin(state, request)
+        return JSONResponse(state.service.stats())
+
+    return app
+
+
+def _stream(
+    state: ServerState,
+    sub: Submission,
+    req: Any,
+    rid: str,
+    created: int,
+    prompt_tokens: int,
+    prompts: list[list[int]],
+    chat: bool,
+) -> StreamingResponse:
+    """Server-sent events: one chunk per choice event, a usage chunk if asked, ``[DONE]``."""
+    model = state.model_name
+    n = req.n or 1
+    with_ids = bool(req.return_token_ids)
+
+    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        return (P.chat_chunk if chat else P.completion_chunk)(rid, model, created, [choice])
+
+    async def events() -> AsyncIterator[str]:
+        completion_tokens = 0
+        try:
+            if chat:
+                for i in range(sub.n_choices):
+                    yield _sse(
+                        chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                    )
+            while not sub.done:
+                for e in await sub.next_events():
+                    if e.error is not None:
+                        body = error_body(f"the request failed in the server: {e.error}", 500, None, "internal_error")
+                        yield _sse(body)
+                        yield "data: [DONE]\n\n"
+                        return
+                    completion_tokens += len(e.token_ids)
+                    if not (e.text or e.finish_reason or with_ids):
+                        continue
+                    extra: dict[str, Any] = {}
+                    if with_ids:
+                        extra["token_ids"] = list(e.token_ids)
+                        if not chat:
+                            extra["prompt_token_ids"] = prompts[e.index // n]
+                    if chat:
+                        delta = {"content": e.text} if e.text else {}
+                        choice = {"index": e.index, "delta": delta, "logprobs": None, "finish_reason": e.finish_reason}
+                        choice.update(extra)
+                    else:
+                        choice = P.completion_choice(e.index, e.text, e.finish_reason, **extra)
+                    yield _sse(chunk(choice))
+            if req.include_usage:
+                use = P.usage(prompt_tokens, completion_tokens)
+                yield _sse((P.chat_chunk if chat else P.completion_chunk)(rid, model, created, [], use))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not sub.done:  # the client went away (or the server is stopping): free its pages
+                state.service.cancel(sub)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,295 @@
+"""Command line of the server: ``python -m torch_elastic_kv serve ...`` and ``ekv-serve ...``.
+
+Every option is checked before the model loads (and before torch is imported for anything
+but the device check): a bad one ends the command with exit status 2 and one line on stderr,
+``ekv-serve: error: ...``. The listening socket is bound then too, so a port in use or a bad
+host is also a one-line exit 2, not a traceback after a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from .._util import parse_size
+
+__all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main", "serve_parser"]
+
+PROG = "ekv-serve"
+MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+API_KEY_ENV = "EKV_API_KEY"
+ADMIN_KEY_ENV = "EKV_ADMIN_KEY"
+
+
+class UsageError(Exception):
+    """A bad option; the message is the one line printed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The checked options."""
+
+    model: Optional[str]
+    served_model_name: str
+    host: str
+    port: int
+    api_key: Optional[str]
+    admin_key: Optional[str]
+    device: str
+    dtype: str
+    max_kv_bytes: Optional[int]
+    min_kv_bytes: int
+    idle_seconds: float
+    swap_bytes: int
+    max_waiting: int
+    drain_seconds: float
+    max_batch_tokens: int
+    max_body_bytes: int
+    seed: int
+    log_level: str
+
+
+def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="An OpenAI-compatible server (completions, chat completions, SSE streaming, "
+        "/metrics) whose KV memory follows its traffic.",
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a local Hugging Face model directory with its tokenizer (never the hub); default: the "
+        "embedded small Llama with random weights and a byte-level tokenizer",
+    )
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model as given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", default="8000", help="TCP port (default 8000; 0 picks a free one, logged at start)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else no key)",
+    )
+    p.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help=f"enable /admin/* behind this bearer key (default: ${ADMIN_KEY_ENV} if set, else /admin/* is 404)",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16/float16 on GPU), " + ", ".join(DTYPES[1:])
+    )
+    p.add_argument("--max-kv-bytes", metavar="SIZE", help="KV memory ceiling, e.g. 512M or 4G (default: the pool's)")
+    p.add_argument(
+        "--min-kv-bytes", metavar="SIZE", default="0", help="KV floor kept mapped (default 0); = max: static"
+    )
+    p.add_argument("--idle-seconds", default="5", help="seconds of low demand before KV memory goes back (default 5)")
+    p.add_argument(
+        "--swap-bytes",
+        metavar="SIZE",
+        default="0",
+        help="host memory for preempted requests' KV (default 0: recompute)",
+    )
+    p.add_argument("--max-waiting", default="1024", help="queued requests past which new ones get 503 (default 1024)")
+    p.add_argument("--drain-seconds", default="10", help="on SIGTERM/SIGINT, how long requests may finish (default 10)")
+    p.add_argument("--max-batch-tokens", default="2048", help="most tokens in one Engine step (default 2048)")
+    p.add_argument("--max-body-bytes", metavar="SIZE", default="4M", help="largest request body (default 4M)")
+    p.add_argument("--seed", default="0", help="seed of the default model's random weights (default 0)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def _number(flag: str, text: str, *, integer: bool, low: float, high: float = math.inf) -> float:
+    try:
+        value: float = int(text) if integer else float(text)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise UsageError(f"{flag} must be {kind}, got {text!r}") from None
+    if not math.isfinite(value) or not low <= value <= high:
+        bound = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+        raise UsageError(f"{flag} must be {bound}, got {text!r}")
+    return value
+
+
+def _size(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def _check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"--model {path}: not a directory (a local Hugging Face model directory is expected)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--model {path}: no config.json in it")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
+        raise UsageError(f"--model {path}: no tokenizer in it (none of {', '.join(tokenizer_files)})")
+
+
+def _check_key(flag: str, key: Optional[str]) -> Optional[str]:
+    if key is None:
+        return None
+    if not key or any(c.isspace() for c in key) or not key.isprintable():
+        raise UsageError(f"{flag} must be a non-empty key without spaces or control characters")
+    return key
+
+
+def _device(text: Optional[str]) -> str:
+    import torch
+
+    from .._util import parse_device
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = parse_device(text)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
+def resolve(argv: list[str]) -> ServeSettings:
+    """Parse and check ``argv``; raises ``UsageError`` with a one-line message."""
+    args = serve_parser().parse_args(argv)
+    if args.model is not None:
+        _check_model_dir(args.model)
+    port = int(_number("--port", args.port, integer=True, low=0, high=65535))
+    if not args.host or any(c.isspace() for c in args.host):
+        raise UsageError(f"--host must be an address or a host name, got {args.host!r}")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    max_kv = _size("--max-kv-bytes", args.max_kv_bytes) if args.max_kv_bytes is not None else None
+    min_kv = _size("--min-kv-bytes", args.min_kv_bytes)
+    swap = _size("--swap-bytes", args.swap_bytes)
+    body = _size("--max-body-bytes", args.max_body_bytes)
+    if max_kv is not None and max_kv < MIN_KV_BYTES:
+        raise UsageError(
+            f"--max-kv-bytes must be at least {MIN_KV_BYTES >> 20} MiB (one KV chunk), got {args.max_kv_bytes}"
+        )
+    physical = _physical_memory()
+    for flag, text, value in (
+        ("--max-kv-bytes", args.max_kv_bytes, max_kv),
+        ("--min-kv-bytes", args.min_kv_bytes, min_kv),
+    ):
+        if physical is not None and value is not None and value > physical:
+            raise UsageError(f"{flag} {text} is more than this machine's memory ({physical} bytes)")
+    if max_kv is not None and min_kv > max_kv:
+        raise UsageError(f"--min-kv-bytes {args.min_kv_bytes} is above --max-kv-bytes {args.max_kv_bytes}")
+    if physical is not None and swap > physical:
+        raise UsageError(f"--swap-bytes {args.swap_bytes} is more than this machine's memory ({physical} bytes)")
+    if body < 1024:
+        raise UsageError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    idle = _number("--idle-seconds", args.idle_seconds, integer=False, low=0, high=86400)
+    drain = _number("--drain-seconds", args.drain_seconds, integer=False, low=0, high=86400)
+    max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
+    max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
+    seed = int(_number("--seed", args.seed, integer=True, low=0, high=2**63 - 1))
+    api_key = _check_key("--api-key", args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
+    admin_key = _check_key(
+        "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
+    )
+    device = _device(args.device)
+    from .default_model import DEFAULT_MODEL_NAME
+
+    name = args.served_model_name or (args.model if args.model is not None else DEFAULT_MODEL_NAME)
+    return ServeSettings(
+        model=args.model,
+        served_model_name=name,
+        host=args.host,
+        port=port,
+        api_key=api_key,
+        admin_key=admin_key,
+        device=device,
+        dtype=args.dtype,
+        max_kv_bytes=max_kv,
+        min_kv_bytes=min_kv,
+        idle_seconds=idle,
+        swap_bytes=swap,
+        max_waiting=max_waiting,
+        drain_seconds=drain,
+        max_batch_tokens=max_batch,
+        max_body_bytes=body,
+        seed=seed,
+        log_level=args.log_level,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound (not yet listening) to ``host:port``; UsageError if it cannot be."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_main(argv: Optional[list[str]] = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status (2: bad options)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        serve_parser().print_help()
+        return 0
+    try:
+        settings = resolve(argv)
+        sock = bind_socket(settings.host, settings.port)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    if not _is_loopback(settings.host) and settings.api_key is None:
+        logging.getLogger(__name__).warning(
+            "torch_elastic_kv serve: listening on %s without --api-key: anyone who can reach it can use it",
+            settings.host,
+        )
+    from .server import run
+
+    try:
+        return run(settings, sock)
+    finally:
+        sock.close()

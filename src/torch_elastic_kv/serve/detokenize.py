@@ -1,0 +1,103 @@
+"""Token ids to text, one token at a time, and stop strings.
+
+The Engine produces token ids; a client reads text. ``IncrementalDetokenizer`` turns each new
+token into the text it adds: it decodes a short window that ends at the new token and takes
+what the window gained over the same window without it, starting the window a few tokens back
+so tokenizers whose pieces depend on their left neighbour (a leading space, a byte fallback)
+decode as they would in the full text, and holding text back while it ends in U+FFFD (a
+multi-byte character whose bytes have not all arrived). ``StopStrings`` then finds the first
+stop string in the text so far, and says how much of the text is safe to send: a stream never
+shows a prefix of a stop string that the next token could complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+__all__ = ["IncrementalDetokenizer", "StopStrings"]
+
+# Prompt tokens the first window starts with, so the first output token decodes in context.
+_CONTEXT_TOKENS = 6
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Decodes one request's output ids as they come.
+
+    ``add(token_id)`` returns the text that token adds (possibly ``""`` while a character is
+    incomplete); ``flush()`` returns what was held back, at the end of the request. The text
+    of all ``add`` and ``flush`` results equals ``tokenizer.decode(output_ids,
+    skip_special_tokens=...)`` for tokenizers that decode piece by piece (byte-level BPE,
+    SentencePiece).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0  # the window starts here
+        self._read = len(self.ids)  # text of ids[:_read] has been returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one output token; return the new text it completes."""
+        self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The text held back (an incomplete character at the end), once no token follows."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) and not final:
+            return ""  # a token that decodes to nothing (a special token) or not yet
+        if after.endswith(_REPLACEMENT) and not final:
+            return ""
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        return delta
+
+
+class StopStrings:
+    """The first occurrence of any stop string in a growing text, and the part safe to send.
+
+    ``feed(delta)`` appends text and returns True once a stop string is complete; ``text``
+    is then cut just before it. ``sendable(final)`` is how many leading characters of
+    ``text`` may go to a client: all of it once final (or stopped), else all but the last
+    ``longest stop - 1`` characters, which a later token could turn into a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError("stop strings must be non-empty strings")
+        self.stops = tuple(stops)
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.stopped: Optional[str] = None  # the stop string found
+
+    def feed(self, delta: str) -> bool:
+        if self.stopped is not None or not delta:
+            return self.stopped is not None
+        start = max(0, len(self.text) - self._hold)  # a stop may begin in the old text
+        self.text += delta
+        best = -1
+        for s in self.stops:
+            i = self.text.find(s, start)
+            if i != -1 and (best == -1 or i < best):
+                best, self.stopped = i, s
+        if best != -1:
+            self.text = self.text[:best]
+            return True
+        return False
+
+    def sendable(self, final: bool) -> int:
+        if final or self.stopped is not None or not self.stops:
+            return len(self.text)
+        return max(0, len(self.text) - self._hold)

@@ -1,0 +1,461 @@
+"""The engine thread: the one thread that calls ``Engine.step()``, and the door to it.
+
+HTTP handlers run on the asyncio loop and never step. They ``submit`` a request (its choices
+are checked and queued in the Engine at once, so bad input is a 400 before anything runs) and
+read its events from an ``asyncio.Queue``; cancels, budget changes, sleep and wake go to the
+thread as commands. After each step the thread turns each new token into text (incremental
+detokenization, stop strings, EOS, ``max_tokens``) and hands every request's events to the
+loop in one ``loop.call_soon_threadsafe`` per step.
+
+With nothing to do the thread waits on a condition: no polling, no CPU. Idle memory still goes
+back on time: the Engine's own background thread runs the policy's idle ticks while nobody
+steps. A request whose pages do not fit the current budget makes ``step()`` run nothing
+(``Engine.stalled``); the thread then waits for a command (a larger budget, a cancel) instead
+of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .._util import is_int
+from .detokenize import IncrementalDetokenizer, StopStrings
+from .errors import bad_request, overloaded
+from .metrics import ServerMetrics
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["ChoiceEvent", "ChoiceSpec", "EngineService", "Submission"]
+
+# While stalled (requests wait for a budget that does not come), look again this often even
+# without a command: the Engine's pressure hook, if any, may have lifted its cap.
+_STALL_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """One Engine request of an HTTP request: a prompt, its limit, sampling and stops."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: dict[str, Any]
+    eos_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceEvent:
+    """What happened to one choice since the last event: text to send, the token ids that
+    produced it, and, on the last event, ``finish_reason`` ("stop", "length", "abort") or
+    ``error`` (the request failed inside the server)."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    spec: ChoiceSpec
+    sub: Submission
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    arrival: float
+    rid: int = -1
+    token_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finish_reason: Optional[str] = None
+
+
+class Submission:
+    """One HTTP request's choices in the Engine; its events arrive on ``queue`` (lists of
+    ``ChoiceEvent``) on the loop that submitted it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n_choices: int) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[list[ChoiceEvent]] = asyncio.Queue()
+        self.n_choices = n_choices
+        self.finished = 0  # choices whose last event was delivered (loop side)
+        self.choices: list[_Choice] = []
+        self.failed = False
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.n_choices
+
+    async def next_events(self) -> list[ChoiceEvent]:
+        """The next events (waits for them); counts finished choices."""
+        events = await self.queue.get()
+        self.finished += sum(1 for e in events if e.finish_reason is not None or e.error is not None)
+        return events
+
+
+def _deliver(batch: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
+    for sub, events in batch:
+        sub.queue.put_nowait(events)
+
+
+class EngineService:
+    """Owns the Engine while the server runs: the engine thread plus the calls handlers make.
+
+    ``engine``: an ``Engine`` (the service closes it in ``stop``); ``tokenizer``: decodes
+    output ids; ``max_waiting``: most choices queued without a first token before new
+    requests get 503; ``metrics``: where token counts and latencies go.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Any,
+        metrics: ServerMetrics,
+        max_waiting: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.clock = clock
+        self._lock = threading.Lock()  # the tables below: submit (loop) vs the engine thread
+        self._active: dict[int, _Choice] = {}  # engine request id -> choice
+        self._queued = 0  # choices without a first token yet
+        self._cv = threading.Condition()
+        self._commands: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
+        self._wakeups = 0  # bumped by every notify: a stalled wait ends on the next one
+        self._stopping = False
+        self._sleeping = False
+        self._budget: Optional[int] = None  # what kv-budget asked; sleep overrides it until wake
+        self._drain_deadline: Optional[float] = None
+        self._pending: list[tuple[Submission, list[ChoiceEvent]]] = []
+        self._thread = threading.Thread(target=self._run, name="ekv-engine", daemon=True)
+
+    # ------------------------------------------------------------------ lifetime -------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End every request still running with ``finish_reason`` "abort", stop the thread and
+        close the Engine (its KV memory goes back)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.engine.close()
+
+    def begin_drain(self, seconds: float) -> None:
+        """Refuse new requests from now on; abort what still runs after ``seconds``."""
+        with self._cv:
+            if self._drain_deadline is None:
+                self._drain_deadline = self.clock() + seconds
+            self._notify_locked()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    @property
+    def sleeping(self) -> bool:
+        return self._sleeping
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # ------------------------------------------------------------------ handler side ---------
+    def submit(self, specs: Sequence[ChoiceSpec], loop: asyncio.AbstractEventLoop) -> Submission:
+        """Check and queue one HTTP request's choices (all or none); APIError 400 for input the
+        Engine refuses (naming its numbers), 503 while draining or past ``max_waiting``."""
+        sub = Submission(loop, len(specs))
+        with self._lock:
+            if self._drain_deadline is not None or self._stopping:
+                raise overloaded("the server is shutting down", retry_after=5)
+            if self._queued + len(specs) > self.max_waiting:
+                raise overloaded(
+                    f"too many requests waiting: {self._queued} queued, {len(specs)} more would pass "
+                    f"--max-waiting {self.max_waiting}; retry later"
+                )
+            for spec in specs:
+                try:
+                    self.engine.check_request(spec.prompt_ids, spec.max_tokens, spec.eos_token_ids, spec.sampling)
+                except ValueError as exc:
+                    # the Engine's words, in the API's: max_new_tokens is what a client sent as max_tokens
+                    message = str(exc).removeprefix("add_request: ").replace("max_new_tokens", "max_tokens")
+                    raise bad_request(message, None, "invalid_request") from None
+            now = self.clock()
+            for i, spec in enumerate(specs):
+                choice = _Choice(
+                    index=i,
+                    spec=spec,
+                    sub=sub,
+                    detok=IncrementalDetokenizer(self.tokenizer, spec.prompt_ids),
+                    stops=StopStrings(spec.stop),
+                    arrival=now,
+                )
+                choice.rid = self.engine.add_request(
+                    spec.prompt_ids, spec.max_tokens, list(spec.eos_token_ids), spec.sampling
+                )
+                sub.choices.append(choice)
+                self._active[choice.rid] = choice
+            self._queued += len(specs)
+        self._notify()
+        return sub
+
+    def cancel(self, sub: Submission) -> None:
+        """The client went away: cancel its choices still running (their pages are freed
+        before the next step)."""
+        if sub.done:
+            return
+        self._command("cancel", sub)
+
+    def call(self, name: str, arg: Any = None) -> concurrent.futures.Future:
+        """Run a command on the engine thread: "budget" (bytes or None), "sleep", "wake".
+        The future's result is the Engine's stats after it; APIError for a bad argument."""
+        return self._command(name, arg)
+
+    def stats(self) -> dict[str, Any]:
+        """The Engine's stats plus the server's state (any thread)."""
+        out = dict(self.engine.stats())
+        out.update(
+            sleeping=self._sleeping,
+            draining=self.draining,
+            queued=self._queued,
+            requested_budget_bytes=self._budget,
+        )
+        return out
+
+    def _command(self, name: str, arg: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping:
+                fut.set_exception(overloaded("the server is shutting down", retry_after=5))
+                return fut
+            self._commands.append((name, arg, fut))
+            self._notify_locked()
+        return fut
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._notify_locked()
+
+    def _notify_locked(self) -> None:
+        self._wakeups += 1
+        self._cv.notify()
+
+    # ------------------------------------------------------------------ engine thread --------
+    def _run(self) -> None:
+        stalled = False
+        while True:
+            with self._cv:
+                seen = self._wakeups
+                while True:
+                    if self._commands or self._stopping or self._drain_due():
+                        break
+                    runnable = bool(self._active) and not self._sleeping
+                    if runnable and not (stalled and self._wakeups == seen):
+                        break
+                    timeout = _STALL_POLL_SECONDS if runnable else None
+                    if self._drain_deadline is not None and self._active:
+                        left = max(0.0, self._drain_deadline - self.clock())
+                        timeout = left if timeout is None else min(timeout, left)
+                    if not self._cv.wait(timeout) and stalled:
+                        break  # the stall poll
+                commands = list(self._commands)
+                self._commands.clear()
+                stopping = self._stopping
+            stalled = False
+            for name, arg, fut in commands:
+                self._execute(name, arg, fut)
+            if stopping or self._drain_due():
+                self._abort_all()
+                self._flush()
+                if stopping:
+                    return
+                continue
+            if self._active and not self._sleeping:
+                stalled = self._step()
+            self._flush()
+
+    def _drain_due(self) -> bool:
+        return self._drain_deadline is not None and bool(self._active) and self.clock() >= self._drain_deadline
+
+    def _step(self) -> bool:
+        """One Engine step and its tokens; returns True when the Engine is stalled."""
+        try:
+            produced = self.engine.step()
+        except Exception as exc:  # the forward failed: the requests in it cannot go on
+            _log.exception("engine step failed; failing the %d requests in the engine", len(self._active))
+            for choice in list(self._active.values()):
+                self._fail(choice, f"the engine failed: {type(exc).__name__}: {exc}")
+            return False
+        now = self.clock()
+        got: set[int] = set()
+        for rid, token in produced:
+            choice = self._active.get(rid)
+            if choice is None:
+                continue  # cancelled while the step ran
+            got.add(rid)
+            try:
+                self._on_token(choice, token, now)
+            except Exception as exc:  # detokenizing this request failed: it alone ends
+                _log.exception("request %d failed while processing token %d", rid, token)
+                self._fail(choice, f"{type(exc).__name__}: {exc}")
+        for rid, choice in list(self._active.items()):
+            if rid not in got:
+                self._check_ended(choice)
+        return not produced and self.engine.stalled
+
+    def _on_token(self, c: _Choice, token: int, now: float) -> None:
+        c.token_ids.append(token)
+        self.metrics.generation_tokens.inc()
+        if c.first_token_time is None:
+            c.first_token_time = now
+            self.metrics.ttft.observe(now - c.arrival)
+            with self._lock:
+                self._queued -= 1
+        c.last_token_time = now
+        reason = None
+        if token in c.spec.eos_token_ids:
+            reason = "stop"
+        elif len(c.token_ids) >= c.spec.max_tokens:
+            reason = "length"
+        delta = c.detok.add(token)
+        if reason is not None:
+            delta += c.detok.flush()
+        if c.stops.feed(delta) and reason is None:
+            reason = "stop"
+            self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
+        self._emit(c, reason)
+
+    def _emit(self, c: _Choice, reason: Optional[str], error: Optional[str] = None) -> None:
+        """Queue the choice's unsent text (all of it when it ends) and its new token ids."""
+        final = reason is not None or error is not None
+        upto = c.stops.sendable(final)
+        text = c.stops.text[c.sent_chars : upto]
+        ids = tuple(c.token_ids[c.sent_tokens :])
+        if not (text or ids or final):
+            return
+        c.sent_chars = max(c.sent_chars, upto)
+        c.sent_tokens = len(c.token_ids)
+        event = ChoiceEvent(c.index, text, ids, reason, error)
+        if final:
+            self._finished(c, reason or "error")
+        if self._pending and self._pending[-1][0] is c.sub:
+            self._pending[-1][1].append(event)
+        else:
+            self._pending.append((c.sub, [event]))
+
+    def _finished(self, c: _Choice, reason: str) -> None:
+        c.finish_reason = reason
+        with self._lock:
+            self._active.pop(c.rid, None)
+            if c.first_token_time is None:
+                self._queued -= 1
+        self.metrics.requests.labels(reason).inc()
+        if c.first_token_time is not None and c.last_token_time is not None and len(c.token_ids) > 1:
+            self.metrics.tpot.observe((c.last_token_time - c.first_token_time) / (len(c.token_ids) - 1))
+
+    def _check_ended(self, c: _Choice) -> None:
+        """A request that produced nothing this step may have ended inside the Engine (its
+        sampling failed: reason "error")."""
+        try:
+            info = self.engine.request_info(c.rid)
+        except ValueError:
+            return
+        if info["finish_reason"] == "error":
+            self._fail(c, "sampling failed (non-finite probabilities)")
+
+    def _fail(self, c: _Choice, message: str) -> None:
+        """End a choice with an error, and the rest of its HTTP request with it."""
+        for other in c.sub.choices:
+            if other.finish_reason is not None:
+                continue
+            self._cancel_engine(other)
+            self._emit(other, None, message if other is c else "another choice of this request failed")
+        c.sub.failed = True
+
+    def _cancel_engine(self, c: _Choice) -> None:
+        try:
+            self.engine.cancel(c.rid)
+        except ValueError:
+            pass  # finished and forgotten already
+        except Exception:
+            _log.exception("cancelling request %d failed", c.rid)
+
+    def _abort_all(self) -> None:
+        for c in list(self._active.values()):
+            self._cancel_engine(c)
+            c.stops.feed(c.detok.flush())
+            self._emit(c, "abort")
+
+    def _flush(self) -> None:
+        """Hand this round's events to the loop: one call for all requests."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for sub, events in batch:
+            by_loop.setdefault(sub.loop, []).append((sub, events))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _execute(self, name: str, arg: Any, fut: concurrent.futures.Future) -> None:
+        try:
+            if name == "cancel":
+                for c in arg.choices:
+                    if c.finish_reason is None:
+                        self._cancel_engine(c)
+                        self._finished(c, "cancelled")
+                result: Any = None
+            elif name == "budget":
+                self._set_budget(arg)
+                result = self.stats()
+            elif name == "sleep":
+                if not self._sleeping:
+                    self.engine.set_budget(0)  # preempts everything running: swap or recompute
+                    self._sleeping = True
+                    _log.info("sleeping: KV memory given back, requests queue until wake")
+                result = self.stats()
+            elif name == "wake":
+                if self._sleeping:
+                    self.engine.set_budget(self._budget)
+                    self._sleeping = False
+                    _log.info("awake: KV budget %s", "the policy's max" if self._budget is None else self._budget)
+                result = self.stats()
+            else:
+                raise ValueError(f"unknown command {name!r}")
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def _set_budget(self, nbytes: Any) -> None:
+        if nbytes is not None:
+            max_bytes = self.engine.policy.max_bytes
+            if not is_int(nbytes) or nbytes < 0:
+                raise bad_request(f"bytes must be a non-negative integer or null, got {nbytes!r}", "bytes")
+            if max_bytes is not None and nbytes > max_bytes:
+                raise bad_request(f"bytes ({nbytes}) exceeds the server's --max-kv-bytes ({max_bytes})", "bytes")
+        if not self._sleeping:
+            try:
+                self.engine.set_budget(nbytes)
+            except ValueError as exc:
+                raise bad_request(str(exc), "bytes") from None
+        self._budget = nbytes

@@ -1,0 +1,106 @@
+"""``GET /metrics``: the Engine's memory and the server's traffic in Prometheus text format.
+
+Gauges and the Engine's own counters are read from ``Engine.stats()`` at scrape time (a
+collector, so the figures are never stale and nothing polls between scrapes); token counts and
+latency histograms are recorded by the engine thread as tokens come. Each server has its own
+registry, so two servers in one process (tests) do not share series.
+
+Names (all prefixed ``ekv_``): ``kv_resident_bytes``, ``kv_live_bytes``, ``kv_reserved_bytes``,
+``kv_budget_bytes``, ``kv_min_bytes``, ``kv_max_bytes``, ``requests_running``,
+``requests_waiting``, ``requests_swapped``, ``requests_queued`` (no first token yet),
+``server_sleeping`` (gauges); ``preemptions_total``, ``kv_grows_total``, ``kv_shrinks_total``,
+``kv_bytes_given_back_total``, ``engine_steps_total``, ``prompt_tokens_total``,
+``generation_tokens_total``, ``requests_total{finish_reason}`` (counters);
+``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (histograms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# (metric, Engine.stats() key, help)
+_GAUGES = (
+    ("ekv_kv_resident_bytes", "resident_bytes", "KV memory mapped (physical), bytes"),
+    ("ekv_kv_live_bytes", "live_bytes", "KV memory held by requests' pages, bytes"),
+    ("ekv_kv_reserved_bytes", "reserved_bytes", "KV address space reserved, bytes"),
+    ("ekv_kv_budget_bytes", "budget_bytes", "effective KV budget, bytes"),
+    ("ekv_kv_min_bytes", "min_bytes", "KV floor the pool never shrinks under, bytes"),
+    ("ekv_kv_max_bytes", "max_bytes", "KV ceiling (--max-kv-bytes), bytes"),
+    ("ekv_requests_running", "running", "requests holding KV pages"),
+    ("ekv_requests_waiting", "waiting", "requests waiting in the Engine (preempted ones included)"),
+    ("ekv_requests_swapped", "swapped", "requests whose KV is in host swap space"),
+)
+_COUNTERS = (
+    ("ekv_preemptions", "preemptions", "requests preempted (swap or recompute)"),
+    ("ekv_kv_grows", "grows", "times the KV pool mapped more memory"),
+    ("ekv_kv_shrinks", "shrinks", "times the KV pool gave memory back"),
+    ("ekv_kv_bytes_given_back", "bytes_given_back", "KV bytes given back by the policy's shrinks"),
+    ("ekv_engine_steps", "steps", "Engine steps that ran a forward"),
+)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        for name, key, doc in _GAUGES:
+            value = s.get(key)
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=float(value))
+        yield GaugeMetricFamily(
+            "ekv_requests_queued", "choices accepted with no token yet", value=float(s.get("queued", 0))
+        )
+        yield GaugeMetricFamily(
+            "ekv_server_sleeping", "1 while /admin/sleep holds the KV budget at 0", value=float(bool(s.get("sleeping")))
+        )
+        for name, key, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
+
+
+class ServerMetrics:
+    """The server's registry. ``stats`` is called at every scrape (``ServerMetrics.render``);
+    the counters and histograms are updated by the engine thread."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.prompt_tokens = Counter("ekv_prompt_tokens", "prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("ekv_generation_tokens", "tokens generated", registry=r)
+        self.requests = Counter("ekv_requests", "finished choices by finish reason", ["finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "ekv_time_to_first_token_seconds",
+            "seconds from a request's arrival to its first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "ekv_time_per_output_token_seconds",
+            "seconds per output token after the first, per finished choice",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self._collector: _EngineCollector | None = None
+
+    def watch(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """Export ``stats()`` (the Engine's stats plus the server's state) at each scrape."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = _EngineCollector(stats)
+        self.registry.register(self._collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,318 @@
+"""The server's parts in this process: options, text, request checks, the engine thread.
+
+The engine-thread tests run the real Engine on the default model with a real asyncio loop,
+and break one request on purpose to show that only that request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torch_elastic_kv import ElasticPolicy, Engine
+from torch_elastic_kv.serve import cli
+from torch_elastic_kv.serve.default_model import EOS_ID, build_default_model, build_default_tokenizer
+from torch_elastic_kv.serve.detokenize import IncrementalDetokenizer, StopStrings
+from torch_elastic_kv.serve.engine_thread import ChoiceSpec, EngineService
+from torch_elastic_kv.serve.errors import APIError
+from torch_elastic_kv.serve.metrics import ServerMetrics
+from torch_elastic_kv.serve.protocol import ChatRequest, CompletionRequest, parse_request, to_sampling
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return build_default_model()
+
+
+# ---------------------------------------------------------------------------- options -------
+def test_parse_size_lives_in_util_and_bench_uses_it():
+    from torch_elastic_kv import _util
+    from torch_elastic_kv.bench import cli as bench_cli
+
+    assert bench_cli.parse_size is _util.parse_size
+    assert [_util.parse_size(t) for t in ("4096", "64M", "1G", "1.5GiB", "2kb")] == [
+        4096,
+        64 << 20,
+        1 << 30,
+        3 << 29,
+        2000,
+    ]
+    with pytest.raises(ValueError, match="byte count"):
+        _util.parse_size("-3M")
+
+
+def _bad_args(tmp_path):
+    no_config = tmp_path / "empty-model"
+    no_config.mkdir()
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    cases = [
+        (["--port", "70000"], "--port"),
+        (["--port", "eighty"], "--port"),
+        (["--max-kv-bytes", "1M"], "--max-kv-bytes"),
+        (["--max-kv-bytes", "12Q"], "--max-kv-bytes"),
+        (["--max-kv-bytes", "32M", "--min-kv-bytes", "64M"], "--min-kv-bytes"),
+        (["--max-kv-bytes", "1000000G"], "--max-kv-bytes"),
+        (["--swap-bytes", "lots"], "--swap-bytes"),
+        (["--idle-seconds", "-1"], "--idle-seconds"),
+        (["--drain-seconds", "nan"], "--drain-seconds"),
+        (["--max-waiting", "0"], "--max-waiting"),
+        (["--max-batch-tokens", "1.5"], "--max-batch-tokens"),
+        (["--max-body-bytes", "10"], "--max-body-bytes"),
+        (["--model", str(tmp_path / "missing")], "not a directory"),
+        (["--model", str(no_config)], "no config.json"),
+        (["--model", str(no_tokenizer)], "no tokenizer"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--api-key", ""], "--api-key"),
+        (["--admin-key", "has space"], "--admin-key"),
+        (["--host", "no such host.invalid"], "--host"),
+        (["--no-such-option"], "unrecognized arguments"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    return cases
+
+
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
+    for argv, needle in _bad_args(tmp_path):
+        assert cli.serve_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ekv-serve: error: "), (argv, err)
+        assert needle in err, (argv, err)
+
+
+def test_a_port_in_use_is_exit_2(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert cli.serve_main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ekv-serve: error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+
+
+def test_entry_point_is_wired():
+    listed = subprocess.run([sys.executable, "-m", "torch_elastic_kv", "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "\n  serve " in listed.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "torch_elastic_kv", "serve", "--port", "-5"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("ekv-serve: error: --port")
+
+
+def test_resolve_reads_sizes_keys_and_static_pool(monkeypatch):
+    monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
+    s = cli.resolve(["--max-kv-bytes", "64M", "--min-kv-bytes", "64M", "--port", "0", "--device", "cpu"])
+    assert (s.max_kv_bytes, s.min_kv_bytes, s.port, s.api_key, s.admin_key) == (64 << 20, 64 << 20, 0, "from-env", None)
+    assert (s.host, s.device, s.served_model_name, s.max_waiting) == ("127.0.0.1", "cpu", "ekv-default-llama", 1024)
+    assert cli.resolve(["--api-key", "flag", "--device", "cpu"]).api_key == "flag"  # the flag wins
+
+
+# ---------------------------------------------------------------------------- text ----------
+def test_incremental_detokenizer_equals_full_decode(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        ids = torch.randint(0, len(tokenizer), (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+        prompt = tokenizer.encode(f"prompt {trial} é")
+        d = IncrementalDetokenizer(tokenizer, prompt)
+        text = "".join(d.add(t) for t in ids) + d.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def test_incremental_detokenizer_holds_back_partial_characters(tokenizer):
+    euro = list("€".encode())  # 3 bytes, one token each
+    d = IncrementalDetokenizer(tokenizer, tokenizer.encode("price: "))
+    assert [d.add(8 + b) for b in euro] == ["", "", "€"]
+    assert d.add(EOS_ID) == "" and d.flush() == ""
+    d = IncrementalDetokenizer(tokenizer, [1])
+    assert d.add(8 + euro[0]) == "" and d.flush() == "\ufffd"  # an incomplete character at the end
+
+
+def test_incremental_detokenizer_keeps_leading_spaces_in_context():
+    # a SentencePiece-style vocabulary: "▁" marks a space, dropped at the start of a text
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁hello": 1, "▁world": 2, "!": 3, "▁again": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    d = IncrementalDetokenizer(tok, [1])
+    assert [d.add(t) for t in (2, 3, 4)] == [" world", "!", " again"]
+    assert tok.decode([1, 2, 3, 4]) == "hello world! again"
+
+
+def test_stop_strings():
+    s = StopStrings(["END", "xyz"])
+    assert not s.feed("abc E") and s.sendable(final=False) == len("abc E") - 2
+    assert s.feed("NDmore") and s.text == "abc " and s.stopped == "END"
+    assert s.sendable(final=False) == 4 and s.feed("ignored") and s.text == "abc "
+    s = StopStrings(["bb", "ab"])
+    assert s.feed("aabb") and (s.text, s.stopped) == ("a", "ab")  # the earliest occurrence wins
+    s = StopStrings([])
+    assert not s.feed("anything") and s.sendable(final=False) == len("anything")
+    with pytest.raises(ValueError, match="non-empty"):
+        StopStrings([""])
+
+
+# ---------------------------------------------------------------------------- protocol ------
+def test_parse_request_names_the_field():
+    with pytest.raises(APIError) as e:
+        parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 2.5})
+    assert (e.value.status, e.value.param) == (400, "max_tokens")
+    with pytest.raises(APIError) as e:
+        parse_request(CompletionRequest, {"prompt": "x", "bogus": 1})
+    assert e.value.param == "bogus" and "unknown field" in e.value.message
+    with pytest.raises(APIError) as e:
+        parse_request(ChatRequest, {"messages": [{"role": "user", "content": "x", "tool_calls": []}]})
+    assert e.value.param == "messages.0.tool_calls"
+    req = parse_request(ChatRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+    assert req.conversation() == [{"role": "user", "content": "a"}]
+    assert parse_request(CompletionRequest, {"prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+
+
+def test_to_sampling():
+    req = parse_request(CompletionRequest, {"prompt": "x"})
+    assert to_sampling(req, 0, [EOS_ID]).sampling == {"temperature": 1.0}  # OpenAI's default
+    req = parse_request(
+        CompletionRequest, {"prompt": "x", "temperature": 1e-6, "top_k": -1, "seed": -1, "ignore_eos": True}
+    )
+    s = to_sampling(req, 3, [EOS_ID])
+    assert s.sampling == {"temperature": 0.0, "seed": 2} and s.eos_token_ids == ()  # (-1 + 3) mod 2**64
+    req = parse_request(CompletionRequest, {"prompt": "x", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 9})
+    assert to_sampling(req, 1, [EOS_ID]).sampling == {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 10}
+
+
+# ---------------------------------------------------------------------------- Engine --------
+def test_check_request_raises_what_add_request_would_and_queues_nothing(model):
+    with Engine(model, policy=ElasticPolicy(max_bytes=4 << 20)) as engine:
+        for args in (([], 4), ([1, 300], 4), ([1, 2], 0), ([1] * 10, 600)):
+            with pytest.raises(ValueError) as checked:
+                engine.check_request(*args)
+            with pytest.raises(ValueError) as added:
+                engine.add_request(*args)
+            assert str(checked.value) == str(added.value)
+        engine.check_request([1, 2, 3], 4, EOS_ID, {"temperature": 0.5, "seed": 1})
+        assert engine.stats()["waiting"] == 0 and not engine.has_unfinished()
+
+
+def test_stalled_until_the_budget_returns(model):
+    with Engine(model, policy=ElasticPolicy(max_bytes=4 << 20)) as engine:
+        engine.set_budget(0)
+        rid = engine.add_request([1, 2, 3], 4)
+        assert engine.step() == [] and engine.stalled
+        engine.set_budget(None)
+        assert [r for r, _ in engine.step()] == [rid] and not engine.stalled
+
+
+# ---------------------------------------------------------------------------- engine thread -
+def _service(model, tokenizer, **kw):
+    engine = Engine(model, policy=ElasticPolicy(max_bytes=16 << 20), background=False)
+    return EngineService(engine, tokenizer, ServerMetrics(), max_waiting=kw.get("max_waiting", 64))
+
+
+async def _drain(sub):
+    events = []
+    while not sub.done:
+        events += await sub.next_events()
+    return events
+
+
+class _PoisonedTokenizer:
+    """The default tokenizer, except that decoding anything with ``<|end|>`` (id 7) in it
+    fails: a request whose prompt ends in it breaks in the detokenizer, the others do not."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def decode(self, ids, **kw):
+        if 7 in ids:
+            raise RuntimeError("detokenizer broke")
+        return self.inner.decode(ids, **kw)
+
+
+def test_a_failure_in_one_request_fails_it_alone(model, tokenizer):
+    prompts = [tokenizer.encode("good one"), tokenizer.encode("bad one") + [7]]
+    with Engine(model, policy=ElasticPolicy(max_bytes=16 << 20)) as ref:
+        want = ref.generate(prompts[:1], 12)[0]
+    service = _service(model, _PoisonedTokenizer(tokenizer))
+    service.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        good = service.submit([ChoiceSpec(prompts[0], 12, {"temperature": 0.0})], loop)
+        bad = service.submit([ChoiceSpec(prompts[1], 12, {"temperature": 0.0}), ChoiceSpec(prompts[0], 12, {})], loop)
+        return await _drain(good), await _drain(bad)
+
+    try:
+        good, bad = asyncio.run(run())
+    finally:
+        service.stop()
+    assert [t for e in good for t in e.token_ids] == want and good[-1].finish_reason == "length"
+    assert [e.error for e in bad if e.error] == [
+        "RuntimeError: detokenizer broke",
+        "another choice of this request failed",
+    ]
+    stats = service.engine.stats()  # closed: the figures it had when it closed
+    assert stats["cancelled"] == 2 and stats["finished"] == 1 and stats["running"] == 0
+
+
+def test_a_failed_step_fails_the_requests_in_it_and_the_next_ones_run(model, tokenizer):
+    service = _service(model, tokenizer)
+    engine = service.engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("forward exploded")
+        return real_step()
+
+    engine.step = failing_step
+    service.start()
+    ids = tokenizer.encode("after the failure")
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        first = await _drain(service.submit([ChoiceSpec(ids, 5, {"temperature": 0.0})], loop))
+        second = await _drain(service.submit([ChoiceSpec(ids, 5, {"temperature": 0.0})], loop))
+        return first, second
+
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        service.stop()
+    assert first[-1].error == "the engine failed: RuntimeError: forward exploded"
+    assert len([t for e in second for t in e.token_ids]) == 5 and second[-1].finish_reason == "length"
+
+
+def test_submit_checks_every_choice_first_and_bounds_the_queue(model, tokenizer):
+    service = _service(model, tokenizer, max_waiting=3)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(APIError) as e:
+            service.submit([ChoiceSpec([1, 2], 4, {}), ChoiceSpec([1, 999], 4, {})], loop)
+        assert e.value.status == 400 and "outside the vocabulary" in e.value.message
+        assert not service.engine.has_unfinished()  # the good first choice was not queued either
+        service.submit([ChoiceSpec([1, 2], 4, {})] * 3, loop)
+        with pytest.raises(APIError) as e:
+            service.submit([ChoiceSpec([1, 2], 4, {})], loop)
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+        assert service.queued == 3
+    finally:
+        service.engine.close()
+        loop.close()
