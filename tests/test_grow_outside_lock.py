@@ -84,7 +84,9 @@ def test_shrink_does_not_unmap_a_chunk_being_mapped(fake_cuda: FakeCuda) -> None
         assert log == ["shrunk", "grow returned"]
         assert pool.resident_bytes == pool.chunk_bytes
         assert len(pool.alloc(per)) == per and pool.resident_bytes == pool.chunk_bytes  # its chunk is usable
-        assert pool.poll() == 2 * pool.chunk_bytes  # the shrunk chunks leave the driver's mappings
+        # the shrunk chunks' deferred unmaps finish here, or already did inside the grow's map
+        # (which finishes pending unmaps it can): either way they leave the driver's mappings
+        pool.poll()
         assert fake_cuda.live_mappings() == 1
 
 
