@@ -17,6 +17,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench_main",
         "replay a trace through elastic, static, generate and continuous batching; compare memory and speed",
     ),
+    "broker": (
+        "torch_elastic_kv.broker.cli",
+        "broker_main",
+        "share one device's KV memory budget between processes by priority and guarantee",
+    ),
+    "top": ("torch_elastic_kv.broker.top", "top_main", "the broker's device budget and its tenants, live"),
 }
 
 

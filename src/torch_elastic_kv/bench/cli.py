@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 
+from .._units import parse_size
 from .settings import SYSTEM_NAMES, BenchSettings, ResolvedArgs
 from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
 
@@ -51,29 +52,6 @@ def _number(text: str) -> float:
     else:
         value = float(text)
     return value
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1024**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``4096``, ``64M``, ``64MiB``, ``1.5GB``; raises ValueError otherwise."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a byte count such as 4096, 64MiB or 1GiB, got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 # A value that starts with "-" but is not a plain negative number ("-1/2", "-5:10") would be taken
