@@ -1,6 +1,6 @@
 """The package's layers import only downward, read from the import graph of every module.
 
-memory -> kv -> hf -> engine -> bench, with serve and testing beside bench; ``_native`` (the compiled
+memory -> kv -> hf -> engine -> broker, bench (testing beside them) -> serve; ``_native`` (the compiled
 core's loader) is below them all, and ``__main__`` (the subcommand table) above them all.
 """
 
@@ -16,14 +16,16 @@ RANK = {
     "_C": -1,
     "_native": 0,
     "_util": 0,
+    "_units": 0,
     "memory": 1,
     "kv": 2,
     "hf": 3,
     "engine": 4,
+    "broker": 5,
     "bench": 5,
-    "serve": 5,
     "testing": 5,
-    "__main__": 6,
+    "serve": 6,
+    "__main__": 7,
 }
 
 

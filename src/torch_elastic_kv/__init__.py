@@ -9,6 +9,8 @@ Layers, each importing only from those above it in this list (tests/test_layerin
 - ``kv``      — the KV page pool, page placement, page tables, host swap space;
 - ``hf``      — the transformers ``Cache``, the step planner, paged attention, prepacking;
 - ``engine``  — continuous batching: requests, scheduler, model runner, memory controller;
+- ``broker``  — the memory broker between processes (``broker`` / ``top`` subcommands) and a
+  tenant's ``BrokerClient``;
 - ``bench``   — the benchmark harness (the ``bench`` subcommand);
 - ``testing`` — fake driver control, clocks, /proc readers, tiny models, stand-ins.
 
@@ -33,6 +35,7 @@ _EXPORTS = {
     "ElasticPagedCache": "hf.cache",
     "ElasticPolicy": "engine.policy",
     "Engine": "engine.engine",
+    "BrokerClient": "broker.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

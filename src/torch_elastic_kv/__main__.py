@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "serve_main",
         "an OpenAI-compatible server (completions, chat, streaming, /metrics) whose KV memory follows its traffic",
     ),
+    "broker": (
+        "torch_elastic_kv.broker.cli",
+        "broker_main",
+        "share one device's KV memory budget between processes by priority and guarantee",
+    ),
+    "top": ("torch_elastic_kv.broker.top", "top_main", "the broker's device budget and its tenants, live"),
 }
 
 

@@ -5,13 +5,12 @@ device's users expect."""
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["ceil_div", "is_int", "out_of_memory", "parse_device", "parse_size", "translate_oom"]
+__all__ = ["ceil_div", "is_int", "out_of_memory", "parse_device", "translate_oom"]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -59,26 +58,3 @@ def translate_oom(device: torch.device) -> Iterator[None]:
         if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError):
             raise torch.OutOfMemoryError(str(e)) from None
         raise
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1024**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``4096``, ``64M``, ``64MiB``, ``1.5GB``; raises ValueError otherwise."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a byte count such as 4096, 64MiB or 1GiB, got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])

@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 
-from .._util import parse_size
+from .._units import parse_size
 from .settings import SYSTEM_NAMES, BenchSettings, ResolvedArgs
 from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
 

@@ -40,7 +40,7 @@ from ..hf.compat import kv_geometry
 from ..kv.swap import SwapSpace
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
-from .protocols import EngineCache, EnginePool
+from .protocols import EngineBroker, EngineCache, EnginePool
 from .request import Request, SamplingParams
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
@@ -139,6 +139,10 @@ class Engine:
             weights and oneDNN's compiled kernels for each row bucket a weight shape meets (at
             most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
             it is faster depends on the CPU (``prepack`` module docstring).
+        broker: a ``torch_elastic_kv.broker.client.BrokerClient`` (anything with
+            ``attach(engine)`` and ``close()``): the Engine becomes a tenant of the device's
+            memory broker; its lease is the policy's pressure cap, so a smaller lease preempts
+            and shrinks like a budget cut. ``close()`` leaves the broker.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class Engine:
         starvation_limit: int = 3,
         keep_finished: int = 100_000,
         prepack_weights: Optional[bool] = None,
+        broker: Optional[EngineBroker] = None,
     ) -> None:
 
         self.model = model
@@ -252,6 +257,14 @@ class Engine:
             from ..hf.prepack import PackedLinears
 
             self._packed = PackedLinears(model)  # close() restores the layers
+        self.broker = broker
+        if broker is not None:
+            try:
+                broker.attach(self)  # the lease becomes the policy's pressure cap
+            except BaseException:
+                self.broker = None
+                self.close()
+                raise
         if background:
             self.memory.start()
 
@@ -547,7 +560,8 @@ class Engine:
         """Counters and byte figures as a plain dict.
 
         running / waiting / swapped: requests in each state (waiting includes swapped);
-        live_bytes: pages held by requests; resident_bytes: mapped (physical) KV memory;
+        live_bytes: pages held by requests; demand_bytes: what the policy sizes residency from
+        (held + expected growth + waiting prompts); resident_bytes: mapped (physical) KV memory;
         reserved_bytes: reserved address space; budget_bytes: effective budget (None:
         unlimited); grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
@@ -563,6 +577,7 @@ class Engine:
             return dict(self._final_stats)
         with self._pool_lock:
             ps = self.pool.stats()
+            demand = self.memory.demand()
         with self._inbox_lock:
             inbox = len(self._inbox)
             finished = self._n_finished
@@ -575,6 +590,7 @@ class Engine:
             "finished": finished,
             "cancelled": cancelled,
             "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
+            "demand_bytes": demand * self.pool.page_bytes,
             "resident_bytes": ps["resident_bytes"],
             "reserved_bytes": ps["reserved_bytes"],
             "budget_bytes": self.policy.budget_bytes,
@@ -659,6 +675,9 @@ class Engine:
             with self._step_lock, self._pool_lock:
                 self.cache.close()
                 self.pool.close()
+        if self.broker is not None:
+            broker, self.broker = self.broker, None
+            broker.close()  # after the pool: a tenant with nothing resident frees its lease
 
     def __enter__(self) -> Engine:
         return self

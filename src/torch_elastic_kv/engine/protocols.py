@@ -13,7 +13,7 @@ import torch
 
 from ..kv.page_table import PageTable
 
-__all__ = ["EnginePool", "EngineCache"]
+__all__ = ["EngineBroker", "EnginePool", "EngineCache"]
 
 
 @runtime_checkable
@@ -59,4 +59,13 @@ class EngineCache(Protocol):
     def attach_request(self, request_id: int, pages: list[int], ntokens: int) -> None: ...
     def set_packed_batch(self, entries: list[tuple[int, int, int]]) -> dict[str, Any]: ...
     def clear_packed_batch(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EngineBroker(Protocol):
+    """A link to a memory broker (``broker.client.BrokerClient``): ``attach`` is called once
+    the Engine is built and may install a pressure hook on its policy; ``close`` when it closes."""
+
+    def attach(self, engine: Any) -> None: ...
     def close(self) -> None: ...

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from .._util import parse_size
+from .._units import parse_size
 
 __all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main", "serve_parser"]
 

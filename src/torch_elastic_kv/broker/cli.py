@@ -1,0 +1,71 @@
+"""``python -m torch_elastic_kv broker``: run the memory broker of one device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+from typing import Optional
+
+from .._units import parse_size
+from .daemon import Broker
+
+__all__ = ["broker_main"]
+
+_DEVICE = re.compile(r"cpu|cuda:\d+")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m torch_elastic_kv broker",
+        description="Share one device's KV memory budget between processes by priority and guarantee.",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p.add_argument("--budget", required=True, help="the device's KV budget in bytes (4096, 512M, 2GiB)")
+    p.add_argument("--socket", default=None, help="Unix socket path (default: a per-user directory, mode 0700)")
+    p.add_argument("--reclaim-seconds", type=float, default=5.0, help="deadline given with a reclaim (default 5)")
+    p.add_argument(
+        "--heartbeat-timeout", type=float, default=5.0, help="disconnect a tenant silent this long (default 5)"
+    )
+    return p
+
+
+def broker_main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: validate the options, then serve until SIGTERM/SIGINT; returns the exit status."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if not _DEVICE.fullmatch(args.device):
+        p.error(f"--device must be cpu or cuda:N, got {args.device!r}")
+    try:
+        budget = parse_size(args.budget)
+    except ValueError as e:
+        p.error(f"--budget: {e}")
+    if budget <= 0:
+        p.error(f"--budget must be > 0, got {args.budget!r}")
+    for opt in ("reclaim_seconds", "heartbeat_timeout"):
+        if not getattr(args, opt) > 0:
+            p.error(f"--{opt.replace('_', '-')} must be > 0, got {getattr(args, opt)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    broker = Broker(
+        budget,
+        device=args.device,
+        socket_path=args.socket,
+        reclaim_seconds=args.reclaim_seconds,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, broker.stop)
+        await broker.run()
+
+    try:
+        asyncio.run(main())
+    except (RuntimeError, PermissionError, OSError) as e:
+        print(f"torch_elastic_kv broker: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,317 @@
+"""A tenant's side of the broker: its lease becomes its Engine's budget.
+
+``BrokerClient`` plugs into the machinery the Engine already has: the lease is the policy's
+pressure cap (so a smaller lease preempts and shrinks exactly as a budget cut does), and a
+thread reports the Engine's demand and residency to the broker, applies grants and
+reclaims, and confirms a reclaim only once the Engine's resident bytes are down to the new
+lease. If the broker goes away the lease stays as it was (the tenant keeps serving, but
+cannot grow) and the thread reconnects with backoff, re-registering what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+from .protocol import BROKER_MESSAGES, MAX_MESSAGE_BYTES, ProtocolError, decode, encode, message
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["BrokerClient", "BrokerUnavailable"]
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker could not be reached, or refused the registration (the message says why)."""
+
+
+class BrokerClient:
+    """Register with the broker at ``socket_path`` as tenant ``name``.
+
+    Args:
+        socket_path: the broker's Unix socket.
+        name: this tenant's name, unique among the broker's tenants.
+        priority: higher wins under contention (may be negative).
+        guarantee_bytes: KV bytes this tenant is always allowed to keep; the broker refuses a
+            registration whose guarantee does not fit its budget. At least the Engine's
+            ``ElasticPolicy(min_bytes=)``.
+        report_seconds: how often demand is reported and the lease is applied.
+
+    Hand it to the Engine (``Engine(model, policy=..., broker=client)``), which calls
+    ``attach``; ``close()`` (the Engine's ``close`` calls it) leaves the broker.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | Path,
+        name: str,
+        priority: int = 0,
+        guarantee_bytes: int = 0,
+        *,
+        report_seconds: float = 0.05,
+        connect_timeout: float = 5.0,
+        max_backoff_seconds: float = 2.0,
+    ) -> None:
+        if not isinstance(name, str) or not (0 < len(name) <= 64) or not name.isprintable():
+            raise ValueError(f"BrokerClient: name must be 1-64 printable characters, got {name!r}")
+        for what, v in (("priority", priority), ("guarantee_bytes", guarantee_bytes)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"BrokerClient: {what} must be an int, got {v!r}")
+        if guarantee_bytes < 0:
+            raise ValueError(f"BrokerClient: guarantee_bytes must be >= 0, got {guarantee_bytes}")
+        if not report_seconds > 0:
+            raise ValueError(f"BrokerClient: report_seconds must be > 0, got {report_seconds!r}")
+        self.socket_path = Path(socket_path)
+        self.name = name
+        self.priority = priority
+        self.guarantee_bytes = guarantee_bytes
+        self.report_seconds = float(report_seconds)
+        self.connect_timeout = float(connect_timeout)
+        self.max_backoff_seconds = float(max_backoff_seconds)
+        self._lock = threading.Lock()
+        self._lease = 0
+        self._reclaim: Optional[tuple[int, int]] = None  # (seq, lease asked for)
+        self._sock: Optional[socket.socket] = None
+        self._buf = b""
+        self._heartbeat = 1.0
+        self._stats: Callable[[], dict[str, Any]] = dict
+        self._chunk = 1
+        self._max_bytes = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._last_report: Optional[tuple[int, ...]] = None
+        self._last_sent = 0.0
+        self.reconnects = 0
+        self.grants = 0
+        self.reclaims = 0
+        self.last_error: Optional[str] = None
+
+    # -- what the Engine sees -------------------------------------------------------------------
+    @property
+    def lease_bytes(self) -> int:
+        """The lease: the most KV memory this tenant may hold now."""
+        with self._lock:
+            return self._lease
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def pressure(self) -> int:
+        """The policy's pressure hook: the lease is the cap."""
+        return self.lease_bytes
+
+    def attach(self, engine: Any) -> None:
+        """Register for ``engine`` and start following the lease (called by the Engine)."""
+        if self._thread is not None:
+            raise RuntimeError(f"BrokerClient {self.name!r}: already attached to an Engine")
+        policy = engine.policy
+        if policy.min_bytes > self.guarantee_bytes:
+            raise ValueError(
+                f"BrokerClient {self.name!r}: the policy's min_bytes ({policy.min_bytes}) is memory the Engine "
+                f"never gives back, so guarantee_bytes ({self.guarantee_bytes}) must be at least that"
+            )
+        stats = engine.stats()
+        self._chunk = int(engine.pool.chunk_bytes)
+        self._max_bytes = int(policy.max_bytes if policy.max_bytes is not None else stats["reserved_bytes"])
+        if self.guarantee_bytes > self._max_bytes:
+            raise ValueError(
+                f"BrokerClient {self.name!r}: guarantee_bytes ({self.guarantee_bytes}) exceeds what the Engine "
+                f"can hold ({self._max_bytes})"
+            )
+        self._stats = engine.stats
+        self._connect_and_register(holdings=False)
+        own = policy.pressure
+        policy.pressure = self.pressure if own is None else (lambda: _smaller(own(), self.pressure()))
+        policy.pressure_interval = min(policy.pressure_interval, self.report_seconds)
+        self._thread = threading.Thread(target=self._run, name=f"ekv-broker-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Leave the broker (the Engine has given its memory back) and stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        sock = self._sock
+        if sock is not None:
+            try:
+                resident = int(self._stats().get("resident_bytes", 0) or 0)
+                sock.sendall(encode(message("leave", resident_bytes=resident)))
+            except OSError:
+                pass
+            self._close_socket()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "lease_bytes": self._lease,
+                "reclaiming_to": None if self._reclaim is None else self._reclaim[1],
+                "connected": self._sock is not None,
+                "reconnects": self.reconnects,
+                "grants": self.grants,
+                "reclaims": self.reclaims,
+                "last_error": self.last_error,
+            }
+
+    # -- the connection -------------------------------------------------------------------------
+    def _connect_and_register(self, holdings: bool) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as e:
+            sock.close()
+            raise BrokerUnavailable(f"broker at {self.socket_path}: cannot connect: {e}") from None
+        figures = self._stats() if holdings else {}
+        register = message(
+            "register",
+            name=self.name,
+            pid=os.getpid(),
+            priority=self.priority,
+            guarantee_bytes=self.guarantee_bytes,
+            chunk_bytes=self._chunk,
+            max_bytes=self._max_bytes,
+            lease_bytes=self.lease_bytes if holdings else 0,
+            resident_bytes=int(figures.get("resident_bytes", 0) or 0),
+        )
+        self._buf = b""
+        try:
+            sock.sendall(encode(register))
+            reply = self._read_one(sock)
+        except (OSError, ProtocolError) as e:
+            sock.close()
+            raise BrokerUnavailable(f"broker at {self.socket_path}: registration failed: {e}") from None
+        if reply["type"] == "error":
+            sock.close()
+            raise BrokerUnavailable(f"broker at {self.socket_path} refused {self.name!r}: {reply['message']}")
+        if reply["type"] != "registered":
+            sock.close()
+            raise BrokerUnavailable(f"broker at {self.socket_path}: expected 'registered', got {reply['type']!r}")
+        with self._lock:
+            self._lease = reply["lease_bytes"]
+            self._reclaim = None
+        self._heartbeat = float(reply["heartbeat_seconds"])
+        sock.settimeout(None)
+        self._sock = sock
+        self._last_report = None
+        _log.info("broker: %r registered at %s, lease %d bytes", self.name, self.socket_path, self._lease)
+
+    def _read_one(self, sock: socket.socket) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the broker closed the connection")
+            self._buf += data
+            if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
+                raise ProtocolError("too_large", "broker message too long")
+        line, self._buf = self._buf.split(b"\n", 1)
+        return decode(line + b"\n", BROKER_MESSAGES)
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            if self._sock is None:
+                if self._stop.wait(backoff):
+                    return
+                try:
+                    self._connect_and_register(holdings=True)
+                    self.reconnects += 1
+                    backoff = 0.05
+                except BrokerUnavailable as e:
+                    self.last_error = str(e)
+                    backoff = min(self.max_backoff_seconds, backoff * 2)
+                    continue
+            try:
+                self._receive(timeout=self.report_seconds)
+                self._report()
+            except (OSError, ConnectionError, ProtocolError, json.JSONDecodeError) as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                _log.warning("broker: %r lost its broker (%s); keeping a lease of %d bytes", self.name, e, self._lease)
+                self._close_socket()
+
+    def _receive(self, timeout: float) -> None:
+        sock = self._sock
+        assert sock is not None
+        readable, _, _ = select.select([sock], [], [], timeout)
+        if not readable:
+            return
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the broker closed the connection")
+        self._buf += data
+        if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
+            raise ProtocolError("too_large", "broker message too long")
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self._apply(decode(line + b"\n", BROKER_MESSAGES))
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        with self._lock:
+            if kind == "grant":
+                self._lease = max(self._lease, msg["lease_bytes"])
+                self.grants += 1
+            elif kind == "reclaim":
+                # the cap drops now; the Engine preempts and shrinks at its next step or tick
+                self._lease = min(self._lease, msg["lease_bytes"])
+                self._reclaim = (msg["seq"], msg["lease_bytes"])
+                self.reclaims += 1
+            elif kind == "error":
+                raise ConnectionError(f"broker error {msg['code']}: {msg['message']}")
+        if kind in ("grant", "reclaim"):
+            _log.debug("broker: %r %s -> lease %d", self.name, kind, msg["lease_bytes"])
+
+    def _report(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        s = self._stats()
+        resident = int(s.get("resident_bytes", 0) or 0)
+        with self._lock:
+            reclaim = self._reclaim
+        if reclaim is not None and resident <= reclaim[1]:
+            sock.sendall(encode(message("released", seq=reclaim[0], lease_bytes=reclaim[1], resident_bytes=resident)))
+            with self._lock:
+                self._reclaim = None
+        figures = (
+            int(s.get("demand_bytes", 0) or 0),
+            resident,
+            int(s.get("live_bytes", 0) or 0),
+            int(s.get("running", 0) or 0),
+            int(s.get("waiting", 0) or 0),
+        )
+        now = time.monotonic()
+        if figures != self._last_report or now - self._last_sent >= self._heartbeat:
+            demand, resident, live, running, waiting = figures
+            sock.sendall(
+                encode(
+                    message(
+                        "report",
+                        demand_bytes=demand,
+                        resident_bytes=resident,
+                        live_bytes=live,
+                        running=running,
+                        waiting=waiting,
+                    )
+                )
+            )
+            self._last_report = figures
+            self._last_sent = now
+
+
+def _smaller(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

@@ -1,0 +1,146 @@
+"""A broker daemon in a subprocess and a raw protocol client, for the broker tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch_elastic_kv.broker.protocol import encode, message
+
+MiB = 1 << 20
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something truthy, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class BrokerProcess:
+    """``python -m torch_elastic_kv broker`` on ``socket_path``; stopped by pid."""
+
+    def __init__(self, socket_path: Path, budget: str = "64M", *extra: str) -> None:
+        self.socket_path = socket_path
+        fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
+        self.log = Path(log)
+        self._log_file = os.fdopen(fd, "w")  # closed in stop() / kill()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch_elastic_kv",
+                "broker",
+                "--budget",
+                budget,
+                "--socket",
+                str(socket_path),
+                *extra,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self._listening(), 30.0, f"the broker to listen on {socket_path} (log {self.log})")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the broker exited with {self.proc.returncode}: {self.log.read_text()}")
+        return "listening on" in self.log.read_text()
+
+    def status(self) -> dict[str, Any]:
+        with RawClient(self.socket_path) as c:
+            c.send(message("status"))
+            return c.recv()
+
+    def tenant(self, name: str) -> dict[str, Any] | None:
+        return next((t for t in self.status()["tenants"] if t["name"] == name), None)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log_file.close()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+class RawClient:
+    """A blocking line-JSON client (what a tenant library does, by hand)."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(encode(msg))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the broker")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def closed_by_peer(self) -> bool:
+        """True once the broker has closed this connection (EOF after any pending lines)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+    def register(self, name: str, *, priority: int = 0, guarantee: int = 0, pid: int | None = None, **kw: int):
+        self.send(
+            message(
+                "register",
+                name=name,
+                pid=os.getpid() if pid is None else pid,
+                priority=priority,
+                guarantee_bytes=guarantee,
+                chunk_bytes=kw.pop("chunk_bytes", 2 * MiB),
+                max_bytes=kw.pop("max_bytes", 1 << 30),
+                **kw,
+            )
+        )
+        return self.recv()

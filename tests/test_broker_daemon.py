@@ -1,0 +1,234 @@
+"""The broker daemon as a real process: socket rules, bad messages, dead tenants, ``top``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_helpers import BrokerProcess, MiB, RawClient, wait_for
+from torch_elastic_kv.broker.protocol import MAX_MESSAGE_BYTES, message
+
+
+@pytest.fixture(scope="module")
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ekvb", dir="/tmp"))  # AF_UNIX paths are short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker(sock_dir: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(sock_dir / "private" / "b.sock", "64M", "--heartbeat-timeout", "30")
+    yield b
+    assert b.stop() == 0
+
+
+def _error(c: RawClient) -> dict:
+    reply = c.recv()
+    assert reply["type"] == "error", reply
+    assert c.closed_by_peer()
+    return reply
+
+
+def test_the_socket_is_private(broker: BrokerProcess) -> None:
+    assert stat.S_IMODE(broker.socket_path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(broker.socket_path.stat().st_mode) == 0o600
+    assert broker.socket_path.stat().st_uid == os.getuid()
+
+
+def test_a_guarantee_is_granted_at_registration(broker: BrokerProcess) -> None:
+    with RawClient(broker.socket_path) as c:
+        reply = c.register("g1", guarantee=4 * MiB)
+        assert reply == {
+            "v": 1,
+            "type": "registered",
+            "lease_bytes": 0,
+            "budget_bytes": 64 * MiB,
+            "heartbeat_seconds": 1.0,
+        }
+        grant = c.recv()
+        assert grant["type"] == "grant" and grant["lease_bytes"] == 4 * MiB
+        assert broker.tenant("g1")["lease_bytes"] == 4 * MiB
+        c.send(message("leave", resident_bytes=0))
+        wait_for(lambda: broker.tenant("g1") is None, 5, "g1 to leave")
+    assert broker.status()["free_bytes"] == 64 * MiB
+
+
+def test_bad_messages_close_only_their_connection(broker: BrokerProcess) -> None:
+    with RawClient(broker.socket_path) as good:
+        good.register("steady", guarantee=2 * MiB)
+        assert good.recv()["lease_bytes"] == 2 * MiB
+        cases = [
+            (b"{not json\n", "bad_json", "not a JSON object"),
+            (b"[1, 2]\n", "bad_json", "not a JSON object: list"),
+            (b'{"v": 2, "type": "status"}\n', "bad_version", "protocol version 2; this broker speaks 1"),
+            (b'{"v": 1, "type": "grant"}\n', "unknown_type", "unknown message type 'grant'"),
+            (b'{"v": 1, "type": "heartbeat", "x": 1}\n', "unknown_field", "heartbeat: unknown field(s) ['x']"),
+            (b'{"v": 1, "type": "report"}\n', "missing_field", "report: missing field 'demand_bytes'"),
+            (
+                b'{"v":1,"type":"report","demand_bytes":-1,"resident_bytes":0,"live_bytes":0,"running":0,"waiting":0}\n',
+                "bad_value",
+                "demand_bytes must be >= 0",
+            ),
+            (
+                b'{"v":1,"type":"report","demand_bytes":1,"resident_bytes":0,"live_bytes":0,"running":0,"waiting":0}\n',
+                "out_of_order",
+                "report: register first",
+            ),
+            (
+                b'{"v":1,"type":"released","seq":1,"lease_bytes":0,"resident_bytes":0}\n',
+                "out_of_order",
+                "register first",
+            ),
+            (b"x" * (MAX_MESSAGE_BYTES + 10) + b"\n", "too_large", f"longer than {MAX_MESSAGE_BYTES} bytes"),
+        ]
+        for data, code, text in cases:
+            with RawClient(broker.socket_path) as bad:
+                bad.send_raw(data)
+                reply = _error(bad)
+                assert reply["code"] == code, (data[:60], reply)
+                assert text in reply["message"], (data[:60], reply)
+        # the well-behaved tenant was not disturbed
+        good.send(message("heartbeat"))
+        good.send(message("status"))
+        assert good.recv()["type"] == "status"
+        assert broker.tenant("steady")["lease_bytes"] == 2 * MiB
+        assert broker.tenant("steady")["connected"] is True
+        good.send(message("leave", resident_bytes=0))
+        wait_for(lambda: broker.tenant("steady") is None, 5, "steady to leave")
+
+
+def test_registrations_that_cannot_be_honoured(broker: BrokerProcess) -> None:
+    with RawClient(broker.socket_path) as a:
+        a.register("big", guarantee=40 * MiB)
+        assert a.recv()["lease_bytes"] == 40 * MiB
+        with RawClient(broker.socket_path) as b:
+            reply = b.register("also-big", guarantee=30 * MiB)
+            assert reply["type"] == "error" and b.closed_by_peer()
+        assert reply["code"] == "guarantee_does_not_fit"
+        assert (
+            "guarantee_bytes 31457280 does not fit: budget 67108864, other tenants' guarantees 41943040"
+            in reply["message"]
+        )
+        with RawClient(broker.socket_path) as b:
+            assert b.register("big")["code"] == "name_taken"
+            assert b.closed_by_peer()
+        with RawClient(broker.socket_path) as b:
+            reply = b.register("liar", pid=1)
+            assert reply["code"] == "bad_value" and "pid 1 is not the connecting process" in reply["message"]
+        with RawClient(broker.socket_path) as b:
+            assert b.register("a" * 65)["code"] == "bad_value"
+        assert [t["name"] for t in broker.status()["tenants"]] == ["big"]
+        a.send(message("leave", resident_bytes=0))
+        wait_for(lambda: broker.tenant("big") is None, 5, "big to leave")
+
+
+_TENANT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from broker_helpers import RawClient
+    c = RawClient({path!r})
+    c.register("doomed", guarantee={guarantee})
+    print(c.recv()["lease_bytes"], flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_killed_tenant_s_lease_comes_back(broker: BrokerProcess) -> None:
+    code = _TENANT.format(tests=str(Path(__file__).parent), path=str(broker.socket_path), guarantee=8 * MiB)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == str(8 * MiB)
+        row = broker.tenant("doomed")
+        assert row["pid"] == child.pid and row["lease_bytes"] == 8 * MiB
+        assert broker.status()["free_bytes"] == 56 * MiB
+        os.kill(child.pid, 9)  # not reaped yet: a zombie's memory is gone all the same
+        wait_for(lambda: broker.tenant("doomed") is None, 2.0, "the dead tenant's lease to be returned")
+        assert broker.status()["free_bytes"] == 64 * MiB
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_silent_tenant_is_disconnected_but_keeps_its_lease(sock_dir: Path) -> None:
+    b = BrokerProcess(sock_dir / "hb.sock", "16M", "--heartbeat-timeout", "0.3")
+    try:
+        with RawClient(b.socket_path) as c:
+            c.register("quiet", guarantee=2 * MiB)
+            assert c.recv()["type"] == "grant"
+            assert wait_for(c.closed_by_peer, 5, "the broker to drop the silent tenant")
+            row = b.tenant("quiet")
+            assert row["connected"] is False and row["lease_bytes"] == 2 * MiB  # this process still lives
+            with RawClient(b.socket_path) as again:  # the same process may come back for it
+                assert again.register("quiet", guarantee=2 * MiB)["lease_bytes"] == 2 * MiB
+    finally:
+        assert b.stop() == 0
+
+
+def test_top_json_and_table(broker: BrokerProcess) -> None:
+    with RawClient(broker.socket_path) as c:
+        c.register("shown", priority=3, guarantee=6 * MiB)
+        c.recv()
+        c.send(
+            message("report", demand_bytes=10 * MiB, resident_bytes=4 * MiB, live_bytes=3 * MiB, running=2, waiting=5)
+        )
+        wait_for(lambda: broker.tenant("shown")["waiting"] == 5, 5, "the report")
+        out = subprocess.run(
+            [sys.executable, "-m", "torch_elastic_kv", "top", "--json", "--socket", str(broker.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        snap = json.loads(out.stdout)
+        assert snap["budget_bytes"] == 64 * MiB
+        assert snap["free_bytes"] == snap["budget_bytes"] - sum(t["lease_bytes"] for t in snap["tenants"])
+        (row,) = [t for t in snap["tenants"] if t["name"] == "shown"]
+        assert row["pid"] == os.getpid()
+        assert (row["priority"], row["guarantee_bytes"], row["demand_bytes"], row["resident_bytes"]) == (
+            3,
+            6 * MiB,
+            10 * MiB,
+            4 * MiB,
+        )
+        assert (row["live_bytes"], row["waiting"]) == (3 * MiB, 5)
+        assert row["lease_bytes"] == 10 * MiB  # demand granted from free memory
+        text = subprocess.run(
+            [sys.executable, "-m", "torch_elastic_kv", "top", "--count", "1", "--socket", str(broker.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert text.returncode == 0, text.stderr
+        assert "budget 64.0 MiB" in text.stdout and "shown" in text.stdout and "10.0" in text.stdout
+        c.send(message("leave", resident_bytes=0))
+        wait_for(lambda: broker.tenant("shown") is None, 5, "shown to leave")
+
+
+def test_command_line_errors(sock_dir: Path, broker: BrokerProcess) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch_elastic_kv", *args], capture_output=True, text=True, timeout=60
+        )
+
+    r = run("broker", "--budget", "lots", "--socket", str(sock_dir / "x.sock"))
+    assert r.returncode == 2 and "--budget: expected a byte count" in r.stderr
+    r = run("broker", "--budget", "1G", "--device", "gpu0", "--socket", str(sock_dir / "x.sock"))
+    assert r.returncode == 2 and "--device must be cpu or cuda:N, got 'gpu0'" in r.stderr
+    r = run("broker", "--budget", "1G", "--socket", str(broker.socket_path))
+    assert r.returncode == 1 and "another broker already listens on" in r.stderr
+    r = run("top", "--json", "--socket", str(sock_dir / "nobody.sock"))
+    assert r.returncode == 1 and "no broker at" in r.stderr
+    assert not (sock_dir / "x.sock").exists()
