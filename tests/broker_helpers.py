@@ -9,26 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serve_helpers import wait_until
 from torch_elastic_kv.broker.protocol import encode, message
 
 MiB = 1 << 20
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class BrokerProcess:
@@ -39,6 +26,9 @@ class BrokerProcess:
         fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
         self.log = Path(log)
         self._log_file = os.fdopen(fd, "w")  # closed in stop() / kill()
+        env = dict(os.environ)
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")  # the package under test
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -53,8 +43,9 @@ class BrokerProcess:
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            env=env,
         )
-        wait_for(lambda: self._listening(), 30.0, f"the broker to listen on {socket_path} (log {self.log})")
+        wait_until(self._listening, 30.0, what=f"the broker to listen on {socket_path} (log {self.log})")
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:

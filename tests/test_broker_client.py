@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker_helpers import BrokerProcess, MiB, RawClient, wait_for
+from broker_helpers import BrokerProcess, MiB, RawClient
+from serve_helpers import wait_until
 from torch_elastic_kv import BrokerClient, ElasticPolicy, Engine
 from torch_elastic_kv.broker.client import BrokerUnavailable
 from torch_elastic_kv.broker.protocol import message
@@ -69,7 +70,7 @@ def test_a_higher_priority_burst_takes_live_memory_and_nothing_is_lost(model, wo
     eng = Engine(model, policy=_policy(), max_batch_tokens=512, broker=client)
     high = None
     try:
-        wait_for(lambda: client.lease_bytes == 4 * MiB, 5, "the guarantee to be granted")
+        wait_until(lambda: client.lease_bytes == 4 * MiB, 5, what="the guarantee to be granted")
         rids = [eng.add_request(p, n) for p, n in zip(prompts, max_new)]
         seen = {"over": 0, "after_release_max": 0}
         while eng.has_unfinished():
@@ -111,12 +112,12 @@ def test_a_higher_priority_burst_takes_live_memory_and_nothing_is_lost(model, wo
         for rid, ref in zip(rids, references):
             assert eng.output_ids(rid) == ref, rid
         assert eng.stats()["finished"] == len(prompts)
-        wait_for(lambda: broker.tenant("high") is None, 5, "high to leave")
+        wait_until(lambda: broker.tenant("high") is None, 5, what="high to leave")
     finally:
         eng.close()
         if high is not None:
             high.close()
-    wait_for(lambda: broker.status()["tenants"] == [], 5, "the Engine's close to leave the broker")
+    wait_until(lambda: broker.status()["tenants"] == [], 5, what="the Engine's close to leave the broker")
     assert broker.status()["free_bytes"] == 32 * MiB
     assert broker.stop() == 0
 
@@ -140,17 +141,17 @@ def test_the_broker_dies_and_a_new_one_finds_its_tenant(model, workload, referen
             errors.append(e)
 
     try:
-        wait_for(lambda: client.lease_bytes >= 4 * MiB, 5, "the guarantee to be granted")
+        wait_until(lambda: client.lease_bytes >= 4 * MiB, 5, what="the guarantee to be granted")
         th = threading.Thread(target=serve)
         th.start()
-        wait_for(lambda: eng.stats()["live_bytes"] > 0, 30, "requests to start")
+        wait_until(lambda: eng.stats()["live_bytes"] > 0, 30, what="requests to start")
         broker.kill()
-        wait_for(lambda: not client.connected, 5, "the client to notice")
+        wait_until(lambda: not client.connected, 5, what="the client to notice")
         held = client.lease_bytes
         assert held >= 4 * MiB  # the lease stands while there is no broker
         broker = BrokerProcess(path, "64M")  # the stale socket is replaced
-        wait_for(lambda: client.stats()["reconnects"] == 1 and client.connected, 10, "re-registration")
-        row = wait_for(lambda: broker.tenant("t1"), 5, "the tenant in the new broker")
+        wait_until(lambda: client.stats()["reconnects"] == 1 and client.connected, 10, what="re-registration")
+        row = wait_until(lambda: broker.tenant("t1"), 5, what="the tenant in the new broker")
         assert row["pid"] == os.getpid() and row["lease_bytes"] >= min(held, 64 * MiB)
         th.join(timeout=120)
         assert not th.is_alive() and errors == []
@@ -163,12 +164,12 @@ def test_the_broker_dies_and_a_new_one_finds_its_tenant(model, workload, referen
         )
         (snap,) = [json.loads(out.stdout)]
         (row,) = snap["tenants"]
-        wait_for(lambda: broker.tenant("t1")["resident_bytes"] == eng.stats()["resident_bytes"], 5, "a report")
+        wait_until(lambda: broker.tenant("t1")["resident_bytes"] == eng.stats()["resident_bytes"], 5, what="a report")
         assert row["lease_bytes"] == client.lease_bytes
         assert row["guarantee_bytes"] == 4 * MiB
     finally:
         eng.close()
-    wait_for(lambda: broker.status()["tenants"] == [], 5, "the tenant to leave")
+    wait_until(lambda: broker.status()["tenants"] == [], 5, what="the tenant to leave")
     assert broker.stop() == 0
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker_helpers import BrokerProcess, MiB, RawClient, wait_for
+from broker_helpers import BrokerProcess, MiB, RawClient
+from serve_helpers import wait_until
 from torch_elastic_kv.broker.protocol import MAX_MESSAGE_BYTES, message
 
 
@@ -60,7 +61,7 @@ def test_a_guarantee_is_granted_at_registration(broker: BrokerProcess) -> None:
         assert grant["type"] == "grant" and grant["lease_bytes"] == 4 * MiB
         assert broker.tenant("g1")["lease_bytes"] == 4 * MiB
         c.send(message("leave", resident_bytes=0))
-        wait_for(lambda: broker.tenant("g1") is None, 5, "g1 to leave")
+        wait_until(lambda: broker.tenant("g1") is None, 5, what="g1 to leave")
     assert broker.status()["free_bytes"] == 64 * MiB
 
 
@@ -105,7 +106,7 @@ def test_bad_messages_close_only_their_connection(broker: BrokerProcess) -> None
         assert broker.tenant("steady")["lease_bytes"] == 2 * MiB
         assert broker.tenant("steady")["connected"] is True
         good.send(message("leave", resident_bytes=0))
-        wait_for(lambda: broker.tenant("steady") is None, 5, "steady to leave")
+        wait_until(lambda: broker.tenant("steady") is None, 5, what="steady to leave")
 
 
 def test_registrations_that_cannot_be_honoured(broker: BrokerProcess) -> None:
@@ -130,7 +131,7 @@ def test_registrations_that_cannot_be_honoured(broker: BrokerProcess) -> None:
             assert b.register("a" * 65)["code"] == "bad_value"
         assert [t["name"] for t in broker.status()["tenants"]] == ["big"]
         a.send(message("leave", resident_bytes=0))
-        wait_for(lambda: broker.tenant("big") is None, 5, "big to leave")
+        wait_until(lambda: broker.tenant("big") is None, 5, what="big to leave")
 
 
 _TENANT = textwrap.dedent(
@@ -155,7 +156,7 @@ def test_a_killed_tenant_s_lease_comes_back(broker: BrokerProcess) -> None:
         assert row["pid"] == child.pid and row["lease_bytes"] == 8 * MiB
         assert broker.status()["free_bytes"] == 56 * MiB
         os.kill(child.pid, 9)  # not reaped yet: a zombie's memory is gone all the same
-        wait_for(lambda: broker.tenant("doomed") is None, 2.0, "the dead tenant's lease to be returned")
+        wait_until(lambda: broker.tenant("doomed") is None, 2.0, what="the dead tenant's lease to be returned")
         assert broker.status()["free_bytes"] == 64 * MiB
     finally:
         child.kill()
@@ -168,7 +169,7 @@ def test_a_silent_tenant_is_disconnected_but_keeps_its_lease(sock_dir: Path) -> 
         with RawClient(b.socket_path) as c:
             c.register("quiet", guarantee=2 * MiB)
             assert c.recv()["type"] == "grant"
-            assert wait_for(c.closed_by_peer, 5, "the broker to drop the silent tenant")
+            assert wait_until(c.closed_by_peer, 5, what="the broker to drop the silent tenant")
             row = b.tenant("quiet")
             assert row["connected"] is False and row["lease_bytes"] == 2 * MiB  # this process still lives
             with RawClient(b.socket_path) as again:  # the same process may come back for it
@@ -184,7 +185,7 @@ def test_top_json_and_table(broker: BrokerProcess) -> None:
         c.send(
             message("report", demand_bytes=10 * MiB, resident_bytes=4 * MiB, live_bytes=3 * MiB, running=2, waiting=5)
         )
-        wait_for(lambda: broker.tenant("shown")["waiting"] == 5, 5, "the report")
+        wait_until(lambda: broker.tenant("shown")["waiting"] == 5, 5, what="the report")
         out = subprocess.run(
             [sys.executable, "-m", "torch_elastic_kv", "top", "--json", "--socket", str(broker.socket_path)],
             capture_output=True,
@@ -214,7 +215,7 @@ def test_top_json_and_table(broker: BrokerProcess) -> None:
         assert text.returncode == 0, text.stderr
         assert "budget 64.0 MiB" in text.stdout and "shown" in text.stdout and "10.0" in text.stdout
         c.send(message("leave", resident_bytes=0))
-        wait_for(lambda: broker.tenant("shown") is None, 5, "shown to leave")
+        wait_until(lambda: broker.tenant("shown") is None, 5, what="shown to leave")
 
 
 def test_command_line_errors(sock_dir: Path, broker: BrokerProcess) -> None:

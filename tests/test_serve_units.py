@@ -36,12 +36,16 @@ def model():
 
 
 # ---------------------------------------------------------------------------- options -------
-def test_parse_size_lives_in_util_and_bench_uses_it():
-    from torch_elastic_kv import _util
+def test_parse_size_is_written_once_and_every_cli_uses_it():
+    from torch_elastic_kv import _units
     from torch_elastic_kv.bench import cli as bench_cli
+    from torch_elastic_kv.broker import cli as broker_cli
+    from torch_elastic_kv.serve import cli as serve_cli
 
-    assert bench_cli.parse_size is _util.parse_size
-    assert [_util.parse_size(t) for t in ("4096", "64M", "1G", "1.5GiB", "2kb")] == [
+    assert bench_cli.parse_size is _units.parse_size
+    assert serve_cli.parse_size is _units.parse_size
+    assert broker_cli.parse_size is _units.parse_size
+    assert [_units.parse_size(t) for t in ("4096", "64M", "1G", "1.5GiB", "2kb")] == [
         4096,
         64 << 20,
         1 << 30,
@@ -49,7 +53,7 @@ def test_parse_size_lives_in_util_and_bench_uses_it():
         2000,
     ]
     with pytest.raises(ValueError, match="byte count"):
-        _util.parse_size("-3M")
+        _units.parse_size("-3M")
 
 
 def _bad_args(tmp_path):

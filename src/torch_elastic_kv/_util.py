@@ -1,6 +1,6 @@
-"""Small helpers every layer uses, written once: integer checks, ceiling division, byte sizes
-(``64MiB``), device parsing that does not initialise CUDA, and the out-of-memory exception a
-device's users expect."""
+"""Small helpers every layer uses, written once: integer checks, ceiling division, device
+parsing that does not initialise CUDA, and the out-of-memory exception a device's users expect.
+(Byte sizes such as ``64MiB`` are parsed in ``_units``, which the CLIs import before torch.)"""
 
 from __future__ import annotations
 

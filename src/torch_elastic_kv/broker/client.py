@@ -88,6 +88,7 @@ class BrokerClient:
         self._stop = threading.Event()
         self._last_report: Optional[tuple[int, ...]] = None
         self._last_sent = 0.0
+        self.on_grant: Optional[Callable[[], None]] = None  # called after a grant raised the lease
         self.reconnects = 0
         self.grants = 0
         self.reclaims = 0
@@ -130,7 +131,7 @@ class BrokerClient:
         self._connect_and_register(holdings=False)
         own = policy.pressure
         policy.pressure = self.pressure if own is None else (lambda: _smaller(own(), self.pressure()))
-        policy.pressure_interval = min(policy.pressure_interval, self.report_seconds)
+        policy.pressure_interval = 0.0  # the hook reads one int: every step sees the lease as it is
         self._thread = threading.Thread(target=self._run, name=f"ekv-broker-{self.name}", daemon=True)
         self._thread.start()
 
@@ -273,6 +274,8 @@ class BrokerClient:
                 raise ConnectionError(f"broker error {msg['code']}: {msg['message']}")
         if kind in ("grant", "reclaim"):
             _log.debug("broker: %r %s -> lease %d", self.name, kind, msg["lease_bytes"])
+        if kind == "grant" and self.on_grant is not None:
+            self.on_grant()
 
     def _report(self) -> None:
         sock = self._sock

@@ -561,7 +561,8 @@ class Engine:
 
         running / waiting / swapped: requests in each state (waiting includes swapped);
         live_bytes: pages held by requests; demand_bytes: what the policy sizes residency from
-        (held + expected growth + waiting prompts); resident_bytes: mapped (physical) KV memory;
+        (held + expected growth + waiting prompts); broker_lease_bytes: the memory broker's lease
+        (None without a broker); resident_bytes: mapped (physical) KV memory;
         reserved_bytes: reserved address space; budget_bytes: effective budget (None:
         unlimited); grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
@@ -591,6 +592,7 @@ class Engine:
             "cancelled": cancelled,
             "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
             "demand_bytes": demand * self.pool.page_bytes,
+            "broker_lease_bytes": self.broker.lease_bytes if self.broker is not None else None,
             "resident_bytes": ps["resident_bytes"],
             "reserved_bytes": ps["reserved_bytes"],
             "budget_bytes": self.policy.budget_bytes,

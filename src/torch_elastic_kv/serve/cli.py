@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -60,6 +61,10 @@ class ServeSettings:
     max_body_bytes: int
     seed: int
     log_level: str
+    broker: Optional[str] = None
+    tenant: Optional[str] = None
+    priority: int = 0
+    guarantee_bytes: int = 0
 
 
 def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -108,6 +113,19 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", metavar="SIZE", default="4M", help="largest request body (default 4M)")
     p.add_argument("--seed", default="0", help="seed of the default model's random weights (default 0)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--broker",
+        metavar="SOCKET",
+        help="the device's memory broker (python -m torch_elastic_kv broker): KV memory follows its lease",
+    )
+    p.add_argument("--tenant", metavar="NAME", help="this server's tenant name at the broker (needed with --broker)")
+    p.add_argument("--priority", default="0", help="priority at the broker; higher wins under contention (default 0)")
+    p.add_argument(
+        "--guarantee",
+        metavar="SIZE",
+        default=None,
+        help="KV bytes the broker always leaves this server (default: --min-kv-bytes)",
+    )
     return p
 
 
@@ -214,6 +232,7 @@ def resolve(argv: list[str]) -> ServeSettings:
     admin_key = _check_key(
         "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
     )
+    broker, tenant, priority, guarantee = _broker_options(args, min_kv, max_kv)
     device = _device(args.device)
     from .default_model import DEFAULT_MODEL_NAME
 
@@ -237,7 +256,44 @@ def resolve(argv: list[str]) -> ServeSettings:
         max_body_bytes=body,
         seed=seed,
         log_level=args.log_level,
+        broker=broker,
+        tenant=tenant,
+        priority=priority,
+        guarantee_bytes=guarantee,
     )
+
+
+def _broker_options(
+    args: argparse.Namespace, min_kv: int, max_kv: Optional[int]
+) -> tuple[Optional[str], Optional[str], int, int]:
+    """``--broker``, ``--tenant``, ``--priority``, ``--guarantee``, checked together."""
+    if args.broker is None:
+        for flag, value in (("--tenant", args.tenant), ("--guarantee", args.guarantee)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --broker")
+        if args.priority != "0":
+            raise UsageError("--priority needs --broker")
+        return None, None, 0, 0
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(args.broker).st_mode)
+    except OSError as exc:
+        raise UsageError(f"--broker {args.broker}: no broker socket there ({exc.strerror})") from None
+    if not is_socket:
+        raise UsageError(f"--broker {args.broker}: not a socket")
+    if args.tenant is None:
+        raise UsageError("--broker needs --tenant NAME")
+    if not (0 < len(args.tenant) <= 64) or not args.tenant.isprintable():
+        raise UsageError(f"--tenant must be 1-64 printable characters, got {args.tenant!r}")
+    priority = int(_number("--priority", args.priority, integer=True, low=-(2**31), high=2**31 - 1))
+    guarantee = _size("--guarantee", args.guarantee) if args.guarantee is not None else min_kv
+    if guarantee < min_kv:
+        raise UsageError(
+            f"--guarantee {args.guarantee} is below --min-kv-bytes {args.min_kv_bytes}: the floor is memory "
+            "the server never gives back, so the broker must always leave it"
+        )
+    if max_kv is not None and guarantee > max_kv:
+        raise UsageError(f"--guarantee {args.guarantee} is above --max-kv-bytes {args.max_kv_bytes}")
+    return args.broker, args.tenant, priority, guarantee
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -252,6 +252,11 @@ class EngineService:
         with self._cv:
             self._notify_locked()
 
+    def wake(self) -> None:
+        """Have the engine thread look again now (any thread): e.g. the memory broker raised
+        the lease, so requests held back for want of budget may run."""
+        self._notify()
+
     def _notify_locked(self) -> None:
         self._wakeups += 1
         self._cv.notify()

@@ -38,6 +38,7 @@ _GAUGES = (
     ("ekv_kv_budget_bytes", "budget_bytes", "effective KV budget, bytes"),
     ("ekv_kv_min_bytes", "min_bytes", "KV floor the pool never shrinks under, bytes"),
     ("ekv_kv_max_bytes", "max_bytes", "KV ceiling (--max-kv-bytes), bytes"),
+    ("ekv_kv_lease_bytes", "broker_lease_bytes", "the memory broker's lease (--broker): most KV this server may hold"),
     ("ekv_requests_running", "running", "requests holding KV pages"),
     ("ekv_requests_waiting", "waiting", "requests waiting in the Engine (preempted ones included)"),
     ("ekv_requests_swapped", "swapped", "requests whose KV is in host swap space"),

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 import uvicorn
 
+from ..broker.client import BrokerClient
 from ..engine.engine import Engine
 from ..engine.policy import ElasticPolicy
 from .app import ServerState, create_app
@@ -79,12 +80,24 @@ def build_state(settings: ServeSettings) -> ServerState:
         idle_seconds=settings.idle_seconds,
         swap_bytes=settings.swap_bytes,
     )
+    broker = None
+    if settings.broker is not None:
+        broker = BrokerClient(
+            settings.broker, settings.tenant, priority=settings.priority, guarantee_bytes=settings.guarantee_bytes
+        )
     # A server runs for days: no per-step timeline, and only recent finished requests kept.
     engine = Engine(
-        model, policy=policy, max_batch_tokens=settings.max_batch_tokens, timeline=False, keep_finished=1024
+        model,
+        policy=policy,
+        max_batch_tokens=settings.max_batch_tokens,
+        timeline=False,
+        keep_finished=1024,
+        broker=broker,
     )
     metrics = ServerMetrics()
     service = EngineService(engine, tokenizer, metrics, settings.max_waiting)
+    if broker is not None:
+        broker.on_grant = service.wake  # a larger lease may admit requests the engine thread holds
     metrics.watch(service.stats)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     max_positions = int(getattr(cfg, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048))
