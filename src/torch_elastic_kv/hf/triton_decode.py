@@ -1,0 +1,362 @@
+"""Paged decode attention as one Triton kernel: K/V read in place through the page table.
+
+One query token per row (a decode step) attends over the first ``context_lens[row]`` tokens of
+its pages. One program per (row, KV head, block of the query heads sharing that KV head): it
+walks the row's pages a few at a time, loads K/V tiles straight from the pool (any page,
+token and head strides, so both pool layouts), and keeps an online softmax in float32. One
+launch per layer replaces the gather path's page ``index_select`` per K and V, mask and SDPA
+call per decode group.
+
+Where it runs: CUDA tensors go to a compiled ``triton.jit`` kernel; CPU tensors go to
+Triton's interpreter (numpy, slow, for tests and the dry-run parity check). The kernel uses
+only long-standing Triton language features (``tl.load``/``tl.store`` with masks,
+``tl.arange`` of power-of-two sizes, ``tl.sum``/``tl.max``, ``tl.exp2``, ``tl.where``, a
+``range`` loop with a runtime bound, casts); no ``tl.dot`` (its minimum tile sizes do not fit
+one query token), no descriptors, no autotuning, so Triton 3.x down to the GPU image's 3.6
+compiles it.
+
+``triton`` is an optional dependency: :func:`triton_available` says whether it imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["SUPPORTED_DTYPES", "paged_decode_attention_triton", "triton_available", "unsupported_reason"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MAX_HEAD_DIM = 256
+# Elements of the [heads, tokens, head_dim] product tile one program holds: sized for 4 warps
+# (64 float32 registers a thread) so that the tile stays in registers.
+_TILE_ELEMS = 8192
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` worked when this module was imported."""
+    return tl is not None
+
+
+try:  # optional: the kernel exists only where triton imports
+    import triton
+    import triton.language as tl
+except Exception as e:  # ImportError, or a broken install raising anything at import
+    triton = tl = None
+    _IMPORT_ERROR: Exception | None = e
+else:
+    _IMPORT_ERROR = None
+
+if tl is not None:
+    # A plain function: ``_kernel`` wraps it with ``triton.jit`` (CUDA) or the interpreter (CPU).
+    def _paged_decode_kernel(
+        out_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        table_ptr,
+        lens_ptr,
+        row_tok_ptr,
+        q_stride_t,
+        q_stride_h,
+        o_stride_t,
+        o_stride_h,
+        k_stride_p,
+        k_stride_t,
+        k_stride_h,
+        v_stride_p,
+        v_stride_t,
+        v_stride_h,
+        table_stride,
+        scale_log2,
+        N_REP: tl.constexpr,
+        G_SPLIT: tl.constexpr,
+        G_BLOCK: tl.constexpr,
+        PAGE_TOKENS: tl.constexpr,
+        PT_PAD: tl.constexpr,
+        PAGES_PER_BLOCK: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        D_PAD: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kvh = tl.program_id(1) // G_SPLIT
+        g0 = (tl.program_id(1) % G_SPLIT) * G_BLOCK
+        BLOCK_N: tl.constexpr = PT_PAD * PAGES_PER_BLOCK
+
+        tok = tl.load(row_tok_ptr + row).to(tl.int64)
+        ctx = tl.load(lens_ptr + row).to(tl.int32)
+        n_pages = (ctx + PAGE_TOKENS - 1) // PAGE_TOKENS
+        n_blocks = (n_pages + PAGES_PER_BLOCK - 1) // PAGES_PER_BLOCK
+
+        g = tl.arange(0, G_BLOCK)
+        d = tl.arange(0, D_PAD)
+        n = tl.arange(0, BLOCK_N)
+        g_ok = (g0 + g) < N_REP
+        d_ok = d < HEAD_DIM
+        heads = kvh * N_REP + g0 + g  # query heads of this program
+        q_off = tok * q_stride_t + heads.to(tl.int64)[:, None] * q_stride_h + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        q = q * scale_log2  # scores in log2 units: exp2 below
+
+        slot = n // PT_PAD  # page of each tile column within the block
+        in_page = n % PT_PAD
+        m_i = tl.full([G_BLOCK], float("-inf"), tl.float32)
+        l_i = tl.full([G_BLOCK], 0.0, tl.float32)
+        acc = tl.full([G_BLOCK, D_PAD], 0.0, tl.float32)
+        table_row = table_ptr + row.to(tl.int64) * table_stride
+        for blk in range(0, n_blocks):
+            page_idx = blk * PAGES_PER_BLOCK + slot
+            pos = page_idx * PAGE_TOKENS + in_page
+            valid = (in_page < PAGE_TOKENS) & (pos < ctx)
+            page = tl.load(table_row + page_idx, mask=valid, other=0).to(tl.int64)
+            kv_mask = valid[:, None] & d_ok[None, :]
+            k_off = page[:, None] * k_stride_p + in_page[:, None] * k_stride_t + kvh * k_stride_h + d[None, :]
+            k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G_BLOCK, BLOCK_N]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid column
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_off = page[:, None] * v_stride_p + in_page[:, None] * v_stride_t + kvh * v_stride_h + d[None, :]
+            v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        o_off = tok * o_stride_t + heads.to(tl.int64)[:, None] * o_stride_h + d[None, :]
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(interpret: bool):
+    """The compiled kernel (``interpret=False``, CUDA) or its interpreted twin (CPU tensors)."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_paged_decode_kernel)
+    return triton.jit(_paged_decode_kernel)
+
+
+# Reductions the kernel calls from triton.language's standard library (themselves jit functions).
+_STDLIB = ("sum", "max")
+_INTERPRET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _interpretable_stdlib() -> Iterator[None]:
+    """Let the interpreter run the kernel even though triton was imported without
+    ``TRITON_INTERPRET=1`` (torch._dynamo imports it early, so the variable rarely reaches the
+    import): the standard-library reductions it calls are then compiled-only ``JITFunction``s;
+    swap in interpreted twins of the same functions for the call, then put them back.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    with _INTERPRET_LOCK:
+        saved = {n: getattr(tl, n) for n in _STDLIB if isinstance(getattr(tl, n), JITFunction)}
+        try:
+            for n, f in saved.items():
+                setattr(tl, n, InterpretedFunction(f.fn))
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(tl, n, f)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _tiles(n_rep: int, page_tokens: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(G_BLOCK, G_SPLIT, PT_PAD, PAGES_PER_BLOCK, D_PAD) keeping the product tile bounded."""
+    d_pad = _next_pow2(head_dim)
+    pt_pad = _next_pow2(page_tokens)
+    g_full = _next_pow2(n_rep)
+    # Query heads per program: all that share the KV head when one page's tile fits, else a
+    # power-of-two share (their K/V tile is then read once per share, mostly from L2).
+    g_block = max(1, min(g_full, _TILE_ELEMS // (pt_pad * d_pad)))
+    g_split = -(-n_rep // g_block)
+    fit = max(1, _TILE_ELEMS // (g_block * pt_pad * d_pad))
+    pages_per_block = min(1 << (fit.bit_length() - 1), 8)  # largest power of two <= fit
+    return g_block, g_split, pt_pad, pages_per_block, d_pad
+
+
+def unsupported_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these tensors (None: it can). Cheap: no device sync."""
+    if not triton_available():
+        return f"triton does not import ({_IMPORT_ERROR!r})"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} (supported: float16, bfloat16, float32)"
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        return f"K/V dtype {key_cache.dtype}/{value_cache.dtype} differs from the query's {query.dtype}"
+    if key_cache.device != query.device or value_cache.device != query.device:
+        return f"K/V on {key_cache.device}, query on {query.device}"
+    if query.device.type not in ("cuda", "cpu"):
+        return f"device {query.device.type}"
+    if query.shape[-1] > _MAX_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} > {_MAX_HEAD_DIM}"
+    return None
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    row_tokens: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Decode attention read in place from KV pages by the Triton kernel (one launch).
+
+    Same contract as :func:`torch_elastic_kv.hf.attention.paged_decode_attention` (the native
+    CPU kernel), for float16/bfloat16/float32 tensors on CUDA (compiled) or CPU (Triton's
+    interpreter):
+
+    Args:
+        query: ``[tokens, heads, head_dim]`` (any strides, ``head_dim`` contiguous).
+        key_cache, value_cache: ``[pages, page_tokens, kv_heads, head_dim]`` (strided views fine).
+        page_table: ``[rows, max_pages]`` int32/int64 page ids; row ``r`` reads the first
+            ``ceil(context_lens[r] / page_tokens)`` of its entries.
+        context_lens: ``[rows]`` int32/int64, each in ``[1, max_pages * page_tokens]``.
+        scale: softmax scale (default ``head_dim ** -0.5``).
+        out: ``[tokens, heads, head_dim]`` of the query's dtype to write into (default: new).
+        row_tokens: ``[rows]`` int64: row ``r`` is token ``row_tokens[r]`` of ``query``/``out``
+            (default: row ``r`` is token ``r``, ``rows <= tokens``).
+        validate: also check the values of ``page_table``, ``context_lens`` and ``row_tokens``
+            (reads them back: a device sync on CUDA; the attention path passes False, its
+            planner builds them in range).
+
+    Returns ``out``; only the rows' tokens are written. Raises ValueError naming the numbers,
+    RuntimeError when triton is not installed; nothing is written then.
+    """
+    name = "paged_decode_attention_triton"
+    if not triton_available():
+        raise RuntimeError(f"{name}: triton does not import ({_IMPORT_ERROR!r}); pip install triton")
+    if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(
+            f"{name}: query {tuple(query.shape)} must be [tokens, heads, head_dim] and "
+            f"key/value caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} "
+            "equal [pages, page_tokens, kv_heads, head_dim]"
+        )
+    reason = unsupported_reason(query, key_cache, value_cache)
+    if reason is not None:
+        raise ValueError(f"{name}: unsupported input: {reason}")
+    tokens, heads, head_dim = query.shape
+    pages, page_tokens, kv_heads, kv_dim = key_cache.shape
+    dev = query.device
+    if kv_dim != head_dim:
+        raise ValueError(f"{name}: key/value head_dim {kv_dim} != query head_dim {head_dim}")
+    if heads % kv_heads:
+        raise ValueError(f"{name}: heads={heads} is not a multiple of kv_heads={kv_heads}")
+    if page_table.dim() != 2 or page_table.dtype not in _INDEX_DTYPES or page_table.device != dev:
+        raise ValueError(
+            f"{name}: page_table must be a 2-d int32/int64 tensor on {dev}, got "
+            f"{tuple(page_table.shape)} {page_table.dtype} on {page_table.device}"
+        )
+    rows, max_pages = page_table.shape
+    if context_lens.shape != (rows,) or context_lens.dtype not in _INDEX_DTYPES or context_lens.device != dev:
+        raise ValueError(
+            f"{name}: context_lens must be [rows={rows}] int32/int64 on {dev}, got "
+            f"{tuple(context_lens.shape)} {context_lens.dtype} on {context_lens.device}"
+        )
+    if row_tokens is None:
+        if rows > tokens:
+            raise ValueError(f"{name}: rows={rows} exceed num_tokens={tokens}")
+    elif row_tokens.shape != (rows,) or row_tokens.dtype != torch.int64 or row_tokens.device != dev:
+        raise ValueError(
+            f"{name}: row_tokens must be [rows={rows}] int64 on {dev}, got {tuple(row_tokens.shape)} "
+            f"{row_tokens.dtype} on {row_tokens.device}"
+        )
+    if out is None:
+        out = torch.empty(tokens, heads, head_dim, dtype=query.dtype, device=dev)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.device != dev:
+        raise ValueError(
+            f"{name}: out {tuple(out.shape)} {out.dtype} on {out.device} must be {tuple(query.shape)} "
+            f"{query.dtype} on {dev}"
+        )
+    for t, what in ((query, "query"), (out, "out"), (key_cache, "key_cache"), (value_cache, "value_cache")):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: {what}'s last dimension must be contiguous (stride {t.stride(-1)})")
+    if validate and rows:
+        _check_values(name, page_table, context_lens, row_tokens, pages, page_tokens, max_pages, tokens)
+    if rows == 0:
+        return out
+    if page_table.stride(1) != 1 and max_pages > 1:
+        page_table = page_table.contiguous()
+    context_lens = context_lens.contiguous()
+    if row_tokens is None:
+        row_tokens = torch.arange(rows, dtype=torch.int64, device=dev)
+    else:
+        row_tokens = row_tokens.contiguous()
+    n_rep = heads // kv_heads
+    g_block, g_split, pt_pad, pages_per_block, d_pad = _tiles(n_rep, page_tokens, head_dim)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    interpret = dev.type == "cpu"
+    with _interpretable_stdlib() if interpret else contextlib.nullcontext():
+        _kernel(interpret)[(rows, kv_heads * g_split)](
+            out,
+            query,
+            key_cache,
+            value_cache,
+            page_table,
+            context_lens,
+            row_tokens,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            key_cache.stride(0),
+            key_cache.stride(1),
+            key_cache.stride(2),
+            value_cache.stride(0),
+            value_cache.stride(1),
+            value_cache.stride(2),
+            page_table.stride(0),
+            scale * math.log2(math.e),
+            N_REP=n_rep,
+            G_SPLIT=g_split,
+            G_BLOCK=g_block,
+            PAGE_TOKENS=page_tokens,
+            PT_PAD=pt_pad,
+            PAGES_PER_BLOCK=pages_per_block,
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+        )
+    return out
+
+
+def _check_values(
+    name: str,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    row_tokens: torch.Tensor | None,
+    pages: int,
+    page_tokens: int,
+    max_pages: int,
+    tokens: int,
+) -> None:
+    lens = context_lens.tolist()
+    for r, n in enumerate(lens):
+        if not 1 <= n <= max_pages * page_tokens:
+            raise ValueError(f"{name}: row {r} context length {n} is outside [1, {max_pages * page_tokens}]")
+    table = page_table.tolist()
+    for r, n in enumerate(lens):
+        for j in range(-(-n // page_tokens)):
+            if not 0 <= table[r][j] < pages:
+                raise ValueError(f"{name}: row {r} page {j} id {table[r][j]} is outside [0, {pages})")
+    if row_tokens is not None:
+        for r, t in enumerate(row_tokens.tolist()):
+            if not 0 <= t < tokens:
+                raise ValueError(f"{name}: row {r} token {t} is outside [0, {tokens})")
