@@ -1046,10 +1046,10 @@ def _decode_case(
             synchronize(device)
             res[name] = (time.perf_counter() - t0) * 1e3 / iters
         if cuda_real():
-            res["kernels_gather"], res["kernels_triton"] = (
-                _count_kernels(lambda: call("0")),
-                _count_kernels(lambda: call("1")),
-            )
+            res["kernels_gather"] = _count_kernels(lambda: call("0"))
+            res["kernels_triton"] = _count_kernels(lambda: call("1"))
+        else:  # what would launch on a device: gather's compute ops (the kernel is one launch by construction)
+            res["aten_ops_gather"] = _count_ops(lambda: call("0"))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -1068,6 +1068,28 @@ def _count_kernels(fn: Callable[[], Any]) -> Optional[int]:
             fn()
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a count is a nicety, not the check
+        return None
+
+
+# Ops that only make views or allocate: no kernel on a device.
+_VIEW_OPS = frozenset(
+    "aten::" + n
+    for n in "view transpose reshape unsqueeze squeeze select slice as_strided expand t alias _unsafe_view "
+    "empty empty_strided new_empty detach lift_fresh resize_".split()
+)
+
+
+def _count_ops(fn: Callable[[], Any]) -> Optional[int]:
+    """Top-level aten ops of one call that compute (not views, not allocations), CPU profiler."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(
+            1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in _VIEW_OPS
+        )
     except Exception:  # noqa: BLE001 - a count is a nicety, not the check
         return None
 
@@ -1098,7 +1120,11 @@ def step_decode(s: Settings, args: argparse.Namespace) -> dict:
         cases = [(s.device, torch.bfloat16, b, c, llama, 20) for b, c in sizes]
         cases += [(s.device, torch.float32, 8, 777, (8, 2, 64, 5), 5), (s.device, torch.float16, 8, 777, llama, 5)]
     else:
-        cases = [("cpu", torch.float32, 3, 37, (4, 2, 16, 16), 1), ("cpu", torch.float32, 2, 23, (6, 2, 20, 5), 1)]
+        cases = [
+            ("cpu", torch.float32, 3, 37, (4, 2, 16, 16), 1),
+            ("cpu", torch.float32, 2, 23, (6, 2, 20, 5), 1),
+            ("cpu", torch.float32, 64, 20, (4, 2, 16, 16), 1),  # 8 decode groups on the gather path
+        ]
     out: dict[str, Any] = {"device": s.device if real else "cpu (Triton interpreter)", "triton": triton.__version__}
     out["cases"] = [_decode_case(*c) for c in cases]
     bad = [c for c in out["cases"] if not c["max_abs_diff"] <= DECODE_TOLERANCE[c["dtype"]]]
@@ -1106,7 +1132,11 @@ def step_decode(s: Settings, args: argparse.Namespace) -> dict:
         print(
             f"[gpu_check] decode {c['dtype']} batch {c['batch']} ctx {c['context']}: |diff| {c['max_abs_diff']:.2e}, "
             f"gather {c['gather_ms']:.3f} ms, triton {c['triton_ms']:.3f} ms per layer call"
-            + (f", kernels {c.get('kernels_gather')} vs {c.get('kernels_triton')}" if real else " (interpreter)"),
+            + (
+                f", kernels {c.get('kernels_gather')} vs {c.get('kernels_triton')}"
+                if real
+                else f" (interpreter); gather runs {c.get('aten_ops_gather')} compute ops, the kernel 1 launch"
+            ),
             flush=True,
         )
     if bad:
