@@ -104,6 +104,11 @@ def test_matches_gather_sdpa_odd_shapes(heads, kv_heads, head_dim, page_tokens):
     ref = _gather_sdpa(query, key_cache, value_cache, table, lens, None)
     out = paged_decode_attention_triton(query, key_cache, value_cache, table, lens)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+    # Split rows (flash-decoding, what CUDA picks for few rows): 8 ways leaves short rows'
+    # later splits empty, which the merge must ignore.
+    for splits in (2, 8):
+        split = paged_decode_attention_triton(query, key_cache, value_cache, table, lens, splits=splits)
+        torch.testing.assert_close(split, ref, atol=2e-6, rtol=2e-5)
 
 
 # Stated tolerances against gather + SDPA in float32 over the same (rounded) inputs: the kernel
@@ -183,8 +188,11 @@ def test_bad_arguments_raise_and_leave_out_unchanged(index, value, message):
     assert torch.all(out == 7.0)
 
 
-def test_bad_row_tokens_and_out():
+def test_bad_row_tokens_out_and_splits():
     query, key_cache, value_cache, table, lens = _args()
+    for splits in (0, 3, 64, True, 2.0):
+        with pytest.raises(ValueError, match=r"splits=.* must be a power of two in \[1, 32\]"):
+            paged_decode_attention_triton(query, key_cache, value_cache, table, lens, splits=splits)
     with pytest.raises(ValueError, match=r"row 1 token 2 is outside \[0, 2\)"):
         paged_decode_attention_triton(query, key_cache, value_cache, table, lens, row_tokens=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"out \(2, 4, 8\) torch.float16"):

@@ -22,7 +22,8 @@ reads the plan back (``plan_of``). The plan's groups say how:
 Decode rows can skip the gather and SDPA, all of a step's decode rows in one call per layer:
 
 * CUDA: the Triton kernel (``triton_decode.paged_decode_attention_triton``) reads each row's
-  K/V in place through the page table, one launch per layer, when ``triton`` imports and the
+  K/V in place through the page table, one launch per layer (two when few rows are split
+  over the GPU), when ``triton`` imports and the
   tensors suit it (float16/bfloat16/float32, head_dim <= 256). A kernel that fails to compile
   or launch logs a warning once and turns itself off for the process (gather + SDPA then).
 * CPU, float32: the native kernel ``_C.paged_decode_attention`` (csrc/kernels/paged_attention.h),

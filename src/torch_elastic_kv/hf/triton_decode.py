@@ -4,8 +4,11 @@ One query token per row (a decode step) attends over the first ``context_lens[ro
 its pages. One program per (row, KV head, block of the query heads sharing that KV head): it
 walks the row's pages a few at a time, loads K/V tiles straight from the pool (any page,
 token and head strides, so both pool layouts), and keeps an online softmax in float32. One
-launch per layer replaces the gather path's page ``index_select`` per K and V, mask and SDPA
-call per decode group.
+launch per layer replaces the gather path's query gather, page ``index_select`` per K and V,
+SDPA call and output scatter per decode group (and their copies of the K/V). When rows x KV
+heads are too few to fill the GPU (few rows, long contexts), each row's pages are split
+among several programs and a second small launch merges their partial softmaxes
+(flash-decoding).
 
 Where it runs: CUDA tensors go to a compiled ``triton.jit`` kernel; CPU tensors go to
 Triton's interpreter (numpy, slow, for tests and the dry-run parity check). The kernel uses
@@ -39,6 +42,8 @@ _MAX_HEAD_DIM = 256
 # Elements of the [heads, tokens, head_dim] product tile one program holds: sized for 4 warps
 # (64 float32 registers a thread) so that the tile stays in registers.
 _TILE_ELEMS = 8192
+_MIN_SPLIT_BLOCKS = 4
+_MAX_SPLITS = 32
 
 
 def triton_available() -> bool:
@@ -59,6 +64,8 @@ if tl is not None:
     # A plain function: ``_kernel`` wraps it with ``triton.jit`` (CUDA) or the interpreter (CPU).
     def _paged_decode_kernel(
         out_ptr,
+        part_acc_ptr,
+        part_ml_ptr,
         q_ptr,
         k_ptr,
         v_ptr,
@@ -77,6 +84,8 @@ if tl is not None:
         v_stride_h,
         table_stride,
         scale_log2,
+        num_heads,
+        blocks_per_split,
         N_REP: tl.constexpr,
         G_SPLIT: tl.constexpr,
         G_BLOCK: tl.constexpr,
@@ -85,6 +94,7 @@ if tl is not None:
         PAGES_PER_BLOCK: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):
         row = tl.program_id(0)
         kvh = tl.program_id(1) // G_SPLIT
@@ -112,7 +122,12 @@ if tl is not None:
         l_i = tl.full([G_BLOCK], 0.0, tl.float32)
         acc = tl.full([G_BLOCK, D_PAD], 0.0, tl.float32)
         table_row = table_ptr + row.to(tl.int64) * table_stride
-        for blk in range(0, n_blocks):
+        # Split SPLITS ways (flash-decoding), this program takes one run of the row's blocks; a
+        # run past the row's end is empty and leaves m_i = -inf, l_i = 0 for the combine.
+        split = tl.program_id(2)
+        first = split * blocks_per_split
+        last = tl.minimum(n_blocks, first + blocks_per_split)
+        for blk in range(first, last):
             page_idx = blk * PAGES_PER_BLOCK + slot
             pos = page_idx * PAGE_TOKENS + in_page
             valid = (in_page < PAGE_TOKENS) & (pos < ctx)
@@ -130,19 +145,71 @@ if tl is not None:
             v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
-        o = acc / l_i[:, None]
-        o_off = tok * o_stride_t + heads.to(tl.int64)[:, None] * o_stride_h + d[None, :]
-        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        if SPLITS == 1:
+            o = acc / l_i[:, None]
+            o_off = tok * o_stride_t + heads.to(tl.int64)[:, None] * o_stride_h + d[None, :]
+            tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        else:
+            part = (row.to(tl.int64) * num_heads + heads) * SPLITS + split  # [G_BLOCK]
+            tl.store(part_acc_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+    def _combine_kernel(
+        out_ptr,
+        part_acc_ptr,
+        part_ml_ptr,
+        row_tok_ptr,
+        o_stride_t,
+        o_stride_h,
+        num_heads,
+        SPLITS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        D_PAD: tl.constexpr,
+    ):
+        """One (row, head): merge the SPLITS partial softmaxes into the output."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        tok = tl.load(row_tok_ptr + row).to(tl.int64)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D_PAD)
+        part = (row.to(tl.int64) * num_heads + head) * SPLITS + sp
+        m = tl.load(part_ml_ptr + part * 2)
+        l_s = tl.load(part_ml_ptr + part * 2 + 1)
+        acc = tl.load(part_acc_ptr + part[:, None] * D_PAD + d[None, :])
+        m_max = tl.max(m, axis=0)  # finite: the first split holds the row's first block
+        w = tl.exp2(m - m_max)  # 0 for an empty split (m = -inf)
+        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
+        o_off = tok * o_stride_t + head.to(tl.int64) * o_stride_h + d
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
-    """The compiled kernel (``interpret=False``, CUDA) or its interpreted twin (CPU tensors)."""
+@functools.lru_cache(maxsize=4)
+def _kernel(name: str, interpret: bool):
+    """A compiled kernel (``interpret=False``, CUDA) or its interpreted twin (CPU tensors)."""
+    fn = {"decode": _paged_decode_kernel, "combine": _combine_kernel}[name]
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_paged_decode_kernel)
-    return triton.jit(_paged_decode_kernel)
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _auto_splits(device: torch.device, programs: int, max_blocks: int) -> int:
+    """How many ways to split each row's blocks: enough programs to cover the GPU's SMs twice
+    when rows x heads alone do not, each split keeping at least _MIN_SPLIT_BLOCKS blocks."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    want = min(-(-2 * sms // programs), max(1, max_blocks // _MIN_SPLIT_BLOCKS), _MAX_SPLITS)
+    return 1 << (want.bit_length() - 1)  # a power of two: few distinct compiles
 
 
 # Reductions the kernel calls from triton.language's standard library (themselves jit functions).
@@ -217,8 +284,10 @@ def paged_decode_attention_triton(
     out: torch.Tensor | None = None,
     row_tokens: torch.Tensor | None = None,
     validate: bool = True,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention read in place from KV pages by the Triton kernel (one launch).
+    """Decode attention read in place from KV pages by the Triton kernel (one launch, two
+    when rows are split).
 
     Same contract as :func:`torch_elastic_kv.hf.attention.paged_decode_attention` (the native
     CPU kernel), for float16/bfloat16/float32 tensors on CUDA (compiled) or CPU (Triton's
@@ -237,6 +306,10 @@ def paged_decode_attention_triton(
         validate: also check the values of ``page_table``, ``context_lens`` and ``row_tokens``
             (reads them back: a device sync on CUDA; the attention path passes False, its
             planner builds them in range).
+        splits: split each row's pages this many ways (a power of two <= 32), one program
+            each, merged by a second launch: flash-decoding, for few rows over long contexts.
+            Default: 1 on CPU; on CUDA enough to give every SM two programs when rows x KV
+            heads do not, keeping at least 4 tiles per split.
 
     Returns ``out``; only the rows' tokens are written. Raises ValueError naming the numbers,
     RuntimeError when triton is not installed; nothing is written then.
@@ -289,6 +362,13 @@ def paged_decode_attention_triton(
     for t, what in ((query, "query"), (out, "out"), (key_cache, "key_cache"), (value_cache, "value_cache")):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name}: {what}'s last dimension must be contiguous (stride {t.stride(-1)})")
+    if splits is not None and (
+        isinstance(splits, bool)
+        or not isinstance(splits, int)
+        or not 1 <= splits <= _MAX_SPLITS
+        or splits & (splits - 1)
+    ):
+        raise ValueError(f"{name}: splits={splits!r} must be a power of two in [1, {_MAX_SPLITS}]")
     if validate and rows:
         _check_values(name, page_table, context_lens, row_tokens, pages, page_tokens, max_pages, tokens)
     if rows == 0:
@@ -303,10 +383,21 @@ def paged_decode_attention_triton(
     n_rep = heads // kv_heads
     g_block, g_split, pt_pad, pages_per_block, d_pad = _tiles(n_rep, page_tokens, head_dim)
     scale = head_dim**-0.5 if scale is None else float(scale)
+    max_blocks = -(-max_pages // pages_per_block)
+    if splits is None:
+        splits = _auto_splits(dev, rows * kv_heads * g_split, max_blocks)
+    per_split = -(-max_blocks // splits)
+    if splits > 1:  # partial softmaxes: float32 [rows, heads, splits, D_PAD] and (max, sum)
+        part_acc = torch.empty(rows, heads, splits, d_pad, dtype=torch.float32, device=dev)
+        part_ml = torch.empty(rows, heads, splits, 2, dtype=torch.float32, device=dev)
+    else:
+        part_acc = part_ml = out  # not read: the kernel writes ``out`` directly
     interpret = dev.type == "cpu"
     with _interpretable_stdlib() if interpret else contextlib.nullcontext():
-        _kernel(interpret)[(rows, kv_heads * g_split)](
+        _kernel("decode", interpret)[(rows, kv_heads * g_split, splits)](
             out,
+            part_acc,
+            part_ml,
             query,
             key_cache,
             value_cache,
@@ -325,6 +416,8 @@ def paged_decode_attention_triton(
             value_cache.stride(2),
             page_table.stride(0),
             scale * math.log2(math.e),
+            heads,
+            per_split,
             N_REP=n_rep,
             G_SPLIT=g_split,
             G_BLOCK=g_block,
@@ -333,7 +426,21 @@ def paged_decode_attention_triton(
             PAGES_PER_BLOCK=pages_per_block,
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
+            SPLITS=splits,
         )
+        if splits > 1:
+            _kernel("combine", interpret)[(rows, heads)](
+                out,
+                part_acc,
+                part_ml,
+                row_tokens,
+                out.stride(0),
+                out.stride(1),
+                heads,
+                SPLITS=splits,
+                HEAD_DIM=head_dim,
+                D_PAD=d_pad,
+            )
     return out
 
 
