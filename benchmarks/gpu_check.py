@@ -1094,6 +1094,44 @@ def _count_ops(fn: Callable[[], Any]) -> Optional[int]:
         return None
 
 
+def _decode_tuning(device: str) -> list[dict]:
+    """Time a few launch shapes of the Triton kernel alone (bfloat16, Llama-3-8B heads) for the
+    next tuning pass: the default was picked from register counts, not timings."""
+    from torch_elastic_kv.hf import triton_decode as td
+
+    saved = dict(td._CONFIG)
+    rows: list[dict] = []
+    try:
+        for batch, context in ((64, 2048), (1, 8192)):
+            gen = torch.Generator().manual_seed(batch + context)
+            pages = batch * (context // 16) + 1
+            kc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+            vc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+            table = torch.randperm(pages, generator=gen)[: batch * (context // 16)].view(batch, -1).to(device)
+            lens = torch.full((batch,), context, device=device)
+            q = torch.randn(batch, 32, 128, generator=gen).to(torch.bfloat16).to(device)
+            for tile, warps, stages in ((32, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 3)):
+                td._CONFIG.update(tile_tokens=tile, num_warps=warps, num_stages=stages)
+                for _ in range(3):
+                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
+                synchronize(device)
+                ms = (time.perf_counter() - t0) * 1e3 / 20
+                kv_bytes = 2 * batch * context * 8 * 128 * 2
+                rows.append(
+                    {"batch": batch, "context": context, "tile_tokens": tile, "num_warps": warps, "num_stages": stages}
+                    | {"ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6}
+                )
+            del kc, vc
+    finally:
+        td._CONFIG.clear()
+        td._CONFIG.update(saved)
+    return rows
+
+
 def step_decode(s: Settings, args: argparse.Namespace) -> dict:
     """The Triton paged decode kernel against gather + SDPA: parity, then time per layer call.
 
@@ -1141,6 +1179,10 @@ def step_decode(s: Settings, args: argparse.Namespace) -> dict:
         )
     if bad:
         raise StepFailed(f"Triton decode differs from gather + SDPA beyond tolerance in {len(bad)} case(s)", out)
+    if real:
+        out["tuning"] = _decode_tuning(s.device)
+        for t in out["tuning"]:
+            print(f"[gpu_check] decode tuning {t}", flush=True)
     return out
 
 

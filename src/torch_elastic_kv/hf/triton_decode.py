@@ -10,13 +10,18 @@ heads are too few to fill the GPU (few rows, long contexts), each row's pages ar
 among several programs and a second small launch merges their partial softmaxes
 (flash-decoding).
 
+Scores and the value sum are ``tl.dot`` products: the query heads sharing a KV head, padded
+to 16, form the M side (MMA needs 16; bound by memory traffic, the padding is free), which
+keeps register use far below an elementwise product's.
+
 Where it runs: CUDA tensors go to a compiled ``triton.jit`` kernel; CPU tensors go to
-Triton's interpreter (numpy, slow, for tests and the dry-run parity check). The kernel uses
+Triton's interpreter (numpy, slow, for tests and the dry-run parity check). The kernels use
 only long-standing Triton language features (``tl.load``/``tl.store`` with masks,
-``tl.arange`` of power-of-two sizes, ``tl.sum``/``tl.max``, ``tl.exp2``, ``tl.where``, a
-``range`` loop with a runtime bound, casts); no ``tl.dot`` (its minimum tile sizes do not fit
-one query token), no descriptors, no autotuning, so Triton 3.x down to the GPU image's 3.6
-compiles it.
+``tl.arange`` of power-of-two sizes, ``tl.dot`` with ``input_precision``, ``tl.trans``,
+``tl.sum``/``tl.max``, ``tl.exp2``, ``tl.where``, a ``range`` loop with runtime bounds,
+constexpr branches); no descriptors, no autotuning. Both compile for sm_90 with Triton 3.6
+(the GPU image's) and 3.9 (``triton.compile`` to a cubin without a device); the interpreter
+needs Triton >= 3.7 under numpy >= 2.4 (3.6's cannot take a loop bound from a tensor).
 
 ``triton`` is an optional dependency: :func:`triton_available` says whether it imports.
 """
@@ -39,9 +44,13 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
-# Elements of the [heads, tokens, head_dim] product tile one program holds: sized for 4 warps
-# (64 float32 registers a thread) so that the tile stays in registers.
-_TILE_ELEMS = 8192
+# Launch shape. Every K/V element's address is a 64-bit register while its tile is in flight
+# (a gather through the page table), so tiles stay small: at head_dim 128, 32 tokens with 4
+# warps compiles for sm_90 (Triton 3.6) without spills, 64 tokens spills in bfloat16 and
+# float32. gpu_check's decode step times alternatives on a device (it edits this dict).
+_CONFIG = {"tile_tokens": 32, "num_warps": 4, "num_stages": 2}
+_TILE_ELEMS = 4096  # tile tokens x D_PAD at most
+_MAX_G_BLOCK = 32  # query heads of one KV head per program (64 spills at head_dim 128)
 _MIN_SPLIT_BLOCKS = 4
 _MAX_SPLITS = 32
 
@@ -91,20 +100,23 @@ if tl is not None:
         G_BLOCK: tl.constexpr,
         PAGE_TOKENS: tl.constexpr,
         PT_PAD: tl.constexpr,
-        PAGES_PER_BLOCK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         row = tl.program_id(0)
         kvh = tl.program_id(1) // G_SPLIT
         g0 = (tl.program_id(1) % G_SPLIT) * G_BLOCK
-        BLOCK_N: tl.constexpr = PT_PAD * PAGES_PER_BLOCK
 
         tok = tl.load(row_tok_ptr + row).to(tl.int64)
         ctx = tl.load(lens_ptr + row).to(tl.int32)
+        # Tiles run over the row's pages each padded to PT_PAD slots (BLOCK_N and PT_PAD are
+        # powers of two: a tile is several whole pages, or a part of one).
         n_pages = (ctx + PAGE_TOKENS - 1) // PAGE_TOKENS
-        n_blocks = (n_pages + PAGES_PER_BLOCK - 1) // PAGES_PER_BLOCK
+        n_blocks = (n_pages * PT_PAD + BLOCK_N - 1) // BLOCK_N
 
         g = tl.arange(0, G_BLOCK)
         d = tl.arange(0, D_PAD)
@@ -113,11 +125,10 @@ if tl is not None:
         d_ok = d < HEAD_DIM
         heads = kvh * N_REP + g0 + g  # query heads of this program
         q_off = tok * q_stride_t + heads.to(tl.int64)[:, None] * q_stride_h + d[None, :]
-        q = tl.load(q_ptr + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        q = q * scale_log2  # scores in log2 units: exp2 below
+        q = tl.load(q_ptr + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G_BLOCK, D_PAD]
+        if DOT_F32:  # Triton's interpreter gets bfloat16 dots wrong (numpy has no bfloat16)
+            q = q.to(tl.float32)
 
-        slot = n // PT_PAD  # page of each tile column within the block
-        in_page = n % PT_PAD
         m_i = tl.full([G_BLOCK], float("-inf"), tl.float32)
         l_i = tl.full([G_BLOCK], 0.0, tl.float32)
         acc = tl.full([G_BLOCK, D_PAD], 0.0, tl.float32)
@@ -128,22 +139,36 @@ if tl is not None:
         first = split * blocks_per_split
         last = tl.minimum(n_blocks, first + blocks_per_split)
         for blk in range(first, last):
-            page_idx = blk * PAGES_PER_BLOCK + slot
+            slot = blk * BLOCK_N + n
+            page_idx = slot // PT_PAD
+            in_page = slot % PT_PAD
             pos = page_idx * PAGE_TOKENS + in_page
             valid = (in_page < PAGE_TOKENS) & (pos < ctx)
             page = tl.load(table_row + page_idx, mask=valid, other=0).to(tl.int64)
             kv_mask = valid[:, None] & d_ok[None, :]
             k_off = page[:, None] * k_stride_p + in_page[:, None] * k_stride_t + kvh * k_stride_h + d[None, :]
-            k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G_BLOCK, BLOCK_N]
+            k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+            if DOT_F32:
+                k = k.to(tl.float32)
+            # Scores in log2 units (exp2 below). A dot even for one query token per head: the
+            # heads sharing this KV head, padded to 16 rows, are its M; bound by memory, the
+            # padding costs nothing and the MMA layouts keep registers low.
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [G_BLOCK, BLOCK_N]
             s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid column
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # -inf while nothing valid was seen (a tile of page padding, a split's start): 0
+            # keeps exp2 off inf - inf, and alpha, p are then 0 as they should be.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_off = page[:, None] * v_stride_p + in_page[:, None] * v_stride_t + kvh * v_stride_h + d[None, :]
-            v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            # p rounded to the cache's type as the MMA takes it (then widened again for DOT_F32).
+            p = p.to(v_ptr.dtype.element_ty).to(v.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
             m_i = m_new
         if SPLITS == 1:
             o = acc / l_i[:, None]
@@ -242,18 +267,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _tiles(n_rep: int, page_tokens: int, head_dim: int) -> tuple[int, int, int, int, int]:
-    """(G_BLOCK, G_SPLIT, PT_PAD, PAGES_PER_BLOCK, D_PAD) keeping the product tile bounded."""
-    d_pad = _next_pow2(head_dim)
+def _tiles(n_rep: int, page_tokens: int, head_dim: int, wide: bool = False) -> tuple[int, int, int, int, int]:
+    """(G_BLOCK, G_SPLIT, PT_PAD, BLOCK_N, D_PAD): every dot dimension >= 16 (the MMA
+    minimum), K/V tiles of BLOCK_N tokens x D_PAD within _TILE_ELEMS elements (half that for
+    ``wide``, float32, whose dot runs on FMA units with larger register layouts)."""
+    d_pad = max(16, _next_pow2(head_dim))
     pt_pad = _next_pow2(page_tokens)
-    g_full = _next_pow2(n_rep)
-    # Query heads per program: all that share the KV head when one page's tile fits, else a
-    # power-of-two share (their K/V tile is then read once per share, mostly from L2).
-    g_block = max(1, min(g_full, _TILE_ELEMS // (pt_pad * d_pad)))
+    g_block = min(max(16, _next_pow2(n_rep)), _MAX_G_BLOCK)  # query heads of one KV head, padded
     g_split = -(-n_rep // g_block)
-    fit = max(1, _TILE_ELEMS // (g_block * pt_pad * d_pad))
-    pages_per_block = min(1 << (fit.bit_length() - 1), 8)  # largest power of two <= fit
-    return g_block, g_split, pt_pad, pages_per_block, d_pad
+    block_n = max(16, min(_CONFIG["tile_tokens"], _TILE_ELEMS // (2 if wide else 1) // d_pad))
+    return g_block, g_split, pt_pad, block_n, d_pad
 
 
 def unsupported_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
@@ -381,9 +404,9 @@ def paged_decode_attention_triton(
     else:
         row_tokens = row_tokens.contiguous()
     n_rep = heads // kv_heads
-    g_block, g_split, pt_pad, pages_per_block, d_pad = _tiles(n_rep, page_tokens, head_dim)
+    g_block, g_split, pt_pad, block_n, d_pad = _tiles(n_rep, page_tokens, head_dim, query.dtype == torch.float32)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    max_blocks = -(-max_pages // pages_per_block)
+    max_blocks = -(-(max_pages * pt_pad) // block_n)
     if splits is None:
         splits = _auto_splits(dev, rows * kv_heads * g_split, max_blocks)
     per_split = -(-max_blocks // splits)
@@ -393,6 +416,7 @@ def paged_decode_attention_triton(
     else:
         part_acc = part_ml = out  # not read: the kernel writes ``out`` directly
     interpret = dev.type == "cpu"
+    dot_f32 = interpret and query.dtype == torch.bfloat16
     with _interpretable_stdlib() if interpret else contextlib.nullcontext():
         _kernel("decode", interpret)[(rows, kv_heads * g_split, splits)](
             out,
@@ -423,10 +447,14 @@ def paged_decode_attention_triton(
             G_BLOCK=g_block,
             PAGE_TOKENS=page_tokens,
             PT_PAD=pt_pad,
-            PAGES_PER_BLOCK=pages_per_block,
+            BLOCK_N=block_n,
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
             SPLITS=splits,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_f32 else "tf32",  # unused for 16-bit
+            DOT_F32=dot_f32,
+            num_warps=_CONFIG["num_warps"],
+            num_stages=_CONFIG["num_stages"],
         )
         if splits > 1:
             _kernel("combine", interpret)[(rows, heads)](
