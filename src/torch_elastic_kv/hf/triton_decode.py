@@ -34,6 +34,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -495,3 +496,88 @@ def _check_values(
         for r, t in enumerate(row_tokens.tolist()):
             if not 0 <= t < tokens:
                 raise ValueError(f"{name}: row {r} token {t} is outside [0, {tokens})")
+
+
+def compile_offline(
+    dtype: torch.dtype, n_rep: int, page_tokens: int, head_dim: int, splits: int = 1, arch: int = 90
+) -> dict[str, Any]:
+    """Compile both kernels for NVIDIA ``sm_<arch>`` without a device (``triton.compile`` of the
+    kernel's AST down to a cubin through the wheel's ptxas), as a launch with these shapes
+    would: proof that the installed Triton accepts them. Returns the decode kernel's tile
+    choices and ``ptx``; raises what Triton raises."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    g_block, g_split, pt_pad, block_n, d_pad = _tiles(n_rep, page_tokens, head_dim, dtype == torch.float32)
+    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    target = GPUTarget("cuda", arch, 32)
+
+    def build(fn: Any, pointers: dict[str, str], consts: dict[str, Any], options: dict[str, int]) -> Any:
+        jit = triton.jit(fn)
+        names = jit.arg_names
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+        src = ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+        return triton.compile(src, target=target, options=options)
+
+    part = "*fp32" if splits > 1 else "*" + ty
+    decode = build(
+        _paged_decode_kernel,
+        {n: "*" + ty for n in ("out_ptr", "q_ptr", "k_ptr", "v_ptr")}
+        | {"part_acc_ptr": part, "part_ml_ptr": part, "scale_log2": "fp32"}
+        | {n: "*i64" for n in ("table_ptr", "lens_ptr", "row_tok_ptr")},
+        dict(
+            N_REP=n_rep,
+            G_SPLIT=g_split,
+            G_BLOCK=g_block,
+            PAGE_TOKENS=page_tokens,
+            PT_PAD=pt_pad,
+            BLOCK_N=block_n,
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            SPLITS=splits,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            DOT_F32=False,
+        ),
+        {"num_warps": _CONFIG["num_warps"], "num_stages": _CONFIG["num_stages"]},
+    )
+    if splits > 1:
+        build(
+            _combine_kernel,
+            {"out_ptr": "*" + ty, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "row_tok_ptr": "*i64"},
+            dict(SPLITS=splits, HEAD_DIM=head_dim, D_PAD=d_pad),
+            {},
+        )
+    return {"g_block": g_block, "g_split": g_split, "block_n": block_n, "d_pad": d_pad, "ptx": decode.asm["ptx"]}
+
+
+def _ptxas_report(ptx: str, arch: int = 90) -> str:
+    """ptxas -v's register and spill line for ``ptx`` (the wheel's own ptxas)."""
+    import os
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run(
+            [ptxas, "--gpu-name", f"sm_{arch}a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True
+        )
+    return "; ".join(
+        line.split("ptxas info    :")[-1].strip()
+        for line in r.stderr.splitlines()
+        if "registers" in line or "spill" in line
+    )
+
+
+if __name__ == "__main__":  # python -m torch_elastic_kv.hf.triton_decode: compile report, no device
+    print(f"triton {triton.__version__}, sm_90, num_warps {_CONFIG['num_warps']}, num_stages {_CONFIG['num_stages']}")
+    for dt in SUPPORTED_DTYPES:
+        for rep, pt, hd in ((4, 16, 128), (1, 16, 128), (8, 16, 64), (32, 16, 128), (4, 128, 256), (2, 5, 20)):
+            for sp in (1, 16):
+                r = compile_offline(dt, rep, pt, hd, sp)
+                tiles = f"G {r['g_block']}x{r['g_split']}, tile {r['block_n']}x{r['d_pad']}"
+                print(
+                    f"{str(dt)[6:]:9} heads/kv {rep:2} page {pt:3} head_dim {hd:3} splits {sp:2} | {tiles} | "
+                    + _ptxas_report(r["ptx"])
+                )
