@@ -19,6 +19,7 @@ if "nvidia" not in _backends:
 from torch_elastic_kv.hf.triton_decode import compile_offline  # noqa: E402
 
 
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")  # Triton 3.9's notice
 @pytest.mark.parametrize(
     "dtype,n_rep,page_tokens,head_dim,splits",
     [
