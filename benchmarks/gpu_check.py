@@ -1079,6 +1079,199 @@ def step_stream_order(s: Settings, args: argparse.Namespace) -> dict:
         arena.close()
 
 
+# ---------------------------------------------------------------------------------- decode ---
+# Triton paged decode against gather + SDPA: max |diff| allowed over outputs of order 1.
+DECODE_TOLERANCE = {"torch.float32": 1e-4, "torch.float16": 5e-3, "torch.bfloat16": 3e-2}
+
+
+def _decode_case(
+    device: str, dtype: torch.dtype, batch: int, context: int, shape: tuple[int, int, int, int], iters: int
+) -> dict:
+    """One layer's decode attention, ``batch`` rows of about ``context`` tokens on shuffled pages,
+    through the attention function (paged_attention_forward) with the Triton kernel forced on
+    and off: max |diff| and time per call (launches included, which is what the kernel saves)."""
+    from torch_elastic_kv.hf import attention as attn
+    from torch_elastic_kv.hf.planner import plan_packed_step
+    from torch_elastic_kv.kv.page_table import PageList
+
+    heads, kv_heads, head_dim, page_tokens = shape
+    gen = torch.Generator().manual_seed(batch * 7 + context)
+    lens = [max(1, context - 3 * i) for i in range(batch)]  # ends mid-page and on page ends
+    need = [-(-n // page_tokens) for n in lens]
+    n_pages = sum(need) + 4
+    # A page-major slab like the pool's ([pages, layers, 2, page_tokens, kv_heads, head_dim]).
+    planes = torch.randn(n_pages, 2, 2, page_tokens, kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    kc, vc = planes[:, 1, 0], planes[:, 1, 1]
+    perm = torch.randperm(n_pages, generator=gen).tolist()
+    seqs, at = [], 0
+    for n, k in zip(lens, need):
+        seqs.append(PageList(perm[at : at + k], n - 1))
+        at += k
+    step = plan_packed_step(seqs, [(i, n - 1, 1) for i, n in enumerate(lens)], page_tokens, torch.device(device), True)
+    query = torch.randn(1, heads, batch, head_dim, generator=gen).to(dtype).to(device)
+    saved = {k: os.environ.get(k) for k in (attn.TRITON_DECODE_ENV, attn.NATIVE_DECODE_ENV)}
+
+    def call(mode: str) -> torch.Tensor:
+        os.environ[attn.TRITON_DECODE_ENV] = mode
+        plan = attn.PagePlan(1, kc, vc, step.groups, step.packed_tokens)
+        out, _ = attn.paged_attention_forward(None, query, attn.attach_plan(kc, plan), vc, None, scaling=None)
+        return out
+
+    res: dict[str, Any] = {"batch": batch, "context": context, "dtype": str(dtype)}
+    try:
+        os.environ[attn.NATIVE_DECODE_ENV] = "0"  # the CPU side of a dry run: gather, not the C++ kernel
+        ref, got = call("0").float(), call("1").float()
+        res["max_abs_diff"] = float((ref - got).abs().max())
+        for mode, name in (("0", "gather_ms"), ("1", "triton_ms")):
+            for _ in range(min(iters, 3)):  # warm-up: compile, caches
+                call(mode)
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                call(mode)
+            synchronize(device)
+            res[name] = (time.perf_counter() - t0) * 1e3 / iters
+        if cuda_real():
+            res["kernels_gather"] = _count_kernels(lambda: call("0"))
+            res["kernels_triton"] = _count_kernels(lambda: call("1"))
+        else:  # what would launch on a device: gather's compute ops (the kernel is one launch by construction)
+            res["aten_ops_gather"] = _count_ops(lambda: call("0"))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return res
+
+
+def _count_kernels(fn: Callable[[], Any]) -> Optional[int]:
+    """Device kernels one call launches (torch profiler), None where the profiler fails."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a count is a nicety, not the check
+        return None
+
+
+# Ops that only make views or allocate: no kernel on a device.
+_VIEW_OPS = frozenset(
+    "aten::" + n
+    for n in "view transpose reshape unsqueeze squeeze select slice as_strided expand t alias _unsafe_view "
+    "empty empty_strided new_empty detach lift_fresh resize_".split()
+)
+
+
+def _count_ops(fn: Callable[[], Any]) -> Optional[int]:
+    """Top-level aten ops of one call that compute (not views, not allocations), CPU profiler."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(
+            1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in _VIEW_OPS
+        )
+    except Exception:  # noqa: BLE001 - a count is a nicety, not the check
+        return None
+
+
+def _decode_tuning(device: str) -> list[dict]:
+    """Time a few launch shapes of the Triton kernel alone (bfloat16, Llama-3-8B heads) for the
+    next tuning pass: the default was picked from register counts, not timings."""
+    from torch_elastic_kv.hf import triton_decode as td
+
+    saved = dict(td._CONFIG)
+    rows: list[dict] = []
+    try:
+        for batch, context in ((64, 2048), (1, 8192)):
+            gen = torch.Generator().manual_seed(batch + context)
+            pages = batch * (context // 16) + 1
+            kc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+            vc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+            table = torch.randperm(pages, generator=gen)[: batch * (context // 16)].view(batch, -1).to(device)
+            lens = torch.full((batch,), context, device=device)
+            q = torch.randn(batch, 32, 128, generator=gen).to(torch.bfloat16).to(device)
+            for tile, warps, stages in ((32, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 3)):
+                td._CONFIG.update(tile_tokens=tile, num_warps=warps, num_stages=stages)
+                for _ in range(3):
+                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
+                synchronize(device)
+                ms = (time.perf_counter() - t0) * 1e3 / 20
+                kv_bytes = 2 * batch * context * 8 * 128 * 2
+                rows.append(
+                    {"batch": batch, "context": context, "tile_tokens": tile, "num_warps": warps, "num_stages": stages}
+                    | {"ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6}
+                )
+            del kc, vc
+    finally:
+        td._CONFIG.clear()
+        td._CONFIG.update(saved)
+    return rows
+
+
+def step_decode(s: Settings, args: argparse.Namespace) -> dict:
+    """The Triton paged decode kernel against gather + SDPA: parity, then time per layer call.
+
+    On a GPU: bfloat16 at a Llama-3-8B shape (32 heads over 8 KV heads, head_dim 128, 16-token
+    pages) over a few batch sizes and contexts, plus float32 and float16 parity. In a dry run
+    (no CUDA): parity only, at tiny sizes, on CPU through Triton's interpreter (its times are
+    the interpreter's, not a kernel's)."""
+    from torch_elastic_kv.hf import triton_decode
+
+    if not triton_decode.triton_available():
+        raise Unavailable("triton does not import")
+    import triton
+
+    real = cuda_real()
+    if not real and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        raise Unavailable(f"skipped: no CUDA, and Triton {triton.__version__}'s interpreter cannot run the kernel")
+    if real:
+        llama = (32, 8, 128, 16)
+        sizes = (
+            [(1, 1024), (16, 1024), (64, 2048)]
+            if s.mode == "quick"
+            else [(1, 1024), (16, 1024), (64, 2048), (8, 8192), (128, 512)]
+        )
+        cases = [(s.device, torch.bfloat16, b, c, llama, 20) for b, c in sizes]
+        cases += [(s.device, torch.float32, 8, 777, (8, 2, 64, 5), 5), (s.device, torch.float16, 8, 777, llama, 5)]
+    else:
+        cases = [
+            ("cpu", torch.float32, 3, 37, (4, 2, 16, 16), 1),
+            ("cpu", torch.float32, 2, 23, (6, 2, 20, 5), 1),
+            ("cpu", torch.float32, 64, 20, (4, 2, 16, 16), 1),  # 8 decode groups on the gather path
+        ]
+    out: dict[str, Any] = {"device": s.device if real else "cpu (Triton interpreter)", "triton": triton.__version__}
+    out["cases"] = [_decode_case(*c) for c in cases]
+    bad = [c for c in out["cases"] if not c["max_abs_diff"] <= DECODE_TOLERANCE[c["dtype"]]]
+    for c in out["cases"]:
+        print(
+            f"[gpu_check] decode {c['dtype']} batch {c['batch']} ctx {c['context']}: |diff| {c['max_abs_diff']:.2e}, "
+            f"gather {c['gather_ms']:.3f} ms, triton {c['triton_ms']:.3f} ms per layer call"
+            + (
+                f", kernels {c.get('kernels_gather')} vs {c.get('kernels_triton')}"
+                if real
+                else f" (interpreter); gather runs {c.get('aten_ops_gather')} compute ops, the kernel 1 launch"
+            ),
+            flush=True,
+        )
+    if bad:
+        raise StepFailed(f"Triton decode differs from gather + SDPA beyond tolerance in {len(bad)} case(s)", out)
+    if real:
+        out["tuning"] = _decode_tuning(s.device)
+        for t in out["tuning"]:
+            print(f"[gpu_check] decode tuning {t}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------- runner ---
 STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("build", step_build),
@@ -1088,6 +1281,7 @@ STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("map_range", step_map_range),
     ("allocator", step_allocator),
     ("parity", step_parity),
+    ("decode", step_decode),
     ("engine", step_engine),
     ("stream_order", step_stream_order),
 ]

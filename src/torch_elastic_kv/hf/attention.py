@@ -19,16 +19,28 @@ reads the plan back (``plan_of``). The plan's groups say how:
   later chunk over its sequence's pages; SDPA's ``enable_gqa`` handles the heads;
 * generate mode: one group over all rows.
 
-Decode groups of float32 CPU tensors skip the gather and SDPA: the native kernel
-``_C.paged_decode_attention`` (csrc/kernels/paged_attention.h) reads each row's K/V straight from its
-pages, one pass with an online softmax, threads over (row, KV head). ``EKV_NATIVE_DECODE=0``
-in the environment turns it off (the gather + SDPA path above).
+Decode rows can skip the gather and SDPA, all of a step's decode rows in one call per layer:
+
+* CUDA: the Triton kernel (``triton_decode.paged_decode_attention_triton``) reads each row's
+  K/V in place through the page table, one launch per layer (two when few rows are split
+  over the GPU), when ``triton`` imports and the
+  tensors suit it (float16/bfloat16/float32, head_dim <= 256). A kernel that fails to compile
+  or launch logs a warning once and turns itself off for the process (gather + SDPA then).
+* CPU, float32: the native kernel ``_C.paged_decode_attention`` (csrc/kernels/paged_attention.h),
+  one pass with an online softmax, threads over (row, KV head).
+
+``EKV_TRITON_DECODE`` in the environment picks the Triton path: ``auto`` (default: CUDA only),
+``1`` (every device, CPU tensors through Triton's interpreter: slow, for tests; raises
+RuntimeError when triton cannot run them) or ``0`` (never). ``EKV_NATIVE_DECODE=0`` turns the
+native CPU kernel off. Whatever neither takes runs gather + SDPA, which stays the fallback.
+``plan.decode_path`` and :func:`decode_path_stats` say which path served the decode rows.
 
 Without a plan (any other cache) it is plain SDPA.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +55,16 @@ from .._native import _C
 PAGED_ATTENTION = "elastic_paged"
 _PLAN_ATTR = "_elastic_kv_plan"
 NATIVE_DECODE_ENV = "EKV_NATIVE_DECODE"
+TRITON_DECODE_ENV = "EKV_TRITON_DECODE"
+TRITON_DECODE_MODES = ("auto", "1", "0")
+DECODE_PATHS = ("triton", "native", "gather")
+
+log = logging.getLogger(__name__)
+# Layer calls whose decode rows each path served (decode_path_stats); a process-wide tally.
+_PATH_CALLS = dict.fromkeys(DECODE_PATHS, 0)
+_PATH_ROWS = dict.fromkeys(DECODE_PATHS, 0)
+# Why the Triton kernel was turned off in this process (a failed compile or launch), or None.
+_triton_failure: str | None = None
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -103,6 +125,7 @@ class PagePlan:
     groups: list[PageGroup]
     num_tokens: int  # packed tokens (packed mode) or 0 (generate mode)
     used: bool = False
+    decode_path: str | None = None  # which path served this layer's decode rows (DECODE_PATHS)
     new_key: torch.Tensor | None = None  # packed: this step's K/V [tokens, kv_heads, head_dim]
     new_value: torch.Tensor | None = None
 
@@ -140,11 +163,15 @@ def paged_attention_forward(
         out = query.new_empty(plan.num_tokens, query.shape[1], query.shape[3])
         q_flat = query[0]
         groups = plan.groups
-        if _native_decode_enabled(query):
-            # Every decode row of the step in one kernel call (one thread split, not one per group).
-            decode = [g for g in groups if _is_decode(g)]
-            if decode:
-                table, lens, rows = _decode_batch(decode)
+        decode = [g for g in groups if _is_decode(g)]
+        if decode:
+            # Every decode row of the step in one kernel call (one launch or thread split, not
+            # one per group).
+            path = _decode_path(query, plan)
+            table, lens, rows = _decode_batch(decode) if path != "gather" else (None, None, None)
+            if path == "triton" and not _run_triton(q_flat.transpose(0, 1), plan, table, lens, rows, scaling, out):
+                path = "gather"
+            elif path == "native":
                 # One thread: right after the model's linear layers torch's OpenMP workers still
                 # spin on the other cores, and kernel threads competing with them made decode
                 # attention slower (D, 2 threads: 4.2 s with 2 kernel threads, 3.0 s with 1,
@@ -160,7 +187,9 @@ def paged_attention_forward(
                     row_tokens=rows,
                     threads=1,
                 )
+            if path != "gather":
                 groups = [g for g in groups if not _is_decode(g)]
+            _record(plan, path, sum(g.q_index.shape[0] for g in decode))
         for group in groups:
             if group.q_slice is not None:  # one sequence's chunk: contiguous queries
                 a, b = group.q_slice
@@ -182,8 +211,90 @@ def paged_attention_forward(
     (group,) = plan.groups  # generate mode: query [batch, heads, q, head_dim]
     if attention_mask is not None and group.extra_mask is None:
         group.extra_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if query.shape[2] == 1:  # a decode step
+        # Padding (a mask) stays on gather + SDPA; the kernel attends to every stored token.
+        if group.extra_mask is None and _decode_path(query, plan, native=False) == "triton":
+            q = query[:, :, 0]  # [batch, heads, head_dim], a view
+            out = q.new_empty(q.shape)
+            if _run_triton(q, plan, group.page_table, group.kv_lengths, None, scaling, out):
+                _record(plan, "triton", q.shape[0])
+                return out.unsqueeze(1), None
+        _record(plan, "gather", query.shape[0])
     o = _attend(query, plan, group, scaling)
     return o.transpose(1, 2).contiguous(), None
+
+
+def decode_path_stats() -> dict[str, dict[str, int]]:
+    """Process-wide tally of decode attention by path: ``{"calls": {path: layer calls},
+    "rows": {path: decode rows}}`` over :data:`DECODE_PATHS`, plus ``"triton_failure"``
+    (why the Triton kernel turned itself off, or None)."""
+    return {"calls": dict(_PATH_CALLS), "rows": dict(_PATH_ROWS), "triton_failure": _triton_failure}
+
+
+def reset_decode_path_stats() -> None:
+    """Zero :func:`decode_path_stats` and forget a Triton failure (the kernel is tried again)."""
+    global _triton_failure
+    for d in (_PATH_CALLS, _PATH_ROWS):
+        for k in d:
+            d[k] = 0
+    _triton_failure = None
+
+
+def _record(plan: PagePlan, path: str, rows: int) -> None:
+    plan.decode_path = path
+    _PATH_CALLS[path] += 1
+    _PATH_ROWS[path] += rows
+
+
+def triton_decode_mode() -> str:
+    """``$EKV_TRITON_DECODE`` (``auto`` when unset); ValueError for anything but auto/1/0."""
+    mode = os.environ.get(TRITON_DECODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in TRITON_DECODE_MODES:
+        raise ValueError(f"{TRITON_DECODE_ENV}={mode!r}: expected one of {TRITON_DECODE_MODES}")
+    return mode
+
+
+def _decode_path(query: torch.Tensor, plan: PagePlan, native: bool = True) -> str:
+    """Which path serves this layer's decode rows: "triton", "native" or "gather"."""
+    mode = triton_decode_mode()
+    if mode == "1" or (mode == "auto" and query.device.type == "cuda" and _triton_failure is None):
+        from . import triton_decode
+
+        reason = triton_decode.unsupported_reason(query, plan.key_cache, plan.value_cache)
+        if reason is None:
+            return "triton"
+        if mode == "1":
+            raise RuntimeError(f"{TRITON_DECODE_ENV}=1 but the Triton decode kernel cannot run: {reason}")
+    if native and _native_decode_enabled(query):
+        return "native"
+    return "gather"
+
+
+def _run_triton(
+    query: torch.Tensor,
+    plan: PagePlan,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    rows: torch.Tensor | None,
+    scaling: float | None,
+    out: torch.Tensor,
+) -> bool:
+    """Launch the Triton kernel into ``out``; False (gather + SDPA instead) when an automatic
+    choice fails to compile or launch: logged once, then the kernel stays off in this process."""
+    global _triton_failure
+    from .triton_decode import paged_decode_attention_triton
+
+    try:
+        paged_decode_attention_triton(
+            query, plan.key_cache, plan.value_cache, table, lens, scaling, out=out, row_tokens=rows, validate=False
+        )
+    except Exception as e:
+        if triton_decode_mode() == "1":
+            raise
+        _triton_failure = f"{type(e).__name__}: {e}"
+        log.warning("Triton paged decode failed, gather + SDPA from now on: %s", _triton_failure)
+        return False
+    return True
 
 
 def _native_decode_enabled(query: torch.Tensor) -> bool:
