@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from broker_helpers import BrokerProcess, MiB, RawClient
 from serve_helpers import wait_until
 from torch_elastic_kv import BrokerClient, ElasticPolicy, Engine
 from torch_elastic_kv.broker.client import BrokerUnavailable
-from torch_elastic_kv.broker.protocol import message
+from torch_elastic_kv.broker.protocol import encode, message
 from torch_elastic_kv.testing.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -191,3 +192,37 @@ def test_attach_refusals_leave_nothing_behind(model, sock_dir):
             BrokerClient(broker.socket_path, "x", guarantee_bytes=-1)
     finally:
         assert broker.stop() == 0
+
+
+def test_a_grant_in_the_same_read_as_the_registration_is_applied(model, sock_dir):
+    # A broker that answers the registration and grants in one write, then says nothing more:
+    # the grant must not wait in the client's buffer for a next message that never comes.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_dir / "one-write.sock"))
+    server.listen(1)
+    conns: list[socket.socket] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conns.append(conn)
+        buf = b""
+        while b"\n" not in buf:
+            buf += conn.recv(65536)
+        conn.sendall(
+            encode(message("registered", lease_bytes=0, budget_bytes=64 * MiB, heartbeat_seconds=1.0))
+            + encode(message("grant", seq=1, lease_bytes=6 * MiB))
+        )
+
+    th = threading.Thread(target=answer)
+    th.start()
+    client = BrokerClient(sock_dir / "one-write.sock", "solo", guarantee_bytes=4 * MiB)
+    eng = Engine(model, policy=_policy(), broker=client)
+    try:
+        th.join(timeout=10)
+        wait_until(lambda: client.lease_bytes == 6 * MiB, 5, what="the buffered grant to be applied")
+        assert eng.stats()["broker_lease_bytes"] == 6 * MiB
+    finally:
+        eng.close()
+        for c in conns:
+            c.close()
+        server.close()

@@ -246,15 +246,18 @@ class BrokerClient:
     def _receive(self, timeout: float) -> None:
         sock = self._sock
         assert sock is not None
-        readable, _, _ = select.select([sock], [], [], timeout)
-        if not readable:
-            return
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the broker closed the connection")
-        self._buf += data
-        if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
-            raise ProtocolError("too_large", "broker message too long")
+        # lines already read (a grant that came in one recv with the registration's answer)
+        # are applied first: the socket has nothing more to say about them
+        if b"\n" not in self._buf:
+            readable, _, _ = select.select([sock], [], [], timeout)
+            if not readable:
+                return
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the broker closed the connection")
+            self._buf += data
+            if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
+                raise ProtocolError("too_large", "broker message too long")
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             self._apply(decode(line + b"\n", BROKER_MESSAGES))
