@@ -146,7 +146,12 @@ def test_sigterm_under_load_drains_then_exits_0(server):
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=plain)]
     for t in threads:
         t.start()
-    wait_until(lambda: metrics(server.url)["ekv_generation_tokens_total"] >= 20, 60, what="tokens flowing")
+
+    def all_in_and_flowing() -> bool:  # all four accepted by the Engine before the signal
+        m = metrics(server.url)
+        return m["ekv_requests_running"] + m["ekv_requests_waiting"] >= 4 and m["ekv_generation_tokens_total"] >= 20
+
+    wait_until(all_in_and_flowing, 60, what="four requests in and tokens flowing")
     t0 = time.monotonic()
     server.signal(signal.SIGTERM)
     # it stops accepting connections at once
