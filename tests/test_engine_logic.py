@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_elastic_kv.engine.engine import Engine
 from torch_elastic_kv.engine.policy import ElasticPolicy
+from torch_elastic_kv.engine.runner import ModelRunner
 from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.testing.standins import PAGE_TOKENS, PAGES_PER_CHUNK, StandInCache, StandInPool
 
@@ -327,3 +328,11 @@ def test_stand_ins_and_the_real_classes_implement_the_engine_protocols():
     finally:
         real.close()
     assert not isinstance(object(), EnginePool)
+
+
+def test_the_runner_tells_the_pool_each_new_stream_once() -> None:
+    seen: list[int] = []
+    runner = ModelRunner(model=None, cache=None, device=torch.device("cpu"), on_new_stream=seen.append)
+    for handle in (7, 7, 9, 7, 9):
+        runner.note_stream(handle)
+    assert seen == [7, 9]

@@ -208,7 +208,7 @@ class Engine:
 
             cache = ElasticPagedCache(self.config, pool=pool)
         self.cache = cache
-        self.runner = ModelRunner(model, cache, self.device)
+        self.runner = ModelRunner(model, cache, self.device, on_new_stream=pool.add_stream)
         self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
         self._backend = _CacheBackend(pool, self.cache, self.swap)
         self.scheduler = Scheduler(

@@ -11,7 +11,7 @@ it is batched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -28,11 +28,24 @@ __all__ = ["ModelRunner"]
 class ModelRunner:
     """Runs ``model`` over batches whose K/V live in ``cache`` (its packed mode)."""
 
-    def __init__(self, model: Any, cache: Any, device: torch.device) -> None:
+    def __init__(
+        self, model: Any, cache: Any, device: torch.device, on_new_stream: Optional[Callable[[int], None]] = None
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         self._cache_keyword = cache_keyword(model)  # past_key_values= or, from 5.24, cache=
+        self._on_new_stream = on_new_stream
+        self._streams: set[int] = set()
+
+    def note_stream(self, handle: int) -> None:
+        """The forward runs on CUDA stream ``handle``: the first time, tell ``on_new_stream``
+        (the Engine registers it with the pool, so unmaps from the memory thread wait for the
+        kernels queued there; torch's side streams do not order with the default one)."""
+        if handle not in self._streams:
+            if self._on_new_stream is not None:
+                self._on_new_stream(handle)
+            self._streams.add(handle)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> dict[int, Optional[int]]:
@@ -49,6 +62,8 @@ class ModelRunner:
             if c.samples:
                 last.append(len(ids) - 1)
                 samplers.append(seq)
+        if self.device.type == "cuda":
+            self.note_stream(torch.cuda.current_stream(self.device).cuda_stream)
         extra = self.cache.set_packed_batch(entries)
         kwargs = {k: v for k, v in extra.items() if k in ("position_ids", "attention_mask", "cache_position")}
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

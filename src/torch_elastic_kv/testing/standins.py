@@ -33,6 +33,7 @@ class StandInPool:
         self.mapped: set[int] = set()  # granule indices
         self.counts = {"grows": 0, "shrinks": 0, "compactions": 0}
         self.listeners = []
+        self.streams: list[object] = []  # add_stream() calls
 
     # budget / counts
     def set_max_bytes(self, nbytes):
@@ -138,6 +139,9 @@ class StandInPool:
 
     def trim(self):
         return 0  # no reuse cache to give back
+
+    def add_stream(self, stream):
+        self.streams.append(stream)  # nothing to order on the host; recorded for tests
 
     def close(self):
         self.live.clear()
