@@ -204,16 +204,22 @@ class BrokerClient:
         self._last_report = None
         _log.info("broker: %r registered at %s, lease %d bytes", self.name, self.socket_path, self._lease)
 
-    def _read_one(self, sock: socket.socket) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("the broker closed the connection")
-            self._buf += data
-            if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
-                raise ProtocolError("too_large", "broker message too long")
+    def _recv_into_buffer(self, sock: socket.socket) -> None:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the broker closed the connection")
+        self._buf += data
+        if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
+            raise ProtocolError("too_large", "broker message too long")
+
+    def _next_message(self) -> dict[str, Any]:
         line, self._buf = self._buf.split(b"\n", 1)
         return decode(line + b"\n", BROKER_MESSAGES)
+
+    def _read_one(self, sock: socket.socket) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            self._recv_into_buffer(sock)
+        return self._next_message()
 
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
@@ -252,15 +258,9 @@ class BrokerClient:
             readable, _, _ = select.select([sock], [], [], timeout)
             if not readable:
                 return
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("the broker closed the connection")
-            self._buf += data
-            if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
-                raise ProtocolError("too_large", "broker message too long")
+            self._recv_into_buffer(sock)
         while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._apply(decode(line + b"\n", BROKER_MESSAGES))
+            self._apply(self._next_message())
 
     def _apply(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
