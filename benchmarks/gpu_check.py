@@ -938,6 +938,7 @@ def _engine_outputs(model: Any, prompts: list[list[int]], new_tokens: int) -> tu
     (its prefill step run alone, taken where the runner samples); plus the attention path."""
     from torch_elastic_kv import ElasticPolicy, Engine
     from torch_elastic_kv.engine.runner import ModelRunner
+    from torch_elastic_kv.hf.attention import decode_path_stats, reset_decode_path_stats
 
     attention = model.config._attn_implementation
     captured: list = []
@@ -956,8 +957,11 @@ def _engine_outputs(model: Any, prompts: list[list[int]], new_tokens: int) -> tu
             engine.generate([p], 1)
             first.append(captured[0][0])
         ModelRunner.sample_batch = original
+        reset_decode_path_stats()
         tokens = engine.generate(prompts, new_tokens)
-        path = engine.stats().get("attention_path")  # which decode attention ran (None: not reported)
+        # which decode attention ran, by layer calls (e.g. "triton 46" or "gather 46, triton 0")
+        calls = decode_path_stats()["calls"]
+        path = ", ".join(f"{k} {v}" for k, v in calls.items() if v) or None
     finally:
         ModelRunner.sample_batch = original
         engine.close()
