@@ -233,3 +233,37 @@ def test_command_line_errors(sock_dir: Path, broker: BrokerProcess) -> None:
     r = run("top", "--json", "--socket", str(sock_dir / "nobody.sock"))
     assert r.returncode == 1 and "no broker at" in r.stderr
     assert not (sock_dir / "x.sock").exists()
+
+
+_OTHER_UID = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    os.setgid(65534)
+    os.setuid(65534)  # nobody
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    s.sendall(b'{"v": 1, "type": "status"}\\n')
+    print(s.makefile().readline(), end="")
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_another_uid_is_refused_by_peer_credentials(sock_dir: Path) -> None:
+    # The directory (0700) and socket (0600) already keep other users out; open them up here to
+    # show the broker's own check: it reads the peer's uid and refuses it.
+    b = BrokerProcess(sock_dir / "open" / "b.sock", "16M")
+    try:
+        for d in (sock_dir, b.socket_path.parent):
+            os.chmod(d, 0o755)
+        os.chmod(b.socket_path, 0o666)
+        out = subprocess.run(
+            [sys.executable, "-c", _OTHER_UID, str(b.socket_path)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["type"] == "error" and reply["code"] == "permission_denied"
+        assert "uid 65534 may not use this broker" in reply["message"]
+        assert b.status()["type"] == "status"  # and it keeps serving its own user
+    finally:
+        assert b.stop() == 0
