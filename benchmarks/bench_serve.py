@@ -16,7 +16,9 @@ splitting", ISCA 2024; bundled as ``torch_elastic_kv/data/azure_llm_2023_code.cs
 real inter-arrival gaps, scaled for a CPU: every ``--thin``-th request of ``--window``, arrival
 times x ``--time-scale``, prompt lengths x ``--prompt-scale``, output lengths x
 ``--output-scale`` capped at ``--max-output``; the report states each of these. Prompts are
-random text of exactly the scaled length in the model's tokens. Requests are sent at their
+random text of exactly the scaled length in the model's tokens. Default: every 20th request of
+the whole trace (441) at 150x its pace (23 s, about 19 requests/s); ``--quick``: the first 24
+requests of every 40th of the first 600 trace seconds. Requests are sent at their
 arrival times (whether or not earlier ones finished) by ``openai.AsyncOpenAI`` as streaming
 ``/v1/completions`` (greedy, ``stream_options.include_usage``).
 
@@ -710,28 +712,41 @@ def floors(results: dict[str, dict]) -> list[dict]:
                 "met": None if ratio is None else bool(ratio >= 0.97),
             }
         )
+    # one chunk for all: the gcd of what each of our servers showed (a static pool shows one size only)
+    chunk = None
+    for r in (el, st):
+        if r and r.get("chunk_bytes"):
+            chunk = math.gcd(chunk or 0, int(r["chunk_bytes"]))
     for s, r in ((SYSTEMS[0], el), (SYSTEMS[1], st), (SYSTEMS[2], hf)):
         if not r:
             continue
-        chunk = (el or st or {}).get("chunk_bytes")
         lv = r["levels"]
-        figs, met = [], None
-        for key in ("rss", "rss_shmem"):
-            pre, peak, after = lv[key]["pre"], lv[key]["peak"], lv[key]["after"]
-            figs.append(f"{key} pre {_mib(pre)} / peak {_mib(peak)} / after {_mib(after)} MiB")
-        pre, peak, after = (lv["rss_shmem" if s.startswith("ekv-") else "rss"][k] for k in ("pre", "peak", "after"))
-        if chunk and None not in (pre, peak, after):
-            if s == "ekv-elastic":
-                # the KV pool's memory is shared memory: RssShmem is where give-back shows, to the chunk
-                met = bool(after - pre <= chunk)
-                what = f"RssShmem back within one chunk ({_mib(chunk)} MiB) of its pre-load level"
-            else:
-                met = bool(after >= max(pre, peak - chunk))
-                what = "memory kept after the load (no give-back)"
-        else:
-            what = "memory after the load"
+        figs = [
+            f"{key} pre {_mib(lv[key]['pre'])} / peak {_mib(lv[key]['peak'])} / after {_mib(lv[key]['after'])} MiB"
+            for key in ("rss", "rss_shmem")
+        ]
         figs.append(f"chunk {_mib(chunk)} MiB")
-        checks.append({"floor": f"{s}: {what}", "figures": "; ".join(figs), "met": met})
+        # our KV pool is shared memory: RssShmem is where its give-back shows, to the chunk;
+        # transformers serve's KV cache is ordinary (anonymous) memory: its VmRSS
+        keys = ("rss_shmem", "rss") if s.startswith("ekv-") else ("rss",)
+        for key in keys:
+            pre, peak, after = (lv[key][k] for k in ("pre", "peak", "after"))
+            label = {"rss": "VmRSS", "rss_shmem": "RssShmem"}[key]
+            met = None
+            if s == "ekv-elastic":
+                what = f"{label} back within one chunk of its pre-load level"
+                if chunk and None not in (pre, peak, after):
+                    met = bool(after - pre <= chunk) if peak - pre > chunk else None
+                    if met is None:
+                        what += " (it did not grow by a chunk: nothing to judge)"
+            else:
+                # the mirror of the give-back floor: still more than a chunk above the pre-load level
+                what = f"{label} kept after the load (not back within one chunk of its pre-load level)"
+                if chunk and None not in (pre, peak, after):
+                    met = bool(after - pre > chunk)
+            if key == "rss" and s.startswith("ekv-"):
+                what += " [not an issue floor: anonymous memory, activations and allocator caches]"
+            checks.append({"floor": f"{s}: {what}", "figures": "; ".join(figs), "met": met})
     return checks
 
 
@@ -816,8 +831,11 @@ def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
 # main
 
 
-QUICK = dict(window="0:600", thin=40, max_requests=24, tail_seconds=None)
-DEFAULTS = dict(window="", thin=40, max_requests=None)
+# Default: every 20th request of the whole trace (441) at 150x its pace, about 19 requests/s over
+# 23 s: more than transformers serve sustains on 2 CPU cores, about what ours does (measured
+# before choosing, see benchmarks/RESULTS.md), so the run compares capacity, not just latency.
+QUICK = dict(window="0:600", thin=40, max_requests=24)
+DEFAULTS = dict(window="", thin=20, max_requests=None)
 
 
 def parse_args(argv=None):
@@ -837,8 +855,8 @@ def parse_args(argv=None):
     p.add_argument("--idle-seconds", type=float, default=3.0)
     p.add_argument("--hf-block-size", type=int, default=32, help="tokens per KV block of transformers serve")
     p.add_argument("--window", help="START:END seconds of the trace (default all)")
-    p.add_argument("--thin", type=int, help="keep 1 in K requests (default 40)")
-    p.add_argument("--time-scale", type=float, default=1 / 120, help="multiply arrival times (default 1/120)")
+    p.add_argument("--thin", type=int, help="keep 1 in K requests (default 20; --quick 40)")
+    p.add_argument("--time-scale", type=float, default=1 / 150, help="multiply arrival times (default 1/150)")
     p.add_argument("--prompt-scale", type=float, default=1 / 16, help="multiply prompt lengths (default 1/16)")
     p.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)")
     p.add_argument("--max-prompt", type=int, default=512)
