@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -459,6 +460,10 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, rec: dic
         rec["end"] = time.monotonic()
         rec["finish_reason"] = finish
         rec["text_chars"] = sum(map(len, text))
+        rec["text"] = "".join(text)
+        # transformers serve never sends the bytes of an unfinished UTF-8 character at the end (we
+        # send them as U+FFFD): compare the texts without them
+        rec["text_sha1"] = hashlib.sha1(rec["text"].rstrip("\ufffd").encode()).hexdigest()[:12]
         if rec.get("usage_output_tokens") is not None:
             rec["output_tokens"], rec["output_tokens_from"] = rec["usage_output_tokens"], "usage"
         elif finish == "length":
@@ -585,6 +590,7 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
     try:
         await server.wait_ready(args.start_timeout)
         result["startup_s"] = time.monotonic() - t_launch
+        result["loadavg_before"] = os.getloadavg()
         name = await model_id(server.base_url, str(model_dir))
         result["model_id"] = name
         sampler = Sampler(server, args.sample_interval, metrics=system.startswith("ekv-"), t0=time.monotonic())
@@ -598,6 +604,7 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
             server.base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
         )
         t_done = time.monotonic() - sampler.t0
+        result["loadavg_after_load"] = os.getloadavg()
         await asyncio.sleep(args.tail_seconds)
         t_end = time.monotonic() - sampler.t0
         if system.startswith("ekv-"):
@@ -626,6 +633,7 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
             "errors": sorted({r["error"] for r in records if r.get("error")}),
             "no_streamed_text": sum(1 for r in completed if r.get("first") is None),
             "output_tokens": out_tokens,
+            "prompt_tokens": sum(r.get("usage_prompt_tokens") or 0 for r in completed),
             "output_tokens_source": sorted({r["output_tokens_from"] for r in completed}),
             "span_s": span,
             "requests_per_s": len(completed) / span if span > 0 else 0.0,
@@ -750,22 +758,43 @@ def floors(results: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def same_text(results: dict[str, dict]) -> None:
+    """Per system, how many requests streamed the same text as the first system's (greedy, same
+    weights: a check that every server did the same work); stored as ``same_text_as_first``."""
+    systems = list(results)
+    if not systems:
+        return
+    ref = {r["index"]: r.get("text_sha1") for r in results[systems[0]]["records"]}
+    for s in systems:
+        recs = results[s]["records"]
+        same = sum(1 for r in recs if r.get("text_sha1") is not None and r.get("text_sha1") == ref.get(r["index"]))
+        results[s]["same_text_as_first"] = {"reference": systems[0], "same": same, "of": len(recs)}
+
+
 def print_table(results: dict[str, dict], scaling: dict) -> str:
     lines = [
         f"load: {scaling['requests']} requests; {scaling['description']}",
         "",
         f"{'system':<12} {'done':>8} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'TPOT p50':>9} {'TPOT p99':>9} {'RSS pre/peak/after MiB':>24} {'KV res pre/peak/after':>22}",
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'RSS pre/peak/after MiB':>24} {'KV res pre/peak/after':>22} {'same text':>9}",
     ]
     for s, r in results.items():
         lv = r["levels"]
         rss = "/".join(_mib(lv["rss"][k]) for k in ("pre", "peak", "after"))
         kv = lv.get("ekv_kv_resident_bytes")
         kvs = "/".join(_mib(kv[k]) for k in ("pre", "peak", "after")) if kv else "-"
+        st = r.get("same_text_as_first")
+        same = f"{st['same']}/{st['of']}" if st else "-"
         lines.append(
             f"{s:<12} {r['completed']:>3}/{r['requests']:<4} {r['requests_per_s']:>6.2f} "
             f"{r['output_tokens_per_s']:>9.1f} {_ms(r['ttft_p50_s']):>7}ms {_ms(r['ttft_p99_s']):>7}ms "
-            f"{_ms(r['tpot_p50_s']):>7}ms {_ms(r['tpot_p99_s']):>7}ms {rss:>24} {kvs:>22}"
+            f"{_ms(r['tpot_p50_s']):>7}ms {_ms(r['tpot_p99_s']):>7}ms {rss:>24} {kvs:>22} {same:>9}"
+        )
+    first = next(iter(results), None)
+    if first:
+        lines.append(
+            f"(same text: requests whose streamed text equals {first}'s, greedy on the same weights, "
+            "trailing U+FFFD aside)"
         )
     text = "\n".join(lines)
     print(text, flush=True)
@@ -928,6 +957,7 @@ async def main_async(args) -> int:
         except Exception as exc:  # say why and go on with the others: the note must name the error
             failed[system] = f"{type(exc).__name__}: {exc}"
             print(f"[{system}] FAILED: {failed[system]}", flush=True)
+    same_text(results)
     table = print_table(results, scaling)
     checks = floors(results)
     print("\nfloors (issue 15):")

@@ -246,3 +246,15 @@ def test_floors_not_judged_without_growth_or_chunk(bench):
     )
     no_chunk = {"ekv-elastic": _result(1.0, 0.1, (400 * m, 460 * m, 400 * m), (0, 40 * m, 0), chunk=None)}
     assert set(_verdicts(bench, no_chunk).values()) == {None}
+
+
+def test_same_text_counts_matches_against_the_first_system(bench):
+    def recs(*hashes):
+        return {"records": [{"index": i, "text_sha1": h} for i, h in enumerate(hashes)]}
+
+    results = {"a": recs("x", "y", "z"), "b": recs("x", "q", "z"), "c": recs(None, "y", None)}
+    bench.same_text(results)
+    assert results["a"]["same_text_as_first"] == {"reference": "a", "same": 3, "of": 3}
+    assert results["b"]["same_text_as_first"] == {"reference": "a", "same": 2, "of": 3}
+    # a failed request (no text) never counts as the same
+    assert results["c"]["same_text_as_first"] == {"reference": "a", "same": 1, "of": 3}
