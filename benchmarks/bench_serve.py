@@ -572,7 +572,7 @@ def server_argv(system: str, args, model_dir: Path, port: int, config: dict, adm
         "--device", "cpu", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port),
         "--cb-block-size", str(args.hf_block_size), "--cb-num-blocks", str(blocks),
     ]  # fmt: skip
-    return argv, {"blocks": blocks, "block_tokens": args.hf_block_size, "kv_bytes": None}
+    return argv, {"blocks": blocks, "block_tokens": args.hf_block_size}
 
 
 async def run_system(system: str, args, model_dir: Path, config: dict, schedule, prompts, out: Path) -> dict:
