@@ -1,0 +1,1008 @@
+"""Serve benchmark: our OpenAI-compatible server (elastic and static KV pool) vs ``transformers serve``.
+
+One run, one command. The same local model directory (config, weights, tokenizer) is served in
+turn by three servers, each a subprocess listening on a free loopback port, stopped by pid:
+
+* ``ekv-elastic``   ``python -m torch_elastic_kv serve --min-kv-bytes MIN --max-kv-bytes MAX``:
+                    KV memory grows with the load and is given back after ``--idle-seconds``;
+* ``ekv-static``    the same server with ``--min-kv-bytes MAX --max-kv-bytes MAX`` (a static pool);
+* ``hf-serve``      ``transformers serve DIR --continuous-batching`` (transformers' own
+                    OpenAI-compatible server, paged attention), its KV cache sized to the same MAX
+                    bytes (``--cb-num-blocks`` blocks of ``--cb-block-size`` tokens).
+
+Load: open loop, replayed from the Azure LLM inference trace 2023, "code" sample (Azure Public
+Dataset, CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM inference using phase
+splitting", ISCA 2024; bundled as ``torch_elastic_kv/data/azure_llm_2023_code.csv``) with its
+real inter-arrival gaps, scaled for a CPU: every ``--thin``-th request of ``--window``, arrival
+times x ``--time-scale``, prompt lengths x ``--prompt-scale``, output lengths x
+``--output-scale`` capped at ``--max-output``; the report states each of these. Prompts are
+random text of exactly the scaled length in the model's tokens. Default: every 20th request of
+the whole trace (441) at 150x its pace (23 s, about 19 requests/s); ``--quick``: the first 24
+requests of every 40th of the first 600 trace seconds. Requests are sent at their
+arrival times (whether or not earlier ones finished) by ``openai.AsyncOpenAI`` as streaming
+``/v1/completions`` (greedy, ``stream_options.include_usage``).
+
+Per system: completed requests/s and output tokens/s over the load (first send to last finish),
+TTFT (first streamed text - send) and TPOT ((last text - first text) / (tokens - 1)) p50/p99
+(``torch_elastic_kv.bench.stats``); memory over time sampled every ``--sample-interval`` s from
+``/proc/PID/status`` (VmRSS, RssShmem, RssAnon, summed over the server process and its children:
+``transformers serve`` runs its model in a child process) and, for ours, ``ekv_kv_resident_bytes``
+from ``/metrics``; sampling goes on for ``--tail-seconds`` after the load (longer than
+``--idle-seconds``) to show whether memory is given back.
+
+Outputs (``--out``, default ``bench_out/serve/``): a table on stdout, ``bench_serve.json`` (all
+figures and samples), ``memory.png`` (memory over time, all three) and ``latency_cdf.png``.
+
+Install (not package extras; benchmarks are not run in CI):
+    pip install "transformers[serving]" openai httpx prometheus_client matplotlib
+Run:
+    python benchmarks/bench_serve.py [--quick] [--out bench_out/serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("ekv-elastic", "ekv-static", "hf-serve")
+MIB = 1 << 20
+
+
+def _use_source(src: Path) -> None:
+    """Import torch_elastic_kv from ``src`` (the tree this script belongs to) and hand it to the servers."""
+    sys.path.insert(0, str(src))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+# --------------------------------------------------------------------------------------------
+# pure logic (tested in tests/test_bench_serve.py)
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request of the replay: when to send it (s after the load starts) and its lengths in tokens."""
+
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+
+
+def build_schedule(
+    raw: list,
+    *,
+    time_scale: float,
+    prompt_scale: float,
+    output_scale: float,
+    thin: int,
+    window: tuple[float, float | None],
+    max_prompt: int,
+    max_output: int,
+    max_requests: int | None = None,
+) -> tuple[list[ScheduledRequest], dict]:
+    """The replay schedule of a trace (``TraceRequest`` list) and the record of its scaling.
+
+    Uses the project's ``scale_trace`` (window, thinning, time scale) twice, once per token scale,
+    so prompts and outputs scale separately: the code trace is prefill-heavy (median 1469 prompt
+    / 13 output tokens) and a CPU cannot prefill its prompts at the trace's rate. Then prompts
+    are clipped to [1, ``max_prompt``], outputs to [1, ``max_output``], and only the first
+    ``max_requests`` are kept.
+    """
+    from torch_elastic_kv.bench.traces import scale_trace
+
+    if max_prompt < 1 or max_output < 1:
+        raise ValueError(f"max_prompt and max_output must be >= 1, got {max_prompt} and {max_output}")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+    common = dict(time_scale=time_scale, window=window, thin=thin)
+    prompts = scale_trace("azure-code", "", raw, token_scale=prompt_scale, **common)
+    outputs = scale_trace("azure-code", "", raw, token_scale=output_scale, **common)
+    schedule = []
+    clipped_prompts = clipped_outputs = 0
+    for p, o in zip(prompts.requests, outputs.requests):
+        clipped_prompts += p.prompt_tokens > max_prompt
+        clipped_outputs += o.output_tokens > max_output
+        schedule.append(
+            ScheduledRequest(p.arrival_s, min(p.prompt_tokens, max_prompt), min(o.output_tokens, max_output))
+        )
+    if max_requests is not None:
+        schedule = schedule[:max_requests]
+    parts = [prompts.scaling["description"].replace("token counts", "prompt lengths")]
+    if output_scale != 1:
+        parts.append(f"output lengths x{output_scale:g}")
+    if clipped_prompts:
+        parts.append(f"{clipped_prompts} prompts cut to {max_prompt} tokens")
+    if clipped_outputs:
+        parts.append(f"{clipped_outputs} outputs cut to {max_output} tokens")
+    if max_requests is not None and len(prompts.requests) > max_requests:
+        parts.append(f"first {max_requests} requests")
+    scaling = {
+        "time_scale": time_scale,
+        "prompt_scale": prompt_scale,
+        "output_scale": output_scale,
+        "thin": thin,
+        "window_s": list(window),
+        "max_prompt": max_prompt,
+        "max_output": max_output,
+        "clipped_prompts": clipped_prompts,
+        "clipped_outputs": clipped_outputs,
+        "source_requests": len(raw),
+        "requests": len(schedule),
+        "description": "; ".join(parts),
+    }
+    return schedule, scaling
+
+
+def parse_kv_metrics(text: str) -> dict[str, float]:
+    """The ``ekv_*`` samples of a Prometheus text page, by sample name (counters keep ``_total``).
+
+    Labelled samples of one name are summed; histograms keep only their ``_sum`` and ``_count``.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if not name.startswith("ekv_") or name.endswith(("_bucket", "_created")):
+                continue
+            out[name] = out.get(name, 0.0) + float(sample.value)
+    return out
+
+
+def parse_proc_status(text: str) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem and RssFile of a ``/proc/PID/status`` text, in bytes (absent: 0)."""
+    keys = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+    out = dict.fromkeys(keys, 0)
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in out:
+            value, _, unit = rest.strip().partition(" ")
+            if unit.strip() != "kB":
+                raise ValueError(f"/proc status line {line!r}: expected a size in kB")
+            out[name] = int(value) * 1024
+    return out
+
+
+def kv_cache_blocks(max_kv_bytes: int, config: dict, dtype_bytes: int, block_tokens: int) -> int:
+    """How many ``block_tokens``-token KV blocks of a model (HF ``config.json`` dict) fit in ``max_kv_bytes``.
+
+    A token holds K and V for every layer: 2 x layers x kv heads x head dim x dtype bytes.
+    """
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    blocks = max_kv_bytes // (per_token * block_tokens)
+    if blocks < 1:
+        raise ValueError(
+            f"{max_kv_bytes} bytes of KV hold no {block_tokens}-token block ({per_token * block_tokens} bytes)"
+        )
+    return blocks
+
+
+def parse_bytes(text: str) -> int:
+    """``"64M"``, ``"1G"``, ``"512K"`` or a plain integer -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(number) * scale
+    except ValueError:
+        raise ValueError(f"expected a byte count like 64M or 1048576, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"byte count must be >= 0, got {text!r}")
+    return value
+
+
+def request_figures(rec: dict) -> dict:
+    """TTFT, TPOT and end-to-end latency of one finished request record (seconds; None if undefined).
+
+    TTFT: first streamed text - send; TPOT: (last text - first text) / (output tokens - 1).
+    """
+    out = {"ttft_s": None, "tpot_s": None, "latency_s": None}
+    if rec.get("error") is not None or rec.get("end") is None:
+        return out
+    out["latency_s"] = rec["end"] - rec["sent"]
+    if rec.get("first") is not None:
+        out["ttft_s"] = rec["first"] - rec["sent"]
+        if rec["output_tokens"] > 1 and rec.get("last") is not None:
+            out["tpot_s"] = (rec["last"] - rec["first"]) / (rec["output_tokens"] - 1)
+    return out
+
+
+def level(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Median of the sample values with ``start <= t <= end`` (None when there are none)."""
+    from torch_elastic_kv.bench.stats import percentile
+
+    values = [v for t, v in samples if start <= t <= end]
+    return percentile(values, 50) if values else None
+
+
+def chunk_from_resident(values: list[float]) -> int | None:
+    """The largest size every positive observed resident KV size is a multiple of (their gcd).
+
+    Resident KV is always whole chunks, so this is a multiple of the chunk: the chunk itself as
+    soon as the resident size took two values whose gcd is one chunk, an over-estimate otherwise.
+    """
+    g = 0
+    for v in values:
+        if v > 0:
+            g = math.gcd(g, int(v))
+    return g or None
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, recursively (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def tree_memory(pid: int) -> dict[str, int] | None:
+    """Memory of ``pid`` plus its descendants (None when ``pid`` is gone)."""
+    total: dict[str, int] | None = None
+    for p in [pid, *descendants(pid)]:
+        try:
+            status = parse_proc_status(Path(f"/proc/{p}/status").read_text())
+        except OSError:
+            if p == pid:
+                return None
+            continue
+        total = status if total is None else {k: total[k] + status[k] for k in total}
+    return total
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    children: list[int] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "w")  # noqa: SIM115 - the child writes to it until stop()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        log.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                        f"last log lines:\n{_tail(self.log_path)}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
+                        self.children = descendants(self.proc.pid)
+                        return
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; last log lines:\n{_tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the server, SIGKILL it (and any child it left) after ``timeout_s``; its exit code."""
+        if self.proc is None:
+            return None
+        self.children = sorted(set(self.children) | set(descendants(self.proc.pid)))
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------------------------
+# load and sampling
+
+
+class Sampler:
+    """Samples a server's memory (and ours' /metrics) every ``interval`` s into lists of (t, value)."""
+
+    def __init__(self, server: Server, interval: float, metrics: bool, t0: float):
+        self.server, self.interval, self.metrics, self.t0 = server, interval, metrics, t0
+        self.rss: list[tuple[float, float]] = []
+        self.shmem: list[tuple[float, float]] = []
+        self.anon: list[tuple[float, float]] = []
+        self.kv: dict[str, list[tuple[float, float]]] = {}
+        self.last_metrics: dict[str, float] = {}
+        self.metric_errors = 0
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                t = time.monotonic() - self.t0
+                mem = tree_memory(self.server.proc.pid)
+                if mem is not None:
+                    self.rss.append((t, mem["VmRSS"]))
+                    self.shmem.append((t, mem["RssShmem"]))
+                    self.anon.append((t, mem["RssAnon"]))
+                if self.metrics:
+                    try:
+                        page = await client.get(f"{self.server.base_url}/metrics")
+                        page.raise_for_status()
+                        self.last_metrics = parse_kv_metrics(page.text)
+                        for name in ("ekv_kv_resident_bytes", "ekv_kv_live_bytes", "ekv_kv_budget_bytes"):
+                            if name in self.last_metrics:
+                                self.kv.setdefault(name, []).append((t, self.last_metrics[name]))
+                    except (httpx.HTTPError, ValueError):
+                        self.metric_errors += 1
+                await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def make_prompts(tokenizer_dir: Path, schedule: list[ScheduledRequest], seed: int) -> list[str]:
+    """Random lowercase text for each request: the longest that the model's tokenizer turns into at
+    most ``prompt_tokens`` tokens, special tokens it adds (``<s>``) included (exactly that many
+    with a byte-level tokenizer)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    rng = np.random.default_rng([seed, 2])
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    prompts = []
+    for r in schedule:
+        words = []
+        while sum(len(w) + 1 for w in words) < 4 * r.prompt_tokens + 16:
+            words.append("".join(rng.choice(letters, size=int(rng.integers(2, 9)))))
+        text = " ".join(words)
+        # the longest prefix with at most prompt_tokens tokens (token count grows with the prefix)
+        lo, hi = 1, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tok.encode(text[:mid]).ids) <= r.prompt_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        prompts.append(text[:lo])
+    return prompts
+
+
+async def one_request(client, model: str, prompt: str, max_tokens: int, rec: dict) -> None:
+    rec["sent"] = time.monotonic()
+    try:
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, finish = [], None
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.usage is not None:
+                rec["usage_output_tokens"] = chunk.usage.completion_tokens
+                rec["usage_prompt_tokens"] = chunk.usage.prompt_tokens
+            for choice in chunk.choices:
+                if choice.text:
+                    if rec.get("first") is None:
+                        rec["first"] = now
+                    rec["last"] = now
+                    rec["chunks"] = rec.get("chunks", 0) + 1
+                    text.append(choice.text)
+                if choice.finish_reason is not None:
+                    finish = choice.finish_reason
+        rec["end"] = time.monotonic()
+        rec["finish_reason"] = finish
+        rec["text_chars"] = sum(map(len, text))
+        rec["text"] = "".join(text)
+        # transformers serve never sends the bytes of an unfinished UTF-8 character at the end (we
+        # send them as U+FFFD): compare the texts without them
+        rec["text_sha1"] = hashlib.sha1(rec["text"].rstrip("\ufffd").encode()).hexdigest()[:12]
+        if rec.get("usage_output_tokens") is not None:
+            rec["output_tokens"], rec["output_tokens_from"] = rec["usage_output_tokens"], "usage"
+        elif finish == "length":
+            rec["output_tokens"], rec["output_tokens_from"] = max_tokens, "finish_reason=length"
+        else:
+            rec["output_tokens"], rec["output_tokens_from"] = rec.get("chunks", 0), "streamed chunks"
+    except asyncio.CancelledError:
+        rec["error"] = "cancelled at the load's deadline"
+        raise
+    except Exception as exc:  # one failed request is a figure, not the end of the run
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rec["end_error"] = time.monotonic()
+
+
+async def replay(
+    base_url: str, model: str, schedule: list[ScheduledRequest], prompts: list[str], deadline_s: float, timeout_s: float
+) -> tuple[list[dict], float]:
+    """Sends each request at its arrival time; waits at most ``deadline_s`` after the start for all.
+
+    Returns the request records and the start time (``time.monotonic``)."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    limits = httpx.Limits(max_connections=len(schedule) + 8, max_keepalive_connections=64)
+    client = AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key="bench",
+        max_retries=0,
+        timeout=timeout_s,
+        http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s),
+    )
+    records = [{"index": i, "scheduled_s": r.arrival_s, "max_tokens": r.max_tokens} for i, r in enumerate(schedule)]
+    start = time.monotonic()
+
+    async def fire(i: int) -> None:
+        await asyncio.sleep(max(0.0, start + schedule[i].arrival_s - time.monotonic()))
+        await one_request(client, model, prompts[i], schedule[i].max_tokens, records[i])
+
+    tasks = [asyncio.create_task(fire(i)) for i in range(len(schedule))]
+    _, pending = await asyncio.wait(tasks, timeout=deadline_s)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for rec in records:
+        if "sent" not in rec:
+            rec["error"] = "not sent before the load's deadline"
+    await client.close()
+    return records, start
+
+
+async def warm_up(base_url: str, model: str, prompt: str) -> None:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=300) as client:
+        await client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0.0)
+
+
+async def model_id(base_url: str, fallback: str) -> str:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            data = (await client.get(f"{base_url}/v1/models")).json().get("data") or []
+            return data[0]["id"] if data else fallback
+        except (httpx.HTTPError, ValueError, KeyError):
+            return fallback
+
+
+async def admin_chunk_bytes(server: Server, admin_key: str) -> int | None:
+    """``chunk_bytes`` from ``GET /admin/stats`` if the server reports it (searched one level deep)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=5) as client:
+        try:
+            resp = await client.get(f"{server.base_url}/admin/stats", headers={"Authorization": f"Bearer {admin_key}"})
+            stats = resp.json() if resp.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return None
+    for d in [stats, *(v for v in stats.values() if isinstance(v, dict))]:
+        if isinstance(d.get("chunk_bytes"), int):
+            return d["chunk_bytes"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# one system
+
+
+def server_argv(system: str, args, model_dir: Path, port: int, config: dict, admin_key: str) -> tuple[list[str], dict]:
+    """Command line of one system and what it was given for KV."""
+    if system.startswith("ekv-"):
+        min_kv = args.max_kv_bytes if system == "ekv-static" else args.min_kv_bytes
+        argv = [
+            sys.executable, "-m", "torch_elastic_kv", "serve",
+            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--max-kv-bytes", str(args.max_kv_bytes), "--min-kv-bytes", str(min_kv),
+            "--idle-seconds", f"{args.idle_seconds:g}", "--device", "cpu", "--dtype", args.dtype,
+            "--admin-key", admin_key,
+        ]  # fmt: skip
+        return argv, {"min_kv_bytes": min_kv, "max_kv_bytes": args.max_kv_bytes}
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[args.dtype]
+    blocks = kv_cache_blocks(args.max_kv_bytes, config, dtype_bytes, args.hf_block_size)
+    exe = Path(sys.executable).with_name("transformers")
+    argv = [
+        str(exe) if exe.exists() else "transformers", "serve", str(model_dir), "--continuous-batching",
+        "--device", "cpu", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port),
+        "--cb-block-size", str(args.hf_block_size), "--cb-num-blocks", str(blocks),
+    ]  # fmt: skip
+    return argv, {"blocks": blocks, "block_tokens": args.hf_block_size}
+
+
+async def run_system(system: str, args, model_dir: Path, config: dict, schedule, prompts, out: Path) -> dict:
+    from torch_elastic_kv.bench.stats import percentile
+
+    port = free_port()
+    admin_key = secrets.token_hex(16)
+    argv, kv_given = server_argv(system, args, model_dir, port, config, admin_key)
+    server = Server(system, argv, port, out / f"{system}.log")
+    print(f"[{system}] starting: {' '.join(a if a != admin_key else '***' for a in argv)}", flush=True)
+    t_launch = time.monotonic()
+    server.start()
+    result: dict = {"system": system, "argv": [a if a != admin_key else "***" for a in argv], "kv": kv_given}
+    sampler = None
+    try:
+        await server.wait_ready(args.start_timeout)
+        result["startup_s"] = time.monotonic() - t_launch
+        result["loadavg_before"] = os.getloadavg()
+        name = await model_id(server.base_url, str(model_dir))
+        result["model_id"] = name
+        sampler = Sampler(server, args.sample_interval, metrics=system.startswith("ekv-"), t0=time.monotonic())
+        sampler.start()
+        await warm_up(server.base_url, name, prompts[0][:64] or "hello")
+        # our elastic pool gives the warm-up's memory back after idle_seconds: the pre-load level is after that
+        await asyncio.sleep(args.idle_seconds + 1.0 + args.baseline_seconds)
+        t_load = time.monotonic() - sampler.t0
+        print(f"[{system}] replaying {len(schedule)} requests", flush=True)
+        records, start = await replay(
+            server.base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
+        )
+        t_done = time.monotonic() - sampler.t0
+        result["loadavg_after_load"] = os.getloadavg()
+        await asyncio.sleep(args.tail_seconds)
+        t_end = time.monotonic() - sampler.t0
+        if system.startswith("ekv-"):
+            result["chunk_bytes_admin"] = await admin_chunk_bytes(server, admin_key)
+        await sampler.stop()
+    finally:
+        if sampler is not None:
+            await sampler.stop()
+        code = server.stop()
+        result["exit_code"] = code
+    # per-request figures
+    completed = [r for r in records if r.get("error") is None and r.get("end") is not None]
+    for r in records:
+        r.update(request_figures(r))
+        for key in ("sent", "first", "last", "end", "end_error"):
+            if r.get(key) is not None:
+                r[key] = r[key] - start
+    ttft = [r["ttft_s"] for r in completed if r["ttft_s"] is not None]
+    tpot = [r["tpot_s"] for r in completed if r["tpot_s"] is not None]
+    span = max((r["end"] for r in completed), default=0.0) - min((r["sent"] for r in records if "sent" in r), default=0)
+    out_tokens = sum(r["output_tokens"] for r in completed)
+    result.update(
+        {
+            "requests": len(records),
+            "completed": len(completed),
+            "errors": sorted({r["error"] for r in records if r.get("error")}),
+            "no_streamed_text": sum(1 for r in completed if r.get("first") is None),
+            "output_tokens": out_tokens,
+            "prompt_tokens": sum(r.get("usage_prompt_tokens") or 0 for r in completed),
+            "output_tokens_source": sorted({r["output_tokens_from"] for r in completed}),
+            "span_s": span,
+            "requests_per_s": len(completed) / span if span > 0 else 0.0,
+            "output_tokens_per_s": out_tokens / span if span > 0 else 0.0,
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_s": percentile(tpot, 50),
+            "tpot_p99_s": percentile(tpot, 99),
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "records": records,
+        }
+    )
+    # memory: times relative to the load's start
+    shift = t_load
+
+    def rel(samples):
+        return [(t - shift, v) for t, v in samples]
+
+    mem = {
+        "rss": rel(sampler.rss),
+        "rss_shmem": rel(sampler.shmem),
+        "rss_anon": rel(sampler.anon),
+        **{k: rel(v) for k, v in sampler.kv.items()},
+    }
+    result["memory"] = mem
+    result["load_end_s"] = t_done - shift
+    result["tail_end_s"] = t_end - shift
+    result["metric_errors"] = sampler.metric_errors
+    result["final_metrics"] = sampler.last_metrics
+    pre = (-args.baseline_seconds, 0.0)
+    after = (result["tail_end_s"] - min(2.0, args.tail_seconds / 2), result["tail_end_s"])
+    levels = {}
+    for key, samples in mem.items():
+        values = [v for t, v in samples if 0 <= t <= result["load_end_s"]]
+        levels[key] = {
+            "pre": level(samples, *pre),
+            "peak": max(values) if values else None,
+            "after": level(samples, *after),
+        }
+    result["levels"] = levels
+    if system.startswith("ekv-"):
+        resident = [v for _, v in mem.get("ekv_kv_resident_bytes", [])]
+        admin = result.get("chunk_bytes_admin")
+        result["chunk_bytes"] = admin or chunk_from_resident(resident)
+        result["chunk_bytes_source"] = "/admin/stats" if admin else "gcd of observed ekv_kv_resident_bytes"
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / MIB:.1f}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{1000 * x:.0f}"
+
+
+def floors(results: dict[str, dict]) -> list[dict]:
+    """The issue's floors, each with its figures and whether it is met (None: not measurable)."""
+    el, st, hf = (results.get(s) for s in SYSTEMS)
+    checks = []
+    if el and hf:
+        ratio = el["output_tokens_per_s"] / hf["output_tokens_per_s"] if hf["output_tokens_per_s"] else None
+        ttft_ok = el["ttft_p99_s"] <= hf["ttft_p99_s"]
+        checks.append(
+            {
+                "floor": "ekv-elastic >= 2x hf-serve output tokens/s at an equal or lower TTFT p99",
+                "figures": f"ratio {ratio:.2f}x; TTFT p99 {_ms(el['ttft_p99_s'])} vs {_ms(hf['ttft_p99_s'])} ms"
+                if ratio is not None
+                else "hf-serve completed nothing",
+                "met": None if ratio is None else bool(ratio >= 2 and ttft_ok),
+            }
+        )
+    if el and st:
+        ratio = el["output_tokens_per_s"] / st["output_tokens_per_s"] if st["output_tokens_per_s"] else None
+        checks.append(
+            {
+                "floor": "ekv-elastic output tokens/s within 3 % of ekv-static",
+                "figures": None if ratio is None else f"elastic/static {ratio:.3f}",
+                "met": None if ratio is None else bool(ratio >= 0.97),
+            }
+        )
+    # one chunk for all: the gcd of what each of our servers showed (a static pool shows one size only)
+    chunk = None
+    for r in (el, st):
+        if r and r.get("chunk_bytes"):
+            chunk = math.gcd(chunk or 0, int(r["chunk_bytes"]))
+    for s, r in ((SYSTEMS[0], el), (SYSTEMS[1], st), (SYSTEMS[2], hf)):
+        if not r:
+            continue
+        lv = r["levels"]
+        figs = [
+            f"{key} pre {_mib(lv[key]['pre'])} / peak {_mib(lv[key]['peak'])} / after {_mib(lv[key]['after'])} MiB"
+            for key in ("rss", "rss_shmem")
+        ]
+        figs.append(f"chunk {_mib(chunk)} MiB")
+        # our KV pool is shared memory: RssShmem is where its give-back shows, to the chunk;
+        # transformers serve's KV cache is ordinary (anonymous) memory: its VmRSS
+        keys = ("rss_shmem", "rss") if s.startswith("ekv-") else ("rss",)
+        for key in keys:
+            pre, peak, after = (lv[key][k] for k in ("pre", "peak", "after"))
+            label = {"rss": "VmRSS", "rss_shmem": "RssShmem"}[key]
+            met = None
+            if s == "ekv-elastic":
+                what = f"{label} back within one chunk of its pre-load level"
+                if chunk and None not in (pre, peak, after):
+                    met = bool(after - pre <= chunk) if peak - pre > chunk else None
+                    if met is None:
+                        what += " (it did not grow by a chunk: nothing to judge)"
+            else:
+                # the mirror of the give-back floor: still more than a chunk above the pre-load level
+                what = f"{label} kept after the load (not back within one chunk of its pre-load level)"
+                if chunk and None not in (pre, peak, after):
+                    met = bool(after - pre > chunk)
+            if key == "rss" and s.startswith("ekv-"):
+                what += " [not an issue floor: anonymous memory, activations and allocator caches]"
+            checks.append({"floor": f"{s}: {what}", "figures": "; ".join(figs), "met": met})
+    return checks
+
+
+def same_text(results: dict[str, dict]) -> None:
+    """Per system, how many requests streamed the same text as the first system's (greedy, same
+    weights: a check that every server did the same work); stored as ``same_text_as_first``."""
+    systems = list(results)
+    if not systems:
+        return
+    ref = {r["index"]: r.get("text_sha1") for r in results[systems[0]]["records"]}
+    for s in systems:
+        recs = results[s]["records"]
+        same = sum(1 for r in recs if r.get("text_sha1") is not None and r.get("text_sha1") == ref.get(r["index"]))
+        results[s]["same_text_as_first"] = {"reference": systems[0], "same": same, "of": len(recs)}
+
+
+def print_table(results: dict[str, dict], scaling: dict) -> str:
+    lines = [
+        f"load: {scaling['requests']} requests; {scaling['description']}",
+        "",
+        f"{'system':<12} {'done':>8} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'RSS pre/peak/after MiB':>24} {'KV res pre/peak/after':>22} {'same text':>9}",
+    ]
+    for s, r in results.items():
+        lv = r["levels"]
+        rss = "/".join(_mib(lv["rss"][k]) for k in ("pre", "peak", "after"))
+        kv = lv.get("ekv_kv_resident_bytes")
+        kvs = "/".join(_mib(kv[k]) for k in ("pre", "peak", "after")) if kv else "-"
+        st = r.get("same_text_as_first")
+        same = f"{st['same']}/{st['of']}" if st else "-"
+        lines.append(
+            f"{s:<12} {r['completed']:>3}/{r['requests']:<4} {r['requests_per_s']:>6.2f} "
+            f"{r['output_tokens_per_s']:>9.1f} {_ms(r['ttft_p50_s']):>7}ms {_ms(r['ttft_p99_s']):>7}ms "
+            f"{_ms(r['tpot_p50_s']):>7}ms {_ms(r['tpot_p99_s']):>7}ms {rss:>24} {kvs:>22} {same:>9}"
+        )
+    first = next(iter(results), None)
+    if first:
+        lines.append(
+            f"(same text: requests whose streamed text equals {first}'s, greedy on the same weights, "
+            "trailing U+FFFD aside)"
+        )
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colors = {"ekv-elastic": "tab:green", "ekv-static": "tab:blue", "hf-serve": "tab:red"}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    for s, r in results.items():
+        mem = r["memory"]
+        # RSS as the change from the pre-load level: the servers' absolute sizes differ by a
+        # gigabyte (transformers serve is two processes), the load adds megabytes
+        pre = r["levels"]["rss"]["pre"] or 0.0
+        if mem["rss"]:
+            t, v = zip(*mem["rss"])
+            top.plot(t, (np.asarray(v) - pre) / MIB, color=colors[s], label=f"{s} (pre-load {pre / MIB:.0f} MiB)")
+        if mem.get("ekv_kv_resident_bytes"):
+            t, v = zip(*mem["ekv_kv_resident_bytes"])
+            bottom.plot(t, np.asarray(v) / MIB, color=colors[s], label=f"{s} KV resident (/metrics)")
+        if mem["rss_shmem"] and s.startswith("ekv-"):
+            t, v = zip(*mem["rss_shmem"])
+            bottom.plot(t, np.asarray(v) / MIB, color=colors[s], linestyle=":", label=f"{s} RssShmem")
+        for ax in (top, bottom):
+            ax.axvline(r["load_end_s"], color=colors[s], alpha=0.4, linestyle="--")
+    top.set_ylabel("VmRSS - pre-load level (MiB)\n(server and its children)")
+    bottom.set_ylabel("ours: KV resident, RssShmem (MiB)")
+    bottom.set_xlabel(f"seconds since the load started (dashed: last request done; --idle-seconds {idle_seconds:g})")
+    top.legend(fontsize=8)
+    bottom.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.grid(alpha=0.3)
+    top.set_title("Memory over time: same model, same open-loop load")
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "ttft_s", "TTFT (s)"), (axes[1], "tpot_s", "TPOT (s)")):
+        for s, r in results.items():
+            values = np.sort(np.asarray(r[key], dtype=float))
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), color=colors[s], label=s)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Latency CDFs (completed requests)")
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+    return ["memory.png", "latency_cdf.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+# Default: every 20th request of the whole trace (441) at 150x its pace, about 19 requests/s over
+# 23 s: more than transformers serve sustains on 2 CPU cores, about what ours does (measured
+# before choosing, see benchmarks/RESULTS.md), so the run compares capacity, not just latency.
+QUICK = dict(window="0:600", thin=40, max_requests=24)
+DEFAULTS = dict(window="", thin=20, max_requests=None)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="local HF model directory (default: the package's default model, written to OUT/model)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench_out/serve"))
+    p.add_argument("--quick", action="store_true", help="a short run (first 24 requests of the first 600 s)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    p.add_argument("--src", type=Path, default=REPO / "src", help="torch_elastic_kv source tree the servers run")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--max-kv-bytes", type=parse_bytes, default=parse_bytes("64M"))
+    p.add_argument("--min-kv-bytes", type=parse_bytes, default=0, help="elastic floor (static: = max)")
+    p.add_argument("--idle-seconds", type=float, default=3.0)
+    p.add_argument("--hf-block-size", type=int, default=32, help="tokens per KV block of transformers serve")
+    p.add_argument("--window", help="START:END seconds of the trace (default all)")
+    p.add_argument("--thin", type=int, help="keep 1 in K requests (default 20; --quick 40)")
+    p.add_argument("--time-scale", type=float, default=1 / 150, help="multiply arrival times (default 1/150)")
+    p.add_argument("--prompt-scale", type=float, default=1 / 16, help="multiply prompt lengths (default 1/16)")
+    p.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)")
+    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--max-output", type=int, default=128)
+    p.add_argument("--max-requests", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-interval", type=float, default=0.25)
+    p.add_argument("--baseline-seconds", type=float, default=2.0, help="memory sampled this long before the load")
+    p.add_argument("--tail-seconds", type=float, help="sampling after the load (default idle-seconds x 2 + 4)")
+    p.add_argument(
+        "--drain-seconds", type=float, default=120.0, help="wait for requests this long after the last arrival"
+    )
+    p.add_argument("--request-timeout", type=float, default=180.0)
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    if args.window is None:
+        args.window = preset["window"]
+    if args.thin is None:
+        args.thin = preset["thin"]
+    if args.max_requests is None:
+        args.max_requests = preset["max_requests"]
+    if args.tail_seconds is None:
+        args.tail_seconds = 2 * args.idle_seconds + 4
+    if args.tail_seconds <= args.idle_seconds:
+        p.error(f"--tail-seconds ({args.tail_seconds:g}) must exceed --idle-seconds ({args.idle_seconds:g})")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        p.error(f"--systems: unknown {', '.join(unknown) or '(none)'}; expected some of {', '.join(SYSTEMS)}")
+    args.systems = systems
+    return args
+
+
+async def main_async(args) -> int:
+    from torch_elastic_kv.bench.traces import AZURE_ATTRIBUTION, bundled_trace_path, parse_window, read_trace_csv
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model
+    if model_dir is None:
+        from torch_elastic_kv.serve.default_model import write_default_model_dir
+
+        model_dir = write_default_model_dir(out / "model")
+    model_dir = Path(model_dir).resolve()
+    config = json.loads((model_dir / "config.json").read_text())
+    raw = read_trace_csv(bundled_trace_path("azure-code"))
+    window = parse_window(args.window) if args.window else (0.0, None)
+    schedule, scaling = build_schedule(
+        raw,
+        time_scale=args.time_scale,
+        prompt_scale=args.prompt_scale,
+        output_scale=args.output_scale,
+        thin=args.thin,
+        window=window,
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        max_requests=args.max_requests,
+    )
+    prompts = make_prompts(model_dir, schedule, args.seed)
+    offered = sum(r.max_tokens for r in schedule) / max(schedule[-1].arrival_s, 1e-9)
+    print(f"model: {model_dir}\ntrace: {AZURE_ATTRIBUTION}\nload: {len(schedule)} requests over "
+          f"{schedule[-1].arrival_s:.1f} s ({scaling['description']}); offered {offered:.0f} output tok/s", flush=True)  # fmt: skip
+    results = {}
+    failed = {}
+    for system in args.systems:
+        try:
+            results[system] = await run_system(system, args, model_dir, config, schedule, prompts, out)
+        except Exception as exc:  # say why and go on with the others: the note must name the error
+            failed[system] = f"{type(exc).__name__}: {exc}"
+            print(f"[{system}] FAILED: {failed[system]}", flush=True)
+    same_text(results)
+    table = print_table(results, scaling)
+    checks = floors(results)
+    print("\nfloors (issue 15):")
+    for c in checks:
+        verdict = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
+        print(f"  [{verdict}] {c['floor']}: {c['figures']}")
+    files = plot(results, out, args.idle_seconds)
+    report = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "model_dir": str(model_dir),
+        "model_config": {k: config.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
+        "trace": {"attribution": AZURE_ATTRIBUTION, "scaling": scaling, "offered_output_tokens_per_s": offered},
+        "schedule": [asdict(r) for r in schedule],
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "versions": _versions(),
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "failed": failed,
+        "floors": checks,
+        "table": table,
+        "plots": files,
+    }
+    (out / "bench_serve.json").write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out / 'bench_serve.json'}, {', '.join(str(out / f) for f in files)}")
+    return 0
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "openai", "fastapi", "uvicorn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _use_source(args.src.resolve())
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The pure logic of benchmarks/bench_serve.py: schedule scaling, parsers, figures and floors.
+
+No server runs here (the benchmark itself does that); each test feeds the functions known input
+and checks the exact output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from torch_elastic_kv.bench.traces import TraceRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_serve", None)
+
+
+RAW = [
+    TraceRequest(0.0, 1600, 10),
+    TraceRequest(10.0, 320, 300),
+    TraceRequest(20.0, 16, 1),
+    TraceRequest(30.0, 8000, 40),
+    TraceRequest(40.0, 800, 20),
+]
+
+
+def test_schedule_scales_time_prompts_and_outputs_separately(bench):
+    schedule, scaling = bench.build_schedule(
+        RAW,
+        time_scale=0.5,
+        prompt_scale=1 / 16,
+        output_scale=2.0,
+        thin=1,
+        window=(0.0, None),
+        max_prompt=400,
+        max_output=128,
+    )
+    assert [r.arrival_s for r in schedule] == [0.0, 5.0, 10.0, 15.0, 20.0]
+    # 8000/16 = 500 is cut to 400; 16/16 = 1
+    assert [r.prompt_tokens for r in schedule] == [100, 20, 1, 400, 50]
+    # 300*2 = 600 and 40*2 = 80 -> 128 cap on the first only
+    assert [r.max_tokens for r in schedule] == [20, 128, 2, 80, 40]
+    assert scaling["clipped_prompts"] == 1 and scaling["clipped_outputs"] == 1
+    assert scaling["requests"] == 5 and scaling["source_requests"] == 5
+    assert "time x1/2" in scaling["description"]
+    assert "prompt lengths x1/16" in scaling["description"]
+    assert "output lengths x2" in scaling["description"]
+    assert "1 prompts cut to 400 tokens" in scaling["description"]
+
+
+def test_schedule_window_thin_and_max_requests(bench):
+    schedule, scaling = bench.build_schedule(
+        RAW,
+        time_scale=0.1,
+        prompt_scale=1.0,
+        output_scale=1.0,
+        thin=2,
+        window=(10.0, None),
+        max_prompt=10_000,
+        max_output=10_000,
+        max_requests=1,
+    )
+    # window keeps t >= 10 (4 requests), thin 2 keeps the 1st and 3rd, max_requests the first
+    assert schedule == [bench.ScheduledRequest(0.0, 320, 300)]
+    assert "1 in 2 requests kept" in scaling["description"]
+    assert "first 1 requests" in scaling["description"]
+    two, _ = bench.build_schedule(
+        RAW,
+        time_scale=0.1,
+        prompt_scale=1.0,
+        output_scale=1.0,
+        thin=2,
+        window=(10.0, None),
+        max_prompt=10_000,
+        max_output=10_000,
+    )
+    assert [(r.arrival_s, r.prompt_tokens) for r in two] == [(0.0, 320), (pytest.approx(2.0), 8000)]
+
+
+def test_schedule_rejects_bad_bounds(bench):
+    kwargs = dict(time_scale=1.0, prompt_scale=1.0, output_scale=1.0, thin=1, window=(0.0, None))
+    with pytest.raises(ValueError, match="max_prompt and max_output must be >= 1"):
+        bench.build_schedule(RAW, max_prompt=0, max_output=10, **kwargs)
+    with pytest.raises(ValueError, match="max_requests must be >= 1"):
+        bench.build_schedule(RAW, max_prompt=10, max_output=10, max_requests=0, **kwargs)
+    with pytest.raises(ValueError, match="time-scale must be a positive number"):
+        bench.build_schedule(RAW, max_prompt=10, max_output=10, **{**kwargs, "time_scale": 0.0})
+
+
+def test_parse_kv_metrics_reads_prometheus_text(bench):
+    prom = pytest.importorskip("prometheus_client")
+    registry = prom.CollectorRegistry()
+    resident = prom.Gauge("ekv_kv_resident_bytes", "resident", registry=registry)
+    running = prom.Gauge("ekv_requests_running", "running", ["model"], registry=registry)
+    pre = prom.Counter("ekv_preemptions", "preemptions", registry=registry)
+    ttft = prom.Histogram("ekv_time_to_first_token_seconds", "ttft", buckets=(0.1, 1.0), registry=registry)
+    prom.Gauge("other_bytes", "not ours", registry=registry).set(5)
+    resident.set(6 * MIB)
+    running.labels("a").set(2)
+    running.labels("b").set(3)
+    pre.inc(4)
+    ttft.observe(0.05)
+    ttft.observe(0.5)
+    parsed = bench.parse_kv_metrics(prom.generate_latest(registry).decode())
+    assert parsed["ekv_kv_resident_bytes"] == 6 * MIB
+    assert parsed["ekv_requests_running"] == 5  # labels summed
+    assert parsed["ekv_preemptions_total"] == 4
+    assert parsed["ekv_time_to_first_token_seconds_count"] == 2
+    assert parsed["ekv_time_to_first_token_seconds_sum"] == pytest.approx(0.55)
+    assert "other_bytes" not in parsed
+    assert not any(k.endswith(("_bucket", "_created")) for k in parsed)
+
+
+def test_parse_proc_status(bench):
+    text = "Name:\tpython\nVmPeak:\t  900 kB\nVmRSS:\t  2048 kB\nRssAnon:\t  1024 kB\nRssFile:\t 512 kB\nRssShmem:\t 512 kB\n"
+    assert bench.parse_proc_status(text) == {
+        "VmRSS": 2048 * 1024,
+        "RssAnon": 1024 * 1024,
+        "RssFile": 512 * 1024,
+        "RssShmem": 512 * 1024,
+    }
+    assert bench.parse_proc_status("Name:\tx\n") == {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    with pytest.raises(ValueError, match="expected a size in kB"):
+        bench.parse_proc_status("VmRSS:\t12 pages\n")
+
+
+def test_kv_cache_blocks_matches_the_kv_size(bench):
+    config = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64}
+    # 2 * 4 layers * 4 heads * 64 * 4 bytes = 8 KiB per token; 32-token blocks of 256 KiB
+    assert bench.kv_cache_blocks(64 * MIB, config, 4, 32) == 256
+    assert bench.kv_cache_blocks(64 * MIB + 255 * 1024, config, 4, 32) == 256
+    # grouped-query heads and head_dim from hidden_size
+    gqa = {"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 512}
+    assert bench.kv_cache_blocks(1 * MIB, gqa, 2, 16) == 1 * MIB // (2 * 2 * 2 * 64 * 2 * 16)
+    with pytest.raises(ValueError, match="hold no 32-token block"):
+        bench.kv_cache_blocks(1000, config, 4, 32)
+
+
+def test_parse_bytes(bench):
+    assert bench.parse_bytes("64M") == 64 * MIB
+    assert bench.parse_bytes("64MiB") == 64 * MIB
+    assert bench.parse_bytes("2g") == 2 << 30
+    assert bench.parse_bytes("512K") == 512 << 10
+    assert bench.parse_bytes("1048576") == MIB
+    for bad in ("", "M", "1.5M", "-1", "12Q"):
+        with pytest.raises(ValueError):
+            bench.parse_bytes(bad)
+
+
+def test_request_figures(bench):
+    rec = {"sent": 1.0, "first": 1.5, "last": 3.5, "end": 3.6, "output_tokens": 5}
+    figs = bench.request_figures(rec)
+    assert figs["ttft_s"] == pytest.approx(0.5)
+    assert figs["tpot_s"] == pytest.approx(0.5)  # 2.0 s over 4 gaps
+    assert figs["latency_s"] == pytest.approx(2.6)
+    one = bench.request_figures({"sent": 0.0, "first": 0.2, "last": 0.2, "end": 0.3, "output_tokens": 1})
+    assert one["ttft_s"] == pytest.approx(0.2) and one["tpot_s"] is None
+    failed = bench.request_figures({"sent": 0.0, "first": 0.2, "end": 0.3, "output_tokens": 3, "error": "x"})
+    assert failed == {"ttft_s": None, "tpot_s": None, "latency_s": None}
+
+
+def test_level_and_chunk(bench):
+    samples = [(-2.0, 10.0), (-1.0, 12.0), (0.0, 14.0), (5.0, 100.0)]
+    assert bench.level(samples, -2.0, 0.0) == 12.0
+    assert bench.level(samples, 1.0, 2.0) is None
+    two_mib = 2 * MIB
+    assert bench.chunk_from_resident([0, 3 * two_mib, 5 * two_mib, 4 * two_mib]) == two_mib
+    assert bench.chunk_from_resident([0, 0]) is None
+
+
+def _result(tok_s, ttft_p99, rss, shmem, chunk=2 * MIB):
+    levels = {
+        "rss": dict(zip(("pre", "peak", "after"), rss)),
+        "rss_shmem": dict(zip(("pre", "peak", "after"), shmem)),
+    }
+    return {"output_tokens_per_s": tok_s, "ttft_p99_s": ttft_p99, "levels": levels, "chunk_bytes": chunk}
+
+
+def _verdicts(bench, results):
+    return {c["floor"].split(" [")[0]: c["met"] for c in bench.floors(results)}
+
+
+THROUGHPUT = "ekv-elastic >= 2x hf-serve output tokens/s at an equal or lower TTFT p99"
+WITHIN = "ekv-elastic output tokens/s within 3 % of ekv-static"
+
+
+def test_floors_met(bench):
+    m = MIB
+    results = {
+        "ekv-elastic": _result(300.0, 0.5, (400 * m, 460 * m, 401 * m), (0, 40 * m, 1 * m)),
+        "ekv-static": _result(305.0, 0.5, (400 * m, 460 * m, 460 * m), (0, 40 * m, 40 * m), chunk=64 * m),
+        "hf-serve": _result(100.0, 0.9, (1500 * m, 1560 * m, 1560 * m), (0, 0, 0), chunk=None),
+    }
+    v = _verdicts(bench, results)
+    assert v[THROUGHPUT] is True
+    assert v[WITHIN] is True
+    assert v["ekv-elastic: RssShmem back within one chunk of its pre-load level"] is True
+    assert v["ekv-elastic: VmRSS back within one chunk of its pre-load level"] is True
+    assert v["ekv-static: RssShmem kept after the load (not back within one chunk of its pre-load level)"] is True
+    assert v["hf-serve: VmRSS kept after the load (not back within one chunk of its pre-load level)"] is True
+    # the chunk is the gcd of both servers' (2 MiB and 64 MiB)
+    memory = [c for c in bench.floors(results) if c["floor"].startswith(("ekv-elastic:", "ekv-static:", "hf-serve:"))]
+    assert len(memory) == 5
+    assert all("chunk 2.0 MiB" in c["figures"] for c in memory)
+
+
+def test_floors_not_met(bench):
+    m = MIB
+    results = {
+        # slower than 2x and a worse TTFT p99; 3 MiB of shared memory and 30 MiB of RSS kept
+        "ekv-elastic": _result(290.0, 1.0, (400 * m, 460 * m, 430 * m), (0, 40 * m, 3 * m)),
+        "ekv-static": _result(305.0, 0.5, (400 * m, 460 * m, 460 * m), (0, 40 * m, 40 * m)),
+        # back within a chunk of where it started
+        "hf-serve": _result(200.0, 0.9, (1500 * m, 1560 * m, 1501 * m), (0, 0, 0), chunk=None),
+    }
+    v = _verdicts(bench, results)
+    assert v[THROUGHPUT] is False
+    assert v[WITHIN] is False  # 290 / 305 = 0.951
+    assert v["ekv-elastic: RssShmem back within one chunk of its pre-load level"] is False
+    assert v["ekv-elastic: VmRSS back within one chunk of its pre-load level"] is False
+    assert v["hf-serve: VmRSS kept after the load (not back within one chunk of its pre-load level)"] is False
+
+
+def test_floors_not_judged_without_growth_or_chunk(bench):
+    m = MIB
+    grew_nothing = {"ekv-elastic": _result(1.0, 0.1, (400 * m, 401 * m, 400 * m), (0, 1 * m, 0))}
+    v = _verdicts(bench, grew_nothing)
+    assert (
+        v[
+            "ekv-elastic: RssShmem back within one chunk of its pre-load level (it did not grow by a chunk: nothing to judge)"
+        ]
+        is None
+    )
+    no_chunk = {"ekv-elastic": _result(1.0, 0.1, (400 * m, 460 * m, 400 * m), (0, 40 * m, 0), chunk=None)}
+    assert set(_verdicts(bench, no_chunk).values()) == {None}
+
+
+def test_same_text_counts_matches_against_the_first_system(bench):
+    def recs(*hashes):
+        return {"records": [{"index": i, "text_sha1": h} for i, h in enumerate(hashes)]}
+
+    results = {"a": recs("x", "y", "z"), "b": recs("x", "q", "z"), "c": recs(None, "y", None)}
+    bench.same_text(results)
+    assert results["a"]["same_text_as_first"] == {"reference": "a", "same": 3, "of": 3}
+    assert results["b"]["same_text_as_first"] == {"reference": "a", "same": 2, "of": 3}
+    # a failed request (no text) never counts as the same
+    assert results["c"]["same_text_as_first"] == {"reference": "a", "same": 1, "of": 3}
