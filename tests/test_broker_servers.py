@@ -64,7 +64,7 @@ def cluster() -> Iterator[tuple[BrokerProcess, dict[str, ServerProcess]]]:
 @pytest.fixture(scope="module")
 def workload() -> tuple[list[list[int]], int]:
     g = torch.Generator().manual_seed(5)
-    # 12 prompts of 300-400 tokens: ~4,300 tokens of KV (4 KiB each), about 17 MiB in all
+    # 12 prompts of 300-400 tokens: ~4,300 tokens of KV (8 KiB each), about 34 MiB in all
     prompts = [
         torch.randint(8, 264, (int(n),), generator=g).tolist() for n in torch.randint(300, 400, (12,), generator=g)
     ]
