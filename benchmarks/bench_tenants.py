@@ -563,7 +563,8 @@ def summarize(load: list[LoadRequest], raw: dict[str, Any]) -> dict[str, Any]:
             "ttft_p99_s": stats.percentile(ttft, 99),
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / (last - first) if last > first else float("nan"),
-            "preemptions": raw["preemptions"].get(name) if name in MODELS else sum(raw["preemptions"].values()),
+            # preemptions are per server: the "hot" row shows the three servers' total
+            "preemptions": raw["preemptions"][name] if name in MODELS else sum(raw["preemptions"].values()),
         }
     return rows
 
@@ -768,7 +769,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "static" in raws and "broker" in raws:
         s = results["systems"]["static"]["summary"]["hot"]
         b = results["systems"]["broker"]["summary"]["hot"]
-        lost = sum(r["sent"] - r["completed"] for r in results["systems"]["broker"]["summary"].values() if r is not b)
+        broker_rows = results["systems"]["broker"]["summary"]
+        lost = sum(broker_rows[m]["sent"] - broker_rows[m]["completed"] for m in MODELS)
         ratio = b["ttft_p99_s"] / s["ttft_p99_s"] if s["ttft_p99_s"] else float("nan")
         results["floor"] = {
             "hot_ttft_p99_static_s": s["ttft_p99_s"],
