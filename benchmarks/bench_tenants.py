@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,13 +53,13 @@ from torch_elastic_kv.bench.traces import (  # noqa: E402
     bundled_trace_path,
     read_trace_csv,
 )
+from torch_elastic_kv.testing.processes import BrokerProcess, ServerProcess, package_env  # noqa: E402
 
 MiB = 1 << 20
 MODELS = ("m0", "m1", "m2")
 SYSTEMS = ("static", "capped", "broker")
 KV_BYTES_PER_TOKEN = 8192  # default model: 4 layers x (K, V) x 4 heads x 64 dims x float32
 VOCAB_LOW, VOCAB_HIGH = 8, 264  # the default tokenizer's byte tokens (ids 0..7 are special)
-_LISTENING = re.compile(r"torch_elastic_kv serve: listening on (http://\S+)")
 _METRIC = re.compile(r"^(ekv_[a-z_]+)(?:\{[^}]*\})? ([-+0-9.eEinfa]+)$")
 
 
@@ -219,107 +218,16 @@ def describe_load(load: list[LoadRequest], shape: LoadShape) -> dict[str, Any]:
 # processes
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-class Server:
-    """``python -m torch_elastic_kv serve --port 0 ...``; ``url`` once it listens; stopped by pid."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch_elastic_kv", "serve", "--port", "0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        self.lines: list[str] = []
-        self.url: Optional[str] = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = _LISTENING.search(line)
-            if m and self.url is None:
-                self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> str:
-        if not self._ready.wait(timeout) or self.url is None:
-            raise RuntimeError(f"server {self.name} did not start:\n" + "".join(self.lines[-30:]))
-        return self.url
-
-    def stop(self, timeout: float = 30.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-class Broker:
-    """``python -m torch_elastic_kv broker``; waits for "listening on" in its log; stopped by pid."""
-
-    def __init__(self, socket_path: Path, budget: int, log_path: Path) -> None:
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch_elastic_kv",
-                "broker",
-                "--device",
-                "cpu",
-                "--budget",
-                str(budget),
-                "--socket",
-                str(socket_path),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-        deadline = time.monotonic() + 30
-        while "listening on" not in log_path.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the broker did not start: {log_path.read_text()}")
-            time.sleep(0.05)
-
-    def top(self) -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-m", "torch_elastic_kv", "top", "--json", "--socket", str(self.socket_path)],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=30,
-        )
-        return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()}
-
-    def stop(self) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+def broker_top(socket_path: Path) -> dict[str, Any]:
+    """``python -m torch_elastic_kv top --json``: the broker's snapshot (or the error it printed)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch_elastic_kv", "top", "--json", "--socket", str(socket_path)],
+        capture_output=True,
+        text=True,
+        env=package_env(),
+        timeout=30,
+    )
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()}
 
 
 def server_args(
@@ -497,13 +405,13 @@ def run_system(
     """Start the system's processes, replay the load, stop them; the raw outcomes and samples."""
     budget = settings.budget
     broker = None
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     try:
         sock = work / f"{system}.sock"
         if system == "broker":
-            broker = Broker(sock, budget, work / "broker.log")
+            broker = BrokerProcess(sock, budget, "--device", "cpu")
         for m in MODELS:
-            servers[m] = Server(m, server_args(system, m, budget, sock if broker else None, settings))
+            servers[m] = ServerProcess(server_args(system, m, budget, sock if broker else None, settings), wait=False)
         urls = {m: s.wait_ready(300) for m, s in servers.items()}
         _warm_up(urls)
         time.sleep(settings.idle_seconds + 1.0)  # the warm-up's memory goes back before the clock starts
@@ -519,7 +427,7 @@ def run_system(
             wall = time.perf_counter() - t0
             time.sleep(min(2.0, settings.sample_seconds * 5))  # a few samples after the last request
         after = {m: parse_metrics(httpx.get(u + "/metrics", timeout=30).text) for m, u in urls.items()}
-        top = broker.top() if broker else None
+        top = broker_top(sock) if broker else None
         return {
             "outcomes": outcomes,
             "samples": sampler.samples,

@@ -4,53 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from serve_helpers import wait_until
 from torch_elastic_kv.broker.protocol import encode, message
+from torch_elastic_kv.testing import processes
 
 MiB = 1 << 20
 
 
-class BrokerProcess:
-    """``python -m torch_elastic_kv broker`` on ``socket_path``; stopped by pid."""
-
-    def __init__(self, socket_path: Path, budget: str = "64M", *extra: str) -> None:
-        self.socket_path = socket_path
-        fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
-        self.log = Path(log)
-        self._log_file = os.fdopen(fd, "w")  # closed in stop() / kill()
-        env = dict(os.environ)
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")  # the package under test
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch_elastic_kv",
-                "broker",
-                "--budget",
-                budget,
-                "--socket",
-                str(socket_path),
-                *extra,
-            ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_until(self._listening, 30.0, what=f"the broker to listen on {socket_path} (log {self.log})")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the broker exited with {self.proc.returncode}: {self.log.read_text()}")
-        return "listening on" in self.log.read_text()
+class BrokerProcess(processes.BrokerProcess):
+    """The broker subprocess, with its status read over the protocol."""
 
     def status(self) -> dict[str, Any]:
         with RawClient(self.socket_path) as c:
@@ -59,22 +24,6 @@ class BrokerProcess:
 
     def tenant(self, name: str) -> dict[str, Any] | None:
         return next((t for t in self.status()["tenants"] if t["name"] == name), None)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log_file.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
-        return self.proc.returncode
 
 
 class RawClient:

@@ -1,86 +1,17 @@
-"""Aids for the server tests: a real server in a subprocess, its metrics, its /proc figures.
-
-``ServerProcess`` starts ``python -m torch_elastic_kv serve --port 0 ...`` (a free loopback
-port, chosen by the kernel and read back from the "listening on" line), keeps reading its
-stderr on a thread (so the pipe never fills) and stops it by its pid.
-"""
+"""Aids for the server tests: a real server in a subprocess (``testing.processes``), its
+metrics, its /proc figures, and a bounded wait."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from typing import Optional
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-_LISTENING = re.compile(r"torch_elastic_kv serve: listening on (http://\S+)")
+from torch_elastic_kv.testing.processes import ServerProcess
 
-
-class ServerProcess:
-    """A server subprocess; ``url`` once it listens, ``lines`` its stderr so far."""
-
-    def __init__(self, args: list[str], env: Optional[dict[str, str]] = None, start_timeout: float = 180.0) -> None:
-        full_env = dict(os.environ)
-        # the package under test, not whatever an editable install points at
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-        full_env["PYTHONPATH"] = src + os.pathsep + full_env.get("PYTHONPATH", "")
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch_elastic_kv", "serve", "--port", "0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=full_env,
-        )
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self.url: Optional[str] = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(start_timeout) or self.url is None:
-            self.kill()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines[-40:]))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = _LISTENING.search(line)
-            if m and self.url is None:
-                self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()  # exited before listening
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait; killed if it does not exit in ``timeout``. Returns the status."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return "".join(self.lines)
+__all__ = ["ServerProcess", "cpu_seconds", "metrics", "rss_shmem", "wait_until"]
 
 
 def metrics(url: str) -> dict[str, float]:
