@@ -214,33 +214,16 @@ def paths_map_range(granules: int, rounds: int) -> list[str]:
     ]
 
 
-class _Demand:
-    """The scheduler and page backend as the memory controller sees them."""
-
-    def __init__(self, pool) -> None:
-        self.pool = pool
-        self.waiting = 0
-        self.running: list = []
-
-    def demand_pages(self, growth) -> tuple[int, int, int]:
-        return self.pool.live_pages, 0, self.waiting
-
-    def preempt_until(self, max_live_pages: int) -> list:
-        return []
-
-    def live_pages(self) -> int:
-        return self.pool.live_pages
-
-
 def _controller(pool, clock=None, pool_lock=None, background=False):
     import threading
 
     from torch_elastic_kv.engine.memory import MemoryController
     from torch_elastic_kv.engine.policy import ElasticPolicy
+    from torch_elastic_kv.testing.standins import PoolDemand
 
     kw = {"clock": clock} if clock is not None else {}
     policy = ElasticPolicy(max_bytes=pool.max_bytes, idle_seconds=1.0, headroom=0.0, **kw)
-    demand = _Demand(pool)
+    demand = PoolDemand(pool)
     ctrl = MemoryController(
         pool,
         policy,

@@ -15,6 +15,7 @@ from torch_elastic_kv.engine.memory import MemoryController
 from torch_elastic_kv.engine.policy import ElasticPolicy
 from torch_elastic_kv.kv.pool import KVPagePool
 from torch_elastic_kv.testing import FakeCuda
+from torch_elastic_kv.testing.standins import PoolDemand
 
 MiB = 1 << 20
 SLOW = 0.5  # seconds per cuMemCreate while a grow is in flight
@@ -140,30 +141,12 @@ def test_close_waits_for_a_grow_in_flight(fake_cuda: FakeCuda) -> None:
     assert fake_cuda.counts() == {"handles": 0, "mappings": 0, "reservations": 0, "events": 0, "used_bytes": 0}
 
 
-class Demand:
-    """The scheduler and page backend as the controller sees them."""
-
-    def __init__(self, pool: KVPagePool) -> None:
-        self.pool = pool
-        self.waiting = 0
-        self.running: list = []
-
-    def demand_pages(self, growth) -> tuple[int, int, int]:
-        return self.pool.live_pages, 0, self.waiting
-
-    def preempt_until(self, max_live_pages: int) -> list:
-        return []
-
-    def live_pages(self) -> int:
-        return self.pool.live_pages
-
-
 def test_the_background_grow_does_not_hold_the_engines_pool_lock(fake_cuda: FakeCuda) -> None:
     with make_pool() as pool:
         per = pool.stats()["pages_per_chunk"]
         pool.reserve_pages(per)
         pool_lock = threading.RLock()
-        demand = Demand(pool)
+        demand = PoolDemand(pool)
         ctrl = MemoryController(
             pool,
             ElasticPolicy(max_bytes=32 * MiB, headroom=0.0),

@@ -15,27 +15,10 @@ from torch_elastic_kv.engine.memory import MemoryController
 from torch_elastic_kv.engine.policy import ElasticPolicy
 from torch_elastic_kv.kv.pool import KVPagePool
 from torch_elastic_kv.testing import FakeCuda, ManualClock
+from torch_elastic_kv.testing.standins import PoolDemand
 
 MiB = 1 << 20
 IDLE = 1.0
-
-
-class Demand:
-    """The scheduler and page backend as the controller sees them: pages held and waiting."""
-
-    def __init__(self, pool: KVPagePool) -> None:
-        self.pool = pool
-        self.waiting = 0
-        self.running: list = []
-
-    def demand_pages(self, growth: Callable) -> tuple[int, int, int]:
-        return self.pool.live_pages, 0, self.waiting
-
-    def preempt_until(self, max_live_pages: int) -> list:
-        return []
-
-    def live_pages(self) -> int:
-        return self.pool.live_pages
 
 
 def make(device: str, pressure: Optional[Callable[[], Optional[int]]] = None):
@@ -44,7 +27,7 @@ def make(device: str, pressure: Optional[Callable[[], Optional[int]]] = None):
     policy = ElasticPolicy(
         max_bytes=64 * MiB, idle_seconds=IDLE, headroom=0.0, clock=clock, pressure=pressure, pressure_interval=0.0
     )
-    demand = Demand(pool)
+    demand = PoolDemand(pool)
     ctrl = MemoryController(
         pool,
         policy,
@@ -57,13 +40,13 @@ def make(device: str, pressure: Optional[Callable[[], Optional[int]]] = None):
     return pool, ctrl, demand, clock
 
 
-def grow(ctrl: MemoryController, demand: Demand, chunks: int) -> None:
+def grow(ctrl: MemoryController, demand: PoolDemand, chunks: int) -> None:
     demand.waiting = chunks * ctrl.chunk_pages
     assert ctrl.tick().action == "grow"
     assert ctrl.pool.resident_bytes == chunks * ctrl.chunk_bytes
 
 
-def idle_shrink(ctrl: MemoryController, demand: Demand, clock: ManualClock) -> None:
+def idle_shrink(ctrl: MemoryController, demand: PoolDemand, clock: ManualClock) -> None:
     demand.waiting = 0
     for _ in range(4):  # the policy's hysteresis: zero demand for idle_seconds
         ctrl.tick()
@@ -119,7 +102,7 @@ def test_a_budget_cut_releases_the_caches_and_a_raise_does_not(fake_cuda: FakeCu
         assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
 
 
-def idle_shrink_again(ctrl: MemoryController, demand: Demand, clock: ManualClock) -> None:
+def idle_shrink_again(ctrl: MemoryController, demand: PoolDemand, clock: ManualClock) -> None:
     demand.waiting = 0
     while ctrl.pool.resident_bytes:
         ctrl.tick()
@@ -151,7 +134,7 @@ def test_on_cpu_every_shrink_releases() -> None:
 def test_release_idle_seconds_is_checked() -> None:
     pool = KVPagePool(2, 2, 64, torch.float16, page_tokens=16, max_bytes=8 * MiB)
     with pool:
-        demand = Demand(pool)
+        demand = PoolDemand(pool)
         with pytest.raises(ValueError, match="release_idle_seconds must be >= 0, got -1"):
             MemoryController(
                 pool,

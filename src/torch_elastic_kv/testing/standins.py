@@ -4,6 +4,8 @@
 ``StandInCache`` is the packed mode of ``ElasticPagedCache`` (a real ``PageTable``; attention
 through a 4-D mask). Both implement the Engine's protocols (``engine.protocols``) in full, so
 tests can pin the Engine's own behaviour independent of the real pool and kernels.
+``PoolDemand`` is the other side: the scheduler and page backend as a ``MemoryController``
+sees them, over a real pool, with a settable number of waiting pages.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from ..kv.page_table import PageTable
 
-__all__ = ["PAGES_PER_CHUNK", "PAGE_TOKENS", "StandInCache", "StandInPool"]
+__all__ = ["PAGES_PER_CHUNK", "PAGE_TOKENS", "PoolDemand", "StandInCache", "StandInPool"]
 
 PAGE_TOKENS = 8  # tokens per page
 PAGES_PER_CHUNK = 4  # pages per chunk
@@ -224,3 +226,22 @@ class StandInCache:
         K = torch.cat(ks).permute(1, 0, 2)[None]
         V = torch.cat(vs).permute(1, 0, 2)[None]
         return K, V
+
+
+class PoolDemand:
+    """The scheduler and page backend of a ``MemoryController`` over a real pool: demand is the
+    pool's live pages plus ``waiting`` pages; nothing runs, nothing is ever preempted."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.waiting = 0
+        self.running: list = []
+
+    def demand_pages(self, growth) -> tuple[int, int, int]:
+        return self.pool.live_pages, 0, self.waiting
+
+    def preempt_until(self, max_live_pages: int) -> list:
+        return []
+
+    def live_pages(self) -> int:
+        return self.pool.live_pages
