@@ -62,6 +62,10 @@ def _bad_args(tmp_path):
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     (no_tokenizer / "config.json").write_text("{}")
+    sock = tmp_path / "broker.sock"  # a socket file, nobody listening: the options are checked first
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.close()
     cases = [
         (["--port", "70000"], "--port"),
         (["--port", "eighty"], "--port"),
@@ -84,6 +88,19 @@ def _bad_args(tmp_path):
         (["--admin-key", "has space"], "--admin-key"),
         (["--host", "no such host.invalid"], "--host"),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--tenant", "a"], "--tenant needs --broker"),
+        (["--priority", "01"], "--priority needs --broker"),
+        (["--guarantee", "4M"], "--guarantee needs --broker"),
+        (["--broker", str(tmp_path / "nobody.sock"), "--tenant", "a"], "no broker socket there"),
+        (["--broker", str(no_config), "--tenant", "a"], "not a socket"),
+        (["--broker", str(sock), "--priority", "1"], "--broker needs --tenant NAME"),
+        (["--broker", str(sock), "--tenant", ""], "--tenant must be 1-64 printable"),
+        (["--broker", str(sock), "--tenant", "a", "--priority", "high"], "--priority must be an integer"),
+        (["--broker", str(sock), "--tenant", "a", "--min-kv-bytes", "8M", "--guarantee", "4M"], "below --min-kv-bytes"),
+        (
+            ["--broker", str(sock), "--tenant", "a", "--max-kv-bytes", "8M", "--guarantee", "16M"],
+            "above --max-kv-bytes",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))

@@ -267,11 +267,12 @@ def _broker_options(
     args: argparse.Namespace, min_kv: int, max_kv: Optional[int]
 ) -> tuple[Optional[str], Optional[str], int, int]:
     """``--broker``, ``--tenant``, ``--priority``, ``--guarantee``, checked together."""
+    priority = int(_number("--priority", args.priority, integer=True, low=-(2**31), high=2**31 - 1))
     if args.broker is None:
         for flag, value in (("--tenant", args.tenant), ("--guarantee", args.guarantee)):
             if value is not None:
                 raise UsageError(f"{flag} needs --broker")
-        if args.priority != "0":
+        if priority != 0:
             raise UsageError("--priority needs --broker")
         return None, None, 0, 0
     try:
@@ -284,7 +285,6 @@ def _broker_options(
         raise UsageError("--broker needs --tenant NAME")
     if not (0 < len(args.tenant) <= 64) or not args.tenant.isprintable():
         raise UsageError(f"--tenant must be 1-64 printable characters, got {args.tenant!r}")
-    priority = int(_number("--priority", args.priority, integer=True, low=-(2**31), high=2**31 - 1))
     guarantee = _size("--guarantee", args.guarantee) if args.guarantee is not None else min_kv
     if guarantee < min_kv:
         raise UsageError(
