@@ -206,6 +206,15 @@ def test_hostile_bodies_get_an_error_reply_then_close(broker: BrokerProcess) -> 
     assert broker.status()["type"] == "status"
 
 
+def test_an_error_reply_survives_a_write_under_way(broker: BrokerProcess) -> None:
+    # the peer is still writing when the broker refuses it: the broker reads and drops the rest
+    # instead of closing on it, so the write completes and the reason can be read
+    with RawClient(broker.socket_path) as bad:
+        bad.send_raw(b"{not json\n" + b"x" * (1 << 20))
+        reply = _error(bad)
+    assert reply["code"] == "bad_json"
+
+
 _TENANT = textwrap.dedent(
     """
     import sys, time

@@ -152,6 +152,11 @@ def _close(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
 class _Connection:
     def __init__(self, writer: asyncio.StreamWriter, pid: int, register_by: float) -> None:
         self.writer = writer
@@ -160,6 +165,7 @@ class _Connection:
         self.last_seen = time.monotonic()
         # while not a tenant: the time by which it must register (or be closed)
         self.register_by = register_by
+        self.failed = False  # an error reply was sent: the connection closes after it
 
 
 class Broker:
@@ -418,13 +424,28 @@ class Broker:
         except ConnectionError:
             return
         finally:
-            self._open.discard(conn)
             if conn.tenant is not None and self._conns.get(conn.tenant) is conn:
                 del self._conns[conn.tenant]
                 self.arbiter.disconnected(conn.tenant)
                 _log.info("broker: tenant %r (pid %d) disconnected", conn.tenant, conn.pid)
                 self._send_plan()
-            writer.close()
+            try:
+                if conn.failed:
+                    await self._linger(reader, writer)
+            finally:
+                self._open.discard(conn)
+                writer.close()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an error reply: send EOF, then read and drop what the peer still sends (for
+        at most ``write_timeout``), so that a write it had under way when the broker refused it
+        does not fail with EPIPE before it has read why."""
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(_discard(reader), self.write_timeout)
+        except (asyncio.TimeoutError, OSError, ValueError):
+            pass
 
     async def _drained(self, conn: _Connection) -> bool:
         """Wait (no longer than ``write_timeout``) until the peer has read enough of its replies
@@ -458,6 +479,7 @@ class Broker:
     def _fail(self, conn: _Connection, code: str, text: str) -> None:
         self._log_failed.log(logging.INFO, "broker: closing connection of pid %d: %s: %s", conn.pid, code, text)
         self._send(conn, message("error", code=code, message=text))
+        conn.failed = True
 
     def _handle(self, conn: _Connection, msg: dict[str, Any]) -> None:
         kind = msg["type"]
