@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch_elastic_kv.broker.protocol import encode, message
 from torch_elastic_kv.testing import processes
@@ -15,7 +20,57 @@ MiB = 1 << 20
 
 
 class BrokerProcess(processes.BrokerProcess):
-    """The broker subprocess, with its status read over the protocol."""
+    """The broker subprocess, with its status read over the protocol, and its descriptors and
+    memory read from /proc. ``limits``: ``{resource.RLIMIT_*: (soft, hard)}`` set in the child
+    before it runs the broker."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        budget: str | int,
+        *extra: str,
+        limits: Optional[dict[int, tuple[int, int]]] = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        if not limits:
+            super().__init__(socket_path, budget, *extra, start_timeout=start_timeout)
+            return
+
+        def apply_limits() -> None:
+            for res, value in limits.items():
+                resource.setrlimit(res, value)
+
+        self.socket_path = Path(socket_path)
+        fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
+        self.log_path = Path(log)
+        with os.fdopen(fd, "w") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torch_elastic_kv", "broker", "--budget", str(budget)]
+                + ["--socket", str(self.socket_path), *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=processes.package_env(),
+                preexec_fn=apply_limits,
+            )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + start_timeout
+        while "listening on" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the broker did not start (status {self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.02)
+
+    def fd_count(self) -> int:
+        """Open file descriptors of the broker process."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def memory(self, field: str = "VmRSS") -> int:
+        """A byte figure of /proc/PID/status: VmRSS (resident now) or VmHWM (peak resident)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
 
     def status(self) -> dict[str, Any]:
         with RawClient(self.socket_path) as c:

@@ -156,6 +156,28 @@ def test_registration_refusals_change_nothing() -> None:
     add(arb, "b", guarantee=40)  # what fits is accepted
 
 
+def test_impossible_holdings_are_refused_and_change_nothing() -> None:
+    arb, _ = make(64)
+    for fields, text in [
+        (dict(max_mib=1, lease=640 * MiB), "lease_bytes 671088640 exceeds the tenant's max_bytes 1048576"),
+        (dict(max_mib=1000, lease=640 * MiB), "lease_bytes 671088640 exceeds the budget 67108864"),
+        (dict(max_mib=4, resident=8 * MiB), "resident_bytes 8388608 exceeds the tenant's max_bytes 4194304"),
+    ]:
+        with pytest.raises(ArbiterError, match=text) as e:
+            add(arb, "hoarder", **fields)
+        assert e.value.code == "bad_value"
+    assert arb.tenants == {} and arb.free_bytes == 64 * MiB
+    add(arb, "late", guarantee=8)
+    assert kinds(arb.plan()) == [("grant", "late", 8)]
+    add(arb, "small", max_mib=3)  # resident may reach the max rounded up to whole chunks
+    arb.report("small", demand=0, resident=4 * MiB, live=4 * MiB, running=1, waiting=0)
+    for field in ("resident", "live"):
+        figures = dict(demand=0, resident=MiB, live=MiB, running=2, waiting=0) | {field: 4 * MiB + 1}
+        with pytest.raises(ArbiterError, match=f"report: {field}_bytes 4194305 exceeds the tenant's max_bytes 3145728"):
+            arb.report("small", **figures)
+    assert arb.tenants["small"].row()["resident_bytes"] == 4 * MiB and arb.tenants["small"].running == 1
+
+
 def test_a_dropped_connection_keeps_the_lease_until_the_process_is_gone() -> None:
     arb, _ = make(100)
     add(arb, "a")

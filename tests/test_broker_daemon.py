@@ -134,6 +134,87 @@ def test_registrations_that_cannot_be_honoured(broker: BrokerProcess) -> None:
         wait_until(lambda: broker.tenant("big") is None, 5, what="big to leave")
 
 
+def test_impossible_holdings_are_refused_and_change_nothing(broker: BrokerProcess) -> None:
+    # the issue's example: a 640 MiB lease on a 1 MiB max, on a 64 MiB budget
+    cases = [
+        (
+            dict(lease_bytes=640 * MiB, max_bytes=1 * MiB),
+            "register: lease_bytes 671088640 exceeds the tenant's max_bytes 1048576",
+        ),
+        (dict(lease_bytes=640 * MiB, max_bytes=1 << 30), "register: lease_bytes 671088640 exceeds the budget 67108864"),
+        (
+            dict(resident_bytes=8 * MiB, max_bytes=4 * MiB),
+            "register: resident_bytes 8388608 exceeds the tenant's max_bytes 4194304",
+        ),
+    ]
+    for fields, text in cases:
+        with RawClient(broker.socket_path) as c:
+            reply = c.register("hoarder", **fields)
+            assert reply == {"v": 1, "type": "error", "code": "bad_value", "message": text}
+            assert c.closed_by_peer()
+        assert broker.status()["tenants"] == [] and broker.status()["free_bytes"] == 64 * MiB
+    with RawClient(broker.socket_path) as late:  # a later tenant's guarantee is granted at once
+        late.register("late", guarantee=8 * MiB)
+        grant = late.recv()
+        assert (grant["type"], grant["lease_bytes"]) == ("grant", 8 * MiB)
+        # a report of holdings above the tenant's own max is refused too, and changes nothing
+        with RawClient(broker.socket_path) as small:
+            small.register("small", max_bytes=4 * MiB)
+            small.send(message("report", demand_bytes=0, resident_bytes=MiB, live_bytes=0, running=1, waiting=0))
+            wait_until(lambda: broker.tenant("small")["resident_bytes"] == MiB, 5, what="the report")
+            small.send(
+                message("report", demand_bytes=MiB, resident_bytes=640 * MiB, live_bytes=0, running=1, waiting=0)
+            )
+            reply = _error(small)
+            assert reply["code"] == "bad_value"
+            assert reply["message"] == "report: resident_bytes 671088640 exceeds the tenant's max_bytes 4194304"
+            wait_until(lambda: broker.tenant("small")["connected"] is False, 5, what="the connection to drop")
+            row = broker.tenant("small")
+            assert (row["resident_bytes"], row["running"], row["lease_bytes"]) == (MiB, 1, 0)
+        with RawClient(broker.socket_path) as small:  # the same process takes it back, and leaves
+            assert small.register("small", max_bytes=4 * MiB)["type"] == "registered"
+            small.send(message("leave", resident_bytes=0))
+            wait_until(lambda: broker.tenant("small") is None, 5, what="small to leave")
+        late.send(message("leave", resident_bytes=0))
+        wait_until(lambda: broker.tenant("late") is None, 5, what="late to leave")
+
+
+def test_hostile_bodies_get_an_error_reply_then_close(broker: BrokerProcess) -> None:
+    cases = [
+        (b'{"v": 1, "type": "status", "x": ' + b"9" * 5000 + b"}\n", "bad_json", "Exceeds the limit (4300 digits)"),
+        (b"[" * 20000 + b"]" * 20000 + b"\n", "bad_json", "not a JSON object: nested too deeply"),
+        (b'{"v": 1.0, "type": "status"}\n', "bad_version", "protocol version 1.0; this broker speaks 1"),
+        (b'{"v": true, "type": "status"}\n', "bad_version", "protocol version True; this broker speaks 1"),
+        (b'{"v": NaN, "type": "status"}\n', "bad_json", "NaN is not a JSON number"),
+        (
+            b'{"v": 1, "type": "leave", "resident_bytes": ' + b"9" * 4000 + b"}\n",
+            "bad_value",
+            "leave: resident_bytes must be within +-(2**63 - 1), got an integer of 4000 digits",
+        ),
+        (
+            b'{"v": 1, "type": "leave", "resident_bytes": 9223372036854775808}\n',
+            "bad_value",
+            "got 9223372036854775808",
+        ),
+    ]
+    for data, code, text in cases:
+        with RawClient(broker.socket_path) as bad:
+            bad.send_raw(data)
+            reply = _error(bad)
+            assert reply["code"] == code, (data[:40], reply)
+            assert text in reply["message"], (data[:40], reply)
+    assert broker.status()["type"] == "status"
+
+
+def test_an_error_reply_survives_a_write_under_way(broker: BrokerProcess) -> None:
+    # the peer is still writing when the broker refuses it: the broker reads and drops the rest
+    # instead of closing on it, so the write completes and the reason can be read
+    with RawClient(broker.socket_path) as bad:
+        bad.send_raw(b"{not json\n" + b"x" * (1 << 20))
+        reply = _error(bad)
+    assert reply["code"] == "bad_json"
+
+
 _TENANT = textwrap.dedent(
     """
     import sys, time
@@ -229,7 +310,19 @@ def test_command_line_errors(sock_dir: Path, broker: BrokerProcess) -> None:
     r = run("broker", "--budget", "1G", "--device", "gpu0", "--socket", str(sock_dir / "x.sock"))
     assert r.returncode == 2 and "--device must be cpu or cuda:N, got 'gpu0'" in r.stderr
     r = run("broker", "--budget", "1G", "--socket", str(broker.socket_path))
-    assert r.returncode == 1 and "another broker already listens on" in r.stderr
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"torch_elastic_kv broker: error: broker: another broker holds {broker.socket_path}.lock (pid {broker.pid})\n"
+    )
+    for flag, value, text in [
+        ("--register-timeout", "0", "--register-timeout must be > 0, got 0.0"),
+        ("--write-timeout", "-1", "--write-timeout must be > 0, got -1.0"),
+        ("--max-connections", "0", "--max-connections must be >= 1, got 0"),
+        ("--max-output-bytes", "1K", f"--max-output-bytes must be at least {MAX_MESSAGE_BYTES} (one message)"),
+        ("--max-output-bytes", "lots", "--max-output-bytes: expected a byte count"),
+    ]:
+        r = run("broker", "--budget", "1G", "--socket", str(sock_dir / "x.sock"), flag, value)
+        assert r.returncode == 2 and text in r.stderr, (flag, value, r.stderr)
     r = run("top", "--json", "--socket", str(sock_dir / "nobody.sock"))
     assert r.returncode == 1 and "no broker at" in r.stderr
     assert not (sock_dir / "x.sock").exists()

@@ -156,12 +156,24 @@ class Arbiter:
 
         ``lease``/``resident``: what a tenant re-registering with a new broker holds; the
         broker counts it as leased (it is memory in use) and reclaims any excess through
-        ``plan()``. Refuses a taken name and a guarantee the budget cannot honour."""
+        ``plan()``. Refuses a taken name, a guarantee the budget cannot honour, and holdings
+        no tenant can have: a lease above the tenant's max or above the whole budget, resident
+        memory above its max. ``max_bytes`` may exceed the budget (a tenant's pool can be
+        larger than its device's share); the budget bounds what it is granted anyway. Nothing
+        changes when it refuses."""
         if chunk <= 0:
             raise ArbiterError("bad_value", f"register: chunk_bytes must be > 0, got {chunk}")
         if guarantee > max_bytes:
             raise ArbiterError(
                 "bad_value", f"register: guarantee_bytes {guarantee} exceeds the tenant's max_bytes {max_bytes}"
+            )
+        if lease > max_bytes:
+            raise ArbiterError("bad_value", f"register: lease_bytes {lease} exceeds the tenant's max_bytes {max_bytes}")
+        if lease > self.budget:
+            raise ArbiterError("bad_value", f"register: lease_bytes {lease} exceeds the budget {self.budget}")
+        if resident > _ceil(max_bytes, chunk):
+            raise ArbiterError(
+                "bad_value", f"register: resident_bytes {resident} exceeds the tenant's max_bytes {max_bytes}"
             )
         old = self.tenants.get(name)
         if old is not None and (old.connected or old.pid != pid):
@@ -181,7 +193,14 @@ class Arbiter:
         return t
 
     def report(self, name: str, *, demand: int, resident: int, live: int, running: int, waiting: int) -> None:
+        """The tenant's figures. Resident and live memory above its max (in whole chunks: its
+        pool grows by chunks) are impossible and refused; demand may exceed anything (it is a
+        wish, capped by the max when targets are set). Nothing changes when it refuses."""
         t = self._get(name)
+        cap = _ceil(t.max_bytes, t.chunk)
+        for field, value in (("resident_bytes", resident), ("live_bytes", live)):
+            if value > cap:
+                raise ArbiterError("bad_value", f"report: {field} {value} exceeds the tenant's max_bytes {t.max_bytes}")
         t.demand, t.resident, t.live, t.running, t.waiting = demand, resident, live, running, waiting
 
     def released(self, name: str, seq: int, lease: int, resident: int) -> None:

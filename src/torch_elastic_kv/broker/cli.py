@@ -11,7 +11,8 @@ import sys
 from typing import Optional
 
 from .._units import parse_size
-from .daemon import Broker
+from .daemon import Broker, default_max_connections
+from .protocol import MAX_MESSAGE_BYTES
 
 __all__ = ["broker_main"]
 
@@ -30,6 +31,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat-timeout", type=float, default=5.0, help="disconnect a tenant silent this long (default 5)"
     )
+    p.add_argument(
+        "--register-timeout",
+        type=float,
+        default=5.0,
+        help="close a connection that has not registered after this many seconds (default 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="refuse new connections beyond this many open ones "
+        f"(default min(1024, soft RLIMIT_NOFILE - 64): {default_max_connections()} here)",
+    )
+    p.add_argument(
+        "--max-output-bytes",
+        default="1M",
+        help=f"drop a peer with more replies than this unread (default 1M, at least {MAX_MESSAGE_BYTES})",
+    )
+    p.add_argument(
+        "--write-timeout",
+        type=float,
+        default=5.0,
+        help="drop a peer that leaves its replies unread this many seconds (default 5)",
+    )
     return p
 
 
@@ -45,9 +70,17 @@ def broker_main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--budget: {e}")
     if budget <= 0:
         p.error(f"--budget must be > 0, got {args.budget!r}")
-    for opt in ("reclaim_seconds", "heartbeat_timeout"):
+    for opt in ("reclaim_seconds", "heartbeat_timeout", "register_timeout", "write_timeout"):
         if not getattr(args, opt) > 0:
             p.error(f"--{opt.replace('_', '-')} must be > 0, got {getattr(args, opt)}")
+    if args.max_connections is not None and args.max_connections < 1:
+        p.error(f"--max-connections must be >= 1, got {args.max_connections}")
+    try:
+        max_output = parse_size(args.max_output_bytes)
+    except ValueError as e:
+        p.error(f"--max-output-bytes: {e}")
+    if max_output < MAX_MESSAGE_BYTES:
+        p.error(f"--max-output-bytes must be at least {MAX_MESSAGE_BYTES} (one message), got {args.max_output_bytes!r}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     broker = Broker(
         budget,
@@ -55,6 +88,10 @@ def broker_main(argv: Optional[list[str]] = None) -> int:
         socket_path=args.socket,
         reclaim_seconds=args.reclaim_seconds,
         heartbeat_timeout=args.heartbeat_timeout,
+        register_timeout=args.register_timeout,
+        max_connections=args.max_connections,
+        max_output_bytes=max_output,
+        write_timeout=args.write_timeout,
     )
 
     async def main() -> None:

@@ -3,8 +3,8 @@
 Every message carries ``"v"`` (the protocol version) and ``"type"``; the fields each type
 takes are listed in ``CLIENT_MESSAGES`` (tenant -> broker) and ``BROKER_MESSAGES`` (broker ->
 tenant), and nothing else is accepted: an unknown type or field, a missing field, a value of
-the wrong type, a negative byte count or a line longer than ``MAX_MESSAGE_BYTES`` is a
-``ProtocolError``. ``docs/BROKER.md`` describes the conversation.
+the wrong type, a negative byte count, an integer of magnitude ``MAX_INT`` or more, a version
+that is not the integer 1, or a line longer than ``MAX_MESSAGE_BYTES`` is a ``ProtocolError``. ``docs/BROKER.md`` describes the conversation.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "BROKER_MESSAGES",
     "CLIENT_MESSAGES",
+    "MAX_INT",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "ProtocolError",
@@ -28,6 +29,9 @@ PROTOCOL_VERSION = 1
 # a status reply lists every tenant; 64 KiB holds a few hundred, and bounds what one peer
 # can make the other buffer
 MAX_MESSAGE_BYTES = 64 * 1024
+# every integer field fits a signed 64-bit word: byte counts, pids and sequence numbers are
+# never larger, and the arithmetic the arbiter does on them stays small
+MAX_INT = 2**63
 
 # field -> (type, required). Byte counts and counts are non-negative ints; priority may be
 # negative (below the default 0).
@@ -96,6 +100,10 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     return data
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _type_ok(value: Any, want: Any) -> bool:
     if want is int:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -109,14 +117,17 @@ def decode(line: bytes, allowed: Mapping[str, _Fields]) -> dict[str, Any]:
     if len(line) > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"message of {len(line)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        msg = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolError("bad_json", "not a JSON object: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int past sys.get_int_max_str_digits()
         raise ProtocolError("bad_json", f"not a JSON object: {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_json", f"not a JSON object: {type(msg).__name__}")
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {version!r}; this broker speaks {PROTOCOL_VERSION}")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true compare equal to 1
+        shown = _short(version) if type(version) is int else repr(version)
+        raise ProtocolError("bad_version", f"protocol version {shown}; this broker speaks {PROTOCOL_VERSION}")
     kind = msg.get("type")
     if kind not in allowed:
         raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected one of {sorted(allowed)}")
@@ -132,8 +143,16 @@ def decode(line: bytes, allowed: Mapping[str, _Fields]) -> dict[str, Any]:
         value = msg[name]
         if not _type_ok(value, want):
             raise ProtocolError("bad_value", f"{kind}: {name} must be {want.__name__}, got {value!r}")
+        if want is int and not -MAX_INT < value < MAX_INT:
+            raise ProtocolError("bad_value", f"{kind}: {name} must be within +-(2**63 - 1), got {_short(value)}")
         if want is int and name not in _SIGNED and value < 0:
             raise ProtocolError("bad_value", f"{kind}: {name} must be >= 0, got {value}")
     if kind == "register" and not (0 < len(msg["name"]) <= 64 and msg["name"].isprintable()):
         raise ProtocolError("bad_value", f"register: name must be 1-64 printable characters, got {msg['name']!r}")
     return msg
+
+
+def _short(value: int) -> str:
+    """An int for an error line: a huge one by its digit count, not its 4,000 digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"an integer of {len(text.lstrip('-'))} digits"
