@@ -55,7 +55,7 @@ def test_a_request_whose_pages_cannot_be_mapped_stays_queued_and_finishes(model,
         assert (s["waiting"], s["running"], s["live_bytes"], s["allocation_failures"]) == (1, 0, 0, 3)
         assert [q.request_id for q in eng.scheduler.waiting] == [rid]
         assert eng.request_info(rid)["status"] == "waiting"
-        assert eng.blocked_requests() == {rid: "memory"}
+        assert eng.blocked_requests() == {rid: ("memory", eng.pool.page_bytes)}  # 5 tokens: one page
         with pytest.raises(MemoryError, match=rf"request {rid} could not be mapped .* the requests stay queued"):
             eng.generate([prompt], 2)  # generate says so instead of spinning; the new one queues too
         device_budget(None)
@@ -99,7 +99,7 @@ def test_six_running_and_one_arriving_under_a_device_cut_lose_nothing(model, dev
         assert eng.request_info(late_rid)["status"] == "waiting" and eng.request_info(late_rid)["output_tokens"] == 0
         assert all(eng.request_info(r)["finish_reason"] is None for r in rids)
         blocked = eng.blocked_requests()
-        assert blocked and set(blocked.values()) == {"memory"}
+        assert blocked and {why for why, _ in blocked.values()} == {"memory"}
         device_budget(None)
         while eng.has_unfinished():
             eng.step()

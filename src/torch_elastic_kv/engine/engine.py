@@ -535,14 +535,16 @@ class Engine:
         (the policy counts the budget in whole chunks, so less holds no page)."""
         return int(self.pool.chunk_bytes)
 
-    def blocked_requests(self) -> dict[int, str]:
-        """Waiting requests that cannot start now however long they wait for others, by why:
-        "budget" (the budget from ``set_budget`` / ``max_bytes`` is below the pages it needs
-        now), "pressure" (only the pressure cap, e.g. a broker's lease, is), "memory" (its
-        pages are within the budget but could not be mapped at the last step). Any thread."""
+    def blocked_requests(self) -> dict[int, tuple[str, int]]:
+        """Waiting requests that cannot start now however long they wait for others:
+        request id -> (why, the KV bytes it needs to start). Why: "budget" (the budget from
+        ``set_budget`` / ``max_bytes`` is below that), "pressure" (only the pressure cap, e.g. a
+        broker's lease, is), "memory" (it is within the budget but its pages could not be mapped
+        at the last step: the host or device is short). Any thread."""
         with self._pool_lock:
             pol = self.policy
             max_pages = self.pool.max_pages
+            page_bytes = self.pool.page_bytes
 
             def pages(nbytes: Optional[int]) -> int:
                 if nbytes is None:
@@ -551,16 +553,17 @@ class Engine:
 
             own = pages(pol.set_budget_bytes)
             effective = pages(pol.budget_bytes)
-            out: dict[int, str] = {}
+            out: dict[int, tuple[str, int]] = {}
             for seq in self.scheduler.waiting:
                 need = ceil_div(seq.num_tokens, self.pool.page_tokens)
                 if need > own:
-                    out[seq.request_id] = "budget"
+                    out[seq.request_id] = ("budget", need * page_bytes)
                 elif need > effective:
-                    out[seq.request_id] = "pressure"
+                    out[seq.request_id] = ("pressure", need * page_bytes)
             for seq in self._short:
-                if not seq.is_finished:
-                    out.setdefault(seq.request_id, "memory")
+                if not seq.is_finished and seq.request_id not in out:
+                    need = ceil_div(seq.num_tokens, self.pool.page_tokens)
+                    out[seq.request_id] = ("memory", need * page_bytes)
             return out
 
     def maintain(self) -> Decision:
