@@ -409,16 +409,19 @@ class EngineService:
         now = self.clock()
         counts: dict[str, int] = {}
         for rid, choice in list(self._active.items()):
+            if choice.finish_reason is not None:
+                continue  # ended above with another choice of its request
             if rid not in blocked:
                 choice.blocked_since = None
                 continue
             why, need = blocked[rid]
-            counts[why] = counts.get(why, 0) + 1
             if choice.blocked_since is None:
                 choice.blocked_since = now
             limit = self.broker_wait_seconds if why == "pressure" else self.budget_wait_seconds
             if now - choice.blocked_since >= limit:
                 self._fail(choice, self._blocked_message(why, need, limit), status=503, code="insufficient_kv_memory")
+            else:
+                counts[why] = counts.get(why, 0) + 1
         self._blocked = counts
 
     def _blocked_message(self, why: str, need: int, limit: float) -> str:
@@ -553,6 +556,7 @@ class EngineService:
                     if c.finish_reason is None:
                         self._cancel_engine(c)
                         self._finished(c, "cancelled")
+                self._check_blocked()  # the counts must not keep a request that is gone
                 result: Any = None
             elif name == "budget":
                 self._set_budget(arg)

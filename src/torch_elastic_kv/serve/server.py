@@ -87,6 +87,7 @@ def build_state(settings: ServeSettings) -> ServerState:
             settings.tenant,
             priority=settings.priority,
             guarantee_bytes=settings.guarantee_bytes,
+            connect_timeout=settings.broker_timeout,
             io_timeout=settings.broker_timeout,
         )
     # A server runs for days: no per-step timeline, and only recent finished requests kept.
