@@ -102,6 +102,7 @@ class BrokerClient:
         self._max_bytes = 0
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._closed = False  # close() is done: a connection the thread makes after it is dropped
         self._last_report: Optional[tuple[int, ...]] = None
         self._last_sent = 0.0
         self.on_grant: Optional[Callable[[], None]] = None  # called after a grant raised the lease
@@ -158,6 +159,12 @@ class BrokerClient:
         thread = self._thread
         if thread is not None:
             thread.join(timeout=self.io_timeout)
+        try:
+            self._leave(thread)
+        finally:
+            self._closed = True
+
+    def _leave(self, thread: Optional[threading.Thread]) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -267,6 +274,13 @@ class BrokerClient:
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            if self._closed:  # close() gave up waiting for this thread: nobody else will close it
+                self._close_socket()
+
+    def _follow(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
             if self._sock is None:
