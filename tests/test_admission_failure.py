@@ -124,3 +124,44 @@ def test_set_budget_refuses_a_budget_that_buys_no_page(model):
         assert eng.stats()["budget_bytes"] == 2 * MiB
     finally:
         eng.close()
+
+
+def test_the_server_ends_a_request_whose_memory_never_comes_with_503(device_budget):
+    """The engine thread's side: a request whose pages cannot be mapped waits, counted in
+    waiting_for_memory, and ends with a 503 after budget_wait_seconds instead of never."""
+    import asyncio
+
+    from torch_elastic_kv.serve.default_model import build_default_model, build_default_tokenizer
+    from torch_elastic_kv.serve.engine_thread import ChoiceSpec, EngineService
+    from torch_elastic_kv.serve.metrics import ServerMetrics
+
+    engine = Engine(build_default_model(), policy=ElasticPolicy(max_bytes=8 * MiB), background=False)
+    service = EngineService(engine, build_default_tokenizer(), ServerMetrics(), 8, budget_wait_seconds=1.0)
+    device_budget(0)
+    service.start()
+    seen = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        sub = service.submit([ChoiceSpec([10, 11, 12], 4, {"temperature": 0.0})], loop)
+        events = []
+        t0 = loop.time()
+        while not sub.done:
+            seen.append(service.stats()["waiting_for_memory"])
+            try:
+                events += await asyncio.wait_for(sub.next_events(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+        return events, loop.time() - t0
+
+    try:
+        events, waited = asyncio.run(run())
+    finally:
+        service.stop()
+    last = events[-1]
+    assert (last.status, last.code, last.retry_after) == (503, "insufficient_kv_memory", 5)
+    assert last.error == (
+        "KV memory for this request (131072 bytes) could not be mapped for 1s (--budget-wait-seconds): "
+        "the host or device is short of memory"
+    )
+    assert 1 in seen and 1.0 <= waited < 30

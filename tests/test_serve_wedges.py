@@ -309,3 +309,27 @@ def test_a_hung_broker_does_not_block_shutdown(tenant):
         broker.signal(signal.SIGCONT)
         for t in threads:
             t.join(60)
+
+
+def test_a_tenant_with_lease_0_and_a_dead_broker_answers_503():
+    d = Path(tempfile.mkdtemp(prefix="ekvw", dir="/tmp"))
+    broker = BrokerProcess(d / "b.sock", "64M")
+    server = None
+    try:
+        args = ["--broker", str(broker.socket_path), "--tenant", "orphan", "--max-kv-bytes", "16M"]
+        server = ServerProcess([*args, "--broker-wait-seconds", "2", "--broker-timeout", "1"])
+        wait_until(lambda: broker.tenant("orphan") is not None, 30, what="the tenant registered")
+        assert broker.tenant("orphan")["lease_bytes"] == 0
+        broker.kill()
+        wait_until(lambda: metrics(server.url).get("ekv_broker_connected") == 0, 30, 0.05, "the broker gone")
+        t0 = time.monotonic()
+        r = complete(server.url, [8 + b for b in b"hello?"], 8, timeout=60)
+        took = time.monotonic() - t0
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "no grant came within 2s (--broker-wait-seconds)" in r.json()["error"]["message"]
+        assert 2 <= took < 30
+        assert metrics(server.url)["ekv_kv_lease_bytes"] == 0
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.log()[-3000:]
+        broker.kill()
