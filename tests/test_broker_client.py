@@ -227,3 +227,52 @@ def test_a_grant_in_the_same_read_as_the_registration_is_applied(model, sock_dir
         for c in conns:
             c.close()
         server.close()
+
+
+def test_a_broker_that_stops_reading_neither_blocks_the_tenant_nor_its_close(model, sock_dir):
+    # Issue 21, item 4: a hung broker (here: it answers the registration, grants, then never
+    # reads again) used to block the client's reports, then close()'s leave, on a full socket
+    # buffer forever. A send now times out after io_timeout: the broker counts as lost, the lease
+    # stays, and close() returns within a few io_timeouts.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_dir / "hung.sock"))
+    server.listen(1)
+    conns: list[socket.socket] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conns.append(conn)
+        buf = b""
+        while b"\n" not in buf:
+            buf += conn.recv(65536)
+        # a heartbeat that is always due: the client reports every report_seconds
+        conn.sendall(
+            encode(message("registered", lease_bytes=0, budget_bytes=64 * MiB, heartbeat_seconds=0.0001))
+            + encode(message("grant", seq=1, lease_bytes=6 * MiB))
+        )
+
+    th = threading.Thread(target=answer)
+    th.start()
+    client = BrokerClient(
+        sock_dir / "hung.sock",
+        "stuck",
+        guarantee_bytes=4 * MiB,
+        report_seconds=0.002,
+        connect_timeout=0.5,
+        io_timeout=0.5,
+    )
+    eng = Engine(model, policy=_policy(), broker=client)
+    try:
+        th.join(timeout=10)
+        wait_until(lambda: client.stats()["reconnects"] == 0 and not client.connected, 60, 0.05, "a send timing out")
+        assert "timed out" in client.stats()["last_error"]
+        assert client.lease_bytes == 6 * MiB and eng.stats()["broker_lease_bytes"] == 6 * MiB  # the lease is kept
+        assert eng.generate([[5, 6, 7]], 4)[0]  # and served within
+    finally:
+        t0 = time.monotonic()
+        eng.close()
+        closed_in = time.monotonic() - t0
+        for c in conns:
+            c.close()
+        server.close()
+    assert closed_in < 5.0

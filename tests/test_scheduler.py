@@ -22,6 +22,7 @@ class CountingBackend:
         self.swapped: dict[int, int] = {}
         self.swap_outs = 0
         self.swap_ins = 0
+        self.fail_maps = False  # a map fails although the budget has room (host or device short)
 
     def free_pages(self) -> int:
         return self.budget - self.live_pages()
@@ -34,7 +35,7 @@ class CountingBackend:
 
     def ensure(self, seq, total_tokens) -> None:
         need = -(-total_tokens // PT) - self.held_pages(seq)
-        if need > self.free_pages():
+        if need > self.free_pages() or (need > 0 and self.fail_maps):
             raise MemoryError(f"need {need} free {self.free_pages()}")
         if need > 0:
             self.held[seq.request_id] = self.held_pages(seq) + need
@@ -49,11 +50,12 @@ class CountingBackend:
         self.swapped[seq.request_id] = self.held.pop(seq.request_id)
         self.swap_outs += 1
 
-    def swap_in(self, seq) -> None:
-        n = self.swapped[seq.request_id]
-        if n > self.free_pages():
+    def swap_in(self, seq, total_tokens) -> None:
+        n = max(self.swapped[seq.request_id], -(-total_tokens // PT))
+        if n > self.free_pages() or self.fail_maps:
             raise MemoryError("swap in")
-        self.held[seq.request_id] = self.swapped.pop(seq.request_id)
+        self.swapped.pop(seq.request_id)
+        self.held[seq.request_id] = n
         self.swap_ins += 1
 
     def drop_swap(self, seq) -> None:
@@ -247,6 +249,31 @@ def test_cancel_frees_wherever_the_request_is():
     s.cancel(b, 2.0)
     assert a.status is RequestStatus.CANCELLED and b.status is RequestStatus.CANCELLED
     assert be.swapped == {} and set(be.held) == {c.request_id}
+
+
+def test_a_failed_map_leaves_requests_where_they_were():
+    be = CountingBackend(100, swap_pages=100)
+    s = Scheduler(be, max_batch_tokens=64)
+    a, b = seq(6, max_new=20), seq(5)
+    s.add(a)
+    run_step(s)
+    s.preempt(a)  # swapped out: 2 pages in the swap space
+    s.add(b)
+    be.fail_maps = True
+    batch = s.schedule()
+    assert not batch and batch.short == [a] and batch.memory_error == "swap in"
+    assert s.waiting == [a, b] and s.running == []  # nobody left the queue
+    assert a.status is RequestStatus.SWAPPED and be.swapped == {a.request_id: 2} and be.live_pages() == 0
+    be.fail_maps = False
+    _, produced, _ = run_step(s)
+    assert s.waiting == [] and sorted(r for r, _ in produced) == [a.request_id, b.request_id]
+    assert be.held_pages(a) == 2 and be.held_pages(b) == 2
+    be.fail_maps = True
+    batch, produced, _ = run_step(s)  # both still fit in their pages
+    assert not batch.short and len(produced) == 2
+    batch, produced, _ = run_step(s)  # a's 9th token needs a third page: it sits the step out
+    assert batch.short == [a] and [r for r, _ in produced] == [b.request_id]
+    assert s.running == [a, b] and a.num_computed == 8 and be.held_pages(a) == 2
 
 
 def test_demand_counts_held_growth_and_waiting():

@@ -240,9 +240,9 @@ def test_stalled_until_the_budget_returns(model):
 
 
 # ---------------------------------------------------------------------------- engine thread -
-def _service(model, tokenizer, **kw):
+def _service(model, tokenizer, max_waiting=64, **kw):
     engine = Engine(model, policy=ElasticPolicy(max_bytes=16 << 20), background=False)
-    return EngineService(engine, tokenizer, ServerMetrics(), max_waiting=kw.get("max_waiting", 64))
+    return EngineService(engine, tokenizer, ServerMetrics(), max_waiting=max_waiting, **kw)
 
 
 async def _drain(sub):
@@ -291,34 +291,50 @@ def test_a_failure_in_one_request_fails_it_alone(model, tokenizer):
     assert stats["cancelled"] == 2 and stats["finished"] == 1 and stats["running"] == 0
 
 
-def test_a_failed_step_fails_the_requests_in_it_and_the_next_ones_run(model, tokenizer):
-    service = _service(model, tokenizer)
+def test_a_failed_step_loses_no_request_and_steps_that_keep_failing_end_them(model, tokenizer):
+    """Issue 21, item 1: one failing step used to fail every active request. The Engine keeps
+    them where they were, so they go on (tokens equal to a calm run); a request the failed
+    step had finished inside the Engine still gets its tokens; only steps failing for
+    budget_wait_seconds in a row end requests, with a 500."""
+    ids = [tokenizer.encode("after the failure"), tokenizer.encode("finished in the failing step")]
+    with Engine(model, policy=ElasticPolicy(max_bytes=16 << 20)) as ref:
+        want = ref.generate(ids, [5, 1])
+    service = _service(model, tokenizer, budget_wait_seconds=1.0)
     engine = service.engine
     real_step = engine.step
-    calls = {"n": 0}
+    calls = {"n": 0, "fail": {1, 2}}
 
     def failing_step():
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["fail"] == "always":
+            raise RuntimeError("forward exploded for good")
+        if calls["n"] in calls["fail"]:
+            real_step()  # the Engine ran the step (and finished a request) before it raised
             raise RuntimeError("forward exploded")
         return real_step()
 
     engine.step = failing_step
     service.start()
-    ids = tokenizer.encode("after the failure")
 
     async def run():
         loop = asyncio.get_running_loop()
-        first = await _drain(service.submit([ChoiceSpec(ids, 5, {"temperature": 0.0})], loop))
-        second = await _drain(service.submit([ChoiceSpec(ids, 5, {"temperature": 0.0})], loop))
-        return first, second
+        subs = [service.submit([ChoiceSpec(p, n, {"temperature": 0.0})], loop) for p, n in zip(ids, [5, 1])]
+        calm = [await _drain(sub) for sub in subs]
+        calls["fail"] = "always"
+        t0 = loop.time()
+        failed = await _drain(service.submit([ChoiceSpec(ids[0], 5, {"temperature": 0.0})], loop))
+        return calm, failed, loop.time() - t0
 
     try:
-        first, second = asyncio.run(run())
+        calm, failed, waited = asyncio.run(run())
     finally:
         service.stop()
-    assert first[-1].error == "the engine failed: RuntimeError: forward exploded"
-    assert len([t for e in second for t in e.token_ids]) == 5 and second[-1].finish_reason == "length"
+    assert [[t for e in events for t in e.token_ids] for events in calm] == want
+    assert [events[-1].finish_reason for events in calm] == ["length", "length"]
+    assert not any(e.error for events in calm for e in events)
+    assert failed[-1].status == 500 and failed[-1].error.startswith("the engine failed: every step for ")
+    assert failed[-1].error.endswith("RuntimeError: forward exploded for good")
+    assert 1.0 <= waited < 30
 
 
 def test_submit_checks_every_choice_first_and_bounds_the_queue(model, tokenizer):

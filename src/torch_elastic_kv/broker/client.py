@@ -6,6 +6,11 @@ thread reports the Engine's demand and residency to the broker, applies grants a
 reclaims, and confirms a reclaim only once the Engine's resident bytes are down to the new
 lease. If the broker goes away the lease stays as it was (the tenant keeps serving, but
 cannot grow) and the thread reconnects with backoff, re-registering what it holds.
+
+Every exchange with the broker is bounded in time: a send that cannot finish within
+``io_timeout`` (a hung broker that no longer reads fills the socket buffer) counts as a lost
+broker (the lease is kept, the thread reconnects), and ``close`` gives up on a hung broker after
+that long too, so a tenant's shutdown never waits on the broker.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class BrokerClient:
             registration whose guarantee does not fit its budget. At least the Engine's
             ``ElasticPolicy(min_bytes=)``.
         report_seconds: how often demand is reported and the lease is applied.
+        connect_timeout: seconds to connect and register.
+        io_timeout: seconds any later send to the broker may take (and ``close`` may wait for
+            the thread and for its ``leave``) before the broker counts as lost.
 
     Hand it to the Engine (``Engine(model, policy=..., broker=client)``), which calls
     ``attach``; ``close()`` (the Engine's ``close`` calls it) leaves the broker.
@@ -58,6 +66,7 @@ class BrokerClient:
         report_seconds: float = 0.05,
         connect_timeout: float = 5.0,
         max_backoff_seconds: float = 2.0,
+        io_timeout: float = 5.0,
     ) -> None:
         if not isinstance(name, str) or not (0 < len(name) <= 64) or not name.isprintable():
             raise ValueError(f"BrokerClient: name must be 1-64 printable characters, got {name!r}")
@@ -66,8 +75,13 @@ class BrokerClient:
                 raise ValueError(f"BrokerClient: {what} must be an int, got {v!r}")
         if guarantee_bytes < 0:
             raise ValueError(f"BrokerClient: guarantee_bytes must be >= 0, got {guarantee_bytes}")
-        if not report_seconds > 0:
-            raise ValueError(f"BrokerClient: report_seconds must be > 0, got {report_seconds!r}")
+        for what, t in (
+            ("report_seconds", report_seconds),
+            ("connect_timeout", connect_timeout),
+            ("io_timeout", io_timeout),
+        ):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+                raise ValueError(f"BrokerClient: {what} must be a number > 0, got {t!r}")
         self.socket_path = Path(socket_path)
         self.name = name
         self.priority = priority
@@ -75,6 +89,8 @@ class BrokerClient:
         self.report_seconds = float(report_seconds)
         self.connect_timeout = float(connect_timeout)
         self.max_backoff_seconds = float(max_backoff_seconds)
+        self.io_timeout = float(io_timeout)
+        self._last_message: Optional[float] = None  # time.monotonic() of the broker's last message
         self._lock = threading.Lock()
         self._lease = 0
         self._reclaim: Optional[tuple[int, int]] = None  # (seq, lease asked for)
@@ -86,6 +102,7 @@ class BrokerClient:
         self._max_bytes = 0
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._closed = False  # close() is done: a connection the thread makes after it is dropped
         self._last_report: Optional[tuple[int, ...]] = None
         self._last_sent = 0.0
         self.on_grant: Optional[Callable[[], None]] = None  # called after a grant raised the lease
@@ -136,25 +153,50 @@ class BrokerClient:
         self._thread.start()
 
     def close(self) -> None:
-        """Leave the broker (the Engine has given its memory back) and stop the thread."""
+        """Leave the broker (the Engine has given its memory back) and stop the thread; within
+        about ``io_timeout`` per step whatever the broker does (the ``leave`` is best-effort)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=self.io_timeout)
+        try:
+            self._leave(thread)
+        finally:
+            self._closed = True
+
+    def _leave(self, thread: Optional[threading.Thread]) -> None:
         sock = self._sock
-        if sock is not None:
+        if sock is None:
+            return
+        if thread is not None and thread.is_alive():
+            # the thread is stuck in an exchange with a hung broker: wake it, skip the leave
             try:
-                resident = int(self._stats().get("resident_bytes", 0) or 0)
-                sock.sendall(encode(message("leave", resident_bytes=resident)))
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            _log.warning(
+                "broker: %r left without a goodbye: the broker did not answer in %gs", self.name, self.io_timeout
+            )
             self._close_socket()
+            return
+        try:
+            resident = int(self._stats().get("resident_bytes", 0) or 0)
+            sock.sendall(encode(message("leave", resident_bytes=resident)))  # bounded by io_timeout
+        except OSError as e:
+            _log.warning("broker: %r could not say goodbye (%s); the broker sees the process end", self.name, e)
+        self._close_socket()
 
     def stats(self) -> dict[str, Any]:
+        """lease_bytes, reclaiming_to, connected, seconds_since_message (since the broker's
+        last message: registered, grant, reclaim; None before any), reconnects, grants,
+        reclaims, last_error."""
+        last = self._last_message
         with self._lock:
             return {
                 "lease_bytes": self._lease,
                 "reclaiming_to": None if self._reclaim is None else self._reclaim[1],
                 "connected": self._sock is not None,
+                "seconds_since_message": None if last is None else time.monotonic() - last,
                 "reconnects": self.reconnects,
                 "grants": self.grants,
                 "reclaims": self.reclaims,
@@ -199,7 +241,9 @@ class BrokerClient:
             self._lease = reply["lease_bytes"]
             self._reclaim = None
         self._heartbeat = float(reply["heartbeat_seconds"])
-        sock.settimeout(None)
+        self._last_message = time.monotonic()
+        # every later send is bounded: a broker that stops reading must not block the thread
+        sock.settimeout(self.io_timeout)
         self._sock = sock
         self._last_report = None
         _log.info("broker: %r registered at %s, lease %d bytes", self.name, self.socket_path, self._lease)
@@ -214,7 +258,9 @@ class BrokerClient:
 
     def _next_message(self) -> dict[str, Any]:
         line, self._buf = self._buf.split(b"\n", 1)
-        return decode(line + b"\n", BROKER_MESSAGES)
+        msg = decode(line + b"\n", BROKER_MESSAGES)
+        self._last_message = time.monotonic()
+        return msg
 
     def _read_one(self, sock: socket.socket) -> dict[str, Any]:
         while b"\n" not in self._buf:
@@ -228,6 +274,13 @@ class BrokerClient:
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            if self._closed:  # close() gave up waiting for this thread: nobody else will close it
+                self._close_socket()
+
+    def _follow(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
             if self._sock is None:

@@ -77,7 +77,10 @@ class _CacheBackend:
     def ensure(self, seq: Request, total_tokens: int) -> None:
         if ceil_div(total_tokens, self.page_tokens) <= self.table.page_count(seq.request_id):
             return
-        self.cache.ensure_capacity(seq.request_id, total_tokens)
+        try:
+            self.cache.ensure_capacity(seq.request_id, total_tokens)
+        except torch.OutOfMemoryError as exc:  # the scheduler is torch-free: one exception type
+            raise MemoryError(str(exc)) from exc
 
     def release(self, seq: Request) -> None:
         if seq.request_id in self.table:  # else it was never given pages
@@ -92,11 +95,15 @@ class _CacheBackend:
         self.swap.put(seq.request_id, data, ntokens, len(pages))
         self.pool.free(pages)
 
-    def swap_in(self, seq: Request) -> None:
+    def swap_in(self, seq: Request, total_tokens: int) -> None:
         data, ntokens, npages = self.swap.peek(seq.request_id)
-        pages = self.pool.alloc(npages)  # MemoryError: nothing changed
         try:
-            self.pool.write_pages(pages, data)
+            # its swapped pages and those it grows by, in one allocation: all or nothing
+            pages = self.pool.alloc(max(npages, ceil_div(total_tokens, self.page_tokens)))
+        except torch.OutOfMemoryError as exc:
+            raise MemoryError(str(exc)) from exc
+        try:
+            self.pool.write_pages(pages[:npages], data)
             self.cache.attach_request(seq.request_id, pages, ntokens)
         except BaseException:
             self.pool.free(pages)
@@ -248,6 +255,9 @@ class Engine:
         self._tokens_out = 0
         self._tokens_in = 0
         self._stalled = False
+        self._short: list[Request] = []  # the last step's requests whose pages could not be mapped
+        self._memory_error: Optional[str] = None  # and why
+        self._allocation_failures = 0
         self._pool_closed = False
         self._closed = False
         self._final_stats: Optional[dict] = None  # what stats() answers once closed
@@ -426,7 +436,9 @@ class Engine:
     def stalled(self) -> bool:
         """True when the last step ran nothing although requests wait: the first of them needs
         more KV pages than the budget lets it have, and stepping again changes nothing until
-        the budget rises (``set_budget``, the pressure hook) or requests are cancelled."""
+        the budget rises (``set_budget``, the pressure hook) or requests are cancelled; or the
+        pages it needs could not be mapped (the host or device is short of memory), and
+        stepping again helps once memory comes back."""
         return self._stalled
 
     def has_unfinished(self) -> bool:
@@ -452,6 +464,7 @@ class Engine:
             preempted = self.memory.before_step()
             with self._pool_lock:
                 batch = self.scheduler.schedule()
+            self._note_short(batch)
             produced: list[tuple[int, int]] = []
             if batch:
                 sampled = self.runner.run(batch)
@@ -464,11 +477,28 @@ class Engine:
                 self._steps += 1
                 self._tokens_in += batch.num_tokens
                 self._tokens_out += len(produced)
-            self._stalled = not batch and bool(self.scheduler.waiting) and not self.scheduler.running
+            waits = bool(self.scheduler.waiting) and not self.scheduler.running
+            self._stalled = not batch and (waits or bool(batch.short))
             self.memory.after_step()
             if self.timeline is not None:
                 self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
             return produced
+
+    def _note_short(self, batch: Batch) -> None:
+        """Remember which requests a failed map held back (they wait, unchanged); log the
+        first failure of a run of them and the recovery, not every step."""
+        if batch.short:
+            self._allocation_failures += 1
+            if not self._short:
+                _log.warning(
+                    "KV memory could not be mapped for %d request(s); they wait unchanged: %s",
+                    len(batch.short),
+                    batch.memory_error,
+                )
+            self._memory_error = batch.memory_error
+        elif self._short:
+            _log.info("KV memory can be mapped again; the requests held back go on")
+        self._short = list(batch.short)
 
     def _drain_inbox(self) -> None:
         with self._inbox_lock:
@@ -483,13 +513,58 @@ class Engine:
         """Change the KV byte budget now; ``None`` restores the policy's ``max_bytes``.
 
         Below what is live, requests are preempted (latest-arrived first): swapped to host
-        memory while ``swap_bytes`` allows, else dropped and recomputed later.
+        memory while ``swap_bytes`` allows, else dropped and recomputed later. ``0`` holds
+        nothing (requests queue until the budget rises); a budget between 0 and
+        ``min_budget_bytes`` buys no page and is refused (ValueError, nothing changes).
         """
         self._require_open("set_budget")
+        floor = self.min_budget_bytes
+        if is_int(nbytes) and 0 < nbytes < floor:
+            raise ValueError(
+                f"set_budget: {nbytes} bytes is below one KV chunk ({floor} bytes), the smallest budget "
+                "that holds a page; use 0 to hold nothing"
+            )
         with self._step_lock:
             preempted = self.memory.set_budget(nbytes)
             if self.timeline is not None:
                 self._record(Batch(), preempted, 0.0)
+
+    @property
+    def min_budget_bytes(self) -> int:
+        """The smallest budget other than 0 that ``set_budget`` accepts: one chunk of the pool
+        (the policy counts the budget in whole chunks, so less holds no page)."""
+        return int(self.pool.chunk_bytes)
+
+    def blocked_requests(self) -> dict[int, tuple[str, int]]:
+        """Waiting requests that cannot start now however long they wait for others:
+        request id -> (why, the KV bytes it needs to start). Why: "budget" (the budget from
+        ``set_budget`` / ``max_bytes`` is below that), "pressure" (only the pressure cap, e.g. a
+        broker's lease, is), "memory" (it is within the budget but its pages could not be mapped
+        at the last step: the host or device is short). Any thread."""
+        with self._pool_lock:
+            pol = self.policy
+            max_pages = self.pool.max_pages
+            page_bytes = self.pool.page_bytes
+
+            def pages(nbytes: Optional[int]) -> int:
+                if nbytes is None:
+                    return max_pages
+                return min(max_pages, pol.bytes_to_pages(max(nbytes, pol.min_bytes)))
+
+            own = pages(pol.set_budget_bytes)
+            effective = pages(pol.budget_bytes)
+            out: dict[int, tuple[str, int]] = {}
+            for seq in self.scheduler.waiting:
+                need = ceil_div(seq.num_tokens, self.pool.page_tokens)
+                if need > own:
+                    out[seq.request_id] = ("budget", need * page_bytes)
+                elif need > effective:
+                    out[seq.request_id] = ("pressure", need * page_bytes)
+            for seq in self._short:
+                if not seq.is_finished and seq.request_id not in out:
+                    need = ceil_div(seq.num_tokens, self.pool.page_tokens)
+                    out[seq.request_id] = ("memory", need * page_bytes)
+            return out
 
     def maintain(self) -> Decision:
         """Run one policy tick without a step (what the background thread does when idle)."""
@@ -544,6 +619,11 @@ class Engine:
     def _raise_if_stalled(self) -> None:
         if not self._stalled:
             return
+        if self._short:
+            raise MemoryError(
+                f"Engine stalled: KV memory for request {self._short[0].request_id} could not be mapped "
+                f"({self._memory_error}); the requests stay queued, unchanged: step again once memory is back"
+            )
         if self.policy.pressure is not None:
             time.sleep(min(0.05, self.policy.pressure_interval))  # the hook may lift the cap
             return
@@ -571,7 +651,8 @@ class Engine:
         layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
         steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
         in the step); background_errors / background_last_error (failures of the background
-        memory thread, which keeps running); swap_* from the swap space. A closed Engine answers with the figures it
+        memory thread, which keeps running); allocation_failures (steps in which KV pages within
+        the budget could not be mapped: those requests waited, unchanged); swap_* from the swap space. A closed Engine answers with the figures it
         had when it closed (memory it gave back counted as gone) and ``closed: True``.
         """
         if self._final_stats is not None:
@@ -610,6 +691,7 @@ class Engine:
             "tokens_forwarded": self._tokens_in,
             "tokens_generated": self._tokens_out,
             "prepacked_layers": 0 if self._packed is None else self._packed.count,
+            "allocation_failures": self._allocation_failures,
         }
         out.update(self.swap.stats())
         return out

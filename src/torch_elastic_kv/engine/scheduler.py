@@ -12,6 +12,11 @@ Each step, under ``max_batch_tokens``:
    headroom reserve can be had within the budget; a new request's prompt pages are taken at
    admission, so its later prefill chunks never run out of pages.
 
+A request leaves the waiting queue only once its pages are in hand: when a map fails although
+the budget has room (host memory short, a device out of memory), the request stays at the
+head of the queue exactly as it was, a running request sits the step out, and nothing more is
+admitted that step (``Batch.short``); it runs, unchanged, once memory comes back.
+
 When a running request needs a page and none is free, the latest-arrived running request is
 preempted: its KV is swapped to host memory when the swap space has room, else its pages are
 dropped and its prompt plus the tokens it produced are recomputed when it is readmitted.
@@ -36,8 +41,11 @@ __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
 class PageBackend(Protocol):
     """What the scheduler needs from page storage. Counts are in pages.
 
-    ``ensure`` and ``swap_in`` raise ``MemoryError`` and change nothing when pages are short;
-    the scheduler checks ``free_pages`` first so that this is not its control flow.
+    ``ensure`` and ``swap_in`` raise ``MemoryError`` and change nothing when pages cannot be
+    had; the scheduler checks ``free_pages`` first, so this happens only when a map fails
+    although the budget has room (the host or the device is short of memory). ``swap_in``
+    gives the request pages for ``total_tokens`` (its swapped pages and any it grows by), all
+    or nothing.
     """
 
     page_tokens: int
@@ -49,7 +57,7 @@ class PageBackend(Protocol):
     def release(self, seq: Request) -> None: ...
     def can_swap_out(self, seq: Request) -> bool: ...
     def swap_out(self, seq: Request) -> None: ...
-    def swap_in(self, seq: Request) -> None: ...
+    def swap_in(self, seq: Request, total_tokens: int) -> None: ...
     def drop_swap(self, seq: Request) -> None: ...
 
 
@@ -69,11 +77,16 @@ class Chunk:
 
 @dataclass
 class Batch:
-    """One step's work: the chunks to run and the preemptions made to fit them."""
+    """One step's work: the chunks to run and the preemptions made to fit them.
+
+    ``short``: requests whose pages could not be mapped this step (they wait, unchanged);
+    ``memory_error``: the last such failure's message."""
 
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[tuple[Request, str]] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
+    short: list[Request] = field(default_factory=list)
+    memory_error: Optional[str] = None
 
     @property
     def num_tokens(self) -> int:
@@ -205,7 +218,13 @@ class Scheduler:
             if need > 0:
                 if not make_room(seq, need):
                     continue
-                self.backend.ensure(seq, seq.num_computed + n)
+                try:
+                    self.backend.ensure(seq, seq.num_computed + n)
+                except MemoryError as exc:
+                    # within the budget but not mappable now: it sits this step out, unchanged
+                    batch.short.append(seq)
+                    batch.memory_error = str(exc)
+                    continue
             chunk = Chunk(seq, seq.num_computed, n)
             batch.chunks.append(chunk)
             scheduled[seq.request_id] = chunk
@@ -214,7 +233,7 @@ class Scheduler:
         # admission, oldest first; stop at the first that does not fit so that a large
         # request is not overtaken forever by small ones
         held = sum(self.backend.held_pages(s) for s in self.running) if self.waiting else 0
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and not batch.short:
             if self.max_running is not None and len(self.running) >= self.max_running:
                 break
             seq = self.waiting[0]
@@ -224,10 +243,17 @@ class Scheduler:
             reserve = math.ceil(self.headroom * held) if self.running else 0
             if self.backend.free_pages() < need + reserve:
                 break
+            try:
+                if seq.status is RequestStatus.SWAPPED:
+                    self.backend.swap_in(seq, seq.num_tokens)
+                else:
+                    self.backend.ensure(seq, seq.num_tokens)
+            except MemoryError as exc:
+                # the pages could not be mapped: it stays first in the queue, as it was
+                batch.short.append(seq)
+                batch.memory_error = str(exc)
+                break
             self.waiting.pop(0)
-            if seq.status is RequestStatus.SWAPPED:
-                self.backend.swap_in(seq)
-            self.backend.ensure(seq, seq.num_tokens)
             held += self.backend.held_pages(seq)
             seq.status = RequestStatus.RUNNING
             self._insert_running(seq)

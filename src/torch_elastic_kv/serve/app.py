@@ -199,11 +199,18 @@ async def _wait_or_disconnect(request: Request, state: ServerState, sub: Submiss
     return collect.result() if collect.done() and not collect.cancelled() else None
 
 
+def _failure(e: ChoiceEvent) -> APIError:
+    """The error a failed choice is answered with (a 503 for want of memory says when to retry)."""
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    prefix = "the request failed in the server" if e.status == 500 else "the request could not be served"
+    return APIError(e.status, f"{prefix}: {e.error}", code=e.code, headers=headers)
+
+
 def _raise_if_failed(per_choice: list[list[ChoiceEvent]]) -> None:
     for events in per_choice:
         for e in events:
             if e.error is not None:
-                raise APIError(500, f"the request failed in the server: {e.error}", code="internal_error")
+                raise _failure(e)
 
 
 def _sse(data: Any) -> str:
@@ -382,8 +389,7 @@ def _stream(
             while not sub.done:
                 for e in await sub.next_events():
                     if e.error is not None:
-                        body = error_body(f"the request failed in the server: {e.error}", 500, None, "internal_error")
-                        yield _sse(body)
+                        yield _sse(_failure(e).body())
                         yield "data: [DONE]\n\n"
                         return
                     completion_tokens += len(e.token_ids)

@@ -65,6 +65,9 @@ class ServeSettings:
     tenant: Optional[str] = None
     priority: int = 0
     guarantee_bytes: int = 0
+    budget_wait_seconds: float = 30.0
+    broker_wait_seconds: float = 10.0
+    broker_timeout: float = 5.0
 
 
 def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -111,6 +114,13 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", default="10", help="on SIGTERM/SIGINT, how long requests may finish (default 10)")
     p.add_argument("--max-batch-tokens", default="2048", help="most tokens in one Engine step (default 2048)")
     p.add_argument("--max-body-bytes", metavar="SIZE", default="4M", help="largest request body (default 4M)")
+    p.add_argument(
+        "--budget-wait-seconds",
+        metavar="S",
+        default="30",
+        help="a request that cannot run under the KV budget (or whose KV memory cannot be mapped) ends "
+        "with 503 after waiting this long, unless the server sleeps (default 30)",
+    )
     p.add_argument("--seed", default="0", help="seed of the default model's random weights (default 0)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
@@ -125,6 +135,19 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="SIZE",
         default=None,
         help="KV bytes the broker always leaves this server (default: --min-kv-bytes)",
+    )
+    p.add_argument(
+        "--broker-wait-seconds",
+        metavar="S",
+        default="10",
+        help="a request that needs more than the broker's lease ends with 503 + Retry-After if no grant "
+        "comes within this long (default 10)",
+    )
+    p.add_argument(
+        "--broker-timeout",
+        metavar="S",
+        default="5",
+        help="seconds any exchange with the broker may take before it counts as lost (default 5)",
     )
     return p
 
@@ -228,6 +251,9 @@ def resolve(argv: list[str]) -> ServeSettings:
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
     seed = int(_number("--seed", args.seed, integer=True, low=0, high=2**63 - 1))
+    budget_wait = _number("--budget-wait-seconds", args.budget_wait_seconds, integer=False, low=0, high=86400)
+    broker_wait = _number("--broker-wait-seconds", args.broker_wait_seconds, integer=False, low=0, high=86400)
+    broker_timeout = _number("--broker-timeout", args.broker_timeout, integer=False, low=0.01, high=3600)
     api_key = _check_key("--api-key", args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     admin_key = _check_key(
         "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
@@ -260,6 +286,9 @@ def resolve(argv: list[str]) -> ServeSettings:
         tenant=tenant,
         priority=priority,
         guarantee_bytes=guarantee,
+        budget_wait_seconds=budget_wait,
+        broker_wait_seconds=broker_wait,
+        broker_timeout=broker_timeout,
     )
 
 

@@ -12,6 +12,15 @@ back on time: the Engine's own background thread runs the policy's idle ticks wh
 steps. A request whose pages do not fit the current budget makes ``step()`` run nothing
 (``Engine.stalled``); the thread then waits for a command (a larger budget, a cancel) instead
 of spinning.
+
+Nothing waits silently or forever. A request that cannot start under the current budget
+(``Engine.blocked_requests``) is counted, and unless the server sleeps on purpose it ends with
+a 503 after ``budget_wait_seconds`` (``broker_wait_seconds`` when only the broker's lease is too
+small: a grant that does not come); so does one whose pages cannot be mapped (the host or the
+device short of memory) for ``budget_wait_seconds``. A step that raises leaves the Engine's
+requests where they were: the thread tries again (at the stall poll or the next command), ends
+only the requests the Engine really lost, and ends the rest with a 500 once steps have failed
+for ``budget_wait_seconds`` in a row.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._util import is_int
+from .cli import MIN_KV_BYTES
 from .detokenize import IncrementalDetokenizer, StopStrings
 from .errors import bad_request, overloaded
 from .metrics import ServerMetrics
@@ -38,6 +48,7 @@ __all__ = ["ChoiceEvent", "ChoiceSpec", "EngineService", "Submission"]
 # While stalled (requests wait for a budget that does not come), look again this often even
 # without a command: the Engine's pressure hook, if any, may have lifted its cap.
 _STALL_POLL_SECONDS = 0.5
+_RETRY_AFTER_SECONDS = 5  # what a request ended for want of memory tells its client
 
 
 @dataclass(frozen=True)
@@ -55,13 +66,17 @@ class ChoiceSpec:
 class ChoiceEvent:
     """What happened to one choice since the last event: text to send, the token ids that
     produced it, and, on the last event, ``finish_reason`` ("stop", "length", "abort") or
-    ``error`` (the request failed inside the server)."""
+    ``error`` (the request failed inside the server: answered with HTTP ``status``, OpenAI's
+    error ``code`` and, if set, ``Retry-After: retry_after``)."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    status: int = 500
+    code: str = "internal_error"
+    retry_after: Optional[int] = None
 
 
 @dataclass(eq=False)
@@ -79,6 +94,7 @@ class _Choice:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finish_reason: Optional[str] = None
+    blocked_since: Optional[float] = None  # since when the Engine cannot start it (blocked_requests)
 
 
 class Submission:
@@ -114,7 +130,10 @@ class EngineService:
 
     ``engine``: an ``Engine`` (the service closes it in ``stop``); ``tokenizer``: decodes
     output ids; ``max_waiting``: most choices queued without a first token before new
-    requests get 503; ``metrics``: where token counts and latencies go.
+    requests get 503; ``metrics``: where token counts and latencies go;
+    ``budget_wait_seconds``: how long a request may wait for KV memory it cannot get (a budget
+    below its need, pages that cannot be mapped, failing steps) before it ends with an error;
+    ``broker_wait_seconds``: the same while only the memory broker's lease is too small.
     """
 
     def __init__(
@@ -124,12 +143,21 @@ class EngineService:
         metrics: ServerMetrics,
         max_waiting: int,
         clock: Callable[[], float] = time.monotonic,
+        budget_wait_seconds: float = 30.0,
+        broker_wait_seconds: float = 10.0,
     ) -> None:
+        for what, v in (("budget_wait_seconds", budget_wait_seconds), ("broker_wait_seconds", broker_wait_seconds)):
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"EngineService: {what} must be a number >= 0, got {v!r}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.clock = clock
+        self.budget_wait_seconds = float(budget_wait_seconds)
+        self.broker_wait_seconds = float(broker_wait_seconds)
+        self._blocked: dict[str, int] = {}  # choices the Engine cannot start now, by why
+        self._failing_since: Optional[float] = None  # first of the steps failing in a row
         self._lock = threading.Lock()  # the tables below: submit (loop) vs the engine thread
         self._active: dict[int, _Choice] = {}  # engine request id -> choice
         self._queued = 0  # choices without a first token yet
@@ -230,12 +258,20 @@ class EngineService:
     def stats(self) -> dict[str, Any]:
         """The Engine's stats plus the server's state (any thread)."""
         out = dict(self.engine.stats())
+        blocked = self._blocked
         out.update(
             sleeping=self._sleeping,
             draining=self.draining,
             queued=self._queued,
             requested_budget_bytes=self._budget,
+            blocked_by_budget=blocked.get("budget", 0),
+            waiting_for_lease=blocked.get("pressure", 0),
+            waiting_for_memory=blocked.get("memory", 0),
         )
+        broker = getattr(self.engine, "broker", None)
+        if broker is not None:
+            b = broker.stats()
+            out.update(broker_connected=b["connected"], broker_seconds_since_message=b["seconds_since_message"])
         return out
 
     def _command(self, name: str, arg: Any) -> concurrent.futures.Future:
@@ -299,14 +335,16 @@ class EngineService:
         return self._drain_deadline is not None and bool(self._active) and self.clock() >= self._drain_deadline
 
     def _step(self) -> bool:
-        """One Engine step and its tokens; returns True when the Engine is stalled."""
+        """One Engine step and its tokens; returns True when the Engine is stalled (or the
+        step failed: the next try waits for the stall poll or a command)."""
         try:
             produced = self.engine.step()
-        except Exception as exc:  # the forward failed: the requests in it cannot go on
-            _log.exception("engine step failed; failing the %d requests in the engine", len(self._active))
-            for choice in list(self._active.values()):
-                self._fail(choice, f"the engine failed: {type(exc).__name__}: {exc}")
-            return False
+        except Exception as exc:
+            self._step_failed(exc)
+            return True
+        if self._failing_since is not None:
+            _log.info("engine steps run again")
+            self._failing_since = None
         now = self.clock()
         got: set[int] = set()
         for rid, token in produced:
@@ -322,7 +360,86 @@ class EngineService:
         for rid, choice in list(self._active.items()):
             if rid not in got:
                 self._check_ended(choice)
+        self._check_blocked()
         return not produced and self.engine.stalled
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised. The Engine keeps its requests where they were (a forward that fails
+        advances nothing), so each goes on at the next try: tokens the Engine recorded before
+        the failure are delivered from its outputs, and only a request the Engine ended
+        meanwhile is lost. After ``budget_wait_seconds`` of failing steps the rest end too."""
+        now = self.clock()
+        error = f"{type(exc).__name__}: {exc}"
+        if self._failing_since is None:
+            self._failing_since = now
+            _log.exception("engine step failed; %d request(s) wait for the next step", len(self._active))
+        else:
+            _log.debug("engine step failed again: %s", error)
+        for choice in list(self._active.values()):
+            try:
+                ended = self.engine.request_info(choice.rid)["finish_reason"]
+                outputs = self.engine.output_ids(choice.rid)
+            except ValueError:  # forgotten by the Engine
+                self._fail(choice, f"the engine failed: {error}")
+                continue
+            try:
+                for token in outputs[len(choice.token_ids) :]:
+                    if choice.finish_reason is None:
+                        self._on_token(choice, token, now)
+            except Exception as tok_exc:
+                _log.exception("request %d failed while processing its tokens", choice.rid)
+                self._fail(choice, f"{type(tok_exc).__name__}: {tok_exc}")
+                continue
+            if choice.finish_reason is None and ended is not None:
+                self._fail(choice, f"the engine failed: {error}")
+        if self._active and now - self._failing_since >= self.budget_wait_seconds:
+            waited = now - self._failing_since
+            for choice in list(self._active.values()):
+                self._fail(choice, f"the engine failed: every step for {waited:.0f}s (--budget-wait-seconds): {error}")
+
+    def _check_blocked(self) -> None:
+        """Count the requests the Engine cannot start now, and end those that have waited past
+        their bound (none while the server sleeps on purpose)."""
+        if self._sleeping or not self._active:
+            for choice in self._active.values():
+                choice.blocked_since = None
+            self._blocked = {}
+            return
+        blocked = self.engine.blocked_requests()
+        now = self.clock()
+        counts: dict[str, int] = {}
+        for rid, choice in list(self._active.items()):
+            if choice.finish_reason is not None:
+                continue  # ended above with another choice of its request
+            if rid not in blocked:
+                choice.blocked_since = None
+                continue
+            why, need = blocked[rid]
+            if choice.blocked_since is None:
+                choice.blocked_since = now
+            limit = self.broker_wait_seconds if why == "pressure" else self.budget_wait_seconds
+            if now - choice.blocked_since >= limit:
+                self._fail(choice, self._blocked_message(why, need, limit), status=503, code="insufficient_kv_memory")
+            else:
+                counts[why] = counts.get(why, 0) + 1
+        self._blocked = counts
+
+    def _blocked_message(self, why: str, need: int, limit: float) -> str:
+        pol = self.engine.policy
+        if why == "budget":
+            return (
+                f"the KV budget ({pol.set_budget_bytes} bytes) is below what this request needs to run ({need} "
+                f"bytes); it waited {limit:g}s (--budget-wait-seconds) for the budget to rise"
+            )
+        if why == "pressure":
+            return (
+                f"the memory broker's lease ({pol.budget_bytes} bytes) is below what this request needs to run "
+                f"({need} bytes) and no grant came within {limit:g}s (--broker-wait-seconds)"
+            )
+        return (
+            f"KV memory for this request ({need} bytes) could not be mapped for {limit:g}s "
+            "(--budget-wait-seconds): the host or device is short of memory"
+        )
 
     def _on_token(self, c: _Choice, token: int, now: float) -> None:
         c.token_ids.append(token)
@@ -346,7 +463,15 @@ class EngineService:
             self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
         self._emit(c, reason)
 
-    def _emit(self, c: _Choice, reason: Optional[str], error: Optional[str] = None) -> None:
+    def _emit(
+        self,
+        c: _Choice,
+        reason: Optional[str],
+        error: Optional[str] = None,
+        status: int = 500,
+        code: str = "internal_error",
+        retry_after: Optional[int] = None,
+    ) -> None:
         """Queue the choice's unsent text (all of it when it ends) and its new token ids."""
         final = reason is not None or error is not None
         upto = c.stops.sendable(final)
@@ -356,7 +481,7 @@ class EngineService:
             return
         c.sent_chars = max(c.sent_chars, upto)
         c.sent_tokens = len(c.token_ids)
-        event = ChoiceEvent(c.index, text, ids, reason, error)
+        event = ChoiceEvent(c.index, text, ids, reason, error, status, code, retry_after)
         if final:
             self._finished(c, reason or "error")
         if self._pending and self._pending[-1][0] is c.sub:
@@ -384,13 +509,16 @@ class EngineService:
         if info["finish_reason"] == "error":
             self._fail(c, "sampling failed (non-finite probabilities)")
 
-    def _fail(self, c: _Choice, message: str) -> None:
-        """End a choice with an error, and the rest of its HTTP request with it."""
+    def _fail(self, c: _Choice, message: str, status: int = 500, code: str = "internal_error") -> None:
+        """End a choice with an error (HTTP ``status``; 503s say when to retry), and the rest of
+        its HTTP request with it."""
+        retry_after = _RETRY_AFTER_SECONDS if status == 503 else None
         for other in c.sub.choices:
             if other.finish_reason is not None:
                 continue
             self._cancel_engine(other)
-            self._emit(other, None, message if other is c else "another choice of this request failed")
+            text = message if other is c else "another choice of this request failed"
+            self._emit(other, None, text, status, code, retry_after)
         c.sub.failed = True
 
     def _cancel_engine(self, c: _Choice) -> None:
@@ -428,6 +556,7 @@ class EngineService:
                     if c.finish_reason is None:
                         self._cancel_engine(c)
                         self._finished(c, "cancelled")
+                self._check_blocked()  # the counts must not keep a request that is gone
                 result: Any = None
             elif name == "budget":
                 self._set_budget(arg)
@@ -436,6 +565,7 @@ class EngineService:
                 if not self._sleeping:
                     self.engine.set_budget(0)  # preempts everything running: swap or recompute
                     self._sleeping = True
+                    self._check_blocked()  # asleep on purpose: nobody's wait for memory counts
                     _log.info("sleeping: KV memory given back, requests queue until wake")
                 result = self.stats()
             elif name == "wake":
@@ -456,6 +586,13 @@ class EngineService:
             max_bytes = self.engine.policy.max_bytes
             if not is_int(nbytes) or nbytes < 0:
                 raise bad_request(f"bytes must be a non-negative integer or null, got {nbytes!r}", "bytes")
+            floor = max(MIN_KV_BYTES, self.engine.min_budget_bytes)
+            if nbytes < floor:
+                raise bad_request(
+                    f"bytes ({nbytes}) is below the smallest KV budget, {floor} bytes (one KV chunk, as for "
+                    "--max-kv-bytes); POST /admin/sleep gives all KV memory back",
+                    "bytes",
+                )
             if max_bytes is not None and nbytes > max_bytes:
                 raise bad_request(f"bytes ({nbytes}) exceeds the server's --max-kv-bytes ({max_bytes})", "bytes")
         if not self._sleeping:

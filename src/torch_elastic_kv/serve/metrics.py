@@ -8,7 +8,11 @@ registry, so two servers in one process (tests) do not share series.
 Names (all prefixed ``ekv_``): ``kv_resident_bytes``, ``kv_live_bytes``, ``kv_reserved_bytes``,
 ``kv_budget_bytes``, ``kv_min_bytes``, ``kv_max_bytes``, ``requests_running``,
 ``requests_waiting``, ``requests_swapped``, ``requests_queued`` (no first token yet),
-``server_sleeping`` (gauges); ``preemptions_total``, ``kv_grows_total``, ``kv_shrinks_total``,
+``requests_blocked_by_budget``, ``requests_waiting_for_lease``, ``requests_waiting_for_memory``
+(requests that cannot start now: the budget, the broker's lease, or memory that cannot be
+mapped is short of what they need), ``server_sleeping``, and with ``--broker``
+``kv_lease_bytes``, ``broker_connected``, ``broker_seconds_since_message`` (gauges);
+``preemptions_total``, ``kv_grows_total``, ``kv_shrinks_total``, ``kv_allocation_failures_total``,
 ``kv_bytes_given_back_total``, ``engine_steps_total``, ``prompt_tokens_total``,
 ``generation_tokens_total``, ``requests_total{finish_reason}`` (counters);
 ``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (histograms).
@@ -42,6 +46,27 @@ _GAUGES = (
     ("ekv_requests_running", "running", "requests holding KV pages"),
     ("ekv_requests_waiting", "waiting", "requests waiting in the Engine (preempted ones included)"),
     ("ekv_requests_swapped", "swapped", "requests whose KV is in host swap space"),
+    (
+        "ekv_requests_blocked_by_budget",
+        "blocked_by_budget",
+        "requests that need more KV than the budget allows; they end with 503 after --budget-wait-seconds",
+    ),
+    (
+        "ekv_requests_waiting_for_lease",
+        "waiting_for_lease",
+        "requests that need more KV than the broker's lease; they end with 503 after --broker-wait-seconds",
+    ),
+    (
+        "ekv_requests_waiting_for_memory",
+        "waiting_for_memory",
+        "requests whose KV pages could not be mapped at the last step (host or device short of memory)",
+    ),
+    ("ekv_broker_connected", "broker_connected", "1 while the memory broker's connection is up (--broker)"),
+    (
+        "ekv_broker_seconds_since_message",
+        "broker_seconds_since_message",
+        "seconds since the memory broker last sent this server a message (--broker)",
+    ),
 )
 _COUNTERS = (
     ("ekv_preemptions", "preemptions", "requests preempted (swap or recompute)"),
@@ -49,6 +74,11 @@ _COUNTERS = (
     ("ekv_kv_shrinks", "shrinks", "times the KV pool gave memory back"),
     ("ekv_kv_bytes_given_back", "bytes_given_back", "KV bytes given back by the policy's shrinks"),
     ("ekv_engine_steps", "steps", "Engine steps that ran a forward"),
+    (
+        "ekv_kv_allocation_failures",
+        "allocation_failures",
+        "Engine steps in which KV pages within the budget could not be mapped (the requests waited)",
+    ),
 )
 
 

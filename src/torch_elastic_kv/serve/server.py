@@ -83,7 +83,12 @@ def build_state(settings: ServeSettings) -> ServerState:
     broker = None
     if settings.broker is not None:
         broker = BrokerClient(
-            settings.broker, settings.tenant, priority=settings.priority, guarantee_bytes=settings.guarantee_bytes
+            settings.broker,
+            settings.tenant,
+            priority=settings.priority,
+            guarantee_bytes=settings.guarantee_bytes,
+            connect_timeout=settings.broker_timeout,
+            io_timeout=settings.broker_timeout,
         )
     # A server runs for days: no per-step timeline, and only recent finished requests kept.
     engine = Engine(
@@ -95,7 +100,14 @@ def build_state(settings: ServeSettings) -> ServerState:
         broker=broker,
     )
     metrics = ServerMetrics()
-    service = EngineService(engine, tokenizer, metrics, settings.max_waiting)
+    service = EngineService(
+        engine,
+        tokenizer,
+        metrics,
+        settings.max_waiting,
+        budget_wait_seconds=settings.budget_wait_seconds,
+        broker_wait_seconds=settings.broker_wait_seconds,
+    )
     if broker is not None:
         broker.on_grant = service.wake  # a larger lease may admit requests the engine thread holds
     metrics.watch(service.stats)
