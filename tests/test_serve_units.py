@@ -162,6 +162,17 @@ def test_incremental_detokenizer_holds_back_partial_characters(tokenizer):
     assert d.add(8 + euro[0]) == "" and d.flush() == "\ufffd"  # an incomplete character at the end
 
 
+def test_incremental_detokenizer_after_a_prompt_that_ends_inside_a_character(tokenizer):
+    # the prompt ends with the first byte of "€"; the output starts with a lone continuation byte
+    prompt = tokenizer.encode("price: ") + [8 + 0xE2]
+    for out in ([8 + 0x82, 8 + ord("A")], [8 + 0x82, 8 + 0xAC, 8 + ord("!")], [8 + 0xBF]):
+        d = IncrementalDetokenizer(tokenizer, prompt)
+        text = "".join(d.add(t) for t in out) + d.flush()
+        assert text == tokenizer.decode(out, skip_special_tokens=True), out
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    assert [d.add(8 + 0x82), d.add(8 + ord("A"))] == ["", "\ufffdA"]
+
+
 def test_incremental_detokenizer_keeps_leading_spaces_in_context():
     # a SentencePiece-style vocabulary: "▁" marks a space, dropped at the start of a text
     from tokenizers import Tokenizer, decoders, models

@@ -4,7 +4,8 @@ The Engine produces token ids; a client reads text. ``IncrementalDetokenizer`` t
 token into the text it adds: it decodes a short window that ends at the new token and takes
 what the window gained over the same window without it, starting the window a few tokens back
 so tokenizers whose pieces depend on their left neighbour (a leading space, a byte fallback)
-decode as they would in the full text, and holding text back while it ends in U+FFFD (a
+decode as they would in the full text (but never inside a character the prompt leaves
+incomplete: the output's text is that of its own tokens), and holding text back while it ends in U+FFFD (a
 multi-byte character whose bytes have not all arrived). ``StopStrings`` then finds the first
 stop string in the text so far, and says how much of the text is safe to send: a stream never
 shows a prefix of a stop string that the next token could complete.
@@ -35,7 +36,12 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        # A prompt that ends inside a character would join its bytes with the first output
+        # tokens, which decode(output_ids) shows on their own: start the window before them.
+        while context and self._decode(context).endswith(_REPLACEMENT):
+            context.pop()
+        self.ids: list[int] = context
         self._prefix = 0  # the window starts here
         self._read = len(self.ids)  # text of ids[:_read] has been returned
 
