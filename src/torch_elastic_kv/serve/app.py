@@ -75,6 +75,10 @@ def _require_admin(state: ServerState, request: Request) -> None:
         raise unauthorized()
 
 
+def _is_admin_path(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -233,6 +237,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 405 and state.admin_key is None and _is_admin_path(request.url.path):
+            # a 405 would tell a scanner the admin route exists; with admin off it does not
+            exc = StarletteHTTPException(404)
         if exc.status_code == 404:
             message = f"no route {request.url.path}"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
