@@ -53,6 +53,69 @@ def _assert_openai_error(r: httpx.Response, status: int, param=None) -> dict:
     return err
 
 
+# ---------------------------------------------------------------------------- item 11 -------
+def _nested(depth: int) -> str:
+    return '{"prompt": "x", "user": ' + "[" * depth + "]" * depth + "}"
+
+
+HOSTILE_400 = [
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 1}', "prompt.1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 1}', None),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}], "max_tokens": 1}',
+        None,
+    ),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi", "name": "\\ud800"}], "max_tokens": 1}',
+        None,
+    ),
+    ("/v1/completions", '{"prompt": "x", "stop": ["\\ud800"], "max_tokens": 1}', "stop.0"),
+    ("/v1/completions", '{"prompt": "x", "model": "\\ud800"}', "model"),
+    ("/v1/completions", '{"\\ud800": 1}', "\\ud800"),
+    ("/v1/completions", _nested(3000), None),
+    ("/v1/chat/completions", _nested(100_000), None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}", None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 1e400}', "max_tokens"),
+    ("/v1/completions", '{"prompt": "x", "temperature": NaN}', None),
+    ("/v1/completions", '{"prompt": [[1, 2], []]}', "prompt"),
+    ("/v1/completions", '{"prompt": [-1, 5]}', None),
+    ("/v1/completions", '{"prompt": [100000000000000000000]}', None),
+    ("/v1/completions", '{"prompt": "x", "n": 100000000000000000000}', "n"),
+    ("/v1/completions", '{"prompt": "x", "seed": 1e30}', "seed"),
+    ("/v1/chat/completions", '{"messages": [{"role": "root", "content": "x"}]}', None),
+    ("/v1/chat/completions", '{"messages": "hi"}', "messages"),
+    ("/v1/completions", '"just a string"', None),
+    ("/v1/completions", b"\xff\xfe{}", None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", HOSTILE_400, ids=range(len(HOSTILE_400)))
+def test_hostile_bodies_are_400_in_openai_shape(server, path, body, param):
+    err = _assert_openai_error(_post(server, path, body), 400, param)
+    assert err["type"] == "invalid_request_error", err
+
+
+def test_hostile_values_never_5xx(server, tokenizer):
+    big = 10**30
+    bodies = [
+        {"prompt": "x", "max_tokens": 1, "top_k": big},
+        {"prompt": "x", "max_tokens": 1, "top_p": 1e-300},
+        {"prompt": "x", "max_tokens": 1, "temperature": 1e-300},
+        {"prompt": "x", "max_tokens": 1, "seed": -(2**63)},
+        {"prompt": "x", "max_tokens": 1, "stop": "x" * 256},
+        {"prompt": "\U0001f600" * 3, "max_tokens": 1},  # a valid surrogate pair on the wire is fine
+        {"prompt": "\x00\x01\u2028", "max_tokens": 1},
+    ]
+    for body in bodies:
+        r = _post(server, "/v1/completions", body)
+        assert r.status_code < 500, (body, r.status_code, r.text)
+    r = _post(server, "/v1/completions", '{"prompt": "\\ud83d\\ude00", "max_tokens": 1}')
+    assert r.status_code == 200, r.text
+
+
 # ---------------------------------------------------------------------------- item 12 -------
 @pytest.mark.parametrize("path", ["/admin/kv-budget", "/admin/sleep", "/admin/wake", "/admin/stats"])
 def test_admin_routes_are_404_for_every_method_when_admin_is_off(server, path):

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,6 +37,10 @@ _log = logging.getLogger(__name__)
 __all__ = ["ServerState", "create_app"]
 
 MAX_CHOICES = 256  # prompts x n in one request
+# json.loads keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which no tokenizer
+# (and no UTF-8 response) can take; a valid pair decodes to one character and passes.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -99,9 +104,43 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
+    # only a \uD800-\uDFFF escape can put a lone surrogate in a str: skip the walk without one
+    if _SURROGATE_ESCAPE.search(body):
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise bad_request(
+                f"the request body has a lone UTF-16 surrogate in a string at {where or 'the top level'}: "
+                "it is not a Unicode character",
+                where or None,
+                "invalid_json",
+            )
+    return data
+
+
+def _lone_surrogate(data: Any) -> Optional[str]:
+    """The dotted path of a string (or object key) holding a lone surrogate, or None.
+    Iterative: the body may be nested as deep as the JSON parser allows."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                safe = key.encode("utf-8", "backslashreplace").decode()  # the answer must encode too
+                child = f"{path}.{safe}" if path else safe
+                if _SURROGATE.search(key):
+                    return child
+                stack.append((item, child))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return None
 
 
 def _check_model(state: ServerState, model: Optional[str]) -> None:
