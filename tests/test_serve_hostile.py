@@ -9,7 +9,10 @@ take a byte from the output's text.
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import openai
 import pytest
 
 from serve_helpers import ServerProcess
@@ -51,6 +54,31 @@ def _assert_openai_error(r: httpx.Response, status: int, param=None) -> dict:
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+# ---------------------------------------------------------------------------- item 10 -------
+def test_chat_without_max_tokens_is_served_under_a_small_kv_ceiling(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], temperature=0, stop=["\n"]
+    )
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens + out.usage.completion_tokens <= KV_TOKENS + 1
+
+
+def test_a_default_max_tokens_is_cut_to_the_kv_ceiling_and_errors_name_sent_fields(server):
+    # a completion without max_tokens after a prompt that leaves 7 tokens of the ceiling: served
+    prompt = [8 + ord("a")] * (KV_TOKENS - 6)
+    r = _post(server, "/v1/completions", {"prompt": prompt, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 7 and r.json()["choices"][0]["finish_reason"] == "length"
+    # a prompt with no room at all: the prompt is named, not a max_tokens nobody sent
+    err = _assert_openai_error(_post(server, "/v1/completions", {"prompt": [8] * (KV_TOKENS + 1)}), 400, "prompt")
+    assert "max_tokens" not in err["message"], err
+    # a sent max_completion_tokens past the ceiling is named as sent
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2000}
+    err = _assert_openai_error(_post(server, "/v1/chat/completions", body), 400, "max_completion_tokens")
+    assert "max_completion_tokens (2000)" in err["message"] and "max_tokens " not in err["message"], err
 
 
 # ---------------------------------------------------------------------------- item 11 -------
@@ -125,3 +153,28 @@ def test_admin_routes_are_404_for_every_method_when_admin_is_off(server, path):
         assert "allow" not in r.headers, (method, r.headers)
         if method != "HEAD":
             _assert_openai_error(r, 404)
+
+
+# ---------------------------------------------------------------------------- item 13 -------
+def test_a_token_prompt_ending_inside_a_character_keeps_every_output_byte(server, tokenizer):
+    # prompts ending with the lead byte of a 3-byte character; pick one whose first greedy
+    # output token is a continuation byte (it would join the prompt's lead byte in the window)
+    prompts = [tokenizer.encode(f"price {k}: ") + [8 + 0xE2] for k in range(48)]
+    body = {"prompt": prompts, "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    continuation = range(8 + 0x80, 8 + 0xC0)
+    picks = [c["prompt_token_ids"] for c in r.json()["choices"] if c["token_ids"][0] in continuation]
+    assert picks, "no prompt starts its output with a continuation byte"
+    body = {"prompt": picks[0], "max_tokens": 6, "temperature": 0, "return_token_ids": True, "ignore_eos": True}
+    plain = _post(server, "/v1/completions", body).json()["choices"][0]
+    assert plain["token_ids"][0] in continuation
+    assert plain["text"] == tokenizer.decode(plain["token_ids"], skip_special_tokens=True), plain
+    assert plain["text"].startswith("\ufffd"), plain
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT) as s:
+        assert s.status_code == 200
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[len("data: ") :])["choices"][0]["text"]
+    assert text == plain["text"]

@@ -151,7 +151,10 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
 
 
 def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
-    """``max_tokens`` checked against the context length for every prompt (OpenAI's message)."""
+    """``max_tokens`` for every prompt. Sent: checked against the context length (OpenAI's
+    message) and the KV ceiling, naming the field the client used. Not sent: ``default`` (None:
+    the rest of the context) cut to what the longest prompt leaves of the context and of the
+    KV ceiling, so an error never names a field the client did not send."""
     for i, ids in enumerate(prompts):
         if not ids:
             raise bad_request(f"prompt {i} is empty (0 tokens)", "prompt")
@@ -162,18 +165,61 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "prompt",
             "context_length_exceeded",
         )
-    mt = req.max_tokens if req.max_tokens is not None else default
-    if mt is None:
-        return state.max_positions - longest
-    if longest + mt > state.max_positions:
+    room = state.max_positions - longest
+    mt, param = req.max_tokens, req.max_tokens_param
+    if mt is not None and mt > room:
         raise bad_request(
             f"This model's maximum context length is {state.max_positions} tokens. However, you requested "
             f"{longest + mt} tokens ({longest} in the prompt, {mt} for the completion). Please reduce the "
-            "prompt or max_tokens.",
-            "max_tokens",
+            f"prompt or {param}.",
+            param,
             "context_length_exceeded",
         )
-    return mt
+    want = mt if mt is not None else room if default is None else min(default, room)
+    if _kv_fits(state, longest, want):
+        return want
+    fits = _kv_room(state, longest, want)
+    if fits == 0:
+        raise bad_request(
+            f"the prompt ({longest} tokens) leaves no room for a completion in this server's KV memory "
+            "ceiling (--max-kv-bytes); send a shorter prompt",
+            "prompt",
+            "context_length_exceeded",
+        )
+    if mt is None:
+        return fits
+    raise bad_request(
+        f"{param} ({mt}) does not fit this server's KV memory ceiling (--max-kv-bytes): after a prompt of "
+        f"{longest} tokens at most {fits} tokens fit; send {param} <= {fits}",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def _kv_fits(state: ServerState, prompt_tokens: int, max_tokens: int) -> bool:
+    """Whether the Engine's KV ceiling holds a request of this size. Asks the Engine's own check
+    with a stand-in prompt of the same length (the ceiling depends on the length only, and
+    token 0 is in every vocabulary), so an invalid prompt cannot pass for one that is too long."""
+    try:
+        state.service.engine.check_request([0] * prompt_tokens, max_tokens)
+    except ValueError:
+        return False
+    except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
+        return True
+    return True
+
+
+def _kv_room(state: ServerState, prompt_tokens: int, upper: int) -> int:
+    """The most completion tokens, at most ``upper``, that the KV ceiling holds after a prompt
+    of ``prompt_tokens`` (0 if not one); ``upper`` itself is known not to fit."""
+    lo, hi = 0, upper  # lo fits (0 trivially), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _kv_fits(state, prompt_tokens, mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:
