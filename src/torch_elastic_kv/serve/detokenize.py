@@ -36,14 +36,10 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        context = list(prompt_ids[-_CONTEXT_TOKENS:])
-        # A prompt that ends inside a character would join its bytes with the first output
-        # tokens, which decode(output_ids) shows on their own: start the window before them.
-        while context and self._decode(context).endswith(_REPLACEMENT):
-            context.pop()
-        self.ids: list[int] = context
+        self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # the window starts here
         self._read = len(self.ids)  # text of ids[:_read] has been returned
+        self._context_checked = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -57,7 +53,20 @@ class IncrementalDetokenizer:
         """The text held back (an incomplete character at the end), once no token follows."""
         return self._advance(final=True)
 
+    def _check_context(self) -> None:
+        # A prompt that ends inside a character would join its bytes with the first output
+        # tokens, which decode(output_ids) shows on their own: end the context before them.
+        # Done at the first token, where decoding already runs (not in the caller's thread).
+        self._context_checked = True
+        context = self.ids[: self._read]
+        while context and self._decode(context).endswith(_REPLACEMENT):
+            context.pop()
+        self.ids = context + self.ids[self._read :]
+        self._read = len(context)
+
     def _advance(self, final: bool) -> str:
+        if not self._context_checked:
+            self._check_context()
         if self._read == len(self.ids):
             return ""
         before = self._decode(self.ids[self._prefix : self._read])
