@@ -4,12 +4,19 @@ free loopback port, driven by httpx and the official ``openai`` client.
 Bodies a tokenizer or the JSON parser cannot take are 400s in OpenAI's shape, never 500s; a
 request without ``max_tokens`` is served under a small KV ceiling; the admin routes do not
 reveal themselves when admin is off; a token-id prompt that ends inside a character does not
-take a byte from the output's text.
+take a byte from the output's text; a flood of connections trickling a header byte a second
+does not lock other clients out of a server whose open-file limit is lower than the flood.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -178,3 +185,114 @@ def test_a_token_prompt_ending_inside_a_character_keeps_every_output_byte(server
             if line.startswith("data: {"):
                 text += json.loads(line[len("data: ") :])["choices"][0]["text"]
     assert text == plain["text"]
+
+
+# ---------------------------------------------------------------------------- item 7 --------
+FD_LIMIT = 256
+HEADER_TIMEOUT = 10.0  # the default of --header-timeout
+
+
+def _lower_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class _Trickler:
+    """``count`` connections that each send one byte of a request head a second and never end
+    it; while ``reconnect`` is set, a connection the server closed is opened again."""
+
+    HEAD = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
+
+    def __init__(self, url: str, count: int) -> None:
+        parts = urlsplit(url)
+        self.address = (parts.hostname, parts.port)
+        self.socks: list = [None] * count
+        self.sent = [0] * count
+        self.connects = 0
+        self.closed_by_server = 0
+        self.reconnect = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _byte(self, i: int) -> bytes:
+        k = self.sent[i]
+        return self.HEAD[k : k + 1] if k < len(self.HEAD) else b"a"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            for i, sock in enumerate(self.socks):
+                if self._stop.is_set():
+                    return
+                if sock is None:
+                    if not self.reconnect:
+                        continue
+                    try:
+                        sock = socket.create_connection(self.address, timeout=2)
+                    except OSError:
+                        continue
+                    self.socks[i], self.sent[i] = sock, 0
+                    self.connects += 1
+                try:
+                    sock.send(self._byte(i))
+                    self.sent[i] += 1
+                except OSError:  # closed by the server
+                    sock.close()
+                    self.socks[i] = None
+                    self.closed_by_server += 1
+            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - t0)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for sock in self.socks:
+            if sock is not None:
+                sock.close()
+
+
+def test_a_trickling_connection_flood_does_not_lock_clients_out():
+    server = ServerProcess(["--drain-seconds", "1"], preexec_fn=_lower_fd_limit)
+    flood = None
+    try:
+        assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+        baseline = _open_fds(server.pid)
+        log_before = len(server.log())
+        flood = _Trickler(server.url, FD_LIMIT + 64)
+        latencies = []
+        t_end = time.monotonic() + 12
+        while time.monotonic() < t_end:  # /health every half second while the flood lasts
+            t0 = time.monotonic()
+            r = httpx.get(server.url + "/health", timeout=30)
+            latencies.append(time.monotonic() - t0)
+            assert r.status_code == 200, r.text
+            assert _open_fds(server.pid) < FD_LIMIT
+            time.sleep(0.5)
+        assert max(latencies) < 5.0, latencies
+        assert flood.connects > FD_LIMIT and flood.closed_by_server > 0, (flood.connects, flood.closed_by_server)
+        # the flood stops reconnecting but its open connections keep trickling: the header
+        # timeout closes them all, and the server's descriptors return to where they were
+        flood.reconnect = False
+        deadline = time.monotonic() + HEADER_TIMEOUT + 20
+        while _open_fds(server.pid) > baseline + 8 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _open_fds(server.pid) <= baseline + 8, (_open_fds(server.pid), baseline)
+        # one summary line per 5 s says what was closed, and the log stays small
+        timed_out = "closed without a complete request head within --header-timeout 10s"
+        deadline = time.monotonic() + 15
+        while timed_out not in server.log()[log_before:] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = server.log()[log_before:]
+        assert timed_out in log and len(log) < 20_000, log[-3000:]
+        # served as before, no restart
+        body = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        if flood is not None:
+            flood.stop()
+        status = server.stop()
+    assert status == 0, server.log()[-3000:]

@@ -7,6 +7,7 @@ and break one request on purpose to show that only that request fails.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def _bad_args(tmp_path):
         (["--admin-key", "has space"], "--admin-key"),
         (["--host", "no such host.invalid"], "--host"),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--header-timeout", "0"], "--header-timeout must be between 0.1 and 3600"),
+        (["--max-connections", "0"], "--max-connections must be >= 1"),
+        (["--max-connections", str(10**9)], "above the open-file limit"),
         (["--tenant", "a"], "--tenant needs --broker"),
         (["--priority", "01"], "--priority needs --broker"),
         (["--guarantee", "4M"], "--guarantee needs --broker"),
@@ -140,6 +144,39 @@ def test_resolve_reads_sizes_keys_and_static_pool(monkeypatch):
     assert (s.max_kv_bytes, s.min_kv_bytes, s.port, s.api_key, s.admin_key) == (64 << 20, 64 << 20, 0, "from-env", None)
     assert (s.host, s.device, s.served_model_name, s.max_waiting) == ("127.0.0.1", "cpu", "ekv-default-llama", 1024)
     assert cli.resolve(["--api-key", "flag", "--device", "cpu"]).api_key == "flag"  # the flag wins
+
+
+def test_max_connections_stays_below_the_open_file_limit(monkeypatch):
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda what: (256, 4096))
+    s = cli.resolve(["--device", "cpu"])
+    assert (s.max_connections, s.header_timeout) == (256 - cli.FD_RESERVE, 10.0)
+    assert cli.resolve(["--device", "cpu", "--max-connections", "100"]).max_connections == 100
+    with pytest.raises(cli.UsageError, match=r"--max-connections 193 is above the open-file limit \(256"):
+        cli.resolve(["--device", "cpu", "--max-connections", "193"])
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda what: (65536, 65536))
+    assert cli.resolve(["--device", "cpu"]).max_connections == cli.MAX_CONNECTIONS_DEFAULT
+
+
+def test_flood_log_lines_are_rate_limited():
+    from torch_elastic_kv.serve.server import REPORT_SECONDS, _RateLimitFilter
+
+    now = [100.0]
+    flt = _RateLimitFilter("socket.accept() out of system resource", clock=lambda: now[0])
+    error = OSError(24, "Too many open files")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (OSError, error, None))
+
+    first = record("socket.accept() out of system resource\nexception: ...")
+    assert flt.filter(first) and first.exc_info is None
+    assert first.getMessage() == (
+        f"torch_elastic_kv serve: socket.accept() out of system resource: {error} (0 more in the last {REPORT_SECONDS:g}s)"
+    )
+    assert [flt.filter(record("socket.accept() out of system resource")) for _ in range(1000)] == [False] * 1000
+    assert flt.filter(record("something else"))  # other lines pass untouched
+    now[0] += REPORT_SECONDS
+    again = record("socket.accept() out of system resource")
+    assert flt.filter(again) and "(1000 more in the last" in again.getMessage()
 
 
 # ---------------------------------------------------------------------------- text ----------

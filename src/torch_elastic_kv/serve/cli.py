@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 import socket
 import stat
 import sys
@@ -26,6 +27,8 @@ __all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main"
 PROG = "ekv-serve"
 MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+FD_RESERVE = 64  # file descriptors kept for the model, the engine, logs and the broker, not clients
+MAX_CONNECTIONS_DEFAULT = 1024
 API_KEY_ENV = "EKV_API_KEY"
 ADMIN_KEY_ENV = "EKV_ADMIN_KEY"
 
@@ -65,6 +68,8 @@ class ServeSettings:
     tenant: Optional[str] = None
     priority: int = 0
     guarantee_bytes: int = 0
+    header_timeout: float = 10.0
+    max_connections: int = 1024
 
 
 def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -111,6 +116,20 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", default="10", help="on SIGTERM/SIGINT, how long requests may finish (default 10)")
     p.add_argument("--max-batch-tokens", default="2048", help="most tokens in one Engine step (default 2048)")
     p.add_argument("--max-body-bytes", metavar="SIZE", default="4M", help="largest request body (default 4M)")
+    p.add_argument(
+        "--header-timeout",
+        metavar="S",
+        default="10",
+        help="seconds a connection has to send a complete request head (after connecting or after its "
+        "previous response) before it is closed (default 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        help="open connections past which a new one closes the oldest still waiting for a request head "
+        f"(or gets 503); at most the open-file limit less {FD_RESERVE} (default: that, up to "
+        f"{MAX_CONNECTIONS_DEFAULT})",
+    )
     p.add_argument("--seed", default="0", help="seed of the default model's random weights (default 0)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
@@ -153,6 +172,24 @@ def _physical_memory() -> Optional[int]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
+
+
+def _max_connections(text: Optional[str]) -> int:
+    """``--max-connections``: the open-file limit less ``FD_RESERVE`` bounds it, so accept()
+    never runs out of descriptors while the cap holds."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = MAX_CONNECTIONS_DEFAULT * 1024 if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
+    if room < 1:
+        raise UsageError(f"the open-file limit ({soft}, ulimit -n) leaves no descriptors for connections")
+    if text is None:
+        return min(MAX_CONNECTIONS_DEFAULT, room)
+    value = int(_number("--max-connections", text, integer=True, low=1))
+    if value > room:
+        raise UsageError(
+            f"--max-connections {text} is above the open-file limit ({soft}, ulimit -n) less {FD_RESERVE}: "
+            f"at most {room}; raise the limit or lower --max-connections"
+        )
+    return value
 
 
 def _check_model_dir(path: str) -> None:
@@ -228,6 +265,8 @@ def resolve(argv: list[str]) -> ServeSettings:
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
     seed = int(_number("--seed", args.seed, integer=True, low=0, high=2**63 - 1))
+    header_timeout = _number("--header-timeout", args.header_timeout, integer=False, low=0.1, high=3600)
+    max_connections = _max_connections(args.max_connections)
     api_key = _check_key("--api-key", args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     admin_key = _check_key(
         "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
@@ -260,6 +299,8 @@ def resolve(argv: list[str]) -> ServeSettings:
         tenant=tenant,
         priority=priority,
         guarantee_bytes=guarantee,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
     )
 
 
