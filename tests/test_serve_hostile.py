@@ -82,10 +82,12 @@ def test_a_default_max_tokens_is_cut_to_the_kv_ceiling_and_errors_name_sent_fiel
     # a prompt with no room at all: the prompt is named, not a max_tokens nobody sent
     err = _assert_openai_error(_post(server, "/v1/completions", {"prompt": [8] * (KV_TOKENS + 1)}), 400, "prompt")
     assert "max_tokens" not in err["message"], err
-    # a sent max_completion_tokens past the ceiling is named as sent
+    # a sent max_completion_tokens past the ceiling is named as sent (the chat prompt is 6 tokens:
+    # ceil((6 + n - 1) / 16) pages of the ceiling's 96 hold n <= KV_TOKENS - 5)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2000}
     err = _assert_openai_error(_post(server, "/v1/chat/completions", body), 400, "max_completion_tokens")
-    assert "max_completion_tokens (2000)" in err["message"] and "max_tokens " not in err["message"], err
+    assert err["message"].startswith("prompt (") and "max_completion_tokens (2000) needs" in err["message"], err
+    assert "max_tokens" not in err["message"] and err["message"].endswith(f"at most {KV_TOKENS - 5} tokens fit"), err
 
 
 # ---------------------------------------------------------------------------- item 11 -------

@@ -176,7 +176,8 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "context_length_exceeded",
         )
     want = mt if mt is not None else room if default is None else min(default, room)
-    if _kv_fits(state, longest, want):
+    refusal = _kv_refusal(state, longest, want)
+    if refusal is None:
         return want
     fits = _kv_room(state, longest, want)
     if fits == 0:
@@ -188,25 +189,23 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
         )
     if mt is None:
         return fits
-    raise bad_request(
-        f"{param} ({mt}) does not fit this server's KV memory ceiling (--max-kv-bytes): after a prompt of "
-        f"{longest} tokens at most {fits} tokens fit; send {param} <= {fits}",
-        param,
-        "context_length_exceeded",
-    )
+    # the Engine's numbers, in the words of the field the client sent
+    message = refusal.removeprefix("add_request: ").replace("max_new_tokens", param)
+    raise bad_request(f"{message}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded")
 
 
-def _kv_fits(state: ServerState, prompt_tokens: int, max_tokens: int) -> bool:
-    """Whether the Engine's KV ceiling holds a request of this size. Asks the Engine's own check
-    with a stand-in prompt of the same length (the ceiling depends on the length only, and
-    token 0 is in every vocabulary), so an invalid prompt cannot pass for one that is too long."""
+def _kv_refusal(state: ServerState, prompt_tokens: int, max_tokens: int) -> Optional[str]:
+    """Why the Engine's KV ceiling cannot hold a request of this size, or None if it can. Asks
+    the Engine's own check with a stand-in prompt of the same length (the ceiling depends on
+    the length only, and token 0 is in every vocabulary), so an invalid prompt cannot pass
+    for one that is too long."""
     try:
         state.service.engine.check_request([0] * prompt_tokens, max_tokens)
-    except ValueError:
-        return False
+    except ValueError as exc:
+        return str(exc)
     except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
-        return True
-    return True
+        return None
+    return None
 
 
 def _kv_room(state: ServerState, prompt_tokens: int, upper: int) -> int:
@@ -215,7 +214,7 @@ def _kv_room(state: ServerState, prompt_tokens: int, upper: int) -> int:
     lo, hi = 0, upper  # lo fits (0 trivially), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _kv_fits(state, prompt_tokens, mid):
+        if _kv_refusal(state, prompt_tokens, mid) is None:
             lo = mid
         else:
             hi = mid
