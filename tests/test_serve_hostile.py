@@ -126,6 +126,7 @@ HOSTILE_400 = [
     ("/v1/chat/completions", '{"messages": "hi"}', "messages"),
     ("/v1/completions", '"just a string"', None),
     ("/v1/completions", b"\xff\xfe{}", None),
+    ("/v1/completions", b'{"prompt": "\xed\xa0\x80", "max_tokens": 1}', None),  # a surrogate encoded in UTF-8
 ]
 
 

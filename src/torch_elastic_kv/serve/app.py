@@ -39,7 +39,7 @@ __all__ = ["ServerState", "create_app"]
 MAX_CHOICES = 256  # prompts x n in one request
 # json.loads keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which no tokenizer
 # (and no UTF-8 response) can take; a valid pair decodes to one character and passes.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -104,13 +104,15 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        # decoded strictly here: json.loads(bytes) lets UTF-8-encoded surrogates through
+        text = body.decode(json.detect_encoding(body))
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply", code="invalid_json") from None
     # only a \uD800-\uDFFF escape can put a lone surrogate in a str: skip the walk without one
-    if _SURROGATE_ESCAPE.search(body):
+    if _SURROGATE_ESCAPE.search(text):
         where = _lone_surrogate(data)
         if where is not None:
             raise bad_request(
