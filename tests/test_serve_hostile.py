@@ -154,6 +154,20 @@ def test_hostile_values_never_5xx(server, tokenizer):
     assert r.status_code == 200, r.text
 
 
+def test_a_client_that_leaves_mid_body_logs_no_traceback(server):
+    parts = urlsplit(server.url)
+    log_before = len(server.log())
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    for _ in range(20):
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(head + b'{"prompt": "')
+            time.sleep(0.05)  # the handler is reading the body when the client goes
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+    time.sleep(0.5)
+    log = server.log()[log_before:]
+    assert "Traceback" not in log and len(log) < 2000, log[-3000:]
+
+
 # ---------------------------------------------------------------------------- item 12 -------
 @pytest.mark.parametrize("path", ["/admin/kv-budget", "/admin/sleep", "/admin/wake", "/admin/stats"])
 def test_admin_routes_are_404_for_every_method_when_admin_is_off(server, path):

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
@@ -330,6 +331,13 @@ def create_app(state: ServerState) -> FastAPI:
             message = f"no route {request.url.path}"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(error_body(message, exc.status_code, None, code), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        # the client went away while sending its body: nobody reads an answer, and a traceback
+        # per such connection would let anyone flood the log
+        _log.debug("%s %s: the client left before its body was read", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
