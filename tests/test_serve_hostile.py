@@ -32,7 +32,7 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess(["--max-kv-bytes", "12M", "--max-waiting", "64", "--drain-seconds", "2"])
+    s = ServerProcess(["--max-kv-bytes", "12M", "--max-waiting", "64", "--drain-seconds", "2", "--body-timeout", "2"])
     try:
         yield s
     finally:
@@ -166,6 +166,31 @@ def test_a_client_that_leaves_mid_body_logs_no_traceback(server):
     time.sleep(0.5)
     log = server.log()[log_before:]
     assert "Traceback" not in log and len(log) < 2000, log[-3000:]
+
+
+def test_a_trickled_body_is_408_after_the_body_timeout(server):
+    parts = urlsplit(server.url)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    answer = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=0.25) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head + b'{"prompt": "')
+        while time.monotonic() - t0 < 20:  # a byte every quarter second: never the whole body
+            try:
+                sock.send(b"a")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break  # closed by the server after its answer
+            answer += chunk
+        elapsed = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "timeout" and "--body-timeout" in body["error"]["message"], body
+    assert 2.0 <= elapsed < 10.0, elapsed
 
 
 # ---------------------------------------------------------------------------- item 12 -------

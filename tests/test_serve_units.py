@@ -90,6 +90,7 @@ def _bad_args(tmp_path):
         (["--host", "no such host.invalid"], "--host"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--header-timeout", "0"], "--header-timeout must be between 0.1 and 3600"),
+        (["--body-timeout", "never"], "--body-timeout must be a number"),
         (["--max-connections", "0"], "--max-connections must be >= 1"),
         (["--max-connections", str(10**9)], "above the open-file limit"),
         (["--tenant", "a"], "--tenant needs --broker"),

@@ -56,6 +56,7 @@ class ServerState:
     api_key: Optional[str] = None
     admin_key: Optional[str] = None
     max_body_bytes: int = 4 << 20
+    body_timeout: float = 30.0  # seconds for a request body to arrive once its head is in
     default_max_tokens: int = 16  # completions without max_tokens, as OpenAI
     model_card: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=P.now_seconds)
@@ -85,15 +86,7 @@ def _is_admin_path(path: str) -> bool:
     return path == "/admin" or path.startswith("/admin/")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes (read no further), 400 if it is not JSON."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body ({length} bytes) is over the limit ({limit} bytes)", code="too_large")
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -101,7 +94,31 @@ async def _read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise APIError(413, f"the request body is over the limit ({limit} bytes)", code="too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes (read no further), 408 if it has not all
+    arrived within the server's ``body_timeout`` (a client trickling it holds a connection and
+    a task), 400 if it is not JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body ({length} bytes) is over the limit ({limit} bytes)", code="too_large")
+    timeout = request.app.state.server.body_timeout
+    try:
+        body = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        # the connection is closed after the answer: what is left of the body would be misread
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g}s (--body-timeout)",
+            code="timeout",
+            headers={"Connection": "close"},
+        ) from None
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
     try:

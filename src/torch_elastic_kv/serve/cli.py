@@ -69,6 +69,7 @@ class ServeSettings:
     priority: int = 0
     guarantee_bytes: int = 0
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     max_connections: int = 1024
 
 
@@ -122,6 +123,13 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="10",
         help="seconds a connection has to send a complete request head (after connecting or after its "
         "previous response) before it is closed (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        metavar="S",
+        default="30",
+        help="seconds a request body has to arrive once its head is in; later is 408 and the connection "
+        "is closed (default 30)",
     )
     p.add_argument(
         "--max-connections",
@@ -266,6 +274,7 @@ def resolve(argv: list[str]) -> ServeSettings:
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
     seed = int(_number("--seed", args.seed, integer=True, low=0, high=2**63 - 1))
     header_timeout = _number("--header-timeout", args.header_timeout, integer=False, low=0.1, high=3600)
+    body_timeout = _number("--body-timeout", args.body_timeout, integer=False, low=0.1, high=3600)
     max_connections = _max_connections(args.max_connections)
     api_key = _check_key("--api-key", args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     admin_key = _check_key(
@@ -300,6 +309,7 @@ def resolve(argv: list[str]) -> ServeSettings:
         priority=priority,
         guarantee_bytes=guarantee,
         header_timeout=header_timeout,
+        body_timeout=body_timeout,
         max_connections=max_connections,
     )
 

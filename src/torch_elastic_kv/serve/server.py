@@ -119,6 +119,7 @@ def build_state(settings: ServeSettings) -> ServerState:
         api_key=settings.api_key,
         admin_key=settings.admin_key,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
         model_card=card,
     )
 
