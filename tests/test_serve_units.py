@@ -180,6 +180,61 @@ def test_flood_log_lines_are_rate_limited():
     assert flt.filter(again) and "(1000 more in the last" in again.getMessage()
 
 
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class _FakeConnection:
+    """What the guard reads of uvicorn's protocol: the shared set, the transport, the loop."""
+
+    def __init__(self, connections: set, loop: asyncio.AbstractEventLoop) -> None:
+        self.connections, self.loop, self.transport = connections, loop, _FakeTransport()
+        connections.add(self)
+
+
+def test_connection_guard_evicts_the_oldest_waiting_then_refuses_with_503():
+    from torch_elastic_kv.serve.server import _ConnectionGuard
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        guard, live = _ConnectionGuard(header_timeout=0.3, max_connections=2), set()
+
+        def connect() -> _FakeConnection:
+            conn = _FakeConnection(live, loop)
+            if guard.admit(conn):
+                guard.wait_for_head(conn)
+            return conn
+
+        a, b = connect(), connect()
+        c = connect()  # over the cap: the oldest still waiting for a head (a) is closed
+        assert a.transport.closed and not b.transport.closed and not c.transport.closed
+        live.discard(a)
+        guard.head_received(b)  # b and c have requests in progress now
+        guard.head_received(c)
+        d = connect()  # nobody to evict: 503 in OpenAI's shape, then closed
+        assert d.transport.closed and d.transport.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"retry-after: 1\r\n" in d.transport.written and b'"code": "overloaded"' in d.transport.written
+        assert not b.transport.closed and not c.transport.closed  # requests in progress are never touched
+        live.discard(d)
+        live.discard(c)
+        e = connect()
+        await asyncio.sleep(0.6)  # no head within the timeout: closed
+        assert e.transport.closed and not b.transport.closed and not guard.waiting
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------------------- text ----------
 def test_incremental_detokenizer_equals_full_decode(tokenizer):
     g = torch.Generator().manual_seed(0)
