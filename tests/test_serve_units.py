@@ -7,6 +7,7 @@ and break one request on purpose to show that only that request fails.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def _bad_args(tmp_path):
         (["--admin-key", "has space"], "--admin-key"),
         (["--host", "no such host.invalid"], "--host"),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--header-timeout", "0"], "--header-timeout must be between 0.1 and 3600"),
+        (["--body-timeout", "never"], "--body-timeout must be a number"),
+        (["--max-connections", "0"], "--max-connections must be >= 1"),
+        (["--max-connections", str(10**9)], "above the open-file limit"),
         (["--tenant", "a"], "--tenant needs --broker"),
         (["--priority", "01"], "--priority needs --broker"),
         (["--guarantee", "4M"], "--guarantee needs --broker"),
@@ -142,6 +147,94 @@ def test_resolve_reads_sizes_keys_and_static_pool(monkeypatch):
     assert cli.resolve(["--api-key", "flag", "--device", "cpu"]).api_key == "flag"  # the flag wins
 
 
+def test_max_connections_stays_below_the_open_file_limit(monkeypatch):
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda what: (256, 4096))
+    s = cli.resolve(["--device", "cpu"])
+    assert (s.max_connections, s.header_timeout) == (256 - cli.FD_RESERVE, 10.0)
+    assert cli.resolve(["--device", "cpu", "--max-connections", "100"]).max_connections == 100
+    with pytest.raises(cli.UsageError, match=r"--max-connections 193 is above the open-file limit \(256"):
+        cli.resolve(["--device", "cpu", "--max-connections", "193"])
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda what: (65536, 65536))
+    assert cli.resolve(["--device", "cpu"]).max_connections == cli.MAX_CONNECTIONS_DEFAULT
+
+
+def test_flood_log_lines_are_rate_limited():
+    from torch_elastic_kv.serve.server import REPORT_SECONDS, _RateLimitFilter
+
+    now = [100.0]
+    flt = _RateLimitFilter("socket.accept() out of system resource", clock=lambda: now[0])
+    error = OSError(24, "Too many open files")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (OSError, error, None))
+
+    first = record("socket.accept() out of system resource\nexception: ...")
+    assert flt.filter(first) and first.exc_info is None
+    assert first.getMessage() == (
+        f"torch_elastic_kv serve: socket.accept() out of system resource: {error} (0 more in the last {REPORT_SECONDS:g}s)"
+    )
+    assert [flt.filter(record("socket.accept() out of system resource")) for _ in range(1000)] == [False] * 1000
+    assert flt.filter(record("something else"))  # other lines pass untouched
+    now[0] += REPORT_SECONDS
+    again = record("socket.accept() out of system resource")
+    assert flt.filter(again) and "(1000 more in the last" in again.getMessage()
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class _FakeConnection:
+    """What the guard reads of uvicorn's protocol: the shared set, the transport, the loop."""
+
+    def __init__(self, connections: set, loop: asyncio.AbstractEventLoop) -> None:
+        self.connections, self.loop, self.transport = connections, loop, _FakeTransport()
+        connections.add(self)
+
+
+def test_connection_guard_evicts_the_oldest_waiting_then_refuses_with_503():
+    from torch_elastic_kv.serve.server import _ConnectionGuard
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        guard, live = _ConnectionGuard(header_timeout=0.3, max_connections=2), set()
+
+        def connect() -> _FakeConnection:
+            conn = _FakeConnection(live, loop)
+            if guard.admit(conn):
+                guard.wait_for_head(conn)
+            return conn
+
+        a, b = connect(), connect()
+        c = connect()  # over the cap: the oldest still waiting for a head (a) is closed
+        assert a.transport.closed and not b.transport.closed and not c.transport.closed
+        live.discard(a)
+        guard.head_received(b)  # b and c have requests in progress now
+        guard.head_received(c)
+        d = connect()  # nobody to evict: 503 in OpenAI's shape, then closed
+        assert d.transport.closed and d.transport.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"retry-after: 1\r\n" in d.transport.written and b'"code": "overloaded"' in d.transport.written
+        assert not b.transport.closed and not c.transport.closed  # requests in progress are never touched
+        live.discard(d)
+        live.discard(c)
+        e = connect()
+        await asyncio.sleep(0.6)  # no head within the timeout: closed
+        assert e.transport.closed and not b.transport.closed and not guard.waiting
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------------------- text ----------
 def test_incremental_detokenizer_equals_full_decode(tokenizer):
     g = torch.Generator().manual_seed(0)
@@ -160,6 +253,17 @@ def test_incremental_detokenizer_holds_back_partial_characters(tokenizer):
     assert d.add(EOS_ID) == "" and d.flush() == ""
     d = IncrementalDetokenizer(tokenizer, [1])
     assert d.add(8 + euro[0]) == "" and d.flush() == "\ufffd"  # an incomplete character at the end
+
+
+def test_incremental_detokenizer_after_a_prompt_that_ends_inside_a_character(tokenizer):
+    # the prompt ends with the first byte of "€"; the output starts with a lone continuation byte
+    prompt = tokenizer.encode("price: ") + [8 + 0xE2]
+    for out in ([8 + 0x82, 8 + ord("A")], [8 + 0x82, 8 + 0xAC, 8 + ord("!")], [8 + 0xBF]):
+        d = IncrementalDetokenizer(tokenizer, prompt)
+        text = "".join(d.add(t) for t in out) + d.flush()
+        assert text == tokenizer.decode(out, skip_special_tokens=True), out
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    assert [d.add(8 + 0x82), d.add(8 + ord("A"))] == ["", "\ufffdA"]
 
 
 def test_incremental_detokenizer_keeps_leading_spaces_in_context():

@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
@@ -36,6 +38,10 @@ _log = logging.getLogger(__name__)
 __all__ = ["ServerState", "create_app"]
 
 MAX_CHOICES = 256  # prompts x n in one request
+# json.loads keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which no tokenizer
+# (and no UTF-8 response) can take; a valid pair decodes to one character and passes.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ServerState:
     api_key: Optional[str] = None
     admin_key: Optional[str] = None
     max_body_bytes: int = 4 << 20
+    body_timeout: float = 30.0  # seconds for a request body to arrive once its head is in
     default_max_tokens: int = 16  # completions without max_tokens, as OpenAI
     model_card: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=P.now_seconds)
@@ -75,15 +82,11 @@ def _require_admin(state: ServerState, request: Request) -> None:
         raise unauthorized()
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+def _is_admin_path(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes (read no further), 400 if it is not JSON."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body ({length} bytes) is over the limit ({limit} bytes)", code="too_large")
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -91,13 +94,73 @@ async def _read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise APIError(413, f"the request body is over the limit ({limit} bytes)", code="too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes (read no further), 408 if it has not all
+    arrived within the server's ``body_timeout`` (a client trickling it holds a connection and
+    a task), 400 if it is not JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body ({length} bytes) is over the limit ({limit} bytes)", code="too_large")
+    timeout = request.app.state.server.body_timeout
+    try:
+        body = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        # the connection is closed after the answer: what is left of the body would be misread
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g}s (--body-timeout)",
+            code="timeout",
+            headers={"Connection": "close"},
+        ) from None
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        # decoded strictly here: json.loads(bytes) lets UTF-8-encoded surrogates through
+        text = body.decode(json.detect_encoding(body))
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
+    # only a \uD800-\uDFFF escape can put a lone surrogate in a str: skip the walk without one
+    if _SURROGATE_ESCAPE.search(text):
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise bad_request(
+                f"the request body has a lone UTF-16 surrogate in a string at {where or 'the top level'}: "
+                "it is not a Unicode character",
+                where or None,
+                "invalid_json",
+            )
+    return data
+
+
+def _lone_surrogate(data: Any) -> Optional[str]:
+    """The dotted path of a string (or object key) holding a lone surrogate, or None.
+    Iterative: the body may be nested as deep as the JSON parser allows."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                safe = key.encode("utf-8", "backslashreplace").decode()  # the answer must encode too
+                child = f"{path}.{safe}" if path else safe
+                if _SURROGATE.search(key):
+                    return child
+                stack.append((item, child))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return None
 
 
 def _check_model(state: ServerState, model: Optional[str]) -> None:
@@ -108,7 +171,10 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
 
 
 def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
-    """``max_tokens`` checked against the context length for every prompt (OpenAI's message)."""
+    """``max_tokens`` for every prompt. Sent: checked against the context length (OpenAI's
+    message) and the KV ceiling, naming the field the client used. Not sent: ``default`` (None:
+    the rest of the context) cut to what the longest prompt leaves of the context and of the
+    KV ceiling, so an error never names a field the client did not send."""
     for i, ids in enumerate(prompts):
         if not ids:
             raise bad_request(f"prompt {i} is empty (0 tokens)", "prompt")
@@ -119,18 +185,60 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "prompt",
             "context_length_exceeded",
         )
-    mt = req.max_tokens if req.max_tokens is not None else default
-    if mt is None:
-        return state.max_positions - longest
-    if longest + mt > state.max_positions:
+    room = state.max_positions - longest
+    mt, param = req.max_tokens, req.max_tokens_param
+    if mt is not None and mt > room:
         raise bad_request(
             f"This model's maximum context length is {state.max_positions} tokens. However, you requested "
             f"{longest + mt} tokens ({longest} in the prompt, {mt} for the completion). Please reduce the "
-            "prompt or max_tokens.",
-            "max_tokens",
+            f"prompt or {param}.",
+            param,
             "context_length_exceeded",
         )
-    return mt
+    want = mt if mt is not None else room if default is None else min(default, room)
+    refusal = _kv_refusal(state, longest, want)
+    if refusal is None:
+        return want
+    fits = _kv_room(state, longest, want)
+    if fits == 0:
+        raise bad_request(
+            f"the prompt ({longest} tokens) leaves no room for a completion in this server's KV memory "
+            "ceiling (--max-kv-bytes); send a shorter prompt",
+            "prompt",
+            "context_length_exceeded",
+        )
+    if mt is None:
+        return fits
+    # the Engine's numbers, in the words of the field the client sent
+    message = refusal.removeprefix("add_request: ").replace("max_new_tokens", param)
+    raise bad_request(f"{message}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded")
+
+
+def _kv_refusal(state: ServerState, prompt_tokens: int, max_tokens: int) -> Optional[str]:
+    """Why the Engine's KV ceiling cannot hold a request of this size, or None if it can. Asks
+    the Engine's own check with a stand-in prompt of the same length (the ceiling depends on
+    the length only, and token 0 is in every vocabulary), so an invalid prompt cannot pass
+    for one that is too long."""
+    try:
+        state.service.engine.check_request([0] * prompt_tokens, max_tokens)
+    except ValueError as exc:
+        return str(exc)
+    except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
+        return None
+    return None
+
+
+def _kv_room(state: ServerState, prompt_tokens: int, upper: int) -> int:
+    """The most completion tokens, at most ``upper``, that the KV ceiling holds after a prompt
+    of ``prompt_tokens`` (0 if not one); ``upper`` itself is known not to fit."""
+    lo, hi = 0, upper  # lo fits (0 trivially), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _kv_refusal(state, prompt_tokens, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:
@@ -240,10 +348,20 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 405 and state.admin_key is None and _is_admin_path(request.url.path):
+            # a 405 would tell a scanner the admin route exists; with admin off it does not
+            exc = StarletteHTTPException(404)
         if exc.status_code == 404:
             message = f"no route {request.url.path}"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(error_body(message, exc.status_code, None, code), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        # the client went away while sending its body: nobody reads an answer, and a traceback
+        # per such connection would let anyone flood the log
+        _log.debug("%s %s: the client left before its body was read", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

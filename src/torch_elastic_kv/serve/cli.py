@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 import socket
 import stat
 import sys
@@ -26,6 +27,8 @@ __all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main"
 PROG = "ekv-serve"
 MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+FD_RESERVE = 64  # file descriptors kept for the model, the engine, logs and the broker, not clients
+MAX_CONNECTIONS_DEFAULT = 1024
 API_KEY_ENV = "EKV_API_KEY"
 ADMIN_KEY_ENV = "EKV_ADMIN_KEY"
 
@@ -68,6 +71,9 @@ class ServeSettings:
     budget_wait_seconds: float = 30.0
     broker_wait_seconds: float = 10.0
     broker_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
 
 
 def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -120,6 +126,27 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="30",
         help="a request that cannot run under the KV budget (or whose KV memory cannot be mapped) ends "
         "with 503 after waiting this long, unless the server sleeps (default 30)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        metavar="S",
+        default="10",
+        help="seconds a connection has to send a complete request head (after connecting or after its "
+        "previous response) before it is closed (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        metavar="S",
+        default="30",
+        help="seconds a request body has to arrive once its head is in; later is 408 and the connection "
+        "is closed (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        help="open connections past which a new one closes the oldest still waiting for a request head "
+        f"(or gets 503); at most the open-file limit less {FD_RESERVE} (default: that, up to "
+        f"{MAX_CONNECTIONS_DEFAULT})",
     )
     p.add_argument("--seed", default="0", help="seed of the default model's random weights (default 0)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -176,6 +203,24 @@ def _physical_memory() -> Optional[int]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
+
+
+def _max_connections(text: Optional[str]) -> int:
+    """``--max-connections``: the open-file limit less ``FD_RESERVE`` bounds it, so accept()
+    never runs out of descriptors while the cap holds."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = MAX_CONNECTIONS_DEFAULT * 1024 if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
+    if room < 1:
+        raise UsageError(f"the open-file limit ({soft}, ulimit -n) leaves no descriptors for connections")
+    if text is None:
+        return min(MAX_CONNECTIONS_DEFAULT, room)
+    value = int(_number("--max-connections", text, integer=True, low=1))
+    if value > room:
+        raise UsageError(
+            f"--max-connections {text} is above the open-file limit ({soft}, ulimit -n) less {FD_RESERVE}: "
+            f"at most {room}; raise the limit or lower --max-connections"
+        )
+    return value
 
 
 def _check_model_dir(path: str) -> None:
@@ -254,6 +299,9 @@ def resolve(argv: list[str]) -> ServeSettings:
     budget_wait = _number("--budget-wait-seconds", args.budget_wait_seconds, integer=False, low=0, high=86400)
     broker_wait = _number("--broker-wait-seconds", args.broker_wait_seconds, integer=False, low=0, high=86400)
     broker_timeout = _number("--broker-timeout", args.broker_timeout, integer=False, low=0.01, high=3600)
+    header_timeout = _number("--header-timeout", args.header_timeout, integer=False, low=0.1, high=3600)
+    body_timeout = _number("--body-timeout", args.body_timeout, integer=False, low=0.1, high=3600)
+    max_connections = _max_connections(args.max_connections)
     api_key = _check_key("--api-key", args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     admin_key = _check_key(
         "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
@@ -289,6 +337,9 @@ def resolve(argv: list[str]) -> ServeSettings:
         budget_wait_seconds=budget_wait,
         broker_wait_seconds=broker_wait,
         broker_timeout=broker_timeout,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
     )
 
 

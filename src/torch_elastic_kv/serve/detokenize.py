@@ -4,7 +4,8 @@ The Engine produces token ids; a client reads text. ``IncrementalDetokenizer`` t
 token into the text it adds: it decodes a short window that ends at the new token and takes
 what the window gained over the same window without it, starting the window a few tokens back
 so tokenizers whose pieces depend on their left neighbour (a leading space, a byte fallback)
-decode as they would in the full text, and holding text back while it ends in U+FFFD (a
+decode as they would in the full text (but never inside a character the prompt leaves
+incomplete: the output's text is that of its own tokens), and holding text back while it ends in U+FFFD (a
 multi-byte character whose bytes have not all arrived). ``StopStrings`` then finds the first
 stop string in the text so far, and says how much of the text is safe to send: a stream never
 shows a prefix of a stop string that the next token could complete.
@@ -38,6 +39,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # the window starts here
         self._read = len(self.ids)  # text of ids[:_read] has been returned
+        self._context_checked = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -51,7 +53,20 @@ class IncrementalDetokenizer:
         """The text held back (an incomplete character at the end), once no token follows."""
         return self._advance(final=True)
 
+    def _check_context(self) -> None:
+        # A prompt that ends inside a character would join its bytes with the first output
+        # tokens, which decode(output_ids) shows on their own: end the context before them.
+        # Done at the first token, where decoding already runs (not in the caller's thread).
+        self._context_checked = True
+        context = self.ids[: self._read]
+        while context and self._decode(context).endswith(_REPLACEMENT):
+            context.pop()
+        self.ids = context + self.ids[self._read :]
+        self._read = len(context)
+
     def _advance(self, final: bool) -> str:
+        if not self._context_checked:
+            self._check_context()
         if self._read == len(self.ids):
             return ""
         before = self._decode(self.ids[self._prefix : self._read])

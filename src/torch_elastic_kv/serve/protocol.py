@@ -122,6 +122,11 @@ class _Common(_Model):
         self.checked_stop()
 
     @property
+    def max_tokens_param(self) -> str:
+        """The field that carries ``max_tokens`` in this request, for error messages."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options is not None and self.stream_options.include_usage)
 
@@ -234,6 +239,10 @@ class ChatRequest(_Common):
             _unsupported("tools")
         if self.tool_choice not in (None, "none", "auto"):
             _unsupported("tool_choice")
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as the chat template reads them: role and text content."""

@@ -5,17 +5,26 @@ new requests and lets those in flight run for ``--drain-seconds``, then ends the
 ``finish_reason`` "abort"; once their responses are written the app's lifespan closes the
 Engine, which gives all KV memory back, and the process exits 0 (a second SIGINT exits at
 once, without the drain).
+
+Slow and idle clients: uvicorn has no deadline for a request head, so the h11 protocol runs
+under a ``_ConnectionGuard`` (``--header-timeout``, ``--max-connections``), and the log lines
+a connection flood repeats are rate-limited (``_RateLimitFilter``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import json
 import logging
 import socket
 import time
 from typing import Any, Optional
 
+import h11
 import torch
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..broker.client import BrokerClient
 from ..engine.engine import Engine
@@ -122,8 +131,152 @@ def build_state(settings: ServeSettings) -> ServerState:
         api_key=settings.api_key,
         admin_key=settings.admin_key,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
         model_card=card,
     )
+
+
+REPORT_SECONDS = 5.0  # at most one log line per this many seconds about refused or dropped connections
+
+
+class _ConnectionGuard:
+    """What uvicorn lacks against slow and idle clients: a deadline for each request head and a
+    cap on open connections below the open-file limit.
+
+    A connection must send a complete request head within ``header_timeout`` seconds of
+    connecting or of its previous response (bytes trickling in do not extend it), else it is
+    closed. Past ``max_connections``, a new connection closes the oldest one still waiting for
+    a head (a slow or idle client; a request in progress is never touched), or, when every
+    connection has a request in progress, is answered 503 and closed. Open connections thus
+    stay below the fd limit (a burst accepted in one go may still meet it once; asyncio then
+    pauses accept() for a second), and a client that sends its request at once (``/health``)
+    is served whatever a flood of silent connections does. Such closures are logged as one
+    summary line per ``REPORT_SECONDS``.
+    """
+
+    def __init__(self, header_timeout: float, max_connections: int) -> None:
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.waiting: collections.OrderedDict[Any, asyncio.TimerHandle] = collections.OrderedDict()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._report: Optional[asyncio.TimerHandle] = None
+
+    def protocol_class(self) -> type[asyncio.Protocol]:
+        """uvicorn's h11 protocol class bound to this guard (``uvicorn.Config(http=...)``)."""
+        guard = self
+
+        class GuardedH11Protocol(H11Protocol):
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                super().connection_made(transport)
+                if guard.admit(self):
+                    guard.wait_for_head(self)
+
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                if self.conn.their_state is not h11.IDLE:
+                    guard.head_received(self)
+
+            def on_response_complete(self) -> None:
+                super().on_response_complete()
+                if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                    guard.wait_for_head(self)  # keep-alive: the next head has the same deadline
+
+            def connection_lost(self, exc: Optional[Exception]) -> None:
+                guard.head_received(self)
+                super().connection_lost(exc)
+
+        return GuardedH11Protocol
+
+    def admit(self, conn: Any) -> bool:
+        """Make room for ``conn`` (just connected); False if it was refused and closed."""
+        if len(conn.connections) <= self.max_connections:
+            return True
+        if self.waiting:  # conn is not in it yet
+            oldest = next(iter(self.waiting))
+            self.head_received(oldest)
+            oldest.transport.close()
+            self._count(
+                f"closed while waiting for a request head, to stay under --max-connections {self.max_connections}"
+            )
+            return True
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"too many connections (--max-connections {self.max_connections}); retry later",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "overloaded",
+                }
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        conn.transport.write(head.encode() + body)
+        conn.transport.close()
+        self._count("refused with 503: every connection had a request in progress")
+        return False
+
+    def wait_for_head(self, conn: Any) -> None:
+        self.head_received(conn)
+        self.waiting[conn] = conn.loop.call_later(self.header_timeout, self._expire, conn)
+
+    def head_received(self, conn: Any) -> None:
+        timer = self.waiting.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, conn: Any) -> None:
+        if self.waiting.pop(conn, None) is not None and not conn.transport.is_closing():
+            conn.transport.close()
+            self._count(f"closed without a complete request head within --header-timeout {self.header_timeout:g}s")
+
+    def _count(self, what: str) -> None:
+        self._counts[what] += 1
+        if self._report is None:
+            self._report = asyncio.get_running_loop().call_later(REPORT_SECONDS, self._log_counts)
+
+    def _log_counts(self) -> None:
+        self._report = None
+        for what, n in self._counts.items():
+            _log.warning("torch_elastic_kv serve: %d connection(s) %s in the last %gs", n, what, REPORT_SECONDS)
+        self._counts.clear()
+
+
+class _RateLimitFilter(logging.Filter):
+    """One line per ``REPORT_SECONDS`` for a log message a flood repeats once per connection
+    (asyncio's accept() error when file descriptors run out, uvicorn's invalid request), with
+    the count of those left out and without the traceback."""
+
+    def __init__(self, prefix: str, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.clock = clock
+        self._last: Optional[float] = None
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        now = self.clock()
+        if self._last is not None and now - self._last < REPORT_SECONDS:
+            self._suppressed += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        detail = f": {error}" if error is not None else ""
+        record.msg = "torch_elastic_kv serve: %s%s (%d more in the last %gs)"
+        record.args = (self.prefix, detail, self._suppressed, REPORT_SECONDS)
+        record.exc_info, record.exc_text = None, None
+        self._last, self._suppressed = now, 0
+        return True
+
+
+# (logger, message prefix) of the lines a connection flood repeats
+_FLOOD_MESSAGES = (
+    ("asyncio", "socket.accept() out of system resource"),
+    ("uvicorn.error", "Invalid HTTP request received."),
+)
 
 
 class _Server(uvicorn.Server):
@@ -175,12 +328,16 @@ def run(settings: ServeSettings, sock: socket.socket) -> int:
         settings.device,
         time.perf_counter() - t0,
     )
+    guard = _ConnectionGuard(settings.header_timeout, settings.max_connections)
+    filters = [(logging.getLogger(name), _RateLimitFilter(prefix)) for name, prefix in _FLOOD_MESSAGES]
+    for logger, flt in filters:
+        logger.addFilter(flt)
     config = uvicorn.Config(
         create_app(state),
         log_config=None,
         access_log=False,
         lifespan="on",
-        http="h11",
+        http=guard.protocol_class(),
         ws="none",
         loop="asyncio",
         # a backstop only: the drain ends every request by --drain-seconds
@@ -188,5 +345,9 @@ def run(settings: ServeSettings, sock: socket.socket) -> int:
     )
     sock.listen(2048)
     server = _Server(config, state, settings.drain_seconds, sock)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for logger, flt in filters:
+            logger.removeFilter(flt)
     return 0

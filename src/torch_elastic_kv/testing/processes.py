@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -63,10 +64,16 @@ class _Stoppable:
 class ServerProcess(_Stoppable):
     """A server subprocess; ``url`` once it listens, ``lines`` its stderr so far.
 
-    ``wait=False`` returns at once (start several, then ``wait_ready`` each)."""
+    ``wait=False`` returns at once (start several, then ``wait_ready`` each); ``preexec_fn``
+    runs in the child before it starts (a lower ``RLIMIT_NOFILE``, say)."""
 
     def __init__(
-        self, args: list[str], env: Optional[dict[str, str]] = None, start_timeout: float = 180.0, wait: bool = True
+        self,
+        args: list[str],
+        env: Optional[dict[str, str]] = None,
+        start_timeout: float = 180.0,
+        wait: bool = True,
+        preexec_fn: Optional[Callable[[], None]] = None,
     ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch_elastic_kv", "serve", "--port", "0", *args],
@@ -75,6 +82,7 @@ class ServerProcess(_Stoppable):
             stderr=subprocess.PIPE,
             text=True,
             env=package_env(env),
+            preexec_fn=preexec_fn,  # e.g. lower a resource limit in the child
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []
