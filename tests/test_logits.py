@@ -10,57 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    SequenceBiasLogitsProcessor,
-)
+from transformers import MinPLogitsWarper
 
+from logits_helpers import hf_greedy, hf_processors, plain_logits, request
 from torch_elastic_kv import ElasticPolicy, Engine
 from torch_elastic_kv.engine.logits import min_p_filter, process_logits
-from torch_elastic_kv.engine.request import Request, SamplingParams
+from torch_elastic_kv.engine.request import SamplingParams
 from torch_elastic_kv.engine.runner import ModelRunner
 from torch_elastic_kv.serve.default_model import EOS_ID, build_default_model, build_default_tokenizer
 
 VOCAB = 40
-
-
-def request(prompt: list[int], output: list[int], eos=(2,), **sampling) -> Request:
-    r = Request(0, prompt, 16, 0, 0.0, eos_token_ids=frozenset(eos), sampling=SamplingParams(**sampling))
-    r.token_ids.extend(output)
-    return r
-
-
-class PresenceFrequency:
-    """OpenAI's presence/frequency penalties over the output tokens, written out plainly."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores.clone()
-        output = input_ids[0, self.prompt_len :].tolist()
-        for t in sorted(set(output)):
-            out[0, t] = out[0, t] - self.frequency * float(output.count(t))
-            out[0, t] = out[0, t] - self.presence
-        return out
-
-
-def hf_processors(r: Request) -> LogitsProcessorList:
-    """transformers' processors for ``r``'s sampling, in the order engine.logits applies them."""
-    p = r.sampling
-    procs = LogitsProcessorList()
-    if p.min_tokens:
-        procs.append(MinNewTokensLengthLogitsProcessor(r.prompt_len, p.min_tokens, sorted(r.eos_token_ids)))
-    if p.logit_bias:
-        procs.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in p.logit_bias]))
-    if p.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
-    if p.presence_penalty or p.frequency_penalty:
-        procs.append(PresenceFrequency(r.prompt_len, p.presence_penalty, p.frequency_penalty))
-    return procs
 
 
 def test_batched_processing_equals_transformers_processors_row_by_row():
@@ -139,11 +98,6 @@ def tokenizer():
     return build_default_tokenizer()
 
 
-def plain_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
 def test_engine_refuses_bad_bias_and_min_tokens_unchanged(model):
     with Engine(model, policy=ElasticPolicy(max_bytes=16 << 20), background=False) as e:
         with pytest.raises(ValueError, match=r"logit_bias token id 264 is outside the vocabulary \[0, 264\)"):
@@ -185,20 +139,6 @@ def test_logprobs_equal_log_softmax_of_a_plain_forward(model, tokenizer):
             assert all(abs(lp - row[t].item()) < 1e-5 for t, lp in g.top)
 
 
-def hf_greedy(model, prompt: list[int], n: int, sampling: dict) -> list[int]:
-    """A plain transformers loop: full forward each step, the processors, argmax, EOS stops."""
-    r = request(prompt, [], eos=(EOS_ID,), **sampling)
-    procs = hf_processors(r)
-    ids = list(prompt)
-    for _ in range(n):
-        scores = procs(torch.tensor([ids]), plain_logits(model, ids)[-1:].clone())
-        token = int(scores.argmax(-1))
-        ids.append(token)
-        if token == EOS_ID:
-            break
-    return ids[len(prompt) :]
-
-
 @pytest.mark.parametrize(
     "sampling",
     [
@@ -211,7 +151,7 @@ def hf_greedy(model, prompt: list[int], n: int, sampling: dict) -> list[int]:
 )
 def test_greedy_with_processing_equals_a_plain_transformers_loop(model, tokenizer, sampling):
     prompt = tokenizer.encode("the the the cat sat on the mat")
-    want = hf_greedy(model, prompt, 16, sampling)
+    want = hf_greedy(model, prompt, 16, sampling, EOS_ID)
     with Engine(model, policy=ElasticPolicy(max_bytes=16 << 20), background=False) as e:
         plain, processed = e.generate([prompt, prompt], 16, EOS_ID, None)[0], None
         rid_plain = e.add_request(prompt, 16, EOS_ID)
