@@ -212,6 +212,30 @@ def test_penalties_change_tokens_as_transformers_processors(server, model, tok, 
     assert plain.choices[0].model_extra["token_ids"] != got  # the field did change the tokens
 
 
+def test_min_tokens_defers_stop_strings_as_vllm(server):
+    c = client(server)
+    prompt = "the cat sat on"
+    plain = c.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"return_token_ids": True}
+    )
+    ids = plain.choices[0].model_extra["token_ids"]
+    text = plain.choices[0].text
+    stop = text[1]  # a stop string the plain output meets at once
+    cut = c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.usage.completion_tokens < 8
+    held = c.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        extra_body={"min_tokens": 8, "return_token_ids": True},
+    )
+    got = held.choices[0].model_extra["token_ids"]
+    assert held.usage.completion_tokens >= 8 and got == ids[: len(got)]  # EOS was not due before 8
+    assert held.choices[0].text.startswith(text[: text.index(stop) + 1])
+
+
 # ------------------------------------------------------------------------- usage ------------
 def test_continuous_usage_stats_on_every_chunk_summing_right(server, tok):
     async def run():

@@ -355,7 +355,7 @@ class EngineService:
         delta = c.detok.add(token)
         if reason is not None:
             delta += c.detok.flush()
-        if c.stops.feed(delta) and reason is None:
+        if c.stops.feed(delta, check=len(c.token_ids) >= c.spec.sampling.get("min_tokens", 0)) and reason is None:
             reason = "stop"
             self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
         self._emit(c, reason)
