@@ -96,6 +96,13 @@ def test_chat_logprobs_equal_log_softmax_of_the_model(server, model, tok):
         assert all(abs(e.logprob - v) < TOL for e, v in zip(entry.top_logprobs, top.values.tolist()))
     plain = client(server).chat.completions.create(model=MODEL, messages=MSG, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    streamed = []
+    for ch in client(server).chat.completions.create(
+        model=MODEL, messages=MSG, max_tokens=8, temperature=0, logprobs=True, top_logprobs=4, stream=True
+    ):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
 
 
 def test_completion_logprobs_async_plain_and_streamed(server, model, tok):

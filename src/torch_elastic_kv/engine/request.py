@@ -10,6 +10,7 @@ simply a sequence whose ``num_computed`` went back to 0 — the same rule covers
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -118,9 +119,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @functools.cached_property
     def processes_logits(self) -> bool:
-        """True when the raw logits row changes before temperature (``engine.logits``)."""
+        """True when the raw logits row changes before temperature (``engine.logits``); asked
+        per request per step, so computed once."""
         return bool(
             self.min_tokens
             or self.logit_bias
