@@ -38,6 +38,7 @@ import torch
 from .._util import ceil_div, is_int
 from ..hf.compat import kv_geometry
 from ..kv.swap import SwapSpace
+from .logits import TokenLogprob
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
 from .protocols import EngineBroker, EngineCache, EnginePool
@@ -348,6 +349,15 @@ class Engine:
         else:
             raise ValueError(f"add_request: eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
         params = SamplingParams.coerce(sampling)
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                raise ValueError(
+                    f"add_request: logit_bias token id {token} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if params.min_tokens > max_new_tokens:
+            raise ValueError(
+                f"add_request: min_tokens ({params.min_tokens}) is more than max_new_tokens ({max_new_tokens})"
+            )
         # never fits: its own KV at full length exceeds the ceiling (the policy's max_bytes within
         # the pool's reservation). A temporary cut (set_budget, the pressure hook) only delays it:
         # such a request queues until the budget comes back.
@@ -711,6 +721,16 @@ class Engine:
         with self._inbox_lock:
             seqs = list(self._requests.values())
         return [s.info() for s in seqs]
+
+    def logprobs(self, request_id: int) -> tuple[list[TokenLogprob], list[Optional[TokenLogprob]]]:
+        """The request's log-probabilities so far: one ``TokenLogprob`` per generated token (when
+        its sampling asked ``logprobs``) and one per prompt token, the first None (when it asked
+        ``prompt_logprobs``; filled as its prefill runs). Live lists: read them from the thread
+        that steps."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            raise ValueError(f"logprobs: unknown request id {request_id!r}")
+        return seq.logprobs, seq.prompt_logprobs
 
     def output_ids(self, request_id: int) -> list[int]:
         seq = self._requests.get(request_id)

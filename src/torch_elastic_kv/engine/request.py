@@ -10,6 +10,7 @@ simply a sequence whose ``num_computed`` went back to 0 — the same rule covers
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,13 +41,26 @@ def _is_real(value: Any) -> bool:
 class SamplingParams:
     """How the next token is chosen. ``temperature == 0`` is greedy (the default).
 
-    ``seed`` makes sampling reproducible per request, independent of batching.
+    ``seed`` makes sampling reproducible per request, independent of batching. The logits
+    processing fields (``min_tokens``, ``logit_bias`` as ``(token_id, bias)`` pairs or a dict,
+    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``) and ``min_p`` are
+    applied in the order ``engine.logits`` gives; their neutral values cost nothing.
+    ``logprobs``: record each generated token's log-probability and that many top ones (None:
+    none); ``prompt_logprobs``: the same for every prompt token but the first.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
+    min_p: float = 0.0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -61,6 +75,40 @@ class SamplingParams:
         seed = self.seed
         if seed is not None and (not is_int(seed) or not 0 <= seed < 2**64):
             raise ValueError(f"SamplingParams: seed must be None or an int in [0, 2**64), got {seed!r}")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"SamplingParams: min_p must be in [0, 1], got {self.min_p!r}")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"SamplingParams: min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
+            raise ValueError(f"SamplingParams: repetition_penalty must be a finite number > 0, got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"SamplingParams: {name} must be in [-2, 2], got {v!r}")
+        if isinstance(self.logit_bias, dict):  # {token_id: bias}, as clients write it
+            try:
+                pairs = tuple(sorted(self.logit_bias.items()))
+            except TypeError:
+                raise ValueError(
+                    f"SamplingParams: logit_bias keys must be token ids, got {self.logit_bias!r}"
+                ) from None
+            object.__setattr__(self, "logit_bias", pairs)
+        if not isinstance(self.logit_bias, tuple):
+            raise ValueError(f"SamplingParams: logit_bias must be a tuple of (token_id, bias), got {self.logit_bias!r}")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and is_int(pair[0]) and pair[0] >= 0):
+                raise ValueError(f"SamplingParams: logit_bias entries must be (token_id >= 0, bias), got {pair!r}")
+            if not _is_real(pair[1]) or not -100.0 <= pair[1] <= 100.0:
+                raise ValueError(
+                    f"SamplingParams: logit_bias for token {pair[0]} must be in [-100, 100], got {pair[1]!r}"
+                )
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError("SamplingParams: logit_bias names a token twice")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 0):
+                raise ValueError(f"SamplingParams: {name} must be None or an int >= 0, got {v!r}")
 
     def generator_seed(self, position: int) -> int:
         """Seed of the generator that samples the token at ``position`` (fits torch's 64 bits)."""
@@ -71,6 +119,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @functools.cached_property
+    def processes_logits(self) -> bool:
+        """True when the raw logits row changes before temperature (``engine.logits``); asked
+        per request per step, so computed once."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
+
     @classmethod
     def coerce(cls, value: Any) -> SamplingParams:
         """Accept None (greedy), a SamplingParams, or a dict of its fields."""
@@ -79,7 +139,7 @@ class SamplingParams:
         if isinstance(value, SamplingParams):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"temperature", "top_k", "top_p", "seed"}
+            unknown = set(value) - _FIELDS
             if unknown:
                 raise ValueError(f"sampling: unknown keys {sorted(unknown)}")
             return cls(**value)
@@ -87,6 +147,7 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 
 @dataclass(eq=False)
@@ -110,6 +171,10 @@ class Request:
     finish_time: Optional[float] = None
     finish_reason: Optional[str] = None  # "length", "eos", "cancelled", "error" (sampling failed)
     swap_handle: Any = None  # set by the swap space while SWAPPED
+    # engine.logits.TokenLogprob per generated token / per prompt token (the first: None),
+    # when sampling.logprobs / sampling.prompt_logprobs asks for them
+    logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

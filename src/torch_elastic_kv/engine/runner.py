@@ -5,7 +5,9 @@ where each request's tokens go (``set_packed_batch``), runs the model with the c
 samples one token for every chunk that ends a request's known tokens: greedy rows in one
 ``argmax``, the others in one batched temperature / top-k / top-p filter and inverse-CDF draw;
 a seeded request's uniform comes from its own generator, so it draws the same tokens however
-it is batched.
+it is batched. Requests with penalties, bias or ``min_tokens`` have their rows processed first
+(``logits``); log-probabilities, when asked, are of the raw logits, and a request asking for its
+prompt's makes the forward keep the logits of every prompt position of its chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..hf.compat import cache_keyword
+from .logits import min_p_filter, process_logits, token_logprobs
 from .request import Request
 from .scheduler import Batch
 
@@ -50,33 +53,64 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> dict[int, Optional[int]]:
         """One forward over the packed tokens; the sampled token per sampling request (None:
-        sampling failed for that request alone)."""
+        sampling failed for that request alone). Requests that ask for log-probabilities get
+        them appended to ``Request.logprobs`` / ``Request.prompt_logprobs``."""
         ids: list[int] = []
         entries: list[tuple[int, int, int]] = []
-        last: list[int] = []
+        keep_rows: list[int] = []  # packed positions whose logits the model returns
+        sample_rows: list[int] = []  # ... of them, the rows that sample (index into keep_rows)
         samplers: list[Request] = []
+        prompt_spans: list[tuple[Request, int, int, int]] = []  # (seq, first row, first position, count)
         for c in batch.chunks:
             seq = c.seq
+            base = len(ids)
             ids.extend(seq.token_ids[c.start : c.start + c.num_tokens])
             entries.append((seq.request_id, c.start, c.num_tokens))
+            if seq.sampling.prompt_logprobs is not None:
+                # the logits at position p score prompt token p + 1; positions already scored
+                # (before a recompute preemption) are not scored again
+                if not seq.prompt_logprobs:
+                    seq.prompt_logprobs.append(None)
+                lo = max(c.start, len(seq.prompt_logprobs) - 1)
+                hi = min(c.start + c.num_tokens, seq.prompt_len - 1)
+                if hi > lo:
+                    prompt_spans.append((seq, len(keep_rows), lo, hi - lo))
+                    keep_rows.extend(range(base + lo - c.start, base + hi - c.start))
             if c.samples:
-                last.append(len(ids) - 1)
+                if not keep_rows or keep_rows[-1] != len(ids) - 1:
+                    keep_rows.append(len(ids) - 1)
+                sample_rows.append(len(keep_rows) - 1)
                 samplers.append(seq)
         if self.device.type == "cuda":
             self.note_stream(torch.cuda.current_stream(self.device).cuda_stream)
         extra = self.cache.set_packed_batch(entries)
         kwargs = {k: v for k, v in extra.items() if k in ("position_ids", "attention_mask", "cache_position")}
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        keep: Any = torch.tensor(last, dtype=torch.long, device=self.device) if last else 1
+        keep: Any = torch.tensor(keep_rows, dtype=torch.long, device=self.device) if keep_rows else 1
         try:
             out = self.model(
                 input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True, logits_to_keep=keep, **kwargs
             )
         finally:
             self.cache.clear_packed_batch()
-        if not last:
+        if not keep_rows:
             return {}
-        return dict(zip((s.request_id for s in samplers), self.sample_batch(out.logits[0], samplers)))
+        logits = out.logits[0]
+        for seq, row, pos, count in prompt_spans:
+            targets = seq.token_ids[pos + 1 : pos + 1 + count]
+            n_top = seq.sampling.prompt_logprobs
+            seq.prompt_logprobs.extend(token_logprobs(logits[row : row + count], targets, [n_top] * count))
+        if not samplers:
+            return {}
+        rows = logits if len(sample_rows) == len(keep_rows) else logits[sample_rows]
+        tokens = self.sample_batch(rows, samplers)
+        want = [i for i, s in enumerate(samplers) if s.sampling.logprobs is not None and tokens[i] is not None]
+        if want:
+            chosen = [tokens[i] for i in want]
+            found = token_logprobs(rows[want], chosen, [samplers[i].sampling.logprobs for i in want])
+            for i, entry in zip(want, found):
+                samplers[i].logprobs.append(entry)
+        return dict(zip((s.request_id for s in samplers), tokens))
 
     @classmethod
     def sample_batch(cls, logits: torch.Tensor, requests: Sequence[Request]) -> list[Optional[int]]:
@@ -84,6 +118,8 @@ class ModelRunner:
         parameters: greedy rows in one ``argmax``, the others in one batched draw. None: sampling
         failed for that request alone (non-finite probabilities); it then finishes with reason
         "error" and the other requests of the step go on."""
+        if any(r.sampling.processes_logits for r in requests):
+            logits = process_logits(logits, requests)
         if all(r.sampling.greedy for r in requests):
             return logits.argmax(dim=-1).tolist()
         tokens: list[Optional[int]] = [None] * len(requests)
@@ -106,13 +142,15 @@ class ModelRunner:
     def filtered_probs(
         logits: torch.Tensor, requests: Sequence[Request]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Probabilities after temperature, top-k and top-p, row by row, as ``(probs, order)``:
+        """Probabilities after temperature, min-p, top-k and top-p, row by row, as ``(probs, order)``:
         with any top-k or top-p in the batch the columns are sorted by logit (``order`` maps a
         column back to its token id); without, ``order`` is None and columns are token ids."""
         device = logits.device
         params = [r.sampling for r in requests]
         x = logits.float() / torch.tensor([p.temperature for p in params], device=device)[:, None]
         vocab = x.shape[-1]
+        if any(p.min_p for p in params):
+            x = min_p_filter(x, torch.tensor([p.min_p for p in params], device=device))
         if not any(p.top_k or p.top_p < 1.0 for p in params):
             return torch.softmax(x, -1), None
         x, order = torch.sort(x, dim=-1, descending=True)

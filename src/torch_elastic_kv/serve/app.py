@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from . import protocol as P
 from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
 from .errors import APIError, bad_request, error_body, not_found, unauthorized
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .metrics import CONTENT_TYPE
 
 _log = logging.getLogger(__name__)
@@ -246,10 +247,15 @@ def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: i
     if len(prompts) * n > MAX_CHOICES:
         raise bad_request(f"{len(prompts)} prompts x n={n} is over {MAX_CHOICES} choices per request", "n")
     stop = tuple(req.checked_stop())
+    if req.min_tokens and req.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({req.min_tokens}) must not be more than max_tokens ({max_tokens})", "min_tokens"
+        )
+    bias = req.checked_logit_bias(state.service.engine.vocab_size) if req.logit_bias else None
     out = []
     for ids in prompts:
         for i in range(n):
-            s = P.to_sampling(req, i, state.eos_token_ids)
+            s = P.to_sampling(req, i, state.eos_token_ids, bias)
             out.append(ChoiceSpec(ids, max_tokens, s.sampling, s.eos_token_ids, stop))
     return out
 
@@ -271,8 +277,9 @@ def _chat_prompt(state: ServerState, req: P.ChatRequest) -> list[int]:
             "no_chat_template",
         )
     gen = True if req.add_generation_prompt is None else req.add_generation_prompt
+    kwargs = {"add_generation_prompt": gen, **(req.chat_template_kwargs or {})}  # vLLM lets them override
     try:
-        text = tok.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=gen)
+        text = tok.apply_chat_template(req.conversation(), tokenize=False, **kwargs)
     except Exception as exc:  # jinja's TemplateError, or raise_exception() in the template
         raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
     return _encode(tok, text, False)
@@ -401,13 +408,16 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(state, req.model)
         prompts = await asyncio.to_thread(_completion_prompts, state, req)
         max_tokens = _max_tokens(state, req, prompts, state.default_max_tokens)
-        specs = _specs(state, req, prompts, max_tokens)
+        # echo with max_tokens 0 scores the prompt: one token is generated and not returned (vLLM)
+        hide = max_tokens == 0
+        specs = _specs(state, req, prompts, max(1, max_tokens))
         sub = state.service.submit(specs, asyncio.get_running_loop())
         prompt_tokens = sum(len(p) for p in prompts)
         state.service.metrics.prompt_tokens.inc(prompt_tokens)
         rid, created = P.new_id("cmpl"), P.now_seconds()
+        echo = _Echo(state, req, prompts, hide)
         if req.stream:
-            return _stream(state, sub, req, rid, created, prompt_tokens, prompts, chat=False)
+            return _stream(state, sub, req, rid, created, prompt_tokens, prompts, chat=False, echo=echo)
         per_choice = await _wait_or_disconnect(request, state, sub)
         if per_choice is None:
             return Response(status_code=499)
@@ -415,11 +425,15 @@ def create_app(state: ServerState) -> FastAPI:
         n = req.n or 1
         choices, completion_tokens = [], 0
         for i, events in enumerate(per_choice):
-            ids = [t for e in events for t in e.token_ids]
+            ids = [] if hide else [t for e in events for t in e.token_ids]
             completion_tokens += len(ids)
             extra = {"prompt_token_ids": prompts[i // n], "token_ids": ids} if req.return_token_ids else {}
-            text = "".join(e.text for e in events)
-            choices.append(P.completion_choice(i, text, events[-1].finish_reason, **extra))
+            text = "" if hide else "".join(e.text for e in events)
+            lps: Optional[list] = None
+            if req.logprobs is not None:
+                lps = [] if hide else [lp for e in events for lp in e.logprobs]
+            text, logprobs, _ = echo.shape(i // n, text, ids, lps, _prompt_logprobs(events), 0, True)
+            choices.append(P.completion_choice(i, text, events[-1].finish_reason, logprobs, **extra))
         body = P.completion_response(rid, state.model_name, created, choices, P.usage(prompt_tokens, completion_tokens))
         return JSONResponse(body)
 
@@ -441,11 +455,14 @@ def create_app(state: ServerState) -> FastAPI:
             return Response(status_code=499)
         _raise_if_failed(per_choice)
         choices, completion_tokens = [], 0
+        token_text = TokenText(state.tokenizer)
         for i, events in enumerate(per_choice):
             ids = [t for e in events for t in e.token_ids]
             completion_tokens += len(ids)
             extra = {"token_ids": ids} if req.return_token_ids else {}
-            choices.append(P.chat_choice(i, "".join(e.text for e in events), events[-1].finish_reason, **extra))
+            logprobs = chat_logprobs(token_text, [lp for e in events for lp in e.logprobs]) if req.logprobs else None
+            text = "".join(e.text for e in events)
+            choices.append(P.chat_choice(i, text, events[-1].finish_reason, logprobs, **extra))
         body = P.chat_response(rid, state.model_name, created, choices, P.usage(len(prompt), completion_tokens))
         if req.return_token_ids:
             body["prompt_token_ids"] = prompt
@@ -478,6 +495,49 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def _prompt_logprobs(events: list[ChoiceEvent]) -> Optional[tuple[Any, ...]]:
+    return next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+
+
+class _Echo:
+    """A completion's ``echo`` and ``logprobs``: the prompt's text (as sent, or decoded from
+    its ids) before the first text of each choice, and the log-probabilities of the tokens a
+    chunk or body shows. ``hide``: the request had ``max_tokens`` 0 (the prompt alone)."""
+
+    def __init__(self, state: ServerState, req: P.CompletionRequest, prompts: list[list[int]], hide: bool) -> None:
+        self.on = bool(req.echo)
+        self.hide = hide
+        self.logprobs = req.logprobs
+        self.prompts = prompts
+        self.texts: list[str] = []
+        if self.on:
+            raw = req.prompts()
+            self.texts = [p if isinstance(p, str) else state.tokenizer.decode(p, skip_special_tokens=True) for p in raw]
+        self.token_text = TokenText(state.tokenizer)
+
+    def shape(
+        self,
+        prompt: int,
+        text: str,
+        ids: list[int],
+        lps: Optional[list[Any]],
+        prompt_lps: Optional[tuple[Any, ...]],
+        offset: int,
+        first: bool,
+    ) -> tuple[str, Optional[dict[str, Any]], int]:
+        """(text, logprobs, next text_offset) of a body or chunk showing tokens ``ids``."""
+        if self.on and first:
+            text = self.texts[prompt] + text
+            if lps is not None:
+                pids = self.prompts[prompt]
+                scored = list(prompt_lps) if prompt_lps is not None else [None] * len(pids)
+                ids, lps = pids + ids, scored + lps
+        if lps is None:
+            return text, None, offset
+        out = completion_logprobs(self.token_text, ids, lps, offset)
+        return text, out, offset + sum(len(t) for t in out["tokens"])
+
+
 def _stream(
     state: ServerState,
     sub: Submission,
@@ -487,17 +547,25 @@ def _stream(
     prompt_tokens: int,
     prompts: list[list[int]],
     chat: bool,
+    echo: Optional[_Echo] = None,
 ) -> StreamingResponse:
-    """Server-sent events: one chunk per choice event, a usage chunk if asked, ``[DONE]``."""
+    """Server-sent events: one chunk per choice event, a usage chunk if asked, ``[DONE]``.
+    With ``continuous_usage_stats`` every chunk carries the usage so far."""
     model = state.model_name
     n = req.n or 1
     with_ids = bool(req.return_token_ids)
+    with_logprobs = req.logprobs_wanted() is not None
+    token_text = TokenText(state.tokenizer)
+    completion_tokens = 0
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
-        return (P.chat_chunk if chat else P.completion_chunk)(rid, model, created, [choice])
+        use = P.usage(prompt_tokens, completion_tokens) if req.continuous_usage else None
+        return (P.chat_chunk if chat else P.completion_chunk)(rid, model, created, [choice], use)
 
     async def events() -> AsyncIterator[str]:
-        completion_tokens = 0
+        nonlocal completion_tokens
+        started: set[int] = set()  # choices whose first chunk went out (echo comes with it)
+        offsets = [0] * sub.n_choices  # text_offset of each choice's next token
         try:
             if chat:
                 for i in range(sub.n_choices):
@@ -510,23 +578,40 @@ def _stream(
                         yield _sse(_failure(e).body())
                         yield "data: [DONE]\n\n"
                         return
-                    completion_tokens += len(e.token_ids)
-                    if not (e.text or e.finish_reason or with_ids):
+                    hidden = echo is not None and echo.hide
+                    ids = () if hidden else e.token_ids
+                    completion_tokens += len(ids)
+                    first = e.index not in started
+                    echoing = echo is not None and echo.on and first
+                    if not (e.text or e.finish_reason or with_ids or (with_logprobs and ids) or echoing):
                         continue
+                    started.add(e.index)
                     extra: dict[str, Any] = {}
                     if with_ids:
-                        extra["token_ids"] = list(e.token_ids)
+                        extra["token_ids"] = list(ids)
                         if not chat:
                             extra["prompt_token_ids"] = prompts[e.index // n]
                     if chat:
                         delta = {"content": e.text} if e.text else {}
-                        choice = {"index": e.index, "delta": delta, "logprobs": None, "finish_reason": e.finish_reason}
+                        logprobs = chat_logprobs(token_text, e.logprobs) if with_logprobs else None
+                        choice = {
+                            "index": e.index,
+                            "delta": delta,
+                            "logprobs": logprobs,
+                            "finish_reason": e.finish_reason,
+                        }
                         choice.update(extra)
                     else:
-                        choice = P.completion_choice(e.index, e.text, e.finish_reason, **extra)
+                        assert echo is not None
+                        lps = list(e.logprobs) if with_logprobs and not hidden else ([] if with_logprobs else None)
+                        text = "" if hidden else e.text
+                        text, logprobs, offsets[e.index] = echo.shape(
+                            e.index // n, text, list(ids), lps, e.prompt_logprobs, offsets[e.index], first
+                        )
+                        choice = P.completion_choice(e.index, text, e.finish_reason, logprobs, **extra)
                     yield _sse(chunk(choice))
             if req.include_usage:
-                use = P.usage(prompt_tokens, completion_tokens)
+                use = P.usage(prompt_tokens, completion_tokens)  # also when continuous: the final sums
                 yield _sse((P.chat_chunk if chat else P.completion_chunk)(rid, model, created, [], use))
             yield "data: [DONE]\n\n"
         finally:

@@ -97,11 +97,15 @@ class StopStrings:
         self.text = ""
         self.stopped: Optional[str] = None  # the stop string found
 
-    def feed(self, delta: str) -> bool:
+    def feed(self, delta: str, check: bool = True) -> bool:
+        """Append ``delta``; ``check=False`` (a request short of its ``min_tokens``) only appends:
+        a stop string that ends in that text never stops the request, as in vLLM."""
         if self.stopped is not None or not delta:
             return self.stopped is not None
         start = max(0, len(self.text) - self._hold)  # a stop may begin in the old text
         self.text += delta
+        if not check:
+            return False
         best = -1
         for s in self.stops:
             i = self.text.find(s, start)

@@ -67,7 +67,9 @@ class ChoiceEvent:
     """What happened to one choice since the last event: text to send, the token ids that
     produced it, and, on the last event, ``finish_reason`` ("stop", "length", "abort") or
     ``error`` (the request failed inside the server: answered with HTTP ``status``, OpenAI's
-    error ``code`` and, if set, ``Retry-After: retry_after``)."""
+    error ``code`` and, if set, ``Retry-After: retry_after``). When its sampling asked for them:
+    ``logprobs``, one ``TokenLogprob`` per token id, and on the first event with a token,
+    ``prompt_logprobs`` (one per prompt token, the first None)."""
 
     index: int
     text: str
@@ -77,6 +79,8 @@ class ChoiceEvent:
     status: int = 500
     code: str = "internal_error"
     retry_after: Optional[int] = None
+    logprobs: tuple[Any, ...] = ()
+    prompt_logprobs: Optional[tuple[Any, ...]] = None
 
 
 @dataclass(eq=False)
@@ -89,6 +93,8 @@ class _Choice:
     arrival: float
     rid: int = -1
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: Optional[tuple[Any, ...]] = None  # until the first event carries them
     sent_chars: int = 0
     sent_tokens: int = 0
     first_token_time: Optional[float] = None
@@ -443,6 +449,14 @@ class EngineService:
 
     def _on_token(self, c: _Choice, token: int, now: float) -> None:
         c.token_ids.append(token)
+        if c.spec.sampling.get("logprobs") is not None or (
+            c.spec.sampling.get("prompt_logprobs") is not None and len(c.token_ids) == 1
+        ):
+            generated, prompt = self.engine.logprobs(c.rid)
+            if c.spec.sampling.get("logprobs") is not None:
+                c.logprobs.append(generated[len(c.token_ids) - 1])
+            if len(c.token_ids) == 1 and c.spec.sampling.get("prompt_logprobs") is not None:
+                c.prompt_logprobs = tuple(prompt)
         self.metrics.generation_tokens.inc()
         if c.first_token_time is None:
             c.first_token_time = now
@@ -458,7 +472,7 @@ class EngineService:
         delta = c.detok.add(token)
         if reason is not None:
             delta += c.detok.flush()
-        if c.stops.feed(delta) and reason is None:
+        if c.stops.feed(delta, check=len(c.token_ids) >= c.spec.sampling.get("min_tokens", 0)) and reason is None:
             reason = "stop"
             self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
         self._emit(c, reason)
@@ -479,9 +493,11 @@ class EngineService:
         ids = tuple(c.token_ids[c.sent_tokens :])
         if not (text or ids or final):
             return
+        logprobs = tuple(c.logprobs[c.sent_tokens :])
+        prompt_logprobs, c.prompt_logprobs = c.prompt_logprobs, None
         c.sent_chars = max(c.sent_chars, upto)
         c.sent_tokens = len(c.token_ids)
-        event = ChoiceEvent(c.index, text, ids, reason, error, status, code, retry_after)
+        event = ChoiceEvent(c.index, text, ids, reason, error, status, code, retry_after, logprobs, prompt_logprobs)
         if final:
             self._finished(c, reason or "error")
         if self._pending and self._pending[-1][0] is c.sub:

@@ -1,10 +1,13 @@
 """The OpenAI request bodies this server accepts, and the response bodies it writes.
 
 Requests are pydantic models in strict mode with unknown fields forbidden: a field this server
-does not know, or one it knows but cannot honour (``logprobs``, ``echo``, penalties, tools,
-...) set to anything but its neutral value, is a 400 naming the field, never silently ignored.
-Extensions, as in vLLM: ``top_k``, ``ignore_eos``, ``return_token_ids`` (the prompt's and each
-choice's token ids in the response), and for chat ``add_generation_prompt``.
+does not know, or one it knows but cannot honour (``suffix``, tools, ...) set to anything but
+its neutral value, is a 400 naming the field, never silently ignored. Extensions, as in vLLM:
+``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
+``return_token_ids`` (the prompt's and each choice's token ids in the response),
+``stream_options.continuous_usage_stats``, and for chat ``add_generation_prompt`` and
+``chat_template_kwargs``. Log-probabilities (chat ``logprobs``/``top_logprobs``, completions
+``logprobs`` and ``echo``) are built in ``logprobs``.
 
 ``to_sampling`` turns the checked fields into what ``Engine.add_request`` takes; the
 ``*_response`` / ``*_chunk`` functions build the JSON bodies (plain dicts: they are written
@@ -46,6 +49,13 @@ __all__ = [
 MAX_N = 128  # choices per prompt (OpenAI's own limit)
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # top log-probabilities per token (OpenAI's chat limit, vLLM's default max)
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+# apply_chat_template arguments a request may not set: they change what it returns, or (the
+# template itself) would run a client's Jinja in the server, which vLLM refuses by default too
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "chat_template"}
+)
 SEED_RANGE = (-(2**63), 2**64)  # any int64 or uint64, as clients send; used modulo 2**64
 
 
@@ -55,7 +65,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: Optional[bool] = None
-    continuous_usage_stats: Optional[bool] = None  # vLLM's; only false is honoured
+    continuous_usage_stats: Optional[bool] = None  # vLLM's: usage on every chunk (with include_usage)
 
 
 class _Common(_Model):
@@ -74,6 +84,9 @@ class _Common(_Model):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
+    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = None
+    min_tokens: Optional[int] = None
     user: Optional[str] = None
     ignore_eos: Optional[bool] = None
     return_token_ids: Optional[bool] = None
@@ -94,9 +107,26 @@ class _Common(_Model):
                 raise bad_request(f"stop: a stop string is at most {MAX_STOP_CHARS} characters, got {len(s)}", "stop")
         return list(dict.fromkeys(items))
 
-    def check_common(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+    def checked_logit_bias(self, vocab_size: int) -> dict[int, float]:
+        """``logit_bias`` as token id -> bias; 400 naming it for a key that is not a token id
+        of this model's vocabulary or a bias outside [-100, 100]."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() else -1
+            if not 0 <= token < vocab_size:
+                raise bad_request(
+                    f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})", "logit_bias"
+                )
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise bad_request(
+                    f"logit_bias: the bias for token {token} must be in [-100, 100], got {bias}", "logit_bias"
+                )
+            out[token] = float(bias)
+        return out
+
+    def check_common(self, min_max_tokens: int = 1) -> None:
+        if self.max_tokens is not None and self.max_tokens < min_max_tokens:
+            raise bad_request(f"max_tokens must be at least {min_max_tokens}, got {self.max_tokens}", "max_tokens")
         t = self.temperature
         if t is not None and not (math.isfinite(t) and 0.0 <= t <= 2.0):
             raise bad_request(f"temperature must be between 0 and 2, got {t}", "temperature")
@@ -111,14 +141,24 @@ class _Common(_Model):
             raise bad_request(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            _unsupported("stream_options.continuous_usage_stats")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if value is not None and value != 0:
-                _unsupported(name, "only 0 is supported")
-        if self.logit_bias:
-            _unsupported("logit_bias")
+            if value is not None and not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise bad_request(f"{name} must be between -2 and 2, got {value}", name)
+        rp = self.repetition_penalty
+        if rp is not None and not (math.isfinite(rp) and rp > 0):
+            raise bad_request(f"repetition_penalty must be a finite number > 0, got {rp}", "repetition_penalty")
+        if self.min_p is not None and not (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            raise bad_request(f"min_p must be between 0 and 1, got {self.min_p}", "min_p")
+        if self.min_tokens is not None:
+            if self.min_tokens < 0:
+                raise bad_request(f"min_tokens must be at least 0, got {self.min_tokens}", "min_tokens")
+            if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+                raise bad_request(
+                    f"min_tokens ({self.min_tokens}) must not be more than max_tokens ({self.max_tokens})", "min_tokens"
+                )
+        if self.logit_bias is not None and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}", "logit_bias")
         self.checked_stop()
 
     @property
@@ -129,6 +169,20 @@ class _Common(_Model):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options is not None and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every streamed chunk: vLLM's ``continuous_usage_stats``, which, as there,
+        needs ``include_usage`` too."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def logprobs_wanted(self) -> Optional[int]:
+        """Top log-probabilities per generated token (0: the chosen one's only), None: none."""
+        return None
+
+    def prompt_logprobs_wanted(self) -> Optional[int]:
+        """Top log-probabilities per prompt token, None: none."""
+        return None
 
 
 def _unsupported(field: str, detail: str = "") -> None:
@@ -146,15 +200,20 @@ class CompletionRequest(_Common):
     best_of: Optional[int] = None
 
     def check(self) -> None:
-        self.check_common()
-        if self.echo:
-            _unsupported("echo")
-        if self.logprobs is not None:
-            _unsupported("logprobs")
+        # max_tokens 0 with echo scores the prompt alone (vLLM's "echo without generation")
+        self.check_common(min_max_tokens=0 if self.echo else 1)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
         if self.suffix:
             _unsupported("suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
             _unsupported("best_of", "only best_of == n")
+
+    def logprobs_wanted(self) -> Optional[int]:
+        return self.logprobs
+
+    def prompt_logprobs_wanted(self) -> Optional[int]:
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompts as strings or token-id lists, in order; 400 for any other shape."""
@@ -215,6 +274,7 @@ class ChatRequest(_Common):
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: Optional[bool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:
@@ -229,10 +289,20 @@ class ChatRequest(_Common):
         self.check_common()
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
-        if self.logprobs:
-            _unsupported("logprobs")
-        if self.top_logprobs:
-            _unsupported("top_logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(
+                    f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}", "top_logprobs"
+                )
+            if not self.logprobs:
+                raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs may not set {', '.join(reserved)}",
+                "chat_template_kwargs",
+                "unsupported_parameter",
+            )
         if self.response_format is not None and self.response_format != {"type": "text"}:
             _unsupported("response_format", 'only {"type": "text"}')
         if self.tools:
@@ -243,6 +313,9 @@ class ChatRequest(_Common):
     @property
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def logprobs_wanted(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as the chat template reads them: role and text content."""
@@ -281,10 +354,14 @@ class SamplingChoice:
     eos_token_ids: tuple[int, ...]
 
 
-def to_sampling(req: _Common, n_index: int, eos_token_ids: Sequence[int]) -> SamplingChoice:
+def to_sampling(
+    req: _Common, n_index: int, eos_token_ids: Sequence[int], logit_bias: Optional[dict[int, float]] = None
+) -> SamplingChoice:
     """Sampling for choice ``n_index`` of ``req``: temperature below the Engine's minimum is
     greedy; ``top_k`` -1 is no limit; a seed is taken modulo 2**64 and offset by the choice
-    index, so the ``n`` choices of a seeded request differ and each is reproducible."""
+    index, so the ``n`` choices of a seeded request differ and each is reproducible; fields at
+    their neutral value are left out (the Engine's fast path). ``logit_bias``: the request's,
+    checked against the vocabulary (``checked_logit_bias``)."""
     t = 1.0 if req.temperature is None else float(req.temperature)
     if t < MIN_TEMPERATURE:
         t = 0.0
@@ -295,6 +372,21 @@ def to_sampling(req: _Common, n_index: int, eos_token_ids: Sequence[int]) -> Sam
         sampling["top_k"] = int(req.top_k)
     if req.seed is not None:
         sampling["seed"] = (req.seed + n_index) % 2**64
+    if req.min_p:
+        sampling["min_p"] = float(req.min_p)
+    if req.min_tokens:
+        sampling["min_tokens"] = int(req.min_tokens)
+    if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = float(req.repetition_penalty)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            sampling[name] = float(getattr(req, name))
+    if logit_bias:
+        sampling["logit_bias"] = dict(logit_bias)
+    if req.logprobs_wanted() is not None:
+        sampling["logprobs"] = req.logprobs_wanted()
+    if req.prompt_logprobs_wanted() is not None:
+        sampling["prompt_logprobs"] = req.prompt_logprobs_wanted()
     eos = () if req.ignore_eos else tuple(eos_token_ids)
     return SamplingChoice(sampling, eos)
 
@@ -326,8 +418,10 @@ def completion_response(
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: Optional[str], **extra: Any) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, **extra}
+def completion_choice(
+    index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict[str, Any]] = None, **extra: Any
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
 
 
 def completion_chunk(
@@ -353,11 +447,13 @@ def chat_response(
     }
 
 
-def chat_choice(index: int, text: str, finish_reason: Optional[str], **extra: Any) -> dict[str, Any]:
+def chat_choice(
+    index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict[str, Any]] = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "index": index,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
         **extra,
     }
