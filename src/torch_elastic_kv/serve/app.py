@@ -197,7 +197,8 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "context_length_exceeded",
         )
     want = mt if mt is not None else room if default is None else min(default, room)
-    refusal = _kv_refusal(state, longest, want)
+    # echo with max_tokens 0 still runs one token through the Engine (and drops it)
+    refusal = _kv_refusal(state, longest, max(want, 1))
     if refusal is None:
         return want
     fits = _kv_room(state, longest, want)
