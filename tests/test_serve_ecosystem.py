@@ -64,7 +64,7 @@ def server(tmp_path_factory):
     template.write_text(TEMPLATE)
     args = [str(model_dir), "--api-key", API_KEY, "--admin-key", ADMIN_KEY]
     args += ["--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN)]
-    args += ["--chat-template", str(template), "--max-kv-bytes", "32Mi", "--idle-seconds", "30"]
+    args += ["--chat-template", str(template), "--max-kv-bytes", "64Mi", "--idle-seconds", "30"]
     s = ServerProcess(args)
     try:
         yield s
@@ -198,14 +198,14 @@ def test_vllm_metric_names_under_load(server):
         r: _value(before, "vllm:request_success", "vllm:request_success_total", finished_reason=r, **labels)
         for r in ("stop", "length", "abort", "error")
     }
-    n = 6
+    n = 6  # 6 x 1000 tokens fit the 64 MiB ceiling: nobody is preempted while the test looks
     streams, started = [], threading.Barrier(n + 1, timeout=120)
 
     def run(i: int) -> None:
         stream = client.completions.create(
             model="eco-a",
             prompt=f"load {i}",
-            max_tokens=900,
+            max_tokens=1000,
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
@@ -229,7 +229,7 @@ def test_vllm_metric_names_under_load(server):
         assert running == n == _value(fams, "ekv_requests_running")
         assert _value(fams, "vllm:num_requests_waiting", **labels) == _value(fams, "ekv_requests_waiting") == 0
         live, budget = _value(fams, "ekv_kv_live_bytes"), _value(fams, "ekv_kv_budget_bytes")
-        assert live > 0 and budget == 32 << 20
+        assert live > 0 and budget == 64 << 20
         usage = _value(fams, "vllm:kv_cache_usage_perc", **labels)
         assert usage == pytest.approx(live / budget, rel=1e-12) and 0 < usage < 1
         assert _value(fams, "vllm:gpu_cache_usage_perc", **labels) == usage
@@ -238,7 +238,7 @@ def test_vllm_metric_names_under_load(server):
         info = fams["vllm:cache_config_info"].samples
         assert len(info) == 1 and info[0].value == 1
         page = int(info[0].labels["page_bytes"])
-        assert info[0].labels["block_size"] == "16" and int(info[0].labels["num_gpu_blocks"]) == (32 << 20) // page
+        assert info[0].labels["block_size"] == "16" and int(info[0].labels["num_gpu_blocks"]) == (64 << 20) // page
         assert info[0].labels["cache_dtype"] == "float32"
     finally:
         for s in streams:
