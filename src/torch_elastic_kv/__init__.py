@@ -15,7 +15,9 @@ Layers, each importing only from those above it in this list (tests/test_layerin
 - ``testing`` — fake driver control, clocks, /proc readers, tiny models, stand-ins.
 
 Public names are imported lazily so that ``import torch_elastic_kv`` works without
-transformers installed and without a GPU.
+transformers installed and without a GPU. ``allocator`` (``memory.allocator``, torch's pluggable
+allocator over the core) stays importable as ``from torch_elastic_kv import allocator``, as the
+README shows it.
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ _EXPORTS = {
     "BrokerClient": "broker.client",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# public name -> submodule it stands for
+_MODULES = {"allocator": "memory.allocator"}
+
+__all__ = sorted(_EXPORTS) + sorted(_MODULES) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'torch_elastic_kv' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 
-from .._units import parse_size
+from .._units import SIZE_HELP, parse_size
 from .settings import SYSTEM_NAMES, BenchSettings, ResolvedArgs
 from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
 
@@ -135,7 +135,9 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="static pool size and elastic maximum (default: the smallest pool that holds the "
         "trace's max-running largest requests at once, rounded up to 2 MiB)",
     )
-    p.add_argument("--min-bytes", metavar="SIZE", default="0", help="elastic minimum resident bytes (default 0)")
+    p.add_argument(
+        "--min-bytes", metavar="SIZE", default="0", help=f"elastic minimum resident bytes (default 0); {SIZE_HELP}"
+    )
     p.add_argument("--headroom", type=str, default="0.1", help="elastic headroom fraction (default 0.1)")
     p.add_argument(
         "--idle-seconds",

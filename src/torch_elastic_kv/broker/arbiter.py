@@ -92,6 +92,7 @@ class Tenant:
             "waiting": self.waiting,
             "connected": self.connected,
             "reclaiming_to": self.reclaim_to,
+            "idle_bytes": max(0, self.lease - self.want),  # what a reclaim takes first
         }
 
 

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Optional
 
-from .._units import parse_size
+from .._units import SIZE_HELP, parse_size
 from .daemon import Broker, default_max_connections
 from .protocol import MAX_MESSAGE_BYTES
 
@@ -23,9 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m torch_elastic_kv broker",
         description="Share one device's KV memory budget between processes by priority and guarantee.",
+        epilog=SIZE_HELP,
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
-    p.add_argument("--budget", required=True, help="the device's KV budget in bytes (4096, 512M, 2GiB)")
+    p.add_argument("--budget", required=True, help="the device's KV budget in bytes (4096, 512Mi, 2GiB, 8GB)")
     p.add_argument("--socket", default=None, help="Unix socket path (default: a per-user directory, mode 0700)")
     p.add_argument("--reclaim-seconds", type=float, default=5.0, help="deadline given with a reclaim (default 5)")
     p.add_argument(

@@ -1,4 +1,10 @@
-"""``python -m torch_elastic_kv top``: the broker's view of its device and tenants."""
+"""``python -m torch_elastic_kv top``: the broker's view of its device and tenants.
+
+A tenant with nothing running or waiting keeps its lease until the broker needs it for someone
+else (then it is reclaimed first): such a lease is shown as "lent, idle", and the header gives
+free memory both without and with the idle part of leases (``idle_bytes``, the lease above what
+the tenant wants now), so "free 0" beside idle tenants reads as what it is.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +42,12 @@ def query_status(socket_path: str | Path, timeout: float = 5.0) -> dict[str, Any
     return {k: reply[k] for k in ("device", "budget_bytes", "free_bytes", "tenants")}
 
 
+def free_with_idle(status: dict[str, Any]) -> int:
+    """Free bytes plus what connected tenants hold idle (lease above their want)."""
+    idle = sum(t.get("idle_bytes", 0) for t in status["tenants"] if t["connected"])
+    return status["free_bytes"] + idle
+
+
 def _mib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
@@ -44,13 +56,16 @@ def format_table(status: dict[str, Any]) -> str:
     """The status as a text table (MiB)."""
     lines = [
         f"device {status['device']}   budget {_mib(status['budget_bytes'])} MiB   "
-        f"free {_mib(status['free_bytes'])} MiB   tenants {len(status['tenants'])}",
+        f"free {_mib(status['free_bytes'])} MiB   free incl. idle {_mib(free_with_idle(status))} MiB   "
+        f"tenants {len(status['tenants'])}",
         "",
     ]
-    cols = ("name", "pid", "prio", "guarantee", "lease", "resident", "live", "demand", "run", "wait", "state")
+    cols = ("name", "pid", "prio", "guarantee", "lease", "idle", "resident", "live", "demand", "run", "wait", "state")
     rows = [cols]
     for t in status["tenants"]:
         state = "connected" if t["connected"] else "disconnected"
+        if t["connected"] and t["lease_bytes"] > 0 and t["running"] == 0 and t["waiting"] == 0:
+            state = "lent, idle"
         if t["reclaiming_to"] is not None:
             state += f", releasing to {_mib(t['reclaiming_to'])}"
         rows.append(
@@ -60,6 +75,7 @@ def format_table(status: dict[str, Any]) -> str:
                 str(t["priority"]),
                 _mib(t["guarantee_bytes"]),
                 _mib(t["lease_bytes"]),
+                _mib(t.get("idle_bytes")),
                 _mib(t["resident_bytes"]),
                 _mib(t["live_bytes"]),
                 _mib(t["demand_bytes"]),
@@ -70,7 +86,8 @@ def format_table(status: dict[str, Any]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines += [
-        "  ".join(c.ljust(w) if i in (0, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        "  ".join(c.ljust(w) if i in (0, len(cols) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
     ]
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ from .metrics import CONTENT_TYPE
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["ServerState", "create_app", "health_response", "model_card"]
 
 MAX_CHOICES = 256  # prompts x n in one request
 # json.loads keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which no tokenizer
@@ -61,6 +61,31 @@ class ServerState:
     default_max_tokens: int = 16  # completions without max_tokens, as OpenAI
     model_card: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=P.now_seconds)
+    model_aliases: tuple[str, ...] = ()  # more names requests may send (--served-model-name a b)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every model name requests may send; responses report the first."""
+        return (self.model_name, *self.model_aliases)
+
+
+def model_card(state: ServerState, name: str) -> dict[str, Any]:
+    """OpenAI's model object for one of the served names."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "torch_elastic_kv",
+        "max_model_len": state.max_positions,
+        **state.model_card,
+    }
+
+
+def health_response(state: ServerState) -> JSONResponse:
+    """``/health``'s answer: 200 ok, or 503 while draining."""
+    if state.service.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 def _bearer_ok(request: Request, key: str) -> bool:
@@ -165,7 +190,7 @@ def _lone_surrogate(data: Any) -> Optional[str]:
 
 
 def _check_model(state: ServerState, model: Optional[str]) -> None:
-    if model is not None and model != state.model_name:
+    if model is not None and model not in state.served_names:
         raise not_found(
             f"the model {model!r} does not exist; this server serves {state.model_name!r}", "model_not_found"
         )
@@ -380,9 +405,7 @@ def create_app(state: ServerState) -> FastAPI:
     # ---------------------------------------------------------------- open endpoints -------
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.service.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return health_response(state)
 
     @app.get("/metrics")
     def metrics() -> Response:  # a plain def: FastAPI runs it in a worker thread
@@ -392,15 +415,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _require_api_key(state, request)
-        card = {
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "torch_elastic_kv",
-            "max_model_len": state.max_positions,
-            **state.model_card,
-        }
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [model_card(state, name) for name in state.served_names]})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -493,6 +508,9 @@ def create_app(state: ServerState) -> FastAPI:
         _require_admin(state, request)
         return JSONResponse(state.service.stats())
 
+    from .compat_routes import add_compat_routes  # it builds on this module's helpers
+
+    add_compat_routes(app, state)
     return app
 
 

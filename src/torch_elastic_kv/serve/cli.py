@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from .._units import parse_size
+from .._units import SIZE_HELP, parse_size
 
 __all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main", "serve_parser"]
 
@@ -29,6 +30,8 @@ MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can bui
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FD_RESERVE = 64  # file descriptors kept for the model, the engine, logs and the broker, not clients
 MAX_CONNECTIONS_DEFAULT = 1024
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vllm serve's spellings
+MAX_MODEL_LEN = 1 << 24  # past any real model's context; catches a unit slip (bytes for tokens)
 API_KEY_ENV = "EKV_API_KEY"
 ADMIN_KEY_ENV = "EKV_ADMIN_KEY"
 
@@ -74,13 +77,26 @@ class ServeSettings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 1024
+    served_model_names: tuple[str, ...] = ()  # every name requests may send; the first is reported
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    chat_template: Optional[str] = None  # the template's text (read from --chat-template PATH)
+    gpu_memory_utilization: Optional[float] = None  # the KV ceiling as a share of device memory
 
 
-def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
+def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The option parser; ``epilog`` is the text under the options (``--help`` computes it)."""
     p = _Parser(
         prog=prog,
         description="An OpenAI-compatible server (completions, chat completions, SSE streaming, "
         "/metrics) whose KV memory follows its traffic.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model_arg",
+        nargs="?",
+        metavar="MODEL",
+        help="the same as --model PATH, as in 'vllm serve PATH' (both given: they must agree)",
     )
     p.add_argument(
         "--model",
@@ -88,7 +104,30 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="a local Hugging Face model directory with its tokenizer (never the hub); default: the "
         "embedded small Llama with random weights and a byte-level tokenizer",
     )
-    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model as given)")
+    p.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        nargs="+",
+        help="the model ids clients may send; the first is the one responses report (default: the model as given)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        metavar="N",
+        help="context length in tokens, prompt plus output (default: the model's max_position_embeddings; "
+        "at most that)",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="PATH",
+        help="a Jinja chat template file used instead of the tokenizer's own (default: the tokenizer's)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        metavar="F",
+        help="KV ceiling = F x the device's memory (RAM on CPU) minus what the model holds, 0 < F <= 1; a "
+        "ceiling, not a reservation: KV memory is still taken only as requests need it and given back "
+        "(instead of --max-kv-bytes)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", default="8000", help="TCP port (default 8000; 0 picks a free one, logged at start)")
     p.add_argument(
@@ -103,9 +142,17 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)")
     p.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16/float16 on GPU), " + ", ".join(DTYPES[1:])
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPU, bfloat16/float16 on GPU), "
+        + ", ".join(DTYPES[1:])
+        + "; also half (float16) and float (float32)",
     )
-    p.add_argument("--max-kv-bytes", metavar="SIZE", help="KV memory ceiling, e.g. 512M or 4G (default: the pool's)")
+    p.add_argument(
+        "--max-kv-bytes",
+        metavar="SIZE",
+        help="KV memory ceiling, e.g. 512Mi, 4G, 4GiB or 4GB (default: the pool's, printed below)",
+    )
     p.add_argument(
         "--min-kv-bytes", metavar="SIZE", default="0", help="KV floor kept mapped (default 0); = max: static"
     )
@@ -179,6 +226,30 @@ def serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
+def help_epilog() -> str:
+    """The text under ``--help``'s options: size suffixes and this machine's default KV ceiling."""
+    lines = [
+        SIZE_HELP[0].upper() + SIZE_HELP[1:] + "; a bare K/M/G/T is binary (64M = 64 MiB).",
+        "",
+        "Default KV ceiling here:",
+    ]
+    physical = _physical_memory()
+    if physical is not None:
+        lines.append(f"  cpu: 25 % of RAM = {physical // 4 / 2**30:.1f} GiB")
+    try:
+        import torch
+
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            free, _total = torch.cuda.mem_get_info(i)
+            lines.append(
+                f"  cuda:{i}: 90 % of the memory free when the Engine starts (now {free * 0.9 / 2**30:.1f} GiB)"
+            )
+    except Exception as exc:  # a broken driver must not break --help
+        lines.append(f"  cuda: unknown ({type(exc).__name__}: {exc})")
+    lines.append("A ceiling, not a reservation: KV memory is mapped as requests need it and given back when idle.")
+    return "\n".join(lines)
+
+
 def _number(flag: str, text: str, *, integer: bool, low: float, high: float = math.inf) -> float:
     try:
         value: float = int(text) if integer else float(text)
@@ -233,6 +304,55 @@ def _check_model_dir(path: str) -> None:
         raise UsageError(f"--model {path}: no tokenizer in it (none of {', '.join(tokenizer_files)})")
 
 
+def _model_max_positions(path: Optional[str]) -> Optional[int]:
+    """``max_position_embeddings`` from the model's config.json (or its text config), if it says."""
+    if path is None:
+        from .default_model import default_max_positions
+
+        return default_max_positions()
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for cfg in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(cfg, dict) and isinstance(cfg.get("max_position_embeddings"), int):
+            return cfg["max_position_embeddings"]
+    return None
+
+
+def _read_chat_template(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--chat-template {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--chat-template {path}: a directory, not a template file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--chat-template {path}: cannot read it ({exc})") from None
+    if not text.strip():
+        raise UsageError(f"--chat-template {path}: the file is empty")
+    return text
+
+
+def _model_options(args: argparse.Namespace) -> tuple[Optional[str], Optional[int], Optional[str]]:
+    """The model (positional or ``--model``), ``--max-model-len`` and ``--chat-template``, checked."""
+    if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
+        raise UsageError(f"the model is given twice and differently: {args.model_arg!r} and --model {args.model!r}")
+    model = args.model if args.model is not None else args.model_arg
+    if model is not None:
+        _check_model_dir(model)
+    max_len = None
+    if args.max_model_len is not None:
+        max_len = int(_number("--max-model-len", args.max_model_len, integer=True, low=1, high=MAX_MODEL_LEN))
+        limit = _model_max_positions(model)
+        if limit is not None and max_len > limit:
+            raise UsageError(f"--max-model-len {max_len} is above the model's max_position_embeddings ({limit})")
+    template = _read_chat_template(args.chat_template) if args.chat_template is not None else None
+    return model, max_len, template
+
+
 def _check_key(flag: str, key: Optional[str]) -> Optional[str]:
     if key is None:
         return None
@@ -263,13 +383,13 @@ def _device(text: Optional[str]) -> str:
 def resolve(argv: list[str]) -> ServeSettings:
     """Parse and check ``argv``; raises ``UsageError`` with a one-line message."""
     args = serve_parser().parse_args(argv)
-    if args.model is not None:
-        _check_model_dir(args.model)
+    model, max_model_len, chat_template = _model_options(args)
     port = int(_number("--port", args.port, integer=True, low=0, high=65535))
     if not args.host or any(c.isspace() for c in args.host):
         raise UsageError(f"--host must be an address or a host name, got {args.host!r}")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES + tuple(DTYPE_ALIASES))}, got {args.dtype!r}")
     max_kv = _size("--max-kv-bytes", args.max_kv_bytes) if args.max_kv_bytes is not None else None
     min_kv = _size("--min-kv-bytes", args.min_kv_bytes)
     swap = _size("--swap-bytes", args.swap_bytes)
@@ -287,6 +407,13 @@ def resolve(argv: list[str]) -> ServeSettings:
             raise UsageError(f"{flag} {text} is more than this machine's memory ({physical} bytes)")
     if max_kv is not None and min_kv > max_kv:
         raise UsageError(f"--min-kv-bytes {args.min_kv_bytes} is above --max-kv-bytes {args.max_kv_bytes}")
+    utilization = None
+    if args.gpu_memory_utilization is not None:
+        if max_kv is not None:
+            raise UsageError("--gpu-memory-utilization and --max-kv-bytes both set the KV ceiling: give one")
+        utilization = _number("--gpu-memory-utilization", args.gpu_memory_utilization, integer=False, low=0, high=1)
+        if utilization == 0:
+            raise UsageError(f"--gpu-memory-utilization must be above 0, got {args.gpu_memory_utilization!r}")
     if physical is not None and swap > physical:
         raise UsageError(f"--swap-bytes {args.swap_bytes} is more than this machine's memory ({physical} bytes)")
     if body < 1024:
@@ -308,18 +435,18 @@ def resolve(argv: list[str]) -> ServeSettings:
     )
     broker, tenant, priority, guarantee = _broker_options(args, min_kv, max_kv)
     device = _device(args.device)
-    from .default_model import DEFAULT_MODEL_NAME
-
-    name = args.served_model_name or (args.model if args.model is not None else DEFAULT_MODEL_NAME)
+    if utilization is not None:
+        _check_utilization(utilization, device, min_kv, args.min_kv_bytes)
+    names = _served_names(args.served_model_name, model)
     return ServeSettings(
-        model=args.model,
-        served_model_name=name,
+        model=model,
+        served_model_name=names[0],
         host=args.host,
         port=port,
         api_key=api_key,
         admin_key=admin_key,
         device=device,
-        dtype=args.dtype,
+        dtype=dtype,
         max_kv_bytes=max_kv,
         min_kv_bytes=min_kv,
         idle_seconds=idle,
@@ -340,7 +467,45 @@ def resolve(argv: list[str]) -> ServeSettings:
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         max_connections=max_connections,
+        served_model_names=names,
+        max_model_len=max_model_len,
+        chat_template=chat_template,
+        gpu_memory_utilization=utilization,
     )
+
+
+def _served_names(given: Optional[list[str]], model: Optional[str]) -> tuple[str, ...]:
+    from .default_model import DEFAULT_MODEL_NAME
+
+    if not given:
+        return (model if model is not None else DEFAULT_MODEL_NAME,)
+    for name in given:
+        if not name or not name.isprintable() or len(name) > 256:
+            raise UsageError(f"--served-model-name must be 1-256 printable characters, got {name!r}")
+    return tuple(dict.fromkeys(given))  # repeats dropped, order kept
+
+
+def device_memory(device: str) -> int:
+    """Total memory of ``device`` in bytes: the GPU's, or this machine's RAM on CPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    physical = _physical_memory()
+    if physical is None:
+        raise UsageError("--gpu-memory-utilization: this machine's memory size is unknown")
+    return physical
+
+
+def _check_utilization(fraction: float, device: str, min_kv: int, min_text: str) -> None:
+    """What can be checked before the model loads: F x device memory must hold the floor."""
+    share = int(fraction * device_memory(device))
+    if share < max(MIN_KV_BYTES, min_kv):
+        raise UsageError(
+            f"--gpu-memory-utilization {fraction:g} leaves {share} bytes of {device}, below the KV floor "
+            f"({max(MIN_KV_BYTES, min_kv)} bytes; --min-kv-bytes {min_text})"
+        )
 
 
 def _broker_options(
@@ -408,8 +573,8 @@ def _is_loopback(host: str) -> bool:
 def serve_main(argv: Optional[list[str]] = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status (2: bad options)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        serve_parser().print_help()
+    if "-h" in argv or "--help" in argv:
+        serve_parser(epilog=help_epilog()).print_help()
         return 0
     try:
         settings = resolve(argv)

@@ -25,6 +25,7 @@ __all__ = [
     "build_default_model",
     "build_default_tokenizer",
     "default_config",
+    "default_max_positions",
     "write_default_model_dir",
 ]
 
@@ -61,6 +62,11 @@ _LLAMA = dict(
     eos_token_id=EOS_ID,
     tie_word_embeddings=False,
 )
+
+
+def default_max_positions() -> int:
+    """The default model's context length (``max_position_embeddings``), without building it."""
+    return int(_LLAMA["max_position_embeddings"])
 
 
 def default_config() -> Any:

@@ -463,6 +463,8 @@ class EngineService:
             self.metrics.ttft.observe(now - c.arrival)
             with self._lock:
                 self._queued -= 1
+        elif c.last_token_time is not None:
+            self.metrics.token_gap(now - c.last_token_time)
         c.last_token_time = now
         reason = None
         if token in c.spec.eos_token_ids:
@@ -512,6 +514,7 @@ class EngineService:
             if c.first_token_time is None:
                 self._queued -= 1
         self.metrics.requests.labels(reason).inc()
+        self.metrics.request_done(self.clock() - c.arrival)
         if c.first_token_time is not None and c.last_token_time is not None and len(c.token_ids) > 1:
             self.metrics.tpot.observe((c.last_token_time - c.first_token_time) / (len(c.token_ids) - 1))
 

@@ -16,6 +16,8 @@ mapped is short of what they need), ``server_sleeping``, and with ``--broker``
 ``kv_bytes_given_back_total``, ``engine_steps_total``, ``prompt_tokens_total``,
 ``generation_tokens_total``, ``requests_total{finish_reason}`` (counters);
 ``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (histograms).
+
+The same figures also go out under vLLM's names (``vllm_metrics``): one call here records both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .vllm_metrics import VllmMetrics
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -102,29 +106,71 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
 
 
+class _Both:
+    """Two series that record the same observation: an ``ekv_*`` one and its vLLM name."""
+
+    def __init__(self, ours: Any, vllm: Any) -> None:
+        self._ours, self._vllm = ours, vllm
+
+    def inc(self, amount: float = 1) -> None:
+        self._ours.inc(amount)
+        self._vllm.inc(amount)
+
+    def observe(self, value: float) -> None:
+        self._ours.observe(value)
+        self._vllm.observe(value)
+
+
+class _Finished:
+    """``requests.labels(reason).inc()`` counts in ``ekv_requests_total`` and vLLM's success counter."""
+
+    def __init__(self, ours: Counter, vllm: VllmMetrics) -> None:
+        self._ours, self._vllm = ours, vllm
+
+    def labels(self, reason: str) -> _Both:
+        return _Both(self._ours.labels(reason), self._vllm.success(reason))
+
+
 class ServerMetrics:
     """The server's registry. ``stats`` is called at every scrape (``ServerMetrics.render``);
-    the counters and histograms are updated by the engine thread."""
+    the counters and histograms are updated by the engine thread. ``model_name`` labels the
+    vLLM-named series."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "default") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.prompt_tokens = Counter("ekv_prompt_tokens", "prompt tokens of accepted requests", registry=r)
-        self.generation_tokens = Counter("ekv_generation_tokens", "tokens generated", registry=r)
-        self.requests = Counter("ekv_requests", "finished choices by finish reason", ["finish_reason"], registry=r)
-        self.ttft = Histogram(
+        self.vllm = VllmMetrics(r, model_name)
+        v = self.vllm
+        prompt = Counter("ekv_prompt_tokens", "prompt tokens of accepted requests", registry=r)
+        self.prompt_tokens = _Both(prompt, v.prompt_tokens)
+        self.generation_tokens = _Both(
+            Counter("ekv_generation_tokens", "tokens generated", registry=r), v.generation_tokens
+        )
+        requests = Counter("ekv_requests", "finished choices by finish reason", ["finish_reason"], registry=r)
+        self.requests = _Finished(requests, v)
+        ttft = Histogram(
             "ekv_time_to_first_token_seconds",
             "seconds from a request's arrival to its first token",
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.tpot = Histogram(
+        self.ttft = _Both(ttft, v.ttft)
+        tpot = Histogram(
             "ekv_time_per_output_token_seconds",
             "seconds per output token after the first, per finished choice",
             buckets=_TPOT_BUCKETS,
             registry=r,
         )
+        self.tpot = _Both(tpot, v.request_tpot)
         self._collector: _EngineCollector | None = None
+
+    def token_gap(self, seconds: float) -> None:
+        """Seconds between two output tokens of one choice (vLLM's inter-token latency)."""
+        self.vllm.token_gap(seconds)
+
+    def request_done(self, seconds: float) -> None:
+        """A choice ended, ``seconds`` after it arrived (vLLM's e2e request latency)."""
+        self.vllm.e2e.observe(seconds)
 
     def watch(self, stats: Callable[[], dict[str, Any]]) -> None:
         """Export ``stats()`` (the Engine's stats plus the server's state) at each scrape."""
@@ -132,6 +178,7 @@ class ServerMetrics:
             self.registry.unregister(self._collector)
         self._collector = _EngineCollector(stats)
         self.registry.register(self._collector)
+        self.vllm.stats = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,14 +30,14 @@ from ..broker.client import BrokerClient
 from ..engine.engine import Engine
 from ..engine.policy import ElasticPolicy
 from .app import ServerState, create_app
-from .cli import ServeSettings
+from .cli import MIN_KV_BYTES, ServeSettings, device_memory
 from .default_model import build_default_model, build_default_tokenizer
 from .engine_thread import EngineService
 from .metrics import ServerMetrics
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["build_state", "load_model", "run"]
+__all__ = ["build_state", "load_model", "model_bytes", "run", "utilization_ceiling"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,12 +80,40 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def model_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def utilization_ceiling(fraction: float, total_bytes: int, held_bytes: int) -> int:
+    """``--gpu-memory-utilization``: the KV ceiling, ``fraction`` of the device's memory minus what
+    the model holds; ValueError when that leaves less than one KV chunk."""
+    ceiling = int(fraction * total_bytes) - held_bytes
+    if ceiling < MIN_KV_BYTES:
+        raise ValueError(
+            f"--gpu-memory-utilization {fraction:g} x {total_bytes} bytes minus the model's {held_bytes} bytes "
+            f"leaves {ceiling} bytes for KV, under one KV chunk ({MIN_KV_BYTES} bytes)"
+        )
+    return ceiling
+
+
 def build_state(settings: ServeSettings) -> ServerState:
     """The model, its Engine on an elastic (or, min == max, static) pool, and the service."""
     model, tokenizer, card = load_model(settings)
+    if settings.chat_template is not None:
+        tokenizer.chat_template = settings.chat_template
+    max_kv = settings.max_kv_bytes
+    if settings.gpu_memory_utilization is not None:
+        max_kv = utilization_ceiling(
+            settings.gpu_memory_utilization, device_memory(settings.device), model_bytes(model)
+        )
+        _log.info("torch_elastic_kv serve: KV ceiling %d bytes (--gpu-memory-utilization)", max_kv)
     policy = ElasticPolicy(
         min_bytes=settings.min_kv_bytes,
-        max_bytes=settings.max_kv_bytes,
+        max_bytes=max_kv,
         idle_seconds=settings.idle_seconds,
         swap_bytes=settings.swap_bytes,
     )
@@ -108,7 +136,7 @@ def build_state(settings: ServeSettings) -> ServerState:
         keep_finished=1024,
         broker=broker,
     )
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(model_name=settings.served_model_name)
     service = EngineService(
         engine,
         tokenizer,
@@ -120,12 +148,21 @@ def build_state(settings: ServeSettings) -> ServerState:
     if broker is not None:
         broker.on_grant = service.wake  # a larger lease may admit requests the engine thread holds
     metrics.watch(service.stats)
+    metrics.vllm.describe_cache(
+        block_size=engine.pool.page_tokens,
+        cache_dtype=str(engine.pool.dtype).removeprefix("torch."),
+        swap_bytes=settings.swap_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     max_positions = int(getattr(cfg, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048))
+    if settings.max_model_len is not None:
+        max_positions = min(max_positions, settings.max_model_len)
     return ServerState(
         service=service,
         tokenizer=tokenizer,
         model_name=settings.served_model_name,
+        model_aliases=settings.served_model_names[1:],
         max_positions=max_positions,
         eos_token_ids=_eos_ids(model, tokenizer),
         api_key=settings.api_key,
