@@ -1,14 +1,17 @@
 """Small helpers every layer uses, written once: integer checks, ceiling division, device
 parsing that does not initialise CUDA, and the out-of-memory exception a device's users expect.
-(Byte sizes such as ``64MiB`` are parsed in ``_units``, which the CLIs import before torch.)"""
+(Byte sizes such as ``64MiB`` are parsed in ``_units``, which the CLIs import before torch.)
+torch is imported by the device helpers only, so the pure modules (the budget, the policy, the
+scheduler's bookkeeping) import without it."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ceil_div", "is_int", "out_of_memory", "parse_device", "translate_oom"]
 
@@ -25,6 +28,8 @@ def is_int(value: Any) -> bool:
 
 def parse_device(device: str | torch.device) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or a torch.device -> a torch.device with an explicit index for cuda."""
+    import torch
+
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
     try:
@@ -46,12 +51,16 @@ def parse_device(device: str | torch.device) -> torch.device:
 def out_of_memory(device: torch.device, message: str) -> BaseException:
     """The OOM exception torch users expect on ``device``: torch.OutOfMemoryError on CUDA, as
     torch's own allocator raises, MemoryError elsewhere."""
+    import torch
+
     return torch.OutOfMemoryError(message) if device.type == "cuda" else MemoryError(message)
 
 
 @contextlib.contextmanager
 def translate_oom(device: torch.device) -> Iterator[None]:
     """Re-raise a MemoryError from inside as ``out_of_memory(device, ...)``."""
+    import torch
+
     try:
         yield
     except MemoryError as e:
