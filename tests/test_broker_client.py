@@ -182,7 +182,10 @@ def test_attach_refusals_leave_nothing_behind(model, sock_dir):
     assert model.config._attn_implementation == before  # the failed Engine closed itself
     broker = BrokerProcess(sock_dir / "b.sock", "16M")
     try:
-        with pytest.raises(ValueError, match=r"min_bytes \(4194304\) .* guarantee_bytes \(0\) must be at least that"):
+        with pytest.raises(
+            ValueError,
+            match=r"floor \(4194304 bytes, the policy.s min_bytes\) .* guarantee_bytes \(0\) must be at least that",
+        ):
             Engine(model, policy=_policy(), broker=BrokerClient(broker.socket_path, "x"))
         with pytest.raises(BrokerUnavailable, match="refused 'x': register: guarantee_bytes 33554432 does not fit"):
             Engine(model, policy=_policy(), broker=BrokerClient(broker.socket_path, "x", guarantee_bytes=32 * MiB))

@@ -245,24 +245,46 @@ def test_request_info_and_timeline_fields(model):
         assert k in eng.stats()
 
 
-def test_pressure_hook_lowers_the_budget_and_restores_it(model):
+def test_a_lease_lowers_the_budget_at_the_next_step_and_none_restores_it(model):
     clock = ManualClock(0.0)
-    cap = {"bytes": None}
-    eng = make_engine(model, max_pages=128, clock=clock, pressure=lambda: cap["bytes"], pressure_interval=0.0)
+    eng = make_engine(model, max_pages=128, clock=clock)
     ps = prompts(6, 9, 15, 30)
     rids = [eng.add_request(p, 10) for p in ps]
     eng.step()
     eng.step()
     live = eng.stats()["live_bytes"]
-    cap["bytes"] = live // 2  # other work needs memory now
+    version = eng.budget.version
+    eng.budget.set_lease(live // 2)  # other work needs memory now (what a broker reclaim does)
+    assert eng.budget.version == version + 1
+    assert eng.stats()["preemptions"] == 0  # nothing happens until the Engine acts on it
     eng.step()
     st = eng.stats()
     assert st["budget_bytes"] == live // 2 and st["preemptions"] >= 1
     assert st["resident_bytes"] <= live // 2
-    cap["bytes"] = None  # and gives it back
+    eng.budget.set_lease(None)  # and gives it back
     while eng.has_unfinished():
         eng.step()
     assert eng.stats()["budget_bytes"] == eng.policy.max_bytes
+    for r, p in zip(rids, ps):
+        assert eng.output_ids(r) == reference(model, p, 10)
+
+
+def test_sleep_gives_everything_back_and_wake_finishes_every_request(model):
+    eng = make_engine(model, max_pages=128)
+    ps = prompts(6, 9, 15)
+    rids = [eng.add_request(p, 10) for p in ps]
+    eng.step()
+    eng.set_budget(64 * eng.pool.page_bytes)
+    eng.sleep()
+    st = eng.stats()
+    assert st["asleep"] and st["budget_bytes"] == 0 and st["live_bytes"] == 0 and st["resident_bytes"] == 0
+    assert st["requested_budget_bytes"] == 64 * eng.pool.page_bytes
+    eng.step()
+    assert eng.stats()["running"] == 0 and eng.has_unfinished()  # nothing runs while asleep
+    eng.wake()
+    assert eng.stats()["budget_bytes"] == 64 * eng.pool.page_bytes
+    while eng.has_unfinished():
+        eng.step()
     for r, p in zip(rids, ps):
         assert eng.output_ids(r) == reference(model, p, 10)
 

@@ -59,7 +59,7 @@ def test_sleep_gives_everything_back_and_wake_restores_the_inputs() -> None:
         ("set_requested", True, "set_budget: nbytes must be a non-negative int or None, got True"),
         ("set_requested", "1M", "set_budget: nbytes must be a non-negative int or None, got '1M'"),
         ("set_requested", 65 * MiB, r"set_budget: 68157440 bytes exceeds the ceiling \(67108864 bytes\)"),
-        ("set_requested", MiB, r"set_budget: 1048576 bytes is below the smallest budget accepted \(2097152 bytes\)"),
+        ("set_requested", MiB, r"set_budget: 1048576 bytes is below one KV chunk \(2097152 bytes\)"),
         ("set_lease", -5, "set_lease: nbytes must be a non-negative int or None, got -5"),
         ("set_lease", 2.0, "set_lease: nbytes must be a non-negative int or None, got 2.0"),
     ],

@@ -1,4 +1,5 @@
-"""ElasticPolicy: demand -> resident pages, hysteresis, budget, pressure. Pure Python, fake clock."""
+"""ElasticPolicy: demand and a budget (in pages) -> resident pages, with hysteresis. Pure Python,
+fake clock. The budget itself is ``KVBudget``'s (tests/test_kv_budget.py)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ def make(clock=None, **kw) -> ElasticPolicy:
 
 def test_target_is_demand_plus_headroom_within_min_and_budget():
     p = make(min_bytes=5 * PAGE, max_bytes=100 * PAGE, headroom=0.25)
-    assert p.target_pages(40, 1000) == 50
-    assert p.target_pages(0, 1000) == 5  # floor
-    assert p.target_pages(99, 1000) == 100  # budget
-    assert p.target_pages(99, 60) == 60  # the pool's own size
+    assert p.target_pages(40, 100) == 50
+    assert p.target_pages(0, 100) == 5  # floor
+    assert p.target_pages(99, 100) == 100  # budget
+    assert p.target_pages(99, 60) == 60  # a lower budget
+    assert p.target_pages(0, 3) == 3  # a budget below the floor wins
 
 
 def test_grow_at_once_shrink_only_after_idle_seconds():
     clock = ManualClock(100.0)
     p = make(clock, max_bytes=100 * PAGE, headroom=0.0, idle_seconds=5.0)
-    d = p.decide(demand_pages=30, resident_pages=10, pool_max_pages=100)
+    d = p.decide(demand_pages=30, resident_pages=10, budget_pages=100)
     assert (d.action, d.target_pages) == ("grow", 30)
     # demand drops: nothing happens until idle_seconds have passed
     d = p.decide(10, 30, 100)
@@ -97,54 +99,39 @@ def test_static_pool_maps_everything_and_never_shrinks():
     clock = ManualClock(100.0)
     p = make(clock, min_bytes=50 * PAGE, max_bytes=50 * PAGE, idle_seconds=0.0)
     assert p.is_static
-    d = p.decide(0, 0, 100)
+    d = p.decide(0, 0, 50)
     assert (d.action, d.target_pages) == ("grow", 50)
     clock.t += 1000
-    assert p.decide(0, 50, 100).action == "none"
-
-
-def test_budget_cut_forces_an_immediate_shrink_and_none_restores_max():
-    p = make(max_bytes=100 * PAGE, idle_seconds=100.0, headroom=0.0)
-    p.set_budget(20 * PAGE)
-    assert p.budget_bytes == 20 * PAGE
-    d = p.decide(50, 60, 1000)
+    assert p.decide(0, 50, 50).action == "none"
+    # a cut holds exactly the cut at once, and the ceiling comes back with the budget
+    d = p.decide(0, 50, 20)
     assert (d.action, d.target_pages, d.forced) == ("shrink", 20, True)
-    p.set_budget(None)
-    assert p.budget_bytes == 100 * PAGE
-    with pytest.raises(ValueError, match="exceeds the policy's max_bytes"):
-        p.set_budget(101 * PAGE)
-    with pytest.raises(ValueError, match="non-negative int"):
-        p.set_budget(-1)
-    assert p.budget_bytes == 100 * PAGE
+    assert (p.decide(0, 20, 50).action, p.decide(0, 20, 50).target_pages) == ("grow", 50)
 
 
-def test_pressure_hook_lowers_then_restores_budget_polled_at_interval():
-    clock = ManualClock(100.0)
-    cap = {"v": None}
-    calls = []
+def test_budget_cut_forces_an_immediate_shrink_and_the_full_budget_grows_back():
+    p = make(max_bytes=100 * PAGE, idle_seconds=100.0, headroom=0.0)
+    d = p.decide(50, 60, 20)
+    assert (d.action, d.target_pages, d.forced) == ("shrink", 20, True)
+    d = p.decide(50, 20, 100)
+    assert (d.action, d.target_pages) == ("grow", 50)
 
-    def hook():
-        calls.append(clock.t)
-        return cap["v"]
 
-    p = make(clock, min_bytes=5 * PAGE, max_bytes=100 * PAGE, pressure=hook, pressure_interval=1.0)
-    assert p.poll_pressure() is False and p.budget_bytes == 100 * PAGE
-    cap["v"] = 30 * PAGE
-    assert p.poll_pressure() is False  # not due yet
-    clock.t += 1.0
-    assert p.poll_pressure() is True and p.budget_bytes == 30 * PAGE
-    cap["v"] = 1 * PAGE  # never below the floor
-    clock.t += 1.0
-    p.poll_pressure()
-    assert p.budget_bytes == 5 * PAGE
-    cap["v"] = None
-    clock.t += 1.0
-    assert p.poll_pressure() is True and p.budget_bytes == 100 * PAGE
-    assert len(calls) == 4
-    cap["v"] = "lots"
-    clock.t += 1.0
-    with pytest.raises(ValueError, match="pressure hook must return"):
-        p.poll_pressure()
+def test_the_policy_holds_no_budget_state():
+    p = make(max_bytes=100 * PAGE)
+    for gone in ("set_budget", "budget_bytes", "poll_pressure", "pressure", "budget_pages"):
+        assert not hasattr(p, gone), gone
+    assert set(p.describe()) == {
+        "min_bytes",
+        "max_bytes",
+        "headroom",
+        "idle_seconds",
+        "horizon_steps",
+        "swap_bytes",
+        "expected_output_tokens",
+    }
+    with pytest.raises(TypeError):
+        ElasticPolicy(pressure=lambda: None)  # type: ignore[call-arg]
 
 
 def test_learned_output_length_drives_growth():
@@ -178,16 +165,17 @@ def test_bad_settings_are_rejected():
         ElasticPolicy().target_pages(1, 10)
     with pytest.raises(ValueError, match="demand_pages"):
         make().decide(-1, 0, 10)
+    with pytest.raises(ValueError, match=r"budget_pages \(-1\) must be >= 0"):
+        make().decide(0, 0, -1)
 
 
 def test_budget_buys_whole_chunks_and_pool_limit_is_adopted():
     p = ElasticPolicy(clock=ManualClock(100.0))
     p.bind(PAGE, 16, pages_per_chunk=4, chunk_bytes=4 * PAGE + 100, pool_max_bytes=50 * PAGE)
-    assert p.max_bytes == 50 * PAGE and p.budget_bytes == 50 * PAGE
+    assert p.max_bytes == 50 * PAGE
     # 50000 bytes buy 12 chunks of 4100 bytes -> 48 pages
-    assert p.budget_pages(1000) == 48
-    p.set_budget(8200)
-    assert p.budget_pages(1000) == 8
+    assert p.bytes_to_pages(50 * PAGE) == 48
+    assert p.bytes_to_pages(8200) == 8
 
 
 def test_target_follows_the_trailing_window_not_an_old_peak():

@@ -1,11 +1,10 @@
 """The Engine's memory controller keeps the arenas' reuse caches across shrinks on CUDA (so a
-grow after a shrink creates no handles) and releases them on a budget cut, under pressure,
-and after ``release_idle_seconds`` with nothing to do; on CPU every shrink releases."""
+grow after a shrink creates no handles) and releases them on a budget cut, when a lease
+falls, and after ``release_idle_seconds`` with nothing to do; on CPU every shrink releases."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Optional
 
 import pytest
@@ -21,12 +20,10 @@ MiB = 1 << 20
 IDLE = 1.0
 
 
-def make(device: str, pressure: Optional[Callable[[], Optional[int]]] = None):
+def make(device: str):
     clock = ManualClock(100.0)
     pool = KVPagePool(2, 2, 64, torch.float16, device=device, page_tokens=16, max_bytes=64 * MiB)
-    policy = ElasticPolicy(
-        max_bytes=64 * MiB, idle_seconds=IDLE, headroom=0.0, clock=clock, pressure=pressure, pressure_interval=0.0
-    )
+    policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=IDLE, headroom=0.0, clock=clock)
     demand = PoolDemand(pool)
     ctrl = MemoryController(
         pool,
@@ -92,14 +89,20 @@ def test_a_budget_cut_releases_the_caches_and_a_raise_does_not(fake_cuda: FakeCu
     with pool:
         grow(ctrl, demand, 4)
         idle_shrink(ctrl, demand, clock)
-        ctrl.set_budget(64 * MiB)  # unchanged from max_bytes: not a cut
+        set_budget(ctrl, 64 * MiB)  # unchanged from max_bytes: not a cut
         assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
-        ctrl.set_budget(32 * MiB)
+        set_budget(ctrl, 32 * MiB)
         assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 0
         grow(ctrl, demand, 4)
         idle_shrink_again(ctrl, demand, clock)
-        ctrl.set_budget(None)  # back up to max_bytes
+        set_budget(ctrl, None)  # back up to max_bytes
         assert pool.cached_bytes() == 4 * ctrl.chunk_bytes
+
+
+def set_budget(ctrl: MemoryController, nbytes: Optional[int]) -> None:
+    """What Engine.set_budget does: the budget's requested input, then enforce."""
+    ctrl.budget.set_requested(nbytes)
+    ctrl.enforce()
 
 
 def idle_shrink_again(ctrl: MemoryController, demand: PoolDemand, clock: ManualClock) -> None:
@@ -109,15 +112,14 @@ def idle_shrink_again(ctrl: MemoryController, demand: PoolDemand, clock: ManualC
         clock.advance(IDLE / 2)
 
 
-def test_pressure_releases_the_caches(fake_cuda: FakeCuda) -> None:
-    cap: list[Optional[int]] = [None]
-    pool, ctrl, demand, clock = make("cuda:0", pressure=lambda: cap[0])
+def test_a_lower_lease_releases_the_caches(fake_cuda: FakeCuda) -> None:
+    pool, ctrl, demand, clock = make("cuda:0")
     with pool:
         grow(ctrl, demand, 4)
         idle_shrink(ctrl, demand, clock)
         assert ctrl.before_step() == 0
-        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes  # no pressure yet
-        cap[0] = 16 * MiB
+        assert pool.cached_bytes() == 4 * ctrl.chunk_bytes  # no lease yet
+        ctrl.budget.set_lease(16 * MiB)
         ctrl.before_step()
         assert pool.cached_bytes() == 0 and fake_cuda.live_handles() == 0
 

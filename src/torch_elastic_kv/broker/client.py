@@ -1,10 +1,11 @@
 """A tenant's side of the broker: its lease becomes its Engine's budget.
 
-``BrokerClient`` plugs into the machinery the Engine already has: the lease is the policy's
-pressure cap (so a smaller lease preempts and shrinks exactly as a budget cut does), and a
-thread reports the Engine's demand and residency to the broker, applies grants and
-reclaims, and confirms a reclaim only once the Engine's resident bytes are down to the new
-lease. If the broker goes away the lease stays as it was (the tenant keeps serving, but
+``BrokerClient`` talks to a budget, not to an Engine: it sets the lease on the Engine's
+``KVBudget`` (``engine/budget.py``; anything with ``set_lease``), which wakes the Engine's
+memory controller at once, so a smaller lease preempts and shrinks exactly as a budget cut
+does, at the next step. A thread reports demand and residency (read from a stats callable)
+to the broker, applies grants and reclaims, and confirms a reclaim only once resident bytes
+are down to the new lease. If the broker goes away the lease stays as it was (the tenant keeps serving, but
 cannot grow) and the thread reconnects with backoff, re-registering what it holds.
 
 Every exchange with the broker is bounded in time: a send that cannot finish within
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from ..engine.budget import LeaseTarget
 from .protocol import BROKER_MESSAGES, MAX_MESSAGE_BYTES, ProtocolError, decode, encode, message
 
 _log = logging.getLogger(__name__)
@@ -45,15 +47,16 @@ class BrokerClient:
         name: this tenant's name, unique among the broker's tenants.
         priority: higher wins under contention (may be negative).
         guarantee_bytes: KV bytes this tenant is always allowed to keep; the broker refuses a
-            registration whose guarantee does not fit its budget. At least the Engine's
-            ``ElasticPolicy(min_bytes=)``.
-        report_seconds: how often demand is reported and the lease is applied.
+            registration whose guarantee does not fit its budget. At least the budget's floor
+            (the Engine's ``ElasticPolicy(min_bytes=)``).
+        report_seconds: how often demand and residency are reported.
         connect_timeout: seconds to connect and register.
         io_timeout: seconds any later send to the broker may take (and ``close`` may wait for
             the thread and for its ``leave``) before the broker counts as lost.
 
     Hand it to the Engine (``Engine(model, policy=..., broker=client)``), which calls
-    ``attach``; ``close()`` (the Engine's ``close`` calls it) leaves the broker.
+    ``attach(engine.budget, engine.stats, chunk_bytes=...)``; ``close()`` (the Engine's
+    ``close`` calls it) leaves the broker.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class BrokerClient:
         self._buf = b""
         self._heartbeat = 1.0
         self._stats: Callable[[], dict[str, Any]] = dict
+        self._budget: Optional[LeaseTarget] = None
         self._chunk = 1
         self._max_bytes = 0
         self._thread: Optional[threading.Thread] = None
@@ -105,7 +109,6 @@ class BrokerClient:
         self._closed = False  # close() is done: a connection the thread makes after it is dropped
         self._last_report: Optional[tuple[int, ...]] = None
         self._last_sent = 0.0
-        self.on_grant: Optional[Callable[[], None]] = None  # called after a grant raised the lease
         self.reconnects = 0
         self.grants = 0
         self.reclaims = 0
@@ -122,33 +125,29 @@ class BrokerClient:
     def connected(self) -> bool:
         return self._sock is not None
 
-    def pressure(self) -> int:
-        """The policy's pressure hook: the lease is the cap."""
-        return self.lease_bytes
-
-    def attach(self, engine: Any) -> None:
-        """Register for ``engine`` and start following the lease (called by the Engine)."""
+    def attach(self, budget: LeaseTarget, stats: Callable[[], dict[str, Any]], *, chunk_bytes: int) -> None:
+        """Register and start following the lease: grants and reclaims go to
+        ``budget.set_lease``; ``stats()`` supplies ``demand_bytes``, ``resident_bytes``,
+        ``live_bytes``, ``running`` and ``waiting`` for the reports (the Engine calls this)."""
         if self._thread is not None:
-            raise RuntimeError(f"BrokerClient {self.name!r}: already attached to an Engine")
-        policy = engine.policy
-        if policy.min_bytes > self.guarantee_bytes:
+            raise RuntimeError(f"BrokerClient {self.name!r}: already attached")
+        if budget.floor_bytes > self.guarantee_bytes:
             raise ValueError(
-                f"BrokerClient {self.name!r}: the policy's min_bytes ({policy.min_bytes}) is memory the Engine "
-                f"never gives back, so guarantee_bytes ({self.guarantee_bytes}) must be at least that"
+                f"BrokerClient {self.name!r}: the budget's floor ({budget.floor_bytes} bytes, the policy's "
+                f"min_bytes) is memory the Engine never gives back, so guarantee_bytes ({self.guarantee_bytes}) "
+                f"must be at least that"
             )
-        stats = engine.stats()
-        self._chunk = int(engine.pool.chunk_bytes)
-        self._max_bytes = int(policy.max_bytes if policy.max_bytes is not None else stats["reserved_bytes"])
-        if self.guarantee_bytes > self._max_bytes:
+        if self.guarantee_bytes > budget.ceiling_bytes:
             raise ValueError(
                 f"BrokerClient {self.name!r}: guarantee_bytes ({self.guarantee_bytes}) exceeds what the Engine "
-                f"can hold ({self._max_bytes})"
+                f"can hold ({budget.ceiling_bytes})"
             )
-        self._stats = engine.stats
+        self._chunk = int(chunk_bytes)
+        self._max_bytes = int(budget.ceiling_bytes)
+        self._stats = stats
         self._connect_and_register(holdings=False)
-        own = policy.pressure
-        policy.pressure = self.pressure if own is None else (lambda: _smaller(own(), self.pressure()))
-        policy.pressure_interval = 0.0  # the hook reads one int: every step sees the lease as it is
+        self._budget = budget
+        budget.set_lease(self.lease_bytes)
         self._thread = threading.Thread(target=self._run, name=f"ekv-broker-{self.name}", daemon=True)
         self._thread.start()
 
@@ -240,6 +239,8 @@ class BrokerClient:
         with self._lock:
             self._lease = reply["lease_bytes"]
             self._reclaim = None
+        if self._budget is not None:
+            self._budget.set_lease(self._lease)
         self._heartbeat = float(reply["heartbeat_seconds"])
         self._last_message = time.monotonic()
         # every later send is bounded: a broker that stops reading must not block the thread
@@ -322,16 +323,18 @@ class BrokerClient:
                 self._lease = max(self._lease, msg["lease_bytes"])
                 self.grants += 1
             elif kind == "reclaim":
-                # the cap drops now; the Engine preempts and shrinks at its next step or tick
+                # the lease drops now; the budget wakes the Engine, which preempts and shrinks
+                # at its next step (or at once from its memory thread when nothing steps)
                 self._lease = min(self._lease, msg["lease_bytes"])
                 self._reclaim = (msg["seq"], msg["lease_bytes"])
                 self.reclaims += 1
             elif kind == "error":
                 raise ConnectionError(f"broker error {msg['code']}: {msg['message']}")
+            lease = self._lease
         if kind in ("grant", "reclaim"):
             _log.debug("broker: %r %s -> lease %d", self.name, kind, msg["lease_bytes"])
-        if kind == "grant" and self.on_grant is not None:
-            self.on_grant()
+            if self._budget is not None:
+                self._budget.set_lease(lease)
 
     def _report(self) -> None:
         sock = self._sock
@@ -368,9 +371,3 @@ class BrokerClient:
             )
             self._last_report = figures
             self._last_sent = now
-
-
-def _smaller(a: Optional[int], b: Optional[int]) -> Optional[int]:
-    if a is None:
-        return b
-    return a if b is None else min(a, b)

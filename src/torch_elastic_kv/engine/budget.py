@@ -20,11 +20,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 from .._util import is_int
 
-__all__ = ["KVBudget"]
+__all__ = ["KVBudget", "LeaseTarget"]
+
+
+@runtime_checkable
+class LeaseTarget(Protocol):
+    """What a broker tenant steers: a budget with a lease (``KVBudget`` is one)."""
+
+    ceiling_bytes: int
+    floor_bytes: int
+
+    def set_lease(self, nbytes: Optional[int]) -> None: ...
 
 
 def _check_bytes(where: str, name: str, value: object, allow_none: bool) -> Optional[int]:
@@ -42,8 +52,8 @@ class KVBudget:
     Args:
         ceiling_bytes: the most KV memory the Engine may ever hold.
         floor_bytes: resident memory the pool keeps even when idle (a lease never goes below it).
-        min_request_bytes: the smallest budget ``set_requested`` accepts other than 0 (0: any);
-            a server sets it so that a budget too small for any request is refused up front.
+        min_request_bytes: the smallest budget ``set_requested`` accepts other than 0 (0: any):
+            the Engine sets one chunk of its pool, since the budget buys whole chunks only.
 
     Thread-safe: the step, a broker client's thread and a server's HTTP thread may all call it.
     """
@@ -75,8 +85,8 @@ class KVBudget:
                 raise ValueError(f"set_budget: {value} bytes exceeds the ceiling ({self.ceiling_bytes} bytes)")
             if 0 < value < self.min_request_bytes:
                 raise ValueError(
-                    f"set_budget: {value} bytes is below the smallest budget accepted "
-                    f"({self.min_request_bytes} bytes); 0 gives everything back"
+                    f"set_budget: {value} bytes is below one KV chunk ({self.min_request_bytes} bytes), the "
+                    "smallest budget that holds a page; use 0 to hold nothing"
                 )
         self._update(lambda: setattr(self, "_requested", value))
 

@@ -38,6 +38,7 @@ import torch
 from .._util import ceil_div, is_int
 from ..hf.compat import kv_geometry
 from ..kv.swap import SwapSpace
+from .budget import KVBudget
 from .logits import TokenLogprob
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
@@ -148,9 +149,15 @@ class Engine:
             most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
             it is faster depends on the CPU (``prepack`` module docstring).
         broker: a ``torch_elastic_kv.broker.client.BrokerClient`` (anything with
-            ``attach(engine)`` and ``close()``): the Engine becomes a tenant of the device's
-            memory broker; its lease is the policy's pressure cap, so a smaller lease preempts
-            and shrinks like a budget cut. ``close()`` leaves the broker.
+            ``attach(budget, stats, chunk_bytes=)`` and ``close()``): the Engine becomes a
+            tenant of the device's memory broker; the client sets its lease on the Engine's
+            ``budget``, so a smaller lease preempts and shrinks like a budget cut, at the next
+            step (or at once, from the background thread, when nothing steps). ``close()``
+            leaves the broker.
+
+    How much KV memory the Engine may hold is ``self.budget`` (a ``KVBudget``): the policy's
+    ``max_bytes`` (within the pool's reservation) is its ceiling and ``min_bytes`` its floor;
+    ``set_budget``, ``sleep``/``wake`` and a broker's lease are its inputs.
     """
 
     def __init__(
@@ -203,6 +210,9 @@ class Engine:
                 min_bytes=self.policy.min_bytes,
             )
         self.pool = pool
+        reserved = int(pool.stats()["reserved_bytes"])
+        ceiling = reserved if self.policy.max_bytes is None else min(self.policy.max_bytes, reserved)
+        self.budget = KVBudget(ceiling, min(self.policy.min_bytes, ceiling), min_request_bytes=int(pool.chunk_bytes))
         self._restore_attn: Optional[str] = None
         if paged_attention and cache is None:
             from ..hf.attention import PAGED_ATTENTION, enable_paged_attention
@@ -235,6 +245,7 @@ class Engine:
             self.policy,
             self.scheduler,
             self._backend,
+            self.budget,
             step_lock=self._step_lock,
             pool_lock=self._pool_lock,
             grow_in_background=bool(background and grow_in_background),
@@ -271,7 +282,7 @@ class Engine:
         self.broker = broker
         if broker is not None:
             try:
-                broker.attach(self)  # the lease becomes the policy's pressure cap
+                broker.attach(self.budget, self.stats, chunk_bytes=int(self.pool.chunk_bytes))
             except BaseException:
                 self.broker = None
                 self.close()
@@ -358,11 +369,10 @@ class Engine:
             raise ValueError(
                 f"add_request: min_tokens ({params.min_tokens}) is more than max_new_tokens ({max_new_tokens})"
             )
-        # never fits: its own KV at full length exceeds the ceiling (the policy's max_bytes within
-        # the pool's reservation). A temporary cut (set_budget, the pressure hook) only delays it:
-        # such a request queues until the budget comes back.
+        # never fits: its own KV at full length exceeds the budget's ceiling. A temporary cut
+        # (set_budget, a lease, sleep) only delays it: such a request queues until it lifts.
         need = ceil_div((len(ids) + max_new_tokens - 1), self.pool.page_tokens)
-        ceiling = min(self.policy.max_bytes or self.memory.reserved_bytes, self.memory.reserved_bytes)
+        ceiling = self.budget.ceiling_bytes
         cap = self.policy.bytes_to_pages(ceiling)
         if need > cap:
             raise ValueError(
@@ -446,7 +456,7 @@ class Engine:
     def stalled(self) -> bool:
         """True when the last step ran nothing although requests wait: the first of them needs
         more KV pages than the budget lets it have, and stepping again changes nothing until
-        the budget rises (``set_budget``, the pressure hook) or requests are cancelled; or the
+        the budget rises (``set_budget``, ``wake``, a lease) or requests are cancelled; or the
         pages it needs could not be mapped (the host or device is short of memory), and
         stepping again helps once memory comes back."""
         return self._stalled
@@ -520,22 +530,39 @@ class Engine:
 
     # ------------------------------------------------------------------ budget -------------
     def set_budget(self, nbytes: Optional[int]) -> None:
-        """Change the KV byte budget now; ``None`` restores the policy's ``max_bytes``.
+        """Change the requested KV byte budget now; ``None`` restores the ceiling (the
+        policy's ``max_bytes``).
 
         Below what is live, requests are preempted (latest-arrived first): swapped to host
         memory while ``swap_bytes`` allows, else dropped and recomputed later. ``0`` holds
         nothing (requests queue until the budget rises); a budget between 0 and
-        ``min_budget_bytes`` buys no page and is refused (ValueError, nothing changes).
+        ``min_budget_bytes`` buys no page and is refused. Bad input raises ``ValueError`` and
+        changes nothing.
         """
         self._require_open("set_budget")
-        floor = self.min_budget_bytes
-        if is_int(nbytes) and 0 < nbytes < floor:
-            raise ValueError(
-                f"set_budget: {nbytes} bytes is below one KV chunk ({floor} bytes), the smallest budget "
-                "that holds a page; use 0 to hold nothing"
-            )
+        self.budget.set_requested(nbytes)
+        self._enforce_now()
+
+    def sleep(self) -> None:
+        """Give all KV memory back now: running requests are preempted (swapped or recomputed
+        later) and new ones wait until ``wake``; the requested budget is kept."""
+        self._require_open("sleep")
+        self.budget.sleep()
+        self._enforce_now()
+
+    def wake(self) -> None:
+        """Undo ``sleep``: the budget is what it was before."""
+        self._require_open("wake")
+        self.budget.wake()
+        self._enforce_now()
+
+    @property
+    def asleep(self) -> bool:
+        return self.budget.asleep
+
+    def _enforce_now(self) -> None:
         with self._step_lock:
-            preempted = self.memory.set_budget(nbytes)
+            preempted = self.memory.enforce()
             if self.timeline is not None:
                 self._record(Batch(), preempted, 0.0)
 
@@ -634,15 +661,16 @@ class Engine:
                 f"Engine stalled: KV memory for request {self._short[0].request_id} could not be mapped "
                 f"({self._memory_error}); the requests stay queued, unchanged: step again once memory is back"
             )
-        if self.policy.pressure is not None:
-            time.sleep(min(0.05, self.policy.pressure_interval))  # the hook may lift the cap
+        if self.budget.lease_bytes is not None:
+            # a lease may rise: wait for the budget to change rather than fail
+            self.budget.wait_for_change(self.budget.version, timeout=0.05)
             return
         seq = self.scheduler.waiting[0]
         need = ceil_div(seq.num_tokens, self.pool.page_tokens)
         raise RuntimeError(
             f"Engine stalled: request {seq.request_id} needs {need} KV pages but only "
             f"{self._backend.free_pages()} can be had under the budget "
-            f"({self.policy.budget_bytes} bytes); raise it with set_budget"
+            f"({self.budget.effective_bytes()} bytes); raise it with set_budget"
         )
 
     # ------------------------------------------------------------------ observability ------
@@ -653,8 +681,9 @@ class Engine:
         live_bytes: pages held by requests; demand_bytes: what the policy sizes residency from
         (held + expected growth + waiting prompts); broker_lease_bytes: the memory broker's lease
         (None without a broker); resident_bytes: mapped (physical) KV memory;
-        reserved_bytes: reserved address space; budget_bytes: effective budget (None:
-        unlimited); grows / shrinks / compactions: the pool's counters; shrink_events /
+        reserved_bytes: reserved address space; budget_bytes: the effective budget
+        (``KVBudget.effective_bytes``), requested_budget_bytes: what ``set_budget`` asked
+        (None: the ceiling), asleep: whether ``sleep`` holds it at 0; grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
@@ -686,7 +715,9 @@ class Engine:
             "broker_lease_bytes": self.broker.lease_bytes if self.broker is not None else None,
             "resident_bytes": ps["resident_bytes"],
             "reserved_bytes": ps["reserved_bytes"],
-            "budget_bytes": self.policy.budget_bytes,
+            "budget_bytes": self.budget.effective_bytes(),
+            "requested_budget_bytes": self.budget.requested_bytes,
+            "asleep": self.budget.asleep,
             "max_bytes": self.policy.max_bytes,
             "min_bytes": self.policy.min_bytes,
             "page_bytes": self.pool.page_bytes,
@@ -749,7 +780,7 @@ class Engine:
                 "waiting": len(self.scheduler.waiting),
                 "live_bytes": self._backend.live_pages() * self.pool.page_bytes,
                 "resident_bytes": self.memory.resident_bytes(),
-                "budget_bytes": self.policy.budget_bytes,
+                "budget_bytes": self.budget.effective_bytes(),
                 "preempted": preempted,
                 "step_seconds": seconds,
             }

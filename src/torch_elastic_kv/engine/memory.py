@@ -1,9 +1,12 @@
 """When KV memory is taken and given back: the Engine's memory controller.
 
-Every step begins with ``before_step`` (poll the pressure hook; if the budget is now below
-what requests hold, preempt until it fits, then shrink) and ends with ``after_step`` (one
-``ElasticPolicy`` decision: grow ahead of demand, or, after the policy's idle hysteresis,
-shrink). A shrink gives back empty chunks, compacts live pages into fewer chunks and gives
+How much may be held is the ``KVBudget``'s answer (``budget.py``: ceiling, requested budget,
+lease, sleep); this controller makes resident memory follow it on one path, ``enforce``:
+preempt what no longer fits, shrink/compact, cap the pool. Every step begins with
+``before_step`` (``enforce`` when the budget changed since it last ran, or when live pages
+exceed it) and ends with ``after_step`` (one ``ElasticPolicy`` decision: grow ahead of demand,
+or, after the policy's idle hysteresis, shrink). A budget change also wakes the background
+thread at once, so an idle Engine follows a lease or a cut without waiting for a step. A shrink gives back empty chunks, compacts live pages into fewer chunks and gives
 back again. A grow maps chunks ahead of need — on CUDA from the background thread, so the
 step never waits on the driver; on CPU at the end of the step before the one that needs the
 pages. The background grower holds no lock while the driver maps (the pool reserves its
@@ -16,7 +19,7 @@ When is memory given back to the driver/OS?
 * On CUDA a shrink unmaps chunks but the arenas keep up to ``reuse_bytes`` of their physical
   handles, so the next grow maps them again instead of paying ``cuMemCreate`` (~200 us per
   2 MiB). That reuse allowance is released (``pool.trim()``) on a budget cut
-  (``set_budget`` lowering the budget), when the pressure hook lowers the budget, on close,
+  (any input of the budget lowering it: ``set_budget``, a lease, sleep), on close,
   and once nothing has run or waited for ``release_idle_seconds`` (default 4 x the policy's
   ``idle_seconds``).
 * On CPU every shrink releases at once, as before: the idle shrink is when CPU users expect
@@ -37,6 +40,7 @@ from typing import Any, Optional
 import torch
 
 from .._util import ceil_div
+from .budget import KVBudget
 from .policy import Decision, ElasticPolicy
 from .scheduler import Scheduler
 
@@ -48,7 +52,9 @@ __all__ = ["MemoryController"]
 class MemoryController:
     """The policy tick, grow / shrink / compact, budget enforcement and the background thread.
 
-    ``pool`` is the Engine's page pool, ``backend`` the scheduler's view of pages held;
+    ``pool`` is the Engine's page pool, ``backend`` the scheduler's view of pages held,
+    ``budget`` the one owner of how much may be held (built from the policy's
+    ``max_bytes``/``min_bytes`` within the pool's reservation when omitted);
     ``step_lock`` serialises steps and budget changes, ``pool_lock`` guards the pool's
     bookkeeping between the step and the background thread. ``release_idle_seconds``: how
     long nothing runs or waits before the reuse caches are released (CUDA; default 4 x the
@@ -61,6 +67,7 @@ class MemoryController:
         policy: ElasticPolicy,
         scheduler: Scheduler,
         backend: Any,
+        budget: Optional[KVBudget] = None,
         *,
         step_lock: threading.RLock,
         pool_lock: threading.RLock,
@@ -77,6 +84,10 @@ class MemoryController:
         self.chunk_pages = int(pstats["pages_per_chunk"])
         self.chunk_bytes = int(pool.chunk_bytes)
         self.reserved_bytes = int(pstats["reserved_bytes"])
+        if budget is None:
+            ceiling = self.reserved_bytes if policy.max_bytes is None else min(policy.max_bytes, self.reserved_bytes)
+            budget = KVBudget(ceiling, min(policy.min_bytes, ceiling))
+        self.budget = budget
         policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes, int(pstats["max_bytes"]))
         self.async_grow = grow_in_background
         if release_idle_seconds is None:
@@ -103,6 +114,11 @@ class MemoryController:
         self._stopping = False
         self._grow_target = 0
         self._pending_pages = 0  # prompt pages of requests added since the last tick
+        self._budget_changed = False  # the background thread's wake-up reason
+        self._enforced_version = -1  # the budget version the last enforce() applied
+        self._enforced_bytes = budget.effective_bytes()
+        self.ceiling_pages = min(pool.max_pages, policy.bytes_to_pages(budget.ceiling_bytes))
+        budget.add_listener(self._on_budget_change)
         self.apply_pool_budget()
         if policy.is_static:  # the static pool is mapped at start
             self.grow_to(policy.target_pages(0, pool.max_pages))
@@ -113,6 +129,10 @@ class MemoryController:
 
     def resident_pages(self) -> int:
         return self.resident_bytes() // self.chunk_bytes * self.chunk_pages
+
+    def budget_pages(self) -> int:
+        """Pages the effective budget allows: whole chunks, never more than the pool has."""
+        return min(self.pool.max_pages, self.policy.bytes_to_pages(self.budget.effective_bytes()))
 
     def demand(self) -> int:
         """Pages the requests need now and soon: held, expected growth, and waiting prompts."""
@@ -127,7 +147,9 @@ class MemoryController:
         """Budget enforcement before scheduling; returns the requests preempted."""
         t = time.perf_counter()
         try:
-            return self._enforce_budget()
+            if self.budget.version != self._enforced_version or self.backend.live_pages() > self.budget_pages():
+                return self.enforce()
+            return 0
         finally:
             self.policy_seconds += time.perf_counter() - t
 
@@ -140,49 +162,42 @@ class MemoryController:
             self.policy_seconds += time.perf_counter() - t
 
     def apply_pool_budget(self) -> None:
-        """Hand the effective budget to the pool, within what the pool accepts."""
-        b = self.policy.budget_bytes
-        if b is None:
-            b = self.reserved_bytes
+        """Cap the pool at the effective budget, within what the pool accepts (never below
+        what is live or the floor)."""
         live_chunks = ceil_div(self.backend.live_pages(), self.chunk_pages)
         floor = max(live_chunks * self.chunk_bytes, self.policy.min_bytes, 1)
-        self.pool.set_max_bytes(min(max(b, floor), self.reserved_bytes))
+        self.pool.set_max_bytes(min(max(self.budget.effective_bytes(), floor), self.reserved_bytes))
 
-    def _enforce_budget(self) -> int:
-        """Poll pressure; if the budget is below what is live, preempt, compact, shrink."""
-        before = self.policy.budget_bytes
-        changed = self.policy.poll_pressure()
-        cut = _lowered(before, self.policy.budget_bytes)
-        budget = self.policy.budget_pages(self.pool.max_pages)
-        n = 0
-        if self.backend.live_pages() > budget:
-            with self._pool_lock:
-                n = len(self.scheduler.preempt_until(budget))
-            changed = True
-        if changed:
-            with self._pool_lock:
-                # pressure means someone else needs the memory: the reuse caches go too
-                self.shrink_to(min(budget, self.resident_pages()), release=cut)
-                self.apply_pool_budget()
-        return n
-
-    def set_budget(self, nbytes: Optional[int]) -> int:
-        """Set the policy's budget and enforce it now; returns the requests preempted."""
-        before = self.policy.budget_bytes
-        self.policy.set_budget(nbytes)
-        budget = self.policy.budget_pages(self.pool.max_pages)
+    def enforce(self) -> int:
+        """Make resident memory follow the budget now: preempt until live pages fit it, give
+        back what is above it (empty chunks, then compaction; the reuse caches too when the
+        budget went down), and cap the pool. Returns the requests preempted. The one path
+        every budget change takes (``set_budget``, a lease, sleep and wake)."""
+        version = self.budget.version
+        effective = self.budget.effective_bytes()
+        cut = effective < self._enforced_bytes
+        budget = self.budget_pages()
         with self._pool_lock:
-            n = len(self.scheduler.preempt_until(budget))
-            self.shrink_to(min(budget, self.resident_pages()), release=_lowered(before, self.policy.budget_bytes))
+            n = len(self.scheduler.preempt_until(budget)) if self.backend.live_pages() > budget else 0
+            self.shrink_to(min(budget, self.resident_pages()), release=cut)
             self.apply_pool_budget()
+        self._enforced_version = version
+        self._enforced_bytes = effective
         return n
+
+    def _on_budget_change(self) -> None:
+        """A budget input changed (any thread): wake the background thread to enforce it now
+        if nobody is stepping; a step enforces it first thing anyway."""
+        with self._cv:
+            self._budget_changed = True
+            self._cv.notify()
 
     def tick(self) -> Decision:
         """One policy decision; grows go to the background thread (when it grows), shrinks
         happen here."""
         with self._pool_lock:
             demand = self.demand()
-            d = self.policy.decide(demand, self.resident_pages(), self.pool.max_pages, self.chunk_pages)
+            d = self.policy.decide(demand, self.resident_pages(), self.budget_pages(), self.chunk_pages)
             if d.action == "shrink":
                 self.shrink_to(d.target_pages)
             now = self.policy.clock()
@@ -201,8 +216,9 @@ class MemoryController:
         return d
 
     def maintain(self) -> Decision:
-        """Enforce the budget and tick without a step (what the background thread does)."""
-        self._enforce_budget()
+        """Enforce the budget if it changed and tick, without a step (what the background
+        thread does)."""
+        self.before_step()
         return self.tick()
 
     def grow_to(self, target_pages: int) -> None:
@@ -213,7 +229,7 @@ class MemoryController:
         with self._pool_lock:
             resident = self.resident_pages()
             live = self.backend.live_pages()
-            target = min(target_pages, self.policy.budget_pages(self.pool.max_pages))
+            target = min(target_pages, self.budget_pages())
             if target <= resident:
                 return
         try:
@@ -280,6 +296,7 @@ class MemoryController:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self.budget.remove_listener(self._on_budget_change)
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -299,23 +316,25 @@ class MemoryController:
         idle_poll = max(0.05, min(1.0, self.policy.idle_seconds / 4))
         while True:
             with self._cv:
-                if not self._stopping and self._grow_target == 0 and not self._pending_pages:
+                if not (self._stopping or self._grow_target or self._pending_pages or self._budget_changed):
                     self._cv.wait(timeout=idle_poll)
                 if self._stopping:
                     return
                 target, self._grow_target = self._grow_target, 0
                 pending, self._pending_pages = self._pending_pages, 0
+                self._budget_changed = False
             try:
                 if pending and not target:
                     with self._pool_lock:
                         demand = self.demand() + pending
-                    target = self.policy.target_pages(demand, self.pool.max_pages)
+                    target = self.policy.target_pages(demand, self.budget_pages())
                 if target:
                     self.grow_to(target)
                 elif self._step_lock.acquire(blocking=False):
-                    # nobody is stepping: keep the policy ticking so idle memory goes back
+                    # nobody is stepping: keep the policy ticking so idle memory goes back, and
+                    # a budget change (a reclaim, a cut) takes effect now, not at the next step
                     try:
-                        if not self.scheduler.running:
+                        if not self.scheduler.running or self.budget.version != self._enforced_version:
                             self.maintain()
                     finally:
                         self._step_lock.release()

@@ -15,8 +15,10 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
   load still draining waits for the floor), so a steady load never sees a grow/shrink cycle
   and a draining one gives memory back in one step;
 * with nothing running or waiting for ``idle_seconds``, go back to the floor at once;
-* the budget is ``max_bytes`` unless ``set_budget`` changed it, lowered further while an
-  optional pressure hook reports that other work needs memory.
+* a budget below what is resident is not idleness: shrink to it at once.
+
+The policy holds no budget: the Engine's ``KVBudget`` (``budget.py``) owns that number, and
+the memory controller hands it to ``decide`` in pages each tick.
 """
 
 from __future__ import annotations
@@ -55,21 +57,18 @@ def _check_nonneg_int(name: str, value: object, allow_none: bool = False) -> Non
 
 
 class ElasticPolicy:
-    """Turns demand (in KV pages) into a resident-page target with hysteresis and a budget.
+    """Turns demand and a budget (in KV pages) into a resident-page target with hysteresis.
 
     Args:
         min_bytes: resident floor; the pool never shrinks below it (the pool rounds it up to
             whole chunks).
-        max_bytes: the most KV memory the pool may hold; ``None`` means the pool's own limit.
+        max_bytes: the most KV memory the pool may hold (the budget's ceiling); ``None`` means
+            the pool's own limit.
         headroom: fraction of demand kept resident on top of it, so short bursts need no map.
         idle_seconds: how long demand must stay below resident before memory is given back.
         horizon_steps: how many decode steps ahead growth of running requests is counted.
         swap_bytes: host memory preempted requests may park their KV in (0: always recompute).
         clock: seconds, monotonic; injectable for tests.
-        pressure: optional callable polled at most every ``pressure_interval`` seconds; it
-            returns a byte cap while other work needs memory, or ``None`` when there is no
-            pressure. The effective budget is the smaller of the set budget and that cap.
-        pressure_interval: seconds between pressure polls.
 
     ``min_bytes == max_bytes`` makes a static pool: mapped at start and never shrunk.
     """
@@ -83,8 +82,6 @@ class ElasticPolicy:
         horizon_steps: int = 16,
         swap_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
-        pressure: Optional[Callable[[], Optional[int]]] = None,
-        pressure_interval: float = 0.5,
     ) -> None:
         _check_nonneg_int("min_bytes", min_bytes)
         _check_nonneg_int("max_bytes", max_bytes, allow_none=True)
@@ -96,10 +93,6 @@ class ElasticPolicy:
             raise ValueError(f"ElasticPolicy: headroom must be in [0, 10], got {headroom!r}")
         if not isinstance(idle_seconds, (int, float)) or idle_seconds < 0:
             raise ValueError(f"ElasticPolicy: idle_seconds must be >= 0, got {idle_seconds!r}")
-        if not isinstance(pressure_interval, (int, float)) or pressure_interval < 0:
-            raise ValueError(f"ElasticPolicy: pressure_interval must be >= 0, got {pressure_interval!r}")
-        if pressure is not None and not callable(pressure):
-            raise ValueError(f"ElasticPolicy: pressure must be callable, got {pressure!r}")
         self.min_bytes = int(min_bytes)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.headroom = float(headroom)
@@ -107,12 +100,7 @@ class ElasticPolicy:
         self.horizon_steps = int(horizon_steps)
         self.swap_bytes = int(swap_bytes)
         self.clock = clock
-        self.pressure = pressure
-        self.pressure_interval = float(pressure_interval)
 
-        self._budget_bytes: Optional[int] = self.max_bytes  # set_budget's value
-        self._pressure_cap: Optional[int] = None
-        self._last_poll: Optional[float] = None
         self._page_bytes: Optional[int] = None
         self._page_tokens: Optional[int] = None
         self._pages_per_chunk = 1
@@ -154,8 +142,6 @@ class ElasticPolicy:
         self._chunk_bytes = chunk_bytes or page_bytes * pages_per_chunk
         if self.max_bytes is None and pool_max_bytes is not None:
             self.max_bytes = int(pool_max_bytes)
-            if self._budget_bytes is None:
-                self._budget_bytes = self.max_bytes
 
     @property
     def page_bytes(self) -> int:
@@ -174,39 +160,7 @@ class ElasticPolicy:
         """True when min_bytes == max_bytes: a pool mapped at start and never shrunk."""
         return self.max_bytes is not None and self.min_bytes == self.max_bytes
 
-    # ---- budget -----------------------------------------------------------------------
-    def set_budget(self, nbytes: Optional[int]) -> None:
-        """Set the byte budget; ``None`` restores ``max_bytes``."""
-        if nbytes is None:
-            self._budget_bytes = self.max_bytes
-            return
-        if not is_int(nbytes) or nbytes < 0:
-            raise ValueError(f"set_budget: nbytes must be a non-negative int or None, got {nbytes!r}")
-        if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise ValueError(f"set_budget: {nbytes} bytes exceeds the policy's max_bytes ({self.max_bytes})")
-        self._budget_bytes = int(nbytes)
-
-    @property
-    def set_budget_bytes(self) -> Optional[int]:
-        """The budget from ``max_bytes``/``set_budget``, ignoring pressure (None: unlimited)."""
-        return self._budget_bytes
-
-    @property
-    def budget_bytes(self) -> Optional[int]:
-        """The effective budget: the set budget, lowered by the pressure cap if any."""
-        b = self._budget_bytes
-        cap = self._pressure_cap
-        if cap is None:
-            return b
-        return cap if b is None else min(b, cap)
-
-    def budget_pages(self, pool_max_pages: int) -> int:
-        """Pages the effective budget allows (whole chunks), never more than the pool has."""
-        b = self.budget_bytes
-        if b is None:
-            return pool_max_pages
-        return min(pool_max_pages, self.bytes_to_pages(b))
-
+    # ---- budget in pages ----------------------------------------------------------------
     def bytes_to_pages(self, nbytes: int) -> int:
         """Pages that ``nbytes`` of budget buys: whole chunks only."""
         gb = self._chunk_bytes or self.page_bytes
@@ -214,24 +168,6 @@ class ElasticPolicy:
 
     def min_pages(self) -> int:
         return ceil_div(self.min_bytes, self.page_bytes)
-
-    def poll_pressure(self) -> bool:
-        """Poll the pressure hook if due; returns True when the effective budget changed."""
-        if self.pressure is None:
-            return False
-        now = self.clock()
-        if self._last_poll is not None and now - self._last_poll < self.pressure_interval:
-            return False
-        self._last_poll = now
-        before = self.budget_bytes
-        cap = self.pressure()
-        if cap is not None:
-            if not is_int(cap) or cap < 0:
-                raise ValueError(f"ElasticPolicy: pressure hook must return a non-negative int or None, got {cap!r}")
-            # never below the floor: the floor is memory the user promised the cache
-            cap = max(int(cap), self.min_bytes)
-        self._pressure_cap = cap
-        return self.budget_bytes != before
 
     # ---- learning the output length ---------------------------------------------------
     def record_finished(self, output_tokens: int) -> None:
@@ -259,29 +195,33 @@ class ElasticPolicy:
         return ceil_div(stored_tokens + grow, pt) - (ceil_div(stored_tokens, pt))
 
     # ---- the decision -----------------------------------------------------------------
-    def target_pages(self, demand_pages: int, pool_max_pages: int) -> int:
+    def target_pages(self, demand_pages: int, budget_pages: int) -> int:
         """Resident pages wanted for this demand: demand * (1 + headroom) within [min, budget]."""
         want = math.ceil(demand_pages * (1.0 + self.headroom) - 1e-9)  # 110*1.1 is 121.00000000000001
-        budget = self.budget_pages(pool_max_pages)
-        return max(min(want, budget), min(self.min_pages(), budget))
+        return max(min(want, budget_pages), min(self.min_pages(), budget_pages))
 
-    def decide(self, demand_pages: int, resident_pages: int, pool_max_pages: int, chunk_pages: int = 1) -> Decision:
+    def decide(self, demand_pages: int, resident_pages: int, budget_pages: int, chunk_pages: int = 1) -> Decision:
         """One policy tick: compare the target with what is resident and say what to do.
 
-        ``chunk_pages`` is how many pages one chunk holds: a shrink that cannot give
+        ``budget_pages``: what the budget allows now, in pages (whole chunks, within the
+        pool). ``chunk_pages`` is how many pages one chunk holds: a shrink that cannot give
         back at least one chunk is not worth starting.
         """
-        if demand_pages < 0 or resident_pages < 0:
+        if demand_pages < 0 or resident_pages < 0 or budget_pages < 0:
             raise ValueError(
-                f"decide: demand_pages ({demand_pages}) and resident_pages ({resident_pages}) must be >= 0"
+                f"decide: demand_pages ({demand_pages}), resident_pages ({resident_pages}) and "
+                f"budget_pages ({budget_pages}) must be >= 0"
             )
         now = self.clock()
-        budget = self.budget_pages(pool_max_pages)
-        if self.is_static and self.budget_bytes == self.max_bytes:
+        budget = budget_pages
+        if self.is_static:
+            # a static pool holds its whole budget: all of it while the budget is the ceiling,
+            # exactly the cut while it is lower
             self._below_since = None
-            want = budget
-            return Decision("grow", want) if resident_pages < want else Decision("none", want)
-        target = self.target_pages(demand_pages, pool_max_pages)
+            if resident_pages > budget:
+                return Decision("shrink", budget, forced=True)
+            return Decision("grow", budget) if resident_pages < budget else Decision("none", budget)
+        target = self.target_pages(demand_pages, budget)
         peak_time, peak = self._note_target(now, target)
         g = max(1, chunk_pages)
         if demand_pages == 0:
@@ -332,8 +272,6 @@ class ElasticPolicy:
         return {
             "min_bytes": self.min_bytes,
             "max_bytes": self.max_bytes,
-            "budget_bytes": self.budget_bytes,
-            "pressure_cap_bytes": self._pressure_cap,
             "headroom": self.headroom,
             "idle_seconds": self.idle_seconds,
             "horizon_steps": self.horizon_steps,

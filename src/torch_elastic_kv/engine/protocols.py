@@ -12,8 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..kv.page_table import PageTable
+from .budget import LeaseTarget
 
-__all__ = ["EngineBroker", "EnginePool", "EngineCache"]
+__all__ = ["EngineBroker", "EngineCache", "EnginePool"]
 
 
 @runtime_checkable
@@ -65,10 +66,12 @@ class EngineCache(Protocol):
 
 @runtime_checkable
 class EngineBroker(Protocol):
-    """A link to a memory broker (``broker.client.BrokerClient``): ``attach`` is called once
-    the Engine is built and may install a pressure hook on its policy; ``close`` when it closes."""
+    """A link to a memory broker (``broker.client.BrokerClient``). ``attach`` is called once
+    the Engine is built, with the Engine's budget (the tenant sets its lease on it) and a
+    stats callable (``demand_bytes``, ``resident_bytes``, ``live_bytes``, ``running``,
+    ``waiting``); ``close`` when the Engine closes."""
 
     @property
     def lease_bytes(self) -> int: ...
-    def attach(self, engine: Any) -> None: ...
+    def attach(self, budget: LeaseTarget, stats: Callable[[], dict[str, Any]], *, chunk_bytes: int) -> None: ...
     def close(self) -> None: ...

@@ -145,8 +145,8 @@ def build_state(settings: ServeSettings) -> ServerState:
         budget_wait_seconds=settings.budget_wait_seconds,
         broker_wait_seconds=settings.broker_wait_seconds,
     )
-    if broker is not None:
-        broker.on_grant = service.wake  # a larger lease may admit requests the engine thread holds
+    # a larger budget (a grant, a raised kv-budget, wake) may admit requests the thread holds
+    engine.budget.add_listener(service.wake)
     metrics.watch(service.stats)
     metrics.vllm.describe_cache(
         block_size=engine.pool.page_tokens,
