@@ -10,6 +10,7 @@ from torch_elastic_kv.bench import replay, systems
 from torch_elastic_kv.bench.progress import Progress
 from torch_elastic_kv.bench.settings import BenchSettings
 from torch_elastic_kv.bench.traces import Trace, TraceRequest
+from torch_elastic_kv.engine.request import StepOutput
 
 
 class RecordingEngine:
@@ -38,7 +39,7 @@ class RecordingEngine:
         for request_id, left in self.remaining.items():
             if left:
                 self.remaining[request_id] = left - 1
-                out.append((request_id, request_id * 10 + left))
+                out.append(StepOutput(request_id, request_id * 10 + left, None if left > 1 else "length"))
         return out
 
     def maintain(self):

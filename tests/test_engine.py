@@ -314,11 +314,11 @@ def test_a_stream_left_early_loses_no_token(model):
     rids = [eng.add_request(p, 10) for p in prompts]
     got: dict[int, list[int]] = {r: [] for r in rids}
     for stop_after in (3, 5, 1, 7):  # leave the stream mid-step, again and again
-        for n, (rid, tok) in enumerate(eng.stream(), start=1):
+        for n, (rid, tok, _) in enumerate(eng.stream(), start=1):
             got[rid].append(tok)
             if n == stop_after:
                 break
-    for rid, tok in eng.stream():
+    for rid, tok, _ in eng.stream():
         got[rid].append(tok)
     assert [got[r] for r in rids] == refs
     eng.close()

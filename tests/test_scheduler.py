@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torch_elastic_kv.engine.request import Request, RequestStatus, SamplingParams
+from torch_elastic_kv.engine.request import Request, RequestStatus, SamplingParams, StepOutput
 from torch_elastic_kv.engine.scheduler import Scheduler
 
 PT = 4  # page_tokens
@@ -93,12 +93,12 @@ def test_prefill_is_chunked_under_max_batch_tokens_and_decode_goes_first():
     batch, produced, _ = run_step(s)
     # a's whole prompt (6) then 4 tokens of b's prompt; b's pages are taken in full
     assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 0, 6), (False, 0, 4)]
-    assert produced == [(a.request_id, 7)]
+    assert produced == [StepOutput(a.request_id, 7)]
     assert be.held_pages(b) == 3
     batch, produced, _ = run_step(s)
     # a decodes first (1 token), then b's remaining 5 prompt tokens
     assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 6, 1), (False, 4, 5)]
-    assert sorted(produced) == sorted([(a.request_id, 7), (b.request_id, 7)])
+    assert sorted(produced) == sorted([StepOutput(a.request_id, 7), StepOutput(b.request_id, 7)])
     assert batch.num_tokens == 6
 
 
@@ -198,7 +198,7 @@ def test_recompute_resume_feeds_prompt_and_outputs():
     assert mode == "recompute" and a.num_computed == 0 and be.live_pages() == 0
     b, produced, _ = run_step(s)
     assert [(c.start, c.num_tokens) for c in b.chunks] == [(0, 7)]
-    assert produced == [(a.request_id, 7)] and a.num_generated == 3
+    assert produced == [StepOutput(a.request_id, 7)] and a.num_generated == 3
 
 
 def test_starvation_limit_protects_a_repeatedly_preempted_request():
@@ -233,7 +233,8 @@ def test_eos_finishes_and_frees_pages():
     a = seq(3, 50, eos=(7,))
     s.add(a)
     _, produced, finished = run_step(s, token=7)
-    assert finished == [a] and a.finish_reason == "eos" and be.live_pages() == 0
+    assert finished == [a] and a.finish_reason == "stop" and be.live_pages() == 0
+    assert produced == [StepOutput(a.request_id, 7, "stop")]  # the step says how it ended
     assert not s.has_unfinished()
 
 

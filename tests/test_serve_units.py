@@ -340,7 +340,7 @@ def test_stalled_until_the_budget_returns(model):
         rid = engine.add_request([1, 2, 3], 4)
         assert engine.step() == [] and engine.stalled
         engine.set_budget(None)
-        assert [r for r, _ in engine.step()] == [rid] and not engine.stalled
+        assert [out.request_id for out in engine.step()] == [rid] and not engine.stalled
 
 
 # ---------------------------------------------------------------------------- engine thread -

@@ -225,8 +225,9 @@ def replay_engine(
         if engine.has_unfinished():
             produced = engine.step()
             at = rec.now()
-            for request_id, token in produced:
-                rec.token(index_of[request_id], token, at)
+            for request_id, token, _reason in produced:
+                if token is not None:
+                    rec.token(index_of[request_id], token, at)
             sample_after_step()
             if not produced:
                 rec.check_progress()

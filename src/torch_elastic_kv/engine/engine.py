@@ -43,7 +43,7 @@ from .logits import TokenLogprob
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
 from .protocols import EngineBroker, EngineCache, EnginePool
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, StepOutput
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
 
@@ -430,7 +430,7 @@ class Engine:
             in_inbox = seq in self._inbox
             if in_inbox:
                 self._inbox.remove(seq)
-                seq.finish(self.clock(), "cancelled")
+                seq.finish(self.clock(), "abort")
         if not in_inbox:
             with self._step_lock, self._pool_lock:
                 if seq.is_finished:
@@ -469,8 +469,11 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ the step ----------
-    def step(self) -> list[tuple[int, int]]:
-        """One scheduling iteration; returns the ``(request_id, token_id)`` pairs produced.
+    def step(self) -> list[StepOutput]:
+        """One scheduling iteration; returns one ``StepOutput(request_id, token,
+        finish_reason)`` per request that sampled: its token, and on its last output how it
+        ended ("stop", "length", or "error" with token None when its sampling failed).
+        Cancelled requests end outside the step (``cancel`` returns True; reason "abort").
 
         Appends to ``self.timeline`` (when enabled) one dict per step: ``t`` (clock),
         ``step``, ``num_tokens`` (tokens in the forward), ``num_seqs``, ``running``,
@@ -485,7 +488,7 @@ class Engine:
             with self._pool_lock:
                 batch = self.scheduler.schedule()
             self._note_short(batch)
-            produced: list[tuple[int, int]] = []
+            produced: list[StepOutput] = []
             if batch:
                 sampled = self.runner.run(batch)
                 now = self.clock()
@@ -496,7 +499,7 @@ class Engine:
                 self._retire(finished, cancelled=False)
                 self._steps += 1
                 self._tokens_in += batch.num_tokens
-                self._tokens_out += len(produced)
+                self._tokens_out += sum(1 for out in produced if out.token is not None)
             waits = bool(self.scheduler.waiting) and not self.scheduler.running
             self._stalled = not batch and (waits or bool(batch.short))
             self.memory.after_step()
@@ -610,8 +613,8 @@ class Engine:
             return self.memory.maintain()
 
     # ------------------------------------------------------------------ driving ------------
-    def stream(self) -> Iterator[tuple[int, int]]:
-        """Step until nothing is left, yielding ``(request_id, token_id)`` as tokens come.
+    def stream(self) -> Iterator[StepOutput]:
+        """Step until nothing is left, yielding each ``StepOutput`` as tokens come.
 
         A stream left early (``break``) loses nothing: the next ``stream()`` first yields the
         tokens its step produced that were not yielded yet.

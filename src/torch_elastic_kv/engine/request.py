@@ -13,11 +13,25 @@ import enum
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .._util import is_int
 
-__all__ = ["SamplingParams", "Request", "RequestStatus"]
+__all__ = ["FINISH_REASONS", "Request", "RequestStatus", "SamplingParams", "StepOutput"]
+
+# How a request ends, in OpenAI's words, decided once (here and in the scheduler) and carried
+# by ``StepOutput``: "stop" (an end-of-sequence token), "length" (max_new_tokens reached),
+# "abort" (cancelled), "error" (its sampling failed; the other requests go on).
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class StepOutput(NamedTuple):
+    """What one step produced for one request: the sampled ``token`` (None when the request
+    ended without one: its sampling failed) and, on its last output, ``finish_reason``."""
+
+    request_id: int
+    token: Optional[int]
+    finish_reason: Optional[str] = None
 
 
 class RequestStatus(enum.Enum):
@@ -169,7 +183,7 @@ class Request:
     recompute_preemptions: int = 0
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
-    finish_reason: Optional[str] = None  # "length", "eos", "cancelled", "error" (sampling failed)
+    finish_reason: Optional[str] = None  # one of FINISH_REASONS once it has ended
     swap_handle: Any = None  # set by the swap space while SWAPPED
     # engine.logits.TokenLogprob per generated token / per prompt token (the first: None),
     # when sampling.logprobs / sampling.prompt_logprobs asks for them
@@ -222,7 +236,7 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         if token_id in self.eos_token_ids:
-            self.finish(now, "eos")
+            self.finish(now, "stop")
             return True
         if self.num_generated >= self.max_new_tokens:
             self.finish(now, "length")
@@ -230,7 +244,9 @@ class Request:
         return False
 
     def finish(self, now: float, reason: str) -> None:
-        self.status = RequestStatus.CANCELLED if reason == "cancelled" else RequestStatus.FINISHED
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"Request.finish: reason must be one of {FINISH_REASONS}, got {reason!r}")
+        self.status = RequestStatus.CANCELLED if reason == "abort" else RequestStatus.FINISHED
         self.finish_time = now
         self.finish_reason = reason
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from .._util import ceil_div, is_int
-from .request import Request, RequestStatus
+from .request import Request, RequestStatus, StepOutput
 
 __all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
 
@@ -267,13 +267,14 @@ class Scheduler:
 
     def postprocess(
         self, batch: Batch, sampled: dict[int, Optional[int]], now: float
-    ) -> tuple[list[tuple[int, int]], list[Request]]:
+    ) -> tuple[list[StepOutput], list[Request]]:
         """Advance the chunks that ran; append sampled tokens; finish and free done requests.
 
         ``sampled`` maps request_id -> token for every chunk whose ``samples`` is true.
-        Returns the (request_id, token) pairs produced and the requests that finished.
+        Returns what each sampling request got (a ``StepOutput``: its token, and its finish
+        reason when this step ended it) and the requests that finished.
         """
-        produced: list[tuple[int, int]] = []
+        produced: list[StepOutput] = []
         finished: list[Request] = []
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -287,8 +288,8 @@ class Scheduler:
                 seq.finish(now, "error")
                 done = True
             else:
-                produced.append((seq.request_id, tok))
                 done = seq.append_token(tok, now)
+            produced.append(StepOutput(seq.request_id, tok, seq.finish_reason if done else None))
             if done:
                 self.running.remove(seq)
                 self.backend.release(seq)
@@ -304,7 +305,7 @@ class Scheduler:
             self.waiting.remove(seq)
             if seq.status is RequestStatus.SWAPPED:
                 self.backend.drop_swap(seq)
-        seq.finish(now, "cancelled")
+        seq.finish(now, "abort")
 
     # ---- demand for the policy --------------------------------------------------------------
     def demand_pages(self, growth_pages) -> tuple[int, int, int]:

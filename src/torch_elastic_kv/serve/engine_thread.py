@@ -353,7 +353,9 @@ class EngineService:
             self._failing_since = None
         now = self.clock()
         got: set[int] = set()
-        for rid, token in produced:
+        for rid, token, _reason in produced:
+            if token is None:
+                continue  # its sampling failed: _check_ended below ends it
             choice = self._active.get(rid)
             if choice is None:
                 continue  # cancelled while the step ran
