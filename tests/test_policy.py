@@ -126,6 +126,7 @@ def test_the_policy_holds_no_budget_state():
         "max_bytes",
         "headroom",
         "idle_seconds",
+        "release_seconds",
         "horizon_steps",
         "swap_bytes",
         "expected_output_tokens",

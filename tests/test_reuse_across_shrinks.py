@@ -1,6 +1,7 @@
 """The Engine's memory controller keeps the arenas' reuse caches across shrinks on CUDA (so a
 grow after a shrink creates no handles) and releases them on a budget cut, when a lease
-falls, and after ``release_idle_seconds`` with nothing to do; on CPU every shrink releases."""
+falls, and after the policy's ``release_seconds`` with nothing to do; on CPU (by default) every
+shrink releases."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_a_grow_after_a_shrink_reuses_every_handle(fake_cuda: FakeCuda) -> None:
 
 def test_the_longer_idle_period_releases_the_caches(fake_cuda: FakeCuda) -> None:
     pool, ctrl, demand, clock = make("cuda:0")
-    assert ctrl.release_idle_seconds == 4 * IDLE
+    assert ctrl.release_seconds == 4 * IDLE
     with pool:
         grow(ctrl, demand, 4)
         idle_shrink(ctrl, demand, clock)  # the last demand was 2 s ago
@@ -133,18 +134,28 @@ def test_on_cpu_every_shrink_releases() -> None:
         assert pool.cached_bytes() == 0  # the host's idle shrink reaches the OS at once
 
 
-def test_release_idle_seconds_is_checked() -> None:
-    pool = KVPagePool(2, 2, 64, torch.float16, page_tokens=16, max_bytes=8 * MiB)
-    with pool:
-        demand = PoolDemand(pool)
-        with pytest.raises(ValueError, match="release_idle_seconds must be >= 0, got -1"):
-            MemoryController(
+def test_release_seconds_is_checked_and_chooses_what_a_shrink_keeps(fake_cuda: FakeCuda) -> None:
+    for bad in (-1, "soon", True):
+        with pytest.raises(ValueError, match=f"ElasticPolicy: release_seconds must be None or >= 0, got {bad!r}"):
+            ElasticPolicy(max_bytes=8 * MiB, release_seconds=bad)
+    for device, release, keeps in (("cuda:0", 0.0, False), ("cpu", 3.0, True)):
+        pool = KVPagePool(2, 2, 64, torch.float16, device=device, page_tokens=16, max_bytes=64 * MiB)
+        with pool:
+            demand = PoolDemand(pool)
+            clock = ManualClock(100.0)
+            policy = ElasticPolicy(
+                max_bytes=64 * MiB, idle_seconds=IDLE, headroom=0.0, clock=clock, release_seconds=release
+            )
+            ctrl = MemoryController(
                 pool,
-                ElasticPolicy(max_bytes=8 * MiB),
+                policy,
                 demand,
                 demand,
                 step_lock=threading.RLock(),
                 pool_lock=threading.RLock(),
                 grow_in_background=False,
-                release_idle_seconds=-1,
             )
+            assert ctrl.keep_reuse is keeps
+            grow(ctrl, demand, 4)
+            idle_shrink(ctrl, demand, clock)
+            assert pool.cached_bytes() == (4 * ctrl.chunk_bytes if keeps else 0), device

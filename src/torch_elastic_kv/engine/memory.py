@@ -14,17 +14,16 @@ chunks, maps them unlocked and commits them), so ``schedule()``/``postprocess()`
 meanwhile. While nobody steps, the background thread keeps ticking, which is how an idle
 engine gives memory back.
 
-When is memory given back to the driver/OS?
+When is memory given back to the driver/OS? Two knobs, both on the policy:
 
-* On CUDA a shrink unmaps chunks but the arenas keep up to ``reuse_bytes`` of their physical
-  handles, so the next grow maps them again instead of paying ``cuMemCreate`` (~200 us per
-  2 MiB). That reuse allowance is released (``pool.trim()``) on a budget cut
-  (any input of the budget lowering it: ``set_budget``, a lease, sleep), on close,
-  and once nothing has run or waited for ``release_idle_seconds`` (default 4 x the policy's
-  ``idle_seconds``).
-* On CPU every shrink releases at once, as before: the idle shrink is when CPU users expect
-  RSS to fall, and the host backend's commit (``fallocate``) is not the expensive call that
-  ``cuMemCreate`` is.
+* ``idle_seconds``: resident memory follows demand down after it has stayed below for that
+  long (the policy's hysteresis); a shrink unmaps chunks.
+* ``release_seconds``: how long unmapped physical memory is kept for the next grow (the
+  arenas' reuse caches, at most the pool's ``reuse_bytes``) before ``pool.trim()`` gives it
+  to the driver. Default: 0 on CPU (the idle shrink is when CPU users expect RSS to fall, and
+  the host's commit is cheap) and 4 x ``idle_seconds`` on CUDA (``cuMemCreate`` is the
+  expensive call). Whatever it says, a budget cut (any input of the budget lowering it:
+  ``set_budget``, a lease, sleep) and close release at once.
 
 ``set_budget`` changes the ceiling at once (preempting what no longer fits); a budget cut
 or a failed grow never drops a request: preempted requests are swapped or recomputed later.
@@ -56,9 +55,8 @@ class MemoryController:
     ``budget`` the one owner of how much may be held (built from the policy's
     ``max_bytes``/``min_bytes`` within the pool's reservation when omitted);
     ``step_lock`` serialises steps and budget changes, ``pool_lock`` guards the pool's
-    bookkeeping between the step and the background thread. ``release_idle_seconds``: how
-    long nothing runs or waits before the reuse caches are released (CUDA; default 4 x the
-    policy's ``idle_seconds``; see the module docstring).
+    bookkeeping between the step and the background thread. When unmapped memory goes back:
+    the policy's ``release_seconds`` (see the module docstring).
     """
 
     def __init__(
@@ -72,7 +70,6 @@ class MemoryController:
         step_lock: threading.RLock,
         pool_lock: threading.RLock,
         grow_in_background: bool,
-        release_idle_seconds: Optional[float] = None,
     ) -> None:
         self.pool = pool
         self.policy = policy
@@ -90,15 +87,14 @@ class MemoryController:
         self.budget = budget
         policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes, int(pstats["max_bytes"]))
         self.async_grow = grow_in_background
-        if release_idle_seconds is None:
-            release_idle_seconds = 4 * policy.idle_seconds
-        if not isinstance(release_idle_seconds, (int, float)) or release_idle_seconds < 0:
-            raise ValueError(f"MemoryController: release_idle_seconds must be >= 0, got {release_idle_seconds!r}")
-        self.release_idle_seconds = float(release_idle_seconds)
-        # Keep the arenas' reuse caches across shrinks where creating a handle is expensive.
-        # (Stand-in pools without a device are CPU pools.)
-        device = getattr(pool, "device", None)
-        self.keep_reuse = device is not None and torch.device(device).type == "cuda"
+        release = policy.release_seconds
+        if release is None:
+            # (stand-in pools without a device are CPU pools)
+            device = getattr(pool, "device", None)
+            on_cuda = device is not None and torch.device(device).type == "cuda"
+            release = 4 * policy.idle_seconds if on_cuda else 0.0
+        self.release_seconds = release
+        self.keep_reuse = release > 0  # shrinks keep the reuse caches until release_seconds pass
         self.cache_releases = 0
         self._busy_at = policy.clock()  # last tick with demand (or a grow)
         self._cache_kept = False  # a shrink kept handles that the idle release has not released
@@ -203,7 +199,7 @@ class MemoryController:
             now = self.policy.clock()
             if demand or d.action == "grow":
                 self._busy_at = now
-            elif self._cache_kept and now - self._busy_at >= self.release_idle_seconds:
+            elif self._cache_kept and now - self._busy_at >= self.release_seconds:
                 self.release_cache()
         if d.action == "grow":
             if self.async_grow and self._thread is not None:
@@ -313,6 +309,8 @@ class MemoryController:
             self._cv.notify()
 
     def _loop(self) -> None:
+        # not a knob: how often an idle Engine re-checks the policy's idle timer (a budget
+        # change does not wait for it: it wakes the thread)
         idle_poll = max(0.05, min(1.0, self.policy.idle_seconds / 4))
         while True:
             with self._cv:

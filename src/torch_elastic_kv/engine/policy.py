@@ -65,7 +65,12 @@ class ElasticPolicy:
         max_bytes: the most KV memory the pool may hold (the budget's ceiling); ``None`` means
             the pool's own limit.
         headroom: fraction of demand kept resident on top of it, so short bursts need no map.
-        idle_seconds: how long demand must stay below resident before memory is given back.
+        idle_seconds: how long demand must stay below resident before resident memory
+            follows it down (pages unmapped).
+        release_seconds: how long unmapped physical memory is kept for the next grow before
+            it goes back to the driver/OS (like mimalloc's ``purge_delay``): 0 at once,
+            ``None`` (default) 0 on CPU and ``4 * idle_seconds`` on CUDA, where creating a
+            handle again is the expensive call. A budget cut releases at once regardless.
         horizon_steps: how many decode steps ahead growth of running requests is counted.
         swap_bytes: host memory preempted requests may park their KV in (0: always recompute).
         clock: seconds, monotonic; injectable for tests.
@@ -79,6 +84,7 @@ class ElasticPolicy:
         max_bytes: Optional[int] = None,
         headroom: float = 0.1,
         idle_seconds: float = 5.0,
+        release_seconds: Optional[float] = None,
         horizon_steps: int = 16,
         swap_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
@@ -91,12 +97,17 @@ class ElasticPolicy:
             raise ValueError(f"ElasticPolicy: min_bytes ({min_bytes}) is larger than max_bytes ({max_bytes})")
         if not isinstance(headroom, (int, float)) or not 0.0 <= headroom <= 10.0:
             raise ValueError(f"ElasticPolicy: headroom must be in [0, 10], got {headroom!r}")
-        if not isinstance(idle_seconds, (int, float)) or idle_seconds < 0:
+        if not isinstance(idle_seconds, (int, float)) or isinstance(idle_seconds, bool) or idle_seconds < 0:
             raise ValueError(f"ElasticPolicy: idle_seconds must be >= 0, got {idle_seconds!r}")
+        if release_seconds is not None and (
+            not isinstance(release_seconds, (int, float)) or isinstance(release_seconds, bool) or release_seconds < 0
+        ):
+            raise ValueError(f"ElasticPolicy: release_seconds must be None or >= 0, got {release_seconds!r}")
         self.min_bytes = int(min_bytes)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.headroom = float(headroom)
         self.idle_seconds = float(idle_seconds)
+        self.release_seconds = None if release_seconds is None else float(release_seconds)
         self.horizon_steps = int(horizon_steps)
         self.swap_bytes = int(swap_bytes)
         self.clock = clock
@@ -274,6 +285,7 @@ class ElasticPolicy:
             "max_bytes": self.max_bytes,
             "headroom": self.headroom,
             "idle_seconds": self.idle_seconds,
+            "release_seconds": self.release_seconds,
             "horizon_steps": self.horizon_steps,
             "swap_bytes": self.swap_bytes,
             "expected_output_tokens": (self._finished_tokens / self._finished if self._finished else None),
