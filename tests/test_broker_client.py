@@ -124,6 +124,56 @@ def test_a_higher_priority_burst_takes_live_memory_and_nothing_is_lost(model, wo
     assert broker.stop() == 0
 
 
+def test_a_reclaim_takes_effect_within_one_engine_step_of_its_arrival(model, workload, references, sock_dir):
+    """No poll interval between the reclaim and the Engine: the client sets the lease on the
+    budget, which the next step enforces (printed: steps and milliseconds it took)."""
+    prompts, max_new = workload
+    broker = BrokerProcess(sock_dir / "b.sock", "32M")
+    client = BrokerClient(broker.socket_path, "low", priority=0, guarantee_bytes=4 * MiB)
+    eng = Engine(model, policy=_policy(), max_batch_tokens=512, broker=client)
+    calls = {"started": 0}
+    drops: list[tuple[int, int, float]] = []  # (step calls started, new lease, when)
+    last = {"lease": eng.budget.lease_bytes}
+
+    def on_change() -> None:
+        lease = eng.budget.lease_bytes
+        if lease is not None and last["lease"] is not None and lease < last["lease"]:
+            drops.append((calls["started"], lease, time.monotonic()))
+        last["lease"] = lease
+
+    eng.budget.add_listener(on_change)
+    high = None
+    try:
+        wait_until(lambda: client.lease_bytes == 4 * MiB, 5, what="the guarantee to be granted")
+        rids = [eng.add_request(p, n) for p, n in zip(prompts, max_new)]
+        compliant: dict = {}
+        while eng.has_unfinished():
+            calls["started"] += 1
+            eng.step()
+            st = eng.stats()
+            if drops and "call" not in compliant and st["resident_bytes"] <= drops[0][1]:
+                compliant.update(call=calls["started"], seconds=time.monotonic() - drops[0][2])
+            if high is None and st["live_bytes"] >= 12 * MiB:
+                high = RawClient(broker.socket_path)
+                assert high.register("high", priority=5)["type"] == "registered"
+                high.send(
+                    message("report", demand_bytes=24 * MiB, resident_bytes=0, live_bytes=0, running=0, waiting=3)
+                )
+        assert high is not None, "live memory never reached 12 MiB"
+        assert drops, "the reclaim never lowered the lease"
+        assert "call" in compliant, "resident never came under the reclaimed lease"
+        steps = compliant["call"] - drops[0][0]
+        print(f"reclaim to {drops[0][1]} bytes: resident under it after {steps} step(s), {compliant['seconds']:.4f} s")
+        assert steps <= 1  # the step that started after the message enforced it
+        for rid, ref in zip(rids, references):
+            assert eng.output_ids(rid) == ref, rid
+    finally:
+        eng.close()
+        if high is not None:
+            high.close()
+    assert broker.stop() == 0
+
+
 def test_the_broker_dies_and_a_new_one_finds_its_tenant(model, workload, references, sock_dir):
     prompts, max_new = workload
     path = sock_dir / "b.sock"
