@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_elastic_kv.engine.engine import Engine
 from torch_elastic_kv.engine.policy import ElasticPolicy
+from torch_elastic_kv.engine.request import RequestRejected
 from torch_elastic_kv.engine.runner import ModelRunner
 from torch_elastic_kv.testing import ManualClock
 from torch_elastic_kv.testing.standins import PAGE_TOKENS, PAGES_PER_CHUNK, StandInCache, StandInPool
@@ -358,3 +359,29 @@ def test_the_runner_tells_the_pool_each_new_stream_once() -> None:
     for handle in (7, 7, 9, 7, 9):
         runner.note_stream(handle)
     assert seen == [7, 9]
+
+
+def test_a_rejection_names_its_field_in_the_callers_words_and_max_new_tokens_for_is_its_boundary(model):
+    eng = make_engine(model, max_pages=8)  # 8 pages: 8 * PT tokens of KV at most
+    with pytest.raises(RequestRejected) as info:
+        eng.check_request([5] * (6 * PT), 4 * PT, max_tokens_label="max_tokens")
+    err = info.value
+    assert err.field == "max_new_tokens" and err.where == "add_request"
+    assert err.reason.startswith(f"prompt ({6 * PT} tokens) + max_tokens ({4 * PT}) needs 10 KV pages")
+    assert str(err) == f"add_request: {err.reason}"
+    with pytest.raises(RequestRejected, match=r"^add_request: prompt id 999 at position 0") as info:
+        eng.check_request([999], 1)
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestRejected) as info:
+        eng.check_request([5], 3, sampling={"temperature": -1})
+    assert info.value.field == "sampling"
+    # the largest max_new_tokens check_request accepts, for every prompt length
+    for n in (1, PT + 1, 6 * PT, 8 * PT, 8 * PT + 1):
+        fits = eng.max_new_tokens_for(n)
+        if fits:
+            eng.check_request([5] * n, fits)
+        with pytest.raises(RequestRejected):
+            eng.check_request([5] * n, fits + 1)
+    assert eng.max_new_tokens_for(8 * PT + 1) == 0 and eng.max_new_tokens_for(8 * PT) == 1
+    with pytest.raises(ValueError, match="max_new_tokens_for: prompt_tokens must be an int >= 1, got 0"):
+        eng.max_new_tokens_for(0)

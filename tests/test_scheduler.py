@@ -267,13 +267,13 @@ def test_a_failed_map_leaves_requests_where_they_were():
     assert a.status is RequestStatus.SWAPPED and be.swapped == {a.request_id: 2} and be.live_pages() == 0
     be.fail_maps = False
     _, produced, _ = run_step(s)
-    assert s.waiting == [] and sorted(r for r, _ in produced) == [a.request_id, b.request_id]
+    assert s.waiting == [] and sorted(out.request_id for out in produced) == [a.request_id, b.request_id]
     assert be.held_pages(a) == 2 and be.held_pages(b) == 2
     be.fail_maps = True
     batch, produced, _ = run_step(s)  # both still fit in their pages
     assert not batch.short and len(produced) == 2
     batch, produced, _ = run_step(s)  # a's 9th token needs a third page: it sits the step out
-    assert batch.short == [a] and [r for r, _ in produced] == [b.request_id]
+    assert batch.short == [a] and [out.request_id for out in produced] == [b.request_id]
     assert s.running == [a, b] and a.num_computed == 8 and be.held_pages(a) == 2
 
 

@@ -43,7 +43,7 @@ from .logits import TokenLogprob
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
 from .protocols import EngineBroker, EngineCache, EnginePool
-from .request import Request, SamplingParams, StepOutput
+from .request import Request, RequestRejected, SamplingParams, StepOutput
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
 
@@ -312,42 +312,51 @@ class Engine:
 
     # ------------------------------------------------------------------ requests ----------
     def _validate(
-        self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any, sampling: Any
+        self,
+        prompt_ids: Any,
+        max_new_tokens: Any,
+        eos_token_id: Any,
+        sampling: Any,
+        where: str = "add_request",
+        label: str = "max_new_tokens",
     ) -> tuple[list[int], int, frozenset, SamplingParams]:
+        """The request's arguments, checked once; ``RequestRejected`` (a ValueError) names the
+        field at fault, ``label`` being how the caller names ``max_new_tokens``."""
+
+        def reject(field: str, reason: str) -> RequestRejected:
+            return RequestRejected(where, field, reason)
+
         if isinstance(prompt_ids, torch.Tensor):
             if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
                 prompt_ids = prompt_ids[0]
             if prompt_ids.dim() != 1:
-                raise ValueError(f"add_request: prompt tensor must be 1-D, got shape {tuple(prompt_ids.shape)}")
+                raise reject("prompt", f"prompt tensor must be 1-D, got shape {tuple(prompt_ids.shape)}")
             if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
-                raise ValueError(f"add_request: prompt ids must be integers, got dtype {prompt_ids.dtype}")
+                raise reject("prompt", f"prompt ids must be integers, got dtype {prompt_ids.dtype}")
             ids = [int(x) for x in prompt_ids.tolist()]
         elif isinstance(prompt_ids, (list, tuple)):
             ids = []
             for i, x in enumerate(prompt_ids):
                 if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-                    raise ValueError(
-                        f"add_request: prompt id at position {i} is {x!r} ({type(x).__name__}), not an int"
-                    )
+                    raise reject("prompt", f"prompt id at position {i} is {x!r} ({type(x).__name__}), not an int")
                 ids.append(int(x))
         else:
-            raise ValueError(
-                f"add_request: prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}"
+            raise reject(
+                "prompt", f"prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}"
             )
         if not ids:
-            raise ValueError("add_request: the prompt is empty (0 tokens); at least one token is needed")
+            raise reject("prompt", "the prompt is empty (0 tokens); at least one token is needed")
         bad = [(i, x) for i, x in enumerate(ids) if not 0 <= x < self.vocab_size]
         if bad:
             i, x = bad[0]
-            raise ValueError(
-                f"add_request: prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})"
-            )
+            raise reject("prompt", f"prompt id {x} at position {i} is outside the vocabulary [0, {self.vocab_size})")
         if not is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"add_request: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+            raise reject("max_new_tokens", f"{label} must be an int >= 1, got {max_new_tokens!r}")
         if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's max_position_embeddings ({self.max_positions})"
+            raise reject(
+                "max_new_tokens",
+                f"prompt ({len(ids)} tokens) + {label} ({max_new_tokens}) exceeds the "
+                f"model's max_position_embeddings ({self.max_positions})",
             )
         if eos_token_id is None:
             eos: frozenset = frozenset()
@@ -358,38 +367,60 @@ class Engine:
         ):
             eos = frozenset(eos_token_id)
         else:
-            raise ValueError(f"add_request: eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
-        params = SamplingParams.coerce(sampling)
+            raise reject("eos_token_id", f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+        try:
+            params = SamplingParams.coerce(sampling)
+        except ValueError as exc:
+            raise reject("sampling", str(exc)) from None
         for token, _ in params.logit_bias:
             if token >= self.vocab_size:
-                raise ValueError(
-                    f"add_request: logit_bias token id {token} is outside the vocabulary [0, {self.vocab_size})"
+                raise reject(
+                    "sampling", f"logit_bias token id {token} is outside the vocabulary [0, {self.vocab_size})"
                 )
         if params.min_tokens > max_new_tokens:
-            raise ValueError(
-                f"add_request: min_tokens ({params.min_tokens}) is more than max_new_tokens ({max_new_tokens})"
-            )
+            raise reject("sampling", f"min_tokens ({params.min_tokens}) is more than {label} ({max_new_tokens})")
         # never fits: its own KV at full length exceeds the budget's ceiling. A temporary cut
         # (set_budget, a lease, sleep) only delays it: such a request queues until it lifts.
         need = ceil_div((len(ids) + max_new_tokens - 1), self.pool.page_tokens)
         ceiling = self.budget.ceiling_bytes
         cap = self.policy.bytes_to_pages(ceiling)
         if need > cap:
-            raise ValueError(
-                f"add_request: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) needs {need} "
+            raise reject(
+                "max_new_tokens",
+                f"prompt ({len(ids)} tokens) + {label} ({max_new_tokens}) needs {need} "
                 f"KV pages ({need * self.pool.page_bytes} bytes) but the ceiling (max_bytes {ceiling}) allows "
-                f"{cap} pages ({cap * self.pool.page_bytes} bytes)"
+                f"{cap} pages ({cap * self.pool.page_bytes} bytes)",
             )
         return ids, max_new_tokens, eos, params
 
     def check_request(
-        self, prompt_ids: Any, max_new_tokens: Any, eos_token_id: Any = None, sampling: Any = None
+        self,
+        prompt_ids: Any,
+        max_new_tokens: Any,
+        eos_token_id: Any = None,
+        sampling: Any = None,
+        *,
+        max_tokens_label: str = "max_new_tokens",
     ) -> None:
-        """Raise the ``ValueError`` that ``add_request`` would raise for these arguments, or
-        return None; queues nothing. Lets a caller with several requests (a server's ``n``
-        choices, a batch of prompts) check them all before queuing any."""
+        """Raise the ``RequestRejected`` (a ValueError) that ``add_request`` would raise for these
+        arguments, or return None; queues nothing. Lets a caller with several requests (a
+        server's ``n`` choices, a batch of prompts) check them all before queuing any.
+        ``max_tokens_label``: the caller's name for ``max_new_tokens`` in the reason (a server
+        says ``max_tokens``), so the reason needs no rewriting."""
         self._require_open("check_request")
-        self._validate(prompt_ids, max_new_tokens, eos_token_id, sampling)
+        self._validate(prompt_ids, max_new_tokens, eos_token_id, sampling, label=max_tokens_label)
+
+    def max_new_tokens_for(self, prompt_tokens: int) -> int:
+        """The largest ``max_new_tokens`` a prompt of ``prompt_tokens`` tokens may ask for: within
+        the model's positions and what the budget's ceiling can ever hold (0: the prompt alone
+        does not fit). What ``check_request`` enforces, as a number, for callers choosing a default."""
+        if not is_int(prompt_tokens) or prompt_tokens < 1:
+            raise ValueError(f"max_new_tokens_for: prompt_tokens must be an int >= 1, got {prompt_tokens!r}")
+        cap_pages = self.policy.bytes_to_pages(self.budget.ceiling_bytes)
+        fits = cap_pages * self.pool.page_tokens - prompt_tokens + 1  # its last token is never stored
+        if self.max_positions is not None:
+            fits = min(fits, self.max_positions - prompt_tokens)
+        return max(0, fits)
 
     def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None, sampling: Any = None) -> int:
         """Queue a request; returns its id. Thread-safe; may be called between or during steps.
@@ -577,29 +608,28 @@ class Engine:
 
     def blocked_requests(self) -> dict[int, tuple[str, int]]:
         """Waiting requests that cannot start now however long they wait for others:
-        request id -> (why, the KV bytes it needs to start). Why: "budget" (the budget from
-        ``set_budget`` / ``max_bytes`` is below that), "pressure" (only the pressure cap, e.g. a
-        broker's lease, is), "memory" (it is within the budget but its pages could not be mapped
-        at the last step: the host or device is short). Any thread."""
+        request id -> (why, the KV bytes it needs to start). Why: "budget" (the Engine's own
+        budget, ``set_budget`` / ``max_bytes`` / sleep, is below that), "lease" (only a lease,
+        e.g. a broker's, is), "memory" (it is within the budget but its pages could not be
+        mapped at the last step: the host or device is short). Any thread."""
         with self._pool_lock:
-            pol = self.policy
+            snap = self.budget.snapshot()
             max_pages = self.pool.max_pages
             page_bytes = self.pool.page_bytes
 
-            def pages(nbytes: Optional[int]) -> int:
-                if nbytes is None:
-                    return max_pages
-                return min(max_pages, pol.bytes_to_pages(max(nbytes, pol.min_bytes)))
+            def pages(nbytes: int) -> int:
+                return min(max_pages, self.policy.bytes_to_pages(nbytes))
 
-            own = pages(pol.set_budget_bytes)
-            effective = pages(pol.budget_bytes)
+            requested = snap["requested_bytes"]
+            own = pages(0 if snap["asleep"] else snap["ceiling_bytes"] if requested is None else requested)
+            effective = pages(snap["effective_bytes"])
             out: dict[int, tuple[str, int]] = {}
             for seq in self.scheduler.waiting:
                 need = ceil_div(seq.num_tokens, self.pool.page_tokens)
                 if need > own:
                     out[seq.request_id] = ("budget", need * page_bytes)
                 elif need > effective:
-                    out[seq.request_id] = ("pressure", need * page_bytes)
+                    out[seq.request_id] = ("lease", need * page_bytes)
             for seq in self._short:
                 if not seq.is_finished and seq.request_id not in out:
                     need = ceil_div(seq.num_tokens, self.pool.page_tokens)

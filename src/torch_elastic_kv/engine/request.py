@@ -17,12 +17,25 @@ from typing import Any, NamedTuple, Optional
 
 from .._util import is_int
 
-__all__ = ["FINISH_REASONS", "Request", "RequestStatus", "SamplingParams", "StepOutput"]
+__all__ = ["FINISH_REASONS", "Request", "RequestRejected", "RequestStatus", "SamplingParams", "StepOutput"]
 
 # How a request ends, in OpenAI's words, decided once (here and in the scheduler) and carried
 # by ``StepOutput``: "stop" (an end-of-sequence token), "length" (max_new_tokens reached),
 # "abort" (cancelled), "error" (its sampling failed; the other requests go on).
 FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class RequestRejected(ValueError):
+    """A request the Engine refuses: ``field`` names the argument at fault ("prompt",
+    "max_new_tokens", "eos_token_id", "sampling") and ``reason`` says why, in the caller's
+    words (``check_request(max_tokens_label=...)`` names the length field as the caller does),
+    so a server never rewrites the Engine's text. ``str()`` is ``"<where>: <reason>"``."""
+
+    def __init__(self, where: str, field: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.field = field
+        self.reason = reason
 
 
 class StepOutput(NamedTuple):

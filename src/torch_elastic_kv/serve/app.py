@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..engine.request import RequestRejected
 from . import protocol as P
 from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
 from .errors import APIError, bad_request, error_body, not_found, unauthorized
@@ -222,11 +223,14 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "context_length_exceeded",
         )
     want = mt if mt is not None else room if default is None else min(default, room)
-    # echo with max_tokens 0 still runs one token through the Engine (and drops it)
-    refusal = _kv_refusal(state, longest, max(want, 1))
-    if refusal is None:
+    engine = state.service.engine
+    try:
+        fits = engine.max_new_tokens_for(longest)
+    except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
         return want
-    fits = _kv_room(state, longest, want)
+    # echo with max_tokens 0 still runs one token through the Engine (and drops it)
+    if max(want, 1) <= fits:
+        return want
     if fits == 0:
         raise bad_request(
             f"the prompt ({longest} tokens) leaves no room for a completion in this server's KV memory "
@@ -236,36 +240,14 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
         )
     if mt is None:
         return fits
-    # the Engine's numbers, in the words of the field the client sent
-    message = refusal.removeprefix("add_request: ").replace("max_new_tokens", param)
-    raise bad_request(f"{message}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded")
-
-
-def _kv_refusal(state: ServerState, prompt_tokens: int, max_tokens: int) -> Optional[str]:
-    """Why the Engine's KV ceiling cannot hold a request of this size, or None if it can. Asks
-    the Engine's own check with a stand-in prompt of the same length (the ceiling depends on
-    the length only, and token 0 is in every vocabulary), so an invalid prompt cannot pass
-    for one that is too long."""
+    # the Engine's own reason, in the words of the field the client sent
     try:
-        state.service.engine.check_request([0] * prompt_tokens, max_tokens)
-    except ValueError as exc:
-        return str(exc)
-    except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
-        return None
-    return None
-
-
-def _kv_room(state: ServerState, prompt_tokens: int, upper: int) -> int:
-    """The most completion tokens, at most ``upper``, that the KV ceiling holds after a prompt
-    of ``prompt_tokens`` (0 if not one); ``upper`` itself is known not to fit."""
-    lo, hi = 0, upper  # lo fits (0 trivially), hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _kv_refusal(state, prompt_tokens, mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        engine.check_request([0] * longest, mt, max_tokens_label=param)
+    except RequestRejected as exc:
+        raise bad_request(
+            f"{exc.reason}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded"
+        ) from None
+    return want
 
 
 def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._util import is_int
+from ..engine.request import RequestRejected
 from .cli import MIN_KV_BYTES
 from .detokenize import IncrementalDetokenizer, StopStrings
 from .errors import bad_request, overloaded
@@ -171,8 +172,6 @@ class EngineService:
         self._commands: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
         self._wakeups = 0  # bumped by every notify: a stalled wait ends on the next one
         self._stopping = False
-        self._sleeping = False
-        self._budget: Optional[int] = None  # what kv-budget asked; sleep overrides it until wake
         self._drain_deadline: Optional[float] = None
         self._pending: list[tuple[Submission, list[ChoiceEvent]]] = []
         self._thread = threading.Thread(target=self._run, name="ekv-engine", daemon=True)
@@ -204,7 +203,8 @@ class EngineService:
 
     @property
     def sleeping(self) -> bool:
-        return self._sleeping
+        """Whether the Engine's budget is asleep (``/admin/sleep``): the server keeps no copy."""
+        return self.engine.asleep
 
     @property
     def queued(self) -> int:
@@ -225,11 +225,15 @@ class EngineService:
                 )
             for spec in specs:
                 try:
-                    self.engine.check_request(spec.prompt_ids, spec.max_tokens, spec.eos_token_ids, spec.sampling)
-                except ValueError as exc:
-                    # the Engine's words, in the API's: max_new_tokens is what a client sent as max_tokens
-                    message = str(exc).removeprefix("add_request: ").replace("max_new_tokens", "max_tokens")
-                    raise bad_request(message, None, "invalid_request") from None
+                    self.engine.check_request(
+                        spec.prompt_ids,
+                        spec.max_tokens,
+                        spec.eos_token_ids,
+                        spec.sampling,
+                        max_tokens_label="max_tokens",
+                    )
+                except RequestRejected as exc:
+                    raise bad_request(exc.reason, None, "invalid_request") from None
             now = self.clock()
             for i, spec in enumerate(specs):
                 choice = _Choice(
@@ -266,12 +270,11 @@ class EngineService:
         out = dict(self.engine.stats())
         blocked = self._blocked
         out.update(
-            sleeping=self._sleeping,
+            sleeping=self.engine.asleep,
             draining=self.draining,
             queued=self._queued,
-            requested_budget_bytes=self._budget,
             blocked_by_budget=blocked.get("budget", 0),
-            waiting_for_lease=blocked.get("pressure", 0),
+            waiting_for_lease=blocked.get("lease", 0),
             waiting_for_memory=blocked.get("memory", 0),
         )
         broker = getattr(self.engine, "broker", None)
@@ -312,7 +315,7 @@ class EngineService:
                 while True:
                     if self._commands or self._stopping or self._drain_due():
                         break
-                    runnable = bool(self._active) and not self._sleeping
+                    runnable = bool(self._active) and not self.engine.asleep
                     if runnable and not (stalled and self._wakeups == seen):
                         break
                     timeout = _STALL_POLL_SECONDS if runnable else None
@@ -333,7 +336,7 @@ class EngineService:
                 if stopping:
                     return
                 continue
-            if self._active and not self._sleeping:
+            if self._active and not self.engine.asleep:
                 stalled = self._step()
             self._flush()
 
@@ -352,22 +355,18 @@ class EngineService:
             _log.info("engine steps run again")
             self._failing_since = None
         now = self.clock()
-        got: set[int] = set()
-        for rid, token, _reason in produced:
-            if token is None:
-                continue  # its sampling failed: _check_ended below ends it
+        for rid, token, reason in produced:  # the Engine says how each request ended
             choice = self._active.get(rid)
             if choice is None:
                 continue  # cancelled while the step ran
-            got.add(rid)
+            if token is None:  # the Engine ended it without a token: its sampling failed
+                self._fail(choice, "sampling failed (non-finite probabilities)")
+                continue
             try:
-                self._on_token(choice, token, now)
+                self._on_token(choice, token, now, reason)
             except Exception as exc:  # detokenizing this request failed: it alone ends
                 _log.exception("request %d failed while processing token %d", rid, token)
                 self._fail(choice, f"{type(exc).__name__}: {exc}")
-        for rid, choice in list(self._active.items()):
-            if rid not in got:
-                self._check_ended(choice)
         self._check_blocked()
         return not produced and self.engine.stalled
 
@@ -391,9 +390,10 @@ class EngineService:
                 self._fail(choice, f"the engine failed: {error}")
                 continue
             try:
-                for token in outputs[len(choice.token_ids) :]:
+                new = outputs[len(choice.token_ids) :]
+                for i, token in enumerate(new):
                     if choice.finish_reason is None:
-                        self._on_token(choice, token, now)
+                        self._on_token(choice, token, now, ended if i == len(new) - 1 else None)
             except Exception as tok_exc:
                 _log.exception("request %d failed while processing its tokens", choice.rid)
                 self._fail(choice, f"{type(tok_exc).__name__}: {tok_exc}")
@@ -408,7 +408,7 @@ class EngineService:
     def _check_blocked(self) -> None:
         """Count the requests the Engine cannot start now, and end those that have waited past
         their bound (none while the server sleeps on purpose)."""
-        if self._sleeping or not self._active:
+        if self.engine.asleep or not self._active:
             for choice in self._active.values():
                 choice.blocked_since = None
             self._blocked = {}
@@ -425,7 +425,7 @@ class EngineService:
             why, need = blocked[rid]
             if choice.blocked_since is None:
                 choice.blocked_since = now
-            limit = self.broker_wait_seconds if why == "pressure" else self.budget_wait_seconds
+            limit = self.broker_wait_seconds if why == "lease" else self.budget_wait_seconds
             if now - choice.blocked_since >= limit:
                 self._fail(choice, self._blocked_message(why, need, limit), status=503, code="insufficient_kv_memory")
             else:
@@ -433,23 +433,26 @@ class EngineService:
         self._blocked = counts
 
     def _blocked_message(self, why: str, need: int, limit: float) -> str:
-        pol = self.engine.policy
+        budget = self.engine.budget
         if why == "budget":
+            own = budget.requested_bytes if budget.requested_bytes is not None else budget.ceiling_bytes
             return (
-                f"the KV budget ({pol.set_budget_bytes} bytes) is below what this request needs to run ({need} "
+                f"the KV budget ({own} bytes) is below what this request needs to run ({need} "
                 f"bytes); it waited {limit:g}s (--budget-wait-seconds) for the budget to rise"
             )
-        if why == "pressure":
+        if why == "lease":
             return (
-                f"the memory broker's lease ({pol.budget_bytes} bytes) is below what this request needs to run "
-                f"({need} bytes) and no grant came within {limit:g}s (--broker-wait-seconds)"
+                f"the memory broker's lease ({budget.effective_bytes()} bytes) is below what this request needs to "
+                f"run ({need} bytes) and no grant came within {limit:g}s (--broker-wait-seconds)"
             )
         return (
             f"KV memory for this request ({need} bytes) could not be mapped for {limit:g}s "
             "(--budget-wait-seconds): the host or device is short of memory"
         )
 
-    def _on_token(self, c: _Choice, token: int, now: float) -> None:
+    def _on_token(self, c: _Choice, token: int, now: float, reason: Optional[str]) -> None:
+        """One token of ``c``; ``reason`` is the Engine's finish reason when it ended the request
+        with this token ("stop" for EOS, "length"); a stop string is the server's own end."""
         c.token_ids.append(token)
         if c.spec.sampling.get("logprobs") is not None or (
             c.spec.sampling.get("prompt_logprobs") is not None and len(c.token_ids) == 1
@@ -468,11 +471,6 @@ class EngineService:
         elif c.last_token_time is not None:
             self.metrics.token_gap(now - c.last_token_time)
         c.last_token_time = now
-        reason = None
-        if token in c.spec.eos_token_ids:
-            reason = "stop"
-        elif len(c.token_ids) >= c.spec.max_tokens:
-            reason = "length"
         delta = c.detok.add(token)
         if reason is not None:
             delta += c.detok.flush()
@@ -519,16 +517,6 @@ class EngineService:
         self.metrics.request_done(self.clock() - c.arrival)
         if c.first_token_time is not None and c.last_token_time is not None and len(c.token_ids) > 1:
             self.metrics.tpot.observe((c.last_token_time - c.first_token_time) / (len(c.token_ids) - 1))
-
-    def _check_ended(self, c: _Choice) -> None:
-        """A request that produced nothing this step may have ended inside the Engine (its
-        sampling failed: reason "error")."""
-        try:
-            info = self.engine.request_info(c.rid)
-        except ValueError:
-            return
-        if info["finish_reason"] == "error":
-            self._fail(c, "sampling failed (non-finite probabilities)")
 
     def _fail(self, c: _Choice, message: str, status: int = 500, code: str = "internal_error") -> None:
         """End a choice with an error (HTTP ``status``; 503s say when to retry), and the rest of
@@ -583,17 +571,14 @@ class EngineService:
                 self._set_budget(arg)
                 result = self.stats()
             elif name == "sleep":
-                if not self._sleeping:
-                    self.engine.set_budget(0)  # preempts everything running: swap or recompute
-                    self._sleeping = True
-                    self._check_blocked()  # asleep on purpose: nobody's wait for memory counts
+                if not self.engine.asleep:
+                    self.engine.sleep()  # preempts everything running: swap or recompute
                     _log.info("sleeping: KV memory given back, requests queue until wake")
                 result = self.stats()
             elif name == "wake":
-                if self._sleeping:
-                    self.engine.set_budget(self._budget)
-                    self._sleeping = False
-                    _log.info("awake: KV budget %s", "the policy's max" if self._budget is None else self._budget)
+                if self.engine.asleep:
+                    self.engine.wake()
+                    _log.info("awake: KV budget %d bytes", self.engine.budget.effective_bytes())
                 result = self.stats()
             else:
                 raise ValueError(f"unknown command {name!r}")
@@ -603,22 +588,16 @@ class EngineService:
             fut.set_result(result)
 
     def _set_budget(self, nbytes: Any) -> None:
-        if nbytes is not None:
-            max_bytes = self.engine.policy.max_bytes
-            if not is_int(nbytes) or nbytes < 0:
-                raise bad_request(f"bytes must be a non-negative integer or null, got {nbytes!r}", "bytes")
-            floor = max(MIN_KV_BYTES, self.engine.min_budget_bytes)
-            if nbytes < floor:
-                raise bad_request(
-                    f"bytes ({nbytes}) is below the smallest KV budget, {floor} bytes (one KV chunk, as for "
-                    "--max-kv-bytes); POST /admin/sleep gives all KV memory back",
-                    "bytes",
-                )
-            if max_bytes is not None and nbytes > max_bytes:
-                raise bad_request(f"bytes ({nbytes}) exceeds the server's --max-kv-bytes ({max_bytes})", "bytes")
-        if not self._sleeping:
-            try:
-                self.engine.set_budget(nbytes)
-            except ValueError as exc:
-                raise bad_request(str(exc), "bytes") from None
-        self._budget = nbytes
+        """``/admin/kv-budget``: the Engine's budget validates the number; the API only keeps 0
+        (and anything that buys no page) for ``/admin/sleep``, whose intent it states."""
+        floor = max(MIN_KV_BYTES, self.engine.min_budget_bytes)
+        if is_int(nbytes) and 0 <= nbytes < floor:
+            raise bad_request(
+                f"bytes ({nbytes}) is below the smallest KV budget, {floor} bytes (one KV chunk, as for "
+                "--max-kv-bytes); POST /admin/sleep gives all KV memory back",
+                "bytes",
+            )
+        try:
+            self.engine.set_budget(nbytes)
+        except ValueError as exc:
+            raise bad_request(str(exc), "bytes") from None
