@@ -179,8 +179,8 @@ def paged_attention_forward(
             elif path == "native":
                 # One thread: right after the model's linear layers torch's OpenMP workers still
                 # spin on the other cores, and kernel threads competing with them made decode
-                # attention slower (D, 2 threads: 4.2 s with 2 kernel threads, 3.0 s with 1,
-                # 3.5 s gather + SDPA, attention time of two runs).
+                # attention slower than one thread, and slower than gather + SDPA (figures in
+                # benchmarks/RESULTS.md, "Figures that were in code comments").
                 paged_decode_attention(
                     q_flat.transpose(0, 1),
                     plan.key_cache,
