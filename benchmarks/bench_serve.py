@@ -43,18 +43,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import math
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,37 +143,6 @@ def build_schedule(
     return schedule, scaling
 
 
-def parse_kv_metrics(text: str) -> dict[str, float]:
-    """The ``ekv_*`` samples of a Prometheus text page, by sample name (counters keep ``_total``).
-
-    Labelled samples of one name are summed; histograms keep only their ``_sum`` and ``_count``.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if not name.startswith("ekv_") or name.endswith(("_bucket", "_created")):
-                continue
-            out[name] = out.get(name, 0.0) + float(sample.value)
-    return out
-
-
-def parse_proc_status(text: str) -> dict[str, int]:
-    """VmRSS, RssAnon, RssShmem and RssFile of a ``/proc/PID/status`` text, in bytes (absent: 0)."""
-    keys = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
-    out = dict.fromkeys(keys, 0)
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in out:
-            value, _, unit = rest.strip().partition(" ")
-            if unit.strip() != "kB":
-                raise ValueError(f"/proc status line {line!r}: expected a size in kB")
-            out[name] = int(value) * 1024
-    return out
-
-
 def kv_cache_blocks(max_kv_bytes: int, config: dict, dtype_bytes: int, block_tokens: int) -> int:
     """How many ``block_tokens``-token KV blocks of a model (HF ``config.json`` dict) fit in ``max_kv_bytes``.
 
@@ -256,151 +222,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid``'s child processes, recursively (from /proc/PID/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.append(k)
-                    todo.append(k)
-    return out
-
-
-def tree_memory(pid: int) -> dict[str, int] | None:
-    """Memory of ``pid`` plus its descendants (None when ``pid`` is gone)."""
-    total: dict[str, int] | None = None
-    for p in [pid, *descendants(pid)]:
-        try:
-            status = parse_proc_status(Path(f"/proc/{p}/status").read_text())
-        except OSError:
-            if p == pid:
-                return None
-            continue
-        total = status if total is None else {k: total[k] + status[k] for k in total}
-    return total
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    children: list[int] = field(default_factory=list)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = open(self.log_path, "w")  # noqa: SIM115 - the child writes to it until stop()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        log.close()
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited with {self.proc.returncode} before it was ready; "
-                        f"last log lines:\n{_tail(self.log_path)}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
-                        self.children = descendants(self.proc.pid)
-                        return
-                await asyncio.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; last log lines:\n{_tail(self.log_path)}")
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM the server, SIGKILL it (and any child it left) after ``timeout_s``; its exit code."""
-        if self.proc is None:
-            return None
-        self.children = sorted(set(self.children) | set(descendants(self.proc.pid)))
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for child in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        return self.proc.returncode
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 # --------------------------------------------------------------------------------------------
 # load and sampling
-
-
-class Sampler:
-    """Samples a server's memory (and ours' /metrics) every ``interval`` s into lists of (t, value)."""
-
-    def __init__(self, server: Server, interval: float, metrics: bool, t0: float):
-        self.server, self.interval, self.metrics, self.t0 = server, interval, metrics, t0
-        self.rss: list[tuple[float, float]] = []
-        self.shmem: list[tuple[float, float]] = []
-        self.anon: list[tuple[float, float]] = []
-        self.kv: dict[str, list[tuple[float, float]]] = {}
-        self.last_metrics: dict[str, float] = {}
-        self.metric_errors = 0
-        self._task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        import httpx
-
-        async with httpx.AsyncClient(timeout=2) as client:
-            while True:
-                t = time.monotonic() - self.t0
-                mem = tree_memory(self.server.proc.pid)
-                if mem is not None:
-                    self.rss.append((t, mem["VmRSS"]))
-                    self.shmem.append((t, mem["RssShmem"]))
-                    self.anon.append((t, mem["RssAnon"]))
-                if self.metrics:
-                    try:
-                        page = await client.get(f"{self.server.base_url}/metrics")
-                        page.raise_for_status()
-                        self.last_metrics = parse_kv_metrics(page.text)
-                        for name in ("ekv_kv_resident_bytes", "ekv_kv_live_bytes", "ekv_kv_budget_bytes"):
-                            if name in self.last_metrics:
-                                self.kv.setdefault(name, []).append((t, self.last_metrics[name]))
-                    except (httpx.HTTPError, ValueError):
-                        self.metric_errors += 1
-                await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 def make_prompts(tokenizer_dir: Path, schedule: list[ScheduledRequest], seed: int) -> list[str]:
@@ -532,13 +355,13 @@ async def model_id(base_url: str, fallback: str) -> str:
             return fallback
 
 
-async def admin_chunk_bytes(server: Server, admin_key: str) -> int | None:
+async def admin_chunk_bytes(base_url: str, admin_key: str) -> int | None:
     """``chunk_bytes`` from ``GET /admin/stats`` if the server reports it (searched one level deep)."""
     import httpx
 
     async with httpx.AsyncClient(timeout=5) as client:
         try:
-            resp = await client.get(f"{server.base_url}/admin/stats", headers={"Authorization": f"Bearer {admin_key}"})
+            resp = await client.get(f"{base_url}/admin/stats", headers={"Authorization": f"Bearer {admin_key}"})
             stats = resp.json() if resp.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             return None
@@ -552,13 +375,18 @@ async def admin_chunk_bytes(server: Server, admin_key: str) -> int | None:
 # one system
 
 
+# The servers load the model from disk: no network for the hub.
+SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def server_argv(system: str, args, model_dir: Path, port: int, config: dict, admin_key: str) -> tuple[list[str], dict]:
-    """Command line of one system and what it was given for KV."""
+    """Command line of one system and what it was given for KV: for ours, the arguments after
+    ``serve`` (``ServerProcess`` picks the port: ``port`` is unused), for transformers the whole
+    command."""
     if system.startswith("ekv-"):
         min_kv = args.max_kv_bytes if system == "ekv-static" else args.min_kv_bytes
         argv = [
-            sys.executable, "-m", "torch_elastic_kv", "serve",
-            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--model", str(model_dir), "--host", "127.0.0.1",
             "--max-kv-bytes", str(args.max_kv_bytes), "--min-kv-bytes", str(min_kv),
             "--idle-seconds", f"{args.idle_seconds:g}", "--device", "cpu", "--dtype", args.dtype,
             "--admin-key", admin_key,
@@ -577,44 +405,55 @@ def server_argv(system: str, args, model_dir: Path, port: int, config: dict, adm
 
 async def run_system(system: str, args, model_dir: Path, config: dict, schedule, prompts, out: Path) -> dict:
     from torch_elastic_kv.bench.stats import percentile
+    from torch_elastic_kv.testing.processes import CommandProcess, ServerProcess
+    from torch_elastic_kv.testing.sampling import LoadSampler
 
+    ours = system.startswith("ekv-")
     port = free_port()
     admin_key = secrets.token_hex(16)
     argv, kv_given = server_argv(system, args, model_dir, port, config, admin_key)
-    server = Server(system, argv, port, out / f"{system}.log")
-    print(f"[{system}] starting: {' '.join(a if a != admin_key else '***' for a in argv)}", flush=True)
+    shown = [a if a != admin_key else "***" for a in argv]
+    if ours:
+        shown = [sys.executable, "-m", "torch_elastic_kv", "serve", "--port", "0", *shown]
+    print(f"[{system}] starting: {' '.join(shown)}", flush=True)
+    log_path = out / f"{system}.log"
     t_launch = time.monotonic()
-    server.start()
-    result: dict = {"system": system, "argv": [a if a != admin_key else "***" for a in argv], "kv": kv_given}
+    if ours:
+        server = ServerProcess(argv, env=SERVER_ENV, wait=False)
+    else:
+        server = CommandProcess(argv, f"http://127.0.0.1:{port}", log_path, env=SERVER_ENV, cwd=REPO)
+    result: dict = {"system": system, "argv": shown, "kv": kv_given}
     sampler = None
     try:
-        await server.wait_ready(args.start_timeout)
+        base_url = await asyncio.to_thread(server.wait_ready, args.start_timeout)
         result["startup_s"] = time.monotonic() - t_launch
         result["loadavg_before"] = os.getloadavg()
-        name = await model_id(server.base_url, str(model_dir))
+        name = await model_id(base_url, str(model_dir))
         result["model_id"] = name
-        sampler = Sampler(server, args.sample_interval, metrics=system.startswith("ekv-"), t0=time.monotonic())
+        # Our servers' /metrics as well as the process tree's memory; transformers' memory only.
+        sampler = LoadSampler({system: base_url} if ours else {}, args.sample_interval, pids={system: server.pid})
         sampler.start()
-        await warm_up(server.base_url, name, prompts[0][:64] or "hello")
+        await warm_up(base_url, name, prompts[0][:64] or "hello")
         # our elastic pool gives the warm-up's memory back after idle_seconds: the pre-load level is after that
         await asyncio.sleep(args.idle_seconds + 1.0 + args.baseline_seconds)
-        t_load = time.monotonic() - sampler.t0
+        t_load = time.perf_counter() - sampler.t0
         print(f"[{system}] replaying {len(schedule)} requests", flush=True)
         records, start = await replay(
-            server.base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
+            base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
         )
-        t_done = time.monotonic() - sampler.t0
+        t_done = time.perf_counter() - sampler.t0
         result["loadavg_after_load"] = os.getloadavg()
         await asyncio.sleep(args.tail_seconds)
-        t_end = time.monotonic() - sampler.t0
-        if system.startswith("ekv-"):
-            result["chunk_bytes_admin"] = await admin_chunk_bytes(server, admin_key)
-        await sampler.stop()
+        t_end = time.perf_counter() - sampler.t0
+        if ours:
+            result["chunk_bytes_admin"] = await admin_chunk_bytes(base_url, admin_key)
+        sampler.stop()
     finally:
         if sampler is not None:
-            await sampler.stop()
-        code = server.stop()
-        result["exit_code"] = code
+            sampler.stop()
+        result["exit_code"] = server.stop(tree=True)
+        if ours:
+            log_path.write_text(server.log())
     # per-request figures
     completed = [r for r in records if r.get("error") is None and r.get("end") is not None]
     for r in records:
@@ -653,17 +492,18 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
     def rel(samples):
         return [(t - shift, v) for t, v in samples]
 
+    kv_names = ("ekv_kv_resident_bytes", "ekv_kv_live_bytes", "ekv_kv_budget_bytes")
     mem = {
-        "rss": rel(sampler.rss),
-        "rss_shmem": rel(sampler.shmem),
-        "rss_anon": rel(sampler.anon),
-        **{k: rel(v) for k, v in sampler.kv.items()},
+        "rss": rel(sampler.series(system, "VmRSS", "memory")),
+        "rss_shmem": rel(sampler.series(system, "RssShmem", "memory")),
+        "rss_anon": rel(sampler.series(system, "RssAnon", "memory")),
+        **{k: rel(sampler.series(system, k)) for k in kv_names if sampler.series(system, k)},
     }
     result["memory"] = mem
     result["load_end_s"] = t_done - shift
     result["tail_end_s"] = t_end - shift
-    result["metric_errors"] = sampler.metric_errors
-    result["final_metrics"] = sampler.last_metrics
+    result["metric_errors"] = sampler.missed
+    result["final_metrics"] = sampler.last_metrics.get(system, {})
     pre = (-args.baseline_seconds, 0.0)
     after = (result["tail_end_s"] - min(2.0, args.tail_seconds / 2), result["tail_end_s"])
     levels = {}

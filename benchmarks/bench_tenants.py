@@ -30,11 +30,9 @@ import asyncio
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,13 +52,13 @@ from torch_elastic_kv.bench.traces import (  # noqa: E402
     read_trace_csv,
 )
 from torch_elastic_kv.testing.processes import BrokerProcess, ServerProcess, package_env  # noqa: E402
+from torch_elastic_kv.testing.sampling import LoadSampler, parse_metrics  # noqa: E402
 
 MiB = 1 << 20
 MODELS = ("m0", "m1", "m2")
 SYSTEMS = ("static", "capped", "broker")
 KV_BYTES_PER_TOKEN = 8192  # default model: 4 layers x (K, V) x 4 heads x 64 dims x float32
 VOCAB_LOW, VOCAB_HIGH = 8, 264  # the default tokenizer's byte tokens (ids 0..7 are special)
-_METRIC = re.compile(r"^(ekv_[a-z_]+)(?:\{[^}]*\})? ([-+0-9.eEinfa]+)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,59 +261,25 @@ def server_args(
 # measuring
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """``ekv_*`` samples of a Prometheus text page (labels dropped: the ones read here have none)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
-class Sampler:
-    """Every ``interval`` s on a thread: each server's resident/live/lease KV bytes from /metrics."""
-
-    def __init__(self, urls: dict[str, str], interval: float, t0: float) -> None:
-        import httpx
-
-        self.urls, self.interval, self.t0 = urls, interval, t0
-        self.samples: list[dict[str, Any]] = []
-        self.missed = 0
-        self._client = httpx.Client(timeout=5)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def read(self, url: str) -> dict[str, float]:
-        return parse_metrics(self._client.get(url + "/metrics").text)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            row: dict[str, Any] = {"t": time.perf_counter() - self.t0}
-            for name, url in self.urls.items():
-                try:
-                    m = self.read(url)
-                except Exception:  # a busy server's slow answer: repeat its last point, count it
-                    self.missed += 1
-                    if self.samples and name in self.samples[-1]:
-                        row[name] = self.samples[-1][name]
-                    continue
-                row[name] = {
-                    "resident": m.get("ekv_kv_resident_bytes", 0.0),
-                    "live": m.get("ekv_kv_live_bytes", 0.0),
-                    "lease": m.get("ekv_kv_lease_bytes", float("nan")),
-                }
-            self.samples.append(row)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._client.close()
+def kv_rows(sampler: LoadSampler) -> list[dict[str, Any]]:
+    """Each tick's resident/live/lease KV bytes per server; a server whose /metrics read failed
+    in a tick repeats its last point (a busy server's slow answer, counted in ``missed``)."""
+    rows: list[dict[str, Any]] = []
+    for tick in sampler.ticks:
+        row: dict[str, Any] = {"t": tick["t"]}
+        for name in sampler.urls:
+            m = tick[name]["metrics"]
+            if m is None:
+                if rows and name in rows[-1]:
+                    row[name] = rows[-1][name]
+                continue
+            row[name] = {
+                "resident": m.get("ekv_kv_resident_bytes", 0.0),
+                "live": m.get("ekv_kv_live_bytes", 0.0),
+                "lease": m.get("ekv_kv_lease_bytes", float("nan")),
+            }
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -422,7 +386,7 @@ def run_system(
         deadline = duration + settings.drain_seconds
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        with Sampler(urls, settings.sample_seconds, t0) as sampler:
+        with LoadSampler(urls, settings.sample_seconds, t0) as sampler:
             outcomes = asyncio.run(_replay(urls, load, prompts, t0, deadline))
             wall = time.perf_counter() - t0
             time.sleep(min(2.0, settings.sample_seconds * 5))  # a few samples after the last request
@@ -430,7 +394,7 @@ def run_system(
         top = broker_top(sock) if broker else None
         return {
             "outcomes": outcomes,
-            "samples": sampler.samples,
+            "samples": kv_rows(sampler),
             "samples_missed": sampler.missed,
             "wall_s": wall,
             "preemptions": {

@@ -1113,10 +1113,11 @@ def _decode_case(
         at += k
     step = plan_packed_step(seqs, [(i, n - 1, 1) for i, n in enumerate(lens)], page_tokens, torch.device(device), True)
     query = torch.randn(1, heads, batch, head_dim, generator=gen).to(dtype).to(device)
-    saved = {k: os.environ.get(k) for k in (attn.TRITON_DECODE_ENV, attn.NATIVE_DECODE_ENV)}
+    saved_native = os.environ.get(attn.NATIVE_DECODE_ENV)
+    saved_mode = attn.triton_decode_mode()
 
     def call(mode: str) -> torch.Tensor:
-        os.environ[attn.TRITON_DECODE_ENV] = mode
+        attn.set_triton_decode_mode(mode)
         plan = attn.PagePlan(1, kc, vc, step.groups, step.packed_tokens)
         out, _ = attn.paged_attention_forward(None, query, attn.attach_plan(kc, plan), vc, None, scaling=None)
         return out
@@ -1141,11 +1142,11 @@ def _decode_case(
         else:  # what would launch on a device: gather's compute ops (the kernel is one launch by construction)
             res["aten_ops_gather"] = _count_ops(lambda: call("0"))
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        attn.set_triton_decode_mode(saved_mode)
+        if saved_native is None:
+            os.environ.pop(attn.NATIVE_DECODE_ENV, None)
+        else:
+            os.environ[attn.NATIVE_DECODE_ENV] = saved_native
     return res
 
 
@@ -1189,36 +1190,31 @@ def _decode_tuning(device: str) -> list[dict]:
     next tuning pass: the default was picked from register counts, not timings."""
     from torch_elastic_kv.hf import triton_decode as td
 
-    saved = dict(td._CONFIG)
     rows: list[dict] = []
-    try:
-        for batch, context in ((64, 2048), (1, 8192)):
-            gen = torch.Generator().manual_seed(batch + context)
-            pages = batch * (context // 16) + 1
-            kc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
-            vc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
-            table = torch.randperm(pages, generator=gen)[: batch * (context // 16)].view(batch, -1).to(device)
-            lens = torch.full((batch,), context, device=device)
-            q = torch.randn(batch, 32, 128, generator=gen).to(torch.bfloat16).to(device)
-            for tile, warps, stages in ((32, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 3)):
-                td._CONFIG.update(tile_tokens=tile, num_warps=warps, num_stages=stages)
-                for _ in range(3):
-                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
-                synchronize(device)
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False)
-                synchronize(device)
-                ms = (time.perf_counter() - t0) * 1e3 / 20
-                kv_bytes = 2 * batch * context * 8 * 128 * 2
-                rows.append(
-                    {"batch": batch, "context": context, "tile_tokens": tile, "num_warps": warps, "num_stages": stages}
-                    | {"ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6}
-                )
-            del kc, vc
-    finally:
-        td._CONFIG.clear()
-        td._CONFIG.update(saved)
+    for batch, context in ((64, 2048), (1, 8192)):
+        gen = torch.Generator().manual_seed(batch + context)
+        pages = batch * (context // 16) + 1
+        kc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+        vc = torch.randn(pages, 16, 8, 128, generator=gen).to(torch.bfloat16).to(device)
+        table = torch.randperm(pages, generator=gen)[: batch * (context // 16)].view(batch, -1).to(device)
+        lens = torch.full((batch,), context, device=device)
+        q = torch.randn(batch, 32, 128, generator=gen).to(torch.bfloat16).to(device)
+        for tile, warps, stages in ((32, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 3)):
+            config = td.LaunchConfig(tile_tokens=tile, num_warps=warps, num_stages=stages)
+            for _ in range(3):
+                td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False, config=config)
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                td.paged_decode_attention_triton(q, kc, vc, table, lens, validate=False, config=config)
+            synchronize(device)
+            ms = (time.perf_counter() - t0) * 1e3 / 20
+            kv_bytes = 2 * batch * context * 8 * 128 * 2
+            rows.append(
+                {"batch": batch, "context": context, "tile_tokens": tile, "num_warps": warps, "num_stages": stages}
+                | {"ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6}
+            )
+        del kc, vc
     return rows
 
 

@@ -1,5 +1,7 @@
 """The pure logic of benchmarks/bench_serve.py: schedule scaling, parsers, figures and floors.
 
+(Its /metrics and /proc parsers are torch_elastic_kv.testing's, tested in test_load_sampling.py.)
+
 No server runs here (the benchmark itself does that); each test feeds the functions known input
 and checks the exact output.
 """
@@ -98,43 +100,6 @@ def test_schedule_rejects_bad_bounds(bench):
         bench.build_schedule(RAW, max_prompt=10, max_output=10, max_requests=0, **kwargs)
     with pytest.raises(ValueError, match="time-scale must be a positive number"):
         bench.build_schedule(RAW, max_prompt=10, max_output=10, **{**kwargs, "time_scale": 0.0})
-
-
-def test_parse_kv_metrics_reads_prometheus_text(bench):
-    prom = pytest.importorskip("prometheus_client")
-    registry = prom.CollectorRegistry()
-    resident = prom.Gauge("ekv_kv_resident_bytes", "resident", registry=registry)
-    running = prom.Gauge("ekv_requests_running", "running", ["model"], registry=registry)
-    pre = prom.Counter("ekv_preemptions", "preemptions", registry=registry)
-    ttft = prom.Histogram("ekv_time_to_first_token_seconds", "ttft", buckets=(0.1, 1.0), registry=registry)
-    prom.Gauge("other_bytes", "not ours", registry=registry).set(5)
-    resident.set(6 * MIB)
-    running.labels("a").set(2)
-    running.labels("b").set(3)
-    pre.inc(4)
-    ttft.observe(0.05)
-    ttft.observe(0.5)
-    parsed = bench.parse_kv_metrics(prom.generate_latest(registry).decode())
-    assert parsed["ekv_kv_resident_bytes"] == 6 * MIB
-    assert parsed["ekv_requests_running"] == 5  # labels summed
-    assert parsed["ekv_preemptions_total"] == 4
-    assert parsed["ekv_time_to_first_token_seconds_count"] == 2
-    assert parsed["ekv_time_to_first_token_seconds_sum"] == pytest.approx(0.55)
-    assert "other_bytes" not in parsed
-    assert not any(k.endswith(("_bucket", "_created")) for k in parsed)
-
-
-def test_parse_proc_status(bench):
-    text = "Name:\tpython\nVmPeak:\t  900 kB\nVmRSS:\t  2048 kB\nRssAnon:\t  1024 kB\nRssFile:\t 512 kB\nRssShmem:\t 512 kB\n"
-    assert bench.parse_proc_status(text) == {
-        "VmRSS": 2048 * 1024,
-        "RssAnon": 1024 * 1024,
-        "RssFile": 512 * 1024,
-        "RssShmem": 512 * 1024,
-    }
-    assert bench.parse_proc_status("Name:\tx\n") == {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
-    with pytest.raises(ValueError, match="expected a size in kB"):
-        bench.parse_proc_status("VmRSS:\t12 pages\n")
 
 
 def test_kv_cache_blocks_matches_the_kv_size(bench):

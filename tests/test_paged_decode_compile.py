@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - older layouts
 if "nvidia" not in _backends:
     pytest.skip("this Triton has no NVIDIA backend to compile for", allow_module_level=True)
 
-from torch_elastic_kv.hf.triton_decode import compile_offline  # noqa: E402
+from torch_elastic_kv.hf.triton_offline import compile_offline  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")  # Triton 3.9's notice

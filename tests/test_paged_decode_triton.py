@@ -111,14 +111,14 @@ def test_matches_gather_sdpa_odd_shapes(heads, kv_heads, head_dim, page_tokens):
         torch.testing.assert_close(split, ref, atol=2e-6, rtol=2e-5)
 
 
-def test_tiles_inside_large_pages_and_all_padding_tiles(monkeypatch):
+def test_tiles_inside_large_pages_and_all_padding_tiles():
     """Pages larger than a tile: a tile is a part of a page. With 33-token pages padded to 64
     slots and 16-token tiles, the tile of slots 48-63 holds only padding; a split that starts
     there must contribute nothing (no inf - inf)."""
     from torch_elastic_kv.hf import triton_decode
 
-    monkeypatch.setitem(triton_decode._CONFIG, "tile_tokens", 16)
-    assert triton_decode._tiles(2, 33, 16)[2:4] == (64, 16)
+    config = triton_decode.LaunchConfig(tile_tokens=16)
+    assert triton_decode._tiles(2, 33, 16, tile_tokens=16)[2:4] == (64, 16)
     gen = torch.Generator().manual_seed(21)
     key_cache = torch.randn(9, 33, 1, 16, generator=gen)
     value_cache = torch.randn(9, 33, 1, 16, generator=gen)
@@ -127,8 +127,39 @@ def test_tiles_inside_large_pages_and_all_padding_tiles(monkeypatch):
     query = torch.randn(len(lens), 2, 16, generator=gen)
     ref = _gather_sdpa(query, key_cache, value_cache, table, lens, None)
     for splits in (1, 4, 16):
-        out = paged_decode_attention_triton(query, key_cache, value_cache, table, lens, splits=splits)
+        out = paged_decode_attention_triton(query, key_cache, value_cache, table, lens, splits=splits, config=config)
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+
+
+def test_launch_config_is_an_argument_checked_at_the_door():
+    """The launch shape travels with the call (no module state to edit); a bad one is refused."""
+    from torch_elastic_kv.hf import triton_decode
+
+    assert triton_decode.DEFAULT_LAUNCH == triton_decode.LaunchConfig(32, 4, 2)
+    assert not hasattr(triton_decode, "_CONFIG")
+    for kwargs, msg in (
+        ({"tile_tokens": 24}, r"LaunchConfig: tile_tokens=24 must be a power of two >= 16"),
+        ({"tile_tokens": 8}, r"LaunchConfig: tile_tokens=8 must be a power of two >= 16"),
+        ({"num_warps": 3}, r"LaunchConfig: num_warps=3 must be a power of two >= 1"),
+        ({"num_stages": 0}, r"LaunchConfig: num_stages=0 must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            triton_decode.LaunchConfig(**kwargs)
+    gen = torch.Generator().manual_seed(5)
+    key_cache = torch.randn(4, 8, 1, 16, generator=gen)
+    query = torch.randn(1, 2, 16, generator=gen)
+    table, lens = torch.tensor([[2, 0]]), torch.tensor([11])
+    out = torch.full((1, 2, 16), 7.0)
+    with pytest.raises(ValueError, match=r"config must be a LaunchConfig, got dict"):
+        paged_decode_attention_triton(query, key_cache, key_cache, table, lens, out=out, config={"tile_tokens": 16})
+    assert torch.all(out == 7.0)
+    wide = triton_decode.LaunchConfig(tile_tokens=64, num_warps=8, num_stages=3)
+    torch.testing.assert_close(
+        paged_decode_attention_triton(query, key_cache, key_cache, table, lens, config=wide),
+        paged_decode_attention_triton(query, key_cache, key_cache, table, lens),
+        atol=2e-6,
+        rtol=2e-5,
+    )
 
 
 # Stated tolerances against gather + SDPA in float32 over the same (rounded) inputs: the kernel
@@ -229,8 +260,10 @@ def paths(monkeypatch):
     """Decode path tally from zero; EKV_TRITON_DECODE unset."""
     monkeypatch.delenv(attention.TRITON_DECODE_ENV, raising=False)
     monkeypatch.delenv(attention.NATIVE_DECODE_ENV, raising=False)
+    attention.set_triton_decode_mode(None)
     attention.reset_decode_path_stats()
     yield monkeypatch
+    attention.set_triton_decode_mode(None)
     attention.reset_decode_path_stats()
 
 
@@ -248,13 +281,13 @@ def test_engine_greedy_tokens_equal_with_kernel_forced_and_gather(paths, page_to
     g = torch.Generator().manual_seed(11)
     # Prompt lengths around page ends; the Engine packs their decode rows into one step.
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (4, page_tokens, 2 * page_tokens + 3)]
-    paths.setenv(attention.TRITON_DECODE_ENV, "0")
+    attention.set_triton_decode_mode("0")
     paths.setenv(attention.NATIVE_DECODE_ENV, "0")
     gather = _engine_tokens(model, prompts, 6, page_tokens=page_tokens)
     stats = attention.decode_path_stats()
     assert stats["calls"]["triton"] == 0 and stats["calls"]["gather"] > 0
     attention.reset_decode_path_stats()
-    paths.setenv(attention.TRITON_DECODE_ENV, "1")
+    attention.set_triton_decode_mode("1")
     kernel = _engine_tokens(model, prompts, 6, page_tokens=page_tokens)
     stats = attention.decode_path_stats()
     # Every decode row went through the kernel: 5 decode steps x 2 layers, 3 rows each at most.
@@ -277,10 +310,10 @@ def test_generate_mode_and_layer_major_pool(paths):
         pool.close()
         return out
 
-    paths.setenv(attention.TRITON_DECODE_ENV, "0")
+    attention.set_triton_decode_mode("0")
     gather = run()
     assert attention.decode_path_stats()["calls"]["triton"] == 0
-    paths.setenv(attention.TRITON_DECODE_ENV, "1")
+    attention.set_triton_decode_mode("1")
     kernel = run()
     assert attention.decode_path_stats()["rows"]["triton"] == 2 * 2 * 4  # 4 decode steps, 2 layers, 2 rows
     assert torch.equal(kernel, gather)
@@ -293,6 +326,7 @@ def test_auto_on_cpu_keeps_the_native_kernel_and_bad_mode_raises(paths):
     stats = attention.decode_path_stats()
     assert stats["calls"]["native"] > 0 and stats["calls"]["triton"] == 0 and stats["calls"]["gather"] == 0
     paths.setenv(attention.TRITON_DECODE_ENV, "yes")
+    attention.set_triton_decode_mode(None)  # the variable is read again at the next use
     with pytest.raises(ValueError, match=r"EKV_TRITON_DECODE='yes': expected one of \('auto', '1', '0'\)"):
         attention.triton_decode_mode()
 
@@ -324,7 +358,7 @@ def test_automatic_kernel_failure_falls_back_once_and_is_reported(paths):
     assert attention.decode_path_stats()["triton_failure"] == "RuntimeError: no compiler for this GPU"
     q_cuda_like = q.unsqueeze(0)  # auto on CPU never picks the kernel; after a failure not on CUDA either
     assert attention._decode_path(q_cuda_like, plan) == "native"
-    paths.setenv(attention.TRITON_DECODE_ENV, "1")
+    attention.set_triton_decode_mode("1")
     with pytest.raises(RuntimeError, match="no compiler for this GPU"):
         attention._run_triton(*args)
 
@@ -338,3 +372,27 @@ def test_scale_default_is_head_dim_rsqrt():
     out = paged_decode_attention_triton(query, key_cache, value_cache, table, lens)
     explicit = paged_decode_attention_triton(query, key_cache, value_cache, table, lens, 1 / math.sqrt(16))
     assert torch.equal(out, explicit)
+
+
+def test_mode_is_read_once_and_changed_by_the_setter_only(paths):
+    """EKV_TRITON_DECODE is read at the first decode and kept: a later change of the variable
+    does nothing to the layer calls; set_triton_decode_mode does, and None re-reads it."""
+    q = torch.randn(2, 4, 8)
+    kc = torch.randn(3, 4, 2, 8)
+    plan = PagePlan(0, kc, kc, [], 0)
+    paths.setenv(attention.TRITON_DECODE_ENV, "0")
+    assert attention._decode_path(q, plan) == "native"
+    paths.setenv(attention.TRITON_DECODE_ENV, "1")  # too late: the mode was decided
+    assert attention.triton_decode_mode() == "0"
+    assert attention._decode_path(q, plan) == "native"
+    attention.set_triton_decode_mode("1")
+    assert attention._decode_path(q, plan) == "triton"
+    with pytest.raises(ValueError, match=r"set_triton_decode_mode: mode='on': expected one of"):
+        attention.set_triton_decode_mode("on")
+    assert attention.triton_decode_mode() == "1"  # unchanged by the refused value
+    paths.setenv(attention.TRITON_DECODE_ENV, "0")
+    attention.set_triton_decode_mode(None)
+    assert attention._decode_path(q, plan) == "native"
+    paths.setenv(attention.TRITON_DECODE_ENV, " Auto ")
+    attention.set_triton_decode_mode(None)
+    assert attention.triton_decode_mode() == "auto"

@@ -8,9 +8,10 @@
 //   trim()                        give cached physical handles back to the backend
 //
 // Physical handles outlive their mapping: an unmapped granule's handle goes to a reuse cache
-// (up to `reuse_bytes`), because creating one is the expensive call on GPUs (~200 us per
-// 2 MiB) while mapping one is cheap (~1.5 us). A granule unmapped on a device is "pending"
-// until its event completes; mapping it again before then simply revives it.
+// (up to `reuse_bytes`), because creating one is the expensive call on GPUs, two orders of
+// magnitude dearer than mapping one (figures: benchmarks/RESULTS.md, "Figures that were in
+// code comments"). A granule unmapped on a device is "pending" until its event completes;
+// mapping it again before then simply revives it.
 //
 // Every byte is accounted in ArenaStats and in the device's Budget. All methods are
 // thread-safe (one lock per arena) and return a Status; a failed call changes nothing.

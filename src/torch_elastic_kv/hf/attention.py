@@ -31,7 +31,10 @@ Decode rows can skip the gather and SDPA, all of a step's decode rows in one cal
 
 ``EKV_TRITON_DECODE`` in the environment picks the Triton path: ``auto`` (default: CUDA only),
 ``1`` (every device, CPU tensors through Triton's interpreter: slow, for tests; raises
-RuntimeError when triton cannot run them) or ``0`` (never). ``EKV_NATIVE_DECODE=0`` turns the
+RuntimeError when triton cannot run them) or ``0`` (never). It is read once, at the first
+decode (or :func:`triton_decode_mode` call) of the process, and kept: a layer call never reads
+the environment. :func:`set_triton_decode_mode` changes it later (``None``: read the variable
+again at the next use). ``EKV_NATIVE_DECODE=0`` turns the
 native CPU kernel off. Whatever neither takes runs gather + SDPA, which stays the fallback.
 ``plan.decode_path`` and :func:`decode_path_stats` say which path served the decode rows.
 
@@ -65,6 +68,8 @@ _PATH_CALLS = dict.fromkeys(DECODE_PATHS, 0)
 _PATH_ROWS = dict.fromkeys(DECODE_PATHS, 0)
 # Why the Triton kernel was turned off in this process (a failed compile or launch), or None.
 _triton_failure: str | None = None
+# The Triton mode once read from the environment (or set); None until the first decode asks.
+_triton_mode: str | None = None
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -174,8 +179,8 @@ def paged_attention_forward(
             elif path == "native":
                 # One thread: right after the model's linear layers torch's OpenMP workers still
                 # spin on the other cores, and kernel threads competing with them made decode
-                # attention slower (D, 2 threads: 4.2 s with 2 kernel threads, 3.0 s with 1,
-                # 3.5 s gather + SDPA, attention time of two runs).
+                # attention slower than one thread, and slower than gather + SDPA (figures in
+                # benchmarks/RESULTS.md, "Figures that were in code comments").
                 paged_decode_attention(
                     q_flat.transpose(0, 1),
                     plan.key_cache,
@@ -246,12 +251,34 @@ def _record(plan: PagePlan, path: str, rows: int) -> None:
     _PATH_ROWS[path] += rows
 
 
+def _check_mode(mode: object, source: str) -> str:
+    norm = mode.strip().lower() if isinstance(mode, str) else mode
+    if norm not in TRITON_DECODE_MODES:
+        raise ValueError(f"{source}={mode!r}: expected one of {TRITON_DECODE_MODES}")
+    return norm
+
+
 def triton_decode_mode() -> str:
-    """``$EKV_TRITON_DECODE`` (``auto`` when unset); ValueError for anything but auto/1/0."""
-    mode = os.environ.get(TRITON_DECODE_ENV, "auto").strip().lower() or "auto"
-    if mode not in TRITON_DECODE_MODES:
-        raise ValueError(f"{TRITON_DECODE_ENV}={mode!r}: expected one of {TRITON_DECODE_MODES}")
-    return mode
+    """The Triton decode mode: ``auto``, ``1`` or ``0``.
+
+    ``$EKV_TRITON_DECODE`` (``auto`` when unset or empty) is read at the first call and kept;
+    later changes of the variable have no effect until :func:`set_triton_decode_mode` (the
+    decision is made once, not per layer call). ValueError for anything but auto/1/0 (nothing
+    is kept then: the next call reads the variable again).
+    """
+    global _triton_mode
+    if _triton_mode is None:
+        _triton_mode = _check_mode(os.environ.get(TRITON_DECODE_ENV, "auto").strip() or "auto", TRITON_DECODE_ENV)
+    return _triton_mode
+
+
+def set_triton_decode_mode(mode: str | None) -> None:
+    """Set the Triton decode mode for the process: ``"auto"``, ``"1"`` or ``"0"`` (as
+    ``$EKV_TRITON_DECODE``), from the next layer call on; ``None`` forgets the kept mode, so the
+    next decode reads the environment variable again. ValueError for any other value, and the
+    mode is unchanged."""
+    global _triton_mode
+    _triton_mode = None if mode is None else _check_mode(mode, "set_triton_decode_mode: mode")
 
 
 def _decode_path(query: torch.Tensor, plan: PagePlan, native: bool = True) -> str:

@@ -88,8 +88,9 @@ def plan_packed_step(
 # over it; a separate group costs a few calls per layer. A row joins the group while the
 # group's padding stays under this many pages plus this share of its useful pages, and
 # while the group has fewer than _GROUP_ROWS rows: a small group's gathered K/V is still
-# in cache when the attention reads it (decode attention is bound by memory traffic;
-# 64 rows of 256 tokens took 8.0 ms in one group, 5.1 ms in groups of 8, 1 thread).
+# in cache when the attention reads it (decode attention is bound by memory traffic, so
+# groups of 8 beat one large group; figures in benchmarks/RESULTS.md, "Figures that were in
+# code comments").
 _PAD_PAGES, _PAD_SHARE, _GROUP_ROWS = 16, 0.25, 8
 
 

@@ -24,32 +24,60 @@ constexpr branches); no descriptors, no autotuning. Both compile for sm_90 with 
 needs Triton >= 3.7 under numpy >= 2.4 (3.6's cannot take a loop bound from a tensor).
 
 ``triton`` is an optional dependency: :func:`triton_available` says whether it imports.
+Running without a device (Triton's interpreter for CPU tensors, the offline compile report)
+lives in :mod:`torch_elastic_kv.hf.triton_offline`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
-import threading
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "paged_decode_attention_triton", "triton_available", "unsupported_reason"]
+__all__ = [
+    "DEFAULT_LAUNCH",
+    "SUPPORTED_DTYPES",
+    "LaunchConfig",
+    "paged_decode_attention_triton",
+    "triton_available",
+    "unsupported_reason",
+]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
-# Launch shape. Every K/V element's address is a 64-bit register while its tile is in flight
-# (a gather through the page table), so tiles stay small: at head_dim 128, 32 tokens with 4
-# warps compiles for sm_90 (Triton 3.6) without spills, 64 tokens spills in bfloat16 and
-# float32. gpu_check's decode step times alternatives on a device (it edits this dict).
-_CONFIG = {"tile_tokens": 32, "num_warps": 4, "num_stages": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """The decode kernel's launch shape: K/V tile length in tokens, warps and pipeline stages.
+
+    Every K/V element's address is a 64-bit register while its tile is in flight (a gather
+    through the page table), so tiles stay small: the default is the largest tile that compiles
+    for sm_90 at head_dim 128 without register spills (``python -m
+    torch_elastic_kv.hf.triton_offline`` prints the counts); gpu_check's decode step times
+    alternatives on a device by passing its own.
+    """
+
+    tile_tokens: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for field, value, low in (("tile_tokens", self.tile_tokens, 16), ("num_warps", self.num_warps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or value & (value - 1):
+                raise ValueError(f"LaunchConfig: {field}={value!r} must be a power of two >= {low}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"LaunchConfig: num_stages={self.num_stages!r} must be an int >= 1")
+
+
+DEFAULT_LAUNCH = LaunchConfig()
 _TILE_ELEMS = 4096  # tile tokens x D_PAD at most
 _MAX_G_BLOCK = 32  # query heads of one KV head per program (64 spills at head_dim 128)
 _MIN_SPLIT_BLOCKS = 4
@@ -238,37 +266,13 @@ def _auto_splits(device: torch.device, programs: int, max_blocks: int) -> int:
     return 1 << (want.bit_length() - 1)  # a power of two: few distinct compiles
 
 
-# Reductions the kernel calls from triton.language's standard library (themselves jit functions).
-_STDLIB = ("sum", "max")
-_INTERPRET_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _interpretable_stdlib() -> Iterator[None]:
-    """Let the interpreter run the kernel even though triton was imported without
-    ``TRITON_INTERPRET=1`` (torch._dynamo imports it early, so the variable rarely reaches the
-    import): the standard-library reductions it calls are then compiled-only ``JITFunction``s;
-    swap in interpreted twins of the same functions for the call, then put them back.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with _INTERPRET_LOCK:
-        saved = {n: getattr(tl, n) for n in _STDLIB if isinstance(getattr(tl, n), JITFunction)}
-        try:
-            for n, f in saved.items():
-                setattr(tl, n, InterpretedFunction(f.fn))
-            yield
-        finally:
-            for n, f in saved.items():
-                setattr(tl, n, f)
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _tiles(n_rep: int, page_tokens: int, head_dim: int, wide: bool = False) -> tuple[int, int, int, int, int]:
+def _tiles(
+    n_rep: int, page_tokens: int, head_dim: int, wide: bool = False, tile_tokens: int = DEFAULT_LAUNCH.tile_tokens
+) -> tuple[int, int, int, int, int]:
     """(G_BLOCK, G_SPLIT, PT_PAD, BLOCK_N, D_PAD): every dot dimension >= 16 (the MMA
     minimum), K/V tiles of BLOCK_N tokens x D_PAD within _TILE_ELEMS elements (half that for
     ``wide``, float32, whose dot runs on FMA units with larger register layouts)."""
@@ -276,7 +280,7 @@ def _tiles(n_rep: int, page_tokens: int, head_dim: int, wide: bool = False) -> t
     pt_pad = _next_pow2(page_tokens)
     g_block = min(max(16, _next_pow2(n_rep)), _MAX_G_BLOCK)  # query heads of one KV head, padded
     g_split = -(-n_rep // g_block)
-    block_n = max(16, min(_CONFIG["tile_tokens"], _TILE_ELEMS // (2 if wide else 1) // d_pad))
+    block_n = max(16, min(tile_tokens, _TILE_ELEMS // (2 if wide else 1) // d_pad))
     return g_block, g_split, pt_pad, block_n, d_pad
 
 
@@ -309,6 +313,7 @@ def paged_decode_attention_triton(
     row_tokens: torch.Tensor | None = None,
     validate: bool = True,
     splits: int | None = None,
+    config: LaunchConfig = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """Decode attention read in place from KV pages by the Triton kernel (one launch, two
     when rows are split).
@@ -334,6 +339,7 @@ def paged_decode_attention_triton(
             each, merged by a second launch: flash-decoding, for few rows over long contexts.
             Default: 1 on CPU; on CUDA enough to give every SM two programs when rows x KV
             heads do not, keeping at least 4 tiles per split.
+        config: the launch shape (:class:`LaunchConfig`; benchmarks time others).
 
     Returns ``out``; only the rows' tokens are written. Raises ValueError naming the numbers,
     RuntimeError when triton is not installed; nothing is written then.
@@ -393,6 +399,8 @@ def paged_decode_attention_triton(
         or splits & (splits - 1)
     ):
         raise ValueError(f"{name}: splits={splits!r} must be a power of two in [1, {_MAX_SPLITS}]")
+    if not isinstance(config, LaunchConfig):
+        raise ValueError(f"{name}: config must be a LaunchConfig, got {type(config).__name__}")
     if validate and rows:
         _check_values(name, page_table, context_lens, row_tokens, pages, page_tokens, max_pages, tokens)
     if rows == 0:
@@ -405,7 +413,9 @@ def paged_decode_attention_triton(
     else:
         row_tokens = row_tokens.contiguous()
     n_rep = heads // kv_heads
-    g_block, g_split, pt_pad, block_n, d_pad = _tiles(n_rep, page_tokens, head_dim, query.dtype == torch.float32)
+    g_block, g_split, pt_pad, block_n, d_pad = _tiles(
+        n_rep, page_tokens, head_dim, query.dtype == torch.float32, config.tile_tokens
+    )
     scale = head_dim**-0.5 if scale is None else float(scale)
     max_blocks = -(-(max_pages * pt_pad) // block_n)
     if splits is None:
@@ -418,7 +428,13 @@ def paged_decode_attention_triton(
         part_acc = part_ml = out  # not read: the kernel writes ``out`` directly
     interpret = dev.type == "cpu"
     dot_f32 = interpret and query.dtype == torch.bfloat16
-    with _interpretable_stdlib() if interpret else contextlib.nullcontext():
+    if interpret:
+        from .triton_offline import interpretable_stdlib
+
+        stdlib = interpretable_stdlib()
+    else:
+        stdlib = contextlib.nullcontext()
+    with stdlib:
         _kernel("decode", interpret)[(rows, kv_heads * g_split, splits)](
             out,
             part_acc,
@@ -454,8 +470,8 @@ def paged_decode_attention_triton(
             SPLITS=splits,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_f32 else "tf32",  # unused for 16-bit
             DOT_F32=dot_f32,
-            num_warps=_CONFIG["num_warps"],
-            num_stages=_CONFIG["num_stages"],
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
         if splits > 1:
             _kernel("combine", interpret)[(rows, heads)](
@@ -496,88 +512,3 @@ def _check_values(
         for r, t in enumerate(row_tokens.tolist()):
             if not 0 <= t < tokens:
                 raise ValueError(f"{name}: row {r} token {t} is outside [0, {tokens})")
-
-
-def compile_offline(
-    dtype: torch.dtype, n_rep: int, page_tokens: int, head_dim: int, splits: int = 1, arch: int = 90
-) -> dict[str, Any]:
-    """Compile both kernels for NVIDIA ``sm_<arch>`` without a device (``triton.compile`` of the
-    kernel's AST down to a cubin through the wheel's ptxas), as a launch with these shapes
-    would: proof that the installed Triton accepts them. Returns the decode kernel's tile
-    choices and ``ptx``; raises what Triton raises."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    g_block, g_split, pt_pad, block_n, d_pad = _tiles(n_rep, page_tokens, head_dim, dtype == torch.float32)
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    target = GPUTarget("cuda", arch, 32)
-
-    def build(fn: Any, pointers: dict[str, str], consts: dict[str, Any], options: dict[str, int]) -> Any:
-        jit = triton.jit(fn)
-        names = jit.arg_names
-        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
-        src = ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        return triton.compile(src, target=target, options=options)
-
-    part = "*fp32" if splits > 1 else "*" + ty
-    decode = build(
-        _paged_decode_kernel,
-        {n: "*" + ty for n in ("out_ptr", "q_ptr", "k_ptr", "v_ptr")}
-        | {"part_acc_ptr": part, "part_ml_ptr": part, "scale_log2": "fp32"}
-        | {n: "*i64" for n in ("table_ptr", "lens_ptr", "row_tok_ptr")},
-        dict(
-            N_REP=n_rep,
-            G_SPLIT=g_split,
-            G_BLOCK=g_block,
-            PAGE_TOKENS=page_tokens,
-            PT_PAD=pt_pad,
-            BLOCK_N=block_n,
-            HEAD_DIM=head_dim,
-            D_PAD=d_pad,
-            SPLITS=splits,
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            DOT_F32=False,
-        ),
-        {"num_warps": _CONFIG["num_warps"], "num_stages": _CONFIG["num_stages"]},
-    )
-    if splits > 1:
-        build(
-            _combine_kernel,
-            {"out_ptr": "*" + ty, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "row_tok_ptr": "*i64"},
-            dict(SPLITS=splits, HEAD_DIM=head_dim, D_PAD=d_pad),
-            {},
-        )
-    return {"g_block": g_block, "g_split": g_split, "block_n": block_n, "d_pad": d_pad, "ptx": decode.asm["ptx"]}
-
-
-def _ptxas_report(ptx: str, arch: int = 90) -> str:
-    """ptxas -v's register and spill line for ``ptx`` (the wheel's own ptxas)."""
-    import os
-    import subprocess
-    import tempfile
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        r = subprocess.run(
-            [ptxas, "--gpu-name", f"sm_{arch}a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True
-        )
-    return "; ".join(
-        line.split("ptxas info    :")[-1].strip()
-        for line in r.stderr.splitlines()
-        if "registers" in line or "spill" in line
-    )
-
-
-if __name__ == "__main__":  # python -m torch_elastic_kv.hf.triton_decode: compile report, no device
-    print(f"triton {triton.__version__}, sm_90, num_warps {_CONFIG['num_warps']}, num_stages {_CONFIG['num_stages']}")
-    for dt in SUPPORTED_DTYPES:
-        for rep, pt, hd in ((4, 16, 128), (1, 16, 128), (8, 16, 64), (32, 16, 128), (4, 128, 256), (2, 5, 20)):
-            for sp in (1, 16):
-                r = compile_offline(dt, rep, pt, hd, sp)
-                tiles = f"G {r['g_block']}x{r['g_split']}, tile {r['block_n']}x{r['d_pad']}"
-                print(
-                    f"{str(dt)[6:]:9} heads/kv {rep:2} page {pt:3} head_dim {hd:3} splits {sp:2} | {tiles} | "
-                    + _ptxas_report(r["ptx"])
-                )

@@ -21,9 +21,10 @@ One such grow runs at a time; its chunks are neither usable nor unmappable until
 Calls that must map themselves (an ``alloc`` beyond the mapped slots, ``set_max_bytes``,
 ``close``) first wait for a grow in flight to finish.
 
-When memory goes back: ``shrink``/``compact`` unmap empty chunks; the arenas keep up to
-``reuse_bytes`` of the unmapped physical handles for the next grow (a CUDA ``cuMemCreate``
-is the expensive call); ``trim`` releases those too, down to what is mapped.
+When memory goes back: ``shrink``/``compact`` unmap empty chunks; what happens to the
+physical memory after that (the arenas' reuse caches of up to ``reuse_bytes``, ``poll``,
+``trim``, streams to wait for) is ``arena_set.ArenaSet``'s, which owns the arenas; the pool is
+pages, their placement and the views over them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torch_elastic_kv.kv.arena_set import ArenaSet
 from torch_elastic_kv.kv.placement import ChunkGeometry, PagePlacement, plan_geometry
 from torch_elastic_kv.memory import arena as _arena
 
@@ -151,33 +153,21 @@ class KVPagePool:
         self.page_bytes = plane_page_bytes * num_planes
         self._max_bytes, self._min_bytes = int(max_bytes), int(min_bytes)
 
-        # Each plane reserves an equal share; geometry needs the arena's granularity, so the
-        # first arena is created before the chunk size is known.
-        per_plane = ceil_div(reserve_bytes, num_planes)
-        arenas: list[_arena.Arena] = []
-        try:
-            arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
-            self.geometry: ChunkGeometry = plan_geometry(
-                plane_page_bytes, arenas[0].granularity, element_bytes=self.element_size
-            )
-            # Whole chunks only, so reserved_bytes is exactly what set_max_bytes may reach.
-            per_plane = max(ceil_div(per_plane, self.geometry.chunk_bytes), 1) * self.geometry.chunk_bytes
-            if arenas[0].capacity != per_plane:
-                arenas[0].close()
-                arenas[0] = _arena.Arena(per_plane, self.device, reuse_bytes)
-            while len(arenas) < num_planes:
-                arenas.append(_arena.Arena(per_plane, self.device, reuse_bytes))
-        except BaseException:
-            for a in arenas:
-                a.close()
-            raise
-        num_chunks = min(a.capacity for a in arenas) // self.geometry.chunk_bytes
-        self._placement = PagePlacement(num_chunks, self.geometry.pages_per_chunk)
+        # Each plane reserves an equal share, in whole chunks.
+        self._arenas = ArenaSet.reserve(
+            num_planes,
+            ceil_div(reserve_bytes, num_planes),
+            self.device,
+            reuse_bytes,
+            lambda granularity: plan_geometry(plane_page_bytes, granularity, element_bytes=self.element_size),
+        )
+        self.geometry: ChunkGeometry = self._arenas.geometry
+        self._placement = PagePlacement(self._arenas.num_chunks, self.geometry.pages_per_chunk)
         self.max_pages = self._placement.max_pages
         # The fake test driver's "device" memory is host memory: its planes are CPU tensors.
-        fake = arenas[0].backend == "cuda(fake)"
+        fake = self._arenas.arenas[0].backend == "cuda(fake)"
         self._data_device = torch.device("cpu") if fake else self.device
-        self._planes = [self._make_plane(a, fake) for a in arenas]
+        self._planes = [self._make_plane(a, fake) for a in self._arenas.arenas]
         self._listeners: list[MoveListener | weakref.WeakMethod] = []  # see add_move_listener
         self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
         self._closed = False
@@ -225,8 +215,7 @@ class KVPagePool:
         makes it, waits for the work queued there too. The stream of the thread that unmaps is
         always covered; a model running on a side stream must register it. No effect on CPU."""
         self._check_open("add_stream")
-        for plane in self._planes:
-            plane.arena.add_stream(stream)
+        self._arenas.add_stream(stream)
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -354,16 +343,9 @@ class KVPagePool:
     def _map_planes(self, chunks: list[int]) -> None:
         """Map ``chunks`` in every plane, all or nothing (the placement is not touched, so this
         may run without the lock on chunks nobody else can reach)."""
-        g = self.geometry
-        done: list[tuple[_Plane, int]] = []
         try:
-            for c in chunks:
-                for plane in self._planes:
-                    plane.arena.map(c * g.chunk_bytes, g.chunk_bytes)
-                    done.append((plane, c))
+            self._arenas.map_chunks(chunks)
         except (MemoryError, torch.OutOfMemoryError) as e:
-            for plane, c in reversed(done):
-                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
             raise out_of_memory(
                 self.device,
                 (
@@ -371,10 +353,6 @@ class KVPagePool:
                     f"(resident {self.resident_bytes} bytes, max_bytes={self._max_bytes}): {e}"
                 ),
             ) from e
-        except BaseException:
-            for plane, c in reversed(done):
-                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
-            raise
 
     def _commit_chunks(self, chunks: list[int]) -> None:
         for c in chunks:
@@ -383,11 +361,9 @@ class KVPagePool:
             self._counters["grows"] += 1
 
     def _unmap_chunks(self, chunks: list[int]) -> int:
-        g = self.geometry
         for c in chunks:
             self._placement.mark_unmapped(c)
-            for plane in self._planes:
-                plane.arena.unmap(c * g.chunk_bytes, g.chunk_bytes)
+            self._arenas.unmap_chunks([c])
         if chunks:
             self._counters["shrinks"] += 1
         return len(chunks) * self.chunk_bytes
@@ -510,20 +486,17 @@ class KVPagePool:
         Returns the physical bytes the arenas gave back (mapped + cached, before minus after).
         """
         self._check_open("trim")
-        before = self._physical_bytes()
+        before = self._arenas.physical_bytes()
         self.shrink(0)
-        self.release_cached()
-        return before - self._physical_bytes()
+        self._arenas.release_cached()
+        return before - self._arenas.physical_bytes()
 
     @_locked
     def release_cached(self) -> int:
         """Release the arenas' reuse caches (waiting for the device to finish with what was
         unmapped), leaving every mapped chunk mapped. Returns the bytes given back."""
         self._check_open("release_cached")
-        before = self._physical_bytes()
-        for plane in self._planes:
-            plane.arena.trim(wait=True)
-        return before - self._physical_bytes()
+        return self._arenas.release_cached()
 
     @_locked
     def poll(self) -> int:
@@ -531,21 +504,14 @@ class KVPagePool:
         handles go to the arenas' reuse caches (up to ``reuse_bytes``) or back to the driver.
         Returns the bytes that left the pending state."""
         self._check_open("poll")
-        return sum(plane.arena.poll() for plane in self._planes)
+        return self._arenas.poll()
 
     @_locked
     def cached_bytes(self) -> int:
         """Physical bytes the arenas hold that are not mapped for pages: handles kept for reuse
         plus unmaps still waiting for the device. ``trim`` brings it to 0."""
         self._check_open("cached_bytes")
-        return sum(s["cached_bytes"] + s["pending_bytes"] for s in (pl.arena.stats() for pl in self._planes))
-
-    def _physical_bytes(self) -> int:
-        total = 0
-        for plane in self._planes:
-            s = plane.arena.stats()
-            total += s.get("held_bytes", s["mapped_bytes"] + s.get("cached_bytes", 0))
-        return total
+        return self._arenas.cached_bytes()
 
     @_locked
     def set_max_bytes(self, nbytes: int) -> None:
@@ -634,7 +600,7 @@ class KVPagePool:
         return {
             "resident_bytes": self.resident_bytes,
             "live_bytes": p.live_pages * self.page_bytes,
-            "reserved_bytes": sum(pl.arena.capacity for pl in self._planes),
+            "reserved_bytes": self._arenas.reserved_bytes,
             "live_pages": p.live_pages,
             "resident_pages": p.mapped_chunks * p.pages_per_chunk,
             "free_pages": self.free_pages,
@@ -662,8 +628,7 @@ class KVPagePool:
         self._wait_for_grow()  # its planes must stay open until it commits or rolls back
         if not self._closed:
             self._closed = True
-            for plane in self._planes:
-                plane.arena.close()
+            self._arenas.close()
             self._planes = []
 
     def __enter__(self) -> KVPagePool:

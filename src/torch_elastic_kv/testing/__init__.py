@@ -2,7 +2,11 @@
 
 - ``fake_cuda``: the fake CUDA driver (``use_fake_cuda``, ``FakeCuda``), so the cuda backend
   runs on a machine with no GPU;
-- ``proc``: byte counts from /proc (``rss_shmem``, ``machine_shmem``, ``vm_rss``);
+- ``proc``: byte counts from /proc (``rss_shmem``, ``machine_shmem``, ``vm_rss``, a process
+  tree's ``tree_memory``);
+- ``processes``: the package's server and broker (and any HTTP server command) as subprocesses;
+- ``sampling``: ``parse_metrics`` (a Prometheus page) and ``LoadSampler`` (servers' /metrics and
+  memory polled on a thread), what the serving benchmarks watch;
 - ``clock``: ``ManualClock``;
 - ``models``: tiny causal LMs built from configs with random weights and a fixed seed
   (needs transformers; import ``torch_elastic_kv.testing.models`` explicitly).

@@ -1,8 +1,12 @@
-"""Byte counts from the OS: what tests assert memory moves against."""
+"""Byte counts from the OS: what tests assert memory moves against, and what benchmarks sample."""
 
 from __future__ import annotations
 
-__all__ = ["rss_shmem", "machine_shmem", "vm_rss"]
+import os
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["descendants", "machine_shmem", "parse_proc_status", "rss_shmem", "tree_memory", "vm_rss"]
 
 
 def _proc_bytes(path: str, field: str) -> int:
@@ -30,3 +34,53 @@ def machine_shmem() -> int:
 def vm_rss() -> int:
     """Resident memory of this process (VmRSS in /proc/self/status), in bytes."""
     return _proc_bytes("/proc/self/status", "VmRSS")
+
+
+def parse_proc_status(text: str) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem and RssFile of a ``/proc/PID/status`` text, in bytes (absent: 0)."""
+    keys = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+    out = dict.fromkeys(keys, 0)
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in out:
+            value, _, unit = rest.strip().partition(" ")
+            if unit.strip() != "kB":
+                raise ValueError(f"/proc status line {line!r}: expected a size in kB")
+            out[name] = int(value) * 1024
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, recursively (from /proc/PID/task/*/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def tree_memory(pid: int) -> Optional[dict[str, int]]:
+    """:func:`parse_proc_status` of ``pid`` plus its descendants, summed (None when ``pid`` is gone)."""
+    total: Optional[dict[str, int]] = None
+    for p in [pid, *descendants(pid)]:
+        try:
+            status = parse_proc_status(Path(f"/proc/{p}/status").read_text())
+        except OSError:
+            if p == pid:
+                return None
+            continue
+        total = status if total is None else {k: total[k] + status[k] for k in total}
+    return total

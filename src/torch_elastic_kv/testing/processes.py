@@ -3,9 +3,11 @@
 ``ServerProcess`` runs ``python -m torch_elastic_kv serve --port 0 ...`` (a free loopback port
 chosen by the kernel, read back from the "listening on" line) and keeps reading its stderr on a
 thread so the pipe never fills; ``BrokerProcess`` runs ``python -m torch_elastic_kv broker``
-with its log in a file. Both put the source tree this package was imported from first on
-``PYTHONPATH`` (the package under test, not whatever an editable install points at) and are
-stopped by their pid: SIGTERM, then SIGKILL if they do not exit in time.
+with its log in a file; ``CommandProcess`` runs any other HTTP server command (another
+project's server, for a benchmark's comparison), ready once its health route answers. All put
+the source tree this package was imported from first on ``PYTHONPATH`` (the package under test,
+not whatever an editable install points at) and are stopped by their pid: SIGTERM, then SIGKILL
+if they do not exit in time (``tree=True``: and every process they started).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["BrokerProcess", "ServerProcess", "package_env"]
+from .proc import descendants
+
+__all__ = ["BrokerProcess", "CommandProcess", "ServerProcess", "package_env"]
 
 _SRC = Path(__file__).resolve().parents[2]  # the directory holding the torch_elastic_kv package
 _LISTENING = re.compile(r"torch_elastic_kv serve: listening on (http://\S+)")
@@ -50,14 +54,23 @@ class _Stoppable:
             self.proc.kill()
             self.proc.wait(30)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait; killed if it does not exit in ``timeout``. Returns the status."""
+    def stop(self, timeout: float = 30.0, tree: bool = False) -> int:
+        """SIGTERM, then wait; killed if it does not exit in ``timeout``. Returns the status.
+
+        ``tree``: also SIGKILL, afterwards, the processes it had started (found through /proc
+        before the SIGTERM) that are still there."""
+        children = descendants(self.proc.pid) if tree and self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return self.proc.returncode
 
 
@@ -141,3 +154,59 @@ class BrokerProcess(_Stoppable):
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class CommandProcess(_Stoppable):
+    """``argv`` (any HTTP server) with its output in the file ``log_path``; ``wait_ready`` waits
+    until ``GET url + health`` answers 200. ``env`` is added to :func:`package_env`'s."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        url: str,
+        log_path: Path,
+        env: Optional[dict[str, str]] = None,
+        cwd: Optional[Path] = None,
+    ) -> None:
+        self.argv, self.url, self.log_path = list(argv), url, Path(log_path)
+        with open(self.log_path, "w") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=package_env(env),
+                cwd=cwd,
+            )
+        self.pid = self.proc.pid
+
+    def wait_ready(self, timeout: float, health: str = "/health") -> str:
+        """``url`` once ``health`` answers 200; RuntimeError (with its last log lines) if the
+        process exits first or is not ready within ``timeout`` seconds (it is killed then)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.argv[0]} exited with {self.proc.returncode} before it was ready:\n{self.tail()}"
+                    )
+                try:
+                    if client.get(self.url + health).status_code == 200:
+                        return self.url
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"{self.argv[0]} not ready after {timeout:g} s:\n{self.tail()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of its log."""
+        try:
+            return "\n".join(self.log().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
