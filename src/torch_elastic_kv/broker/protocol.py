@@ -48,6 +48,9 @@ CLIENT_MESSAGES: dict[str, _Fields] = {
         # holdings of a tenant re-registering with a new broker (0 for a new tenant)
         "lease_bytes": (int, False),
         "resident_bytes": (int, False),
+        # "kv" (absent: a KV cache that follows its demand) or "borrow" (wants max_bytes, all
+        # or nothing; see arbiter.py)
+        "kind": (str, False),
     },
     "report": {
         "demand_bytes": (int, True),
