@@ -90,8 +90,9 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-def message(kind: str, **fields: Any) -> dict[str, Any]:
-    """A message dict of type ``kind`` with the protocol version."""
+def message(kind: str, /, **fields: Any) -> dict[str, Any]:
+    """A message dict of type ``kind`` with the protocol version (``kind`` is positional: a
+    ``register`` has a field of that name)."""
     return {"v": PROTOCOL_VERSION, "type": kind, **fields}
 
 
