@@ -7,6 +7,7 @@ of the default model under load (host backend: their KV memory is their RssShmem
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,18 +15,23 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+import httpx
 import pytest
+import torch
 
 from allocator_helpers import Abi
 from broker_helpers import BrokerProcess, MiB, RawClient
-from serve_helpers import wait_until
+from serve_helpers import ServerProcess, rss_shmem, wait_until
+from torch_elastic_kv import ElasticPolicy, Engine
 from torch_elastic_kv.broker.client import BorrowedLease, BrokerClient, BrokerUnavailable
 from torch_elastic_kv.broker.daemon import pid_alive
+from torch_elastic_kv.serve.default_model import DEFAULT_MODEL_NAME, build_default_model
 from torch_elastic_kv.testing.processes import package_env
 
 _GRANTED = re.compile(r"granted (\d+) bytes after ([0-9.]+) s")
@@ -155,6 +161,54 @@ def test_limit_allocator_caps_the_allocator_while_held(fake_cuda, broker: Broker
     finally:
         allocator.set_limit(None, 0)
         allocator.close(0)
+
+
+def test_top_shows_borrowers_beside_servers(broker: BrokerProcess) -> None:
+    kv = hold_guarantees(broker, 8 * MiB)
+    try:
+        with BrokerClient(broker.socket_path, "job", priority=2).borrow(16 * MiB, timeout=10):
+            wait_until(lambda: broker.tenant("job")["resident_bytes"] == 16 * MiB, 5, what="the resident report")
+            top = [sys.executable, "-m", "torch_elastic_kv", "top", "--socket", str(broker.socket_path)]
+            r = subprocess.run([*top, "--json"], capture_output=True, text=True, timeout=60, env=package_env())
+            assert r.returncode == 0, r.stderr
+            rows = {t["name"]: t for t in json.loads(r.stdout)["tenants"]}
+            fields = ("kind", "lease_bytes", "want_bytes", "priority")
+            assert {n: tuple(t[f] for f in fields) for n, t in rows.items()} == {
+                "job": ("borrow", 16 * MiB, 16 * MiB, 2),
+                "kv": ("kv", 8 * MiB, 8 * MiB, 0),
+            }
+            r = subprocess.run([*top, "--count", "1"], capture_output=True, text=True, timeout=60, env=package_env())
+            assert r.returncode == 0, r.stderr
+            header, *table = r.stdout.splitlines()[2:]
+            assert header.split() == [
+                "name",
+                "kind",
+                "pid",
+                "prio",
+                "guarantee",
+                "lease",
+                "want",
+                "resident",
+                "live",
+                "demand",
+                "run",
+                "wait",
+                "state",
+            ]
+            shown = {line.split()[0]: line.split() for line in table}
+            assert shown["job"][1:2] + shown["job"][3:7] == ["borrow", "2", "0.0", "16.0", "16.0"]
+            assert shown["job"][-2:] == ["connected,", "granted"]
+            assert shown["kv"][1:2] + shown["kv"][3:7] == ["kv", "0", "8.0", "8.0", "8.0"]
+    finally:
+        kv.close()
+
+
+def test_a_bad_kind_is_refused_on_the_wire(broker: BrokerProcess) -> None:
+    for kind, text in [("gpu", "kind must be one of ['kv', 'borrow'], got 'gpu'"), (5, "kind must be str, got 5")]:
+        with RawClient(broker.socket_path) as c:
+            reply = c.register("odd", kind=kind)
+            assert (reply["type"], reply["code"]) == ("error", "bad_value") and text in reply["message"], reply
+    assert broker.status()["tenants"] == []
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -292,3 +346,193 @@ def test_kill_9_of_borrow_frees_its_lease_and_ends_its_command(broker: BrokerPro
     finally:
         p.kill()
         p.wait(30)
+
+
+# -- end to end: a borrower beside two servers under load --------------------------------------
+
+BUDGET = 16 * MiB
+CHUNK = 2 * MiB  # the servers' growth unit
+BORROWED = BUDGET * 3 // 4
+# the borrower's COMMAND: allocate and touch the lease (bytearray zero-fills: every page is
+# written), say so, hold it 3 s
+_HOLD = (
+    "import os, time\n"
+    "n = int(os.environ['EKV_LEASE_BYTES'])\n"
+    "held = bytearray(n)\n"
+    "held[::4096] = b'\\x01' * len(range(0, n, 4096))\n"
+    "print('holding', n, flush=True)\n"
+    "time.sleep(3)\n"
+)
+
+
+class Load:
+    """``threads`` client threads per server, each sending the prompts in turn (greedy,
+    ``ignore_eos``) until stopped or ``max_requests`` each; every answer is kept."""
+
+    def __init__(self, servers: dict[str, ServerProcess], prompts: list[list[int]], new: int, threads: int = 2) -> None:
+        self.prompts, self.new = prompts, new
+        self.results: list[tuple[str, int, int, list[int], float]] = []  # server, prompt, status, tokens, end
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(name, s.url, k), daemon=True)
+            for name, s in servers.items()
+            for k in range(threads)
+        ]
+
+    def _run(self, name: str, url: str, offset: int, max_requests: int = 400) -> None:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            for k in range(max_requests):
+                if self._stop.is_set():
+                    return
+                i = (offset * 3 + k) % len(self.prompts)
+                body = {
+                    "model": DEFAULT_MODEL_NAME,
+                    "prompt": self.prompts[i],
+                    "max_tokens": self.new,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                }
+                with self._lock:
+                    self.sent += 1
+                r = c.post("/v1/completions", json=body)
+                tokens = r.json()["choices"][0]["token_ids"] if r.status_code == 200 else []
+                with self._lock:
+                    self.results.append((name, i, r.status_code, tokens, time.monotonic()))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+
+class Sampler:
+    """Every 0.1 s: the servers' RssShmem summed, the borrower's allocation (its COMMAND's
+    lease, counted whole from the moment that process exists) and the leases at the broker."""
+
+    def __init__(self, broker: BrokerProcess, servers: dict[str, ServerProcess]) -> None:
+        self.broker, self.servers = broker, servers
+        self.borrow_pid: Optional[int] = None
+        self.samples: list[tuple[float, int, int, dict[str, int]]] = []  # time, shmem, borrowed, leases
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            pid = self.borrow_pid
+            borrowed = BORROWED if pid is not None and children(pid) else 0
+            shmem = sum(rss_shmem(s.pid) for s in self.servers.values())
+            leases = {t["name"]: t["lease_bytes"] for t in self.broker.status()["tenants"]}
+            self.samples.append((time.monotonic(), shmem, borrowed, leases))
+
+    def servers_leased(self, since: float = 0.0) -> int:
+        """The most the servers held together at the broker in one sample since ``since``."""
+        return max(
+            (sum(v for k, v in leases.items() if k in self.servers) for t, _, _, leases in self.samples if t >= since),
+            default=0,
+        )
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def workload() -> tuple[list[list[int]], int]:
+    g = torch.Generator().manual_seed(22)
+    # 8 prompts of 100-160 tokens: about 1-1.4 MiB of KV each (8 KiB a token)
+    return [
+        torch.randint(8, 264, (int(n),), generator=g).tolist() for n in torch.randint(100, 160, (8,), generator=g)
+    ], 8
+
+
+@pytest.fixture(scope="module")
+def references(workload) -> list[list[int]]:
+    prompts, new = workload
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Engine(build_default_model(), policy=ElasticPolicy(max_bytes=64 * MiB)) as eng:
+            return eng.generate(prompts, max_new_tokens=new)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_borrower_gets_its_lease_from_servers_under_load_and_they_grow_back(sock_dir, workload, references) -> None:
+    prompts, new = workload
+    broker = BrokerProcess(sock_dir / "b.sock", str(BUDGET))
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name in ("s0", "s1"):
+            servers[name] = ServerProcess(
+                ["--broker", str(broker.socket_path), "--tenant", name, "--max-kv-bytes", str(BUDGET)]
+                + ["--idle-seconds", "0.5", "--swap-bytes", "16M", "--max-batch-tokens", "1024"]
+                + ["--broker-wait-seconds", "120"],
+                wait=False,
+            )
+        for s in servers.values():
+            s.wait_ready(180)
+        wait_until(lambda: len(broker.status()["tenants"]) == 2, 10, what="two servers at the broker")
+        with Sampler(broker, servers) as sampler, Load(servers, prompts, new) as load:
+            # the servers hold more than the borrower can be given without taking some back
+            wait_until(lambda: sampler.servers_leased() > BUDGET - BORROWED, 60, what="the servers to grow")
+            started = time.monotonic()
+            p = start_borrow(
+                broker.socket_path,
+                BORROWED,
+                "--name",
+                "trainer",
+                "--timeout",
+                "60",
+                command=[sys.executable, "-c", _HOLD],
+            )
+            sampler.borrow_pid = p.pid
+            out, err = p.communicate(timeout=120)
+            ended = time.monotonic()
+            assert p.returncode == 0, err
+            assert out == f"holding {BORROWED}\n"
+            granted = _GRANTED.search(err)
+            assert granted and int(granted.group(1)) == BORROWED, err
+            latency = float(granted.group(2))
+            print(
+                f"\nborrow of {BORROWED} bytes beside two servers under load: granted after {latency:.3f} s "
+                f"(borrow process start to exit {ended - started:.2f} s)"
+            )
+            assert latency < 30, err
+            # its memory came from the servers: the broker reclaimed it before the grant
+            reclaims = re.findall(r"reclaim from '(s\d)' down to (\d+) bytes", broker.log())
+            print(f"reclaims: {reclaims}")
+            assert reclaims
+            # after the borrower left, the servers grow back under load
+            wait_until(
+                lambda: sampler.servers_leased(since=ended) > BUDGET - BORROWED, 30, what="the servers to grow back"
+            )
+            during = [s for s in sampler.samples if s[2]]
+        results = load.results
+        # every request answered, with the tokens of a run without the borrower
+        assert len(results) == load.sent and results
+        assert [r for r in results if r[2] != 200] == []
+        assert [(name, i) for name, i, _, tokens, _ in results if tokens != references[i]] == []
+        assert {name for name, *_ in results} == {"s0", "s1"}
+        assert any(started < end < ended for *_, end in results), "no request ran beside the borrower"
+        # every sample: the servers' KV memory and the borrowed memory within the budget + a chunk per tenant
+        assert during, "no sample while the borrower held its memory"
+        worst = max(shmem + borrowed for _, shmem, borrowed, _ in sampler.samples)
+        assert worst <= BUDGET + 3 * CHUNK, worst
+        # while the borrower held its lease, the servers held at most what it left them
+        assert max(sum(v for k, v in leases.items() if k != "trainer") for *_, leases in during) <= BUDGET - BORROWED
+    finally:
+        for s in servers.values():
+            assert s.stop() == 0, s.log()[-3000:]
+        assert broker.stop() == 0
