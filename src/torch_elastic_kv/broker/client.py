@@ -282,13 +282,13 @@ class BrokerClient:
         """Leave the broker (resident 0: the lease is free at once) and make the client reusable."""
         self._granted_at = 0.0  # nothing held any more: the goodbye says resident 0
         self.close()
+        self._borrowing = None
         thread = self._thread
         if thread is not None and thread.is_alive():
             return  # stuck on a hung broker: this client stays closed
         self._thread = None
         self._stop = threading.Event()
         self._closed = False
-        self._borrowing = None
         with self._lock:
             self._lease = 0
             self._reclaim = None
