@@ -215,3 +215,123 @@ def test_bad_construction() -> None:
         Arbiter(True)
     with pytest.raises(ValueError, match="reclaim_seconds must be > 0"):
         Arbiter(1 << 20, reclaim_seconds=0)
+
+
+# -- borrowers: a fixed amount, all or nothing, pinned once granted --------------------------------
+
+
+def borrow(arb: Arbiter, name: str, mib: int, prio: int = 0, pid: int = 3000, **kw):
+    t = arb.register(name, pid, prio, 0, mib * MiB, mib * MiB, kind="borrow", **kw)
+    arb.report(name, demand=mib * MiB, resident=t.lease, live=t.lease, running=0, waiting=1)
+    return t
+
+
+def test_a_borrower_gets_its_whole_want_from_free_memory_at_once() -> None:
+    arb, _ = make(100)
+    add(arb, "kv")
+    demand(arb, "kv", 20)
+    arb.plan()
+    borrow(arb, "job", 75)
+    assert kinds(arb.plan()) == [("grant", "job", 75)]  # one grant of all of it, not chunk by chunk
+    assert arb.tenants["job"].pinned and arb.free_bytes == 5 * MiB
+    row = arb.status()["tenants"][0]
+    assert (row["name"], row["kind"], row["want_bytes"], row["lease_bytes"]) == ("job", "borrow", 75 * MiB, 75 * MiB)
+
+
+def test_a_borrower_is_granted_nothing_until_all_of_it_is_free() -> None:
+    arb, _ = make(100)
+    add(arb, "a", guarantee=10)
+    add(arb, "b", guarantee=10)
+    demand(arb, "a", 50)
+    demand(arb, "b", 40)  # both idle later: lease above want
+    arb.plan()
+    demand(arb, "a", 10)
+    demand(arb, "b", 30)
+    assert arb.plan() == []  # idle leases stay while nobody needs them
+    borrow(arb, "job", 75)  # 10 free: it needs 65 more
+    # no partial grant; idle memory first (a's 40 above its want), then b's live memory above
+    # its target, never below either guarantee
+    # (b's target: 14, its want above guarantee in whole chunks of the 5 MiB left beside the job)
+    assert kinds(arb.plan()) == [("reclaim", "a", 10), ("reclaim", "b", 14)]
+    assert arb.tenants["job"].lease == 0
+    release(arb, "a")
+    assert arb.plan() == []  # 50 free of the 75: still nothing
+    assert arb.tenants["job"].lease == 0 and arb.free_bytes == 50 * MiB
+    release(arb, "b")
+    assert kinds(arb.plan()) == [("grant", "job", 75)]
+    assert arb.tenants["a"].lease == 10 * MiB and arb.tenants["b"].lease == 14 * MiB
+
+
+def test_a_granted_borrower_is_pinned_until_it_leaves() -> None:
+    arb, _ = make(100)
+    add(arb, "low", guarantee=10)
+    borrow(arb, "job", 60)
+    arb.plan()
+    add(arb, "high", prio=5)
+    demand(arb, "high", 100)  # a higher priority wants everything
+    demand(arb, "low", 30)
+    # the borrower's lease is set aside like a guarantee: high gets the rest, low keeps its
+    # guarantee, and nothing is asked of the borrower
+    assert arb.targets() == {"low": 10 * MiB, "job": 60 * MiB, "high": 30 * MiB}
+    assert kinds(arb.plan()) == [("grant", "high", 30)]
+    assert arb.tenants["job"].reclaim_to is None and arb.tenants["job"].lease == 60 * MiB
+    demand(arb, "low", 90)
+    arb.plan()
+    assert arb.tenants["job"].reclaim_to is None
+    # a guarantee cannot be promised out of borrowed memory
+    with pytest.raises(ArbiterError, match="does not fit: .* borrowed 62914560") as e:
+        add(arb, "late", guarantee=40)
+    assert e.value.code == "guarantee_does_not_fit"
+    arb.remove("job")  # it left: its memory goes to who wants it
+    assert kinds(arb.plan()) == [("grant", "high", 90)]
+
+
+def test_a_borrower_comes_before_kv_tenants_of_its_level_but_after_higher_levels() -> None:
+    arb, _ = make(100)
+    add(arb, "kv", prio=0)
+    demand(arb, "kv", 100)
+    borrow(arb, "first", 60)
+    borrow(arb, "second", 60)  # does not fit beside the first: nothing, not the 40 left
+    assert arb.targets() == {"kv": 40 * MiB, "first": 60 * MiB, "second": 0}
+    add(arb, "vip", prio=1)
+    demand(arb, "vip", 50)
+    # vip first; then at level 0 neither borrower fits in the 50 left, and the KV tenant takes it
+    assert arb.targets() == {"kv": 50 * MiB, "first": 0, "second": 0, "vip": 50 * MiB}
+    borrow(arb, "top", 50, prio=2)
+    # top (50), then vip (50); level 0 gets nothing
+    assert arb.targets() == {"kv": 0, "first": 0, "second": 0, "vip": 50 * MiB, "top": 50 * MiB}
+
+
+def test_a_borrower_whose_want_cannot_fit_beside_guarantees_waits_and_takes_nothing() -> None:
+    arb, _ = make(100)
+    add(arb, "a", guarantee=50)
+    add(arb, "b", guarantee=30)
+    demand(arb, "a", 50)
+    demand(arb, "b", 30)
+    arb.plan()
+    borrow(arb, "job", 30)  # 20 left after guarantees
+    assert arb.targets()["job"] == 0
+    assert arb.plan() == []  # no reclaim: guarantees are never taken
+    assert arb.tenants["a"].lease == 50 * MiB and arb.tenants["b"].lease == 30 * MiB
+    assert arb.tenants["job"].lease == 0 and arb.free_bytes == 20 * MiB
+
+
+def test_borrower_registrations_that_make_no_sense_are_refused() -> None:
+    arb, _ = make(100)
+    for kw, text in [
+        (dict(guarantee=MiB, max_bytes=10 * MiB), "a borrower has no guarantee"),
+        (dict(guarantee=0, max_bytes=0), "a borrower's max_bytes 0 must be > 0 and within the budget"),
+        (dict(guarantee=0, max_bytes=200 * MiB), "a borrower's max_bytes 209715200 must be > 0 and within"),
+        (dict(guarantee=0, max_bytes=10 * MiB, lease=4 * MiB), "holds all of its max_bytes 10485760 or nothing"),
+        (dict(guarantee=0, max_bytes=10 * MiB, kind="gpu"), r"kind must be one of \['kv', 'borrow'\], got 'gpu'"),
+    ]:
+        kw = {"kind": "borrow"} | kw
+        with pytest.raises(ArbiterError, match=text) as e:
+            arb.register("job", 1, 0, kw.pop("guarantee"), CHUNK, kw.pop("max_bytes"), **kw)
+        assert e.value.code == "bad_value"
+    assert arb.tenants == {}
+    add(arb, "kv")
+    arb.disconnected("kv")
+    with pytest.raises(ArbiterError, match="'kv' is a kv tenant .* not a borrow one"):
+        arb.register("kv", 1000, 0, 0, CHUNK, CHUNK, kind="borrow")
+    assert arb.tenants["kv"].kind == "kv"

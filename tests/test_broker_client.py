@@ -248,6 +248,20 @@ def test_attach_refusals_leave_nothing_behind(model, sock_dir):
         assert broker.stop() == 0
 
 
+def test_a_client_attached_to_an_engine_refuses_to_borrow(model, sock_dir):
+    broker = BrokerProcess(sock_dir / "b.sock", "16M")
+    try:
+        client = BrokerClient(broker.socket_path, "kv", guarantee_bytes=4 * MiB)
+        with Engine(model, policy=_policy(), broker=client):
+            with pytest.raises(RuntimeError, match="'kv': attached to an Engine as a KV tenant; a borrower needs"):
+                with client.borrow(MiB):
+                    pass
+            (row,) = broker.status()["tenants"]
+            assert (row["name"], row["kind"]) == ("kv", "kv")  # nothing changed at the broker
+    finally:
+        assert broker.stop() == 0
+
+
 def test_a_grant_in_the_same_read_as_the_registration_is_applied(model, sock_dir):
     # A broker that answers the registration and grants in one write, then says nothing more:
     # the grant must not wait in the client's buffer for a next message that never comes.

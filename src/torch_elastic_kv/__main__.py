@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "broker_main",
         "share one device's KV memory budget between processes by priority and guarantee",
     ),
+    "borrow": (
+        "torch_elastic_kv.broker.borrow",
+        "borrow_main",
+        "borrow memory from the broker for any command: wait for the grant, run it, give the memory back",
+    ),
     "top": ("torch_elastic_kv.broker.top", "top_main", "the broker's device budget and its tenants, live"),
 }
 

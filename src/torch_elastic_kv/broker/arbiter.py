@@ -23,6 +23,20 @@ The rule, per ``plan()``:
 A lease above the tenant's want is left alone while nobody else needs the memory: the
 tenant's own policy already returns idle memory to the device, and taking the lease too
 would only cost a round trip at its next burst.
+
+Borrowers (``kind="borrow"``): a tenant that is not a KV cache but any workload wanting a
+fixed amount of memory (a training step between generation phases, a one-off job). It
+wants exactly its ``max_bytes``, all or nothing, and has no guarantee:
+
+- In step 1, a priority level's borrowers come before its KV tenants (oldest registration
+  first). A borrower's target is its whole want if that fits in what guarantees and higher
+  levels leave, else nothing: a partial lease is memory it could not use.
+- In step 2, a borrower is granted only its whole target at once; while free memory is
+  short of it, it gets nothing and step 3 reclaims the difference from others (idle leases
+  first, then live KV above target, lowest priority first, never below a guarantee).
+- Once granted, its lease is pinned: the memory is in use by work that cannot give part of
+  it back, so it is never reclaimed, and in step 1 it is set aside before anything else, like
+  a guarantee, until the borrower leaves (or its process is gone).
 """
 
 from __future__ import annotations
@@ -32,7 +46,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Action", "Arbiter", "ArbiterError", "Tenant"]
+__all__ = ["KINDS", "Action", "Arbiter", "ArbiterError", "Tenant"]
+
+# what a tenant is: a KV cache that follows its demand, or a borrower of a fixed amount
+KINDS = ("kv", "borrow")
 
 
 class ArbiterError(ValueError):
@@ -71,16 +88,27 @@ class Tenant:
     reclaim_to: Optional[int] = None  # lease asked for by an outstanding reclaim
     reclaim_seq: int = 0
     reclaim_deadline: float = 0.0
+    kind: str = "kv"
+    order: int = 0  # registration order: borrowers of one level are served oldest first
+
+    @property
+    def pinned(self) -> bool:
+        """A borrower that holds its whole want: its lease is in use and never reclaimed."""
+        return self.kind == "borrow" and self.lease >= self.max_bytes
 
     @property
     def want(self) -> int:
-        """Bytes this tenant would use now: demand in whole chunks, within [guarantee, max]."""
+        """Bytes this tenant would use now: for a KV tenant its demand in whole chunks, within
+        [guarantee, max]; for a borrower exactly its max."""
+        if self.kind == "borrow":
+            return self.max_bytes
         return min(self.max_bytes, max(self.guarantee, _ceil(self.demand, self.chunk)))
 
     def row(self) -> dict[str, Any]:
         """The tenant as a status-reply row."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "pid": self.pid,
             "priority": self.priority,
             "guarantee_bytes": self.guarantee,
@@ -88,6 +116,7 @@ class Tenant:
             "resident_bytes": self.resident,
             "live_bytes": self.live,
             "demand_bytes": self.demand,
+            "want_bytes": self.want,
             "running": self.running,
             "waiting": self.waiting,
             "connected": self.connected,
@@ -123,6 +152,7 @@ class Arbiter:
         self.clock = clock
         self.tenants: dict[str, Tenant] = {}
         self._seq = 0
+        self._registrations = 0
 
     # -- figures --------------------------------------------------------------------------------
     @property
@@ -152,6 +182,7 @@ class Arbiter:
         max_bytes: int,
         lease: int = 0,
         resident: int = 0,
+        kind: str = "kv",
     ) -> Tenant:
         """Add a tenant (or take back one whose connection dropped: same name and pid).
 
@@ -161,7 +192,26 @@ class Arbiter:
         no tenant can have: a lease above the tenant's max or above the whole budget, resident
         memory above its max. ``max_bytes`` may exceed the budget (a tenant's pool can be
         larger than its device's share); the budget bounds what it is granted anyway. Nothing
-        changes when it refuses."""
+        changes when it refuses.
+
+        ``kind``: ``"kv"`` or ``"borrow"`` (see the module docstring). A borrower wants
+        ``max_bytes``, which must be > 0 and within the budget, and has no guarantee."""
+        if kind not in KINDS:
+            raise ArbiterError("bad_value", f"register: kind must be one of {list(KINDS)}, got {kind!r}")
+        if kind == "borrow":
+            if guarantee:
+                raise ArbiterError(
+                    "bad_value", f"register: a borrower has no guarantee (its grant is all or nothing), got {guarantee}"
+                )
+            if not 0 < max_bytes <= self.budget:
+                raise ArbiterError(
+                    "bad_value",
+                    f"register: a borrower's max_bytes {max_bytes} must be > 0 and within the budget {self.budget}",
+                )
+            if lease not in (0, max_bytes):
+                raise ArbiterError(
+                    "bad_value", f"register: a borrower holds all of its max_bytes {max_bytes} or nothing, not {lease}"
+                )
         if chunk <= 0:
             raise ArbiterError("bad_value", f"register: chunk_bytes must be > 0, got {chunk}")
         if guarantee > max_bytes:
@@ -180,13 +230,31 @@ class Arbiter:
         if old is not None and (old.connected or old.pid != pid):
             raise ArbiterError("name_taken", f"register: tenant name {name!r} is taken (pid {old.pid})")
         others = sum(t.guarantee for t in self.tenants.values() if t.name != name)
-        if guarantee + others > self.budget:
+        # a granted borrower's lease is memory in use until it leaves: no guarantee can count on it
+        borrowed = sum(t.lease for t in self.tenants.values() if t.name != name and t.pinned)
+        if guarantee and guarantee + others + borrowed > self.budget:
             raise ArbiterError(
                 "guarantee_does_not_fit",
                 f"register: guarantee_bytes {guarantee} does not fit: budget {self.budget}, "
-                f"other tenants' guarantees {others}, room {self.budget - others}",
+                f"other tenants' guarantees {others}, borrowed {borrowed}, room {self.budget - others - borrowed}",
             )
-        t = Tenant(name, pid, priority, guarantee, chunk, max_bytes, lease=lease, resident=resident)
+        if old is not None and old.kind != kind:
+            raise ArbiterError(
+                "name_taken", f"register: tenant name {name!r} is a {old.kind} tenant (pid {old.pid}), not a {kind} one"
+            )
+        self._registrations += 1
+        t = Tenant(
+            name,
+            pid,
+            priority,
+            guarantee,
+            chunk,
+            max_bytes,
+            lease=lease,
+            resident=resident,
+            kind=kind,
+            order=self._registrations if old is None else old.order,
+        )
         if old is not None:  # a reconnect: what the broker knew stands unless the tenant says more
             t.lease = max(lease, old.lease)
             t.demand, t.live, t.running, t.waiting = old.demand, old.live, old.running, old.waiting
@@ -239,10 +307,18 @@ class Arbiter:
     # -- the decision ---------------------------------------------------------------------------
     def targets(self) -> dict[str, int]:
         """Each tenant's share of the budget (see the module docstring, step 1)."""
-        alloc = {t.name: t.guarantee for t in self.tenants.values()}
-        avail = self.budget - sum(alloc.values())
+        # a pinned borrower's lease is set aside first, like a guarantee
+        alloc = {t.name: t.lease if t.pinned else t.guarantee for t in self.tenants.values()}
+        avail = max(0, self.budget - sum(alloc.values()))  # below 0 only while re-registered holdings overcommit
         for prio in sorted({t.priority for t in self.tenants.values()}, reverse=True):
-            level = [t for t in self.tenants.values() if t.priority == prio]
+            for b in sorted(
+                (t for t in self.tenants.values() if t.priority == prio and t.kind == "borrow" and not t.pinned),
+                key=lambda t: t.order,
+            ):
+                if b.want <= avail:  # all or nothing
+                    alloc[b.name] = b.want
+                    avail -= b.want
+            level = [t for t in self.tenants.values() if t.priority == prio and t.kind == "kv"]
             extra = {t.name: max(0, t.want - t.guarantee) for t in level}
             total = sum(extra.values())
             if total <= avail:
@@ -273,10 +349,19 @@ class Arbiter:
         free = self.free_bytes
         needers = sorted(
             (t for t in self.tenants.values() if t.connected and t.reclaim_to is None and t.lease < targets[t.name]),
-            key=lambda t: (-t.priority, t.lease - targets[t.name], t.name),
+            # a level's borrowers first, oldest first; then its KV tenants, furthest below target first
+            key=lambda t: (
+                -t.priority,
+                t.kind != "borrow",
+                t.order if t.kind == "borrow" else t.lease - targets[t.name],
+                t.name,
+            ),
         )
         for t in needers:
-            grant = _floor(min(targets[t.name] - t.lease, free), t.chunk)
+            if t.kind == "borrow":  # the whole target or nothing: part of it is of no use
+                grant = targets[t.name] - t.lease if targets[t.name] - t.lease <= free else 0
+            else:
+                grant = _floor(min(targets[t.name] - t.lease, free), t.chunk)
             if grant > 0:
                 t.lease += grant
                 free -= grant
@@ -296,7 +381,7 @@ class Arbiter:
             for t in sorted(self.tenants.values(), key=lambda t: (t.priority, t.name)):
                 if shortfall <= 0:
                     break
-                if t.reclaim_to is not None or not t.connected:
+                if t.reclaim_to is not None or not t.connected or t.kind == "borrow":
                     continue
                 take = min(pool[t.name], _ceil(shortfall, t.chunk))
                 if take <= 0:

@@ -1,4 +1,5 @@
-"""A tenant's side of the broker: its lease becomes its Engine's budget.
+"""A tenant's side of the broker: its lease becomes its Engine's budget, or, for any other
+workload, a fixed amount of memory borrowed for a while (``BrokerClient.borrow``).
 
 ``BrokerClient`` talks to a budget, not to an Engine: it sets the lease on the Engine's
 ``KVBudget`` (``engine/budget.py``; anything with ``set_lease``), which wakes the Engine's
@@ -12,10 +13,15 @@ Every exchange with the broker is bounded in time: a send that cannot finish wit
 ``io_timeout`` (a hung broker that no longer reads fills the socket buffer) counts as a lost
 broker (the lease is kept, the thread reconnects), and ``close`` gives up on a hung broker after
 that long too, so a tenant's shutdown never waits on the broker.
+
+A borrower (``borrow``) uses the same thread and connection rules: it registers as kind
+``"borrow"`` wanting exactly ``nbytes``, reports that as its demand, and once granted reports
+the lease as resident (its memory is in use) until it leaves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +29,8 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,11 +39,24 @@ from .protocol import BROKER_MESSAGES, MAX_MESSAGE_BYTES, ProtocolError, decode,
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["BrokerClient", "BrokerUnavailable"]
+__all__ = ["BorrowedLease", "BrokerClient", "BrokerUnavailable"]
+
+# how often a borrower waiting for its grant looks at the lease the client's thread applies
+_GRANT_POLL_SECONDS = 0.005
 
 
 class BrokerUnavailable(ConnectionError):
     """The broker could not be reached, or refused the registration (the message says why)."""
+
+
+@dataclass(frozen=True)
+class BorrowedLease:
+    """What ``BrokerClient.borrow`` yields once the broker granted it: ``nbytes`` (the lease),
+    ``waited_seconds`` (from the call to the grant), ``socket_path`` (the broker's)."""
+
+    nbytes: int
+    waited_seconds: float
+    socket_path: Path
 
 
 class BrokerClient:
@@ -56,7 +76,8 @@ class BrokerClient:
 
     Hand it to the Engine (``Engine(model, policy=..., broker=client)``), which calls
     ``attach(engine.budget, engine.stats, chunk_bytes=...)``; ``close()`` (the Engine's
-    ``close`` calls it) leaves the broker.
+    ``close`` calls it) leaves the broker. Or, for a workload that is not a KV cache,
+    ``with client.borrow(nbytes, timeout=...)`` holds a lease of ``nbytes`` for the block.
     """
 
     def __init__(
@@ -107,6 +128,8 @@ class BrokerClient:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._closed = False  # close() is done: a connection the thread makes after it is dropped
+        self._borrowing: Optional[int] = None  # bytes asked for while borrow() holds this client
+        self._granted_at = 0.0  # time.monotonic() of a borrower's grant; 0 while it has none
         self._last_report: Optional[tuple[int, ...]] = None
         self._last_sent = 0.0
         self.reconnects = 0
@@ -150,6 +173,123 @@ class BrokerClient:
         budget.set_lease(self.lease_bytes)
         self._thread = threading.Thread(target=self._run, name=f"ekv-broker-{self.name}", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def borrow(self, nbytes: int, timeout: float = 60.0, limit_allocator: Any = None) -> Iterator[BorrowedLease]:
+        """Hold a lease of exactly ``nbytes`` for the ``with`` block: any workload's memory.
+
+        Registers as a borrower (kind ``"borrow"``), waits until the broker grants all of
+        ``nbytes`` (it reclaims idle leases first, then KV memory above targets, lowest priority
+        first, never below a guarantee), keeps the lease alive while the block runs, and leaves
+        on exit, which frees the lease at once. Yields a ``BorrowedLease``.
+
+        ``timeout``: seconds to wait for the grant; past it the client leaves and raises
+        ``TimeoutError`` naming ``nbytes``, the wait and the broker's budget, free and leased
+        bytes. ``limit_allocator``: a device (``"cuda:0"``, an int, a torch.device) whose
+        ``torch_elastic_kv.memory.allocator`` limit is set to ``nbytes`` while the lease is held
+        and restored after. ``BrokerUnavailable`` if the broker cannot be reached or refuses;
+        ``RuntimeError`` if this client is attached to an Engine, already borrowing, or closed;
+        ``ValueError`` for a bad argument or a ``guarantee_bytes`` (a borrower has none). The
+        client may borrow again after the block."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes < 2**63:
+            raise ValueError(f"borrow: nbytes must be an int > 0 (and below 2**63), got {nbytes!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"borrow: timeout must be a number of seconds > 0, got {timeout!r}")
+        if self._borrowing is not None:
+            raise RuntimeError(f"BrokerClient {self.name!r}: already borrowing {self._borrowing} bytes")
+        if self._thread is not None:
+            raise RuntimeError(
+                f"BrokerClient {self.name!r}: attached to an Engine as a KV tenant; a borrower needs a "
+                "BrokerClient of its own (another name)"
+            )
+        if self._closed:
+            raise RuntimeError(f"BrokerClient {self.name!r}: closed")
+        if self.guarantee_bytes:
+            raise ValueError(
+                f"borrow: a borrower has no guarantee (its grant is all or nothing); "
+                f"this client has guarantee_bytes={self.guarantee_bytes}"
+            )
+        allocator: Any = None
+        previous_limit: Optional[int] = None
+        if limit_allocator is not None:
+            from ..memory import allocator  # torch: only for a caller who asked for the cap
+
+            previous_limit = allocator.stats(limit_allocator)["limit_bytes"]  # also checks the device
+        start = time.monotonic()
+        self._begin_borrow(nbytes)
+        try:
+            self._wait_for_grant(nbytes, timeout, start)
+            if allocator is not None:
+                allocator.set_limit(nbytes, limit_allocator)
+            try:
+                yield BorrowedLease(nbytes, self._granted_at - start, self.socket_path)
+            finally:
+                if allocator is not None:
+                    allocator.set_limit(previous_limit, limit_allocator)
+        finally:
+            self._end_borrow()
+
+    def _begin_borrow(self, nbytes: int) -> None:
+        """Register as a borrower of ``nbytes`` and start the thread (reports, heartbeats)."""
+        self._borrowing = nbytes
+        self._chunk = self._max_bytes = nbytes
+        self._stats = self._borrower_stats
+        try:
+            self._connect_and_register(holdings=False)
+        except BaseException:
+            self._borrowing = None
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"ekv-borrow-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _borrower_stats(self) -> dict[str, Any]:
+        """A borrower's figures: it wants ``nbytes``; once granted, all of it is in use."""
+        nbytes = self._borrowing or 0
+        held = nbytes if self._granted_at and self.lease_bytes >= nbytes else 0
+        return {
+            "demand_bytes": nbytes,
+            "resident_bytes": held,
+            "live_bytes": held,
+            "running": int(bool(held)),
+            "waiting": int(not held),
+        }
+
+    def _wait_for_grant(self, nbytes: int, timeout: float, start: float) -> None:
+        deadline = start + timeout
+        while self.lease_bytes < nbytes:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"borrow: the broker at {self.socket_path} did not grant {nbytes} bytes within {timeout:g} s "
+                    f"({self._broker_figures()})"
+                )
+            time.sleep(_GRANT_POLL_SECONDS)
+        self._granted_at = time.monotonic()
+        _log.info("broker: %r borrowed %d bytes after %.3f s", self.name, nbytes, self._granted_at - start)
+
+    def _broker_figures(self) -> str:
+        from .top import query_status
+
+        try:
+            st = query_status(self.socket_path, timeout=self.io_timeout)
+        except (OSError, ValueError) as e:
+            return f"the broker's figures are unavailable: {e}"
+        leased = sum(t["lease_bytes"] for t in st["tenants"])
+        return f"budget {st['budget_bytes']}, free {st['free_bytes']}, leased {leased} bytes"
+
+    def _end_borrow(self) -> None:
+        """Leave the broker (resident 0: the lease is free at once) and make the client reusable."""
+        self._granted_at = 0.0  # nothing held any more: the goodbye says resident 0
+        self.close()
+        self._borrowing = None
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return  # stuck on a hung broker: this client stays closed
+        self._thread = None
+        self._stop = threading.Event()
+        self._closed = False
+        with self._lock:
+            self._lease = 0
+            self._reclaim = None
 
     def close(self) -> None:
         """Leave the broker (the Engine has given its memory back) and stop the thread; within
@@ -222,6 +362,7 @@ class BrokerClient:
             max_bytes=self._max_bytes,
             lease_bytes=self.lease_bytes if holdings else 0,
             resident_bytes=int(figures.get("resident_bytes", 0) or 0),
+            **({"kind": "borrow"} if self._borrowing is not None else {}),  # KV tenants send v1 as before
         )
         self._buf = b""
         try:

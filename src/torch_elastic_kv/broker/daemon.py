@@ -504,6 +504,7 @@ class Broker:
                 msg["max_bytes"],
                 lease=msg.get("lease_bytes", 0),
                 resident=msg.get("resident_bytes", 0),
+                kind=msg.get("kind", "kv"),
             )
             conn.tenant = t.name
             self._conns[t.name] = conn
@@ -517,7 +518,8 @@ class Broker:
                 ),
             )
             _log.info(
-                "broker: tenant %r registered (pid %d, priority %d, guarantee %d, lease %d)",
+                "broker: %s tenant %r registered (pid %d, priority %d, guarantee %d, lease %d)",
+                t.kind,
                 t.name,
                 t.pid,
                 t.priority,

@@ -48,6 +48,9 @@ CLIENT_MESSAGES: dict[str, _Fields] = {
         # holdings of a tenant re-registering with a new broker (0 for a new tenant)
         "lease_bytes": (int, False),
         "resident_bytes": (int, False),
+        # "kv" (absent: a KV cache that follows its demand) or "borrow" (wants max_bytes, all
+        # or nothing; see arbiter.py)
+        "kind": (str, False),
     },
     "report": {
         "demand_bytes": (int, True),
@@ -87,8 +90,9 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-def message(kind: str, **fields: Any) -> dict[str, Any]:
-    """A message dict of type ``kind`` with the protocol version."""
+def message(kind: str, /, **fields: Any) -> dict[str, Any]:
+    """A message dict of type ``kind`` with the protocol version (``kind`` is positional: a
+    ``register`` has a field of that name)."""
     return {"v": PROTOCOL_VERSION, "type": kind, **fields}
 
 

@@ -53,28 +53,35 @@ def _mib(n: Optional[int]) -> str:
 
 
 def format_table(status: dict[str, Any]) -> str:
-    """The status as a text table (MiB)."""
+    """The status as a text table (MiB): KV tenants and borrowers alike, ``kind`` telling them
+    apart (``want``: what the tenant would hold now; a borrower's whole request)."""
     lines = [
         f"device {status['device']}   budget {_mib(status['budget_bytes'])} MiB   "
         f"free {_mib(status['free_bytes'])} MiB   free incl. idle {_mib(free_with_idle(status))} MiB   "
         f"tenants {len(status['tenants'])}",
         "",
     ]
-    cols = ("name", "pid", "prio", "guarantee", "lease", "idle", "resident", "live", "demand", "run", "wait", "state")
+    cols = ("name", "kind", "pid", "prio", "guarantee", "lease", "want", "idle", "resident", "live", "demand")
+    cols += ("run", "wait", "state")
     rows = [cols]
     for t in status["tenants"]:
         state = "connected" if t["connected"] else "disconnected"
-        if t["connected"] and t["lease_bytes"] > 0 and t["running"] == 0 and t["waiting"] == 0:
+        kind = t.get("kind", "kv")  # a broker from before borrowers lists KV tenants only
+        if kind == "kv" and t["connected"] and t["lease_bytes"] > 0 and t["running"] == 0 and t["waiting"] == 0:
             state = "lent, idle"
         if t["reclaiming_to"] is not None:
             state += f", releasing to {_mib(t['reclaiming_to'])}"
+        if kind == "borrow":
+            state += ", granted" if t["lease_bytes"] >= t["want_bytes"] else ", waiting for its grant"
         rows.append(
             (
                 t["name"],
+                kind,
                 str(t["pid"]),
                 str(t["priority"]),
                 _mib(t["guarantee_bytes"]),
                 _mib(t["lease_bytes"]),
+                _mib(t.get("want_bytes")),
                 _mib(t.get("idle_bytes")),
                 _mib(t["resident_bytes"]),
                 _mib(t["live_bytes"]),
@@ -86,7 +93,7 @@ def format_table(status: dict[str, Any]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines += [
-        "  ".join(c.ljust(w) if i in (0, len(cols) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(c.ljust(w) if i in (0, 1, len(cols) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in rows
     ]
     return "\n".join(lines)
