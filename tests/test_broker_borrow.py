@@ -188,6 +188,7 @@ def test_top_shows_borrowers_beside_servers(broker: BrokerProcess) -> None:
                 "guarantee",
                 "lease",
                 "want",
+                "idle",
                 "resident",
                 "live",
                 "demand",
@@ -221,7 +222,7 @@ def test_bad_options_exit_2_with_one_line(sock_dir: Path, broker: BrokerProcess)
         (borrow_cmd(s, "8M", command=[]), "missing '-- COMMAND [ARGS...]': the command to run on the borrowed memory"),
         (
             borrow_cmd(s, "lots", command=["true"]),
-            "--bytes: expected a byte count such as 4096, 64MiB or 1GiB, got 'lots'",
+            "--bytes: expected a byte count such as 4096, 64Mi, 64MB or 1GiB, got 'lots'",
         ),
         (borrow_cmd(s, "0", command=["true"]), "--bytes must be > 0, got '0'"),
         (borrow_cmd(s, "8M", "--timeout", "0", command=["true"]), "--timeout must be > 0 seconds, got '0'"),

@@ -53,7 +53,7 @@ def test_idle_leases_are_shown_as_lent_idle_with_free_including_them() -> None:
     assert _row(table, "chat").endswith("lent, idle") and _row(table, "batch").endswith("lent, idle")
     assert " 16.0 " in _row(table, "chat") and " 40.0 " in _row(table, "batch")
     header = table.splitlines()[2].split()
-    assert header[4:6] == ["lease", "idle"]
+    assert header[5:8] == ["lease", "want", "idle"]
 
     # a disconnected tenant's lease is not lent to a live tenant that could give it back
     arb.disconnected("batch")
