@@ -73,7 +73,8 @@ def test_32_staggered_requests_match_generate_and_memory_follows_demand(model, w
     prompts, max_new = workload
     clock = ManualClock(1000.0)
     policy = ElasticPolicy(min_bytes=3 * MiB, max_bytes=24 * MiB, headroom=0.1, idle_seconds=5.0, clock=clock)
-    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
+    # memory follows demand alone: no prefix cache keeping finished requests' pages until expiry
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False, prefix_caching=False)
     granule = eng.stats()["resident_bytes"]  # min_bytes -> 2 granules of 2 MiB
     assert granule == 4 * MiB
     peak = {"resident": 0, "live": 0}
@@ -150,7 +151,8 @@ def test_budget_cut_to_30_percent_mid_run_preempts_by_swap_and_recompute(model, 
 def test_steady_load_shrinks_at_most_once(model):
     clock = ManualClock(1000.0)
     policy = ElasticPolicy(max_bytes=64 * MiB, idle_seconds=2.0, headroom=0.1, clock=clock)
-    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False)
+    # memory follows demand alone: no prefix cache keeping finished requests' pages until expiry
+    eng = Engine(model, policy=policy, max_batch_tokens=256, background=False, prefix_caching=False)
     g = torch.Generator().manual_seed(7)
     for step in range(240):
         if step % 2 == 0 and step < 200:  # one request every 2 steps (0.2 s), then drain

@@ -59,11 +59,19 @@ def reference(model, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
-def make_engine(model, max_pages=256, clock=None, background=False, **policy_kw):
+def make_engine(model, max_pages=256, clock=None, background=False, prefix_caching=True, **policy_kw):
     pool = StandInPool(2, 2, 16, max_pages)
     policy_kw.setdefault("max_bytes", max_pages * pool.page_bytes)
     policy = ElasticPolicy(clock=clock or ManualClock(0.0), **policy_kw)
-    return Engine(model, pool=pool, policy=policy, cache=StandInCache(pool), max_batch_tokens=64, background=background)
+    return Engine(
+        model,
+        pool=pool,
+        policy=policy,
+        cache=StandInCache(pool),
+        max_batch_tokens=64,
+        background=background,
+        prefix_caching=prefix_caching,
+    )
 
 
 def prompts(n, seed, lo=3, hi=40):
@@ -124,7 +132,7 @@ def test_run_under_a_tight_budget_preempts_in_steps_and_finishes_all(model):
 
 def test_idle_shrink_after_idle_seconds_with_fake_clock(model):
     clock = ManualClock(0.0)
-    eng = make_engine(model, clock=clock, idle_seconds=5.0, min_bytes=0)
+    eng = make_engine(model, clock=clock, idle_seconds=5.0, min_bytes=0, prefix_caching=False)
     eng.generate(prompts(4, 4), 8)
     high = eng.stats()["resident_bytes"]
     assert high > 0

@@ -61,6 +61,15 @@ class CountingBackend:
     def drop_swap(self, seq) -> None:
         self.swapped.pop(seq.request_id)
 
+    def find_prefix(self, seq):  # no prefix caching here (tests/test_prefix_cache.py has it)
+        return None
+
+    def admit_prefix(self, seq, hit) -> int:
+        return 0
+
+    def computed(self, seq) -> None:
+        pass
+
 
 _next = [0]
 

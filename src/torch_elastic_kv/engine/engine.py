@@ -25,6 +25,8 @@ clock, so tests with an injected clock see deterministic values.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import numbers
 import threading
@@ -37,15 +39,18 @@ import torch
 
 from .._util import ceil_div, is_int
 from ..hf.compat import kv_geometry
+from ..kv.prefix_index import PrefixIndex
 from ..kv.swap import SwapSpace
 from .budget import KVBudget
+from .eviction import EvictionPolicy
 from .logits import TokenLogprob
 from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
+from .prefix_cache import PrefixCache
 from .protocols import EngineBroker, EngineCache, EnginePool
 from .request import Request, RequestRejected, SamplingParams, StepOutput
 from .runner import ModelRunner
-from .scheduler import Batch, Scheduler
+from .scheduler import Batch, PrefixHit, Scheduler
 
 _log = logging.getLogger(__name__)
 
@@ -56,33 +61,57 @@ class _CacheBackend:
     """The scheduler's ``PageBackend`` over the cache's page table, the pool and swap space.
 
     How many pages a request holds is read from the cache's ``PageTable`` (a dict lookup),
-    the one place that records it.
+    the one place that records it. With a ``PrefixCache``, cached pages count as free (an
+    allocation that needs them evicts them first) and admission looks up cached prefixes.
     """
 
-    def __init__(self, pool: Any, cache: Any, swap: SwapSpace) -> None:
+    def __init__(self, pool: Any, cache: Any, swap: SwapSpace, prefix: Optional[PrefixCache] = None) -> None:
         self.pool = pool
         self.cache = cache
         self.table = cache.page_table
         self.swap = swap
+        self.prefix = prefix
         self.page_tokens = pool.page_tokens
         self.page_bytes = pool.page_bytes
 
     def free_pages(self) -> int:
-        return self.pool.free_pages
+        return self.pool.free_pages + self.table.cached_pages
 
     def live_pages(self) -> int:
         return self.table.live_pages
 
+    def allocated_pages(self) -> int:
+        """Pages taken from the pool: held by requests, or cached."""
+        return self.table.live_pages + self.table.cached_pages
+
     def held_pages(self, seq: Request) -> int:
         return self.table.page_count(seq.request_id)
 
+    def _make_room(self, n: int) -> None:
+        """Evict cached pages so that ``n`` pages can be allocated (as far as they go)."""
+        short = n - self.pool.free_pages
+        if short > 0 and self.prefix is not None:
+            self.prefix.evict_for_alloc(short)
+
     def ensure(self, seq: Request, total_tokens: int) -> None:
-        if ceil_div(total_tokens, self.page_tokens) <= self.table.page_count(seq.request_id):
+        need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(seq.request_id)
+        if need <= 0:
             return
+        self._make_room(need)
         try:
             self.cache.ensure_capacity(seq.request_id, total_tokens)
         except torch.OutOfMemoryError as exc:  # the scheduler is torch-free: one exception type
             raise MemoryError(str(exc)) from exc
+
+    def find_prefix(self, seq: Request) -> Optional[PrefixHit]:
+        return None if self.prefix is None else self.prefix.find(seq)
+
+    def admit_prefix(self, seq: Request, hit: Optional[PrefixHit]) -> int:
+        return 0 if self.prefix is None else self.prefix.admit(seq, hit)
+
+    def computed(self, seq: Request) -> None:
+        if self.prefix is not None:
+            self.prefix.publish(seq)
 
     def release(self, seq: Request) -> None:
         if seq.request_id in self.table:  # else it was never given pages
@@ -92,16 +121,19 @@ class _CacheBackend:
         return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
 
     def swap_out(self, seq: Request) -> None:
-        pages, ntokens = self.cache.detach_request(seq.request_id)
-        data = self.pool.read_pages(pages)
-        self.swap.put(seq.request_id, data, ntokens, len(pages))
-        self.pool.free(pages)
+        entry = self.table.get(seq.request_id, "swap_out")
+        data = self.pool.read_pages(entry.pages)
+        self.swap.put(seq.request_id, data, entry.tokens, len(entry.pages))
+        # shared pages stay with their other holders; its indexed pages stay cached
+        self.cache.free_request(seq.request_id)
 
     def swap_in(self, seq: Request, total_tokens: int) -> None:
         data, ntokens, npages = self.swap.peek(seq.request_id)
+        want = max(npages, ceil_div(total_tokens, self.page_tokens))
+        self._make_room(want)
         try:
             # its swapped pages and those it grows by, in one allocation: all or nothing
-            pages = self.pool.alloc(max(npages, ceil_div(total_tokens, self.page_tokens)))
+            pages = self.pool.alloc(want)
         except torch.OutOfMemoryError as exc:
             raise MemoryError(str(exc)) from exc
         try:
@@ -148,6 +180,11 @@ class Engine:
             weights and oneDNN's compiled kernels for each row bucket a weight shape meets (at
             most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
             it is faster depends on the CPU (``prepack`` module docstring).
+        prefix_caching: keep full KV pages by the hash of their tokens and share them: a
+            request reuses the longest cached prefix of its tokens and prefills only the rest;
+            pages no request holds stay cached (reclaimable, never demand) until ``eviction``
+            gives them up (``prefix_cache.py``, ``eviction.py``).
+        eviction: the prefix cache's ``EvictionPolicy`` (expiry, cap); the default when omitted.
         broker: a ``torch_elastic_kv.broker.client.BrokerClient`` (anything with
             ``attach(budget, stats, chunk_bytes=)`` and ``close()``): the Engine becomes a
             tenant of the device's memory broker; the client sets its lease on the Engine's
@@ -177,8 +214,14 @@ class Engine:
         starvation_limit: int = 3,
         keep_finished: int = 100_000,
         prepack_weights: Optional[bool] = None,
+        prefix_caching: bool = True,
+        eviction: Optional[EvictionPolicy] = None,
         broker: Optional[EngineBroker] = None,
     ) -> None:
+        if not isinstance(prefix_caching, bool):
+            raise ValueError(f"Engine: prefix_caching must be True or False, got {prefix_caching!r}")
+        if eviction is not None and not isinstance(eviction, EvictionPolicy):
+            raise ValueError(f"Engine: eviction must be an EvictionPolicy, got {type(eviction).__name__}")
 
         self.model = model
         self.config = model.config
@@ -228,7 +271,24 @@ class Engine:
         self.cache = cache
         self.runner = ModelRunner(model, cache, self.device, on_new_stream=pool.add_stream)
         self.swap = SwapSpace(self.policy.swap_bytes, pin_memory=self.device.type == "cuda")
-        self._backend = _CacheBackend(pool, self.cache, self.swap)
+        self.prefix: Optional[PrefixCache] = None
+        if prefix_caching:
+            eviction = eviction or EvictionPolicy()
+            if eviction.cap_bytes is not None and eviction.cap_bytes > self.budget.ceiling_bytes:
+                raise ValueError(
+                    f"Engine: the prefix cache's cap_bytes ({eviction.cap_bytes}) exceeds the KV ceiling "
+                    f"({self.budget.ceiling_bytes} bytes)"
+                )
+            table = self.cache.page_table
+            table.enable_prefix(PrefixIndex(pool.page_tokens, _kv_salt(self.config, dtype), self.policy.clock))
+            self.prefix = PrefixCache(
+                table,
+                eviction,
+                page_bytes=pool.page_bytes,
+                pages_per_chunk=int(pool.stats()["pages_per_chunk"]),
+                clock=self.policy.clock,
+            )
+        self._backend = _CacheBackend(pool, self.cache, self.swap, self.prefix)
         self.scheduler = Scheduler(
             self._backend,
             max_batch_tokens=max_batch_tokens,
@@ -246,6 +306,7 @@ class Engine:
             self.scheduler,
             self._backend,
             self.budget,
+            prefix=self.prefix,
             step_lock=self._step_lock,
             pool_lock=self._pool_lock,
             grow_in_background=bool(background and grow_in_background),
@@ -636,6 +697,15 @@ class Engine:
                     out[seq.request_id] = ("memory", need * page_bytes)
             return out
 
+    def reset_prefix_cache(self) -> int:
+        """Give up every cached prefix page now (pages requests hold stay); returns the bytes
+        freed (0 with prefix caching off). The memory goes back at the next shrink."""
+        self._require_open("reset_prefix_cache")
+        if self.prefix is None:
+            return 0
+        with self._step_lock, self._pool_lock:
+            return self.prefix.reset() * self.pool.page_bytes
+
     def maintain(self) -> Decision:
         """Run one policy tick without a step (what the background thread does when idle)."""
         self._require_open("maintain")
@@ -768,6 +838,11 @@ class Engine:
             "allocation_failures": self._allocation_failures,
         }
         out.update(self.swap.stats())
+        if self.prefix is not None:
+            with self._pool_lock:
+                out.update(self.prefix.stats())
+        else:
+            out.update(prefix_caching=False, cached_bytes=0)
         return out
 
     def request_info(self, request_id: int) -> dict:
@@ -858,3 +933,12 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _kv_salt(config: Any, dtype: torch.dtype) -> bytes:
+    """What makes K/V of equal tokens differ between two Engines: the model's config and dtype."""
+    try:
+        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    except Exception:  # a config that cannot be dumped salts by its identity: no sharing across models
+        text = f"{type(config).__name__}:{id(config)}"
+    return hashlib.sha256(f"{text}|{dtype}".encode()).digest()[:32]

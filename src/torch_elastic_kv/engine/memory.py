@@ -41,6 +41,7 @@ import torch
 from .._util import ceil_div
 from .budget import KVBudget
 from .policy import Decision, ElasticPolicy
+from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
 
 _log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class MemoryController:
         step_lock: threading.RLock,
         pool_lock: threading.RLock,
         grow_in_background: bool,
+        prefix: Optional[PrefixCache] = None,
     ) -> None:
         self.pool = pool
         self.policy = policy
@@ -85,6 +87,7 @@ class MemoryController:
             ceiling = self.reserved_bytes if policy.max_bytes is None else min(policy.max_bytes, self.reserved_bytes)
             budget = KVBudget(ceiling, min(policy.min_bytes, ceiling))
         self.budget = budget
+        self.prefix = prefix
         policy.bind(pool.page_bytes, pool.page_tokens, self.chunk_pages, self.chunk_bytes, int(pstats["max_bytes"]))
         self.async_grow = grow_in_background
         release = policy.release_seconds
@@ -143,7 +146,7 @@ class MemoryController:
         """Budget enforcement before scheduling; returns the requests preempted."""
         t = time.perf_counter()
         try:
-            if self.budget.version != self._enforced_version or self.backend.live_pages() > self.budget_pages():
+            if self.budget.version != self._enforced_version or self._allocated() > self.budget_pages():
                 return self.enforce()
             return 0
         finally:
@@ -160,7 +163,7 @@ class MemoryController:
     def apply_pool_budget(self) -> None:
         """Cap the pool at the effective budget, within what the pool accepts (never below
         what is live or the floor)."""
-        live_chunks = ceil_div(self.backend.live_pages(), self.chunk_pages)
+        live_chunks = ceil_div(self._allocated(), self.chunk_pages)
         floor = max(live_chunks * self.chunk_bytes, self.policy.min_bytes, 1)
         self.pool.set_max_bytes(min(max(self.budget.effective_bytes(), floor), self.reserved_bytes))
 
@@ -173,13 +176,37 @@ class MemoryController:
         effective = self.budget.effective_bytes()
         cut = effective < self._enforced_bytes
         budget = self.budget_pages()
+        reason = self._cut_reason()
         with self._pool_lock:
+            # cached prefix pages go first (whole chunks of them first), then live requests;
+            # a preempted request's indexed pages become cached, so evict once more after it
+            self._evict_cached_to(budget, reason)
             n = len(self.scheduler.preempt_until(budget)) if self.backend.live_pages() > budget else 0
+            self._evict_cached_to(budget, reason)
             self.shrink_to(min(budget, self.resident_pages()), release=cut)
             self.apply_pool_budget()
         self._enforced_version = version
         self._enforced_bytes = effective
         return n
+
+    def _allocated(self) -> int:
+        """Pages taken from the pool: held by requests, plus cached prefix pages."""
+        return self.backend.live_pages() + (self.prefix.cached_pages if self.prefix is not None else 0)
+
+    def _evict_cached_to(self, budget_pages: int, reason: str) -> None:
+        if self.prefix is not None and self._allocated() > budget_pages:
+            self.prefix.evict_to(budget_pages, reason)
+
+    def _cut_reason(self) -> str:
+        """Which input holds the budget down: a lease ("reclaim") or the Engine's own ("budget")."""
+        snap = self.budget.snapshot()
+        lease = snap["lease_bytes"]
+        own = (
+            0
+            if snap["asleep"]
+            else (snap["requested_bytes"] if snap["requested_bytes"] is not None else snap["ceiling_bytes"])
+        )
+        return "reclaim" if lease is not None and max(lease, snap["floor_bytes"]) < own else "budget"
 
     def _on_budget_change(self) -> None:
         """A budget input changed (any thread): wake the background thread to enforce it now
@@ -192,6 +219,8 @@ class MemoryController:
         """One policy decision; grows go to the background thread (when it grows), shrinks
         happen here."""
         with self._pool_lock:
+            if self.prefix is not None:
+                self.prefix.expire()
             demand = self.demand()
             d = self.policy.decide(demand, self.resident_pages(), self.budget_pages(), self.chunk_pages)
             if d.action == "shrink":
@@ -224,7 +253,7 @@ class MemoryController:
         its own lock too), so a background grow does not hold up the step."""
         with self._pool_lock:
             resident = self.resident_pages()
-            live = self.backend.live_pages()
+            live = self._allocated()
             target = min(target_pages, self.budget_pages())
             if target <= resident:
                 return
@@ -254,7 +283,7 @@ class MemoryController:
         The unmapped handles stay in the arenas' reuse caches on CUDA unless ``release`` (see
         the module docstring); on CPU they are always released."""
         before = self.resident_bytes()
-        live = self.backend.live_pages()
+        live = self._allocated()  # cached prefix pages are kept: evicting them is the budget's call
         keep = max(keep_pages, live)
         if self.resident_pages() - keep < self.chunk_pages:
             if release:

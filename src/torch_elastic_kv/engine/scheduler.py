@@ -35,7 +35,7 @@ from typing import Optional, Protocol
 from .._util import ceil_div, is_int
 from .request import Request, RequestStatus, StepOutput
 
-__all__ = ["Batch", "Chunk", "PageBackend", "Scheduler"]
+__all__ = ["Batch", "Chunk", "PageBackend", "PrefixHit", "Scheduler"]
 
 
 class PageBackend(Protocol):
@@ -46,12 +46,22 @@ class PageBackend(Protocol):
     although the budget has room (the host or the device is short of memory). ``swap_in``
     gives the request pages for ``total_tokens`` (its swapped pages and any it grows by), all
     or nothing.
+    ``free_pages`` counts pages that can be had, cached prefix pages included (taking one
+    evicts it); ``live_pages`` counts pages requests hold, a shared page once.
+
+    Prefix caching (a backend without it finds nothing and publishes nothing):
+    ``find_prefix(seq)`` looks up a fresh request's cached prefix without changing anything,
+    ``admit_prefix(seq, hit)`` makes it hold those pages (and counts the lookup), and
+    ``computed(seq)`` indexes what a forward filled.
     """
 
     page_tokens: int
 
     def free_pages(self) -> int: ...
     def live_pages(self) -> int: ...
+    def find_prefix(self, seq: Request) -> Optional[PrefixHit]: ...
+    def admit_prefix(self, seq: Request, hit: Optional[PrefixHit]) -> int: ...
+    def computed(self, seq: Request) -> None: ...
     def held_pages(self, seq: Request) -> int: ...
     def ensure(self, seq: Request, total_tokens: int) -> None: ...
     def release(self, seq: Request) -> None: ...
@@ -59,6 +69,16 @@ class PageBackend(Protocol):
     def swap_out(self, seq: Request) -> None: ...
     def swap_in(self, seq: Request, total_tokens: int) -> None: ...
     def drop_swap(self, seq: Request) -> None: ...
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """A cached prefix found for a request: ``tokens`` it covers (whole pages), and how many
+    of its pages are cached now (reclaimable, so no longer free once the request holds them)."""
+
+    tokens: int
+    cached_pages: int
+    handle: object = None  # the backend's own (its pages and hashes)
 
 
 @dataclass
@@ -237,19 +257,28 @@ class Scheduler:
             if self.max_running is not None and len(self.running) >= self.max_running:
                 break
             seq = self.waiting[0]
-            need = self.pages_for(seq.num_tokens)
+            fresh = seq.status is RequestStatus.WAITING and seq.num_computed == 0
+            hit = self.backend.find_prefix(seq) if fresh else None
+            need = self.pages_for(seq.num_tokens) - (hit.tokens // self.page_tokens if hit else 0)
             # keep a headroom for the running requests' next pages, so that admitting one
             # does not preempt another a few steps later
             reserve = math.ceil(self.headroom * held) if self.running else 0
-            if self.backend.free_pages() < need + reserve:
+            if self.backend.free_pages() - (hit.cached_pages if hit else 0) < need + reserve:
                 break
             try:
                 if seq.status is RequestStatus.SWAPPED:
                     self.backend.swap_in(seq, seq.num_tokens)
                 else:
+                    if fresh:
+                        seq.num_computed = self.backend.admit_prefix(seq, hit)
                     self.backend.ensure(seq, seq.num_tokens)
             except MemoryError as exc:
-                # the pages could not be mapped: it stays first in the queue, as it was
+                # the pages could not be mapped: it stays first in the queue, as it was (a
+                # prefix it was given goes back to the cache)
+                if fresh:
+                    if self.backend.held_pages(seq):
+                        self.backend.release(seq)
+                    seq.num_computed = 0
                 batch.short.append(seq)
                 batch.memory_error = str(exc)
                 break
@@ -281,6 +310,7 @@ class Scheduler:
             if seq.status is not RequestStatus.RUNNING:
                 continue  # cancelled while the forward ran
             seq.num_computed = chunk.start + chunk.num_tokens
+            self.backend.computed(seq)
             if not chunk.samples:
                 continue
             tok = sampled[seq.request_id]
@@ -310,10 +340,9 @@ class Scheduler:
     # ---- demand for the policy --------------------------------------------------------------
     def demand_pages(self, growth_pages) -> tuple[int, int, int]:
         """(held, expected growth, waiting) pages; ``growth_pages(seq)`` is the policy's estimate."""
-        held = 0
+        held = self.backend.live_pages()  # a page shared by several requests counts once
         growth = 0
         for s in self.running:
-            held += self.backend.held_pages(s)
             growth += growth_pages(s)
         waiting = 0
         for s in self.waiting:

@@ -5,16 +5,24 @@ tokens of K/V they store) over one page pool. The cache's packed mode plans its 
 and the Engine's scheduler asks it how many pages a request holds; nothing else keeps a copy,
 so a compaction's page moves (``remap``) have one table to fix.
 
+With a ``PrefixIndex`` (prefix caching), full pages are shared: the table counts each page's
+holders, ``share`` gives a request pages another request computed, ``publish`` indexes a
+request's newly full pages, and a page whose last holder lets go becomes *cached* (indexed,
+still allocated, reclaimable) instead of free; ``evict`` frees cached pages. Without an index
+every page has one holder and frees go straight back to the pool, as before.
+
 Not thread-safe by itself: its users (the Engine, a cache driven from one thread) serialise
 their calls, as they do for the forward that reads the pages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 from .._util import ceil_div, is_int
+from .prefix_index import ROOT, PrefixIndex
 
 __all__ = ["PageList", "PageTable"]
 
@@ -29,10 +37,12 @@ class _Pages(Protocol):
 
 @dataclass
 class PageList:
-    """One request's pages, in token order, and how many tokens of K/V they hold."""
+    """One request's pages, in token order, how many tokens of K/V they hold, and the chained
+    hashes of its leading full pages computed so far (prefix caching)."""
 
     pages: list[int] = field(default_factory=list)
     tokens: int = 0
+    hashes: list[bytes] = field(default_factory=list)
 
 
 class PageTable:
@@ -42,13 +52,16 @@ class PageTable:
     needs pages then raises RuntimeError until it is.
     """
 
-    def __init__(self, page_tokens: int, pool: _Pages | None = None) -> None:
+    def __init__(self, page_tokens: int, pool: _Pages | None = None, prefix: Optional[PrefixIndex] = None) -> None:
         if not is_int(page_tokens) or page_tokens <= 0:
             raise ValueError(f"PageTable: page_tokens must be a positive int, got {page_tokens!r}")
+        if prefix is not None and prefix.page_tokens != page_tokens:
+            raise ValueError(f"PageTable: the prefix index has {prefix.page_tokens}-token pages, not {page_tokens}")
         self.page_tokens = page_tokens
         self.pool = pool
+        self.prefix = prefix
         self._lists: dict[int, PageList] = {}
-        self._live = 0
+        self._refs: dict[int, int] = {}  # page -> requests holding it
 
     # -- reading -------------------------------------------------------------------------------
     def __contains__(self, request_id: object) -> bool:
@@ -75,8 +88,17 @@ class PageTable:
 
     @property
     def live_pages(self) -> int:
-        """Pages held by every request together."""
-        return self._live
+        """Pages held by the requests (a shared page counts once)."""
+        return len(self._refs)
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages no request holds that the prefix index keeps (allocated, reclaimable)."""
+        return 0 if self.prefix is None else self.prefix.cached_pages
+
+    def holders(self, page: int) -> int:
+        """How many requests hold ``page``."""
+        return self._refs.get(page, 0)
 
     @property
     def stored_tokens(self) -> int:
@@ -103,19 +125,43 @@ class PageTable:
         if entry is None:
             entry = self._lists[request_id] = PageList()
         entry.pages.extend(fresh)
-        self._live += len(fresh)
+        for p in fresh:
+            self._refs[p] = 1
 
     def free(self, request_id: int, what: str = "PageTable.free") -> None:
-        """Return every page of ``request_id`` to the pool and drop its entry."""
-        pages, _ = self.detach(request_id, what)
-        if pages:
-            self._require_pool().free(pages)
-
-    def detach(self, request_id: int, what: str = "PageTable.detach") -> tuple[list[int], int]:
-        """Drop the entry but keep its pages live: ``(pages, tokens)``, owned by the caller now."""
+        """Let go of every page of ``request_id`` and drop its entry: a page nobody else holds
+        goes back to the pool, or, when the prefix index keeps it, becomes cached."""
         entry = self.get(request_id, what)
         del self._lists[request_id]
-        self._live -= len(entry.pages)
+        self._unref(entry.pages)
+
+    def _unref(self, pages: Sequence[int]) -> None:
+        unheld = []
+        for p in pages:
+            n = self._refs[p] - 1
+            if n:
+                self._refs[p] = n
+            else:
+                del self._refs[p]
+                unheld.append(p)
+        loose = self.prefix.park(unheld) if self.prefix is not None else unheld
+        if loose:
+            self._require_pool().free(loose)
+
+    def detach(self, request_id: int, what: str = "PageTable.detach") -> tuple[list[int], int]:
+        """Drop the entry but keep its pages live: ``(pages, tokens)``, owned by the caller now.
+
+        Only for a request whose pages nobody else holds (ValueError otherwise, nothing
+        changed); its pages leave the prefix index, since their new owner may free them."""
+        entry = self.get(request_id, what)
+        shared = [p for p in entry.pages if self._refs[p] > 1]
+        if shared:
+            raise ValueError(f"{what}: request {request_id} shares pages {shared[:8]} with other requests")
+        del self._lists[request_id]
+        for p in entry.pages:
+            del self._refs[p]
+            if self.prefix is not None:
+                self.prefix.forget(p)
         return entry.pages, entry.tokens
 
     def attach(self, request_id: int, pages: list[int], tokens: int, what: str = "PageTable.attach") -> None:
@@ -126,22 +172,93 @@ class PageTable:
         pages = [int(p) for p in pages]
         if not is_int(tokens) or not 0 <= tokens <= len(pages) * self.page_tokens:
             raise ValueError(f"{what}: {len(pages)} pages of {self.page_tokens} tokens cannot hold {tokens!r} tokens")
-        owned = {p for e in self._lists.values() for p in e.pages}
-        bad = [p for p in pages if not pool.is_live(p) or p in owned]
-        if bad or len(set(pages)) != len(pages):
-            raise ValueError(f"{what}: pages {bad[:8] or pages} are not live, duplicated or held by another request")
+        cached = self.prefix is not None and any(self.prefix.is_indexed(p) for p in pages)
+        bad = [p for p in pages if not pool.is_live(p) or p in self._refs]
+        if bad or cached or len(set(pages)) != len(pages):
+            raise ValueError(
+                f"{what}: pages {bad[:8] or pages} are not live, duplicated or held by another request (or cached)"
+            )
         self._lists[request_id] = PageList(pages, tokens)
-        self._live += len(pages)
+        for p in pages:
+            self._refs[p] = 1
+
+    # -- sharing (prefix caching) --------------------------------------------------------------
+    def enable_prefix(self, prefix: PrefixIndex) -> None:
+        """Turn prefix caching on for an empty table (an Engine does this once)."""
+        if self._lists or self._refs:
+            raise RuntimeError("PageTable.enable_prefix: the table already holds pages")
+        if prefix.page_tokens != self.page_tokens:
+            raise ValueError(
+                f"PageTable: the prefix index has {prefix.page_tokens}-token pages, not {self.page_tokens}"
+            )
+        self.prefix = prefix
+
+    def share(self, request_id: int, pages: list[int], hashes: list[bytes], what: str = "PageTable.share") -> None:
+        """Give a new ``request_id`` the indexed full ``pages`` (a prefix hit; ``hashes`` are
+        theirs): it holds them with whoever else does, and they stop being reclaimable."""
+        prefix = self._require_prefix(what)
+        if request_id in self._lists:
+            raise ValueError(f"{what}: request {request_id} already holds pages")
+        if len(pages) != len(hashes) or any(
+            not prefix.is_indexed(p) or prefix.hash_of(p) != h for p, h in zip(pages, hashes)
+        ):
+            raise ValueError(f"{what}: pages {pages[:8]} are not the indexed pages of those hashes")
+        for p in pages:
+            n = self._refs.get(p, 0)
+            if n == 0:
+                prefix.unpark(p)
+            self._refs[p] = n + 1
+        self._lists[request_id] = PageList(list(pages), len(pages) * self.page_tokens, list(hashes))
+
+    def publish(self, request_id: int, token_ids: Sequence[int], computed: int) -> int:
+        """Index the full pages of ``request_id`` whose ``computed`` leading tokens are
+        ``token_ids[:computed]``, from the first not indexed yet; returns how many were new."""
+        prefix = self.prefix
+        if prefix is None:
+            return 0
+        entry = self.get(request_id, "PageTable.publish")
+        done = len(entry.hashes)
+        full = min(computed // self.page_tokens, len(entry.pages))
+        if full <= done:
+            return 0
+        parent = entry.hashes[-1] if entry.hashes else ROOT
+        new = prefix.hashes(token_ids[: full * self.page_tokens], parent, done)
+        added = 0
+        for i, h in enumerate(new, start=done):
+            added += prefix.insert(entry.pages[i], h, parent)
+            parent = h
+        entry.hashes.extend(new)
+        return added
+
+    def evict(self, pages: Sequence[int]) -> None:
+        """Free cached ``pages`` (leaves, as ``PrefixIndex.evictable`` yields them)."""
+        prefix = self._require_prefix("PageTable.evict")
+        for p in pages:
+            prefix.remove(p)
+        if pages:
+            self._require_pool().free(list(pages))
+
+    def _require_prefix(self, what: str) -> PrefixIndex:
+        if self.prefix is None:
+            raise RuntimeError(f"{what}: prefix caching is off (no prefix index)")
+        return self.prefix
 
     def remap(self, moves: dict[int, int]) -> None:
-        """Apply a compaction's ``{old page: new page}`` to every entry."""
+        """Apply a compaction's ``{old page: new page}`` to every entry (and the index)."""
+        if not moves:
+            return
         for entry in self._lists.values():
             entry.pages = [moves.get(p, p) for p in entry.pages]
+        self._refs = {moves.get(p, p): n for p, n in self._refs.items()}
+        if self.prefix is not None:
+            self.prefix.remap(moves)
 
     def release_all(self) -> None:
-        """Return every request's pages to the pool and forget every entry."""
-        pages = [p for e in self._lists.values() for p in e.pages]
+        """Return every page to the pool, cached ones too, and forget every entry."""
+        pages = list(self._refs)
+        if self.prefix is not None:
+            pages += self.prefix.clear()
         if pages:
             self._require_pool().free(pages)
         self._lists.clear()
-        self._live = 0
+        self._refs.clear()

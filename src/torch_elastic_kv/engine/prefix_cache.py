@@ -1,0 +1,140 @@
+"""Prefix caching in the Engine: a new request reuses the longest cached prefix of its tokens.
+
+Levels: a request's tokens -> the chained hashes of its full pages -> pages in the pool,
+shared by every request whose tokens start the same way (``kv/page_table.py`` counts the
+holders, ``kv/prefix_index.py`` finds pages by hash). At admission the scheduler asks ``find``
+(no change) and, once the request fits, ``admit``: it then holds the matched pages and
+prefills only the rest (at least its last token is always computed, so its first output
+comes from a forward as usual). After each
+forward ``publish`` indexes the pages the request has filled (prompt and output alike: the
+next turn of a conversation re-sends both). A request that finishes or is preempted lets go of
+its pages; those that are indexed stay allocated as *cached* pages, reclaimable, until the
+eviction policy (``eviction.py``) gives them up: under allocation pressure, on a budget cut,
+a broker reclaim or sleep, past their expiry, or over the cap.
+
+Only full pages are shared, and never written again: the last, partial page of a request is
+its own, so two requests that diverge inside a page never see each other's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..kv.page_table import PageTable
+from ..kv.prefix_index import PrefixIndex
+from .eviction import EvictionPolicy, budget_victims, expired_victims, pressure_victims
+from .request import Request
+from .scheduler import PrefixHit
+
+__all__ = ["EVICTION_REASONS", "PrefixCache"]
+
+# why cached pages were given up: an allocation needed the room, they expired, the cap, a
+# budget cut (set_budget, sleep), a lease reclaim (the broker), or an explicit reset
+EVICTION_REASONS = ("pressure", "expiry", "cap", "budget", "reclaim", "reset")
+
+
+class PrefixCache:
+    """The Engine's prefix cache over its page table (which must carry a ``PrefixIndex``)."""
+
+    def __init__(
+        self,
+        table: PageTable,
+        policy: EvictionPolicy,
+        *,
+        page_bytes: int,
+        pages_per_chunk: int,
+        clock: Callable[[], float],
+    ) -> None:
+        if table.prefix is None:
+            raise ValueError("PrefixCache: the page table has no prefix index")
+        self.table = table
+        self.index: PrefixIndex = table.prefix
+        self.policy = policy
+        self.page_bytes = page_bytes
+        self.pages_per_chunk = pages_per_chunk
+        self.clock = clock
+        self.query_tokens = 0  # prompt tokens looked up
+        self.hit_tokens = 0  # of those, found cached
+        self.evictions = dict.fromkeys(EVICTION_REASONS, 0)  # pages given up, by reason
+
+    # -- requests ------------------------------------------------------------------------------
+    def find(self, seq: Request) -> PrefixHit | None:
+        """The longest cached prefix of ``seq``'s tokens (whole pages, short of its last token),
+        or None; changes nothing."""
+        pt = self.table.page_tokens
+        usable = (seq.num_tokens - 1) // pt * pt
+        hashes = self.index.hashes(seq.token_ids[:usable])
+        pages = self.index.match(hashes)
+        if not pages:
+            return None
+        cached = sum(1 for p in pages if self.index.is_cached(p))
+        return PrefixHit(len(pages) * pt, cached, (pages, hashes[: len(pages)]))
+
+    def admit(self, seq: Request, hit: PrefixHit | None) -> int:
+        """``seq`` (holding no pages yet) is admitted: it holds ``hit``'s pages from now on;
+        returns the tokens they cover. Counts the lookup either way."""
+        self.query_tokens += seq.num_tokens
+        if hit is None:
+            return 0
+        pages, hashes = hit.handle
+        self.table.share(seq.request_id, pages, hashes)
+        self.hit_tokens += hit.tokens
+        return hit.tokens
+
+    def publish(self, seq: Request) -> None:
+        """Index the pages ``seq`` has filled since the last call."""
+        if seq.request_id in self.table:
+            self.table.publish(seq.request_id, seq.token_ids, seq.num_computed)
+
+    # -- giving pages up -----------------------------------------------------------------------
+    def evict_for_alloc(self, n: int) -> int:
+        """Free up to ``n`` cached pages for an allocation; returns how many."""
+        return self._evict(pressure_victims(self.index, n), "pressure")
+
+    def evict_to(self, max_pages: int, reason: str) -> int:
+        """Free cached pages until held + cached pages fit ``max_pages``: whole all-cached
+        chunks first (see ``eviction.py``); returns how many."""
+        over = self.table.live_pages + self.index.cached_pages - max_pages
+        return self._evict(budget_victims(self.index, over, self.pages_per_chunk, self._held()), reason)
+
+    def expire(self) -> int:
+        """Give up pages past their expiry, then pages over the cap; returns how many."""
+        n = self._evict(expired_victims(self.index, self.clock(), self.policy.expiry_seconds), "expiry")
+        cap = self.policy.cap_bytes
+        if cap is not None:
+            over = self.index.cached_pages - cap // self.page_bytes
+            n += self._evict(pressure_victims(self.index, over), "cap")
+        return n
+
+    def reset(self) -> int:
+        """Give up every cached page (the pages requests hold stay); returns how many."""
+        return self._evict(budget_victims(self.index, self.index.cached_pages, self.pages_per_chunk, ()), "reset")
+
+    def _evict(self, pages: list[int], reason: str) -> int:
+        if pages:
+            self.table.evict(pages)
+            self.evictions[reason] += len(pages)
+        return len(pages)
+
+    def _held(self) -> list[int]:
+        return [p for rid in self.table.ids() for p in self.table.get(rid).pages]
+
+    # -- figures -------------------------------------------------------------------------------
+    @property
+    def cached_pages(self) -> int:
+        return self.index.cached_pages
+
+    def stats(self) -> dict[str, Any]:
+        """prefix_query_tokens / prefix_hit_tokens (tokens looked up / found), cached_bytes
+        (reclaimable pages no request holds), prefix_evictions_<reason> (pages given up)."""
+        out: dict[str, Any] = {
+            "prefix_caching": True,
+            "prefix_query_tokens": self.query_tokens,
+            "prefix_hit_tokens": self.hit_tokens,
+            "cached_bytes": self.index.cached_pages * self.page_bytes,
+            "prefix_expiry_seconds": self.policy.expiry_seconds,
+            "prefix_cap_bytes": self.policy.cap_bytes,
+        }
+        out.update({f"prefix_evictions_{r}": n for r, n in self.evictions.items()})
+        return out
