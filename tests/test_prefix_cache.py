@@ -153,6 +153,8 @@ def test_expiry_and_the_cap_with_the_injected_clock(model) -> None:
     clock = ManualClock(100.0)
     eng = make(model, clock=clock, eviction=EvictionPolicy(expiry_seconds=30.0, cap_bytes=None))
     run(eng, [tokens(6 * PT, 13)], 2)
+    run(eng, [tokens(6 * PT, 13)], 2)  # a hit: the traffic shows reuse, so cached pages are kept
+    assert eng.stats()["prefix_worth_keeping"]
     cached = eng.cache.page_table.cached_pages
     assert cached >= 6
     clock.t += 29.0
@@ -169,9 +171,33 @@ def test_expiry_and_the_cap_with_the_injected_clock(model) -> None:
 
     eng = make(model, clock=clock, eviction=EvictionPolicy(expiry_seconds=None, cap_bytes=3 * 128 * 1024))
     run(eng, [tokens(6 * PT, 14)], 2)
+    run(eng, [tokens(6 * PT, 14)], 2)
     eng.maintain()
     assert eng.cache.page_table.cached_pages * eng.pool.page_bytes <= 3 * 128 * 1024
     assert eng.stats()["prefix_evictions_cap"] >= 3
+    eng.close()
+
+
+def test_without_reuse_an_idle_shrink_takes_cached_pages_and_a_ghost_hit_turns_keeping_on(model) -> None:
+    clock = ManualClock(100.0)
+    eng = make(model, clock=clock, headroom=0.0)
+    p = tokens(6 * PT, 15)
+    run(eng, [p], 2)
+    assert eng.cache.page_table.cached_pages >= 6 and not eng.stats()["prefix_worth_keeping"]
+    for _ in range(3):  # idle_seconds pass: nothing was ever reused, so the pages go back
+        clock.t += 1.0
+        eng.maintain()
+    st = eng.stats()
+    assert st["cached_bytes"] == 0 and st["resident_bytes"] == 0 and st["prefix_evictions_idle"] >= 6
+    # the same prompt again misses, but would have hit: from now on cached pages are kept
+    run(eng, [p], 2)
+    st = eng.stats()
+    assert st["prefix_hit_tokens"] == 0 and st["prefix_ghost_hits"] == 1 and st["prefix_worth_keeping"]
+    for _ in range(3):
+        clock.t += 1.0
+        eng.maintain()
+    assert eng.cache.page_table.cached_pages >= 6
+    assert run(eng, [p], 2) and eng.stats()["prefix_hit_tokens"] == 5 * PT
     eng.close()
 
 

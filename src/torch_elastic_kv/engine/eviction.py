@@ -13,7 +13,13 @@ Kept while all of these hold:
 * each page is younger than ``expiry_seconds`` since its last use (default 300 s: replaying the
   Mooncake conversation trace, 79 % of prefix hits come within 300 s of the block's last use,
   97 % within 900 s);
-* together they fit ``cap_bytes`` (default ``None``: whatever the budget leaves free).
+* together they fit ``cap_bytes`` (default ``None``: whatever the budget leaves free);
+* and the traffic shows reuse: while no request has hit the cache, or would have hit a page
+  evicted earlier (a *ghost* hit: the hashes of evicted pages are remembered for
+  ``expiry_seconds``), for ``expiry_seconds``, cached pages are not worth the memory, and an
+  idle shrink takes them like free pages. A workload without shared prefixes therefore gives
+  memory back as if there were no cache; the first reuse (even one that missed) turns keeping
+  on again.
 
 Order, in each case:
 
@@ -23,7 +29,8 @@ Order, in each case:
   are all cached, least recently used chunk first, since each such chunk unmaps at once; then
   pages in the pressure order; the memory controller's compaction then packs the surviving
   cached and live pages into fewer chunks;
-* **expiry**: every page past its age, deepest first.
+* **expiry**: every page past its age, deepest first;
+* **idle** (an idle shrink while the cache is not worth keeping): as giving memory back.
 
 Idle, a server therefore keeps its cached prefixes until they expire and then returns to the
 floor; everything here is undone by a miss, never by a wrong answer.

@@ -18,6 +18,7 @@ its own, so two requests that diverge inside a page never see each other's token
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,12 @@ from .scheduler import PrefixHit
 __all__ = ["EVICTION_REASONS", "PrefixCache"]
 
 # why cached pages were given up: an allocation needed the room, they expired, the cap, a
-# budget cut (set_budget, sleep), a lease reclaim (the broker), or an explicit reset
-EVICTION_REASONS = ("pressure", "expiry", "cap", "budget", "reclaim", "reset")
+# budget cut (set_budget, sleep), a lease reclaim (the broker), an idle shrink while the
+# traffic showed no reuse, or an explicit reset
+EVICTION_REASONS = ("pressure", "expiry", "cap", "budget", "reclaim", "idle", "reset")
+
+# hashes of evicted pages remembered for ghost hits (16 bytes each, plus the dict's overhead)
+MAX_GHOSTS = 1 << 16
 
 
 class PrefixCache:
@@ -57,6 +62,9 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens looked up
         self.hit_tokens = 0  # of those, found cached
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)  # pages given up, by reason
+        self.ghost_hits = 0  # lookups that would have hit a page evicted earlier
+        self._ghosts: OrderedDict[bytes, float] = OrderedDict()  # evicted page hash -> when
+        self._last_reuse: float | None = None  # the last real or ghost hit
 
     # -- requests ------------------------------------------------------------------------------
     def find(self, seq: Request) -> PrefixHit | None:
@@ -66,6 +74,8 @@ class PrefixCache:
         usable = (seq.num_tokens - 1) // pt * pt
         hashes = self.index.hashes(seq.token_ids[:usable])
         pages = self.index.match(hashes)
+        if len(pages) < len(hashes) and hashes[len(pages)] in self._ghosts:
+            self._ghost_hit()
         if not pages:
             return None
         cached = sum(1 for p in pages if self.index.is_cached(p))
@@ -80,7 +90,22 @@ class PrefixCache:
         pages, hashes = hit.handle
         self.table.share(seq.request_id, pages, hashes)
         self.hit_tokens += hit.tokens
+        self._last_reuse = self.clock()
         return hit.tokens
+
+    def _ghost_hit(self) -> None:
+        now = self.clock()
+        if self._last_reuse != now:  # once per lookup time, not once per step of a waiting request
+            self.ghost_hits += 1
+        self._last_reuse = now
+
+    def worth_keeping(self) -> bool:
+        """Whether cached pages are worth memory an idle shrink could give back: some lookup hit
+        the cache, or would have hit an evicted page, within ``expiry_seconds``."""
+        if self._last_reuse is None:
+            return False
+        expiry = self.policy.expiry_seconds
+        return expiry is None or self.clock() - self._last_reuse < expiry
 
     def publish(self, seq: Request) -> None:
         """Index the pages ``seq`` has filled since the last call."""
@@ -112,10 +137,24 @@ class PrefixCache:
         return self._evict(budget_victims(self.index, self.index.cached_pages, self.pages_per_chunk, ()), "reset")
 
     def _evict(self, pages: list[int], reason: str) -> int:
-        if pages:
-            self.table.evict(pages)
-            self.evictions[reason] += len(pages)
+        if not pages:
+            return 0
+        now = self.clock()
+        for p in pages:
+            self._ghosts[self.index.hash_of(p)] = now
+            self._ghosts.move_to_end(self.index.hash_of(p))
+        self.table.evict(pages)
+        self.evictions[reason] += len(pages)
+        self._forget_ghosts(now)
         return len(pages)
+
+    def _forget_ghosts(self, now: float) -> None:
+        expiry = self.policy.expiry_seconds
+        ghosts = self._ghosts
+        while ghosts and (
+            len(ghosts) > MAX_GHOSTS or (expiry is not None and now - next(iter(ghosts.values())) >= expiry)
+        ):
+            ghosts.popitem(last=False)
 
     def _held(self) -> list[int]:
         return [p for rid in self.table.ids() for p in self.table.get(rid).pages]
@@ -132,6 +171,8 @@ class PrefixCache:
             "prefix_caching": True,
             "prefix_query_tokens": self.query_tokens,
             "prefix_hit_tokens": self.hit_tokens,
+            "prefix_ghost_hits": self.ghost_hits,
+            "prefix_worth_keeping": self.worth_keeping(),
             "cached_bytes": self.index.cached_pages * self.page_bytes,
             "prefix_expiry_seconds": self.policy.expiry_seconds,
             "prefix_cap_bytes": self.policy.cap_bytes,
