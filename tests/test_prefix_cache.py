@@ -316,3 +316,28 @@ def test_a_budget_cut_evicts_whole_all_cached_chunks_before_pages_beside_live_on
         table.evict(victims)
         assert table.cached_pages == 2
         assert pool.shrink(per - 2) > 0  # the emptied chunk unmaps at once
+
+
+def test_the_host_tier_demotes_on_a_cut_and_promotes_on_a_hit_token_identical(model) -> None:
+    clock = ManualClock(100.0)
+    system = tokens(5 * PT, 50)
+    prompts = [system + tokens(7, 51 + i) for i in range(3)]
+    ref = run(make(model, caching=False), prompts, 10)
+    eng = make(model, clock=clock, max_mib=16, swap_bytes=8 * MiB)
+    assert run(eng, prompts[:1], 10) == ref[:1]
+    cached = eng.cache.page_table.cached_pages
+    assert cached >= 5
+    eng.set_budget(0)  # memory given back on purpose: the cached pages go to the host tier
+    st = eng.stats()
+    assert st["cached_bytes"] == 0 and st["cached_host_bytes"] == cached * eng.pool.page_bytes
+    assert st["prefix_demoted_pages"] == cached and st["resident_bytes"] == 0
+    eng.set_budget(None)
+    assert run(eng, prompts[1:], 10) == ref[1:]  # the first hit brings the prefix back
+    st = eng.stats()
+    assert st["prefix_hit_tokens_host"] == 5 * PT  # the system prompt's 5 pages, promoted once
+    assert st["prefix_hit_tokens_device"] == 5 * PT  # the second request shares them on the device
+    assert st["cached_host_bytes"] == (cached - 5) * eng.pool.page_bytes
+    # a preempted request needs the swap space: demoted pages make room for it
+    assert eng.prefix.make_swap_room(8 * MiB) and st["swap_capacity_bytes"] == 8 * MiB
+    assert eng.stats()["cached_host_bytes"] == 0
+    eng.close()

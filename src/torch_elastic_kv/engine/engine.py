@@ -118,7 +118,11 @@ class _CacheBackend:
             self.cache.free_request(seq.request_id)
 
     def can_swap_out(self, seq: Request) -> bool:
-        return self.swap.can_store(self.held_pages(seq) * self.page_bytes)
+        nbytes = self.held_pages(seq) * self.page_bytes
+        if self.swap.can_store(nbytes):
+            return True
+        # a preempted request comes before demoted prefix pages
+        return self.prefix is not None and self.prefix.make_swap_room(nbytes)
 
     def swap_out(self, seq: Request) -> None:
         entry = self.table.get(seq.request_id, "swap_out")
@@ -287,6 +291,7 @@ class Engine:
                 page_bytes=pool.page_bytes,
                 pages_per_chunk=int(pool.stats()["pages_per_chunk"]),
                 clock=self.policy.clock,
+                swap=self.swap,
             )
         self._backend = _CacheBackend(pool, self.cache, self.swap, self.prefix)
         self.scheduler = Scheduler(

@@ -14,6 +14,12 @@ a broker reclaim or sleep, past their expiry, or over the cap.
 
 Only full pages are shared, and never written again: the last, partial page of a request is
 its own, so two requests that diverge inside a page never see each other's tokens.
+
+The host tier, when the Engine has swap space: pages a budget cut or a lease reclaim takes
+are copied to the swap space instead of dropped (if it has room), and a later hit past the
+device's part of a prefix brings them back (``prefix_hit_tokens_host``). Preempted requests
+come first: a swap-out that needs the room drops demoted pages, oldest first. Host pages
+expire like device pages; without swap space, eviction drops.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..kv.page_table import PageTable
 from ..kv.prefix_index import PrefixIndex
+from ..kv.swap import SwapSpace
 from .eviction import EvictionPolicy, budget_victims, expired_victims, pressure_victims
 from .request import Request
 from .scheduler import PrefixHit
@@ -38,6 +47,9 @@ EVICTION_REASONS = ("pressure", "expiry", "cap", "budget", "reclaim", "idle", "r
 # hashes of evicted pages remembered for ghost hits (16 bytes each, plus the dict's overhead)
 MAX_GHOSTS = 1 << 16
 
+# evictions whose pages go to the host tier (memory given back on purpose, still worth keeping)
+DEMOTED_BY = ("budget", "reclaim")
+
 
 class PrefixCache:
     """The Engine's prefix cache over its page table (which must carry a ``PrefixIndex``)."""
@@ -50,6 +62,7 @@ class PrefixCache:
         page_bytes: int,
         pages_per_chunk: int,
         clock: Callable[[], float],
+        swap: SwapSpace | None = None,
     ) -> None:
         if table.prefix is None:
             raise ValueError("PrefixCache: the page table has no prefix index")
@@ -59,6 +72,10 @@ class PrefixCache:
         self.page_bytes = page_bytes
         self.pages_per_chunk = pages_per_chunk
         self.clock = clock
+        self.swap = swap if swap is not None and swap.capacity_bytes > 0 else None
+        self._host: OrderedDict[bytes, float] = OrderedDict()  # demoted page hash -> when, oldest first
+        self.host_hit_tokens = 0
+        self.demoted_pages = 0
         self.query_tokens = 0  # prompt tokens looked up
         self.hit_tokens = 0  # of those, found cached
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)  # pages given up, by reason
@@ -74,12 +91,15 @@ class PrefixCache:
         usable = (seq.num_tokens - 1) // pt * pt
         hashes = self.index.hashes(seq.token_ids[:usable])
         pages = self.index.match(hashes)
-        if len(pages) < len(hashes) and hashes[len(pages)] in self._ghosts:
+        k = j = len(pages)
+        while j < len(hashes) and hashes[j] in self._host:
+            j += 1
+        if j < len(hashes) and hashes[j] in self._ghosts:
             self._ghost_hit()
-        if not pages:
+        if not j:
             return None
         cached = sum(1 for p in pages if self.index.is_cached(p))
-        return PrefixHit(len(pages) * pt, cached, (pages, hashes[: len(pages)]))
+        return PrefixHit(j * pt, cached, j - k, (pages, hashes[:k], hashes[k:j]))
 
     def admit(self, seq: Request, hit: PrefixHit | None) -> int:
         """``seq`` (holding no pages yet) is admitted: it holds ``hit``'s pages from now on;
@@ -87,11 +107,37 @@ class PrefixCache:
         self.query_tokens += seq.num_tokens
         if hit is None:
             return 0
-        pages, hashes = hit.handle
-        self.table.share(seq.request_id, pages, hashes)
+        pages, hashes, host = hit.handle
+        if pages:
+            self.table.share(seq.request_id, pages, hashes)
+        if host:
+            try:
+                self._promote(seq, len(pages), host)
+            except BaseException:
+                if seq.request_id in self.table:
+                    self.table.free(seq.request_id)
+                raise
         self.hit_tokens += hit.tokens
+        self.host_hit_tokens += len(host) * self.table.page_tokens
         self._last_reuse = self.clock()
         return hit.tokens
+
+    def _promote(self, seq: Request, k: int, host: list[bytes]) -> None:
+        """Bring ``host`` (the hashes of pages ``k``.. of ``seq``'s prefix) back from the host tier."""
+        assert self.swap is not None
+        pt = self.table.page_tokens
+        pool = self.table.pool
+        short = len(host) - pool.free_pages
+        if short > 0:
+            self.evict_for_alloc(short)
+        self.table.ensure(seq.request_id, (k + len(host)) * pt)  # MemoryError: nothing allocated
+        new = self.table.get(seq.request_id).pages[k:]
+        data = torch.cat([self.swap.peek(("prefix", h))[0] for h in host])
+        pool.write_pages(new, data)
+        self.table.fill(seq.request_id, (k + len(host)) * pt)
+        self.table.publish(seq.request_id, seq.token_ids, (k + len(host)) * pt)
+        for h in host:
+            self._drop_host(h)
 
     def _ghost_hit(self) -> None:
         now = self.clock()
@@ -124,8 +170,13 @@ class PrefixCache:
         return self._evict(budget_victims(self.index, over, self.pages_per_chunk, self._held()), reason)
 
     def expire(self) -> int:
-        """Give up pages past their expiry, then pages over the cap; returns how many."""
-        n = self._evict(expired_victims(self.index, self.clock(), self.policy.expiry_seconds), "expiry")
+        """Give up pages past their expiry (on the device and the host), then pages over the
+        cap; returns how many device pages went."""
+        now = self.clock()
+        expiry = self.policy.expiry_seconds
+        while self._host and expiry is not None and now - next(iter(self._host.values())) >= expiry:
+            self._drop_host(next(iter(self._host)))
+        n = self._evict(expired_victims(self.index, now, expiry), "expiry")
         cap = self.policy.cap_bytes
         if cap is not None:
             over = self.index.cached_pages - cap // self.page_bytes
@@ -133,13 +184,18 @@ class PrefixCache:
         return n
 
     def reset(self) -> int:
-        """Give up every cached page (the pages requests hold stay); returns how many."""
+        """Give up every cached page, on the host too (the pages requests hold stay); returns
+        how many device pages went."""
+        while self._host:
+            self._drop_host(next(iter(self._host)))
         return self._evict(budget_victims(self.index, self.index.cached_pages, self.pages_per_chunk, ()), "reset")
 
     def _evict(self, pages: list[int], reason: str) -> int:
         if not pages:
             return 0
         now = self.clock()
+        if self.swap is not None and reason in DEMOTED_BY:
+            self._demote(pages, now)
         for p in pages:
             self._ghosts[self.index.hash_of(p)] = now
             self._ghosts.move_to_end(self.index.hash_of(p))
@@ -147,6 +203,34 @@ class PrefixCache:
         self.evictions[reason] += len(pages)
         self._forget_ghosts(now)
         return len(pages)
+
+    def _demote(self, pages: list[int], now: float) -> None:
+        """Copy evicted pages to the host tier while the swap space has room."""
+        assert self.swap is not None
+        page_bytes = self.page_bytes
+        keep = [p for p in pages if self.index.hash_of(p) not in self._host]
+        keep = keep[: (self.swap.capacity_bytes - self.swap.used_bytes) // page_bytes]
+        if not keep:
+            return
+        data = self.table.pool.read_pages(keep)
+        for i, p in enumerate(keep):
+            h = self.index.hash_of(p)
+            self.swap.put(("prefix", h), data[i : i + 1], self.table.page_tokens, 1)
+            self._host[h] = now
+        self.demoted_pages += len(keep)
+
+    def _drop_host(self, h: bytes) -> None:
+        if self._host.pop(h, None) is not None:
+            self.swap.drop(("prefix", h))  # type: ignore[union-attr]
+
+    def make_swap_room(self, nbytes: int) -> bool:
+        """Drop demoted pages, oldest first, until the swap space can store ``nbytes`` (a
+        preempted request comes before cached prefixes); returns whether it can."""
+        if self.swap is None:
+            return False
+        while self._host and not self.swap.can_store(nbytes):
+            self._drop_host(next(iter(self._host)))
+        return self.swap.can_store(nbytes)
 
     def _forget_ghosts(self, now: float) -> None:
         expiry = self.policy.expiry_seconds
@@ -174,6 +258,10 @@ class PrefixCache:
             "prefix_ghost_hits": self.ghost_hits,
             "prefix_worth_keeping": self.worth_keeping(),
             "cached_bytes": self.index.cached_pages * self.page_bytes,
+            "cached_host_bytes": len(self._host) * self.page_bytes,
+            "prefix_hit_tokens_device": self.hit_tokens - self.host_hit_tokens,
+            "prefix_hit_tokens_host": self.host_hit_tokens,
+            "prefix_demoted_pages": self.demoted_pages,
             "prefix_expiry_seconds": self.policy.expiry_seconds,
             "prefix_cap_bytes": self.policy.cap_bytes,
         }

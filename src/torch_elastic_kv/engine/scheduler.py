@@ -73,11 +73,13 @@ class PageBackend(Protocol):
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """A cached prefix found for a request: ``tokens`` it covers (whole pages), and how many
-    of its pages are cached now (reclaimable, so no longer free once the request holds them)."""
+    """A cached prefix found for a request: ``tokens`` it covers (whole pages), how many of
+    its pages on the device are cached now (reclaimable, so no longer free once the request
+    holds them), and how many must be allocated to bring the rest back from the host tier."""
 
     tokens: int
     cached_pages: int
+    new_pages: int = 0
     handle: object = None  # the backend's own (its pages and hashes)
 
 
@@ -259,7 +261,7 @@ class Scheduler:
             seq = self.waiting[0]
             fresh = seq.status is RequestStatus.WAITING and seq.num_computed == 0
             hit = self.backend.find_prefix(seq) if fresh else None
-            need = self.pages_for(seq.num_tokens) - (hit.tokens // self.page_tokens if hit else 0)
+            need = self.pages_for(seq.num_tokens) - (hit.tokens // self.page_tokens - hit.new_pages if hit else 0)
             # keep a headroom for the running requests' next pages, so that admitting one
             # does not preempt another a few steps later
             reserve = math.ceil(self.headroom * held) if self.running else 0

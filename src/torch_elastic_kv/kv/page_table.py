@@ -230,6 +230,17 @@ class PageTable:
         entry.hashes.extend(new)
         return added
 
+    def fill(self, request_id: int, tokens: int) -> None:
+        """Record that ``request_id``'s pages now hold ``tokens`` tokens of K/V written by
+        someone other than a forward (a prefix promoted from the host tier)."""
+        entry = self.get(request_id, "PageTable.fill")
+        if not is_int(tokens) or not entry.tokens <= tokens <= len(entry.pages) * self.page_tokens:
+            raise ValueError(
+                f"PageTable.fill: request {request_id} holds {entry.tokens} tokens in {len(entry.pages)} pages; "
+                f"cannot hold {tokens!r}"
+            )
+        entry.tokens = tokens
+
     def evict(self, pages: Sequence[int]) -> None:
         """Free cached ``pages`` (leaves, as ``PrefixIndex.evictable`` yields them)."""
         prefix = self._require_prefix("PageTable.evict")

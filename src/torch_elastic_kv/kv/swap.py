@@ -1,12 +1,14 @@
 """Host swap space: where preempted requests park the K/V of their pages.
 
-A byte-bounded map from request id to a host tensor (pinned when the pool lives on CUDA, so
+A byte-bounded map from a key (a request id; the prefix cache's host tier parks pages under
+``("prefix", hash)``) to a host tensor (pinned when the pool lives on CUDA, so
 that the copies back are asynchronous-capable). The bound is the policy's ``swap_bytes``;
 a request whose pages do not fit is preempted by recompute instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ class SwapSpace:
             raise ValueError(f"SwapSpace: capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
         self.pin_memory = pin_memory
-        self._parked: dict[int, _Parked] = {}
+        self._parked: dict[Hashable, _Parked] = {}
         self.used_bytes = 0
         self.peak_bytes = 0
         self.swap_outs = 0
@@ -40,10 +42,10 @@ class SwapSpace:
     def can_store(self, nbytes: int) -> bool:
         return nbytes > 0 and self.used_bytes + nbytes <= self.capacity_bytes
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: Hashable) -> bool:
         return key in self._parked
 
-    def put(self, key: int, data: torch.Tensor, num_tokens: int, num_pages: int) -> None:
+    def put(self, key: Hashable, data: torch.Tensor, num_tokens: int, num_pages: int) -> None:
         """Park ``data`` (any device) on the host under ``key``."""
         if key in self._parked:
             raise ValueError(f"SwapSpace.put: request {key} is already swapped out")
@@ -59,16 +61,17 @@ class SwapSpace:
         self._parked[key] = _Parked(data, num_tokens, num_pages)
         self.used_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
-        self.swap_outs += 1
+        if isinstance(key, int):  # swap_outs / swap_ins count requests, not demoted prefix pages
+            self.swap_outs += 1
 
-    def peek(self, key: int) -> tuple[torch.Tensor, int, int]:
+    def peek(self, key: Hashable) -> tuple[torch.Tensor, int, int]:
         """(data, num_tokens, num_pages) of a parked request, left in place."""
         p = self._parked.get(key)
         if p is None:
             raise KeyError(f"SwapSpace: request {key} is not swapped out")
         return p.data, p.num_tokens, p.num_pages
 
-    def drop(self, key: int, swapped_in: bool = False) -> None:
+    def drop(self, key: Hashable, swapped_in: bool = False) -> None:
         p = self._parked.pop(key, None)
         if p is None:
             raise KeyError(f"SwapSpace: request {key} is not swapped out")
@@ -83,5 +86,5 @@ class SwapSpace:
             "swap_peak_bytes": self.peak_bytes,
             "swap_outs": self.swap_outs,
             "swap_ins": self.swap_ins,
-            "swapped_requests": len(self._parked),
+            "swapped_requests": sum(1 for k in self._parked if isinstance(k, int)),
         }
