@@ -191,6 +191,7 @@ def test_top_shows_borrowers_beside_servers(broker: BrokerProcess) -> None:
                 "idle",
                 "resident",
                 "live",
+                "cached",
                 "demand",
                 "run",
                 "wait",

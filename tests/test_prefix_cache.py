@@ -341,3 +341,24 @@ def test_the_host_tier_demotes_on_a_cut_and_promotes_on_a_hit_token_identical(mo
     assert eng.prefix.make_swap_room(8 * MiB) and st["swap_capacity_bytes"] == 8 * MiB
     assert eng.stats()["cached_host_bytes"] == 0
     eng.close()
+
+
+def test_a_held_page_below_a_cached_one_does_not_pin_it(model) -> None:
+    """A request that recomputes pages another request cached (its prompt hit only the first)
+    and goes on past them hangs its own pages below the cached chain: under pressure the cached
+    chain must still go, leaf first, without touching the held pages."""
+    clock = ManualClock(100.0)
+    eng = make(model, clock=clock, max_mib=4, headroom=0.0)
+    prompt = [9] * 20
+    ref = run(eng, [prompt], 300)[0]  # its 19 full pages are cached now
+    rid = eng.add_request(prompt, 300)  # hits one page, computes the same pages again, then more
+    for _ in range(5):
+        eng.step()
+    eng.budget.set_lease(2 * eng.pool.chunk_bytes)  # the whole pool: cached pages must make room
+    while eng.has_unfinished():
+        eng.step()
+        assert not eng.stalled, eng.stats()
+    assert eng.output_ids(rid) == ref
+    st = eng.stats()
+    assert st["preemptions"] == 0 and st["prefix_evictions_pressure"] + st["prefix_evictions_reclaim"] > 0
+    eng.close()

@@ -84,6 +84,7 @@ class Tenant:
     demand: int = 0
     running: int = 0
     waiting: int = 0
+    cached: int = 0  # of resident, cached prefix pages: idle memory the tenant gives up first
     connected: bool = True
     reclaim_to: Optional[int] = None  # lease asked for by an outstanding reclaim
     reclaim_seq: int = 0
@@ -119,6 +120,7 @@ class Tenant:
             "want_bytes": self.want,
             "running": self.running,
             "waiting": self.waiting,
+            "cached_bytes": self.cached,
             "connected": self.connected,
             "reclaiming_to": self.reclaim_to,
             "idle_bytes": max(0, self.lease - self.want),  # what a reclaim takes first
@@ -261,16 +263,19 @@ class Arbiter:
         self.tenants[name] = t
         return t
 
-    def report(self, name: str, *, demand: int, resident: int, live: int, running: int, waiting: int) -> None:
+    def report(
+        self, name: str, *, demand: int, resident: int, live: int, running: int, waiting: int, cached: int = 0
+    ) -> None:
         """The tenant's figures. Resident and live memory above its max (in whole chunks: its
         pool grows by chunks) are impossible and refused; demand may exceed anything (it is a
         wish, capped by the max when targets are set). Nothing changes when it refuses."""
         t = self._get(name)
         cap = _ceil(t.max_bytes, t.chunk)
-        for field, value in (("resident_bytes", resident), ("live_bytes", live)):
+        for field, value in (("resident_bytes", resident), ("live_bytes", live), ("cached_bytes", cached)):
             if value > cap:
                 raise ArbiterError("bad_value", f"report: {field} {value} exceeds the tenant's max_bytes {t.max_bytes}")
         t.demand, t.resident, t.live, t.running, t.waiting = demand, resident, live, running, waiting
+        t.cached = cached
 
     def released(self, name: str, seq: int, lease: int, resident: int) -> None:
         """The tenant's answer to reclaim ``seq``: its lease is now ``lease`` bytes."""

@@ -494,10 +494,11 @@ class BrokerClient:
             int(s.get("live_bytes", 0) or 0),
             int(s.get("running", 0) or 0),
             int(s.get("waiting", 0) or 0),
+            int(s.get("cached_bytes", 0) or 0),
         )
         now = time.monotonic()
         if figures != self._last_report or now - self._last_sent >= self._heartbeat:
-            demand, resident, live, running, waiting = figures
+            demand, resident, live, running, waiting, cached = figures
             sock.sendall(
                 encode(
                     message(
@@ -507,6 +508,7 @@ class BrokerClient:
                         live_bytes=live,
                         running=running,
                         waiting=waiting,
+                        cached_bytes=cached,
                     )
                 )
             )

@@ -538,6 +538,7 @@ class Broker:
                 live=msg["live_bytes"],
                 running=msg["running"],
                 waiting=msg["waiting"],
+                cached=msg.get("cached_bytes", 0),
             )
         elif kind == "released":
             self.arbiter.released(conn.tenant, msg["seq"], msg["lease_bytes"], msg["resident_bytes"])

@@ -58,6 +58,8 @@ CLIENT_MESSAGES: dict[str, _Fields] = {
         "live_bytes": (int, True),
         "running": (int, True),
         "waiting": (int, True),
+        # of resident_bytes, cached prefix pages no request holds (reclaimable; absent: 0)
+        "cached_bytes": (int, False),
     },
     "released": {"seq": (int, True), "lease_bytes": (int, True), "resident_bytes": (int, True)},
     # the tenant is done: with resident_bytes 0 its lease is free at once, else when it exits

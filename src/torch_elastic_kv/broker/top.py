@@ -54,14 +54,16 @@ def _mib(n: Optional[int]) -> str:
 
 def format_table(status: dict[str, Any]) -> str:
     """The status as a text table (MiB): KV tenants and borrowers alike, ``kind`` telling them
-    apart (``want``: what the tenant would hold now; a borrower's whole request)."""
+    apart (``want``: what the tenant would hold now; a borrower's whole request; ``cached``:
+    of resident, the prefix pages it keeps that no request holds, given up first)."""
     lines = [
         f"device {status['device']}   budget {_mib(status['budget_bytes'])} MiB   "
         f"free {_mib(status['free_bytes'])} MiB   free incl. idle {_mib(free_with_idle(status))} MiB   "
         f"tenants {len(status['tenants'])}",
         "",
     ]
-    cols = ("name", "kind", "pid", "prio", "guarantee", "lease", "want", "idle", "resident", "live", "demand")
+    cols = ("name", "kind", "pid", "prio", "guarantee", "lease", "want", "idle", "resident", "live", "cached")
+    cols += ("demand",)
     cols += ("run", "wait", "state")
     rows = [cols]
     for t in status["tenants"]:
@@ -85,6 +87,7 @@ def format_table(status: dict[str, Any]) -> str:
                 _mib(t.get("idle_bytes")),
                 _mib(t["resident_bytes"]),
                 _mib(t["live_bytes"]),
+                _mib(t.get("cached_bytes", 0)),
                 _mib(t["demand_bytes"]),
                 str(t["running"]),
                 str(t["waiting"]),

@@ -11,8 +11,11 @@ holders) or **cached**: no request holds it, it stays allocated in the pool, and
 *reclaimable*: any allocation, budget cut or give-back may take it. Cached pages sit in one
 ordered structure whose order is the eviction order: least recently released first, and,
 among pages released together, the deepest page of a chain first (a request releases its
-pages last-to-first). ``evict`` takes leaves only (a page whose indexed children are gone),
-so a chain is never cut in the middle: every cached page stays reachable from the root.
+pages last-to-first). ``remove`` takes cached leaves only (no cached child left), so a chain
+of cached pages is never cut in the middle. A held page may hang below a cached one (a request
+computed a page again that another request had cached, then went on past it); such a child
+does not keep its cached parent alive: it loses the link, and is found again only if its own
+chain is.
 
 Which pages to evict, and when, is the engine's eviction policy (``engine/eviction.py``);
 this module only keeps the order and the index.
@@ -120,15 +123,14 @@ class PrefixIndex:
         return self._entry[page].released_at
 
     def children(self, page: int) -> set[int]:
-        """Indexed pages whose parent ``page`` is (a copy)."""
-        return set(self._entry[page].children)
+        """Cached pages whose parent ``page`` is (held children do not count: see above)."""
+        return {c for c in self._entry[page].children if c in self._cached}
 
     def is_leaf(self, page: int) -> bool:
-        return not self._entry[page].children
+        return not self.children(page)
 
     def subtree(self, page: int) -> list[int]:
-        """``page`` and every indexed page below it, deepest first (an order ``remove`` takes).
-        Below a cached page every page is cached: a request holds whole chains from the root."""
+        """``page`` and every cached page below it, deepest first (an order ``remove`` takes)."""
         out: list[int] = []
         stack = [(page, False)]
         while stack:
@@ -137,7 +139,7 @@ class PrefixIndex:
                 out.append(p)
                 continue
             stack.append((p, True))
-            stack.extend((c, False) for c in self._entry[p].children)
+            stack.extend((c, False) for c in self.children(p))
         return out
 
     # -- changing ------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class PrefixIndex:
     def evictable(self) -> Iterable[int]:
         """Cached leaves in eviction order (a generator over a snapshot)."""
         for page in list(self._cached):
-            if page in self._cached and not self._entry[page].children:
+            if page in self._cached and self.is_leaf(page):
                 yield page
 
     def remove(self, page: int) -> None:
@@ -185,8 +187,9 @@ class PrefixIndex:
         if page not in self._cached:
             raise ValueError(f"PrefixIndex.remove: page {page} is not cached")
         entry = self._entry[page]
-        if entry.children:
-            raise ValueError(f"PrefixIndex.remove: page {page} still has {len(entry.children)} indexed children")
+        cached = self.children(page)
+        if cached:
+            raise ValueError(f"PrefixIndex.remove: page {page} still has {len(cached)} cached children")
         del self._cached[page]
         self._drop(page, entry)
 

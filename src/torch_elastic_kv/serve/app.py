@@ -485,6 +485,11 @@ def create_app(state: ServerState) -> FastAPI:
         _require_admin(state, request)
         return JSONResponse(await asyncio.wrap_future(state.service.call("wake")))
 
+    @app.post("/admin/reset-prefix-cache")
+    async def admin_reset_prefix_cache(request: Request) -> JSONResponse:
+        _require_admin(state, request)
+        return JSONResponse(await asyncio.wrap_future(state.service.call("reset_prefix_cache")))
+
     @app.get("/admin/stats")
     def admin_stats(request: Request) -> JSONResponse:
         _require_admin(state, request)

@@ -81,6 +81,9 @@ class ServeSettings:
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     chat_template: Optional[str] = None  # the template's text (read from --chat-template PATH)
     gpu_memory_utilization: Optional[float] = None  # the KV ceiling as a share of device memory
+    prefix_caching: bool = True
+    prefix_cache_expiry: Optional[float] = 300.0  # None: cached pages never expire
+    prefix_cache_cap: Optional[int] = None  # None: what the budget leaves free
 
 
 def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -157,6 +160,26 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
         "--min-kv-bytes", metavar="SIZE", default="0", help="KV floor kept mapped (default 0); = max: static"
     )
     p.add_argument("--idle-seconds", default="5", help="seconds of low demand before KV memory goes back (default 5)")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep full KV pages of finished requests and share them with requests whose prompts start "
+        "the same way (default on; --no-enable-prefix-caching turns it off, as vllm serve spells it)",
+    )
+    p.add_argument(
+        "--prefix-cache-expiry",
+        metavar="S",
+        default="300",
+        help="seconds an unused cached prefix page is kept ('none': until memory is needed); idle, KV "
+        "memory returns to the floor this long after the last request (default 300)",
+    )
+    p.add_argument(
+        "--prefix-cache-cap",
+        metavar="SIZE",
+        default=None,
+        help="most bytes of cached prefix pages (default: whatever the KV budget leaves free)",
+    )
     p.add_argument(
         "--swap-bytes",
         metavar="SIZE",
@@ -419,6 +442,14 @@ def resolve(argv: list[str]) -> ServeSettings:
     if body < 1024:
         raise UsageError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     idle = _number("--idle-seconds", args.idle_seconds, integer=False, low=0, high=86400)
+    expiry = (
+        None
+        if str(args.prefix_cache_expiry).strip().lower() == "none"
+        else _number("--prefix-cache-expiry", args.prefix_cache_expiry, integer=False, low=0, high=86400 * 30)
+    )
+    cap = _size("--prefix-cache-cap", args.prefix_cache_cap) if args.prefix_cache_cap is not None else None
+    if cap is not None and max_kv is not None and cap > max_kv:
+        raise UsageError(f"--prefix-cache-cap {args.prefix_cache_cap} is above --max-kv-bytes {args.max_kv_bytes}")
     drain = _number("--drain-seconds", args.drain_seconds, integer=False, low=0, high=86400)
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
@@ -450,6 +481,9 @@ def resolve(argv: list[str]) -> ServeSettings:
         max_kv_bytes=max_kv,
         min_kv_bytes=min_kv,
         idle_seconds=idle,
+        prefix_caching=bool(args.enable_prefix_caching),
+        prefix_cache_expiry=expiry,
+        prefix_cache_cap=cap,
         swap_bytes=swap,
         max_waiting=max_waiting,
         drain_seconds=drain,

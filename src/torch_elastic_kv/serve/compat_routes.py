@@ -9,7 +9,8 @@
 - ``GET /version``; ``GET /v1/models/{id}`` (OpenAI's model card, 404 in OpenAI's error shape for
   an id this server does not serve); ``HEAD /health``; ``GET``/``POST /ping`` (SageMaker's and
   vLLM's health alias).
-- vLLM's ``POST /sleep?level=N``, ``POST /wake_up``, ``GET /is_sleeping``, behind the admin key
+- vLLM's ``POST /sleep?level=N``, ``POST /wake_up``, ``GET /is_sleeping``, ``POST /reset_prefix_cache``,
+  behind the admin key
   (404 without ``--admin-key``, as every ``/admin/*`` route), mapped onto the admin sleep and
   wake. Both of vLLM's levels do the same here: the KV memory goes back and the weights stay
   (level 1 would offload them, level 2 drop them); requests queue until ``/wake_up``.
@@ -169,6 +170,12 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
                 raise bad_request(f"tags: {tag!r} is not one of {', '.join(WAKE_TAGS)}", "tags")
         if not tags or "kv_cache" in tags:  # the weights never left: waking them alone is a no-op
             await asyncio.wrap_future(state.service.call("wake"))
+        return Response(status_code=200)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> Response:
+        _require_admin(state, request)
+        await asyncio.wrap_future(state.service.call("reset_prefix_cache"))
         return Response(status_code=200)
 
     @app.get("/is_sleeping")

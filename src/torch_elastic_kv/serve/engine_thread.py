@@ -261,7 +261,8 @@ class EngineService:
         self._command("cancel", sub)
 
     def call(self, name: str, arg: Any = None) -> concurrent.futures.Future:
-        """Run a command on the engine thread: "budget" (bytes or None), "sleep", "wake".
+        """Run a command on the engine thread: "budget" (bytes or None), "sleep", "wake",
+        "reset_prefix_cache".
         The future's result is the Engine's stats after it; APIError for a bad argument."""
         return self._command(name, arg)
 
@@ -575,6 +576,10 @@ class EngineService:
                     self.engine.sleep()  # preempts everything running: swap or recompute
                     _log.info("sleeping: KV memory given back, requests queue until wake")
                 result = self.stats()
+            elif name == "reset_prefix_cache":
+                freed = self.engine.reset_prefix_cache()
+                _log.info("prefix cache reset: %d bytes of cached pages given up", freed)
+                result = {**self.stats(), "freed_bytes": freed}
             elif name == "wake":
                 if self.engine.asleep:
                     self.engine.wake()

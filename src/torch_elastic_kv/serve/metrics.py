@@ -15,7 +15,10 @@ mapped is short of what they need), ``server_sleeping``, and with ``--broker``
 ``preemptions_total``, ``kv_grows_total``, ``kv_shrinks_total``, ``kv_allocation_failures_total``,
 ``kv_bytes_given_back_total``, ``engine_steps_total``, ``prompt_tokens_total``,
 ``generation_tokens_total``, ``requests_total{finish_reason}`` (counters);
-``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (histograms).
+``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (histograms). With the
+prefix cache: ``kv_cached_bytes``, ``kv_cached_host_bytes`` (gauges), ``prefix_query_tokens_total``,
+``prefix_hit_tokens_total``, ``prefix_hit_tokens_host_total``, ``prefix_evictions_total{reason}``
+(pages given up, by why: pressure, expiry, cap, budget, reclaim, idle, reset) (counters).
 
 The same figures also go out under vLLM's names (``vllm_metrics``): one call here records both.
 """
@@ -47,6 +50,8 @@ _GAUGES = (
     ("ekv_kv_min_bytes", "min_bytes", "KV floor the pool never shrinks under, bytes"),
     ("ekv_kv_max_bytes", "max_bytes", "KV ceiling (--max-kv-bytes), bytes"),
     ("ekv_kv_lease_bytes", "broker_lease_bytes", "the memory broker's lease (--broker): most KV this server may hold"),
+    ("ekv_kv_cached_bytes", "cached_bytes", "cached prefix pages no request holds (reclaimable), bytes"),
+    ("ekv_kv_cached_host_bytes", "cached_host_bytes", "cached prefix pages demoted to host swap space, bytes"),
     ("ekv_requests_running", "running", "requests holding KV pages"),
     ("ekv_requests_waiting", "waiting", "requests waiting in the Engine (preempted ones included)"),
     ("ekv_requests_swapped", "swapped", "requests whose KV is in host swap space"),
@@ -78,6 +83,9 @@ _COUNTERS = (
     ("ekv_kv_shrinks", "shrinks", "times the KV pool gave memory back"),
     ("ekv_kv_bytes_given_back", "bytes_given_back", "KV bytes given back by the policy's shrinks"),
     ("ekv_engine_steps", "steps", "Engine steps that ran a forward"),
+    ("ekv_prefix_query_tokens", "prefix_query_tokens", "prompt tokens looked up in the prefix cache"),
+    ("ekv_prefix_hit_tokens", "prefix_hit_tokens", "prompt tokens found in the prefix cache (not prefilled)"),
+    ("ekv_prefix_hit_tokens_host", "prefix_hit_tokens_host", "of those, brought back from the host tier"),
     (
         "ekv_kv_allocation_failures",
         "allocation_failures",
@@ -104,6 +112,13 @@ class _EngineCollector(Collector):
         )
         for name, key, doc in _COUNTERS:
             yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
+        evictions = CounterMetricFamily(
+            "ekv_prefix_evictions", "cached prefix pages given up, by reason", labels=["reason"]
+        )
+        for key, value in s.items():
+            if key.startswith("prefix_evictions_"):
+                evictions.add_metric([key.removeprefix("prefix_evictions_")], float(value))
+        yield evictions
 
 
 class _Both:

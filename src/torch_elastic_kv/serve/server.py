@@ -28,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..broker.client import BrokerClient
 from ..engine.engine import Engine
+from ..engine.eviction import EvictionPolicy
 from ..engine.policy import ElasticPolicy
 from .app import ServerState, create_app
 from .cli import MIN_KV_BYTES, ServeSettings, device_memory
@@ -134,6 +135,8 @@ def build_state(settings: ServeSettings) -> ServerState:
         max_batch_tokens=settings.max_batch_tokens,
         timeline=False,
         keep_finished=1024,
+        prefix_caching=settings.prefix_caching,
+        eviction=EvictionPolicy(settings.prefix_cache_expiry, settings.prefix_cache_cap),
         broker=broker,
     )
     metrics = ServerMetrics(model_name=settings.served_model_name)

@@ -93,6 +93,14 @@ class _Collector(Collector):
         )
         preemptions.add_metric(values, float(s.get("preemptions", 0)))
         yield preemptions
+        if s.get("prefix_caching"):  # tokens, as vLLM counts them
+            for name, key, doc in (
+                ("vllm:prefix_cache_queries", "prefix_query_tokens", "Prefix cache queries, in terms of tokens."),
+                ("vllm:prefix_cache_hits", "prefix_hit_tokens", "Prefix cache hits, in terms of tokens."),
+            ):
+                family = CounterMetricFamily(name, doc, labels=_LABELS)
+                family.add_metric(values, float(s.get(key, 0)))
+                yield family
         info = o.cache_info(s)
         if info:
             family = InfoMetricFamily("vllm:cache_config", "Information of the LLMEngine CacheConfig")
@@ -177,7 +185,7 @@ class VllmMetrics:
         out.update(
             num_gpu_blocks=str(ceiling // page if page else 0),
             num_cpu_blocks=str(self._cache["swap_bytes"] // page if page else 0),
-            enable_prefix_caching="False",
+            enable_prefix_caching=str(bool(stats.get("prefix_caching"))),
             page_bytes=str(page),
         )
         return out
