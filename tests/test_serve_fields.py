@@ -140,7 +140,13 @@ def test_completion_logprobs_async_plain_and_streamed(server, model, tok):
         if ch.choices and ch.choices[0].logprobs is not None:
             for key in streamed:
                 streamed[key] += getattr(ch.choices[0].logprobs, key)
-    assert streamed == lp.model_dump()
+    # the streamed request shares the plain one's cached prompt pages (prefix caching), so its
+    # prefill computes fewer rows: the same tokens, log-probabilities equal within float32 noise
+    want = lp.model_dump()
+    assert streamed["tokens"] == want["tokens"] and streamed["text_offset"] == want["text_offset"]
+    assert all(abs(a - b) < TOL for a, b in zip(streamed["token_logprobs"], want["token_logprobs"]))
+    for got, ref in zip(streamed["top_logprobs"], want["top_logprobs"]):
+        assert got.keys() == ref.keys() and all(abs(got[k] - ref[k]) < TOL for k in ref)
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == plain.choices[0].text
 
 

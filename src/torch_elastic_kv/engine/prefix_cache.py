@@ -87,6 +87,8 @@ class PrefixCache:
     def find(self, seq: Request) -> PrefixHit | None:
         """The longest cached prefix of ``seq``'s tokens (whole pages, short of its last token),
         or None; changes nothing."""
+        if seq.sampling.prompt_logprobs is not None:
+            return None  # its prompt must be scored by a forward over every position, as vLLM does
         pt = self.table.page_tokens
         usable = (seq.num_tokens - 1) // pt * pt
         hashes = self.index.hashes(seq.token_ids[:usable])
