@@ -6,10 +6,6 @@ import json
 import os
 import resource
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,34 +28,13 @@ class BrokerProcess(processes.BrokerProcess):
         limits: Optional[dict[int, tuple[int, int]]] = None,
         start_timeout: float = 30.0,
     ) -> None:
-        if not limits:
-            super().__init__(socket_path, budget, *extra, start_timeout=start_timeout)
-            return
-
         def apply_limits() -> None:
-            for res, value in limits.items():
+            for res, value in (limits or {}).items():
                 resource.setrlimit(res, value)
 
-        self.socket_path = Path(socket_path)
-        fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
-        self.log_path = Path(log)
-        with os.fdopen(fd, "w") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torch_elastic_kv", "broker", "--budget", str(budget)]
-                + ["--socket", str(self.socket_path), *extra],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=processes.package_env(),
-                preexec_fn=apply_limits,
-            )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + start_timeout
-        while "listening on" not in self.log():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"the broker did not start (status {self.proc.returncode}):\n{self.log()}")
-            time.sleep(0.02)
+        super().__init__(
+            socket_path, budget, *extra, start_timeout=start_timeout, preexec_fn=apply_limits if limits else None
+        )
 
     def fd_count(self) -> int:
         """Open file descriptors of the broker process."""

@@ -129,9 +129,17 @@ class ServerProcess(_Stoppable):
 
 class BrokerProcess(_Stoppable):
     """``python -m torch_elastic_kv broker --budget BUDGET --socket PATH [extra...]``, ready once
-    its log says it listens; the log is in the file ``log_path``."""
+    its log says it listens; the log is in the file ``log_path``; ``preexec_fn`` runs in the
+    child before it starts (a lower ``RLIMIT_NOFILE``, say)."""
 
-    def __init__(self, socket_path: Path, budget: str | int, *extra: str, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        budget: str | int,
+        *extra: str,
+        start_timeout: float = 30.0,
+        preexec_fn: Optional[Callable[[], None]] = None,
+    ) -> None:
         self.socket_path = Path(socket_path)
         fd, log = tempfile.mkstemp(prefix="ekv-broker-", suffix=".log")
         self.log_path = Path(log)
@@ -143,6 +151,7 @@ class BrokerProcess(_Stoppable):
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=package_env(),
+                preexec_fn=preexec_fn,  # e.g. lower a resource limit in the child
             )
         self.pid = self.proc.pid
         deadline = time.monotonic() + start_timeout
