@@ -73,9 +73,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_FATAL = threading.Lock()  # one line, from whichever thread learns it first
+
+
 def _fatal(message: str, children: list[subprocess.Popen]) -> None:
     """The group is down: one line, the other ranks killed by pid, exit 1 (no drain: the
     group cannot step any more)."""
+    if not _FATAL.acquire(blocking=False):
+        time.sleep(3600)  # the other thread is exiting the process
     _log.error("torch_elastic_kv serve: %s; exiting", message)
     for child in children:
         if child.poll() is None:
@@ -89,18 +94,24 @@ def _fatal(message: str, children: list[subprocess.Popen]) -> None:
     os._exit(1)
 
 
+def _exited(children: dict[int, subprocess.Popen]) -> Optional[str]:
+    """ "tensor-parallel rank R (pid P) <how>; the group is down" for the first child that
+    exited, or None."""
+    for rank, child in children.items():
+        code = child.poll()
+        if code is not None:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return f"tensor-parallel rank {rank} (pid {child.pid}) {how}; the group is down"
+    return None
+
+
 def _watch(children: dict[int, subprocess.Popen], closing: threading.Event) -> None:
     """Rank 0's watcher: the first child rank to exit takes the group down (unless rank 0 is
     closing the group itself: then they exit as told)."""
     while not closing.is_set():
-        for rank, child in children.items():
-            code = child.poll()
-            if code is not None and not closing.is_set():
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                _fatal(
-                    f"tensor-parallel rank {rank} (pid {child.pid}) {how}; the group is down",
-                    [c for c in children.values() if c is not child],
-                )
+        message = _exited(children)
+        if message is not None and not closing.is_set():
+            _fatal(message, list(children.values()))
         time.sleep(WATCH_SECONDS)
 
 
@@ -146,7 +157,13 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
         raise
 
     def broken(message: str) -> None:
-        _fatal(f"the tensor-parallel group is down ({message})", list(children.values()))
+        # a dead rank usually breaks a collective before the watcher looks: name it if it exited
+        deadline = time.monotonic() + 1.0
+        exited = _exited(children)
+        while exited is None and children and time.monotonic() < deadline:
+            time.sleep(WATCH_SECONDS / 4)
+            exited = _exited(children)
+        _fatal(exited or f"the tensor-parallel group is down ({message})", list(children.values()))
 
     return _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, children=children)
 
