@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import ServerProcess, rss_shmem, wait_until
 
+from serve_helpers import ServerProcess, rss_shmem, wait_until
 from torch_elastic_kv.engine.engine import Engine
 from torch_elastic_kv.serve.default_model import build_default_model
 
@@ -220,15 +220,32 @@ def test_tp2_each_rank_rss_shmem_follows_the_load_and_returns_to_the_floor() -> 
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
-        (["--tensor-parallel-size", "2", "--tp-timeout", "0"], "--tp-timeout"),
+        (["--tensor-parallel-size", "0"], "ekv-serve: error: --tensor-parallel-size must be between 1 and 64, got '0'"),
+        (["-tp", "2", "--tp-timeout", "0"], "ekv-serve: error: --tp-timeout must be between 1 and 86400, got '0'"),
     ],
 )
-def test_bad_tensor_parallel_options_exit_2(args: list[str], line: str) -> None:
+def test_bad_tensor_parallel_options_exit_2_with_one_line(args: list[str], line: str) -> None:
     server = ServerProcess(args, wait=False)
     assert server.proc.wait(60) == 2
-    errors = [x for x in server.lines if x.startswith("ekv-serve: error:")]
-    assert len(errors) == 1 and line in errors[0], server.log()
+    wait_until(lambda: server.lines, 10, what="its error line")
+    assert [x.rstrip("\n") for x in server.lines] == [line], server.log()
+
+
+def test_broker_with_tensor_parallel_is_refused(tmp_path) -> None:
+    import socket as _socket
+
+    path = tmp_path / "b.sock"
+    sock = _socket.socket(_socket.AF_UNIX)
+    sock.bind(str(path))
+    try:
+        server = ServerProcess(["-tp", "2", "--broker", str(path), "--tenant", "a"], wait=False)
+        assert server.proc.wait(60) == 2
+        wait_until(lambda: server.lines, 10, what="its error line")
+        assert [x.rstrip("\n") for x in server.lines] == [
+            "ekv-serve: error: --broker is not supported with --tensor-parallel-size above 1 yet"
+        ]
+    finally:
+        sock.close()
 
 
 def test_split_refuses_a_size_that_does_not_divide_the_heads() -> None:
