@@ -236,9 +236,13 @@ def build_rank_engine(
     ``ceiling(model)``: the KV ceiling in bytes for the split model (None: the pool's default
     share of the device); every rank must call this at the same point (it is collective)."""
     shard_llama(model, group.rank, group.world)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the ranks share the machine's cores: more threads than cores spin against each other
+        # while a rank waits in an all-reduce
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world))
     mine = ceiling(model) if ceiling is not None else None
     if mine is None:
-        device = next(model.parameters()).device
         mine = default_max_bytes(device)
     smallest = group.min(mine)
     if smallest < mine:
