@@ -258,3 +258,60 @@ def test_split_refuses_a_size_that_does_not_divide_the_heads() -> None:
     ):
         shard_llama(model, 0, 3)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+class _TwoRanks:
+    """Rank 0's view of a two-rank group whose rank 1 answers ``other`` to every all-gather."""
+
+    world = 2
+    rank = 0
+
+    def __init__(self, other: object) -> None:
+        self.other = other
+        self.calls = 0
+
+    def gather(self, obj: object) -> list[object]:
+        self.calls += 1
+        return [obj, self.other]
+
+
+def test_a_map_that_fails_on_another_rank_is_unmapped_here_and_refused() -> None:
+    from torch_elastic_kv.kv.pool import KVPagePool
+    from torch_elastic_kv.parallel.tp_engine import CollectiveMapGuard
+
+    pool = KVPagePool(2, 2, 16, torch.float32, max_bytes=16 << 20)
+    try:
+        group = _TwoRanks("MemoryError: host short")
+        pool.set_map_guard(CollectiveMapGuard(group))  # type: ignore[arg-type]
+        with pytest.raises(
+            MemoryError,
+            match=r"tensor parallel: rank 1 could not map 1 KV chunk\(s\) \(MemoryError: host short\); undone on all 2 ranks",
+        ):
+            pool.alloc(1)
+        assert group.calls == 1
+        stats = pool.stats()
+        assert stats["resident_bytes"] == 0 and stats["live_pages"] == 0
+        # the chunk rank 0 mapped is unmapped; its memory waits in the reuse cache for the retry
+        assert pool.cached_bytes() == pool.chunk_bytes
+        group.other = None  # rank 1 maps too: the same call succeeds on both
+        pages = pool.alloc(1)
+        assert len(pages) == 1 and pool.stats()["resident_bytes"] == pool.chunk_bytes
+        assert pool.cached_bytes() == 0
+    finally:
+        pool.close()
+
+
+def test_a_refused_map_here_fails_on_every_rank_without_mapping() -> None:
+    from torch_elastic_kv.kv.pool import KVPagePool
+    from torch_elastic_kv.parallel.tp_engine import CollectiveMapGuard
+
+    pool = KVPagePool(2, 2, 16, torch.float32, max_bytes=16 << 20)
+    try:
+        guard = CollectiveMapGuard(_TwoRanks(None), refuse=1)  # type: ignore[arg-type]
+        pool.set_map_guard(guard)
+        with pytest.raises(MemoryError, match=r"rank 0 could not map .*refused by \$EKV_TP_FAIL_MAPS"):
+            pool.alloc(1)
+        assert guard.refused == 1 and guard.failures == 1 and pool.stats()["resident_bytes"] == 0
+        assert len(pool.alloc(1)) == 1
+    finally:
+        pool.close()
