@@ -1272,6 +1272,20 @@ def step_decode(s: Settings, args: argparse.Namespace) -> dict:
     return out
 
 
+def step_tp(s: Settings, args: argparse.Namespace) -> dict:
+    """Tensor parallel (issue 26) needs at least two GPUs; with fewer it says so and is skipped.
+
+    With two or more it is not run either, yet: the group runs on CPU with gloo (one process per
+    rank, docs/TENSOR_PARALLEL.md); one GPU per rank with NCCL is the part of the issue left."""
+    gpus = torch.cuda.device_count() if cuda_real() else 0
+    if gpus < 2:
+        raise Unavailable(f"skipped: {gpus} GPU{'' if gpus == 1 else 's'} (tensor parallel needs 2)")
+    raise Unavailable(
+        f"skipped: {gpus} GPUs, but tensor parallel runs its ranks on CPU with gloo only so far "
+        "(docs/TENSOR_PARALLEL.md: CUDA ranks with NCCL are not built yet)"
+    )
+
+
 # ---------------------------------------------------------------------------------- runner ---
 STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("build", step_build),
@@ -1284,6 +1298,7 @@ STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("decode", step_decode),
     ("engine", step_engine),
     ("stream_order", step_stream_order),
+    ("tp", step_tp),
 ]
 
 

@@ -86,6 +86,13 @@ def test_every_step_ran(dry_run):
         assert _num(steps[name]["seconds"], 0, 120)
 
 
+def test_tensor_parallel_step_says_it_needs_two_gpus(dry_run):
+    _, res = dry_run
+    tp = res["steps"]["tp"]
+    assert tp["status"] == "unavailable"
+    assert tp["error"] == "skipped: 0 GPUs (tensor parallel needs 2)"
+
+
 def test_driver_costs_per_call(dry_run):
     _, res = dry_run
     d = res["steps"]["driver"]

@@ -1,6 +1,6 @@
 """The package's layers import only downward, read from the import graph of every module.
 
-memory -> kv -> hf -> engine -> broker, bench (testing beside them) -> serve; ``_native`` (the compiled
+memory -> kv -> hf -> engine -> broker, bench, parallel (testing beside them) -> serve; ``_native`` (the compiled
 core's loader) is below them all, and ``__main__`` (the subcommand table) above them all.
 """
 
@@ -24,6 +24,7 @@ RANK = {
     "broker": 5,
     "bench": 5,
     "testing": 5,
+    "parallel": 5,
     "serve": 6,
     "__main__": 7,
 }

@@ -37,6 +37,7 @@ import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -48,6 +49,8 @@ from .._util import ceil_div, out_of_memory
 
 LAYOUTS = ("page-major", "layer-major")
 MoveListener = Callable[[dict[int, int]], None]
+# guard(chunks, map, unmap): see KVPagePool.set_map_guard
+MapGuard = Callable[[list[int], Callable[[], None], Callable[[], None]], None]
 
 
 def default_max_bytes(device: torch.device) -> int:
@@ -171,6 +174,7 @@ class KVPagePool:
         self._listeners: list[MoveListener | weakref.WeakMethod] = []  # see add_move_listener
         self._counters = {"grows": 0, "shrinks": 0, "compactions": 0, "pages_moved": 0}
         self._closed = False
+        self._map_guard: Optional[MapGuard] = None  # see set_map_guard
         if self._min_bytes:
             self._map_chunks(
                 self._placement.chunks_to_map_for(
@@ -216,6 +220,17 @@ class KVPagePool:
         always covered; a model running on a side stream must register it. No effect on CPU."""
         self._check_open("add_stream")
         self._arenas.add_stream(stream)
+
+    def set_map_guard(self, guard: Optional[MapGuard]) -> None:
+        """Route every later map of chunks through ``guard(chunks, map, unmap)`` (None: direct).
+
+        The guard calls ``map()`` (all or nothing) and either returns, the chunks then being
+        mapped, or raises ``MemoryError`` with nothing of them mapped (it calls ``unmap()`` if
+        it mapped them and then decides against them). Tensor parallel uses it so that a map
+        that fails on any rank fails on every rank in the same step."""
+        if guard is not None and not callable(guard):
+            raise ValueError(f"KVPagePool.set_map_guard: guard must be callable or None, got {guard!r}")
+        self._map_guard = guard
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -344,7 +359,14 @@ class KVPagePool:
         """Map ``chunks`` in every plane, all or nothing (the placement is not touched, so this
         may run without the lock on chunks nobody else can reach)."""
         try:
-            self._arenas.map_chunks(chunks)
+            if self._map_guard is None:
+                self._arenas.map_chunks(chunks)
+            else:
+                self._map_guard(
+                    list(chunks),
+                    functools.partial(self._arenas.map_chunks, chunks),
+                    functools.partial(self._arenas.unmap_chunks, chunks),
+                )
         except (MemoryError, torch.OutOfMemoryError) as e:
             raise out_of_memory(
                 self.device,

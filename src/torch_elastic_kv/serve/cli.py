@@ -84,6 +84,8 @@ class ServeSettings:
     prefix_caching: bool = True
     prefix_cache_expiry: Optional[float] = 300.0  # None: cached pages never expire
     prefix_cache_cap: Optional[int] = None  # None: what the budget leaves free
+    tensor_parallel_size: int = 1  # issue 26: ranks of a tensor-parallel group (serve/tp_front.py)
+    tp_timeout: float = 120.0  # seconds a rank waits for the others before the group counts as down
 
 
 def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -245,6 +247,22 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
         metavar="S",
         default="5",
         help="seconds any exchange with the broker may take before it counts as lost (default 5)",
+    )
+    # tensor parallel (issue 26; serve/tp_front.py, docs/TENSOR_PARALLEL.md)
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        metavar="N",
+        default="1",
+        help="split the model over N ranks (processes; gloo on cpu), each holding 1/N of the KV heads in its "
+        "own elastic pool; this process is rank 0 and starts the others, or runs under torchrun (default 1)",
+    )
+    p.add_argument(
+        "--tp-timeout",
+        metavar="S",
+        default="120",
+        help="with --tensor-parallel-size: seconds a rank waits for the others (the start included) before "
+        "the group counts as down and the server exits 1 (default 120)",
     )
     return p
 
@@ -469,6 +487,10 @@ def resolve(argv: list[str]) -> ServeSettings:
     if utilization is not None:
         _check_utilization(utilization, device, min_kv, args.min_kv_bytes)
     names = _served_names(args.served_model_name, model)
+    tp_size = int(_number("--tensor-parallel-size", args.tensor_parallel_size, integer=True, low=1, high=64))
+    tp_timeout = _number("--tp-timeout", args.tp_timeout, integer=False, low=1, high=86400)
+    if tp_size > 1 and broker is not None:
+        raise UsageError("--broker is not supported with --tensor-parallel-size above 1 yet")
     return ServeSettings(
         model=model,
         served_model_name=names[0],
@@ -505,6 +527,8 @@ def resolve(argv: list[str]) -> ServeSettings:
         max_model_len=max_model_len,
         chat_template=chat_template,
         gpu_memory_utilization=utilization,
+        tensor_parallel_size=tp_size,
+        tp_timeout=tp_timeout,
     )
 
 
@@ -612,6 +636,11 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         settings = resolve(argv)
+        if settings.tensor_parallel_size > 1:  # under torchrun, ranks above 0 serve no HTTP
+            from .tp_front import torchrun_rank, worker_main
+
+            if torchrun_rank(settings) > 0:
+                return worker_main(settings)
         sock = bind_socket(settings.host, settings.port)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

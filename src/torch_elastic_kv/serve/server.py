@@ -38,7 +38,7 @@ from .metrics import ServerMetrics
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["build_state", "load_model", "model_bytes", "run", "utilization_ceiling"]
+__all__ = ["build_state", "engine_options", "kv_ceiling", "load_model", "model_bytes", "run", "utilization_ceiling"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,44 +101,57 @@ def utilization_ceiling(fraction: float, total_bytes: int, held_bytes: int) -> i
     return ceiling
 
 
-def build_state(settings: ServeSettings) -> ServerState:
-    """The model, its Engine on an elastic (or, min == max, static) pool, and the service."""
-    model, tokenizer, card = load_model(settings)
-    if settings.chat_template is not None:
-        tokenizer.chat_template = settings.chat_template
-    max_kv = settings.max_kv_bytes
-    if settings.gpu_memory_utilization is not None:
-        max_kv = utilization_ceiling(
-            settings.gpu_memory_utilization, device_memory(settings.device), model_bytes(model)
-        )
-        _log.info("torch_elastic_kv serve: KV ceiling %d bytes (--gpu-memory-utilization)", max_kv)
-    policy = ElasticPolicy(
+def kv_ceiling(settings: ServeSettings, model: Any) -> Optional[int]:
+    """The KV ceiling the options ask for (None: the pool's default share of the device)."""
+    if settings.gpu_memory_utilization is None:
+        return settings.max_kv_bytes
+    max_kv = utilization_ceiling(settings.gpu_memory_utilization, device_memory(settings.device), model_bytes(model))
+    _log.info("torch_elastic_kv serve: KV ceiling %d bytes (--gpu-memory-utilization)", max_kv)
+    return max_kv
+
+
+def engine_options(settings: ServeSettings, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(ElasticPolicy kwargs, Engine kwargs)`` of the options; a tensor-parallel rank builds
+    its Engine from the same."""
+    policy = dict(
         min_bytes=settings.min_kv_bytes,
-        max_bytes=max_kv,
+        max_bytes=kv_ceiling(settings, model),
         idle_seconds=settings.idle_seconds,
         swap_bytes=settings.swap_bytes,
     )
-    broker = None
-    if settings.broker is not None:
-        broker = BrokerClient(
-            settings.broker,
-            settings.tenant,
-            priority=settings.priority,
-            guarantee_bytes=settings.guarantee_bytes,
-            connect_timeout=settings.broker_timeout,
-            io_timeout=settings.broker_timeout,
-        )
     # A server runs for days: no per-step timeline, and only recent finished requests kept.
-    engine = Engine(
-        model,
-        policy=policy,
+    engine = dict(
         max_batch_tokens=settings.max_batch_tokens,
         timeline=False,
         keep_finished=1024,
         prefix_caching=settings.prefix_caching,
         eviction=EvictionPolicy(settings.prefix_cache_expiry, settings.prefix_cache_cap),
-        broker=broker,
     )
+    return policy, engine
+
+
+def build_state(settings: ServeSettings) -> ServerState:
+    """The model, its Engine on an elastic (or, min == max, static) pool, and the service."""
+    model, tokenizer, card = load_model(settings)
+    if settings.chat_template is not None:
+        tokenizer.chat_template = settings.chat_template
+    if settings.tensor_parallel_size > 1:  # issue 26: rank 0 of a tensor-parallel group (tp_front.py)
+        from .tp_front import start_group
+
+        engine: Any = start_group(settings, model)
+    else:
+        policy_kwargs, engine_kwargs = engine_options(settings, model)
+        broker = None
+        if settings.broker is not None:
+            broker = BrokerClient(
+                settings.broker,
+                settings.tenant,
+                priority=settings.priority,
+                guarantee_bytes=settings.guarantee_bytes,
+                connect_timeout=settings.broker_timeout,
+                io_timeout=settings.broker_timeout,
+            )
+        engine = Engine(model, policy=ElasticPolicy(**policy_kwargs), broker=broker, **engine_kwargs)
     metrics = ServerMetrics(model_name=settings.served_model_name)
     service = EngineService(
         engine,

@@ -1,0 +1,541 @@
+"""One Engine per rank of a tensor-parallel group, kept in step by rank 0.
+
+Levels: the group (N processes, one per device; gloo on CPU) -> one ``Engine`` per rank, over
+that rank's shard of the model (``shard.py``) and its own elastic pool of its KV heads ->
+rounds: each change of state is one round, decided by rank 0 and replayed by every rank.
+
+How the ranks stay in step. Rank 0 takes the requests, the cancels and the budget changes;
+each round it broadcasts one ``Plan`` (the requests that arrived, with their ids, one operation
+— a step, an idle tick, a cancel, a budget change, sleep, wake, a prefix-cache reset — and the
+group's clock) and every rank, rank 0 included, applies the same plan to its own Engine. The
+scheduler, the policy, the ``KVBudget`` and the prefix cache are deterministic given their
+inputs and the clock, so every rank makes the same decisions: the same batch, the same page
+ids mapped, freed, moved by a compaction and swapped, and so equal page tables by
+construction. After the round every rank reports a digest of its page table, and rank 0
+checks them (``debug``: a mismatch raises; otherwise it is logged). This is SGLang's layout
+(each tensor-parallel worker runs the scheduler on the requests rank 0 broadcasts) rather
+than a plan of page ids: one implementation of placement, compaction and swap serves every
+rank, and the plan stays as small as the inputs.
+
+What is not deterministic is made collective:
+
+* a map of KV chunks (the host or device may be short on one rank only) goes through
+  ``CollectiveMapGuard``: every rank maps, all learn each rank's outcome in the same call,
+  and if any failed those that mapped unmap again and all raise ``MemoryError``: the
+  scheduler then keeps the request waiting, unchanged, on every rank, as it does on one;
+* the sampled tokens are rank 0's (broadcast after each forward), and a forward that raised
+  on any rank fails the step on every rank;
+* the KV ceiling is the smallest over the ranks (an all-reduce MIN), so memory decisions fit
+  the rank with the least memory;
+* time: the Engines' clock is the group's (rank 0's time at the start of the round), and
+  they run no background memory thread; rank 0 runs idle ticks as rounds instead.
+
+A rank that dies or stops answering breaks the group: rank 0's next collective fails (or its
+launcher sees the process exit) and the group goes down; see ``serve/tp_front.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..engine.engine import Engine
+from ..engine.policy import ElasticPolicy
+from ..kv.pool import default_max_bytes
+from .shard import shard_llama
+
+_log = logging.getLogger(__name__)
+
+__all__ = [
+    "FAIL_MAPS_ENV",
+    "CollectiveMapGuard",
+    "GroupClock",
+    "Plan",
+    "TensorParallelEngine",
+    "TensorParallelGroup",
+    "build_rank_engine",
+    "follow",
+]
+
+# "RANK:N": that rank refuses its next N maps of KV chunks (tests inject a failure on one rank)
+FAIL_MAPS_ENV = "EKV_TP_FAIL_MAPS"
+# "1": a page-table mismatch between the ranks raises instead of being logged
+DEBUG_ENV = "EKV_TP_DEBUG"
+
+_OPS = ("step", "maintain", "cancel", "set_budget", "sleep", "wake", "reset_prefix_cache", "stop")
+
+
+class GroupBroken(RuntimeError):
+    """A collective failed: a rank died or stopped answering; the group cannot go on."""
+
+
+class TensorParallelGroup:
+    """The ranks' gloo process group and the three collectives the rounds use."""
+
+    def __init__(self, rank: int, world: int, timeout: float) -> None:
+        self.rank = rank
+        self.world = world
+        self.timeout = timeout
+
+    @classmethod
+    def init(cls, rank: int, world: int, init_method: str, timeout: float) -> TensorParallelGroup:
+        """Join the group (waits up to ``timeout`` seconds for every rank)."""
+        dist.init_process_group(
+            "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        return cls(rank, world, timeout)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except Exception as exc:
+            raise GroupBroken(f"broadcast failed: {exc}") from exc
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(out, obj)
+        except Exception as exc:
+            raise GroupBroken(f"all-gather failed: {exc}") from exc
+        return out
+
+    def min(self, value: int) -> int:
+        """The smallest ``value`` over the ranks."""
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        except Exception as exc:
+            raise GroupBroken(f"all-reduce failed: {exc}") from exc
+        return int(t.item())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class GroupClock:
+    """The Engines' clock: rank 0's monotonic time at the start of the current round, the same
+    on every rank, so that time-driven decisions (idle give-back, prefix expiry) agree."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fail_maps_for(rank: int) -> int:
+    """Maps this rank is told to refuse by ``$EKV_TP_FAIL_MAPS`` ("RANK:N")."""
+    text = os.environ.get(FAIL_MAPS_ENV, "").strip()
+    if not text:
+        return 0
+    try:
+        who, count = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"${FAIL_MAPS_ENV} must be RANK:N, got {text!r}") from None
+    return count if who == rank else 0
+
+
+class CollectiveMapGuard:
+    """``KVPagePool.set_map_guard`` for a group: a map succeeds on every rank or on none.
+
+    Every rank maps, then all exchange their outcome in one all-gather; if any failed, the
+    ranks that mapped unmap again and every rank raises the same ``MemoryError`` naming the
+    first rank that failed. ``refuse`` maps are refused on this rank first (a test hook)."""
+
+    def __init__(self, group: TensorParallelGroup, refuse: int = 0) -> None:
+        self.group = group
+        self.refuse = refuse
+        self.refused = 0  # maps refused here by the hook
+        self.failures = 0  # maps that failed on some rank and were undone here
+
+    def __call__(self, chunks: list[int], map_chunks: Callable[[], None], unmap_chunks: Callable[[], None]) -> None:
+        error: Optional[str] = None
+        try:
+            if self.refuse > 0:
+                self.refuse -= 1
+                self.refused += 1
+                raise MemoryError(f"refused by ${FAIL_MAPS_ENV}")
+            map_chunks()
+        except Exception as exc:  # a driver error counts as a failed map too: all ranks must agree
+            error = f"{type(exc).__name__}: {exc}"
+        outcomes = self.group.gather(error)
+        failed = [(r, e) for r, e in enumerate(outcomes) if e is not None]
+        if not failed:
+            return
+        if error is None:
+            unmap_chunks()
+        self.failures += 1
+        rank, why = failed[0]
+        raise MemoryError(
+            f"tensor parallel: rank {rank} could not map {len(chunks)} KV chunk(s) ({why}); "
+            f"undone on all {self.group.world} ranks"
+        )
+
+
+@dataclass
+class Plan:
+    """One round: the requests that arrived (``(request_id, prompt_ids, max_new_tokens,
+    eos_token_id, sampling)``, queued in this order), then ``op`` with ``arg``, at ``now``."""
+
+    op: str
+    now: float
+    arg: Any = None
+    adds: list[tuple[int, Any, int, Any, Any]] = field(default_factory=list)
+
+
+def _sync_runner(engine: Engine, group: TensorParallelGroup) -> None:
+    """Every rank's step samples rank 0's tokens, and a forward that raised on any rank fails
+    the step on every rank (the Engines keep their requests where they were)."""
+    run = engine.runner.run
+
+    def synced(batch: Any) -> dict[int, Optional[int]]:
+        tokens: Optional[dict[int, Optional[int]]] = None
+        error: Optional[str] = None
+        try:
+            tokens = run(batch)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        got = group.gather((error, tokens if group.rank == 0 else None))
+        for rank, (err, _) in enumerate(got):
+            if err is not None:
+                raise RuntimeError(f"tensor parallel: the forward failed on rank {rank}: {err}")
+        return got[0][1]
+
+    engine.runner.run = synced  # type: ignore[method-assign]
+
+
+def build_rank_engine(
+    model: Any,
+    group: TensorParallelGroup,
+    policy_kwargs: dict[str, Any],
+    engine_kwargs: dict[str, Any],
+    ceiling: Optional[Callable[[Any], Optional[int]]] = None,
+) -> tuple[Engine, GroupClock, CollectiveMapGuard]:
+    """This rank's Engine: ``model`` split for the rank (in place), the KV ceiling the smallest
+    over the ranks, the group's clock, no background thread, maps and samples collective.
+
+    ``ceiling(model)``: the KV ceiling in bytes for the split model (None: the pool's default
+    share of the device); every rank must call this at the same point (it is collective)."""
+    shard_llama(model, group.rank, group.world)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the ranks share the machine's cores: more threads than cores spin against each other
+        # while a rank waits in an all-reduce
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world))
+    mine = ceiling(model) if ceiling is not None else None
+    if mine is None:
+        mine = default_max_bytes(device)
+    smallest = group.min(mine)
+    if smallest < mine:
+        _log.info("tensor parallel: KV ceiling %d bytes, the smallest over the ranks (this one: %d)", smallest, mine)
+    clock = GroupClock()
+    policy = ElasticPolicy(**{**policy_kwargs, "max_bytes": smallest}, clock=clock)
+    engine = Engine(model, policy=policy, background=False, **engine_kwargs)
+    guard = CollectiveMapGuard(group, _fail_maps_for(group.rank))
+    engine.pool.set_map_guard(guard)
+    _sync_runner(engine, group)
+    return engine, clock, guard
+
+
+def _digest(engine: Engine) -> str:
+    """What must be equal on every rank: each request's pages and tokens, the cached pages,
+    the mapped pages."""
+    table = engine.cache.page_table
+    h = hashlib.sha256()
+    for rid in sorted(table.ids()):
+        entry = table.get(rid)
+        h.update(repr((rid, entry.pages, entry.tokens)).encode())
+    h.update(repr((table.cached_pages, engine.pool.stats()["resident_pages"])).encode())
+    return h.hexdigest()[:16]
+
+
+def _apply(engine: Engine, clock: GroupClock, plan: Plan) -> tuple[Any, Optional[BaseException]]:
+    """Apply ``plan`` to this rank's Engine: ``(result, error)``. The requests' ids must come
+    out as rank 0 gave them; a different one means the ranks diverged (RuntimeError)."""
+    clock.now = plan.now
+    for rid, prompt, max_new, eos, sampling in plan.adds:
+        got = engine.add_request(prompt, max_new, eos, sampling)
+        if got != rid:
+            raise RuntimeError(f"tensor parallel: request got id {got} here, {rid} on rank 0: the ranks diverged")
+    try:
+        if plan.op == "step":
+            return engine.step(), None
+        if plan.op == "maintain":
+            return engine.maintain(), None
+        if plan.op == "cancel":
+            return engine.cancel(plan.arg), None
+        if plan.op == "set_budget":
+            return engine.set_budget(plan.arg), None
+        if plan.op == "sleep":
+            return engine.sleep(), None
+        if plan.op == "wake":
+            return engine.wake(), None
+        if plan.op == "reset_prefix_cache":
+            return engine.reset_prefix_cache(), None
+    except GroupBroken:
+        raise
+    except Exception as exc:
+        return None, exc
+    raise RuntimeError(f"tensor parallel: unknown operation {plan.op!r}")
+
+
+def _report(engine: Engine, guard: CollectiveMapGuard, rank: int, error: Optional[BaseException]) -> dict:
+    """This rank's state after a round, as rank 0 shows it (``stats()["tensor_parallel"]``)."""
+    ps = engine.pool.stats()
+    return {
+        "rank": rank,
+        "pid": os.getpid(),
+        "digest": _digest(engine),
+        "live_bytes": engine.cache.page_table.live_pages * engine.pool.page_bytes,
+        "resident_bytes": ps["resident_bytes"],
+        "page_bytes": engine.pool.page_bytes,
+        "running": len(engine.scheduler.running),
+        "waiting": len(engine.scheduler.waiting),
+        "preemptions": engine.scheduler.preemptions,
+        "steps": engine.stats()["steps"],
+        "maps_refused": guard.refused,
+        "maps_undone": guard.failures,
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+    }
+
+
+def follow(engine: Engine, clock: GroupClock, guard: CollectiveMapGuard, group: TensorParallelGroup) -> int:
+    """A rank other than 0: apply rank 0's plans until it says stop (returns 0) or the group
+    breaks (logs one line, returns 1)."""
+    try:
+        while True:
+            plan = group.broadcast(None)
+            if plan.op == "stop":
+                engine.close()
+                return 0
+            _, error = _apply(engine, clock, plan)
+            group.gather(_report(engine, guard, group.rank, error))
+    except GroupBroken as exc:
+        _log.error("torch_elastic_kv tensor parallel: rank %d: the group is down (%s); exiting", group.rank, exc)
+        return 1
+
+
+class TensorParallelEngine:
+    """Rank 0's face of the group, used as an ``Engine``: requests, cancels, budget changes,
+    sleep and wake become rounds that every rank applies; reads (stats, budget, request info)
+    answer from rank 0's Engine. ``add_request`` is thread-safe and queues the request for the
+    next round; every other change runs a round at once, one round at a time.
+
+    ``on_broken(message)``: called once when a collective fails (a rank died or hung); the
+    default raises ``GroupBroken`` from the round. ``tick_seconds``: how often an idle group
+    runs a policy tick (the Engines have no background thread; memory goes back on these)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        clock: GroupClock,
+        guard: CollectiveMapGuard,
+        group: TensorParallelGroup,
+        *,
+        debug: Optional[bool] = None,
+        tick_seconds: Optional[float] = None,
+        on_broken: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.guard = guard
+        self.group = group
+        self.debug = os.environ.get(DEBUG_ENV, "") == "1" if debug is None else debug
+        self.on_broken = on_broken
+        self._lock = threading.Lock()  # the queued requests
+        self._round_lock = threading.RLock()  # one round at a time
+        self._pending: list[tuple[int, Any, int, Any, Any]] = []
+        self._next_id = 0
+        self._broken: Optional[str] = None
+        self._closed = False
+        self.ranks: list[dict] = []  # each rank's report after the last round
+        self.rounds = 0
+        self.plan_seconds = 0.0  # broadcasting the plans
+        self.mismatches = 0
+        self._last_round = time.monotonic()
+        idle = engine.policy.idle_seconds
+        self.tick_seconds = tick_seconds if tick_seconds is not None else min(1.0, max(0.05, idle / 4))
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="ekv-tp-ticker", daemon=True)
+        self._ticker.start()
+
+    def __getattr__(self, name: str) -> Any:
+        # reads (budget, pool, policy, asleep, stats figures, ...) answer from rank 0's Engine
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Any, max_new_tokens: int, eos_token_id: Any = None, sampling: Any = None) -> int:
+        """Check the request (``ValueError`` as ``Engine.add_request``, nothing queued) and queue
+        it for the next round; returns the id every rank will give it. Any thread."""
+        self._require_open("add_request")
+        self.engine.check_request(prompt_ids, max_new_tokens, eos_token_id, sampling)
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+            self._pending.append((rid, list(prompt_ids), max_new_tokens, eos_token_id, sampling))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            if self._pending:
+                return True
+        return self.engine.has_unfinished()
+
+    def cancel(self, request_id: int) -> bool:
+        """``Engine.cancel`` on every rank, in one round."""
+        with self._lock:
+            queued = any(p[0] == request_id for p in self._pending)
+        if not queued:
+            self.engine.request_info(request_id)  # ValueError for an unknown id, before any round
+        return self._round("cancel", request_id)
+
+    def step(self) -> list:
+        """One step on every rank; rank 0's ``StepOutput`` list."""
+        return self._round("step")
+
+    def maintain(self) -> Any:
+        return self._round("maintain")
+
+    def set_budget(self, nbytes: Optional[int]) -> None:
+        """``Engine.set_budget`` on every rank (each rank's pool holds 1/N of the KV bytes: the
+        budget is per rank)."""
+        self._round("set_budget", nbytes)
+
+    def sleep(self) -> None:
+        self._round("sleep")
+
+    def wake(self) -> None:
+        self._round("wake")
+
+    def reset_prefix_cache(self) -> int:
+        return self._round("reset_prefix_cache")
+
+    def stats(self) -> dict:
+        """Rank 0's ``Engine.stats()``, queued requests counted as waiting, plus
+        ``tensor_parallel``: size, rounds, plan_seconds (broadcasting plans), mismatches, and
+        each rank's report after the last round (``ranks``)."""
+        out = dict(self.engine.stats())
+        with self._lock:
+            out["waiting"] += len(self._pending)
+        out["tensor_parallel"] = {
+            "size": self.group.world,
+            "rounds": self.rounds,
+            "plan_seconds": self.plan_seconds,
+            "mismatches": self.mismatches,
+            "ranks": [dict(r) for r in self.ranks],
+        }
+        return out
+
+    # -- rounds --------------------------------------------------------------------------------
+    def _require_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"TensorParallelEngine.{what}: the engine is closed")
+        if self._broken is not None:
+            raise GroupBroken(self._broken)
+
+    def _round(self, op: str, arg: Any = None) -> Any:
+        with self._round_lock:
+            self._require_open(op)
+            with self._lock:
+                adds, self._pending = self._pending, []
+            plan = Plan(op, time.monotonic(), arg, adds)
+            try:
+                t0 = time.perf_counter()
+                self.group.broadcast(plan)
+                self.plan_seconds += time.perf_counter() - t0
+                result, error = _apply(self.engine, self.clock, plan)
+                reports = self.group.gather(_report(self.engine, self.guard, 0, error))
+            except GroupBroken as exc:
+                self._fail(str(exc))
+                raise
+            self.rounds += 1
+            self._last_round = time.monotonic()
+            self.ranks = reports
+            self._check(reports, op)
+            if error is not None:
+                raise error
+            for r in reports[1:]:
+                if r["error"] is not None:
+                    raise RuntimeError(f"tensor parallel: {op} failed on rank {r['rank']}: {r['error']}")
+            return result
+
+    def _check(self, reports: list[dict], op: str) -> None:
+        digests = {r["digest"] for r in reports}
+        if len(digests) == 1:
+            return
+        self.mismatches += 1
+        message = f"tensor parallel: page tables differ between the ranks after {op}: " + ", ".join(
+            f"rank {r['rank']} {r['digest']}" for r in reports
+        )
+        if self.debug:
+            raise RuntimeError(message)
+        _log.error(message)
+
+    def _fail(self, message: str) -> None:
+        if self._broken is None:
+            self._broken = message
+            if self.on_broken is not None:
+                self.on_broken(message)
+
+    def _tick(self) -> None:
+        """Idle policy ticks as rounds (memory goes back while nobody steps)."""
+        while not self._stop.wait(self.tick_seconds):
+            if time.monotonic() - self._last_round < self.tick_seconds:
+                continue
+            if not self._round_lock.acquire(blocking=False):
+                continue  # a round is running: it ticks the policy itself
+            try:
+                if not self._closed and self._broken is None:
+                    self._round("maintain")
+            except GroupBroken:
+                return
+            except Exception:
+                _log.exception("tensor parallel: idle tick failed")
+            finally:
+                self._round_lock.release()
+
+    def close(self) -> None:
+        """Stop every rank's Engine (each gives its KV memory back) and leave the group."""
+        if self._closed:
+            return
+        self._stop.set()
+        with self._round_lock:
+            self._closed = True
+            if self._broken is None:
+                try:
+                    self.group.broadcast(Plan("stop", time.monotonic()))
+                except GroupBroken as exc:
+                    self._fail(str(exc))
+            self.engine.close()
+        if self._ticker.is_alive() and self._ticker is not threading.current_thread():
+            self._ticker.join(5)
+        self.group.close()
+
+    def __enter__(self) -> TensorParallelEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""``serve --tensor-parallel-size N``: the server process is rank 0 of the group.
+
+Two ways to start a group, one behaviour once it runs (``docs/TENSOR_PARALLEL.md``):
+
+* ``serve --tensor-parallel-size N``: this process is rank 0; it starts ranks 1..N-1 as child
+  processes (``python -m torch_elastic_kv.serve.tp_front``, the same settings, a gloo store on
+  a free 127.0.0.1 port), which die with it (``PR_SET_PDEATHSIG``). A watcher thread polls
+  them: when one exits, rank 0 logs one line naming it, kills the others and exits 1, within
+  about ``WATCH_SECONDS`` (in-flight HTTP connections are closed: their clients see an error).
+* ``torchrun --nproc-per-node N -m torch_elastic_kv serve --tensor-parallel-size N``: every
+  process runs ``serve``; rank 0 (``$RANK``) serves HTTP, the others follow; torchrun's agent
+  takes the group down when one exits.
+
+Either way a collective that fails on rank 0 (a rank died or hung past ``--tp-timeout``) is
+fatal: one line, exit 1. Only rank 0 talks HTTP; every other rank applies rank 0's plans
+(``parallel/tp_engine.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+from ..parallel.tp_engine import TensorParallelEngine, TensorParallelGroup, build_rank_engine, follow
+from .cli import ServeSettings
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["WATCH_SECONDS", "start_group", "torchrun_rank", "worker_main"]
+
+WATCH_SECONDS = 0.2  # how often rank 0 looks at the ranks it started
+_SETTINGS_ENV = "EKV_TP_SETTINGS"  # the child ranks' settings (pickled, base64)
+_RANK_ENV = "EKV_TP_RANK"
+_INIT_ENV = "EKV_TP_INIT"
+
+
+def torchrun_rank(settings: ServeSettings) -> int:
+    """This process's rank under torchrun (``$RANK``, ``$WORLD_SIZE``); 0 when not under it.
+    ``$WORLD_SIZE`` must equal ``--tensor-parallel-size``."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0
+    world = int(os.environ["WORLD_SIZE"])
+    if world != settings.tensor_parallel_size:
+        from .cli import UsageError
+
+        raise UsageError(
+            f"--tensor-parallel-size {settings.tensor_parallel_size} but torchrun started {world} processes"
+        )
+    return int(os.environ["RANK"])
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGKILL when the parent (rank 0) exits, however it exits."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_FATAL = threading.Lock()  # one line, from whichever thread learns it first
+
+
+def _fatal(message: str, children: list[subprocess.Popen]) -> None:
+    """The group is down: one line, the other ranks killed by pid, exit 1 (no drain: the
+    group cannot step any more)."""
+    if not _FATAL.acquire(blocking=False):
+        time.sleep(3600)  # the other thread is exiting the process
+    _log.error("torch_elastic_kv serve: %s; exiting", message)
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+    for child in children:
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    logging.shutdown()
+    os._exit(1)
+
+
+def _exited(children: dict[int, subprocess.Popen]) -> Optional[str]:
+    """ "tensor-parallel rank R (pid P) <how>; the group is down" for the first child that
+    exited, or None."""
+    for rank, child in children.items():
+        code = child.poll()
+        if code is not None:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return f"tensor-parallel rank {rank} (pid {child.pid}) {how}; the group is down"
+    return None
+
+
+def _watch(children: dict[int, subprocess.Popen], closing: threading.Event) -> None:
+    """Rank 0's watcher: the first child rank to exit takes the group down (unless rank 0 is
+    closing the group itself: then they exit as told)."""
+    while not closing.is_set():
+        message = _exited(children)
+        if message is not None and not closing.is_set():
+            _fatal(message, list(children.values()))
+        time.sleep(WATCH_SECONDS)
+
+
+def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
+    """Rank 0: start (or, under torchrun, join) the group, split ``model`` and build this
+    rank's Engine; returns the group's engine, which the server uses as its Engine."""
+    from .server import engine_options, kv_ceiling
+
+    world = settings.tensor_parallel_size
+    children: dict[int, subprocess.Popen] = {}
+    closing = threading.Event()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        init = "env://"
+    else:
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        env = dict(os.environ)
+        env[_SETTINGS_ENV] = base64.b64encode(pickle.dumps(settings)).decode()
+        env[_INIT_ENV] = init
+        for rank in range(1, world):
+            env[_RANK_ENV] = str(rank)
+            children[rank] = subprocess.Popen(
+                [sys.executable, "-m", "torch_elastic_kv.serve.tp_front"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        _log.info(
+            "torch_elastic_kv serve: tensor parallel over %d ranks; started ranks %s",
+            world,
+            ", ".join(f"{r} (pid {c.pid})" for r, c in children.items()),
+        )
+        threading.Thread(target=_watch, args=(children, closing), name="ekv-tp-watch", daemon=True).start()
+    try:
+        group = TensorParallelGroup.init(0, world, init, settings.tp_timeout)
+        policy_kwargs, engine_kwargs = engine_options(settings, model)
+        policy_kwargs.pop("max_bytes")
+        engine, clock, guard = build_rank_engine(
+            model, group, policy_kwargs, engine_kwargs, ceiling=lambda m: kv_ceiling(settings, m)
+        )
+    except BaseException:
+        for child in children.values():
+            child.kill()
+        raise
+
+    def broken(message: str) -> None:
+        # a dead rank usually breaks a collective before the watcher looks: name it if it exited
+        deadline = time.monotonic() + 1.0
+        exited = _exited(children)
+        while exited is None and children and time.monotonic() < deadline:
+            time.sleep(WATCH_SECONDS / 4)
+            exited = _exited(children)
+        _fatal(exited or f"the tensor-parallel group is down ({message})", list(children.values()))
+
+    return _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, children=children)
+
+
+class _FrontEngine(TensorParallelEngine):
+    """The group's engine in a server that started the other ranks: closing it tells the
+    watcher first, then waits for them to exit."""
+
+    def __init__(self, *args: Any, closing: threading.Event, children: dict[int, subprocess.Popen], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._closing = closing
+        self._children = children
+
+    def close(self) -> None:
+        self._closing.set()
+        super().close()
+        for child in self._children.values():
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def worker_main(settings: Optional[ServeSettings] = None) -> int:
+    """A rank above 0: load the model, split it, apply rank 0's plans until it stops (0) or
+    the group breaks (1)."""
+    from .server import engine_options, kv_ceiling, load_model
+
+    if settings is None:
+        settings = pickle.loads(base64.b64decode(os.environ[_SETTINGS_ENV]))
+        rank, init = int(os.environ[_RANK_ENV]), os.environ[_INIT_ENV]
+    else:
+        rank, init = int(os.environ["RANK"]), "env://"
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"[rank {rank}] %(message)s", stream=sys.stderr, force=True
+    )
+    # a terminal's Ctrl-C reaches every process of the group: rank 0 drains, then stops the
+    # others with its own plan (a child started by rank 0 also dies with it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    group = TensorParallelGroup.init(rank, settings.tensor_parallel_size, init, settings.tp_timeout)
+    model, _, _ = load_model(settings)
+    policy_kwargs, engine_kwargs = engine_options(settings, model)
+    policy_kwargs.pop("max_bytes")
+    engine, clock, guard = build_rank_engine(
+        model, group, policy_kwargs, engine_kwargs, ceiling=lambda m: kv_ceiling(settings, m)
+    )
+    code = follow(engine, clock, guard, group)
+    group.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

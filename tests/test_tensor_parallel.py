@@ -1,0 +1,317 @@
+"""Tensor parallel through the server (issue 26): ``serve --tensor-parallel-size 2`` on CPU, gloo,
+the default model split over two processes, each with its own elastic pool of half the KV heads.
+
+Every server listens on 127.0.0.1 on a free port; rank 1 is the server's child; both are
+stopped (or checked gone) by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from serve_helpers import ServerProcess, rss_shmem, wait_until
+from torch_elastic_kv.engine.engine import Engine
+from torch_elastic_kv.serve.default_model import build_default_model
+
+ADMIN = "tp-admin"
+MODEL = "ekv-default-llama"
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+CHUNK = 2 << 20
+
+# two prompts share a 64-token prefix (four full pages): the second reuses the first's pages
+SHARED = [(7 * i + 3) % 250 + 8 for i in range(64)]
+PROMPTS = [SHARED + [20, 21, 22], SHARED + [30, 31, 32, 33, 34], [(11 * i) % 250 + 8 for i in range(40)]]
+
+
+def _reference(prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy tokens of one process (TP=1): the in-process Engine on the same default model."""
+    with Engine(build_default_model(), background=False) as engine:
+        return engine.generate(prompts, max_new)
+
+
+def _complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 120) -> list[int]:
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    r = httpx.post(url + "/v1/completions", json=body, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def _tp(url: str) -> dict:
+    stats = httpx.get(url + "/admin/stats", headers=HEADERS, timeout=30).json()
+    return {**stats["tensor_parallel"], "stats": stats}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too (its parent has not reaped it)
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_tp2_tokens_equal_one_process_with_prefix_caching() -> None:
+    ref = _reference(PROMPTS, 12)
+    server = ServerProcess(["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"])
+    try:
+        got = [_complete(server.url, p, 12) for p in PROMPTS]
+        tp = _tp(server.url)
+        assert got == ref
+        assert tp["size"] == 2 and len(tp["ranks"]) == 2
+        # the second prompt reused the first's four shared pages
+        assert tp["stats"]["prefix_hit_tokens"] >= 64, tp["stats"]
+        r0, r1 = tp["ranks"]
+        assert r0["digest"] == r1["digest"] and tp["mismatches"] == 0
+        # each rank's pool holds half the KV heads: pages of half the one-process size
+        with Engine(build_default_model(), background=False) as one:
+            assert r0["page_bytes"] == r1["page_bytes"] == one.pool.page_bytes // 2
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_tp2_map_refused_on_rank1_is_undone_on_both_and_the_request_finishes() -> None:
+    ref = _reference(PROMPTS[:1], 8)
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"],
+        env={"EKV_TP_FAIL_MAPS": "1:3"},
+    )
+    try:
+        assert _tp(server.url)["stats"]["resident_bytes"] == 0
+        got = _complete(server.url, PROMPTS[0], 8)
+        tp = _tp(server.url)
+        assert got == ref[0]
+        r0, r1 = tp["ranks"]
+        assert r1["maps_refused"] == 3 and r0["maps_refused"] == 0
+        # rank 0 mapped and unmapped again each time: both ranks undid the same three maps
+        assert r0["maps_undone"] == r1["maps_undone"] == 3
+        # the request waited, unchanged, at least one step (a refused grow-ahead counts no wait)
+        assert tp["stats"]["allocation_failures"] >= 1
+        assert r0["digest"] == r1["digest"] and r0["resident_bytes"] == r1["resident_bytes"] > 0
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_tp2_budget_cut_preempts_on_both_ranks_in_one_step_and_loses_nothing() -> None:
+    prompts = [[(13 * i + k) % 250 + 8 for i in range(200)] for k in range(4)]
+    ref = _reference(prompts, 40)
+    server = ServerProcess(["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"])
+    results: dict[int, list[int]] = {}
+    try:
+
+        def run(i: int) -> None:
+            results[i] = _complete(server.url, prompts[i], 40)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        # 4 x 200 prompt tokens: more than one 2 MiB chunk of half-size pages (512 tokens)
+        wait_until(lambda: _tp(server.url)["stats"]["live_bytes"] > CHUNK, 60, 0.01, "live KV above one chunk")
+        r = httpx.post(server.url + "/admin/kv-budget", json={"bytes": CHUNK}, headers=HEADERS, timeout=60)
+        assert r.status_code == 200, r.text
+        tp = _tp(server.url)
+        r0, r1 = tp["ranks"]
+        assert r0["preemptions"] == r1["preemptions"] > 0
+        assert r0["digest"] == r1["digest"] and r0["live_bytes"] == r1["live_bytes"] <= CHUNK
+        r = httpx.post(server.url + "/admin/kv-budget", json={"bytes": None}, headers=HEADERS, timeout=60)
+        assert r.status_code == 200, r.text
+        for t in threads:
+            t.join(120)
+        assert [results.get(i) for i in range(4)] == ref
+        tp = _tp(server.url)
+        assert tp["ranks"][0]["digest"] == tp["ranks"][1]["digest"] and tp["mismatches"] == 0
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+KILL_BOUND_SECONDS = 10.0  # the watcher looks every 0.2 s; generous for a loaded 2-core machine
+
+
+def test_tp2_kill_9_of_rank1_takes_the_front_down_with_one_line() -> None:
+    server = ServerProcess(["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"])
+    errors: list[str] = []
+    try:
+        url = server.url
+        rank1 = wait_until(lambda: _tp(url)["ranks"], 30, 0.05, "a first round")[1]["pid"]
+
+        def load() -> None:
+            try:
+                _complete(url, [(5 * i) % 250 + 8 for i in range(300)], 1500)
+                errors.append("finished")
+            except Exception as exc:  # the connection is closed: an error, not a hang
+                errors.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: _tp(url)["stats"]["running"] == 3, 60, 0.05, "three running")
+        os.kill(rank1, signal.SIGKILL)
+        t0 = time.monotonic()
+        code = server.proc.wait(KILL_BOUND_SECONDS)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+        assert code == 1, server.log()[-3000:]
+        assert took < KILL_BOUND_SECONDS
+        lines = [line for line in server.lines if "rank 1" in line]
+        assert lines == [
+            f"torch_elastic_kv serve: tensor-parallel rank 1 (pid {rank1}) was killed by signal 9; "
+            "the group is down; exiting\n"
+        ], server.log()[-3000:]
+        assert sorted(errors) == ["RemoteProtocolError"] * 3
+        assert _gone(rank1) and _gone(server.pid)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def test_tp2_each_rank_rss_shmem_follows_the_load_and_returns_to_the_floor() -> None:
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "64M", "--idle-seconds", "1"]
+    )
+    try:
+        ranks = wait_until(lambda: _tp(server.url)["ranks"], 30, 0.05, "a first round")
+        pids = [r["pid"] for r in ranks]
+        floor = [rss_shmem(p) for p in pids]
+        peak = list(floor)
+        done = threading.Event()
+
+        def load() -> None:
+            prompts = [[(17 * i + k) % 250 + 8 for i in range(600)] for k in range(4)]
+            threads = [threading.Thread(target=_complete, args=(server.url, p, 30)) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            done.set()
+
+        threading.Thread(target=load).start()
+        live_peak = 0
+        while not done.is_set():
+            peak = [max(a, rss_shmem(p)) for a, p in zip(peak, pids)]
+            live_peak = max(live_peak, _tp(server.url)["ranks"][0]["live_bytes"])
+            time.sleep(0.02)
+        # 4 x 630 tokens of half-size pages: about 5 MiB live per rank, in 2 MiB chunks
+        for rank in range(2):
+            assert peak[rank] - floor[rank] >= 2 * CHUNK, (rank, floor, peak)
+            assert peak[rank] - floor[rank] <= live_peak + 2 * CHUNK, (rank, floor, peak, live_peak)
+        wait_until(
+            lambda: all(rss_shmem(p) - f < CHUNK for p, f in zip(pids, floor)), 30, 0.1, "RssShmem back at the floor"
+        )
+        ranks = _tp(server.url)["ranks"]
+        assert [r["resident_bytes"] for r in ranks] == [0, 0]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--tensor-parallel-size", "0"], "ekv-serve: error: --tensor-parallel-size must be between 1 and 64, got '0'"),
+        (["-tp", "2", "--tp-timeout", "0"], "ekv-serve: error: --tp-timeout must be between 1 and 86400, got '0'"),
+    ],
+)
+def test_bad_tensor_parallel_options_exit_2_with_one_line(args: list[str], line: str) -> None:
+    server = ServerProcess(args, wait=False)
+    assert server.proc.wait(60) == 2
+    wait_until(lambda: server.lines, 10, what="its error line")
+    assert [x.rstrip("\n") for x in server.lines] == [line], server.log()
+
+
+def test_broker_with_tensor_parallel_is_refused(tmp_path) -> None:
+    import socket as _socket
+
+    path = tmp_path / "b.sock"
+    sock = _socket.socket(_socket.AF_UNIX)
+    sock.bind(str(path))
+    try:
+        server = ServerProcess(["-tp", "2", "--broker", str(path), "--tenant", "a"], wait=False)
+        assert server.proc.wait(60) == 2
+        wait_until(lambda: server.lines, 10, what="its error line")
+        assert [x.rstrip("\n") for x in server.lines] == [
+            "ekv-serve: error: --broker is not supported with --tensor-parallel-size above 1 yet"
+        ]
+    finally:
+        sock.close()
+
+
+def test_split_refuses_a_size_that_does_not_divide_the_heads() -> None:
+    from torch_elastic_kv.parallel.shard import ShardError, shard_llama
+
+    model = build_default_model()
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(
+        ShardError, match=r"--tensor-parallel-size 3 does not divide the model's num_attention_heads \(4\)"
+    ):
+        shard_llama(model, 0, 3)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+class _TwoRanks:
+    """Rank 0's view of a two-rank group whose rank 1 answers ``other`` to every all-gather."""
+
+    world = 2
+    rank = 0
+
+    def __init__(self, other: object) -> None:
+        self.other = other
+        self.calls = 0
+
+    def gather(self, obj: object) -> list[object]:
+        self.calls += 1
+        return [obj, self.other]
+
+
+def test_a_map_that_fails_on_another_rank_is_unmapped_here_and_refused() -> None:
+    from torch_elastic_kv.kv.pool import KVPagePool
+    from torch_elastic_kv.parallel.tp_engine import CollectiveMapGuard
+
+    pool = KVPagePool(2, 2, 16, torch.float32, max_bytes=16 << 20)
+    try:
+        group = _TwoRanks("MemoryError: host short")
+        pool.set_map_guard(CollectiveMapGuard(group))  # type: ignore[arg-type]
+        with pytest.raises(
+            MemoryError,
+            match=r"tensor parallel: rank 1 could not map 1 KV chunk\(s\) \(MemoryError: host short\); undone on all 2 ranks",
+        ):
+            pool.alloc(1)
+        assert group.calls == 1
+        stats = pool.stats()
+        assert stats["resident_bytes"] == 0 and stats["live_pages"] == 0
+        # the chunk rank 0 mapped is unmapped; its memory waits in the reuse cache for the retry
+        assert pool.cached_bytes() == pool.chunk_bytes
+        group.other = None  # rank 1 maps too: the same call succeeds on both
+        pages = pool.alloc(1)
+        assert len(pages) == 1 and pool.stats()["resident_bytes"] == pool.chunk_bytes
+        assert pool.cached_bytes() == 0
+    finally:
+        pool.close()
+
+
+def test_a_refused_map_here_fails_on_every_rank_without_mapping() -> None:
+    from torch_elastic_kv.kv.pool import KVPagePool
+    from torch_elastic_kv.parallel.tp_engine import CollectiveMapGuard
+
+    pool = KVPagePool(2, 2, 16, torch.float32, max_bytes=16 << 20)
+    try:
+        guard = CollectiveMapGuard(_TwoRanks(None), refuse=1)  # type: ignore[arg-type]
+        pool.set_map_guard(guard)
+        with pytest.raises(MemoryError, match=r"rank 0 could not map .*refused by \$EKV_TP_FAIL_MAPS"):
+            pool.alloc(1)
+        assert guard.refused == 1 and guard.failures == 1 and pool.stats()["resident_bytes"] == 0
+        assert len(pool.alloc(1)) == 1
+    finally:
+        pool.close()
