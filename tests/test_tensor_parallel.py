@@ -231,21 +231,66 @@ def test_bad_tensor_parallel_options_exit_2_with_one_line(args: list[str], line:
     assert [x.rstrip("\n") for x in server.lines] == [line], server.log()
 
 
-def test_broker_with_tensor_parallel_is_refused(tmp_path) -> None:
+def test_tp2_group_guarantee_is_checked_for_all_ranks(tmp_path) -> None:
     import socket as _socket
 
     path = tmp_path / "b.sock"
     sock = _socket.socket(_socket.AF_UNIX)
     sock.bind(str(path))
     try:
-        server = ServerProcess(["-tp", "2", "--broker", str(path), "--tenant", "a"], wait=False)
+        args = ["-tp", "2", "--broker", str(path), "--tenant", "a", "--min-kv-bytes", "4M", "--guarantee", "6M"]
+        server = ServerProcess(args, wait=False)
         assert server.proc.wait(60) == 2
         wait_until(lambda: server.lines, 10, what="its error line")
         assert [x.rstrip("\n") for x in server.lines] == [
-            "ekv-serve: error: --broker is not supported with --tensor-parallel-size above 1 yet"
+            "ekv-serve: error: --guarantee 6M is below --min-kv-bytes 4M x 2 ranks: the floor is memory the server "
+            "never gives back, so the broker must always leave it"
         ]
     finally:
         sock.close()
+
+
+def test_tp2_group_is_one_broker_tenant_and_a_reclaim_reaches_every_rank_in_one_round() -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from broker_helpers import BrokerProcess, RawClient
+    from torch_elastic_kv.broker.protocol import message
+
+    d = Path(tempfile.mkdtemp(prefix="ekvtp", dir="/tmp"))
+    broker = BrokerProcess(d / "b.sock", "32M")
+    server = high = None
+    try:
+        ref = _reference(PROMPTS, 24)
+        server = ServerProcess(
+            ["-tp", "2", "--admin-key", ADMIN, "--max-kv-bytes", "16M", "--idle-seconds", "30"]
+            + ["--broker", str(broker.socket_path), "--tenant", "tp", "--guarantee", "4M"]
+        )
+        assert [_complete(server.url, p, 24) for p in PROMPTS] == ref
+        (row,) = broker.status()["tenants"]
+        assert row["name"] == "tp" and row["guarantee_bytes"] == 4 << 20 and row["lease_bytes"] >= 4 << 20
+        # a higher priority takes everything above the group's guarantee: one reclaim for the group
+        high = RawClient(broker.socket_path)
+        assert high.register("batch", priority=5)["type"] == "registered"
+        high.send(message("report", demand_bytes=28 << 20, resident_bytes=0, live_bytes=0, running=0, waiting=1))
+        wait_until(lambda: (high.recv() or {}).get("lease_bytes", 0) >= 28 << 20, 30, what="the grant of 28 MiB")
+        tp = _tp(server.url)
+        assert tp["stats"]["broker_lease_bytes"] <= 4 << 20
+        # every rank's budget got its half in the same round: equal page tables, each under 2 MiB
+        assert all(r["resident_bytes"] <= 2 << 20 for r in tp["ranks"]), tp["ranks"]
+        assert len({r["digest"] for r in tp["ranks"]}) == 1 and tp["mismatches"] == 0
+        # and the group still serves, with the same tokens, under its guarantee
+        assert _complete(server.url, PROMPTS[0], 24) == ref[0]
+        high.send(message("leave", resident_bytes=0))
+    finally:
+        if high is not None:
+            high.close()
+        if server is not None:
+            assert server.stop() == 0, server.log()[-3000:]
+        wait_until(lambda: broker.status()["tenants"] == [], 15, what="the group to leave the broker")
+        assert broker.stop() == 0
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_split_refuses_a_size_that_does_not_divide_the_heads() -> None:

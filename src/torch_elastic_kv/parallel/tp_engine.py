@@ -72,7 +72,7 @@ FAIL_MAPS_ENV = "EKV_TP_FAIL_MAPS"
 # "1": a page-table mismatch between the ranks raises instead of being logged
 DEBUG_ENV = "EKV_TP_DEBUG"
 
-_OPS = ("step", "maintain", "cancel", "set_budget", "sleep", "wake", "reset_prefix_cache", "stop")
+_OPS = ("step", "maintain", "cancel", "set_budget", "set_lease", "sleep", "wake", "reset_prefix_cache", "stop")
 
 
 class GroupBroken(RuntimeError):
@@ -285,6 +285,9 @@ def _apply(engine: Engine, clock: GroupClock, plan: Plan) -> tuple[Any, Optional
             return engine.cancel(plan.arg), None
         if plan.op == "set_budget":
             return engine.set_budget(plan.arg), None
+        if plan.op == "set_lease":  # a broker's grant or reclaim, for this rank's share
+            engine.budget.set_lease(plan.arg)
+            return engine.maintain(), None
         if plan.op == "sleep":
             return engine.sleep(), None
         if plan.op == "wake":
@@ -368,6 +371,7 @@ class TensorParallelEngine:
         self._broken: Optional[str] = None
         self._closed = False
         self.ranks: list[dict] = []  # each rank's report after the last round
+        self.broker: Any = None  # a BrokerClient once attach_broker made the group a tenant
         self.rounds = 0
         self.plan_seconds = 0.0  # broadcasting the plans
         self.mismatches = 0
@@ -424,6 +428,35 @@ class TensorParallelEngine:
         budget is per rank)."""
         self._round("set_budget", nbytes)
 
+    def set_lease(self, nbytes: Optional[int]) -> None:
+        """A lease on every rank's budget in one round (``nbytes`` per rank; None: no lease)."""
+        self._round("set_lease", nbytes)
+
+    def attach_broker(self, client: Any) -> None:
+        """Make the group one tenant of a memory broker (``broker.client.BrokerClient``): rank 0
+        holds one lease for the group, and each grant or reclaim goes to every rank's budget in
+        one round, 1/N each (the ranks hold equal shares of the KV heads). The group reports
+        the sums over the ranks."""
+        client.attach(
+            _GroupLease(self), self._broker_stats, chunk_bytes=int(self.engine.pool.chunk_bytes) * self.group.world
+        )
+        self.broker = client
+
+    def _broker_stats(self) -> dict[str, Any]:
+        """The group's figures for the broker: rank 0's times the ranks where every rank holds
+        the same (demand, live, cached), the ranks' own resident bytes where they are known."""
+        s = self.engine.stats()
+        n = self.group.world
+        resident = sum(r["resident_bytes"] for r in self.ranks) if len(self.ranks) == n else s["resident_bytes"] * n
+        return {
+            "demand_bytes": s["demand_bytes"] * n,
+            "resident_bytes": resident,
+            "live_bytes": s["live_bytes"] * n,
+            "cached_bytes": s.get("cached_bytes", 0) * n,
+            "running": s["running"],
+            "waiting": s["waiting"],
+        }
+
     def sleep(self) -> None:
         self._round("sleep")
 
@@ -440,6 +473,8 @@ class TensorParallelEngine:
         out = dict(self.engine.stats())
         with self._lock:
             out["waiting"] += len(self._pending)
+        if self.broker is not None:
+            out["broker_lease_bytes"] = self.broker.lease_bytes
         out["tensor_parallel"] = {
             "size": self.group.world,
             "rounds": self.rounds,
@@ -530,6 +565,9 @@ class TensorParallelEngine:
                 except GroupBroken as exc:
                     self._fail(str(exc))
             self.engine.close()
+        if self.broker is not None:
+            broker, self.broker = self.broker, None
+            broker.close()  # after the pools: the group leaves with nothing resident
         if self._ticker.is_alive() and self._ticker is not threading.current_thread():
             self._ticker.join(5)
         self.group.close()
@@ -539,3 +577,17 @@ class TensorParallelEngine:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _GroupLease:
+    """What a broker tenant steers (``engine.budget.LeaseTarget``), for a whole group: the lease
+    is the group's, each rank's budget gets 1/N of it in one round."""
+
+    def __init__(self, tp: TensorParallelEngine) -> None:
+        self._tp = tp
+        n = tp.group.world
+        self.ceiling_bytes = tp.engine.budget.ceiling_bytes * n
+        self.floor_bytes = tp.engine.budget.floor_bytes * n
+
+    def set_lease(self, nbytes: Optional[int]) -> None:
+        self._tp.set_lease(None if nbytes is None else nbytes // self._tp.group.world)

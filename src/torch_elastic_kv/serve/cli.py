@@ -482,15 +482,16 @@ def resolve(argv: list[str]) -> ServeSettings:
     admin_key = _check_key(
         "--admin-key", args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
     )
-    broker, tenant, priority, guarantee = _broker_options(args, min_kv, max_kv)
+    tp_size = int(_number("--tensor-parallel-size", args.tensor_parallel_size, integer=True, low=1, high=64))
+    tp_timeout = _number("--tp-timeout", args.tp_timeout, integer=False, low=1, high=86400)
+    # a tensor-parallel group is one broker tenant: its guarantee covers every rank's floor
+    broker, tenant, priority, guarantee = _broker_options(
+        args, min_kv * tp_size, None if max_kv is None else max_kv * tp_size, tp_size
+    )
     device = _device(args.device)
     if utilization is not None:
         _check_utilization(utilization, device, min_kv, args.min_kv_bytes)
     names = _served_names(args.served_model_name, model)
-    tp_size = int(_number("--tensor-parallel-size", args.tensor_parallel_size, integer=True, low=1, high=64))
-    tp_timeout = _number("--tp-timeout", args.tp_timeout, integer=False, low=1, high=86400)
-    if tp_size > 1 and broker is not None:
-        raise UsageError("--broker is not supported with --tensor-parallel-size above 1 yet")
     return ServeSettings(
         model=model,
         served_model_name=names[0],
@@ -567,7 +568,7 @@ def _check_utilization(fraction: float, device: str, min_kv: int, min_text: str)
 
 
 def _broker_options(
-    args: argparse.Namespace, min_kv: int, max_kv: Optional[int]
+    args: argparse.Namespace, min_kv: int, max_kv: Optional[int], ranks: int = 1
 ) -> tuple[Optional[str], Optional[str], int, int]:
     """``--broker``, ``--tenant``, ``--priority``, ``--guarantee``, checked together."""
     priority = int(_number("--priority", args.priority, integer=True, low=-(2**31), high=2**31 - 1))
@@ -588,14 +589,15 @@ def _broker_options(
         raise UsageError("--broker needs --tenant NAME")
     if not (0 < len(args.tenant) <= 64) or not args.tenant.isprintable():
         raise UsageError(f"--tenant must be 1-64 printable characters, got {args.tenant!r}")
+    per_rank = f" x {ranks} ranks" if ranks > 1 else ""  # a group's guarantee is for all its ranks
     guarantee = _size("--guarantee", args.guarantee) if args.guarantee is not None else min_kv
     if guarantee < min_kv:
         raise UsageError(
-            f"--guarantee {args.guarantee} is below --min-kv-bytes {args.min_kv_bytes}: the floor is memory "
+            f"--guarantee {args.guarantee} is below --min-kv-bytes {args.min_kv_bytes}{per_rank}: the floor is memory "
             "the server never gives back, so the broker must always leave it"
         )
     if max_kv is not None and guarantee > max_kv:
-        raise UsageError(f"--guarantee {args.guarantee} is above --max-kv-bytes {args.max_kv_bytes}")
+        raise UsageError(f"--guarantee {args.guarantee} is above --max-kv-bytes {args.max_kv_bytes}{per_rank}")
     return args.broker, args.tenant, priority, guarantee
 
 

@@ -165,7 +165,24 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
             exited = _exited(children)
         _fatal(exited or f"the tensor-parallel group is down ({message})", list(children.values()))
 
-    return _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, children=children)
+    front = _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, children=children)
+    if settings.broker is not None:  # the group is one tenant: rank 0 holds its lease
+        from ..broker.client import BrokerClient
+
+        client = BrokerClient(
+            settings.broker,
+            settings.tenant,
+            priority=settings.priority,
+            guarantee_bytes=settings.guarantee_bytes,
+            connect_timeout=settings.broker_timeout,
+            io_timeout=settings.broker_timeout,
+        )
+        try:
+            front.attach_broker(client)
+        except BaseException:
+            front.close()
+            raise
+    return front
 
 
 class _FrontEngine(TensorParallelEngine):
