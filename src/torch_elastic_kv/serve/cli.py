@@ -656,6 +656,14 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
     from .server import run
 
     try:
-        return run(settings, sock)
+        code = run(settings, sock)
     finally:
         sock.close()
+    # The Engine is closed and its KV memory given back. What is left is the interpreter's
+    # teardown, a last garbage collection over the model, the tokenizer and the request records
+    # that holds SIGTERM's exit up for seconds on a loaded machine; a server has nothing else to
+    # finalize, so the logs are flushed and the process ends here.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
