@@ -49,7 +49,7 @@ from .policy import Decision, ElasticPolicy
 from .prefix_cache import PrefixCache
 from .protocols import EngineBroker, EngineCache, EnginePool
 from .request import Request, RequestRejected, SamplingParams, StepOutput
-from .runner import ModelRunner
+from .runner import STEP_PHASES, ModelRunner
 from .scheduler import Batch, PrefixHit, Scheduler
 
 _log = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ class Engine:
         self._steps = 0
         self._tokens_out = 0
         self._tokens_in = 0
+        # perf_counter seconds of every step, by phase (STEP_PHASES): what a step costs, where
+        self._phase_seconds: dict[str, float] = dict.fromkeys(STEP_PHASES, 0.0)
         self._stalled = False
         self._short: list[Request] = []  # the last step's requests whose pages could not be mapped
         self._memory_error: Optional[str] = None  # and why
@@ -580,14 +582,22 @@ class Engine:
         self._require_open("step")
         with self._step_lock:
             t0 = time.perf_counter()
+            phases = self._phase_seconds
             self._drain_inbox()
             preempted = self.memory.before_step()
+            t1 = time.perf_counter()
             with self._pool_lock:
                 batch = self.scheduler.schedule()
             self._note_short(batch)
             produced: list[StepOutput] = []
+            t2 = time.perf_counter()
+            phases["memory"] += t1 - t0
+            phases["schedule"] += t2 - t1
             if batch:
                 sampled = self.runner.run(batch)
+                for name, seconds in self.runner.last_phases.items():
+                    phases[name] += seconds
+                t2 = time.perf_counter()
                 now = self.clock()
                 with self._pool_lock:
                     produced, finished = self.scheduler.postprocess(batch, sampled, now)
@@ -599,7 +609,10 @@ class Engine:
                 self._tokens_out += sum(1 for out in produced if out.token is not None)
             waits = bool(self.scheduler.waiting) and not self.scheduler.running
             self._stalled = not batch and (waits or bool(batch.short))
+            t3 = time.perf_counter()
+            phases["postprocess"] += t3 - t2
             self.memory.after_step()
+            phases["memory"] += time.perf_counter() - t3
             if self.timeline is not None:
                 self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
             return produced
@@ -799,8 +812,11 @@ class Engine:
         steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
         in the step); background_errors / background_last_error (failures of the background
         memory thread, which keeps running); allocation_failures (steps in which KV pages within
-        the budget could not be mapped: those requests waited, unchanged); swap_* from the swap space. A closed Engine answers with the figures it
-        had when it closed (memory it gave back counted as gone) and ``closed: True``.
+        the budget could not be mapped: those requests waited, unchanged); step_phase_seconds
+        (wall seconds, ``time.perf_counter``, of all steps by phase: ``schedule``, ``pack`` (tokens
+        packed and pages planned), ``forward``, ``sample`` (on CUDA it also waits for the
+        forward's kernels), ``postprocess``, ``memory`` (policy work before and after)); swap_*
+        from the swap space. A closed Engine answers with the figures it had when it closed (memory it gave back counted as gone) and ``closed: True``.
         """
         if self._final_stats is not None:
             return dict(self._final_stats)
@@ -841,6 +857,7 @@ class Engine:
             "tokens_generated": self._tokens_out,
             "prepacked_layers": 0 if self._packed is None else self._packed.count,
             "allocation_failures": self._allocation_failures,
+            "step_phase_seconds": dict(self._phase_seconds),
         }
         out.update(self.swap.stats())
         if self.prefix is not None:
