@@ -183,7 +183,7 @@ class Engine:
             (ValueError if it cannot be done); ``False``: off. It costs a packed copy of the
             weights and oneDNN's compiled kernels for each row bucket a weight shape meets (at
             most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
-            it is faster depends on the CPU (``prepack`` module docstring).
+            it is faster depends on the CPU (``prepack`` module docstring). Off with ``compile``.
         prefix_caching: keep full KV pages by the hash of their tokens and share them: a
             request reuses the longest cached prefix of its tokens and prefills only the rest;
             pages no request holds stay cached (reclaimable, never demand) until ``eviction``
@@ -195,6 +195,13 @@ class Engine:
             ``budget``, so a smaller lease preempts and shrinks like a budget cut, at the next
             step (or at once, from the background thread, when nothing steps). ``close()``
             leaves the broker.
+        compile: run the decoder layers' MLPs and RMSNorms compiled by ``torch.compile``
+            (inductor; ``hf/compile.py``), compiled here, before the first step, for every
+            batch size (the token count is a dynamic shape: no step compiles again, whatever
+            its batch, grows, shrinks, compactions or preemptions). Off by default: it costs
+            seconds of start-up, and on CPU with small models it is not faster. With it,
+            prepacking is off (``prepack_weights=True`` is refused). ``stats()`` reports
+            ``compiled_modules`` and ``compile_seconds``. ValueError for anything but a bool.
 
     How much KV memory the Engine may hold is ``self.budget`` (a ``KVBudget``): the policy's
     ``max_bytes`` (within the pool's reservation) is its ceiling and ``min_bytes`` its floor;
@@ -221,7 +228,15 @@ class Engine:
         prefix_caching: bool = True,
         eviction: Optional[EvictionPolicy] = None,
         broker: Optional[EngineBroker] = None,
+        compile: bool = False,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"Engine: compile must be True or False, got {compile!r}")
+        if compile and prepack_weights:
+            raise ValueError(
+                "Engine: compile=True and prepack_weights=True exclude each other (the compiled modules "
+                "run their own kernels); pass prepack_weights=None or False"
+            )
         if not isinstance(prefix_caching, bool):
             raise ValueError(f"Engine: prefix_caching must be True or False, got {prefix_caching!r}")
         if eviction is not None and not isinstance(eviction, EvictionPolicy):
@@ -237,7 +252,7 @@ class Engine:
         except StopIteration:
             self.device, dtype = torch.device("cpu"), torch.float32
         text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        use_prepack = self._want_prepack(model, dtype, prepack_weights)
+        use_prepack = self._want_prepack(model, dtype, False if compile else prepack_weights)
         self.vocab_size: int = text_cfg.vocab_size
         self.max_positions: Optional[int] = getattr(text_cfg, "max_position_embeddings", None)
 
@@ -347,6 +362,17 @@ class Engine:
             from ..hf.prepack import PackedLinears
 
             self._packed = PackedLinears(model)  # close() restores the layers
+        self._compiled: Any = None
+        if compile:
+            from ..hf.compile import CompiledLayers
+
+            try:
+                self._compiled = CompiledLayers(model, text_cfg.hidden_size)  # close() restores them
+                self._compiled.warm_up(dtype, self.device)
+            except BaseException:
+                self.close()
+                raise
+            _log.info("Engine: %d modules compiled in %.1f s", self._compiled.count, self._compiled.compile_seconds)
         self.broker = broker
         if broker is not None:
             try:
@@ -808,8 +834,9 @@ class Engine:
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
-        layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
-        steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
+        layers on prepacked weights); compiled_modules / compile_seconds (``compile``: modules
+        running compiled, wall seconds their compilation took at start); policy_seconds (wall
+        seconds, ``time.perf_counter``, the steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
         in the step); background_errors / background_last_error (failures of the background
         memory thread, which keeps running); allocation_failures (steps in which KV pages within
         the budget could not be mapped: those requests waited, unchanged); step_phase_seconds
@@ -856,6 +883,8 @@ class Engine:
             "tokens_forwarded": self._tokens_in,
             "tokens_generated": self._tokens_out,
             "prepacked_layers": 0 if self._packed is None else self._packed.count,
+            "compiled_modules": 0 if self._compiled is None else self._compiled.count,
+            "compile_seconds": 0.0 if self._compiled is None else self._compiled.compile_seconds,
             "allocation_failures": self._allocation_failures,
             "step_phase_seconds": dict(self._phase_seconds),
         }
@@ -934,6 +963,9 @@ class Engine:
         if self._packed is not None:
             self._packed.restore()
             self._packed = None
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.restore()
+            self._compiled = None
         if self._owns_pool and not self._pool_closed:
             # the Engine made the pool, so its memory goes back with the Engine
             self._pool_closed = True
