@@ -13,6 +13,8 @@ Timing itself lives in benchmarks/ (bench_engine.py, RESULTS.md "Decode speed").
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -154,3 +156,63 @@ def test_step_phase_seconds_account_for_the_steps():
         assert phases["forward"] < total
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--threads", "two"], "--threads must be an integer"),
+        (["--threads", "100000"], "--threads must be at most the"),
+        (["--compile=yes"], "--compile/--no-compile: ignored explicit argument 'yes'"),
+        (["--no-compile=1"], "--compile/--no-compile: ignored explicit argument '1'"),
+    ],
+)
+def test_bad_serve_flags_exit_2_with_one_line(argv, needle, capsys):
+    from torch_elastic_kv.serve import cli
+
+    assert cli.serve_main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ekv-serve: error: "), err
+    assert needle in err, err
+
+
+def test_serve_flags_defaults_and_help(capsys):
+    from torch_elastic_kv.serve import cli
+
+    s = cli.resolve(["--port", "0", "--device", "cpu"])
+    assert s.compile is False and s.threads == cli.default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    s = cli.resolve(["--port", "0", "--device", "cpu", "--compile", "--threads", "1"])
+    assert s.compile is True and s.threads == 1
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--threads THREADS" in text and "--compile, --no-compile" in text
+
+
+def test_server_with_compile_answers_as_the_eager_engine():
+    """``serve --compile --threads 1``: compiled at start (logged), and its greedy completions are
+    the eager Engine's tokens."""
+    import httpx
+
+    from torch_elastic_kv.serve.default_model import EOS_ID, build_default_model, build_default_tokenizer
+    from torch_elastic_kv.testing.processes import ServerProcess
+
+    tokenizer = build_default_tokenizer()
+    prompts = ["The quick brown fox", "def main():", "1, 2, 3,"]
+    eng = Engine(build_default_model(), policy=ElasticPolicy(max_bytes=64 * MiB), background=False)
+    try:
+        want = eng.generate([tokenizer.encode(p) for p in prompts], 12, eos_token_id=EOS_ID)
+    finally:
+        eng.close()
+    server = ServerProcess(["--compile", "--threads", "1", "--max-kv-bytes", "32M", "--drain-seconds", "2"])
+    try:
+        body = {"model": "ekv-default-llama", "prompt": prompts, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]
+        log = server.log()
+        assert "1 thread(s) for the forward (--threads)" in log and "compiled in " in log, log[-2000:]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
