@@ -46,7 +46,15 @@ split (``stats()["step_phase_seconds"]``: schedule, pack, forward, sample, postp
 memory) is printed too. ``engine-elastic-compiled`` (``Engine(compile=True)``, not run unless
 named in ``--systems``) measures compilation; its compile time is reported.
 
+``--decode-loop`` measures the decode loop alone instead (issue 25: where a step's time goes):
+``--loop-requests`` requests of ``--loop-prompt`` random tokens decode ``--loop-output`` tokens
+each, all queued at once, on the server's default model (``--loop-model default``) or the
+26M Llama above (``bench``), for every combination of ``--loop-threads`` and
+``--loop-compile``, interleaved over ``--repeats`` rounds after a warm-up round: output
+tokens/s, median step ms and ms per step by phase, medians over the rounds.
+
 Run: python benchmarks/bench_engine.py [--quick]
+     python benchmarks/bench_engine.py --decode-loop --loop-threads 1,2 --loop-compile 0,1
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
 from torch_elastic_kv.bench import replay  # noqa: E402
 from torch_elastic_kv.bench.stats import percentile, time_weighted_mean  # noqa: E402
+from torch_elastic_kv.engine.runner import STEP_PHASES  # noqa: E402
 from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [
@@ -361,6 +370,81 @@ def matmul_rate(threads: int, size: int = 1024, repeats: int = 7) -> float:
         torch.set_num_threads(before)
 
 
+# ----------------------------------------------------------------------------- decode loop --
+def decode_loop(args: argparse.Namespace) -> None:
+    """``--decode-loop``: the Engine's decode loop per (threads, compile), interleaved."""
+    from torch_elastic_kv.serve.default_model import build_default_model
+
+    def make_model():
+        return build_default_model() if args.loop_model == "default" else build_model()
+
+    threads = [int(x) for x in args.loop_threads.split(",")]
+    compiles = [bool(int(x)) for x in args.loop_compile.split(",")]
+    engines = {}
+    for c in compiles:  # one model per Engine: a compiled Engine changes its model's modules
+        t0 = time.perf_counter()
+        eng = Engine(
+            make_model(), policy=ElasticPolicy(max_bytes=256 * MiB), background=False, timeline=True, compile=c
+        )
+        engines[c] = eng
+        print(f"  Engine(compile={c}) built in {time.perf_counter() - t0:.1f} s", flush=True)
+    vocab = engines[compiles[0]].vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(8, vocab, (args.loop_prompt,), generator=g).tolist() for _ in range(args.loop_requests)]
+    configs = [(t, c) for t in threads for c in compiles]
+    runs: dict[tuple[int, bool], list[dict]] = {k: [] for k in configs}
+
+    def once(t: int, c: bool) -> dict:
+        torch.set_num_threads(t)
+        eng = engines[c]
+        before = eng.stats()
+        eng.timeline.clear()
+        t0 = time.perf_counter()
+        eng.generate(prompts, args.loop_output)
+        wall = time.perf_counter() - t0
+        st = eng.stats()
+        steps = st["steps"] - before["steps"]
+        step_s = sorted(e["step_seconds"] for e in eng.timeline if e["num_tokens"])
+        return {
+            "tokens_per_s": (st["tokens_generated"] - before["tokens_generated"]) / wall,
+            "step_ms_median": 1000 * step_s[len(step_s) // 2],
+            "phases_ms": {
+                k: 1000 * (v - before["step_phase_seconds"][k]) / steps for k, v in st["step_phase_seconds"].items()
+            },
+        }
+
+    for t, c in configs:
+        once(t, c)  # warm-up round: kernels and buckets seen once
+    for rep in range(args.repeats):
+        order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+        for t, c in order:
+            r = once(t, c)
+            runs[(t, c)].append(r)
+            print(
+                f"  [{rep + 1}/{args.repeats}] threads {t} compile {int(c)}: {r['tokens_per_s']:.0f} tok/s, "
+                f"step {r['step_ms_median']:.2f} ms (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+    print(
+        f"decode loop: {args.loop_requests} requests x {args.loop_output} tokens, prompts of {args.loop_prompt}, "
+        f"model {args.loop_model}; medians of {args.repeats} rounds"
+    )
+    print("| threads | compile | tok/s | step ms (median) | " + " | ".join(STEP_PHASES) + " (ms/step) |")
+    print("|---|---|---|---|" + "---|" * len(STEP_PHASES))
+    for (t, c), rs in runs.items():
+        med = statistics.median
+        phases = [f"{med(r['phases_ms'][k] for r in rs):.3f}" for k in STEP_PHASES]
+        print(
+            f"| {t} | {'on' if c else 'off'} | {med(r['tokens_per_s'] for r in rs):.0f} | "
+            f"{med(r['step_ms_median'] for r in rs):.2f} | " + " | ".join(phases) + " |"
+        )
+    for c, eng in engines.items():
+        if c:
+            print(f"compile time at start: {eng.stats()['compile_seconds']:.1f} s")
+        eng.close()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 # ----------------------------------------------------------------------------- main ---------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -401,10 +485,20 @@ def main() -> None:
         "engine-elastic-compiled (Engine(compile=True))",
     )
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
+    ap.add_argument("--decode-loop", action="store_true", help="measure the decode loop alone (see the docstring)")
+    ap.add_argument("--loop-model", choices=("default", "bench"), default="default")
+    ap.add_argument("--loop-requests", type=int, default=8)
+    ap.add_argument("--loop-prompt", type=int, default=60)
+    ap.add_argument("--loop-output", type=int, default=200)
+    ap.add_argument("--loop-threads", type=str, default="1", help="comma-separated thread counts")
+    ap.add_argument("--loop-compile", type=str, default="0", help="comma-separated 0/1: Engine(compile=...)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.repeats = 16, 1
+    if args.decode_loop:
+        decode_loop(args)
+        return
     torch.set_num_threads(args.threads)
     trace = next((p for p in TRACE_CANDIDATES if p.exists()), None)
     if trace is None:
