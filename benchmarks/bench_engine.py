@@ -438,6 +438,17 @@ def decode_loop(args: argparse.Namespace) -> None:
             f"| {t} | {'on' if c else 'off'} | {med(r['tokens_per_s'] for r in rs):.0f} | "
             f"{med(r['step_ms_median'] for r in rs):.2f} | " + " | ".join(phases) + " |"
         )
+    model = engines[compiles[0]].model
+    flops = workload_flops(model, prompts, [args.loop_output] * len(prompts))
+    for t in threads:
+        rate = matmul_rate(t)
+        best = max(statistics.median(r["tokens_per_s"] for r in runs[(t, c)]) for c in compiles)
+        floor = flops / rate
+        wall = args.loop_requests * args.loop_output / best
+        print(
+            f"compute floor, {t} thread(s): {flops / 1e9:.3f} GFLOP / {rate / 1e9:.1f} GFLOP/s = {1000 * floor:.1f} ms; "
+            f"the best Engine took {1000 * wall:.0f} ms, {wall / floor:.0f}x the floor"
+        )
     for c, eng in engines.items():
         if c:
             print(f"compile time at start: {eng.stats()['compile_seconds']:.1f} s")
