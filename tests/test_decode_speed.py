@@ -216,3 +216,21 @@ def test_server_with_compile_answers_as_the_eager_engine():
         assert "1 thread(s) for the forward (--threads)" in log and "compiled in " in log, log[-2000:]
     finally:
         assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_a_failed_compile_raises_and_leaves_the_model_as_it_was(monkeypatch):
+    """Inductor failing at start (no C++ compiler, say) fails the constructor with its error and
+    puts the model back: its modules on their own forward, its attention as it was."""
+    from torch_elastic_kv.hf import compile as hf_compile
+
+    def fail(self, dtype, device):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(hf_compile.CompiledLayers, "warm_up", fail)
+    model = tiny_llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        Engine(model, background=False, compile=True)
+    assert model.config._attn_implementation == attn
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))

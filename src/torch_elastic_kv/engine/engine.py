@@ -363,6 +363,7 @@ class Engine:
 
             self._packed = PackedLinears(model)  # close() restores the layers
         self._compiled: Any = None
+        self.broker: Optional[EngineBroker] = None  # attached below, after the compile
         if compile:
             from ..hf.compile import CompiledLayers
 
