@@ -87,7 +87,9 @@ Status check(const PagedDecodeArgs& a) {
 // clone below, two SSE registers in the default one. Loads and stores go through memcpy
 // (no alignment assumed). The helpers are inlined into their caller's clone, so the note GCC
 // gives on passing 32-byte vectors without AVX (-Wpsabi) is about an ABI no call here uses.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 using v8f = float __attribute__((vector_size(32)));
 using v8i = std::int32_t __attribute__((vector_size(32)));
 
@@ -97,9 +99,9 @@ inline v8f load8(const float* p) {
   return v;
 }
 
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
 
-inline float lane_sum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+inline float lane_sum(const v8f& v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // exp(x) for x <= 0 (scores minus their running maximum), branch-free so that eight of them
 // run as one vector: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
@@ -108,9 +110,9 @@ inline float lane_sum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] +
 // 0 (expf gives a denormal there: a weight of at most 1e-38 beside the maximum's 1). The same
 // template serves one float and eight, so both give the same bits.
 template <typename F, typename I>
-inline F exp_nonpositive(F x) {
+inline F exp_nonpositive(const F& in) {
   const F lo = F{} - 87.0f;  // -87 in every lane
-  x = x < lo ? lo : x;
+  const F x = in < lo ? lo : in;
   const F k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const F r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 split: exact first part
   F p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
