@@ -77,13 +77,16 @@ class CompiledLayers:
         hidden_size: the width of the hidden states (the config's ``hidden_size``).
 
     ``compile_seconds`` is the wall time ``warm_up`` spent compiling. Raises ValueError when
-    the model has no such modules.
+    the model has no such modules. Modules another ``CompiledLayers`` compiled are left to it.
     """
 
     def __init__(self, model: torch.nn.Module, hidden_size: int) -> None:
-        self._targets = compile_targets(model)
-        if not self._targets:
+        targets = compile_targets(model)
+        if not targets:
             raise ValueError(f"compile: {type(model).__name__} has no MLP or RMSNorm module to compile")
+        # a module whose forward was replaced already (another Engine compiled this model) is
+        # left to whoever replaced it: its restore() puts it back
+        self._targets = [m for m in targets if "forward" not in m.__dict__]
         self.hidden_size = int(hidden_size)
         self.compile_seconds = 0.0
         for m in self._targets:
