@@ -37,7 +37,24 @@ Metrics: output tokens/s over the whole run (wall clock) and per CPU-second of t
 For hf-generate the KV bytes are the DynamicCache tensor sizes computed from the batch
 shapes; for hf-generate_batch the size of its preallocated cache tensor.
 
+Compute floor (issue 25 item 3): the workload's forward FLOPs (every linear layer over every
+forwarded token, the LM head over every sampled row, attention's QK and PV over each token's
+context) divided by this machine's measured float32 matmul rate (a 1024^3 ``torch.mm`` on
+``--threads`` threads, median of repeats), printed beside each Engine's wall time: how far the
+Engine alone, without a server, is from what its arithmetic needs. Each Engine's step time
+split (``stats()["step_phase_seconds"]``: schedule, pack, forward, sample, postprocess,
+memory) is printed too. ``engine-elastic-compiled`` (``Engine(compile=True)``, not run unless
+named in ``--systems``) measures compilation; its compile time is reported.
+
+``--decode-loop`` measures the decode loop alone instead (issue 25: where a step's time goes):
+``--loop-requests`` requests of ``--loop-prompt`` random tokens decode ``--loop-output`` tokens
+each, all queued at once, on the server's default model (``--loop-model default``) or the
+26M Llama above (``bench``), for every combination of ``--loop-threads`` and
+``--loop-compile``, interleaved over ``--repeats`` rounds after a warm-up round: output
+tokens/s, median step ms and ms per step by phase, medians over the rounds.
+
 Run: python benchmarks/bench_engine.py [--quick]
+     python benchmarks/bench_engine.py --decode-loop --loop-threads 1,2 --loop-compile 0,1
 """
 
 from __future__ import annotations
@@ -60,6 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
 from torch_elastic_kv.bench import replay  # noqa: E402
 from torch_elastic_kv.bench.stats import percentile, time_weighted_mean  # noqa: E402
+from torch_elastic_kv.engine.runner import STEP_PHASES  # noqa: E402
 from torch_elastic_kv.hf.prepack import PackedLinears  # noqa: E402
 
 TRACE_CANDIDATES = [
@@ -151,7 +169,15 @@ def summarize(
 
 # ----------------------------------------------------------------------------- systems ------
 def run_engine(
-    model, prompts, outs, max_bytes: int, static: bool, max_batch_tokens: int, idle_seconds: float, prepack: bool = True
+    model,
+    prompts,
+    outs,
+    max_bytes: int,
+    static: bool,
+    max_batch_tokens: int,
+    idle_seconds: float,
+    prepack: bool = True,
+    compile: bool = False,
 ) -> dict:
     """One Engine over the workload through the shared replay harness (every request at t=0),
     then ``idle_seconds`` + 0.6 s of idle tail for the grower thread to give memory back."""
@@ -164,6 +190,7 @@ def run_engine(
         max_batch_tokens=max_batch_tokens,
         background=True,
         prepack_weights=None if prepack else False,
+        compile=compile,
     )
     requests = [replay.ReplayRequest(0.0, p, n) for p, n in zip(prompts, outs)]
     name = "engine-static" if static else "engine-elastic"
@@ -195,6 +222,8 @@ def run_engine(
             "prepacked_layers": st["prepacked_layers"],
             "policy_ms": 1000 * st["policy_seconds"],
             "step_ms_mean": 1000 * statistics.mean(step_s) if step_s else 0.0,
+            "phase_s": st["step_phase_seconds"],
+            "compile_s": st["compile_seconds"],
         },
     )
 
@@ -304,6 +333,129 @@ def run_hf_generate_batch(
     return summarize("hf-generate_batch", t1 - t0, c1 - c0, ntok, ttft, tpot, kv, kv, 0, {"finished": len(results)})
 
 
+# ----------------------------------------------------------------------------- floor --------
+def workload_flops(model, prompts, outs) -> float:
+    """Forward FLOPs of the workload as the Engine runs it (no shared prefixes: every prompt
+    token and every output token but the last is forwarded once): 2 per weight of the decoder
+    layers' linear layers per forwarded token, 2 per LM-head weight per sampled token, and
+    attention's QK and PV, 4 * heads * head_dim per layer per token of each token's context."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    layer_w = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    head_w = model.lm_head.weight.numel()
+    total = 0.0
+    for p, n in zip(prompts, outs):
+        forwarded = len(p) + n - 1
+        contexts = forwarded * (forwarded + 1) / 2  # the token at position i attends over i + 1
+        total += 2 * layer_w * forwarded + 2 * head_w * n
+        total += 4 * c.num_attention_heads * head_dim * c.num_hidden_layers * contexts
+    return total
+
+
+def matmul_rate(threads: int, size: int = 1024, repeats: int = 7) -> float:
+    """This machine's float32 matmul rate in FLOP/s: a ``size``^3 ``torch.mm`` on ``threads``
+    threads, the median of ``repeats`` timed runs after a warm-up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        return 2 * size**3 / statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- decode loop --
+def decode_loop(args: argparse.Namespace) -> None:
+    """``--decode-loop``: the Engine's decode loop per (threads, compile), interleaved."""
+    from torch_elastic_kv.serve.default_model import build_default_model
+
+    def make_model():
+        return build_default_model() if args.loop_model == "default" else build_model()
+
+    threads = [int(x) for x in args.loop_threads.split(",")]
+    compiles = [bool(int(x)) for x in args.loop_compile.split(",")]
+    engines = {}
+    for c in compiles:  # one model per Engine: a compiled Engine changes its model's modules
+        t0 = time.perf_counter()
+        eng = Engine(
+            make_model(), policy=ElasticPolicy(max_bytes=256 * MiB), background=False, timeline=True, compile=c
+        )
+        engines[c] = eng
+        print(f"  Engine(compile={c}) built in {time.perf_counter() - t0:.1f} s", flush=True)
+    vocab = engines[compiles[0]].vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(8, vocab, (args.loop_prompt,), generator=g).tolist() for _ in range(args.loop_requests)]
+    configs = [(t, c) for t in threads for c in compiles]
+    runs: dict[tuple[int, bool], list[dict]] = {k: [] for k in configs}
+
+    def once(t: int, c: bool) -> dict:
+        torch.set_num_threads(t)
+        eng = engines[c]
+        before = eng.stats()
+        eng.timeline.clear()
+        t0 = time.perf_counter()
+        eng.generate(prompts, args.loop_output)
+        wall = time.perf_counter() - t0
+        st = eng.stats()
+        steps = st["steps"] - before["steps"]
+        step_s = sorted(e["step_seconds"] for e in eng.timeline if e["num_tokens"])
+        return {
+            "tokens_per_s": (st["tokens_generated"] - before["tokens_generated"]) / wall,
+            "step_ms_median": 1000 * step_s[len(step_s) // 2],
+            "phases_ms": {
+                k: 1000 * (v - before["step_phase_seconds"][k]) / steps for k, v in st["step_phase_seconds"].items()
+            },
+        }
+
+    for t, c in configs:
+        once(t, c)  # warm-up round: kernels and buckets seen once
+    for rep in range(args.repeats):
+        order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+        for t, c in order:
+            r = once(t, c)
+            runs[(t, c)].append(r)
+            print(
+                f"  [{rep + 1}/{args.repeats}] threads {t} compile {int(c)}: {r['tokens_per_s']:.0f} tok/s, "
+                f"step {r['step_ms_median']:.2f} ms (load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+    print(
+        f"decode loop: {args.loop_requests} requests x {args.loop_output} tokens, prompts of {args.loop_prompt}, "
+        f"model {args.loop_model}; medians of {args.repeats} rounds"
+    )
+    print("| threads | compile | tok/s | step ms (median) | " + " | ".join(STEP_PHASES) + " (ms/step) |")
+    print("|---|---|---|---|" + "---|" * len(STEP_PHASES))
+    for (t, c), rs in runs.items():
+        med = statistics.median
+        phases = [f"{med(r['phases_ms'][k] for r in rs):.3f}" for k in STEP_PHASES]
+        print(
+            f"| {t} | {'on' if c else 'off'} | {med(r['tokens_per_s'] for r in rs):.0f} | "
+            f"{med(r['step_ms_median'] for r in rs):.2f} | " + " | ".join(phases) + " |"
+        )
+    model = engines[compiles[0]].model
+    flops = workload_flops(model, prompts, [args.loop_output] * len(prompts))
+    for t in threads:
+        rate = matmul_rate(t)
+        best = max(statistics.median(r["tokens_per_s"] for r in runs[(t, c)]) for c in compiles)
+        floor = flops / rate
+        wall = args.loop_requests * args.loop_output / best
+        print(
+            f"compute floor, {t} thread(s): {flops / 1e9:.3f} GFLOP / {rate / 1e9:.1f} GFLOP/s = {1000 * floor:.1f} ms; "
+            f"the best Engine took {1000 * wall:.0f} ms, {wall / floor:.0f}x the floor"
+        )
+    for c, eng in engines.items():
+        if c:
+            print(f"compile time at start: {eng.stats()['compile_seconds']:.1f} s")
+        eng.close()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 # ----------------------------------------------------------------------------- main ---------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -340,13 +492,24 @@ def main() -> None:
         default=None,
         help="comma-separated subset of engine-elastic,engine-static,engine-elastic-unpacked,"
         "hf-generate,hf-generate_batch,hf-generate_batch-packed, or "
-        "engine-static-again (the static Engine twice: an A/A noise check)",
+        "engine-static-again (the static Engine twice: an A/A noise check), "
+        "engine-elastic-compiled (Engine(compile=True))",
     )
     ap.add_argument("--quick", action="store_true", help="16 requests, 1 repeat (smoke run)")
+    ap.add_argument("--decode-loop", action="store_true", help="measure the decode loop alone (see the docstring)")
+    ap.add_argument("--loop-model", choices=("default", "bench"), default="default")
+    ap.add_argument("--loop-requests", type=int, default=8)
+    ap.add_argument("--loop-prompt", type=int, default=60)
+    ap.add_argument("--loop-output", type=int, default=200)
+    ap.add_argument("--loop-threads", type=str, default="1", help="comma-separated thread counts")
+    ap.add_argument("--loop-compile", type=str, default="0", help="comma-separated 0/1: Engine(compile=...)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.repeats = 16, 1
+    if args.decode_loop:
+        decode_loop(args)
+        return
     torch.set_num_threads(args.threads)
     trace = next((p for p in TRACE_CANDIDATES if p.exists()), None)
     if trace is None:
@@ -378,7 +541,8 @@ def main() -> None:
     if args.systems:
         # engine-static-again: the static Engine a second time, an A/A run that shows how far
         # two runs of one system differ on this machine
-        systems = [s for s in systems + ["engine-static-again"] if s in args.systems.split(",")]
+        extra = ["engine-static-again", "engine-elastic-compiled"]
+        systems = [s for s in systems + extra if s in args.systems.split(",")]
 
     def run_one(name: str) -> dict:
         if name.startswith("engine"):
@@ -391,6 +555,7 @@ def main() -> None:
                 args.max_batch_tokens,
                 args.idle_seconds,
                 prepack=not name.endswith("-unpacked"),
+                compile=name.endswith("-compiled"),
             )
             r["system"] = name
             return r
@@ -495,6 +660,24 @@ def main() -> None:
             print(
                 f"{r['system']}: {r['steps']} steps, {r['policy_ms']:.1f} ms of them on memory work "
                 f"(budget, grow, shrink: {100 * r['policy_ms'] / 1000 / r['wall_s']:.2f} % of the run)"
+            )
+    flops = workload_flops(model, prompts, outs)
+    rate = matmul_rate(args.threads)
+    floor = flops / rate
+    print(
+        f"compute floor: {flops / 1e9:.2f} GFLOP of forward / {rate / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, "
+        f"{args.threads} threads) = {floor:.3f} s"
+    )
+    for r in results:
+        r["floor_s"] = floor
+        if "phase_s" in r:
+            r["x_floor"] = r["wall_s"] / floor
+            per_step = {k: f"{1000 * v / max(r['steps'], 1):.2f}" for k, v in r["phase_s"].items()}
+            compiled = f"; compiled in {r['compile_s']:.1f} s" if r.get("compile_s") else ""
+            print(
+                f"{r['system']}: {r['wall_s']:.2f} s = {r['x_floor']:.1f}x the floor; ms per step by phase "
+                + ", ".join(f"{k} {v}" for k, v in per_step.items())
+                + compiled
             )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:

@@ -21,6 +21,8 @@ Steps, each guarded (a failing step records its error in the json and the rest s
    a static pool (static, elastic, elastic, static), same bursty workload: tokens/s, TTFT/TPOT p50/p99, resident bytes over time,
    idle footprint vs its floor, device free memory (``torch.cuda.mem_get_info``) before,
    during and after, to show the memory went back to the driver;
+   ``split``: where a decode-heavy run's step time goes (schedule, pack, forward synchronized,
+   sample, postprocess, memory), eager and, on a GPU, with ``Engine(compile=True)``;
    ``stream_order``: an unmap while a kernel still writes the memory waits for it (run last:
    if it were wrong, the device context would not survive it);
 5. a short table (printed last); ``gpu_results.json`` (everything) and ``gpu_results.md`` (the
@@ -1286,6 +1288,98 @@ def step_tp(s: Settings, args: argparse.Namespace) -> dict:
     )
 
 
+# ---------------------------------------------------------------------------------- step 4c --
+class _SyncedModel:
+    """The model, its forward followed by a device synchronize: the Engine's ``forward`` phase
+    then holds the kernels' time, not only their launch (on CUDA a launch returns at once and
+    the first host sync, in sampling, would wait for them)."""
+
+    def __init__(self, model: Any, device: str) -> None:
+        self._model = model
+        self._device = device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._model(*args, **kwargs)
+        synchronize(self._device)
+        return out
+
+
+def _split_run(model: Any, s: Settings, requests: list[tuple[list[int], int]], compile: bool) -> dict:
+    """One Engine over ``requests`` (all queued at once, run to the end, a first round as
+    warm-up): the step time split per phase (``stats()["step_phase_seconds"]``), ms per step,
+    and decode steps' mean time from the timeline."""
+    from torch_elastic_kv import ElasticPolicy, Engine
+
+    wl = s.workload
+    engine = Engine(
+        model,
+        policy=ElasticPolicy(max_bytes=wl.pool_bytes),
+        max_batch_tokens=wl.max_batch_tokens,
+        background=False,
+        compile=compile,
+    )
+    try:
+        engine.runner.model = _SyncedModel(model, s.engine_device)
+        engine.generate([p for p, _ in requests[:2]], 2)  # warm-up: kernels and allocator pools
+        before = engine.stats()
+        engine.timeline.clear()
+        t0 = time.perf_counter()
+        engine.generate([p for p, _ in requests], [n for _, n in requests])
+        wall = time.perf_counter() - t0
+        st = engine.stats()
+    finally:
+        engine.close()
+    steps = st["steps"] - before["steps"]
+    phases = {k: (v - before["step_phase_seconds"][k]) * 1e3 / steps for k, v in st["step_phase_seconds"].items()}
+    decode = [e["step_seconds"] for e in engine.timeline if e["num_tokens"] and e["num_tokens"] == e["num_seqs"]]
+    return {
+        "compile": compile,
+        "compile_seconds": st["compile_seconds"],
+        "steps": steps,
+        "wall_seconds": wall,
+        "tokens_per_s": (st["tokens_generated"] - before["tokens_generated"]) / wall,
+        "ms_per_step": phases,
+        "decode_steps": len(decode),
+        "decode_step_ms_mean": 1e3 * statistics.fmean(decode) if decode else None,
+    }
+
+
+def step_split(s: Settings, args: argparse.Namespace) -> dict:
+    """Where a step's time goes on the engine device: schedule, pack (tokens packed, pages
+    planned), forward (synchronized), sample, postprocess, memory; eager, and on a GPU also
+    with ``Engine(compile=True)`` (its compile time reported; a dry run skips it: inductor on
+    a shared CPU takes longer than the run's budget allows). CUDA graphs are not used: the
+    paged attention and cache run eagerly between the compiled modules and their page tables
+    change every step, so there is no one static graph per step to capture."""
+    try:
+        from torch_elastic_kv.hf.compile import CompiledLayers  # noqa: F401
+    except ImportError as e:
+        raise Unavailable(f"the compiled Engine is not in this tree yet ({e})") from None
+    model, model_info = build_model(s)
+    wl = s.workload
+    decode_heavy = Workload(**{**asdict(wl), "new_tokens": (wl.new_tokens[1], wl.new_tokens[1])})
+    requests = make_requests(decode_heavy, model.config.vocab_size, seed=3)
+    out: dict[str, Any] = {"model": model_info, "requests": len(requests), "cuda_graphs": False}
+    out["eager"] = _split_run(model, s, requests, compile=False)
+    if cuda_real():
+        out["compiled"] = _split_run(model, s, requests, compile=True)
+    else:
+        out["compiled"] = {"skipped": "dry run: no compilation on CPU here"}
+    for name in ("eager", "compiled"):
+        r = out[name]
+        if "ms_per_step" in r:
+            print(
+                f"[gpu_check] split {name}: {r['tokens_per_s']:.1f} tok/s, ms per step "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["ms_per_step"].items())
+                + (f"; compiled in {r['compile_seconds']:.1f} s" if r["compile"] else ""),
+                flush=True,
+            )
+    del model
+    if cuda_real():
+        torch.cuda.empty_cache()
+    return out
+
+
 # ---------------------------------------------------------------------------------- runner ---
 STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("build", step_build),
@@ -1297,6 +1391,7 @@ STEPS: list[tuple[str, Callable[[Settings, argparse.Namespace], dict]]] = [
     ("parity", step_parity),
     ("decode", step_decode),
     ("engine", step_engine),
+    ("split", step_split),
     ("stream_order", step_stream_order),
     ("tp", step_tp),
 ]
@@ -1618,6 +1713,21 @@ def build_table(res: dict) -> list[list[str]]:
                     "device free: before / min during / after",
                     f"{_mib(e['free_before'])} / {_mib(e['free_during_min'])} / {_mib(e['free_after_idle'])}",
                     "-",
+                    "-",
+                ]
+            )
+    if status_row("split", "step time split"):
+        for name in ("eager", "compiled"):
+            r = st["split"][name]
+            if "ms_per_step" not in r:
+                continue
+            ms = r["ms_per_step"]
+            rows.append(
+                [
+                    f"step split {name} (ms/step)",
+                    f"fwd {ms['forward']:.2f}, pack {ms['pack']:.2f}, sample {ms['sample']:.2f}, "
+                    f"sched {ms['schedule']:.2f}, post {ms['postprocess']:.2f}, mem {ms['memory']:.2f}",
+                    f"compile {r['compile_seconds']:.1f} s" if r["compile"] else "-",
                     "-",
                 ]
             )

@@ -237,3 +237,20 @@ def test_probe_rejects_bad_arguments(fake_cuda):
     assert r["handle_bytes"] == 4 * MiB and len(r["create_us"]) == 3 and len(r["reserve_us"]) == 1
     assert fake_cuda.create_count() == 3 and fake_cuda.release_count() == 3
     assert fake_cuda.counts()["handles"] == 0
+
+
+def test_step_time_split(dry_run):
+    """The split step: every phase of the Engine's step timed, the forward synchronized; the
+    compiled run is for a GPU (skipped, with a reason, in the dry run)."""
+    _, res = dry_run
+    sp = res["steps"]["split"]
+    assert sp["status"] == "ok", sp
+    eager = sp["eager"]
+    ms = eager["ms_per_step"]
+    assert set(ms) == {"schedule", "pack", "forward", "sample", "postprocess", "memory"}
+    assert all(_num(v, 0, 60_000) for v in ms.values()), ms
+    assert ms["forward"] > 0 and eager["steps"] >= 2 and eager["decode_steps"] >= 1
+    assert eager["compile"] is False and eager["compile_seconds"] == 0
+    assert sp["compiled"] == {"skipped": "dry run: no compilation on CPU here"}
+    assert sp["cuda_graphs"] is False
+    assert any(row[0] == "step split eager (ms/step)" for row in res["table"])

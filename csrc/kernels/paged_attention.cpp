@@ -4,10 +4,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace ekv {
@@ -81,11 +83,61 @@ Status check(const PagedDecodeArgs& a) {
   return Status::Ok();
 }
 
+// Eight floats as one value (GCC/clang vector extension): one AVX register in the x86-64-v3
+// clone below, two SSE registers in the default one. Loads and stores go through memcpy
+// (no alignment assumed). The helpers are inlined into their caller's clone, so the note GCC
+// gives on passing 32-byte vectors without AVX (-Wpsabi) is about an ABI no call here uses.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+using v8f = float __attribute__((vector_size(32)));
+using v8i = std::int32_t __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
+
+inline float lane_sum(const v8f& v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// exp(x) for x <= 0 (scores minus their running maximum), branch-free so that eight of them
+// run as one vector: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
+// polynomial (relative error below 2e-7, about one float32 ulp), 2^k built in the exponent
+// bits; k is rounded by adding and subtracting 1.5 * 2^23. Below -87 the result flushes to
+// 0 (expf gives a denormal there: a weight of at most 1e-38 beside the maximum's 1). The same
+// template serves one float and eight, so both give the same bits.
+template <typename F, typename I>
+inline F exp_nonpositive(const F& in) {
+  const F lo = F{} - 87.0f;  // -87 in every lane
+  const F x = in < lo ? lo : in;
+  const F k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const F r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 split: exact first part
+  F p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I bits;
+  if constexpr (std::is_same_v<F, float>) {
+    bits = (static_cast<I>(k) + 127) << 23;
+  } else {
+    bits = (__builtin_convertvector(k, I) + 127) << 23;
+  }
+  F scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // One (row, kv head) item: the kv head's group of query heads over the row's pages.
-// Per page: scores of its tokens, one rescale of the running sums to the new maximum, then the
-// weighted V. scratch holds n_rep * (page_tokens + head_dim) floats.
+// Per page: scores of its tokens, one rescale of the running sums to the new maximum, the
+// tokens' weights in one pass, then the weighted V in blocks of 8 dims held in registers
+// across the page's tokens. scratch holds n_rep * (page_tokens + head_dim) floats.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float* scratch) {
   const std::int64_t n_rep = a.heads / a.kv_heads;
@@ -104,6 +156,7 @@ void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float
   }
   const float* q0 = a.query + token * a.q_token_stride + g * n_rep * a.q_head_stride;
   const std::int64_t used = (len + pt - 1) / pt;
+  const std::int64_t d8 = d - d % 8;
   for (std::int64_t pi = 0; pi < used; ++pi) {
     const std::int64_t page = load_index(table_row, a.table_index_bytes, pi);
     const std::int64_t n = std::min(pt, len - pi * pt);
@@ -111,35 +164,82 @@ void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float
     const float* vp = a.value_cache + page * a.v_page_stride + g * a.v_head_stride;
     for (std::int64_t j = 0; j < n_rep; ++j) {
       const float* q = q0 + j * a.q_head_stride;
+      float* sj = scores + j * pt;
       float bm = -std::numeric_limits<float>::infinity();
-      for (std::int64_t t = 0; t < n; ++t) {
+      // Four tokens at a time: four independent chains of FMAs keep the FPU busy where one
+      // token's chain would wait on each add. Each token's sum is formed the same way.
+      std::int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
         const float* k = kp + t * a.k_token_stride;
-        // Eight partial sums: vectorizes without reassociating a single float sum.
-        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        std::int64_t x = 0;
-        for (; x + 8 <= d; x += 8) {
-          for (int u = 0; u < 8; ++u) part[u] += q[x + u] * k[x + u];
+        const std::int64_t ks = a.k_token_stride;
+        v8f p0 = {}, p1 = {}, p2 = {}, p3 = {};
+        for (std::int64_t x = 0; x < d8; x += 8) {
+          const v8f qx = load8(q + x);
+          p0 += qx * load8(k + x);
+          p1 += qx * load8(k + ks + x);
+          p2 += qx * load8(k + 2 * ks + x);
+          p3 += qx * load8(k + 3 * ks + x);
         }
-        float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-        for (; x < d; ++x) s += q[x] * k[x];
-        s *= a.scale;
-        scores[j * pt + t] = s;
-        bm = std::max(bm, s);
+        float s4[4] = {lane_sum(p0), lane_sum(p1), lane_sum(p2), lane_sum(p3)};
+        for (int u = 0; u < 4; ++u) {
+          for (std::int64_t x = d8; x < d; ++x) s4[u] += q[x] * k[u * ks + x];
+          sj[t + u] = s4[u] * a.scale;
+          bm = std::max(bm, sj[t + u]);
+        }
+      }
+      for (; t < n; ++t) {
+        const float* k = kp + t * a.k_token_stride;
+        v8f part = {};
+        for (std::int64_t x = 0; x < d8; x += 8) part += load8(q + x) * load8(k + x);
+        float sc = lane_sum(part);
+        for (std::int64_t x = d8; x < d; ++x) sc += q[x] * k[x];
+        sj[t] = sc * a.scale;
+        bm = std::max(bm, sj[t]);
       }
       const float new_m = std::max(m[j], bm);
-      const float alpha = std::exp(m[j] - new_m);  // exp(-inf) = 0 on the first page
+      // 0 on the first page (m = -inf): the empty sums stay 0
+      const float alpha = exp_nonpositive<float, std::int32_t>(m[j] - new_m);
       float* acc_j = acc + j * d;
-      if (alpha != 1.0f) {
-        for (std::int64_t x = 0; x < d; ++x) acc_j[x] *= alpha;
+      float sum = 0.0f;
+      for (t = 0; t + 8 <= n; t += 8) {
+        const v8f w = exp_nonpositive<v8f, v8i>(load8(sj + t) - new_m);
+        store8(sj + t, w);
+        sum += lane_sum(w);
       }
-      float sum = l[j] * alpha;
-      for (std::int64_t t = 0; t < n; ++t) {
-        const float p = std::exp(scores[j * pt + t] - new_m);
-        sum += p;
-        const float* v = vp + t * a.v_token_stride;
-        for (std::int64_t x = 0; x < d; ++x) acc_j[x] += p * v[x];
+      for (; t < n; ++t) {
+        sj[t] = exp_nonpositive<float, std::int32_t>(sj[t] - new_m);
+        sum += sj[t];
       }
-      l[j] = sum;
+      // Blocks of acc stay in registers across the page's tokens, four blocks at a time (four
+      // independent chains, as above).
+      std::int64_t x = 0;
+      for (; x + 32 <= d8; x += 32) {
+        v8f b0 = load8(acc_j + x) * alpha, b1 = load8(acc_j + x + 8) * alpha;
+        v8f b2 = load8(acc_j + x + 16) * alpha, b3 = load8(acc_j + x + 24) * alpha;
+        for (std::int64_t u = 0; u < n; ++u) {
+          const float* v = vp + u * a.v_token_stride + x;
+          const float w = sj[u];
+          b0 += w * load8(v);
+          b1 += w * load8(v + 8);
+          b2 += w * load8(v + 16);
+          b3 += w * load8(v + 24);
+        }
+        store8(acc_j + x, b0);
+        store8(acc_j + x + 8, b1);
+        store8(acc_j + x + 16, b2);
+        store8(acc_j + x + 24, b3);
+      }
+      for (; x < d8; x += 8) {
+        v8f blk = load8(acc_j + x) * alpha;
+        for (std::int64_t u = 0; u < n; ++u) blk += sj[u] * load8(vp + u * a.v_token_stride + x);
+        store8(acc_j + x, blk);
+      }
+      for (; x < d; ++x) {
+        float o = acc_j[x] * alpha;
+        for (std::int64_t t = 0; t < n; ++t) o += sj[t] * vp[t * a.v_token_stride + x];
+        acc_j[x] = o;
+      }
+      l[j] = l[j] * alpha + sum;
       m[j] = new_m;
     }
   }

@@ -49,7 +49,7 @@ from .policy import Decision, ElasticPolicy
 from .prefix_cache import PrefixCache
 from .protocols import EngineBroker, EngineCache, EnginePool
 from .request import Request, RequestRejected, SamplingParams, StepOutput
-from .runner import ModelRunner
+from .runner import STEP_PHASES, ModelRunner
 from .scheduler import Batch, PrefixHit, Scheduler
 
 _log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Engine:
             (ValueError if it cannot be done); ``False``: off. It costs a packed copy of the
             weights and oneDNN's compiled kernels for each row bucket a weight shape meets (at
             most 40 up to 2048 rows, process-wide): bounded, whatever the batch sizes. Whether
-            it is faster depends on the CPU (``prepack`` module docstring).
+            it is faster depends on the CPU (``prepack`` module docstring). Off with ``compile``.
         prefix_caching: keep full KV pages by the hash of their tokens and share them: a
             request reuses the longest cached prefix of its tokens and prefills only the rest;
             pages no request holds stay cached (reclaimable, never demand) until ``eviction``
@@ -195,6 +195,13 @@ class Engine:
             ``budget``, so a smaller lease preempts and shrinks like a budget cut, at the next
             step (or at once, from the background thread, when nothing steps). ``close()``
             leaves the broker.
+        compile: run the decoder layers' MLPs and RMSNorms compiled by ``torch.compile``
+            (inductor; ``hf/compile.py``), compiled here, before the first step, for every
+            batch size (the token count is a dynamic shape: no step compiles again, whatever
+            its batch, grows, shrinks, compactions or preemptions). Off by default: it costs
+            seconds of start-up, and on CPU with small models it is not faster. With it,
+            prepacking is off (``prepack_weights=True`` is refused). ``stats()`` reports
+            ``compiled_modules`` and ``compile_seconds``. ValueError for anything but a bool.
 
     How much KV memory the Engine may hold is ``self.budget`` (a ``KVBudget``): the policy's
     ``max_bytes`` (within the pool's reservation) is its ceiling and ``min_bytes`` its floor;
@@ -221,7 +228,15 @@ class Engine:
         prefix_caching: bool = True,
         eviction: Optional[EvictionPolicy] = None,
         broker: Optional[EngineBroker] = None,
+        compile: bool = False,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"Engine: compile must be True or False, got {compile!r}")
+        if compile and prepack_weights:
+            raise ValueError(
+                "Engine: compile=True and prepack_weights=True exclude each other (the compiled modules "
+                "run their own kernels); pass prepack_weights=None or False"
+            )
         if not isinstance(prefix_caching, bool):
             raise ValueError(f"Engine: prefix_caching must be True or False, got {prefix_caching!r}")
         if eviction is not None and not isinstance(eviction, EvictionPolicy):
@@ -237,7 +252,7 @@ class Engine:
         except StopIteration:
             self.device, dtype = torch.device("cpu"), torch.float32
         text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        use_prepack = self._want_prepack(model, dtype, prepack_weights)
+        use_prepack = self._want_prepack(model, dtype, False if compile else prepack_weights)
         self.vocab_size: int = text_cfg.vocab_size
         self.max_positions: Optional[int] = getattr(text_cfg, "max_position_embeddings", None)
 
@@ -332,6 +347,8 @@ class Engine:
         self._steps = 0
         self._tokens_out = 0
         self._tokens_in = 0
+        # perf_counter seconds of every step, by phase (STEP_PHASES): what a step costs, where
+        self._phase_seconds: dict[str, float] = dict.fromkeys(STEP_PHASES, 0.0)
         self._stalled = False
         self._short: list[Request] = []  # the last step's requests whose pages could not be mapped
         self._memory_error: Optional[str] = None  # and why
@@ -345,6 +362,18 @@ class Engine:
             from ..hf.prepack import PackedLinears
 
             self._packed = PackedLinears(model)  # close() restores the layers
+        self._compiled: Any = None
+        self.broker: Optional[EngineBroker] = None  # attached below, after the compile
+        if compile:
+            from ..hf.compile import CompiledLayers
+
+            try:
+                self._compiled = CompiledLayers(model, text_cfg.hidden_size)  # close() restores them
+                self._compiled.warm_up(dtype, self.device)
+            except BaseException:
+                self.close()
+                raise
+            _log.info("Engine: %d modules compiled in %.1f s", self._compiled.count, self._compiled.compile_seconds)
         self.broker = broker
         if broker is not None:
             try:
@@ -580,14 +609,22 @@ class Engine:
         self._require_open("step")
         with self._step_lock:
             t0 = time.perf_counter()
+            phases = self._phase_seconds
             self._drain_inbox()
             preempted = self.memory.before_step()
+            t1 = time.perf_counter()
             with self._pool_lock:
                 batch = self.scheduler.schedule()
             self._note_short(batch)
             produced: list[StepOutput] = []
+            t2 = time.perf_counter()
+            phases["memory"] += t1 - t0
+            phases["schedule"] += t2 - t1
             if batch:
                 sampled = self.runner.run(batch)
+                for name, seconds in self.runner.last_phases.items():
+                    phases[name] += seconds
+                t2 = time.perf_counter()
                 now = self.clock()
                 with self._pool_lock:
                     produced, finished = self.scheduler.postprocess(batch, sampled, now)
@@ -599,7 +636,10 @@ class Engine:
                 self._tokens_out += sum(1 for out in produced if out.token is not None)
             waits = bool(self.scheduler.waiting) and not self.scheduler.running
             self._stalled = not batch and (waits or bool(batch.short))
+            t3 = time.perf_counter()
+            phases["postprocess"] += t3 - t2
             self.memory.after_step()
+            phases["memory"] += time.perf_counter() - t3
             if self.timeline is not None:
                 self._record(batch, preempted + len(batch.preempted), time.perf_counter() - t0)
             return produced
@@ -795,12 +835,16 @@ class Engine:
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
-        layers on prepacked weights); policy_seconds (wall seconds, ``time.perf_counter``, the
-        steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
+        layers on prepacked weights); compiled_modules / compile_seconds (``compile``: modules
+        running compiled, wall seconds their compilation took at start); policy_seconds (wall
+        seconds, ``time.perf_counter``, the steps spent on budget checks, preemption, grows and shrinks: the price of elasticity
         in the step); background_errors / background_last_error (failures of the background
         memory thread, which keeps running); allocation_failures (steps in which KV pages within
-        the budget could not be mapped: those requests waited, unchanged); swap_* from the swap space. A closed Engine answers with the figures it
-        had when it closed (memory it gave back counted as gone) and ``closed: True``.
+        the budget could not be mapped: those requests waited, unchanged); step_phase_seconds
+        (wall seconds, ``time.perf_counter``, of all steps by phase: ``schedule``, ``pack`` (tokens
+        packed and pages planned), ``forward``, ``sample`` (on CUDA it also waits for the
+        forward's kernels), ``postprocess``, ``memory`` (policy work before and after)); swap_*
+        from the swap space. A closed Engine answers with the figures it had when it closed (memory it gave back counted as gone) and ``closed: True``.
         """
         if self._final_stats is not None:
             return dict(self._final_stats)
@@ -840,7 +884,10 @@ class Engine:
             "tokens_forwarded": self._tokens_in,
             "tokens_generated": self._tokens_out,
             "prepacked_layers": 0 if self._packed is None else self._packed.count,
+            "compiled_modules": 0 if self._compiled is None else self._compiled.count,
+            "compile_seconds": 0.0 if self._compiled is None else self._compiled.compile_seconds,
             "allocation_failures": self._allocation_failures,
+            "step_phase_seconds": dict(self._phase_seconds),
         }
         out.update(self.swap.stats())
         if self.prefix is not None:
@@ -917,6 +964,9 @@ class Engine:
         if self._packed is not None:
             self._packed.restore()
             self._packed = None
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.restore()
+            self._compiled = None
         if self._owns_pool and not self._pool_closed:
             # the Engine made the pool, so its memory goes back with the Engine
             self._pool_closed = True

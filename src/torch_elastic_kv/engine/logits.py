@@ -42,30 +42,56 @@ class TokenLogprob:
 
 def process_logits(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """``logits`` ``[N, vocab]`` as float32, each row processed under its request's
-    ``min_tokens``, ``logit_bias`` and penalties (module docstring); a new tensor."""
+    ``min_tokens``, ``logit_bias`` and penalties (module docstring); a new tensor.
+
+    Each kind of processing is one batched operation over every row that asks for it (rows
+    that do not are left as they are, bit for bit): the (row, token) pairs it touches become
+    indices into the flattened logits, so a step costs a few tensor ops over the tokens
+    involved, not a few per request, and nothing over the whole vocabulary."""
     x = logits.float().clone()
     device = x.device
-    for i, r in enumerate(requests):
-        p = r.sampling
-        if not p.processes_logits:
-            continue
-        row = x[i]
-        if p.min_tokens and r.num_generated < p.min_tokens and r.eos_token_ids:
-            row[torch.tensor(sorted(r.eos_token_ids), device=device)] = float("-inf")
-        if p.logit_bias:
-            ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
-            row[ids] += torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32, device=device)
-        if p.repetition_penalty != 1.0:
-            ids = torch.tensor(sorted(set(r.token_ids)), device=device)
-            seen = row[ids]
-            row[ids] = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            output = r.token_ids[r.prompt_len :]
-            if output:
-                ids, counts = torch.tensor(output, device=device).unique(return_counts=True)
-                row[ids] -= p.frequency_penalty * counts.float()
-                row[ids] -= p.presence_penalty
+    rows = [(i, r) for i, r in enumerate(requests) if r.sampling.processes_logits]
+    # min_tokens: the request's EOS ids masked until it has generated that many
+    eos = [
+        (i, t)
+        for i, r in rows
+        if r.sampling.min_tokens and r.num_generated < r.sampling.min_tokens
+        for t in r.eos_token_ids
+    ]
+    if eos:
+        at = torch.tensor(eos, device=device)
+        x[at[:, 0], at[:, 1]] = float("-inf")
+    bias = [(i, t, b) for i, r in rows for t, b in r.sampling.logit_bias]
+    if bias:  # a request names each token once (SamplingParams checks), so no pair repeats
+        at = torch.tensor([(i, t) for i, t, _ in bias], device=device)
+        x[at[:, 0], at[:, 1]] += torch.tensor([b for _, _, b in bias], dtype=torch.float32, device=device)
+    rep = [(i, r) for i, r in rows if r.sampling.repetition_penalty != 1.0]
+    if rep:  # over prompt and output tokens: every token the request has seen, once
+        keys = _flat_keys(x, [(i, r.token_ids) for i, r in rep]).unique()
+        penalty = torch.ones(x.shape[0], device=device)
+        penalty[[i for i, _ in rep]] = torch.tensor([r.sampling.repetition_penalty for _, r in rep], device=device)
+        flat = x.view(-1)
+        seen, p = flat[keys], penalty[keys // x.shape[1]]
+        flat[keys] = torch.where(seen < 0, seen * p, seen / p)
+    pres = [(i, r) for i, r in rows if (r.sampling.presence_penalty or r.sampling.frequency_penalty)]
+    pres = [(i, r) for i, r in pres if r.num_tokens > r.prompt_len]
+    if pres:  # over output tokens only, OpenAI's formula: count * frequency, then presence
+        keys, counts = _flat_keys(x, [(i, r.token_ids[r.prompt_len :]) for i, r in pres]).unique(return_counts=True)
+        freq = torch.zeros(x.shape[0], device=device)
+        presence = torch.zeros(x.shape[0], device=device)
+        idx = [i for i, _ in pres]
+        freq[idx] = torch.tensor([r.sampling.frequency_penalty for _, r in pres], device=device)
+        presence[idx] = torch.tensor([r.sampling.presence_penalty for _, r in pres], device=device)
+        flat = x.view(-1)
+        row = keys // x.shape[1]
+        flat[keys] = (flat[keys] - freq[row] * counts.float()) - presence[row]
     return x
+
+
+def _flat_keys(x: torch.Tensor, tokens: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """Each (row, token) of ``tokens`` as its index in ``x.view(-1)`` (repeats kept)."""
+    vocab = x.shape[1]
+    return torch.cat([torch.tensor(ids, dtype=torch.long, device=x.device) + i * vocab for i, ids in tokens])
 
 
 def min_p_filter(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ prompt's makes the forward keep the logits of every prompt position of its chunk
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -25,7 +26,11 @@ from .scheduler import Batch
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "STEP_PHASES"]
+
+# The phases of one step that the Engine times (``Engine.stats()["step_phase_seconds"]``):
+# the runner times pack (tokens packed, pages planned), forward and sample; the Engine the rest.
+STEP_PHASES = ("schedule", "pack", "forward", "sample", "postprocess", "memory")
 
 
 class ModelRunner:
@@ -40,6 +45,8 @@ class ModelRunner:
         self._cache_keyword = cache_keyword(model)  # past_key_values= or, from 5.24, cache=
         self._on_new_stream = on_new_stream
         self._streams: set[int] = set()
+        # perf_counter seconds of the last run's phases: pack, forward, sample
+        self.last_phases: dict[str, float] = {"pack": 0.0, "forward": 0.0, "sample": 0.0}
 
     def note_stream(self, handle: int) -> None:
         """The forward runs on CUDA stream ``handle``: the first time, tell ``on_new_stream``
@@ -54,7 +61,11 @@ class ModelRunner:
     def run(self, batch: Batch) -> dict[int, Optional[int]]:
         """One forward over the packed tokens; the sampled token per sampling request (None:
         sampling failed for that request alone). Requests that ask for log-probabilities get
-        them appended to ``Request.logprobs`` / ``Request.prompt_logprobs``."""
+        them appended to ``Request.logprobs`` / ``Request.prompt_logprobs``. The seconds of its
+        phases (pack, forward, sample) are in ``last_phases``."""
+        t0 = time.perf_counter()
+        phases = self.last_phases
+        phases["forward"] = phases["sample"] = 0.0
         ids: list[int] = []
         entries: list[tuple[int, int, int]] = []
         keep_rows: list[int] = []  # packed positions whose logits the model returns
@@ -87,12 +98,30 @@ class ModelRunner:
         kwargs = {k: v for k, v in extra.items() if k in ("position_ids", "attention_mask", "cache_position")}
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         keep: Any = torch.tensor(keep_rows, dtype=torch.long, device=self.device) if keep_rows else 1
+        t1 = time.perf_counter()
+        phases["pack"] = t1 - t0
         try:
             out = self.model(
                 input_ids=input_ids, **{self._cache_keyword: self.cache}, use_cache=True, logits_to_keep=keep, **kwargs
             )
         finally:
             self.cache.clear_packed_batch()
+            t2 = time.perf_counter()
+            phases["forward"] = t2 - t1
+        try:
+            return self._sample(out, keep_rows, sample_rows, samplers, prompt_spans)
+        finally:
+            phases["sample"] = time.perf_counter() - t2
+
+    def _sample(
+        self,
+        out: Any,
+        keep_rows: list[int],
+        sample_rows: list[int],
+        samplers: list[Request],
+        prompt_spans: list[tuple[Request, int, int, int]],
+    ) -> dict[int, Optional[int]]:
+        """Tokens (and log-probabilities) from the forward's output ``out``."""
         if not keep_rows:
             return {}
         logits = out.logits[0]

@@ -86,6 +86,8 @@ class ServeSettings:
     prefix_cache_cap: Optional[int] = None  # None: what the budget leaves free
     tensor_parallel_size: int = 1  # issue 26: ranks of a tensor-parallel group (serve/tp_front.py)
     tp_timeout: float = 120.0  # seconds a rank waits for the others before the group counts as down
+    threads: int = 1  # torch's intra-op threads for the model's forward
+    compile: bool = False  # Engine(compile=True): the decoder MLPs and norms through inductor
 
 
 def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -191,6 +193,19 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
     p.add_argument("--max-waiting", default="1024", help="queued requests past which new ones get 503 (default 1024)")
     p.add_argument("--drain-seconds", default="10", help="on SIGTERM/SIGINT, how long requests may finish (default 10)")
     p.add_argument("--max-batch-tokens", default="2048", help="most tokens in one Engine step (default 2048)")
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="CPU threads for the model's forward (default: the cores this process may use minus one, at "
+        f"least 1: {default_threads()} here; the other core serves HTTP and detokenizes)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the decoder layers' MLPs and norms with torch.compile at start (default off: seconds "
+        "of start-up, and not faster on CPU for small models; compile time is logged)",
+    )
     p.add_argument("--max-body-bytes", metavar="SIZE", default="4M", help="largest request body (default 4M)")
     p.add_argument(
         "--budget-wait-seconds",
@@ -471,6 +486,11 @@ def resolve(argv: list[str]) -> ServeSettings:
     drain = _number("--drain-seconds", args.drain_seconds, integer=False, low=0, high=86400)
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
+    threads = (
+        default_threads() if args.threads is None else int(_number("--threads", args.threads, integer=True, low=1))
+    )
+    if threads > _usable_cores():
+        raise UsageError(f"--threads must be at most the {_usable_cores()} cores this process may use, got {threads}")
     seed = int(_number("--seed", args.seed, integer=True, low=0, high=2**63 - 1))
     budget_wait = _number("--budget-wait-seconds", args.budget_wait_seconds, integer=False, low=0, high=86400)
     broker_wait = _number("--broker-wait-seconds", args.broker_wait_seconds, integer=False, low=0, high=86400)
@@ -530,7 +550,25 @@ def resolve(argv: list[str]) -> ServeSettings:
         gpu_memory_utilization=utilization,
         tensor_parallel_size=tp_size,
         tp_timeout=tp_timeout,
+        threads=threads,
+        compile=bool(args.compile),
     )
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``--threads`` by default: the cores this process may use, less one for the HTTP event
+    loop, the detokenizer and the clients' own work, at least 1. Why not all: torch's worker
+    threads wait for each other at every operation, so one of them descheduled by other work
+    on its core stalls the whole forward (on a busy 2-core machine, 2 threads made the
+    Engine's decode steps several times slower than 1; benchmarks/RESULTS.md, "Decode speed")."""
+    return max(1, _usable_cores() - 1)
 
 
 def _served_names(given: Optional[list[str]], model: Optional[str]) -> tuple[str, ...]:

@@ -126,12 +126,16 @@ def engine_options(settings: ServeSettings, model: Any) -> tuple[dict[str, Any],
         keep_finished=1024,
         prefix_caching=settings.prefix_caching,
         eviction=EvictionPolicy(settings.prefix_cache_expiry, settings.prefix_cache_cap),
+        compile=settings.compile,
     )
     return policy, engine
 
 
 def build_state(settings: ServeSettings) -> ServerState:
     """The model, its Engine on an elastic (or, min == max, static) pool, and the service."""
+    # before the model runs: torch's intra-op pool is sized at its first parallel operation
+    torch.set_num_threads(settings.threads)
+    _log.info("torch_elastic_kv serve: %d thread(s) for the forward (--threads)", settings.threads)
     model, tokenizer, card = load_model(settings)
     if settings.chat_template is not None:
         tokenizer.chat_template = settings.chat_template
@@ -152,6 +156,8 @@ def build_state(settings: ServeSettings) -> ServerState:
                 io_timeout=settings.broker_timeout,
             )
         engine = Engine(model, policy=ElasticPolicy(**policy_kwargs), broker=broker, **engine_kwargs)
+    if settings.compile:
+        _log.info("torch_elastic_kv serve: compiled in %.1f s (--compile)", engine.stats()["compile_seconds"])
     metrics = ServerMetrics(model_name=settings.served_model_name)
     service = EngineService(
         engine,
