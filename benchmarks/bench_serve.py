@@ -52,7 +52,7 @@ Outputs (``--out``, default ``bench_out/serve/``): a table on stdout, ``bench_se
 figures and samples), ``memory.png`` (memory over time, all three) and ``latency_cdf.png``.
 
 Install (not package extras; benchmarks are not run in CI):
-    pip install "transformers[serving]" openai httpx prometheus_client matplotlib
+    pip install "transformers[serving]" openai httpx prometheus_client matplotlib accelerate
 Run:
     python benchmarks/bench_serve.py [--quick] [--out bench_out/serve]
 """
