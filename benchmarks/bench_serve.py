@@ -1209,7 +1209,8 @@ async def main_async(args) -> int:
         prompts = make_prompts(model_dir, schedule, args.seed)
     offered = sum(r.max_tokens for r in schedule) / max(schedule[-1].arrival_s, 1e-9)
     load = (
-        f"closed loop, {args.closed_clients} clients x {args.closed_per_client} requests drawn in order from "
+        f"closed loop, {args.closed_clients} clients x {args.closed_per_client} requests (the first "
+        f"{args.closed_clients * args.closed_per_client}, cycling, of) "
         if args.closed_clients
         else ""
     )
