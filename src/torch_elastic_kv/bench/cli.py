@@ -14,15 +14,32 @@ import sys
 import tempfile
 
 from .._units import SIZE_HELP, parse_size
-from .settings import SYSTEM_NAMES, BenchSettings, ResolvedArgs
-from .traces import BUNDLED_TRACES, SYNTHETIC_TRACES, TRACE_NAMES, TraceError, parse_window
+from .settings import DEFAULT_SYSTEMS, PREFIX_DEFAULT_SYSTEMS, SYSTEM_NAMES, BenchSettings, ResolvedArgs
+from .traces import (
+    BUNDLED_TRACES,
+    PREFIX_TRACES,
+    SYNTHETIC_TRACES,
+    TRACE_NAMES,
+    TraceError,
+    parse_window,
+)
 
 PROG = "ekv-bench"
+
+# Mooncake on a 2-core CPU: arrivals 4x faster than recorded; each 512-token block becomes 16
+# tokens (one page) and outputs shrink likewise (at least traces.MOONCAKE_MIN_OUTPUT); the prefix
+# cache expires after MOONCAKE_EXPIRY seconds (quick, full), so the idle tail shows it kept, then
+# given back.
+MOONCAKE_TIME_SCALE = 1 / 4
+MOONCAKE_BLOCK_TOKENS = 16
+MOONCAKE_EXPIRY = {True: 2.0, False: 8.0}
 
 # Defaults that depend on the trace: real traces are compressed and thinned to fit a small machine.
 # (time_scale, token_scale, window, thin) for a full run and for --quick.
 _REPLAY_DEFAULTS = {
     "azure-code": {False: (1 / 120, 1 / 16, "", 40), True: (1 / 100, 1 / 16, "0:300", 20)},
+    # token scale: block_tokens / 512, set from --block-tokens
+    "mooncake": {False: (MOONCAKE_TIME_SCALE, None, "0:120", 1), True: (MOONCAKE_TIME_SCALE, None, "0:20", 1)},
     "csv": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
     "synthetic": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
 }
@@ -91,8 +108,21 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--systems",
-        default=",".join(SYSTEM_NAMES),
-        help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all)",
+        help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: {','.join(DEFAULT_SYSTEMS)}; "
+        "with --trace mooncake all of them)",
+    )
+    p.add_argument(
+        "--block-tokens",
+        metavar="B",
+        help="--trace mooncake: tokens each 512-token block of the trace becomes, a multiple of --page-tokens "
+        f"(default {MOONCAKE_BLOCK_TOKENS})",
+    )
+    p.add_argument(
+        "--prefix-cache-expiry",
+        metavar="S",
+        help="the Engine's prefix cache gives up pages unused this long (default: the Engine's 300 s; "
+        f"--trace mooncake {MOONCAKE_EXPIRY[False]:g} s, {MOONCAKE_EXPIRY[True]:g} s with --quick, so the idle "
+        "tail shows the cache kept and then given back)",
     )
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (never the hub)")
@@ -208,11 +238,20 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     import torch
 
     from .models import default_device, default_dtype
-    from .traces import AZURE_ATTRIBUTION, bundled_trace_path, read_trace_csv
+    from .traces import (
+        AZURE_ATTRIBUTION,
+        MOONCAKE_ATTRIBUTION,
+        bundled_trace_path,
+        read_mooncake,
+        read_trace_csv,
+    )
 
     args = bench_parser().parse_args(_attach_dash_values(argv))
     quick = args.quick
 
+    prefix_trace = args.trace in PREFIX_TRACES
+    if args.systems is None:
+        args.systems = ",".join(PREFIX_DEFAULT_SYSTEMS if prefix_trace else DEFAULT_SYSTEMS)
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEM_NAMES]
     if unknown or not systems:
@@ -233,6 +272,10 @@ def resolve(argv: list[str]) -> ResolvedArgs:
             source = bundled_trace_path(trace)
             kind, raw, attribution = trace, read_trace_csv(source), AZURE_ATTRIBUTION
             source = f"torch_elastic_kv/data/{BUNDLED_TRACES[trace]}"
+        elif prefix_trace:
+            source = bundled_trace_path(trace)
+            kind, raw, attribution = trace, read_mooncake(source), MOONCAKE_ATTRIBUTION
+            source = f"torch_elastic_kv/data/{PREFIX_TRACES[trace]}"
         elif trace.lower().endswith(".csv") or os.path.sep in trace or os.path.exists(trace):
             kind, raw, source = "csv", read_trace_csv(trace), trace
         else:
@@ -242,8 +285,24 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     except TraceError as exc:
         raise UsageError(str(exc)) from None
 
-    d_time, d_token, d_window, d_thin = _REPLAY_DEFAULTS["azure-code" if kind == "azure-code" else kind][quick]
+    d_time, d_token, d_window, d_thin = _REPLAY_DEFAULTS[kind][quick]
     time_scale = _positive("--time-scale", args.time_scale) if args.time_scale is not None else d_time
+    block_tokens = prefix_expiry = None
+    if args.prefix_cache_expiry is not None:
+        prefix_expiry = _positive("--prefix-cache-expiry", args.prefix_cache_expiry, allow_zero=True)
+    if prefix_trace:
+        if args.token_scale is not None:
+            raise UsageError("--token-scale does not apply to --trace mooncake: its blocks scale with --block-tokens")
+        block_tokens = int(
+            _positive("--block-tokens", args.block_tokens, integer=True)
+            if args.block_tokens is not None
+            else MOONCAKE_BLOCK_TOKENS
+        )
+        d_token = block_tokens / 512
+        if prefix_expiry is None:
+            prefix_expiry = MOONCAKE_EXPIRY[quick]
+    elif args.block_tokens is not None:
+        raise UsageError(f"--block-tokens applies to --trace mooncake only, not {trace!r}")
     token_scale = _positive("--token-scale", args.token_scale) if args.token_scale is not None else d_token
     thin = int(_positive("--thin", args.thin, integer=True)) if args.thin is not None else d_thin
     window_text = args.window if args.window is not None else d_window
@@ -283,11 +342,13 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         if args.idle_seconds is not None
         else (0.3 if quick else 1.0)
     )
-    tail_seconds = (
-        _positive("--tail-seconds", args.tail_seconds, allow_zero=True)
-        if args.tail_seconds is not None
-        else idle_seconds + (0.7 if quick else 1.0)
-    )
+    if args.tail_seconds is not None:
+        tail_seconds = _positive("--tail-seconds", args.tail_seconds, allow_zero=True)
+    elif prefix_trace:
+        # long enough to see the cache kept until its expiry and the pool back at its floor after
+        tail_seconds = 2 * prefix_expiry + idle_seconds + (0.7 if quick else 1.0)
+    else:
+        tail_seconds = idle_seconds + (0.7 if quick else 1.0)
     max_running = (
         int(_positive("--max-running", args.max_running, integer=True))
         if args.max_running is not None
@@ -297,6 +358,9 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
     if page_tokens > MAX_PAGE_TOKENS:  # a page is allocated whole: 1e9 tokens asked for terabytes
         raise UsageError(f"--page-tokens must be at most {MAX_PAGE_TOKENS}, got {page_tokens}")
+    if block_tokens is not None and block_tokens % page_tokens:
+        # a block that ends inside a page would make equal blocks land in pages of different tokens
+        raise UsageError(f"--block-tokens ({block_tokens}) must be a multiple of --page-tokens ({page_tokens})")
 
     device = args.device or default_device()
     try:
@@ -348,6 +412,8 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         sample_interval_s=0.01 if quick else 0.02,
         threads=threads,
         progress=not args.no_progress,
+        block_tokens=block_tokens,
+        prefix_expiry_s=prefix_expiry,
     )
     return ResolvedArgs(settings, raw, trace if kind != "csv" else os.path.basename(trace), source, attribution)
 

@@ -21,7 +21,24 @@ DEFINITIONS = {
     "idle_resident_bytes": "resident KV bytes at the end of the idle tail (tail_seconds after the last request)",
     "memory_byte_seconds_saved_vs_static": "integral over the run of (static pool bytes - resident bytes)",
     "output_checksum": "sha256 of the JSON list of every request's output token ids, in trace order",
+    "prefix_hit_rate": "prefix cache hit tokens / prompt tokens looked up (Engine.stats(); None: no prefix cache)",
+    "peak_cached_bytes": "largest sampled bytes of cached prefix pages no request holds",
+    "back_to_floor_s": "seconds from the last request's last token until resident KV bytes are at the pool's "
+    "min_bytes for good (None: never within the idle tail, or no floor known)",
 }
+
+
+def back_to_floor(samples: list[tuple[float, int, int]], load_end_s: float, floor_bytes: int | None) -> float | None:
+    """Seconds after ``load_end_s`` from which every sample's resident bytes is at most ``floor_bytes``
+    (None when the last sample is above it or no floor is known)."""
+    if floor_bytes is None or not samples or samples[-1][1] > floor_bytes:
+        return None
+    at = samples[-1][0]
+    for t, resident, _live in reversed(samples):
+        if resident > floor_bytes:
+            break
+        at = t
+    return max(0.0, at - load_end_s)
 
 
 def output_checksum(token_lists: list[list[int]]) -> str:
@@ -92,4 +109,21 @@ def summarize(run: SystemRun, static_bytes: int) -> dict:
         "memory_samples": len(run.samples),
         "pool": run.info,
         "output_checksum": output_checksum(outputs),
+        **_prefix_figures(run),
+    }
+
+
+def _prefix_figures(run: SystemRun) -> dict:
+    prefix = run.prefix or {}
+    query, hit = prefix.get("prefix_query_tokens"), prefix.get("prefix_hit_tokens")
+    cached = [b for _, b in run.cached_samples]
+    return {
+        "prefix_query_tokens": query,
+        "prefix_hit_tokens": hit,
+        "prefix_hit_rate": hit / query if query else None,
+        "prefix_evictions": {
+            k[len("prefix_evictions_") :]: v for k, v in prefix.items() if k.startswith("prefix_evictions_")
+        },
+        "peak_cached_bytes": max(cached) if cached else None,
+        "back_to_floor_s": back_to_floor(run.samples, run.load_end_s, run.info.get("min_bytes")),
     }

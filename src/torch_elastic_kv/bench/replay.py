@@ -103,6 +103,8 @@ class SystemRun:
     info: dict[str, Any]  # pool facts: max/min bytes, granule bytes, arenas, ...
     load_cpu_s: float = 0.0  # this process's CPU seconds (all threads) from the start to load_end_s
     truncated: bool = False  # the deadline passed: unfinished requests were cancelled
+    cached_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, prefix-cached KV bytes)
+    prefix: dict[str, Any] | None = None  # the prefix cache's counters at the end (None: no prefix cache)
 
 
 class _Arrival(Protocol):
@@ -192,15 +194,25 @@ def replay_engine(
     timeline = getattr(engine, "timeline", None)
     idle_policy_tick = getattr(engine, "maintain", None) or engine.step
     truncated = False
+    # cached pages are read off the prefix cache directly: cheap, and the timeline does not keep them
+    prefix = getattr(engine, "prefix", None)
+    page_bytes = getattr(getattr(engine, "pool", None), "page_bytes", 0)
+    cached: list[tuple[float, int]] = []
+
+    def sample_cached() -> None:
+        if prefix is not None:
+            cached.append((rec.samples[-1][0], prefix.cached_pages * page_bytes))
 
     def sample() -> None:
         stats = engine.stats()
         rec.sample(stats["resident_bytes"], stats["live_bytes"])
+        sample_cached()
 
     def sample_after_step() -> None:
         if timeline:
             entry = timeline[-1]
             rec.sample(entry["resident_bytes"], entry["live_bytes"])
+            sample_cached()
         else:
             sample()
 
@@ -239,4 +251,9 @@ def replay_engine(
     rec.sleep_until(load_end + tail_seconds, sample_interval_s, idle_tick)
     stats = engine.stats()
     counters = {k: stats.get(k) for k in ("preemptions", "grows", "shrinks", "compactions")}
-    return SystemRun(name, rec.records, rec.samples, load_end, rec.now(), counters, {}, load_cpu, truncated)
+    prefix_stats = None
+    if stats.get("prefix_caching"):
+        prefix_stats = {k: v for k, v in stats.items() if k.startswith("prefix_") or k.startswith("cached_")}
+    return SystemRun(
+        name, rec.records, rec.samples, load_end, rec.now(), counters, {}, load_cpu, truncated, cached, prefix_stats
+    )

@@ -17,15 +17,23 @@ import numpy as np
 from .replay import SystemRun
 
 MIB = 1024 * 1024
-COLORS = {"elastic": "tab:green", "static": "tab:red", "hf-generate": "tab:blue", "hf-generate-batch": "tab:purple"}
+COLORS = {
+    "elastic": "tab:green",
+    "elastic-noprefix": "tab:olive",
+    "static": "tab:red",
+    "hf-generate": "tab:blue",
+    "hf-generate-batch": "tab:purple",
+}
 # elastic drawn on top; static and continuous batching sit at nearly the same level, so dash one
 STYLES = {
     "elastic": {"linewidth": 2.0, "zorder": 5},
+    "elastic-noprefix": {"linewidth": 1.6, "linestyle": "-.", "zorder": 4},
     "static": {"linewidth": 2.2, "zorder": 4},
     "hf-generate": {"linewidth": 1.2, "zorder": 2},
     "hf-generate-batch": {"linewidth": 1.6, "linestyle": "--", "zorder": 3},
 }
 OUTPUT_FILES = ("results.json", "summary.md", "memory.png", "latency.png")
+PREFIX_PLOT = "prefix_cache.png"  # written for traces with shared prefixes (results["trace"]["ideal_hit_rate"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +101,103 @@ def summary_markdown(results: dict) -> str:
         "",
         results["checksum_note"],
     ]
+    if trace.get("ideal_hit_rate"):
+        lines += ["", *prefix_lines(results)]
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def prefix_lines(results: dict) -> list[str]:
+    """The prefix cache's table (hit rate beside the trace's offline ideal) and the issue 23 floors."""
+    trace, settings = results["trace"], results["settings"]
+    ideal = trace["ideal_hit_rate"]
+    expiry = settings["prefix_expiry_s"]
+    lines = [
+        f"Prefix cache: B = {settings['block_tokens']} tokens per {512}-token block of the trace (drawn from its hash "
+        f"id); expiry {expiry:g} s for this run (short, so the {settings['tail_seconds']:g} s idle tail shows the "
+        f"cache kept, then given back). Offline ideal hit rate over the same requests: "
+        f"{_pct(ideal['lru']['hit_rate'])} (LRU of {ideal['lru']['capacity_blocks']} blocks = the pool), "
+        f"{_pct(ideal['lru_expiry']['hit_rate'])} (same LRU and the expiry at the replay's arrival times), "
+        f"{_pct(ideal['unlimited']['hit_rate'])} (unlimited).",
+        "",
+    ]
+    header = ("system", "hit rate", "TTFT p50/p99 ms", "tok/s", "peak cached MiB", "KV at end MiB", "floor after s")
+    rows = []
+    for name, s in results["systems"].items():
+        back = s.get("back_to_floor_s")
+        rows.append(
+            (
+                name,
+                _pct(s.get("prefix_hit_rate")),
+                f"{_fmt_ms(s['ttft_p50_s'])} / {_fmt_ms(s['ttft_p99_s'])}",
+                f"{s['tokens_per_s']:.0f}",
+                "-" if s.get("peak_cached_bytes") is None else _fmt_mib(s["peak_cached_bytes"]),
+                _fmt_mib(s["idle_resident_bytes"]),
+                "-" if back is None else f"{back:.1f}",
+            )
+        )
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in (header, *rows)]
+    body.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += body
+    lines += ["", "Floors (issue 23):"] + [
+        f"- [{c['verdict']}] {c['floor']}: {c['figures']}" for c in prefix_floors(results)
+    ]
+    return lines
+
+
+def prefix_floors(results: dict) -> list[dict]:
+    """Each issue 23 floor, judged on this run's figures (verdict MET, NOT MET or n/a)."""
+    systems, settings = results["systems"], results["settings"]
+    ideal = results["trace"]["ideal_hit_rate"]["lru"]["hit_rate"]
+    on, off = systems.get("elastic"), systems.get("elastic-noprefix")
+    checks = []
+
+    def add(floor: str, met: bool | None, figures: str) -> None:
+        checks.append(
+            {
+                "floor": floor,
+                "met": met,
+                "verdict": {True: "MET", False: "NOT MET", None: "n/a"}[met],
+                "figures": figures,
+            }
+        )
+
+    rate = on.get("prefix_hit_rate") if on else None
+    add(
+        "hit rate within 5 points of the ideal for the same cache size",
+        None if rate is None else bool(rate >= ideal - 0.05),
+        f"elastic {_pct(rate)} vs ideal {_pct(ideal)}",
+    )
+    if on and off:
+        ratio = on["ttft_p50_s"] / off["ttft_p50_s"] if off["ttft_p50_s"] > 0 else None
+        add(
+            "TTFT p50 with the cache <= 0.5x without",
+            None if ratio is None else bool(ratio <= 0.5),
+            f"{_fmt_ms(on['ttft_p50_s'])} vs {_fmt_ms(off['ttft_p50_s'])} ms ({'-' if ratio is None else f'{ratio:.2f}x'})",
+        )
+        add(
+            "output tok/s with the cache not lower",
+            bool(on["tokens_per_s"] >= off["tokens_per_s"]),
+            f"{on['tokens_per_s']:.1f} vs {off['tokens_per_s']:.1f}",
+        )
+        add(
+            "every request's tokens identical with the cache on and off",
+            on["output_checksum"] == off["output_checksum"],
+            f"{on['output_checksum'][:12]} vs {off['output_checksum'][:12]}",
+        )
+    if on:
+        bound = settings["prefix_expiry_s"] + settings["idle_seconds"]
+        back = on.get("back_to_floor_s")
+        add(
+            "idle: KV back to the floor within expiry + idle_seconds after the last request",
+            back is not None and back <= bound,
+            f"{'never within the tail' if back is None else f'{back:.1f} s'} (bound {bound:g} s)",
+        )
+    return checks
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +374,40 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
     plt.close(fig)
 
 
+def plot_prefix(path: str, results: dict, runs: list[SystemRun]) -> None:
+    """Per Engine system: resident, live and prefix-cached KV bytes over time, the load's end
+    and the cache's expiry after it marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [run for run in runs if run.name in ("elastic", "elastic-noprefix", "static")]
+    fig, axes = plt.subplots(len(engines) or 1, 1, figsize=(10, 2.6 * max(1, len(engines))), sharex=True, squeeze=False)
+    expiry = results["settings"]["prefix_expiry_s"]
+    for ax, run in zip(axes[:, 0], engines):
+        for column, label, color in ((1, "resident", "black"), (2, "live (held by requests)", "tab:blue")):
+            xs, ys = _step_xy(run.samples, column, run.end_s)
+            ax.step(xs, ys, where="post", color=color, label=label, linewidth=1.2)
+        if run.cached_samples:
+            xs = [t for t, _ in run.cached_samples] + [run.end_s]
+            ys = [b / MIB for _, b in run.cached_samples]
+            ax.step(xs, ys + ys[-1:], where="post", color="tab:orange", label="cached (no request holds them)")
+        ax.axvline(run.load_end_s, color="grey", linestyle="--", linewidth=1, label="last request done")
+        if expiry is not None:
+            ax.axvline(run.load_end_s + expiry, color="tab:orange", linestyle=":", linewidth=1, label="+ expiry")
+        ax.set_ylabel(f"{run.name}\nKV MiB")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds since replay start")
+    fig.suptitle(f"Cached vs live KV bytes: {results['trace']['name']} trace, {results['model']['name']}", fontsize=10)
+    fig.text(0.01, 0.005, trace_note(results["trace"]), fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 
@@ -285,9 +423,13 @@ def write_outputs(out_dir: str, results: dict, runs: list[SystemRun]) -> list[st
             handle.write(summary_markdown(results))
         plot_memory(os.path.join(staging, "memory.png"), results, runs)
         plot_latency(os.path.join(staging, "latency.png"), results, runs)
+        names = list(OUTPUT_FILES)
+        if results["trace"].get("ideal_hit_rate"):
+            plot_prefix(os.path.join(staging, PREFIX_PLOT), results, runs)
+            names.append(PREFIX_PLOT)
         os.makedirs(out_dir, exist_ok=True)
         written = []
-        for name in OUTPUT_FILES:
+        for name in names:
             target = os.path.join(out_dir, name)
             shutil.move(os.path.join(staging, name), target)
             written.append(target)

@@ -14,7 +14,15 @@ from .replay import SystemRun
 from .report import results_document, summary_markdown, write_outputs
 from .settings import BenchSettings, ResolvedArgs
 from .systems import auto_max_bytes, run_system
-from .traces import Trace, prompt_token_ids, scale_trace, synthetic_requests
+from .traces import (
+    MOONCAKE_MIN_OUTPUT,
+    Trace,
+    block_prompt_ids,
+    ideal_hit_rate,
+    prompt_token_ids,
+    scale_trace,
+    synthetic_requests,
+)
 
 WARM_UP_REQUESTS = 32
 
@@ -50,6 +58,20 @@ def _warm_up(
             model.set_attn_implementation(attention)
 
 
+def ideal_hit_rates(trace: Trace, settings: BenchSettings, max_bytes: int, kv_bytes_per_token: int) -> dict:
+    """The trace's offline hit rates beside which the measured ones are printed: an LRU of blocks
+    as large as the pool (without and with the run's expiry, at the replay's arrival times) and
+    an unlimited cache."""
+    block = settings.block_tokens
+    assert block is not None
+    capacity = max_bytes // (block * kv_bytes_per_token)
+    return {
+        "lru": ideal_hit_rate(trace, block, settings.page_tokens, capacity),
+        "lru_expiry": ideal_hit_rate(trace, block, settings.page_tokens, capacity, settings.prefix_expiry_s),
+        "unlimited": ideal_hit_rate(trace, block, settings.page_tokens, None),
+    }
+
+
 def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
     """Run every system of ``resolved.settings`` on its trace; write the outputs; return results.json's content."""
     threads = torch.get_num_threads()
@@ -76,8 +98,13 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         thin=settings.thin,
         max_total_tokens=info.max_positions,
         attribution=resolved.attribution,
+        min_output_tokens=MOONCAKE_MIN_OUTPUT if settings.block_tokens is not None else 1,
+        block_tokens=settings.block_tokens,
     )
-    prompts = prompt_token_ids(trace, info.vocab_size, settings.seed)
+    if settings.block_tokens is not None:
+        prompts = block_prompt_ids(trace, settings.block_tokens, info.vocab_size, settings.seed)
+    else:
+        prompts = prompt_token_ids(trace, info.vocab_size, settings.seed)
     max_bytes = settings.max_bytes if settings.max_bytes is not None else auto_max_bytes(trace, info, settings)
     if settings.min_bytes > max_bytes:
         raise ValueError(f"--min-bytes {settings.min_bytes} is above the pool size {max_bytes}")
@@ -86,6 +113,16 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         f"{info.device}); pool {max_bytes / 2**20:.2f} MiB",
         file=sys.stderr,
     )
+    ideal = None
+    if settings.block_tokens is not None:
+        ideal = ideal_hit_rates(trace, settings, max_bytes, info.kv_bytes_per_token)
+        print(
+            f"ekv-bench: B = {settings.block_tokens} tokens per trace block; prefix cache expiry "
+            f"{settings.prefix_expiry_s:g} s; ideal hit rate {100 * ideal['lru']['hit_rate']:.1f} % (LRU of "
+            f"{ideal['lru']['capacity_blocks']} blocks, the pool), {100 * ideal['lru_expiry']['hit_rate']:.1f} % "
+            f"(and the expiry), {100 * ideal['unlimited']['hit_rate']:.1f} % (unlimited)",
+            file=sys.stderr,
+        )
     _warm_up(model, settings, prompts, trace, max_bytes)
 
     progress = Progress(trace.output_tokens * len(settings.systems), enabled=settings.progress)
@@ -109,6 +146,8 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         "scaling": trace.scaling,
     }
     settings_json = settings.to_json() | {"max_bytes_resolved": max_bytes}
+    if ideal is not None:
+        trace_json["ideal_hit_rate"] = ideal
     results = results_document(
         command=command,
         settings=settings_json,

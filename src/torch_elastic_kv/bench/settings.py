@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-SYSTEM_NAMES = ("elastic", "static", "hf-generate", "hf-generate-batch")
+SYSTEM_NAMES = ("elastic", "elastic-noprefix", "static", "hf-generate", "hf-generate-batch")
+# what runs when --systems is not given: the prefix trace adds ours without the prefix cache
+DEFAULT_SYSTEMS = ("elastic", "static", "hf-generate", "hf-generate-batch")
+PREFIX_DEFAULT_SYSTEMS = ("elastic", "elastic-noprefix", "static", "hf-generate", "hf-generate-batch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class BenchSettings:
     sample_interval_s: float
     threads: int  # torch CPU threads while the benchmark runs
     progress: bool
+    block_tokens: int | None = None  # prefix traces: tokens each of the trace's blocks becomes
+    prefix_expiry_s: float | None = None  # the prefix cache's expiry (None: the Engine's default)
 
     def to_json(self) -> dict:
         data = asdict(self)

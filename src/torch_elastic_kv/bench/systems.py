@@ -5,7 +5,9 @@ to the system once its arrival time has passed, idle gaps in the trace really pa
 the last request finishes the run stays idle for ``tail_seconds`` so the idle footprint shows.
 While it runs, the resident and live KV bytes are sampled into a timeline.
 
-- ``elastic``: :class:`torch_elastic_kv.Engine` with an :class:`ElasticPolicy`.
+- ``elastic``: :class:`torch_elastic_kv.Engine` with an :class:`ElasticPolicy` (and its prefix
+  cache, on by default; ``--prefix-cache-expiry`` sets its expiry).
+- ``elastic-noprefix``: the same with ``prefix_caching=False``: every prompt prefilled whole.
 - ``static``: the same Engine with ``min_bytes == max_bytes`` (mapped at start, never shrunk),
   which is how serving stacks size their KV cache today.
 - ``hf-generate``: transformers ``generate`` with a ``DynamicCache`` on left-padded batches of
@@ -73,8 +75,9 @@ def run_engine_system(
     max_bytes: int,
     progress: Progress,
 ) -> SystemRun:
-    """``elastic`` or ``static``: build the Engine and its policy, replay, close."""
+    """``elastic``, ``elastic-noprefix`` or ``static``: build the Engine and its policy, replay, close."""
     from .. import ElasticPolicy, Engine
+    from ..engine.eviction import EvictionPolicy
 
     # the policy's clock is the harness's clock, so the engine's timeline lines up with ours
     if name == "static":
@@ -87,12 +90,18 @@ def run_engine_system(
             idle_seconds=settings.idle_seconds,
             clock=clock,
         )
+    prefix_caching = name != "elastic-noprefix"
+    eviction = None
+    if prefix_caching and settings.prefix_expiry_s is not None:
+        eviction = EvictionPolicy(expiry_seconds=settings.prefix_expiry_s)
     engine = Engine(
         model,
         policy=policy,
         max_batch_tokens=settings.max_batch_tokens,
         max_running=settings.max_running,
         page_tokens=settings.page_tokens,
+        prefix_caching=prefix_caching,
+        eviction=eviction,
     )
     try:
         run = replay_engine(
@@ -381,7 +390,7 @@ def run_system(
     progress.system(name)
     attention = model.config._attn_implementation
     try:
-        if name in ("elastic", "static"):
+        if name in ("elastic", "elastic-noprefix", "static"):
             return run_engine_system(name, model, trace, prompts, settings, max_bytes, progress)
         if name == "hf-generate":
             return run_hf_generate(model, info, trace, prompts, settings, progress)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -20,12 +22,22 @@ import numpy as np
 
 SYNTHETIC_TRACES = ("steady", "bursty", "ramp")
 BUNDLED_TRACES = {"azure-code": "azure_llm_2023_code.csv"}
-TRACE_NAMES = SYNTHETIC_TRACES + tuple(BUNDLED_TRACES)
+# traces with the ids of shared prompt blocks, for prefix caching (one JSON object a line)
+PREFIX_TRACES = {"mooncake": "mooncake_conversation.jsonl"}
+TRACE_NAMES = SYNTHETIC_TRACES + tuple(BUNDLED_TRACES) + tuple(PREFIX_TRACES)
+MOONCAKE_BLOCK_TOKENS = 512  # the trace's hash ids each cover this many prompt tokens
+MOONCAKE_MIN_OUTPUT = 4  # scaled outputs are at least this long, so decode still shows
 CSV_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 AZURE_ATTRIBUTION = (
     "Azure LLM inference trace 2023, code sample (Azure Public Dataset, CC-BY 4.0; "
     "Patel et al., 'Splitwise: Efficient generative LLM inference using phase splitting', ISCA 2024)"
+)
+
+MOONCAKE_ATTRIBUTION = (
+    "Mooncake FAST'25 trace release, conversation workload (kvcache-ai/Mooncake, Apache License 2.0; "
+    "Qin et al., 'Mooncake: Trading More Storage for Less Computation - A KVCache-centric Architecture "
+    "for Serving LLM Chatbot', FAST 2025)"
 )
 
 
@@ -40,6 +52,8 @@ class TraceRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    # ids of the prompt's blocks (Mooncake: one per 512 tokens; equal ids, equal tokens and prefix)
+    hash_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +170,8 @@ def synthetic_requests(kind: str, seed: int, quick: bool = False) -> list[TraceR
 
 def bundled_trace_path(name: str) -> str:
     """Path of a trace shipped in ``torch_elastic_kv/data``."""
-    return str(resources.files("torch_elastic_kv").joinpath("data", BUNDLED_TRACES[name]))
+    files = BUNDLED_TRACES | PREFIX_TRACES
+    return str(resources.files("torch_elastic_kv").joinpath("data", files[name]))
 
 
 def _parse_timestamp(text: str) -> float:
@@ -254,6 +269,8 @@ def scale_trace(
     thin: int = 1,
     max_total_tokens: int | None = None,
     attribution: str | None = None,
+    min_output_tokens: int = 1,
+    block_tokens: int | None = None,
 ) -> Trace:
     """Select, compress and scale ``raw`` into a replayable :class:`Trace`.
 
@@ -262,6 +279,10 @@ def scale_trace(
     ``time_scale`` and token counts by ``token_scale`` (rounded, at least 1), then cap each
     request at ``max_total_tokens`` (the model's context) by shortening its prompt, then its
     output. The result's ``scaling`` dict records each of these and how many requests they touched.
+
+    Outputs are at least ``min_output_tokens`` long. ``block_tokens`` (a trace with hash ids) is
+    the size each block of the source becomes; it is recorded, and ``token_scale`` should be
+    ``block_tokens / 512`` so that a prompt spans its blocks, the last one partial.
     """
     if not (time_scale > 0 and math.isfinite(time_scale)):
         raise TraceError(f"--time-scale must be a positive number, got {time_scale}")
@@ -269,6 +290,8 @@ def scale_trace(
         raise TraceError(f"--token-scale must be a positive number, got {token_scale}")
     if thin < 1:
         raise TraceError(f"--thin must be >= 1, got {thin}")
+    if min_output_tokens < 1:
+        raise TraceError(f"min_output_tokens must be >= 1, got {min_output_tokens}")
     start, end = window
     selected = [r for r in raw if r.arrival_s >= start and (end is None or r.arrival_s < end)]
     selected = selected[::thin]
@@ -281,12 +304,12 @@ def scale_trace(
     requests = []
     for r in selected:
         prompt = max(1, round(r.prompt_tokens * token_scale))
-        output = max(1, round(r.output_tokens * token_scale))
+        output = max(min_output_tokens, round(r.output_tokens * token_scale))
         if max_total_tokens is not None and prompt + output > max_total_tokens:
             clipped += 1
             output = min(output, max(1, max_total_tokens // 4))
             prompt = max(1, min(prompt, max_total_tokens - output))
-        requests.append(TraceRequest((r.arrival_s - start) * time_scale, prompt, output))
+        requests.append(TraceRequest((r.arrival_s - start) * time_scale, prompt, output, r.hash_ids))
     parts = []
     if start > 0 or end is not None:
         parts.append(f"window {start:g}-{'end' if end is None else f'{end:g}'} s of the trace")
@@ -294,7 +317,13 @@ def scale_trace(
         parts.append(f"1 in {thin} requests kept")
     if time_scale != 1.0:
         parts.append(f"time x{_fmt_scale(time_scale)}")
-    if token_scale != 1.0:
+    if block_tokens is not None:
+        parts.append(
+            f"each {MOONCAKE_BLOCK_TOKENS}-token block -> {block_tokens} tokens drawn from its hash id "
+            f"(prompts x{_fmt_scale(token_scale)}, the last block partial; outputs likewise, at least "
+            f"{min_output_tokens})"
+        )
+    elif token_scale != 1.0:
         parts.append(f"token counts x{_fmt_scale(token_scale)}")
     if clipped:
         parts.append(f"{clipped} requests cut to the model's {max_total_tokens}-token context")
@@ -305,6 +334,8 @@ def scale_trace(
         "thin": thin,
         "clipped_requests": clipped,
         "max_total_tokens": max_total_tokens,
+        "min_output_tokens": min_output_tokens,
+        "block_tokens": block_tokens,
         "source_requests": len(raw),
         "description": "; ".join(parts) if parts else "unscaled",
     }
@@ -318,3 +349,128 @@ def prompt_token_ids(trace: Trace, vocab_size: int, seed: int) -> list[list[int]
     rng = np.random.default_rng([seed, 1])  # a stream separate from the one that drew the lengths
     # skip the lowest ids: special tokens (pad/bos/eos) in most vocabularies
     return [rng.integers(3, vocab_size, size=r.prompt_tokens).tolist() for r in trace.requests]
+
+
+# --------------------------------------------------------------------------------------------
+# prefix-sharing traces (Mooncake)
+
+
+def read_mooncake(path: str) -> list[TraceRequest]:
+    """Read a Mooncake trace (JSON lines: ``timestamp`` in ms, ``input_length``,
+    ``output_length``, ``hash_ids``); arrival times in seconds after the earliest request.
+    Raises :class:`TraceError` naming the file, line and problem."""
+    raw = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    stamp = float(row["timestamp"]) / 1000.0
+                    prompt, output = int(row["input_length"]), int(row["output_length"])
+                    hashes = tuple(int(h) for h in row["hash_ids"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise TraceError(
+                        f"trace {path}: line {line_no}: cannot parse ({type(exc).__name__}: {exc})"
+                    ) from None
+                if not math.isfinite(stamp) or prompt < 1 or output < 1 or not hashes:
+                    raise TraceError(
+                        f"trace {path}: line {line_no}: need a finite timestamp, lengths >= 1 and hash ids, got {row}"
+                    )
+                if len(hashes) * MOONCAKE_BLOCK_TOKENS < prompt:
+                    raise TraceError(
+                        f"trace {path}: line {line_no}: {len(hashes)} hash ids cover fewer than input_length={prompt} "
+                        f"tokens ({MOONCAKE_BLOCK_TOKENS} a block)"
+                    )
+                raw.append(TraceRequest(stamp, prompt, output, hashes))
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    if not raw:
+        raise TraceError(f"trace {path}: no requests")
+    raw.sort(key=lambda r: r.arrival_s)
+    start = raw[0].arrival_s
+    return [TraceRequest(r.arrival_s - start, r.prompt_tokens, r.output_tokens, r.hash_ids) for r in raw]
+
+
+def block_tokens_for(hash_id: int, block_tokens: int, vocab_size: int, seed: int) -> list[int]:
+    """The fixed tokens of one block: drawn from a generator seeded by ``seed`` and the block's
+    hash id, so equal ids give equal tokens (the lowest ids, special tokens, are skipped)."""
+    rng = np.random.default_rng([seed, 3, hash_id])
+    return rng.integers(3, vocab_size, size=block_tokens).tolist()
+
+
+def block_prompt_ids(trace: Trace, block_tokens: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Each request's prompt built from its hash ids: the blocks' tokens in order, cut to the
+    request's prompt length (the last block partial). Requests sharing their first k ids share
+    their first ``k * block_tokens`` tokens."""
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
+    blocks: dict[int, list[int]] = {}
+    prompts = []
+    for r in trace.requests:
+        if r.hash_ids is None:
+            raise ValueError("block_prompt_ids: the trace has no hash ids")
+        ids: list[int] = []
+        for h in r.hash_ids:
+            if len(ids) >= r.prompt_tokens:
+                break
+            if h not in blocks:
+                blocks[h] = block_tokens_for(h, block_tokens, vocab_size, seed)
+            ids += blocks[h]
+        if len(ids) < r.prompt_tokens:
+            raise ValueError(
+                f"a request's {len(r.hash_ids)} blocks hold fewer than its {r.prompt_tokens} prompt tokens"
+            )
+        prompts.append(ids[: r.prompt_tokens])
+    return prompts
+
+
+def ideal_hit_rate(
+    trace: Trace,
+    block_tokens: int,
+    page_tokens: int,
+    capacity_blocks: int | None,
+    expiry_s: float | None = None,
+) -> dict[str, float | int | None]:
+    """The prefix-cache hit rate the trace allows, computed offline from its hash ids.
+
+    Replays the requests in order through an LRU of blocks holding at most ``capacity_blocks``
+    (``None``: unlimited). A request hits the longest run of its leading blocks that are
+    cached, and at most what the Engine can reuse: whole pages short of its last token
+    (``(prompt - 1) // page_tokens`` pages). Then its full blocks are cached, the deepest least
+    recently used (the Engine evicts a chain's leaves before their parents). A partial last
+    block is never cached. ``expiry_s``: a block unused this long before a request's arrival
+    (the replay's scaled times) is gone first, as the Engine's expiry would do at that rate.
+    Returns query and hit tokens and their ratio.
+    """
+    if block_tokens < 1 or page_tokens < 1 or block_tokens % page_tokens:
+        raise ValueError(f"block_tokens ({block_tokens}) must be a positive multiple of page_tokens ({page_tokens})")
+    if capacity_blocks is not None and capacity_blocks < 0:
+        raise ValueError(f"capacity_blocks must be None or >= 0, got {capacity_blocks}")
+    lru: OrderedDict[int, float] = OrderedDict()  # block -> last use, least recently used first
+    query = hit = 0
+    for r in trace.requests:
+        if r.hash_ids is None:
+            raise ValueError("ideal_hit_rate: the trace has no hash ids")
+        while expiry_s is not None and lru and r.arrival_s - next(iter(lru.values())) >= expiry_s:
+            lru.popitem(last=False)
+        full = r.prompt_tokens // block_tokens
+        chain = r.hash_ids[:full]
+        k = 0
+        while k < len(chain) and chain[k] in lru:
+            k += 1
+        query += r.prompt_tokens
+        hit += min(k * block_tokens, (r.prompt_tokens - 1) // page_tokens * page_tokens)
+        for h in reversed(chain):  # the root ends most recently used
+            lru[h] = r.arrival_s
+            lru.move_to_end(h)
+        while capacity_blocks is not None and len(lru) > capacity_blocks:
+            lru.popitem(last=False)
+    return {
+        "capacity_blocks": capacity_blocks,
+        "expiry_s": expiry_s,
+        "query_tokens": query,
+        "hit_tokens": hit,
+        "hit_rate": hit / query if query else 0.0,
+    }
