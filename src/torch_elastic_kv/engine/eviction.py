@@ -14,12 +14,13 @@ Kept while all of these hold:
   Mooncake conversation trace, 79 % of prefix hits come within 300 s of the block's last use,
   97 % within 900 s);
 * together they fit ``cap_bytes`` (default ``None``: whatever the budget leaves free);
-* and the traffic shows reuse: while no request has hit the cache, or would have hit a page
-  evicted earlier (a *ghost* hit: the hashes of evicted pages are remembered for
-  ``expiry_seconds``), for ``expiry_seconds``, cached pages are not worth the memory, and an
-  idle shrink takes them like free pages. A workload without shared prefixes therefore gives
-  memory back as if there were no cache; the first reuse (even one that missed) turns keeping
-  on again.
+* and, when memory goes back on an idle shrink, the page has shown it is worth keeping: its
+  tokens came back at least once, as a hit, or as a page computed again whose hash had been
+  evicted (a *ghost* hit: the hashes of evicted pages are remembered for ``expiry_seconds``).
+  Pages whose tokens were seen once go back with the idle shrink like free pages, so traffic
+  without shared prefixes gives memory back as if there were no cache, a conversation's
+  second turn (a ghost hit) marks its prefix, and its third turn hits (admission on the
+  second sighting, as caches in front of CDNs do).
 
 Order, in each case:
 
@@ -30,7 +31,7 @@ Order, in each case:
   pages in the pressure order; the memory controller's compaction then packs the surviving
   cached and live pages into fewer chunks;
 * **expiry**: every page past its age, deepest first;
-* **idle** (an idle shrink while the cache is not worth keeping): as giving memory back.
+* **idle** (an idle shrink): the pages never reused, in the pressure order.
 
 Idle, a server therefore keeps its cached prefixes until they expire and then returns to the
 floor; everything here is undone by a miss, never by a wrong answer.
@@ -44,7 +45,7 @@ from typing import Optional, Protocol
 
 from .._util import is_int
 
-__all__ = ["EvictionPolicy", "budget_victims", "expired_victims", "pressure_victims"]
+__all__ = ["EvictionPolicy", "budget_victims", "expired_victims", "idle_victims", "pressure_victims"]
 
 
 class _Index(Protocol):
@@ -53,6 +54,8 @@ class _Index(Protocol):
     @property
     def cached_pages(self) -> int: ...
     def cached(self) -> list[int]: ...
+    def iter_cached(self) -> Iterable[int]: ...
+    def is_reused(self, page: int) -> bool: ...
     def evictable(self) -> Iterable[int]: ...
     def released_at(self, page: int) -> float: ...
     def subtree(self, page: int) -> list[int]: ...
@@ -80,20 +83,24 @@ class EvictionPolicy:
             raise ValueError(f"EvictionPolicy: cap_bytes must be None or a non-negative int, got {c!r}")
 
 
-def _leaves_in_order(index: _Index, n: int, taken: set[int]) -> list[int]:
+def _leaves_in_order(index: _Index, n: int, taken: set[int], only_unused: bool = False) -> list[int]:
     """Up to ``n`` cached pages in eviction order, each a leaf once the pages before it are
     gone (a page whose children are all taken is a leaf for this plan). Pages released
-    together are queued deepest first, so one pass usually suffices."""
+    together are queued deepest first, so the first pass usually suffices, and it stops as soon
+    as it has ``n``: an allocation's eviction does not walk the whole cache.
+    ``only_unused``: pages never reused only."""
     out: list[int] = []
     while len(out) < n:
         progress = False
-        for page in index.cached():
-            if len(out) >= n:
-                break
-            if page not in taken and index.children(page) <= taken:
+        for page in index.iter_cached():
+            if page in taken or (only_unused and index.is_reused(page)):
+                continue
+            if index.children(page) <= taken:
                 out.append(page)
                 taken.add(page)
                 progress = True
+                if len(out) >= n:
+                    break
         if not progress:
             break
     return out
@@ -104,14 +111,24 @@ def pressure_victims(index: _Index, n: int) -> list[int]:
     return _leaves_in_order(index, n, set()) if n > 0 else []
 
 
+def idle_victims(index: _Index, n: int) -> list[int]:
+    """Up to ``n`` cached pages whose tokens never came back, to free on an idle shrink."""
+    return _leaves_in_order(index, n, set(), only_unused=True) if n > 0 else []
+
+
 def expired_victims(index: _Index, now: float, expiry_seconds: Optional[float]) -> list[int]:
     """Every cached page unused for ``expiry_seconds``, with whatever sits below it, deepest first."""
     if expiry_seconds is None:
         return []
+    old: list[int] = []
+    for page in index.iter_cached():  # oldest release first: stop at the first young page
+        if now - index.released_at(page) < expiry_seconds:
+            break
+        old.append(page)
     out: list[int] = []
     taken: set[int] = set()
-    for page in index.cached():
-        if page not in taken and now - index.released_at(page) >= expiry_seconds:
+    for page in old:
+        if page not in taken:
             for p in index.subtree(page):
                 if p not in taken:
                     taken.add(p)

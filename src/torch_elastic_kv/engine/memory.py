@@ -224,9 +224,9 @@ class MemoryController:
             demand = self.demand()
             d = self.policy.decide(demand, self.resident_pages(), self.budget_pages(), self.chunk_pages)
             if d.action == "shrink":
-                if self.prefix is not None and not self.prefix.worth_keeping():
-                    # no reuse seen lately: cached pages are not worth the memory going back
-                    self._evict_cached_to(d.target_pages, "idle")
+                if self.prefix is not None:
+                    # cached pages whose tokens never came back are not worth the memory
+                    self.prefix.evict_unused_to(d.target_pages)
                 self.shrink_to(d.target_pages)
             now = self.policy.clock()
             if demand or d.action == "grow":

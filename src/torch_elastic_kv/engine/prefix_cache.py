@@ -33,15 +33,15 @@ import torch
 from ..kv.page_table import PageTable
 from ..kv.prefix_index import PrefixIndex
 from ..kv.swap import SwapSpace
-from .eviction import EvictionPolicy, budget_victims, expired_victims, pressure_victims
+from .eviction import EvictionPolicy, budget_victims, expired_victims, idle_victims, pressure_victims
 from .request import Request
 from .scheduler import PrefixHit
 
 __all__ = ["EVICTION_REASONS", "PrefixCache"]
 
 # why cached pages were given up: an allocation needed the room, they expired, the cap, a
-# budget cut (set_budget, sleep), a lease reclaim (the broker), an idle shrink while the
-# traffic showed no reuse, or an explicit reset
+# budget cut (set_budget, sleep), a lease reclaim (the broker), an idle shrink (pages whose
+# tokens never came back), or an explicit reset
 EVICTION_REASONS = ("pressure", "expiry", "cap", "budget", "reclaim", "idle", "reset")
 
 # hashes of evicted pages remembered for ghost hits (16 bytes each, plus the dict's overhead)
@@ -79,9 +79,8 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens looked up
         self.hit_tokens = 0  # of those, found cached
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)  # pages given up, by reason
-        self.ghost_hits = 0  # lookups that would have hit a page evicted earlier
+        self.ghost_hits = 0  # pages computed again whose hash had been evicted
         self._ghosts: OrderedDict[bytes, float] = OrderedDict()  # evicted page hash -> when
-        self._last_reuse: float | None = None  # the last real or ghost hit
 
     # -- requests ------------------------------------------------------------------------------
     def find(self, seq: Request) -> PrefixHit | None:
@@ -96,8 +95,6 @@ class PrefixCache:
         k = j = len(pages)
         while j < len(hashes) and hashes[j] in self._host:
             j += 1
-        if j < len(hashes) and hashes[j] in self._ghosts:
-            self._ghost_hit()
         if not j:
             return None
         cached = sum(1 for p in pages if self.index.is_cached(p))
@@ -119,9 +116,10 @@ class PrefixCache:
                 if seq.request_id in self.table:
                     self.table.free(seq.request_id)
                 raise
+        for p in self.table.get(seq.request_id).pages[: len(pages) + len(host)]:
+            self.index.mark_reused(p)  # its tokens came back: worth keeping when idle
         self.hit_tokens += hit.tokens
         self.host_hit_tokens += len(host) * self.table.page_tokens
-        self._last_reuse = self.clock()
         return hit.tokens
 
     def _promote(self, seq: Request, k: int, host: list[bytes]) -> None:
@@ -141,24 +139,22 @@ class PrefixCache:
         for h in host:
             self._drop_host(h)
 
-    def _ghost_hit(self) -> None:
-        now = self.clock()
-        if self._last_reuse != now:  # once per lookup time, not once per step of a waiting request
-            self.ghost_hits += 1
-        self._last_reuse = now
-
-    def worth_keeping(self) -> bool:
-        """Whether cached pages are worth memory an idle shrink could give back: some lookup hit
-        the cache, or would have hit an evicted page, within ``expiry_seconds``."""
-        if self._last_reuse is None:
-            return False
-        expiry = self.policy.expiry_seconds
-        return expiry is None or self.clock() - self._last_reuse < expiry
-
     def publish(self, seq: Request) -> None:
-        """Index the pages ``seq`` has filled since the last call."""
-        if seq.request_id in self.table:
-            self.table.publish(seq.request_id, seq.token_ids, seq.num_computed)
+        """Index the pages ``seq`` has filled since the last call; a page whose hash had been
+        evicted before (a ghost hit) is marked reused: its tokens came back."""
+        if seq.request_id not in self.table:
+            return
+        entry = self.table.get(seq.request_id)
+        done = len(entry.hashes)
+        self.table.publish(seq.request_id, seq.token_ids, seq.num_computed)
+        if not self._ghosts:
+            return
+        for h in entry.hashes[done:]:
+            if self._ghosts.pop(h, None) is not None:
+                page = self.index.page_of(h)
+                if page is not None:
+                    self.index.mark_reused(page)
+                    self.ghost_hits += 1
 
     # -- giving pages up -----------------------------------------------------------------------
     def evict_for_alloc(self, n: int) -> int:
@@ -170,6 +166,12 @@ class PrefixCache:
         chunks first (see ``eviction.py``); returns how many."""
         over = self.table.live_pages + self.index.cached_pages - max_pages
         return self._evict(budget_victims(self.index, over, self.pages_per_chunk, self._held()), reason)
+
+    def evict_unused_to(self, max_pages: int) -> int:
+        """An idle shrink: free cached pages whose tokens never came back until held + cached
+        pages fit ``max_pages`` (as far as such pages go); returns how many."""
+        over = self.table.live_pages + self.index.cached_pages - max_pages
+        return self._evict(idle_victims(self.index, over), "idle") if over > 0 else 0
 
     def expire(self) -> int:
         """Give up pages past their expiry (on the device and the host), then pages over the
@@ -258,7 +260,6 @@ class PrefixCache:
             "prefix_query_tokens": self.query_tokens,
             "prefix_hit_tokens": self.hit_tokens,
             "prefix_ghost_hits": self.ghost_hits,
-            "prefix_worth_keeping": self.worth_keeping(),
             "cached_bytes": self.index.cached_pages * self.page_bytes,
             "cached_host_bytes": len(self._host) * self.page_bytes,
             "prefix_hit_tokens_device": self.hit_tokens - self.host_hit_tokens,

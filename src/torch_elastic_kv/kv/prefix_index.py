@@ -59,6 +59,7 @@ class _Entry:
     parent: Optional[int]  # the page holding the previous page of the chain, if indexed
     children: set[int] = field(default_factory=set)  # indexed pages whose parent this is
     released_at: float = 0.0  # when it last became cached
+    reused: bool = False  # its tokens came back: a hit, or a recompute of an evicted page
 
 
 class PrefixIndex:
@@ -97,6 +98,10 @@ class PrefixIndex:
             out.append(page)
         return out
 
+    def page_of(self, h: bytes) -> Optional[int]:
+        """The page indexed under hash ``h``, or None."""
+        return self._page_of.get(h)
+
     def is_indexed(self, page: int) -> bool:
         return page in self._entry
 
@@ -118,6 +123,20 @@ class PrefixIndex:
     def cached(self) -> list[int]:
         """Cached pages in eviction order (first = evicted first, leaves before parents aside)."""
         return list(self._cached)
+
+    def iter_cached(self) -> Iterable[int]:
+        """The cached pages in eviction order without a copy: also oldest release first (the
+        queue is kept in release order), so an age scan stops at the first young page. Do not
+        change the index while iterating."""
+        return iter(self._cached)
+
+    def is_reused(self, page: int) -> bool:
+        return self._entry[page].reused
+
+    def mark_reused(self, page: int) -> None:
+        """The page's tokens came back (a hit, or its hash was evicted before and computed again):
+        keeping it is worth memory an idle shrink could give back."""
+        self._entry[page].reused = True
 
     def released_at(self, page: int) -> float:
         return self._entry[page].released_at
