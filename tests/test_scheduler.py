@@ -88,7 +88,7 @@ def seq(prompt_len: int, max_new: int = 8, eos=()) -> Request:
 
 def run_step(s: Scheduler, token: int = 7):
     b = s.schedule()
-    sampled = {c.seq.request_id: token for c in b.chunks if c.samples}
+    sampled = {c.request.request_id: token for c in b.chunks if c.samples}
     produced, finished = s.postprocess(b, sampled, now=1.0)
     return b, produced, finished
 
@@ -101,12 +101,12 @@ def test_prefill_is_chunked_under_max_batch_tokens_and_decode_goes_first():
     s.add(b)
     batch, produced, _ = run_step(s)
     # a's whole prompt (6) then 4 tokens of b's prompt; b's pages are taken in full
-    assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 0, 6), (False, 0, 4)]
+    assert [(c.request is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 0, 6), (False, 0, 4)]
     assert produced == [StepOutput(a.request_id, 7)]
     assert be.held_pages(b) == 3
     batch, produced, _ = run_step(s)
     # a decodes first (1 token), then b's remaining 5 prompt tokens
-    assert [(c.seq is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 6, 1), (False, 4, 5)]
+    assert [(c.request is a, c.start, c.num_tokens) for c in batch.chunks] == [(True, 6, 1), (False, 4, 5)]
     assert sorted(produced) == sorted([StepOutput(a.request_id, 7), StepOutput(b.request_id, 7)])
     assert batch.num_tokens == 6
 
@@ -122,10 +122,10 @@ def test_admission_waits_for_pages_and_is_first_come_first_served():
     s.add(small)
     b, _, _ = run_step(s)
     # big does not fit (5 > 3 free); small must not overtake it
-    assert [c.seq for c in b.chunks] == [blocker]
+    assert [c.request for c in b.chunks] == [blocker]
     assert blocker.status is RequestStatus.FINISHED
     b, _, _ = run_step(s)
-    assert [c.seq for c in b.chunks] == [big]
+    assert [c.request for c in b.chunks] == [big]
     assert small.status is RequestStatus.WAITING
 
 
@@ -138,7 +138,7 @@ def test_admission_keeps_a_headroom_reserve_for_running_requests():
     b = seq(16)  # needs 4; reserve ceil(0.5 * 5) = 3; free 5 < 7
     s.add(b)
     batch, _, _ = run_step(s)
-    assert [c.seq for c in batch.chunks] == [a] and b.status is RequestStatus.WAITING
+    assert [c.request for c in batch.chunks] == [a] and b.status is RequestStatus.WAITING
 
 
 def test_max_running_caps_admission():
@@ -166,7 +166,7 @@ def test_out_of_pages_preempts_latest_arrived_swapping_when_room_else_recompute(
     # a needs a third page: c (latest) is preempted and swapped (2 pages fit the swap
     # space); that frees enough for b too
     assert batch.preempted == [(c, "swap")]
-    assert c.status is RequestStatus.SWAPPED and [ch.seq for ch in batch.chunks] == [a, b]
+    assert c.status is RequestStatus.SWAPPED and [ch.request for ch in batch.chunks] == [a, b]
     for _ in range(3):
         batch, _, _ = run_step(s)
         assert batch.preempted == []
@@ -176,7 +176,7 @@ def test_out_of_pages_preempts_latest_arrived_swapping_when_room_else_recompute(
     assert b.status is RequestStatus.WAITING and b.num_computed == 0 and b.num_generated == 6
     assert [q.request_id for q in s.waiting] == [b.request_id, c.request_id]
     assert s.preemptions == 2 and s.swap_preemptions == 1 and s.recompute_preemptions == 1
-    assert [ch.seq for ch in batch.chunks] == [a]
+    assert [ch.request for ch in batch.chunks] == [a]
 
 
 def test_preempted_requests_resume_with_the_same_tokens_to_feed():

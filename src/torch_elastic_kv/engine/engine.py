@@ -84,8 +84,8 @@ class _CacheBackend:
         """Pages taken from the pool: held by requests, or cached."""
         return self.table.live_pages + self.table.cached_pages
 
-    def held_pages(self, seq: Request) -> int:
-        return self.table.page_count(seq.request_id)
+    def held_pages(self, request: Request) -> int:
+        return self.table.page_count(request.request_id)
 
     def _make_room(self, n: int) -> None:
         """Evict cached pages so that ``n`` pages can be allocated (as far as they go)."""
@@ -93,46 +93,46 @@ class _CacheBackend:
         if short > 0 and self.prefix is not None:
             self.prefix.evict_for_alloc(short)
 
-    def ensure(self, seq: Request, total_tokens: int) -> None:
-        need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(seq.request_id)
+    def ensure(self, request: Request, total_tokens: int) -> None:
+        need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(request.request_id)
         if need <= 0:
             return
         self._make_room(need)
         try:
-            self.cache.ensure_capacity(seq.request_id, total_tokens)
+            self.cache.ensure_capacity(request.request_id, total_tokens)
         except torch.OutOfMemoryError as exc:  # the scheduler is torch-free: one exception type
             raise MemoryError(str(exc)) from exc
 
-    def find_prefix(self, seq: Request) -> Optional[PrefixHit]:
-        return None if self.prefix is None else self.prefix.find(seq)
+    def find_prefix(self, request: Request) -> Optional[PrefixHit]:
+        return None if self.prefix is None else self.prefix.find(request)
 
-    def admit_prefix(self, seq: Request, hit: Optional[PrefixHit]) -> int:
-        return 0 if self.prefix is None else self.prefix.admit(seq, hit)
+    def admit_prefix(self, request: Request, hit: Optional[PrefixHit]) -> int:
+        return 0 if self.prefix is None else self.prefix.admit(request, hit)
 
-    def computed(self, seq: Request) -> None:
+    def computed(self, request: Request) -> None:
         if self.prefix is not None:
-            self.prefix.publish(seq)
+            self.prefix.publish(request)
 
-    def release(self, seq: Request) -> None:
-        if seq.request_id in self.table:  # else it was never given pages
-            self.cache.free_request(seq.request_id)
+    def release(self, request: Request) -> None:
+        if request.request_id in self.table:  # else it was never given pages
+            self.cache.free_request(request.request_id)
 
-    def can_swap_out(self, seq: Request) -> bool:
-        nbytes = self.held_pages(seq) * self.page_bytes
+    def can_swap_out(self, request: Request) -> bool:
+        nbytes = self.held_pages(request) * self.page_bytes
         if self.swap.can_store(nbytes):
             return True
         # a preempted request comes before demoted prefix pages
         return self.prefix is not None and self.prefix.make_swap_room(nbytes)
 
-    def swap_out(self, seq: Request) -> None:
-        entry = self.table.get(seq.request_id, "swap_out")
+    def swap_out(self, request: Request) -> None:
+        entry = self.table.get(request.request_id, "swap_out")
         data = self.pool.read_pages(entry.pages)
-        self.swap.put(seq.request_id, data, entry.tokens, len(entry.pages))
+        self.swap.put(request.request_id, data, entry.tokens, len(entry.pages))
         # shared pages stay with their other holders; its indexed pages stay cached
-        self.cache.free_request(seq.request_id)
+        self.cache.free_request(request.request_id)
 
-    def swap_in(self, seq: Request, total_tokens: int) -> None:
-        data, ntokens, npages = self.swap.peek(seq.request_id)
+    def swap_in(self, request: Request, total_tokens: int) -> None:
+        data, ntokens, npages = self.swap.peek(request.request_id)
         want = max(npages, ceil_div(total_tokens, self.page_tokens))
         self._make_room(want)
         try:
@@ -142,14 +142,14 @@ class _CacheBackend:
             raise MemoryError(str(exc)) from exc
         try:
             self.pool.write_pages(pages[:npages], data)
-            self.cache.attach_request(seq.request_id, pages, ntokens)
+            self.cache.attach_request(request.request_id, pages, ntokens)
         except BaseException:
             self.pool.free(pages)
             raise
-        self.swap.drop(seq.request_id, swapped_in=True)
+        self.swap.drop(request.request_id, swapped_in=True)
 
-    def drop_swap(self, seq: Request) -> None:
-        self.swap.drop(seq.request_id)
+    def drop_swap(self, request: Request) -> None:
+        self.swap.drop(request.request_id)
 
 
 class Engine:
@@ -529,7 +529,7 @@ class Engine:
         with self._inbox_lock:
             rid = self._next_id
             self._next_id += 1
-            seq = Request(
+            request = Request(
                 request_id=rid,
                 prompt_ids=ids,
                 max_new_tokens=mnt,
@@ -539,8 +539,8 @@ class Engine:
                 sampling=params,
             )
             self._arrivals += 1
-            self._requests[rid] = seq
-            self._inbox.append(seq)
+            self._requests[rid] = request
+            self._inbox.append(request)
         self.memory.prompt_arrived(ceil_div(len(ids), self.pool.page_tokens))
         return rid
 
@@ -548,33 +548,33 @@ class Engine:
         """Cancel a request; returns False if it had already finished. Unknown id: ValueError."""
         self._require_open("cancel")
         with self._inbox_lock:
-            seq = self._requests.get(request_id) if isinstance(request_id, int) else None
-            if seq is None:
+            request = self._requests.get(request_id) if isinstance(request_id, int) else None
+            if request is None:
                 raise ValueError(f"cancel: unknown request id {request_id!r}")
-            if seq.is_finished:
+            if request.is_finished:
                 return False
-            in_inbox = seq in self._inbox
+            in_inbox = request in self._inbox
             if in_inbox:
-                self._inbox.remove(seq)
-                seq.finish(self.clock(), "abort")
+                self._inbox.remove(request)
+                request.finish(self.clock(), "abort")
         if not in_inbox:
             with self._step_lock, self._pool_lock:
-                if seq.is_finished:
+                if request.is_finished:
                     return False
-                self.scheduler.cancel(seq, self.clock())
-        self._retire([seq], cancelled=True)
+                self.scheduler.cancel(request, self.clock())
+        self._retire([request], cancelled=True)
         return True
 
-    def _retire(self, seqs: list[Request], cancelled: bool) -> None:
+    def _retire(self, requests: list[Request], cancelled: bool) -> None:
         """Count finished requests; forget the oldest beyond ``keep_finished``."""
-        if not seqs:
+        if not requests:
             return
         with self._inbox_lock:
             if cancelled:
-                self._n_cancelled += len(seqs)
+                self._n_cancelled += len(requests)
             else:
-                self._n_finished += len(seqs)
-            self._done.extend(s.request_id for s in seqs)
+                self._n_finished += len(requests)
+            self._done.extend(s.request_id for s in requests)
             while len(self._done) > self._keep_finished:
                 self._requests.pop(self._done.popleft(), None)
 
@@ -628,8 +628,8 @@ class Engine:
                 now = self.clock()
                 with self._pool_lock:
                     produced, finished = self.scheduler.postprocess(batch, sampled, now)
-                for seq in finished:
-                    self.policy.record_finished(seq.num_generated)
+                for request in finished:
+                    self.policy.record_finished(request.num_generated)
                 self._retire(finished, cancelled=False)
                 self._steps += 1
                 self._tokens_in += batch.num_tokens
@@ -665,8 +665,8 @@ class Engine:
             new, self._inbox = self._inbox, []
         if new:
             with self._pool_lock:  # the grower thread reads the scheduler's queues
-                for seq in new:
-                    self.scheduler.add(seq)
+                for request in new:
+                    self.scheduler.add(request)
 
     # ------------------------------------------------------------------ budget -------------
     def set_budget(self, nbytes: Optional[int]) -> None:
@@ -730,16 +730,16 @@ class Engine:
             own = pages(0 if snap["asleep"] else snap["ceiling_bytes"] if requested is None else requested)
             effective = pages(snap["effective_bytes"])
             out: dict[int, tuple[str, int]] = {}
-            for seq in self.scheduler.waiting:
-                need = ceil_div(seq.num_tokens, self.pool.page_tokens)
+            for request in self.scheduler.waiting:
+                need = ceil_div(request.num_tokens, self.pool.page_tokens)
                 if need > own:
-                    out[seq.request_id] = ("budget", need * page_bytes)
+                    out[request.request_id] = ("budget", need * page_bytes)
                 elif need > effective:
-                    out[seq.request_id] = ("lease", need * page_bytes)
-            for seq in self._short:
-                if not seq.is_finished and seq.request_id not in out:
-                    need = ceil_div(seq.num_tokens, self.pool.page_tokens)
-                    out[seq.request_id] = ("memory", need * page_bytes)
+                    out[request.request_id] = ("lease", need * page_bytes)
+            for request in self._short:
+                if not request.is_finished and request.request_id not in out:
+                    need = ceil_div(request.num_tokens, self.pool.page_tokens)
+                    out[request.request_id] = ("memory", need * page_bytes)
             return out
 
     def reset_prefix_cache(self) -> int:
@@ -791,11 +791,11 @@ class Engine:
         for p, m in zip(prompts, mnts):
             self._validate(p, m, eos_token_id, sampling)
         rids = [self.add_request(p, m, eos_token_id, sampling) for p, m in zip(prompts, mnts)]
-        seqs = [self._requests[r] for r in rids]
-        while not all(s.is_finished for s in seqs):
+        requests = [self._requests[r] for r in rids]
+        while not all(s.is_finished for s in requests):
             self.step()
             self._raise_if_stalled()
-        return [s.output_ids for s in seqs]
+        return [s.output_ids for s in requests]
 
     def _require_open(self, what: str) -> None:
         if self._closed:
@@ -813,10 +813,10 @@ class Engine:
             # a lease may rise: wait for the budget to change rather than fail
             self.budget.wait_for_change(self.budget.version, timeout=0.05)
             return
-        seq = self.scheduler.waiting[0]
-        need = ceil_div(seq.num_tokens, self.pool.page_tokens)
+        request = self.scheduler.waiting[0]
+        need = ceil_div(request.num_tokens, self.pool.page_tokens)
         raise RuntimeError(
-            f"Engine stalled: request {seq.request_id} needs {need} KV pages but only "
+            f"Engine stalled: request {request.request_id} needs {need} KV pages but only "
             f"{self._backend.free_pages()} can be had under the budget "
             f"({self.budget.effective_bytes()} bytes); raise it with set_budget"
         )
@@ -899,35 +899,35 @@ class Engine:
 
     def request_info(self, request_id: int) -> dict:
         """Timing and counts of one request: arrival_time, first_token_time, finish_time, ..."""
-        seq = self._requests.get(request_id)
-        if seq is None:
+        request = self._requests.get(request_id)
+        if request is None:
             raise ValueError(
                 f"request_info: unknown request id {request_id!r} (or finished "
                 f"before the last {self._keep_finished} and forgotten)"
             )
-        return seq.info()
+        return request.info()
 
     def requests_info(self) -> list[dict]:
         """``request_info`` of every request the engine has seen, in arrival order."""
         with self._inbox_lock:
-            seqs = list(self._requests.values())
-        return [s.info() for s in seqs]
+            requests = list(self._requests.values())
+        return [s.info() for s in requests]
 
     def logprobs(self, request_id: int) -> tuple[list[TokenLogprob], list[Optional[TokenLogprob]]]:
         """The request's log-probabilities so far: one ``TokenLogprob`` per generated token (when
         its sampling asked ``logprobs``) and one per prompt token, the first None (when it asked
         ``prompt_logprobs``; filled as its prefill runs). Live lists: read them from the thread
         that steps."""
-        seq = self._requests.get(request_id)
-        if seq is None:
+        request = self._requests.get(request_id)
+        if request is None:
             raise ValueError(f"logprobs: unknown request id {request_id!r}")
-        return seq.logprobs, seq.prompt_logprobs
+        return request.logprobs, request.prompt_logprobs
 
     def output_ids(self, request_id: int) -> list[int]:
-        seq = self._requests.get(request_id)
-        if seq is None:
+        request = self._requests.get(request_id)
+        if request is None:
             raise ValueError(f"output_ids: unknown request id {request_id!r}")
-        return seq.output_ids
+        return request.output_ids
 
     def _record(self, batch: Batch, preempted: int, seconds: float) -> None:
         self.timeline.append(

@@ -83,14 +83,14 @@ class PrefixCache:
         self._ghosts: OrderedDict[bytes, float] = OrderedDict()  # evicted page hash -> when
 
     # -- requests ------------------------------------------------------------------------------
-    def find(self, seq: Request) -> PrefixHit | None:
-        """The longest cached prefix of ``seq``'s tokens (whole pages, short of its last token),
+    def find(self, request: Request) -> PrefixHit | None:
+        """The longest cached prefix of ``request``'s tokens (whole pages, short of its last token),
         or None; changes nothing."""
-        if seq.sampling.prompt_logprobs is not None:
+        if request.sampling.prompt_logprobs is not None:
             return None  # its prompt must be scored by a forward over every position, as vLLM does
         pt = self.table.page_tokens
-        usable = (seq.num_tokens - 1) // pt * pt
-        hashes = self.index.hashes(seq.token_ids[:usable])
+        usable = (request.num_tokens - 1) // pt * pt
+        hashes = self.index.hashes(request.token_ids[:usable])
         pages = self.index.match(hashes)
         k = j = len(pages)
         while j < len(hashes) and hashes[j] in self._host:
@@ -100,53 +100,53 @@ class PrefixCache:
         cached = sum(1 for p in pages if self.index.is_cached(p))
         return PrefixHit(j * pt, cached, j - k, (pages, hashes[:k], hashes[k:j]))
 
-    def admit(self, seq: Request, hit: PrefixHit | None) -> int:
-        """``seq`` (holding no pages yet) is admitted: it holds ``hit``'s pages from now on;
+    def admit(self, request: Request, hit: PrefixHit | None) -> int:
+        """``request`` (holding no pages yet) is admitted: it holds ``hit``'s pages from now on;
         returns the tokens they cover. Counts the lookup either way."""
-        self.query_tokens += seq.num_tokens
+        self.query_tokens += request.num_tokens
         if hit is None:
             return 0
         pages, hashes, host = hit.handle
         if pages:
-            self.table.share(seq.request_id, pages, hashes)
+            self.table.share(request.request_id, pages, hashes)
         if host:
             try:
-                self._promote(seq, len(pages), host)
+                self._promote(request, len(pages), host)
             except BaseException:
-                if seq.request_id in self.table:
-                    self.table.free(seq.request_id)
+                if request.request_id in self.table:
+                    self.table.free(request.request_id)
                 raise
-        for p in self.table.get(seq.request_id).pages[: len(pages) + len(host)]:
+        for p in self.table.get(request.request_id).pages[: len(pages) + len(host)]:
             self.index.mark_reused(p)  # its tokens came back: worth keeping when idle
         self.hit_tokens += hit.tokens
         self.host_hit_tokens += len(host) * self.table.page_tokens
         return hit.tokens
 
-    def _promote(self, seq: Request, k: int, host: list[bytes]) -> None:
-        """Bring ``host`` (the hashes of pages ``k``.. of ``seq``'s prefix) back from the host tier."""
+    def _promote(self, request: Request, k: int, host: list[bytes]) -> None:
+        """Bring ``host`` (the hashes of pages ``k``.. of ``request``'s prefix) back from the host tier."""
         assert self.swap is not None
         pt = self.table.page_tokens
         pool = self.table.pool
         short = len(host) - pool.free_pages
         if short > 0:
             self.evict_for_alloc(short)
-        self.table.ensure(seq.request_id, (k + len(host)) * pt)  # MemoryError: nothing allocated
-        new = self.table.get(seq.request_id).pages[k:]
+        self.table.ensure(request.request_id, (k + len(host)) * pt)  # MemoryError: nothing allocated
+        new = self.table.get(request.request_id).pages[k:]
         data = torch.cat([self.swap.peek(("prefix", h))[0] for h in host])
         pool.write_pages(new, data)
-        self.table.fill(seq.request_id, (k + len(host)) * pt)
-        self.table.publish(seq.request_id, seq.token_ids, (k + len(host)) * pt)
+        self.table.fill(request.request_id, (k + len(host)) * pt)
+        self.table.publish(request.request_id, request.token_ids, (k + len(host)) * pt)
         for h in host:
             self._drop_host(h)
 
-    def publish(self, seq: Request) -> None:
-        """Index the pages ``seq`` has filled since the last call; a page whose hash had been
+    def publish(self, request: Request) -> None:
+        """Index the pages ``request`` has filled since the last call; a page whose hash had been
         evicted before (a ghost hit) is marked reused: its tokens came back."""
-        if seq.request_id not in self.table:
+        if request.request_id not in self.table:
             return
-        entry = self.table.get(seq.request_id)
+        entry = self.table.get(request.request_id)
         done = len(entry.hashes)
-        self.table.publish(seq.request_id, seq.token_ids, seq.num_computed)
+        self.table.publish(request.request_id, request.token_ids, request.num_computed)
         if not self._ghosts:
             return
         for h in entry.hashes[done:]:

@@ -71,27 +71,27 @@ class ModelRunner:
         keep_rows: list[int] = []  # packed positions whose logits the model returns
         sample_rows: list[int] = []  # ... of them, the rows that sample (index into keep_rows)
         samplers: list[Request] = []
-        prompt_spans: list[tuple[Request, int, int, int]] = []  # (seq, first row, first position, count)
+        prompt_spans: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
         for c in batch.chunks:
-            seq = c.seq
+            request = c.request
             base = len(ids)
-            ids.extend(seq.token_ids[c.start : c.start + c.num_tokens])
-            entries.append((seq.request_id, c.start, c.num_tokens))
-            if seq.sampling.prompt_logprobs is not None:
+            ids.extend(request.token_ids[c.start : c.start + c.num_tokens])
+            entries.append((request.request_id, c.start, c.num_tokens))
+            if request.sampling.prompt_logprobs is not None:
                 # the logits at position p score prompt token p + 1; positions already scored
                 # (before a recompute preemption) are not scored again
-                if not seq.prompt_logprobs:
-                    seq.prompt_logprobs.append(None)
-                lo = max(c.start, len(seq.prompt_logprobs) - 1)
-                hi = min(c.start + c.num_tokens, seq.prompt_len - 1)
+                if not request.prompt_logprobs:
+                    request.prompt_logprobs.append(None)
+                lo = max(c.start, len(request.prompt_logprobs) - 1)
+                hi = min(c.start + c.num_tokens, request.prompt_len - 1)
                 if hi > lo:
-                    prompt_spans.append((seq, len(keep_rows), lo, hi - lo))
+                    prompt_spans.append((request, len(keep_rows), lo, hi - lo))
                     keep_rows.extend(range(base + lo - c.start, base + hi - c.start))
             if c.samples:
                 if not keep_rows or keep_rows[-1] != len(ids) - 1:
                     keep_rows.append(len(ids) - 1)
                 sample_rows.append(len(keep_rows) - 1)
-                samplers.append(seq)
+                samplers.append(request)
         if self.device.type == "cuda":
             self.note_stream(torch.cuda.current_stream(self.device).cuda_stream)
         extra = self.cache.set_packed_batch(entries)
@@ -125,10 +125,10 @@ class ModelRunner:
         if not keep_rows:
             return {}
         logits = out.logits[0]
-        for seq, row, pos, count in prompt_spans:
-            targets = seq.token_ids[pos + 1 : pos + 1 + count]
-            n_top = seq.sampling.prompt_logprobs
-            seq.prompt_logprobs.extend(token_logprobs(logits[row : row + count], targets, [n_top] * count))
+        for request, row, pos, count in prompt_spans:
+            targets = request.token_ids[pos + 1 : pos + 1 + count]
+            n_top = request.sampling.prompt_logprobs
+            request.prompt_logprobs.extend(token_logprobs(logits[row : row + count], targets, [n_top] * count))
         if not samplers:
             return {}
         rows = logits if len(sample_rows) == len(keep_rows) else logits[sample_rows]

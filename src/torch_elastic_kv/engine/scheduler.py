@@ -50,25 +50,25 @@ class PageBackend(Protocol):
     evicts it); ``live_pages`` counts pages requests hold, a shared page once.
 
     Prefix caching (a backend without it finds nothing and publishes nothing):
-    ``find_prefix(seq)`` looks up a fresh request's cached prefix without changing anything,
-    ``admit_prefix(seq, hit)`` makes it hold those pages (and counts the lookup), and
-    ``computed(seq)`` indexes what a forward filled.
+    ``find_prefix(request)`` looks up a fresh request's cached prefix without changing anything,
+    ``admit_prefix(request, hit)`` makes it hold those pages (and counts the lookup), and
+    ``computed(request)`` indexes what a forward filled.
     """
 
     page_tokens: int
 
     def free_pages(self) -> int: ...
     def live_pages(self) -> int: ...
-    def find_prefix(self, seq: Request) -> Optional[PrefixHit]: ...
-    def admit_prefix(self, seq: Request, hit: Optional[PrefixHit]) -> int: ...
-    def computed(self, seq: Request) -> None: ...
-    def held_pages(self, seq: Request) -> int: ...
-    def ensure(self, seq: Request, total_tokens: int) -> None: ...
-    def release(self, seq: Request) -> None: ...
-    def can_swap_out(self, seq: Request) -> bool: ...
-    def swap_out(self, seq: Request) -> None: ...
-    def swap_in(self, seq: Request, total_tokens: int) -> None: ...
-    def drop_swap(self, seq: Request) -> None: ...
+    def find_prefix(self, request: Request) -> Optional[PrefixHit]: ...
+    def admit_prefix(self, request: Request, hit: Optional[PrefixHit]) -> int: ...
+    def computed(self, request: Request) -> None: ...
+    def held_pages(self, request: Request) -> int: ...
+    def ensure(self, request: Request, total_tokens: int) -> None: ...
+    def release(self, request: Request) -> None: ...
+    def can_swap_out(self, request: Request) -> bool: ...
+    def swap_out(self, request: Request) -> None: ...
+    def swap_in(self, request: Request, total_tokens: int) -> None: ...
+    def drop_swap(self, request: Request) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,16 @@ class PrefixHit:
 
 @dataclass
 class Chunk:
-    """``num_tokens`` tokens of ``seq`` starting at position ``start``, packed in this order."""
+    """``num_tokens`` tokens of ``request`` starting at position ``start``, packed in this order."""
 
-    seq: Request
+    request: Request
     start: int
     num_tokens: int
 
     @property
     def samples(self) -> bool:
         """True when this chunk ends at the sequence's last token, so a token is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -151,18 +151,18 @@ class Scheduler:
     def pages_for(self, tokens: int) -> int:
         return ceil_div(tokens, self.page_tokens)
 
-    def add(self, seq: Request) -> None:
+    def add(self, request: Request) -> None:
         """Queue a new request (status WAITING)."""
-        seq.status = RequestStatus.WAITING
-        self._insert_waiting(seq)
+        request.status = RequestStatus.WAITING
+        self._insert_waiting(request)
 
-    def _insert_waiting(self, seq: Request) -> None:
+    def _insert_waiting(self, request: Request) -> None:
         keys = [s.arrival_index for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
+        self.waiting.insert(bisect.bisect(keys, request.arrival_index), request)
 
-    def _insert_running(self, seq: Request) -> None:
+    def _insert_running(self, request: Request) -> None:
         keys = [s.arrival_index for s in self.running]
-        self.running.insert(bisect.bisect(keys, seq.arrival_index), seq)
+        self.running.insert(bisect.bisect(keys, request.arrival_index), request)
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
@@ -177,25 +177,25 @@ class Scheduler:
         pool = unprotected or self.running
         return pool[-1]
 
-    def preempt(self, seq: Request) -> str:
-        """Take ``seq`` off the running list: swap its KV out if there is room, else drop it."""
-        self.running.remove(seq)
-        if seq.num_computed > 0 and self.backend.can_swap_out(seq):
-            self.backend.swap_out(seq)
-            seq.status = RequestStatus.SWAPPED
-            seq.swap_preemptions += 1
+    def preempt(self, request: Request) -> str:
+        """Take ``request`` off the running list: swap its KV out if there is room, else drop it."""
+        self.running.remove(request)
+        if request.num_computed > 0 and self.backend.can_swap_out(request):
+            self.backend.swap_out(request)
+            request.status = RequestStatus.SWAPPED
+            request.swap_preemptions += 1
             self.swap_preemptions += 1
             mode = "swap"
         else:
-            self.backend.release(seq)
-            seq.num_computed = 0
-            seq.status = RequestStatus.WAITING
-            seq.recompute_preemptions += 1
+            self.backend.release(request)
+            request.num_computed = 0
+            request.status = RequestStatus.WAITING
+            request.recompute_preemptions += 1
             self.recompute_preemptions += 1
             mode = "recompute"
-        seq.preemptions += 1
+        request.preemptions += 1
         self.preemptions += 1
-        self._insert_waiting(seq)
+        self._insert_waiting(request)
         return mode
 
     def preempt_until(self, max_live_pages: int) -> list[tuple[Request, str]]:
@@ -213,8 +213,8 @@ class Scheduler:
         budget = self.max_batch_tokens
         scheduled: dict[int, Chunk] = {}
 
-        def make_room(seq: Request, need: int) -> bool:
-            """Preempt until ``need`` pages are free for ``seq``; False if ``seq`` itself went."""
+        def make_room(request: Request, need: int) -> bool:
+            """Preempt until ``need`` pages are free for ``request``; False if ``request`` itself went."""
             nonlocal budget
             while self.backend.free_pages() < need:
                 victim = self._pick_victim()
@@ -223,33 +223,33 @@ class Scheduler:
                     batch.chunks.remove(chunk)
                     budget += chunk.num_tokens
                 batch.preempted.append((victim, self.preempt(victim)))
-                if victim is seq:
+                if victim is request:
                     return False
             return True
 
         # running: decoders first (one token each keeps time per output token low), then
         # prefill chunks; both oldest first
         order = [s for s in self.running if s.num_uncomputed == 1] + [s for s in self.running if s.num_uncomputed > 1]
-        for seq in order:
+        for request in order:
             if budget <= 0:
                 break
-            if seq.status is not RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
                 continue  # preempted above to make room for an older request
-            n = min(seq.num_uncomputed, budget)
-            need = self.pages_for(seq.num_computed + n) - self.backend.held_pages(seq)
+            n = min(request.num_uncomputed, budget)
+            need = self.pages_for(request.num_computed + n) - self.backend.held_pages(request)
             if need > 0:
-                if not make_room(seq, need):
+                if not make_room(request, need):
                     continue
                 try:
-                    self.backend.ensure(seq, seq.num_computed + n)
+                    self.backend.ensure(request, request.num_computed + n)
                 except MemoryError as exc:
                     # within the budget but not mappable now: it sits this step out, unchanged
-                    batch.short.append(seq)
+                    batch.short.append(request)
                     batch.memory_error = str(exc)
                     continue
-            chunk = Chunk(seq, seq.num_computed, n)
+            chunk = Chunk(request, request.num_computed, n)
             batch.chunks.append(chunk)
-            scheduled[seq.request_id] = chunk
+            scheduled[request.request_id] = chunk
             budget -= n
 
         # admission, oldest first; stop at the first that does not fit so that a large
@@ -258,41 +258,41 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.short:
             if self.max_running is not None and len(self.running) >= self.max_running:
                 break
-            seq = self.waiting[0]
-            fresh = seq.status is RequestStatus.WAITING and seq.num_computed == 0
-            hit = self.backend.find_prefix(seq) if fresh else None
-            need = self.pages_for(seq.num_tokens) - (hit.tokens // self.page_tokens - hit.new_pages if hit else 0)
+            request = self.waiting[0]
+            fresh = request.status is RequestStatus.WAITING and request.num_computed == 0
+            hit = self.backend.find_prefix(request) if fresh else None
+            need = self.pages_for(request.num_tokens) - (hit.tokens // self.page_tokens - hit.new_pages if hit else 0)
             # keep a headroom for the running requests' next pages, so that admitting one
             # does not preempt another a few steps later
             reserve = math.ceil(self.headroom * held) if self.running else 0
             if self.backend.free_pages() - (hit.cached_pages if hit else 0) < need + reserve:
                 break
             try:
-                if seq.status is RequestStatus.SWAPPED:
-                    self.backend.swap_in(seq, seq.num_tokens)
+                if request.status is RequestStatus.SWAPPED:
+                    self.backend.swap_in(request, request.num_tokens)
                 else:
                     if fresh:
-                        seq.num_computed = self.backend.admit_prefix(seq, hit)
-                    self.backend.ensure(seq, seq.num_tokens)
+                        request.num_computed = self.backend.admit_prefix(request, hit)
+                    self.backend.ensure(request, request.num_tokens)
             except MemoryError as exc:
                 # the pages could not be mapped: it stays first in the queue, as it was (a
                 # prefix it was given goes back to the cache)
                 if fresh:
-                    if self.backend.held_pages(seq):
-                        self.backend.release(seq)
-                    seq.num_computed = 0
-                batch.short.append(seq)
+                    if self.backend.held_pages(request):
+                        self.backend.release(request)
+                    request.num_computed = 0
+                batch.short.append(request)
                 batch.memory_error = str(exc)
                 break
             self.waiting.pop(0)
-            held += self.backend.held_pages(seq)
-            seq.status = RequestStatus.RUNNING
-            self._insert_running(seq)
-            batch.admitted.append(seq)
-            n = min(seq.num_uncomputed, budget)
-            chunk = Chunk(seq, seq.num_computed, n)
+            held += self.backend.held_pages(request)
+            request.status = RequestStatus.RUNNING
+            self._insert_running(request)
+            batch.admitted.append(request)
+            n = min(request.num_uncomputed, budget)
+            chunk = Chunk(request, request.num_computed, n)
             batch.chunks.append(chunk)
-            scheduled[seq.request_id] = chunk
+            scheduled[request.request_id] = chunk
             budget -= n
         return batch
 
@@ -308,40 +308,40 @@ class Scheduler:
         produced: list[StepOutput] = []
         finished: list[Request] = []
         for chunk in batch.chunks:
-            seq = chunk.seq
-            if seq.status is not RequestStatus.RUNNING:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING:
                 continue  # cancelled while the forward ran
-            seq.num_computed = chunk.start + chunk.num_tokens
-            self.backend.computed(seq)
+            request.num_computed = chunk.start + chunk.num_tokens
+            self.backend.computed(request)
             if not chunk.samples:
                 continue
-            tok = sampled[seq.request_id]
+            tok = sampled[request.request_id]
             if tok is None:  # its sampling failed: this request ends, the others go on
-                seq.finish(now, "error")
+                request.finish(now, "error")
                 done = True
             else:
-                done = seq.append_token(tok, now)
-            produced.append(StepOutput(seq.request_id, tok, seq.finish_reason if done else None))
+                done = request.append_token(tok, now)
+            produced.append(StepOutput(request.request_id, tok, request.finish_reason if done else None))
             if done:
-                self.running.remove(seq)
-                self.backend.release(seq)
-                finished.append(seq)
+                self.running.remove(request)
+                self.backend.release(request)
+                finished.append(request)
         return produced, finished
 
-    def cancel(self, seq: Request, now: float) -> None:
+    def cancel(self, request: Request, now: float) -> None:
         """Remove a request wherever it is and free what it holds."""
-        if seq in self.running:
-            self.running.remove(seq)
-            self.backend.release(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-            if seq.status is RequestStatus.SWAPPED:
-                self.backend.drop_swap(seq)
-        seq.finish(now, "abort")
+        if request in self.running:
+            self.running.remove(request)
+            self.backend.release(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+            if request.status is RequestStatus.SWAPPED:
+                self.backend.drop_swap(request)
+        request.finish(now, "abort")
 
     # ---- demand for the policy --------------------------------------------------------------
     def demand_pages(self, growth_pages) -> tuple[int, int, int]:
-        """(held, expected growth, waiting) pages; ``growth_pages(seq)`` is the policy's estimate."""
+        """(held, expected growth, waiting) pages; ``growth_pages(request)`` is the policy's estimate."""
         held = self.backend.live_pages()  # a page shared by several requests counts once
         growth = 0
         for s in self.running:
