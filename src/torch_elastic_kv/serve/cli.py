@@ -18,15 +18,23 @@ import resource
 import socket
 import stat
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 from .._units import SIZE_HELP, parse_size
+from .settings import MIN_KV_BYTES, ServeSettings, UsageError, device_memory, physical_memory
 
-__all__ = ["ServeSettings", "UsageError", "bind_socket", "resolve", "serve_main", "serve_parser"]
+__all__ = [
+    "MIN_KV_BYTES",
+    "ServeSettings",
+    "UsageError",
+    "bind_socket",
+    "device_memory",
+    "resolve",
+    "serve_main",
+    "serve_parser",
+]
 
 PROG = "ekv-serve"
-MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FD_RESERVE = 64  # file descriptors kept for the model, the engine, logs and the broker, not clients
 MAX_CONNECTIONS_DEFAULT = 1024
@@ -36,58 +44,9 @@ API_KEY_ENV = "EKV_API_KEY"
 ADMIN_KEY_ENV = "EKV_ADMIN_KEY"
 
 
-class UsageError(Exception):
-    """A bad option; the message is the one line printed."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """The checked options."""
-
-    model: Optional[str]
-    served_model_name: str
-    host: str
-    port: int
-    api_key: Optional[str]
-    admin_key: Optional[str]
-    device: str
-    dtype: str
-    max_kv_bytes: Optional[int]
-    min_kv_bytes: int
-    idle_seconds: float
-    swap_bytes: int
-    max_waiting: int
-    drain_seconds: float
-    max_batch_tokens: int
-    max_body_bytes: int
-    seed: int
-    log_level: str
-    broker: Optional[str] = None
-    tenant: Optional[str] = None
-    priority: int = 0
-    guarantee_bytes: int = 0
-    budget_wait_seconds: float = 30.0
-    broker_wait_seconds: float = 10.0
-    broker_timeout: float = 5.0
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 1024
-    served_model_names: tuple[str, ...] = ()  # every name requests may send; the first is reported
-    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
-    chat_template: Optional[str] = None  # the template's text (read from --chat-template PATH)
-    gpu_memory_utilization: Optional[float] = None  # the KV ceiling as a share of device memory
-    prefix_caching: bool = True
-    prefix_cache_expiry: Optional[float] = 300.0  # None: cached pages never expire
-    prefix_cache_cap: Optional[int] = None  # None: what the budget leaves free
-    tensor_parallel_size: int = 1  # issue 26: ranks of a tensor-parallel group (serve/tp_front.py)
-    tp_timeout: float = 120.0  # seconds a rank waits for the others before the group counts as down
-    threads: int = 1  # torch's intra-op threads for the model's forward
-    compile: bool = False  # Engine(compile=True): the decoder MLPs and norms through inductor
 
 
 def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -289,7 +248,7 @@ def help_epilog() -> str:
         "",
         "Default KV ceiling here:",
     ]
-    physical = _physical_memory()
+    physical = physical_memory()
     if physical is not None:
         lines.append(f"  cpu: 25 % of RAM = {physical // 4 / 2**30:.1f} GiB")
     try:
@@ -323,13 +282,6 @@ def _size(flag: str, text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise UsageError(f"{flag}: {exc}") from None
-
-
-def _physical_memory() -> Optional[int]:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
 
 
 def _max_connections(text: Optional[str]) -> int:
@@ -454,7 +406,7 @@ def resolve(argv: list[str]) -> ServeSettings:
         raise UsageError(
             f"--max-kv-bytes must be at least {MIN_KV_BYTES >> 20} MiB (one KV chunk), got {args.max_kv_bytes}"
         )
-    physical = _physical_memory()
+    physical = physical_memory()
     for flag, text, value in (
         ("--max-kv-bytes", args.max_kv_bytes, max_kv),
         ("--min-kv-bytes", args.min_kv_bytes, min_kv),
@@ -580,19 +532,6 @@ def _served_names(given: Optional[list[str]], model: Optional[str]) -> tuple[str
         if not name or not name.isprintable() or len(name) > 256:
             raise UsageError(f"--served-model-name must be 1-256 printable characters, got {name!r}")
     return tuple(dict.fromkeys(given))  # repeats dropped, order kept
-
-
-def device_memory(device: str) -> int:
-    """Total memory of ``device`` in bytes: the GPU's, or this machine's RAM on CPU."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
-    physical = _physical_memory()
-    if physical is None:
-        raise UsageError("--gpu-memory-utilization: this machine's memory size is unknown")
-    return physical
 
 
 def _check_utilization(fraction: float, device: str, min_kv: int, min_text: str) -> None:

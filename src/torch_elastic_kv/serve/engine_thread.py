@@ -37,10 +37,10 @@ from typing import Any, Optional
 
 from .._util import is_int
 from ..engine.request import RequestRejected
-from .cli import MIN_KV_BYTES
 from .detokenize import IncrementalDetokenizer, StopStrings
 from .errors import bad_request, overloaded
 from .metrics import ServerMetrics
+from .settings import MIN_KV_BYTES
 
 _log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from ..engine.engine import Engine
 from ..engine.eviction import EvictionPolicy
 from ..engine.policy import ElasticPolicy
 from .app import ServerState, create_app
-from .cli import MIN_KV_BYTES, ServeSettings, device_memory
 from .default_model import build_default_model, build_default_tokenizer
 from .engine_thread import EngineService
 from .metrics import ServerMetrics
+from .settings import MIN_KV_BYTES, ServeSettings, device_memory
 
 _log = logging.getLogger(__name__)
 

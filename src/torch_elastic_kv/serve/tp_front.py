@@ -32,7 +32,7 @@ import time
 from typing import Any, Optional
 
 from ..parallel.tp_engine import TensorParallelEngine, TensorParallelGroup, build_rank_engine, follow
-from .cli import ServeSettings
+from .settings import ServeSettings
 
 _log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def torchrun_rank(settings: ServeSettings) -> int:
         return 0
     world = int(os.environ["WORLD_SIZE"])
     if world != settings.tensor_parallel_size:
-        from .cli import UsageError
+        from .settings import UsageError
 
         raise UsageError(
             f"--tensor-parallel-size {settings.tensor_parallel_size} but torchrun started {world} processes"

@@ -1,0 +1,83 @@
+"""The server's checked settings, what the command line (``cli.py``) produces and the server
+(``server.py``) runs on: one module both import, so neither imports the other at load time.
+No torch import (``device_memory`` imports it when asked)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["MIN_KV_BYTES", "ServeSettings", "UsageError", "device_memory", "physical_memory"]
+
+MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
+
+
+class UsageError(Exception):
+    """A bad option; the message is the one line printed."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The checked options."""
+
+    model: Optional[str]
+    served_model_name: str
+    host: str
+    port: int
+    api_key: Optional[str]
+    admin_key: Optional[str]
+    device: str
+    dtype: str
+    max_kv_bytes: Optional[int]
+    min_kv_bytes: int
+    idle_seconds: float
+    swap_bytes: int
+    max_waiting: int
+    drain_seconds: float
+    max_batch_tokens: int
+    max_body_bytes: int
+    seed: int
+    log_level: str
+    broker: Optional[str] = None
+    tenant: Optional[str] = None
+    priority: int = 0
+    guarantee_bytes: int = 0
+    budget_wait_seconds: float = 30.0
+    broker_wait_seconds: float = 10.0
+    broker_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
+    served_model_names: tuple[str, ...] = ()  # every name requests may send; the first is reported
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    chat_template: Optional[str] = None  # the template's text (read from --chat-template PATH)
+    gpu_memory_utilization: Optional[float] = None  # the KV ceiling as a share of device memory
+    prefix_caching: bool = True
+    prefix_cache_expiry: Optional[float] = 300.0  # None: cached pages never expire
+    prefix_cache_cap: Optional[int] = None  # None: what the budget leaves free
+    tensor_parallel_size: int = 1  # issue 26: ranks of a tensor-parallel group (serve/tp_front.py)
+    tp_timeout: float = 120.0  # seconds a rank waits for the others before the group counts as down
+    threads: int = 1  # torch's intra-op threads for the model's forward
+    compile: bool = False  # Engine(compile=True): the decoder MLPs and norms through inductor
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's RAM in bytes (None if the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def device_memory(device: str) -> int:
+    """Total memory of ``device`` in bytes: the GPU's, or this machine's RAM on CPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    physical = physical_memory()
+    if physical is None:
+        raise UsageError("--gpu-memory-utilization: this machine's memory size is unknown")
+    return physical
