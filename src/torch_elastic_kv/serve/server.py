@@ -131,6 +131,18 @@ def engine_options(settings: ServeSettings, model: Any) -> tuple[dict[str, Any],
     return policy, engine
 
 
+def broker_client(settings: ServeSettings) -> BrokerClient:
+    """The tenant's link to the broker the options name (``--broker``, ``--tenant``, ...)."""
+    return BrokerClient(
+        settings.broker,
+        settings.tenant,
+        priority=settings.priority,
+        guarantee_bytes=settings.guarantee_bytes,
+        connect_timeout=settings.broker_timeout,
+        io_timeout=settings.broker_timeout,
+    )
+
+
 def build_state(settings: ServeSettings) -> ServerState:
     """The model, its Engine on an elastic (or, min == max, static) pool, and the service."""
     # before the model runs: torch's intra-op pool is sized at its first parallel operation
@@ -145,16 +157,7 @@ def build_state(settings: ServeSettings) -> ServerState:
         engine: Any = start_group(settings, model)
     else:
         policy_kwargs, engine_kwargs = engine_options(settings, model)
-        broker = None
-        if settings.broker is not None:
-            broker = BrokerClient(
-                settings.broker,
-                settings.tenant,
-                priority=settings.priority,
-                guarantee_bytes=settings.guarantee_bytes,
-                connect_timeout=settings.broker_timeout,
-                io_timeout=settings.broker_timeout,
-            )
+        broker = broker_client(settings) if settings.broker is not None else None
         engine = Engine(model, policy=ElasticPolicy(**policy_kwargs), broker=broker, **engine_kwargs)
     if settings.compile:
         _log.info("torch_elastic_kv serve: compiled in %.1f s (--compile)", engine.stats()["compile_seconds"])

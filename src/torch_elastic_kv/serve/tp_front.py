@@ -167,16 +167,9 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
 
     front = _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, children=children)
     if settings.broker is not None:  # the group is one tenant: rank 0 holds its lease
-        from ..broker.client import BrokerClient
+        from .server import broker_client
 
-        client = BrokerClient(
-            settings.broker,
-            settings.tenant,
-            priority=settings.priority,
-            guarantee_bytes=settings.guarantee_bytes,
-            connect_timeout=settings.broker_timeout,
-            io_timeout=settings.broker_timeout,
-        )
+        client = broker_client(settings)
         try:
             front.attach_broker(client)
         except BaseException:
