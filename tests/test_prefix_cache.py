@@ -364,3 +364,33 @@ def test_a_held_page_below_a_cached_one_does_not_pin_it(model) -> None:
     st = eng.stats()
     assert st["preemptions"] == 0 and st["prefix_evictions_pressure"] + st["prefix_evictions_reclaim"] > 0
     eng.close()
+
+
+def test_compaction_packs_cached_and_live_pages_so_a_cut_frees_more_chunks(model) -> None:
+    """The same interleaved workload, a budget cut to one chunk, with and without compaction:
+    once the cached pages are gone, packing the live pages frees whole chunks that a pool which
+    cannot move pages keeps mapped."""
+
+    def cut_and_count(compact: bool) -> tuple[int, int]:
+        eng = make(model, clock=ManualClock(100.0), max_mib=16, headroom=0.0)
+        if not compact:
+            eng.pool.compact = lambda on_move=None: 0  # a pool that cannot move pages
+        # long-lived requests placed between short ones, so live pages land in several chunks
+        live = []
+        for i in range(2):
+            live.append(eng.add_request(tokens(5 * PT + 1, 60 + i), 200))
+            eng.step()
+            eng.add_request(tokens(9 * PT, 70 + i), 1)
+            eng.step()
+        eng.step()
+        held = eng.stats()["resident_bytes"]
+        assert eng.stats()["live_bytes"] <= eng.pool.chunk_bytes  # one chunk could hold them
+        eng.set_budget(eng.pool.chunk_bytes)
+        st = eng.stats()
+        chunk = eng.pool.chunk_bytes
+        assert st["preemptions"] == 0
+        eng.close()
+        return (held - st["resident_bytes"]) // chunk, held // chunk
+
+    (with_compaction, chunks), (without, _) = cut_and_count(True), cut_and_count(False)
+    assert chunks >= 2 and with_compaction > without, (with_compaction, without, chunks)
