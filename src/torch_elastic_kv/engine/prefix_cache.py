@@ -116,8 +116,11 @@ class PrefixCache:
                 if request.request_id in self.table:
                     self.table.free(request.request_id)
                 raise
+        # their tokens came back: worth keeping when idle (a promoted page whose hash another
+        # page already holds stays private, and unindexed)
         for p in self.table.get(request.request_id).pages[: len(pages) + len(host)]:
-            self.index.mark_reused(p)  # its tokens came back: worth keeping when idle
+            if self.index.is_indexed(p):
+                self.index.mark_reused(p)
         self.hit_tokens += hit.tokens
         self.host_hit_tokens += len(host) * self.table.page_tokens
         return hit.tokens
