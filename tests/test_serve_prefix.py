@@ -115,6 +115,7 @@ def test_a_broker_reclaim_takes_cached_pages_before_any_live_request() -> None:
         complete(url, long_prompt, 2)  # a hit: reuse seen, so the cached pages are kept
         stats = httpx.get(url + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
         assert stats["cached_bytes"] >= 4 * MiB and stats["preemptions"] == 0
+        cached_before = stats["cached_bytes"]
         reference = complete(url, [9] * 20, 300)  # what the live request must produce, calm
 
         # a live request (20 + 300 tokens: 20 pages, 2.5 MiB, under the 4 MiB guarantee) runs
@@ -130,7 +131,9 @@ def test_a_broker_reclaim_takes_cached_pages_before_any_live_request() -> None:
         live.join(timeout=120)
         assert out.get("tokens") == reference  # nothing lost, nothing changed
         stats = httpx.get(url + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
-        assert stats["prefix_evictions_reclaim"] > 0  # the cached pages went to the reclaim
+        # the cached pages made the room (taken by the reclaim itself, or, when the live request's
+        # next page came first under the lowered lease, by that allocation: the order is a race)
+        assert stats["cached_bytes"] < cached_before and stats["cached_bytes"] + stats["live_bytes"] <= 4 * MiB, stats
         assert stats["preemptions"] == 0  # and no live request was touched
         assert stats["broker_lease_bytes"] <= 4 * MiB
     finally:
