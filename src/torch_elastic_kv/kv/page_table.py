@@ -242,7 +242,7 @@ class PageTable:
         entry.tokens = tokens
 
     def evict(self, pages: Sequence[int]) -> None:
-        """Free cached ``pages`` (leaves, as ``PrefixIndex.evictable`` yields them)."""
+        """Free cached ``pages``, in an order ``PrefixIndex.remove`` takes (leaves first: ``engine/eviction.py``)."""
         prefix = self._require_prefix("PageTable.evict")
         for p in pages:
             prefix.remove(p)

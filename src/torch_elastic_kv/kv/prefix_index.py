@@ -145,9 +145,6 @@ class PrefixIndex:
         """Cached pages whose parent ``page`` is (held children do not count: see above)."""
         return {c for c in self._entry[page].children if c in self._cached}
 
-    def is_leaf(self, page: int) -> bool:
-        return not self.children(page)
-
     def subtree(self, page: int) -> list[int]:
         """``page`` and every cached page below it, deepest first (an order ``remove`` takes)."""
         out: list[int] = []
@@ -194,12 +191,6 @@ class PrefixIndex:
     def unpark(self, page: int) -> None:
         """A cached page is held by a request again (a prefix hit)."""
         self._cached.pop(page, None)
-
-    def evictable(self) -> Iterable[int]:
-        """Cached leaves in eviction order (a generator over a snapshot)."""
-        for page in list(self._cached):
-            if page in self._cached and self.is_leaf(page):
-                yield page
 
     def remove(self, page: int) -> None:
         """Forget a cached leaf (evicted: the caller frees it). Its parent may become a leaf."""
