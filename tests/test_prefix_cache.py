@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torch_elastic_kv import ElasticPolicy, Engine
-from torch_elastic_kv.engine.eviction import EvictionPolicy, pressure_victims
+from torch_elastic_kv.engine.eviction import EvictionPolicy, RecentReuse, pressure_victims
 from torch_elastic_kv.kv.page_table import PageTable
 from torch_elastic_kv.kv.pool import KVPagePool
 from torch_elastic_kv.kv.prefix_index import PrefixIndex
@@ -151,9 +151,11 @@ def test_cached_pages_are_never_demand_and_an_allocation_takes_them(model) -> No
 
 def test_expiry_and_the_cap_with_the_injected_clock(model) -> None:
     clock = ManualClock(100.0)
-    eng = make(model, clock=clock, eviction=EvictionPolicy(expiry_seconds=30.0, cap_bytes=None))
+    # idle_keep_reuse=1: the traffic's reuse (5 of 6 pages) does not keep the unused page
+    eng = make(model, clock=clock, eviction=EvictionPolicy(expiry_seconds=30.0, cap_bytes=None, idle_keep_reuse=1.0))
     run(eng, [tokens(6 * PT, 13)], 2)
     run(eng, [tokens(6 * PT, 13)], 2)  # hits: those pages' tokens came back, so they are kept
+    assert eng.stats()["prefix_recent_reuse"] == pytest.approx(5 / 6, abs=1e-3)
     clock.t += 2.0
     eng.maintain()  # an idle shrink: the pages never reused go, the hit ones stay
     kept = eng.cache.page_table.cached_pages
@@ -201,6 +203,52 @@ def test_an_idle_shrink_takes_pages_seen_once_and_a_ghost_hit_marks_them_worth_k
     assert eng.cache.page_table.cached_pages >= 5
     assert run(eng, [p], 2) and eng.stats()["prefix_hit_tokens"] == 5 * PT
     eng.close()
+
+
+def test_traffic_that_reuses_its_pages_keeps_fresh_pages_through_idle_shrinks_until_expiry(model) -> None:
+    # a conversation's first turn is not reused until its next turn, a minute or more later:
+    # while the traffic's pages come back, idle shrinks keep the pages not reused yet
+    clock = ManualClock(100.0)
+    eng = make(model, clock=clock, headroom=0.0, eviction=EvictionPolicy(expiry_seconds=60.0))
+    first = tokens(6 * PT, 21)
+    run(eng, [first], 2)
+    run(eng, [first + tokens(3 * PT, 22)], 2)  # its second turn: the 6 pages hit
+    assert eng.stats()["prefix_recent_reuse"] >= 0.1
+    fresh = tokens(6 * PT, 23)  # another conversation's first turn
+    run(eng, [fresh], 2)
+    fresh_pages = eng.cache.page_table.prefix.match(eng.cache.page_table.prefix.hashes(fresh))
+    assert len(fresh_pages) == 6
+    before = eng.stats()
+    for _ in range(5):  # idle shrinks: nothing taken, the pages are young
+        clock.t += 1.0
+        eng.maintain()
+    st = eng.stats()
+    assert st["prefix_evictions_idle"] == 0 and st["cached_bytes"] == before["cached_bytes"] > 0
+    # the kept pages sit on top of what the policy sizes: at most one shrink packs them, not one per tick
+    assert st["compactions"] - before["compactions"] <= 1 and st["shrinks"] - before["shrinks"] <= 1
+    run(eng, [fresh + tokens(2 * PT, 24)], 2)  # its second turn hits every full page
+    assert eng.stats()["prefix_hit_tokens"] == 6 * PT + 6 * PT
+    for _ in range(70):  # then idle past the expiry: every page goes, the pool back to 0
+        clock.t += 1.0
+        eng.maintain()
+    st = eng.stats()
+    assert st["cached_bytes"] == 0 and st["resident_bytes"] == 0 and st["prefix_evictions_expiry"] > 0
+    assert st["prefix_evictions_idle"] == 0 and st["prefix_recent_reuse"] == 0.0  # the window moved on
+    eng.close()
+
+
+def test_recent_reuse_counts_pages_that_came_back_over_its_window() -> None:
+    r = RecentReuse(10.0)
+    assert r.share(0.0) == 0.0
+    r.published(0.5, 8)
+    r.reused(3.2, 2)
+    assert r.share(4.0) == 0.25
+    r.published(9.0, 8)
+    assert r.share(9.9) == pytest.approx(2 / 16)
+    assert r.share(11.5) == pytest.approx(2 / 8)  # the first second's 8 pages left the window
+    assert r.share(20.0) == 0.0
+    with pytest.raises(ValueError, match="window_seconds"):
+        RecentReuse(-1.0)
 
 
 def test_a_budget_cut_takes_whole_cached_chunks_first_and_compaction_frees_more(model) -> None:
@@ -274,6 +322,9 @@ def test_reset_gives_up_every_cached_page(model) -> None:
         ({"expiry_seconds": "soon"}, "EvictionPolicy: expiry_seconds must be None or >= 0, got 'soon'"),
         ({"cap_bytes": -5}, "EvictionPolicy: cap_bytes must be None or a non-negative int, got -5"),
         ({"cap_bytes": 1.5}, "EvictionPolicy: cap_bytes must be None or a non-negative int, got 1.5"),
+        ({"idle_keep_reuse": 1.5}, r"EvictionPolicy: idle_keep_reuse must be a number in \[0, 1\], got 1.5"),
+        ({"idle_keep_reuse": True}, r"EvictionPolicy: idle_keep_reuse must be a number in \[0, 1\], got True"),
+        ({"idle_keep_reuse": float("nan")}, r"EvictionPolicy: idle_keep_reuse must be a number in \[0, 1\], got nan"),
     ],
 )
 def test_bad_knobs_are_refused(kwargs, match) -> None:

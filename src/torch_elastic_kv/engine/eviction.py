@@ -14,13 +14,17 @@ Kept while all of these hold:
   Mooncake conversation trace, 79 % of prefix hits come within 300 s of the block's last use,
   97 % within 900 s);
 * together they fit ``cap_bytes`` (default ``None``: whatever the budget leaves free);
-* and, when memory goes back on an idle shrink, the page has shown it is worth keeping: its
-  tokens came back at least once, as a hit, or as a page computed again whose hash had been
-  evicted (a *ghost* hit: the hashes of evicted pages are remembered for ``expiry_seconds``).
-  Pages whose tokens were seen once go back with the idle shrink like free pages, so traffic
-  without shared prefixes gives memory back as if there were no cache, a conversation's
-  second turn (a ghost hit) marks its prefix, and its third turn hits (admission on the
-  second sighting, as caches in front of CDNs do).
+* and, when memory goes back on an idle shrink, the page is worth keeping: its tokens came
+  back at least once, as a hit, or as a page computed again whose hash had been evicted (a
+  *ghost* hit: the hashes of evicted pages are remembered for ``expiry_seconds``) -- or the
+  traffic shows that pages come back: at least ``idle_keep_reuse`` (default 10 %) of the pages
+  published over the last ``expiry_seconds`` were reused later (``RecentReuse``). So traffic
+  without shared prefixes gives memory back on idle shrinks as if there were no cache (one
+  accidental match keeps only the pages it matched), while conversation traffic, whose next
+  turn comes back a minute or more later, keeps its fresh pages until they expire. With too
+  little reuse a conversation's second turn (a ghost hit) marks its prefix and its third turn
+  hits (admission on the second sighting, as caches in front of CDNs do); the ghost hits also
+  raise the measured reuse, which turns the keeping back on.
 
 Order, in each case:
 
@@ -31,7 +35,8 @@ Order, in each case:
   pages in the pressure order; the memory controller's compaction then packs the surviving
   cached and live pages into fewer chunks;
 * **expiry**: every page past its age, deepest first;
-* **idle** (an idle shrink): the pages never reused, in the pressure order.
+* **idle** (an idle shrink): the pages never reused, in the pressure order, unless recent
+  traffic reuses enough of its pages (above).
 
 Idle, a server therefore keeps its cached prefixes until they expire and then returns to the
 floor; everything here is undone by a miss, never by a wrong answer.
@@ -39,13 +44,15 @@ floor; everything here is undone by a miss, never by a wrong answer.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from .._util import is_int
 
-__all__ = ["EvictionPolicy", "budget_victims", "expired_victims", "idle_victims", "pressure_victims"]
+__all__ = ["EvictionPolicy", "RecentReuse", "budget_victims", "expired_victims", "idle_victims", "pressure_victims"]
 
 
 class _Index(Protocol):
@@ -68,10 +75,14 @@ class EvictionPolicy:
     Args:
         expiry_seconds: a cached page unused this long is given back (``None``: never).
         cap_bytes: most bytes of cached pages (``None``: what the budget leaves free).
+        idle_keep_reuse: an idle shrink keeps cached pages not reused yet while at least this
+            share (0-1) of the pages published over the last ``expiry_seconds`` came back; 0
+            keeps them always (until they expire), 1 only when every page came back.
     """
 
     expiry_seconds: Optional[float] = 300.0
     cap_bytes: Optional[int] = None
+    idle_keep_reuse: float = 0.1
 
     def __post_init__(self) -> None:
         e = self.expiry_seconds
@@ -80,6 +91,63 @@ class EvictionPolicy:
         c = self.cap_bytes
         if c is not None and (not is_int(c) or c < 0):
             raise ValueError(f"EvictionPolicy: cap_bytes must be None or a non-negative int, got {c!r}")
+        k = self.idle_keep_reuse
+        if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 <= k <= 1:
+            raise ValueError(f"EvictionPolicy: idle_keep_reuse must be a number in [0, 1], got {k!r}")
+
+    @property
+    def reuse_window_seconds(self) -> float:
+        """How far back ``RecentReuse`` looks: the expiry, or 300 s when pages never expire."""
+        return 300.0 if self.expiry_seconds is None else float(self.expiry_seconds)
+
+
+class RecentReuse:
+    """Of the pages published over the last ``window_seconds``, how many came back later.
+
+    Counts per second (a bounded deque), so it costs O(1) per event. The share is the
+    evidence an idle shrink weighs before giving up pages not reused yet: traffic whose pages
+    come back (conversations, agents re-sending their context) keeps them until they expire;
+    traffic whose pages do not, gives them back.
+    """
+
+    def __init__(self, window_seconds: float) -> None:
+        if not (window_seconds >= 0 and math.isfinite(window_seconds)):
+            raise ValueError(f"RecentReuse: window_seconds must be a finite number >= 0, got {window_seconds!r}")
+        self.window_seconds = window_seconds
+        self._buckets: deque[list[int]] = deque()  # [second, published, reused], oldest first
+        self._published = 0
+        self._reused = 0
+
+    def _bucket(self, now: float) -> list[int]:
+        self._forget(now)
+        second = math.floor(now)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0])
+        return self._buckets[-1]
+
+    def _forget(self, now: float) -> None:
+        b = self._buckets
+        while b and now - b[0][0] > self.window_seconds:
+            _, published, reused = b.popleft()
+            self._published -= published
+            self._reused -= reused
+
+    def published(self, now: float, pages: int) -> None:
+        """``pages`` pages were indexed at ``now``."""
+        if pages > 0:
+            self._bucket(now)[1] += pages
+            self._published += pages
+
+    def reused(self, now: float, pages: int) -> None:
+        """``pages`` pages (or their hashes, evicted) came back for the first time at ``now``."""
+        if pages > 0:
+            self._bucket(now)[2] += pages
+            self._reused += pages
+
+    def share(self, now: float) -> float:
+        """Pages that came back / pages published, over the window (0 with nothing published)."""
+        self._forget(now)
+        return min(1.0, self._reused / self._published) if self._published else 0.0
 
 
 def _leaves_in_order(index: _Index, n: int, taken: set[int], only_unused: bool = False) -> list[int]:

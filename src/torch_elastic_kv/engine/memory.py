@@ -17,7 +17,10 @@ engine gives memory back.
 When is memory given back to the driver/OS? Two knobs, both on the policy:
 
 * ``idle_seconds``: resident memory follows demand down after it has stayed below for that
-  long (the policy's hysteresis); a shrink unmaps chunks.
+  long (the policy's hysteresis); a shrink unmaps chunks. Cached prefix pages are not demand:
+  an idle shrink takes those never reused, unless the traffic reuses enough of its pages, in
+  which case they are kept on top of what the policy sizes until they expire
+  (``eviction.py`` says which pages go, and when).
 * ``release_seconds``: how long unmapped physical memory is kept for the next grow (the
   arenas' reuse caches, at most the pool's ``reuse_bytes``) before ``pool.trim()`` gives it
   to the driver. Default: 0 on CPU (the idle shrink is when CPU users expect RSS to fall, and
@@ -222,10 +225,18 @@ class MemoryController:
             if self.prefix is not None:
                 self.prefix.expire()
             demand = self.demand()
-            d = self.policy.decide(demand, self.resident_pages(), self.budget_pages(), self.chunk_pages)
+            # cached pages the cache keeps through idle shrinks (the traffic reuses its pages)
+            # are outside what the policy sizes: it sizes the rest, and they sit on top, so a
+            # pool full of kept pages is neither idle nor shrunk and compacted every tick
+            kept = self.prefix.cached_pages if self.prefix is not None and self.prefix.keeps_unused_when_idle() else 0
+            d = self.policy.decide(
+                demand, self.resident_pages() - kept, max(0, self.budget_pages() - kept), self.chunk_pages
+            )
+            if kept:
+                d = Decision(d.action, d.target_pages + kept, d.forced)
             if d.action == "shrink":
-                if self.prefix is not None:
-                    # cached pages whose tokens never came back are not worth the memory
+                if self.prefix is not None and not kept:
+                    # cached pages whose tokens never came back go first
                     self.prefix.evict_unused_to(d.target_pages)
                 self.shrink_to(d.target_pages)
             now = self.policy.clock()

@@ -33,7 +33,7 @@ import torch
 from ..kv.page_table import PageTable
 from ..kv.prefix_index import PrefixIndex
 from ..kv.swap import SwapSpace
-from .eviction import EvictionPolicy, budget_victims, expired_victims, idle_victims, pressure_victims
+from .eviction import EvictionPolicy, RecentReuse, budget_victims, expired_victims, idle_victims, pressure_victims
 from .request import Request
 from .scheduler import PrefixHit
 
@@ -81,6 +81,7 @@ class PrefixCache:
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)  # pages given up, by reason
         self.ghost_hits = 0  # pages computed again whose hash had been evicted
         self._ghosts: OrderedDict[bytes, float] = OrderedDict()  # evicted page hash -> when
+        self.recent = RecentReuse(policy.reuse_window_seconds)
 
     # -- requests ------------------------------------------------------------------------------
     def find(self, request: Request) -> PrefixHit | None:
@@ -118,9 +119,11 @@ class PrefixCache:
                 raise
         # their tokens came back: worth keeping when idle (a promoted page whose hash another
         # page already holds stays private, and unindexed)
+        first = 0
         for p in self.table.get(request.request_id).pages[: len(pages) + len(host)]:
             if self.index.is_indexed(p):
-                self.index.mark_reused(p)
+                first += self.index.mark_reused(p)
+        self.recent.reused(self.clock(), first)
         self.hit_tokens += hit.tokens
         self.host_hit_tokens += len(host) * self.table.page_tokens
         return hit.tokens
@@ -149,15 +152,21 @@ class PrefixCache:
             return
         entry = self.table.get(request.request_id)
         done = len(entry.hashes)
-        self.table.publish(request.request_id, request.token_ids, request.num_computed)
+        added = self.table.publish(request.request_id, request.token_ids, request.num_computed)
+        if not added:
+            return
+        now = self.clock()
+        self.recent.published(now, added)
         if not self._ghosts:
             return
+        back = 0
         for h in entry.hashes[done:]:
             if self._ghosts.pop(h, None) is not None:
                 page = self.index.page_of(h)
                 if page is not None:
-                    self.index.mark_reused(page)
+                    back += self.index.mark_reused(page)
                     self.ghost_hits += 1
+        self.recent.reused(now, back)
 
     # -- giving pages up -----------------------------------------------------------------------
     def evict_for_alloc(self, n: int) -> int:
@@ -170,11 +179,19 @@ class PrefixCache:
         over = self.table.live_pages + self.index.cached_pages - max_pages
         return self._evict(budget_victims(self.index, over, self.pages_per_chunk, self._held()), reason)
 
+    def keeps_unused_when_idle(self) -> bool:
+        """Whether recent traffic reuses enough of its pages that an idle shrink keeps those not
+        reused yet (``EvictionPolicy.idle_keep_reuse``)."""
+        return self.recent.share(self.clock()) >= self.policy.idle_keep_reuse
+
     def evict_unused_to(self, max_pages: int) -> int:
-        """An idle shrink: free cached pages whose tokens never came back until held + cached
-        pages fit ``max_pages`` (as far as such pages go); returns how many."""
+        """An idle shrink: unless recent traffic reuses enough of its pages, free cached pages
+        whose tokens never came back until held + cached pages fit ``max_pages`` (as far as
+        such pages go); returns how many."""
         over = self.table.live_pages + self.index.cached_pages - max_pages
-        return self._evict(idle_victims(self.index, over), "idle") if over > 0 else 0
+        if over <= 0 or self.keeps_unused_when_idle():
+            return 0
+        return self._evict(idle_victims(self.index, over), "idle")
 
     def expire(self) -> int:
         """Give up pages past their expiry (on the device and the host), then pages over the
@@ -263,6 +280,7 @@ class PrefixCache:
             "prefix_query_tokens": self.query_tokens,
             "prefix_hit_tokens": self.hit_tokens,
             "prefix_ghost_hits": self.ghost_hits,
+            "prefix_recent_reuse": round(self.recent.share(self.clock()), 4),
             "cached_bytes": self.index.cached_pages * self.page_bytes,
             "cached_host_bytes": len(self._host) * self.page_bytes,
             "prefix_hit_tokens_device": self.hit_tokens - self.host_hit_tokens,

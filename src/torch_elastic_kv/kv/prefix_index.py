@@ -133,10 +133,14 @@ class PrefixIndex:
     def is_reused(self, page: int) -> bool:
         return self._entry[page].reused
 
-    def mark_reused(self, page: int) -> None:
+    def mark_reused(self, page: int) -> bool:
         """The page's tokens came back (a hit, or its hash was evicted before and computed again):
-        keeping it is worth memory an idle shrink could give back."""
-        self._entry[page].reused = True
+        keeping it is worth memory an idle shrink could give back. Returns whether this is the
+        first time."""
+        entry = self._entry[page]
+        first = not entry.reused
+        entry.reused = True
+        return first
 
     def released_at(self, page: int) -> float:
         return self._entry[page].released_at
