@@ -150,7 +150,10 @@ def test_quick_mooncake_says_b_the_scaling_and_the_ideal(quick_mooncake):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--block-tokens", "24"], "--block-tokens (24) must be a multiple of --page-tokens (16)"),
+        (
+            ["--block-tokens", "24", "--page-tokens", "16"],
+            "--block-tokens (24) must be a multiple of --page-tokens (16)",
+        ),
         (["--block-tokens", "0"], "--block-tokens must be > 0, got 0"),
         (["--token-scale", "0.5"], "--token-scale does not apply to --trace mooncake"),
         (["--prefix-cache-expiry", "-1"], "--prefix-cache-expiry must be >= 0, got -1"),
@@ -170,3 +173,18 @@ def test_block_tokens_needs_the_mooncake_trace(tmp_path, capsys):
     status = cli_main.main(["bench", "--quick", "--block-tokens", "16", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == "ekv-bench: error: --block-tokens applies to --trace mooncake only, not 'bursty'"
+
+
+def test_full_mooncake_defaults_replay_ten_minutes_with_room_for_the_cache(tmp_path):
+    from torch_elastic_kv.bench.cli import resolve
+
+    s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o")]).settings
+    assert (s.window, s.time_scale, s.block_tokens, s.page_tokens) == ((0.0, 600.0), 0.1, 8, 8)
+    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 30.0
+    assert s.systems == ("elastic", "elastic-noprefix", "static")
+    # explicit values win, and the quick run keeps its own
+    s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o"), "--page-tokens", "4", "--max-bytes", "64Mi"])
+    assert (s.settings.page_tokens, s.settings.max_bytes) == (4, 64 << 20)
+    q = resolve(["--trace", "mooncake", "--quick", "--out", str(tmp_path / "o")]).settings
+    assert (q.window, q.block_tokens, q.page_tokens, q.max_bytes) == ((0.0, 20.0), 16, 16, None)
+    assert "hf-generate" in q.systems

@@ -26,20 +26,27 @@ from .traces import (
 
 PROG = "ekv-bench"
 
-# Mooncake on a 2-core CPU: arrivals 4x faster than recorded; each 512-token block becomes 16
-# tokens (one page) and outputs shrink likewise (at least traces.MOONCAKE_MIN_OUTPUT); the prefix
-# cache expires after MOONCAKE_EXPIRY seconds (quick, full), so the idle tail shows it kept, then
-# given back.
-MOONCAKE_TIME_SCALE = 1 / 4
-MOONCAKE_BLOCK_TOKENS = 16
-MOONCAKE_EXPIRY = {True: 2.0, False: 8.0}
+# Mooncake on a 2-core CPU (quick, full): arrivals compressed (x1/4 over the first 20 s, x1/10 over
+# the first 600 s: conversations come back after minutes, so a short window holds mostly first
+# turns); each 512-token block becomes MOONCAKE_BLOCK_TOKENS tokens (one page) and outputs shrink
+# likewise (at least traces.MOONCAKE_MIN_OUTPUT); the prefix cache expires after MOONCAKE_EXPIRY
+# seconds, so the idle tail shows it kept, then given back; the full run's pool is
+# MOONCAKE_POOL_BYTES, room for the cache beside the live requests.
+MOONCAKE_TIME_SCALE = {True: 1 / 4, False: 1 / 10}
+MOONCAKE_BLOCK_TOKENS = {True: 16, False: 8}
+MOONCAKE_EXPIRY = {True: 2.0, False: 30.0}
+MOONCAKE_POOL_BYTES = 2 << 30
+DEFAULT_PAGE_TOKENS = 16
 
 # Defaults that depend on the trace: real traces are compressed and thinned to fit a small machine.
 # (time_scale, token_scale, window, thin) for a full run and for --quick.
 _REPLAY_DEFAULTS = {
     "azure-code": {False: (1 / 120, 1 / 16, "", 40), True: (1 / 100, 1 / 16, "0:300", 20)},
     # token scale: block_tokens / 512, set from --block-tokens
-    "mooncake": {False: (MOONCAKE_TIME_SCALE, None, "0:120", 1), True: (MOONCAKE_TIME_SCALE, None, "0:20", 1)},
+    "mooncake": {
+        False: (MOONCAKE_TIME_SCALE[False], None, "0:600", 1),
+        True: (MOONCAKE_TIME_SCALE[True], None, "0:20", 1),
+    },
     "csv": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
     "synthetic": {False: (1.0, 1.0, "", 1), True: (1.0, 1.0, "", 1)},
 }
@@ -109,13 +116,13 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument(
         "--systems",
         help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: {','.join(DEFAULT_SYSTEMS)}; "
-        "with --trace mooncake all of them)",
+        f"with --trace mooncake {','.join(PREFIX_DEFAULT_SYSTEMS[False])}, all of them with --quick)",
     )
     p.add_argument(
         "--block-tokens",
         metavar="B",
         help="--trace mooncake: tokens each 512-token block of the trace becomes, a multiple of --page-tokens "
-        f"(default {MOONCAKE_BLOCK_TOKENS})",
+        f"(default {MOONCAKE_BLOCK_TOKENS[False]}, {MOONCAKE_BLOCK_TOKENS[True]} with --quick)",
     )
     p.add_argument(
         "--prefix-cache-expiry",
@@ -163,7 +170,8 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--max-bytes",
         metavar="SIZE",
         help="static pool size and elastic maximum (default: the smallest pool that holds the "
-        "trace's max-running largest requests at once, rounded up to 2 MiB)",
+        "trace's max-running largest requests at once, rounded up to 2 MiB; --trace mooncake "
+        f"{MOONCAKE_POOL_BYTES >> 30} GiB, the default with --quick)",
     )
     p.add_argument(
         "--min-bytes", metavar="SIZE", default="0", help=f"elastic minimum resident bytes (default 0); {SIZE_HELP}"
@@ -185,7 +193,12 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batch-tokens", type=str, metavar="N", default="1024", help="most tokens in one forward (default 1024)"
     )
-    p.add_argument("--page-tokens", type=str, metavar="N", default="16", help="tokens per KV page (default 16)")
+    p.add_argument(
+        "--page-tokens",
+        type=str,
+        metavar="N",
+        help=f"tokens per KV page (default {DEFAULT_PAGE_TOKENS}; --trace mooncake: --block-tokens)",
+    )
     p.add_argument(
         "--threads",
         type=str,
@@ -251,7 +264,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
 
     prefix_trace = args.trace in PREFIX_TRACES
     if args.systems is None:
-        args.systems = ",".join(PREFIX_DEFAULT_SYSTEMS if prefix_trace else DEFAULT_SYSTEMS)
+        args.systems = ",".join(PREFIX_DEFAULT_SYSTEMS[quick] if prefix_trace else DEFAULT_SYSTEMS)
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEM_NAMES]
     if unknown or not systems:
@@ -296,7 +309,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         block_tokens = int(
             _positive("--block-tokens", args.block_tokens, integer=True)
             if args.block_tokens is not None
-            else MOONCAKE_BLOCK_TOKENS
+            else MOONCAKE_BLOCK_TOKENS[quick]
         )
         d_token = block_tokens / 512
         if prefix_expiry is None:
@@ -317,6 +330,8 @@ def resolve(argv: list[str]) -> ResolvedArgs:
     if not 0 <= seed < 2**32:  # numpy's and torch's generators both take it
         raise UsageError(f"--seed must be in [0, 2**32), got {seed}")
 
+    if args.max_bytes is None and prefix_trace and not quick:
+        args.max_bytes = f"{MOONCAKE_POOL_BYTES >> 30}GiB"
     try:
         max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
         min_bytes = parse_size(args.min_bytes)
@@ -355,7 +370,10 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         else (8 if quick else 16)
     )
     max_batch_tokens = int(_positive("--max-batch-tokens", args.max_batch_tokens, integer=True))
-    page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
+    if args.page_tokens is not None:
+        page_tokens = int(_positive("--page-tokens", args.page_tokens, integer=True))
+    else:
+        page_tokens = block_tokens if block_tokens is not None else DEFAULT_PAGE_TOKENS
     if page_tokens > MAX_PAGE_TOKENS:  # a page is allocated whole: 1e9 tokens asked for terabytes
         raise UsageError(f"--page-tokens must be at most {MAX_PAGE_TOKENS}, got {page_tokens}")
     if block_tokens is not None and block_tokens % page_tokens:
