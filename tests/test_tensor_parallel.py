@@ -7,6 +7,7 @@ stopped (or checked gone) by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -137,24 +138,53 @@ def test_tp2_budget_cut_preempts_on_both_ranks_in_one_step_and_loses_nothing() -
         assert server.stop() == 0, server.log()[-3000:]
 
 
-KILL_BOUND_SECONDS = 10.0  # the watcher looks every 0.2 s; generous for a loaded 2-core machine
+# the watcher looks every 0.2 s, answering the requests in flight and reaping the ranks take at
+# most 2 s each (tp_front: WATCH_SECONDS, ANSWER_SECONDS, REAP_SECONDS); generous for 2 loaded cores
+KILL_BOUND_SECONDS = 15.0
+LONG_PROMPT = [(5 * i) % 250 + 8 for i in range(300)]
 
 
-def test_tp2_kill_9_of_rank1_takes_the_front_down_with_one_line() -> None:
+def _post_status(url: str, out: list) -> None:
+    """A non-streaming request that outlives the group: its status and JSON body, or how it broke."""
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    try:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        out.append((r.status_code, r.json()))
+    except Exception as exc:
+        out.append((type(exc).__name__, None))
+
+
+def _stream_events(url: str, out: list) -> None:
+    """A streaming request that outlives the group: its status and every ``data:`` payload."""
+    body = {
+        "model": MODEL,
+        "prompt": LONG_PROMPT,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list = []
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: ") :]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+        out.append((r.status_code, events))
+    except Exception as exc:
+        out.append((type(exc).__name__, events))
+
+
+def test_tp2_kill_9_of_rank1_answers_every_request_and_exits_with_one_line() -> None:
     server = ServerProcess(["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"])
-    errors: list[str] = []
+    plain: list = []
+    streamed: list = []
     try:
         url = server.url
         rank1 = wait_until(lambda: _tp(url)["ranks"], 30, 0.05, "a first round")[1]["pid"]
-
-        def load() -> None:
-            try:
-                _complete(url, [(5 * i) % 250 + 8 for i in range(300)], 1500)
-                errors.append("finished")
-            except Exception as exc:  # the connection is closed: an error, not a hang
-                errors.append(type(exc).__name__)
-
-        threads = [threading.Thread(target=load) for _ in range(3)]
+        threads = [threading.Thread(target=_post_status, args=(url, plain)) for _ in range(2)]
+        threads.append(threading.Thread(target=_stream_events, args=(url, streamed)))
         for t in threads:
             t.start()
         wait_until(lambda: _tp(url)["stats"]["running"] == 3, 60, 0.05, "three running")
@@ -166,16 +196,85 @@ def test_tp2_kill_9_of_rank1_takes_the_front_down_with_one_line() -> None:
             t.join(30)
         assert code == 1, server.log()[-3000:]
         assert took < KILL_BOUND_SECONDS
-        lines = [line for line in server.lines if "rank 1" in line]
-        assert lines == [
-            f"torch_elastic_kv serve: tensor-parallel rank 1 (pid {rank1}) was killed by signal 9; "
-            "the group is down; exiting\n"
-        ], server.log()[-3000:]
-        assert sorted(errors) == ["RemoteProtocolError"] * 3
+        line = f"tensor-parallel rank 1 (pid {rank1}) was killed by signal 9; the group is down"
+        lines = [x for x in server.lines if "rank 1" in x]
+        assert lines == [f"torch_elastic_kv serve: {line}; exiting\n"], server.log()[-3000:]
+        # every request in flight was answered: a 503 in OpenAI's shape naming the dead rank ...
+        error = {
+            "message": f"the request could not be served: {line}",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_down",
+        }
+        assert plain == [(503, {"error": error})] * 2, plain
+        # ... and the stream, already 200, an error event and its end
+        ((status, events),) = streamed
+        assert status == 200 and events[-2:] == [{"error": error}, "[DONE]"], events[-3:]
+        assert all("choices" in e for e in events[:-2])
         assert _gone(rank1) and _gone(server.pid)
     finally:
         if server.proc.poll() is None:
             server.stop()
+
+
+def test_an_engine_that_is_down_answers_what_is_in_flight_and_refuses_new_requests() -> None:
+    """``EngineService.fail_all`` while the engine thread is stuck (as in a collective whose
+    peer died): every request in flight gets a 503 event, queued commands and new requests a
+    503, without the engine thread's help."""
+    import asyncio
+
+    from torch_elastic_kv.engine.policy import ElasticPolicy
+    from torch_elastic_kv.serve.default_model import build_default_tokenizer
+    from torch_elastic_kv.serve.engine_thread import ChoiceSpec, EngineService
+    from torch_elastic_kv.serve.errors import APIError
+    from torch_elastic_kv.serve.metrics import ServerMetrics
+
+    engine = Engine(build_default_model(), policy=ElasticPolicy(max_bytes=16 << 20), background=False)
+    service = EngineService(engine, build_default_tokenizer(), ServerMetrics(), max_waiting=64)
+    stuck, release = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def stuck_step() -> list:
+        stuck.set()
+        release.wait(60)
+        return real_step()
+
+    engine.step = stuck_step  # type: ignore[method-assign]
+    service.start()
+
+    async def run() -> tuple:
+        loop = asyncio.get_running_loop()
+        subs = [service.submit([ChoiceSpec([10, 11, 12], 4, {})] * n, loop) for n in (1, 2)]
+        await asyncio.to_thread(stuck.wait, 30)
+        command = service.call("sleep")  # queued behind the stuck step
+        ended = await asyncio.to_thread(service.fail_all, "rank 1 died")
+        events = [await asyncio.wait_for(_all_events(sub), 10) for sub in subs]
+        with pytest.raises(APIError) as refused:
+            service.submit([ChoiceSpec([10, 11], 4, {})], loop)
+        return ended, events, refused.value, command
+
+    try:
+        ended, events, refused, command = asyncio.run(run())
+        assert service.down == "rank 1 died"
+        assert ended == 3
+        assert [[(e.status, e.code, e.error, e.token_ids) for e in ev] for ev in events] == [
+            [(503, "engine_down", "rank 1 died", ())],
+            [(503, "engine_down", "rank 1 died", ())] * 2,
+        ]
+        assert (refused.status, refused.code) == (503, "engine_down")
+        assert refused.message == "the request could not be served: rank 1 died"
+        with pytest.raises(APIError, match="the command could not run: rank 1 died"):
+            command.result(10)
+    finally:
+        release.set()
+        service.stop()
+
+
+async def _all_events(sub: object) -> list:
+    events: list = []
+    while not sub.done:  # type: ignore[attr-defined]
+        events += await sub.next_events()  # type: ignore[attr-defined]
+    return events
 
 
 def test_tp2_each_rank_rss_shmem_follows_the_load_and_returns_to_the_floor() -> None:

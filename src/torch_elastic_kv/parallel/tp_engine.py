@@ -531,9 +531,11 @@ class TensorParallelEngine:
 
     def _fail(self, message: str) -> None:
         if self._broken is None:
-            self._broken = message
+            # the callback first: a server's answers the requests in flight and exits, and it
+            # refuses new requests itself (a broken engine here would make them 500s meanwhile)
             if self.on_broken is not None:
                 self.on_broken(message)
+            self._broken = message
 
     def _tick(self) -> None:
         """Idle policy ticks as rounds (memory goes back while nobody steps)."""
