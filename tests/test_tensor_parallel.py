@@ -138,6 +138,64 @@ def test_tp2_budget_cut_preempts_on_both_ranks_in_one_step_and_loses_nothing() -
         assert server.stop() == 0, server.log()[-3000:]
 
 
+@pytest.mark.parametrize("rank", [1, 0])
+def test_tp2_a_step_that_fails_on_one_rank_is_undone_on_both_and_loses_nothing(rank: int) -> None:
+    """$EKV_TP_FAIL_FORWARD: that rank's next two steps fail after packing their batch, just
+    before the forward: both ranks learn it in the same check, the step advances nothing, and
+    the request goes on to the tokens of an undisturbed run."""
+    ref = _reference(PROMPTS, 10)
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"],
+        env={"EKV_TP_FAIL_FORWARD": f"{rank}:2"},
+    )
+    try:
+        got = [_complete(server.url, p, 10) for p in PROMPTS]
+        tp = _tp(server.url)
+        assert got == ref
+        r0, r1 = tp["ranks"]
+        assert [r0["steps_refused"], r1["steps_refused"]] == [2 if r == rank else 0 for r in (0, 1)]
+        assert r0["steps_undone"] == r1["steps_undone"] == 2
+        assert r0["steps"] == r1["steps"] and r0["digest"] == r1["digest"] and tp["mismatches"] == 0
+        log = server.log()
+        assert f"the step failed on rank {rank} before its forward (RuntimeError: injected by" in log, log[-3000:]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_tp2_a_forward_that_fails_midway_on_rank1_takes_the_group_down_cleanly() -> None:
+    """After the check the forward's all-reduces have begun: a rank that raises then cannot
+    leave the others in step. It exits 1 at once, and rank 0 goes down as for a dead rank
+    (its request answered with a 503 naming rank 1), well before --tp-timeout."""
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M", "--tp-timeout", "300"],
+        env={"EKV_TP_FAIL_FORWARD": "1:1:inside"},
+    )
+    out: list = []
+    try:
+        rank1 = wait_until(lambda: _tp(server.url)["ranks"], 30, 0.05, "a first round")[1]["pid"]
+        _post_status(server.url, out)
+        code = server.proc.wait(KILL_BOUND_SECONDS)
+        assert code == 1, server.log()[-3000:]
+        line = f"tensor-parallel rank 1 (pid {rank1}) exited with status 1; the group is down"
+        assert f"torch_elastic_kv serve: {line}; exiting\n" in server.lines, server.log()[-3000:]
+        assert "the forward failed on rank 1 after its all-reduces began" in server.log()
+        assert out == [(503, {"error": _down_error(line)})], out
+        assert _gone(rank1)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def _down_error(line: str) -> dict:
+    """The error body every request in flight gets when the group goes down."""
+    return {
+        "message": f"the request could not be served: {line}",
+        "type": "server_error",
+        "param": None,
+        "code": "engine_down",
+    }
+
+
 # the watcher looks every 0.2 s, answering the requests in flight and reaping the ranks take at
 # most 2 s each (tp_front: WATCH_SECONDS, ANSWER_SECONDS, REAP_SECONDS); generous for 2 loaded cores
 KILL_BOUND_SECONDS = 15.0
@@ -200,12 +258,7 @@ def test_tp2_kill_9_of_rank1_answers_every_request_and_exits_with_one_line() -> 
         lines = [x for x in server.lines if "rank 1" in x]
         assert lines == [f"torch_elastic_kv serve: {line}; exiting\n"], server.log()[-3000:]
         # every request in flight was answered: a 503 in OpenAI's shape naming the dead rank ...
-        error = {
-            "message": f"the request could not be served: {line}",
-            "type": "server_error",
-            "param": None,
-            "code": "engine_down",
-        }
+        error = _down_error(line)
         assert plain == [(503, {"error": error})] * 2, plain
         # ... and the stream, already 200, an error event and its end
         ((status, events),) = streamed
@@ -459,3 +512,79 @@ def test_a_refused_map_here_fails_on_every_rank_without_mapping() -> None:
         assert len(pool.alloc(1)) == 1
     finally:
         pool.close()
+
+
+class _TwoRanksSteps(_TwoRanks):
+    """Rank 0's view of a two-rank group for a step: rank 1 reports ``failed`` to the step's
+    check and no error and no tokens to the gather."""
+
+    def __init__(self, failed: bool) -> None:
+        super().__init__((None, None))
+        self.failed = failed
+        self.checks = 0
+
+    def min(self, value: int) -> int:
+        self.checks += 1
+        return min(value, 1 if self.failed else 2)
+
+
+def test_a_step_that_fails_on_another_rank_is_refused_before_the_forward_and_advances_nothing() -> None:
+    from torch_elastic_kv.parallel.tp_engine import StepGuard, StepRefused, _step, _sync_runner
+
+    prompt = [(3 * i) % 250 + 8 for i in range(20)]
+    ref = _reference([prompt], 4)[0]
+    model = build_default_model()
+    row_parallel_calls: list[int] = []  # where a split model's first all-reduce would run
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: row_parallel_calls.append(1))
+    with Engine(model, background=False) as engine:
+        group = _TwoRanksSteps(failed=True)
+        steps = StepGuard(group)  # type: ignore[arg-type]
+        steps.attach(model)
+        _sync_runner(engine, group, steps)  # type: ignore[arg-type]
+        rid = engine.add_request(prompt, 4)
+        for _ in range(2):
+            with pytest.raises(StepRefused, match=r"the step failed on rank 1 before its forward; undone on all 2"):
+                _step(engine, steps)
+        # checked twice, no forward got to its first row-parallel layer, nothing recorded
+        assert group.checks == 2 and steps.undone == 2 and row_parallel_calls == []
+        assert engine.output_ids(rid) == [] and engine.stats()["steps"] == 0
+        group.failed = False
+        while engine.has_unfinished():
+            _step(engine, steps)
+        assert engine.output_ids(rid) == ref
+        # a step with nothing to run still checks once: a rank that failed before its batch is heard
+        before = group.checks
+        _step(engine, steps)
+        assert group.checks == before + 1
+
+
+def test_a_step_that_raises_here_before_the_forward_tells_the_others_and_names_the_cause() -> None:
+    from torch_elastic_kv.parallel.tp_engine import StepGuard, StepRefused, _step
+
+    model = build_default_model()
+    with Engine(model, background=False) as engine:
+        group = _TwoRanksSteps(failed=False)
+        steps = StepGuard(group)  # type: ignore[arg-type]
+        steps.attach(model)
+        engine.add_request([10, 11, 12], 2)
+
+        def broken_schedule() -> None:
+            raise ValueError("scheduler exploded")
+
+        engine.scheduler.schedule = broken_schedule  # type: ignore[method-assign]
+        with pytest.raises(
+            StepRefused, match=r"failed on rank 0 before its forward \(ValueError: scheduler exploded\)"
+        ):
+            _step(engine, steps)
+        assert group.checks == 1 and steps.undone == 1
+
+
+@pytest.mark.parametrize("text", ["1", "1:x", "1:2:middle", "a:2", "1:-1", "1:2:before:x"])
+def test_a_bad_fail_forward_hook_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    from torch_elastic_kv.parallel.tp_engine import _fail_forward_for
+
+    monkeypatch.setenv("EKV_TP_FAIL_FORWARD", text)
+    with pytest.raises(ValueError, match=r"\$EKV_TP_FAIL_FORWARD must be RANK:N or RANK:N:before\|inside"):
+        _fail_forward_for(0)
+    monkeypatch.setenv("EKV_TP_FAIL_FORWARD", "1:3:inside")
+    assert _fail_forward_for(1) == (3, "inside") and _fail_forward_for(0) == (0, "inside")

@@ -170,7 +170,7 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
         group = TensorParallelGroup.init(0, world, init, settings.tp_timeout)
         policy_kwargs, engine_kwargs = engine_options(settings, model)
         policy_kwargs.pop("max_bytes")
-        engine, clock, guard = build_rank_engine(
+        engine, clock, guards = build_rank_engine(
             model, group, policy_kwargs, engine_kwargs, ceiling=lambda m: kv_ceiling(settings, m)
         )
     except BaseException:
@@ -187,7 +187,7 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
             exited = _exited(children)
         down.fatal(exited or f"the tensor-parallel group is down ({message})")
 
-    front = _FrontEngine(engine, clock, guard, group, on_broken=broken, closing=closing, down=down)
+    front = _FrontEngine(engine, clock, guards, group, on_broken=broken, closing=closing, down=down)
     if settings.broker is not None:  # the group is one tenant: rank 0 holds its lease
         from .server import broker_client
 
@@ -245,10 +245,10 @@ def worker_main(settings: Optional[ServeSettings] = None) -> int:
     model, _, _ = load_model(settings)
     policy_kwargs, engine_kwargs = engine_options(settings, model)
     policy_kwargs.pop("max_bytes")
-    engine, clock, guard = build_rank_engine(
+    engine, clock, guards = build_rank_engine(
         model, group, policy_kwargs, engine_kwargs, ceiling=lambda m: kv_ceiling(settings, m)
     )
-    code = follow(engine, clock, guard, group)
+    code = follow(engine, clock, guards, group)
     group.close()
     return code
 
