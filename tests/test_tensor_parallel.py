@@ -588,3 +588,72 @@ def test_a_bad_fail_forward_hook_is_refused_by_name(monkeypatch: pytest.MonkeyPa
         _fail_forward_for(0)
     monkeypatch.setenv("EKV_TP_FAIL_FORWARD", "1:3:inside")
     assert _fail_forward_for(1) == (3, "inside") and _fail_forward_for(0) == (0, "inside")
+
+
+# ---------------------------------------------------------------- one device per rank -------
+def test_rank_device_cpu_for_every_rank_and_one_gpu_per_rank_on_cuda() -> None:
+    from torch_elastic_kv.parallel.devices import model_backend, rank_device
+
+    assert [rank_device("cpu", r, 2, cuda_count=0) for r in (0, 1)] == ["cpu", "cpu"]
+    assert [rank_device("cuda", r, 4, cuda_count=4) for r in range(4)] == [f"cuda:{r}" for r in range(4)]
+    # torchrun: LOCAL_RANK picks the GPU, and only this node's ranks need one here
+    assert rank_device("cuda", 3, 4, cuda_count=2, local_rank=1, local_world=2) == "cuda:1"
+    assert [model_backend(d) for d in ("cpu", "cuda:1")] == ["gloo", "nccl"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cuda", 0, 2, 1), "--tensor-parallel-size 2 needs 2 GPUs on this machine (one per rank), it has 1"),
+        (("cuda", 0, 2, 0), "--tensor-parallel-size 2 needs 2 GPUs on this machine (one per rank), it has 0"),
+        (("cuda:1", 0, 2, 2), "--device cuda:1 names one GPU, but --tensor-parallel-size 2 gives each rank its own"),
+        (("mps", 0, 2, 0), "--device mps: tensor parallel runs on cpu or cuda"),
+        (("cuda", 2, 2, 2), "rank 2 of 2: the rank must be in 0..world-1"),
+    ],
+)
+def test_rank_device_refuses_what_cannot_give_each_rank_its_own(args: tuple, message: str) -> None:
+    from torch_elastic_kv.parallel.devices import DeviceError, rank_device
+
+    with pytest.raises(DeviceError) as e:
+        rank_device(*args)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_rank_device_under_torchrun_checks_this_nodes_gpus_and_local_rank() -> None:
+    from torch_elastic_kv.parallel.devices import DeviceError, rank_device, torchrun_local
+
+    with pytest.raises(DeviceError, match=r"needs 4 GPUs on this machine \(one per rank\), it has 2"):
+        rank_device("cuda", 0, 4, cuda_count=2, local_rank=0, local_world=4)
+    with pytest.raises(DeviceError, match=r"\$LOCAL_RANK 2 names a GPU this machine lacks \(it has 2\)"):
+        rank_device("cuda", 2, 4, cuda_count=2, local_rank=2, local_world=2)
+    assert torchrun_local({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (1, 2)
+    assert torchrun_local({}) == (None, None)
+    with pytest.raises(DeviceError, match=r"\$LOCAL_RANK must be a whole number, got 'x'"):
+        torchrun_local({"LOCAL_RANK": "x"})
+
+
+def test_serve_refuses_tp2_on_one_gpu_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``serve -tp 2 --device cuda`` says on a machine with one GPU (the GPU faked: this
+    check runs before anything touches the device)."""
+    from torch_elastic_kv.serve import cli
+    from torch_elastic_kv.serve.settings import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(
+        UsageError, match=r"^--tensor-parallel-size 2 needs 2 GPUs on this machine \(one per rank\), it has 1$"
+    ):
+        cli.resolve(["-tp", "2", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    settings = cli.resolve(["-tp", "2", "--device", "cuda"])
+    assert settings.device == "cuda:0" and settings.tensor_parallel_size == 2  # _device names the index
+    from torch_elastic_kv.serve.tp_front import rank_settings
+
+    assert [rank_settings(settings, r).device for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    with pytest.raises(UsageError, match=r"^--device cuda:1 names one GPU, but --tensor-parallel-size 2 gives"):
+        cli.resolve(["-tp", "2", "--device", "cuda:1"])
+    assert cli.resolve(["-tp", "2"]).device == "cuda"  # the default on a GPU machine: each rank its own
+    cpu = cli.resolve(["-tp", "2", "--device", "cpu"])
+    assert rank_settings(cpu, 1).device == "cpu"

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from ..engine.engine import Engine
 from ..engine.policy import ElasticPolicy
 from ..kv.pool import default_max_bytes
+from .devices import model_backend
 from .shard import shard_llama
 
 _log = logging.getLogger(__name__)
@@ -88,16 +89,25 @@ class GroupBroken(RuntimeError):
 
 
 class TensorParallelGroup:
-    """The ranks' gloo process group and the three collectives the rounds use."""
+    """The ranks' gloo process group and the three collectives the rounds use, plus the group
+    the model's all-reduces go over (``model_group``: None on CPU, the default gloo group; an
+    NCCL group when the ranks run on CUDA, one GPU each: ``parallel/devices.py``)."""
 
-    def __init__(self, rank: int, world: int, timeout: float) -> None:
+    def __init__(self, rank: int, world: int, timeout: float, model_group: Any = None, device: str = "cpu") -> None:
         self.rank = rank
         self.world = world
         self.timeout = timeout
+        self.model_group = model_group
+        self.device = device
 
     @classmethod
-    def init(cls, rank: int, world: int, init_method: str, timeout: float) -> TensorParallelGroup:
-        """Join the group (waits up to ``timeout`` seconds for every rank)."""
+    def init(cls, rank: int, world: int, init_method: str, timeout: float, device: str = "cpu") -> TensorParallelGroup:
+        """Join the group (waits up to ``timeout`` seconds for every rank). ``device``: this
+        rank's ("cpu", or its own "cuda:N"); on CUDA it becomes the current device and every
+        rank also joins an NCCL group for the model's all-reduces (collective: all ranks pass a
+        CUDA device or none does)."""
+        if model_backend(device) == "nccl":
+            torch.cuda.set_device(torch.device(device))  # NCCL's communicator binds to it
         dist.init_process_group(
             "gloo",
             init_method=init_method,
@@ -105,7 +115,11 @@ class TensorParallelGroup:
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        return cls(rank, world, timeout)
+        model_group = None
+        if model_backend(device) == "nccl":
+            model_group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout))
+            _log.info("tensor parallel: rank %d on %s, the model's all-reduces over NCCL", rank, device)
+        return cls(rank, world, timeout, model_group, device)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -370,8 +384,10 @@ def build_rank_engine(
 
     ``ceiling(model)``: the KV ceiling in bytes for the split model (None: the pool's default
     share of the device); every rank must call this at the same point (it is collective)."""
-    shard_llama(model, group.rank, group.world)
     device = next(model.parameters()).device
+    if group.model_group is not None and device != torch.device(group.device):
+        raise ValueError(f"tensor parallel: rank {group.rank}'s model is on {device}, its group on {group.device}")
+    shard_llama(model, group.rank, group.world, group.model_group)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the ranks share the machine's cores: more threads than cores spin against each other
         # while a rank waits in an all-reduce
@@ -465,6 +481,7 @@ def _report(engine: Engine, guards: RankGuards, rank: int, error: Optional[BaseE
     return {
         "rank": rank,
         "pid": os.getpid(),
+        "device": str(engine.pool.device),
         "digest": _digest(engine),
         "live_bytes": engine.cache.page_table.live_pages * engine.pool.page_bytes,
         "resident_bytes": ps["resident_bytes"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import logging
 import os
 import pickle
@@ -33,12 +34,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+from ..parallel.devices import rank_device, torchrun_local
 from ..parallel.tp_engine import TensorParallelEngine, TensorParallelGroup, build_rank_engine, follow
 from .settings import ServeSettings
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ANSWER_SECONDS", "WATCH_SECONDS", "start_group", "torchrun_rank", "worker_main"]
+__all__ = ["ANSWER_SECONDS", "WATCH_SECONDS", "rank_settings", "start_group", "torchrun_rank", "worker_main"]
 
 WATCH_SECONDS = 0.2  # how often rank 0 looks at the ranks it started
 NAME_SECONDS = 1.0  # after a failed collective, how long rank 0 waits for a child's exit to name it
@@ -62,6 +64,26 @@ def torchrun_rank(settings: ServeSettings) -> int:
             f"--tensor-parallel-size {settings.tensor_parallel_size} but torchrun started {world} processes"
         )
     return int(os.environ["RANK"])
+
+
+def rank_settings(settings: ServeSettings, rank: int) -> ServeSettings:
+    """``settings`` with this rank's own device: "cpu" stays; "cuda" becomes ``cuda:RANK``, or
+    ``cuda:$LOCAL_RANK`` under torchrun (``parallel.devices.rank_device``; its ``DeviceError``
+    when this machine has too few GPUs, which ``serve``'s option check reports first)."""
+    import torch
+
+    kind = settings.device.partition(":")[0]  # the options' check refused an index already
+    cuda = kind == "cuda" and torch.cuda.is_available()
+    local_rank, local_world = torchrun_local(os.environ) if "RANK" in os.environ else (None, None)
+    device = rank_device(
+        kind,
+        rank,
+        settings.tensor_parallel_size,
+        torch.cuda.device_count() if cuda else 0,
+        local_rank,
+        local_world,
+    )
+    return dataclasses.replace(settings, device=device)
 
 
 def _die_with_parent() -> None:
@@ -167,7 +189,9 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
         )
         threading.Thread(target=_watch, args=(down, closing), name="ekv-tp-watch", daemon=True).start()
     try:
-        group = TensorParallelGroup.init(0, world, init, settings.tp_timeout)
+        # the model is on settings.device already ("cuda" is cuda:0, rank 0's GPU); the
+        # children get the unresolved settings and resolve their own
+        group = TensorParallelGroup.init(0, world, init, settings.tp_timeout, rank_settings(settings, 0).device)
         policy_kwargs, engine_kwargs = engine_options(settings, model)
         policy_kwargs.pop("max_bytes")
         engine, clock, guards = build_rank_engine(
@@ -241,7 +265,8 @@ def worker_main(settings: Optional[ServeSettings] = None) -> int:
     # a terminal's Ctrl-C reaches every process of the group: rank 0 drains, then stops the
     # others with its own plan (a child started by rank 0 also dies with it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    group = TensorParallelGroup.init(rank, settings.tensor_parallel_size, init, settings.tp_timeout)
+    settings = rank_settings(settings, rank)  # this rank's own GPU on CUDA
+    group = TensorParallelGroup.init(rank, settings.tensor_parallel_size, init, settings.tp_timeout, settings.device)
     model, _, _ = load_model(settings)
     policy_kwargs, engine_kwargs = engine_options(settings, model)
     policy_kwargs.pop("max_bytes")
