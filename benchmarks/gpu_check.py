@@ -1275,17 +1275,86 @@ def step_decode(s: Settings, args: argparse.Namespace) -> dict:
 
 
 def step_tp(s: Settings, args: argparse.Namespace) -> dict:
-    """Tensor parallel (issue 26) needs at least two GPUs; with fewer it says so and is skipped.
+    """Tensor parallel (issue 26) on CUDA: ``serve -tp 2 --device cuda`` runs rank r on cuda:r,
+    the model's all-reduces over NCCL and the plans over gloo (docs/TENSOR_PARALLEL.md). Needs
+    two GPUs; with fewer it says so and is skipped.
 
-    With two or more it is not run either, yet: the group runs on CPU with gloo (one process per
-    rank, docs/TENSOR_PARALLEL.md); one GPU per rank with NCCL is the part of the issue left."""
+    The default model in float32 takes three prompts (two share a 64-token prefix); checked:
+    the greedy tokens equal one process's on cuda:0, each rank reports its own GPU and pages of
+    half one process's size, equal page-table digests and no mismatch, and each rank's resident
+    KV back at 0 once idle (``--idle-seconds 1``)."""
     gpus = torch.cuda.device_count() if cuda_real() else 0
     if gpus < 2:
         raise Unavailable(f"skipped: {gpus} GPU{'' if gpus == 1 else 's'} (tensor parallel needs 2)")
-    raise Unavailable(
-        f"skipped: {gpus} GPUs, but tensor parallel runs its ranks on CPU with gloo only so far "
-        "(docs/TENSOR_PARALLEL.md: CUDA ranks with NCCL are not built yet)"
+    import httpx
+
+    from torch_elastic_kv.engine.engine import Engine
+    from torch_elastic_kv.serve.default_model import build_default_model
+    from torch_elastic_kv.testing.processes import ServerProcess
+
+    shared = [(7 * i + 3) % 250 + 8 for i in range(64)]
+    prompts = [shared + [20, 21, 22], shared + [30, 31, 32, 33, 34], [(11 * i) % 250 + 8 for i in range(40)]]
+    new_tokens = 16
+    with Engine(build_default_model(dtype=torch.float32, device="cuda:0"), background=False) as one:
+        ref = one.generate(prompts, new_tokens)
+        one_page_bytes = one.pool.page_bytes
+    admin = "gpu-check"
+    headers = {"Authorization": f"Bearer {admin}"}
+    t0 = time.perf_counter()
+    server = ServerProcess(
+        ["-tp", "2", "--device", "cuda", "--dtype", "float32", "--admin-key", admin]
+        + ["--max-kv-bytes", "64M", "--idle-seconds", "1"]
     )
+    out: dict[str, Any] = {"gpus": gpus, "start_s": round(time.perf_counter() - t0, 2)}
+    try:
+        got = []
+        t1 = time.perf_counter()
+        for p in prompts:
+            body = {"model": "ekv-default-llama", "prompt": p, "max_tokens": new_tokens, "temperature": 0}
+            body.update(ignore_eos=True, return_token_ids=True)
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+            if r.status_code != 200:
+                raise StepFailed(f"a completion answered {r.status_code}: {r.text[:300]}", out)
+            got.append(r.json()["choices"][0]["token_ids"])
+        out["requests_s"] = round(time.perf_counter() - t1, 3)
+        tp = httpx.get(server.url + "/admin/stats", headers=headers, timeout=30).json()["tensor_parallel"]
+        ranks = tp["ranks"]
+        out.update(
+            tokens_equal=got == ref,
+            devices=[r["device"] for r in ranks],
+            page_bytes=[r["page_bytes"] for r in ranks],
+            one_process_page_bytes=one_page_bytes,
+            digests_equal=len({r["digest"] for r in ranks}) == 1,
+            mismatches=tp["mismatches"],
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ranks = httpx.get(server.url + "/admin/stats", headers=headers, timeout=30).json()["tensor_parallel"][
+                "ranks"
+            ]
+            if all(r["resident_bytes"] == 0 for r in ranks):
+                break
+            time.sleep(0.2)
+        out["idle_resident_bytes"] = [r["resident_bytes"] for r in ranks]
+    finally:
+        out["exit_status"] = server.stop()
+    print(f"[gpu_check] tp {out}", flush=True)
+    problems = []
+    if not out["tokens_equal"]:
+        problems.append("tokens differ from one process")
+    if out["devices"] != ["cuda:0", "cuda:1"]:
+        problems.append(f"ranks on {out['devices']}, not cuda:0 and cuda:1")
+    if out["page_bytes"] != [one_page_bytes // 2] * 2:
+        problems.append(f"page bytes {out['page_bytes']}, not half of {one_page_bytes}")
+    if not out["digests_equal"] or out["mismatches"]:
+        problems.append("page tables differ between the ranks")
+    if out["idle_resident_bytes"] != [0, 0]:
+        problems.append(f"resident KV {out['idle_resident_bytes']} once idle, not 0")
+    if out["exit_status"] != 0:
+        problems.append(f"the server exited {out['exit_status']}")
+    if problems:
+        raise StepFailed("; ".join(problems), out)
+    return out
 
 
 # ---------------------------------------------------------------------------------- step 4c --

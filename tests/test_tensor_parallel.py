@@ -7,6 +7,7 @@ stopped (or checked gone) by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -137,24 +138,111 @@ def test_tp2_budget_cut_preempts_on_both_ranks_in_one_step_and_loses_nothing() -
         assert server.stop() == 0, server.log()[-3000:]
 
 
-KILL_BOUND_SECONDS = 10.0  # the watcher looks every 0.2 s; generous for a loaded 2-core machine
+@pytest.mark.parametrize("rank", [1, 0])
+def test_tp2_a_step_that_fails_on_one_rank_is_undone_on_both_and_loses_nothing(rank: int) -> None:
+    """$EKV_TP_FAIL_FORWARD: that rank's next two steps fail after packing their batch, just
+    before the forward: both ranks learn it in the same check, the step advances nothing, and
+    the request goes on to the tokens of an undisturbed run."""
+    ref = _reference(PROMPTS, 10)
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"],
+        env={"EKV_TP_FAIL_FORWARD": f"{rank}:2"},
+    )
+    try:
+        got = [_complete(server.url, p, 10) for p in PROMPTS]
+        tp = _tp(server.url)
+        assert got == ref
+        r0, r1 = tp["ranks"]
+        assert [r0["steps_refused"], r1["steps_refused"]] == [2 if r == rank else 0 for r in (0, 1)]
+        assert r0["steps_undone"] == r1["steps_undone"] == 2
+        assert r0["steps"] == r1["steps"] and r0["digest"] == r1["digest"] and tp["mismatches"] == 0
+        log = server.log()
+        assert f"the step failed on rank {rank} before its forward (RuntimeError: injected by" in log, log[-3000:]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
 
 
-def test_tp2_kill_9_of_rank1_takes_the_front_down_with_one_line() -> None:
+def test_tp2_a_forward_that_fails_midway_on_rank1_takes_the_group_down_cleanly() -> None:
+    """After the check the forward's all-reduces have begun: a rank that raises then cannot
+    leave the others in step. It exits 1 at once, and rank 0 goes down as for a dead rank
+    (its request answered with a 503 naming rank 1), well before --tp-timeout."""
+    server = ServerProcess(
+        ["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M", "--tp-timeout", "300"],
+        env={"EKV_TP_FAIL_FORWARD": "1:1:inside"},
+    )
+    out: list = []
+    try:
+        rank1 = wait_until(lambda: _tp(server.url)["ranks"], 30, 0.05, "a first round")[1]["pid"]
+        _post_status(server.url, out)
+        code = server.proc.wait(KILL_BOUND_SECONDS)
+        assert code == 1, server.log()[-3000:]
+        line = f"tensor-parallel rank 1 (pid {rank1}) exited with status 1; the group is down"
+        assert f"torch_elastic_kv serve: {line}; exiting\n" in server.lines, server.log()[-3000:]
+        assert "the forward failed on rank 1 after its all-reduces began" in server.log()
+        assert out == [(503, {"error": _down_error(line)})], out
+        assert _gone(rank1)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def _down_error(line: str) -> dict:
+    """The error body every request in flight gets when the group goes down."""
+    return {
+        "message": f"the request could not be served: {line}",
+        "type": "server_error",
+        "param": None,
+        "code": "engine_down",
+    }
+
+
+# the watcher looks every 0.2 s, answering the requests in flight and reaping the ranks take at
+# most 2 s each (tp_front: WATCH_SECONDS, ANSWER_SECONDS, REAP_SECONDS); generous for 2 loaded cores
+KILL_BOUND_SECONDS = 15.0
+LONG_PROMPT = [(5 * i) % 250 + 8 for i in range(300)]
+
+
+def _post_status(url: str, out: list) -> None:
+    """A non-streaming request that outlives the group: its status and JSON body, or how it broke."""
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    try:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        out.append((r.status_code, r.json()))
+    except Exception as exc:
+        out.append((type(exc).__name__, None))
+
+
+def _stream_events(url: str, out: list) -> None:
+    """A streaming request that outlives the group: its status and every ``data:`` payload."""
+    body = {
+        "model": MODEL,
+        "prompt": LONG_PROMPT,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list = []
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: ") :]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+        out.append((r.status_code, events))
+    except Exception as exc:
+        out.append((type(exc).__name__, events))
+
+
+def test_tp2_kill_9_of_rank1_answers_every_request_and_exits_with_one_line() -> None:
     server = ServerProcess(["--tensor-parallel-size", "2", "--admin-key", ADMIN, "--max-kv-bytes", "32M"])
-    errors: list[str] = []
+    plain: list = []
+    streamed: list = []
     try:
         url = server.url
         rank1 = wait_until(lambda: _tp(url)["ranks"], 30, 0.05, "a first round")[1]["pid"]
-
-        def load() -> None:
-            try:
-                _complete(url, [(5 * i) % 250 + 8 for i in range(300)], 1500)
-                errors.append("finished")
-            except Exception as exc:  # the connection is closed: an error, not a hang
-                errors.append(type(exc).__name__)
-
-        threads = [threading.Thread(target=load) for _ in range(3)]
+        threads = [threading.Thread(target=_post_status, args=(url, plain)) for _ in range(2)]
+        threads.append(threading.Thread(target=_stream_events, args=(url, streamed)))
         for t in threads:
             t.start()
         wait_until(lambda: _tp(url)["stats"]["running"] == 3, 60, 0.05, "three running")
@@ -166,16 +254,80 @@ def test_tp2_kill_9_of_rank1_takes_the_front_down_with_one_line() -> None:
             t.join(30)
         assert code == 1, server.log()[-3000:]
         assert took < KILL_BOUND_SECONDS
-        lines = [line for line in server.lines if "rank 1" in line]
-        assert lines == [
-            f"torch_elastic_kv serve: tensor-parallel rank 1 (pid {rank1}) was killed by signal 9; "
-            "the group is down; exiting\n"
-        ], server.log()[-3000:]
-        assert sorted(errors) == ["RemoteProtocolError"] * 3
+        line = f"tensor-parallel rank 1 (pid {rank1}) was killed by signal 9; the group is down"
+        lines = [x for x in server.lines if "rank 1" in x]
+        assert lines == [f"torch_elastic_kv serve: {line}; exiting\n"], server.log()[-3000:]
+        # every request in flight was answered: a 503 in OpenAI's shape naming the dead rank ...
+        error = _down_error(line)
+        assert plain == [(503, {"error": error})] * 2, plain
+        # ... and the stream, already 200, an error event and its end
+        ((status, events),) = streamed
+        assert status == 200 and events[-2:] == [{"error": error}, "[DONE]"], events[-3:]
+        assert all("choices" in e for e in events[:-2])
         assert _gone(rank1) and _gone(server.pid)
     finally:
         if server.proc.poll() is None:
             server.stop()
+
+
+def test_an_engine_that_is_down_answers_what_is_in_flight_and_refuses_new_requests() -> None:
+    """``EngineService.fail_all`` while the engine thread is stuck (as in a collective whose
+    peer died): every request in flight gets a 503 event, queued commands and new requests a
+    503, without the engine thread's help."""
+    import asyncio
+
+    from torch_elastic_kv.engine.policy import ElasticPolicy
+    from torch_elastic_kv.serve.default_model import build_default_tokenizer
+    from torch_elastic_kv.serve.engine_thread import ChoiceSpec, EngineService
+    from torch_elastic_kv.serve.errors import APIError
+    from torch_elastic_kv.serve.metrics import ServerMetrics
+
+    engine = Engine(build_default_model(), policy=ElasticPolicy(max_bytes=16 << 20), background=False)
+    service = EngineService(engine, build_default_tokenizer(), ServerMetrics(), max_waiting=64)
+    stuck, release = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def stuck_step() -> list:
+        stuck.set()
+        release.wait(60)
+        return real_step()
+
+    engine.step = stuck_step  # type: ignore[method-assign]
+    service.start()
+
+    async def run() -> tuple:
+        loop = asyncio.get_running_loop()
+        subs = [service.submit([ChoiceSpec([10, 11, 12], 4, {})] * n, loop) for n in (1, 2)]
+        await asyncio.to_thread(stuck.wait, 30)
+        command = service.call("sleep")  # queued behind the stuck step
+        ended = await asyncio.to_thread(service.fail_all, "rank 1 died")
+        events = [await asyncio.wait_for(_all_events(sub), 10) for sub in subs]
+        with pytest.raises(APIError) as refused:
+            service.submit([ChoiceSpec([10, 11], 4, {})], loop)
+        return ended, events, refused.value, command
+
+    try:
+        ended, events, refused, command = asyncio.run(run())
+        assert service.down == "rank 1 died"
+        assert ended == 3
+        assert [[(e.status, e.code, e.error, e.token_ids) for e in ev] for ev in events] == [
+            [(503, "engine_down", "rank 1 died", ())],
+            [(503, "engine_down", "rank 1 died", ())] * 2,
+        ]
+        assert (refused.status, refused.code) == (503, "engine_down")
+        assert refused.message == "the request could not be served: rank 1 died"
+        with pytest.raises(APIError, match="the command could not run: rank 1 died"):
+            command.result(10)
+    finally:
+        release.set()
+        service.stop()
+
+
+async def _all_events(sub: object) -> list:
+    events: list = []
+    while not sub.done:  # type: ignore[attr-defined]
+        events += await sub.next_events()  # type: ignore[attr-defined]
+    return events
 
 
 def test_tp2_each_rank_rss_shmem_follows_the_load_and_returns_to_the_floor() -> None:
@@ -360,3 +512,148 @@ def test_a_refused_map_here_fails_on_every_rank_without_mapping() -> None:
         assert len(pool.alloc(1)) == 1
     finally:
         pool.close()
+
+
+class _TwoRanksSteps(_TwoRanks):
+    """Rank 0's view of a two-rank group for a step: rank 1 reports ``failed`` to the step's
+    check and no error and no tokens to the gather."""
+
+    def __init__(self, failed: bool) -> None:
+        super().__init__((None, None))
+        self.failed = failed
+        self.checks = 0
+
+    def min(self, value: int) -> int:
+        self.checks += 1
+        return min(value, 1 if self.failed else 2)
+
+
+def test_a_step_that_fails_on_another_rank_is_refused_before_the_forward_and_advances_nothing() -> None:
+    from torch_elastic_kv.parallel.tp_engine import StepGuard, StepRefused, _step, _sync_runner
+
+    prompt = [(3 * i) % 250 + 8 for i in range(20)]
+    ref = _reference([prompt], 4)[0]
+    model = build_default_model()
+    row_parallel_calls: list[int] = []  # where a split model's first all-reduce would run
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: row_parallel_calls.append(1))
+    with Engine(model, background=False) as engine:
+        group = _TwoRanksSteps(failed=True)
+        steps = StepGuard(group)  # type: ignore[arg-type]
+        steps.attach(model)
+        _sync_runner(engine, group, steps)  # type: ignore[arg-type]
+        rid = engine.add_request(prompt, 4)
+        for _ in range(2):
+            with pytest.raises(StepRefused, match=r"the step failed on rank 1 before its forward; undone on all 2"):
+                _step(engine, steps)
+        # checked twice, no forward got to its first row-parallel layer, nothing recorded
+        assert group.checks == 2 and steps.undone == 2 and row_parallel_calls == []
+        assert engine.output_ids(rid) == [] and engine.stats()["steps"] == 0
+        group.failed = False
+        while engine.has_unfinished():
+            _step(engine, steps)
+        assert engine.output_ids(rid) == ref
+        # a step with nothing to run still checks once: a rank that failed before its batch is heard
+        before = group.checks
+        _step(engine, steps)
+        assert group.checks == before + 1
+
+
+def test_a_step_that_raises_here_before_the_forward_tells_the_others_and_names_the_cause() -> None:
+    from torch_elastic_kv.parallel.tp_engine import StepGuard, StepRefused, _step
+
+    model = build_default_model()
+    with Engine(model, background=False) as engine:
+        group = _TwoRanksSteps(failed=False)
+        steps = StepGuard(group)  # type: ignore[arg-type]
+        steps.attach(model)
+        engine.add_request([10, 11, 12], 2)
+
+        def broken_schedule() -> None:
+            raise ValueError("scheduler exploded")
+
+        engine.scheduler.schedule = broken_schedule  # type: ignore[method-assign]
+        with pytest.raises(
+            StepRefused, match=r"failed on rank 0 before its forward \(ValueError: scheduler exploded\)"
+        ):
+            _step(engine, steps)
+        assert group.checks == 1 and steps.undone == 1
+
+
+@pytest.mark.parametrize("text", ["1", "1:x", "1:2:middle", "a:2", "1:-1", "1:2:before:x"])
+def test_a_bad_fail_forward_hook_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    from torch_elastic_kv.parallel.tp_engine import _fail_forward_for
+
+    monkeypatch.setenv("EKV_TP_FAIL_FORWARD", text)
+    with pytest.raises(ValueError, match=r"\$EKV_TP_FAIL_FORWARD must be RANK:N or RANK:N:before\|inside"):
+        _fail_forward_for(0)
+    monkeypatch.setenv("EKV_TP_FAIL_FORWARD", "1:3:inside")
+    assert _fail_forward_for(1) == (3, "inside") and _fail_forward_for(0) == (0, "inside")
+
+
+# ---------------------------------------------------------------- one device per rank -------
+def test_rank_device_cpu_for_every_rank_and_one_gpu_per_rank_on_cuda() -> None:
+    from torch_elastic_kv.parallel.devices import model_backend, rank_device
+
+    assert [rank_device("cpu", r, 2, cuda_count=0) for r in (0, 1)] == ["cpu", "cpu"]
+    assert [rank_device("cuda", r, 4, cuda_count=4) for r in range(4)] == [f"cuda:{r}" for r in range(4)]
+    # torchrun: LOCAL_RANK picks the GPU, and only this node's ranks need one here
+    assert rank_device("cuda", 3, 4, cuda_count=2, local_rank=1, local_world=2) == "cuda:1"
+    assert [model_backend(d) for d in ("cpu", "cuda:1")] == ["gloo", "nccl"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cuda", 0, 2, 1), "--tensor-parallel-size 2 needs 2 GPUs on this machine (one per rank), it has 1"),
+        (("cuda", 0, 2, 0), "--tensor-parallel-size 2 needs 2 GPUs on this machine (one per rank), it has 0"),
+        (("cuda:1", 0, 2, 2), "--device cuda:1 names one GPU, but --tensor-parallel-size 2 gives each rank its own"),
+        (("mps", 0, 2, 0), "--device mps: tensor parallel runs on cpu or cuda"),
+        (("cuda", 2, 2, 2), "rank 2 of 2: the rank must be in 0..world-1"),
+    ],
+)
+def test_rank_device_refuses_what_cannot_give_each_rank_its_own(args: tuple, message: str) -> None:
+    from torch_elastic_kv.parallel.devices import DeviceError, rank_device
+
+    with pytest.raises(DeviceError) as e:
+        rank_device(*args)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_rank_device_under_torchrun_checks_this_nodes_gpus_and_local_rank() -> None:
+    from torch_elastic_kv.parallel.devices import DeviceError, rank_device, torchrun_local
+
+    with pytest.raises(DeviceError, match=r"needs 4 GPUs on this machine \(one per rank\), it has 2"):
+        rank_device("cuda", 0, 4, cuda_count=2, local_rank=0, local_world=4)
+    with pytest.raises(DeviceError, match=r"\$LOCAL_RANK 2 names a GPU this machine lacks \(it has 2\)"):
+        rank_device("cuda", 2, 4, cuda_count=2, local_rank=2, local_world=2)
+    assert torchrun_local({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (1, 2)
+    assert torchrun_local({}) == (None, None)
+    with pytest.raises(DeviceError, match=r"\$LOCAL_RANK must be a whole number, got 'x'"):
+        torchrun_local({"LOCAL_RANK": "x"})
+
+
+def test_serve_refuses_tp2_on_one_gpu_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``serve -tp 2 --device cuda`` says on a machine with one GPU (the GPU faked: this
+    check runs before anything touches the device)."""
+    from torch_elastic_kv.serve import cli
+    from torch_elastic_kv.serve.settings import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(
+        UsageError, match=r"^--tensor-parallel-size 2 needs 2 GPUs on this machine \(one per rank\), it has 1$"
+    ):
+        cli.resolve(["-tp", "2", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    settings = cli.resolve(["-tp", "2", "--device", "cuda"])
+    assert settings.device == "cuda:0" and settings.tensor_parallel_size == 2  # _device names the index
+    from torch_elastic_kv.serve.tp_front import rank_settings
+
+    assert [rank_settings(settings, r).device for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    with pytest.raises(UsageError, match=r"^--device cuda:1 names one GPU, but --tensor-parallel-size 2 gives"):
+        cli.resolve(["-tp", "2", "--device", "cuda:1"])
+    assert cli.resolve(["-tp", "2"]).device == "cuda"  # the default on a GPU machine: each rank its own
+    cpu = cli.resolve(["-tp", "2", "--device", "cpu"])
+    assert rank_settings(cpu, 1).device == "cpu"

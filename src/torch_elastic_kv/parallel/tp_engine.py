@@ -23,8 +23,9 @@ What is not deterministic is made collective:
   ``CollectiveMapGuard``: every rank maps, all learn each rank's outcome in the same call,
   and if any failed those that mapped unmap again and all raise ``MemoryError``: the
   scheduler then keeps the request waiting, unchanged, on every rank, as it does on one;
-* the sampled tokens are rank 0's (broadcast after each forward), and a forward that raised
-  on any rank fails the step on every rank;
+* the sampled tokens are rank 0's (gathered after each forward); a step that failed on any
+  rank before its forward's first all-reduce fails on every rank at one status check and
+  advances nothing (``StepGuard``); a forward that fails midway takes the group down;
 * the KV ceiling is the smallest over the ranks (an all-reduce MIN), so memory decisions fit
   the rank with the least memory;
 * time: the Engines' clock is the group's (rank 0's time at the start of the round), and
@@ -52,15 +53,20 @@ import torch.distributed as dist
 from ..engine.engine import Engine
 from ..engine.policy import ElasticPolicy
 from ..kv.pool import default_max_bytes
+from .devices import model_backend
 from .shard import shard_llama
 
 _log = logging.getLogger(__name__)
 
 __all__ = [
+    "FAIL_FORWARD_ENV",
     "FAIL_MAPS_ENV",
     "CollectiveMapGuard",
     "GroupClock",
     "Plan",
+    "RankGuards",
+    "StepGuard",
+    "StepRefused",
     "TensorParallelEngine",
     "TensorParallelGroup",
     "build_rank_engine",
@@ -69,6 +75,9 @@ __all__ = [
 
 # "RANK:N": that rank refuses its next N maps of KV chunks (tests inject a failure on one rank)
 FAIL_MAPS_ENV = "EKV_TP_FAIL_MAPS"
+# "RANK:N[:before|inside]": that rank's next N steps fail just before the forward's check, or
+# after its first all-reduce (tests: a step undone on every rank; a group that goes down)
+FAIL_FORWARD_ENV = "EKV_TP_FAIL_FORWARD"
 # "1": a page-table mismatch between the ranks raises instead of being logged
 DEBUG_ENV = "EKV_TP_DEBUG"
 
@@ -80,16 +89,25 @@ class GroupBroken(RuntimeError):
 
 
 class TensorParallelGroup:
-    """The ranks' gloo process group and the three collectives the rounds use."""
+    """The ranks' gloo process group and the three collectives the rounds use, plus the group
+    the model's all-reduces go over (``model_group``: None on CPU, the default gloo group; an
+    NCCL group when the ranks run on CUDA, one GPU each: ``parallel/devices.py``)."""
 
-    def __init__(self, rank: int, world: int, timeout: float) -> None:
+    def __init__(self, rank: int, world: int, timeout: float, model_group: Any = None, device: str = "cpu") -> None:
         self.rank = rank
         self.world = world
         self.timeout = timeout
+        self.model_group = model_group
+        self.device = device
 
     @classmethod
-    def init(cls, rank: int, world: int, init_method: str, timeout: float) -> TensorParallelGroup:
-        """Join the group (waits up to ``timeout`` seconds for every rank)."""
+    def init(cls, rank: int, world: int, init_method: str, timeout: float, device: str = "cpu") -> TensorParallelGroup:
+        """Join the group (waits up to ``timeout`` seconds for every rank). ``device``: this
+        rank's ("cpu", or its own "cuda:N"); on CUDA it becomes the current device and every
+        rank also joins an NCCL group for the model's all-reduces (collective: all ranks pass a
+        CUDA device or none does)."""
+        if model_backend(device) == "nccl":
+            torch.cuda.set_device(torch.device(device))  # NCCL's communicator binds to it
         dist.init_process_group(
             "gloo",
             init_method=init_method,
@@ -97,7 +115,11 @@ class TensorParallelGroup:
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        return cls(rank, world, timeout)
+        model_group = None
+        if model_backend(device) == "nccl":
+            model_group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout))
+            _log.info("tensor parallel: rank %d on %s, the model's all-reduces over NCCL", rank, device)
+        return cls(rank, world, timeout, model_group, device)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -202,9 +224,127 @@ class Plan:
     adds: list[tuple[int, Any, int, Any, Any]] = field(default_factory=list)
 
 
-def _sync_runner(engine: Engine, group: TensorParallelGroup) -> None:
-    """Every rank's step samples rank 0's tokens, and a forward that raised on any rank fails
-    the step on every rank (the Engines keep their requests where they were)."""
+class StepRefused(RuntimeError):
+    """A step failed on rank ``rank`` before its forward's collectives began; every rank raised
+    this from the same check and the step advanced nothing on any of them."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def _fail_forward_for(rank: int) -> tuple[int, str]:
+    """``(count, where)`` this rank is told to fail by ``$EKV_TP_FAIL_FORWARD``
+    ("RANK:N[:before|inside]"; before: the default)."""
+    text = os.environ.get(FAIL_FORWARD_ENV, "").strip()
+    if not text:
+        return 0, "before"
+    parts = text.split(":")
+    try:
+        who, count = int(parts[0]), int(parts[1])
+        where = parts[2] if len(parts) == 3 else "before"
+        if len(parts) > 3 or where not in ("before", "inside") or count < 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"${FAIL_FORWARD_ENV} must be RANK:N or RANK:N:before|inside, got {text!r}") from None
+    return (count if who == rank else 0), where
+
+
+class StepGuard:
+    """Keeps a step's failures in step across the ranks.
+
+    Every step round runs exactly one status check on every rank (an all-reduce MIN of "the
+    first rank whose step failed"): at the model's forward pre-hook when the rank got that far
+    (after packing the batch and planning its pages: everything of the step that can fail
+    before the forward's first all-reduce), else where its step raised, else, with nothing to
+    run, after the step. If any rank failed, every rank raises ``StepRefused`` from that check,
+    before any collective of the forward: no token is recorded and no request advances, so the
+    Engines keep their requests where they were, as one Engine does after a failed forward, and
+    the next step runs the same batch again.
+
+    After the check the forward's all-reduces run; a rank whose forward raises then (or whose
+    collective fails) cannot leave the others in step: this raises ``GroupBroken`` and the group
+    goes down (the others' all-reduce fails when the rank exits, or ``--tp-timeout`` ends it).
+
+    ``fail``/``where``: the test hook (``$EKV_TP_FAIL_FORWARD``): this rank's next ``fail``
+    steps raise just before the check ("before") or after the first row-parallel all-reduce
+    ("inside")."""
+
+    def __init__(self, group: TensorParallelGroup, fail: int = 0, where: str = "before") -> None:
+        if where not in ("before", "inside"):
+            raise ValueError(f"StepGuard: where must be 'before' or 'inside', got {where!r}")
+        self.group = group
+        self.fail = fail
+        self.where = where
+        self.injected = 0  # steps the hook failed here
+        self.undone = 0  # steps that failed on some rank before the forward and advanced nothing here
+        self.in_step = False
+        self.checked = False
+        self.forwarding = False  # between a passed check and the end of the forward
+
+    def attach(self, model: Any) -> None:
+        """Hook ``model`` (split already): the check before its forward, the end after it, and
+        the "inside" test hook after the first row-parallel layer's all-reduce."""
+        model.register_forward_pre_hook(self._before_forward)
+        model.register_forward_hook(self._after_forward)
+        if self.where == "inside" and self.fail > 0:
+            model.model.layers[0].self_attn.o_proj.register_forward_hook(self._inside_forward)
+
+    def begin(self) -> None:
+        self.in_step, self.checked, self.forwarding = True, False, False
+
+    def end(self) -> None:
+        self.in_step = self.forwarding = False
+
+    def check(self, error: Optional[str]) -> None:
+        """The step's one status check: returns if every rank got here without an error, else
+        raises ``StepRefused`` naming the first rank that failed (``error``: this rank's)."""
+        self.checked = True
+        world = self.group.world
+        first = self.group.min(self.group.rank if error is not None else world)
+        if first == world:
+            self.forwarding = True
+            return
+        self.undone += 1
+        why = f" ({error})" if first == self.group.rank else ""
+        raise StepRefused(
+            first,
+            f"tensor parallel: the step failed on rank {first} before its forward{why}; undone on all {world} ranks",
+        )
+
+    def _before_forward(self, module: Any, args: Any) -> None:
+        if not self.in_step or self.checked:
+            return
+        error = None
+        if self.where == "before" and self.fail > 0:
+            self.fail -= 1
+            self.injected += 1
+            error = f"RuntimeError: injected by ${FAIL_FORWARD_ENV}"
+        self.check(error)
+
+    def _after_forward(self, module: Any, args: Any, output: Any) -> None:
+        self.forwarding = False
+
+    def _inside_forward(self, module: Any, args: Any, output: Any) -> None:
+        if self.in_step and self.forwarding and self.fail > 0:
+            self.fail -= 1
+            self.injected += 1
+            raise RuntimeError(f"injected by ${FAIL_FORWARD_ENV} after an all-reduce")
+
+
+@dataclass
+class RankGuards:
+    """What keeps one rank's Engine in step with the others: its maps and its steps."""
+
+    maps: CollectiveMapGuard
+    steps: StepGuard
+
+
+def _sync_runner(engine: Engine, group: TensorParallelGroup, steps: StepGuard) -> None:
+    """Every rank's step samples rank 0's tokens. A step that fails on any rank before its
+    forward fails on every rank at the check (``StepGuard``); one that fails after the forward
+    (sampling) fails on every rank at the gather of the tokens; one whose forward fails midway
+    takes the group down."""
     run = engine.runner.run
 
     def synced(batch: Any) -> dict[int, Optional[int]]:
@@ -212,12 +352,21 @@ def _sync_runner(engine: Engine, group: TensorParallelGroup) -> None:
         error: Optional[str] = None
         try:
             tokens = run(batch)
+        except (StepRefused, GroupBroken):
+            raise  # every rank knows already
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
+            if steps.forwarding:
+                raise GroupBroken(
+                    f"the forward failed on rank {group.rank} after its all-reduces began ({error}); "
+                    "the ranks cannot stay in step"
+                ) from exc
+            if not steps.checked:
+                steps.check(error)  # raises StepRefused on every rank
         got = group.gather((error, tokens if group.rank == 0 else None))
         for rank, (err, _) in enumerate(got):
             if err is not None:
-                raise RuntimeError(f"tensor parallel: the forward failed on rank {rank}: {err}")
+                raise RuntimeError(f"tensor parallel: the step failed on rank {rank} after its forward: {err}")
         return got[0][1]
 
     engine.runner.run = synced  # type: ignore[method-assign]
@@ -229,14 +378,16 @@ def build_rank_engine(
     policy_kwargs: dict[str, Any],
     engine_kwargs: dict[str, Any],
     ceiling: Optional[Callable[[Any], Optional[int]]] = None,
-) -> tuple[Engine, GroupClock, CollectiveMapGuard]:
+) -> tuple[Engine, GroupClock, RankGuards]:
     """This rank's Engine: ``model`` split for the rank (in place), the KV ceiling the smallest
-    over the ranks, the group's clock, no background thread, maps and samples collective.
+    over the ranks, the group's clock, no background thread, maps, steps and samples collective.
 
     ``ceiling(model)``: the KV ceiling in bytes for the split model (None: the pool's default
     share of the device); every rank must call this at the same point (it is collective)."""
-    shard_llama(model, group.rank, group.world)
     device = next(model.parameters()).device
+    if group.model_group is not None and device != torch.device(group.device):
+        raise ValueError(f"tensor parallel: rank {group.rank}'s model is on {device}, its group on {group.device}")
+    shard_llama(model, group.rank, group.world, group.model_group)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the ranks share the machine's cores: more threads than cores spin against each other
         # while a rank waits in an all-reduce
@@ -250,10 +401,33 @@ def build_rank_engine(
     clock = GroupClock()
     policy = ElasticPolicy(**{**policy_kwargs, "max_bytes": smallest}, clock=clock)
     engine = Engine(model, policy=policy, background=False, **engine_kwargs)
-    guard = CollectiveMapGuard(group, _fail_maps_for(group.rank))
-    engine.pool.set_map_guard(guard)
-    _sync_runner(engine, group)
-    return engine, clock, guard
+    guards = RankGuards(
+        CollectiveMapGuard(group, _fail_maps_for(group.rank)), StepGuard(group, *_fail_forward_for(group.rank))
+    )
+    engine.pool.set_map_guard(guards.maps)
+    guards.steps.attach(model)
+    _sync_runner(engine, group, guards.steps)
+    return engine, clock, guards
+
+
+def _step(engine: Engine, steps: StepGuard) -> Any:
+    """``engine.step()`` with the step's one status check on every rank (``StepGuard``), wherever
+    this rank's step ended: at the forward, where it raised, or after it (nothing to run)."""
+    steps.begin()
+    try:
+        try:
+            out = engine.step()
+        except (StepRefused, GroupBroken):
+            raise
+        except Exception as exc:
+            if not steps.checked:
+                steps.check(f"{type(exc).__name__}: {exc}")  # raises StepRefused on every rank
+            raise
+        if not steps.checked:
+            steps.check(None)
+        return out
+    finally:
+        steps.end()
 
 
 def _digest(engine: Engine) -> str:
@@ -268,7 +442,7 @@ def _digest(engine: Engine) -> str:
     return h.hexdigest()[:16]
 
 
-def _apply(engine: Engine, clock: GroupClock, plan: Plan) -> tuple[Any, Optional[BaseException]]:
+def _apply(engine: Engine, clock: GroupClock, guards: RankGuards, plan: Plan) -> tuple[Any, Optional[BaseException]]:
     """Apply ``plan`` to this rank's Engine: ``(result, error)``. The requests' ids must come
     out as rank 0 gave them; a different one means the ranks diverged (RuntimeError)."""
     clock.now = plan.now
@@ -278,7 +452,7 @@ def _apply(engine: Engine, clock: GroupClock, plan: Plan) -> tuple[Any, Optional
             raise RuntimeError(f"tensor parallel: request got id {got} here, {rid} on rank 0: the ranks diverged")
     try:
         if plan.op == "step":
-            return engine.step(), None
+            return _step(engine, guards.steps), None
         if plan.op == "maintain":
             return engine.maintain(), None
         if plan.op == "cancel":
@@ -301,12 +475,13 @@ def _apply(engine: Engine, clock: GroupClock, plan: Plan) -> tuple[Any, Optional
     raise RuntimeError(f"tensor parallel: unknown operation {plan.op!r}")
 
 
-def _report(engine: Engine, guard: CollectiveMapGuard, rank: int, error: Optional[BaseException]) -> dict:
+def _report(engine: Engine, guards: RankGuards, rank: int, error: Optional[BaseException]) -> dict:
     """This rank's state after a round, as rank 0 shows it (``stats()["tensor_parallel"]``)."""
     ps = engine.pool.stats()
     return {
         "rank": rank,
         "pid": os.getpid(),
+        "device": str(engine.pool.device),
         "digest": _digest(engine),
         "live_bytes": engine.cache.page_table.live_pages * engine.pool.page_bytes,
         "resident_bytes": ps["resident_bytes"],
@@ -315,13 +490,15 @@ def _report(engine: Engine, guard: CollectiveMapGuard, rank: int, error: Optiona
         "waiting": len(engine.scheduler.waiting),
         "preemptions": engine.scheduler.preemptions,
         "steps": engine.stats()["steps"],
-        "maps_refused": guard.refused,
-        "maps_undone": guard.failures,
+        "maps_refused": guards.maps.refused,
+        "maps_undone": guards.maps.failures,
+        "steps_refused": guards.steps.injected,
+        "steps_undone": guards.steps.undone,
         "error": None if error is None else f"{type(error).__name__}: {error}",
     }
 
 
-def follow(engine: Engine, clock: GroupClock, guard: CollectiveMapGuard, group: TensorParallelGroup) -> int:
+def follow(engine: Engine, clock: GroupClock, guards: RankGuards, group: TensorParallelGroup) -> int:
     """A rank other than 0: apply rank 0's plans until it says stop (returns 0) or the group
     breaks (logs one line, returns 1)."""
     try:
@@ -330,8 +507,8 @@ def follow(engine: Engine, clock: GroupClock, guard: CollectiveMapGuard, group: 
             if plan.op == "stop":
                 engine.close()
                 return 0
-            _, error = _apply(engine, clock, plan)
-            group.gather(_report(engine, guard, group.rank, error))
+            _, error = _apply(engine, clock, guards, plan)
+            group.gather(_report(engine, guards, group.rank, error))
     except GroupBroken as exc:
         _log.error("torch_elastic_kv tensor parallel: rank %d: the group is down (%s); exiting", group.rank, exc)
         return 1
@@ -351,7 +528,7 @@ class TensorParallelEngine:
         self,
         engine: Engine,
         clock: GroupClock,
-        guard: CollectiveMapGuard,
+        guards: RankGuards,
         group: TensorParallelGroup,
         *,
         debug: Optional[bool] = None,
@@ -360,7 +537,7 @@ class TensorParallelEngine:
     ) -> None:
         self.engine = engine
         self.clock = clock
-        self.guard = guard
+        self.guards = guards
         self.group = group
         self.debug = os.environ.get(DEBUG_ENV, "") == "1" if debug is None else debug
         self.on_broken = on_broken
@@ -501,8 +678,8 @@ class TensorParallelEngine:
                 t0 = time.perf_counter()
                 self.group.broadcast(plan)
                 self.plan_seconds += time.perf_counter() - t0
-                result, error = _apply(self.engine, self.clock, plan)
-                reports = self.group.gather(_report(self.engine, self.guard, 0, error))
+                result, error = _apply(self.engine, self.clock, self.guards, plan)
+                reports = self.group.gather(_report(self.engine, self.guards, 0, error))
             except GroupBroken as exc:
                 self._fail(str(exc))
                 raise
@@ -510,6 +687,10 @@ class TensorParallelEngine:
             self._last_round = time.monotonic()
             self.ranks = reports
             self._check(reports, op)
+            if isinstance(error, StepRefused) and error.rank != 0:
+                # the failing rank's own message names the cause; this rank knows only who
+                cause = (reports[error.rank]["error"] or str(error)).removeprefix("StepRefused: ")
+                raise StepRefused(error.rank, cause)
             if error is not None:
                 raise error
             for r in reports[1:]:
@@ -531,9 +712,11 @@ class TensorParallelEngine:
 
     def _fail(self, message: str) -> None:
         if self._broken is None:
-            self._broken = message
+            # the callback first: a server's answers the requests in flight and exits, and it
+            # refuses new requests itself (a broken engine here would make them 500s meanwhile)
             if self.on_broken is not None:
                 self.on_broken(message)
+            self._broken = message
 
     def _tick(self) -> None:
         """Idle policy ticks as rounds (memory goes back while nobody steps)."""

@@ -83,7 +83,9 @@ def model_card(state: ServerState, name: str) -> dict[str, Any]:
 
 
 def health_response(state: ServerState) -> JSONResponse:
-    """``/health``'s answer: 200 ok, or 503 while draining."""
+    """``/health``'s answer: 200 ok, or 503 while draining or once the engine is down."""
+    if state.service.down is not None:
+        return JSONResponse({"status": "down"}, status_code=503)
     if state.service.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok"})

@@ -388,6 +388,21 @@ def _device(text: Optional[str]) -> str:
     return str(dev)
 
 
+def _check_rank_devices(device: str, world: int) -> None:
+    """``--tensor-parallel-size N`` on CUDA: one GPU per rank, checked before anything loads
+    (``parallel.devices.rank_device``)."""
+    import torch
+
+    from ..parallel.devices import DeviceError, rank_device, torchrun_local
+
+    count = torch.cuda.device_count() if device.startswith("cuda") and torch.cuda.is_available() else 0
+    try:
+        local_rank, local_world = torchrun_local(os.environ) if "RANK" in os.environ else (None, None)
+        rank_device(device, 0, world, count, local_rank, local_world)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def resolve(argv: list[str]) -> ServeSettings:
     """Parse and check ``argv``; raises ``UsageError`` with a one-line message."""
     args = serve_parser().parse_args(argv)
@@ -461,6 +476,9 @@ def resolve(argv: list[str]) -> ServeSettings:
         args, min_kv * tp_size, None if max_kv is None else max_kv * tp_size, tp_size
     )
     device = _device(args.device)
+    if tp_size > 1:
+        # the text as given: _device resolves "cuda" to "cuda:0", and an index is refused here
+        _check_rank_devices(device.partition(":")[0] if args.device is None else args.device.strip(), tp_size)
     if utilization is not None:
         _check_utilization(utilization, device, min_kv, args.min_kv_bytes)
     names = _served_names(args.served_model_name, model)

@@ -21,6 +21,10 @@ device short of memory) for ``budget_wait_seconds``. A step that raises leaves t
 requests where they were: the thread tries again (at the stall poll or the next command), ends
 only the requests the Engine really lost, and ends the rest with a 500 once steps have failed
 for ``budget_wait_seconds`` in a row.
+
+An Engine that can never step again (a tensor-parallel rank died) is ``fail_all``: every
+request in flight ends with a 503 at once, whatever the engine thread is doing, and new ones
+get 503.
 """
 
 from __future__ import annotations
@@ -38,18 +42,19 @@ from typing import Any, Optional
 from .._util import is_int
 from ..engine.request import RequestRejected
 from .detokenize import IncrementalDetokenizer, StopStrings
-from .errors import bad_request, overloaded
+from .errors import APIError, bad_request, overloaded
 from .metrics import ServerMetrics
 from .settings import MIN_KV_BYTES
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ChoiceEvent", "ChoiceSpec", "EngineService", "Submission"]
+__all__ = ["DOWN_CODE", "ChoiceEvent", "ChoiceSpec", "EngineService", "Submission"]
 
 # While stalled (requests wait for a budget that does not come), look again this often even
 # without a command: the Engine's pressure hook, if any, may have lifted its cap.
 _STALL_POLL_SECONDS = 0.5
 _RETRY_AFTER_SECONDS = 5  # what a request ended for want of memory tells its client
+DOWN_CODE = "engine_down"  # OpenAI error code of requests ``fail_all`` ended or refused
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ class EngineService:
         self._commands: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
         self._wakeups = 0  # bumped by every notify: a stalled wait ends on the next one
         self._stopping = False
+        self._down: Optional[str] = None  # fail_all's message: the Engine will not step again
         self._drain_deadline: Optional[float] = None
         self._pending: list[tuple[Submission, list[ChoiceEvent]]] = []
         self._thread = threading.Thread(target=self._run, name="ekv-engine", daemon=True)
@@ -202,6 +208,11 @@ class EngineService:
         return self._drain_deadline is not None
 
     @property
+    def down(self) -> Optional[str]:
+        """Why the Engine will never step again (``fail_all``), or None."""
+        return self._down
+
+    @property
     def sleeping(self) -> bool:
         """Whether the Engine's budget is asleep (``/admin/sleep``): the server keeps no copy."""
         return self.engine.asleep
@@ -216,6 +227,8 @@ class EngineService:
         Engine refuses (naming its numbers), 503 while draining or past ``max_waiting``."""
         sub = Submission(loop, len(specs))
         with self._lock:
+            if self._down is not None:
+                raise APIError(503, f"the request could not be served: {self._down}", code=DOWN_CODE)
             if self._drain_deadline is not None or self._stopping:
                 raise overloaded("the server is shutting down", retry_after=5)
             if self._queued + len(specs) > self.max_waiting:
@@ -259,6 +272,38 @@ class EngineService:
         if sub.done:
             return
         self._command("cancel", sub)
+
+    def fail_all(self, message: str) -> int:
+        """The Engine will never step again (a tensor-parallel rank died): every choice in
+        flight ends now with a 503 error event carrying ``message`` (OpenAI's error code
+        ``DOWN_CODE``), queued commands fail with the same, and later ``submit`` calls are
+        refused with it. Any thread: the engine thread may be stuck in a collective, so the
+        events go straight to the loops, not through the thread's queue. Returns the number of
+        choices ended; a second call ends nothing more."""
+        with self._lock:
+            if self._down is None:
+                self._down = message
+            choices = [c for c in self._active.values() if c.finish_reason is None]
+            self._active.clear()
+        with self._cv:
+            commands = list(self._commands)
+            self._commands.clear()
+        for _, _, fut in commands:
+            fut.set_exception(APIError(503, f"the command could not run: {message}", code=DOWN_CODE))
+        by_loop: dict[asyncio.AbstractEventLoop, dict[Submission, list[ChoiceEvent]]] = {}
+        for c in choices:
+            # finish_reason first: a step still running on the engine thread emits nothing more for it
+            c.finish_reason = "error"
+            event = ChoiceEvent(c.index, "", (), None, message, 503, DOWN_CODE)
+            by_loop.setdefault(c.sub.loop, {}).setdefault(c.sub, []).append(event)
+        for loop, subs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, list(subs.items()))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        if choices:  # debug: the caller logs the one line that says why
+            _log.debug("%d request(s) in flight ended with 503: %s", len(choices), message)
+        return len(choices)
 
     def call(self, name: str, arg: Any = None) -> concurrent.futures.Future:
         """Run a command on the engine thread: "budget" (bytes or None), "sleep", "wake",

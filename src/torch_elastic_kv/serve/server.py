@@ -350,6 +350,7 @@ class _Server(uvicorn.Server):
         self._state = state
         self._drain_seconds = drain_seconds
         self._sock = sock
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.should_exit:
@@ -357,6 +358,7 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
     async def startup(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.should_exit:
             return
@@ -369,6 +371,25 @@ class _Server(uvicorn.Server):
             shown,
             port,
         )
+
+    def answer_in_flight(self, message: str, seconds: float) -> None:
+        """The Engine is gone for good (a tensor-parallel rank died; called off the loop): every
+        request in flight gets its error now and new ones a 503 (``EngineService.fail_all``);
+        returns once uvicorn has written every response in progress, or after ``seconds``."""
+        self._state.service.fail_all(message)
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+
+        async def written() -> None:
+            deadline = loop.time() + seconds
+            while self.server_state.tasks and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+
+        try:
+            asyncio.run_coroutine_threadsafe(written(), loop).result(seconds + 1)
+        except Exception as exc:  # the loop stopped meanwhile: nothing more can be written
+            _log.debug("waiting for the answers in flight: %s: %s", type(exc).__name__, exc)
 
     async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
         _log.info("torch_elastic_kv serve: shutting down; in-flight requests have %gs to finish", self._drain_seconds)
@@ -407,6 +428,11 @@ def run(settings: ServeSettings, sock: socket.socket) -> int:
     )
     sock.listen(2048)
     server = _Server(config, state, settings.drain_seconds, sock)
+    on_down = getattr(state.service.engine, "on_down", None)
+    if on_down is not None:  # a tensor-parallel group that goes down answers its requests first
+        from .tp_front import ANSWER_SECONDS
+
+        on_down(lambda message: server.answer_in_flight(message, ANSWER_SECONDS))
     try:
         server.run(sockets=[sock])
     finally:
