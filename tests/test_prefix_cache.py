@@ -445,3 +445,36 @@ def test_compaction_packs_cached_and_live_pages_so_a_cut_frees_more_chunks(model
 
     (with_compaction, chunks), (without, _) = cut_and_count(True), cut_and_count(False)
     assert chunks >= 2 and with_compaction > without, (with_compaction, without, chunks)
+
+
+def test_room_that_expiring_pages_leave_is_kept_for_the_next_allocations(model) -> None:
+    # under traffic that reuses its pages, a few expiring pages do not make the pool shrink
+    # (and compact) only to map the room again a step later; the headroom over the kept pages
+    # bounds that room, and once every page expired the pool goes back to its floor
+    clock = ManualClock(100.0)
+    keep = EvictionPolicy(expiry_seconds=60.0, idle_keep_reuse=0.0)  # idle shrinks keep every young page
+    eng = make(model, clock=clock, max_mib=32, headroom=0.5, eviction=keep)
+    for i in range(6):  # one at a time: the pool grows with the pages, not with a batch's headroom
+        run(eng, [tokens(6 * PT, 40 + i)], 2)  # released at 100 s
+    clock.t += 20.0
+    for i in range(13):
+        run(eng, [tokens(8 * PT, 50 + i)], 2)  # released at 120 s
+    eng.maintain()
+    before = eng.stats()
+    assert before["cached_bytes"] >= 130 * eng.pool.page_bytes
+    clock.t += 41.0  # 161 s: the pages released at 100 s expire, those of 120 s stay
+    eng.maintain()
+    clock.t += 1.5
+    eng.maintain()
+    st = eng.stats()
+    expired = st["prefix_evictions_expiry"]
+    assert 16 < expired < 0.5 * st["cached_bytes"] / eng.pool.page_bytes  # more than a chunk, less than the room
+    assert st["shrinks"] == before["shrinks"] and st["compactions"] == before["compactions"]
+    assert st["resident_bytes"] == before["resident_bytes"]
+    clock.t += 20.0  # every page expired: back to the floor
+    for _ in range(3):
+        clock.t += 1.0
+        eng.maintain()
+    st = eng.stats()
+    assert st["cached_bytes"] == 0 and st["resident_bytes"] == 0
+    eng.close()

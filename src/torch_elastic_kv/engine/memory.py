@@ -234,6 +234,11 @@ class MemoryController:
             )
             if kept:
                 d = Decision(d.action, d.target_pages + kept, d.forced)
+                slack = self.resident_pages() - d.target_pages
+                if d.action == "shrink" and not d.forced and slack < self.policy.headroom * kept + self.chunk_pages:
+                    # room that expiring pages leave under load goes to the next allocations
+                    # rather than being unmapped now and mapped again a step later
+                    d = Decision("none", d.target_pages)
             if d.action == "shrink":
                 if self.prefix is not None and not kept:
                     # cached pages whose tokens never came back go first
