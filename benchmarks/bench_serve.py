@@ -1021,11 +1021,15 @@ def plot(results: dict[str, dict], out: Path, idle_seconds: float) -> list[str]:
 # before choosing, see benchmarks/RESULTS.md), so the run compares capacity, not just latency.
 QUICK = dict(window="0:600", thin=40, max_requests=24)
 DEFAULTS = dict(window="", thin=20, max_requests=None)
-# Mooncake: a window of the trace at 4x its pace, prompts up to 1024 tokens, the cache's expiry
-# short enough for the idle tail to show it kept and given back
-MOONCAKE = {False: dict(window="0:120", max_requests=None), True: dict(window="0:20", max_requests=24)}
-MOONCAKE_TIME_SCALE = 1 / 4
-MOONCAKE_EXPIRY = 8.0
+# Mooncake (full, quick): the first 600 s of the trace at 10x its pace (its conversations come
+# back after minutes, so a shorter window is mostly first turns) with 1 GiB of KV for every server,
+# room for the cache; the quick run's first 20 s at 4x. Prompts up to 1024 tokens, the cache's
+# expiry short enough for the idle tail to show it kept and given back.
+MOONCAKE = {False: dict(window="0:600", max_requests=None), True: dict(window="0:20", max_requests=24)}
+MOONCAKE_TIME_SCALE = {False: 1 / 10, True: 1 / 4}
+MOONCAKE_EXPIRY = {False: 30.0, True: 8.0}
+MOONCAKE_KV_BYTES = {False: "1G", True: "64M"}
+DEFAULT_KV_BYTES = "64M"
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -1091,7 +1095,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--prefix-cache-expiry",
         type=_non_negative,
-        help=f"our servers' --prefix-cache-expiry (default: theirs; --trace mooncake {MOONCAKE_EXPIRY:g} s)",
+        help=f"our servers' --prefix-cache-expiry (default: theirs; --trace mooncake {MOONCAKE_EXPIRY[False]:g} s, "
+        f"{MOONCAKE_EXPIRY[True]:g} s with --quick)",
     )
     p.add_argument(
         "--closed-clients",
@@ -1106,7 +1111,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--src", type=Path, default=REPO / "src", help="torch_elastic_kv source tree the servers run")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--max-kv-bytes", type=parse_bytes, default=parse_bytes("64M"))
+    p.add_argument(
+        "--max-kv-bytes",
+        type=parse_bytes,
+        help=f"KV bytes of every server (default {DEFAULT_KV_BYTES}; --trace mooncake {MOONCAKE_KV_BYTES[False]})",
+    )
     p.add_argument("--min-kv-bytes", type=parse_bytes, default=0, help="elastic floor (static: = max)")
     p.add_argument("--idle-seconds", type=float, default=3.0)
     p.add_argument("--hf-block-size", type=int, default=32, help="tokens per KV block of transformers serve")
@@ -1131,11 +1140,13 @@ def parse_args(argv=None):
     mooncake = args.trace == "mooncake"
     preset = (QUICK if args.quick else DEFAULTS) | (MOONCAKE[args.quick] if mooncake else {})
     if args.time_scale is None:
-        args.time_scale = MOONCAKE_TIME_SCALE if mooncake else 1 / 150
+        args.time_scale = MOONCAKE_TIME_SCALE[args.quick] if mooncake else 1 / 150
     if args.max_prompt is None:
         args.max_prompt = 1024 if mooncake else 512
     if mooncake and args.prefix_cache_expiry is None:
-        args.prefix_cache_expiry = MOONCAKE_EXPIRY
+        args.prefix_cache_expiry = MOONCAKE_EXPIRY[args.quick]
+    if args.max_kv_bytes is None:
+        args.max_kv_bytes = parse_bytes(MOONCAKE_KV_BYTES[args.quick] if mooncake else DEFAULT_KV_BYTES)
     if (args.closed_clients is None) != (args.closed_per_client is None):
         p.error("--closed-clients and --closed-per-client go together: give both or neither")
     if args.vllm_python is not None and not (args.vllm_python.is_file() and os.access(args.vllm_python, os.X_OK)):

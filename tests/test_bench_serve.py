@@ -307,7 +307,10 @@ def test_new_options_bad_values_exit_2_with_one_line(bench, capsys, argv, needle
 def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
     args = bench.parse_args(["--trace", "mooncake"])
     assert args.systems == ["ekv-elastic", "ekv-noprefix", "hf-serve", "vllm"]
-    assert args.prefix_cache_expiry == 8.0 and args.time_scale == 0.25 and args.max_prompt == 1024
+    assert args.prefix_cache_expiry == 30.0 and args.time_scale == 0.1 and args.max_prompt == 1024
+    assert (args.window, args.max_kv_bytes) == ("0:600", 1 << 30)
+    quick = bench.parse_args(["--trace", "mooncake", "--quick"])
+    assert (quick.window, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == ("0:20", 0.25, 8.0, 64 << 20)
     assert bench.skipped_systems(args) == {"vllm": bench.VLLM_NOTE}
     assert "\n" not in bench.VLLM_NOTE and "--vllm-python" in bench.VLLM_NOTE
     python = tmp_path / "python"
