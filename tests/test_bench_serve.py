@@ -310,7 +310,12 @@ def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
     assert args.prefix_cache_expiry == 30.0 and args.time_scale == 0.1 and args.max_prompt == 1024
     assert (args.window, args.max_kv_bytes) == ("0:600", 1 << 30)
     quick = bench.parse_args(["--trace", "mooncake", "--quick"])
-    assert (quick.window, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == ("0:20", 0.25, 8.0, 64 << 20)
+    assert (quick.window, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == (
+        "0:20",
+        0.25,
+        8.0,
+        64 << 20,
+    )
     assert bench.skipped_systems(args) == {"vllm": bench.VLLM_NOTE}
     assert "\n" not in bench.VLLM_NOTE and "--vllm-python" in bench.VLLM_NOTE
     python = tmp_path / "python"
