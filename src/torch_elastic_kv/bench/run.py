@@ -33,7 +33,8 @@ def _warm_up(
     """Untimed, before any system: the model once, and (for the Engine systems) the first
     ``WARM_UP_REQUESTS`` requests of the trace through an Engine all at once, so that one-time
     setup (kernel selection for the many packed batch shapes, paged-attention setup, lazy
-    imports) is not charged to whichever system happens to run first."""
+    imports) is not charged to whichever system happens to run first. With a prefix trace, a
+    second round prefills the same prompts' continuations after their cached prefixes."""
     with torch.inference_mode():
         model(input_ids=torch.tensor([prompts[0]], device=model.device))
     if "elastic" not in settings.systems and "static" not in settings.systems:
@@ -51,6 +52,12 @@ def _warm_up(
     try:
         count = min(WARM_UP_REQUESTS, len(prompts))
         engine.generate(prompts[:count], max_new_tokens=[min(r.output_tokens, 8) for r in trace.requests[:count]])
+        if settings.block_tokens is not None:
+            # a prefix trace's requests mostly prefill a suffix after a cached prefix: warm those
+            # shapes too (each warm-up prompt again, followed by the next one's tokens)
+            room = getattr(model.config, "max_position_embeddings", 2048) - 8
+            longer = [(prompts[i] + prompts[(i + count) % len(prompts)])[:room] for i in range(count)]
+            engine.generate(longer, max_new_tokens=2)
     finally:
         engine.close()
         engine.pool.close()
