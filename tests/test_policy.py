@@ -219,3 +219,29 @@ def test_settled_lower_load_gets_its_memory_back():
             break
         clock.t += 0.1
     assert shrinks and shrinks[0][1] == 30 and shrinks[0][0] >= 2.0
+
+
+def test_kept_pages_sit_on_top_and_their_room_is_not_shrunk_before_it_exceeds_the_headroom():
+    clock = ManualClock(100.0)
+    p = make(clock, max_bytes=400 * PAGE, headroom=0.5, idle_seconds=1.0)
+    # 200 kept pages, nothing running: the target is the kept pages, and a grow never maps room for them
+    d = p.decide(0, 200, 400, chunk_pages=16, kept_pages=200)
+    assert (d.action, d.target_pages) == ("none", 200)
+    # 40 of them expired: 40 pages of room, under 0.5 x 160 + 16, so nothing shrinks however long it lasts
+    for _ in range(3):
+        clock.t += 1.0
+        d = p.decide(0, 200, 400, chunk_pages=16, kept_pages=160)
+        assert (d.action, d.target_pages) == ("none", 160)
+    # without the kept pages the same 40 pages of room would go back
+    clock.t += 1.0
+    assert p.decide(0, 40, 240, chunk_pages=16).action == "shrink"
+    # 150 expired: 150 pages of room, over 0.5 x 50 + 16: back to the kept pages
+    clock.t += 1.0
+    d = p.decide(0, 200, 400, chunk_pages=16, kept_pages=50)
+    assert (d.action, d.target_pages) == ("shrink", 50)
+    # a budget cut is never held back, and demand grows on top of the kept pages
+    d = p.decide(0, 200, 100, chunk_pages=16, kept_pages=50)
+    assert d.forced and d.action == "shrink" and d.target_pages <= 100
+    assert p.decide(100, 200, 400, chunk_pages=16, kept_pages=50).target_pages == 150 + 50
+    with pytest.raises(ValueError, match=r"decide: kept_pages \(300\) must be in \[0, resident_pages \(200\)\]"):
+        p.decide(0, 200, 400, kept_pages=300)

@@ -226,19 +226,9 @@ class MemoryController:
                 self.prefix.expire()
             demand = self.demand()
             # cached pages the cache keeps through idle shrinks (the traffic reuses its pages)
-            # are outside what the policy sizes: it sizes the rest, and they sit on top, so a
-            # pool full of kept pages is neither idle nor shrunk and compacted every tick
+            # are not demand, but not idle memory either: the policy puts them on top
             kept = self.prefix.cached_pages if self.prefix is not None and self.prefix.keeps_unused_when_idle() else 0
-            d = self.policy.decide(
-                demand, self.resident_pages() - kept, max(0, self.budget_pages() - kept), self.chunk_pages
-            )
-            if kept:
-                d = Decision(d.action, d.target_pages + kept, d.forced)
-                slack = self.resident_pages() - d.target_pages
-                if d.action == "shrink" and not d.forced and slack < self.policy.headroom * kept + self.chunk_pages:
-                    # room that expiring pages leave under load goes to the next allocations
-                    # rather than being unmapped now and mapped again a step later
-                    d = Decision("none", d.target_pages)
+            d = self.policy.decide(demand, self.resident_pages(), self.budget_pages(), self.chunk_pages, kept)
             if d.action == "shrink":
                 if self.prefix is not None and not kept:
                     # cached pages whose tokens never came back go first

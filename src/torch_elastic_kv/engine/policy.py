@@ -15,7 +15,11 @@ Rules (ARCHITECTURE.md, "The elastic policy, in words"):
   load still draining waits for the floor), so a steady load never sees a grow/shrink cycle
   and a draining one gives memory back in one step;
 * with nothing running or waiting for ``idle_seconds``, go back to the floor at once;
-* a budget below what is resident is not idleness: shrink to it at once.
+* a budget below what is resident is not idleness: shrink to it at once;
+* pages kept on purpose beside the demand (prefix pages the cache keeps until they expire)
+  sit on top of the target; an idle shrink waits until the room beside them exceeds
+  ``headroom`` of them plus a chunk, so the room expiring pages leave under load goes to the
+  next allocations instead of being unmapped and mapped again.
 
 The policy holds no budget: the Engine's ``KVBudget`` (``budget.py``) owns that number, and
 the memory controller hands it to ``decide`` in pages each tick.
@@ -211,18 +215,33 @@ class ElasticPolicy:
         want = math.ceil(demand_pages * (1.0 + self.headroom) - 1e-9)  # 110*1.1 is 121.00000000000001
         return max(min(want, budget_pages), min(self.min_pages(), budget_pages))
 
-    def decide(self, demand_pages: int, resident_pages: int, budget_pages: int, chunk_pages: int = 1) -> Decision:
+    def decide(
+        self, demand_pages: int, resident_pages: int, budget_pages: int, chunk_pages: int = 1, kept_pages: int = 0
+    ) -> Decision:
         """One policy tick: compare the target with what is resident and say what to do.
 
         ``budget_pages``: what the budget allows now, in pages (whole chunks, within the
         pool). ``chunk_pages`` is how many pages one chunk holds: a shrink that cannot give
-        back at least one chunk is not worth starting.
+        back at least one chunk is not worth starting. ``kept_pages``: resident pages kept on
+        purpose beside the demand (the prefix cache's, until they expire); the rules size the
+        rest, and the decision's target includes them.
         """
         if demand_pages < 0 or resident_pages < 0 or budget_pages < 0:
             raise ValueError(
                 f"decide: demand_pages ({demand_pages}), resident_pages ({resident_pages}) and "
                 f"budget_pages ({budget_pages}) must be >= 0"
             )
+        if kept_pages:
+            if not is_int(kept_pages) or not 0 <= kept_pages <= resident_pages:
+                raise ValueError(
+                    f"decide: kept_pages ({kept_pages!r}) must be in [0, resident_pages ({resident_pages})]"
+                )
+            d = self.decide(demand_pages, resident_pages - kept_pages, max(0, budget_pages - kept_pages), chunk_pages)
+            target = d.target_pages + kept_pages
+            room = resident_pages - target
+            if d.action == "shrink" and not d.forced and room < self.headroom * kept_pages + max(1, chunk_pages):
+                return Decision("none", target)
+            return Decision(d.action, target, d.forced)
         now = self.clock()
         budget = budget_pages
         if self.is_static:

@@ -185,13 +185,11 @@ class PrefixCache:
         return self.recent.share(self.clock()) >= self.policy.idle_keep_reuse
 
     def evict_unused_to(self, max_pages: int) -> int:
-        """An idle shrink: unless recent traffic reuses enough of its pages, free cached pages
-        whose tokens never came back until held + cached pages fit ``max_pages`` (as far as
-        such pages go); returns how many."""
+        """An idle shrink while ``keeps_unused_when_idle`` is false: free cached pages whose
+        tokens never came back until held + cached pages fit ``max_pages`` (as far as such
+        pages go); returns how many."""
         over = self.table.live_pages + self.index.cached_pages - max_pages
-        if over <= 0 or self.keeps_unused_when_idle():
-            return 0
-        return self._evict(idle_victims(self.index, over), "idle")
+        return self._evict(idle_victims(self.index, over), "idle") if over > 0 else 0
 
     def expire(self) -> int:
         """Give up pages past their expiry (on the device and the host), then pages over the
