@@ -124,47 +124,64 @@ def build_schedule(
     """
     from torch_elastic_kv.bench.traces import scale_trace
 
-    if max_prompt < 1 or max_output < 1:
-        raise ValueError(f"max_prompt and max_output must be >= 1, got {max_prompt} and {max_output}")
-    if max_requests is not None and max_requests < 1:
-        raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+    _check_limits(max_prompt, max_output, max_requests)
     common = dict(time_scale=time_scale, window=window, thin=thin)
     prompts = scale_trace("azure-code", "", raw, token_scale=prompt_scale, **common)
     outputs = scale_trace("azure-code", "", raw, token_scale=output_scale, **common)
-    schedule = []
-    clipped_prompts = clipped_outputs = 0
-    for p, o in zip(prompts.requests, outputs.requests):
-        clipped_prompts += p.prompt_tokens > max_prompt
-        clipped_outputs += o.output_tokens > max_output
-        schedule.append(
-            ScheduledRequest(p.arrival_s, min(p.prompt_tokens, max_prompt), min(o.output_tokens, max_output))
-        )
-    if max_requests is not None:
-        schedule = schedule[:max_requests]
     parts = [prompts.scaling["description"].replace("token counts", "prompt lengths")]
     if output_scale != 1:
         parts.append(f"output lengths x{output_scale:g}")
-    if clipped_prompts:
-        parts.append(f"{clipped_prompts} prompts cut to {max_prompt} tokens")
-    if clipped_outputs:
-        parts.append(f"{clipped_outputs} outputs cut to {max_output} tokens")
-    if max_requests is not None and len(prompts.requests) > max_requests:
-        parts.append(f"first {max_requests} requests")
+    rows = [(p.arrival_s, p.prompt_tokens, o.output_tokens, None) for p, o in zip(prompts.requests, outputs.requests)]
+    schedule, record = _cut_schedule(rows, max_prompt, max_output, max_requests, parts)
     scaling = {
         "time_scale": time_scale,
         "prompt_scale": prompt_scale,
         "output_scale": output_scale,
         "thin": thin,
         "window_s": list(window),
+        "source_requests": len(raw),
+        **record,
+    }
+    return schedule, scaling
+
+
+def _check_limits(max_prompt: int, max_output: int, max_requests: int | None) -> None:
+    if max_prompt < 1 or max_output < 1:
+        raise ValueError(f"max_prompt and max_output must be >= 1, got {max_prompt} and {max_output}")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+
+
+def _cut_schedule(
+    rows: list[tuple[float, int, int, tuple[int, ...] | None]],
+    max_prompt: int,
+    max_output: int,
+    max_requests: int | None,
+    parts: list[str],
+) -> tuple[list[ScheduledRequest], dict]:
+    """``rows`` (arrival, prompt, output, hash ids) as a schedule: prompts cut to ``max_prompt``
+    (keeping their start), outputs to ``max_output``, the first ``max_requests`` kept; and the
+    record of those cuts, ``parts`` (the scaling said so far) extended into its description."""
+    schedule = [ScheduledRequest(t, min(p, max_prompt), min(o, max_output), h) for t, p, o, h in rows]
+    clipped_prompts = sum(p > max_prompt for _, p, _, _ in rows)
+    clipped_outputs = sum(o > max_output for _, _, o, _ in rows)
+    if max_requests is not None:
+        schedule = schedule[:max_requests]
+    parts = list(parts)
+    if clipped_prompts:
+        parts.append(f"{clipped_prompts} prompts cut to {max_prompt} tokens")
+    if clipped_outputs:
+        parts.append(f"{clipped_outputs} outputs cut to {max_output} tokens")
+    if max_requests is not None and len(rows) > max_requests:
+        parts.append(f"first {max_requests} requests")
+    return schedule, {
         "max_prompt": max_prompt,
         "max_output": max_output,
         "clipped_prompts": clipped_prompts,
         "clipped_outputs": clipped_outputs,
-        "source_requests": len(raw),
         "requests": len(schedule),
         "description": "; ".join(parts),
     }
-    return schedule, scaling
 
 
 def kv_cache_blocks(max_kv_bytes: int, config: dict, dtype_bytes: int, block_tokens: int) -> int:
@@ -199,10 +216,7 @@ def build_mooncake_schedule(
     cut to ``max_prompt`` (keeping the prefix, so sharing survives) and ``max_output``."""
     from torch_elastic_kv.bench.traces import MOONCAKE_MIN_OUTPUT, scale_trace
 
-    if max_prompt < 1 or max_output < 1:
-        raise ValueError(f"max_prompt and max_output must be >= 1, got {max_prompt} and {max_output}")
-    if max_requests is not None and max_requests < 1:
-        raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+    _check_limits(max_prompt, max_output, max_requests)
     trace = scale_trace(
         "mooncake",
         "",
@@ -213,32 +227,14 @@ def build_mooncake_schedule(
         min_output_tokens=MOONCAKE_MIN_OUTPUT,
         block_tokens=block_tokens,
     )
-    schedule = [
-        ScheduledRequest(r.arrival_s, min(r.prompt_tokens, max_prompt), min(r.output_tokens, max_output), r.hash_ids)
-        for r in trace.requests
-    ]
-    clipped_prompts = sum(r.prompt_tokens > max_prompt for r in trace.requests)
-    clipped_outputs = sum(r.output_tokens > max_output for r in trace.requests)
-    if max_requests is not None:
-        schedule = schedule[:max_requests]
-    parts = [trace.scaling["description"]]
-    if clipped_prompts:
-        parts.append(f"{clipped_prompts} prompts cut to {max_prompt} tokens")
-    if clipped_outputs:
-        parts.append(f"{clipped_outputs} outputs cut to {max_output} tokens")
-    if max_requests is not None and len(trace.requests) > max_requests:
-        parts.append(f"first {max_requests} requests")
+    rows = [(r.arrival_s, r.prompt_tokens, r.output_tokens, r.hash_ids) for r in trace.requests]
+    schedule, record = _cut_schedule(rows, max_prompt, max_output, max_requests, [trace.scaling["description"]])
     scaling = {
         "time_scale": time_scale,
         "block_tokens": block_tokens,
         "window_s": list(window),
-        "max_prompt": max_prompt,
-        "max_output": max_output,
-        "clipped_prompts": clipped_prompts,
-        "clipped_outputs": clipped_outputs,
         "source_requests": len(raw),
-        "requests": len(schedule),
-        "description": "; ".join(parts),
+        **record,
     }
     return schedule, scaling
 
