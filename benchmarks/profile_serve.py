@@ -82,20 +82,23 @@ def _metric(text: str, name: str) -> Optional[float]:
     return float(m.group(1)) if m else None
 
 
-async def run_server(args, model_dir: Path, schedule, prompts) -> dict:
-    """One closed-loop run against a fresh server; its figures."""
+async def run_server(args, model_dir: Path, schedule, prompts, extra: tuple[str, ...] = ()) -> dict:
+    """One closed-loop run against a fresh server (``extra``: more serve options, and ``VAR=value``
+    environment variables for it); its figures."""
     import httpx
 
     from torch_elastic_kv.bench.stats import percentile
     from torch_elastic_kv.testing.processes import ServerProcess
 
     admin = secrets.token_hex(8)
+    env = dict(item.split("=", 1) for item in extra if "=" in item and not item.startswith("-"))
+    extra = tuple(item for item in extra if not ("=" in item and not item.startswith("-")))
     argv = [
         "--model", str(model_dir), "--host", "127.0.0.1", "--max-kv-bytes", str(args.max_kv_bytes),
         "--min-kv-bytes", str(args.min_kv_bytes), "--idle-seconds", "3", "--device", "cpu", "--dtype", "float32",
-        "--admin-key", admin,
+        "--admin-key", admin, *extra,
     ]  # fmt: skip
-    server = ServerProcess(argv, env=bs.SERVER_ENV, wait=False)
+    server = ServerProcess(argv, env={**bs.SERVER_ENV, **env}, wait=False)
     spy = None
     try:
         base = await asyncio.to_thread(server.wait_ready, 300)
@@ -219,7 +222,7 @@ def _line(mode: str, r: dict) -> str:
         f"{mode:6s} {r['tok_s']:7.0f} tok/s  {r['steps']} steps, {r['tokens'] / max(1, r['steps']):.2f} tokens/step; "
         f"ms per step: {per_step}; load {r['load']:.2f}"
     )
-    if mode == "server":
+    if mode != "engine":
         cpu = r["cpu_ms_per_token"]
         text += (
             f"\n        TTFT p50 {r['ttft_p50_ms']:.1f} ms (mean {r['client_ttft_mean_ms']:.1f}, server-side "
@@ -248,7 +251,24 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every run's figures here")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="also run the server with these serve options (e.g. 'h11=--http h11 --loop asyncio'; a VAR=value "
+        "sets an environment variable of that server), in each round beside the plain server and the Engine; "
+        "repeatable",
+    )
+    p.add_argument("--no-engine", action="store_true", help="leave out the Engine-alone runs")
     args = p.parse_args(argv)
+    variants = {}
+    for text in args.variant:
+        name, sep, options = text.partition("=")
+        if not sep or not name or name in ("server", "engine") or name in variants:
+            p.error(f"--variant: expected a new NAME=OPTIONS (not server or engine), got {text!r}")
+        variants[name] = tuple(options.split())
+    args.variants = variants
     if args.min_kv_bytes > args.max_kv_bytes:
         p.error(f"--min-kv-bytes ({args.min_kv_bytes}) is above --max-kv-bytes ({args.max_kv_bytes})")
     args.py_spy_exe = None
@@ -271,25 +291,27 @@ def main(argv=None) -> int:
 
             model_dir = write_default_model_dir(Path(tmp) / "model")
         schedule, prompts = workload(Path(model_dir), args.seed)
-        runs: dict[str, list[dict]] = {"server": [], "engine": []}
+        modes = ["server", *args.variants, *(() if args.no_engine else ("engine",))]
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         spy = args.py_spy
         for i in range(args.rounds):
-            for mode in ("server", "engine") if i % 2 == 0 else ("engine", "server"):
-                if mode == "server":
-                    r = asyncio.run(run_server(args, Path(model_dir), schedule, prompts))
-                    args.py_spy = None  # one profile is enough
-                else:
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                if mode == "engine":
                     r = run_engine(args, Path(model_dir), schedule, prompts)
+                else:
+                    extra = args.variants.get(mode, ())
+                    r = asyncio.run(run_server(args, Path(model_dir), schedule, prompts, extra))
+                    args.py_spy = None  # one profile is enough
                 runs[mode].append(r)
                 print(f"round {i + 1}: {_line(mode, r)}", flush=True)
         args.py_spy = spy
-    texts = {tuple(r["texts"]) for r in runs["server"]}
-    print(f"server texts equal across rounds: {len(texts) == 1}")
+    texts = {tuple(r["texts"]) for m, rs in runs.items() if m != "engine" for r in rs}
+    print(f"server texts equal across rounds and variants: {len(texts) == 1}")
     med = {m: statistics.median(r["tok_s"] for r in rs) for m, rs in runs.items()}
-    print(
-        f"medians: server {med['server']:.0f} tok/s, engine alone {med['engine']:.0f} tok/s "
-        f"(server / engine {med['server'] / med['engine']:.2f})"
-    )
+    line = ", ".join(f"{m} {v:.0f} tok/s" for m, v in med.items())
+    if "engine" in med:
+        line += f" (server / engine {med['server'] / med['engine']:.2f})"
+    print(f"medians: {line}")
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=1, default=str))
     return 0

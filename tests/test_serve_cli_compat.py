@@ -131,6 +131,8 @@ def test_bad_values_exit_2_with_one_line(model_dir, tmp_path, capsys):
         (["--gpu-memory-utilization", "most"], "--gpu-memory-utilization must be a number"),
         (["--gpu-memory-utilization", "0.5", "--max-kv-bytes", "64M"], "give one"),
         (["--gpu-memory-utilization", "1e-12", "--device", "cpu"], "below the KV floor"),
+        (["--http", "h2"], "--http must be one of auto, httptools, h11, got 'h2'"),
+        (["--loop", "trio"], "--loop must be one of auto, uvloop, asyncio, got 'trio'"),
     ]
     for argv, needle in cases:
         _exit_2(argv, needle, capsys)
@@ -148,3 +150,20 @@ def test_help_names_the_default_ceiling_and_the_size_suffixes():
     assert "a ceiling, not a reservation" in text and "MODEL" in text and "--max-model-len" in text
     if torch.cuda.is_available():
         assert "cuda:0: 90 % of the memory free" in out.stdout
+
+
+def test_the_http_stack_is_the_c_one_when_installed_and_named_ones_must_be(monkeypatch):
+    from torch_elastic_kv.serve import settings
+
+    have = {"httptools", "uvloop"}
+    monkeypatch.setattr(settings.importlib.util, "find_spec", lambda name: object() if name in have else None)
+    assert settings.http_stack() == ("httptools", "uvloop")
+    assert settings.http_stack("h11", "asyncio") == ("h11", "asyncio")
+    have = {"uvloop"}  # no httptools: auto falls back, asking for it by name is an error
+    assert settings.http_stack() == ("h11", "uvloop")
+    with pytest.raises(settings.UsageError, match=r"--http httptools: the httptools package is not installed"):
+        settings.http_stack("httptools", "auto")
+    have = set()
+    assert settings.http_stack() == ("h11", "asyncio")
+    with pytest.raises(settings.UsageError, match=r"--loop uvloop: the uvloop package is not installed"):
+        settings.http_stack("auto", "uvloop")

@@ -10,6 +10,7 @@ does not lock other clients out of a server whose open-file limit is lower than 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -294,6 +295,43 @@ class _Trickler:
         for sock in self.socks:
             if sock is not None:
                 sock.close()
+
+
+@pytest.mark.parametrize("stack", [("httptools", "uvloop"), ("h11", "asyncio")])
+def test_the_header_deadline_holds_on_both_http_stacks(stack):
+    """A silent connection, one whose head trickles, and a kept-alive one after its response are
+    closed after --header-timeout; a request sent at once is served, on each parser and loop."""
+    http, loop = stack
+    if any(importlib.util.find_spec(name) is None for name in stack):
+        pytest.skip(f"{http} / {loop} not installed")
+    server = ServerProcess(["--header-timeout", "1", "--http", http, "--loop", loop, "--drain-seconds", "1"])
+    address = urlsplit(server.url)
+    try:
+        kept = socket.create_connection((address.hostname, address.port), timeout=10)
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while not response.endswith(b"}"):  # the head and the JSON body may come in separate writes
+            data = kept.recv(65536)
+            assert data, response
+            response += data
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n"), response
+        t0 = time.monotonic()
+        silent = socket.create_connection((address.hostname, address.port), timeout=10)
+        trickle = socket.create_connection((address.hostname, address.port), timeout=10)
+        for byte in _Trickler.HEAD[:3]:  # bytes trickling in do not extend the deadline
+            trickle.sendall(bytes([byte]))
+            time.sleep(0.2)
+        for sock in (silent, trickle, kept):
+            assert sock.recv(65536) == b""  # closed by the server
+            sock.close()
+        assert 0.9 < time.monotonic() - t0 < 8
+        r = httpx.get(server.url + "/health", timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        log = server.log()
+        assert f"HTTP: {http} on {loop}" in log, log[-2000:]
+    finally:
+        status = server.stop()
+    assert status == 0, server.log()[-3000:]
 
 
 def test_a_trickling_connection_flood_does_not_lock_clients_out():

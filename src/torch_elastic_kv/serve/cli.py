@@ -21,7 +21,16 @@ import sys
 from typing import Optional
 
 from .._units import SIZE_HELP, parse_size
-from .settings import MIN_KV_BYTES, ServeSettings, UsageError, device_memory, physical_memory
+from .settings import (
+    HTTP_CHOICES,
+    LOOP_CHOICES,
+    MIN_KV_BYTES,
+    ServeSettings,
+    UsageError,
+    device_memory,
+    http_stack,
+    physical_memory,
+)
 
 __all__ = [
     "MIN_KV_BYTES",
@@ -157,6 +166,16 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
         default=None,
         help="CPU threads for the model's forward (default: the cores this process may use minus one, at "
         f"least 1: {default_threads()} here; the other core serves HTTP and detokenizes)",
+    )
+    p.add_argument(
+        "--http",
+        default="auto",
+        help=f"HTTP parser, one of {', '.join(HTTP_CHOICES)} (default auto: httptools when installed, else h11)",
+    )
+    p.add_argument(
+        "--loop",
+        default="auto",
+        help=f"event loop, one of {', '.join(LOOP_CHOICES)} (default auto: uvloop when installed, else asyncio)",
     )
     p.add_argument(
         "--compile",
@@ -453,6 +472,7 @@ def resolve(argv: list[str]) -> ServeSettings:
     drain = _number("--drain-seconds", args.drain_seconds, integer=False, low=0, high=86400)
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
+    http, loop = http_stack(args.http, args.loop)
     threads = (
         default_threads() if args.threads is None else int(_number("--threads", args.threads, integer=True, low=1))
     )
@@ -522,6 +542,8 @@ def resolve(argv: list[str]) -> ServeSettings:
         tp_timeout=tp_timeout,
         threads=threads,
         compile=bool(args.compile),
+        http=http,
+        loop=loop,
     )
 
 

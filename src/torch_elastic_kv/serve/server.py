@@ -6,9 +6,15 @@ new requests and lets those in flight run for ``--drain-seconds``, then ends the
 Engine, which gives all KV memory back, and the process exits 0 (a second SIGINT exits at
 once, without the drain).
 
-Slow and idle clients: uvicorn has no deadline for a request head, so the h11 protocol runs
-under a ``_ConnectionGuard`` (``--header-timeout``, ``--max-connections``), and the log lines
-a connection flood repeats are rate-limited (``_RateLimitFilter``).
+Slow and idle clients: uvicorn has no deadline for a request head, so its HTTP protocol (httptools
+or h11, ``--http``) runs under a ``_ConnectionGuard`` (``--header-timeout``,
+``--max-connections``), and the log lines a connection flood repeats are rate-limited
+(``_RateLimitFilter``).
+
+The event loop and the HTTP parser are uvloop and httptools when they are installed (``--loop``,
+``--http``; the ``serve`` extra brings both on Linux and macOS), as uvicorn's own "auto" would
+pick: the loop thread shares the process, and so the GIL, with the engine thread, and their C
+implementations hold it for less of each streamed token than asyncio's selector loop and h11.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .app import ServerState, create_app
 from .default_model import build_default_model, build_default_tokenizer
 from .engine_thread import EngineService
 from .metrics import ServerMetrics
-from .settings import MIN_KV_BYTES, ServeSettings, device_memory
+from .settings import MIN_KV_BYTES, ServeSettings, device_memory, http_stack
 
 _log = logging.getLogger(__name__)
 
@@ -223,8 +229,13 @@ class _ConnectionGuard:
         self._counts: collections.Counter[str] = collections.Counter()
         self._report: Optional[asyncio.TimerHandle] = None
 
-    def protocol_class(self) -> type[asyncio.Protocol]:
-        """uvicorn's h11 protocol class bound to this guard (``uvicorn.Config(http=...)``)."""
+    def protocol_class(self, http: str = "h11") -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol class for ``http`` ("h11" or "httptools") bound to this guard
+        (``uvicorn.Config(http=...)``)."""
+        if http == "httptools":
+            return self._httptools_class()
+        if http != "h11":
+            raise ValueError(f"http must be 'h11' or 'httptools', got {http!r}")
         guard = self
 
         class GuardedH11Protocol(H11Protocol):
@@ -248,6 +259,34 @@ class _ConnectionGuard:
                 super().connection_lost(exc)
 
         return GuardedH11Protocol
+
+    def _httptools_class(self) -> type[asyncio.Protocol]:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        guard = self
+
+        class GuardedHttpToolsProtocol(HttpToolsProtocol):
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                super().connection_made(transport)
+                if guard.admit(self):
+                    guard.wait_for_head(self)
+
+            def on_headers_complete(self) -> None:
+                guard.head_received(self)
+                super().on_headers_complete()
+
+            def on_response_complete(self) -> None:
+                super().on_response_complete()
+                # a pipelined request whose head is in already started its own cycle
+                idle = self.cycle is None or self.cycle.response_complete
+                if not self.transport.is_closing() and idle:
+                    guard.wait_for_head(self)  # keep-alive: the next head has the same deadline
+
+            def connection_lost(self, exc: Optional[Exception]) -> None:
+                guard.head_received(self)
+                super().connection_lost(exc)
+
+        return GuardedHttpToolsProtocol
 
     def admit(self, conn: Any) -> bool:
         """Make room for ``conn`` (just connected); False if it was refused and closed."""
@@ -411,6 +450,8 @@ def run(settings: ServeSettings, sock: socket.socket) -> int:
         settings.device,
         time.perf_counter() - t0,
     )
+    http, loop = http_stack(settings.http, settings.loop)
+    _log.info("torch_elastic_kv serve: HTTP: %s on %s", http, loop)
     guard = _ConnectionGuard(settings.header_timeout, settings.max_connections)
     filters = [(logging.getLogger(name), _RateLimitFilter(prefix)) for name, prefix in _FLOOD_MESSAGES]
     for logger, flt in filters:
@@ -420,9 +461,9 @@ def run(settings: ServeSettings, sock: socket.socket) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        http=guard.protocol_class(),
+        http=guard.protocol_class(http),
         ws="none",
-        loop="asyncio",
+        loop=loop,
         # a backstop only: the drain ends every request by --drain-seconds
         timeout_graceful_shutdown=int(settings.drain_seconds) + 3,
     )

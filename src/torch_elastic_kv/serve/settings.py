@@ -4,17 +4,49 @@ No torch import (``device_memory`` imports it when asked)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MIN_KV_BYTES", "ServeSettings", "UsageError", "device_memory", "physical_memory"]
+__all__ = [
+    "HTTP_CHOICES",
+    "LOOP_CHOICES",
+    "MIN_KV_BYTES",
+    "ServeSettings",
+    "UsageError",
+    "device_memory",
+    "http_stack",
+    "physical_memory",
+]
 
 MIN_KV_BYTES = 2 << 20  # one host granule: the smallest pool the Engine can build
 
 
 class UsageError(Exception):
     """A bad option; the message is the one line printed."""
+
+
+# --http / --loop, as uvicorn spells them; "auto" takes the C implementation when installed
+HTTP_CHOICES = ("auto", "httptools", "h11")
+LOOP_CHOICES = ("auto", "uvloop", "asyncio")
+_C_IMPLEMENTATION = {"http": ("httptools", "h11"), "loop": ("uvloop", "asyncio")}
+
+
+def http_stack(http: str = "auto", loop: str = "auto") -> tuple[str, str]:
+    """The HTTP parser and event loop the server runs on, ``auto`` resolved: httptools and uvloop
+    when importable, else h11 and asyncio. UsageError for an unknown name or one that is asked
+    for by name and not installed."""
+    chosen = []
+    for option, value, choices in (("--http", http, HTTP_CHOICES), ("--loop", loop, LOOP_CHOICES)):
+        fast, fallback = _C_IMPLEMENTATION[option[2:]]
+        if value not in choices:
+            raise UsageError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        installed = importlib.util.find_spec(fast) is not None
+        if value == fast and not installed:
+            raise UsageError(f"{option} {fast}: the {fast} package is not installed (pip install {fast})")
+        chosen.append(value if value != "auto" else (fast if installed else fallback))
+    return chosen[0], chosen[1]
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,8 @@ class ServeSettings:
     tp_timeout: float = 120.0  # seconds a rank waits for the others before the group counts as down
     threads: int = 1  # torch's intra-op threads for the model's forward
     compile: bool = False  # Engine(compile=True): the decoder MLPs and norms through inductor
+    http: str = "auto"  # HTTP parser: http_stack() resolves it
+    loop: str = "auto"  # event loop: http_stack() resolves it
 
 
 def physical_memory() -> Optional[int]:
