@@ -21,6 +21,7 @@ from .traces import (
     SYNTHETIC_TRACES,
     TRACE_NAMES,
     TraceError,
+    check_preroll,
     parse_window,
 )
 
@@ -160,7 +161,16 @@ def bench_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument(
         "--window",
         metavar="[START:]END",
-        help="replay only requests arriving in this span of trace seconds (default: all)",
+        help="replay only requests arriving in this span of trace seconds (default: all; --trace mooncake "
+        f"{_REPLAY_DEFAULTS['mooncake'][False][2]}, {_REPLAY_DEFAULTS['mooncake'][True][2]} with --quick)",
+    )
+    p.add_argument(
+        "--preroll",
+        metavar="S",
+        help="replay the S trace seconds before the window's start first, at the same time scale, through "
+        "every system, and leave those requests out of every figure (latency, tok/s, hit rates, KV mean/peak; "
+        "the output checksum still covers them): the window then sees a system that has been running. At "
+        "most the window's START (default 0)",
     )
     p.add_argument("--thin", type=str, metavar="K", help="keep 1 in K requests (default 1, azure-code 40)")
     p.add_argument("--seed", type=str, default="0", help="seed for synthetic traces, prompts and weights (default 0)")
@@ -323,6 +333,14 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         window = parse_window(window_text) if window_text else (0.0, None)
     except TraceError as exc:
         raise UsageError(str(exc)) from None
+    if args.preroll is not None:
+        preroll = _positive("--preroll", args.preroll, allow_zero=True)
+        try:
+            check_preroll(preroll, window[0])
+        except TraceError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        preroll = 0.0
     try:
         seed = int(args.seed)
     except ValueError:
@@ -432,6 +450,7 @@ def resolve(argv: list[str]) -> ResolvedArgs:
         progress=not args.no_progress,
         block_tokens=block_tokens,
         prefix_expiry_s=prefix_expiry,
+        preroll_s=preroll,
     )
     return ResolvedArgs(settings, raw, trace if kind != "csv" else os.path.basename(trace), source, attribution)
 
