@@ -198,19 +198,29 @@ def test_block_tokens_needs_the_mooncake_trace(tmp_path, capsys):
     assert status == 2 and err == "ekv-bench: error: --block-tokens applies to --trace mooncake only, not 'bursty'"
 
 
-def test_full_mooncake_defaults_replay_ten_minutes_with_room_for_the_cache(tmp_path):
+def test_full_mooncake_defaults_replay_a_warm_window_with_room_for_the_cache(tmp_path):
     from torch_elastic_kv.bench.cli import resolve
 
     s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o")]).settings
-    assert (s.window, s.time_scale, s.block_tokens, s.page_tokens) == ((0.0, 600.0), 0.1, 8, 8)
-    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 30.0
+    assert (s.window, s.preroll_s, s.time_scale, s.block_tokens, s.page_tokens) == ((1200.0, 1800.0), 600.0, 0.1, 8, 8)
+    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 60.0
+    # the tail covers the idle floor's bound (expiry + idle_seconds) and a tenth of the expiry
+    assert s.tail_seconds == pytest.approx(60.0 + 1.0 + 6.0)
     assert s.systems == ("elastic", "elastic-noprefix", "static")
     # explicit values win, and the quick run keeps its own
     s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o"), "--page-tokens", "4", "--max-bytes", "64Mi"])
     assert (s.settings.page_tokens, s.settings.max_bytes) == (4, 64 << 20)
     q = resolve(["--trace", "mooncake", "--quick", "--out", str(tmp_path / "o")]).settings
-    assert (q.window, q.block_tokens, q.page_tokens, q.max_bytes) == ((0.0, 20.0), 16, 16, None)
+    assert (q.window, q.preroll_s, q.block_tokens, q.page_tokens, q.max_bytes) == ((0.0, 20.0), 0.0, 16, 16, None)
+    assert (q.prefix_expiry_s, q.tail_seconds) == (2.0, pytest.approx(2 * 2.0 + 0.3 + 0.7))
     assert "hf-generate" in q.systems
+    # another window: the default pre-roll is as much of its 600 s as the trace has before it
+    w = resolve(["--trace", "mooncake", "--window", "300:900", "--out", str(tmp_path / "o")]).settings
+    assert (w.window, w.preroll_s) == ((300.0, 900.0), 300.0)
+    w = resolve(["--trace", "mooncake", "--window", "0:600", "--out", str(tmp_path / "o")]).settings
+    assert w.preroll_s == 0.0
+    w = resolve(["--trace", "mooncake", "--preroll", "0", "--out", str(tmp_path / "o")]).settings
+    assert (w.window, w.preroll_s) == ((1200.0, 1800.0), 0.0)
 
 
 @pytest.fixture(scope="module")
