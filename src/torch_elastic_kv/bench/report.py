@@ -405,7 +405,13 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
     speeds = [results["systems"][n]["tokens_per_s"] for n in names]
     busy = [results["systems"][n]["busy_tokens_per_s"] for n in names]
     x = np.arange(len(names))
-    speed_ax.bar(x - 0.2, speeds, 0.4, color=[COLORS.get(n, "grey") for n in names], label="over the replay")
+    speed_ax.bar(
+        x - 0.2,
+        speeds,
+        0.4,
+        color=[COLORS.get(n, "grey") for n in names],
+        label="from the window's start" if results["trace"].get("window_start_s") else "over the replay",
+    )
     speed_ax.bar(x + 0.2, busy, 0.4, color=[COLORS.get(n, "grey") for n in names], alpha=0.45, label="while busy")
     speed_ax.set_xticks(x, names, rotation=15, fontsize=8)
     speed_ax.set_ylabel("output tokens / s")
