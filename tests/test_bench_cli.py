@@ -75,6 +75,14 @@ def _assert_one_line_error(status: int, err: str, *needles: str) -> None:
         (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], ["--device"]),
         (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
         (["--model", "/nonexistent/model/dir"], ["--model /nonexistent/model/dir: not a directory"]),
+        (["--preroll", "-5"], ["--preroll must be >= 0, got -5"]),
+        (["--preroll", "soon"], ["--preroll expects a number, got 'soon'"]),
+        (["--preroll", "inf", "--window", "5:9"], ["--preroll must be >= 0, got inf"]),
+        (["--preroll", "1"], ["--preroll 1 reaches before the trace's start: the window starts at 0 s"]),
+        (
+            ["--trace", "azure-code", "--window", "30:60", "--preroll", "45"],
+            ["--preroll 45 reaches before the trace's start", "window starts at 30 s", "give at most 30"],
+        ),
     ],
 )
 def test_bad_arguments_fail_with_one_line_and_write_nothing(tmp_path, capsys, extra, needles):
@@ -271,6 +279,80 @@ def test_scaling_and_its_record():
     assert scale_trace("x", "mem", raw).scaling["description"] == "unscaled"
     with pytest.raises(TraceError, match="--time-scale must be a positive number, got -1"):
         scale_trace("x", "mem", raw, time_scale=-1)
+
+
+def test_a_preroll_comes_first_and_the_window_is_unchanged():
+    raw = [TraceRequest(float(t), 100 + t, 10 + t) for t in range(0, 100, 5)]  # 20 requests, 0..95 s
+    plain = scale_trace("x", "mem", raw, time_scale=0.1, window=(40.0, 60.0), thin=2)
+    trace = scale_trace("x", "mem", raw, time_scale=0.1, window=(40.0, 60.0), thin=2, preroll_s=20.0)
+    # the pre-roll is 20-40 s (20 and 30 with thin 2), the window 40, 50; the replay starts at 20 s
+    assert trace.preroll_requests == 2 and trace.window_start_s == pytest.approx(2.0)
+    assert [r.arrival_s for r in trace.requests] == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert [r.prompt_tokens for r in trace.requests] == [120, 130, 140, 150]
+    # the window's requests are those it has without a pre-roll, 2 s later
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace.measured] == [
+        (r.prompt_tokens, r.output_tokens) for r in plain.requests
+    ]
+    assert [r.arrival_s - 2.0 for r in trace.measured] == pytest.approx([r.arrival_s for r in plain.requests])
+    assert trace.scaling["preroll_s"] == 20.0 and trace.scaling["preroll_requests"] == 2
+    assert (
+        "after a 20 s pre-roll (20-40 s, 2 requests replayed first, left out of every figure)"
+        in (trace.scaling["description"])
+    )
+    assert "(the first 2 the pre-roll; the window starts at 2.0 s)" in trace.describe()
+    assert (plain.preroll_requests, plain.window_start_s, plain.measured) == (0, 0.0, plain.requests)
+    with pytest.raises(TraceError, match=r"--preroll 41 reaches before the trace's start: the window starts at 40 s"):
+        scale_trace("x", "mem", raw, window=(40.0, 60.0), preroll_s=41.0)
+    with pytest.raises(TraceError, match=r"--preroll must be >= 0, got -1"):
+        scale_trace("x", "mem", raw, window=(40.0, 60.0), preroll_s=-1.0)
+
+
+def test_summarize_leaves_the_preroll_out_but_not_of_the_checksum():
+    from torch_elastic_kv.bench.metrics import summarize
+    from torch_elastic_kv.bench.replay import RequestRecord, SystemRun
+
+    records = [
+        RequestRecord(0.0, 2, [1, 2], [5.0, 6.0]),  # pre-roll: TTFT 5 s, would dominate every figure
+        RequestRecord(0.5, 1, [3], [9.0]),  # pre-roll
+        RequestRecord(2.0, 2, [4, 5], [2.1, 2.3]),  # the window: TTFT 0.1 s and 0.2 s
+        RequestRecord(3.0, 3, [6, 7, 8], [3.2, 3.3, 4.0]),
+    ]
+    samples = [(0.0, 800, 800), (1.0, 400, 0), (2.5, 200, 100), (4.0, 0, 0)]
+    run = SystemRun(
+        "elastic",
+        records,
+        samples,
+        load_end_s=9.0,
+        end_s=10.0,
+        counters={"preemptions": 3, "grows": 5, "shrinks": 4, "compactions": 0},
+        info={},
+        cached_samples=[(0.0, 600), (2.5, 50)],
+        prefix={"prefix_query_tokens": 1000, "prefix_hit_tokens": 300, "prefix_evictions_expiry": 9},
+        measured_from=2,
+        window_start_s=2.0,
+        at_window={
+            "preemptions": 1,
+            "grows": 2,
+            "shrinks": 4,
+            "compactions": 0,
+            "prefix_query_tokens": 600,
+            "prefix_hit_tokens": 100,
+            "prefix_evictions_expiry": 4,
+            "preroll_without_first_token": 1,
+        },
+    )
+    s = summarize(run, static_bytes=1000)
+    assert (s["requests"], s["preroll_requests"], s["replayed_requests"]) == (2, 2, 4)
+    assert s["output_tokens"] == 5 and s["tokens_per_s"] == pytest.approx(5 / 7.0)  # from the window's start
+    assert s["ttft_p50_s"] == pytest.approx(0.15) and s["ttft_p99_s"] < 0.21
+    assert s["output_checksum"] == output_checksum([[1, 2], [3], [4, 5], [6, 7, 8]])
+    # memory from 2 s on: 400 until 2.5 s, 200 until 4 s, then 0 until 10 s
+    assert s["peak_resident_bytes"] == 400 and s["peak_live_bytes"] == 100
+    assert s["mean_resident_bytes"] == pytest.approx((400 * 0.5 + 200 * 1.5) / 8.0)
+    assert (s["preemptions"], s["grows"], s["shrinks"]) == (2, 3, 0)
+    assert (s["prefix_query_tokens"], s["prefix_hit_tokens"], s["prefix_hit_rate"]) == (400, 200, 0.5)
+    assert s["prefix_evictions"] == {"expiry": 5} and s["peak_cached_bytes"] == 600
+    assert s["preroll_without_first_token_at_window"] == 1 and s["window_start_s"] == 2.0
 
 
 def test_prompt_ids_are_deterministic_and_in_vocab():

@@ -90,6 +90,7 @@ def test_ideal_hit_rate_on_a_hand_made_trace():
     assert ideal_hit_rate(trace, 4, 2, None) == {
         "capacity_blocks": None,
         "expiry_s": None,
+        "preroll_requests": 0,
         "query_tokens": 46,
         "hit_tokens": 24,
         "hit_rate": 24 / 46,
@@ -101,6 +102,25 @@ def test_ideal_hit_rate_on_a_hand_made_trace():
     assert ideal_hit_rate(trace, 4, 2, 0)["hit_tokens"] == 0
     with pytest.raises(ValueError, match=r"block_tokens \(3\) must be a positive multiple of page_tokens \(2\)"):
         ideal_hit_rate(trace, 3, 2, None)
+
+
+def test_ideal_hit_rate_counts_the_window_after_its_preroll():
+    # a conversation whose first turn is in the pre-roll: its second turn, in the window, hits it
+    requests = (
+        TraceRequest(0.0, 8, 1, (1, 2)),  # pre-roll: fills the LRU, not counted
+        TraceRequest(1.0, 12, 1, (1, 2, 3)),  # the window: 8 of its 12 tokens cached
+        TraceRequest(2.0, 4, 1, (9,)),  # a first turn: nothing to hit (its one block is the last token's)
+    )
+    with_preroll = Trace("hand", "", requests, scaling={"description": ""}, preroll_requests=1, window_start_s=1.0)
+    got = ideal_hit_rate(with_preroll, 4, 2, None)
+    assert (got["query_tokens"], got["hit_tokens"], got["preroll_requests"]) == (16, 8, 1)
+    assert got["hit_rate"] == 0.5
+    # the same window replayed cold: the second turn finds nothing
+    cold = Trace("hand", "", requests[1:], scaling={"description": ""})
+    assert ideal_hit_rate(cold, 4, 2, None)["hit_tokens"] == 0
+    # the pre-roll's blocks count against the capacity and expire like the window's
+    assert ideal_hit_rate(with_preroll, 4, 2, 1)["hit_tokens"] == 4  # block 2 evicted, block 1 left
+    assert ideal_hit_rate(with_preroll, 4, 2, None, expiry_s=1.0)["hit_tokens"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +178,9 @@ def test_quick_mooncake_says_b_the_scaling_and_the_ideal(quick_mooncake):
         (["--token-scale", "0.5"], "--token-scale does not apply to --trace mooncake"),
         (["--prefix-cache-expiry", "-1"], "--prefix-cache-expiry must be >= 0, got -1"),
         (["--systems", "elastic,nope"], "unknown system(s) 'nope'"),
+        (["--preroll", "-5"], "--preroll must be >= 0, got -5"),
+        (["--preroll", "5"], "--preroll 5 reaches before the trace's start: the window starts at 0 s"),
+        (["--preroll", "700", "--window", "600:900"], "give at most 600, or a later --window START"),
     ],
 )
 def test_bad_mooncake_arguments_fail_with_one_line(tmp_path, capsys, extra, needle):
@@ -175,16 +198,65 @@ def test_block_tokens_needs_the_mooncake_trace(tmp_path, capsys):
     assert status == 2 and err == "ekv-bench: error: --block-tokens applies to --trace mooncake only, not 'bursty'"
 
 
-def test_full_mooncake_defaults_replay_ten_minutes_with_room_for_the_cache(tmp_path):
+def test_full_mooncake_defaults_replay_a_warm_window_with_room_for_the_cache(tmp_path):
     from torch_elastic_kv.bench.cli import resolve
 
     s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o")]).settings
-    assert (s.window, s.time_scale, s.block_tokens, s.page_tokens) == ((0.0, 600.0), 0.1, 8, 8)
-    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 30.0
+    assert (s.window, s.preroll_s, s.time_scale, s.block_tokens, s.page_tokens) == ((1200.0, 1800.0), 600.0, 0.1, 8, 8)
+    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 60.0
+    # the tail covers the idle floor's bound (expiry + idle_seconds) and a tenth of the expiry
+    assert s.tail_seconds == pytest.approx(60.0 + 1.0 + 6.0)
     assert s.systems == ("elastic", "elastic-noprefix", "static")
     # explicit values win, and the quick run keeps its own
     s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o"), "--page-tokens", "4", "--max-bytes", "64Mi"])
     assert (s.settings.page_tokens, s.settings.max_bytes) == (4, 64 << 20)
     q = resolve(["--trace", "mooncake", "--quick", "--out", str(tmp_path / "o")]).settings
-    assert (q.window, q.block_tokens, q.page_tokens, q.max_bytes) == ((0.0, 20.0), 16, 16, None)
+    assert (q.window, q.preroll_s, q.block_tokens, q.page_tokens, q.max_bytes) == ((0.0, 20.0), 0.0, 16, 16, None)
+    assert (q.prefix_expiry_s, q.tail_seconds) == (2.0, pytest.approx(2 * 2.0 + 0.3 + 0.7))
     assert "hf-generate" in q.systems
+    # another window: the default pre-roll is as much of its 600 s as the trace has before it
+    w = resolve(["--trace", "mooncake", "--window", "300:900", "--out", str(tmp_path / "o")]).settings
+    assert (w.window, w.preroll_s) == ((300.0, 900.0), 300.0)
+    w = resolve(["--trace", "mooncake", "--window", "0:600", "--out", str(tmp_path / "o")]).settings
+    assert w.preroll_s == 0.0
+    w = resolve(["--trace", "mooncake", "--preroll", "0", "--out", str(tmp_path / "o")]).settings
+    assert (w.window, w.preroll_s) == ((1200.0, 1800.0), 0.0)
+
+
+@pytest.fixture(scope="module")
+def preroll_mooncake(tmp_path_factory):
+    out = tmp_path_factory.mktemp("preroll") / "out"
+    argv = ["bench", "--trace", "mooncake", "--quick", "--window", "4:10", "--preroll", "4"]
+    status = cli_main.main([*argv, "--systems", "elastic,elastic-noprefix", "--out", str(out), "--no-progress"])
+    assert status == 0
+    with open(out / "results.json") as handle:
+        return out, json.load(handle)
+
+
+def test_a_preroll_is_replayed_but_left_out_of_the_figures(preroll_mooncake):
+    out, results = preroll_mooncake
+    raw = read_mooncake(bundled_trace_path("mooncake"))
+    window = [r for r in raw if 4.0 <= r.arrival_s < 10.0]
+    preroll = [r for r in raw if r.arrival_s < 4.0]
+    assert window and preroll
+    trace = results["trace"]
+    assert trace["requests"] == len(window) and trace["preroll"]["requests"] == len(preroll)
+    assert trace["window_start_s"] == pytest.approx(4.0 / 4)  # x1/4
+    assert results["settings"]["preroll_s"] == 4.0
+    for name, s in results["systems"].items():
+        assert (s["requests"], s["preroll_requests"]) == (len(window), len(preroll)), name
+        assert s["replayed_requests"] == len(window) + len(preroll), name
+        assert s["output_tokens"] == trace["output_tokens"], name
+    on, off = results["systems"]["elastic"], results["systems"]["elastic-noprefix"]
+    # tokens checked over every request, the pre-roll's included
+    assert on["output_checksum"] == off["output_checksum"]
+    # the hit rate counts the window's lookups: at least its prompts, and, when every pre-roll
+    # request had started by then and nothing was preempted, exactly them
+    assert on["prefix_query_tokens"] >= trace["prompt_tokens"]
+    if on["preroll_without_first_token_at_window"] == 0 and on["preemptions"] == 0:
+        assert on["prefix_query_tokens"] == trace["prompt_tokens"]
+    assert trace["ideal_hit_rate"]["lru"]["query_tokens"] == trace["prompt_tokens"]
+    assert trace["ideal_hit_rate"]["lru"]["preroll_requests"] == len(preroll)
+    summary = (out / "summary.md").read_text()
+    assert f"Pre-roll: the 4 s of the trace before the window ({len(preroll)} requests" in summary
+    assert f"after a 4 s pre-roll (0-4 s, {len(preroll)} requests replayed first" in summary

@@ -166,3 +166,17 @@ def test_latencies_come_from_the_records_and_skip_what_a_record_lacks():
     assert lat["ttft"] == [0.5, 0.25, 0.5]
     assert lat["tpot"] == [1.0]  # (3.5 - 1.5) / 2; one-token and unfinished requests have none
     assert lat["e2e"] == [2.5, 0.25]
+
+
+def test_counters_are_read_when_the_window_s_first_request_is_handed_over():
+    trace = Trace("t", "mem", (TraceRequest(0.0, 2, 1), TraceRequest(0.0, 2, 10_000), TraceRequest(0.2, 1, 1)))
+    engine = CancellableEngine()  # 10 ms a step: the long pre-roll request is still running at 0.2 s
+    run = _replay(engine, trace, [[1, 2], [3, 4], [5]], deadline_s=0.4, measure_from=2)
+    window = run.at_window
+    assert window is not None and run.measured_from == 2
+    assert window["t_s"] >= 0.2  # not before its arrival
+    assert {k: window[k] for k in replay.COUNTERS} == {"preemptions": 0, "grows": 1, "shrinks": 0, "compactions": 0}
+    assert window["preroll_without_first_token"] == 0  # both pre-roll requests had their first token
+    assert len(engine.added) == 3
+    # no pre-roll: nothing read
+    assert _replay(RecordingEngine(), trace, [[1, 2]] * 3).at_window is None

@@ -251,6 +251,67 @@ def test_mooncake_schedule_scales_blocks_and_keeps_prefixes(bench):
     assert prompts[2][:16] == bench.block_text(100, 16, 0) and prompts[2][-16:] == bench.block_text(163, 16, 0)
 
 
+def test_a_preroll_is_marked_and_max_requests_cuts_the_window(bench):
+    raw = [TraceRequest(float(t), 512 * (1 + t % 3), 64, tuple(range(t, t + 3))) for t in range(0, 40, 5)]  # 0..35 s
+    schedule, scaling = bench.build_mooncake_schedule(
+        raw, time_scale=0.5, block_tokens=16, window=(20.0, None), max_prompt=1024, max_output=8, preroll_s=10.0
+    )
+    # the pre-roll is 10 and 15 s, the window 20..35 s; the load starts at 10 s of the trace
+    assert [(r.arrival_s, r.preroll) for r in schedule] == [
+        (0.0, True),
+        (2.5, True),
+        (5.0, False),
+        (7.5, False),
+        (10.0, False),
+        (12.5, False),
+    ]
+    assert schedule[0].hash_ids == (10, 11, 12) and schedule[2].hash_ids == (20, 21, 22)
+    assert (scaling["preroll_s"], scaling["preroll_requests"], scaling["window_start_s"]) == (10.0, 2, 5.0)
+    assert bench.window_start_s(schedule, scaling) == 5.0
+    # max_requests keeps the pre-roll whole and the window's first requests
+    cut, scaling = bench.build_mooncake_schedule(
+        raw, time_scale=0.5, block_tokens=16, window=(20.0, None), max_prompt=1024, max_output=8, max_requests=1,
+        preroll_s=10.0,
+    )  # fmt: skip
+    assert [r.preroll for r in cut] == [True, True, False] and "first 1 requests of the window" in scaling[
+        "description"
+    ]
+    # the azure-code schedule takes the same pre-roll; none: nothing marked, the window at 0
+    schedule, scaling = bench.build_schedule(
+        RAW, time_scale=1.0, prompt_scale=1.0, output_scale=1.0, thin=1, window=(20.0, None), max_prompt=400,
+        max_output=128, preroll_s=15.0,
+    )  # fmt: skip
+    assert [(r.arrival_s, r.preroll) for r in schedule] == [(5.0, True), (15.0, False), (25.0, False), (35.0, False)]
+    assert bench.window_start_s(schedule, scaling) == 15.0
+    plain, scaling = bench.build_schedule(
+        RAW, time_scale=1.0, prompt_scale=1.0, output_scale=1.0, thin=1, window=(20.0, None), max_prompt=400,
+        max_output=128,
+    )  # fmt: skip
+    assert not any(r.preroll for r in plain) and bench.window_start_s(plain, scaling) == 0.0
+    assert [r.prompt_tokens for r in plain] == [r.prompt_tokens for r in schedule if not r.preroll]
+
+
+def test_the_replay_reads_the_window_s_start_and_marks_the_preroll(bench):
+    """replay() against no server: the requests fail at once, the window's callback still comes due."""
+    import asyncio
+
+    schedule = [
+        bench.ScheduledRequest(0.0, 4, 2, preroll=True),
+        bench.ScheduledRequest(0.05, 4, 2, preroll=False),
+    ]
+    seen = {}
+
+    async def at_window(records):
+        seen["preroll"] = [r["preroll"] for r in records]
+        seen["sent"] = [("sent" in r) for r in records]
+
+    records, _ = asyncio.run(
+        bench.replay("http://127.0.0.1:9", "m", schedule, ["ab", "cd"], 5.0, 1.0, (0.05, at_window))
+    )
+    assert [r["preroll"] for r in records] == [True, False]
+    assert seen["preroll"] == [True, False] and seen["sent"][0] is True
+
+
 def test_mooncake_block_text_is_one_token_a_character(bench):
     from torch_elastic_kv.serve.default_model import build_default_tokenizer
 
@@ -295,6 +356,11 @@ def _parse_error(bench, capsys, argv):
         (["--block-tokens", "-16"], "--block-tokens: expected a whole number >= 1, got '-16'"),
         (["--prefix-cache-expiry", "-1"], "--prefix-cache-expiry: expected a number >= 0, got '-1'"),
         (["--systems", "vllm,sglang"], "--systems: unknown sglang"),
+        (["--preroll", "-5"], "argument --preroll: expected a number >= 0, got '-5'"),
+        (["--preroll", "5"], "--preroll 5 reaches before the trace's start: the window starts at 0 s"),
+        (["--trace", "mooncake", "--window", "300:900", "--preroll", "400"], "give at most 300, or a later --window"),
+        (["--window", "10:20", "--preroll", "5", "--closed-clients", "2", "--closed-per-client", "2"], "closed"),
+        (["--window", "x:20"], "--window 'x:20': expected END or START:END in seconds"),
     ],
 )
 def test_new_options_bad_values_exit_2_with_one_line(bench, capsys, argv, needle):
@@ -307,15 +373,22 @@ def test_new_options_bad_values_exit_2_with_one_line(bench, capsys, argv, needle
 def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
     args = bench.parse_args(["--trace", "mooncake"])
     assert args.systems == ["ekv-elastic", "ekv-noprefix", "hf-serve", "vllm"]
-    assert args.prefix_cache_expiry == 30.0 and args.time_scale == 0.1 and args.max_prompt == 1024
-    assert (args.window, args.max_kv_bytes) == ("0:600", 1 << 30)
+    assert args.prefix_cache_expiry == 60.0 and args.time_scale == 0.1 and args.max_prompt == 1024
+    assert (args.window, args.preroll, args.max_kv_bytes) == ("1200:1800", 600.0, 1 << 30)
+    assert args.tail_seconds == 2 * 3.0 + 4 + 60.0  # past the expiry and the idle shrink
     quick = bench.parse_args(["--trace", "mooncake", "--quick"])
-    assert (quick.window, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == (
+    assert (quick.window, quick.preroll, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == (
         "0:20",
+        0.0,
         0.25,
         8.0,
         64 << 20,
     )
+    # another window gets as much of the default pre-roll as the trace has before it; none for azure-code
+    assert bench.parse_args(["--trace", "mooncake", "--window", "200:800"]).preroll == 200.0
+    assert bench.parse_args(["--trace", "mooncake", "--preroll", "0"]).preroll == 0.0
+    assert bench.parse_args([]).preroll == 0.0
+    assert bench.parse_args(["--window", "100:200", "--preroll", "100"]).preroll == 100.0
     assert bench.skipped_systems(args) == {"vllm": bench.VLLM_NOTE}
     assert "\n" not in bench.VLLM_NOTE and "--vllm-python" in bench.VLLM_NOTE
     python = tmp_path / "python"

@@ -21,6 +21,7 @@ from typing import Any, Optional, Protocol
 from .progress import Progress
 
 __all__ = [
+    "COUNTERS",
     "STALL_SECONDS",
     "Recorder",
     "ReplayRequest",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 clock = time.perf_counter
+COUNTERS = ("preemptions", "grows", "shrinks", "compactions")  # the engine's, in SystemRun.counters
 STALL_SECONDS = 120.0  # no token for this long while requests wait: the system is stuck
 
 
@@ -105,6 +107,14 @@ class SystemRun:
     truncated: bool = False  # the deadline passed: unfinished requests were cancelled
     cached_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, prefix-cached KV bytes)
     prefix: dict[str, Any] | None = None  # the prefix cache's counters at the end (None: no prefix cache)
+    # a pre-roll: records[:measured_from] are its requests, left out of the figures, and the
+    # measured window starts at window_start_s
+    measured_from: int = 0
+    window_start_s: float = 0.0
+    # the engine's counters (as ``counters`` and ``prefix``) just before the window's first request
+    # was handed over, and how many pre-roll requests had no first token then (their lookups, if
+    # any, are still to come and count in the window); None without a pre-roll or an engine
+    at_window: dict[str, Any] | None = None
 
 
 class _Arrival(Protocol):
@@ -179,6 +189,7 @@ def replay_engine(
     tail_seconds: float,
     progress: Optional[Progress] = None,
     deadline_s: Optional[float] = None,
+    measure_from: int = 0,
 ) -> SystemRun:
     """Drive ``engine`` through ``requests`` on the wall clock; one thread, so runs are reproducible.
 
@@ -186,7 +197,9 @@ def replay_engine(
     after a step comes from the engine's per-step timeline when it keeps one (cheap, taken
     inside the step), else from ``stats()``. ``deadline_s`` (seconds after the start) bounds
     the load: once it passes, unfinished requests are cancelled (``engine.cancel``) and the run
-    is marked truncated; the idle tail still runs.
+    is marked truncated; the idle tail still runs. ``measure_from`` > 0: ``requests[:measure_from]``
+    are a pre-roll; the engine's counters are read just before ``requests[measure_from]`` is
+    handed over (``SystemRun.at_window``), so the figures can leave the pre-roll's out.
     """
     rec = Recorder(requests, progress or Progress(len(requests), enabled=False), name)
     index_of: dict[int, int] = {}
@@ -220,6 +233,16 @@ def replay_engine(
         idle_policy_tick()
         sample()
 
+    at_window: dict[str, Any] | None = None
+
+    def read_counters() -> dict[str, Any]:
+        stats = engine.stats()
+        out = {k: stats.get(k) for k in COUNTERS}
+        out.update({k: v for k, v in stats.items() if k.startswith("prefix_")})
+        out["preroll_without_first_token"] = sum(1 for r in rec.records[:measure_from] if r.first_token_s is None)
+        out["t_s"] = rec.now()
+        return out
+
     sample()
     while True:
         now = rec.now()
@@ -231,6 +254,8 @@ def replay_engine(
             break
         while next_arrival < len(requests) and requests[next_arrival].arrival_s <= now:
             request = requests[next_arrival]
+            if next_arrival == measure_from and measure_from > 0:
+                at_window = read_counters()
             request_id = engine.add_request(request.prompt_ids, max_new_tokens=request.output_tokens, eos_token_id=None)
             index_of[request_id] = next_arrival
             next_arrival += 1
@@ -250,10 +275,22 @@ def replay_engine(
     load_end, load_cpu = rec.now(), rec.cpu()
     rec.sleep_until(load_end + tail_seconds, sample_interval_s, idle_tick)
     stats = engine.stats()
-    counters = {k: stats.get(k) for k in ("preemptions", "grows", "shrinks", "compactions")}
+    counters = {k: stats.get(k) for k in COUNTERS}
     prefix_stats = None
     if stats.get("prefix_caching"):
         prefix_stats = {k: v for k, v in stats.items() if k.startswith("prefix_") or k.startswith("cached_")}
     return SystemRun(
-        name, rec.records, rec.samples, load_end, rec.now(), counters, {}, load_cpu, truncated, cached, prefix_stats
+        name,
+        rec.records,
+        rec.samples,
+        load_end,
+        rec.now(),
+        counters,
+        {},
+        load_cpu,
+        truncated,
+        cached,
+        prefix_stats,
+        measured_from=measure_from,
+        at_window=at_window,
     )

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,17 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _preroll_words(trace: dict) -> str:
+    preroll = (trace.get("preroll") or {}).get("requests")
+    return f" (after the pre-roll's {preroll})" if preroll else ""
+
+
 def summary_markdown(results: dict) -> str:
     """The table plus the lines that say what ran on what (model, trace, scaling, pool, checksums)."""
     trace, model, pool = results["trace"], results["model"], results["static_pool_bytes"]
     lines = [
-        f"Trace: {trace['name']} ({trace['source']}): {trace['requests']} requests over {trace['duration_s']:.1f} s, "
+        f"Trace: {trace['name']} ({trace['source']}): {trace['requests']} requests{_preroll_words(trace)} over "
+        f"{trace['duration_s']:.1f} s, "
         f"{trace['prompt_tokens']} prompt / {trace['output_tokens']} output tokens; scaling: "
         f"{trace['scaling']['description']}.",
     ]
@@ -96,6 +103,17 @@ def summary_markdown(results: dict) -> str:
         f"{model['kv_bytes_per_token']} KV bytes per token.",
         f"Static pool (and elastic max): {_fmt_mib(pool)} MiB; elastic min {_fmt_mib(results['settings']['min_bytes'])} "
         f"MiB, idle_seconds {results['settings']['idle_seconds']:g}, idle tail {results['settings']['tail_seconds']:g} s.",
+    ]
+    preroll = trace.get("preroll") or {}
+    if preroll.get("seconds"):
+        lines.append(
+            f"Pre-roll: the {preroll['seconds']:g} s of the trace before the window ({preroll['requests']} requests, "
+            f"0-{trace['window_start_s']:.1f} s of the replay) ran first through every system. The figures below "
+            f"are over the window's {trace['requests']} requests; KV mean/peak and memory saved from the window's "
+            f"start at {trace['window_start_s']:.1f} s; hit rates and preemptions from its first request on. The "
+            "output checksum covers every request, the pre-roll's included."
+        )
+    lines += [
         "",
         table(results),
         "",
@@ -115,10 +133,16 @@ def prefix_lines(results: dict) -> list[str]:
     trace, settings = results["trace"], results["settings"]
     ideal = trace["ideal_hit_rate"]
     expiry = settings["prefix_expiry_s"]
+    window = (
+        "the window's requests, the pre-roll's replayed through the LRU first"
+        if trace.get("preroll", {}).get("requests")
+        else "the same requests"
+    )
     lines = [
         f"Prefix cache: B = {settings['block_tokens']} tokens per {512}-token block of the trace (drawn from its hash "
-        f"id); expiry {expiry:g} s for this run (short, so the {settings['tail_seconds']:g} s idle tail shows the "
-        f"cache kept, then given back). Offline ideal hit rate over the same requests: "
+        f"id); expiry {expiry:g} s of the replay for this run ({expiry / settings['time_scale']:g} s of trace time; "
+        f"the {settings['tail_seconds']:g} s idle tail shows the cache kept, then given back). Offline ideal hit "
+        f"rate over {window}: "
         f"{_pct(ideal['lru']['hit_rate'])} (LRU of {ideal['lru']['capacity_blocks']} blocks = the pool), "
         f"{_pct(ideal['lru_expiry']['hit_rate'])} (same LRU and the expiry at the replay's arrival times), "
         f"{_pct(ideal['unlimited']['hit_rate'])} (unlimited).",
@@ -221,7 +245,7 @@ def checksum_note(systems: dict[str, dict]) -> str:
     for name, s in systems.items():
         groups.setdefault(s["output_checksum"], []).append(name)
     if len(groups) == 1:
-        return f"Output tokens identical across {', '.join(systems)} (sha256 {next(iter(groups))[:12]})."
+        return f"Output tokens identical across {', '.join(systems)} (sha256 {next(iter(groups))[:12]}, every request)."
     parts = [f"{' = '.join(names)} ({digest[:12]})" for digest, names in groups.items()]
     return "Output checksums: " + "; ".join(parts) + "."
 
@@ -266,12 +290,31 @@ def _step_xy(samples: list[tuple[float, int, int]], column: int, end_s: float) -
     return xs, ys + ys[-1:]
 
 
+def _footer(fig: Any, trace: dict, least: float) -> float:
+    """Write :func:`trace_note` under ``fig``, wrapped to its width; return the bottom of the room
+    left for the axes (a figure fraction, at least ``least``)."""
+    width_in, height_in = fig.get_size_inches()
+    chars = int(width_in * 19)  # about what a line of 6.5-point text holds
+    text = "\n".join(textwrap.fill(part, chars) for part in trace_note(trace).split("\n"))
+    fig.text(0.01, 0.005, text, fontsize=6.5, va="bottom")
+    return max(least, (0.115 * (text.count("\n") + 1) + 0.04) / height_in)
+
+
 def trace_note(trace: dict) -> str:
     """What each picture says under it: how the trace was scaled and, for real data, whose it is."""
     note = f"scaling: {trace['scaling']['description']}"
     if trace.get("attribution"):
         note += f"\ndata: {trace['attribution']}"
     return note
+
+
+def _mark_window(results: dict, *axes: Any) -> None:
+    """A vertical line where the measured window starts, on each of ``axes`` (none without a pre-roll)."""
+    start = results["trace"].get("window_start_s") or 0.0
+    if start > 0:
+        for i, ax in enumerate(axes):
+            label = "window starts (pre-roll before: not in the figures)" if i == 0 else None
+            ax.axvline(start, color="tab:brown", linestyle="-.", linewidth=1, label=label)
 
 
 def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
@@ -290,6 +333,7 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
         xs, ys = _step_xy(run.samples, 2, run.end_s)
         bottom.step(xs, ys, where="post", color=COLORS.get(run.name), label=f"live ({run.name})", linewidth=1.0)
     top.axhline(results["static_pool_bytes"] / MIB, color="grey", linestyle=":", linewidth=1, label="static pool size")
+    _mark_window(results, top, bottom)
     top.set_ylabel("resident KV MiB")
     highest = max([results["static_pool_bytes"]] + [s[1] for run in runs for s in run.samples]) / MIB
     top.set_ylim(0, highest * 1.3)  # room above the static line for the legend
@@ -312,8 +356,7 @@ def plot_memory(path: str, results: dict, runs: list[SystemRun]) -> None:
     lines, labels = bottom.get_legend_handles_labels()
     rate_lines, rate_labels = rate_axis.get_legend_handles_labels()
     bottom.legend(lines + rate_lines, labels + rate_labels, loc="upper right", fontsize=7)
-    fig.text(0.01, 0.005, trace_note(trace), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, _footer(fig, trace, 0.05), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -328,8 +371,9 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
 
     fig, (ttft_ax, tpot_ax, speed_ax) = plt.subplots(1, 3, figsize=(12, 3.8))
     for run in runs:
-        ttft = sorted(r.first_token_s - r.arrival_s for r in run.records)
-        tpot = sorted((r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in run.records if len(r.tokens) > 1)
+        records = run.records[run.measured_from :]  # the window's requests (the pre-roll's left out)
+        ttft = sorted(r.first_token_s - r.arrival_s for r in records)
+        tpot = sorted((r.finish_s - r.first_token_s) / (len(r.tokens) - 1) for r in records if len(r.tokens) > 1)
         color = COLORS.get(run.name)
         if ttft:
             ttft_ax.step(
@@ -361,15 +405,20 @@ def plot_latency(path: str, results: dict, runs: list[SystemRun]) -> None:
     speeds = [results["systems"][n]["tokens_per_s"] for n in names]
     busy = [results["systems"][n]["busy_tokens_per_s"] for n in names]
     x = np.arange(len(names))
-    speed_ax.bar(x - 0.2, speeds, 0.4, color=[COLORS.get(n, "grey") for n in names], label="over the replay")
+    speed_ax.bar(
+        x - 0.2,
+        speeds,
+        0.4,
+        color=[COLORS.get(n, "grey") for n in names],
+        label="from the window's start" if results["trace"].get("window_start_s") else "over the replay",
+    )
     speed_ax.bar(x + 0.2, busy, 0.4, color=[COLORS.get(n, "grey") for n in names], alpha=0.45, label="while busy")
     speed_ax.set_xticks(x, names, rotation=15, fontsize=8)
     speed_ax.set_ylabel("output tokens / s")
     speed_ax.set_ylim(0, max(speeds + busy + [1.0]) * 1.25)  # room above the bars for the legend
     speed_ax.legend(fontsize=7)
     fig.suptitle(f"Latency and throughput: {results['trace']['name']} trace, {results['model']['name']}", fontsize=10)
-    fig.text(0.01, 0.005, trace_note(results["trace"]), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, _footer(fig, results["trace"], 0.07), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -393,6 +442,7 @@ def plot_prefix(path: str, results: dict, runs: list[SystemRun]) -> None:
             xs = [t for t, _ in run.cached_samples] + [run.end_s]
             ys = [b / MIB for _, b in run.cached_samples]
             ax.step(xs, ys + ys[-1:], where="post", color="tab:orange", label="cached (no request holds them)")
+        _mark_window(results, ax)
         ax.axvline(run.load_end_s, color="grey", linestyle="--", linewidth=1, label="last request done")
         if expiry is not None:
             ax.axvline(run.load_end_s + expiry, color="tab:orange", linestyle=":", linewidth=1, label="+ expiry")
@@ -402,8 +452,7 @@ def plot_prefix(path: str, results: dict, runs: list[SystemRun]) -> None:
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("seconds since replay start")
     fig.suptitle(f"Cached vs live KV bytes: {results['trace']['name']} trace, {results['model']['name']}", fontsize=10)
-    fig.text(0.01, 0.005, trace_note(results["trace"]), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, _footer(fig, results["trace"], 0.06), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -18,6 +18,7 @@ from .traces import (
     MOONCAKE_MIN_OUTPUT,
     Trace,
     block_prompt_ids,
+    format_scale,
     ideal_hit_rate,
     prompt_token_ids,
     scale_trace,
@@ -68,7 +69,7 @@ def _warm_up(
 def ideal_hit_rates(trace: Trace, settings: BenchSettings, max_bytes: int, kv_bytes_per_token: int) -> dict:
     """The trace's offline hit rates beside which the measured ones are printed: an LRU of blocks
     as large as the pool (without and with the run's expiry, at the replay's arrival times) and
-    an unlimited cache."""
+    an unlimited cache. The pre-roll's requests fill each LRU first and are not counted."""
     block = settings.block_tokens
     assert block is not None
     capacity = max_bytes // (block * kv_bytes_per_token)
@@ -77,6 +78,22 @@ def ideal_hit_rates(trace: Trace, settings: BenchSettings, max_bytes: int, kv_by
         "lru_expiry": ideal_hit_rate(trace, block, settings.page_tokens, capacity, settings.prefix_expiry_s),
         "unlimited": ideal_hit_rate(trace, block, settings.page_tokens, None),
     }
+
+
+def replay_line(trace: Trace, settings: BenchSettings) -> str:
+    """What the replay covers, for the output's header: time scale, window and pre-roll."""
+    start, end = settings.window
+    window = f"{start:g}-{'end' if end is None else f'{end:g}'} s"
+    line = f"time x{format_scale(settings.time_scale)}; window {window} of the trace"
+    if settings.preroll_s > 0:
+        line += (
+            f" after a {settings.preroll_s:g} s pre-roll: {trace.preroll_requests} requests replayed first (0-"
+            f"{trace.window_start_s:.1f} s of the replay) through every system, left out of every figure but the "
+            f"output checksum; {len(trace.measured)} requests measured"
+        )
+    else:
+        line += f", no pre-roll; {len(trace.measured)} requests measured"
+    return line
 
 
 def run_bench(resolved: ResolvedArgs, command: list[str]) -> dict:
@@ -107,6 +124,7 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         attribution=resolved.attribution,
         min_output_tokens=MOONCAKE_MIN_OUTPUT if settings.block_tokens is not None else 1,
         block_tokens=settings.block_tokens,
+        preroll_s=settings.preroll_s,
     )
     if settings.block_tokens is not None:
         prompts = block_prompt_ids(trace, settings.block_tokens, info.vocab_size, settings.seed)
@@ -120,14 +138,18 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
         f"{info.device}); pool {max_bytes / 2**20:.2f} MiB",
         file=sys.stderr,
     )
+    print(f"ekv-bench: {replay_line(trace, settings)}", file=sys.stderr)
     ideal = None
     if settings.block_tokens is not None:
         ideal = ideal_hit_rates(trace, settings, max_bytes, info.kv_bytes_per_token)
+        expiry = settings.prefix_expiry_s
+        trace_time = "" if expiry is None else f" ({expiry / settings.time_scale:g} s of trace time)"
         print(
             f"ekv-bench: B = {settings.block_tokens} tokens per trace block; prefix cache expiry "
-            f"{settings.prefix_expiry_s:g} s; ideal hit rate {100 * ideal['lru']['hit_rate']:.1f} % (LRU of "
-            f"{ideal['lru']['capacity_blocks']} blocks, the pool), {100 * ideal['lru_expiry']['hit_rate']:.1f} % "
-            f"(and the expiry), {100 * ideal['unlimited']['hit_rate']:.1f} % (unlimited)",
+            f"{'the Engine default' if expiry is None else f'{expiry:g} s'}{trace_time}; ideal hit rate over the "
+            f"window {100 * ideal['lru']['hit_rate']:.1f} % (LRU of {ideal['lru']['capacity_blocks']} blocks, the "
+            f"pool), {100 * ideal['lru_expiry']['hit_rate']:.1f} % (and the expiry), "
+            f"{100 * ideal['unlimited']['hit_rate']:.1f} % (unlimited)",
             file=sys.stderr,
         )
     _warm_up(model, settings, prompts, trace, max_bytes)
@@ -142,14 +164,23 @@ def _run(resolved: ResolvedArgs, command: list[str]) -> dict:
 
     systems = {run.name: summarize(run, max_bytes) for run in runs}
     model_json = dataclasses.asdict(info) | {"kv_bytes_per_token": info.kv_bytes_per_token}
+    measured, preroll = trace.measured, trace.requests[: trace.preroll_requests]
     trace_json = {
         "name": trace.name,
         "source": trace.source,
         "attribution": trace.attribution,
-        "requests": len(trace.requests),
+        # the window's requests: those the figures are computed over
+        "requests": len(measured),
         "duration_s": trace.duration_s,
-        "prompt_tokens": trace.prompt_tokens,
-        "output_tokens": trace.output_tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in measured),
+        "output_tokens": sum(r.output_tokens for r in measured),
+        "preroll": {
+            "seconds": settings.preroll_s,
+            "requests": len(preroll),
+            "prompt_tokens": sum(r.prompt_tokens for r in preroll),
+            "output_tokens": sum(r.output_tokens for r in preroll),
+        },
+        "window_start_s": trace.window_start_s,
         "scaling": trace.scaling,
     }
     settings_json = settings.to_json() | {"max_bytes_resolved": max_bytes}

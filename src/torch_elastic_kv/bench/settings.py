@@ -45,6 +45,7 @@ class BenchSettings:
     progress: bool
     block_tokens: int | None = None  # prefix traces: tokens each of the trace's blocks becomes
     prefix_expiry_s: float | None = None  # the prefix cache's expiry (None: the Engine's default)
+    preroll_s: float = 0.0  # trace seconds before the window replayed first, left out of the figures
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -111,6 +111,7 @@ def run_engine_system(
             sample_interval_s=settings.sample_interval_s,
             tail_seconds=settings.tail_seconds,
             progress=progress,
+            measure_from=trace.preroll_requests,
         )
         run.info.update(engine_pool_info(engine))
         return run
@@ -382,7 +383,7 @@ def run_system(
     max_bytes: int,
     progress: Progress,
 ) -> SystemRun:
-    """Replay ``trace`` through the system called ``name``.
+    """Replay ``trace`` through the system called ``name`` (its pre-roll first, when it has one).
 
     Systems switch the model's attention implementation (the Engine to its paged attention,
     continuous batching to its own); each starts from, and leaves, the model as it was loaded.
@@ -391,12 +392,16 @@ def run_system(
     attention = model.config._attn_implementation
     try:
         if name in ("elastic", "elastic-noprefix", "static"):
-            return run_engine_system(name, model, trace, prompts, settings, max_bytes, progress)
-        if name == "hf-generate":
-            return run_hf_generate(model, info, trace, prompts, settings, progress)
-        if name == "hf-generate-batch":
-            return run_hf_generate_batch(model, info, trace, prompts, settings, max_bytes, progress)
-        raise ValueError(f"unknown system {name!r}")
+            run = run_engine_system(name, model, trace, prompts, settings, max_bytes, progress)
+        elif name == "hf-generate":
+            run = run_hf_generate(model, info, trace, prompts, settings, progress)
+        elif name == "hf-generate-batch":
+            run = run_hf_generate_batch(model, info, trace, prompts, settings, max_bytes, progress)
+        else:
+            raise ValueError(f"unknown system {name!r}")
+        # every system replays the pre-roll first; the figures start at the window
+        run.measured_from, run.window_start_s = trace.preroll_requests, trace.window_start_s
+        return run
     finally:
         if model.config._attn_implementation != attention:
             model.set_attn_implementation(attention)

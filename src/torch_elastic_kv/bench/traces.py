@@ -65,23 +65,43 @@ class Trace:
     requests: tuple[TraceRequest, ...]
     attribution: str | None = None
     scaling: dict = field(default_factory=dict)
+    # the pre-roll: the first ``preroll_requests`` requests come from the trace seconds before the
+    # window and are replayed first, to warm the systems up; every figure leaves them out, and
+    # the measured window starts ``window_start_s`` seconds into the replay
+    preroll_requests: int = 0
+    window_start_s: float = 0.0
 
     @property
     def duration_s(self) -> float:
-        """Arrival time of the last request (the first arrives at or after 0)."""
+        """Arrival time of the last request (the first arrives at or after 0), pre-roll included."""
         return self.requests[-1].arrival_s if self.requests else 0.0
 
     @property
+    def measured(self) -> tuple[TraceRequest, ...]:
+        """The window's requests: those every figure is computed over (the pre-roll's left out)."""
+        return self.requests[self.preroll_requests :]
+
+    @property
     def prompt_tokens(self) -> int:
+        """Prompt tokens of every request replayed, pre-roll included."""
         return sum(r.prompt_tokens for r in self.requests)
 
     @property
     def output_tokens(self) -> int:
+        """Output tokens of every request replayed, pre-roll included."""
         return sum(r.output_tokens for r in self.requests)
 
     def describe(self) -> str:
         """One line naming the trace and what was scaled."""
-        return f"{self.name}: {len(self.requests)} requests over {self.duration_s:.1f} s; {self.scaling['description']}"
+        preroll = ""
+        if self.preroll_requests:
+            preroll = (
+                f" (the first {self.preroll_requests} the pre-roll; the window starts at {self.window_start_s:.1f} s)"
+            )
+        return (
+            f"{self.name}: {len(self.requests)} requests over {self.duration_s:.1f} s{preroll}; "
+            f"{self.scaling['description']}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +271,7 @@ def parse_window(text: str) -> tuple[float, float | None]:
     return start, end
 
 
-def _fmt_scale(x: float) -> str:
+def format_scale(x: float) -> str:
     """``1/120`` rather than ``0.00833333`` when the scale is the inverse of a whole number."""
     if x < 1 and abs(1 / x - round(1 / x)) < 1e-6:
         return f"1/{round(1 / x)}"
@@ -271,6 +291,7 @@ def scale_trace(
     attribution: str | None = None,
     min_output_tokens: int = 1,
     block_tokens: int | None = None,
+    preroll_s: float = 0.0,
 ) -> Trace:
     """Select, compress and scale ``raw`` into a replayable :class:`Trace`.
 
@@ -283,6 +304,12 @@ def scale_trace(
     Outputs are at least ``min_output_tokens`` long. ``block_tokens`` (a trace with hash ids) is
     the size each block of the source becomes; it is recorded, and ``token_scale`` should be
     ``block_tokens / 512`` so that a prompt spans its blocks, the last one partial.
+
+    ``preroll_s`` (trace seconds, at most the window's start): the requests arriving in the
+    ``preroll_s`` seconds before the window (every ``thin``-th of them too) come first, scaled
+    alike; the replay then starts at the pre-roll's start, the window at ``preroll_s *
+    time_scale`` (``Trace.window_start_s``), and ``Trace.preroll_requests`` counts them. The
+    window's requests are the same with or without a pre-roll.
     """
     if not (time_scale > 0 and math.isfinite(time_scale)):
         raise TraceError(f"--time-scale must be a positive number, got {time_scale}")
@@ -293,6 +320,7 @@ def scale_trace(
     if min_output_tokens < 1:
         raise TraceError(f"min_output_tokens must be >= 1, got {min_output_tokens}")
     start, end = window
+    check_preroll(preroll_s, start)
     selected = [r for r in raw if r.arrival_s >= start and (end is None or r.arrival_s < end)]
     selected = selected[::thin]
     if not selected:
@@ -300,31 +328,38 @@ def scale_trace(
         raise TraceError(
             f"--window {start:g}:{'' if end is None else f'{end:g}'} selects no requests (trace spans {span})"
         )
+    origin = start - preroll_s
+    preroll = [r for r in raw if origin <= r.arrival_s < start][::thin] if preroll_s > 0 else []
     clipped = 0
     requests = []
-    for r in selected:
+    for r in preroll + selected:
         prompt = max(1, round(r.prompt_tokens * token_scale))
         output = max(min_output_tokens, round(r.output_tokens * token_scale))
         if max_total_tokens is not None and prompt + output > max_total_tokens:
             clipped += 1
             output = min(output, max(1, max_total_tokens // 4))
             prompt = max(1, min(prompt, max_total_tokens - output))
-        requests.append(TraceRequest((r.arrival_s - start) * time_scale, prompt, output, r.hash_ids))
+        requests.append(TraceRequest((r.arrival_s - origin) * time_scale, prompt, output, r.hash_ids))
     parts = []
     if start > 0 or end is not None:
         parts.append(f"window {start:g}-{'end' if end is None else f'{end:g}'} s of the trace")
+    if preroll_s > 0:
+        parts.append(
+            f"after a {preroll_s:g} s pre-roll ({origin:g}-{start:g} s, {len(preroll)} requests replayed first, "
+            "left out of every figure)"
+        )
     if thin > 1:
         parts.append(f"1 in {thin} requests kept")
     if time_scale != 1.0:
-        parts.append(f"time x{_fmt_scale(time_scale)}")
+        parts.append(f"time x{format_scale(time_scale)}")
     if block_tokens is not None:
         parts.append(
             f"each {MOONCAKE_BLOCK_TOKENS}-token block -> {block_tokens} tokens drawn from its hash id "
-            f"(prompts x{_fmt_scale(token_scale)}, the last block partial; outputs likewise, at least "
+            f"(prompts x{format_scale(token_scale)}, the last block partial; outputs likewise, at least "
             f"{min_output_tokens})"
         )
     elif token_scale != 1.0:
-        parts.append(f"token counts x{_fmt_scale(token_scale)}")
+        parts.append(f"token counts x{format_scale(token_scale)}")
     if clipped:
         parts.append(f"{clipped} requests cut to the model's {max_total_tokens}-token context")
     scaling = {
@@ -337,9 +372,31 @@ def scale_trace(
         "min_output_tokens": min_output_tokens,
         "block_tokens": block_tokens,
         "source_requests": len(raw),
+        "preroll_s": preroll_s,
+        "preroll_requests": len(preroll),
         "description": "; ".join(parts) if parts else "unscaled",
     }
-    return Trace(name=name, source=source, requests=tuple(requests), attribution=attribution, scaling=scaling)
+    return Trace(
+        name=name,
+        source=source,
+        requests=tuple(requests),
+        attribution=attribution,
+        scaling=scaling,
+        preroll_requests=len(preroll),
+        window_start_s=preroll_s * time_scale,
+    )
+
+
+def check_preroll(preroll_s: float, window_start_s: float) -> None:
+    """Raise :class:`TraceError` unless ``preroll_s`` (trace seconds) is a number in [0, the window's start]:
+    the pre-roll replays the trace before the window, and there is none before the trace's start."""
+    if not (math.isfinite(preroll_s) and preroll_s >= 0):
+        raise TraceError(f"--preroll must be >= 0, got {preroll_s:g}")
+    if preroll_s > window_start_s:
+        raise TraceError(
+            f"--preroll {preroll_s:g} reaches before the trace's start: the window starts at {window_start_s:g} s "
+            f"(give at most {window_start_s:g}, or a later --window START)"
+        )
 
 
 def prompt_token_ids(trace: Trace, vocab_size: int, seed: int) -> list[list[int]]:
@@ -442,7 +499,9 @@ def ideal_hit_rate(
     recently used (the Engine evicts a chain's leaves before their parents). A partial last
     block is never cached. ``expiry_s``: a block unused this long before a request's arrival
     (the replay's scaled times) is gone first, as the Engine's expiry would do at that rate.
-    Returns query and hit tokens and their ratio.
+    The pre-roll's requests (``trace.preroll_requests``, the first ones) go through the LRU
+    like the others but are not counted: a window's second turn hits its pre-roll first turn.
+    Returns query and hit tokens over the window's requests and their ratio.
     """
     if block_tokens < 1 or page_tokens < 1 or block_tokens % page_tokens:
         raise ValueError(f"block_tokens ({block_tokens}) must be a positive multiple of page_tokens ({page_tokens})")
@@ -450,7 +509,7 @@ def ideal_hit_rate(
         raise ValueError(f"capacity_blocks must be None or >= 0, got {capacity_blocks}")
     lru: OrderedDict[int, float] = OrderedDict()  # block -> last use, least recently used first
     query = hit = 0
-    for r in trace.requests:
+    for i, r in enumerate(trace.requests):
         if r.hash_ids is None:
             raise ValueError("ideal_hit_rate: the trace has no hash ids")
         while expiry_s is not None and lru and r.arrival_s - next(iter(lru.values())) >= expiry_s:
@@ -460,8 +519,9 @@ def ideal_hit_rate(
         k = 0
         while k < len(chain) and chain[k] in lru:
             k += 1
-        query += r.prompt_tokens
-        hit += min(k * block_tokens, (r.prompt_tokens - 1) // page_tokens * page_tokens)
+        if i >= trace.preroll_requests:
+            query += r.prompt_tokens
+            hit += min(k * block_tokens, (r.prompt_tokens - 1) // page_tokens * page_tokens)
         for h in reversed(chain):  # the root ends most recently used
             lru[h] = r.arrival_s
             lru.move_to_end(h)
@@ -470,6 +530,7 @@ def ideal_hit_rate(
     return {
         "capacity_blocks": capacity_blocks,
         "expiry_s": expiry_s,
+        "preroll_requests": trace.preroll_requests,
         "query_tokens": query,
         "hit_tokens": hit,
         "hit_rate": hit / query if query else 0.0,
