@@ -203,7 +203,7 @@ def test_full_mooncake_defaults_replay_a_warm_window_with_room_for_the_cache(tmp
 
     s = resolve(["--trace", "mooncake", "--out", str(tmp_path / "o")]).settings
     assert (s.window, s.preroll_s, s.time_scale, s.block_tokens, s.page_tokens) == ((1200.0, 1800.0), 600.0, 0.1, 8, 8)
-    assert s.max_bytes == 2 << 30 and s.prefix_expiry_s == 60.0
+    assert s.max_bytes == 4 << 30 and s.prefix_expiry_s == 60.0
     # the tail covers the idle floor's bound (expiry + idle_seconds) and a tenth of the expiry
     assert s.tail_seconds == pytest.approx(60.0 + 1.0 + 6.0)
     assert s.systems == ("elastic", "elastic-noprefix", "static")
