@@ -374,7 +374,7 @@ def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
     args = bench.parse_args(["--trace", "mooncake"])
     assert args.systems == ["ekv-elastic", "ekv-noprefix", "hf-serve", "vllm"]
     assert args.prefix_cache_expiry == 60.0 and args.time_scale == 0.1 and args.max_prompt == 1024
-    assert (args.window, args.preroll, args.max_kv_bytes) == ("1200:1800", 600.0, 1 << 30)
+    assert (args.window, args.preroll, args.max_kv_bytes) == ("1200:1800", 600.0, 4 << 30)
     assert args.tail_seconds == 2 * 3.0 + 4 + 60.0  # past the expiry and the idle shrink
     quick = bench.parse_args(["--trace", "mooncake", "--quick"])
     assert (quick.window, quick.preroll, quick.time_scale, quick.prefix_cache_expiry, quick.max_kv_bytes) == (

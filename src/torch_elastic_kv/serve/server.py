@@ -231,46 +231,39 @@ class _ConnectionGuard:
 
     def protocol_class(self, http: str = "h11") -> type[asyncio.Protocol]:
         """uvicorn's HTTP protocol class for ``http`` ("h11" or "httptools") bound to this guard
-        (``uvicorn.Config(http=...)``)."""
-        if http == "httptools":
-            return self._httptools_class()
-        if http != "h11":
-            raise ValueError(f"http must be 'h11' or 'httptools', got {http!r}")
+        (``uvicorn.Config(http=...)``). Each parser says when a head is complete and when the
+        connection is idle again (keep-alive: the next head gets the same deadline)."""
         guard = self
 
-        class GuardedH11Protocol(H11Protocol):
-            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-                super().connection_made(transport)
+        class Guarded:  # the hooks both parsers share; listed first, so super() is the parser
+            def connection_made(self, transport: asyncio.Transport) -> None:
+                super().connection_made(transport)  # type: ignore[misc]
                 if guard.admit(self):
                     guard.wait_for_head(self)
-
-            def data_received(self, data: bytes) -> None:
-                super().data_received(data)
-                if self.conn.their_state is not h11.IDLE:
-                    guard.head_received(self)
-
-            def on_response_complete(self) -> None:
-                super().on_response_complete()
-                if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                    guard.wait_for_head(self)  # keep-alive: the next head has the same deadline
 
             def connection_lost(self, exc: Optional[Exception]) -> None:
                 guard.head_received(self)
-                super().connection_lost(exc)
+                super().connection_lost(exc)  # type: ignore[misc]
 
-        return GuardedH11Protocol
+        if http == "h11":
 
-    def _httptools_class(self) -> type[asyncio.Protocol]:
+            class GuardedH11Protocol(Guarded, H11Protocol):
+                def data_received(self, data: bytes) -> None:
+                    super().data_received(data)
+                    if self.conn.their_state is not h11.IDLE:
+                        guard.head_received(self)
+
+                def on_response_complete(self) -> None:
+                    super().on_response_complete()
+                    if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                        guard.wait_for_head(self)
+
+            return GuardedH11Protocol
+        if http != "httptools":
+            raise ValueError(f"http must be 'h11' or 'httptools', got {http!r}")
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        guard = self
-
-        class GuardedHttpToolsProtocol(HttpToolsProtocol):
-            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-                super().connection_made(transport)
-                if guard.admit(self):
-                    guard.wait_for_head(self)
-
+        class GuardedHttpToolsProtocol(Guarded, HttpToolsProtocol):
             def on_headers_complete(self) -> None:
                 guard.head_received(self)
                 super().on_headers_complete()
@@ -280,11 +273,7 @@ class _ConnectionGuard:
                 # a pipelined request whose head is in already started its own cycle
                 idle = self.cycle is None or self.cycle.response_complete
                 if not self.transport.is_closing() and idle:
-                    guard.wait_for_head(self)  # keep-alive: the next head has the same deadline
-
-            def connection_lost(self, exc: Optional[Exception]) -> None:
-                guard.head_received(self)
-                super().connection_lost(exc)
+                    guard.wait_for_head(self)
 
         return GuardedHttpToolsProtocol
 
