@@ -40,7 +40,7 @@ PROG = "ekv-bench"
 # trace time; quick: 2 s, so its idle tail shows the cache kept and then given back. The full pool
 # is 4 GiB, 32,768 blocks of llama-small's KV: at 2 GiB the pool rather than the expiry bounds what
 # the cache can keep of the steady state (offline ideal hit rate of 1200-1800 s: 26.7 % at 2 GiB,
-# 36.5 % at 4 GiB, 36.9 % unlimited). The elastic pool maps only what it holds; static maps it all.
+# 36.5 % at 4 GiB, 36.9 % unlimited at the 60 s expiry). The elastic pool maps only what it holds; static maps it all.
 MOONCAKE_TIME_SCALE = {True: 1 / 4, False: 1 / 10}
 MOONCAKE_BLOCK_TOKENS = {True: 16, False: 8}
 MOONCAKE_EXPIRY = {True: 2.0, False: 60.0}

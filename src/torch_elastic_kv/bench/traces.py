@@ -82,11 +82,6 @@ class Trace:
         return self.requests[self.preroll_requests :]
 
     @property
-    def prompt_tokens(self) -> int:
-        """Prompt tokens of every request replayed, pre-roll included."""
-        return sum(r.prompt_tokens for r in self.requests)
-
-    @property
     def output_tokens(self) -> int:
         """Output tokens of every request replayed, pre-roll included."""
         return sum(r.output_tokens for r in self.requests)
