@@ -274,6 +274,11 @@ def worker_main(settings: Optional[ServeSettings] = None) -> int:
         model, group, policy_kwargs, engine_kwargs, ceiling=lambda m: kv_ceiling(settings, m)
     )
     code = follow(engine, clock, guards, group)
+    if code != 0:
+        # the group broke inside a collective: its threads may still wait in it, and tearing them
+        # down at interpreter exit aborts (std::terminate, signal 6) instead of exiting 1
+        logging.shutdown()
+        os._exit(code)
     group.close()
     return code
 
