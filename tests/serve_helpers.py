@@ -9,9 +9,10 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from torch_elastic_kv.testing.proc import descendants
 from torch_elastic_kv.testing.processes import ServerProcess
 
-__all__ = ["ServerProcess", "cpu_seconds", "metrics", "rss_shmem", "wait_until"]
+__all__ = ["ServerProcess", "cpu_seconds", "metrics", "rss_shmem", "server_pids", "wait_until"]
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -52,9 +53,20 @@ def rss_shmem(pid: int) -> int:
     return _status_field(pid, "RssShmem")
 
 
+def server_pids(pid: int) -> list[int]:
+    """A server's processes: ``pid`` and those it started (its HTTP front, with ``--front process``)."""
+    return [pid, *descendants(pid)]
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # after the ")" that ends comm: state is field 3, utime 14 and stime 15 (1-based)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of process ``pid`` and the processes it started (all their threads), seconds."""
+    total = 0
+    for p in server_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        # after the ")" that ends comm: state is field 3, utime 14 and stime 15 (1-based)
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

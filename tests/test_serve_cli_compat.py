@@ -133,6 +133,8 @@ def test_bad_values_exit_2_with_one_line(model_dir, tmp_path, capsys):
         (["--gpu-memory-utilization", "1e-12", "--device", "cpu"], "below the KV floor"),
         (["--http", "h2"], "--http must be one of auto, httptools, h11, got 'h2'"),
         (["--loop", "trio"], "--loop must be one of auto, uvloop, asyncio, got 'trio'"),
+        (["--front", "fork"], "--front must be one of auto, process, thread, got 'fork'"),
+        (["--front", "process", "-tp", "2"], "--front process serves one Engine; with --tensor-parallel-size 2"),
     ]
     for argv, needle in cases:
         _exit_2(argv, needle, capsys)
@@ -167,3 +169,10 @@ def test_the_http_stack_is_the_c_one_when_installed_and_named_ones_must_be(monke
     assert settings.http_stack() == ("h11", "asyncio")
     with pytest.raises(settings.UsageError, match=r"--loop uvloop: the uvloop package is not installed"):
         settings.http_stack("auto", "uvloop")
+
+
+def test_the_http_front_is_a_process_unless_tensor_parallel():
+    assert cli.resolve([]).front == "process"
+    assert cli.resolve(["--front", "Thread"]).front == "thread"
+    assert cli.resolve(["-tp", "2"]).front == "thread"
+    assert cli.resolve(["-tp", "2", "--front", "thread"]).front == "thread"

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import ServerProcess
+from serve_helpers import ServerProcess, server_pids
 from torch_elastic_kv.serve.default_model import DEFAULT_MODEL_NAME, build_default_tokenizer
 
 MODEL = DEFAULT_MODEL_NAME
@@ -240,7 +240,8 @@ def _lower_fd_limit() -> None:
 
 
 def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors of a server's processes (the front process holds the connections)."""
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in server_pids(pid))
 
 
 class _Trickler:

@@ -159,7 +159,7 @@ def test_max_connections_stays_below_the_open_file_limit(monkeypatch):
 
 
 def test_flood_log_lines_are_rate_limited():
-    from torch_elastic_kv.serve.server import REPORT_SECONDS, _RateLimitFilter
+    from torch_elastic_kv.serve.http_server import REPORT_SECONDS, _RateLimitFilter
 
     now = [100.0]
     flt = _RateLimitFilter("socket.accept() out of system resource", clock=lambda: now[0])
@@ -204,7 +204,7 @@ class _FakeConnection:
 
 
 def test_connection_guard_evicts_the_oldest_waiting_then_refuses_with_503():
-    from torch_elastic_kv.serve.server import _ConnectionGuard
+    from torch_elastic_kv.serve.http_server import _ConnectionGuard
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

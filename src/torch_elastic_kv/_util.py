@@ -67,3 +67,15 @@ def translate_oom(device: torch.device) -> Iterator[None]:
         if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError):
             raise torch.OutOfMemoryError(str(e)) from None
         raise
+
+
+def die_with_parent() -> None:
+    """In a child process: the kernel sends it SIGKILL when its parent exits, however the parent
+    exits (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass

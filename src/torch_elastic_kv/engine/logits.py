@@ -16,28 +16,17 @@ vLLM returns by default, and what a client scoring text (lm-eval) wants.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .request import Request
+from .request import Request, TokenLogprob
 
 __all__ = ["TokenLogprob", "min_p_filter", "process_logits", "token_logprobs"]
 
 # Rows of [rows, vocab] float32 log-softmax computed at once: bounds the temporary for a long
 # prompt's log-probabilities to this many rows, whatever the prompt length.
 _LOGPROB_ROWS = 256
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One position's log-probabilities: the token there, its log-probability, and the
-    ``top`` most likely tokens as ``(token_id, logprob)``, most likely first."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

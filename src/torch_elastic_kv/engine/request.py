@@ -17,7 +17,27 @@ from typing import Any, NamedTuple, Optional
 
 from .._util import is_int
 
-__all__ = ["FINISH_REASONS", "Request", "RequestRejected", "RequestStatus", "SamplingParams", "StepOutput"]
+__all__ = [
+    "FINISH_REASONS",
+    "Request",
+    "RequestRejected",
+    "RequestStatus",
+    "SamplingParams",
+    "StepOutput",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probabilities: the token there, its log-probability, and the
+    ``top`` most likely tokens as ``(token_id, logprob)``, most likely first. (Here, not beside
+    the log-softmax in ``logits``, so a server's HTTP process reads it without torch.)"""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 # How a request ends, in OpenAI's words, decided once (here and in the scheduler) and carried
 # by ``StepOutput``: "stop" (an end-of-sequence token), "length" (max_new_tokens reached),

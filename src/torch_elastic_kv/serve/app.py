@@ -19,25 +19,24 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..engine.request import RequestRejected
 from . import protocol as P
-from .engine_thread import ChoiceEvent, ChoiceSpec, EngineService, Submission
+from .engine_thread import ChoiceEvent, ChoiceSpec, Submission
 from .errors import APIError, bad_request, error_body, not_found, unauthorized
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .metrics import CONTENT_TYPE
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ServerState", "create_app", "health_response", "model_card"]
+__all__ = ["Service", "ServerState", "create_app", "health_response", "model_card"]
 
 MAX_CHOICES = 256  # prompts x n in one request
 # json.loads keeps an unpaired \uD800-\uDFFF escape as a lone surrogate, which no tokenizer
@@ -46,11 +45,33 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class Service(Protocol):
+    """The engine as the routes see it: an ``EngineService`` in this process, or, with the HTTP
+    front in its own process, ``front_link.EngineLink`` to the one in the engine's process."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def down(self) -> Optional[str]: ...
+    @property
+    def draining(self) -> bool: ...
+    def begin_drain(self, seconds: float) -> None: ...
+    def cancel(self, sub: Submission) -> None: ...
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def submit_request(self, specs: Sequence[ChoiceSpec], prompt_tokens: int) -> Submission: ...
+    async def command(self, name: str, arg: Any = None) -> Any: ...
+    async def stats_now(self) -> dict[str, Any]: ...
+    async def metrics_text(self) -> bytes: ...
+    async def room_for(self, prompt_tokens: int) -> Optional[int]: ...
+    async def refusal_for(self, prompt_tokens: int, max_tokens: int, label: str) -> Optional[str]: ...
+
+
 @dataclass
 class ServerState:
     """What the routes need: the engine service, the tokenizer and the server's settings."""
 
-    service: EngineService
+    service: Service
     tokenizer: Any
     model_name: str
     max_positions: int
@@ -199,7 +220,7 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
         )
 
 
-def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
+async def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default: Optional[int]) -> int:
     """``max_tokens`` for every prompt. Sent: checked against the context length (OpenAI's
     message) and the KV ceiling, naming the field the client used. Not sent: ``default`` (None:
     the rest of the context) cut to what the longest prompt leaves of the context and of the
@@ -225,10 +246,8 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
             "context_length_exceeded",
         )
     want = mt if mt is not None else room if default is None else min(default, room)
-    engine = state.service.engine
-    try:
-        fits = engine.max_new_tokens_for(longest)
-    except RuntimeError:  # the Engine is closed: the server is stopping, and submit() says so
+    fits = await state.service.room_for(longest)
+    if fits is None:  # the Engine is closed: the server is stopping, and submit() says so
         return want
     # echo with max_tokens 0 still runs one token through the Engine (and drops it)
     if max(want, 1) <= fits:
@@ -243,12 +262,9 @@ def _max_tokens(state: ServerState, req: Any, prompts: list[list[int]], default:
     if mt is None:
         return fits
     # the Engine's own reason, in the words of the field the client sent
-    try:
-        engine.check_request([0] * longest, mt, max_tokens_label=param)
-    except RequestRejected as exc:
-        raise bad_request(
-            f"{exc.reason}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded"
-        ) from None
+    reason = await state.service.refusal_for(longest, mt, param)
+    if reason is not None:
+        raise bad_request(f"{reason}; after this prompt at most {fits} tokens fit", param, "context_length_exceeded")
     return want
 
 
@@ -261,7 +277,7 @@ def _specs(state: ServerState, req: Any, prompts: list[list[int]], max_tokens: i
         raise bad_request(
             f"min_tokens ({req.min_tokens}) must not be more than max_tokens ({max_tokens})", "min_tokens"
         )
-    bias = req.checked_logit_bias(state.service.engine.vocab_size) if req.logit_bias else None
+    bias = req.checked_logit_bias(state.service.vocab_size) if req.logit_bias else None
     out = []
     for ids in prompts:
         for i in range(n):
@@ -348,12 +364,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.service.start()
+        await state.service.open()
         try:
             yield
         finally:
-            await asyncio.to_thread(state.service.stop)
-            _log.info("engine closed: KV memory given back")
+            await state.service.close()
 
     app = FastAPI(title="torch_elastic_kv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -392,8 +407,8 @@ def create_app(state: ServerState) -> FastAPI:
         return health_response(state)
 
     @app.get("/metrics")
-    def metrics() -> Response:  # a plain def: FastAPI runs it in a worker thread
-        return Response(state.service.metrics.render(), media_type=CONTENT_TYPE)
+    async def metrics() -> Response:
+        return Response(await state.service.metrics_text(), media_type=CONTENT_TYPE)
 
     # ---------------------------------------------------------------- OpenAI ---------------
     @app.get("/v1/models")
@@ -407,13 +422,12 @@ def create_app(state: ServerState) -> FastAPI:
         req = P.parse_request(P.CompletionRequest, await _read_json(request, state.max_body_bytes))
         _check_model(state, req.model)
         prompts = await asyncio.to_thread(_completion_prompts, state, req)
-        max_tokens = _max_tokens(state, req, prompts, state.default_max_tokens)
+        max_tokens = await _max_tokens(state, req, prompts, state.default_max_tokens)
         # echo with max_tokens 0 scores the prompt: one token is generated and not returned (vLLM)
         hide = max_tokens == 0
         specs = _specs(state, req, prompts, max(1, max_tokens))
-        sub = state.service.submit(specs, asyncio.get_running_loop())
         prompt_tokens = sum(len(p) for p in prompts)
-        state.service.metrics.prompt_tokens.inc(prompt_tokens)
+        sub = await state.service.submit_request(specs, prompt_tokens)
         rid, created = P.new_id("cmpl"), P.now_seconds()
         echo = _Echo(state, req, prompts, hide)
         if req.stream:
@@ -443,10 +457,9 @@ def create_app(state: ServerState) -> FastAPI:
         req = P.parse_request(P.ChatRequest, await _read_json(request, state.max_body_bytes))
         _check_model(state, req.model)
         prompt = await asyncio.to_thread(_chat_prompt, state, req)
-        max_tokens = _max_tokens(state, req, [prompt], None)
+        max_tokens = await _max_tokens(state, req, [prompt], None)
         specs = _specs(state, req, [prompt], max_tokens)
-        sub = state.service.submit(specs, asyncio.get_running_loop())
-        state.service.metrics.prompt_tokens.inc(len(prompt))
+        sub = await state.service.submit_request(specs, len(prompt))
         rid, created = P.new_id("chatcmpl"), P.now_seconds()
         if req.stream:
             return _stream(state, sub, req, rid, created, len(prompt), [prompt], chat=True)
@@ -475,27 +488,27 @@ def create_app(state: ServerState) -> FastAPI:
         data = await _read_json(request, state.max_body_bytes)
         if not isinstance(data, dict) or set(data) != {"bytes"}:
             raise bad_request('the body must be {"bytes": N} or {"bytes": null}', "bytes")
-        return JSONResponse(await asyncio.wrap_future(state.service.call("budget", data["bytes"])))
+        return JSONResponse(await state.service.command("budget", data["bytes"]))
 
     @app.post("/admin/sleep")
     async def admin_sleep(request: Request) -> JSONResponse:
         _require_admin(state, request)
-        return JSONResponse(await asyncio.wrap_future(state.service.call("sleep")))
+        return JSONResponse(await state.service.command("sleep"))
 
     @app.post("/admin/wake")
     async def admin_wake(request: Request) -> JSONResponse:
         _require_admin(state, request)
-        return JSONResponse(await asyncio.wrap_future(state.service.call("wake")))
+        return JSONResponse(await state.service.command("wake"))
 
     @app.post("/admin/reset-prefix-cache")
     async def admin_reset_prefix_cache(request: Request) -> JSONResponse:
         _require_admin(state, request)
-        return JSONResponse(await asyncio.wrap_future(state.service.call("reset_prefix_cache")))
+        return JSONResponse(await state.service.command("reset_prefix_cache"))
 
     @app.get("/admin/stats")
-    def admin_stats(request: Request) -> JSONResponse:
+    async def admin_stats(request: Request) -> JSONResponse:
         _require_admin(state, request)
-        return JSONResponse(state.service.stats())
+        return JSONResponse(await state.service.stats_now())
 
     from .compat_routes import add_compat_routes  # it builds on this module's helpers
 

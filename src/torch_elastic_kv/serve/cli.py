@@ -22,6 +22,7 @@ from typing import Optional
 
 from .._units import SIZE_HELP, parse_size
 from .settings import (
+    FRONT_CHOICES,
     HTTP_CHOICES,
     LOOP_CHOICES,
     MIN_KV_BYTES,
@@ -176,6 +177,13 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
         "--loop",
         default="auto",
         help=f"event loop, one of {', '.join(LOOP_CHOICES)} (default auto: uvloop when installed, else asyncio)",
+    )
+    p.add_argument(
+        "--front",
+        default="auto",
+        help=f"where HTTP, JSON and tokenization run, one of {', '.join(FRONT_CHOICES)}: process (a child "
+        "process, so they never hold the GIL the engine's steps need), thread (this process's event loop); "
+        "default auto: process, thread under --tensor-parallel-size > 1",
     )
     p.add_argument(
         "--compile",
@@ -495,6 +503,7 @@ def resolve(argv: list[str]) -> ServeSettings:
     broker, tenant, priority, guarantee = _broker_options(
         args, min_kv * tp_size, None if max_kv is None else max_kv * tp_size, tp_size
     )
+    front = _front(args.front, tp_size)
     device = _device(args.device)
     if tp_size > 1:
         # the text as given: _device resolves "cuda" to "cuda:0", and an index is refused here
@@ -544,7 +553,23 @@ def resolve(argv: list[str]) -> ServeSettings:
         compile=bool(args.compile),
         http=http,
         loop=loop,
+        front=front,
     )
+
+
+def _front(text: str, tp_size: int) -> str:
+    """``--front``: "auto" resolved; a front process serves one Engine, not a tensor-parallel group."""
+    value = text.strip().lower()
+    if value not in FRONT_CHOICES:
+        raise UsageError(f"--front must be one of {', '.join(FRONT_CHOICES)}, got {text!r}")
+    if value == "auto":
+        return "process" if tp_size == 1 else "thread"
+    if value == "process" and tp_size > 1:
+        raise UsageError(
+            f"--front process serves one Engine; with --tensor-parallel-size {tp_size} the HTTP front is a thread "
+            "of rank 0 (--front thread or auto)"
+        )
+    return value
 
 
 def _usable_cores() -> int:

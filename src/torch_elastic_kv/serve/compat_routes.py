@@ -158,7 +158,7 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
         level = request.query_params.get("level", "1")
         if level not in SLEEP_LEVELS:
             raise bad_request(f"level must be 1 or 2, got {level!r}", "level")
-        await asyncio.wrap_future(state.service.call("sleep"))
+        await state.service.command("sleep")
         return Response(status_code=200)
 
     @app.post("/wake_up")
@@ -169,16 +169,16 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
             if tag not in WAKE_TAGS:
                 raise bad_request(f"tags: {tag!r} is not one of {', '.join(WAKE_TAGS)}", "tags")
         if not tags or "kv_cache" in tags:  # the weights never left: waking them alone is a no-op
-            await asyncio.wrap_future(state.service.call("wake"))
+            await state.service.command("wake")
         return Response(status_code=200)
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache(request: Request) -> Response:
         _require_admin(state, request)
-        await asyncio.wrap_future(state.service.call("reset_prefix_cache"))
+        await state.service.command("reset_prefix_cache")
         return Response(status_code=200)
 
     @app.get("/is_sleeping")
     async def is_sleeping(request: Request) -> JSONResponse:
         _require_admin(state, request)
-        return JSONResponse({"is_sleeping": state.service.sleeping})
+        return JSONResponse({"is_sleeping": (await state.service.stats_now())["sleeping"]})

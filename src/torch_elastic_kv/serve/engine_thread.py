@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from .._util import is_int
 from ..engine.request import RequestRejected
@@ -48,7 +48,7 @@ from .settings import MIN_KV_BYTES
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["DOWN_CODE", "ChoiceEvent", "ChoiceSpec", "EngineService", "Submission"]
+__all__ = ["DOWN_CODE", "ChoiceEvent", "ChoiceSpec", "EngineService", "EventSink", "LoopSink", "Submission"]
 
 # While stalled (requests wait for a budget that does not come), look again this often even
 # without a command: the Engine's pressure hook, if any, may have lifted its cap.
@@ -109,12 +109,41 @@ class _Choice:
     blocked_since: Optional[float] = None  # since when the Engine cannot start it (blocked_requests)
 
 
-class Submission:
-    """One HTTP request's choices in the Engine; its events arrive on ``queue`` (lists of
-    ``ChoiceEvent``) on the loop that submitted it."""
+class EventSink(Protocol):
+    """Where the engine thread hands a round's events: ``deliver`` gets ``(submission, events)``
+    pairs, called on the engine thread (or ``fail_all``'s caller) and must not block for long."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n_choices: int) -> None:
+    def deliver(self, items: list[tuple[Submission, list[ChoiceEvent]]]) -> None: ...
+
+
+class LoopSink:
+    """Events for submissions made on ``loop``: one ``call_soon_threadsafe`` per round puts each
+    submission's events on its queue. Equal for equal loops, so a round groups by loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LoopSink) and other.loop is self.loop
+
+    def __hash__(self) -> int:
+        return hash(self.loop)
+
+    def deliver(self, items: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class Submission:
+    """One HTTP request's choices in the Engine; its events go to ``sink`` (a ``LoopSink``: on
+    ``queue``, lists of ``ChoiceEvent``, on the loop that submitted it). ``tag``: the
+    submitter's own name for it (the front process's id, across the link)."""
+
+    def __init__(self, sink: EventSink | asyncio.AbstractEventLoop | None, n_choices: int, tag: Any = None) -> None:
+        self.sink = LoopSink(sink) if isinstance(sink, asyncio.AbstractEventLoop) else sink
+        self.tag = tag
         self.queue: asyncio.Queue[list[ChoiceEvent]] = asyncio.Queue()
         self.n_choices = n_choices
         self.finished = 0  # choices whose last event was delivered (loop side)
@@ -135,6 +164,18 @@ class Submission:
 def _deliver(batch: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
     for sub, events in batch:
         sub.queue.put_nowait(events)
+
+
+def _hand_over(batch: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
+    """Each submission's events to its sink: one ``deliver`` per sink."""
+    by_sink: dict[Any, list[tuple[Submission, list[ChoiceEvent]]]] = {}
+    for sub, events in batch:
+        by_sink.setdefault(sub.sink, []).append((sub, events))
+    for sink, items in by_sink.items():
+        try:
+            sink.deliver(items)
+        except Exception:  # one sink failing must not keep the others' events
+            _log.exception("delivering %d request(s)' events failed", len(items))
 
 
 class EngineService:
@@ -195,6 +236,7 @@ class EngineService:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.engine.close()
+        _log.info("engine closed: KV memory given back")
 
     def begin_drain(self, seconds: float) -> None:
         """Refuse new requests from now on; abort what still runs after ``seconds``."""
@@ -222,10 +264,17 @@ class EngineService:
         return self._queued
 
     # ------------------------------------------------------------------ handler side ---------
-    def submit(self, specs: Sequence[ChoiceSpec], loop: asyncio.AbstractEventLoop) -> Submission:
+    def submit(
+        self,
+        specs: Sequence[ChoiceSpec],
+        sink: EventSink | asyncio.AbstractEventLoop,
+        tag: Any = None,
+    ) -> Submission:
         """Check and queue one HTTP request's choices (all or none); APIError 400 for input the
-        Engine refuses (naming its numbers), 503 while draining or past ``max_waiting``."""
-        sub = Submission(loop, len(specs))
+        Engine refuses (naming its numbers), 503 while draining or past ``max_waiting``. Their
+        events go to ``sink`` (an event loop: its ``LoopSink``); ``tag`` names the submission
+        there."""
+        sub = Submission(sink, len(specs), tag)
         with self._lock:
             if self._down is not None:
                 raise APIError(503, f"the request could not be served: {self._down}", code=DOWN_CODE)
@@ -290,17 +339,12 @@ class EngineService:
             self._commands.clear()
         for _, _, fut in commands:
             fut.set_exception(APIError(503, f"the command could not run: {message}", code=DOWN_CODE))
-        by_loop: dict[asyncio.AbstractEventLoop, dict[Submission, list[ChoiceEvent]]] = {}
+        by_sub: dict[Submission, list[ChoiceEvent]] = {}
         for c in choices:
             # finish_reason first: a step still running on the engine thread emits nothing more for it
             c.finish_reason = "error"
-            event = ChoiceEvent(c.index, "", (), None, message, 503, DOWN_CODE)
-            by_loop.setdefault(c.sub.loop, {}).setdefault(c.sub, []).append(event)
-        for loop, subs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, list(subs.items()))
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            by_sub.setdefault(c.sub, []).append(ChoiceEvent(c.index, "", (), None, message, 503, DOWN_CODE))
+        _hand_over(list(by_sub.items()))
         if choices:  # debug: the caller logs the one line that says why
             _log.debug("%d request(s) in flight ended with 503: %s", len(choices), message)
         return len(choices)
@@ -329,6 +373,62 @@ class EngineService:
             out.update(broker_connected=b["connected"], broker_seconds_since_message=b["seconds_since_message"])
         return out
 
+    def room(self, prompt_tokens: int) -> Optional[int]:
+        """``Engine.max_new_tokens_for``: the most tokens a prompt of ``prompt_tokens`` tokens
+        leaves room for; None once the Engine is closed (the server is stopping: ``submit``
+        says so)."""
+        try:
+            return self.engine.max_new_tokens_for(prompt_tokens)
+        except RuntimeError:
+            return None
+
+    def refusal(self, prompt_tokens: int, max_tokens: int, label: str) -> Optional[str]:
+        """The Engine's reason to refuse ``max_tokens`` (called ``label``) after a prompt of
+        ``prompt_tokens`` tokens, or None."""
+        try:
+            self.engine.check_request([0] * prompt_tokens, max_tokens, max_tokens_label=label)
+        except RequestRejected as exc:
+            return exc.reason
+        return None
+
+    # ------------------------------------------------------------------ the app's calls ------
+    # What the HTTP app awaits (``app.Service``); the front process's link has the same.
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.vocab_size)
+
+    async def open(self) -> None:
+        """Start the engine thread (the app's lifespan)."""
+        self.start()
+
+    async def close(self) -> None:
+        """``stop``, off the loop."""
+        await asyncio.to_thread(self.stop)
+
+    async def submit_request(self, specs: Sequence[ChoiceSpec], prompt_tokens: int) -> Submission:
+        """``submit`` on the running loop, counting the request's ``prompt_tokens``."""
+        sub = self.submit(specs, asyncio.get_running_loop())
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        return sub
+
+    async def command(self, name: str, arg: Any = None) -> Any:
+        """``call``'s result."""
+        return await asyncio.wrap_future(self.call(name, arg))
+
+    async def stats_now(self) -> dict[str, Any]:
+        return self.stats()
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition (rendered off the loop)."""
+        return await asyncio.to_thread(self.metrics.render)
+
+    async def room_for(self, prompt_tokens: int) -> Optional[int]:
+        return self.room(prompt_tokens)
+
+    async def refusal_for(self, prompt_tokens: int, max_tokens: int, label: str) -> Optional[str]:
+        return self.refusal(prompt_tokens, max_tokens, label)
+
+    # ------------------------------------------------------------------ commands -------------
     def _command(self, name: str, arg: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
@@ -595,14 +695,7 @@ class EngineService:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for sub, events in batch:
-            by_loop.setdefault(sub.loop, []).append((sub, events))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+        _hand_over(batch)
 
     def _execute(self, name: str, arg: Any, fut: concurrent.futures.Future) -> None:
         try:

@@ -55,6 +55,9 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses the link to the HTTP front process whole
+        return (type(self), (self.status, self.message, self.param, self.code, self.headers))
+
     def body(self) -> dict[str, dict[str, Any]]:
         return error_body(self.message, self.status, self.param, self.code)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from ..engine.logits import TokenLogprob
+from ..engine.request import TokenLogprob
 
 __all__ = ["TokenText", "chat_logprobs", "completion_logprobs"]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
+    "FRONT_CHOICES",
     "HTTP_CHOICES",
     "LOOP_CHOICES",
     "MIN_KV_BYTES",
@@ -30,6 +31,7 @@ class UsageError(Exception):
 # --http / --loop, as uvicorn spells them; "auto" takes the C implementation when installed
 HTTP_CHOICES = ("auto", "httptools", "h11")
 LOOP_CHOICES = ("auto", "uvloop", "asyncio")
+FRONT_CHOICES = ("auto", "process", "thread")  # --front
 _C_IMPLEMENTATION = {"http": ("httptools", "h11"), "loop": ("uvloop", "asyncio")}
 
 
@@ -94,6 +96,7 @@ class ServeSettings:
     compile: bool = False  # Engine(compile=True): the decoder MLPs and norms through inductor
     http: str = "auto"  # HTTP parser: http_stack() resolves it
     loop: str = "auto"  # event loop: http_stack() resolves it
+    front: str = "thread"  # "process": HTTP in a child process (engine_host.py); the CLI's auto picks it
 
 
 def physical_memory() -> Optional[int]:

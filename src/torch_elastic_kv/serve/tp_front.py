@@ -20,7 +20,6 @@ fatal: one line, exit 1. Only rank 0 talks HTTP; every other rank applies rank 0
 from __future__ import annotations
 
 import base64
-import ctypes
 import dataclasses
 import logging
 import os
@@ -34,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+from .._util import die_with_parent
 from ..parallel.devices import rank_device, torchrun_local
 from ..parallel.tp_engine import TensorParallelEngine, TensorParallelGroup, build_rank_engine, follow
 from .settings import ServeSettings
@@ -84,14 +84,6 @@ def rank_settings(settings: ServeSettings, rank: int) -> ServeSettings:
         local_world,
     )
     return dataclasses.replace(settings, device=device)
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGKILL when the parent (rank 0) exits, however it exits."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def _free_port() -> int:
@@ -180,7 +172,7 @@ def start_group(settings: ServeSettings, model: Any) -> TensorParallelEngine:
                 [sys.executable, "-m", "torch_elastic_kv.serve.tp_front"],
                 env=env,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # before exec: no window where rank 0 is gone unseen
             )
         _log.info(
             "torch_elastic_kv serve: tensor parallel over %d ranks; started ranks %s",

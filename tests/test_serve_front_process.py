@@ -1,0 +1,130 @@
+"""``serve --front process`` (the default): HTTP in a child process, the Engine in the server's pid.
+
+The child must answer exactly as the one-process server does, import no torch (it holds no
+model and no KV), and neither process may outlive the other: a dead front takes the server down
+with one line and its KV memory given back; a dead engine process takes the front with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from serve_helpers import ServerProcess, wait_until
+from torch_elastic_kv.testing.proc import descendants
+
+TIMEOUT = 60.0
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def _front_pids(server: ServerProcess) -> list[int]:
+    return [p for p in descendants(server.pid) if "torch_elastic_kv.serve.front_process" in _cmdline(p)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie holds nothing
+    except FileNotFoundError:
+        return True
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+# Answers that must be the same from both fronts: greedy tokens (n=2, a stop string, logprobs,
+# echo), a streamed chat, and the errors the engine's side decides (the KV ceiling, the context).
+_BODIES = [
+    ("/v1/completions", {"prompt": "elastic memory", "max_tokens": 12, "temperature": 0, "n": 2}),
+    ("/v1/completions", {"prompt": [9, 10, 11, 12], "max_tokens": 8, "temperature": 0, "stop": ["e"]}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 100000}),  # over the context
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 1000}),  # within it, over the KV ceiling
+    ("/v1/completions", {"prompt": "x" * 4000, "max_tokens": 4}),
+    # no max_tokens: the rest of the context cut to what the KV ceiling leaves
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "ignore_eos": True}),
+]
+
+
+def _answers(url: str) -> list[tuple[int, object]]:
+    out: list[tuple[int, object]] = []
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for path, body in _BODIES:
+            r = client.post(url + path, json={**body, "return_token_ids": True})
+            data = r.json()
+            if r.status_code == 200:
+                out.append((200, [(c.get("token_ids"), c.get("text"), c["finish_reason"]) for c in data["choices"]]))
+            else:
+                out.append((r.status_code, data["error"]))
+        # streamed: the token ids of every chunk, and the finish reason
+        body = {"messages": [{"role": "user", "content": "more"}], "max_tokens": 20, "temperature": 0}
+        ids, finish = [], None
+        with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    ids.append(choice["delta"].get("content", ""))
+                    finish = choice["finish_reason"] or finish
+        out.append((r.status_code, ("".join(ids), finish)))
+    return out
+
+
+def test_the_front_process_answers_as_the_thread_front_without_torch():
+    common = ["--max-kv-bytes", "2M"]
+    process = ServerProcess([*common, "--front", "process"], wait=False)
+    thread = ServerProcess([*common, "--front", "thread"], wait=False)
+    try:
+        process.wait_ready(180)
+        thread.wait_ready(180)
+        fronts = _front_pids(process)
+        assert len(fronts) == 1, [_cmdline(p) for p in descendants(process.pid)]
+        assert _front_pids(thread) == []
+        # the child holds no model: torch's library is mapped in the engine's pid only
+        assert "libtorch" not in _maps(fronts[0])
+        assert "libtorch" in _maps(process.pid)
+        got, want = _answers(process.url), _answers(thread.url)
+        assert [status for status, _ in got] == [200, 200, 200, 400, 400, 400, 200, 200], got
+        assert "at most" in got[4][1]["message"] and len(got[6][1][0][0]) > 200, got  # type: ignore[index]
+        assert got == want
+    finally:
+        process.stop()
+        thread.stop()
+
+
+def test_a_front_that_dies_takes_the_server_down_and_gives_kv_back():
+    server = ServerProcess(["--max-kv-bytes", "8M"])
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 4}, timeout=TIMEOUT)
+        assert r.status_code == 200
+        (front,) = _front_pids(server)
+        os.kill(front, signal.SIGKILL)
+        assert server.wait(30) == 1
+        log = server.log()
+        assert f"the HTTP front (process {front}) exited with status {-signal.SIGKILL}" in log, log[-2000:]
+        assert "engine closed: KV memory given back" in log
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_that_dies_takes_the_front_with_it():
+    server = ServerProcess(["--max-kv-bytes", "8M"])
+    try:
+        (front,) = _front_pids(server)
+        url = server.url
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(30)
+        wait_until(lambda: _gone(front), 10, 0.05, "the front process gone")
+        with pytest.raises(httpx.ConnectError):  # nothing listens on the port any more
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        server.stop()
