@@ -51,10 +51,12 @@ named in ``--systems``) measures compilation; its compile time is reported.
 each, all queued at once, on the server's default model (``--loop-model default``) or the
 26M Llama above (``bench``), for every combination of ``--loop-threads`` and
 ``--loop-compile``, interleaved over ``--repeats`` rounds after a warm-up round: output
-tokens/s, median step ms and ms per step by phase, medians over the rounds.
+tokens/s, prompt tokens/s (the prefill rate, with ``--loop-output 1``), median step ms and ms
+per step by phase, medians over the rounds.
 
 Run: python benchmarks/bench_engine.py [--quick]
      python benchmarks/bench_engine.py --decode-loop --loop-threads 1,2 --loop-compile 0,1
+     python benchmarks/bench_engine.py --decode-loop --loop-requests 16 --loop-prompt 235 --loop-output 1
 """
 
 from __future__ import annotations
@@ -390,13 +392,18 @@ def decode_loop(args: argparse.Namespace) -> None:
         print(f"  Engine(compile={c}) built in {time.perf_counter() - t0:.1f} s", flush=True)
     vocab = engines[compiles[0]].vocab_size
     g = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(8, vocab, (args.loop_prompt,), generator=g).tolist() for _ in range(args.loop_requests)]
+
+    def fresh_prompts() -> list[list[int]]:  # new ones each run: no run reuses another's cached prefixes
+        return [torch.randint(8, vocab, (args.loop_prompt,), generator=g).tolist() for _ in range(args.loop_requests)]
+
+    prompts = fresh_prompts()
     configs = [(t, c) for t in threads for c in compiles]
     runs: dict[tuple[int, bool], list[dict]] = {k: [] for k in configs}
 
     def once(t: int, c: bool) -> dict:
         torch.set_num_threads(t)
         eng = engines[c]
+        prompts = fresh_prompts()
         before = eng.stats()
         eng.timeline.clear()
         t0 = time.perf_counter()
@@ -407,6 +414,7 @@ def decode_loop(args: argparse.Namespace) -> None:
         step_s = sorted(e["step_seconds"] for e in eng.timeline if e["num_tokens"])
         return {
             "tokens_per_s": (st["tokens_generated"] - before["tokens_generated"]) / wall,
+            "prompt_tokens_per_s": len(prompts) * args.loop_prompt / wall,
             "step_ms_median": 1000 * step_s[len(step_s) // 2],
             "phases_ms": {
                 k: 1000 * (v - before["step_phase_seconds"][k]) / steps for k, v in st["step_phase_seconds"].items()
@@ -429,13 +437,14 @@ def decode_loop(args: argparse.Namespace) -> None:
         f"decode loop: {args.loop_requests} requests x {args.loop_output} tokens, prompts of {args.loop_prompt}, "
         f"model {args.loop_model}; medians of {args.repeats} rounds"
     )
-    print("| threads | compile | tok/s | step ms (median) | " + " | ".join(STEP_PHASES) + " (ms/step) |")
-    print("|---|---|---|---|" + "---|" * len(STEP_PHASES))
+    print("| threads | compile | tok/s | prompt tok/s | step ms (median) | " + " | ".join(STEP_PHASES) + " (ms/step) |")
+    print("|---|---|---|---|---|" + "---|" * len(STEP_PHASES))
     for (t, c), rs in runs.items():
         med = statistics.median
         phases = [f"{med(r['phases_ms'][k] for r in rs):.3f}" for k in STEP_PHASES]
         print(
             f"| {t} | {'on' if c else 'off'} | {med(r['tokens_per_s'] for r in rs):.0f} | "
+            f"{med(r['prompt_tokens_per_s'] for r in rs):.0f} | "
             f"{med(r['step_ms_median'] for r in rs):.2f} | " + " | ".join(phases) + " |"
         )
     model = engines[compiles[0]].model

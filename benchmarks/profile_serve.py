@@ -14,13 +14,14 @@ schedule, prompts and greedy streamed ``/v1/completions``), run two ways, altern
 Per run: output tok/s, Engine steps and output tokens per step, the Engine's
 ``step_phase_seconds`` (server: from ``GET /admin/stats``), and for the server TTFT / TPOT p50
 as bench_serve counts them, the mean TTFT the server itself saw (submission to first token,
-``vllm:time_to_first_token_seconds``) and the CPU milliseconds per output token of its event
-loop thread (the process's main thread) and of all its other threads (the engine thread's
-forward and the rest). ``--py-spy PATH`` also records the server's threads under the load
+``vllm:time_to_first_token_seconds``) and the CPU milliseconds per output token of its HTTP
+front (the front process; with ``--front thread`` the main thread, the event loop's) and of all
+its other threads (the engine thread's forward and the rest). ``--py-spy PATH`` also records the server's threads under the load
 (``py-spy record --threads -r 200 -f raw``, non-blocking) into PATH.
 
 Run:
     python benchmarks/profile_serve.py [--rounds 3] [--clients 8] [--per-client 16] [--py-spy prof.txt]
+        [--variant NAME=OPTIONS ...] [--no-engine] [--sequential N]
 """
 
 from __future__ import annotations
@@ -64,16 +65,31 @@ def workload(model_dir: Path, seed: int) -> tuple[list[Any], list[str]]:
     return schedule, bs.make_prompts(model_dir, schedule, seed)
 
 
+def _stat_seconds(path: str) -> float:
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of ``pid``'s main thread ("loop") and of all its others."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of the HTTP front ("loop") and of the server's other threads
+    ("other": the engine thread's forward and the rest). The front is the front process, all
+    its threads (``--front process``, the default), or else the server's main thread."""
+    from torch_elastic_kv.testing.proc import descendants
+
     out = {"loop": 0.0, "other": 0.0}
+    for child in descendants(pid):
+        try:
+            if b"serve.front_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out["loop"] += _stat_seconds(f"/proc/{child}/stat")
+        except OSError:
+            continue  # it ended meanwhile
+    front_thread = out["loop"] == 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = _stat_seconds(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # the thread ended meanwhile
-        out["loop" if int(tid) == pid else "other"] += (int(fields[11]) + int(fields[12])) / tick
+        out["loop" if front_thread and int(tid) == pid else "other"] += seconds
     return out
 
 
@@ -117,6 +133,13 @@ async def run_server(args, model_dir: Path, schedule, prompts, extra: tuple[str,
                     stderr=subprocess.DEVNULL,
                 )
                 await asyncio.sleep(1.0)  # py-spy attaches
+            sequential = []  # one-token requests one after another: what a request costs the server
+            for k in range(args.sequential):
+                body = {"model": name, "prompt": f"request {k} " * 8, "max_tokens": 1, "temperature": 0}
+                t_req = time.perf_counter()
+                r = await http.post(f"{base}/v1/completions", json=body)
+                sequential.append(time.perf_counter() - t_req)
+                r.raise_for_status()
             cpu0, load = thread_cpu_seconds(server.pid), os.getloadavg()[0]
             t0 = time.monotonic()
             records, _ = await bs.closed_loop(base, name, schedule, prompts, args.clients, args.per_client, 600, 300)
@@ -154,6 +177,7 @@ async def run_server(args, model_dir: Path, schedule, prompts, extra: tuple[str,
         "cpu_ms_per_token": {k: 1e3 * (cpu1[k] - cpu0[k]) / tokens for k in cpu1},
         "wall_s": wall,
         "load": load,
+        "sequential_ms": 1e3 * statistics.median(sequential) if sequential else None,
         "texts": [r["text_sha1"] for r in records],
     }
 
@@ -227,8 +251,10 @@ def _line(mode: str, r: dict) -> str:
         text += (
             f"\n        TTFT p50 {r['ttft_p50_ms']:.1f} ms (mean {r['client_ttft_mean_ms']:.1f}, server-side "
             f"{r['server_ttft_mean_ms']:.1f}), TPOT p50 {r['tpot_p50_ms']:.2f} ms; CPU ms per output token: "
-            f"event loop thread {cpu['loop']:.3f}, other threads {cpu['other']:.3f}"
+            f"HTTP front {cpu['loop']:.3f}, other threads {cpu['other']:.3f}"
         )
+        if r.get("sequential_ms") is not None:
+            text += f"; one-token request alone {r['sequential_ms']:.2f} ms (median)"
     return text
 
 
@@ -261,6 +287,13 @@ def parse_args(argv=None):
         "repeatable",
     )
     p.add_argument("--no-engine", action="store_true", help="leave out the Engine-alone runs")
+    p.add_argument(
+        "--sequential",
+        type=int,
+        default=0,
+        help="before each server's closed loop, time this many one-token completions sent one after another "
+        "(the median is reported: a request's cost in the server with nothing else running; default 0: none)",
+    )
     args = p.parse_args(argv)
     variants = {}
     for text in args.variant:
@@ -269,6 +302,8 @@ def parse_args(argv=None):
             p.error(f"--variant: expected a new NAME=OPTIONS (not server or engine), got {text!r}")
         variants[name] = tuple(options.split())
     args.variants = variants
+    if args.sequential < 0:
+        p.error(f"--sequential must be >= 0, got {args.sequential}")
     if args.min_kv_bytes > args.max_kv_bytes:
         p.error(f"--min-kv-bytes ({args.min_kv_bytes}) is above --max-kv-bytes ({args.max_kv_bytes})")
     args.py_spy_exe = None

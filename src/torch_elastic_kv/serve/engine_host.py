@@ -185,7 +185,13 @@ def serve_with_front_process(settings: ServeSettings, state: ServerState, sock: 
     ours, theirs = socket.socketpair()
     command = [sys.executable, "-m", "torch_elastic_kv.serve.front_process"]
     command += [str(theirs.fileno()), str(sock.fileno()), str(os.getpid())]
-    proc = subprocess.Popen(command, pass_fds=(theirs.fileno(), sock.fileno()), stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen(command, pass_fds=(theirs.fileno(), sock.fileno()), stdin=subprocess.DEVNULL)
+    except OSError as exc:  # out of processes or memory: this process can still serve
+        _log.warning("torch_elastic_kv serve: cannot start the HTTP front process (%s); --front thread", exc)
+        ours.close()
+        theirs.close()
+        return None
     theirs.close()
     sock.close()  # the child's now: when its shutdown closes it, new connections are refused
     _log.info("torch_elastic_kv serve: HTTP front in process %d (--front process)", proc.pid)
