@@ -508,7 +508,8 @@ class Engine:
     def max_new_tokens_for(self, prompt_tokens: int) -> int:
         """The largest ``max_new_tokens`` a prompt of ``prompt_tokens`` tokens may ask for: within
         the model's positions and what the budget's ceiling can ever hold (0: the prompt alone
-        does not fit). What ``check_request`` enforces, as a number, for callers choosing a default."""
+        does not fit). What ``check_request`` enforces, as a number, for callers choosing a default.
+        The same for the Engine's life, whatever its budget does now: callers may remember it."""
         if not is_int(prompt_tokens) or prompt_tokens < 1:
             raise ValueError(f"max_new_tokens_for: prompt_tokens must be an int >= 1, got {prompt_tokens!r}")
         cap_pages = self.policy.bytes_to_pages(self.budget.ceiling_bytes)

@@ -8,7 +8,8 @@ they run on the other core and the engine thread keeps the GIL to itself.
 What stays here: the model, the Engine and its thread, the KV pool (so this pid's memory is the
 KV memory), the memory broker's lease, the metrics. What goes to the child
 (``front_process``): uvicorn and the app on the listening socket, the tokenizer, and each
-request's wait for its events. Between them: one Unix socket pair (``link_wire``); this process
+request's wait for its events; none of its modules imports torch (transformers may, for the
+tokenizer: 5.17 does). Between them: one Unix socket pair (``link_wire``); this process
 answers the child's calls on a thread of its own (``EngineHost``) and sends each engine step's
 events in one frame.
 

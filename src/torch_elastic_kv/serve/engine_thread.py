@@ -4,8 +4,9 @@ HTTP handlers run on the asyncio loop and never step. They ``submit`` a request 
 are checked and queued in the Engine at once, so bad input is a 400 before anything runs) and
 read its events from an ``asyncio.Queue``; cancels, budget changes, sleep and wake go to the
 thread as commands. After each step the thread turns each new token into text (incremental
-detokenization, stop strings, EOS, ``max_tokens``) and hands every request's events to the
-loop in one ``loop.call_soon_threadsafe`` per step.
+detokenization, stop strings, EOS, ``max_tokens``) and hands every request's events to its
+submission's sink, one call per sink and step: a ``LoopSink`` (one ``loop.call_soon_threadsafe``
+onto the loop of this process's HTTP front) or the link to a front process (``engine_host``).
 
 With nothing to do the thread waits on a condition: no polling, no CPU. Idle memory still goes
 back on time: the Engine's own background thread runs the policy's idle ticks while nobody
@@ -146,7 +147,7 @@ class Submission:
         self.tag = tag
         self.queue: asyncio.Queue[list[ChoiceEvent]] = asyncio.Queue()
         self.n_choices = n_choices
-        self.finished = 0  # choices whose last event was delivered (loop side)
+        self.finished = 0  # choices whose last event was delivered (where the sink delivers)
         self.choices: list[_Choice] = []
         self.failed = False
 

@@ -28,6 +28,7 @@ _log = logging.getLogger(__name__)
 __all__ = ["EngineLink"]
 
 _GONE = "the engine process is gone"
+_ROOMS_KEPT = 1 << 16  # prompt lengths whose KV room is remembered (a long-context model has more)
 
 
 class EngineLink:
@@ -43,6 +44,9 @@ class EngineLink:
         self._calls: dict[int, asyncio.Future] = {}
         self._subs: dict[int, tuple[Submission, set[int]]] = {}  # cid -> (its submission, choices ended)
         self._next_id = 0
+        # Engine.max_new_tokens_for is fixed for the Engine's life (its budget's ceiling, its page
+        # size and positions never change): one call per prompt length, not one per request
+        self._rooms: dict[int, int] = {}
         self._down: Optional[str] = None
         self._draining = False
         self._closing = False
@@ -111,7 +115,12 @@ class EngineLink:
         return await self._call("metrics", None)
 
     async def room_for(self, prompt_tokens: int) -> Optional[int]:
-        return await self._call("room", prompt_tokens)
+        room = self._rooms.get(prompt_tokens)
+        if room is None:
+            room = await self._call("room", prompt_tokens)
+            if room is not None and len(self._rooms) < _ROOMS_KEPT:
+                self._rooms[prompt_tokens] = room
+        return room
 
     async def refusal_for(self, prompt_tokens: int, max_tokens: int, label: str) -> Optional[str]:
         return await self._call("refusal", (prompt_tokens, max_tokens, label))
