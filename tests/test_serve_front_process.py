@@ -7,16 +7,24 @@ with one line and its KV memory given back; a dead engine process takes the fron
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import pytest
 
 from serve_helpers import ServerProcess, wait_until
+from torch_elastic_kv.serve.engine_host import EngineHost
+from torch_elastic_kv.serve.engine_thread import ChoiceSpec
+from torch_elastic_kv.serve.front_link import EngineLink
+from torch_elastic_kv.serve.link_wire import read_frame
 from torch_elastic_kv.testing.proc import descendants
 
 TIMEOUT = 60.0
@@ -142,5 +150,98 @@ def test_an_engine_process_that_dies_takes_the_front_with_it():
         wait_until(lambda: _gone(front), 10, 0.05, "the front process gone")
         with pytest.raises(httpx.ConnectError):  # nothing listens on the port any more
             httpx.get(url + "/health", timeout=5)
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------- the link alone ---
+def test_a_torn_frame_shuts_the_link_so_the_front_stops_waiting():
+    ours, theirs = socket.socketpair()
+    host = EngineHost(None, ours)  # type: ignore[arg-type]  # no frame reaches the service
+    thread = threading.Thread(target=host.serve, daemon=True)
+    thread.start()
+    theirs.sendall((3).to_bytes(4, "big") + b"abc")  # a length, then no pickle
+    thread.join(10)
+    assert not thread.is_alive() and not host.said_bye
+    theirs.settimeout(10)
+    assert theirs.recv(1) == b""  # the front reads the end of the stream: its calls end with 503
+    ours.close()
+    theirs.close()
+
+
+def test_a_submit_cancelled_in_flight_is_cancelled_in_the_engine():
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)  # a frame that never comes fails the test, not hangs it
+
+    async def main() -> tuple:
+        link = EngineLink(ours, 264)
+        await link.open()
+        task = asyncio.create_task(link.submit_request([ChoiceSpec([10, 11], 4, {})], 2))
+        loop = asyncio.get_running_loop()
+        submit = await loop.run_in_executor(None, read_frame, theirs)
+        task.cancel()  # the handler went away before the engine's reply
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return submit, await loop.run_in_executor(None, read_frame, theirs)
+
+    submit, after = asyncio.run(main())
+    assert submit[0] == "submit" and after == ("cancel", submit[1])
+    ours.close()
+    theirs.close()
+
+
+# ------------------------------------------------------------------------- signals ----------
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    body = {"prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
+    out["finish"], out["done"], out["chunks"] = None, False, 0
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    out["done"] = True
+                elif line.startswith("data: {"):
+                    out["chunks"] += 1
+                    out["finish"] = json.loads(line[6:])["choices"][0]["finish_reason"] or out["finish"]
+    except httpx.HTTPError as exc:
+        out["error"] = repr(exc)
+
+
+def test_one_stop_reaching_both_processes_still_drains():
+    """A terminal's Ctrl-C (or a service manager's SIGTERM) reaches every process, and the
+    engine process passes it on too: the front must count that as one signal, not two."""
+    server = ServerProcess(["--max-kv-bytes", "8M", "--drain-seconds", "30"])
+    try:
+        (front,) = _front_pids(server)
+        out: dict = {}
+        client = threading.Thread(target=_stream, args=(server.url, 400, out), daemon=True)
+        client.start()
+        wait_until(lambda: out.get("chunks", 0) >= 3, 60, 0.01, "tokens streaming")
+        os.kill(front, signal.SIGINT)  # the group's signal, seen by the front first ...
+        time.sleep(0.2)
+        os.kill(server.pid, signal.SIGINT)  # ... then the engine process's copy of it
+        assert server.wait(60) == 0, server.log()[-2000:]
+        client.join(30)
+        assert out["finish"] == "length" and out["done"], out  # drained, not cut
+        assert "exited with status" not in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_second_signal_stops_at_once_and_exits_0():
+    server = ServerProcess(["--max-kv-bytes", "64M", "--drain-seconds", "60"])
+    try:
+        out: dict = {}
+        client = threading.Thread(target=_stream, args=(server.url, 1900, out), daemon=True)
+        client.start()
+        wait_until(lambda: out.get("chunks", 0) >= 3, 60, 0.01, "tokens streaming")
+        os.kill(server.pid, signal.SIGINT)
+        time.sleep(1.5)  # past the window in which a repeat counts as the same signal
+        os.kill(server.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        assert server.wait(30) == 0, server.log()[-2000:]
+        assert time.monotonic() - t0 < 4.0  # no drain: the stream still had seconds to go
+        assert out.get("finish") != "length", out
+        assert "exited with status" not in server.log()
+        client.join(30)
     finally:
         server.stop()

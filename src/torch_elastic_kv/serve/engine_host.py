@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Optional
 
 from .app import ServerState
@@ -48,6 +49,7 @@ _log = logging.getLogger(__name__)
 
 __all__ = ["EngineHost", "serve_with_front_process"]
 
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the directory holding torch_elastic_kv
 _LINK_JOIN_SECONDS = 5.0  # after the child exits, how long its last frames may take to be read
 
 
@@ -83,22 +85,33 @@ class EngineHost:
         self.send(("events", [(sub.tag, events) for sub, events in items]))
 
     def serve(self) -> None:
-        """Answer the front's frames until its goodbye or the end of the stream."""
-        while True:
-            try:
-                message = read_frame(self._sock)
-            except (OSError, ValueError) as exc:
-                _log.error("torch_elastic_kv serve: the link to the HTTP front broke: %s", exc)
-                return
-            if message is None:
-                return
-            if message[0] == "bye":
-                self.said_bye = True
-                return
-            try:
-                self._handle(message)
-            except Exception:
-                _log.exception("a frame from the HTTP front failed: %r", message[0])
+        """Answer the front's frames until its goodbye or the end of the stream. Ending any
+        other way, it shuts the socket: the front then answers what waits with 503 and stops,
+        rather than waiting for replies that would never come."""
+        try:
+            while True:
+                try:
+                    message = read_frame(self._sock)
+                except Exception as exc:  # a torn or unreadable frame: nothing after it can be trusted
+                    _log.error(
+                        "torch_elastic_kv serve: the link to the HTTP front broke: %s: %s", type(exc).__name__, exc
+                    )
+                    return
+                if message is None:
+                    return
+                if message[0] == "bye":
+                    self.said_bye = True
+                    return
+                try:
+                    self._handle(message)
+                except Exception:
+                    _log.exception("a frame from the HTTP front failed: %r", message[0])
+        finally:
+            if not self.said_bye:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed already
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -143,9 +156,13 @@ class EngineHost:
         raise ValueError(f"unknown frame kind {kind!r}")
 
     def _reply(self, cid: int, exc: Optional[BaseException], value: Any) -> None:
+        """Answer call ``cid``, always: a call the front awaits must not wait forever."""
         if exc is None:
-            self.send(("reply", cid, True, value))
-            return
+            try:
+                self.send_frame(encode(("reply", cid, True, value)))
+                return
+            except Exception as encode_exc:  # a value that cannot be pickled: the call fails instead
+                exc = encode_exc
         if not isinstance(exc, APIError):  # what the app's own handler answers for it in one process
             _log.error("a call from the HTTP front failed", exc_info=exc)
             exc = APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
@@ -186,8 +203,11 @@ def serve_with_front_process(settings: ServeSettings, state: ServerState, sock: 
     ours, theirs = socket.socketpair()
     command = [sys.executable, "-m", "torch_elastic_kv.serve.front_process"]
     command += [str(theirs.fileno()), str(sock.fileno()), str(os.getpid())]
+    # the child imports this very package, wherever it was imported from here
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_PARENT, *filter(None, [env.get("PYTHONPATH")])])
     try:
-        proc = subprocess.Popen(command, pass_fds=(theirs.fileno(), sock.fileno()), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, pass_fds=(theirs.fileno(), sock.fileno()), stdin=subprocess.DEVNULL, env=env)
     except OSError as exc:  # out of processes or memory: this process can still serve
         _log.warning("torch_elastic_kv serve: cannot start the HTTP front process (%s); --front thread", exc)
         ours.close()
@@ -219,8 +239,8 @@ def serve_with_front_process(settings: ServeSettings, state: ServerState, sock: 
             signal.signal(sig, handler)
         ours.close()
         service.stop()
-    if host.said_bye and status == 0:
-        return 0
+    if status == 0 and (host.said_bye or forwarded):
+        return 0  # a second signal stops the front at once, before its goodbye
     if forwarded and status in (-signal.SIGTERM, -signal.SIGINT):
         return 0  # stopped before its own handlers were in: it had served nothing yet
     _log.error("torch_elastic_kv serve: the HTTP front (process %d) exited with status %d", proc.pid, status)

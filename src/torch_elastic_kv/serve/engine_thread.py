@@ -417,7 +417,8 @@ class EngineService:
         return await asyncio.wrap_future(self.call(name, arg))
 
     async def stats_now(self) -> dict[str, Any]:
-        return self.stats()
+        """``stats``, off the loop (the Engine's stats wait for its pool lock)."""
+        return await asyncio.to_thread(self.stats)
 
     async def metrics_text(self) -> bytes:
         """The Prometheus exposition (rendered off the loop)."""

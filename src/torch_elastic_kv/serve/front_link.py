@@ -97,6 +97,9 @@ class EngineLink:
             await self._call("submit", (list(specs), prompt_tokens), cid)
         except BaseException:
             self._subs.pop(cid, None)
+            # cancelled while the engine queued it: it must not run on with nobody reading (the
+            # engine handles frames in order; after a refusal the cancel finds nothing)
+            self._send(("cancel", cid))
             raise
         return sub
 

@@ -42,6 +42,7 @@ _log = logging.getLogger("torch_elastic_kv.serve.server")  # the name scripts an
 __all__ = ["REPORT_SECONDS", "serve_http"]
 
 
+SAME_SIGNAL_SECONDS = 1.0  # signals this close together count as one (``_Server.handle_exit``)
 REPORT_SECONDS = 5.0  # at most one log line per this many seconds about refused or dropped connections
 
 
@@ -217,10 +218,17 @@ class _Server(uvicorn.Server):
         self._drain_seconds = drain_seconds
         self._sock = sock
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._first_signal = 0.0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.should_exit:
-            self.force_exit = True  # a second signal: no more waiting
+        now = time.monotonic()
+        # a second signal means no more waiting; one within SAME_SIGNAL_SECONDS of the first is the
+        # same stop reaching this process twice (a terminal's Ctrl-C or a service manager's
+        # SIGTERM to every process, plus the engine process passing it on)
+        if self.should_exit and now - self._first_signal >= SAME_SIGNAL_SECONDS:
+            self.force_exit = True
+        if not self.should_exit:
+            self._first_signal = now
         self.should_exit = True
 
     async def startup(self, sockets: Optional[list[socket.socket]] = None) -> None:
