@@ -65,31 +65,26 @@ def workload(model_dir: Path, seed: int) -> tuple[list[Any], list[str]]:
     return schedule, bs.make_prompts(model_dir, schedule, seed)
 
 
-def _stat_seconds(path: str) -> float:
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of the HTTP front ("loop") and of the server's other threads
     ("other": the engine thread's forward and the rest). The front is the front process, all
     its threads (``--front process``, the default), or else the server's main thread."""
-    from torch_elastic_kv.testing.proc import descendants
+    from torch_elastic_kv.testing.proc import cpu_seconds
+    from torch_elastic_kv.testing.processes import front_pids
 
     out = {"loop": 0.0, "other": 0.0}
-    for child in descendants(pid):
+    fronts = front_pids(pid)
+    for front in fronts:
         try:
-            if b"serve.front_process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                out["loop"] += _stat_seconds(f"/proc/{child}/stat")
+            out["loop"] += cpu_seconds(front)
         except OSError:
             continue  # it ended meanwhile
-    front_thread = out["loop"] == 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            seconds = _stat_seconds(f"/proc/{pid}/task/{tid}/stat")
+            seconds = cpu_seconds(pid, int(tid))
         except OSError:
             continue  # the thread ended meanwhile
-        out["loop" if front_thread and int(tid) == pid else "other"] += seconds
+        out["loop" if not fronts and int(tid) == pid else "other"] += seconds
     return out
 
 

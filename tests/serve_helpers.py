@@ -3,12 +3,12 @@ metrics, its /proc figures, and a bounded wait."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from torch_elastic_kv.testing.proc import cpu_seconds as proc_cpu_seconds
 from torch_elastic_kv.testing.proc import descendants
 from torch_elastic_kv.testing.processes import ServerProcess
 
@@ -60,13 +60,10 @@ def server_pids(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of process ``pid`` and the processes it started (all their threads), seconds."""
-    total = 0
+    total = 0.0
     for p in server_pids(pid):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+            total += proc_cpu_seconds(p)
+        except OSError:
             continue  # exited meanwhile
-        # after the ")" that ends comm: state is field 3, utime 14 and stime 15 (1-based)
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return total

@@ -26,6 +26,7 @@ from torch_elastic_kv.serve.engine_thread import ChoiceSpec
 from torch_elastic_kv.serve.front_link import EngineLink
 from torch_elastic_kv.serve.link_wire import read_frame
 from torch_elastic_kv.testing.proc import descendants
+from torch_elastic_kv.testing.processes import front_pids
 
 TIMEOUT = 60.0
 
@@ -36,7 +37,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _front_pids(server: ServerProcess) -> list[int]:
-    return [p for p in descendants(server.pid) if "torch_elastic_kv.serve.front_process" in _cmdline(p)]
+    return front_pids(server.pid)
 
 
 def _gone(pid: int) -> bool:

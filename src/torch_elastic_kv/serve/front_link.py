@@ -40,7 +40,7 @@ class EngineLink:
         self._vocab_size = vocab_size
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
-        self._task: Optional[asyncio.Task] = None
+        self._task: Optional[asyncio.Task] = None  # held: the loop keeps only a weak reference to a task
         self._calls: dict[int, asyncio.Future] = {}
         self._subs: dict[int, tuple[Submission, set[int]]] = {}  # cid -> (its submission, choices ended)
         self._next_id = 0
@@ -95,10 +95,13 @@ class EngineLink:
         self._subs[cid] = (sub, set())  # before the frame: its first events may come before the reply
         try:
             await self._call("submit", (list(specs), prompt_tokens), cid)
+        except APIError:  # refused: nothing was queued
+            self._subs.pop(cid, None)
+            raise
         except BaseException:
             self._subs.pop(cid, None)
             # cancelled while the engine queued it: it must not run on with nobody reading (the
-            # engine handles frames in order; after a refusal the cancel finds nothing)
+            # engine handles frames in order, so the cancel comes after the submit)
             self._send(("cancel", cid))
             raise
         return sub

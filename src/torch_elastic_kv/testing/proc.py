@@ -6,7 +6,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["descendants", "machine_shmem", "parse_proc_status", "rss_shmem", "tree_memory", "vm_rss"]
+__all__ = [
+    "cpu_seconds",
+    "descendants",
+    "machine_shmem",
+    "parse_proc_status",
+    "rss_shmem",
+    "tree_memory",
+    "vm_rss",
+]
 
 
 def _proc_bytes(path: str, field: str) -> int:
@@ -48,6 +56,15 @@ def parse_proc_status(text: str) -> dict[str, int]:
                 raise ValueError(f"/proc status line {line!r}: expected a size in kB")
             out[name] = int(value) * 1024
     return out
+
+
+def cpu_seconds(pid: int, tid: Optional[int] = None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), or of its thread ``tid``;
+    OSError once it has ended."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    # after the ")" that ends comm: state is field 3, utime 14 and stime 15 (1-based)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Optional
 
 from .proc import descendants
 
-__all__ = ["BrokerProcess", "CommandProcess", "ServerProcess", "package_env"]
+__all__ = ["BrokerProcess", "CommandProcess", "ServerProcess", "front_pids", "package_env"]
 
 _SRC = Path(__file__).resolve().parents[2]  # the directory holding the torch_elastic_kv package
 _LISTENING = re.compile(r"torch_elastic_kv serve: listening on (http://\S+)")
@@ -38,6 +38,18 @@ def package_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(_SRC) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
+
+
+def front_pids(pid: int) -> list[int]:
+    """The HTTP front processes (``serve --front process``) that server ``pid`` started."""
+    out = []
+    for child in descendants(pid):
+        try:
+            if b"torch_elastic_kv.serve.front_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+        except OSError:
+            continue  # it ended meanwhile
+    return out
 
 
 class _Stoppable:
