@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,9 +21,9 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import ServerProcess, wait_until
+from serve_helpers import ServerProcess, rss_shmem, wait_until
 from torch_elastic_kv.serve.engine_host import EngineHost
-from torch_elastic_kv.serve.engine_thread import ChoiceSpec
+from torch_elastic_kv.serve.engine_thread import ChoiceEvent, ChoiceSpec, Submission
 from torch_elastic_kv.serve.front_link import EngineLink
 from torch_elastic_kv.serve.link_wire import read_frame
 from torch_elastic_kv.testing.proc import descendants
@@ -155,6 +156,52 @@ def test_an_engine_process_that_dies_takes_the_front_with_it():
         server.stop()
 
 
+def test_a_stopped_front_does_not_keep_the_kv_memory():
+    # The engine thread sends every step's events to the front; a front that stops reading
+    # (here SIGSTOP) must not stop the steps, or the requests never end and their KV memory is
+    # never given back. Resumed, the front streams every token, as a running front would.
+    # no prefix cache: the second request's hit would make its pages worth keeping when idle
+    args = ["--max-kv-bytes", "32M", "--min-kv-bytes", "0", "--idle-seconds", "1", "--no-enable-prefix-caching"]
+    server = ServerProcess(args)
+    try:
+        (front,) = _front_pids(server)
+        body = {"prompt": "stop the front", "max_tokens": 400, "n": 4, "logprobs": 5, "ignore_eos": True}
+        body["temperature"] = 0
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+        assert r.status_code == 200
+        want = sorted((c["index"], c["text"], c["finish_reason"]) for c in r.json()["choices"])
+        wait_until(lambda: rss_shmem(server.pid) == 0, 30, what="the KV memory given back after the first request")
+        out: dict = {}
+        started = threading.Event()
+
+        def client() -> None:
+            texts: dict[int, list[str]] = {}
+            finish: dict[int, str] = {}
+            with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        started.set()
+                        for c in json.loads(line[6:])["choices"]:
+                            texts.setdefault(c["index"], []).append(c["text"])
+                            if c["finish_reason"]:
+                                finish[c["index"]] = c["finish_reason"]
+            out["got"] = sorted((i, "".join(t), finish.get(i)) for i, t in texts.items())
+
+        reader = threading.Thread(target=client, daemon=True)
+        reader.start()
+        assert started.wait(TIMEOUT)
+        os.kill(front, signal.SIGSTOP)
+        try:
+            assert rss_shmem(server.pid) > 0  # the request's pages, mapped
+            wait_until(lambda: rss_shmem(server.pid) == 0, 30, what="the KV memory given back with the front stopped")
+        finally:
+            os.kill(front, signal.SIGCONT)
+        reader.join(TIMEOUT)
+        assert out.get("got") == want
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------- the link alone ---
 def test_a_torn_frame_shuts_the_link_so_the_front_stops_waiting():
     ours, theirs = socket.socketpair()
@@ -166,6 +213,70 @@ def test_a_torn_frame_shuts_the_link_so_the_front_stops_waiting():
     assert not thread.is_alive() and not host.said_bye
     theirs.settimeout(10)
     assert theirs.recv(1) == b""  # the front reads the end of the stream: its calls end with 503
+    ours.close()
+    theirs.close()
+
+
+def test_a_front_that_stops_reading_never_blocks_the_engine_thread():
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)  # so the queue is used, whatever the host's default
+    host = EngineHost(None, ours)  # type: ignore[arg-type]
+    text = "x" * 4096
+    rounds = 512  # about 2 MiB of events
+    subs = [Submission(host, 1, tag=i) for i in range(rounds)]
+    done = threading.Event()
+
+    def engine_thread() -> None:
+        for i, sub in enumerate(subs):
+            host.deliver([(sub, [ChoiceEvent(0, text, (i,), finish_reason="length")])])
+        done.set()
+
+    threading.Thread(target=engine_thread, daemon=True).start()
+    assert done.wait(30), "deliver blocked on a front that does not read"
+    theirs.settimeout(30)
+    got = [read_frame(theirs) for _ in range(rounds)]  # then every frame arrives, in order
+    assert [frame[1][0][0] for frame in got] == list(range(rounds))
+    assert all(frame[1][0][1][0].token_ids == (i,) and frame[1][0][1][0].text == text for i, frame in enumerate(got))
+    host.close(5)
+    ours.close()
+    theirs.close()
+
+
+def test_closing_the_host_drops_what_a_stopped_front_never_read():
+    ours, theirs = socket.socketpair()
+    host = EngineHost(None, ours)  # type: ignore[arg-type]
+    sender = threading.Thread(target=lambda: [host.send(("events", ["y" * 4096])) for _ in range(256)], daemon=True)
+    sender.start()
+    sender.join(30)
+    assert not sender.is_alive(), "send blocked on a front that does not read"
+    t0 = time.monotonic()
+    host.close(0.5)  # nobody reads: it waits its timeout, then ends the sender
+    assert time.monotonic() - t0 < 5
+    host._sender.join(5)
+    assert not host._sender.is_alive()
+    host.send(("events", []))  # after close: dropped, no error
+    ours.close()
+    theirs.close()
+
+
+def test_a_front_that_leaves_too_much_unread_is_cut_off(caplog):
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    host = EngineHost(None, ours, max_queued_bytes=1 << 20)  # type: ignore[arg-type]
+    sender = threading.Thread(target=lambda: [host.send(("events", ["z" * 4096])) for _ in range(1024)], daemon=True)
+    with caplog.at_level(logging.ERROR, logger="torch_elastic_kv.serve.engine_host"):
+        sender.start()
+        sender.join(30)
+    assert not sender.is_alive(), "send blocked on a front that does not read"
+    assert "the HTTP front has left" in caplog.text and "taking it for hung" in caplog.text
+    theirs.settimeout(30)
+    frames = 0
+    while (frame := read_frame(theirs)) is not None:  # what was in the socket, then the end
+        assert frame == ("events", ["z" * 4096])
+        frames += 1
+    assert 0 < frames < 1024
+    host._sender.join(5)
+    assert not host._sender.is_alive()
     ours.close()
     theirs.close()
 

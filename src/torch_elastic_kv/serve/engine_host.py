@@ -11,7 +11,9 @@ KV memory), the memory broker's lease, the metrics. What goes to the child
 request's wait for its events; none of its modules imports torch (transformers may, for the
 tokenizer: 5.17 does). Between them: one Unix socket pair (``link_wire``); this process
 answers the child's calls on a thread of its own (``EngineHost``) and sends each engine step's
-events in one frame.
+events in one frame. Sending never blocks the engine thread: what the socket cannot take at
+once waits, in order, for a sender thread, so a front that stops reading (stopped, its loop
+stuck) does not stop the steps that finish requests and give KV memory back.
 
 Lifetime:
 
@@ -28,6 +30,7 @@ Lifetime:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -36,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,29 +55,115 @@ __all__ = ["EngineHost", "serve_with_front_process"]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the directory holding torch_elastic_kv
 _LINK_JOIN_SECONDS = 5.0  # after the child exits, how long its last frames may take to be read
+MAX_QUEUED_BYTES = 64 << 20  # events a front may leave unread before it is taken for hung
 
 
 class EngineHost:
     """Serves the front process's frames into ``service`` (on the thread running ``serve``) and
     sends it the events of its submissions (on the engine thread)."""
 
-    def __init__(self, service: EngineService, sock: socket.socket) -> None:
+    def __init__(self, service: EngineService, sock: socket.socket, max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.service = service
         self._sock = sock
-        self._send_lock = threading.Lock()
         self._subs_lock = threading.Lock()
         self._subs: dict[int, Submission] = {}  # the front's id -> submissions not yet done
         self.said_bye = False
+        # Frames the socket would not take at once, oldest first, for the sender thread. While
+        # any wait there, later frames queue behind them (the stream keeps their order).
+        self._out_cv = threading.Condition(threading.Lock())
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
+        self._sending = False  # the sender thread holds a frame it is writing
+        self._link_down = False  # a write failed, the queue overflowed, or ``close``: frames are dropped
+        self._sender = threading.Thread(target=self._send_queued, name="ekv-front-send", daemon=True)
+        self._sender.start()
 
     def send(self, message: Any) -> None:
         self.send_frame(encode(message))
 
     def send_frame(self, frame: bytes) -> None:
-        with self._send_lock:
+        """Write ``frame`` to the front without ever blocking the caller (the engine thread:
+        a front that stops reading, stopped or stuck, must not stop the steps that finish
+        requests and give KV memory back). What the socket does not take now goes, in order,
+        through the sender thread. A front that leaves more than ``max_queued_bytes`` unread
+        is taken for hung: the link is shut, so it answers what waits with 503 and stops, and
+        the server exits 1 (rather than hold the events in memory without end)."""
+        with self._out_cv:
+            if self._link_down:
+                return
+            if not self._outbox and not self._sending:
+                try:
+                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the front is gone: ``serve`` reads the end of the stream
+                    self._drop_link()
+                    return
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+            if self._queued_bytes + len(frame) > self._max_queued_bytes:
+                _log.error(
+                    "torch_elastic_kv serve: the HTTP front has left %d bytes of events unread; taking it for hung "
+                    "and shutting the link",
+                    self._queued_bytes + len(frame),
+                )
+                self._drop_link()
+                return
+            self._outbox.append(frame)
+            self._queued_bytes += len(frame)
+            self._out_cv.notify()
+
+    def _drop_link(self) -> None:
+        """Drop what is queued and shut the socket (``_out_cv`` held): a write in progress
+        ends with an error, the front reads the end of the stream."""
+        self._link_down = True
+        self._outbox.clear()
+        self._queued_bytes = 0
+        self._out_cv.notify_all()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
+
+    def _send_queued(self) -> None:
+        while True:
+            with self._out_cv:
+                self._sending = False
+                while not self._outbox and not self._link_down:
+                    self._out_cv.wait()
+                if self._link_down:
+                    self._outbox.clear()
+                    self._queued_bytes = 0
+                    self._out_cv.notify_all()
+                    return
+                frame = self._outbox.popleft()
+                self._queued_bytes -= len(frame)
+                self._sending = True
             try:
                 self._sock.sendall(frame)
-            except OSError:  # the front is gone: ``serve`` reads the end of the stream
+            except Exception as exc:  # the front is gone (OSError) or worse: nothing more can go
+                if not isinstance(exc, OSError):
+                    _log.error("torch_elastic_kv serve: writing to the HTTP front failed", exc_info=exc)
+                with self._out_cv:
+                    self._link_down = True
+
+    def close(self, timeout: float) -> None:
+        """Stop sending: give the queued frames up to ``timeout`` seconds in all to go, then drop
+        the rest (the front is gone or no longer reads) and end the sender thread."""
+        deadline = time.monotonic() + timeout
+        with self._out_cv:
+            while (self._outbox or self._sending) and not self._link_down and time.monotonic() < deadline:
+                self._out_cv.wait(0.05)
+            self._link_down = True
+            self._out_cv.notify_all()
+        if self._sender.is_alive():
+            try:  # wakes a write the front never reads
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
                 pass
+        self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
     def deliver(self, items: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
         """``EventSink``: a round's events to the front, in one frame."""
@@ -237,6 +327,7 @@ def serve_with_front_process(settings: ServeSettings, state: ServerState, sock: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        host.close(_LINK_JOIN_SECONDS)
         ours.close()
         service.stop()
     if status == 0 and (host.said_bye or forwarded):
