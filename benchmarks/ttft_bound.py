@@ -23,9 +23,9 @@ give a server with no overhead, not a bound.
 The rates, all measured here when the tool runs: this machine's float32 matmul rate
 (``bench_engine.matmul_rate``: the faster of BLAS and oneDNN on a 1024^3 product) on 1 and 2
 threads, the ceiling of a dense forward; the rate our Engine's own prefill reaches, without a
-server, on the run's prompt lengths (fresh random tokens, the schedule's prompts in arrival
-order, packed into steps of at most 2,048 tokens as the server's default does, one output
-token each, one thread, the median of ``--repeats``); and, with ``--vllm-python``, vLLM's
+server, on the run's prompt lengths (fresh random tokens, all queued at once, so the
+Engine's scheduler packs them in arrival order into steps of 2,048 tokens as the server's
+default does, one output token each, one thread, the median of ``--repeats``); and, with ``--vllm-python``, vLLM's
 offline prefill (``vllm.LLM``, its default CPU threading: one core computing; 2,048 batch
 tokens, as ours) on the same prompts and model, the same FLOPs counted. ``--gflops`` adds rates
 of your own.
@@ -60,7 +60,6 @@ from torch_elastic_kv import ElasticPolicy, Engine  # noqa: E402
 from torch_elastic_kv.bench.stats import percentile  # noqa: E402
 
 MiB = 1 << 20
-STEP_TOKENS = 2048  # the server's default --max-batch-tokens
 
 
 def ideal_ttfts(arrivals: list[float], work: list[float], rate: float, order: str) -> list[float]:
@@ -94,24 +93,20 @@ def ideal_ttfts(arrivals: list[float], work: list[float], rate: float, order: st
 
 
 def engine_prefill_rate(model, lengths: list[int], repeats: int, seed: int) -> float:
-    """FLOP/s of our Engine's prefill (one thread, no server) over prompts of ``lengths``."""
+    """FLOP/s of our Engine's prefill (one thread, no server) over prompts of ``lengths``, all
+    queued at once: its scheduler packs them in arrival order into steps of its default
+    ``max_batch_tokens``, the server's default too."""
     torch.set_num_threads(1)
     eng = Engine(model, policy=ElasticPolicy(max_bytes=256 * MiB), background=False)
     g = torch.Generator().manual_seed(seed)
     vocab = eng.vocab_size
-    steps: list[list[int]] = [[]]
-    for n in lengths:  # arrival order, at most STEP_TOKENS prompt tokens a step
-        if steps[-1] and sum(steps[-1]) + n > STEP_TOKENS:
-            steps.append([])
-        steps[-1].append(n)
     flops = workload_flops(model, [[0] * n for n in lengths], [1] * len(lengths))
     rates = []
     try:
         for rep in range(repeats + 1):  # the first round warms up
-            prompts = [[torch.randint(8, vocab, (n,), generator=g).tolist() for n in step] for step in steps]
+            prompts = [torch.randint(8, vocab, (n,), generator=g).tolist() for n in lengths]
             t0 = time.perf_counter()
-            for step in prompts:
-                eng.generate(step, 1)
+            eng.generate(prompts, 1)
             if rep:
                 rates.append(flops / (time.perf_counter() - t0))
     finally:

@@ -244,6 +244,7 @@ def test_a_front_that_stops_reading_never_blocks_the_engine_thread():
 
 def test_closing_the_host_drops_what_a_stopped_front_never_read():
     ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
     host = EngineHost(None, ours)  # type: ignore[arg-type]
     sender = threading.Thread(target=lambda: [host.send(("events", ["y" * 4096])) for _ in range(256)], daemon=True)
     sender.start()
@@ -255,6 +256,12 @@ def test_closing_the_host_drops_what_a_stopped_front_never_read():
     host._sender.join(5)
     assert not host._sender.is_alive()
     host.send(("events", []))  # after close: dropped, no error
+    theirs.settimeout(30)
+    frames = 0
+    while (frame := read_frame(theirs)) is not None:  # what the socket held, then the end
+        assert frame == ("events", ["y" * 4096])
+        frames += 1
+    assert 0 < frames < 256
     ours.close()
     theirs.close()
 

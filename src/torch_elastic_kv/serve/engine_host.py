@@ -75,7 +75,7 @@ class EngineHost:
         self._queued_bytes = 0
         self._max_queued_bytes = max_queued_bytes
         self._sending = False  # the sender thread holds a frame it is writing
-        self._link_down = False  # a write failed, the queue overflowed, or ``close``: frames are dropped
+        self._link_down = False  # set by ``_drop_link``: frames are dropped from then on
         self._sender = threading.Thread(target=self._send_queued, name="ekv-front-send", daemon=True)
         self._sender.start()
 
@@ -116,8 +116,9 @@ class EngineHost:
             self._out_cv.notify()
 
     def _drop_link(self) -> None:
-        """Drop what is queued and shut the socket (``_out_cv`` held): a write in progress
-        ends with an error, the front reads the end of the stream."""
+        """The one way the link goes down (``_out_cv`` held): drop what is queued, stop the
+        sender and shut the socket, so a write in progress ends with an error and the front
+        reads the end of the stream."""
         self._link_down = True
         self._outbox.clear()
         self._queued_bytes = 0
@@ -147,7 +148,7 @@ class EngineHost:
                 if not isinstance(exc, OSError):
                     _log.error("torch_elastic_kv serve: writing to the HTTP front failed", exc_info=exc)
                 with self._out_cv:
-                    self._link_down = True
+                    self._drop_link()
 
     def close(self, timeout: float) -> None:
         """Stop sending: give the queued frames up to ``timeout`` seconds in all to go, then drop
@@ -156,13 +157,7 @@ class EngineHost:
         with self._out_cv:
             while (self._outbox or self._sending) and not self._link_down and time.monotonic() < deadline:
                 self._out_cv.wait(0.05)
-            self._link_down = True
-            self._out_cv.notify_all()
-        if self._sender.is_alive():
-            try:  # wakes a write the front never reads
-                self._sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            self._drop_link()  # also wakes a write the front never reads
         self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
     def deliver(self, items: list[tuple[Submission, list[ChoiceEvent]]]) -> None:
@@ -198,10 +193,8 @@ class EngineHost:
                     _log.exception("a frame from the HTTP front failed: %r", message[0])
         finally:
             if not self.said_bye:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # closed already
+                with self._out_cv:
+                    self._drop_link()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
