@@ -1,19 +1,25 @@
 // paged_attention.cpp — see paged_attention.h.
 #include "kernels/paged_attention.h"
 
+#include "kernels/run_parallel.h"
+#include "kernels/vec_math.h"
+
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
-#include <system_error>
-#include <thread>
-#include <type_traits>
 #include <vector>
 
 namespace ekv {
 namespace {
+
+using vec::exp_nonpositive;
+using vec::lane_sum;
+using vec::load8;
+using vec::store8;
+using vec::v8f;
+using vec::v8i;
 
 std::int64_t load_index(const void* base, int bytes, std::int64_t i) {
   return bytes == 4 ? static_cast<const std::int32_t*>(base)[i] : static_cast<const std::int64_t*>(base)[i];
@@ -81,55 +87,6 @@ Status check(const PagedDecodeArgs& a) {
     }
   }
   return Status::Ok();
-}
-
-// Eight floats as one value (GCC/clang vector extension): one AVX register in the x86-64-v3
-// clone below, two SSE registers in the default one. Loads and stores go through memcpy
-// (no alignment assumed). The helpers are inlined into their caller's clone, so the note GCC
-// gives on passing 32-byte vectors without AVX (-Wpsabi) is about an ABI no call here uses.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-using v8f = float __attribute__((vector_size(32)));
-using v8i = std::int32_t __attribute__((vector_size(32)));
-
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
-
-inline float lane_sum(const v8f& v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-// exp(x) for x <= 0 (scores minus their running maximum), branch-free so that eight of them
-// run as one vector: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
-// polynomial (relative error below 2e-7, about one float32 ulp), 2^k built in the exponent
-// bits; k is rounded by adding and subtracting 1.5 * 2^23. Below -87 the result flushes to
-// 0 (expf gives a denormal there: a weight of at most 1e-38 beside the maximum's 1). The same
-// template serves one float and eight, so both give the same bits.
-template <typename F, typename I>
-inline F exp_nonpositive(const F& in) {
-  const F lo = F{} - 87.0f;  // -87 in every lane
-  const F x = in < lo ? lo : in;
-  const F k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const F r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 split: exact first part
-  F p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  I bits;
-  if constexpr (std::is_same_v<F, float>) {
-    bits = (static_cast<I>(k) + 127) << 23;
-  } else {
-    bits = (__builtin_convertvector(k, I) + 127) << 23;
-  }
-  F scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // One (row, kv head) item: the kv head's group of query heads over the row's pages.
@@ -263,38 +220,24 @@ Status paged_decode_attention(const PagedDecodeArgs& args) {
   const std::int64_t n_rep = a.heads / a.kv_heads;
   const std::int64_t sub = n_rep / split;
   const std::int64_t items = a.rows * a.kv_heads * split;
-  const int workers = static_cast<int>(std::min<std::int64_t>(a.threads, items));
+  const int workers = parallel_workers(items, a.threads);
   const std::int64_t scratch_floats = sub * (a.page_tokens + a.head_dim);
   std::vector<float> scratch(static_cast<std::size_t>(scratch_floats * workers));
-  std::atomic<std::int64_t> next{0};
-  auto work = [&](int w) {
-    float* buf = scratch.data() + w * scratch_floats;
+  run_parallel(items, a.threads, [&](int w, std::int64_t i) {
     PagedDecodeArgs item = a;
     item.heads = sub;
     item.kv_heads = 1;
-    for (std::int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      const std::int64_t r = i / (a.kv_heads * split);
-      const std::int64_t rest = i % (a.kv_heads * split);
-      const std::int64_t g = rest / split, part = rest % split;
-      // Address the item as a one-kv-head problem: shift the query/output head base and the
-      // K/V head base, so attend_item sees heads [0, sub) over kv head 0.
-      item.query = a.query + (g * n_rep + part * sub) * a.q_head_stride;
-      item.out = a.out + (g * n_rep + part * sub) * a.out_head_stride;
-      item.key_cache = a.key_cache + g * a.k_head_stride;
-      item.value_cache = a.value_cache + g * a.v_head_stride;
-      attend_item(item, r, 0, buf);
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < workers; ++w) {
-    try {
-      pool.emplace_back(work, w);
-    } catch (const std::system_error&) {
-      break;  // no more threads: the caller and those started do the rest
-    }
-  }
-  work(0);
-  for (auto& t : pool) t.join();
+    const std::int64_t r = i / (a.kv_heads * split);
+    const std::int64_t rest = i % (a.kv_heads * split);
+    const std::int64_t g = rest / split, part = rest % split;
+    // Address the item as a one-kv-head problem: shift the query/output head base and the
+    // K/V head base, so attend_item sees heads [0, sub) over kv head 0.
+    item.query = a.query + (g * n_rep + part * sub) * a.q_head_stride;
+    item.out = a.out + (g * n_rep + part * sub) * a.out_head_stride;
+    item.key_cache = a.key_cache + g * a.k_head_stride;
+    item.value_cache = a.value_cache + g * a.v_head_stride;
+    attend_item(item, r, 0, scratch.data() + w * scratch_floats);
+  });
   return Status::Ok();
 }
 

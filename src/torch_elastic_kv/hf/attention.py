@@ -14,9 +14,11 @@ reads the plan back (``plan_of``). The plan's groups say how:
   from the pool's page-shaped view ``[pages, page_tokens, kv_heads, head_dim]`` and runs one
   SDPA call with a mask from lengths; grouped-query heads are folded into the query length
   (no K/V repeat);
-* a prefill chunk is one SDPA call over a contiguous query slice (no gather): a chunk that
-  starts at position 0 attends causally over its own new K/V (no page read, no mask), a
-  later chunk over its sequence's pages; SDPA's ``enable_gqa`` handles the heads;
+* a prefill chunk is one call over a contiguous query slice (no gather): a chunk that starts
+  at position 0 attends causally over its own new K/V (no page read, no mask), a later chunk
+  over its sequence's pages. On CPU in float32 the native kernel does it
+  (``prefill_attention.causal_prefill_attention``, reading pages in place; ``EKV_NATIVE_PREFILL=0``
+  turns it off); otherwise one SDPA call, with ``enable_gqa`` for the heads;
 * generate mode: one group over all rows.
 
 Decode rows can skip the gather and SDPA, all of a step's decode rows in one call per layer:
@@ -54,6 +56,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._native import _C
+from .prefill_attention import causal_prefill_attention, native_prefill_enabled
 
 PAGED_ATTENTION = "elastic_paged"
 _PLAN_ATTR = "_elastic_kv_plan"
@@ -101,6 +104,7 @@ class PageGroup:
     fresh: bool = False
     _mask: torch.Tensor | None = field(default=None, repr=False)
     _decode_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _q_start: int | None = field(default=None, repr=False)
 
     def mask(self, page_tokens: int) -> torch.Tensor:
         """``[S, 1, Q, P * page_tokens]`` boolean: causal, within length, and the extra mask."""
@@ -198,6 +202,9 @@ def paged_attention_forward(
         for group in groups:
             if group.q_slice is not None:  # one sequence's chunk: contiguous queries
                 a, b = group.q_slice
+                if native_prefill_enabled(query):
+                    _prefill_native(q_flat[:, a:b].transpose(0, 1), plan, group, scaling, out[a:b])
+                    continue
                 q = q_flat[:, a:b].unsqueeze(0)  # [1, heads, n, head_dim]
                 if group.fresh:
                     o = _attend_fresh(q, plan.new_key[a:b], plan.new_value[a:b], scaling)
@@ -470,6 +477,21 @@ def _attend(q: torch.Tensor, plan: PagePlan, group: PageGroup, scaling: float | 
         o = F.scaled_dot_product_attention(q.reshape(s, kv_heads, n_rep, head_dim), k, v, attn_mask=mask, scale=scaling)
         return o.reshape(s, heads, 1, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
+
+
+def _prefill_native(
+    q: torch.Tensor, plan: PagePlan, group: PageGroup, scaling: float | None, out: torch.Tensor
+) -> None:
+    """The native kernel for one chunk ``q [n, heads, d]``, written into ``out [n, heads, d]``."""
+    a, b = group.q_slice
+    if group.fresh:
+        causal_prefill_attention(q, plan.new_key[a:b], plan.new_value[a:b], scaling, out=out)
+        return
+    if group._q_start is None:  # once a step, not once a layer
+        group._q_start = int(group.kv_lengths[0]) - (b - a)
+    causal_prefill_attention(
+        q, plan.key_cache, plan.value_cache, scaling, page_table=group.page_table[0], q_start=group._q_start, out=out
+    )
 
 
 def _attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
