@@ -57,6 +57,8 @@ def test_levels_name_what_this_cpu_runs():
         (130, 4, 4, 64),
         (100, 6, 1, 24),  # head_dim padded to 32
         (47, 3, 3, 128),
+        (40, 2, 2, 48),  # three vectors of dims in the weighted values
+        (21, 4, 1, 96),  # 64 dims, then three vectors
         (9, 2, 1, 5),
     ],
 )
@@ -103,6 +105,15 @@ def test_threads_give_the_same_bits():
     value = torch.randn(300, 2, 64, generator=gen)
     one = causal_prefill_attention(query, key, value, threads=1)
     assert torch.equal(causal_prefill_attention(query, key, value, threads=3), one)
+    # The paged path too, with four query heads a kv head.
+    planes = torch.randn(30, 2, 8, 2, 64, generator=gen)
+    table = torch.randperm(30, generator=gen)
+    q = torch.randn(50, 8, 64, generator=gen)
+    paged = [
+        causal_prefill_attention(q, planes[:, 0], planes[:, 1], page_table=table, q_start=133, threads=t)
+        for t in (1, 4)
+    ]
+    assert torch.equal(paged[0], paged[1])
 
 
 def _args():
@@ -160,7 +171,30 @@ def test_bad_contiguous_chunk_isa_and_threads():
             causal_prefill_attention(query, key, value, isa=missing[0])
 
 
-def test_set_native_prefill_rejects_a_non_bool():
+def test_positions_past_int32_are_refused():
+    planes = torch.randn(2, 2, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"q_start=2147483647 \+ queries=1 keys exceed 2\^31 - 1"):
+        causal_prefill_attention(
+            torch.randn(1, 1, 8), planes[:, 0], planes[:, 1], page_table=torch.tensor([0]), q_start=2**31 - 1
+        )
+
+
+def test_when_the_kernel_serves_the_model(monkeypatch):
+    f32, bf16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
+    try:
+        monkeypatch.delenv(prefill_attention.NATIVE_PREFILL_ENV, raising=False)
+        prefill_attention.set_native_prefill(None)
+        fast = LEVELS[0] in (4, 3)
+        assert prefill_attention.native_prefill_enabled(f32) is fast
+        assert prefill_attention.native_prefill_enabled(bf16) is False
+        monkeypatch.setenv(prefill_attention.NATIVE_PREFILL_ENV, "0")
+        assert prefill_attention.native_prefill_enabled(f32) is fast  # read once: still the first answer
+        prefill_attention.set_native_prefill(None)
+        assert prefill_attention.native_prefill_enabled(f32) is False
+        prefill_attention.set_native_prefill(True)
+        assert prefill_attention.native_prefill_enabled(f32) is True
+    finally:
+        prefill_attention.set_native_prefill(None)
     with pytest.raises(ValueError, match=r"enabled must be True, False or None, got 'yes'"):
         prefill_attention.set_native_prefill("yes")
 

@@ -1,6 +1,7 @@
 // paged_attention.cpp — see paged_attention.h.
 #include "kernels/paged_attention.h"
 
+#include "kernels/kernel_args.h"
 #include "kernels/run_parallel.h"
 #include "kernels/vec_math.h"
 
@@ -8,11 +9,15 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <string>
-#include <vector>
 
 namespace ekv {
 namespace {
+
+using kernel_args::index_at;
+using kernel_args::num;
 
 using vec::exp_nonpositive;
 using vec::lane_sum;
@@ -20,12 +25,6 @@ using vec::load8;
 using vec::store8;
 using vec::v8f;
 using vec::v8i;
-
-std::int64_t load_index(const void* base, int bytes, std::int64_t i) {
-  return bytes == 4 ? static_cast<const std::int32_t*>(base)[i] : static_cast<const std::int64_t*>(base)[i];
-}
-
-std::string num(std::int64_t v) { return std::to_string(v); }
 
 Status check(const PagedDecodeArgs& a) {
   const char* f = "paged_decode_attention: ";
@@ -70,7 +69,7 @@ Status check(const PagedDecodeArgs& a) {
       return InvalidArgument(std::string(f) + "row " + num(r) + " token " + num(a.row_tokens[r]) + " is outside [0, " +
                              num(tokens_bound) + ")");
     }
-    const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
+    const std::int64_t len = index_at(a.context_lens, a.lens_index_bytes, r);
     if (len < 1 || len > a.max_pages * a.page_tokens) {
       return InvalidArgument(std::string(f) + "row " + num(r) + " context length " + num(len) + " is outside [1, " +
                              num(a.max_pages * a.page_tokens) + "] (max_pages=" + num(a.max_pages) +
@@ -79,7 +78,7 @@ Status check(const PagedDecodeArgs& a) {
     const std::int64_t used = (len + a.page_tokens - 1) / a.page_tokens;
     const char* row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
     for (std::int64_t i = 0; i < used; ++i) {
-      const std::int64_t page = load_index(row, a.table_index_bytes, i);
+      const std::int64_t page = index_at(row, a.table_index_bytes, i);
       if (page < 0 || page >= a.num_pages) {
         return InvalidArgument(std::string(f) + "row " + num(r) + " page " + num(i) + " id " + num(page) +
                                " is outside [0, " + num(a.num_pages) + ")");
@@ -101,7 +100,7 @@ void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float
   const std::int64_t d = a.head_dim;
   const std::int64_t pt = a.page_tokens;
   const std::int64_t token = a.row_tokens ? a.row_tokens[r] : r;
-  const std::int64_t len = load_index(a.context_lens, a.lens_index_bytes, r);
+  const std::int64_t len = index_at(a.context_lens, a.lens_index_bytes, r);
   const char* table_row = static_cast<const char*>(a.page_table) + r * a.table_row_stride * a.table_index_bytes;
   float* scores = scratch;            // [n_rep, pt]
   float* acc = scratch + n_rep * pt;  // [n_rep, d]
@@ -115,7 +114,7 @@ void attend_item(const PagedDecodeArgs& a, std::int64_t r, std::int64_t g, float
   const std::int64_t used = (len + pt - 1) / pt;
   const std::int64_t d8 = d - d % 8;
   for (std::int64_t pi = 0; pi < used; ++pi) {
-    const std::int64_t page = load_index(table_row, a.table_index_bytes, pi);
+    const std::int64_t page = index_at(table_row, a.table_index_bytes, pi);
     const std::int64_t n = std::min(pt, len - pi * pt);
     const float* kp = a.key_cache + page * a.k_page_stride + g * a.k_head_stride;
     const float* vp = a.value_cache + page * a.v_page_stride + g * a.v_head_stride;
@@ -222,7 +221,8 @@ Status paged_decode_attention(const PagedDecodeArgs& args) {
   const std::int64_t items = a.rows * a.kv_heads * split;
   const int workers = parallel_workers(items, a.threads);
   const std::int64_t scratch_floats = sub * (a.page_tokens + a.head_dim);
-  std::vector<float> scratch(static_cast<std::size_t>(scratch_floats * workers));
+  std::unique_ptr<float[]> scratch(new (std::nothrow) float[static_cast<std::size_t>(scratch_floats * workers)]);
+  if (!scratch) return OutOfMemory("paged_decode_attention: no memory for the workers' scratch");
   run_parallel(items, a.threads, [&](int w, std::int64_t i) {
     PagedDecodeArgs item = a;
     item.heads = sub;
@@ -236,7 +236,7 @@ Status paged_decode_attention(const PagedDecodeArgs& args) {
     item.out = a.out + (g * n_rep + part * sub) * a.out_head_stride;
     item.key_cache = a.key_cache + g * a.k_head_stride;
     item.value_cache = a.value_cache + g * a.v_head_stride;
-    attend_item(item, r, 0, scratch.data() + w * scratch_floats);
+    attend_item(item, r, 0, scratch.get() + w * scratch_floats);
   });
   return Status::Ok();
 }

@@ -8,10 +8,13 @@
 #include <new>
 #include <string>
 
+#include "kernels/kernel_args.h"
 #include "kernels/run_parallel.h"
 #include "kernels/vec_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The AVX-512 and AVX2 builds need GCC 12 or later (target("arch=x86-64-v4") and
+// __builtin_cpu_supports("x86-64-v4")); other compilers build the portable code only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define EKV_PREFILL_CLONES 1
 #define EKV_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -22,15 +25,12 @@
 namespace ekv {
 namespace {
 
+using kernel_args::index_at;
+using kernel_args::num;
+
 constexpr std::int64_t kLanes = 16;  // keys per block: one 16-float vector of scores per row
 constexpr std::int64_t kMaxRows = 8;
 constexpr std::int64_t kMaxKeyBlocks = 2;
-
-std::string num(std::int64_t v) { return std::to_string(v); }
-
-std::int64_t load_index(const void* base, int bytes, std::int64_t i) {
-  return bytes == 4 ? static_cast<const std::int32_t*>(base)[i] : static_cast<const std::int64_t*>(base)[i];
-}
 
 int levels_here(int* out) {
   int n = 0;
@@ -68,6 +68,11 @@ Status check(const CausalPrefillArgs& a) {
   for (std::int64_t s : strides) {
     if (s < 0) return InvalidArgument(f + "stride " + num(s) + " must be >= 0");
   }
+  // Key positions are compared as int32 in the mask.
+  if (a.q_start > std::numeric_limits<std::int32_t>::max() - a.queries) {
+    return InvalidArgument(f + "q_start=" + num(a.q_start) + " + queries=" + num(a.queries) +
+                           " keys exceed 2^31 - 1");
+  }
   if (a.queries == 0) return Status::Ok();
   if (!a.out || !a.query || !a.key || !a.value) return InvalidArgument(f + "a data pointer is null");
   if (a.page_table) {
@@ -86,7 +91,7 @@ Status check(const CausalPrefillArgs& a) {
                              " tokens, the page table has " + num(a.table_pages));
     }
     for (std::int64_t i = 0; i < used; ++i) {
-      const std::int64_t page = load_index(a.page_table, a.table_index_bytes, i);
+      const std::int64_t page = index_at(a.page_table, a.table_index_bytes, i);
       if (page < 0 || page >= a.num_pages) {
         return InvalidArgument(f + "page " + num(i) + " id " + num(page) + " is outside [0, " + num(a.num_pages) + ")");
       }
@@ -111,7 +116,7 @@ void pack_head(const CausalPrefillArgs& a, std::int64_t g, std::int64_t keys, st
     const float* k;
     const float* v;
     if (a.page_table) {
-      const std::int64_t page = load_index(a.page_table, a.table_index_bytes, t / a.page_tokens);
+      const std::int64_t page = index_at(a.page_table, a.table_index_bytes, t / a.page_tokens);
       const std::int64_t off = t % a.page_tokens;
       k = a.key + page * a.k_page_stride + off * a.k_token_stride + g * a.k_head_stride;
       v = a.value + page * a.v_page_stride + off * a.v_token_stride + g * a.v_head_stride;
@@ -265,8 +270,9 @@ EKV_ALWAYS_INLINE void attend_rows(const CausalPrefillArgs& a, const float* kt, 
 }
 
 // One instruction set each: the template is inlined into each, so each is compiled for its
-// own target, with the vector width its registers hold. Rows per block follow the register
-// count: 32 with AVX-512, 16 with AVX2 or SSE.
+// own target, with the vector width its registers hold. Rows per block follow how many
+// registers the target has for the scores (32 with AVX-512, 16 with AVX2 or SSE): 8 rows of
+// two 16-key vectors, or 4 rows of one.
 using RowsFn = void (*)(const CausalPrefillArgs&, const float*, const float*, std::int64_t, std::int64_t, std::int64_t,
                         std::int64_t, const Scratch&);
 constexpr std::int64_t kRowsWide = 8, kRowsNarrow = 4;
@@ -327,32 +333,40 @@ Status causal_prefill_attention(const CausalPrefillArgs& args) {
   const std::int64_t blocks = (keys + kLanes * kMaxKeyBlocks - 1) / (kLanes * kMaxKeyBlocks) * kMaxKeyBlocks;
   const std::int64_t dp = (a.head_dim + kLanes - 1) / kLanes * kLanes;
   const std::int64_t head_floats = blocks * kLanes * dp;
-  // One kv head's packed K and V at a time (pack_head writes every float, padding included):
-  // memory for one head, not all, however long the context.
-  std::unique_ptr<float[]> packed(new (std::nothrow) float[static_cast<std::size_t>(2 * head_floats)]);
+  // K and V of a group of kv heads are packed at once (pack_head writes every float, padding
+  // included), then all of the group's query heads run in one parallel pass. A group is as
+  // many heads as fit in kPackBytes (at least one), so a long context costs memory for a few
+  // heads, not all, and a short one runs every head in one pass.
+  constexpr std::int64_t kPackBytes = std::int64_t{64} << 20;
+  const std::int64_t head_bytes = 2 * head_floats * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t group = std::max<std::int64_t>(1, std::min(a.kv_heads, kPackBytes / head_bytes));
+  std::unique_ptr<float[]> packed(new (std::nothrow) float[static_cast<std::size_t>(2 * head_floats * group)]);
   if (!packed) {
-    return OutOfMemory("causal_prefill_attention: no memory to pack " + num(keys) + " keys of head_dim " +
-                       num(a.head_dim));
+    return OutOfMemory("causal_prefill_attention: no memory to pack " + num(keys) + " keys of " + num(group) +
+                       " kv heads of head_dim " + num(a.head_dim));
   }
-  float* const kt = packed.get();
-  float* const vp = kt + head_floats;
   const std::int64_t n_rep = a.heads / a.kv_heads;
   const std::int64_t row_blocks = (a.queries + rows_per_item - 1) / rows_per_item;
-  const std::int64_t items = n_rep * row_blocks;
   const std::int64_t scratch_floats = kMaxRows * (2 * dp + kMaxKeyBlocks * kLanes);
-  std::unique_ptr<float[]> scratch(
-      new (std::nothrow) float[static_cast<std::size_t>(scratch_floats * parallel_workers(items, a.threads))]);
+  std::unique_ptr<float[]> scratch(new (std::nothrow) float[static_cast<std::size_t>(
+      scratch_floats * parallel_workers(group * n_rep * row_blocks, a.threads))]);
   if (!scratch) return OutOfMemory("causal_prefill_attention: no memory for the workers' scratch");
-  for (std::int64_t g = 0; g < a.kv_heads; ++g) {
-    pack_head(a, g, keys, blocks, dp, kt, vp);
+  for (std::int64_t g0 = 0; g0 < a.kv_heads; g0 += group) {
+    const std::int64_t heads_here = std::min(group, a.kv_heads - g0);
+    run_parallel(heads_here, a.threads, [&](int, std::int64_t j) {
+      float* kt = packed.get() + 2 * j * head_floats;
+      pack_head(a, g0 + j, keys, blocks, dp, kt, kt + head_floats);
+    });
+    const std::int64_t items = heads_here * n_rep * row_blocks;
     run_parallel(items, a.threads, [&](int w, std::int64_t i) {
       // The last row blocks see the most keys: hand them out first, so the workers end together.
-      const std::int64_t rb = row_blocks - 1 - i / n_rep;
-      const std::int64_t h = g * n_rep + i % n_rep;
+      const std::int64_t rb = row_blocks - 1 - i / (heads_here * n_rep);
+      const std::int64_t h = g0 * n_rep + i % (heads_here * n_rep);  // query head
+      const float* kt = packed.get() + 2 * (h / n_rep - g0) * head_floats;
       float* buf = scratch.get() + w * scratch_floats;
       const Scratch s{buf, buf + kMaxRows * dp, buf + 2 * kMaxRows * dp};
       const std::int64_t i0 = rb * rows_per_item;
-      fn(a, kt, vp, dp, h, i0, std::min(rows_per_item, a.queries - i0), s);
+      fn(a, kt, kt + head_floats, dp, h, i0, std::min(rows_per_item, a.queries - i0), s);
     });
   }
   return Status::Ok();

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <new>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -21,6 +22,12 @@ void run_parallel(std::int64_t items, int threads, Work&& work) {
     for (std::int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) work(w, i);
   };
   std::vector<std::thread> pool;
+  try {
+    pool.reserve(static_cast<std::size_t>(workers - 1));  // so emplace_back never reallocates
+  } catch (const std::bad_alloc&) {
+    loop(0);  // no room even for the list: the caller does it all
+    return;
+  }
   for (int w = 1; w < workers; ++w) {
     try {
       pool.emplace_back(loop, w);

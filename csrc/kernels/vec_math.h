@@ -53,8 +53,9 @@ inline float lane_sum(const v8f& v) { return ((v[0] + v[4]) + (v[1] + v[5])) + (
 // exp(x) for x <= 0 (scores minus their running maximum), branch-free so that a vector of
 // them runs as one: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
 // polynomial (relative error below 2e-7, about one float32 ulp), 2^k built in the exponent
-// bits; k is rounded by adding and subtracting 1.5 * 2^23. Below -87 the result flushes to
-// 0 (expf gives a denormal there: a weight of at most 1e-38 beside the maximum's 1). The same
+// bits; k is rounded by adding and subtracting 1.5 * 2^23. Inputs below -87 give exp(-87),
+// about 1.6e-38 (expf gives a denormal there): a weight negligible beside the maximum's 1,
+// but not 0, so a kernel that needs exact zeros (a causal mask) sets them itself. The same
 // template serves one float and a vector, so both give the same bits.
 template <typename F, typename I>
 inline F exp_nonpositive(const F& in) {

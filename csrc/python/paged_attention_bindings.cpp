@@ -15,6 +15,27 @@
 namespace py = pybind11;
 
 namespace ekv {
+namespace {
+
+// (page, token, head) element strides from a Python tuple of three ints.
+void read_strides(const py::tuple& t, std::int64_t& page, std::int64_t& token, std::int64_t& head) {
+  page = t[0].cast<std::int64_t>();
+  token = t[1].cast<std::int64_t>();
+  head = t[2].cast<std::int64_t>();
+}
+
+// Runs a kernel with the GIL released (it touches no Python object) and raises its error.
+template <typename Args>
+void run_kernel(Status (*kernel)(const Args&), const Args& args) {
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = kernel(args);
+  }
+  throw_if_error(st);
+}
+
+}  // namespace
 
 void bind_paged_attention(py::module_& m) {
   m.def(
@@ -40,12 +61,8 @@ void bind_paged_attention(py::module_& m) {
         a.num_tokens = num_tokens;
         a.key_cache = reinterpret_cast<const float*>(key_cache);
         a.value_cache = reinterpret_cast<const float*>(value_cache);
-        a.k_page_stride = k_strides[0].cast<std::int64_t>();
-        a.k_token_stride = k_strides[1].cast<std::int64_t>();
-        a.k_head_stride = k_strides[2].cast<std::int64_t>();
-        a.v_page_stride = v_strides[0].cast<std::int64_t>();
-        a.v_token_stride = v_strides[1].cast<std::int64_t>();
-        a.v_head_stride = v_strides[2].cast<std::int64_t>();
+        read_strides(k_strides, a.k_page_stride, a.k_token_stride, a.k_head_stride);
+        read_strides(v_strides, a.v_page_stride, a.v_token_stride, a.v_head_stride);
         a.num_pages = num_pages;
         a.page_tokens = page_tokens;
         a.page_table = reinterpret_cast<const void*>(page_table);
@@ -60,12 +77,7 @@ void bind_paged_attention(py::module_& m) {
         a.head_dim = head_dim;
         a.scale = static_cast<float>(scale);
         a.threads = threads;
-        Status st;
-        {
-          py::gil_scoped_release nogil;
-          st = paged_decode_attention(a);
-        }
-        throw_if_error(st);
+        run_kernel(paged_decode_attention, a);
       },
       py::arg("out"), py::arg("query"), py::arg("q_token_stride"), py::arg("q_head_stride"),
       py::arg("out_token_stride"), py::arg("out_head_stride"), py::arg("row_tokens"), py::arg("num_tokens"),
@@ -99,12 +111,8 @@ void bind_paged_attention(py::module_& m) {
         a.q_start = q_start;
         a.key = reinterpret_cast<const float*>(key);
         a.value = reinterpret_cast<const float*>(value);
-        a.k_page_stride = k_strides[0].cast<std::int64_t>();
-        a.k_token_stride = k_strides[1].cast<std::int64_t>();
-        a.k_head_stride = k_strides[2].cast<std::int64_t>();
-        a.v_page_stride = v_strides[0].cast<std::int64_t>();
-        a.v_token_stride = v_strides[1].cast<std::int64_t>();
-        a.v_head_stride = v_strides[2].cast<std::int64_t>();
+        read_strides(k_strides, a.k_page_stride, a.k_token_stride, a.k_head_stride);
+        read_strides(v_strides, a.v_page_stride, a.v_token_stride, a.v_head_stride);
         a.page_table = reinterpret_cast<const void*>(page_table);
         a.table_index_bytes = table_index_bytes;
         a.table_pages = table_pages;
@@ -116,12 +124,7 @@ void bind_paged_attention(py::module_& m) {
         a.scale = static_cast<float>(scale);
         a.threads = threads;
         a.isa = isa;
-        Status st;
-        {
-          py::gil_scoped_release nogil;
-          st = causal_prefill_attention(a);
-        }
-        throw_if_error(st);
+        run_kernel(causal_prefill_attention, a);
       },
       py::arg("out"), py::arg("query"), py::arg("q_strides"), py::arg("out_strides"), py::arg("queries"),
       py::arg("q_start"), py::arg("key"), py::arg("value"), py::arg("k_strides"), py::arg("v_strides"),

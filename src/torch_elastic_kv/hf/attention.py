@@ -56,6 +56,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._native import _C
+from .native_args import check_cpu_float32, check_rows_contiguous, output_like
 from .prefill_attention import causal_prefill_attention, native_prefill_enabled
 
 PAGED_ATTENTION = "elastic_paged"
@@ -389,9 +390,7 @@ def paged_decode_attention(
     Returns ``out``; only the rows' tokens are written. Raises ValueError naming the numbers.
     """
     name = "paged_decode_attention"
-    for t, what in ((query, "query"), (key_cache, "key_cache"), (value_cache, "value_cache")):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name}: {what} must be float32 on CPU, got {t.dtype} on {t.device}")
+    check_cpu_float32(name, query=query, key_cache=key_cache, value_cache=value_cache)
     if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(
             f"{name}: query {tuple(query.shape)} must be [tokens, heads, head_dim] and "
@@ -418,13 +417,8 @@ def paged_decode_attention(
         raise ValueError(
             f"{name}: row_tokens must be [rows={rows}] int64 on CPU, got {tuple(row_tokens.shape)} {row_tokens.dtype}"
         )
-    if out is None:
-        out = query.new_empty(tokens, heads, head_dim)
-    elif out.shape != query.shape or out.dtype != torch.float32 or out.device.type != "cpu":
-        raise ValueError(f"{name}: out {tuple(out.shape)} {out.dtype} must be float32 {tuple(query.shape)}")
-    for t, what in ((query, "query"), (out, "out"), (key_cache, "key_cache"), (value_cache, "value_cache")):
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            raise ValueError(f"{name}: {what}'s last dimension must be contiguous (stride {t.stride(-1)})")
+    out = output_like(name, out, query)
+    check_rows_contiguous(name, query=query, out=out, key_cache=key_cache, value_cache=value_cache)
     if page_table.stride(1) != 1 and max_pages > 1:
         page_table = page_table.contiguous()
     context_lens = context_lens.contiguous()

@@ -8,8 +8,9 @@ registers, compiled for AVX-512, AVX2 and portable code and picked at run time.
 
 It serves a layer's prefill chunks when :func:`native_prefill_enabled` says so: float32 CPU
 tensors, a CPU with AVX2 or AVX-512 (the portable code is slower than torch's own flash
-attention, which then stays in use), and ``EKV_NATIVE_PREFILL`` unset or not ``0``. The
-variable is read once per process, like the decode kernel's switches.
+attention, which then stays in use; builds by a compiler other than GCC 12 or later have the
+portable code only), and ``EKV_NATIVE_PREFILL`` unset or not ``0``, read once per process, at
+the first prefill.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import torch
 
 from .._native import _C
+from .native_args import check_cpu_float32, check_rows_contiguous, output_like
 
 NATIVE_PREFILL_ENV = "EKV_NATIVE_PREFILL"
 # Instruction-set levels: 4 x86-64-v4 (AVX-512), 3 x86-64-v3 (AVX2 + FMA), 1 portable.
@@ -77,13 +79,11 @@ def causal_prefill_attention(
         threads: worker threads (default ``torch.get_num_threads()``).
         isa: 0 for the best code this CPU runs, else one of :data:`ISA_LEVELS` (tests pin one).
 
-    Returns ``out``. Raises ValueError naming the numbers for bad shapes, dtypes or page ids;
-    nothing is written then.
+    Returns ``out``. Raises ValueError naming the numbers for bad shapes, dtypes or page ids,
+    MemoryError when the kernel's buffers cannot be had; nothing is written then.
     """
     name = "causal_prefill_attention"
-    for t, what in ((query, "query"), (key, "key"), (value, "value")):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name}: {what} must be float32 on CPU, got {t.dtype} on {t.device}")
+    check_cpu_float32(name, query=query, key=key, value=value)
     if isinstance(q_start, bool) or not isinstance(q_start, int) or q_start < 0:
         raise ValueError(f"{name}: q_start must be an int >= 0, got {q_start!r}")
     if isinstance(isa, bool) or isa not in (0, *ISA_LEVELS):
@@ -118,13 +118,8 @@ def causal_prefill_attention(
         v_strides = tuple(value.stride()[:3])
         pages, page_tokens = key.shape[:2]
         table_pages = page_table.shape[0]
-    if out is None:
-        out = query.new_empty(n, heads, head_dim)
-    elif out.shape != query.shape or out.dtype != torch.float32 or out.device.type != "cpu":
-        raise ValueError(f"{name}: out {tuple(out.shape)} {out.dtype} must be float32 {tuple(query.shape)}")
-    for t, what in ((query, "query"), (out, "out"), (key, "key"), (value, "value")):
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            raise ValueError(f"{name}: {what}'s last dimension must be contiguous (stride {t.stride(-1)})")
+    out = output_like(name, out, query)
+    check_rows_contiguous(name, query=query, out=out, key=key, value=value)
     _C.causal_prefill_attention(
         out=out.data_ptr(),
         query=query.data_ptr(),
