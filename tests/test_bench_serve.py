@@ -404,6 +404,11 @@ def test_vllm_is_skipped_with_a_note_without_vllm_python(bench, tmp_path):
     assert kv == {"kv_cache_memory_bytes": 64 << 20}
     argv, _ = bench.server_argv("ekv-noprefix", args, tmp_path, 0, {}, "key")
     assert "--no-enable-prefix-caching" in argv
+    # --ekv-arg reaches our servers' command lines, in order, and nobody else's
+    args = bench.parse_args(["--vllm-python", str(python), "--ekv-arg=--threads=2", "--ekv-arg=--compile"])
+    for system in ("ekv-elastic", "ekv-static", "ekv-noprefix"):
+        assert bench.server_argv(system, args, tmp_path, 0, {}, "key")[0][-2:] == ["--threads=2", "--compile"]
+    assert "--compile" not in bench.server_argv("vllm", args, tmp_path, 8123, {}, "key")[0]
 
 
 def test_prefix_floors(bench):
