@@ -1,10 +1,6 @@
 // paged_attention.cpp — see paged_attention.h.
 #include "kernels/paged_attention.h"
 
-#include "kernels/kernel_args.h"
-#include "kernels/run_parallel.h"
-#include "kernels/vec_math.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,6 +8,10 @@
 #include <memory>
 #include <new>
 #include <string>
+
+#include "kernels/kernel_args.h"
+#include "kernels/run_parallel.h"
+#include "kernels/vec_math.h"
 
 namespace ekv {
 namespace {

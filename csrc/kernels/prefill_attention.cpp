@@ -70,8 +70,7 @@ Status check(const CausalPrefillArgs& a) {
   }
   // Key positions are compared as int32 in the mask.
   if (a.q_start > std::numeric_limits<std::int32_t>::max() - a.queries) {
-    return InvalidArgument(f + "q_start=" + num(a.q_start) + " + queries=" + num(a.queries) +
-                           " keys exceed 2^31 - 1");
+    return InvalidArgument(f + "q_start=" + num(a.q_start) + " + queries=" + num(a.queries) + " keys exceed 2^31 - 1");
   }
   if (a.queries == 0) return Status::Ok();
   if (!a.out || !a.query || !a.key || !a.value) return InvalidArgument(f + "a data pointer is null");
@@ -196,7 +195,7 @@ EKV_ALWAYS_INLINE void attend_rows(const CausalPrefillArgs& a, const float* kt, 
     m[r] = ninf;
     l[r] = 0.0f;
   }
-  const std::int64_t first = a.q_start + i0;  // the first row's position: its last key
+  const std::int64_t first = a.q_start + i0;   // the first row's position: its last key
   const std::int64_t last = first + rows - 1;  // the last key any row sees
   const std::int64_t blocks = last / kLanes + 1;
   I iota;
@@ -283,15 +282,15 @@ void attend_portable(const CausalPrefillArgs& a, const float* kt, const float* v
 }
 
 #if EKV_PREFILL_CLONES
-__attribute__((target("arch=x86-64-v3"))) void attend_v3(const CausalPrefillArgs& a, const float* kt,
-                                                          const float* vp, std::int64_t dp, std::int64_t h,
-                                                          std::int64_t i0, std::int64_t rows, const Scratch& s) {
+__attribute__((target("arch=x86-64-v3"))) void attend_v3(const CausalPrefillArgs& a, const float* kt, const float* vp,
+                                                         std::int64_t dp, std::int64_t h, std::int64_t i0,
+                                                         std::int64_t rows, const Scratch& s) {
   attend_rows<vec::v8f, kRowsNarrow, 1, 2>(a, kt, vp, dp, h, i0, rows, s);
 }
 
-__attribute__((target("arch=x86-64-v4"))) void attend_v4(const CausalPrefillArgs& a, const float* kt,
-                                                          const float* vp, std::int64_t dp, std::int64_t h,
-                                                          std::int64_t i0, std::int64_t rows, const Scratch& s) {
+__attribute__((target("arch=x86-64-v4"))) void attend_v4(const CausalPrefillArgs& a, const float* kt, const float* vp,
+                                                         std::int64_t dp, std::int64_t h, std::int64_t i0,
+                                                         std::int64_t rows, const Scratch& s) {
   attend_rows<vec::v16f, kRowsWide, kMaxKeyBlocks, 4>(a, kt, vp, dp, h, i0, rows, s);
 }
 #endif
