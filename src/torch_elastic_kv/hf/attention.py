@@ -56,7 +56,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._native import _C
-from .native_args import check_cpu_float32, check_rows_contiguous, output_like
+from .native_args import INDEX_DTYPES, check_cpu_float32, check_rows_contiguous, output_like
 from .prefill_attention import causal_prefill_attention, native_prefill_enabled
 
 PAGED_ATTENTION = "elastic_paged"
@@ -74,7 +74,6 @@ _PATH_ROWS = dict.fromkeys(DECODE_PATHS, 0)
 _triton_failure: str | None = None
 # The Triton mode once read from the environment (or set); None until the first decode asks.
 _triton_mode: str | None = None
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass
@@ -401,12 +400,12 @@ def paged_decode_attention(
     pages, page_tokens, kv_heads, kv_dim = key_cache.shape
     if kv_dim != head_dim:
         raise ValueError(f"{name}: key/value head_dim {kv_dim} != query head_dim {head_dim}")
-    if page_table.dim() != 2 or page_table.dtype not in _INDEX_DTYPES or page_table.device.type != "cpu":
+    if page_table.dim() != 2 or page_table.dtype not in INDEX_DTYPES or page_table.device.type != "cpu":
         raise ValueError(
             f"{name}: page_table must be a 2-d int32/int64 CPU tensor, got {tuple(page_table.shape)} {page_table.dtype}"
         )
     rows, max_pages = page_table.shape
-    if context_lens.shape != (rows,) or context_lens.dtype not in _INDEX_DTYPES or context_lens.device.type != "cpu":
+    if context_lens.shape != (rows,) or context_lens.dtype not in INDEX_DTYPES or context_lens.device.type != "cpu":
         raise ValueError(
             f"{name}: context_lens must be [rows={rows}] int32/int64 on CPU, got "
             f"{tuple(context_lens.shape)} {context_lens.dtype}"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+# The dtypes the kernels read page ids and lengths in.
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 def check_cpu_float32(name: str, **tensors: torch.Tensor) -> None:
     """ValueError unless every tensor is float32 on the CPU."""

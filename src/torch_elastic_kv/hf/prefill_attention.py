@@ -20,13 +20,12 @@ import os
 import torch
 
 from .._native import _C
-from .native_args import check_cpu_float32, check_rows_contiguous, output_like
+from .native_args import INDEX_DTYPES, check_cpu_float32, check_rows_contiguous, output_like
 
 NATIVE_PREFILL_ENV = "EKV_NATIVE_PREFILL"
 # Instruction-set levels: 4 x86-64-v4 (AVX-512), 3 x86-64-v3 (AVX2 + FMA), 1 portable.
 ISA_LEVELS = (4, 3, 1)
 _FAST_LEVELS = (4, 3)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _enabled: bool | None = None
 
 
@@ -108,7 +107,7 @@ def causal_prefill_attention(
         v_strides = (0, *value.stride()[:2])
         pages = page_tokens = table_pages = 0
     else:
-        if page_table.dim() != 1 or page_table.dtype not in _INDEX_DTYPES or page_table.device.type != "cpu":
+        if page_table.dim() != 1 or page_table.dtype not in INDEX_DTYPES or page_table.device.type != "cpu":
             raise ValueError(
                 f"{name}: page_table must be a 1-d int32/int64 CPU tensor, got "
                 f"{tuple(page_table.shape)} {page_table.dtype} on {page_table.device}"
