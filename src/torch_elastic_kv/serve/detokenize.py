@@ -5,8 +5,10 @@ token into the text it adds: it decodes a short window that ends at the new toke
 what the window gained over the same window without it, starting the window a few tokens back
 so tokenizers whose pieces depend on their left neighbour (a leading space, a byte fallback)
 decode as they would in the full text (but never inside a character the prompt leaves
-incomplete: the output's text is that of its own tokens), and holding text back while it ends in U+FFFD (a
-multi-byte character whose bytes have not all arrived). ``StopStrings`` then finds the first
+incomplete: the output's text is that of its own tokens), and holding text back while it ends in
+the first bytes of a multi-byte character that the next tokens could complete. Where the
+tokenizer's bytes are known (``TokenBytes``) a U+FFFD that no later byte can change (a lone
+continuation byte) goes out at once; otherwise any trailing U+FFFD is held. ``StopStrings`` then finds the first
 stop string in the text so far, and says how much of the text is safe to send: a stream never
 shows a prefix of a stop string that the next token could complete.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Optional
+
+from .token_bytes import BYTE_LEVEL, TokenBytes, ends_inside_a_character
 
 __all__ = ["IncrementalDetokenizer", "StopStrings"]
 
@@ -30,15 +34,29 @@ class IncrementalDetokenizer:
     incomplete); ``flush()`` returns what was held back, at the end of the request. The text
     of all ``add`` and ``flush`` results equals ``tokenizer.decode(output_ids,
     skip_special_tokens=...)`` for tokenizers that decode piece by piece (byte-level BPE,
-    SentencePiece).
+    SentencePiece). ``token_bytes``: the tokenizer's ``TokenBytes`` (built once per tokenizer,
+    with the same ``skip_special_tokens``), or None to hold text on every trailing U+FFFD.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        token_bytes: Optional[TokenBytes] = None,
+    ) -> None:
+        if token_bytes is not None and token_bytes.skip_special_tokens != skip_special_tokens:
+            raise ValueError(
+                f"IncrementalDetokenizer: token_bytes was built with skip_special_tokens="
+                f"{token_bytes.skip_special_tokens}, the detokenizer has {skip_special_tokens}"
+            )
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.token_bytes = token_bytes
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # the window starts here
         self._read = len(self.ids)  # text of ids[:_read] has been returned
+        self._sent_ahead = 0  # characters of ids[_read:]'s text returned already (decided ones)
         self._context_checked = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -64,6 +82,22 @@ class IncrementalDetokenizer:
         self.ids = context + self.ids[self._read :]
         self._read = len(context)
 
+    def _undecided_tail(self) -> Optional[int]:
+        """How many characters at the end of the window's text (which ends in U+FFFD) may still
+        change: 0 when none, None when that is unknown (then nothing past ``_read`` is sent)."""
+        # Text past _read goes out only where no character is pending, so ids[_read:] starts
+        # on a character boundary.
+        if self.token_bytes is None:
+            return None
+        data = self.token_bytes.join(self.ids[self._read :])
+        if data is None:
+            return None
+        if not ends_inside_a_character(data):
+            return 0
+        # byte-level text shows the incomplete character as one U+FFFD; byte fallback shows
+        # one per byte, and those may all turn into the character
+        return 1 if self.token_bytes.kind == BYTE_LEVEL else None
+
     def _advance(self, final: bool) -> str:
         if not self._context_checked:
             self._check_context()
@@ -71,12 +105,19 @@ class IncrementalDetokenizer:
             return ""
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
-        if len(after) <= len(before) and not final:
+        start = len(before) + self._sent_ahead
+        if len(after) <= start and not final:
             return ""  # a token that decodes to nothing (a special token) or not yet
         if after.endswith(_REPLACEMENT) and not final:
-            return ""
-        delta = after[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)
+            undecided = self._undecided_tail()
+            if undecided is None:
+                return ""
+            if undecided:  # send what is decided; the window keeps its start
+                decided = after[start:-undecided]
+                self._sent_ahead += len(decided)
+                return decided
+        delta = after[start:]
+        self._prefix, self._read, self._sent_ahead = self._read, len(self.ids), 0
         return delta
 
 

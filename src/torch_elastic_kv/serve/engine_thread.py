@@ -46,6 +46,7 @@ from .detokenize import IncrementalDetokenizer, StopStrings
 from .errors import APIError, bad_request, overloaded
 from .metrics import ServerMetrics
 from .settings import MIN_KV_BYTES
+from .token_bytes import TokenBytes
 
 _log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class EngineService:
                 raise ValueError(f"EngineService: {what} must be a number >= 0, got {v!r}")
         self.engine = engine
         self.tokenizer = tokenizer
+        self._token_bytes = TokenBytes.for_tokenizer(tokenizer)  # shared by every request's detokenizer
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.clock = clock
@@ -303,7 +305,7 @@ class EngineService:
                     index=i,
                     spec=spec,
                     sub=sub,
-                    detok=IncrementalDetokenizer(self.tokenizer, spec.prompt_ids),
+                    detok=IncrementalDetokenizer(self.tokenizer, spec.prompt_ids, token_bytes=self._token_bytes),
                     stops=StopStrings(spec.stop),
                     arrival=now,
                 )
