@@ -253,7 +253,8 @@ def test_recent_reuse_counts_pages_that_came_back_over_its_window() -> None:
 
 def test_a_budget_cut_takes_whole_cached_chunks_first_and_compaction_frees_more(model) -> None:
     clock = ManualClock(100.0)
-    eng = make(model, clock=clock, max_mib=16, headroom=0.0)
+    # idle_keep_reuse=0: kept as if the traffic reused its pages, so they fill chunks of their own
+    eng = make(model, clock=clock, max_mib=16, headroom=0.0, eviction=EvictionPolicy(idle_keep_reuse=0.0))
     per = int(eng.pool.stats()["pages_per_chunk"])
     # three chunks' worth of cached pages, then one running request
     run(eng, [tokens(per * PT, s) for s in (20, 21, 22)], 1)
@@ -423,7 +424,9 @@ def test_compaction_packs_cached_and_live_pages_so_a_cut_frees_more_chunks(model
     cannot move pages keeps mapped."""
 
     def cut_and_count(compact: bool) -> tuple[int, int]:
-        eng = make(model, clock=ManualClock(100.0), max_mib=16, headroom=0.0)
+        # kept as if reused (idle_keep_reuse=0), so the short requests' pages spread the live ones
+        keep = EvictionPolicy(idle_keep_reuse=0.0)
+        eng = make(model, clock=ManualClock(100.0), max_mib=16, headroom=0.0, eviction=keep)
         if not compact:
             eng.pool.compact = lambda on_move=None: 0  # a pool that cannot move pages
         # long-lived requests placed between short ones, so live pages land in several chunks
@@ -478,3 +481,29 @@ def test_room_that_expiring_pages_leave_is_kept_for_the_next_allocations(model) 
     st = eng.stats()
     assert st["cached_bytes"] == 0 and st["resident_bytes"] == 0
     eng.close()
+
+
+def test_a_cache_nobody_reads_does_not_grow_the_pool(model) -> None:
+    # unrelated prompts one after another: each one's pages are cached when it ends, and the
+    # next allocation takes those never reused instead of mapping a chunk, so the pool stays
+    # at what the live requests need (one chunk) rather than filling the budget with them
+    clock = ManualClock(100.0)
+    eng = make(model, clock=clock, max_mib=32, headroom=0.0)
+    ref = make(model, caching=False, max_mib=32, headroom=0.0)
+    prompts = [tokens(6 * PT, 60 + i) for i in range(12)]  # 7 pages each with its 2 tokens
+    for p in prompts:
+        assert run(eng, [p], 2) == run(ref, [p], 2)
+    st = eng.stats()
+    assert st["resident_bytes"] == 2 * MiB and st["grows"] == 1  # 12 x 7 pages passed through 16
+    assert st["prefix_evictions_pressure"] >= 12 * 6 - 16 and st["cached_bytes"] > 0  # full pages only are cached
+    # what is cached is the most recent: the last prompt hits all its full pages but the last
+    run(eng, [prompts[-1]], 2)
+    assert eng.stats()["prefix_hit_tokens"] == 5 * PT
+    # traffic that reuses its pages keeps them while the budget has room: the pool grows
+    keep = make(model, clock=clock, max_mib=32, headroom=0.0, eviction=EvictionPolicy(idle_keep_reuse=0.0))
+    for p in prompts:
+        run(keep, [p], 2)
+    st = keep.stats()
+    assert st["resident_bytes"] >= 5 * 2 * MiB and st["prefix_evictions_pressure"] == 0
+    for e in (eng, ref, keep):
+        e.close()

@@ -73,6 +73,7 @@ class _CacheBackend:
         self.prefix = prefix
         self.page_tokens = pool.page_tokens
         self.page_bytes = pool.page_bytes
+        self.chunk_pages = int(pool.stats()["pages_per_chunk"])
 
     def free_pages(self) -> int:
         return self.pool.free_pages + self.table.cached_pages
@@ -88,10 +89,17 @@ class _CacheBackend:
         return self.table.page_count(request.request_id)
 
     def _make_room(self, n: int) -> None:
-        """Evict cached pages so that ``n`` pages can be allocated (as far as they go)."""
+        """Evict cached pages so that ``n`` pages can be allocated (as far as they go): those
+        the budget needs, then, while the traffic does not reuse its pages, those never reused
+        that would otherwise make the pool map more memory (see ``eviction.py``)."""
+        if self.prefix is None:
+            return
         short = n - self.pool.free_pages
-        if short > 0 and self.prefix is not None:
+        if short > 0:
             self.prefix.evict_for_alloc(short)
+        mapped_free = self.pool.resident_bytes // self.pool.chunk_bytes * self.chunk_pages - self.pool.live_pages
+        if n > mapped_free:
+            self.prefix.evict_unused_for_alloc(n - mapped_free)
 
     def ensure(self, request: Request, total_tokens: int) -> None:
         need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(request.request_id)

@@ -10,6 +10,10 @@ Kept while all of these hold:
 * the budget (or a broker's lease) has room: any allocation that needs the room takes cached
   pages first, and a budget cut, a lease reclaim or sleep takes them before it preempts any
   live request;
+* the pool has them mapped already, unless the traffic reuses its pages (``idle_keep_reuse``,
+  below): without reuse, an allocation that would map a new chunk takes the cached pages
+  never reused first, so a cache nobody reads never makes the pool grow (and then shrink
+  again under load once the idle hysteresis sees resident memory far above demand);
 * each page is younger than ``expiry_seconds`` since its last use (default 300 s: replaying the
   Mooncake conversation trace, 79 % of prefix hits come within 300 s of the block's last use,
   97 % within 900 s);
@@ -31,7 +35,8 @@ Kept while all of these hold:
 Order, in each case:
 
 * **pressure** (an allocation needs room) and **cap**: least recently used first, the deepest
-  page of a chain before its parent, so a chain is never cut in the middle;
+  page of a chain before its parent, so a chain is never cut in the middle (pages never
+  reused only, when the allocation would otherwise map memory);
 * **giving memory back** (budget cut, lease reclaim, sleep): first whole chunks whose pages
   are all cached, least recently used chunk first, since each such chunk unmaps at once; then
   pages in the pressure order; the memory controller's compaction then packs the surviving

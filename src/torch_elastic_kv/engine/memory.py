@@ -20,7 +20,8 @@ When is memory given back to the driver/OS? Two knobs, both on the policy:
   long (the policy's hysteresis); a shrink unmaps chunks. Cached prefix pages are not demand:
   an idle shrink takes those never reused, unless the traffic reuses enough of its pages, in
   which case they are kept on top of what the policy sizes until they expire
-  (``eviction.py`` says which pages go, and when).
+  (``eviction.py`` says which pages go, and when). Without that reuse they never make the
+  pool grow either: an allocation takes them before it maps a chunk.
 * ``release_seconds``: how long unmapped physical memory is kept for the next grow (the
   arenas' reuse caches, at most the pool's ``reuse_bytes``) before ``pool.trim()`` gives it
   to the driver. Default: 0 on CPU (the idle shrink is when CPU users expect RSS to fall, and

@@ -173,6 +173,14 @@ class PrefixCache:
         """Free up to ``n`` cached pages for an allocation; returns how many."""
         return self._evict(pressure_victims(self.index, n), "pressure")
 
+    def evict_unused_for_alloc(self, n: int) -> int:
+        """An allocation that would map new memory: while ``keeps_unused_when_idle`` is false,
+        free up to ``n`` cached pages whose tokens never came back instead (reason
+        "pressure"), so that a cache nobody reads does not grow the pool; returns how many."""
+        if n <= 0 or self.keeps_unused_when_idle():
+            return 0
+        return self._evict(idle_victims(self.index, n), "pressure")
+
     def evict_to(self, max_pages: int, reason: str) -> int:
         """Free cached pages until held + cached pages fit ``max_pages``: whole all-cached
         chunks first (see ``eviction.py``); returns how many."""
