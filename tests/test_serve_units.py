@@ -79,6 +79,8 @@ def _bad_args(tmp_path):
         (["--drain-seconds", "nan"], "--drain-seconds"),
         (["--max-waiting", "0"], "--max-waiting"),
         (["--max-batch-tokens", "1.5"], "--max-batch-tokens"),
+        (["--expedite-prefill-tokens", "-1"], "--expedite-prefill-tokens must be between 0 and"),
+        (["--expedite-prefill-tokens", "none"], "--expedite-prefill-tokens must be an integer"),
         (["--max-body-bytes", "10"], "--max-body-bytes"),
         (["--model", str(tmp_path / "missing")], "not a directory"),
         (["--model", str(no_config)], "no config.json"),

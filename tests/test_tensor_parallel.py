@@ -657,3 +657,44 @@ def test_serve_refuses_tp2_on_one_gpu_with_one_line(monkeypatch: pytest.MonkeyPa
     assert cli.resolve(["-tp", "2"]).device == "cuda"  # the default on a GPU machine: each rank its own
     cpu = cli.resolve(["-tp", "2", "--device", "cpu"])
     assert rank_settings(cpu, 1).device == "cpu"
+
+
+def test_tp2_expedite_marks_reach_every_rank_and_change_no_token() -> None:
+    """A stream whose first token starts a character (no text yet) is expedited while a long
+    prompt is chunked beside it: the mark travels with the round, so both ranks shorten the same
+    step (equal page tables) and the tokens stay those of one process."""
+    candidates = [[(13 * i + 7 * s) % 95 + 40 for i in range(40)] for s in range(200)]
+    with Engine(build_default_model(), background=False) as one:
+        firsts = [out[0] for out in one.generate(candidates, 1)]
+    pending = next(p for p, t in zip(candidates, firsts) if 0xC2 <= t - 8 <= 0xF4)
+    long = [(5 * i) % 250 + 8 for i in range(600)]
+    ref = _reference([pending, long], 6)
+    server = ServerProcess(
+        [
+            "--tensor-parallel-size",
+            "2",
+            "--admin-key",
+            ADMIN,
+            "--max-kv-bytes",
+            "32M",
+            "--max-batch-tokens",
+            "64",
+            "--expedite-prefill-tokens",
+            "0",
+        ]  # fmt: skip
+    )
+    try:
+        # one request, two prompts: queued together, so the long one is still chunking when the
+        # first one's first token (no text) comes
+        body = {"model": MODEL, "prompt": [pending, long], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = [c["token_ids"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        tp = _tp(server.url)
+        assert got == ref
+        r0, r1 = tp["ranks"]
+        assert r0["digest"] == r1["digest"] and tp["mismatches"] == 0
+        assert tp["stats"]["expedited_steps"] >= 1, tp["stats"]
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]

@@ -48,7 +48,7 @@ from .memory import MemoryController
 from .policy import Decision, ElasticPolicy
 from .prefix_cache import PrefixCache
 from .protocols import EngineBroker, EngineCache, EnginePool
-from .request import Request, RequestRejected, SamplingParams, StepOutput
+from .request import Request, RequestRejected, RequestStatus, SamplingParams, StepOutput
 from .runner import STEP_PHASES, ModelRunner
 from .scheduler import Batch, PrefixHit, Scheduler
 
@@ -210,6 +210,9 @@ class Engine:
             seconds of start-up, and on CPU with small models it is not faster. With it,
             prepacking is off (``prepack_weights=True`` is refused). ``stats()`` reports
             ``compiled_modules`` and ``compile_seconds``. ValueError for anything but a bool.
+        expedite_prefill_tokens: the most prompt tokens a step takes beside the decoders while
+            one of them was marked with ``expedite`` (its next token is awaited); ``None``:
+            ``expedite`` changes nothing. Default 256 (RESULTS.md, "Expedited first text").
 
     How much KV memory the Engine may hold is ``self.budget`` (a ``KVBudget``): the policy's
     ``max_bytes`` (within the pool's reservation) is its ceiling and ``min_bytes`` its floor;
@@ -237,6 +240,7 @@ class Engine:
         eviction: Optional[EvictionPolicy] = None,
         broker: Optional[EngineBroker] = None,
         compile: bool = False,
+        expedite_prefill_tokens: Optional[int] = 256,
     ) -> None:
         if not isinstance(compile, bool):
             raise ValueError(f"Engine: compile must be True or False, got {compile!r}")
@@ -323,6 +327,7 @@ class Engine:
             max_running=max_running,
             headroom=self.policy.headroom,
             starvation_limit=starvation_limit,
+            expedite_prefill_tokens=expedite_prefill_tokens,
         )
         self._step_lock = threading.RLock()  # one step (or budget change) at a time
         self._pool_lock = threading.RLock()  # pool bookkeeping: step vs the memory thread
@@ -573,6 +578,24 @@ class Engine:
                 self.scheduler.cancel(request, self.clock())
         self._retire([request], cancelled=True)
         return True
+
+    def expedite(self, request_id: int) -> bool:
+        """Say that a caller waits on this request's next token (a stream that has shown no
+        text yet, its first character still incomplete): the next step that decodes it takes
+        at most ``expedite_prefill_tokens`` prompt tokens, so that the token comes after a
+        short step rather than a prefill-heavy one. Lasts one step; the tokens are the same.
+        Returns False when the request is not running (queued, preempted or finished).
+        Unknown id: ValueError."""
+        self._require_open("expedite")
+        with self._inbox_lock:
+            request = self._requests.get(request_id) if is_int(request_id) else None
+            if request is None:
+                raise ValueError(f"expedite: unknown request id {request_id!r}")
+        with self._step_lock:
+            if request.status is not RequestStatus.RUNNING:
+                return False
+            self.scheduler.expedite(request)
+            return True
 
     def _retire(self, requests: list[Request], cancelled: bool) -> None:
         """Count finished requests; forget the oldest beyond ``keep_finished``."""
@@ -842,7 +865,8 @@ class Engine:
         (``KVBudget.effective_bytes``), requested_budget_bytes: what ``set_budget`` asked
         (None: the ceiling), asleep: whether ``sleep`` holds it at 0; grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
-        preemptions (swap_preemptions + recompute_preemptions); steps, prompt/forward tokens
+        preemptions (swap_preemptions + recompute_preemptions); steps (expedited_steps: those
+        whose prompt tokens ``expedite`` capped), prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
         layers on prepacked weights); compiled_modules / compile_seconds (``compile``: modules
         running compiled, wall seconds their compilation took at start); policy_seconds (wall
@@ -890,6 +914,7 @@ class Engine:
             "swap_preemptions": sch.swap_preemptions,
             "recompute_preemptions": sch.recompute_preemptions,
             "steps": self._steps,
+            "expedited_steps": sch.expedited_steps,
             "tokens_forwarded": self._tokens_in,
             "tokens_generated": self._tokens_out,
             "prepacked_layers": 0 if self._packed is None else self._packed.count,

@@ -128,6 +128,7 @@ class Scheduler:
         max_running: Optional[int] = None,
         headroom: float = 0.0,
         starvation_limit: int = 3,
+        expedite_prefill_tokens: Optional[int] = None,
     ) -> None:
         if not is_int(max_batch_tokens) or max_batch_tokens < 1:
             raise ValueError(f"Scheduler: max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
@@ -135,12 +136,19 @@ class Scheduler:
             raise ValueError(f"Scheduler: max_running must be None or an int >= 1, got {max_running!r}")
         if starvation_limit < 1:
             raise ValueError(f"Scheduler: starvation_limit must be >= 1, got {starvation_limit!r}")
+        if expedite_prefill_tokens is not None and (not is_int(expedite_prefill_tokens) or expedite_prefill_tokens < 0):
+            raise ValueError(
+                f"Scheduler: expedite_prefill_tokens must be None or an int >= 0, got {expedite_prefill_tokens!r}"
+            )
         self.backend = backend
         self.page_tokens = backend.page_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.headroom = float(headroom)
         self.starvation_limit = starvation_limit
+        self.expedite_prefill_tokens = expedite_prefill_tokens
+        self._expedited: set[int] = set()  # request ids whose next token is awaited (one step)
+        self.expedited_steps = 0  # steps whose prompt tokens a mark capped
         self.running: list[Request] = []  # sorted by arrival_index
         self.waiting: list[Request] = []  # sorted by arrival_index (WAITING and SWAPPED)
         self.preemptions = 0
@@ -163,6 +171,22 @@ class Scheduler:
     def _insert_running(self, request: Request) -> None:
         keys = [s.arrival_index for s in self.running]
         self.running.insert(bisect.bisect(keys, request.arrival_index), request)
+
+    def expedite(self, request: Request) -> None:
+        """Mark ``request``'s next token as awaited: the next step that decodes it takes at most
+        ``expedite_prefill_tokens`` prompt tokens beside the decoders, so the step is short.
+        The mark lasts one step (``None``: marks change nothing)."""
+        self._expedited.add(request.request_id)
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may take: all of the batch unless an expedited request decodes."""
+        marked, self._expedited = self._expedited, set()
+        if self.expedite_prefill_tokens is None or not marked:
+            return self.max_batch_tokens
+        if any(s.request_id in marked and s.num_uncomputed == 1 for s in self.running):
+            self.expedited_steps += 1
+            return self.expedite_prefill_tokens
+        return self.max_batch_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
@@ -211,17 +235,21 @@ class Scheduler:
         """Choose this step's chunks; allocates their pages and preempts to make room."""
         batch = Batch()
         budget = self.max_batch_tokens
+        prefill_budget = self._prefill_budget()
         scheduled: dict[int, Chunk] = {}
+        prefill_ids: set[int] = set()  # scheduled chunks counted against prefill_budget
 
         def make_room(request: Request, need: int) -> bool:
             """Preempt until ``need`` pages are free for ``request``; False if ``request`` itself went."""
-            nonlocal budget
+            nonlocal budget, prefill_budget
             while self.backend.free_pages() < need:
                 victim = self._pick_victim()
                 chunk = scheduled.pop(victim.request_id, None)
                 if chunk is not None:
                     batch.chunks.remove(chunk)
                     budget += chunk.num_tokens
+                    if victim.request_id in prefill_ids:
+                        prefill_budget += chunk.num_tokens
                 batch.preempted.append((victim, self.preempt(victim)))
                 if victim is request:
                     return False
@@ -235,7 +263,10 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted above to make room for an older request
-            n = min(request.num_uncomputed, budget)
+            prefill = request.num_uncomputed > 1
+            n = min(request.num_uncomputed, budget, prefill_budget) if prefill else 1
+            if n <= 0:
+                continue
             need = self.pages_for(request.num_computed + n) - self.backend.held_pages(request)
             if need > 0:
                 if not make_room(request, need):
@@ -251,11 +282,14 @@ class Scheduler:
             batch.chunks.append(chunk)
             scheduled[request.request_id] = chunk
             budget -= n
+            if prefill:
+                prefill_budget -= n
+                prefill_ids.add(request.request_id)
 
         # admission, oldest first; stop at the first that does not fit so that a large
         # request is not overtaken forever by small ones
         held = sum(self.backend.held_pages(s) for s in self.running) if self.waiting else 0
-        while self.waiting and budget > 0 and not batch.short:
+        while self.waiting and min(budget, prefill_budget) > 0 and not batch.short:
             if self.max_running is not None and len(self.running) >= self.max_running:
                 break
             request = self.waiting[0]
@@ -289,11 +323,13 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self._insert_running(request)
             batch.admitted.append(request)
-            n = min(request.num_uncomputed, budget)
+            n = min(request.num_uncomputed, budget, prefill_budget)
             chunk = Chunk(request, request.num_computed, n)
             batch.chunks.append(chunk)
             scheduled[request.request_id] = chunk
             budget -= n
+            prefill_budget -= n
+            prefill_ids.add(request.request_id)
         return batch
 
     def postprocess(

@@ -216,12 +216,14 @@ class CollectiveMapGuard:
 @dataclass
 class Plan:
     """One round: the requests that arrived (``(request_id, prompt_ids, max_new_tokens,
-    eos_token_id, sampling)``, queued in this order), then ``op`` with ``arg``, at ``now``."""
+    eos_token_id, sampling)``, queued in this order) and the ids marked by ``expedite`` (they
+    shape the next step's plan, so every rank marks them), then ``op`` with ``arg``, at ``now``."""
 
     op: str
     now: float
     arg: Any = None
     adds: list[tuple[int, Any, int, Any, Any]] = field(default_factory=list)
+    expedites: list[int] = field(default_factory=list)
 
 
 class StepRefused(RuntimeError):
@@ -450,6 +452,8 @@ def _apply(engine: Engine, clock: GroupClock, guards: RankGuards, plan: Plan) ->
         got = engine.add_request(prompt, max_new, eos, sampling)
         if got != rid:
             raise RuntimeError(f"tensor parallel: request got id {got} here, {rid} on rank 0: the ranks diverged")
+    for rid in plan.expedites:
+        engine.expedite(rid)
     try:
         if plan.op == "step":
             return _step(engine, guards.steps), None
@@ -544,6 +548,7 @@ class TensorParallelEngine:
         self._lock = threading.Lock()  # the queued requests
         self._round_lock = threading.RLock()  # one round at a time
         self._pending: list[tuple[int, Any, int, Any, Any]] = []
+        self._expedites: list[int] = []  # expedite() marks for the next round
         self._next_id = 0
         self._broken: Optional[str] = None
         self._closed = False
@@ -592,6 +597,16 @@ class TensorParallelEngine:
         if not queued:
             self.engine.request_info(request_id)  # ValueError for an unknown id, before any round
         return self._round("cancel", request_id)
+
+    def expedite(self, request_id: int) -> bool:
+        """``Engine.expedite`` on every rank, with the next round; True when the request is
+        running on rank 0 now. Unknown id: ValueError."""
+        self._require_open("expedite")
+        if self.engine.request_info(request_id)["status"] != "running":
+            return False
+        with self._lock:
+            self._expedites.append(request_id)
+        return True
 
     def step(self) -> list:
         """One step on every rank; rank 0's ``StepOutput`` list."""
@@ -673,7 +688,8 @@ class TensorParallelEngine:
             self._require_open(op)
             with self._lock:
                 adds, self._pending = self._pending, []
-            plan = Plan(op, time.monotonic(), arg, adds)
+                expedites, self._expedites = self._expedites, []
+            plan = Plan(op, time.monotonic(), arg, adds, expedites)
             try:
                 t0 = time.perf_counter()
                 self.group.broadcast(plan)

@@ -163,6 +163,13 @@ def serve_parser(prog: str = PROG, epilog: Optional[str] = None) -> argparse.Arg
     p.add_argument("--drain-seconds", default="10", help="on SIGTERM/SIGINT, how long requests may finish (default 10)")
     p.add_argument("--max-batch-tokens", default="2048", help="most tokens in one Engine step (default 2048)")
     p.add_argument(
+        "--expedite-prefill-tokens",
+        default="256",
+        help="most prompt tokens in a step that decodes a stream still waiting for its first text (its first "
+        "character split over tokens), so that its next token comes after a short step; off: no limit "
+        "(default 256)",
+    )
+    p.add_argument(
         "--threads",
         default=None,
         help="CPU threads for the model's forward (default: the cores this process may use minus one, at "
@@ -480,6 +487,11 @@ def resolve(argv: list[str]) -> ServeSettings:
     drain = _number("--drain-seconds", args.drain_seconds, integer=False, low=0, high=86400)
     max_waiting = int(_number("--max-waiting", args.max_waiting, integer=True, low=1))
     max_batch = int(_number("--max-batch-tokens", args.max_batch_tokens, integer=True, low=1, high=1 << 20))
+    expedite = (
+        None
+        if args.expedite_prefill_tokens == "off"
+        else int(_number("--expedite-prefill-tokens", args.expedite_prefill_tokens, integer=True, low=0, high=1 << 20))
+    )
     http, loop = http_stack(args.http, args.loop)
     threads = (
         default_threads() if args.threads is None else int(_number("--threads", args.threads, integer=True, low=1))
@@ -530,6 +542,7 @@ def resolve(argv: list[str]) -> ServeSettings:
         max_waiting=max_waiting,
         drain_seconds=drain,
         max_batch_tokens=max_batch,
+        expedite_prefill_tokens=expedite,
         max_body_bytes=body,
         seed=seed,
         log_level=args.log_level,

@@ -628,6 +628,10 @@ class EngineService:
             reason = "stop"
             self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
         self._emit(c, reason)
+        if reason is None and c.sent_chars == 0:
+            # the client has seen nothing yet (a character split over tokens, a possible stop
+            # string): its next token should not wait behind a prefill-heavy step
+            self.engine.expedite(c.rid)
 
     def _emit(
         self,

@@ -124,6 +124,7 @@ def engine_options(settings: ServeSettings, model: Any) -> tuple[dict[str, Any],
         prefix_caching=settings.prefix_caching,
         eviction=EvictionPolicy(settings.prefix_cache_expiry, settings.prefix_cache_cap),
         compile=settings.compile,
+        expedite_prefill_tokens=settings.expedite_prefill_tokens,
     )
     return policy, engine
 

@@ -78,6 +78,9 @@ class ServeSettings:
     priority: int = 0
     guarantee_bytes: int = 0
     budget_wait_seconds: float = 30.0
+    # most prompt tokens in a step that decodes a stream still waiting for its first text
+    # (Engine.expedite); None: such streams wait like the others
+    expedite_prefill_tokens: Optional[int] = 256
     broker_wait_seconds: float = 10.0
     broker_timeout: float = 5.0
     header_timeout: float = 10.0
