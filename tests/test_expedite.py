@@ -120,9 +120,17 @@ def test_the_server_expedites_a_stream_until_it_shows_text(model, tokenizer) -> 
     service = EngineService(engine, tokenizer, ServerMetrics(), max_waiting=8)
     service.start()
 
+    # the plain prompt again, under a stop string that holds its text back for 9 characters: it
+    # has sent nothing for several tokens, but its characters are decided, so it is not marked
+    specs = [
+        ChoiceSpec(pending, 8, {"temperature": 0.0}),
+        ChoiceSpec(plain, 8, {"temperature": 0.0}),
+        ChoiceSpec(plain, 8, {"temperature": 0.0}, stop=("\x00" * 10,)),
+    ]
+
     async def run():
         loop = asyncio.get_running_loop()
-        subs = [service.submit([ChoiceSpec(p, 8, {"temperature": 0.0})], loop) for p in (pending, plain)]
+        subs = [service.submit([spec], loop) for spec in specs]
         out = []
         for sub in subs:
             events = []
@@ -136,9 +144,9 @@ def test_the_server_expedites_a_stream_until_it_shows_text(model, tokenizer) -> 
     finally:
         service.stop()
     got = [[t for e in ev for t in e.token_ids] for ev in events]
-    assert got == want
+    assert got == want + want[1:]
     rids = [sub.choices[0].rid for sub in subs]
-    assert rids[0] in marked and rids[1] not in marked
+    assert rids[0] in marked and rids[1] not in marked and rids[2] not in marked
     # marked only while nothing was sent: the text's first character needs at most 4 tokens
     assert 1 <= marked.count(rids[0]) <= 3
 

@@ -507,3 +507,16 @@ def test_a_cache_nobody_reads_does_not_grow_the_pool(model) -> None:
     assert st["resident_bytes"] >= 5 * 2 * MiB and st["prefix_evictions_pressure"] == 0
     for e in (eng, ref, keep):
         e.close()
+
+
+def test_unused_cached_pages_stay_when_taking_them_would_not_spare_a_map(model) -> None:
+    # 3 cached pages cannot make room for a 20-page prompt (13 mapped pages free): the pool maps
+    # a chunk anyway, so evicting them would only lose them
+    eng = make(model, clock=ManualClock(100.0), max_mib=32, headroom=0.0)
+    run(eng, [tokens(3 * PT, 80)], 1)
+    assert eng.cache.page_table.cached_pages == 3
+    run(eng, [tokens(20 * PT, 81)], 1)
+    st = eng.stats()
+    assert st["prefix_evictions_pressure"] == 0 and st["resident_bytes"] == 2 * 2 * MiB
+    assert eng.cache.page_table.prefix.match(eng.cache.page_table.prefix.hashes(tokens(3 * PT, 80)))
+    eng.close()

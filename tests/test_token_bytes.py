@@ -21,7 +21,7 @@ from torch_elastic_kv.serve.token_bytes import (
     BYTE_FALLBACK,
     BYTE_LEVEL,
     TokenBytes,
-    _byte_level_alphabet,
+    byte_level_alphabet,
     ends_inside_a_character,
 )
 
@@ -100,7 +100,7 @@ def _byte_level_tokenizer_with_merges():
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    char = {b: c for c, b in _byte_level_alphabet().items()}
+    char = byte_level_alphabet()
     vocab = {char[b]: b for b in range(256)}
     for piece in (b"\xe2\x82", b"\xac!", b"ab"):
         vocab["".join(char[b] for b in piece)] = len(vocab)
@@ -170,3 +170,16 @@ def test_ends_inside_a_character():
     assert ends_inside_a_character(b"\xe2\x82") and ends_inside_a_character(b"abc\xf0")
     assert not ends_inside_a_character(b"\xe2\x82\xac") and not ends_inside_a_character(b"\x82")
     assert not ends_inside_a_character(b"\xe2A") and not ends_inside_a_character(b"")
+
+
+def test_added_tokens_read_as_byte_level_pieces():
+    # under a byte-level decoder an added token whose characters are all in the alphabet stands
+    # for those bytes ("é" is byte 0xE9): "xé" then 0x82 0xAC decodes to "x" + U+90AC
+    tok, vocab, char = _byte_level_tokenizer_with_merges()
+    tok.add_tokens(["x\u00e9"])
+    added = tok.convert_tokens_to_ids("x\u00e9")
+    table = TokenBytes.for_tokenizer(tok)
+    assert table(added) == b"x\xe9"
+    ids = [added, vocab[char[0x82]], vocab[char[0xAC]]]
+    got = _stream(IncrementalDetokenizer(tok, [], token_bytes=table), ids)
+    assert "".join(got) == tok.decode(ids) == "x\u90ac" and got[0] == "x"

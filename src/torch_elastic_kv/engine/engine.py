@@ -73,7 +73,6 @@ class _CacheBackend:
         self.prefix = prefix
         self.page_tokens = pool.page_tokens
         self.page_bytes = pool.page_bytes
-        self.chunk_pages = int(pool.stats()["pages_per_chunk"])
 
     def free_pages(self) -> int:
         return self.pool.free_pages + self.table.cached_pages
@@ -97,9 +96,8 @@ class _CacheBackend:
         short = n - self.pool.free_pages
         if short > 0:
             self.prefix.evict_for_alloc(short)
-        mapped_free = self.pool.resident_bytes // self.pool.chunk_bytes * self.chunk_pages - self.pool.live_pages
-        if n > mapped_free:
-            self.prefix.evict_unused_for_alloc(n - mapped_free)
+        if n > self.pool.mapped_free_pages:
+            self.prefix.evict_unused_for_alloc(n - self.pool.mapped_free_pages)
 
     def ensure(self, request: Request, total_tokens: int) -> None:
         need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(request.request_id)
@@ -210,9 +208,10 @@ class Engine:
             seconds of start-up, and on CPU with small models it is not faster. With it,
             prepacking is off (``prepack_weights=True`` is refused). ``stats()`` reports
             ``compiled_modules`` and ``compile_seconds``. ValueError for anything but a bool.
-        expedite_prefill_tokens: the most prompt tokens a step takes beside the decoders while
-            one of them was marked with ``expedite`` (its next token is awaited); ``None``:
-            ``expedite`` changes nothing. Default 256 (RESULTS.md, "Expedited first text").
+        expedite_prefill_tokens: the most prompt tokens (prefill chunks, and a swapped request
+            resumed) a step takes while one of its decoders was marked with ``expedite``; 0
+            makes that step decode only. ``None``: ``expedite`` changes nothing. Default 256
+            (RESULTS.md, "Burst TTFT", seventh session).
 
     How much KV memory the Engine may hold is ``self.budget`` (a ``KVBudget``): the policy's
     ``max_bytes`` (within the pool's reservation) is its ceiling and ``min_bytes`` its floor;
@@ -244,6 +243,10 @@ class Engine:
     ) -> None:
         if not isinstance(compile, bool):
             raise ValueError(f"Engine: compile must be True or False, got {compile!r}")
+        if expedite_prefill_tokens is not None and (not is_int(expedite_prefill_tokens) or expedite_prefill_tokens < 0):
+            raise ValueError(
+                f"Engine: expedite_prefill_tokens must be None or an int >= 0, got {expedite_prefill_tokens!r}"
+            )
         if compile and prepack_weights:
             raise ValueError(
                 "Engine: compile=True and prepack_weights=True exclude each other (the compiled modules "
@@ -581,11 +584,11 @@ class Engine:
 
     def expedite(self, request_id: int) -> bool:
         """Say that a caller waits on this request's next token (a stream that has shown no
-        text yet, its first character still incomplete): the next step that decodes it takes
-        at most ``expedite_prefill_tokens`` prompt tokens, so that the token comes after a
-        short step rather than a prefill-heavy one. Lasts one step; the tokens are the same.
-        Returns False when the request is not running (queued, preempted or finished).
-        Unknown id: ValueError."""
+        text yet, its first character still incomplete): if the next step decodes it, that
+        step takes at most ``expedite_prefill_tokens`` prompt tokens, so the token comes after
+        a short step rather than a prefill-heavy one. The mark lasts for the next step only;
+        the tokens are the same. Returns False when the request is not running (queued,
+        preempted or finished). Unknown id: ValueError."""
         self._require_open("expedite")
         with self._inbox_lock:
             request = self._requests.get(request_id) if is_int(request_id) else None
@@ -866,7 +869,8 @@ class Engine:
         (None: the ceiling), asleep: whether ``sleep`` holds it at 0; grows / shrinks / compactions: the pool's counters; shrink_events /
         grow_events / compact_events: policy actions that changed residency;
         preemptions (swap_preemptions + recompute_preemptions); steps (expedited_steps: those
-        whose prompt tokens ``expedite`` capped), prompt/forward tokens
+        run under ``expedite_prefill_tokens`` because a marked request decoded in them),
+        prompt/forward tokens
         (tokens_forwarded) and output tokens (tokens_generated); prepacked_layers (linear
         layers on prepacked weights); compiled_modules / compile_seconds (``compile``: modules
         running compiled, wall seconds their compilation took at start); policy_seconds (wall

@@ -175,11 +175,15 @@ class PrefixCache:
 
     def evict_unused_for_alloc(self, n: int) -> int:
         """An allocation that would map new memory: while ``keeps_unused_when_idle`` is false,
-        free up to ``n`` cached pages whose tokens never came back instead (reason
-        "pressure"), so that a cache nobody reads does not grow the pool; returns how many."""
+        free ``n`` cached pages whose tokens never came back instead (reason "pressure"), so
+        that a cache nobody reads does not grow the pool; none when fewer than ``n`` are
+        such pages (the map happens anyway); returns how many."""
         if n <= 0 or self.keeps_unused_when_idle():
             return 0
-        return self._evict(idle_victims(self.index, n), "pressure")
+        victims = idle_victims(self.index, n)
+        if len(victims) < n:
+            return 0  # the pool maps a chunk anyway: keep them, it has room for them now
+        return self._evict(victims, "pressure")
 
     def evict_to(self, max_pages: int, reason: str) -> int:
         """Free cached pages until held + cached pages fit ``max_pages``: whole all-cached

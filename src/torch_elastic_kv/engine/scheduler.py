@@ -148,7 +148,7 @@ class Scheduler:
         self.starvation_limit = starvation_limit
         self.expedite_prefill_tokens = expedite_prefill_tokens
         self._expedited: set[int] = set()  # request ids whose next token is awaited (one step)
-        self.expedited_steps = 0  # steps whose prompt tokens a mark capped
+        self.expedited_steps = 0  # steps run under the cap (a marked request decoded in them)
         self.running: list[Request] = []  # sorted by arrival_index
         self.waiting: list[Request] = []  # sorted by arrival_index (WAITING and SWAPPED)
         self.preemptions = 0
@@ -173,9 +173,10 @@ class Scheduler:
         self.running.insert(bisect.bisect(keys, request.arrival_index), request)
 
     def expedite(self, request: Request) -> None:
-        """Mark ``request``'s next token as awaited: the next step that decodes it takes at most
-        ``expedite_prefill_tokens`` prompt tokens beside the decoders, so the step is short.
-        The mark lasts one step (``None``: marks change nothing)."""
+        """Mark ``request``'s next token as awaited: if the next step decodes it, that step
+        takes at most ``expedite_prefill_tokens`` prompt tokens (prefill chunks and swapped
+        requests resumed), so it is short. The mark lasts for the next step only (``None``:
+        marks change nothing)."""
         self._expedited.add(request.request_id)
 
     def _prefill_budget(self) -> int:

@@ -265,6 +265,12 @@ class KVPagePool:
 
     @property
     @_locked
+    def mapped_free_pages(self) -> int:
+        """Pages that can be allocated without mapping a chunk."""
+        return self._placement.mapped_free_slots()
+
+    @property
+    @_locked
     def live_pages(self) -> int:
         return self._placement.live_pages
 

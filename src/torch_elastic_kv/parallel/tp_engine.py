@@ -453,7 +453,10 @@ def _apply(engine: Engine, clock: GroupClock, guards: RankGuards, plan: Plan) ->
         if got != rid:
             raise RuntimeError(f"tensor parallel: request got id {got} here, {rid} on rank 0: the ranks diverged")
     for rid in plan.expedites:
-        engine.expedite(rid)
+        try:
+            engine.expedite(rid)
+        except ValueError:
+            pass  # forgotten since it was marked: a stale mark is harmless, and equal on every rank
     try:
         if plan.op == "step":
             return _step(engine, guards.steps), None
@@ -602,6 +605,9 @@ class TensorParallelEngine:
         """``Engine.expedite`` on every rank, with the next round; True when the request is
         running on rank 0 now. Unknown id: ValueError."""
         self._require_open("expedite")
+        with self._lock:
+            if any(p[0] == request_id for p in self._pending):
+                return False  # queued for the next round: not running yet
         if self.engine.request_info(request_id)["status"] != "running":
             return False
         with self._lock:

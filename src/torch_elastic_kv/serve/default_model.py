@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .token_bytes import byte_level_alphabet
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "DEFAULT_SEED",
@@ -99,19 +101,6 @@ def build_default_model(seed: int = DEFAULT_SEED, dtype: torch.dtype = torch.flo
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """The byte-level alphabet (GPT-2's): printable bytes stand for themselves, the others
-    for code points from 256 up, so every byte is a visible, whitespace-free character."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    mapping = {b: chr(b) for b in visible}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def build_default_tokenizer() -> Any:
     """The default byte-level tokenizer as a ``PreTrainedTokenizerFast`` (built in memory).
 
@@ -122,7 +111,7 @@ def build_default_tokenizer() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for b, ch in _byte_to_unicode().items():
+    for b, ch in byte_level_alphabet().items():
         vocab[ch] = len(SPECIAL_TOKENS) + b
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -31,7 +31,8 @@ class IncrementalDetokenizer:
     """Decodes one request's output ids as they come.
 
     ``add(token_id)`` returns the text that token adds (possibly ``""`` while a character is
-    incomplete); ``flush()`` returns what was held back, at the end of the request. The text
+    incomplete; ``holding`` then says so); ``flush()`` returns what was held back, at the end
+    of the request. The text
     of all ``add`` and ``flush`` results equals ``tokenizer.decode(output_ids,
     skip_special_tokens=...)`` for tokenizers that decode piece by piece (byte-level BPE,
     SentencePiece). ``token_bytes``: the tokenizer's ``TokenBytes`` (built once per tokenizer,
@@ -57,6 +58,7 @@ class IncrementalDetokenizer:
         self._prefix = 0  # the window starts here
         self._read = len(self.ids)  # text of ids[:_read] has been returned
         self._sent_ahead = 0  # characters of ids[_read:]'s text returned already (decided ones)
+        self.holding = False  # the last add held text back: a character still incomplete
         self._context_checked = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -107,8 +109,10 @@ class IncrementalDetokenizer:
         after = self._decode(self.ids[self._prefix :])
         start = len(before) + self._sent_ahead
         if len(after) <= start and not final:
+            self.holding = False
             return ""  # a token that decodes to nothing (a special token) or not yet
-        if after.endswith(_REPLACEMENT) and not final:
+        self.holding = after.endswith(_REPLACEMENT) and not final
+        if self.holding:
             undecided = self._undecided_tail()
             if undecided is None:
                 return ""
@@ -116,6 +120,7 @@ class IncrementalDetokenizer:
                 decided = after[start:-undecided]
                 self._sent_ahead += len(decided)
                 return decided
+            self.holding = False
         delta = after[start:]
         self._prefix, self._read, self._sent_ahead = self._read, len(self.ids), 0
         return delta

@@ -50,6 +50,9 @@ from .token_bytes import TokenBytes
 
 _log = logging.getLogger(__name__)
 
+# A UTF-8 character is at most 4 bytes: a stream waits on at most 3 tokens for its first one.
+MAX_EXPEDITES = 3
+
 __all__ = ["DOWN_CODE", "ChoiceEvent", "ChoiceSpec", "EngineService", "EventSink", "LoopSink", "Submission"]
 
 # While stalled (requests wait for a budget that does not come), look again this often even
@@ -104,6 +107,7 @@ class _Choice:
     logprobs: list[Any] = field(default_factory=list)
     prompt_logprobs: Optional[tuple[Any, ...]] = None  # until the first event carries them
     sent_chars: int = 0
+    expedited: int = 0  # Engine.expedite calls made for it (at most MAX_EXPEDITES)
     sent_tokens: int = 0
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
@@ -628,9 +632,11 @@ class EngineService:
             reason = "stop"
             self.engine.cancel(c.rid)  # the Engine would go on to max_tokens: free its pages now
         self._emit(c, reason)
-        if reason is None and c.sent_chars == 0:
-            # the client has seen nothing yet (a character split over tokens, a possible stop
-            # string): its next token should not wait behind a prefill-heavy step
+        if reason is None and not c.stops.text and c.detok.holding and c.expedited < MAX_EXPEDITES:
+            # no character is decided yet because the first one is split over tokens: the
+            # stream's first text waits on its next token, which should not wait behind a
+            # prefill-heavy step (text held back for a stop string is not helped by this)
+            c.expedited += 1
             self.engine.expedite(c.rid)
 
     def _emit(

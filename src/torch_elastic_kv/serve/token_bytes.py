@@ -18,22 +18,23 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
-__all__ = ["BYTE_FALLBACK", "BYTE_LEVEL", "TokenBytes", "ends_inside_a_character"]
+__all__ = ["BYTE_FALLBACK", "BYTE_LEVEL", "TokenBytes", "byte_level_alphabet", "ends_inside_a_character"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
-    themselves, the other bytes take the characters from U+0100 on, in byte order."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte-level BPE's character for each byte (GPT-2's alphabet): printable Latin-1 bytes stand
+    for themselves, the others take the code points from 256 up, in byte order, so every byte is
+    a visible, whitespace-free character."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     chars = {b: chr(b) for b in kept}
     extra = 0
     for b in range(256):
         if b not in chars:
             chars[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in chars.items()}
+    return chars
 
 
 def _decoder_kinds(decoder: Optional[dict]) -> set[str]:
@@ -96,7 +97,7 @@ class TokenBytes:
         added = dict(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         if "ByteLevel" in kinds:
             kind = BYTE_LEVEL
-            alphabet = _byte_level_alphabet()
+            alphabet = {c: b for b, c in byte_level_alphabet().items()}
 
             def piece_bytes(piece: str) -> Optional[bytes]:
                 try:
@@ -127,10 +128,14 @@ class TokenBytes:
 
     def _lookup(self, token_id: int) -> Optional[bytes]:
         token = self._added.get(token_id)
-        if token is not None:  # added tokens decode to their own content, not through the decoder
+        if token is not None:
             if getattr(token, "special", False) and self.skip_special_tokens:
                 return b""
-            return str(getattr(token, "content", token)).encode("utf-8")
+            # the decoder reads an added token's content as a piece too: byte-level maps it
+            # through the alphabet when every character is in it (as its own content otherwise)
+            content = str(getattr(token, "content", token))
+            as_piece = self._piece_bytes(content)
+            return as_piece if as_piece is not None else content.encode("utf-8")
         piece = self._pieces(token_id)
         return self._piece_bytes(piece) if isinstance(piece, str) else None
 

@@ -45,6 +45,10 @@ class StandInPool:
     def free_pages(self):
         return self.budget_pages - len(self.live)
 
+    @property
+    def mapped_free_pages(self):
+        return len(self.mapped) * GP - len(self.live)
+
     def can_alloc(self, n):
         return n <= self.free_pages
 
