@@ -96,8 +96,9 @@ class _CacheBackend:
         short = n - self.pool.free_pages
         if short > 0:
             self.prefix.evict_for_alloc(short)
-        if n > self.pool.mapped_free_pages:
-            self.prefix.evict_unused_for_alloc(n - self.pool.mapped_free_pages)
+        unmapped = n - self.pool.mapped_free_pages
+        if unmapped > 0:
+            self.prefix.evict_unused_for_alloc(unmapped)
 
     def ensure(self, request: Request, total_tokens: int) -> None:
         need = ceil_div(total_tokens, self.page_tokens) - self.table.page_count(request.request_id)

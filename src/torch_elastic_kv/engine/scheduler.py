@@ -181,8 +181,10 @@ class Scheduler:
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may take: all of the batch unless an expedited request decodes."""
+        if not self._expedited:
+            return self.max_batch_tokens
         marked, self._expedited = self._expedited, set()
-        if self.expedite_prefill_tokens is None or not marked:
+        if self.expedite_prefill_tokens is None:
             return self.max_batch_tokens
         if any(s.request_id in marked and s.num_uncomputed == 1 for s in self.running):
             self.expedited_steps += 1

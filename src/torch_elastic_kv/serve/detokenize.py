@@ -8,9 +8,9 @@ decode as they would in the full text (but never inside a character the prompt l
 incomplete: the output's text is that of its own tokens), and holding text back while it ends in
 the first bytes of a multi-byte character that the next tokens could complete. Where the
 tokenizer's bytes are known (``TokenBytes``) a U+FFFD that no later byte can change (a lone
-continuation byte) goes out at once; otherwise any trailing U+FFFD is held. ``StopStrings`` then finds the first
-stop string in the text so far, and says how much of the text is safe to send: a stream never
-shows a prefix of a stop string that the next token could complete.
+continuation byte) goes out at once; otherwise any trailing U+FFFD is held. ``StopStrings``
+then finds the first stop string in the text so far, and says how much of the text is safe to
+send: a stream never shows a prefix of a stop string that the next token could complete.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ class IncrementalDetokenizer:
 
     ``add(token_id)`` returns the text that token adds (possibly ``""`` while a character is
     incomplete; ``holding`` then says so); ``flush()`` returns what was held back, at the end
-    of the request. The text
-    of all ``add`` and ``flush`` results equals ``tokenizer.decode(output_ids,
-    skip_special_tokens=...)`` for tokenizers that decode piece by piece (byte-level BPE,
-    SentencePiece). ``token_bytes``: the tokenizer's ``TokenBytes`` (built once per tokenizer,
+    of the request. The text of all ``add`` and ``flush`` results equals
+    ``tokenizer.decode(output_ids, skip_special_tokens=...)`` for tokenizers that decode piece
+    by piece (byte-level BPE, SentencePiece). ``token_bytes``: the tokenizer's ``TokenBytes`` (built once per tokenizer,
     with the same ``skip_special_tokens``), or None to hold text on every trailing U+FFFD.
     """
 
@@ -111,16 +110,14 @@ class IncrementalDetokenizer:
         if len(after) <= start and not final:
             self.holding = False
             return ""  # a token that decodes to nothing (a special token) or not yet
-        self.holding = after.endswith(_REPLACEMENT) and not final
-        if self.holding:
-            undecided = self._undecided_tail()
-            if undecided is None:
-                return ""
-            if undecided:  # send what is decided; the window keeps its start
-                decided = after[start:-undecided]
-                self._sent_ahead += len(decided)
-                return decided
-            self.holding = False
+        undecided = self._undecided_tail() if after.endswith(_REPLACEMENT) and not final else 0
+        self.holding = undecided != 0
+        if undecided is None:
+            return ""
+        if undecided:  # send what is decided; the window keeps its start
+            decided = after[start:-undecided]
+            self._sent_ahead += len(decided)
+            return decided
         delta = after[start:]
         self._prefix, self._read, self._sent_ahead = self._read, len(self.ids), 0
         return delta
